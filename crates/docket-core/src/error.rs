@@ -172,9 +172,13 @@ impl TerminalReason {
             TerminalReason::MaxRetriesExhausted => {
                 "check whether the external service is down; retry the run once it recovers"
             }
-            TerminalReason::PermanentError => "fix the cause named in the error, then retry or retrigger",
+            TerminalReason::PermanentError => {
+                "fix the cause named in the error, then retry or retrigger"
+            }
             TerminalReason::Unresolved => "make the handler complete, postpone or ask for input",
-            TerminalReason::Rejected => "an operator rejected the request; retrigger if that was a mistake",
+            TerminalReason::Rejected => {
+                "an operator rejected the request; retrigger if that was a mistake"
+            }
         }
     }
 }
@@ -214,7 +218,10 @@ mod tests {
 
     #[test]
     fn classes_split_as_designed() {
-        let retryable: Vec<_> = ErrorClass::ALL.into_iter().filter(|c| c.is_retryable()).collect();
+        let retryable: Vec<_> = ErrorClass::ALL
+            .into_iter()
+            .filter(|c| c.is_retryable())
+            .collect();
         assert_eq!(
             retryable,
             [
@@ -225,7 +232,10 @@ mod tests {
                 ErrorClass::LeaseExpired
             ]
         );
-        assert_eq!(ErrorClass::NotFound.terminal_reason(), Some(TerminalReason::PermanentError));
+        assert_eq!(
+            ErrorClass::NotFound.terminal_reason(),
+            Some(TerminalReason::PermanentError)
+        );
         assert_eq!(ErrorClass::Duplicate.terminal_reason(), None);
     }
 }

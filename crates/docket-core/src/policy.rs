@@ -89,7 +89,10 @@ impl RetryPolicy {
             return Err(bad("max_attempts must be at least 1".into()));
         }
         if !(self.multiplier.is_finite() && self.multiplier >= 1.0) {
-            return Err(bad(format!("multiplier must be ≥ 1, got {}", self.multiplier)));
+            return Err(bad(format!(
+                "multiplier must be ≥ 1, got {}",
+                self.multiplier
+            )));
         }
         if self.max_delay_ms < self.base_delay_ms {
             return Err(bad(format!(
@@ -99,7 +102,9 @@ impl RetryPolicy {
         }
         for (class, o) in &self.overrides {
             if o.max_attempts == Some(0) {
-                return Err(bad(format!("override for {class}: max_attempts must be at least 1")));
+                return Err(bad(format!(
+                    "override for {class}: max_attempts must be at least 1"
+                )));
             }
             if let Some(m) = o.multiplier {
                 if !(m.is_finite() && m >= 1.0) {
@@ -143,13 +148,13 @@ impl RetryPolicy {
         }
         let r = self.resolved(f.class);
         if !r.retry {
-            let reason = f.class.terminal_reason().unwrap_or(TerminalReason::PermanentError);
+            let reason = f
+                .class
+                .terminal_reason()
+                .unwrap_or(TerminalReason::PermanentError);
             return Decision::Stop {
                 reason,
-                detail: format!(
-                    "{} is not retryable under policy `{}`",
-                    f.class, self.name
-                ),
+                detail: format!("{} is not retryable under policy `{}`", f.class, self.name),
             };
         }
         if f.attempt >= r.max_attempts {
@@ -314,16 +319,31 @@ mod tests {
         let d = policy().decide(&input(ErrorClass::Unavailable, 6));
         assert!(matches!(
             d,
-            Decision::Stop { reason: TerminalReason::MaxRetriesExhausted, .. }
+            Decision::Stop {
+                reason: TerminalReason::MaxRetriesExhausted,
+                ..
+            }
         ));
     }
 
     #[test]
     fn permanent_classes_stop_at_once() {
         let d = policy().decide(&input(ErrorClass::InvalidInput, 1));
-        assert!(matches!(d, Decision::Stop { reason: TerminalReason::InvalidInput, .. }));
+        assert!(matches!(
+            d,
+            Decision::Stop {
+                reason: TerminalReason::InvalidInput,
+                ..
+            }
+        ));
         let d = policy().decide(&input(ErrorClass::NotFound, 1));
-        assert!(matches!(d, Decision::Stop { reason: TerminalReason::PermanentError, .. }));
+        assert!(matches!(
+            d,
+            Decision::Stop {
+                reason: TerminalReason::PermanentError,
+                ..
+            }
+        ));
         assert_eq!(
             policy().decide(&input(ErrorClass::Duplicate, 1)),
             Decision::CompleteDuplicate
@@ -336,7 +356,9 @@ mod tests {
         let mut f = input(ErrorClass::RateLimited, 1);
         f.retry_after = Some(f.now.plus_millis(5_000));
         match p.decide(&f) {
-            Decision::Retry { delay_ms, reason, .. } => {
+            Decision::Retry {
+                delay_ms, reason, ..
+            } => {
                 assert_eq!(delay_ms, 5_000);
                 assert_eq!(reason, RetryReason::RetryAfter);
             }
@@ -344,7 +366,9 @@ mod tests {
         }
         f.retry_after = Some(f.now.plus_millis(10));
         match p.decide(&f) {
-            Decision::Retry { delay_ms, reason, .. } => {
+            Decision::Retry {
+                delay_ms, reason, ..
+            } => {
                 assert_eq!(delay_ms, 100);
                 assert_eq!(reason, RetryReason::Backoff);
             }
@@ -357,19 +381,41 @@ mod tests {
         let mut p = policy();
         p.overrides.insert(
             ErrorClass::RateLimited,
-            ClassOverride { base_delay_ms: Some(700), max_attempts: Some(2), ..Default::default() },
+            ClassOverride {
+                base_delay_ms: Some(700),
+                max_attempts: Some(2),
+                ..Default::default()
+            },
         );
-        p.overrides.insert(ErrorClass::NotFound, ClassOverride { retry: Some(true), ..Default::default() });
-        assert!(matches!(p.decide(&input(ErrorClass::RateLimited, 1)), Decision::Retry { delay_ms: 700, .. }));
-        assert!(matches!(p.decide(&input(ErrorClass::RateLimited, 2)), Decision::Stop { .. }));
-        assert!(matches!(p.decide(&input(ErrorClass::NotFound, 1)), Decision::Retry { .. }));
+        p.overrides.insert(
+            ErrorClass::NotFound,
+            ClassOverride {
+                retry: Some(true),
+                ..Default::default()
+            },
+        );
+        assert!(matches!(
+            p.decide(&input(ErrorClass::RateLimited, 1)),
+            Decision::Retry { delay_ms: 700, .. }
+        ));
+        assert!(matches!(
+            p.decide(&input(ErrorClass::RateLimited, 2)),
+            Decision::Stop { .. }
+        ));
+        assert!(matches!(
+            p.decide(&input(ErrorClass::NotFound, 1)),
+            Decision::Retry { .. }
+        ));
     }
 
     #[test]
     fn jitter_is_pinned() {
         // The exact value is part of the contract: tests and dashboards may
         // depend on it, so a change of hash must be deliberate.
-        let p = RetryPolicy { jitter_ms: 1_000, ..policy() };
+        let p = RetryPolicy {
+            jitter_ms: 1_000,
+            ..policy()
+        };
         let run = RunId(uuid::Uuid::from_u128(42));
         let j1 = p.jitter_for(run, 1);
         assert_eq!(j1, p.jitter_for(run, 1));
@@ -383,16 +429,31 @@ mod tests {
 
     #[test]
     fn validation_names_the_problem() {
-        let p = RetryPolicy { max_attempts: 0, ..policy() };
-        assert_eq!(p.validate().unwrap_err().to_string(), "retry policy `p`: max_attempts must be at least 1");
-        let p = RetryPolicy { multiplier: 0.5, ..policy() };
+        let p = RetryPolicy {
+            max_attempts: 0,
+            ..policy()
+        };
+        assert_eq!(
+            p.validate().unwrap_err().to_string(),
+            "retry policy `p`: max_attempts must be at least 1"
+        );
+        let p = RetryPolicy {
+            multiplier: 0.5,
+            ..policy()
+        };
         assert!(p.validate().unwrap_err().to_string().contains("multiplier"));
         assert!(policy().validate().is_ok());
     }
 
     fn any_policy() -> impl Strategy<Value = RetryPolicy> {
-        (0u64..10_000, 1.0f64..4.0, 0u64..100_000, 1u32..20, 0u64..5_000).prop_map(
-            |(base, mult, extra, max_attempts, jitter)| RetryPolicy {
+        (
+            0u64..10_000,
+            1.0f64..4.0,
+            0u64..100_000,
+            1u32..20,
+            0u64..5_000,
+        )
+            .prop_map(|(base, mult, extra, max_attempts, jitter)| RetryPolicy {
                 name: "prop".into(),
                 base_delay_ms: base,
                 multiplier: mult,
@@ -400,8 +461,7 @@ mod tests {
                 max_attempts,
                 jitter_ms: jitter,
                 overrides: BTreeMap::new(),
-            },
-        )
+            })
     }
 
     proptest! {

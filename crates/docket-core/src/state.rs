@@ -194,8 +194,13 @@ mod tests {
     fn illegal_transition_names_both() {
         let err = RunStatus::Completed.apply(Transition::Claim).unwrap_err();
         assert_eq!(err.to_string(), "cannot claim a run that is completed");
-        let err = RunStatus::Running.apply(Transition::OperatorRetry).unwrap_err();
-        assert_eq!(err.to_string(), "cannot operator_retry a run that is running");
+        let err = RunStatus::Running
+            .apply(Transition::OperatorRetry)
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "cannot operator_retry a run that is running"
+        );
     }
 
     #[test]

@@ -9,7 +9,9 @@ use std::time::Duration;
 ///
 /// Stored as an integer in both backends so that eligibility comparisons are
 /// exact and never depend on a database's own clock.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default,
+)]
 #[serde(transparent)]
 pub struct Timestamp(pub i64);
 
@@ -26,7 +28,10 @@ impl Timestamp {
 
     /// This instant plus `d`, saturating.
     pub fn plus(self, d: Duration) -> Self {
-        Timestamp(self.0.saturating_add(i64::try_from(d.as_millis()).unwrap_or(i64::MAX)))
+        Timestamp(
+            self.0
+                .saturating_add(i64::try_from(d.as_millis()).unwrap_or(i64::MAX)),
+        )
     }
 
     /// This instant plus `ms` milliseconds, saturating.

@@ -1,1 +1,169 @@
-//! placeholder
+//! The [`Store`] trait and its backends.
+//!
+//! A store is the only place run state lives. Every method that changes state
+//! is ONE transaction that writes the run, its attempt row and its events
+//! together, so evidence can never disagree with state. Every query that
+//! decides eligibility takes `now` as a parameter: no backend reads its own
+//! clock for that.
+//!
+//! Writes made on behalf of an attempt are fenced by its [`LeaseId`]: when the
+//! run has been reclaimed (or reaped, or cancelled) the write is refused,
+//! recorded as a `stale_write_refused` event, and reported as
+//! [`StoreError::StaleLease`]. It never changes the run.
+
+#[cfg(feature = "conformance")]
+pub mod conformance;
+pub mod model;
+pub mod sqlite;
+
+pub use model::*;
+
+use async_trait::async_trait;
+use docket_core::{LeaseId, RunId, RunStatus, Timestamp};
+use std::sync::Arc;
+
+/// The schema version this build writes. A database with a higher version
+/// was written by a newer Docket and is refused, never modified.
+pub const SCHEMA_VERSION: i64 = 1;
+
+/// What can go wrong in a store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The write was made under a lease that no longer holds the run.
+    #[error(
+        "stale lease {lease_id} for run {run_id}: the run is {status} under another lease or none"
+    )]
+    StaleLease {
+        /// The run.
+        run_id: RunId,
+        /// The lease the writer held.
+        lease_id: LeaseId,
+        /// The run's status now.
+        status: RunStatus,
+    },
+    /// No run with that id (in that tenant).
+    #[error("run {0} not found")]
+    NotFound(RunId),
+    /// An operation that the run's current state does not allow.
+    #[error("run {run_id} is {current}: {message}")]
+    WrongState {
+        /// The run.
+        run_id: RunId,
+        /// Its current status.
+        current: RunStatus,
+        /// What was refused.
+        message: String,
+    },
+    /// A uniqueness rule was broken (e.g. a step name used twice in a run).
+    #[error("{0}")]
+    Conflict(String),
+    /// The database was written by a newer Docket.
+    #[error("database schema version {found} is newer than this Docket supports ({supported}); upgrade Docket, the database was not modified")]
+    SchemaTooNew {
+        /// The version found.
+        found: i64,
+        /// The version this build writes.
+        supported: i64,
+    },
+    /// The connection URL is not understood.
+    #[error("invalid database url `{0}`: expected sqlite://PATH, sqlite::memory: or postgres://…")]
+    BadUrl(String),
+    /// The database could not be reached or answered with an error.
+    #[error("database error: {0}")]
+    Database(String),
+    /// A stored value could not be decoded.
+    #[error("corrupt row: {0}")]
+    Corrupt(String),
+}
+
+impl StoreError {
+    /// Whether retrying the same call later may succeed (connection lost,
+    /// database busy or restarting).
+    pub fn is_transient(&self) -> bool {
+        matches!(self, StoreError::Database(_))
+    }
+}
+
+/// The result type of store calls.
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// Durable storage of runs, attempts, events, steps and the ledger.
+///
+/// Implemented by [`sqlite::SqliteStore`] and (with the `postgres` feature)
+/// `postgres::PgStore`. Both pass the same conformance suite.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// `"sqlite"` or `"postgres"`.
+    fn backend(&self) -> &'static str;
+
+    /// Creates runs, all in one transaction. A run whose (tenant, job,
+    /// idempotency key) already exists is not created; the existing run is
+    /// returned with `existing = true`. Writes a `run_triggered` event per
+    /// new run.
+    async fn trigger(&self, runs: Vec<NewRun>, now: Timestamp) -> Result<Vec<Triggered>>;
+
+    /// Claims up to `limit` due runs (status pending or postponed,
+    /// `run_after <= now`) of the given jobs, ordered by priority (higher
+    /// first), then `run_after`, then id. Each gets a new lease id,
+    /// attempt + 1 and `lease_expires_at = now + lease_ms`; its attempt row
+    /// and an `attempt_started` event are written in the same transaction.
+    async fn claim(&self, req: ClaimRequest) -> Result<Vec<Run>>;
+
+    /// Ends attempts (completion, retry, failure, postponement, input
+    /// request, cancellation, release). Each end is its own transaction
+    /// (backends may group several into one commit, each under a savepoint)
+    /// and is fenced by its lease: a stale one yields
+    /// `Err(StoreError::StaleLease)` in its slot and a `stale_write_refused`
+    /// event.
+    async fn finish(&self, ends: Vec<AttemptEnd>) -> Result<Vec<Result<RunStatus>>>;
+
+    /// Extends live leases to `expires_at`. For each lease: whether it is
+    /// still held, and whether a cancellation was requested.
+    async fn heartbeat(
+        &self,
+        leases: Vec<LeaseRef>,
+        expires_at: Timestamp,
+    ) -> Result<Vec<LeaseState>>;
+
+    /// Running runs whose lease expired at or before `now`.
+    async fn expired_leases(&self, now: Timestamp, limit: usize) -> Result<Vec<Run>>;
+
+    /// The earliest `run_after` among claimable runs of these jobs, if any:
+    /// lets an idle worker sleep exactly until the next run is due.
+    async fn next_due(&self, jobs: Vec<String>) -> Result<Option<Timestamp>>;
+
+    /// One run.
+    async fn get_run(&self, id: RunId) -> Result<Option<Run>>;
+
+    /// Runs matching a filter, newest first, with cursor pagination.
+    async fn list_runs(&self, filter: RunFilter) -> Result<Vec<Run>>;
+
+    /// Counts of runs by (job, status), for a tenant or all.
+    async fn count_runs(&self, tenant: Option<String>) -> Result<Vec<StatusCount>>;
+
+    /// The attempt rows of a run, by attempt number.
+    async fn attempts(&self, run_id: RunId) -> Result<Vec<AttemptRecord>>;
+
+    /// Events in id order.
+    async fn events(&self, filter: EventFilter) -> Result<Vec<EventRecord>>;
+}
+
+/// A shared, type-erased store.
+pub type DynStore = Arc<dyn Store>;
+
+/// Opens a store from a URL: `sqlite://PATH` (created if missing),
+/// `sqlite::memory:` (one private in-memory database), or
+/// `postgres://…` (with the `postgres` feature; `?schema=NAME` chooses the
+/// schema, default `docket`).
+pub async fn open(url: &str) -> Result<DynStore> {
+    if let Some(rest) = url.strip_prefix("sqlite:") {
+        let path = rest.trim_start_matches("//");
+        let store = if path == ":memory:" || path.is_empty() {
+            sqlite::SqliteStore::open_in_memory()?
+        } else {
+            sqlite::SqliteStore::open(path)?
+        };
+        return Ok(Arc::new(store));
+    }
+    Err(StoreError::BadUrl(url.to_string()))
+}

@@ -1,0 +1,720 @@
+//! The store conformance suite: every store behaviour, written once, run
+//! against every backend (River's shared driver suite is the model).
+//!
+//! Each function takes a fresh, empty store. A backend's test file calls
+//! [`conformance_tests!`](crate::conformance_tests) with a factory and gets one
+//! `#[tokio::test]` per behaviour.
+
+use crate::*;
+use docket_core::{ErrorClass, LeaseId, RunStatus, TerminalReason, Timestamp};
+use serde_json::json;
+
+/// A fixed starting instant for tests: 2026-01-01T00:00:00Z.
+pub const T0: Timestamp = Timestamp(1_767_225_600_000);
+
+fn claim_req(now: Timestamp, limit: usize) -> ClaimRequest {
+    ClaimRequest {
+        jobs: vec!["job".into()],
+        limit,
+        now,
+        lease_ms: 30_000,
+        worker: "w1".into(),
+    }
+}
+
+async fn one(store: &DynStore, run: NewRun) -> Run {
+    store.trigger(vec![run], T0).await.unwrap().remove(0).run
+}
+
+fn err_info(class: ErrorClass) -> ErrorInfo {
+    ErrorInfo {
+        class,
+        message: format!("{class} happened"),
+        fingerprint: "fp".into(),
+        failure_key: "fk".into(),
+        action: None,
+    }
+}
+
+async fn kinds(store: &DynStore, run: RunId) -> Vec<String> {
+    store
+        .events(EventFilter {
+            run_id: Some(run),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.kind)
+        .collect()
+}
+
+/// Trigger stores the run as given and writes `run_triggered`.
+pub async fn trigger_stores_run_and_event(store: DynStore) {
+    let mut n = NewRun::new("job", json!({"to": "a@example.com"}));
+    n.correlation_id = Some("corr-1".into());
+    n.priority = 3;
+    let t = store.trigger(vec![n.clone()], T0).await.unwrap();
+    assert_eq!(t.len(), 1);
+    assert!(!t[0].existing);
+    let run = store.get_run(n.id).await.unwrap().expect("run stored");
+    assert_eq!(run.status, RunStatus::Pending);
+    assert_eq!(run.input, json!({"to": "a@example.com"}));
+    assert_eq!(run.variables, json!({}));
+    assert_eq!(run.run_after, T0);
+    assert_eq!(run.attempt, 0);
+    assert_eq!(run.priority, 3);
+    assert_eq!(run.correlation_id.as_deref(), Some("corr-1"));
+    assert_eq!(run.tenant, DEFAULT_TENANT);
+    assert_eq!(kinds(&store, n.id).await, ["run_triggered"]);
+    assert!(store.get_run(RunId::new()).await.unwrap().is_none());
+}
+
+/// A second trigger with the same (tenant, job, key) returns the first run.
+pub async fn idempotency_key_returns_existing_run(store: DynStore) {
+    let mut a = NewRun::new("job", json!(1));
+    a.idempotency_key = Some("k".into());
+    let mut b = NewRun::new("job", json!(2));
+    b.idempotency_key = Some("k".into());
+    let mut other_tenant = b.clone();
+    other_tenant.id = RunId::new();
+    other_tenant.tenant = "t2".into();
+    let first = store.trigger(vec![a.clone()], T0).await.unwrap().remove(0);
+    let out = store
+        .trigger(vec![b.clone(), other_tenant.clone()], T0)
+        .await
+        .unwrap();
+    assert!(!first.existing);
+    assert!(out[0].existing);
+    assert_eq!(out[0].run.id, a.id);
+    assert_eq!(out[0].run.input, json!(1));
+    assert!(!out[1].existing, "keys are per tenant");
+    assert!(store.get_run(b.id).await.unwrap().is_none());
+}
+
+/// Claim takes only due runs, in priority, run_after, id order, and writes
+/// the attempt row and `attempt_started` in the same transaction.
+pub async fn claim_order_and_eligibility(store: DynStore) {
+    let mut low = NewRun::new("job", json!("low"));
+    low.priority = 0;
+    let mut high = NewRun::new("job", json!("high"));
+    high.priority = 5;
+    let mut later = NewRun::new("job", json!("later"));
+    later.run_after = Some(T0.plus_millis(1_000));
+    let other = NewRun::new("other-job", json!("other"));
+    store
+        .trigger(
+            vec![low.clone(), high.clone(), later.clone(), other.clone()],
+            T0,
+        )
+        .await
+        .unwrap();
+    let got = store.claim(claim_req(T0, 10)).await.unwrap();
+    let ids: Vec<_> = got.iter().map(|r| r.id).collect();
+    assert_eq!(
+        ids,
+        [high.id, low.id],
+        "priority first, future and other jobs excluded"
+    );
+    for r in &got {
+        assert_eq!(r.status, RunStatus::Running);
+        assert_eq!(r.attempt, 1);
+        assert!(r.lease_id.is_some());
+        assert_eq!(r.lease_expires_at, Some(T0.plus_millis(30_000)));
+        assert_eq!(r.worker.as_deref(), Some("w1"));
+        let att = store.attempts(r.id).await.unwrap();
+        assert_eq!(att.len(), 1);
+        assert_eq!(att[0].outcome, "running");
+        assert_eq!(Some(att[0].lease_id), r.lease_id);
+        assert_eq!(
+            kinds(&store, r.id).await,
+            ["run_triggered", "attempt_started"]
+        );
+    }
+    assert!(store.claim(claim_req(T0, 10)).await.unwrap().is_empty());
+    assert!(store
+        .claim(claim_req(T0.plus_millis(999), 10))
+        .await
+        .unwrap()
+        .is_empty());
+    let got = store
+        .claim(claim_req(T0.plus_millis(1_000), 10))
+        .await
+        .unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].id, later.id);
+    assert_eq!(
+        store.next_due(vec!["other-job".into()]).await.unwrap(),
+        Some(T0)
+    );
+    assert_eq!(store.next_due(vec!["job".into()]).await.unwrap(), None);
+}
+
+/// Claim honours its limit, and equal-priority runs go by run_after then id.
+pub async fn claim_limit_and_fifo(store: DynStore) {
+    let runs: Vec<NewRun> = (0..5).map(|i| NewRun::new("job", json!(i))).collect();
+    store.trigger(runs.clone(), T0).await.unwrap();
+    let a = store.claim(claim_req(T0, 2)).await.unwrap();
+    let b = store.claim(claim_req(T0, 10)).await.unwrap();
+    let got: Vec<_> = a.iter().chain(b.iter()).map(|r| r.id).collect();
+    assert_eq!(got, runs.iter().map(|r| r.id).collect::<Vec<_>>());
+    assert_eq!(a.len(), 2);
+}
+
+/// Completion under the live lease completes; under any other it is refused,
+/// recorded, and changes nothing.
+pub async fn completion_is_fenced_by_lease(store: DynStore) {
+    let n = NewRun::new("job", json!({}));
+    one(&store, n.clone()).await;
+    let run = store.claim(claim_req(T0, 1)).await.unwrap().remove(0);
+    let lease = run.lease_id.unwrap();
+    let stale = store
+        .finish(vec![AttemptEnd {
+            run_id: n.id,
+            lease_id: LeaseId::new(),
+            now: T0.plus_millis(5),
+            outcome: Outcome::Completed {
+                output: json!("stale"),
+            },
+        }])
+        .await
+        .unwrap();
+    assert!(matches!(
+        stale[0],
+        Err(StoreError::StaleLease {
+            status: RunStatus::Running,
+            ..
+        })
+    ));
+    let still = store.get_run(n.id).await.unwrap().unwrap();
+    assert_eq!(still.status, RunStatus::Running);
+    assert_eq!(still.output, None);
+    let ok = store
+        .finish(vec![AttemptEnd {
+            run_id: n.id,
+            lease_id: lease,
+            now: T0.plus_millis(10),
+            outcome: Outcome::Completed {
+                output: json!({"sent": true}),
+            },
+        }])
+        .await
+        .unwrap();
+    assert_eq!(ok[0].as_ref().unwrap(), &RunStatus::Completed);
+    let done = store.get_run(n.id).await.unwrap().unwrap();
+    assert_eq!(done.status, RunStatus::Completed);
+    assert_eq!(done.output, Some(json!({"sent": true})));
+    assert_eq!(done.finished_at, Some(T0.plus_millis(10)));
+    assert_eq!(done.lease_id, None);
+    // The same lease cannot write twice either.
+    let again = store
+        .finish(vec![AttemptEnd {
+            run_id: n.id,
+            lease_id: lease,
+            now: T0.plus_millis(11),
+            outcome: Outcome::Released,
+        }])
+        .await
+        .unwrap();
+    assert!(matches!(
+        again[0],
+        Err(StoreError::StaleLease {
+            status: RunStatus::Completed,
+            ..
+        })
+    ));
+    assert_eq!(
+        kinds(&store, n.id).await,
+        [
+            "run_triggered",
+            "attempt_started",
+            "stale_write_refused",
+            "run_completed",
+            "stale_write_refused"
+        ]
+    );
+    let att = store.attempts(n.id).await.unwrap();
+    assert_eq!(att[0].outcome, "completed");
+    assert_eq!(att[0].finished_at, Some(T0.plus_millis(10)));
+}
+
+/// A retry writes the policy's decision on the attempt, sets run_after, and
+/// writes `attempt_failed` then `retry_scheduled`, atomically.
+pub async fn retry_records_the_decision(store: DynStore) {
+    let n = NewRun::new("job", json!({}));
+    one(&store, n.clone()).await;
+    let run = store.claim(claim_req(T0, 1)).await.unwrap().remove(0);
+    let eligible = T0.plus_millis(1_234);
+    let st = store
+        .finish(vec![AttemptEnd {
+            run_id: n.id,
+            lease_id: run.lease_id.unwrap(),
+            now: T0,
+            outcome: Outcome::Retry {
+                error: err_info(ErrorClass::Timeout),
+                retry: RetryRecord {
+                    policy: "p".into(),
+                    delay_ms: 1_234,
+                    eligible_at: eligible,
+                    reason: "backoff".into(),
+                },
+            },
+        }])
+        .await
+        .unwrap();
+    assert_eq!(st[0].as_ref().unwrap(), &RunStatus::Pending);
+    let r = store.get_run(n.id).await.unwrap().unwrap();
+    assert_eq!(r.status, RunStatus::Pending);
+    assert_eq!(r.run_after, eligible);
+    assert_eq!(r.last_error_class, Some(ErrorClass::Timeout));
+    assert!(r.is_retry_scheduled(T0));
+    let a = &store.attempts(n.id).await.unwrap()[0];
+    assert_eq!(a.outcome, "failed");
+    assert_eq!(a.error_class, Some(ErrorClass::Timeout));
+    assert_eq!(a.retry_policy.as_deref(), Some("p"));
+    assert_eq!(a.delay_ms, Some(1_234));
+    assert_eq!(a.eligible_at, Some(eligible));
+    assert_eq!(a.retry_reason.as_deref(), Some("backoff"));
+    assert_eq!(a.fingerprint.as_deref(), Some("fp"));
+    assert_eq!(
+        kinds(&store, n.id).await,
+        [
+            "run_triggered",
+            "attempt_started",
+            "attempt_failed",
+            "retry_scheduled"
+        ]
+    );
+    assert!(store
+        .claim(claim_req(eligible.plus_millis(-1), 1))
+        .await
+        .unwrap()
+        .is_empty());
+    let again = store.claim(claim_req(eligible, 1)).await.unwrap();
+    assert_eq!(again[0].attempt, 2);
+    assert_ne!(again[0].lease_id, run.lease_id);
+}
+
+/// A terminal failure ends the run with its reason.
+pub async fn terminal_failure_records_reason(store: DynStore) {
+    let n = NewRun::new("job", json!({}));
+    one(&store, n.clone()).await;
+    let run = store.claim(claim_req(T0, 1)).await.unwrap().remove(0);
+    store
+        .finish(vec![AttemptEnd {
+            run_id: n.id,
+            lease_id: run.lease_id.unwrap(),
+            now: T0.plus_millis(3),
+            outcome: Outcome::Failed {
+                error: Some(err_info(ErrorClass::InvalidInput)),
+                reason: TerminalReason::InvalidInput,
+                detail: "field `to` missing".into(),
+            },
+        }])
+        .await
+        .unwrap()
+        .remove(0)
+        .unwrap();
+    let r = store.get_run(n.id).await.unwrap().unwrap();
+    assert_eq!(r.status, RunStatus::Failed);
+    assert_eq!(r.terminal_reason, Some(TerminalReason::InvalidInput));
+    assert_eq!(r.finished_at, Some(T0.plus_millis(3)));
+    assert_eq!(
+        kinds(&store, n.id).await,
+        [
+            "run_triggered",
+            "attempt_started",
+            "attempt_failed",
+            "run_failed"
+        ]
+    );
+    let ev = store
+        .events(EventFilter {
+            run_id: Some(n.id),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(ev[3].data["reason"], "invalid_input");
+    assert!(store
+        .claim(claim_req(T0.plus_millis(1_000_000), 1))
+        .await
+        .unwrap()
+        .is_empty());
+}
+
+/// Heartbeats extend live leases, report lost ones, and carry cancel requests.
+pub async fn heartbeat_extends_and_detects_loss(store: DynStore) {
+    one(&store, NewRun::new("job", json!({}))).await;
+    let run = store.claim(claim_req(T0, 1)).await.unwrap().remove(0);
+    let live = LeaseRef {
+        run_id: run.id,
+        lease_id: run.lease_id.unwrap(),
+    };
+    let lost = LeaseRef {
+        run_id: run.id,
+        lease_id: LeaseId::new(),
+    };
+    let st = store
+        .heartbeat(vec![live, lost], T0.plus_millis(60_000))
+        .await
+        .unwrap();
+    assert_eq!(
+        st,
+        [
+            LeaseState {
+                held: true,
+                cancel_requested: false
+            },
+            LeaseState {
+                held: false,
+                cancel_requested: false
+            }
+        ]
+    );
+    let r = store.get_run(run.id).await.unwrap().unwrap();
+    assert_eq!(r.lease_expires_at, Some(T0.plus_millis(60_000)));
+    assert!(store
+        .expired_leases(T0.plus_millis(59_999), 10)
+        .await
+        .unwrap()
+        .is_empty());
+    let exp = store
+        .expired_leases(T0.plus_millis(60_000), 10)
+        .await
+        .unwrap();
+    assert_eq!(exp.len(), 1);
+    assert_eq!(exp[0].id, run.id);
+}
+
+/// An expired lease goes through the retry path with class lease_expired,
+/// and the late worker's completion is then refused.
+pub async fn expired_lease_retry_then_stale_completion(store: DynStore) {
+    one(&store, NewRun::new("job", json!({}))).await;
+    let run = store.claim(claim_req(T0, 1)).await.unwrap().remove(0);
+    let lease = run.lease_id.unwrap();
+    let now = T0.plus_millis(30_000);
+    store
+        .finish(vec![AttemptEnd {
+            run_id: run.id,
+            lease_id: lease,
+            now,
+            outcome: Outcome::Retry {
+                error: err_info(ErrorClass::LeaseExpired),
+                retry: RetryRecord {
+                    policy: "p".into(),
+                    delay_ms: 500,
+                    eligible_at: now.plus_millis(500),
+                    reason: "backoff".into(),
+                },
+            },
+        }])
+        .await
+        .unwrap()
+        .remove(0)
+        .unwrap();
+    assert!(
+        store.claim(claim_req(now, 1)).await.unwrap().is_empty(),
+        "no immediate re-dispatch"
+    );
+    let second = store
+        .claim(claim_req(now.plus_millis(500), 1))
+        .await
+        .unwrap()
+        .remove(0);
+    let late = store
+        .finish(vec![AttemptEnd {
+            run_id: run.id,
+            lease_id: lease,
+            now: now.plus_millis(600),
+            outcome: Outcome::Completed { output: json!(1) },
+        }])
+        .await
+        .unwrap();
+    assert!(matches!(late[0], Err(StoreError::StaleLease { .. })));
+    let r = store.get_run(run.id).await.unwrap().unwrap();
+    assert_eq!(r.status, RunStatus::Running);
+    assert_eq!(r.lease_id, second.lease_id);
+    let att = store.attempts(run.id).await.unwrap();
+    assert_eq!(att[0].outcome, "lease_expired");
+    assert_eq!(att[1].outcome, "running");
+    let k = kinds(&store, run.id).await;
+    assert_eq!(
+        k,
+        [
+            "run_triggered",
+            "attempt_started",
+            "lease_expired",
+            "attempt_failed",
+            "retry_scheduled",
+            "attempt_started",
+            "stale_write_refused"
+        ]
+    );
+}
+
+/// Release, postpone and input requests leave the run resumable and spend no
+/// attempt budget.
+pub async fn release_postpone_and_input_forgive_attempts(store: DynStore) {
+    let n = NewRun::new("job", json!({}));
+    one(&store, n.clone()).await;
+    let r1 = store.claim(claim_req(T0, 1)).await.unwrap().remove(0);
+    store
+        .finish(vec![AttemptEnd {
+            run_id: n.id,
+            lease_id: r1.lease_id.unwrap(),
+            now: T0,
+            outcome: Outcome::Released,
+        }])
+        .await
+        .unwrap()
+        .remove(0)
+        .unwrap();
+    let r2 = store.claim(claim_req(T0, 1)).await.unwrap().remove(0);
+    assert_eq!(r2.attempt, 2);
+    assert_eq!(r2.policy_attempt(), 1);
+    let until = T0.plus_millis(10_000);
+    store
+        .finish(vec![AttemptEnd {
+            run_id: n.id,
+            lease_id: r2.lease_id.unwrap(),
+            now: T0,
+            outcome: Outcome::Postponed { until },
+        }])
+        .await
+        .unwrap()
+        .remove(0)
+        .unwrap();
+    let p = store.get_run(n.id).await.unwrap().unwrap();
+    assert_eq!(p.status, RunStatus::Postponed);
+    assert!(store
+        .claim(claim_req(until.plus_millis(-1), 1))
+        .await
+        .unwrap()
+        .is_empty());
+    let r3 = store.claim(claim_req(until, 1)).await.unwrap().remove(0);
+    assert_eq!(r3.policy_attempt(), 1);
+    store
+        .finish(vec![AttemptEnd {
+            run_id: n.id,
+            lease_id: r3.lease_id.unwrap(),
+            now: until,
+            outcome: Outcome::NeedsInput {
+                name: "approval".into(),
+                request: json!({"amount": 1200}),
+            },
+        }])
+        .await
+        .unwrap()
+        .remove(0)
+        .unwrap();
+    let w = store.get_run(n.id).await.unwrap().unwrap();
+    assert_eq!(w.status, RunStatus::NeedsInput);
+    assert_eq!(
+        w.input_request,
+        Some(json!({"name": "approval", "request": {"amount": 1200}}))
+    );
+    assert!(store
+        .claim(claim_req(until.plus_millis(1_000_000), 1))
+        .await
+        .unwrap()
+        .is_empty());
+    let att: Vec<_> = store
+        .attempts(n.id)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|a| a.outcome)
+        .collect();
+    assert_eq!(att, ["released", "postponed", "needs_input"]);
+}
+
+/// Several ends in one call: each is its own unit; a stale one does not
+/// spoil the others.
+pub async fn batched_finish_isolates_each_end(store: DynStore) {
+    let runs: Vec<NewRun> = (0..3).map(|i| NewRun::new("job", json!(i))).collect();
+    store.trigger(runs, T0).await.unwrap();
+    let claimed = store.claim(claim_req(T0, 3)).await.unwrap();
+    let mut ends: Vec<AttemptEnd> = claimed
+        .iter()
+        .map(|r| AttemptEnd {
+            run_id: r.id,
+            lease_id: r.lease_id.unwrap(),
+            now: T0,
+            outcome: Outcome::Completed {
+                output: json!(null),
+            },
+        })
+        .collect();
+    ends[1].lease_id = LeaseId::new();
+    let res = store.finish(ends).await.unwrap();
+    assert!(res[0].is_ok() && res[2].is_ok());
+    assert!(matches!(res[1], Err(StoreError::StaleLease { .. })));
+    let statuses: Vec<_> = futures_lite_join(&store, claimed.iter().map(|r| r.id).collect()).await;
+    assert_eq!(
+        statuses,
+        [
+            RunStatus::Completed,
+            RunStatus::Running,
+            RunStatus::Completed
+        ]
+    );
+}
+
+async fn futures_lite_join(store: &DynStore, ids: Vec<RunId>) -> Vec<RunStatus> {
+    let mut out = Vec::new();
+    for id in ids {
+        out.push(store.get_run(id).await.unwrap().unwrap().status);
+    }
+    out
+}
+
+/// Listing filters by tenant, job, status and time, newest first, with a cursor.
+pub async fn list_filters_and_pagination(store: DynStore) {
+    let mut all = Vec::new();
+    for i in 0..7 {
+        let mut n = NewRun::new(if i % 2 == 0 { "job" } else { "other" }, json!(i));
+        if i == 6 {
+            n.tenant = "t2".into();
+        }
+        all.push(n.clone());
+        store.trigger(vec![n], T0.plus_millis(i)).await.unwrap();
+    }
+    let page1 = store
+        .list_runs(RunFilter {
+            tenant: Some(DEFAULT_TENANT.into()),
+            limit: 4,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let ids1: Vec<_> = page1.iter().map(|r| r.id).collect();
+    assert_eq!(ids1, [all[5].id, all[4].id, all[3].id, all[2].id]);
+    let page2 = store
+        .list_runs(RunFilter {
+            tenant: Some(DEFAULT_TENANT.into()),
+            limit: 4,
+            before_id: Some(all[2].id),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        page2.iter().map(|r| r.id).collect::<Vec<_>>(),
+        [all[1].id, all[0].id]
+    );
+    let jobs = store
+        .list_runs(RunFilter {
+            job: Some("job".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(jobs.len(), 4);
+    let timed = store
+        .list_runs(RunFilter {
+            created_after: Some(T0.plus_millis(2)),
+            created_before: Some(T0.plus_millis(4)),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        timed.iter().map(|r| r.id).collect::<Vec<_>>(),
+        [all[3].id, all[2].id]
+    );
+    store
+        .claim(claim_req(T0.plus_millis(100), 1))
+        .await
+        .unwrap();
+    let running = store
+        .list_runs(RunFilter {
+            statuses: vec![RunStatus::Running, RunStatus::Failed],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(running.len(), 1);
+    let counts = store.count_runs(Some(DEFAULT_TENANT.into())).await.unwrap();
+    let total: i64 = counts.iter().map(|c| c.count).sum();
+    assert_eq!(total, 6);
+    assert!(counts.contains(&StatusCount {
+        job: "job".into(),
+        status: RunStatus::Running,
+        count: 1
+    }));
+}
+
+/// Events are read in id order, after a cursor, per run, job or tenant.
+pub async fn events_cursor_and_filters(store: DynStore) {
+    let a = NewRun::new("job", json!(1));
+    let mut b = NewRun::new("other", json!(2));
+    b.tenant = "t2".into();
+    store.trigger(vec![a.clone(), b.clone()], T0).await.unwrap();
+    store.claim(claim_req(T0, 1)).await.unwrap();
+    let all = store.events(EventFilter::default()).await.unwrap();
+    assert_eq!(all.len(), 3);
+    assert!(all.windows(2).all(|w| w[0].id < w[1].id));
+    let after = store
+        .events(EventFilter {
+            after_id: Some(all[0].id),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(after.len(), 2);
+    let t2 = store
+        .events(EventFilter {
+            tenant: Some("t2".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(t2.len(), 1);
+    assert_eq!(t2[0].run_id, b.id);
+    let job = store
+        .events(EventFilter {
+            job: Some("job".into()),
+            limit: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(job.len(), 1);
+    assert_eq!(job[0].kind, "run_triggered");
+    assert_eq!(all[2].kind, "attempt_started");
+    assert_eq!(all[2].attempt, Some(1));
+    assert!(all[2].lease_id.is_some());
+}
+
+/// Generates one `#[tokio::test]` per conformance behaviour, each with a
+/// fresh store from `$factory` (an async expression yielding a `DynStore`).
+#[macro_export]
+macro_rules! conformance_tests {
+    ($factory:expr) => {
+        $crate::conformance_tests!(@each $factory;
+            trigger_stores_run_and_event,
+            idempotency_key_returns_existing_run,
+            claim_order_and_eligibility,
+            claim_limit_and_fifo,
+            completion_is_fenced_by_lease,
+            retry_records_the_decision,
+            terminal_failure_records_reason,
+            heartbeat_extends_and_detects_loss,
+            expired_lease_retry_then_stale_completion,
+            release_postpone_and_input_forgive_attempts,
+            batched_finish_isolates_each_end,
+            list_filters_and_pagination,
+            events_cursor_and_filters,
+        );
+    };
+    (@each $factory:expr; $($name:ident),* $(,)?) => {
+        $(
+            #[tokio::test]
+            async fn $name() {
+                let store: $crate::DynStore = $factory;
+                $crate::conformance::$name(store).await;
+            }
+        )*
+    };
+}

@@ -1,0 +1,370 @@
+//! The rows a store reads and writes.
+
+use docket_core::{ErrorClass, LeaseId, RunId, RunStatus, TerminalReason, Timestamp};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// The tenant used when none is given.
+pub const DEFAULT_TENANT: &str = "default";
+
+/// A run to create.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NewRun {
+    /// Its id (chosen by the caller so a batch can be referred to at once).
+    pub id: RunId,
+    /// The tenant it belongs to.
+    pub tenant: String,
+    /// The job to run.
+    pub job: String,
+    /// The input, as given.
+    pub input: Value,
+    /// Higher runs first.
+    pub priority: i32,
+    /// Not claimable before this instant (`now` when absent).
+    pub run_after: Option<Timestamp>,
+    /// Deduplicates triggers per (tenant, job).
+    pub idempotency_key: Option<String>,
+    /// Carried into every attempt's context and event.
+    pub correlation_id: Option<String>,
+    /// The run this one was retriggered from.
+    pub retriggered_from: Option<RunId>,
+    /// Who triggered it (a token name, `api`, `library`).
+    pub actor: Option<String>,
+}
+
+impl NewRun {
+    /// A run of `job` with `input` in the default tenant, due now.
+    pub fn new(job: impl Into<String>, input: Value) -> Self {
+        NewRun {
+            id: RunId::new(),
+            tenant: DEFAULT_TENANT.to_string(),
+            job: job.into(),
+            input,
+            priority: 0,
+            run_after: None,
+            idempotency_key: None,
+            correlation_id: None,
+            retriggered_from: None,
+            actor: None,
+        }
+    }
+}
+
+/// The answer to a trigger.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Triggered {
+    /// The run (new, or the existing one with the same idempotency key).
+    pub run: Run,
+    /// True when the idempotency key was already used and nothing was created.
+    pub existing: bool,
+}
+
+/// A run as stored.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Run {
+    /// Its id.
+    pub id: RunId,
+    /// Its tenant.
+    pub tenant: String,
+    /// Its job.
+    pub job: String,
+    /// Its status.
+    pub status: RunStatus,
+    /// Higher runs first.
+    pub priority: i32,
+    /// The input as triggered.
+    pub input: Value,
+    /// Variables, merged by operator retries (an object).
+    pub variables: Value,
+    /// The handler's output once completed.
+    pub output: Option<Value>,
+    /// The number of the latest attempt (0 before the first claim).
+    pub attempt: u32,
+    /// Attempts that do not count against the policy's budget (postponements,
+    /// releases at shutdown, operator retries resetting the budget). The
+    /// policy sees `attempt − attempts_forgiven`.
+    pub attempts_forgiven: u32,
+    /// Not claimable before this instant.
+    pub run_after: Timestamp,
+    /// The live lease, while running.
+    pub lease_id: Option<LeaseId>,
+    /// When the live lease runs out.
+    pub lease_expires_at: Option<Timestamp>,
+    /// The worker holding the lease.
+    pub worker: Option<String>,
+    /// The trigger's idempotency key.
+    pub idempotency_key: Option<String>,
+    /// The correlation id.
+    pub correlation_id: Option<String>,
+    /// When it was triggered.
+    pub created_at: Timestamp,
+    /// When it last changed.
+    pub updated_at: Timestamp,
+    /// When it reached a terminal state.
+    pub finished_at: Option<Timestamp>,
+    /// Why it failed, when failed.
+    pub terminal_reason: Option<TerminalReason>,
+    /// The class of the latest failure.
+    pub last_error_class: Option<ErrorClass>,
+    /// The message of the latest failure.
+    pub last_error_message: Option<String>,
+    /// A cancel was requested while it was running.
+    pub cancel_requested: bool,
+    /// The run this one was retriggered from.
+    pub retriggered_from: Option<RunId>,
+    /// What the handler asked for, while `needs_input`.
+    pub input_request: Option<Value>,
+}
+
+impl Run {
+    /// The attempt number the retry policy should see (budget-adjusted).
+    pub fn policy_attempt(&self) -> u32 {
+        self.attempt.saturating_sub(self.attempts_forgiven).max(1)
+    }
+
+    /// A pending run whose `run_after` lies in the future after a failure.
+    pub fn is_retry_scheduled(&self, now: Timestamp) -> bool {
+        self.status == RunStatus::Pending && self.run_after > now && self.last_error_class.is_some()
+    }
+}
+
+/// What a worker asks for when it claims.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ClaimRequest {
+    /// Only runs of these jobs.
+    pub jobs: Vec<String>,
+    /// At most this many.
+    pub limit: usize,
+    /// The injected clock's now.
+    pub now: Timestamp,
+    /// Lease length in milliseconds.
+    pub lease_ms: i64,
+    /// The claiming worker's name (stored on the attempt).
+    pub worker: String,
+}
+
+/// A lease held by a worker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct LeaseRef {
+    /// The run.
+    pub run_id: RunId,
+    /// The lease.
+    pub lease_id: LeaseId,
+}
+
+/// A heartbeat's answer for one lease.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LeaseState {
+    /// The lease still holds the run (and was extended).
+    pub held: bool,
+    /// An operator asked to cancel the run.
+    pub cancel_requested: bool,
+}
+
+/// A failure's description, stored on the attempt row and the run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ErrorInfo {
+    /// Its class.
+    pub class: ErrorClass,
+    /// Its message (bounded by the engine).
+    pub message: String,
+    /// The fingerprint line (see `docket_core::Fingerprint::to_line`).
+    pub fingerprint: String,
+    /// The failure key (same job, action, class).
+    pub failure_key: String,
+    /// The step or action that failed, if any.
+    pub action: Option<String>,
+}
+
+/// The policy's retry decision as stored evidence.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RetryRecord {
+    /// The policy's name (`retry_policy`).
+    pub policy: String,
+    /// The delay chosen (`delay_ms`).
+    pub delay_ms: i64,
+    /// When the run becomes eligible (`eligible_at`, the new `run_after`).
+    pub eligible_at: Timestamp,
+    /// `backoff`, `retry_after` or `circuit_open`.
+    pub reason: String,
+}
+
+/// How an attempt ended.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Outcome {
+    /// The handler returned Ok.
+    Completed {
+        /// Its output.
+        output: Value,
+    },
+    /// A failure the policy retries: the run goes back to pending.
+    Retry {
+        /// The failure.
+        error: ErrorInfo,
+        /// The decision.
+        retry: RetryRecord,
+    },
+    /// A failure the policy stops on: the run fails.
+    Failed {
+        /// The failure, when there was one (not for `unresolved`).
+        error: Option<ErrorInfo>,
+        /// The terminal reason.
+        reason: TerminalReason,
+        /// A sentence for the operator.
+        detail: String,
+    },
+    /// The handler postponed the run; no attempt budget is spent.
+    Postponed {
+        /// Claimable again at this instant.
+        until: Timestamp,
+    },
+    /// The handler asks an operator for input.
+    NeedsInput {
+        /// The wait's name.
+        name: String,
+        /// What it asks.
+        request: Value,
+    },
+    /// A cancel was requested; the attempt stopped at a step boundary.
+    Cancelled,
+    /// The worker shut down and hands the run back, due at once; no attempt
+    /// budget is spent.
+    Released,
+}
+
+impl Outcome {
+    /// The name stored in the attempt row's `outcome` column.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Outcome::Completed { .. } => "completed",
+            Outcome::Retry { .. } => "retry_scheduled",
+            Outcome::Failed { .. } => "failed",
+            Outcome::Postponed { .. } => "postponed",
+            Outcome::NeedsInput { .. } => "needs_input",
+            Outcome::Cancelled => "cancelled",
+            Outcome::Released => "released",
+        }
+    }
+}
+
+/// The end of one attempt, fenced by its lease.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AttemptEnd {
+    /// The run.
+    pub run_id: RunId,
+    /// The lease the attempt ran under.
+    pub lease_id: LeaseId,
+    /// The injected clock's now.
+    pub now: Timestamp,
+    /// What happened.
+    pub outcome: Outcome,
+}
+
+/// One attempt as stored.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AttemptRecord {
+    /// The run.
+    pub run_id: RunId,
+    /// The attempt number (1-based).
+    pub attempt: u32,
+    /// The lease it ran under.
+    pub lease_id: LeaseId,
+    /// The worker that ran it.
+    pub worker: String,
+    /// When it was claimed.
+    pub started_at: Timestamp,
+    /// When it ended (absent while running).
+    pub finished_at: Option<Timestamp>,
+    /// `running`, or an [`Outcome::name`], or `lease_expired`.
+    pub outcome: String,
+    /// The failure's class.
+    pub error_class: Option<ErrorClass>,
+    /// The failure's message.
+    pub error_message: Option<String>,
+    /// The failure's fingerprint line.
+    pub fingerprint: Option<String>,
+    /// The failure key.
+    pub failure_key: Option<String>,
+    /// The step or action that failed.
+    pub action: Option<String>,
+    /// The retry decision: policy name.
+    pub retry_policy: Option<String>,
+    /// The retry decision: delay chosen.
+    pub delay_ms: Option<i64>,
+    /// The retry decision: eligible again at.
+    pub eligible_at: Option<Timestamp>,
+    /// The retry decision: `backoff`, `retry_after`, `circuit_open`.
+    pub retry_reason: Option<String>,
+}
+
+/// An append-only event.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EventRecord {
+    /// Global, increasing id (usable as SSE `Last-Event-ID`).
+    pub id: i64,
+    /// The run.
+    pub run_id: RunId,
+    /// The run's tenant.
+    pub tenant: String,
+    /// The run's job.
+    pub job: String,
+    /// `run_triggered`, `attempt_started`, `retry_scheduled`, …
+    pub kind: String,
+    /// When (injected clock).
+    pub at: Timestamp,
+    /// The attempt it belongs to, if any.
+    pub attempt: Option<u32>,
+    /// The lease it belongs to, if any.
+    pub lease_id: Option<LeaseId>,
+    /// Who did it, for operator actions.
+    pub actor: Option<String>,
+    /// The operator's comment.
+    pub comment: Option<String>,
+    /// Details.
+    pub data: Value,
+}
+
+/// Which runs to list.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RunFilter {
+    /// Only this tenant.
+    pub tenant: Option<String>,
+    /// Any of these statuses (all when empty).
+    pub statuses: Vec<RunStatus>,
+    /// Only this job.
+    pub job: Option<String>,
+    /// Created at or after.
+    pub created_after: Option<Timestamp>,
+    /// Created before.
+    pub created_before: Option<Timestamp>,
+    /// Cursor: only runs with an id below this one (ids sort by creation).
+    pub before_id: Option<RunId>,
+    /// At most this many (0 means 100).
+    pub limit: usize,
+}
+
+/// Which events to read.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct EventFilter {
+    /// Only this tenant.
+    pub tenant: Option<String>,
+    /// Only this run.
+    pub run_id: Option<RunId>,
+    /// Only this job.
+    pub job: Option<String>,
+    /// Only events with a larger id.
+    pub after_id: Option<i64>,
+    /// At most this many (0 means 1000).
+    pub limit: usize,
+}
+
+/// Number of runs of one job in one status.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusCount {
+    /// The job.
+    pub job: String,
+    /// The status.
+    pub status: RunStatus,
+    /// How many.
+    pub count: i64,
+}

@@ -1,0 +1,250 @@
+//! The embedded SQLite backend.
+//!
+//! One connection, owned by one writer thread. Callers send it closures; the
+//! thread takes every request that is waiting, runs them in ONE transaction,
+//! each under its own savepoint (so one request's error rolls back only its
+//! own writes), commits once, and only then answers. This is group commit:
+//! under load many transitions share one commit, while each remains atomic on
+//! its own. WAL mode with `synchronous = NORMAL` keeps commits cheap; other
+//! processes opening the same file wait on SQLite's write lock
+//! (`BEGIN IMMEDIATE` + busy timeout).
+
+mod ops;
+
+use crate::{
+    AttemptEnd, AttemptRecord, ClaimRequest, EventFilter, EventRecord, LeaseRef, LeaseState,
+    NewRun, Result, Run, RunFilter, StatusCount, Store, StoreError, Triggered, SCHEMA_VERSION,
+};
+use async_trait::async_trait;
+use docket_core::{RunId, RunStatus, Timestamp};
+use rusqlite::Connection;
+use std::sync::mpsc;
+use tokio::sync::oneshot;
+
+/// What the writer thread runs: a request, which returns what to do once the
+/// transaction's fate is known (`None` = committed, `Some(e)` = commit failed).
+type Reply = Box<dyn FnOnce(Option<String>) + Send>;
+type Job = Box<dyn FnOnce(&Connection) -> Reply + Send>;
+
+/// Most requests folded into one transaction.
+const MAX_BATCH: usize = 512;
+
+/// The SQLite store. Cheap to share behind an `Arc`; dropping the last handle
+/// stops the writer thread after it has finished its queue.
+pub struct SqliteStore {
+    tx: mpsc::Sender<Job>,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SqliteStore")
+    }
+}
+
+fn db_err(e: rusqlite::Error) -> StoreError {
+    StoreError::Database(e.to_string())
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database file at `path` and migrates it.
+    pub fn open(path: &str) -> Result<Self> {
+        let conn = Connection::open(path).map_err(db_err)?;
+        Self::start(conn, true)
+    }
+
+    /// A private in-memory database, gone when the store is dropped.
+    pub fn open_in_memory() -> Result<Self> {
+        let conn = Connection::open_in_memory().map_err(db_err)?;
+        Self::start(conn, false)
+    }
+
+    fn start(conn: Connection, file: bool) -> Result<Self> {
+        conn.busy_timeout(std::time::Duration::from_secs(10))
+            .map_err(db_err)?;
+        if file {
+            conn.pragma_update(None, "journal_mode", "WAL")
+                .map_err(db_err)?;
+        }
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(db_err)?;
+        conn.pragma_update(None, "temp_store", "MEMORY")
+            .map_err(db_err)?;
+        migrate(&conn)?;
+        let (tx, rx) = mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("docket-sqlite-writer".into())
+            .spawn(move || writer_loop(conn, rx))
+            .map_err(|e| StoreError::Database(format!("cannot start writer thread: {e}")))?;
+        Ok(SqliteStore { tx })
+    }
+
+    /// Runs `f` in the writer thread inside a transaction (under a savepoint)
+    /// and returns its result once committed.
+    async fn call<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+    {
+        let (otx, orx) = oneshot::channel::<Result<T>>();
+        let job: Job = Box::new(move |conn: &Connection| {
+            let res = savepoint(conn, f);
+            Box::new(move |commit_err: Option<String>| {
+                let res = match commit_err {
+                    None => res,
+                    Some(e) => Err(StoreError::Database(e)),
+                };
+                let _ = otx.send(res);
+            })
+        });
+        self.tx
+            .send(job)
+            .map_err(|_| StoreError::Database("sqlite writer thread has stopped".into()))?;
+        orx.await
+            .map_err(|_| StoreError::Database("sqlite writer thread dropped a request".into()))?
+    }
+}
+
+fn savepoint<T>(conn: &Connection, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
+    conn.execute_batch("SAVEPOINT req").map_err(db_err)?;
+    let res = f(conn);
+    let end = if res.is_ok() {
+        "RELEASE req"
+    } else {
+        "ROLLBACK TO req; RELEASE req"
+    };
+    conn.execute_batch(end).map_err(db_err)?;
+    res
+}
+
+fn writer_loop(conn: Connection, rx: mpsc::Receiver<Job>) {
+    let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
+    let mut replies: Vec<Reply> = Vec::with_capacity(MAX_BATCH);
+    while let Ok(first) = rx.recv() {
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(j) => batch.push(j),
+                Err(_) => break,
+            }
+        }
+        if conn.execute_batch("BEGIN IMMEDIATE").is_err() {
+            // No shared transaction (the write lock stayed busy past the
+            // timeout): run each request alone. Its savepoint is then its own
+            // transaction, committed by RELEASE, so each stays atomic and
+            // gets its own error.
+            for job in batch.drain(..) {
+                job(&conn)(None);
+            }
+            continue;
+        }
+        for job in batch.drain(..) {
+            replies.push(job(&conn));
+        }
+        let commit = conn.execute_batch("COMMIT").map_err(|e| e.to_string());
+        if commit.is_err() {
+            let _ = conn.execute_batch("ROLLBACK");
+        }
+        for reply in replies.drain(..) {
+            reply(commit.clone().err());
+        }
+    }
+}
+
+fn migrate(conn: &Connection) -> Result<()> {
+    conn.execute_batch(
+        "CREATE TABLE IF NOT EXISTS docket_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    )
+    .map_err(db_err)?;
+    let found: Option<String> = conn
+        .query_row(
+            "SELECT value FROM docket_meta WHERE key = 'schema_version'",
+            [],
+            |r| r.get(0),
+        )
+        .map(Some)
+        .or_else(|e| match e {
+            rusqlite::Error::QueryReturnedNoRows => Ok(None),
+            e => Err(e),
+        })
+        .map_err(db_err)?;
+    let found: i64 = match found {
+        Some(v) => v
+            .parse()
+            .map_err(|_| StoreError::Corrupt(format!("schema_version `{v}`")))?,
+        None => 0,
+    };
+    if found > SCHEMA_VERSION {
+        return Err(StoreError::SchemaTooNew {
+            found,
+            supported: SCHEMA_VERSION,
+        });
+    }
+    if found < SCHEMA_VERSION {
+        conn.execute_batch(&format!(
+            "BEGIN IMMEDIATE; {} INSERT INTO docket_meta (key, value) VALUES ('schema_version', '{}')
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value; COMMIT;",
+            include_str!("schema.sql"),
+            SCHEMA_VERSION
+        ))
+        .map_err(db_err)?;
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    fn backend(&self) -> &'static str {
+        "sqlite"
+    }
+
+    async fn trigger(&self, runs: Vec<NewRun>, now: Timestamp) -> Result<Vec<Triggered>> {
+        self.call(move |c| ops::trigger(c, runs, now)).await
+    }
+
+    async fn claim(&self, req: ClaimRequest) -> Result<Vec<Run>> {
+        self.call(move |c| ops::claim(c, &req)).await
+    }
+
+    async fn finish(&self, ends: Vec<AttemptEnd>) -> Result<Vec<Result<RunStatus>>> {
+        self.call(move |c| Ok(ends.into_iter().map(|e| ops::finish_one(c, e)).collect()))
+            .await
+    }
+
+    async fn heartbeat(
+        &self,
+        leases: Vec<LeaseRef>,
+        expires_at: Timestamp,
+    ) -> Result<Vec<LeaseState>> {
+        self.call(move |c| ops::heartbeat(c, &leases, expires_at))
+            .await
+    }
+
+    async fn expired_leases(&self, now: Timestamp, limit: usize) -> Result<Vec<Run>> {
+        self.call(move |c| ops::expired_leases(c, now, limit)).await
+    }
+
+    async fn next_due(&self, jobs: Vec<String>) -> Result<Option<Timestamp>> {
+        self.call(move |c| ops::next_due(c, &jobs)).await
+    }
+
+    async fn get_run(&self, id: RunId) -> Result<Option<Run>> {
+        self.call(move |c| ops::get_run(c, id)).await
+    }
+
+    async fn list_runs(&self, filter: RunFilter) -> Result<Vec<Run>> {
+        self.call(move |c| ops::list_runs(c, &filter)).await
+    }
+
+    async fn count_runs(&self, tenant: Option<String>) -> Result<Vec<StatusCount>> {
+        self.call(move |c| ops::count_runs(c, tenant.as_deref()))
+            .await
+    }
+
+    async fn attempts(&self, run_id: RunId) -> Result<Vec<AttemptRecord>> {
+        self.call(move |c| ops::attempts(c, run_id)).await
+    }
+
+    async fn events(&self, filter: EventFilter) -> Result<Vec<EventRecord>> {
+        self.call(move |c| ops::events(c, &filter)).await
+    }
+}

@@ -1,0 +1,687 @@
+//! The SQL of each store operation. Every function runs inside the writer
+//! thread's transaction, under the caller's savepoint.
+
+use crate::{
+    AttemptEnd, AttemptRecord, ClaimRequest, EventFilter, EventRecord, LeaseRef, LeaseState,
+    NewRun, Outcome, Result, Run, RunFilter, StatusCount, StoreError, Triggered,
+};
+use docket_core::{ErrorClass, LeaseId, RunId, RunStatus, Timestamp, Transition};
+use rusqlite::types::Value as SqlValue;
+use rusqlite::{params, params_from_iter, Connection, OptionalExtension, Row};
+use serde_json::{json, Value};
+
+use super::db_err;
+
+pub(super) const RUN_COLS: &str = "id, tenant, job, status, priority, input, variables, output, attempt, \
+    attempts_forgiven, run_after, lease_id, lease_expires_at, worker, idempotency_key, correlation_id, \
+    created_at, updated_at, finished_at, terminal_reason, last_error_class, last_error_message, \
+    cancel_requested, retriggered_from, input_request";
+
+fn corrupt(what: &str, v: impl std::fmt::Display) -> rusqlite::Error {
+    rusqlite::Error::FromSqlConversionFailure(
+        0,
+        rusqlite::types::Type::Text,
+        format!("bad {what}: {v}").into(),
+    )
+}
+
+fn parse<T: std::str::FromStr>(what: &str, s: String) -> rusqlite::Result<T>
+where
+    T::Err: std::fmt::Display,
+{
+    s.parse::<T>().map_err(|e| corrupt(what, e))
+}
+
+fn parse_opt<T: std::str::FromStr>(what: &str, s: Option<String>) -> rusqlite::Result<Option<T>>
+where
+    T::Err: std::fmt::Display,
+{
+    s.map(|s| parse(what, s)).transpose()
+}
+
+fn json_col(s: String) -> rusqlite::Result<Value> {
+    serde_json::from_str(&s).map_err(|e| corrupt("json", e))
+}
+
+fn json_opt(s: Option<String>) -> rusqlite::Result<Option<Value>> {
+    s.map(json_col).transpose()
+}
+
+pub(super) fn run_from_row(r: &Row<'_>) -> rusqlite::Result<Run> {
+    Ok(Run {
+        id: parse("run id", r.get(0)?)?,
+        tenant: r.get(1)?,
+        job: r.get(2)?,
+        status: parse("status", r.get(3)?)?,
+        priority: r.get(4)?,
+        input: json_col(r.get(5)?)?,
+        variables: json_col(r.get(6)?)?,
+        output: json_opt(r.get(7)?)?,
+        attempt: r.get(8)?,
+        attempts_forgiven: r.get(9)?,
+        run_after: Timestamp(r.get(10)?),
+        lease_id: parse_opt("lease id", r.get(11)?)?,
+        lease_expires_at: r.get::<_, Option<i64>>(12)?.map(Timestamp),
+        worker: r.get(13)?,
+        idempotency_key: r.get(14)?,
+        correlation_id: r.get(15)?,
+        created_at: Timestamp(r.get(16)?),
+        updated_at: Timestamp(r.get(17)?),
+        finished_at: r.get::<_, Option<i64>>(18)?.map(Timestamp),
+        terminal_reason: parse_opt("terminal reason", r.get(19)?)?,
+        last_error_class: parse_opt("error class", r.get(20)?)?,
+        last_error_message: r.get(21)?,
+        cancel_requested: r.get::<_, i64>(22)? != 0,
+        retriggered_from: parse_opt("run id", r.get(23)?)?,
+        input_request: json_opt(r.get(24)?)?,
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn insert_event(
+    c: &Connection,
+    run_id: RunId,
+    tenant: &str,
+    job: &str,
+    kind: &str,
+    at: Timestamp,
+    attempt: Option<u32>,
+    lease_id: Option<LeaseId>,
+    actor: Option<&str>,
+    comment: Option<&str>,
+    data: &Value,
+) -> Result<()> {
+    let mut st = c
+        .prepare_cached(
+            "INSERT INTO events (run_id, tenant, job, kind, at, attempt, lease_id, actor, comment, data)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+        )
+        .map_err(db_err)?;
+    st.execute(params![
+        run_id.to_string(),
+        tenant,
+        job,
+        kind,
+        at.0,
+        attempt,
+        lease_id.map(|l| l.to_string()),
+        actor,
+        comment,
+        data.to_string()
+    ])
+    .map_err(db_err)?;
+    Ok(())
+}
+
+pub(super) fn get_run(c: &Connection, id: RunId) -> Result<Option<Run>> {
+    let mut st = c
+        .prepare_cached(&format!("SELECT {RUN_COLS} FROM runs WHERE id = ?1"))
+        .map_err(db_err)?;
+    st.query_row([id.to_string()], run_from_row)
+        .optional()
+        .map_err(db_err)
+}
+
+pub(super) fn trigger(c: &Connection, runs: Vec<NewRun>, now: Timestamp) -> Result<Vec<Triggered>> {
+    let mut out = Vec::with_capacity(runs.len());
+    for r in runs {
+        if let Some(key) = &r.idempotency_key {
+            let mut st = c
+                .prepare_cached(&format!(
+                    "SELECT {RUN_COLS} FROM runs WHERE tenant = ?1 AND job = ?2 AND idempotency_key = ?3"
+                ))
+                .map_err(db_err)?;
+            if let Some(run) = st
+                .query_row(params![r.tenant, r.job, key], run_from_row)
+                .optional()
+                .map_err(db_err)?
+            {
+                out.push(Triggered {
+                    run,
+                    existing: true,
+                });
+                continue;
+            }
+        }
+        let run_after = r.run_after.unwrap_or(now);
+        let mut st = c
+            .prepare_cached(&format!(
+                "INSERT INTO runs (id, tenant, job, status, priority, input, variables, run_after,
+                    idempotency_key, correlation_id, created_at, updated_at, retriggered_from)
+                 VALUES (?1, ?2, ?3, 'pending', ?4, ?5, '{{}}', ?6, ?7, ?8, ?9, ?9, ?10)
+                 RETURNING {RUN_COLS}"
+            ))
+            .map_err(db_err)?;
+        let run = st
+            .query_row(
+                params![
+                    r.id.to_string(),
+                    r.tenant,
+                    r.job,
+                    r.priority,
+                    r.input.to_string(),
+                    run_after.0,
+                    r.idempotency_key,
+                    r.correlation_id,
+                    now.0,
+                    r.retriggered_from.map(|i| i.to_string()),
+                ],
+                run_from_row,
+            )
+            .map_err(db_err)?;
+        let mut data = json!({ "priority": r.priority, "run_after": run_after });
+        if let Some(from) = r.retriggered_from {
+            data["retriggered_from"] = json!(from);
+        }
+        insert_event(
+            c,
+            run.id,
+            &run.tenant,
+            &run.job,
+            "run_triggered",
+            now,
+            None,
+            None,
+            r.actor.as_deref(),
+            None,
+            &data,
+        )?;
+        out.push(Triggered {
+            run,
+            existing: false,
+        });
+    }
+    Ok(out)
+}
+
+fn placeholders(start: usize, n: usize) -> String {
+    (start..start + n)
+        .map(|i| format!("?{i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+pub(super) fn claim(c: &Connection, req: &ClaimRequest) -> Result<Vec<Run>> {
+    if req.jobs.is_empty() || req.limit == 0 {
+        return Ok(Vec::new());
+    }
+    let sql = format!(
+        "SELECT id FROM runs INDEXED BY runs_claim
+         WHERE status IN ('pending', 'postponed') AND run_after <= ?1 AND job IN ({})
+         ORDER BY priority DESC, run_after, id LIMIT ?2",
+        placeholders(3, req.jobs.len())
+    );
+    let mut args: Vec<SqlValue> = vec![req.now.0.into(), (req.limit as i64).into()];
+    args.extend(req.jobs.iter().map(|j| SqlValue::from(j.clone())));
+    let ids: Vec<String> = {
+        let mut st = c.prepare_cached(&sql).map_err(db_err)?;
+        let rows = st
+            .query_map(params_from_iter(args), |r| r.get::<_, String>(0))
+            .map_err(db_err)?;
+        rows.collect::<rusqlite::Result<_>>().map_err(db_err)?
+    };
+    let expires = req.now.plus_millis(req.lease_ms);
+    let mut out = Vec::with_capacity(ids.len());
+    for id in ids {
+        let lease = LeaseId::new();
+        let mut st = c
+            .prepare_cached(&format!(
+                "UPDATE runs SET status = 'running', attempt = attempt + 1, lease_id = ?2,
+                    lease_expires_at = ?3, worker = ?4, updated_at = ?5
+                 WHERE id = ?1 RETURNING {RUN_COLS}"
+            ))
+            .map_err(db_err)?;
+        let run = st
+            .query_row(
+                params![id, lease.to_string(), expires.0, req.worker, req.now.0],
+                run_from_row,
+            )
+            .map_err(db_err)?;
+        let mut st = c
+            .prepare_cached(
+                "INSERT INTO attempts (run_id, attempt, lease_id, worker, started_at, outcome)
+                 VALUES (?1, ?2, ?3, ?4, ?5, 'running')",
+            )
+            .map_err(db_err)?;
+        st.execute(params![
+            id,
+            run.attempt,
+            lease.to_string(),
+            req.worker,
+            req.now.0
+        ])
+        .map_err(db_err)?;
+        insert_event(
+            c,
+            run.id,
+            &run.tenant,
+            &run.job,
+            "attempt_started",
+            req.now,
+            Some(run.attempt),
+            Some(lease),
+            None,
+            None,
+            &json!({ "worker": req.worker, "lease_expires_at": expires }),
+        )?;
+        out.push(run);
+    }
+    Ok(out)
+}
+
+/// Ends one attempt. `Err` only for a database error or a stale lease; the
+/// stale case has already written its `stale_write_refused` event.
+pub(super) fn finish_one(c: &Connection, end: AttemptEnd) -> Result<RunStatus> {
+    // Outer error: roll this end back. Inner error: a stale lease, whose
+    // `stale_write_refused` event must commit although the caller fails.
+    super::savepoint(c, |c| finish_inner(c, end))?
+}
+
+fn finish_inner(c: &Connection, end: AttemptEnd) -> Result<Result<RunStatus>> {
+    let run = get_run(c, end.run_id)?.ok_or(StoreError::NotFound(end.run_id))?;
+    let now = end.now;
+    if run.status != RunStatus::Running || run.lease_id != Some(end.lease_id) {
+        insert_event(
+            c,
+            run.id,
+            &run.tenant,
+            &run.job,
+            "stale_write_refused",
+            now,
+            None,
+            Some(end.lease_id),
+            None,
+            None,
+            &json!({
+                "attempted": end.outcome.name(),
+                "current_status": run.status,
+                "current_lease_id": run.lease_id,
+                "current_attempt": run.attempt,
+            }),
+        )?;
+        return Ok(Err(StoreError::StaleLease {
+            run_id: run.id,
+            lease_id: end.lease_id,
+            status: run.status,
+        }));
+    }
+    let attempt = run.attempt;
+    let lease = Some(end.lease_id);
+    let ev = |kind: &str, data: Value| {
+        insert_event(
+            c,
+            run.id,
+            &run.tenant,
+            &run.job,
+            kind,
+            now,
+            Some(attempt),
+            lease,
+            None,
+            None,
+            &data,
+        )
+    };
+    let transition = match &end.outcome {
+        Outcome::Completed { .. } => Transition::Complete,
+        Outcome::Retry { .. } => Transition::ScheduleRetry,
+        Outcome::Failed { .. } => Transition::Fail,
+        Outcome::Postponed { .. } => Transition::Postpone,
+        Outcome::NeedsInput { .. } => Transition::RequestInput,
+        Outcome::Cancelled => Transition::Cancel,
+        Outcome::Released => Transition::Release,
+    };
+    let to = run
+        .status
+        .apply(transition)
+        .map_err(|e| StoreError::WrongState {
+            run_id: run.id,
+            current: run.status,
+            message: e.to_string(),
+        })?;
+    let id = run.id.to_string();
+    let exec = |sql: &str, p: &[&dyn rusqlite::ToSql]| -> Result<()> {
+        c.prepare_cached(sql)
+            .map_err(db_err)?
+            .execute(p)
+            .map_err(db_err)?;
+        Ok(())
+    };
+    const CLEAR_LEASE: &str = "lease_id = NULL, lease_expires_at = NULL, worker = NULL";
+    match &end.outcome {
+        Outcome::Completed { output } => {
+            exec(
+                &format!("UPDATE runs SET status = 'completed', output = ?2, {CLEAR_LEASE}, updated_at = ?3, finished_at = ?3, cancel_requested = 0 WHERE id = ?1"),
+                &[&id, &output.to_string(), &now.0],
+            )?;
+            exec(
+                "UPDATE attempts SET finished_at = ?3, outcome = 'completed' WHERE run_id = ?1 AND attempt = ?2",
+                &[&id, &attempt, &now.0],
+            )?;
+            ev("run_completed", json!({}))?;
+        }
+        Outcome::Retry { error, retry } => {
+            exec(
+                &format!("UPDATE runs SET status = 'pending', run_after = ?2, {CLEAR_LEASE}, updated_at = ?3,
+                    last_error_class = ?4, last_error_message = ?5 WHERE id = ?1"),
+                &[&id, &retry.eligible_at.0, &now.0, &error.class.as_str(), &error.message],
+            )?;
+            let outcome = if error.class == ErrorClass::LeaseExpired {
+                "lease_expired"
+            } else {
+                "failed"
+            };
+            exec(
+                "UPDATE attempts SET finished_at = ?3, outcome = ?4, error_class = ?5, error_message = ?6,
+                    fingerprint = ?7, failure_key = ?8, action = ?9, retry_policy = ?10, delay_ms = ?11,
+                    eligible_at = ?12, retry_reason = ?13
+                 WHERE run_id = ?1 AND attempt = ?2",
+                &[&id, &attempt, &now.0, &outcome, &error.class.as_str(), &error.message, &error.fingerprint,
+                  &error.failure_key, &error.action, &retry.policy, &retry.delay_ms, &retry.eligible_at.0, &retry.reason],
+            )?;
+            if error.class == ErrorClass::LeaseExpired {
+                ev(
+                    "lease_expired",
+                    json!({ "lease_expires_at": run.lease_expires_at }),
+                )?;
+            }
+            ev(
+                "attempt_failed",
+                json!({ "error_class": error.class, "message": error.message, "fingerprint": error.fingerprint, "action": error.action }),
+            )?;
+            ev(
+                "retry_scheduled",
+                json!({ "retry_policy": retry.policy, "delay_ms": retry.delay_ms, "eligible_at": retry.eligible_at, "reason": retry.reason, "next_attempt": attempt + 1 }),
+            )?;
+        }
+        Outcome::Failed {
+            error,
+            reason,
+            detail,
+        } => {
+            let (class, msg) = match error {
+                Some(e) => (Some(e.class.as_str()), Some(e.message.clone())),
+                None => (None, Some(detail.clone())),
+            };
+            exec(
+                &format!("UPDATE runs SET status = 'failed', {CLEAR_LEASE}, updated_at = ?2, finished_at = ?2,
+                    terminal_reason = ?3, last_error_class = COALESCE(?4, last_error_class), last_error_message = ?5,
+                    cancel_requested = 0 WHERE id = ?1"),
+                &[&id, &now.0, &reason.as_str(), &class, &msg],
+            )?;
+            let outcome = match error {
+                Some(e) if e.class == ErrorClass::LeaseExpired => "lease_expired",
+                Some(_) => "failed",
+                None => "unresolved",
+            };
+            exec(
+                "UPDATE attempts SET finished_at = ?3, outcome = ?4, error_class = ?5, error_message = ?6,
+                    fingerprint = ?7, failure_key = ?8, action = ?9
+                 WHERE run_id = ?1 AND attempt = ?2",
+                &[&id, &attempt, &now.0, &outcome, &class, &msg,
+                  &error.as_ref().map(|e| e.fingerprint.clone()), &error.as_ref().map(|e| e.failure_key.clone()),
+                  &error.as_ref().and_then(|e| e.action.clone())],
+            )?;
+            if let Some(e) = error {
+                if e.class == ErrorClass::LeaseExpired {
+                    ev(
+                        "lease_expired",
+                        json!({ "lease_expires_at": run.lease_expires_at }),
+                    )?;
+                }
+                ev(
+                    "attempt_failed",
+                    json!({ "error_class": e.class, "message": e.message, "fingerprint": e.fingerprint, "action": e.action }),
+                )?;
+            }
+            ev(
+                "run_failed",
+                json!({ "reason": reason, "detail": detail, "advice": reason.advice() }),
+            )?;
+        }
+        Outcome::Postponed { until } => {
+            exec(
+                &format!("UPDATE runs SET status = 'postponed', run_after = ?2, {CLEAR_LEASE}, updated_at = ?3,
+                    attempts_forgiven = attempts_forgiven + 1 WHERE id = ?1"),
+                &[&id, &until.0, &now.0],
+            )?;
+            exec(
+                "UPDATE attempts SET finished_at = ?3, outcome = 'postponed', eligible_at = ?4 WHERE run_id = ?1 AND attempt = ?2",
+                &[&id, &attempt, &now.0, &until.0],
+            )?;
+            ev("run_postponed", json!({ "until": until, "by": "handler" }))?;
+        }
+        Outcome::NeedsInput { name, request } => {
+            let req = json!({ "name": name, "request": request });
+            exec(
+                &format!("UPDATE runs SET status = 'needs_input', input_request = ?2, {CLEAR_LEASE}, updated_at = ?3,
+                    attempts_forgiven = attempts_forgiven + 1 WHERE id = ?1"),
+                &[&id, &req.to_string(), &now.0],
+            )?;
+            exec(
+                "UPDATE attempts SET finished_at = ?3, outcome = 'needs_input' WHERE run_id = ?1 AND attempt = ?2",
+                &[&id, &attempt, &now.0],
+            )?;
+            ev("input_requested", req)?;
+        }
+        Outcome::Cancelled => {
+            exec(
+                &format!("UPDATE runs SET status = 'cancelled', {CLEAR_LEASE}, updated_at = ?2, finished_at = ?2 WHERE id = ?1"),
+                &[&id, &now.0],
+            )?;
+            exec(
+                "UPDATE attempts SET finished_at = ?3, outcome = 'cancelled' WHERE run_id = ?1 AND attempt = ?2",
+                &[&id, &attempt, &now.0],
+            )?;
+            ev("run_cancelled", json!({ "at_step_boundary": true }))?;
+        }
+        Outcome::Released => {
+            exec(
+                &format!("UPDATE runs SET status = 'pending', run_after = ?2, {CLEAR_LEASE}, updated_at = ?2,
+                    attempts_forgiven = attempts_forgiven + 1 WHERE id = ?1"),
+                &[&id, &now.0],
+            )?;
+            exec(
+                "UPDATE attempts SET finished_at = ?3, outcome = 'released' WHERE run_id = ?1 AND attempt = ?2",
+                &[&id, &attempt, &now.0],
+            )?;
+            ev("attempt_released", json!({ "reason": "worker shutdown" }))?;
+        }
+    }
+    Ok(Ok(to))
+}
+
+pub(super) fn heartbeat(
+    c: &Connection,
+    leases: &[LeaseRef],
+    expires_at: Timestamp,
+) -> Result<Vec<LeaseState>> {
+    let mut st = c
+        .prepare_cached(
+            "UPDATE runs SET lease_expires_at = ?3
+             WHERE id = ?1 AND lease_id = ?2 AND status = 'running' RETURNING cancel_requested",
+        )
+        .map_err(db_err)?;
+    leases
+        .iter()
+        .map(|l| {
+            let r: Option<i64> = st
+                .query_row(
+                    params![l.run_id.to_string(), l.lease_id.to_string(), expires_at.0],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(db_err)?;
+            Ok(match r {
+                Some(cancel) => LeaseState {
+                    held: true,
+                    cancel_requested: cancel != 0,
+                },
+                None => LeaseState {
+                    held: false,
+                    cancel_requested: false,
+                },
+            })
+        })
+        .collect()
+}
+
+pub(super) fn expired_leases(c: &Connection, now: Timestamp, limit: usize) -> Result<Vec<Run>> {
+    let mut st = c
+        .prepare_cached(&format!(
+            "SELECT {RUN_COLS} FROM runs WHERE status = 'running' AND lease_expires_at <= ?1
+             ORDER BY lease_expires_at LIMIT ?2"
+        ))
+        .map_err(db_err)?;
+    let rows = st
+        .query_map(params![now.0, limit as i64], run_from_row)
+        .map_err(db_err)?;
+    rows.collect::<rusqlite::Result<_>>().map_err(db_err)
+}
+
+pub(super) fn next_due(c: &Connection, jobs: &[String]) -> Result<Option<Timestamp>> {
+    if jobs.is_empty() {
+        return Ok(None);
+    }
+    let sql = format!(
+        "SELECT MIN(run_after) FROM runs WHERE status IN ('pending', 'postponed') AND job IN ({})",
+        placeholders(1, jobs.len())
+    );
+    let mut st = c.prepare_cached(&sql).map_err(db_err)?;
+    let v: Option<i64> = st
+        .query_row(params_from_iter(jobs.iter()), |r| r.get(0))
+        .map_err(db_err)?;
+    Ok(v.map(Timestamp))
+}
+
+pub(super) fn list_runs(c: &Connection, f: &RunFilter) -> Result<Vec<Run>> {
+    let mut sql = format!("SELECT {RUN_COLS} FROM runs WHERE 1 = 1");
+    let mut args: Vec<SqlValue> = Vec::new();
+    let mut push = |sql: &mut String, clause: &str, v: SqlValue| {
+        args.push(v);
+        sql.push_str(&clause.replace('?', &format!("?{}", args.len())));
+    };
+    if let Some(t) = &f.tenant {
+        push(&mut sql, " AND tenant = ?", t.clone().into());
+    }
+    if let Some(j) = &f.job {
+        push(&mut sql, " AND job = ?", j.clone().into());
+    }
+    if let Some(t) = f.created_after {
+        push(&mut sql, " AND created_at >= ?", t.0.into());
+    }
+    if let Some(t) = f.created_before {
+        push(&mut sql, " AND created_at < ?", t.0.into());
+    }
+    if let Some(id) = f.before_id {
+        push(&mut sql, " AND id < ?", id.to_string().into());
+    }
+    if !f.statuses.is_empty() {
+        sql.push_str(" AND status IN (");
+        for (i, s) in f.statuses.iter().enumerate() {
+            if i > 0 {
+                sql.push_str(", ");
+            }
+            push(&mut sql, "?", s.as_str().to_string().into());
+        }
+        sql.push(')');
+    }
+    let limit = if f.limit == 0 { 100 } else { f.limit };
+    push(&mut sql, " ORDER BY id DESC LIMIT ?", (limit as i64).into());
+    let mut st = c.prepare_cached(&sql).map_err(db_err)?;
+    let rows = st
+        .query_map(params_from_iter(args), run_from_row)
+        .map_err(db_err)?;
+    rows.collect::<rusqlite::Result<_>>().map_err(db_err)
+}
+
+pub(super) fn count_runs(c: &Connection, tenant: Option<&str>) -> Result<Vec<StatusCount>> {
+    let mut st = c
+        .prepare_cached(
+            "SELECT job, status, COUNT(*) FROM runs WHERE (?1 IS NULL OR tenant = ?1)
+             GROUP BY job, status ORDER BY job, status",
+        )
+        .map_err(db_err)?;
+    let rows = st
+        .query_map([tenant], |r| {
+            Ok(StatusCount {
+                job: r.get(0)?,
+                status: parse("status", r.get(1)?)?,
+                count: r.get(2)?,
+            })
+        })
+        .map_err(db_err)?;
+    rows.collect::<rusqlite::Result<_>>().map_err(db_err)
+}
+
+pub(super) fn attempts(c: &Connection, run_id: RunId) -> Result<Vec<AttemptRecord>> {
+    let mut st = c
+        .prepare_cached(
+            "SELECT run_id, attempt, lease_id, worker, started_at, finished_at, outcome, error_class,
+                error_message, fingerprint, failure_key, action, retry_policy, delay_ms, eligible_at, retry_reason
+             FROM attempts WHERE run_id = ?1 ORDER BY attempt",
+        )
+        .map_err(db_err)?;
+    let rows = st
+        .query_map([run_id.to_string()], |r| {
+            Ok(AttemptRecord {
+                run_id: parse("run id", r.get(0)?)?,
+                attempt: r.get(1)?,
+                lease_id: parse("lease id", r.get(2)?)?,
+                worker: r.get(3)?,
+                started_at: Timestamp(r.get(4)?),
+                finished_at: r.get::<_, Option<i64>>(5)?.map(Timestamp),
+                outcome: r.get(6)?,
+                error_class: parse_opt("error class", r.get(7)?)?,
+                error_message: r.get(8)?,
+                fingerprint: r.get(9)?,
+                failure_key: r.get(10)?,
+                action: r.get(11)?,
+                retry_policy: r.get(12)?,
+                delay_ms: r.get(13)?,
+                eligible_at: r.get::<_, Option<i64>>(14)?.map(Timestamp),
+                retry_reason: r.get(15)?,
+            })
+        })
+        .map_err(db_err)?;
+    rows.collect::<rusqlite::Result<_>>().map_err(db_err)
+}
+
+pub(super) fn events(c: &Connection, f: &EventFilter) -> Result<Vec<EventRecord>> {
+    let limit = if f.limit == 0 { 1000 } else { f.limit };
+    let mut st = c
+        .prepare_cached(
+            "SELECT id, run_id, tenant, job, kind, at, attempt, lease_id, actor, comment, data FROM events
+             WHERE (?1 IS NULL OR run_id = ?1) AND (?2 IS NULL OR tenant = ?2) AND (?3 IS NULL OR job = ?3)
+               AND id > ?4
+             ORDER BY id LIMIT ?5",
+        )
+        .map_err(db_err)?;
+    let rows = st
+        .query_map(
+            params![
+                f.run_id.map(|r| r.to_string()),
+                f.tenant,
+                f.job,
+                f.after_id.unwrap_or(0),
+                limit as i64
+            ],
+            |r| {
+                Ok(EventRecord {
+                    id: r.get(0)?,
+                    run_id: parse("run id", r.get(1)?)?,
+                    tenant: r.get(2)?,
+                    job: r.get(3)?,
+                    kind: r.get(4)?,
+                    at: Timestamp(r.get(5)?),
+                    attempt: r.get(6)?,
+                    lease_id: parse_opt("lease id", r.get(7)?)?,
+                    actor: r.get(8)?,
+                    comment: r.get(9)?,
+                    data: json_col(r.get(10)?)?,
+                })
+            },
+        )
+        .map_err(db_err)?;
+    rows.collect::<rusqlite::Result<_>>().map_err(db_err)
+}
