@@ -1,1 +1,325 @@
-//! placeholder
+//! Docket: durable jobs that can explain every retry.
+//!
+//! A [`Docket`] holds a store (embedded SQLite by default, PostgreSQL for many
+//! machines), a job registry and an injected clock. Workers claim due runs
+//! under leases, run their handlers with a timeout, and record every outcome —
+//! and every retry decision of the one central policy — in the same
+//! transaction as the state change.
+//!
+//! ```
+//! use docket::{Docket, Job, JobError, WorkerConfig};
+//! use std::time::Duration;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), docket::Error> {
+//! let docket = Docket::open("sqlite::memory:").await?;
+//! docket.register(Job::new("greet", |_ctx, name: String| async move {
+//!     Ok::<_, JobError>(format!("hello, {name}"))
+//! }))?;
+//! let run = docket.trigger("greet", serde_json::json!("Ada")).await?.run;
+//! let worker = docket.worker(WorkerConfig::default()).start();
+//! let done = docket.wait(run.id, Duration::from_secs(5)).await?;
+//! assert_eq!(done.output, Some(serde_json::json!("hello, Ada")));
+//! worker.shutdown(Duration::from_secs(1)).await;
+//! # Ok(()) }
+//! ```
+
+mod ctx;
+mod error;
+mod job;
+mod worker;
+
+pub use ctx::Ctx;
+pub use docket_core::{
+    Clock, ErrorClass, ManualClock, RetryPolicy, RunId, RunStatus, SystemClock, TerminalReason,
+    Timestamp,
+};
+pub use docket_store::{
+    AttemptRecord, EventFilter, EventRecord, Run, RunFilter, StatusCount, Triggered, DEFAULT_TENANT,
+};
+pub use error::{Error, JobError, Result};
+pub use job::Job;
+pub use worker::{Worker, WorkerConfig, WorkerHandle};
+
+use docket_store::{DynStore, NewRun};
+use serde_json::Value;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+use tokio::sync::{broadcast, Notify};
+
+/// Default limit on a run's serialized input: 1 MiB.
+pub const DEFAULT_MAX_INPUT_BYTES: usize = 1024 * 1024;
+
+/// The engine: store, job registry, clock and in-process wake-ups.
+/// Cloning is cheap and shares everything.
+#[derive(Clone)]
+pub struct Docket {
+    inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    pub(crate) store: DynStore,
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) jobs: RwLock<HashMap<String, Arc<Job>>>,
+    /// One Notify per running worker: a trigger wakes every idle worker at
+    /// once instead of at its next poll.
+    pub(crate) wakers: Mutex<Vec<Arc<Notify>>>,
+    /// Run changes made by this process (for `wait`).
+    pub(crate) changes: broadcast::Sender<RunId>,
+    pub(crate) max_input_bytes: AtomicUsize,
+}
+
+/// Options of one trigger.
+#[derive(Clone, Debug, Default)]
+pub struct TriggerOptions {
+    /// A trigger with a key already used for this tenant's job returns the
+    /// existing run instead of creating one.
+    pub idempotency_key: Option<String>,
+    /// Not before this instant.
+    pub run_after: Option<Timestamp>,
+    /// Higher runs first (default 0).
+    pub priority: i32,
+    /// Carried into the context and every event.
+    pub correlation_id: Option<String>,
+    /// The tenant (default `default`).
+    pub tenant: Option<String>,
+    /// Who triggered it (stored on the `run_triggered` event).
+    pub actor: Option<String>,
+}
+
+/// A run with its whole history.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct History {
+    /// The run.
+    pub run: Run,
+    /// Its attempts, by number.
+    pub attempts: Vec<AttemptRecord>,
+    /// Its events, in order.
+    pub events: Vec<EventRecord>,
+}
+
+impl Docket {
+    /// Opens a store by URL (`sqlite://PATH`, `sqlite::memory:`,
+    /// `postgres://…`) with the system clock.
+    pub async fn open(url: &str) -> Result<Docket> {
+        let store = docket_store::open(url).await?;
+        Ok(Self::with_store(store, Arc::new(SystemClock)))
+    }
+
+    /// An engine over an existing store and clock (tests inject a
+    /// [`ManualClock`]).
+    pub fn with_store(store: DynStore, clock: Arc<dyn Clock>) -> Docket {
+        let (changes, _) = broadcast::channel(1024);
+        Docket {
+            inner: Arc::new(Inner {
+                store,
+                clock,
+                jobs: RwLock::new(HashMap::new()),
+                wakers: Mutex::new(Vec::new()),
+                changes,
+                max_input_bytes: AtomicUsize::new(DEFAULT_MAX_INPUT_BYTES),
+            }),
+        }
+    }
+
+    /// Changes the input size limit (default [`DEFAULT_MAX_INPUT_BYTES`]).
+    pub fn set_max_input_bytes(&self, limit: usize) {
+        self.inner.max_input_bytes.store(limit, Ordering::Relaxed);
+    }
+
+    /// The store.
+    pub fn store(&self) -> &DynStore {
+        &self.inner.store
+    }
+
+    /// The clock.
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.inner.clock
+    }
+
+    /// Registers a job. Refused (with the rule named) when its timeout is not
+    /// shorter than its lease or its policy is inconsistent.
+    pub fn register(&self, job: Job) -> Result<()> {
+        job.check().map_err(|problem| Error::InvalidJob {
+            job: job.name.clone(),
+            problem,
+        })?;
+        self.inner
+            .jobs
+            .write()
+            .expect("jobs lock")
+            .insert(job.name.clone(), Arc::new(job));
+        Ok(())
+    }
+
+    /// The registered job names, sorted.
+    pub fn job_names(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .inner
+            .jobs
+            .read()
+            .expect("jobs lock")
+            .keys()
+            .cloned()
+            .collect();
+        v.sort();
+        v
+    }
+
+    pub(crate) fn job(&self, name: &str) -> Option<Arc<Job>> {
+        self.inner
+            .jobs
+            .read()
+            .expect("jobs lock")
+            .get(name)
+            .cloned()
+    }
+
+    /// Triggers a run of `job` with `input`, due now.
+    pub async fn trigger(&self, job: &str, input: Value) -> Result<Triggered> {
+        self.trigger_with(job, input, TriggerOptions::default())
+            .await
+    }
+
+    /// Triggers a run with options. With an idempotency key already used,
+    /// the existing run is returned and `existing` is true.
+    pub async fn trigger_with(
+        &self,
+        job: &str,
+        input: Value,
+        opts: TriggerOptions,
+    ) -> Result<Triggered> {
+        let mut out = self
+            .trigger_batch(vec![(job.to_string(), input, opts)])
+            .await?;
+        Ok(out.remove(0))
+    }
+
+    /// Triggers many runs in ONE transaction: all are created or none.
+    pub async fn trigger_batch(
+        &self,
+        runs: Vec<(String, Value, TriggerOptions)>,
+    ) -> Result<Vec<Triggered>> {
+        let mut new = Vec::with_capacity(runs.len());
+        for (job, input, o) in runs {
+            self.check_trigger(&job, &input)?;
+            let mut n = NewRun::new(job, input);
+            n.idempotency_key = o.idempotency_key;
+            n.run_after = o.run_after;
+            n.priority = o.priority;
+            n.correlation_id = o.correlation_id;
+            n.actor = o.actor;
+            if let Some(t) = o.tenant {
+                n.tenant = t;
+            }
+            new.push(n);
+        }
+        let out = self
+            .inner
+            .store
+            .trigger(new, self.inner.clock.now())
+            .await?;
+        self.wake_workers();
+        Ok(out)
+    }
+
+    pub(crate) fn check_trigger(&self, job: &str, input: &Value) -> Result<()> {
+        if self.job(job).is_none() {
+            return Err(Error::UnknownJob(job.to_string()));
+        }
+        let size = serde_json::to_vec(input)
+            .map(|v| v.len())
+            .unwrap_or(usize::MAX);
+        let limit = self.inner.max_input_bytes.load(Ordering::Relaxed);
+        if size > limit {
+            return Err(Error::ContentTooLarge {
+                job: job.to_string(),
+                size,
+                limit,
+            });
+        }
+        Ok(())
+    }
+
+    pub(crate) fn wake_workers(&self) {
+        for w in self.inner.wakers.lock().expect("wakers lock").iter() {
+            w.notify_one();
+        }
+    }
+
+    /// One run.
+    pub async fn get_run(&self, id: RunId) -> Result<Run> {
+        self.inner
+            .store
+            .get_run(id)
+            .await?
+            .ok_or(Error::RunNotFound(id))
+    }
+
+    /// Runs matching a filter, newest first.
+    pub async fn list_runs(&self, filter: RunFilter) -> Result<Vec<Run>> {
+        Ok(self.inner.store.list_runs(filter).await?)
+    }
+
+    /// The run with its attempts and events.
+    pub async fn history(&self, id: RunId) -> Result<History> {
+        let run = self.get_run(id).await?;
+        let attempts = self.inner.store.attempts(id).await?;
+        let events = self
+            .inner
+            .store
+            .events(EventFilter {
+                run_id: Some(id),
+                limit: 100_000,
+                ..Default::default()
+            })
+            .await?;
+        Ok(History {
+            run,
+            attempts,
+            events,
+        })
+    }
+
+    /// Waits (wall time, at most `timeout`) until the run is terminal, then
+    /// returns it. Woken at once by changes this process makes; runs finished
+    /// by other processes are seen by polling every 100 ms.
+    pub async fn wait(&self, id: RunId, timeout: Duration) -> Result<Run> {
+        let mut rx = self.inner.changes.subscribe();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let run = self.get_run(id).await?;
+            if run.status.is_terminal() {
+                return Ok(run);
+            }
+            let poll = tokio::time::sleep(Duration::from_millis(100));
+            tokio::select! {
+                _ = tokio::time::sleep_until(deadline) => {
+                    let run = self.get_run(id).await?;
+                    return if run.status.is_terminal() { Ok(run) } else { Err(Error::WaitTimedOut(Box::new(run))) };
+                }
+                _ = poll => {}
+                changed = wait_for(&mut rx, id) => { let _ = changed; }
+            }
+        }
+    }
+
+    /// A worker for the registered jobs.
+    pub fn worker(&self, config: WorkerConfig) -> Worker {
+        Worker::new(self.clone(), config)
+    }
+}
+
+async fn wait_for(rx: &mut broadcast::Receiver<RunId>, id: RunId) {
+    loop {
+        match rx.recv().await {
+            Ok(changed) if changed == id => return,
+            Ok(_) => {}
+            // Missed some: re-read the run to be safe.
+            Err(broadcast::error::RecvError::Lagged(_)) => return,
+            Err(broadcast::error::RecvError::Closed) => std::future::pending::<()>().await,
+        }
+    }
+}

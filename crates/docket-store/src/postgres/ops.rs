@@ -1,0 +1,977 @@
+//! The SQL of each store operation, mirroring `sqlite/ops.rs` statement for
+//! statement where the semantics allow, and set-based where PostgreSQL makes
+//! that cheaper (claim, trigger, heartbeat). All queries are runtime
+//! `sqlx::query` calls with bound parameters.
+
+use crate::{
+    AttemptEnd, AttemptRecord, ClaimRequest, EventFilter, EventRecord, LeaseRef, LeaseState,
+    NewRun, Outcome, Result, Run, RunFilter, StatusCount, StoreError, Triggered,
+};
+use docket_core::{ErrorClass, LeaseId, RunId, RunStatus, Timestamp, Transition};
+use serde_json::{json, Value};
+use sqlx::postgres::{PgConnection, PgExecutor, PgRow, Postgres};
+use sqlx::{Acquire, QueryBuilder, Row};
+use std::collections::HashMap;
+use uuid::Uuid;
+
+use super::db;
+
+/// Every column of `runs`, in the order of [`Run`]'s fields. Decoded by name
+/// in [`run_from_row`], so `RETURNING r.*` works as well.
+pub(super) const RUN_COLS: &str = "id, tenant, job, status, priority, input, variables, output, attempt, \
+    attempts_forgiven, run_after, lease_id, lease_expires_at, worker, idempotency_key, correlation_id, \
+    created_at, updated_at, finished_at, terminal_reason, last_error_class, last_error_message, \
+    cancel_requested, retriggered_from, input_request";
+
+/// Lease ids generated in Rust per claim (UUIDv7, like SQLite's); a claim of
+/// more runs than this takes `gen_random_uuid()` for the rest.
+const CLAIM_LEASE_IDS: usize = 4096;
+
+fn sql_limit(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+fn get<'r, T>(r: &'r PgRow, col: &str) -> Result<T>
+where
+    T: sqlx::Decode<'r, Postgres> + sqlx::Type<Postgres>,
+{
+    r.try_get(col).map_err(db)
+}
+
+fn parse<T: std::str::FromStr>(what: &str, s: String) -> Result<T>
+where
+    T::Err: std::fmt::Display,
+{
+    s.parse::<T>()
+        .map_err(|e| StoreError::Corrupt(format!("bad {what} `{s}`: {e}")))
+}
+
+fn parse_opt<T: std::str::FromStr>(what: &str, s: Option<String>) -> Result<Option<T>>
+where
+    T::Err: std::fmt::Display,
+{
+    s.map(|s| parse(what, s)).transpose()
+}
+
+fn count(what: &str, v: i32) -> Result<u32> {
+    u32::try_from(v).map_err(|_| StoreError::Corrupt(format!("negative {what}: {v}")))
+}
+
+/// Decodes a row holding (at least) [`RUN_COLS`].
+pub(super) fn run_from_row(r: &PgRow) -> Result<Run> {
+    Ok(Run {
+        id: RunId(get(r, "id")?),
+        tenant: get(r, "tenant")?,
+        job: get(r, "job")?,
+        status: parse("status", get(r, "status")?)?,
+        priority: get(r, "priority")?,
+        input: get(r, "input")?,
+        variables: get(r, "variables")?,
+        output: get(r, "output")?,
+        attempt: count("attempt", get(r, "attempt")?)?,
+        attempts_forgiven: count("attempts_forgiven", get(r, "attempts_forgiven")?)?,
+        run_after: Timestamp(get(r, "run_after")?),
+        lease_id: get::<Option<Uuid>>(r, "lease_id")?.map(LeaseId),
+        lease_expires_at: get::<Option<i64>>(r, "lease_expires_at")?.map(Timestamp),
+        worker: get(r, "worker")?,
+        idempotency_key: get(r, "idempotency_key")?,
+        correlation_id: get(r, "correlation_id")?,
+        created_at: Timestamp(get(r, "created_at")?),
+        updated_at: Timestamp(get(r, "updated_at")?),
+        finished_at: get::<Option<i64>>(r, "finished_at")?.map(Timestamp),
+        terminal_reason: parse_opt("terminal reason", get(r, "terminal_reason")?)?,
+        last_error_class: parse_opt("error class", get(r, "last_error_class")?)?,
+        last_error_message: get(r, "last_error_message")?,
+        cancel_requested: get(r, "cancel_requested")?,
+        retriggered_from: get::<Option<Uuid>>(r, "retriggered_from")?.map(RunId),
+        input_request: get(r, "input_request")?,
+    })
+}
+
+fn runs_from_rows(rows: Vec<PgRow>) -> Result<Vec<Run>> {
+    rows.iter().map(run_from_row).collect()
+}
+
+/// One event to append.
+pub(super) struct NewEvent<'a> {
+    pub run_id: RunId,
+    pub tenant: &'a str,
+    pub job: &'a str,
+    pub kind: &'a str,
+    pub at: Timestamp,
+    pub attempt: Option<u32>,
+    pub lease_id: Option<LeaseId>,
+    pub actor: Option<&'a str>,
+    pub comment: Option<&'a str>,
+    pub data: Value,
+}
+
+impl<'a> NewEvent<'a> {
+    /// An event of `run` with no attempt, lease, actor or comment.
+    pub fn of(run: &'a Run, kind: &'a str, at: Timestamp, data: Value) -> Self {
+        NewEvent {
+            run_id: run.id,
+            tenant: &run.tenant,
+            job: &run.job,
+            kind,
+            at,
+            attempt: None,
+            lease_id: None,
+            actor: None,
+            comment: None,
+            data,
+        }
+    }
+}
+
+/// Appends one event (in the caller's transaction).
+pub(super) async fn insert_event(c: &mut PgConnection, e: NewEvent<'_>) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO events (run_id, tenant, job, kind, at, attempt, lease_id, actor, comment, data)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+    )
+    .bind(e.run_id.0)
+    .bind(e.tenant)
+    .bind(e.job)
+    .bind(e.kind)
+    .bind(e.at.0)
+    .bind(e.attempt.map(i64::from))
+    .bind(e.lease_id.map(|l| l.0))
+    .bind(e.actor)
+    .bind(e.comment)
+    .bind(&e.data)
+    .execute(c)
+    .await
+    .map_err(db)?;
+    Ok(())
+}
+
+pub(super) async fn get_run<'e>(ex: impl PgExecutor<'e>, id: RunId) -> Result<Option<Run>> {
+    let row = sqlx::query(&format!("SELECT {RUN_COLS} FROM runs WHERE id = $1"))
+        .bind(id.0)
+        .fetch_optional(ex)
+        .await
+        .map_err(db)?;
+    row.as_ref().map(run_from_row).transpose()
+}
+
+/// Inserts the batch in one statement (`ON CONFLICT DO NOTHING` on the
+/// idempotency index, events for the inserted rows only), then reads the
+/// runs whose keys were taken. The second statement runs with a fresh
+/// snapshot, so it sees a conflicting run committed concurrently (the insert
+/// waited for that transaction to end).
+pub(super) async fn trigger(
+    c: &mut PgConnection,
+    runs: Vec<NewRun>,
+    now: Timestamp,
+) -> Result<Vec<Triggered>> {
+    if runs.is_empty() {
+        return Ok(Vec::new());
+    }
+    let n = runs.len();
+    let mut ids = Vec::with_capacity(n);
+    let mut tenants = Vec::with_capacity(n);
+    let mut jobs = Vec::with_capacity(n);
+    let mut priorities = Vec::with_capacity(n);
+    let mut inputs = Vec::with_capacity(n);
+    let mut run_afters = Vec::with_capacity(n);
+    let mut keys = Vec::with_capacity(n);
+    let mut correlations = Vec::with_capacity(n);
+    let mut from = Vec::with_capacity(n);
+    let mut actors = Vec::with_capacity(n);
+    let mut datas = Vec::with_capacity(n);
+    for r in &runs {
+        let run_after = r.run_after.unwrap_or(now);
+        let mut data = json!({ "priority": r.priority, "run_after": run_after });
+        if let Some(f) = r.retriggered_from {
+            data["retriggered_from"] = json!(f);
+        }
+        ids.push(r.id.0);
+        tenants.push(r.tenant.as_str());
+        jobs.push(r.job.as_str());
+        priorities.push(r.priority);
+        inputs.push(&r.input);
+        run_afters.push(run_after.0);
+        keys.push(r.idempotency_key.as_deref());
+        correlations.push(r.correlation_id.as_deref());
+        from.push(r.retriggered_from.map(|f| f.0));
+        actors.push(r.actor.as_deref());
+        datas.push(data);
+    }
+    let rows = sqlx::query(&format!(
+        "WITH input AS (
+            SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::int4[], $5::jsonb[],
+                                 $6::int8[], $7::text[], $8::text[], $9::uuid[], $10::text[], $11::jsonb[])
+                WITH ORDINALITY AS t(id, tenant, job, priority, input, run_after, idempotency_key,
+                                     correlation_id, retriggered_from, actor, data, ord)
+         ),
+         ins AS (
+            INSERT INTO runs (id, tenant, job, status, priority, input, variables, run_after,
+                              idempotency_key, correlation_id, created_at, updated_at, retriggered_from)
+            SELECT id, tenant, job, 'pending', priority, input, '{{}}', run_after, idempotency_key,
+                   correlation_id, $12, $12, retriggered_from
+            FROM input ORDER BY ord
+            ON CONFLICT (tenant, job, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+            RETURNING {RUN_COLS}
+         ),
+         ev AS (
+            INSERT INTO events (run_id, tenant, job, kind, at, actor, data)
+            SELECT ins.id, ins.tenant, ins.job, 'run_triggered', $12, i.actor, i.data
+            FROM ins JOIN (SELECT DISTINCT ON (id) id, actor, data, ord FROM input ORDER BY id, ord) i
+                ON i.id = ins.id
+            ORDER BY i.ord
+         )
+         SELECT {RUN_COLS} FROM ins"
+    ))
+    .bind(&ids)
+    .bind(&tenants)
+    .bind(&jobs)
+    .bind(&priorities)
+    .bind(&inputs)
+    .bind(&run_afters)
+    .bind(&keys)
+    .bind(&correlations)
+    .bind(&from)
+    .bind(&actors)
+    .bind(&datas)
+    .bind(now.0)
+    .fetch_all(&mut *c)
+    .await
+    .map_err(db)?;
+    let mut inserted: HashMap<RunId, Run> = HashMap::with_capacity(rows.len());
+    for row in &rows {
+        let run = run_from_row(row)?;
+        inserted.insert(run.id, run);
+    }
+    // The rest hit an idempotency key already used (by an earlier run, or
+    // by an earlier entry of this batch).
+    let mut taken: HashMap<(&str, &str, &str), Option<Run>> = HashMap::new();
+    let mut slots: Vec<Option<Run>> = Vec::with_capacity(n);
+    for r in &runs {
+        let run = inserted.remove(&r.id);
+        if run.is_none() {
+            let key = r.idempotency_key.as_deref().ok_or_else(|| {
+                StoreError::Database(format!("run {} was not inserted", r.id))
+            })?;
+            taken.insert((&r.tenant, &r.job, key), None);
+        }
+        slots.push(run);
+    }
+    if !taken.is_empty() {
+        let (t, j, k): (Vec<&str>, Vec<&str>, Vec<&str>) = {
+            let mut t = Vec::new();
+            let mut j = Vec::new();
+            let mut k = Vec::new();
+            for (tenant, job, key) in taken.keys() {
+                t.push(*tenant);
+                j.push(*job);
+                k.push(*key);
+            }
+            (t, j, k)
+        };
+        let rows = sqlx::query(&format!(
+            "SELECT {RUN_COLS} FROM runs
+             WHERE (tenant, job, idempotency_key) IN
+                 (SELECT * FROM unnest($1::text[], $2::text[], $3::text[]))"
+        ))
+        .bind(&t)
+        .bind(&j)
+        .bind(&k)
+        .fetch_all(&mut *c)
+        .await
+        .map_err(db)?;
+        for row in &rows {
+            let run = run_from_row(row)?;
+            if let Some(key) = run.idempotency_key.as_deref() {
+                if let Some(slot) = taken.get_mut(&(run.tenant.as_str(), run.job.as_str(), key)) {
+                    *slot = Some(run.clone());
+                }
+            }
+        }
+    }
+    runs.iter()
+        .zip(slots)
+        .map(|(r, slot)| match slot {
+            Some(run) => Ok(Triggered {
+                run,
+                existing: false,
+            }),
+            None => {
+                let key = (
+                    r.tenant.as_str(),
+                    r.job.as_str(),
+                    r.idempotency_key.as_deref().unwrap_or_default(),
+                );
+                match taken.get(&key).cloned().flatten() {
+                    Some(run) => Ok(Triggered {
+                        run,
+                        existing: true,
+                    }),
+                    None => Err(StoreError::Database(format!(
+                        "run with idempotency key `{}` vanished during trigger; retry",
+                        key.2
+                    ))),
+                }
+            }
+        })
+        .collect()
+}
+
+/// One statement: pick due runs with `FOR UPDATE SKIP LOCKED`, lease them,
+/// and write their attempt rows and `attempt_started` events; returns them in
+/// claim order.
+pub(super) async fn claim<'e>(ex: impl PgExecutor<'e>, req: &ClaimRequest) -> Result<Vec<Run>> {
+    if req.jobs.is_empty() || req.limit == 0 {
+        return Ok(Vec::new());
+    }
+    let leases: Vec<Uuid> = (0..req.limit.min(CLAIM_LEASE_IDS))
+        .map(|_| LeaseId::new().0)
+        .collect();
+    let expires = req.now.plus_millis(req.lease_ms);
+    let data = json!({ "worker": req.worker, "lease_expires_at": expires });
+    let rows = sqlx::query(&format!(
+        "WITH picked AS (
+            SELECT id, priority, run_after FROM runs
+            WHERE status IN ('pending', 'postponed') AND run_after <= $1 AND job = ANY($2)
+            ORDER BY priority DESC, run_after, id
+            LIMIT $3
+            FOR UPDATE SKIP LOCKED
+         ),
+         numbered AS (
+            SELECT id, row_number() OVER (ORDER BY priority DESC, run_after, id) AS n FROM picked
+         ),
+         updated AS (
+            UPDATE runs r SET status = 'running', attempt = r.attempt + 1,
+                lease_id = COALESCE(($4::uuid[])[p.n::int], gen_random_uuid()),
+                lease_expires_at = $5, worker = $6, updated_at = $1
+            FROM numbered p WHERE r.id = p.id
+            RETURNING r.*
+         ),
+         att AS (
+            INSERT INTO attempts (run_id, attempt, lease_id, worker, started_at, outcome)
+            SELECT id, attempt, lease_id, $6, $1, 'running' FROM updated
+         ),
+         ev AS (
+            INSERT INTO events (run_id, tenant, job, kind, at, attempt, lease_id, data)
+            SELECT id, tenant, job, 'attempt_started', $1, attempt, lease_id, $7
+            FROM updated ORDER BY priority DESC, run_after, id
+         )
+         SELECT {RUN_COLS} FROM updated ORDER BY priority DESC, run_after, id"
+    ))
+    .bind(req.now.0)
+    .bind(&req.jobs)
+    .bind(sql_limit(req.limit))
+    .bind(&leases)
+    .bind(expires.0)
+    .bind(&req.worker)
+    .bind(&data)
+    .fetch_all(ex)
+    .await
+    .map_err(db)?;
+    runs_from_rows(rows)
+}
+
+/// Ends each attempt under its own savepoint. Ends are applied in run id
+/// order (stable), so two concurrent batches lock rows in the same order
+/// and cannot deadlock; answers come back in the caller's order.
+pub(super) async fn finish(
+    c: &mut PgConnection,
+    ends: Vec<AttemptEnd>,
+) -> Result<Vec<Result<RunStatus>>> {
+    let mut order: Vec<usize> = (0..ends.len()).collect();
+    order.sort_by_key(|&i| ends[i].run_id);
+    let mut ends: Vec<Option<AttemptEnd>> = ends.into_iter().map(Some).collect();
+    let mut out: Vec<Option<Result<RunStatus>>> = ends.iter().map(|_| None).collect();
+    for i in order {
+        let Some(end) = ends[i].take() else { continue };
+        let mut sp = c.begin().await.map_err(db)?;
+        // Outer error: roll this end back. Inner error: a stale lease, whose
+        // `stale_write_refused` event must commit although the caller fails.
+        let res = match finish_inner(&mut sp, end).await {
+            Ok(res) => {
+                sp.commit().await.map_err(db)?;
+                res
+            }
+            Err(e) => {
+                sp.rollback().await.map_err(db)?;
+                Err(e)
+            }
+        };
+        out[i] = Some(res);
+    }
+    Ok(out.into_iter().flatten().collect())
+}
+
+async fn exec(
+    c: &mut PgConnection,
+    q: sqlx::query::Query<'_, Postgres, sqlx::postgres::PgArguments>,
+) -> Result<()> {
+    q.execute(c).await.map_err(db)?;
+    Ok(())
+}
+
+async fn finish_inner(c: &mut PgConnection, end: AttemptEnd) -> Result<Result<RunStatus>> {
+    let row = sqlx::query(&format!(
+        "SELECT {RUN_COLS} FROM runs WHERE id = $1 FOR UPDATE"
+    ))
+    .bind(end.run_id.0)
+    .fetch_optional(&mut *c)
+    .await
+    .map_err(db)?;
+    let run = match row {
+        Some(row) => run_from_row(&row)?,
+        None => return Err(StoreError::NotFound(end.run_id)),
+    };
+    let now = end.now;
+    if run.status != RunStatus::Running || run.lease_id != Some(end.lease_id) {
+        insert_event(
+            c,
+            NewEvent {
+                lease_id: Some(end.lease_id),
+                ..NewEvent::of(
+                    &run,
+                    "stale_write_refused",
+                    now,
+                    json!({
+                        "attempted": end.outcome.name(),
+                        "current_status": run.status,
+                        "current_lease_id": run.lease_id,
+                        "current_attempt": run.attempt,
+                    }),
+                )
+            },
+        )
+        .await?;
+        return Ok(Err(StoreError::StaleLease {
+            run_id: run.id,
+            lease_id: end.lease_id,
+            status: run.status,
+        }));
+    }
+    let attempt = run.attempt;
+    let ev = |kind: &'static str, data: Value| NewEvent {
+        attempt: Some(attempt),
+        lease_id: Some(end.lease_id),
+        ..NewEvent::of(&run, kind, now, data)
+    };
+    let transition = match &end.outcome {
+        Outcome::Completed { .. } => Transition::Complete,
+        Outcome::Retry { .. } => Transition::ScheduleRetry,
+        Outcome::Failed { .. } => Transition::Fail,
+        Outcome::Postponed { .. } => Transition::Postpone,
+        Outcome::NeedsInput { .. } => Transition::RequestInput,
+        Outcome::Cancelled => Transition::Cancel,
+        Outcome::Released => Transition::Release,
+    };
+    let to = run
+        .status
+        .apply(transition)
+        .map_err(|e| StoreError::WrongState {
+            run_id: run.id,
+            current: run.status,
+            message: e.to_string(),
+        })?;
+    let id = run.id.0;
+    let att = i64::from(attempt);
+    const CLEAR_LEASE: &str = "lease_id = NULL, lease_expires_at = NULL, worker = NULL";
+    match &end.outcome {
+        Outcome::Completed { output } => {
+            exec(
+                c,
+                sqlx::query(&format!(
+                    "UPDATE runs SET status = 'completed', output = $2, {CLEAR_LEASE}, updated_at = $3,
+                        finished_at = $3, cancel_requested = false WHERE id = $1"
+                ))
+                .bind(id)
+                .bind(output)
+                .bind(now.0),
+            )
+            .await?;
+            exec(
+                c,
+                sqlx::query(
+                    "UPDATE attempts SET finished_at = $3, outcome = 'completed'
+                     WHERE run_id = $1 AND attempt = $2",
+                )
+                .bind(id)
+                .bind(att)
+                .bind(now.0),
+            )
+            .await?;
+            insert_event(c, ev("run_completed", json!({}))).await?;
+        }
+        Outcome::Retry { error, retry } => {
+            exec(
+                c,
+                sqlx::query(&format!(
+                    "UPDATE runs SET status = 'pending', run_after = $2, {CLEAR_LEASE}, updated_at = $3,
+                        last_error_class = $4, last_error_message = $5 WHERE id = $1"
+                ))
+                .bind(id)
+                .bind(retry.eligible_at.0)
+                .bind(now.0)
+                .bind(error.class.as_str())
+                .bind(&error.message),
+            )
+            .await?;
+            let outcome = if error.class == ErrorClass::LeaseExpired {
+                "lease_expired"
+            } else {
+                "failed"
+            };
+            exec(
+                c,
+                sqlx::query(
+                    "UPDATE attempts SET finished_at = $3, outcome = $4, error_class = $5,
+                        error_message = $6, fingerprint = $7, failure_key = $8, action = $9,
+                        retry_policy = $10, delay_ms = $11, eligible_at = $12, retry_reason = $13
+                     WHERE run_id = $1 AND attempt = $2",
+                )
+                .bind(id)
+                .bind(att)
+                .bind(now.0)
+                .bind(outcome)
+                .bind(error.class.as_str())
+                .bind(&error.message)
+                .bind(&error.fingerprint)
+                .bind(&error.failure_key)
+                .bind(&error.action)
+                .bind(&retry.policy)
+                .bind(retry.delay_ms)
+                .bind(retry.eligible_at.0)
+                .bind(&retry.reason),
+            )
+            .await?;
+            if error.class == ErrorClass::LeaseExpired {
+                insert_event(
+                    c,
+                    ev(
+                        "lease_expired",
+                        json!({ "lease_expires_at": run.lease_expires_at }),
+                    ),
+                )
+                .await?;
+            }
+            insert_event(
+                c,
+                ev(
+                    "attempt_failed",
+                    json!({ "error_class": error.class, "message": error.message, "fingerprint": error.fingerprint, "action": error.action }),
+                ),
+            )
+            .await?;
+            insert_event(
+                c,
+                ev(
+                    "retry_scheduled",
+                    json!({ "retry_policy": retry.policy, "delay_ms": retry.delay_ms, "eligible_at": retry.eligible_at, "reason": retry.reason, "next_attempt": attempt + 1 }),
+                ),
+            )
+            .await?;
+        }
+        Outcome::Failed {
+            error,
+            reason,
+            detail,
+        } => {
+            let (class, msg) = match error {
+                Some(e) => (Some(e.class.as_str()), Some(e.message.clone())),
+                None => (None, Some(detail.clone())),
+            };
+            exec(
+                c,
+                sqlx::query(&format!(
+                    "UPDATE runs SET status = 'failed', {CLEAR_LEASE}, updated_at = $2, finished_at = $2,
+                        terminal_reason = $3, last_error_class = COALESCE($4, last_error_class),
+                        last_error_message = $5, cancel_requested = false WHERE id = $1"
+                ))
+                .bind(id)
+                .bind(now.0)
+                .bind(reason.as_str())
+                .bind(class)
+                .bind(&msg),
+            )
+            .await?;
+            let outcome = match error {
+                Some(e) if e.class == ErrorClass::LeaseExpired => "lease_expired",
+                Some(_) => "failed",
+                None => "unresolved",
+            };
+            exec(
+                c,
+                sqlx::query(
+                    "UPDATE attempts SET finished_at = $3, outcome = $4, error_class = $5,
+                        error_message = $6, fingerprint = $7, failure_key = $8, action = $9
+                     WHERE run_id = $1 AND attempt = $2",
+                )
+                .bind(id)
+                .bind(att)
+                .bind(now.0)
+                .bind(outcome)
+                .bind(class)
+                .bind(&msg)
+                .bind(error.as_ref().map(|e| e.fingerprint.as_str()))
+                .bind(error.as_ref().map(|e| e.failure_key.as_str()))
+                .bind(error.as_ref().and_then(|e| e.action.as_deref())),
+            )
+            .await?;
+            if let Some(e) = error {
+                if e.class == ErrorClass::LeaseExpired {
+                    insert_event(
+                        c,
+                        ev(
+                            "lease_expired",
+                            json!({ "lease_expires_at": run.lease_expires_at }),
+                        ),
+                    )
+                    .await?;
+                }
+                insert_event(
+                    c,
+                    ev(
+                        "attempt_failed",
+                        json!({ "error_class": e.class, "message": e.message, "fingerprint": e.fingerprint, "action": e.action }),
+                    ),
+                )
+                .await?;
+            }
+            insert_event(
+                c,
+                ev(
+                    "run_failed",
+                    json!({ "reason": reason, "detail": detail, "advice": reason.advice() }),
+                ),
+            )
+            .await?;
+        }
+        Outcome::Postponed { until } => {
+            exec(
+                c,
+                sqlx::query(&format!(
+                    "UPDATE runs SET status = 'postponed', run_after = $2, {CLEAR_LEASE}, updated_at = $3,
+                        attempts_forgiven = attempts_forgiven + 1 WHERE id = $1"
+                ))
+                .bind(id)
+                .bind(until.0)
+                .bind(now.0),
+            )
+            .await?;
+            exec(
+                c,
+                sqlx::query(
+                    "UPDATE attempts SET finished_at = $3, outcome = 'postponed', eligible_at = $4
+                     WHERE run_id = $1 AND attempt = $2",
+                )
+                .bind(id)
+                .bind(att)
+                .bind(now.0)
+                .bind(until.0),
+            )
+            .await?;
+            insert_event(
+                c,
+                ev("run_postponed", json!({ "until": until, "by": "handler" })),
+            )
+            .await?;
+        }
+        Outcome::NeedsInput { name, request } => {
+            let req = json!({ "name": name, "request": request });
+            exec(
+                c,
+                sqlx::query(&format!(
+                    "UPDATE runs SET status = 'needs_input', input_request = $2, {CLEAR_LEASE},
+                        updated_at = $3, attempts_forgiven = attempts_forgiven + 1 WHERE id = $1"
+                ))
+                .bind(id)
+                .bind(&req)
+                .bind(now.0),
+            )
+            .await?;
+            exec(
+                c,
+                sqlx::query(
+                    "UPDATE attempts SET finished_at = $3, outcome = 'needs_input'
+                     WHERE run_id = $1 AND attempt = $2",
+                )
+                .bind(id)
+                .bind(att)
+                .bind(now.0),
+            )
+            .await?;
+            insert_event(c, ev("input_requested", req)).await?;
+        }
+        Outcome::Cancelled => {
+            exec(
+                c,
+                sqlx::query(&format!(
+                    "UPDATE runs SET status = 'cancelled', {CLEAR_LEASE}, updated_at = $2,
+                        finished_at = $2 WHERE id = $1"
+                ))
+                .bind(id)
+                .bind(now.0),
+            )
+            .await?;
+            exec(
+                c,
+                sqlx::query(
+                    "UPDATE attempts SET finished_at = $3, outcome = 'cancelled'
+                     WHERE run_id = $1 AND attempt = $2",
+                )
+                .bind(id)
+                .bind(att)
+                .bind(now.0),
+            )
+            .await?;
+            insert_event(
+                c,
+                ev("run_cancelled", json!({ "at_step_boundary": true })),
+            )
+            .await?;
+        }
+        Outcome::Released => {
+            exec(
+                c,
+                sqlx::query(&format!(
+                    "UPDATE runs SET status = 'pending', run_after = $2, {CLEAR_LEASE}, updated_at = $2,
+                        attempts_forgiven = attempts_forgiven + 1 WHERE id = $1"
+                ))
+                .bind(id)
+                .bind(now.0),
+            )
+            .await?;
+            exec(
+                c,
+                sqlx::query(
+                    "UPDATE attempts SET finished_at = $3, outcome = 'released'
+                     WHERE run_id = $1 AND attempt = $2",
+                )
+                .bind(id)
+                .bind(att)
+                .bind(now.0),
+            )
+            .await?;
+            insert_event(
+                c,
+                ev("attempt_released", json!({ "reason": "worker shutdown" })),
+            )
+            .await?;
+        }
+    }
+    Ok(Ok(to))
+}
+
+/// One statement. Rows are locked in id order (as `finish` does) before
+/// they are updated, so concurrent heartbeats and finishes cannot deadlock.
+pub(super) async fn heartbeat<'e>(
+    ex: impl PgExecutor<'e>,
+    leases: &[LeaseRef],
+    expires_at: Timestamp,
+) -> Result<Vec<LeaseState>> {
+    if leases.is_empty() {
+        return Ok(Vec::new());
+    }
+    let runs: Vec<Uuid> = leases.iter().map(|l| l.run_id.0).collect();
+    let ids: Vec<Uuid> = leases.iter().map(|l| l.lease_id.0).collect();
+    let rows = sqlx::query(
+        "WITH l AS (SELECT * FROM unnest($1::uuid[], $2::uuid[]) AS l(run_id, lease_id)),
+         locked AS (
+            SELECT r.id, r.lease_id FROM runs r JOIN l ON r.id = l.run_id AND r.lease_id = l.lease_id
+            WHERE r.status = 'running'
+            ORDER BY r.id
+            FOR UPDATE OF r
+         )
+         UPDATE runs r SET lease_expires_at = $3 FROM locked
+         WHERE r.id = locked.id AND r.lease_id = locked.lease_id AND r.status = 'running'
+         RETURNING r.id, r.lease_id, r.cancel_requested",
+    )
+    .bind(&runs)
+    .bind(&ids)
+    .bind(expires_at.0)
+    .fetch_all(ex)
+    .await
+    .map_err(db)?;
+    let mut held: HashMap<(Uuid, Uuid), bool> = HashMap::with_capacity(rows.len());
+    for row in &rows {
+        held.insert(
+            (get(row, "id")?, get(row, "lease_id")?),
+            get(row, "cancel_requested")?,
+        );
+    }
+    Ok(leases
+        .iter()
+        .map(|l| match held.get(&(l.run_id.0, l.lease_id.0)) {
+            Some(&cancel) => LeaseState {
+                held: true,
+                cancel_requested: cancel,
+            },
+            None => LeaseState {
+                held: false,
+                cancel_requested: false,
+            },
+        })
+        .collect())
+}
+
+pub(super) async fn expired_leases<'e>(
+    ex: impl PgExecutor<'e>,
+    now: Timestamp,
+    limit: usize,
+) -> Result<Vec<Run>> {
+    let rows = sqlx::query(&format!(
+        "SELECT {RUN_COLS} FROM runs WHERE status = 'running' AND lease_expires_at <= $1
+         ORDER BY lease_expires_at LIMIT $2"
+    ))
+    .bind(now.0)
+    .bind(sql_limit(limit))
+    .fetch_all(ex)
+    .await
+    .map_err(db)?;
+    runs_from_rows(rows)
+}
+
+pub(super) async fn next_due<'e>(
+    ex: impl PgExecutor<'e>,
+    jobs: &[String],
+) -> Result<Option<Timestamp>> {
+    if jobs.is_empty() {
+        return Ok(None);
+    }
+    let v: Option<i64> = sqlx::query_scalar(
+        "SELECT MIN(run_after) FROM runs WHERE status IN ('pending', 'postponed') AND job = ANY($1)",
+    )
+    .bind(jobs)
+    .fetch_one(ex)
+    .await
+    .map_err(db)?;
+    Ok(v.map(Timestamp))
+}
+
+pub(super) async fn list_runs<'e>(ex: impl PgExecutor<'e>, f: &RunFilter) -> Result<Vec<Run>> {
+    let mut q = QueryBuilder::<Postgres>::new(format!("SELECT {RUN_COLS} FROM runs WHERE true"));
+    if let Some(t) = &f.tenant {
+        q.push(" AND tenant = ").push_bind(t.clone());
+    }
+    if let Some(j) = &f.job {
+        q.push(" AND job = ").push_bind(j.clone());
+    }
+    if let Some(t) = f.created_after {
+        q.push(" AND created_at >= ").push_bind(t.0);
+    }
+    if let Some(t) = f.created_before {
+        q.push(" AND created_at < ").push_bind(t.0);
+    }
+    if let Some(id) = f.before_id {
+        q.push(" AND id < ").push_bind(id.0);
+    }
+    if !f.statuses.is_empty() {
+        let st: Vec<&'static str> = f.statuses.iter().map(|s| s.as_str()).collect();
+        q.push(" AND status = ANY(").push_bind(st).push(")");
+    }
+    let limit = if f.limit == 0 { 100 } else { f.limit };
+    q.push(" ORDER BY id DESC LIMIT ").push_bind(sql_limit(limit));
+    let rows = q.build().fetch_all(ex).await.map_err(db)?;
+    runs_from_rows(rows)
+}
+
+pub(super) async fn count_runs<'e>(
+    ex: impl PgExecutor<'e>,
+    tenant: Option<&str>,
+) -> Result<Vec<StatusCount>> {
+    // COLLATE "C": byte order, as SQLite's default BINARY collation.
+    let rows = sqlx::query(
+        "SELECT job, status, COUNT(*) AS n FROM runs WHERE ($1::text IS NULL OR tenant = $1)
+         GROUP BY job, status ORDER BY job COLLATE \"C\", status COLLATE \"C\"",
+    )
+    .bind(tenant)
+    .fetch_all(ex)
+    .await
+    .map_err(db)?;
+    rows.iter()
+        .map(|r| {
+            Ok(StatusCount {
+                job: get(r, "job")?,
+                status: parse("status", get(r, "status")?)?,
+                count: get(r, "n")?,
+            })
+        })
+        .collect()
+}
+
+pub(super) async fn attempts<'e>(
+    ex: impl PgExecutor<'e>,
+    run_id: RunId,
+) -> Result<Vec<AttemptRecord>> {
+    let rows = sqlx::query(
+        "SELECT run_id, attempt, lease_id, worker, started_at, finished_at, outcome, error_class,
+            error_message, fingerprint, failure_key, action, retry_policy, delay_ms, eligible_at, retry_reason
+         FROM attempts WHERE run_id = $1 ORDER BY attempt",
+    )
+    .bind(run_id.0)
+    .fetch_all(ex)
+    .await
+    .map_err(db)?;
+    rows.iter()
+        .map(|r| {
+            Ok(AttemptRecord {
+                run_id: RunId(get(r, "run_id")?),
+                attempt: count("attempt", get(r, "attempt")?)?,
+                lease_id: LeaseId(get(r, "lease_id")?),
+                worker: get(r, "worker")?,
+                started_at: Timestamp(get(r, "started_at")?),
+                finished_at: get::<Option<i64>>(r, "finished_at")?.map(Timestamp),
+                outcome: get(r, "outcome")?,
+                error_class: parse_opt("error class", get(r, "error_class")?)?,
+                error_message: get(r, "error_message")?,
+                fingerprint: get(r, "fingerprint")?,
+                failure_key: get(r, "failure_key")?,
+                action: get(r, "action")?,
+                retry_policy: get(r, "retry_policy")?,
+                delay_ms: get(r, "delay_ms")?,
+                eligible_at: get::<Option<i64>>(r, "eligible_at")?.map(Timestamp),
+                retry_reason: get(r, "retry_reason")?,
+            })
+        })
+        .collect()
+}
+
+pub(super) async fn events<'e>(
+    ex: impl PgExecutor<'e>,
+    f: &EventFilter,
+) -> Result<Vec<EventRecord>> {
+    let mut q = QueryBuilder::<Postgres>::new(
+        "SELECT id, run_id, tenant, job, kind, at, attempt, lease_id, actor, comment, data
+         FROM events WHERE id > ",
+    );
+    q.push_bind(f.after_id.unwrap_or(0));
+    if let Some(r) = f.run_id {
+        q.push(" AND run_id = ").push_bind(r.0);
+    }
+    if let Some(t) = &f.tenant {
+        q.push(" AND tenant = ").push_bind(t.clone());
+    }
+    if let Some(j) = &f.job {
+        q.push(" AND job = ").push_bind(j.clone());
+    }
+    let limit = if f.limit == 0 { 1000 } else { f.limit };
+    q.push(" ORDER BY id LIMIT ").push_bind(sql_limit(limit));
+    let rows = q.build().fetch_all(ex).await.map_err(db)?;
+    rows.iter()
+        .map(|r| {
+            Ok(EventRecord {
+                id: get(r, "id")?,
+                run_id: RunId(get(r, "run_id")?),
+                tenant: get(r, "tenant")?,
+                job: get(r, "job")?,
+                kind: get(r, "kind")?,
+                at: Timestamp(get(r, "at")?),
+                attempt: get::<Option<i32>>(r, "attempt")?
+                    .map(|a| count("attempt", a))
+                    .transpose()?,
+                lease_id: get::<Option<Uuid>>(r, "lease_id")?.map(LeaseId),
+                actor: get(r, "actor")?,
+                comment: get(r, "comment")?,
+                data: get(r, "data")?,
+            })
+        })
+        .collect()
+}

@@ -1,0 +1,119 @@
+//! Errors of the public API and of handlers.
+
+use docket_core::{ErrorClass, RunStatus, Timestamp};
+use docket_store::StoreError;
+use std::fmt;
+
+/// What a handler returns when it fails. The class decides the retry.
+#[derive(Clone, Debug, PartialEq)]
+pub struct JobError {
+    /// The failure's class.
+    pub class: ErrorClass,
+    /// A message for the operator (stored, bounded to 4 KiB).
+    pub message: String,
+    /// A provider's reset time (Retry-After), honoured when later than the
+    /// policy's delay.
+    pub retry_after: Option<Timestamp>,
+    /// The step or action that failed, if known.
+    pub action: Option<String>,
+}
+
+impl JobError {
+    /// A failure of class `class`.
+    pub fn new(class: ErrorClass, message: impl Into<String>) -> Self {
+        JobError {
+            class,
+            message: message.into(),
+            retry_after: None,
+            action: None,
+        }
+    }
+    /// The worker stopped waiting (retryable).
+    pub fn timeout(message: impl Into<String>) -> Self {
+        Self::new(ErrorClass::Timeout, message)
+    }
+    /// A connection failure (retryable).
+    pub fn network(message: impl Into<String>) -> Self {
+        Self::new(ErrorClass::Network, message)
+    }
+    /// A 502/503/504 or overload (retryable).
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::new(ErrorClass::Unavailable, message)
+    }
+    /// Rate limited, with the provider's reset time if known (retryable).
+    pub fn rate_limited(message: impl Into<String>, retry_after: Option<Timestamp>) -> Self {
+        JobError {
+            retry_after,
+            ..Self::new(ErrorClass::RateLimited, message)
+        }
+    }
+    /// Input the job cannot process (terminal).
+    pub fn invalid_input(message: impl Into<String>) -> Self {
+        Self::new(ErrorClass::InvalidInput, message)
+    }
+    /// A failure retrying will not fix (terminal).
+    pub fn permanent(message: impl Into<String>) -> Self {
+        Self::new(ErrorClass::Permanent, message)
+    }
+    /// Names the step or action that failed.
+    pub fn in_action(mut self, action: impl Into<String>) -> Self {
+        self.action = Some(action.into());
+        self
+    }
+}
+
+impl fmt::Display for JobError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.class, self.message)
+    }
+}
+
+impl std::error::Error for JobError {}
+
+/// Errors of the [`Docket`](crate::Docket) API.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A job definition breaks a rule (named in the message).
+    #[error("invalid job `{job}`: {problem}")]
+    InvalidJob {
+        /// The job.
+        job: String,
+        /// What is wrong.
+        problem: String,
+    },
+    /// No job of that name is registered.
+    #[error("unknown job `{0}`: register it before triggering it")]
+    UnknownJob(String),
+    /// The input exceeds the configured limit.
+    #[error("content_too_large: input of job `{job}` is {size} bytes, the limit is {limit} bytes")]
+    ContentTooLarge {
+        /// The job.
+        job: String,
+        /// The input's serialized size.
+        size: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// No run with that id.
+    #[error("run {0} not found")]
+    RunNotFound(docket_core::RunId),
+    /// Waiting for a run ran out of time; the run as last seen.
+    #[error("run {} is still {} after waiting", .0.id, .0.status)]
+    WaitTimedOut(Box<docket_store::Run>),
+    /// An operation the run's state does not allow.
+    #[error("run {run_id} is {current}: {message}")]
+    WrongState {
+        /// The run.
+        run_id: docket_core::RunId,
+        /// Its status.
+        current: RunStatus,
+        /// What was refused.
+        message: String,
+    },
+}
+
+/// The API's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,139 @@
+//! Job definitions: a handler plus its policy, timeout and lease.
+
+use crate::{Ctx, JobError};
+use docket_core::RetryPolicy;
+use futures::future::BoxFuture;
+use serde::{de::DeserializeOwned, Serialize};
+use serde_json::Value;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub(crate) type ErasedHandler =
+    Arc<dyn Fn(Ctx, Value) -> BoxFuture<'static, Result<Value, JobError>> + Send + Sync>;
+pub(crate) type Validator = Arc<dyn Fn(&Value) -> Result<(), String> + Send + Sync>;
+
+/// A named kind of work.
+///
+/// ```
+/// use docket::{Job, JobError};
+/// use std::time::Duration;
+///
+/// #[derive(serde::Deserialize)]
+/// struct Email { to: String }
+///
+/// let job = Job::new("send-email", |_ctx, input: Email| async move {
+///     if input.to.is_empty() {
+///         return Err(JobError::invalid_input("`to` is empty"));
+///     }
+///     Ok(serde_json::json!({ "sent_to": input.to }))
+/// })
+/// .timeout(Duration::from_secs(10))
+/// .lease(Duration::from_secs(30));
+/// assert_eq!(job.name(), "send-email");
+/// ```
+#[derive(Clone)]
+pub struct Job {
+    pub(crate) name: String,
+    pub(crate) handler: ErasedHandler,
+    pub(crate) policy: RetryPolicy,
+    pub(crate) timeout: Duration,
+    pub(crate) lease: Duration,
+    pub(crate) validator: Option<Validator>,
+}
+
+impl std::fmt::Debug for Job {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Job")
+            .field("name", &self.name)
+            .field("policy", &self.policy)
+            .field("timeout", &self.timeout)
+            .field("lease", &self.lease)
+            .finish()
+    }
+}
+
+impl Job {
+    /// A job whose handler takes typed input `I` (deserialized from the run's
+    /// input; a failure ends the run `invalid_input` without retries) and
+    /// returns typed output `O`.
+    pub fn new<I, O, F, Fut>(name: impl Into<String>, handler: F) -> Self
+    where
+        I: DeserializeOwned + Send + 'static,
+        O: Serialize + Send + 'static,
+        F: Fn(Ctx, I) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<O, JobError>> + Send + 'static,
+    {
+        let handler = Arc::new(handler);
+        let erased: ErasedHandler = Arc::new(move |ctx: Ctx, input: Value| {
+            let handler = handler.clone();
+            Box::pin(async move {
+                let typed: I = serde_json::from_value(input).map_err(|e| {
+                    JobError::invalid_input(format!("input does not match the job's type: {e}"))
+                })?;
+                let out = handler(ctx, typed).await?;
+                serde_json::to_value(out)
+                    .map_err(|e| JobError::permanent(format!("output cannot be serialized: {e}")))
+            })
+        });
+        Job {
+            name: name.into(),
+            handler: erased,
+            policy: RetryPolicy::default(),
+            timeout: Duration::from_secs(60),
+            lease: Duration::from_secs(5 * 60),
+            validator: None,
+        }
+    }
+
+    /// The job's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Sets the retry policy (default: [`RetryPolicy::default`]).
+    pub fn retry(mut self, policy: RetryPolicy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// Sets the handler timeout (default 60 s). It must be shorter than the
+    /// lease, or registration refuses the job.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Sets the lease length (default 5 min). Heartbeats extend it while the
+    /// handler runs; a crashed worker's runs come back when it expires.
+    pub fn lease(mut self, lease: Duration) -> Self {
+        self.lease = lease;
+        self
+    }
+
+    /// Adds an input check run before the handler; an `Err(message)` ends the
+    /// run `failed` with `invalid_input` and that message, spending no retries.
+    pub fn validate(
+        mut self,
+        f: impl Fn(&Value) -> Result<(), String> + Send + Sync + 'static,
+    ) -> Self {
+        self.validator = Some(Arc::new(f));
+        self
+    }
+
+    pub(crate) fn check(&self) -> Result<(), String> {
+        if self.name.is_empty() || self.name.len() > 200 {
+            return Err("the name must be 1 to 200 characters".into());
+        }
+        if self.timeout.is_zero() {
+            return Err("the timeout must be positive".into());
+        }
+        if self.timeout >= self.lease {
+            return Err(format!(
+                "the handler timeout ({:?}) must be shorter than the lease ({:?}), or a second worker could start the run while the first is still in it",
+                self.timeout, self.lease
+            ));
+        }
+        self.policy.validate().map_err(|e| e.to_string())
+    }
+}

@@ -1,0 +1,639 @@
+//! The worker: claims due runs in batches, runs handlers with bounded
+//! concurrency and a timeout, keeps leases alive with heartbeats, reaps
+//! expired leases through the retry policy, and shuts down gracefully.
+
+use crate::{Ctx, Docket, Job, JobError};
+use docket_core::{Decision, FailureInput, Fingerprint, LeaseId, RunId};
+use docket_store::{
+    AttemptEnd, ClaimRequest, ErrorInfo, LeaseRef, Outcome, RetryRecord, Run, StoreError,
+};
+use futures::FutureExt;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot, watch, Notify};
+use tokio::task::JoinHandle;
+
+/// Longest error message stored on an attempt.
+const MAX_MESSAGE: usize = 4096;
+
+/// How a worker behaves.
+#[derive(Clone, Debug)]
+pub struct WorkerConfig {
+    /// Stored on every attempt it runs.
+    pub name: String,
+    /// Handlers running at once, at most.
+    pub concurrency: usize,
+    /// Fallback poll when no wake-up arrives (other processes' triggers,
+    /// runs becoming due).
+    pub poll_interval: Duration,
+    /// How often expired leases are looked for.
+    pub reap_interval: Duration,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        WorkerConfig {
+            name: format!(
+                "worker-{}-{}",
+                std::process::id(),
+                &uuid::Uuid::new_v4().simple().to_string()[..8]
+            ),
+            concurrency: 8,
+            poll_interval: Duration::from_secs(1),
+            reap_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+struct InFlight {
+    lease: LeaseRef,
+    lease_len: Duration,
+    cancelled: Arc<AtomicBool>,
+    task: Option<tokio::task::AbortHandle>,
+}
+
+struct Shared {
+    docket: Docket,
+    config: WorkerConfig,
+    wake: Arc<Notify>,
+    slot_freed: Notify,
+    inflight: Mutex<HashMap<RunId, InFlight>>,
+    completer: mpsc::UnboundedSender<(AttemptEnd, oneshot::Sender<Result<(), StoreError>>)>,
+}
+
+/// A worker for one [`Docket`]. Use [`Worker::start`] to run it in the
+/// background, or [`Worker::tick`] to drive it step by step in tests.
+pub struct Worker {
+    shared: Arc<Shared>,
+}
+
+/// A running worker.
+pub struct WorkerHandle {
+    stop: watch::Sender<bool>,
+    main: JoinHandle<()>,
+    shared: Arc<Shared>,
+}
+
+impl Worker {
+    pub(crate) fn new(docket: Docket, mut config: WorkerConfig) -> Worker {
+        config.concurrency = config.concurrency.max(1);
+        let wake = Arc::new(Notify::new());
+        docket
+            .inner
+            .wakers
+            .lock()
+            .expect("wakers lock")
+            .push(wake.clone());
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(completer(docket.clone(), rx));
+        Worker {
+            shared: Arc::new(Shared {
+                docket,
+                config,
+                wake,
+                slot_freed: Notify::new(),
+                inflight: Mutex::new(HashMap::new()),
+                completer: tx,
+            }),
+        }
+    }
+
+    /// Reaps expired leases, claims up to `concurrency` due runs, runs them
+    /// all to the end and records their outcomes. Returns how many ran.
+    pub async fn tick(&self) -> crate::Result<usize> {
+        self.shared.docket.reap_expired().await?;
+        let runs = self.shared.claim(self.shared.config.concurrency).await?;
+        let n = runs.len();
+        let tasks: Vec<_> = runs
+            .into_iter()
+            .map(|r| self.shared.clone().spawn_run(r))
+            .collect();
+        for t in tasks {
+            let _ = t.await;
+        }
+        Ok(n)
+    }
+
+    /// Starts the worker's loops in the background.
+    pub fn start(self) -> WorkerHandle {
+        let (stop, stop_rx) = watch::channel(false);
+        let shared = self.shared.clone();
+        let main = tokio::spawn(main_loop(shared.clone(), stop_rx));
+        WorkerHandle { stop, main, shared }
+    }
+}
+
+impl WorkerHandle {
+    /// Graceful shutdown: stop claiming, let running attempts finish within
+    /// `grace`, then release the rest (due at once, no attempt budget spent)
+    /// so another worker takes them without waiting for lease expiry.
+    pub async fn shutdown(self, grace: Duration) -> usize {
+        let _ = self.stop.send(true);
+        let _ = self.main.await;
+        let deadline = tokio::time::Instant::now() + grace;
+        loop {
+            let notified = self.shared.slot_freed.notified();
+            if self.shared.inflight.lock().expect("inflight").is_empty() {
+                return 0;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                break;
+            }
+        }
+        let left: Vec<(RunId, InFlight)> = self
+            .shared
+            .inflight
+            .lock()
+            .expect("inflight")
+            .drain()
+            .collect();
+        let now = self.shared.docket.clock().now();
+        let mut ends = Vec::new();
+        for (_, f) in &left {
+            if let Some(t) = &f.task {
+                t.abort();
+            }
+            ends.push(AttemptEnd {
+                run_id: f.lease.run_id,
+                lease_id: f.lease.lease_id,
+                now,
+                outcome: Outcome::Released,
+            });
+        }
+        let n = ends.len();
+        match self.shared.docket.store().finish(ends).await {
+            Ok(res) => {
+                for (r, (id, _)) in res.iter().zip(&left) {
+                    if let Err(e) = r {
+                        tracing::warn!(run = %id, error = %e, "release at shutdown refused");
+                    }
+                    let _ = self.shared.docket.inner.changes.send(*id);
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "could not release runs at shutdown; they return after lease expiry")
+            }
+        }
+        n
+    }
+
+    /// Waits for a signal (SIGTERM or ctrl-c), then shuts down with `grace`.
+    pub async fn shutdown_on_signal(self, grace: Duration) -> usize {
+        wait_for_signal().await;
+        tracing::info!("signal received: stopping claims, finishing running attempts");
+        self.shutdown(grace).await
+    }
+}
+
+/// Resolves on SIGTERM or ctrl-c.
+pub async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending::<()>().await } } => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+async fn main_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let hb = tokio::spawn(heartbeat_loop(shared.clone(), stop.clone()));
+    let reaper = tokio::spawn(reap_loop(shared.clone(), stop.clone()));
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        if *stop.borrow() {
+            break;
+        }
+        let free = shared.config.concurrency - shared.inflight.lock().expect("inflight").len();
+        let mut claimed_all = false;
+        if free > 0 {
+            match shared.claim(free).await {
+                Ok(runs) => {
+                    backoff = Duration::from_millis(50);
+                    claimed_all = runs.len() == free;
+                    for r in runs {
+                        shared.clone().spawn_run(r);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in = ?backoff, "claim failed; backing off");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = stop.changed() => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            }
+        }
+        let busy = shared.inflight.lock().expect("inflight").len() >= shared.config.concurrency;
+        if claimed_all && !busy {
+            continue;
+        }
+        let idle_wait = if busy {
+            Duration::from_secs(3600)
+        } else {
+            shared.idle_wait().await
+        };
+        tokio::select! {
+            _ = shared.wake.notified(), if !busy => {}
+            _ = shared.slot_freed.notified() => {}
+            _ = tokio::time::sleep(idle_wait) => {}
+            _ = stop.changed() => {}
+        }
+    }
+    hb.abort();
+    reaper.abort();
+}
+
+async fn heartbeat_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    loop {
+        let interval = shared.heartbeat_interval();
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = stop.changed() => {}
+        }
+        // Heartbeats go on during the grace period too, until the handle
+        // releases the remaining runs.
+        let mut groups: BTreeMap<Duration, Vec<(LeaseRef, Arc<AtomicBool>)>> = BTreeMap::new();
+        for f in shared.inflight.lock().expect("inflight").values() {
+            groups
+                .entry(f.lease_len)
+                .or_default()
+                .push((f.lease, f.cancelled.clone()));
+        }
+        if groups.is_empty() && *stop.borrow() {
+            return;
+        }
+        for (len, leases) in groups {
+            let expires = shared.docket.clock().now().plus(len);
+            match shared
+                .docket
+                .store()
+                .heartbeat(leases.iter().map(|l| l.0).collect(), expires)
+                .await
+            {
+                Ok(states) => {
+                    for (st, (lease, cancelled)) in states.iter().zip(&leases) {
+                        if !st.held {
+                            tracing::warn!(run = %lease.run_id, lease = %lease.lease_id, "lease lost; its writes will be refused");
+                        }
+                        if !st.held || st.cancel_requested {
+                            cancelled.store(true, Ordering::SeqCst);
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
+            }
+        }
+    }
+}
+
+async fn reap_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(shared.config.reap_interval) => {}
+            _ = stop.changed() => return,
+        }
+        if let Err(e) = shared.docket.reap_expired().await {
+            tracing::warn!(error = %e, "lease reaper failed");
+        }
+    }
+}
+
+/// Sends attempt ends to the store in batches: every end waiting when the
+/// previous batch returns goes into the next one.
+async fn completer(
+    docket: Docket,
+    mut rx: mpsc::UnboundedReceiver<(AttemptEnd, oneshot::Sender<Result<(), StoreError>>)>,
+) {
+    let mut batch = Vec::new();
+    while let Some(first) = rx.recv().await {
+        batch.push(first);
+        while batch.len() < 256 {
+            match rx.try_recv() {
+                Ok(x) => batch.push(x),
+                Err(_) => break,
+            }
+        }
+        let (ends, replies): (Vec<_>, Vec<_>) = batch.drain(..).unzip();
+        let ids: Vec<RunId> = ends.iter().map(|e| e.run_id).collect();
+        match docket.store().finish(ends).await {
+            Ok(results) => {
+                for ((res, reply), id) in results.into_iter().zip(replies).zip(ids) {
+                    let _ = docket.inner.changes.send(id);
+                    let _ = reply.send(res.map(|_| ()));
+                }
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                for reply in replies {
+                    let _ = reply.send(Err(StoreError::Database(msg.clone())));
+                }
+            }
+        }
+    }
+}
+
+impl Shared {
+    fn heartbeat_interval(&self) -> Duration {
+        let min_lease = self
+            .inflight
+            .lock()
+            .expect("inflight")
+            .values()
+            .map(|f| f.lease_len)
+            .min()
+            .unwrap_or(Duration::from_secs(30));
+        (min_lease / 3).max(Duration::from_millis(50))
+    }
+
+    async fn idle_wait(&self) -> Duration {
+        let poll = self.config.poll_interval;
+        match self.docket.store().next_due(self.docket.job_names()).await {
+            Ok(Some(due)) => {
+                let ms = due.millis_since(self.docket.clock().now()).max(1) as u64;
+                poll.min(Duration::from_millis(ms))
+            }
+            _ => poll,
+        }
+    }
+
+    async fn claim(&self, limit: usize) -> crate::Result<Vec<Run>> {
+        let mut by_lease: BTreeMap<Duration, Vec<String>> = BTreeMap::new();
+        for name in self.docket.job_names() {
+            if let Some(j) = self.docket.job(&name) {
+                by_lease.entry(j.lease).or_default().push(name);
+            }
+        }
+        let mut out = Vec::new();
+        for (lease, jobs) in by_lease {
+            let want = limit - out.len();
+            if want == 0 {
+                break;
+            }
+            let runs = self
+                .docket
+                .store()
+                .claim(ClaimRequest {
+                    jobs,
+                    limit: want,
+                    now: self.docket.clock().now(),
+                    lease_ms: lease.as_millis() as i64,
+                    worker: self.config.name.clone(),
+                })
+                .await?;
+            out.extend(runs);
+        }
+        Ok(out)
+    }
+
+    fn spawn_run(self: Arc<Self>, run: Run) -> JoinHandle<()> {
+        let lease = LeaseRef {
+            run_id: run.id,
+            lease_id: run.lease_id.expect("claimed run has a lease"),
+        };
+        let cancelled = Arc::new(AtomicBool::new(false));
+        let lease_len = self
+            .docket
+            .job(&run.job)
+            .map(|j| j.lease)
+            .unwrap_or(Duration::from_secs(30));
+        self.inflight.lock().expect("inflight").insert(
+            run.id,
+            InFlight {
+                lease,
+                lease_len,
+                cancelled: cancelled.clone(),
+                task: None,
+            },
+        );
+        let me = self.clone();
+        let handle = tokio::spawn(async move {
+            let end = me.docket.execute(run, cancelled).await;
+            let id = end.run_id;
+            let (tx, rx) = oneshot::channel();
+            if me.completer.send((end, tx)).is_ok() {
+                match rx.await {
+                    Ok(Err(e @ StoreError::StaleLease { .. })) => {
+                        tracing::warn!(run = %id, error = %e, "attempt result refused")
+                    }
+                    Ok(Err(e)) => {
+                        tracing::error!(run = %id, error = %e, "could not record attempt; the run returns after lease expiry")
+                    }
+                    _ => {}
+                }
+            }
+            me.inflight.lock().expect("inflight").remove(&id);
+            me.slot_freed.notify_one();
+        });
+        if let Some(f) = self
+            .inflight
+            .lock()
+            .expect("inflight")
+            .get_mut(&lease.run_id)
+        {
+            f.task = Some(handle.abort_handle());
+        }
+        handle
+    }
+}
+
+fn bounded(mut s: String) -> String {
+    if s.len() > MAX_MESSAGE {
+        let mut cut = MAX_MESSAGE;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+        s.push('…');
+    }
+    s
+}
+
+impl Docket {
+    /// Runs one claimed run's handler and turns its result into an attempt
+    /// end (not yet stored).
+    pub(crate) async fn execute(&self, run: Run, cancelled: Arc<AtomicBool>) -> AttemptEnd {
+        let lease_id = run.lease_id.expect("claimed run has a lease");
+        let Some(job) = self.job(&run.job) else {
+            return AttemptEnd {
+                run_id: run.id,
+                lease_id,
+                now: self.clock().now(),
+                outcome: Outcome::Released,
+            };
+        };
+        let started = self.clock().now();
+        let ctx = Ctx {
+            run_id: run.id,
+            job: run.job.clone(),
+            tenant: run.tenant.clone(),
+            attempt: run.attempt,
+            lease_id,
+            idempotency_key: run.idempotency_key.clone(),
+            correlation_id: run
+                .correlation_id
+                .clone()
+                .unwrap_or_else(|| run.id.to_string()),
+            deadline: started.plus(job.timeout),
+            variables: run.variables.clone(),
+            cancelled,
+        };
+        let result = match job.validator.as_ref().map(|v| v(&run.input)) {
+            Some(Err(msg)) => Err(JobError::invalid_input(msg)),
+            _ => {
+                let fut = std::panic::AssertUnwindSafe((job.handler)(ctx, run.input.clone()))
+                    .catch_unwind();
+                match tokio::time::timeout(job.timeout, fut).await {
+                    Ok(Ok(r)) => r,
+                    Ok(Err(panic)) => {
+                        let msg = panic
+                            .downcast_ref::<&str>()
+                            .map(|s| s.to_string())
+                            .or_else(|| panic.downcast_ref::<String>().cloned())
+                            .unwrap_or_else(|| "unknown panic".into());
+                        Err(JobError::permanent(format!("handler panicked: {msg}")))
+                    }
+                    Err(_) => Err(JobError::timeout(format!(
+                        "handler did not finish within {:?}",
+                        job.timeout
+                    ))),
+                }
+            }
+        };
+        let now = self.clock().now();
+        let outcome = match result {
+            Ok(output) => Outcome::Completed { output },
+            Err(e) => decide(&job, &run, lease_id, e, now),
+        };
+        AttemptEnd {
+            run_id: run.id,
+            lease_id,
+            now,
+            outcome,
+        }
+    }
+
+    /// Turns expired leases into failed attempts of class `lease_expired`,
+    /// through each job's retry policy (no immediate re-dispatch). Returns
+    /// how many were reaped. Safe to run on many nodes: each write is fenced
+    /// by the expired lease.
+    pub async fn reap_expired(&self) -> crate::Result<usize> {
+        let now = self.clock().now();
+        let expired = self.store().expired_leases(now, 256).await?;
+        if expired.is_empty() {
+            return Ok(0);
+        }
+        let mut ends = Vec::with_capacity(expired.len());
+        for run in &expired {
+            let job = self
+                .job(&run.job)
+                .unwrap_or_else(|| Arc::new(placeholder_job(&run.job)));
+            let lease_id = run.lease_id.expect("running run has a lease");
+            let err =
+                JobError::new(
+                    docket_core::ErrorClass::LeaseExpired,
+                    format!(
+                    "lease {lease_id} of worker {} expired at {} before the attempt reported back",
+                    run.worker.as_deref().unwrap_or("?"),
+                    run.lease_expires_at.map(|t| t.to_string()).unwrap_or_default()
+                ),
+                );
+            ends.push(AttemptEnd {
+                run_id: run.id,
+                lease_id,
+                now,
+                outcome: decide(&job, run, lease_id, err, now),
+            });
+        }
+        let results = self.store().finish(ends).await?;
+        let mut n = 0;
+        for (r, run) in results.iter().zip(&expired) {
+            if r.is_ok() {
+                n += 1;
+                let _ = self.inner.changes.send(run.id);
+            }
+        }
+        self.wake_workers();
+        Ok(n)
+    }
+}
+
+/// A job definition for runs of jobs this process does not know (reaping
+/// only): the default policy.
+fn placeholder_job(name: &str) -> Job {
+    Job::new(
+        name.to_string(),
+        |_ctx, _input: serde_json::Value| async move {
+            Err::<serde_json::Value, _>(JobError::permanent("job not registered in this process"))
+        },
+    )
+}
+
+/// The one place a failure becomes an outcome: the job's policy decides.
+fn decide(
+    job: &Job,
+    run: &Run,
+    lease_id: LeaseId,
+    e: JobError,
+    now: docket_core::Timestamp,
+) -> Outcome {
+    let action = e.action.clone();
+    let fp = Fingerprint {
+        job: run.job.clone(),
+        action: action.clone().unwrap_or_else(|| run.job.clone()),
+        error_class: e.class,
+        run_id: run.id,
+        attempt: run.attempt,
+        lease_id,
+        idempotency_key: run.idempotency_key.clone(),
+    };
+    let info = ErrorInfo {
+        class: e.class,
+        message: bounded(e.message),
+        fingerprint: fp.to_line(),
+        failure_key: fp.failure_key(),
+        action,
+    };
+    let decision = job.policy.decide(&FailureInput {
+        class: e.class,
+        attempt: run.policy_attempt(),
+        run_id: run.id,
+        now,
+        retry_after: e.retry_after,
+    });
+    match decision {
+        Decision::Retry {
+            at,
+            delay_ms,
+            reason,
+            policy,
+            ..
+        } => Outcome::Retry {
+            error: info,
+            retry: RetryRecord {
+                policy,
+                delay_ms: delay_ms as i64,
+                eligible_at: at,
+                reason: reason.as_str().into(),
+            },
+        },
+        Decision::Stop { reason, detail } => Outcome::Failed {
+            error: Some(info),
+            reason,
+            detail,
+        },
+        Decision::CompleteDuplicate => Outcome::Completed {
+            output: serde_json::json!({ "duplicate": true, "message": info.message }),
+        },
+    }
+}

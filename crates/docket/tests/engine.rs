@@ -1,0 +1,544 @@
+//! Engine behaviour on embedded SQLite, with the injected clock.
+
+use docket::{
+    Docket, ErrorClass, Job, JobError, ManualClock, RetryPolicy, RunStatus, TerminalReason,
+    Timestamp, TriggerOptions, WorkerConfig,
+};
+use docket_store::sqlite::SqliteStore;
+use serde_json::{json, Value};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::Notify;
+
+const T0: Timestamp = Timestamp(1_767_225_600_000);
+const BOUND: Duration = Duration::from_secs(30);
+
+fn engine() -> (Docket, ManualClock) {
+    let clock = ManualClock::new(T0);
+    let store = Arc::new(SqliteStore::open_in_memory().unwrap());
+    (Docket::with_store(store, Arc::new(clock.clone())), clock)
+}
+
+fn policy(base: u64, jitter: u64, max_attempts: u32) -> RetryPolicy {
+    RetryPolicy {
+        name: "test-policy".into(),
+        base_delay_ms: base,
+        multiplier: 2.0,
+        max_delay_ms: 60_000,
+        max_attempts,
+        jitter_ms: jitter,
+        overrides: BTreeMap::new(),
+    }
+}
+
+fn one_worker(d: &Docket) -> docket::Worker {
+    d.worker(WorkerConfig {
+        concurrency: 1,
+        ..Default::default()
+    })
+}
+
+/// Seed 002's test, as written there: freeze time at T0, the handler raises a
+/// timeout, one worker tick; not claimable at T0, nor at T0 + delay − 1 ms;
+/// claimable at T0 + delay with attempt 2 and the same idempotency key.
+#[tokio::test]
+async fn timeout_retry_is_not_claimable_before_its_delay() {
+    let (d, clock) = engine();
+    let p = policy(1_000, 500, 5);
+    d.register(
+        Job::new("revenue_action", |_ctx, _input: Value| async move {
+            Err::<Value, _>(JobError::timeout(
+                "TimeoutError: vendor did not answer in 60s",
+            ))
+        })
+        .retry(p.clone()),
+    )
+    .unwrap();
+    let key = "prospect-7ca677ed25d3/send-email/campaign-9/v1";
+    let run = d
+        .trigger_with(
+            "revenue_action",
+            json!({"prospect": "prospect-7ca677ed25d3"}),
+            TriggerOptions {
+                idempotency_key: Some(key.into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap()
+        .run;
+    assert_eq!(one_worker(&d).tick().await.unwrap(), 1);
+
+    let delay = (p.backoff_ms(ErrorClass::Timeout, 1) + p.jitter_for(run.id, 1)) as i64;
+    let claim = |now: Timestamp| {
+        let d = d.clone();
+        async move {
+            d.store()
+                .claim(docket_store::ClaimRequest {
+                    jobs: vec!["revenue_action".into()],
+                    limit: 10,
+                    now,
+                    lease_ms: 60_000,
+                    worker: "probe".into(),
+                })
+                .await
+                .unwrap()
+        }
+    };
+    assert!(claim(T0).await.is_empty(), "claimable at T0");
+    assert!(
+        claim(T0.plus_millis(delay - 1)).await.is_empty(),
+        "claimable at T0 + delay - 1ms"
+    );
+    let got = claim(T0.plus_millis(delay)).await;
+    assert_eq!(got.len(), 1, "not claimable at T0 + delay");
+    assert_eq!(got[0].attempt, 2);
+    assert_eq!(got[0].idempotency_key.as_deref(), Some(key));
+
+    // The evidence of the decision is on the first attempt's row.
+    let att = d.store().attempts(run.id).await.unwrap();
+    assert_eq!(att[0].retry_policy.as_deref(), Some("test-policy"));
+    assert_eq!(att[0].delay_ms, Some(delay));
+    assert_eq!(att[0].eligible_at, Some(T0.plus_millis(delay)));
+    assert_eq!(att[0].error_class, Some(ErrorClass::Timeout));
+    let _ = clock;
+}
+
+#[tokio::test]
+async fn retries_follow_the_policy_until_exhausted() {
+    let (d, clock) = engine();
+    d.register(
+        Job::new("flaky", |_ctx, _: Value| async move {
+            Err::<Value, _>(JobError::unavailable("503"))
+        })
+        .retry(policy(100, 0, 3)),
+    )
+    .unwrap();
+    let id = d.trigger("flaky", json!({})).await.unwrap().run.id;
+    let w = one_worker(&d);
+    assert_eq!(w.tick().await.unwrap(), 1);
+    assert_eq!(w.tick().await.unwrap(), 0, "no immediate retry");
+    clock.advance_millis(100);
+    assert_eq!(w.tick().await.unwrap(), 1);
+    clock.advance_millis(199);
+    assert_eq!(w.tick().await.unwrap(), 0);
+    clock.advance_millis(1);
+    assert_eq!(w.tick().await.unwrap(), 1);
+    let h = d.history(id).await.unwrap();
+    assert_eq!(h.run.status, RunStatus::Failed);
+    assert_eq!(
+        h.run.terminal_reason,
+        Some(TerminalReason::MaxRetriesExhausted)
+    );
+    let delays: Vec<_> = h.attempts.iter().map(|a| a.delay_ms).collect();
+    assert_eq!(delays, [Some(100), Some(200), None]);
+    let kinds: Vec<_> = h.events.iter().map(|e| e.kind.as_str()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "run_triggered",
+            "attempt_started",
+            "attempt_failed",
+            "retry_scheduled",
+            "attempt_started",
+            "attempt_failed",
+            "retry_scheduled",
+            "attempt_started",
+            "attempt_failed",
+            "run_failed"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn invalid_input_fails_at_once_without_retries() {
+    #[derive(serde::Deserialize)]
+    struct Email {
+        #[allow(dead_code)]
+        to: String,
+    }
+    let (d, _clock) = engine();
+    d.register(Job::new("email", |_ctx, _: Email| async move {
+        Ok::<_, JobError>(json!(1))
+    }))
+    .unwrap();
+    d.register(
+        Job::new("checked", |_ctx, _: Value| async move {
+            Ok::<_, JobError>(json!(1))
+        })
+        .validate(|v| {
+            if v.get("amount").is_some() {
+                Ok(())
+            } else {
+                Err("field `amount` is required".into())
+            }
+        }),
+    )
+    .unwrap();
+    let a = d
+        .trigger("email", json!({"subject": "hi"}))
+        .await
+        .unwrap()
+        .run
+        .id;
+    let b = d.trigger("checked", json!({})).await.unwrap().run.id;
+    let w = d.worker(WorkerConfig {
+        concurrency: 4,
+        ..Default::default()
+    });
+    assert_eq!(w.tick().await.unwrap(), 2);
+    for (id, needle) in [(a, "missing field `to`"), (b, "field `amount` is required")] {
+        let run = d.get_run(id).await.unwrap();
+        assert_eq!(run.status, RunStatus::Failed);
+        assert_eq!(run.terminal_reason, Some(TerminalReason::InvalidInput));
+        assert!(
+            run.last_error_message.as_deref().unwrap().contains(needle),
+            "{:?}",
+            run.last_error_message
+        );
+        assert_eq!(run.attempt, 1);
+    }
+}
+
+#[tokio::test]
+async fn oversized_input_is_refused_at_trigger_and_nothing_is_stored() {
+    let (d, _clock) = engine();
+    d.register(Job::new("j", |_ctx, _: Value| async move {
+        Ok::<_, JobError>(json!(1))
+    }))
+    .unwrap();
+    d.set_max_input_bytes(100);
+    let err = d
+        .trigger("j", json!({"blob": "x".repeat(200)}))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().starts_with("content_too_large"), "{err}");
+    let err = d.trigger("nope", json!({})).await.unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "unknown job `nope`: register it before triggering it"
+    );
+    assert!(d.list_runs(Default::default()).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn registration_refuses_a_timeout_not_shorter_than_the_lease() {
+    let (d, _clock) = engine();
+    let job = Job::new(
+        "j",
+        |_ctx, _: Value| async move { Ok::<_, JobError>(json!(1)) },
+    )
+    .timeout(Duration::from_secs(30))
+    .lease(Duration::from_secs(30));
+    let err = d.register(job).unwrap_err().to_string();
+    assert!(err.contains("must be shorter than the lease"), "{err}");
+    let bad_policy = Job::new(
+        "j",
+        |_ctx, _: Value| async move { Ok::<_, JobError>(json!(1)) },
+    )
+    .retry(RetryPolicy {
+        max_attempts: 0,
+        ..RetryPolicy::default()
+    });
+    assert!(d
+        .register(bad_policy)
+        .unwrap_err()
+        .to_string()
+        .contains("max_attempts"));
+    assert!(d.job_names().is_empty());
+}
+
+#[tokio::test]
+async fn idempotent_trigger_returns_the_existing_run() {
+    let (d, _clock) = engine();
+    d.register(Job::new("j", |_ctx, _: Value| async move {
+        Ok::<_, JobError>(json!(1))
+    }))
+    .unwrap();
+    let o = || TriggerOptions {
+        idempotency_key: Some("order-1".into()),
+        ..Default::default()
+    };
+    let a = d.trigger_with("j", json!(1), o()).await.unwrap();
+    let b = d.trigger_with("j", json!(2), o()).await.unwrap();
+    assert!(!a.existing);
+    assert!(b.existing);
+    assert_eq!(a.run.id, b.run.id);
+    let batch = d
+        .trigger_batch(vec![
+            ("j".into(), json!(3), o()),
+            ("j".into(), json!(4), TriggerOptions::default()),
+        ])
+        .await
+        .unwrap();
+    assert!(batch[0].existing && !batch[1].existing);
+    assert_eq!(d.list_runs(Default::default()).await.unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn rate_limit_reset_time_is_honoured() {
+    let (d, _clock) = engine();
+    d.register(
+        Job::new("rl", |_ctx, _: Value| async move {
+            Err::<Value, _>(JobError::rate_limited("429", Some(T0.plus_millis(45_000))))
+        })
+        .retry(policy(100, 0, 5)),
+    )
+    .unwrap();
+    let id = d.trigger("rl", json!({})).await.unwrap().run.id;
+    one_worker(&d).tick().await.unwrap();
+    let att = d.store().attempts(id).await.unwrap();
+    assert_eq!(att[0].delay_ms, Some(45_000));
+    assert_eq!(att[0].retry_reason.as_deref(), Some("retry_after"));
+    assert_eq!(
+        d.get_run(id).await.unwrap().run_after,
+        T0.plus_millis(45_000)
+    );
+}
+
+#[tokio::test]
+async fn a_panicking_handler_fails_the_run_permanently() {
+    let (d, _clock) = engine();
+    d.register(Job::new("boom", |_ctx, _: Value| async move {
+        if true {
+            panic!("index out of bounds");
+        }
+        Ok::<Value, JobError>(json!(1))
+    }))
+    .unwrap();
+    let id = d.trigger("boom", json!({})).await.unwrap().run.id;
+    one_worker(&d).tick().await.unwrap();
+    let run = d.get_run(id).await.unwrap();
+    assert_eq!(run.status, RunStatus::Failed);
+    assert_eq!(run.terminal_reason, Some(TerminalReason::PermanentError));
+    assert!(run
+        .last_error_message
+        .unwrap()
+        .contains("index out of bounds"));
+}
+
+/// A worker whose lease expired and was reclaimed cannot complete the run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_lease_cannot_complete_or_fail() {
+    let (d, clock) = engine();
+    let gate = Arc::new(Notify::new());
+    let entered = Arc::new(Notify::new());
+    let calls = Arc::new(AtomicUsize::new(0));
+    let (g, e, c) = (gate.clone(), entered.clone(), calls.clone());
+    d.register(
+        Job::new("slow", move |_ctx, _: Value| {
+            let (g, e, c) = (g.clone(), e.clone(), c.clone());
+            async move {
+                let n = c.fetch_add(1, Ordering::SeqCst);
+                if n == 0 {
+                    e.notify_one();
+                    g.notified().await;
+                    return Err::<Value, _>(JobError::unavailable(
+                        "late failure from the first worker",
+                    ));
+                }
+                Ok(json!({"by": "second"}))
+            }
+        })
+        .timeout(Duration::from_secs(20))
+        .lease(Duration::from_secs(30))
+        .retry(policy(1_000, 0, 5)),
+    )
+    .unwrap();
+    let id = d.trigger("slow", json!({})).await.unwrap().run.id;
+    let first = one_worker(&d);
+    let first_tick = tokio::spawn(async move { first.tick().await.unwrap() });
+    tokio::time::timeout(BOUND, entered.notified())
+        .await
+        .expect("first attempt started");
+    let lease1 = d.get_run(id).await.unwrap().lease_id;
+
+    // The lease runs out; the reaper fails the attempt through the policy.
+    clock.advance(Duration::from_secs(31));
+    assert_eq!(d.reap_expired().await.unwrap(), 1);
+    let run = d.get_run(id).await.unwrap();
+    assert_eq!(run.status, RunStatus::Pending);
+    assert_eq!(
+        run.run_after,
+        T0.plus_millis(31_000 + 1_000),
+        "lease_expired goes through the backoff"
+    );
+    clock.advance(Duration::from_secs(1));
+    assert_eq!(one_worker(&d).tick().await.unwrap(), 1);
+    assert_eq!(d.get_run(id).await.unwrap().status, RunStatus::Completed);
+
+    // Now the first worker reports: refused, recorded, and the run is untouched.
+    gate.notify_one();
+    tokio::time::timeout(BOUND, first_tick)
+        .await
+        .unwrap()
+        .unwrap();
+    let h = d.history(id).await.unwrap();
+    assert_eq!(h.run.status, RunStatus::Completed);
+    assert_eq!(h.run.output, Some(json!({"by": "second"})));
+    let stale: Vec<_> = h
+        .events
+        .iter()
+        .filter(|e| e.kind == "stale_write_refused")
+        .collect();
+    assert_eq!(stale.len(), 1);
+    assert_eq!(stale[0].lease_id, lease1);
+    assert_eq!(h.attempts[0].outcome, "lease_expired");
+    assert_eq!(h.attempts[0].error_class, Some(ErrorClass::LeaseExpired));
+    assert_eq!(h.attempts[1].outcome, "completed");
+}
+
+/// An idle worker starts a new run on trigger, not at its next poll.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trigger_wakes_an_idle_worker() {
+    let clock = docket::SystemClock;
+    let d = Docket::with_store(
+        Arc::new(SqliteStore::open_in_memory().unwrap()),
+        Arc::new(clock),
+    );
+    d.register(Job::new("ping", |_ctx, _: Value| async move {
+        Ok::<_, JobError>(json!("pong"))
+    }))
+    .unwrap();
+    let handle = d
+        .worker(WorkerConfig {
+            poll_interval: Duration::from_secs(3600),
+            ..Default::default()
+        })
+        .start();
+    // Let the worker reach its idle wait: a first run proves it is looping.
+    let warm = d.trigger("ping", json!({})).await.unwrap().run.id;
+    d.wait(warm, BOUND).await.unwrap();
+    let id = d.trigger("ping", json!({})).await.unwrap().run.id;
+    let run = d.wait(id, Duration::from_secs(10)).await.unwrap();
+    assert_eq!(run.output, Some(json!("pong")));
+    handle.shutdown(Duration::from_secs(1)).await;
+}
+
+/// Shutdown lets attempts finish within the grace period, then releases the
+/// rest so another worker takes them at once, with no attempt budget spent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_releases_unfinished_runs() {
+    let (d, _clock) = engine();
+    let entered = Arc::new(Notify::new());
+    let e = entered.clone();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c = calls.clone();
+    d.register(
+        Job::new("stuck", move |_ctx, _: Value| {
+            let (e, c) = (e.clone(), c.clone());
+            async move {
+                if c.fetch_add(1, Ordering::SeqCst) == 0 {
+                    e.notify_one();
+                    std::future::pending::<()>().await;
+                }
+                Ok::<_, JobError>(json!("done"))
+            }
+        })
+        .retry(policy(10_000, 0, 1)),
+    )
+    .unwrap();
+    let id = d.trigger("stuck", json!({})).await.unwrap().run.id;
+    let handle = one_worker(&d).start();
+    tokio::time::timeout(BOUND, entered.notified())
+        .await
+        .unwrap();
+    assert_eq!(handle.shutdown(Duration::from_millis(20)).await, 1);
+    let run = d.get_run(id).await.unwrap();
+    assert_eq!(run.status, RunStatus::Pending);
+    assert_eq!(
+        run.policy_attempt(),
+        1,
+        "a release spends no attempt budget"
+    );
+    // max_attempts = 1, so this only completes because the release was free.
+    assert_eq!(one_worker(&d).tick().await.unwrap(), 1);
+    let h = d.history(id).await.unwrap();
+    assert_eq!(h.run.status, RunStatus::Completed);
+    assert_eq!(h.attempts[0].outcome, "released");
+}
+
+/// 8 workers, each with its own connection to one database file, 5,000
+/// runs: each completed exactly once, never two attempts under one lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eight_workers_complete_each_run_exactly_once() {
+    const RUNS: usize = 5_000;
+    let dir = std::env::temp_dir().join(format!("docket-8w-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let url = format!("sqlite://{}", dir.join("docket.db").display());
+    let executions: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
+    let done = Arc::new(Notify::new());
+    let total = Arc::new(AtomicUsize::new(0));
+    let mut engines = Vec::new();
+    let mut handles = Vec::new();
+    for _ in 0..8 {
+        let d = Docket::open(&url).await.unwrap();
+        let (ex, dn, tt) = (executions.clone(), done.clone(), total.clone());
+        d.register(Job::new("count", move |ctx, _: Value| {
+            let (ex, dn, tt) = (ex.clone(), dn.clone(), tt.clone());
+            async move {
+                *ex.lock()
+                    .unwrap()
+                    .entry(ctx.run_id().to_string())
+                    .or_default() += 1;
+                if tt.fetch_add(1, Ordering::SeqCst) + 1 >= RUNS {
+                    dn.notify_one();
+                }
+                Ok::<_, JobError>(json!(null))
+            }
+        }))
+        .unwrap();
+        handles.push(
+            d.worker(WorkerConfig {
+                concurrency: 4,
+                poll_interval: Duration::from_millis(50),
+                ..Default::default()
+            })
+            .start(),
+        );
+        engines.push(d);
+    }
+    let batch: Vec<_> = (0..RUNS)
+        .map(|i| ("count".to_string(), json!(i), TriggerOptions::default()))
+        .collect();
+    let ids: Vec<_> = engines[0]
+        .trigger_batch(batch)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|t| t.run.id)
+        .collect();
+    tokio::time::timeout(Duration::from_secs(120), async {
+        while total.load(Ordering::SeqCst) < RUNS {
+            done.notified().await;
+        }
+    })
+    .await
+    .expect("all runs executed within the bound");
+    for id in &ids {
+        assert_eq!(
+            engines[0].wait(*id, BOUND).await.unwrap().status,
+            RunStatus::Completed
+        );
+    }
+    for h in handles {
+        h.shutdown(Duration::from_secs(5)).await;
+    }
+    let ex = executions.lock().unwrap();
+    assert_eq!(ex.len(), RUNS);
+    assert!(ex.values().all(|n| *n == 1), "some run executed twice");
+    let mut leases = std::collections::HashSet::new();
+    let mut workers = std::collections::HashSet::new();
+    for id in &ids {
+        let att = engines[0].store().attempts(*id).await.unwrap();
+        assert_eq!(att.len(), 1);
+        assert!(
+            leases.insert(att[0].lease_id),
+            "two attempts under one lease"
+        );
+        workers.insert(att[0].worker.clone());
+    }
+    assert!(workers.len() > 1, "the work was shared between workers");
+}
