@@ -14,6 +14,8 @@
 #[cfg(feature = "conformance")]
 pub mod conformance;
 pub mod model;
+#[cfg(feature = "postgres")]
+pub mod postgres;
 pub mod sqlite;
 
 pub use model::*;
@@ -164,6 +166,10 @@ pub async fn open(url: &str) -> Result<DynStore> {
             sqlite::SqliteStore::open(path)?
         };
         return Ok(Arc::new(store));
+    }
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        #[cfg(feature = "postgres")]
+        return Ok(Arc::new(postgres::PgStore::connect(url).await?));
     }
     Err(StoreError::BadUrl(url.to_string()))
 }

@@ -9,7 +9,7 @@ use docket_store::{
 };
 use futures::FutureExt;
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch, Notify};
@@ -59,6 +59,8 @@ struct Shared {
     config: WorkerConfig,
     wake: Arc<Notify>,
     slot_freed: Notify,
+    /// Attempt ends handed to the completer and not yet stored.
+    finishing: AtomicUsize,
     inflight: Mutex<HashMap<RunId, InFlight>>,
     completer: mpsc::UnboundedSender<(AttemptEnd, oneshot::Sender<Result<(), StoreError>>)>,
 }
@@ -94,6 +96,7 @@ impl Worker {
                 config,
                 wake,
                 slot_freed: Notify::new(),
+                finishing: AtomicUsize::new(0),
                 inflight: Mutex::new(HashMap::new()),
                 completer: tx,
             }),
@@ -135,7 +138,8 @@ impl WorkerHandle {
         let deadline = tokio::time::Instant::now() + grace;
         loop {
             let notified = self.shared.slot_freed.notified();
-            if self.shared.inflight.lock().expect("inflight").is_empty() {
+            let idle = self.shared.inflight.lock().expect("inflight").is_empty();
+            if idle && self.shared.finishing.load(Ordering::SeqCst) == 0 {
                 return 0;
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
@@ -420,6 +424,12 @@ impl Shared {
         let handle = tokio::spawn(async move {
             let end = me.docket.execute(run, cancelled).await;
             let id = end.run_id;
+            // The handler is done: its slot is free now, so the next claim
+            // can share a commit with this attempt's end, and heartbeats stop
+            // extending a lease that is about to be released.
+            me.inflight.lock().expect("inflight").remove(&id);
+            me.finishing.fetch_add(1, Ordering::SeqCst);
+            me.slot_freed.notify_one();
             let (tx, rx) = oneshot::channel();
             if me.completer.send((end, tx)).is_ok() {
                 match rx.await {
@@ -432,7 +442,7 @@ impl Shared {
                     _ => {}
                 }
             }
-            me.inflight.lock().expect("inflight").remove(&id);
+            me.finishing.fetch_sub(1, Ordering::SeqCst);
             me.slot_freed.notify_one();
         });
         if let Some(f) = self

@@ -19,10 +19,18 @@
 //!   idle worker can wait on.
 //!
 //! The behaviour is the SQLite backend's, checked by the same conformance
-//! suite. Two things differ by nature: event ids come from an identity
-//! sequence, so under concurrent writers an event with a lower id may become
-//! visible after one with a higher id (commit order is not id order); and
-//! jsonb cannot store the NUL character (`\u0000`) in strings.
+//! suite. What differs, by nature:
+//! - event ids come from an identity sequence, so under concurrent writers
+//!   an event with a lower id may become visible after one with a higher id
+//!   (commit order is not id order): a reader tailing events by id must
+//!   allow for that;
+//! - the ends of one `finish` call are applied in run id order (each under
+//!   its own savepoint, answers in the caller's order) so that concurrent
+//!   batches lock rows in one order and cannot deadlock; events of different
+//!   runs in one batch therefore follow run ids, not the batch's order;
+//! - jsonb cannot store the NUL character (`\u0000`) in strings, and text
+//!   columns cannot store NUL bytes: such a trigger fails with
+//!   [`StoreError::Database`].
 
 mod ops;
 
@@ -32,8 +40,8 @@ use crate::{
 };
 use async_trait::async_trait;
 use docket_core::{RunId, RunStatus, Timestamp};
-use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions};
-use sqlx::{Connection, Executor};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgListener, PgPool, PgPoolOptions};
+use sqlx::Connection;
 use std::str::FromStr;
 use std::time::Duration;
 use tokio::sync::broadcast;
@@ -48,6 +56,10 @@ pub const WAKEUP_CHANNEL: &str = "docket_wakeup";
 
 /// Connections per store's pool.
 const MAX_CONNECTIONS: u32 = 10;
+
+/// How long a call waits for a pooled connection (e.g. while the server is
+/// unreachable) before failing with a transient [`StoreError::Database`].
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The PostgreSQL store. Cheap to clone (it wraps a connection pool).
 #[derive(Clone)]
@@ -148,26 +160,23 @@ impl PgStore {
         let opts = PgConnectOptions::from_str(url)
             .map_err(|e| StoreError::BadUrl(format!("{url} ({e})")))?
             .application_name("docket");
-        let search_path = format!("\"{schema}\"");
+        // Migrate over one direct connection first: a server that is down or
+        // refuses us is reported at once, with its own error (a pool would
+        // retry until its acquire timeout and report only that).
+        let mut conn = PgConnection::connect_with(&opts).await.map_err(db)?;
+        set_search_path(&mut conn, &schema).await.map_err(db)?;
+        migrate(&mut conn, &schema).await?;
+        let _ = conn.close().await;
+        let search_path = schema.clone();
         let pool = PgPoolOptions::new()
             .max_connections(MAX_CONNECTIONS)
-            .acquire_timeout(Duration::from_secs(30))
+            .acquire_timeout(ACQUIRE_TIMEOUT)
             .after_connect(move |conn, _meta| {
                 let search_path = search_path.clone();
-                Box::pin(async move {
-                    sqlx::query("SELECT set_config('search_path', $1, false)")
-                        .bind(search_path)
-                        .execute(conn)
-                        .await?;
-                    Ok(())
-                })
+                Box::pin(async move { set_search_path(conn, &search_path).await })
             })
-            .connect_with(opts)
-            .await
-            .map_err(db)?;
-        let store = PgStore { pool, schema };
-        store.migrate().await?;
-        Ok(store)
+            .connect_lazy_with(opts);
+        Ok(PgStore { pool, schema })
     }
 
     /// The schema this store's tables live in.
@@ -180,72 +189,6 @@ impl PgStore {
     /// periodic jobs under an advisory lock.
     pub fn pool(&self) -> &PgPool {
         &self.pool
-    }
-
-    /// Creates or upgrades the schema, in one transaction under an advisory
-    /// lock. Refuses (and leaves alone) a schema written by a newer Docket.
-    async fn migrate(&self) -> Result<()> {
-        let mut conn = self.pool.acquire().await.map_err(db)?;
-        let mut tx = conn.begin().await.map_err(db)?;
-        sqlx::query("SELECT pg_advisory_xact_lock($1)")
-            .bind(migration_lock_key(&self.schema))
-            .execute(&mut *tx)
-            .await
-            .map_err(db)?;
-        let has_meta: bool = sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_tables
-                WHERE schemaname = $1 AND tablename = 'docket_meta')",
-        )
-        .bind(&self.schema)
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(db)?;
-        let found: i64 = if has_meta {
-            let v: Option<String> =
-                sqlx::query_scalar("SELECT value FROM docket_meta WHERE key = 'schema_version'")
-                    .fetch_optional(&mut *tx)
-                    .await
-                    .map_err(db)?;
-            match v {
-                Some(v) => v
-                    .parse()
-                    .map_err(|_| StoreError::Corrupt(format!("schema_version `{v}`")))?,
-                None => 0,
-            }
-        } else {
-            0
-        };
-        if found > SCHEMA_VERSION {
-            // Dropping `tx` rolls back: nothing was written.
-            return Err(StoreError::SchemaTooNew {
-                found,
-                supported: SCHEMA_VERSION,
-            });
-        }
-        if found < SCHEMA_VERSION {
-            // The name was validated by `valid_schema`; identifiers cannot
-            // be bound as parameters.
-            tx.execute(format!("CREATE SCHEMA IF NOT EXISTS \"{}\"", self.schema).as_str())
-                .await
-                .map_err(db)?;
-            tx.execute(
-                "CREATE TABLE IF NOT EXISTS docket_meta (key text PRIMARY KEY, value text NOT NULL)",
-            )
-            .await
-            .map_err(db)?;
-            tx.execute(sqlx::raw_sql(include_str!("schema.sql")))
-                .await
-                .map_err(db)?;
-            sqlx::query(
-                "INSERT INTO docket_meta (key, value) VALUES ('schema_version', $1)
-                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            )
-            .bind(SCHEMA_VERSION.to_string())
-            .execute(&mut *tx)
-            .await
-            .map_err(db)?;
-        }
-        tx.commit().await.map_err(db)
     }
 
     /// Subscribes to trigger wake-ups: each message is the name of a job that
@@ -284,17 +227,91 @@ impl PgStore {
     }
 }
 
+/// Points `search_path` at `schema` (quoted: the name was validated).
+async fn set_search_path(
+    conn: &mut PgConnection,
+    schema: &str,
+) -> std::result::Result<(), sqlx::Error> {
+    sqlx::query("SELECT set_config('search_path', $1, false)")
+        .bind(format!("\"{schema}\""))
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Creates or upgrades the schema, in one transaction under an advisory
+/// lock. Refuses (and leaves alone) a schema written by a newer Docket.
+async fn migrate(conn: &mut PgConnection, schema: &str) -> Result<()> {
+    let mut tx = conn.begin().await.map_err(db)?;
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(migration_lock_key(schema))
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+    let has_meta: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_tables
+            WHERE schemaname = $1 AND tablename = 'docket_meta')",
+    )
+    .bind(schema)
+    .fetch_one(&mut *tx)
+    .await
+    .map_err(db)?;
+    let found: i64 = if has_meta {
+        let v: Option<String> =
+            sqlx::query_scalar("SELECT value FROM docket_meta WHERE key = 'schema_version'")
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(db)?;
+        match v {
+            Some(v) => v
+                .parse()
+                .map_err(|_| StoreError::Corrupt(format!("schema_version `{v}`")))?,
+            None => 0,
+        }
+    } else {
+        0
+    };
+    if found > SCHEMA_VERSION {
+        // Dropping `tx` rolls back: nothing was written.
+        return Err(StoreError::SchemaTooNew {
+            found,
+            supported: SCHEMA_VERSION,
+        });
+    }
+    if found < SCHEMA_VERSION {
+        // The name was validated by `valid_schema`; identifiers cannot
+        // be bound as parameters.
+        let create = format!("CREATE SCHEMA IF NOT EXISTS \"{}\"", schema);
+        sqlx::raw_sql(&create).execute(&mut *tx).await.map_err(db)?;
+        sqlx::raw_sql(
+            "CREATE TABLE IF NOT EXISTS docket_meta (key text PRIMARY KEY, value text NOT NULL)",
+        )
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+        sqlx::raw_sql(include_str!("schema.sql"))
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        sqlx::query(
+            "INSERT INTO docket_meta (key, value) VALUES ('schema_version', $1)
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        )
+        .bind(SCHEMA_VERSION.to_string())
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+    }
+    tx.commit().await.map_err(db)
+}
+
 async fn new_listener(pool: &PgPool) -> std::result::Result<PgListener, sqlx::Error> {
     let mut listener = PgListener::connect_with(pool).await?;
     listener.listen(WAKEUP_CHANNEL).await?;
     Ok(listener)
 }
 
-async fn forward_wakeups(
-    pool: PgPool,
-    mut listener: PgListener,
-    tx: broadcast::Sender<String>,
-) {
+async fn forward_wakeups(pool: PgPool, mut listener: PgListener, tx: broadcast::Sender<String>) {
     loop {
         let msg = match listener.try_recv().await {
             Ok(Some(n)) => n.payload().to_string(),

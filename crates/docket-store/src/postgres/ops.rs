@@ -245,30 +245,26 @@ pub(super) async fn trigger(
     }
     // The rest hit an idempotency key already used (by an earlier run, or
     // by an earlier entry of this batch).
-    let mut taken: HashMap<(&str, &str, &str), Option<Run>> = HashMap::new();
+    let mut taken: Vec<(&str, &str, &str)> = Vec::new();
     let mut slots: Vec<Option<Run>> = Vec::with_capacity(n);
     for r in &runs {
         let run = inserted.remove(&r.id);
         if run.is_none() {
-            let key = r.idempotency_key.as_deref().ok_or_else(|| {
-                StoreError::Database(format!("run {} was not inserted", r.id))
-            })?;
-            taken.insert((&r.tenant, &r.job, key), None);
+            let key = r
+                .idempotency_key
+                .as_deref()
+                .ok_or_else(|| StoreError::Database(format!("run {} was not inserted", r.id)))?;
+            taken.push((r.tenant.as_str(), r.job.as_str(), key));
         }
         slots.push(run);
     }
+    let mut found: HashMap<(String, String, String), Run> = HashMap::new();
     if !taken.is_empty() {
-        let (t, j, k): (Vec<&str>, Vec<&str>, Vec<&str>) = {
-            let mut t = Vec::new();
-            let mut j = Vec::new();
-            let mut k = Vec::new();
-            for (tenant, job, key) in taken.keys() {
-                t.push(*tenant);
-                j.push(*job);
-                k.push(*key);
-            }
-            (t, j, k)
-        };
+        taken.sort_unstable();
+        taken.dedup();
+        let t: Vec<&str> = taken.iter().map(|k| k.0).collect();
+        let j: Vec<&str> = taken.iter().map(|k| k.1).collect();
+        let k: Vec<&str> = taken.iter().map(|k| k.2).collect();
         let rows = sqlx::query(&format!(
             "SELECT {RUN_COLS} FROM runs
              WHERE (tenant, job, idempotency_key) IN
@@ -282,10 +278,8 @@ pub(super) async fn trigger(
         .map_err(db)?;
         for row in &rows {
             let run = run_from_row(row)?;
-            if let Some(key) = run.idempotency_key.as_deref() {
-                if let Some(slot) = taken.get_mut(&(run.tenant.as_str(), run.job.as_str(), key)) {
-                    *slot = Some(run.clone());
-                }
+            if let Some(key) = run.idempotency_key.clone() {
+                found.insert((run.tenant.clone(), run.job.clone(), key), run);
             }
         }
     }
@@ -298,17 +292,17 @@ pub(super) async fn trigger(
             }),
             None => {
                 let key = (
-                    r.tenant.as_str(),
-                    r.job.as_str(),
-                    r.idempotency_key.as_deref().unwrap_or_default(),
+                    r.tenant.clone(),
+                    r.job.clone(),
+                    r.idempotency_key.clone().unwrap_or_default(),
                 );
-                match taken.get(&key).cloned().flatten() {
+                match found.get(&key) {
                     Some(run) => Ok(Triggered {
-                        run,
+                        run: run.clone(),
                         existing: true,
                     }),
                     None => Err(StoreError::Database(format!(
-                        "run with idempotency key `{}` vanished during trigger; retry",
+                        "the run with idempotency key `{}` vanished during trigger; retry",
                         key.2
                     ))),
                 }
@@ -722,11 +716,7 @@ async fn finish_inner(c: &mut PgConnection, end: AttemptEnd) -> Result<Result<Ru
                 .bind(now.0),
             )
             .await?;
-            insert_event(
-                c,
-                ev("run_cancelled", json!({ "at_step_boundary": true })),
-            )
-            .await?;
+            insert_event(c, ev("run_cancelled", json!({ "at_step_boundary": true }))).await?;
         }
         Outcome::Released => {
             exec(
@@ -868,7 +858,8 @@ pub(super) async fn list_runs<'e>(ex: impl PgExecutor<'e>, f: &RunFilter) -> Res
         q.push(" AND status = ANY(").push_bind(st).push(")");
     }
     let limit = if f.limit == 0 { 100 } else { f.limit };
-    q.push(" ORDER BY id DESC LIMIT ").push_bind(sql_limit(limit));
+    q.push(" ORDER BY id DESC LIMIT ")
+        .push_bind(sql_limit(limit));
     let rows = q.build().fetch_all(ex).await.map_err(db)?;
     runs_from_rows(rows)
 }

@@ -269,6 +269,36 @@ pub(super) fn claim(c: &Connection, req: &ClaimRequest) -> Result<Vec<Run>> {
     Ok(out)
 }
 
+/// The columns a fenced write needs (cheaper than decoding the whole run).
+struct Fence {
+    id: RunId,
+    tenant: String,
+    job: String,
+    status: RunStatus,
+    attempt: u32,
+    lease_id: Option<LeaseId>,
+    lease_expires_at: Option<Timestamp>,
+}
+
+fn fence_row(c: &Connection, id: RunId) -> Result<Option<Fence>> {
+    let mut st = c
+        .prepare_cached("SELECT tenant, job, status, attempt, lease_id, lease_expires_at FROM runs WHERE id = ?1")
+        .map_err(db_err)?;
+    st.query_row([id.to_string()], |r| {
+        Ok(Fence {
+            id,
+            tenant: r.get(0)?,
+            job: r.get(1)?,
+            status: parse("status", r.get(2)?)?,
+            attempt: r.get(3)?,
+            lease_id: parse_opt("lease id", r.get(4)?)?,
+            lease_expires_at: r.get::<_, Option<i64>>(5)?.map(Timestamp),
+        })
+    })
+    .optional()
+    .map_err(db_err)
+}
+
 /// Ends one attempt. `Err` only for a database error or a stale lease; the
 /// stale case has already written its `stale_write_refused` event.
 pub(super) fn finish_one(c: &Connection, end: AttemptEnd) -> Result<RunStatus> {
@@ -278,7 +308,7 @@ pub(super) fn finish_one(c: &Connection, end: AttemptEnd) -> Result<RunStatus> {
 }
 
 fn finish_inner(c: &Connection, end: AttemptEnd) -> Result<Result<RunStatus>> {
-    let run = get_run(c, end.run_id)?.ok_or(StoreError::NotFound(end.run_id))?;
+    let run = fence_row(c, end.run_id)?.ok_or(StoreError::NotFound(end.run_id))?;
     let now = end.now;
     if run.status != RunStatus::Running || run.lease_id != Some(end.lease_id) {
         insert_event(

@@ -1,0 +1,485 @@
+//! `docket bench`: the three workloads of the engine issue.
+//!
+//! - W1 drain: enqueue N no-op runs (batch trigger), then process them at
+//!   concurrency C: enqueue runs/s, processed runs/s, peak RSS.
+//! - W2 pickup: an idle worker; runs triggered one at a time at ~100/s;
+//!   percentiles of (handler start − trigger return).
+//! - W3 retry: runs that fail twice and succeed on the third attempt with a
+//!   10 ms backoff and no jitter; wall time; executions counted and checked.
+//!
+//! Every attempt row and event is written as in production: the bench uses
+//! the public API and the same store.
+
+use docket::{
+    Docket, Job, JobError, RetryPolicy, RunFilter, RunStatus, TriggerOptions, WorkerConfig,
+};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+use serde_json::{json, Value};
+use std::collections::{BTreeMap, HashMap};
+use std::io::IsTerminal;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::Notify;
+
+/// Arguments of `docket bench`.
+#[derive(clap::Args, Debug)]
+pub struct BenchArgs {
+    /// Which workload: W1, W2, W3 or all.
+    #[arg(default_value = "all")]
+    workload: String,
+    /// Database URL (default: a fresh SQLite file in a temporary directory).
+    /// For PostgreSQL, a fresh schema is used and dropped afterwards.
+    #[arg(long)]
+    db: Option<String>,
+    /// Runs per workload (default: W1 10,000, W2 500, W3 1,000).
+    #[arg(long)]
+    runs: Option<usize>,
+    /// Worker concurrency (default 8).
+    #[arg(long, default_value_t = 8)]
+    concurrency: usize,
+    /// One JSON object per workload per line.
+    #[arg(long)]
+    json: bool,
+}
+
+/// One workload's figures.
+#[derive(Serialize, Debug, Default)]
+struct Report {
+    workload: String,
+    backend: String,
+    runs: usize,
+    concurrency: usize,
+    enqueue_per_s: Option<f64>,
+    processed_per_s: Option<f64>,
+    p50_ms: Option<f64>,
+    p95_ms: Option<f64>,
+    p99_ms: Option<f64>,
+    executions_expected: Option<usize>,
+    executions_actual: Option<usize>,
+    wall_s: f64,
+    peak_rss_mb: Option<f64>,
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+pub async fn run(args: BenchArgs) -> Result<(), BoxError> {
+    let which: Vec<&str> = match args.workload.to_ascii_uppercase().as_str() {
+        "ALL" => vec!["W1", "W2", "W3"],
+        "W1" => vec!["W1"],
+        "W2" => vec!["W2"],
+        "W3" => vec!["W3"],
+        other => {
+            return Err(format!("unknown workload `{other}`: expected W1, W2, W3 or all").into())
+        }
+    };
+    if args.concurrency == 0 {
+        return Err("--concurrency must be at least 1".into());
+    }
+    let mut reports = Vec::new();
+    for w in which {
+        let db = Db::fresh(args.db.as_deref()).await?;
+        reset_peak_rss();
+        let report = match w {
+            "W1" => w1(&db, args.runs.unwrap_or(10_000), args.concurrency).await?,
+            "W2" => w2(&db, args.runs.unwrap_or(500)).await?,
+            _ => w3(&db, args.runs.unwrap_or(1_000), args.concurrency).await?,
+        };
+        db.cleanup().await;
+        if args.json {
+            println!("{}", serde_json::to_string(&report)?);
+        }
+        reports.push(report);
+    }
+    if !args.json {
+        print_table(&reports);
+    }
+    for r in &reports {
+        if r.executions_expected != r.executions_actual {
+            return Err(format!(
+                "{}: expected {:?} executions, counted {:?}",
+                r.workload, r.executions_expected, r.executions_actual
+            )
+            .into());
+        }
+    }
+    Ok(())
+}
+
+struct Db {
+    url: String,
+    backend: String,
+    tmp: Option<std::path::PathBuf>,
+}
+
+impl Db {
+    async fn fresh(url: Option<&str>) -> Result<Db, BoxError> {
+        match url {
+            None => {
+                let dir = std::env::temp_dir()
+                    .join(format!("docket-bench-{}", uuid::Uuid::new_v4().simple()));
+                std::fs::create_dir_all(&dir)?;
+                Ok(Db {
+                    url: format!("sqlite://{}", dir.join("bench.db").display()),
+                    backend: "sqlite".into(),
+                    tmp: Some(dir),
+                })
+            }
+            Some(u) if u.starts_with("postgres") => {
+                let schema = format!("bench_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+                let sep = if u.contains('?') { '&' } else { '?' };
+                Ok(Db {
+                    url: format!("{u}{sep}schema={schema}"),
+                    backend: "postgres".into(),
+                    tmp: None,
+                })
+            }
+            Some(u) => Ok(Db {
+                url: u.to_string(),
+                backend: "sqlite".into(),
+                tmp: None,
+            }),
+        }
+    }
+
+    async fn cleanup(&self) {
+        if let Some(dir) = &self.tmp {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+fn progress(len: usize, what: &str) -> ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let pb = ProgressBar::new(len as u64);
+    pb.set_style(
+        ProgressStyle::with_template("{prefix:>10} [{bar:40}] {pos}/{len} {per_sec}")
+            .expect("template")
+            .progress_chars("=> "),
+    );
+    pb.set_prefix(what.to_string());
+    pb
+}
+
+/// Waits, with a bound, until `counter` reaches `target`.
+async fn wait_count(
+    counter: &AtomicUsize,
+    notify: &Notify,
+    target: usize,
+    bound: Duration,
+) -> Result<(), BoxError> {
+    tokio::time::timeout(bound, async {
+        loop {
+            let n = notify.notified();
+            if counter.load(Ordering::SeqCst) >= target {
+                return;
+            }
+            n.await;
+        }
+    })
+    .await
+    .map_err(|_| {
+        format!(
+            "only {} of {target} executions within {bound:?}",
+            counter.load(Ordering::SeqCst)
+        )
+        .into()
+    })
+}
+
+async fn all_completed(d: &Docket, runs: usize) -> Result<(), BoxError> {
+    let counts = d.store().count_runs(None).await?;
+    let completed: i64 = counts
+        .iter()
+        .filter(|c| c.status == RunStatus::Completed)
+        .map(|c| c.count)
+        .sum();
+    if completed as usize != runs {
+        return Err(format!("{completed} of {runs} runs completed: {counts:?}").into());
+    }
+    Ok(())
+}
+
+async fn w1(db: &Db, runs: usize, concurrency: usize) -> Result<Report, BoxError> {
+    let d = Docket::open(&db.url).await?;
+    let count = Arc::new(AtomicUsize::new(0));
+    let done = Arc::new(Notify::new());
+    let (c, n) = (count.clone(), done.clone());
+    let pb = progress(runs, "W1");
+    let pb2 = pb.clone();
+    d.register(Job::new("noop", move |_ctx, _: Value| {
+        let (c, n, pb) = (c.clone(), n.clone(), pb2.clone());
+        async move {
+            let k = c.fetch_add(1, Ordering::SeqCst) + 1;
+            pb.inc(1);
+            if k >= runs {
+                n.notify_one();
+            }
+            Ok::<_, JobError>(Value::Null)
+        }
+    }))?;
+    let start = Instant::now();
+    for chunk_start in (0..runs).step_by(1_000) {
+        let batch = (chunk_start..(chunk_start + 1_000).min(runs))
+            .map(|i| {
+                (
+                    "noop".to_string(),
+                    json!({ "i": i }),
+                    TriggerOptions::default(),
+                )
+            })
+            .collect();
+        d.trigger_batch(batch).await?;
+    }
+    let enqueue_s = start.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let handle = d
+        .worker(WorkerConfig {
+            concurrency,
+            ..Default::default()
+        })
+        .start();
+    wait_count(&count, &done, runs, Duration::from_secs(600)).await?;
+    handle.shutdown(Duration::from_secs(10)).await;
+    let drain_s = t.elapsed().as_secs_f64();
+    pb.finish_and_clear();
+    all_completed(&d, runs).await?;
+    Ok(Report {
+        workload: "W1".into(),
+        backend: db.backend.clone(),
+        runs,
+        concurrency,
+        enqueue_per_s: Some(runs as f64 / enqueue_s),
+        processed_per_s: Some(runs as f64 / drain_s),
+        executions_expected: Some(runs),
+        executions_actual: Some(count.load(Ordering::SeqCst)),
+        wall_s: start.elapsed().as_secs_f64(),
+        peak_rss_mb: peak_rss_mb(),
+        ..Default::default()
+    })
+}
+
+async fn w2(db: &Db, runs: usize) -> Result<Report, BoxError> {
+    let d = Docket::open(&db.url).await?;
+    let starts: Arc<Mutex<HashMap<docket::RunId, Instant>>> = Arc::default();
+    let count = Arc::new(AtomicUsize::new(0));
+    let done = Arc::new(Notify::new());
+    let (s, c, n) = (starts.clone(), count.clone(), done.clone());
+    d.register(Job::new("pickup", move |ctx, _: Value| {
+        let now = Instant::now();
+        s.lock().expect("starts").insert(ctx.run_id(), now);
+        c.fetch_add(1, Ordering::SeqCst);
+        n.notify_one();
+        async move { Ok::<_, JobError>(Value::Null) }
+    }))?;
+    let handle = d
+        .worker(WorkerConfig {
+            concurrency: 8,
+            poll_interval: Duration::from_secs(1),
+            ..Default::default()
+        })
+        .start();
+    // Warm up: the first trigger pays for statement preparation.
+    let warm = d.trigger("pickup", json!({})).await?.run.id;
+    d.wait(warm, Duration::from_secs(10)).await?;
+    let pb = progress(runs, "W2");
+    let start = Instant::now();
+    let mut returned = Vec::with_capacity(runs);
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    for i in 0..runs {
+        tick.tick().await;
+        let id = d.trigger("pickup", json!({ "i": i })).await?.run.id;
+        returned.push((id, Instant::now()));
+        pb.inc(1);
+    }
+    wait_count(&count, &done, runs + 1, Duration::from_secs(60)).await?;
+    let wall = start.elapsed().as_secs_f64();
+    handle.shutdown(Duration::from_secs(5)).await;
+    pb.finish_and_clear();
+    let starts = starts.lock().expect("starts");
+    let mut lat: Vec<f64> = returned
+        .iter()
+        .map(|(id, ret)| {
+            let s = starts[id];
+            // The handler may start before trigger() has returned to its
+            // caller; that counts as zero latency, never negative.
+            s.saturating_duration_since(*ret).as_secs_f64() * 1_000.0
+        })
+        .collect();
+    lat.sort_by(|a, b| a.partial_cmp(b).expect("finite"));
+    all_completed(&d, runs + 1).await?;
+    Ok(Report {
+        workload: "W2".into(),
+        backend: db.backend.clone(),
+        runs,
+        concurrency: 8,
+        p50_ms: Some(percentile(&lat, 50.0)),
+        p95_ms: Some(percentile(&lat, 95.0)),
+        p99_ms: Some(percentile(&lat, 99.0)),
+        executions_expected: Some(runs),
+        executions_actual: Some(count.load(Ordering::SeqCst) - 1),
+        wall_s: wall,
+        peak_rss_mb: peak_rss_mb(),
+        ..Default::default()
+    })
+}
+
+async fn w3(db: &Db, runs: usize, concurrency: usize) -> Result<Report, BoxError> {
+    let d = Docket::open(&db.url).await?;
+    let count = Arc::new(AtomicUsize::new(0));
+    let done = Arc::new(Notify::new());
+    let (c, n) = (count.clone(), done.clone());
+    let policy = RetryPolicy {
+        name: "bench-10ms".into(),
+        base_delay_ms: 10,
+        multiplier: 1.0,
+        max_delay_ms: 10,
+        max_attempts: 5,
+        jitter_ms: 0,
+        overrides: BTreeMap::new(),
+    };
+    let pb = progress(runs * 3, "W3");
+    let pb2 = pb.clone();
+    d.register(
+        Job::new("flaky", move |ctx, _: Value| {
+            let (c, n, pb) = (c.clone(), n.clone(), pb2.clone());
+            async move {
+                c.fetch_add(1, Ordering::SeqCst);
+                pb.inc(1);
+                n.notify_one();
+                if ctx.attempt() < 3 {
+                    Err(JobError::unavailable(format!(
+                        "planned failure {}",
+                        ctx.attempt()
+                    )))
+                } else {
+                    Ok(Value::Null)
+                }
+            }
+        })
+        .retry(policy),
+    )?;
+    let start = Instant::now();
+    let batch = (0..runs)
+        .map(|i| {
+            (
+                "flaky".to_string(),
+                json!({ "i": i }),
+                TriggerOptions::default(),
+            )
+        })
+        .collect();
+    let ids: Vec<_> = d
+        .trigger_batch(batch)
+        .await?
+        .into_iter()
+        .map(|t| t.run.id)
+        .collect();
+    let handle = d
+        .worker(WorkerConfig {
+            concurrency,
+            poll_interval: Duration::from_millis(5),
+            ..Default::default()
+        })
+        .start();
+    wait_count(&count, &done, runs * 3, Duration::from_secs(600)).await?;
+    for id in &ids {
+        d.wait(*id, Duration::from_secs(30)).await?;
+    }
+    let wall = start.elapsed().as_secs_f64();
+    handle.shutdown(Duration::from_secs(5)).await;
+    pb.finish_and_clear();
+    all_completed(&d, runs).await?;
+    // Executions read back from the evidence, not only from the counter.
+    let mut attempt_rows = 0;
+    for id in &ids {
+        let att = d.store().attempts(*id).await?;
+        if att.len() != 3 {
+            return Err(format!("run {id} has {} attempts, expected 3", att.len()).into());
+        }
+        attempt_rows += att.len();
+    }
+    let counted = count.load(Ordering::SeqCst);
+    if counted != attempt_rows {
+        return Err(format!("counted {counted} executions but {attempt_rows} attempt rows").into());
+    }
+    let _ = d.list_runs(RunFilter::default()).await?;
+    Ok(Report {
+        workload: "W3".into(),
+        backend: db.backend.clone(),
+        runs,
+        concurrency,
+        processed_per_s: Some(runs as f64 / wall),
+        executions_expected: Some(runs * 3),
+        executions_actual: Some(counted),
+        wall_s: wall,
+        peak_rss_mb: peak_rss_mb(),
+        ..Default::default()
+    })
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// Resets the kernel's peak-RSS counter so each workload reports its own.
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+fn peak_rss_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+fn print_table(reports: &[Report]) {
+    let f = |v: Option<f64>, prec: usize| {
+        v.map(|x| format!("{x:.prec$}"))
+            .unwrap_or_else(|| "-".into())
+    };
+    println!(
+        "{:<4} {:<9} {:>6} {:>4} {:>11} {:>12} {:>7} {:>7} {:>7} {:>13} {:>7} {:>8}",
+        "load",
+        "backend",
+        "runs",
+        "conc",
+        "enqueue/s",
+        "processed/s",
+        "p50ms",
+        "p95ms",
+        "p99ms",
+        "executions",
+        "wall_s",
+        "rss_mb"
+    );
+    for r in reports {
+        let ex = match (r.executions_actual, r.executions_expected) {
+            (Some(a), Some(e)) => format!("{a}/{e}"),
+            _ => "-".into(),
+        };
+        println!(
+            "{:<4} {:<9} {:>6} {:>4} {:>11} {:>12} {:>7} {:>7} {:>7} {:>13} {:>7.2} {:>8}",
+            r.workload,
+            r.backend,
+            r.runs,
+            r.concurrency,
+            f(r.enqueue_per_s, 0),
+            f(r.processed_per_s, 0),
+            f(r.p50_ms, 3),
+            f(r.p95_ms, 3),
+            f(r.p99_ms, 3),
+            ex,
+            r.wall_s,
+            f(r.peak_rss_mb, 1)
+        );
+    }
+}
