@@ -148,6 +148,14 @@ pub trait Store: Send + Sync + 'static {
 
     /// Events in id order.
     async fn events(&self, filter: EventFilter) -> Result<Vec<EventRecord>>;
+
+    /// Wake-ups sent by other processes when they trigger runs: job names,
+    /// or `""` for "check every job" (after a lost connection). `None` when
+    /// the backend has no such channel (SQLite: one process wakes its own
+    /// workers in memory; other processes are seen by polling).
+    async fn wakeups(&self) -> Result<Option<tokio::sync::broadcast::Receiver<String>>> {
+        Ok(None)
+    }
 }
 
 /// A shared, type-erased store.

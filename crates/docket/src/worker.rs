@@ -212,6 +212,15 @@ async fn main_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     let hb = tokio::spawn(heartbeat_loop(shared.clone(), stop.clone()));
     let reaper = tokio::spawn(reap_loop(shared.clone(), stop.clone()));
     let mut backoff = Duration::from_millis(50);
+    // Other processes' triggers (PostgreSQL LISTEN/NOTIFY). Polling stays as
+    // the fallback for a lost notification or a dropped listener.
+    let mut remote = match shared.docket.store().wakeups().await {
+        Ok(rx) => rx,
+        Err(e) => {
+            tracing::warn!(error = %e, "no wake-up channel; relying on polling");
+            None
+        }
+    };
     loop {
         if *stop.borrow() {
             break;
@@ -249,6 +258,7 @@ async fn main_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
         };
         tokio::select! {
             _ = shared.wake.notified(), if !busy => {}
+            _ = remote_wakeup(&mut remote), if !busy => {}
             _ = shared.slot_freed.notified() => {}
             _ = tokio::time::sleep(idle_wait) => {}
             _ = stop.changed() => {}
@@ -256,6 +266,19 @@ async fn main_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     }
     hb.abort();
     reaper.abort();
+}
+
+/// Resolves on the next remote wake-up; never when there is no channel.
+async fn remote_wakeup(rx: &mut Option<tokio::sync::broadcast::Receiver<String>>) {
+    match rx {
+        Some(r) => match r.recv().await {
+            Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                *rx = None;
+            }
+        },
+        None => std::future::pending::<()>().await,
+    }
 }
 
 async fn heartbeat_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {

@@ -352,6 +352,10 @@ impl Store for PgStore {
         "postgres"
     }
 
+    async fn wakeups(&self) -> Result<Option<broadcast::Receiver<String>>> {
+        self.listen().await.map(Some)
+    }
+
     async fn trigger(&self, runs: Vec<NewRun>, now: Timestamp) -> Result<Vec<Triggered>> {
         let mut tx = self.pool.begin().await.map_err(db)?;
         let out = ops::trigger(&mut tx, runs, now).await?;
