@@ -119,6 +119,34 @@ pub trait Store: Send + Sync + 'static {
     /// event.
     async fn finish(&self, ends: Vec<AttemptEnd>) -> Result<Vec<Result<RunStatus>>>;
 
+    /// [`finish`](Store::finish) then [`claim`](Store::claim) for each
+    /// request, in one round trip where the backend can (SQLite: one commit).
+    /// Each end and each claim stays its own atomic unit. The claims share
+    /// one budget, the largest `limit` among them: a later request claims at
+    /// most what the earlier ones left. This is the worker's hot path: the
+    /// ends of finished attempts and the claim that refills their slots
+    /// share a commit.
+    async fn finish_and_claim(
+        &self,
+        ends: Vec<AttemptEnd>,
+        claims: Vec<ClaimRequest>,
+    ) -> Result<(Vec<Result<RunStatus>>, Vec<Run>)> {
+        let finished = if ends.is_empty() {
+            Vec::new()
+        } else {
+            self.finish(ends).await?
+        };
+        let budget = claims.iter().map(|c| c.limit).max().unwrap_or(0);
+        let mut runs = Vec::new();
+        for mut req in claims {
+            req.limit = req.limit.min(budget - runs.len());
+            if req.limit > 0 {
+                runs.extend(self.claim(req).await?);
+            }
+        }
+        Ok((finished, runs))
+    }
+
     /// Extends live leases to `expires_at`. For each lease: whether it is
     /// still held, and whether a cancellation was requested.
     async fn heartbeat(

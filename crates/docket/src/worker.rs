@@ -25,6 +25,12 @@ pub struct WorkerConfig {
     pub name: String,
     /// Handlers running at once, at most.
     pub concurrency: usize,
+    /// Runs claimed ahead of free handler slots (default: equal to
+    /// `concurrency`). Larger claims mean fewer, bigger transactions; the
+    /// price is that a prefetched run waits here, heartbeated, instead of
+    /// being free for another worker. At shutdown, prefetched runs that never
+    /// started are released at once. 0 disables prefetching.
+    pub prefetch: usize,
     /// Fallback poll when no wake-up arrives (other processes' triggers,
     /// runs becoming due).
     pub poll_interval: Duration,
@@ -41,6 +47,7 @@ impl Default for WorkerConfig {
                 &uuid::Uuid::new_v4().simple().to_string()[..8]
             ),
             concurrency: 8,
+            prefetch: 8,
             poll_interval: Duration::from_secs(1),
             reap_interval: Duration::from_secs(1),
         }
@@ -59,10 +66,29 @@ struct Shared {
     config: WorkerConfig,
     wake: Arc<Notify>,
     slot_freed: Notify,
-    /// Attempt ends handed to the completer and not yet stored.
+    /// Handler slots: a claimed run waits for a permit before it executes.
+    slots: Arc<tokio::sync::Semaphore>,
+    stopping: AtomicBool,
+    /// Attempt ends handed over and not yet stored.
     finishing: AtomicUsize,
     inflight: Mutex<HashMap<RunId, InFlight>>,
-    completer: mpsc::UnboundedSender<(AttemptEnd, oneshot::Sender<Result<(), StoreError>>)>,
+    /// Ends go to the driver loop, which stores them together with the
+    /// claim that refills their slots. `None` in tick mode (tests), where
+    /// each task stores its own end.
+    ends: Option<mpsc::UnboundedSender<EndMsg>>,
+    ends_rx: Mutex<Option<mpsc::UnboundedReceiver<EndMsg>>>,
+}
+
+type EndMsg = (AttemptEnd, oneshot::Sender<Result<(), StoreError>>);
+
+/// The driver loop's phases.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Phase {
+    Running,
+    /// No more claims; store the ends of attempts still running.
+    Draining,
+    /// Store what is pending, then exit.
+    Exit,
 }
 
 /// A worker for one [`Docket`]. Use [`Worker::start`] to run it in the
@@ -73,7 +99,7 @@ pub struct Worker {
 
 /// A running worker.
 pub struct WorkerHandle {
-    stop: watch::Sender<bool>,
+    stop: watch::Sender<Phase>,
     main: JoinHandle<()>,
     shared: Arc<Shared>,
 }
@@ -89,16 +115,19 @@ impl Worker {
             .expect("wakers lock")
             .push(wake.clone());
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(completer(docket.clone(), rx));
+        let slots = Arc::new(tokio::sync::Semaphore::new(config.concurrency));
         Worker {
             shared: Arc::new(Shared {
                 docket,
                 config,
                 wake,
                 slot_freed: Notify::new(),
+                slots,
+                stopping: AtomicBool::new(false),
                 finishing: AtomicUsize::new(0),
                 inflight: Mutex::new(HashMap::new()),
-                completer: tx,
+                ends: Some(tx),
+                ends_rx: Mutex::new(Some(rx)),
             }),
         }
     }
@@ -108,10 +137,11 @@ impl Worker {
     pub async fn tick(&self) -> crate::Result<usize> {
         self.shared.docket.reap_expired().await?;
         let runs = self.shared.claim(self.shared.config.concurrency).await?;
+        // A tick runs what it claimed now, whatever the slot count.
         let n = runs.len();
         let tasks: Vec<_> = runs
             .into_iter()
-            .map(|r| self.shared.clone().spawn_run(r))
+            .map(|r| self.shared.clone().spawn_run(r, false))
             .collect();
         for t in tasks {
             let _ = t.await;
@@ -121,9 +151,15 @@ impl Worker {
 
     /// Starts the worker's loops in the background.
     pub fn start(self) -> WorkerHandle {
-        let (stop, stop_rx) = watch::channel(false);
+        let (stop, stop_rx) = watch::channel(Phase::Running);
         let shared = self.shared.clone();
-        let main = tokio::spawn(main_loop(shared.clone(), stop_rx));
+        let ends_rx = shared
+            .ends_rx
+            .lock()
+            .expect("ends")
+            .take()
+            .expect("a worker starts once");
+        let main = tokio::spawn(main_loop(shared.clone(), stop_rx, ends_rx));
         WorkerHandle { stop, main, shared }
     }
 }
@@ -133,13 +169,15 @@ impl WorkerHandle {
     /// `grace`, then release the rest (due at once, no attempt budget spent)
     /// so another worker takes them without waiting for lease expiry.
     pub async fn shutdown(self, grace: Duration) -> usize {
-        let _ = self.stop.send(true);
-        let _ = self.main.await;
+        self.shared.stopping.store(true, Ordering::SeqCst);
+        let _ = self.stop.send(Phase::Draining);
         let deadline = tokio::time::Instant::now() + grace;
         loop {
             let notified = self.shared.slot_freed.notified();
             let idle = self.shared.inflight.lock().expect("inflight").is_empty();
             if idle && self.shared.finishing.load(Ordering::SeqCst) == 0 {
+                let _ = self.stop.send(Phase::Exit);
+                let _ = self.main.await;
                 return 0;
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
@@ -180,6 +218,8 @@ impl WorkerHandle {
                 tracing::error!(error = %e, "could not release runs at shutdown; they return after lease expiry")
             }
         }
+        let _ = self.stop.send(Phase::Exit);
+        let _ = self.main.await;
         n
     }
 
@@ -208,10 +248,16 @@ pub async fn wait_for_signal() {
     }
 }
 
-async fn main_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+/// The driver: the only place the running worker talks to the store on its
+/// hot path. Each round stores every attempt end waiting and, when worth it,
+/// claims runs for the free slots — in one round trip (one commit on SQLite).
+async fn main_loop(
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<Phase>,
+    mut ends_rx: mpsc::UnboundedReceiver<EndMsg>,
+) {
     let hb = tokio::spawn(heartbeat_loop(shared.clone(), stop.clone()));
     let reaper = tokio::spawn(reap_loop(shared.clone(), stop.clone()));
-    let mut backoff = Duration::from_millis(50);
     // Other processes' triggers (PostgreSQL LISTEN/NOTIFY). Polling stays as
     // the fallback for a lost notification or a dropped listener.
     let mut remote = match shared.docket.store().wakeups().await {
@@ -221,46 +267,83 @@ async fn main_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
             None
         }
     };
+    let capacity = shared.config.concurrency + shared.config.prefetch;
+    let mut backoff = Duration::from_millis(50);
+    let mut want_claim = true;
+    let mut pending: Vec<EndMsg> = Vec::new();
     loop {
-        if *stop.borrow() {
-            break;
+        while pending.len() < 512 {
+            match ends_rx.try_recv() {
+                Ok(m) => pending.push(m),
+                Err(_) => break,
+            }
         }
-        let free = shared.config.concurrency - shared.inflight.lock().expect("inflight").len();
-        let mut claimed_all = false;
-        if free > 0 {
-            match shared.claim(free).await {
-                Ok(runs) => {
+        let phase = *stop.borrow();
+        let in_hand = shared.inflight.lock().expect("inflight").len();
+        let free = capacity.saturating_sub(in_hand);
+        // With runs in hand, claim only once half the capacity is free:
+        // fewer, larger claims; the prefetched runs keep the slots busy.
+        let worth_claiming = phase == Phase::Running
+            && want_claim
+            && free > 0
+            && (in_hand < shared.config.concurrency || free * 2 >= capacity);
+        if !pending.is_empty() || worth_claiming {
+            let claims = if worth_claiming {
+                shared.claim_requests(free)
+            } else {
+                Vec::new()
+            };
+            let (ends, replies): (Vec<_>, Vec<_>) = pending.drain(..).unzip();
+            let had_ends = !ends.is_empty();
+            let ids: Vec<RunId> = ends.iter().map(|e| e.run_id).collect();
+            match shared.docket.store().finish_and_claim(ends, claims).await {
+                Ok((results, runs)) => {
                     backoff = Duration::from_millis(50);
-                    claimed_all = runs.len() == free;
-                    for r in runs {
-                        shared.clone().spawn_run(r);
+                    for ((res, reply), id) in results.into_iter().zip(replies).zip(ids) {
+                        let _ = shared.docket.inner.changes.send(id);
+                        let _ = reply.send(res.map(|_| ()));
                     }
+                    if worth_claiming {
+                        want_claim = runs.len() == free;
+                        for r in runs {
+                            shared.clone().spawn_run(r, true);
+                        }
+                    }
+                    // Freed slots: there may be runs due now (retries).
+                    want_claim |= had_ends;
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, retry_in = ?backoff, "claim failed; backing off");
+                    let msg = e.to_string();
+                    for reply in replies {
+                        let _ = reply.send(Err(StoreError::Database(msg.clone())));
+                    }
+                    tracing::warn!(error = %msg, retry_in = ?backoff, "store unavailable; backing off");
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
                         _ = stop.changed() => {}
                     }
                     backoff = (backoff * 2).min(Duration::from_secs(5));
-                    continue;
+                    want_claim = true;
                 }
             }
-        }
-        let busy = shared.inflight.lock().expect("inflight").len() >= shared.config.concurrency;
-        if claimed_all && !busy {
             continue;
         }
-        let idle_wait = if busy {
+        if phase == Phase::Exit {
+            break;
+        }
+        let idle_wait = if phase != Phase::Running || free == 0 {
             Duration::from_secs(3600)
+        } else if in_hand > 0 {
+            shared.config.poll_interval
         } else {
             shared.idle_wait().await
         };
+        let running = phase == Phase::Running;
         tokio::select! {
-            _ = shared.wake.notified(), if !busy => {}
-            _ = remote_wakeup(&mut remote), if !busy => {}
-            _ = shared.slot_freed.notified() => {}
-            _ = tokio::time::sleep(idle_wait) => {}
+            m = ends_rx.recv() => if let Some(m) = m { pending.push(m) },
+            _ = shared.wake.notified(), if running => want_claim = true,
+            _ = remote_wakeup(&mut remote), if running => want_claim = true,
+            _ = tokio::time::sleep(idle_wait) => want_claim = true,
             _ = stop.changed() => {}
         }
     }
@@ -281,7 +364,7 @@ async fn remote_wakeup(rx: &mut Option<tokio::sync::broadcast::Receiver<String>>
     }
 }
 
-async fn heartbeat_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+async fn heartbeat_loop(shared: Arc<Shared>, mut stop: watch::Receiver<Phase>) {
     loop {
         let interval = shared.heartbeat_interval();
         tokio::select! {
@@ -297,7 +380,7 @@ async fn heartbeat_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
                 .or_default()
                 .push((f.lease, f.cancelled.clone()));
         }
-        if groups.is_empty() && *stop.borrow() {
+        if groups.is_empty() && *stop.borrow() != Phase::Running {
             return;
         }
         for (len, leases) in groups {
@@ -324,7 +407,7 @@ async fn heartbeat_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     }
 }
 
-async fn reap_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+async fn reap_loop(shared: Arc<Shared>, mut stop: watch::Receiver<Phase>) {
     loop {
         tokio::select! {
             _ = tokio::time::sleep(shared.config.reap_interval) => {}
@@ -332,40 +415,6 @@ async fn reap_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
         }
         if let Err(e) = shared.docket.reap_expired().await {
             tracing::warn!(error = %e, "lease reaper failed");
-        }
-    }
-}
-
-/// Sends attempt ends to the store in batches: every end waiting when the
-/// previous batch returns goes into the next one.
-async fn completer(
-    docket: Docket,
-    mut rx: mpsc::UnboundedReceiver<(AttemptEnd, oneshot::Sender<Result<(), StoreError>>)>,
-) {
-    let mut batch = Vec::new();
-    while let Some(first) = rx.recv().await {
-        batch.push(first);
-        while batch.len() < 256 {
-            match rx.try_recv() {
-                Ok(x) => batch.push(x),
-                Err(_) => break,
-            }
-        }
-        let (ends, replies): (Vec<_>, Vec<_>) = batch.drain(..).unzip();
-        let ids: Vec<RunId> = ends.iter().map(|e| e.run_id).collect();
-        match docket.store().finish(ends).await {
-            Ok(results) => {
-                for ((res, reply), id) in results.into_iter().zip(replies).zip(ids) {
-                    let _ = docket.inner.changes.send(id);
-                    let _ = reply.send(res.map(|_| ()));
-                }
-            }
-            Err(e) => {
-                let msg = e.to_string();
-                for reply in replies {
-                    let _ = reply.send(Err(StoreError::Database(msg.clone())));
-                }
-            }
         }
     }
 }
@@ -394,36 +443,42 @@ impl Shared {
         }
     }
 
-    async fn claim(&self, limit: usize) -> crate::Result<Vec<Run>> {
+    /// One claim request per distinct lease length among the registered
+    /// jobs, each for up to `limit` runs (the store shares one budget of
+    /// `limit` between them).
+    fn claim_requests(&self, limit: usize) -> Vec<ClaimRequest> {
         let mut by_lease: BTreeMap<Duration, Vec<String>> = BTreeMap::new();
         for name in self.docket.job_names() {
             if let Some(j) = self.docket.job(&name) {
                 by_lease.entry(j.lease).or_default().push(name);
             }
         }
-        let mut out = Vec::new();
-        for (lease, jobs) in by_lease {
-            let want = limit - out.len();
-            if want == 0 {
-                break;
-            }
-            let runs = self
-                .docket
-                .store()
-                .claim(ClaimRequest {
-                    jobs,
-                    limit: want,
-                    now: self.docket.clock().now(),
-                    lease_ms: lease.as_millis() as i64,
-                    worker: self.config.name.clone(),
-                })
-                .await?;
-            out.extend(runs);
-        }
-        Ok(out)
+        let now = self.docket.clock().now();
+        by_lease
+            .into_iter()
+            .map(|(lease, jobs)| ClaimRequest {
+                jobs,
+                limit,
+                now,
+                lease_ms: lease.as_millis() as i64,
+                worker: self.config.name.clone(),
+            })
+            .collect()
     }
 
-    fn spawn_run(self: Arc<Self>, run: Run) -> JoinHandle<()> {
+    async fn claim(&self, limit: usize) -> crate::Result<Vec<Run>> {
+        let (_, runs) = self
+            .docket
+            .store()
+            .finish_and_claim(Vec::new(), self.claim_requests(limit))
+            .await?;
+        Ok(runs)
+    }
+
+    /// Runs a claimed run in its own task once a handler slot is free.
+    /// `via_driver`: hand the end to the driver loop (running worker) rather
+    /// than storing it from the task (tick mode).
+    fn spawn_run(self: Arc<Self>, run: Run, via_driver: bool) -> JoinHandle<()> {
         let lease = LeaseRef {
             run_id: run.id,
             lease_id: run.lease_id.expect("claimed run has a lease"),
@@ -444,8 +499,21 @@ impl Shared {
             },
         );
         let me = self.clone();
+        let slots = self.slots.clone();
         let handle = tokio::spawn(async move {
-            let end = me.docket.execute(run, cancelled).await;
+            let permit = slots.acquire_owned().await;
+            let end = if me.stopping.load(Ordering::SeqCst) || permit.is_err() {
+                // Prefetched but never started: hand it back at once.
+                AttemptEnd {
+                    run_id: run.id,
+                    lease_id: lease.lease_id,
+                    now: me.docket.clock().now(),
+                    outcome: Outcome::Released,
+                }
+            } else {
+                me.docket.execute(run, cancelled).await
+            };
+            drop(permit);
             let id = end.run_id;
             // The handler is done: its slot is free now, so the next claim
             // can share a commit with this attempt's end, and heartbeats stop
@@ -453,17 +521,32 @@ impl Shared {
             me.inflight.lock().expect("inflight").remove(&id);
             me.finishing.fetch_add(1, Ordering::SeqCst);
             me.slot_freed.notify_one();
-            let (tx, rx) = oneshot::channel();
-            if me.completer.send((end, tx)).is_ok() {
-                match rx.await {
-                    Ok(Err(e @ StoreError::StaleLease { .. })) => {
-                        tracing::warn!(run = %id, error = %e, "attempt result refused")
+            let stored = match (&me.ends, via_driver) {
+                (Some(ends), true) => {
+                    let (tx, rx) = oneshot::channel();
+                    match ends.send((end, tx)) {
+                        Ok(()) => rx.await.unwrap_or_else(|_| {
+                            Err(StoreError::Database("worker stopped before storing".into()))
+                        }),
+                        Err(_) => Err(StoreError::Database("worker stopped before storing".into())),
                     }
-                    Ok(Err(e)) => {
-                        tracing::error!(run = %id, error = %e, "could not record attempt; the run returns after lease expiry")
-                    }
-                    _ => {}
                 }
+                _ => match me.docket.store().finish(vec![end]).await {
+                    Ok(mut r) => {
+                        let _ = me.docket.inner.changes.send(id);
+                        r.pop().map(|r| r.map(|_| ())).unwrap_or(Ok(()))
+                    }
+                    Err(e) => Err(e),
+                },
+            };
+            match stored {
+                Err(e @ StoreError::StaleLease { .. }) => {
+                    tracing::warn!(run = %id, error = %e, "attempt result refused")
+                }
+                Err(e) => {
+                    tracing::error!(run = %id, error = %e, "could not record attempt; the run returns after lease expiry")
+                }
+                Ok(()) => {}
             }
             me.finishing.fetch_sub(1, Ordering::SeqCst);
             me.slot_freed.notify_one();

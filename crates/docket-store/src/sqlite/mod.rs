@@ -239,8 +239,27 @@ impl Store for SqliteStore {
     }
 
     async fn finish(&self, ends: Vec<AttemptEnd>) -> Result<Vec<Result<RunStatus>>> {
-        self.call(move |c| Ok(ends.into_iter().map(|e| ops::finish_one(c, e)).collect()))
-            .await
+        self.call(move |c| ops::finish_all(c, ends)).await
+    }
+
+    async fn finish_and_claim(
+        &self,
+        ends: Vec<AttemptEnd>,
+        claims: Vec<ClaimRequest>,
+    ) -> Result<(Vec<Result<RunStatus>>, Vec<Run>)> {
+        self.call(move |c| {
+            let finished = ops::finish_all(c, ends)?;
+            let budget = claims.iter().map(|c| c.limit).max().unwrap_or(0);
+            let mut runs = Vec::new();
+            for mut req in claims {
+                req.limit = req.limit.min(budget - runs.len());
+                if req.limit > 0 {
+                    runs.extend(savepoint(c, |c| ops::claim(c, &req))?);
+                }
+            }
+            Ok((finished, runs))
+        })
+        .await
     }
 
     async fn heartbeat(

@@ -299,12 +299,12 @@ fn fence_row(c: &Connection, id: RunId) -> Result<Option<Fence>> {
     .map_err(db_err)
 }
 
-/// Ends one attempt. `Err` only for a database error or a stale lease; the
-/// stale case has already written its `stale_write_refused` event.
-pub(super) fn finish_one(c: &Connection, end: AttemptEnd) -> Result<RunStatus> {
-    // Outer error: roll this end back. Inner error: a stale lease, whose
-    // `stale_write_refused` event must commit although the caller fails.
-    super::savepoint(c, |c| finish_inner(c, end))?
+/// Ends attempts. A stale lease is an `Err` in that end's slot (its
+/// `stale_write_refused` event is kept). A database error fails the whole
+/// call, and the caller's savepoint rolls every end of it back: ends need no
+/// savepoint of their own, since each checks its fence before it writes.
+pub(super) fn finish_all(c: &Connection, ends: Vec<AttemptEnd>) -> Result<Vec<Result<RunStatus>>> {
+    ends.into_iter().map(|e| finish_inner(c, e)).collect()
 }
 
 fn finish_inner(c: &Connection, end: AttemptEnd) -> Result<Result<RunStatus>> {

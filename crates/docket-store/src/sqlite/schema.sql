@@ -36,9 +36,13 @@ CREATE INDEX IF NOT EXISTS runs_claim ON runs (priority DESC, run_after, id)
     WHERE status IN ('pending', 'postponed');
 -- The lease reaper: only running rows.
 CREATE INDEX IF NOT EXISTS runs_lease ON runs (lease_expires_at) WHERE status = 'running';
--- Listing, newest first, per tenant and per status.
+-- Listing, newest first, per tenant. Never updated after insert.
 CREATE INDEX IF NOT EXISTS runs_tenant_id ON runs (tenant, id);
-CREATE INDEX IF NOT EXISTS runs_tenant_status_id ON runs (tenant, status, id);
+-- "Needs attention" (failed, needs_input) stays fast at any table size. A
+-- full (tenant, status, id) index would be rewritten on every transition,
+-- twice per run; this one only when a run fails or waits for a person.
+CREATE INDEX IF NOT EXISTS runs_attention ON runs (tenant, id)
+    WHERE status IN ('failed', 'needs_input');
 
 CREATE TABLE IF NOT EXISTS attempts (
     run_id        TEXT NOT NULL,
@@ -63,7 +67,9 @@ CREATE TABLE IF NOT EXISTS attempts (
 CREATE UNIQUE INDEX IF NOT EXISTS attempts_lease ON attempts (lease_id);
 
 CREATE TABLE IF NOT EXISTS events (
-    id       INTEGER PRIMARY KEY AUTOINCREMENT,
+    -- A plain rowid (max + 1): AUTOINCREMENT would write sqlite_sequence on
+    -- every event. Ids still only grow, as pruning never deletes the newest.
+    id       INTEGER PRIMARY KEY,
     run_id   TEXT NOT NULL,
     tenant   TEXT NOT NULL,
     job      TEXT NOT NULL,
