@@ -39,6 +39,10 @@ pub struct BenchArgs {
     /// Worker concurrency (default 8).
     #[arg(long, default_value_t = 8)]
     concurrency: usize,
+    /// Runs claimed ahead of free handler slots (default: the worker's
+    /// default, equal to the concurrency). 0 claims only for free slots.
+    #[arg(long)]
+    prefetch: Option<usize>,
     /// One JSON object per workload per line.
     #[arg(long)]
     json: bool,
@@ -82,7 +86,7 @@ pub async fn run(args: BenchArgs) -> Result<(), BoxError> {
         let db = Db::fresh(args.db.as_deref()).await?;
         reset_peak_rss();
         let report = match w {
-            "W1" => w1(&db, args.runs.unwrap_or(10_000), args.concurrency).await?,
+            "W1" => w1(&db, args.runs.unwrap_or(10_000), args.concurrency, args.prefetch).await?,
             "W2" => w2(&db, args.runs.unwrap_or(500)).await?,
             _ => w3(&db, args.runs.unwrap_or(1_000), args.concurrency).await?,
         };
@@ -203,7 +207,7 @@ async fn all_completed(d: &Docket, runs: usize) -> Result<(), BoxError> {
     Ok(())
 }
 
-async fn w1(db: &Db, runs: usize, concurrency: usize) -> Result<Report, BoxError> {
+async fn w1(db: &Db, runs: usize, concurrency: usize, prefetch: Option<usize>) -> Result<Report, BoxError> {
     let d = Docket::open(&db.url).await?;
     let count = Arc::new(AtomicUsize::new(0));
     let done = Arc::new(Notify::new());
@@ -236,12 +240,15 @@ async fn w1(db: &Db, runs: usize, concurrency: usize) -> Result<Report, BoxError
     }
     let enqueue_s = start.elapsed().as_secs_f64();
     let t = Instant::now();
-    let handle = d
-        .worker(WorkerConfig {
-            concurrency,
-            ..Default::default()
-        })
-        .start();
+    let mut config = WorkerConfig {
+        concurrency,
+        prefetch: concurrency,
+        ..Default::default()
+    };
+    if let Some(p) = prefetch {
+        config.prefetch = p;
+    }
+    let handle = d.worker(config).start();
     wait_count(&count, &done, runs, Duration::from_secs(600)).await?;
     handle.shutdown(Duration::from_secs(10)).await;
     let drain_s = t.elapsed().as_secs_f64();

@@ -24,6 +24,11 @@
 //! # Ok(()) }
 //! ```
 
+/// The README's example, compiled as a doctest so it cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+pub struct ReadmeDoctests;
+
 mod ctx;
 mod error;
 mod job;

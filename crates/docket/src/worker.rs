@@ -25,8 +25,8 @@ pub struct WorkerConfig {
     pub name: String,
     /// Handlers running at once, at most.
     pub concurrency: usize,
-    /// Runs claimed ahead of free handler slots (default: equal to
-    /// `concurrency`). Larger claims mean fewer, bigger transactions; the
+    /// Runs claimed ahead of free handler slots (default 8, the default
+    /// concurrency; set it to `concurrency` when you change that). Larger claims mean fewer, bigger transactions; the
     /// price is that a prefetched run waits here, heartbeated, instead of
     /// being free for another worker. At shutdown, prefetched runs that never
     /// started are released at once. 0 disables prefetching.
