@@ -687,6 +687,494 @@ pub async fn events_cursor_and_filters(store: DynStore) {
     assert!(all[2].lease_id.is_some());
 }
 
+async fn claimed(store: &DynStore) -> (Run, LeaseRef) {
+    one(store, NewRun::new("job", json!({}))).await;
+    let run = store.claim(claim_req(T0, 1)).await.unwrap().remove(0);
+    let lease = LeaseRef {
+        run_id: run.id,
+        lease_id: run.lease_id.unwrap(),
+    };
+    (run, lease)
+}
+
+fn op(run_id: RunId, command: OperatorCommand) -> OperatorRequest {
+    OperatorRequest {
+        run_id,
+        actor: "ops-alice".into(),
+        comment: Some("because".into()),
+        now: T0.plus_millis(50),
+        command,
+    }
+}
+
+async fn fail_run(store: &DynStore, lease: LeaseRef) {
+    store
+        .finish(vec![AttemptEnd {
+            run_id: lease.run_id,
+            lease_id: lease.lease_id,
+            now: T0.plus_millis(20),
+            outcome: Outcome::Failed {
+                error: Some(err_info(ErrorClass::Unavailable)),
+                reason: TerminalReason::MaxRetriesExhausted,
+                detail: "gave up".into(),
+            },
+        }])
+        .await
+        .unwrap()
+        .remove(0)
+        .unwrap();
+}
+
+/// A completed step is stored with `step_completed`; its name cannot be
+/// completed twice; a stale lease cannot write one; a failed step can be
+/// completed later.
+pub async fn steps_are_stored_fenced_and_unique(store: DynStore) {
+    let (run, lease) = claimed(&store).await;
+    let st = store
+        .save_step(lease, "fetch".into(), json!({"rows": 3}), T0.plus_millis(1))
+        .await
+        .unwrap();
+    assert_eq!(
+        st,
+        LeaseState {
+            held: true,
+            cancel_requested: false
+        }
+    );
+    let dup = store
+        .save_step(lease, "fetch".into(), json!(0), T0.plus_millis(2))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(dup, StoreError::Conflict(ref m) if m.contains("step `fetch`")),
+        "{dup}"
+    );
+    let stale = LeaseRef {
+        run_id: run.id,
+        lease_id: LeaseId::new(),
+    };
+    assert!(matches!(
+        store.save_step(stale, "x".into(), json!(1), T0).await,
+        Err(StoreError::StaleLease { .. })
+    ));
+    store
+        .fail_step(
+            lease,
+            "send".into(),
+            ErrorClass::Timeout,
+            "smtp timed out".into(),
+            T0.plus_millis(3),
+        )
+        .await
+        .unwrap();
+    assert!(matches!(
+        store
+            .fail_step(lease, "fetch".into(), ErrorClass::Timeout, "no".into(), T0)
+            .await,
+        Err(StoreError::Conflict(_))
+    ));
+    let steps = store.steps(run.id).await.unwrap();
+    assert_eq!(steps.len(), 2);
+    assert_eq!(steps[0].name, "fetch");
+    assert_eq!(steps[0].status, StepStatus::Completed);
+    assert_eq!(steps[0].result, Some(json!({"rows": 3})));
+    assert_eq!(steps[0].attempt, 1);
+    assert_eq!(steps[1].status, StepStatus::Failed);
+    assert_eq!(steps[1].error_class, Some(ErrorClass::Timeout));
+    store
+        .save_step(lease, "send".into(), json!("ok"), T0.plus_millis(4))
+        .await
+        .unwrap();
+    let steps = store.steps(run.id).await.unwrap();
+    assert!(steps.iter().all(|s| s.status == StepStatus::Completed));
+    assert_eq!(
+        kinds(&store, run.id).await,
+        [
+            "run_triggered",
+            "attempt_started",
+            "step_completed",
+            "stale_write_refused",
+            "step_failed",
+            "step_completed"
+        ]
+    );
+}
+
+/// Ledger rows are keyed by (tenant, key), updated in place, fenced.
+pub async fn ledger_rows_are_written_fenced(store: DynStore) {
+    let (run, lease) = claimed(&store).await;
+    let mut w = LedgerWrite {
+        tenant: DEFAULT_TENANT.into(),
+        idempotency_key: "prospect-7ca677ed25d3/send-email/campaign-9/v1".into(),
+        action: "send-email".into(),
+        state: LedgerState::Started,
+        result: None,
+        error_class: None,
+        error_message: None,
+    };
+    store
+        .ledger_write(lease, w.clone(), "action_started".into(), T0.plus_millis(1))
+        .await
+        .unwrap();
+    let e = store
+        .ledger_get(DEFAULT_TENANT.into(), w.idempotency_key.clone())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(e.state, LedgerState::Started);
+    assert_eq!(e.run_id, run.id);
+    assert_eq!(e.lease_id, lease.lease_id);
+    assert_eq!(e.attempt, 1);
+    w.state = LedgerState::Committed;
+    w.result = Some(json!({"message_id": "m-1"}));
+    store
+        .ledger_write(
+            lease,
+            w.clone(),
+            "action_committed".into(),
+            T0.plus_millis(2),
+        )
+        .await
+        .unwrap();
+    let e = store
+        .ledger_get(DEFAULT_TENANT.into(), w.idempotency_key.clone())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(e.state, LedgerState::Committed);
+    assert_eq!(e.result, Some(json!({"message_id": "m-1"})));
+    assert_eq!(e.created_at, T0.plus_millis(1));
+    assert_eq!(e.updated_at, T0.plus_millis(2));
+    assert!(store
+        .ledger_get("other".into(), w.idempotency_key.clone())
+        .await
+        .unwrap()
+        .is_none());
+    assert_eq!(store.ledger_for_run(run.id).await.unwrap().len(), 1);
+    let stale = LeaseRef {
+        run_id: run.id,
+        lease_id: LeaseId::new(),
+    };
+    assert!(matches!(
+        store
+            .ledger_write(stale, w, "action_committed".into(), T0)
+            .await,
+        Err(StoreError::StaleLease { .. })
+    ));
+    let k = kinds(&store, run.id).await;
+    assert_eq!(
+        &k[2..],
+        ["action_started", "action_committed", "stale_write_refused"]
+    );
+}
+
+/// Cancel: at once when not running; requested (seen by heartbeats and step
+/// saves) when running; refused with the state when terminal.
+pub async fn operator_cancel_by_state(store: DynStore) {
+    let pending = one(&store, NewRun::new("other", json!({}))).await;
+    let r = store
+        .operator(op(pending.id, OperatorCommand::Cancel))
+        .await
+        .unwrap();
+    assert_eq!(r.status, RunStatus::Cancelled);
+    assert_eq!(r.finished_at, Some(T0.plus_millis(50)));
+    let ev = store
+        .events(EventFilter {
+            run_id: Some(pending.id),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let last = ev.last().unwrap();
+    assert_eq!(last.kind, "run_cancelled");
+    assert_eq!(last.actor.as_deref(), Some("ops-alice"));
+    assert_eq!(last.comment.as_deref(), Some("because"));
+    let again = store
+        .operator(op(pending.id, OperatorCommand::Cancel))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            again,
+            StoreError::WrongState {
+                current: RunStatus::Cancelled,
+                ..
+            }
+        ),
+        "{again}"
+    );
+    assert!(again.to_string().contains("cancelled"));
+
+    let (run, lease) = claimed(&store).await;
+    let r = store
+        .operator(op(run.id, OperatorCommand::Cancel))
+        .await
+        .unwrap();
+    assert_eq!(r.status, RunStatus::Running);
+    assert!(r.cancel_requested);
+    let hb = store
+        .heartbeat(vec![lease], T0.plus_millis(60_000))
+        .await
+        .unwrap();
+    assert!(hb[0].cancel_requested);
+    let st = store
+        .save_step(lease, "a".into(), json!(1), T0.plus_millis(60))
+        .await
+        .unwrap();
+    assert!(st.cancel_requested);
+    store
+        .finish(vec![AttemptEnd {
+            run_id: run.id,
+            lease_id: lease.lease_id,
+            now: T0.plus_millis(70),
+            outcome: Outcome::Cancelled,
+        }])
+        .await
+        .unwrap()
+        .remove(0)
+        .unwrap();
+    assert_eq!(
+        store.get_run(run.id).await.unwrap().unwrap().status,
+        RunStatus::Cancelled
+    );
+}
+
+/// Approve and reject resume a needs_input run and store the decision as
+/// the wait's step; any other state is refused.
+pub async fn operator_approve_and_reject(store: DynStore) {
+    for approve in [true, false] {
+        let (run, lease) = claimed(&store).await;
+        store
+            .finish(vec![AttemptEnd {
+                run_id: run.id,
+                lease_id: lease.lease_id,
+                now: T0.plus_millis(5),
+                outcome: Outcome::NeedsInput {
+                    name: "approval".into(),
+                    request: json!({"amount": 1500}),
+                },
+            }])
+            .await
+            .unwrap()
+            .remove(0)
+            .unwrap();
+        let data = json!({"note": "checked"});
+        let cmd = if approve {
+            OperatorCommand::Approve { data: data.clone() }
+        } else {
+            OperatorCommand::Reject { data: data.clone() }
+        };
+        let r = store.operator(op(run.id, cmd.clone())).await.unwrap();
+        assert_eq!(r.status, RunStatus::Pending);
+        assert_eq!(r.input_request, None);
+        assert_eq!(r.run_after, T0.plus_millis(50));
+        let steps = store.steps(run.id).await.unwrap();
+        assert_eq!(steps[0].name, "input:approval");
+        assert_eq!(
+            steps[0].result,
+            Some(json!({"decision": if approve { "approved" } else { "rejected" }, "data": data}))
+        );
+        assert_eq!(steps[0].actor.as_deref(), Some("ops-alice"));
+        let err = store.operator(op(run.id, cmd)).await.unwrap_err();
+        assert!(
+            matches!(
+                err,
+                StoreError::WrongState {
+                    current: RunStatus::Pending,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert_eq!(
+            kinds(&store, run.id).await.last().unwrap(),
+            "input_received"
+        );
+    }
+}
+
+/// Retry of a failed run: pending at once, variables merged, failed steps
+/// forgotten (completed ones kept), a fresh attempt budget, audited.
+pub async fn operator_retry_merges_variables_and_resets_budget(store: DynStore) {
+    let (run, lease) = claimed(&store).await;
+    store
+        .save_step(lease, "done".into(), json!(1), T0)
+        .await
+        .unwrap();
+    store
+        .fail_step(
+            lease,
+            "broken".into(),
+            ErrorClass::Unavailable,
+            "503".into(),
+            T0,
+        )
+        .await
+        .unwrap();
+    let refused = store
+        .operator(op(
+            run.id,
+            OperatorCommand::Retry {
+                updated_variables: None,
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert!(matches!(
+        refused,
+        StoreError::WrongState {
+            current: RunStatus::Running,
+            ..
+        }
+    ));
+    fail_run(&store, lease).await;
+    let r = store
+        .operator(op(
+            run.id,
+            OperatorCommand::Retry {
+                updated_variables: Some(json!({"timeout": 30000, "retryAttempt": 2})),
+            },
+        ))
+        .await
+        .unwrap();
+    assert_eq!(r.status, RunStatus::Pending);
+    assert_eq!(r.variables, json!({"timeout": 30000, "retryAttempt": 2}));
+    assert_eq!(r.terminal_reason, None);
+    assert_eq!(r.finished_at, None);
+    assert_eq!(r.attempts_forgiven, r.attempt);
+    let steps = store.steps(run.id).await.unwrap();
+    assert_eq!(
+        steps.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(),
+        ["done"]
+    );
+    let ev = store
+        .events(EventFilter {
+            run_id: Some(run.id),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let last = ev.last().unwrap();
+    assert_eq!(last.kind, "operator_retry");
+    assert_eq!(last.actor.as_deref(), Some("ops-alice"));
+    assert_eq!(
+        last.data["updated_variables"],
+        json!({"timeout": 30000, "retryAttempt": 2})
+    );
+    let again = store
+        .claim(claim_req(T0.plus_millis(50), 1))
+        .await
+        .unwrap()
+        .remove(0);
+    assert_eq!(again.attempt, 2);
+    assert_eq!(again.policy_attempt(), 1);
+}
+
+/// Skip marks the failed step skipped (with who and why) and resumes the
+/// run; a run that failed outside any step has nothing to skip.
+pub async fn operator_skip_records_the_failed_step(store: DynStore) {
+    let (run, lease) = claimed(&store).await;
+    store
+        .fail_step(
+            lease,
+            "enrich".into(),
+            ErrorClass::NotFound,
+            "404".into(),
+            T0,
+        )
+        .await
+        .unwrap();
+    fail_run(&store, lease).await;
+    let r = store
+        .operator(op(run.id, OperatorCommand::Skip))
+        .await
+        .unwrap();
+    assert_eq!(r.status, RunStatus::Pending);
+    let s = &store.steps(run.id).await.unwrap()[0];
+    assert_eq!(s.status, StepStatus::Skipped);
+    assert_eq!(s.comment.as_deref(), Some("because"));
+    let k = kinds(&store, run.id).await;
+    assert_eq!(&k[k.len() - 2..], ["step_skipped", "operator_skip"]);
+
+    let (run2, lease2) = claimed(&store).await;
+    fail_run(&store, lease2).await;
+    let err = store
+        .operator(op(run2.id, OperatorCommand::Skip))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("no failed step to skip"), "{err}");
+    assert_eq!(
+        store.get_run(run2.id).await.unwrap().unwrap().status,
+        RunStatus::Failed
+    );
+}
+
+/// Postpone: pending/needs_input/postponed become postponed until T; a
+/// running or terminal run is refused with its state.
+pub async fn operator_postpone_by_state(store: DynStore) {
+    let p = one(&store, NewRun::new("other", json!({}))).await;
+    let until = T0.plus_millis(3_600_000);
+    let r = store
+        .operator(op(p.id, OperatorCommand::Postpone { until }))
+        .await
+        .unwrap();
+    assert_eq!(r.status, RunStatus::Postponed);
+    assert_eq!(r.run_after, until);
+    assert_eq!(r.attempts_forgiven, 0);
+    let (run, _lease) = claimed(&store).await;
+    let err = store
+        .operator(op(run.id, OperatorCommand::Postpone { until }))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StoreError::WrongState {
+                current: RunStatus::Running,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let missing = store
+        .operator(op(RunId::new(), OperatorCommand::Cancel))
+        .await
+        .unwrap_err();
+    assert!(matches!(missing, StoreError::NotFound(_)));
+}
+
+/// Progress and log events are appended under the live lease only.
+pub async fn append_event_is_fenced(store: DynStore) {
+    let (run, lease) = claimed(&store).await;
+    store
+        .append_event(
+            lease,
+            "progress".into(),
+            json!({"current": 1, "total": 4}),
+            T0.plus_millis(1),
+        )
+        .await
+        .unwrap();
+    let stale = LeaseRef {
+        run_id: run.id,
+        lease_id: LeaseId::new(),
+    };
+    assert!(matches!(
+        store.append_event(stale, "log".into(), json!({}), T0).await,
+        Err(StoreError::StaleLease { .. })
+    ));
+    let ev = store
+        .events(EventFilter {
+            run_id: Some(run.id),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(ev[2].kind, "progress");
+    assert_eq!(ev[2].data, json!({"current": 1, "total": 4}));
+    assert_eq!(ev[2].attempt, Some(1));
+}
+
 /// Generates one `#[tokio::test]` per conformance behaviour, each with a
 /// fresh store from the factory.
 ///
@@ -720,6 +1208,17 @@ macro_rules! conformance_tests {
             batched_finish_isolates_each_end,
             list_filters_and_pagination,
             events_cursor_and_filters,
+            tokens_create_find_list,
+            tokens_revoke,
+            last_event_id_tracks_events,
+            steps_are_stored_fenced_and_unique,
+            ledger_rows_are_written_fenced,
+            operator_cancel_by_state,
+            operator_approve_and_reject,
+            operator_retry_merges_variables_and_resets_budget,
+            operator_skip_records_the_failed_step,
+            operator_postpone_by_state,
+            append_event_is_fenced,
         );
     };
     (@each @required $factory:expr; $($name:ident),* $(,)?) => {
@@ -742,4 +1241,112 @@ macro_rules! conformance_tests {
             }
         )*
     };
+}
+
+fn new_token(tenant: &str, name: &str, secret: &str) -> NewToken {
+    NewToken {
+        id: format!("tok-{tenant}-{name}-{secret}"),
+        tenant: tenant.into(),
+        name: name.into(),
+        hash: format!("hash-of-{secret}"),
+        created_at: T0,
+    }
+}
+
+/// Tokens are stored by hash, found by hash, listed per tenant, and a name
+/// is unique among a tenant's live tokens (a refused create writes nothing).
+pub async fn tokens_create_find_list(store: DynStore) {
+    let a = store
+        .create_token(new_token("acme", "ci", "s1"))
+        .await
+        .unwrap();
+    assert_eq!(a.tenant, "acme");
+    assert_eq!(a.name, "ci");
+    assert_eq!(a.revoked_at, None);
+    let mut b = new_token("globex", "ci", "s2");
+    b.created_at = T0.plus_millis(1);
+    store.create_token(b).await.unwrap();
+    let found = store
+        .token_by_hash("hash-of-s1".into())
+        .await
+        .unwrap()
+        .expect("found by hash");
+    assert_eq!(found, a);
+    assert!(store
+        .token_by_hash("hash-of-nothing".into())
+        .await
+        .unwrap()
+        .is_none());
+    let dup = store
+        .create_token(new_token("acme", "ci", "s3"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(dup, StoreError::Conflict(ref m) if m.contains("acme") && m.contains("ci")),
+        "{dup}"
+    );
+    assert!(store
+        .token_by_hash("hash-of-s3".into())
+        .await
+        .unwrap()
+        .is_none());
+    let all = store.list_tokens(None).await.unwrap();
+    assert_eq!(
+        all.iter().map(|t| t.tenant.as_str()).collect::<Vec<_>>(),
+        ["acme", "globex"]
+    );
+    let acme = store.list_tokens(Some("acme".into())).await.unwrap();
+    assert_eq!(acme, vec![a]);
+}
+
+/// A revoked token stays listed with its revocation time, is found by hash
+/// as revoked, cannot be revoked twice, and frees its name.
+pub async fn tokens_revoke(store: DynStore) {
+    let t = store
+        .create_token(new_token("acme", "ops", "s1"))
+        .await
+        .unwrap();
+    let later = T0.plus_millis(5_000);
+    let revoked = store
+        .revoke_token(t.id.clone(), later)
+        .await
+        .unwrap()
+        .expect("revoked");
+    assert_eq!(revoked.revoked_at, Some(later));
+    assert!(store
+        .revoke_token(t.id.clone(), later)
+        .await
+        .unwrap()
+        .is_none());
+    assert!(store
+        .revoke_token("no-such-token".into(), later)
+        .await
+        .unwrap()
+        .is_none());
+    let found = store
+        .token_by_hash("hash-of-s1".into())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(found.revoked_at, Some(later));
+    // The name is free again once its token is revoked.
+    store
+        .create_token(new_token("acme", "ops", "s2"))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.list_tokens(Some("acme".into())).await.unwrap().len(),
+        2
+    );
+}
+
+/// `last_event_id` is `None` on an empty store, then the largest event id.
+pub async fn last_event_id_tracks_events(store: DynStore) {
+    assert_eq!(store.last_event_id().await.unwrap(), None);
+    one(&store, NewRun::new("job", json!(1))).await;
+    one(&store, NewRun::new("job", json!(2))).await;
+    let events = store.events(EventFilter::default()).await.unwrap();
+    let max = events.iter().map(|e| e.id).max();
+    assert!(max.is_some());
+    assert_eq!(store.last_event_id().await.unwrap(), max);
 }

@@ -17,8 +17,10 @@ pub mod model;
 #[cfg(feature = "postgres")]
 pub mod postgres;
 pub mod sqlite;
+pub mod tokens;
 
 pub use model::*;
+pub use tokens::{NewToken, TokenRecord, TokenStore};
 
 use async_trait::async_trait;
 use docket_core::{LeaseId, RunId, RunStatus, Timestamp};
@@ -94,7 +96,7 @@ pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 /// Implemented by [`sqlite::SqliteStore`] and (with the `postgres` feature)
 /// `postgres::PgStore`. Both pass the same conformance suite.
 #[async_trait]
-pub trait Store: Send + Sync + 'static {
+pub trait Store: TokenStore + Send + Sync + 'static {
     /// `"sqlite"` or `"postgres"`.
     fn backend(&self) -> &'static str;
 
@@ -176,6 +178,68 @@ pub trait Store: Send + Sync + 'static {
 
     /// Events in id order.
     async fn events(&self, filter: EventFilter) -> Result<Vec<EventRecord>>;
+
+    /// The durable steps of a run, by name.
+    async fn steps(&self, run_id: RunId) -> Result<Vec<StepRecord>>;
+
+    /// Stores a completed step's result with a `step_completed` event, fenced
+    /// by the lease. A step already completed or skipped under that name is a
+    /// [`StoreError::Conflict`]. Answers whether a cancel was requested, so
+    /// the engine stops at this step boundary.
+    async fn save_step(
+        &self,
+        lease: LeaseRef,
+        name: String,
+        result: serde_json::Value,
+        now: Timestamp,
+    ) -> Result<LeaseState>;
+
+    /// Records a step's failure (`failed` row, `step_failed` event with its
+    /// error class), fenced by the lease. A step already completed or
+    /// skipped is a [`StoreError::Conflict`].
+    async fn fail_step(
+        &self,
+        lease: LeaseRef,
+        name: String,
+        class: docket_core::ErrorClass,
+        message: String,
+        now: Timestamp,
+    ) -> Result<()>;
+
+    /// One ledger row.
+    async fn ledger_get(
+        &self,
+        tenant: String,
+        idempotency_key: String,
+    ) -> Result<Option<LedgerEntry>>;
+
+    /// The ledger rows last written by a run.
+    async fn ledger_for_run(&self, run_id: RunId) -> Result<Vec<LedgerEntry>>;
+
+    /// Writes a ledger row (insert or update) and an event of kind
+    /// `event` on the run, fenced by the lease.
+    async fn ledger_write(
+        &self,
+        lease: LeaseRef,
+        write: LedgerWrite,
+        event: String,
+        now: Timestamp,
+    ) -> Result<()>;
+
+    /// Appends an event to a running run (progress, logs, suppressed
+    /// duplicates), fenced by the lease.
+    async fn append_event(
+        &self,
+        lease: LeaseRef,
+        kind: String,
+        data: serde_json::Value,
+        now: Timestamp,
+    ) -> Result<()>;
+
+    /// Applies an operator command in one transaction with its audit event
+    /// (actor and comment). A command the run's state does not allow is a
+    /// [`StoreError::WrongState`] naming the state.
+    async fn operator(&self, req: OperatorRequest) -> Result<Run>;
 
     /// Wake-ups sent by other processes when they trigger runs: job names,
     /// or `""` for "check every job" (after a lost connection). `None` when

@@ -368,3 +368,230 @@ pub struct StatusCount {
     /// How many.
     pub count: i64,
 }
+
+/// What became of a durable step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StepStatus {
+    /// Done; its result is returned instead of running it again.
+    Completed,
+    /// Failed on its latest try; an operator retry runs it again.
+    Failed,
+    /// An operator skipped it after it failed; the run continues past it.
+    Skipped,
+}
+
+impl StepStatus {
+    /// The name stored in the database.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            StepStatus::Completed => "completed",
+            StepStatus::Failed => "failed",
+            StepStatus::Skipped => "skipped",
+        }
+    }
+}
+
+impl std::str::FromStr for StepStatus {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "completed" => Ok(StepStatus::Completed),
+            "failed" => Ok(StepStatus::Failed),
+            "skipped" => Ok(StepStatus::Skipped),
+            _ => Err(format!("unknown step status `{s}`")),
+        }
+    }
+}
+
+/// A durable step of a run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StepRecord {
+    /// The run.
+    pub run_id: RunId,
+    /// The step's name, unique in the run.
+    pub name: String,
+    /// Completed, failed or skipped.
+    pub status: StepStatus,
+    /// The stored result of a completed step.
+    pub result: Option<Value>,
+    /// The failure's class, for a failed step.
+    pub error_class: Option<ErrorClass>,
+    /// The failure's message, for a failed step.
+    pub error_message: Option<String>,
+    /// The attempt that last wrote it.
+    pub attempt: u32,
+    /// When it was last written.
+    pub updated_at: Timestamp,
+    /// Who skipped it.
+    pub actor: Option<String>,
+    /// The operator's comment when skipped.
+    pub comment: Option<String>,
+}
+
+/// The state of one side effect in the ledger.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LedgerState {
+    /// Written before the action runs.
+    Started,
+    /// The action is done; its result is stored and it never runs again.
+    Committed,
+    /// The worker stopped waiting (timeout, or its attempt died): whether
+    /// the effect landed is not known until reconciled.
+    Unknown,
+    /// Failed in a way a retry may fix.
+    FailedRetryable,
+    /// Failed in a way no retry fixes.
+    FailedTerminal,
+}
+
+impl LedgerState {
+    /// The name stored in the database.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            LedgerState::Started => "started",
+            LedgerState::Committed => "committed",
+            LedgerState::Unknown => "unknown",
+            LedgerState::FailedRetryable => "failed_retryable",
+            LedgerState::FailedTerminal => "failed_terminal",
+        }
+    }
+}
+
+impl std::str::FromStr for LedgerState {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        [
+            LedgerState::Started,
+            LedgerState::Committed,
+            LedgerState::Unknown,
+            LedgerState::FailedRetryable,
+            LedgerState::FailedTerminal,
+        ]
+        .into_iter()
+        .find(|l| l.as_str() == s)
+        .ok_or_else(|| format!("unknown ledger state `{s}`"))
+    }
+}
+
+/// One row of the ledger.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LedgerEntry {
+    /// The tenant.
+    pub tenant: String,
+    /// The action's idempotency key (from business intent).
+    pub idempotency_key: String,
+    /// The action's name.
+    pub action: String,
+    /// The run that last wrote it.
+    pub run_id: RunId,
+    /// The attempt that last wrote it.
+    pub attempt: u32,
+    /// The lease that last wrote it.
+    pub lease_id: LeaseId,
+    /// Its state.
+    pub state: LedgerState,
+    /// The committed result.
+    pub result: Option<Value>,
+    /// The failure's class.
+    pub error_class: Option<ErrorClass>,
+    /// The failure's message.
+    pub error_message: Option<String>,
+    /// When first written.
+    pub created_at: Timestamp,
+    /// When last written.
+    pub updated_at: Timestamp,
+}
+
+/// A ledger write made by an attempt (fenced by its lease).
+#[derive(Clone, Debug, PartialEq)]
+pub struct LedgerWrite {
+    /// The tenant.
+    pub tenant: String,
+    /// The idempotency key.
+    pub idempotency_key: String,
+    /// The action's name.
+    pub action: String,
+    /// The new state.
+    pub state: LedgerState,
+    /// The result (committed).
+    pub result: Option<Value>,
+    /// The failure's class.
+    pub error_class: Option<ErrorClass>,
+    /// The failure's message.
+    pub error_message: Option<String>,
+}
+
+/// What an operator asks of a run.
+#[derive(Clone, Debug, PartialEq)]
+pub enum OperatorCommand {
+    /// Pending, postponed or needs_input: cancelled at once. Running: cancel
+    /// requested; the run stops at its next step boundary.
+    Cancel,
+    /// Not claimable before `until`; spends no attempt budget.
+    Postpone {
+        /// The new `run_after`.
+        until: Timestamp,
+    },
+    /// Resume a needs_input run; the wait returns `Approved(data)`.
+    Approve {
+        /// The operator's data.
+        data: Value,
+    },
+    /// Resume a needs_input run; the wait returns `Rejected(data)`.
+    Reject {
+        /// The operator's data.
+        data: Value,
+    },
+    /// A failed run runs again: same run, completed steps kept, the failed
+    /// step runs again, variables merged, fresh attempt budget.
+    Retry {
+        /// Merged (top-level keys) into the run's variables.
+        updated_variables: Option<Value>,
+    },
+    /// A failed run continues past its failed step, recorded `skipped`.
+    Skip,
+}
+
+impl OperatorCommand {
+    /// The command's name (`cancel`, `retry`, …).
+    pub fn name(&self) -> &'static str {
+        match self {
+            OperatorCommand::Cancel => "cancel",
+            OperatorCommand::Postpone { .. } => "postpone",
+            OperatorCommand::Approve { .. } => "approve",
+            OperatorCommand::Reject { .. } => "reject",
+            OperatorCommand::Retry { .. } => "retry",
+            OperatorCommand::Skip => "skip",
+        }
+    }
+}
+
+/// An operator command with who gave it and why.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OperatorRequest {
+    /// The run.
+    pub run_id: RunId,
+    /// Who (a token's name, `cli`, …).
+    pub actor: String,
+    /// Why (stored in the audit trail).
+    pub comment: Option<String>,
+    /// The injected clock's now.
+    pub now: Timestamp,
+    /// What.
+    pub command: OperatorCommand,
+}
+
+/// Top-level merge of `patch` into `base`: each key of `patch` replaces the
+/// same key of `base` (an operator retry's `updated_variables`). A `base`
+/// that is not an object is treated as empty.
+pub fn merge_variables(base: &Value, patch: &Value) -> Value {
+    let mut out = base.as_object().cloned().unwrap_or_default();
+    if let Some(p) = patch.as_object() {
+        for (k, v) in p {
+            out.insert(k.clone(), v.clone());
+        }
+    }
+    Value::Object(out)
+}

@@ -32,7 +32,10 @@
 //!   columns cannot store NUL bytes: such a trigger fails with
 //!   [`StoreError::Database`].
 
+mod durable;
+mod hot;
 mod ops;
+mod tokens;
 
 use crate::{
     AttemptEnd, AttemptRecord, ClaimRequest, EventFilter, EventRecord, LeaseRef, LeaseState,
@@ -44,7 +47,7 @@ use sqlx::postgres::{PgConnectOptions, PgConnection, PgListener, PgPool, PgPoolO
 use sqlx::Connection;
 use std::str::FromStr;
 use std::time::Duration;
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, mpsc, oneshot};
 
 /// The schema used when the URL names none.
 pub const DEFAULT_SCHEMA: &str = "docket";
@@ -66,6 +69,8 @@ const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct PgStore {
     pool: PgPool,
     schema: String,
+    /// The hot-path task's queue (see `hot.rs`): claims and finishes.
+    hot: mpsc::UnboundedSender<hot::Op>,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -176,7 +181,9 @@ impl PgStore {
                 Box::pin(async move { set_search_path(conn, &search_path).await })
             })
             .connect_lazy_with(opts);
-        Ok(PgStore { pool, schema })
+        let (hot, rx) = mpsc::unbounded_channel();
+        tokio::spawn(hot::hot_path(pool.clone(), rx));
+        Ok(PgStore { pool, schema, hot })
     }
 
     /// The schema this store's tables live in.
@@ -372,14 +379,31 @@ impl Store for PgStore {
     }
 
     async fn claim(&self, req: ClaimRequest) -> Result<Vec<Run>> {
-        ops::claim(&self.pool, &req).await
+        if req.jobs.is_empty() || req.limit == 0 {
+            return Ok(Vec::new());
+        }
+        let (tx, rx) = oneshot::channel();
+        if let Err(mpsc::error::SendError(hot::Op::Claim(req, _))) =
+            self.hot.send(hot::Op::Claim(req, tx))
+        {
+            return hot::claim_only(&self.pool, &req).await;
+        }
+        rx.await
+            .map_err(|_| StoreError::Database("the hot-path task stopped".into()))?
     }
 
     async fn finish(&self, ends: Vec<AttemptEnd>) -> Result<Vec<Result<RunStatus>>> {
-        let mut tx = self.pool.begin().await.map_err(db)?;
-        let out = ops::finish(&mut tx, ends).await?;
-        tx.commit().await.map_err(db)?;
-        Ok(out)
+        if ends.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (tx, rx) = oneshot::channel();
+        if let Err(mpsc::error::SendError(hot::Op::Finish(ends, _))) =
+            self.hot.send(hot::Op::Finish(ends, tx))
+        {
+            return hot::finish(&self.pool, ends).await;
+        }
+        rx.await
+            .map_err(|_| StoreError::Database("the hot-path task stopped".into()))?
     }
 
     async fn heartbeat(
@@ -416,6 +440,63 @@ impl Store for PgStore {
 
     async fn events(&self, filter: EventFilter) -> Result<Vec<EventRecord>> {
         ops::events(&self.pool, &filter).await
+    }
+
+    async fn steps(&self, run_id: RunId) -> Result<Vec<crate::StepRecord>> {
+        durable::steps(&self.pool, run_id).await
+    }
+
+    async fn save_step(
+        &self,
+        lease: crate::LeaseRef,
+        name: String,
+        result: serde_json::Value,
+        now: Timestamp,
+    ) -> Result<crate::LeaseState> {
+        durable::save_step(&self.pool, lease, &name, &result, now).await
+    }
+
+    async fn fail_step(
+        &self,
+        lease: crate::LeaseRef,
+        name: String,
+        class: docket_core::ErrorClass,
+        message: String,
+        now: Timestamp,
+    ) -> Result<()> {
+        durable::fail_step(&self.pool, lease, &name, class, &message, now).await
+    }
+
+    async fn ledger_get(&self, tenant: String, key: String) -> Result<Option<crate::LedgerEntry>> {
+        durable::ledger_get(&self.pool, &tenant, &key).await
+    }
+
+    async fn ledger_for_run(&self, run_id: RunId) -> Result<Vec<crate::LedgerEntry>> {
+        durable::ledger_for_run(&self.pool, run_id).await
+    }
+
+    async fn ledger_write(
+        &self,
+        lease: crate::LeaseRef,
+        write: crate::LedgerWrite,
+        event: String,
+        now: Timestamp,
+    ) -> Result<()> {
+        durable::ledger_write(&self.pool, lease, &write, &event, now).await
+    }
+
+    async fn append_event(
+        &self,
+        lease: crate::LeaseRef,
+        kind: String,
+        data: serde_json::Value,
+        now: Timestamp,
+    ) -> Result<()> {
+        durable::append_event(&self.pool, lease, &kind, &data, now).await
+    }
+
+    async fn operator(&self, req: crate::OperatorRequest) -> Result<Run> {
+        durable::operator(&self.pool, &req).await
     }
 }
 

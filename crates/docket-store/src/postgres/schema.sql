@@ -78,3 +78,50 @@ CREATE TABLE IF NOT EXISTS events (
     data     jsonb NOT NULL DEFAULT '{}'
 );
 CREATE INDEX IF NOT EXISTS events_run ON events (run_id, id);
+
+-- Durable steps (see the SQLite schema).
+CREATE TABLE IF NOT EXISTS steps (
+    run_id        uuid NOT NULL,
+    name          text NOT NULL,
+    status        text NOT NULL,
+    result        jsonb,
+    error_class   text,
+    error_message text,
+    attempt       integer NOT NULL,
+    updated_at    bigint NOT NULL,
+    actor         text,
+    comment       text,
+    PRIMARY KEY (run_id, name)
+);
+
+-- The side-effect ledger: one row per (tenant, idempotency key).
+CREATE TABLE IF NOT EXISTS ledger (
+    tenant          text NOT NULL,
+    idempotency_key text NOT NULL,
+    action          text NOT NULL,
+    run_id          uuid NOT NULL,
+    attempt         integer NOT NULL,
+    lease_id        uuid NOT NULL,
+    state           text NOT NULL,
+    result          jsonb,
+    error_class     text,
+    error_message   text,
+    created_at      bigint NOT NULL,
+    updated_at      bigint NOT NULL,
+    PRIMARY KEY (tenant, idempotency_key)
+);
+CREATE INDEX IF NOT EXISTS ledger_run ON ledger (run_id);
+
+-- API tokens (docket-server): only a SHA-256 hash of each secret is kept.
+-- A name is unique among a tenant's live tokens; it is recorded as the actor
+-- of every operator action made with the token.
+CREATE TABLE IF NOT EXISTS tokens (
+    id         text PRIMARY KEY,
+    tenant     text NOT NULL,
+    name       text NOT NULL,
+    hash       text NOT NULL UNIQUE,
+    created_at bigint NOT NULL,
+    revoked_at bigint
+);
+CREATE UNIQUE INDEX IF NOT EXISTS tokens_live_name ON tokens (tenant, name)
+    WHERE revoked_at IS NULL;

@@ -10,10 +10,12 @@
 //! (`BEGIN IMMEDIATE` + busy timeout).
 
 mod ops;
+mod tokens;
 
 use crate::{
     AttemptEnd, AttemptRecord, ClaimRequest, EventFilter, EventRecord, LeaseRef, LeaseState,
-    NewRun, Result, Run, RunFilter, StatusCount, Store, StoreError, Triggered, SCHEMA_VERSION,
+    LedgerEntry, LedgerWrite, NewRun, OperatorRequest, Result, Run, RunFilter, StatusCount,
+    StepRecord, Store, StoreError, Triggered, SCHEMA_VERSION,
 };
 use async_trait::async_trait;
 use docket_core::{RunId, RunStatus, Timestamp};
@@ -298,5 +300,66 @@ impl Store for SqliteStore {
 
     async fn events(&self, filter: EventFilter) -> Result<Vec<EventRecord>> {
         self.call(move |c| ops::events(c, &filter)).await
+    }
+
+    async fn steps(&self, run_id: RunId) -> Result<Vec<StepRecord>> {
+        self.call(move |c| ops::steps(c, run_id)).await
+    }
+
+    async fn save_step(
+        &self,
+        lease: LeaseRef,
+        name: String,
+        result: serde_json::Value,
+        now: Timestamp,
+    ) -> Result<LeaseState> {
+        self.call(move |c| ops::save_step(c, lease, &name, &result, now))
+            .await?
+    }
+
+    async fn fail_step(
+        &self,
+        lease: LeaseRef,
+        name: String,
+        class: docket_core::ErrorClass,
+        message: String,
+        now: Timestamp,
+    ) -> Result<()> {
+        self.call(move |c| ops::fail_step(c, lease, &name, class, &message, now))
+            .await?
+    }
+
+    async fn ledger_get(&self, tenant: String, key: String) -> Result<Option<LedgerEntry>> {
+        self.call(move |c| ops::ledger_get(c, &tenant, &key)).await
+    }
+
+    async fn ledger_for_run(&self, run_id: RunId) -> Result<Vec<LedgerEntry>> {
+        self.call(move |c| ops::ledger_for_run(c, run_id)).await
+    }
+
+    async fn ledger_write(
+        &self,
+        lease: LeaseRef,
+        write: LedgerWrite,
+        event: String,
+        now: Timestamp,
+    ) -> Result<()> {
+        self.call(move |c| ops::ledger_write(c, lease, &write, &event, now))
+            .await?
+    }
+
+    async fn append_event(
+        &self,
+        lease: LeaseRef,
+        kind: String,
+        data: serde_json::Value,
+        now: Timestamp,
+    ) -> Result<()> {
+        self.call(move |c| ops::append_event(c, lease, &kind, &data, now))
+            .await?
+    }
+
+    async fn operator(&self, req: OperatorRequest) -> Result<Run> {
+        self.call(move |c| ops::operator(c, &req)).await
     }
 }

@@ -3,7 +3,8 @@
 
 use crate::{
     AttemptEnd, AttemptRecord, ClaimRequest, EventFilter, EventRecord, LeaseRef, LeaseState,
-    NewRun, Outcome, Result, Run, RunFilter, StatusCount, StoreError, Triggered,
+    LedgerEntry, LedgerWrite, NewRun, OperatorCommand, OperatorRequest, Outcome, Result, Run,
+    RunFilter, StatusCount, StepRecord, StoreError, Triggered,
 };
 use docket_core::{ErrorClass, LeaseId, RunId, RunStatus, Timestamp, Transition};
 use rusqlite::types::Value as SqlValue;
@@ -714,4 +715,431 @@ pub(super) fn events(c: &Connection, f: &EventFilter) -> Result<Vec<EventRecord>
         )
         .map_err(db_err)?;
     rows.collect::<rusqlite::Result<_>>().map_err(db_err)
+}
+
+// ---- durable steps, ledger, events, operator commands ----
+
+/// Checks the lease holds the run; when it does not, records
+/// `stale_write_refused` and answers the error for the caller's slot.
+fn fence(
+    c: &Connection,
+    lease: LeaseRef,
+    attempted: &str,
+    now: Timestamp,
+) -> Result<Result<Fence>> {
+    let run = fence_row(c, lease.run_id)?.ok_or(StoreError::NotFound(lease.run_id))?;
+    if run.status == RunStatus::Running && run.lease_id == Some(lease.lease_id) {
+        return Ok(Ok(run));
+    }
+    insert_event(
+        c,
+        run.id,
+        &run.tenant,
+        &run.job,
+        "stale_write_refused",
+        now,
+        None,
+        Some(lease.lease_id),
+        None,
+        None,
+        &json!({
+            "attempted": attempted,
+            "current_status": run.status,
+            "current_lease_id": run.lease_id,
+            "current_attempt": run.attempt,
+        }),
+    )?;
+    Ok(Err(StoreError::StaleLease {
+        run_id: run.id,
+        lease_id: lease.lease_id,
+        status: run.status,
+    }))
+}
+
+fn step_from_row(r: &Row<'_>) -> rusqlite::Result<StepRecord> {
+    Ok(StepRecord {
+        run_id: parse("run id", r.get(0)?)?,
+        name: r.get(1)?,
+        status: parse("step status", r.get(2)?)?,
+        result: json_opt(r.get(3)?)?,
+        error_class: parse_opt("error class", r.get(4)?)?,
+        error_message: r.get(5)?,
+        attempt: r.get(6)?,
+        updated_at: Timestamp(r.get(7)?),
+        actor: r.get(8)?,
+        comment: r.get(9)?,
+    })
+}
+
+pub(super) fn steps(c: &Connection, run_id: RunId) -> Result<Vec<StepRecord>> {
+    let mut st = c
+        .prepare_cached(
+            "SELECT run_id, name, status, result, error_class, error_message, attempt, updated_at, actor, comment
+             FROM steps WHERE run_id = ?1 ORDER BY updated_at, name",
+        )
+        .map_err(db_err)?;
+    let rows = st
+        .query_map([run_id.to_string()], step_from_row)
+        .map_err(db_err)?;
+    rows.collect::<rusqlite::Result<_>>().map_err(db_err)
+}
+
+pub(super) fn save_step(
+    c: &Connection,
+    lease: LeaseRef,
+    name: &str,
+    result: &Value,
+    now: Timestamp,
+) -> Result<Result<LeaseState>> {
+    let run = match fence(c, lease, "step_completed", now)? {
+        Ok(r) => r,
+        Err(e) => return Ok(Err(e)),
+    };
+    let existing: Option<String> = c
+        .prepare_cached("SELECT status FROM steps WHERE run_id = ?1 AND name = ?2")
+        .map_err(db_err)?
+        .query_row(params![run.id.to_string(), name], |r| r.get(0))
+        .optional()
+        .map_err(db_err)?;
+    if matches!(existing.as_deref(), Some("completed") | Some("skipped")) {
+        return Ok(Err(StoreError::Conflict(format!(
+            "step `{name}` of run {} is already {}; step names must be unique within a run",
+            run.id,
+            existing.unwrap_or_default()
+        ))));
+    }
+    c.prepare_cached(
+        "INSERT INTO steps (run_id, name, status, result, attempt, updated_at)
+         VALUES (?1, ?2, 'completed', ?3, ?4, ?5)
+         ON CONFLICT (run_id, name) DO UPDATE SET status = 'completed', result = excluded.result,
+            error_class = NULL, error_message = NULL, attempt = excluded.attempt, updated_at = excluded.updated_at",
+    )
+    .map_err(db_err)?
+    .execute(params![run.id.to_string(), name, result.to_string(), run.attempt, now.0])
+    .map_err(db_err)?;
+    insert_event(
+        c,
+        run.id,
+        &run.tenant,
+        &run.job,
+        "step_completed",
+        now,
+        Some(run.attempt),
+        Some(lease.lease_id),
+        None,
+        None,
+        &json!({ "step": name }),
+    )?;
+    let cancel: i64 = c
+        .prepare_cached("SELECT cancel_requested FROM runs WHERE id = ?1")
+        .map_err(db_err)?
+        .query_row([run.id.to_string()], |r| r.get(0))
+        .map_err(db_err)?;
+    Ok(Ok(LeaseState {
+        held: true,
+        cancel_requested: cancel != 0,
+    }))
+}
+
+/// Records a failed step with a `step_failed` event, fenced by the lease,
+/// unless the step already completed or was skipped.
+pub(super) fn fail_step(
+    c: &Connection,
+    lease: LeaseRef,
+    name: &str,
+    class: ErrorClass,
+    message: &str,
+    now: Timestamp,
+) -> Result<Result<()>> {
+    let run = match fence(c, lease, "step_failed", now)? {
+        Ok(r) => r,
+        Err(e) => return Ok(Err(e)),
+    };
+    let n = c
+        .prepare_cached(
+            "INSERT INTO steps (run_id, name, status, error_class, error_message, attempt, updated_at)
+             VALUES (?1, ?2, 'failed', ?3, ?4, ?5, ?6)
+             ON CONFLICT (run_id, name) DO UPDATE SET status = 'failed', error_class = excluded.error_class,
+                error_message = excluded.error_message, attempt = excluded.attempt, updated_at = excluded.updated_at
+             WHERE steps.status = 'failed'",
+        )
+        .map_err(db_err)?
+        .execute(params![run.id.to_string(), name, class.as_str(), message, run.attempt, now.0])
+        .map_err(db_err)?;
+    if n == 0 {
+        return Ok(Err(StoreError::Conflict(format!(
+            "step `{name}` of run {} is already completed or skipped",
+            run.id
+        ))));
+    }
+    insert_event(
+        c,
+        run.id,
+        &run.tenant,
+        &run.job,
+        "step_failed",
+        now,
+        Some(run.attempt),
+        Some(lease.lease_id),
+        None,
+        None,
+        &json!({ "step": name, "error_class": class, "message": message }),
+    )?;
+    Ok(Ok(()))
+}
+
+fn ledger_from_row(r: &Row<'_>) -> rusqlite::Result<LedgerEntry> {
+    Ok(LedgerEntry {
+        tenant: r.get(0)?,
+        idempotency_key: r.get(1)?,
+        action: r.get(2)?,
+        run_id: parse("run id", r.get(3)?)?,
+        attempt: r.get(4)?,
+        lease_id: parse("lease id", r.get(5)?)?,
+        state: parse("ledger state", r.get(6)?)?,
+        result: json_opt(r.get(7)?)?,
+        error_class: parse_opt("error class", r.get(8)?)?,
+        error_message: r.get(9)?,
+        created_at: Timestamp(r.get(10)?),
+        updated_at: Timestamp(r.get(11)?),
+    })
+}
+
+const LEDGER_COLS: &str = "tenant, idempotency_key, action, run_id, attempt, lease_id, state, result, error_class, error_message, created_at, updated_at";
+
+pub(super) fn ledger_get(c: &Connection, tenant: &str, key: &str) -> Result<Option<LedgerEntry>> {
+    c.prepare_cached(&format!(
+        "SELECT {LEDGER_COLS} FROM ledger WHERE tenant = ?1 AND idempotency_key = ?2"
+    ))
+    .map_err(db_err)?
+    .query_row(params![tenant, key], ledger_from_row)
+    .optional()
+    .map_err(db_err)
+}
+
+pub(super) fn ledger_for_run(c: &Connection, run_id: RunId) -> Result<Vec<LedgerEntry>> {
+    let mut st = c
+        .prepare_cached(&format!("SELECT {LEDGER_COLS} FROM ledger WHERE run_id = ?1 ORDER BY created_at, idempotency_key"))
+        .map_err(db_err)?;
+    let rows = st
+        .query_map([run_id.to_string()], ledger_from_row)
+        .map_err(db_err)?;
+    rows.collect::<rusqlite::Result<_>>().map_err(db_err)
+}
+
+pub(super) fn ledger_write(
+    c: &Connection,
+    lease: LeaseRef,
+    w: &LedgerWrite,
+    event: &str,
+    now: Timestamp,
+) -> Result<Result<()>> {
+    let run = match fence(c, lease, event, now)? {
+        Ok(r) => r,
+        Err(e) => return Ok(Err(e)),
+    };
+    c.prepare_cached(
+        "INSERT INTO ledger (tenant, idempotency_key, action, run_id, attempt, lease_id, state, result, error_class, error_message, created_at, updated_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?11)
+         ON CONFLICT (tenant, idempotency_key) DO UPDATE SET action = excluded.action, run_id = excluded.run_id,
+            attempt = excluded.attempt, lease_id = excluded.lease_id, state = excluded.state, result = excluded.result,
+            error_class = excluded.error_class, error_message = excluded.error_message, updated_at = excluded.updated_at",
+    )
+    .map_err(db_err)?
+    .execute(params![
+        w.tenant,
+        w.idempotency_key,
+        w.action,
+        run.id.to_string(),
+        run.attempt,
+        lease.lease_id.to_string(),
+        w.state.as_str(),
+        w.result.as_ref().map(|v| v.to_string()),
+        w.error_class.map(|e| e.as_str()),
+        w.error_message,
+        now.0
+    ])
+    .map_err(db_err)?;
+    insert_event(
+        c,
+        run.id,
+        &run.tenant,
+        &run.job,
+        event,
+        now,
+        Some(run.attempt),
+        Some(lease.lease_id),
+        None,
+        None,
+        &json!({ "action": w.action, "idempotency_key": w.idempotency_key, "state": w.state, "error_class": w.error_class, "message": w.error_message }),
+    )?;
+    Ok(Ok(()))
+}
+
+pub(super) fn append_event(
+    c: &Connection,
+    lease: LeaseRef,
+    kind: &str,
+    data: &Value,
+    now: Timestamp,
+) -> Result<Result<()>> {
+    let run = match fence(c, lease, kind, now)? {
+        Ok(r) => r,
+        Err(e) => return Ok(Err(e)),
+    };
+    insert_event(
+        c,
+        run.id,
+        &run.tenant,
+        &run.job,
+        kind,
+        now,
+        Some(run.attempt),
+        Some(lease.lease_id),
+        None,
+        None,
+        data,
+    )?;
+    Ok(Ok(()))
+}
+
+fn wrong_state(run: &Run, message: String) -> StoreError {
+    StoreError::WrongState {
+        run_id: run.id,
+        current: run.status,
+        message,
+    }
+}
+
+pub(super) fn operator(c: &Connection, req: &OperatorRequest) -> Result<Run> {
+    let run = get_run(c, req.run_id)?.ok_or(StoreError::NotFound(req.run_id))?;
+    let id = run.id.to_string();
+    let now = req.now;
+    let actor = Some(req.actor.as_str());
+    let comment = req.comment.as_deref();
+    let ev = |kind: &str, data: Value| {
+        insert_event(
+            c,
+            run.id,
+            &run.tenant,
+            &run.job,
+            kind,
+            now,
+            None,
+            None,
+            actor,
+            comment,
+            &data,
+        )
+    };
+    let exec = |sql: &str, p: &[&dyn rusqlite::ToSql]| -> Result<()> {
+        c.prepare_cached(sql)
+            .map_err(db_err)?
+            .execute(p)
+            .map_err(db_err)?;
+        Ok(())
+    };
+    let check = |t: Transition| {
+        run.status
+            .apply(t)
+            .map_err(|e| wrong_state(&run, e.to_string()))
+    };
+    match &req.command {
+        OperatorCommand::Cancel => {
+            check(Transition::Cancel)?;
+            if run.status == RunStatus::Running {
+                exec(
+                    "UPDATE runs SET cancel_requested = 1, updated_at = ?2 WHERE id = ?1",
+                    &[&id, &now.0],
+                )?;
+                ev("cancel_requested", json!({ "at_step_boundary": true }))?;
+            } else {
+                exec("UPDATE runs SET status = 'cancelled', input_request = NULL, updated_at = ?2, finished_at = ?2 WHERE id = ?1", &[&id, &now.0])?;
+                ev("run_cancelled", json!({ "from": run.status }))?;
+            }
+        }
+        OperatorCommand::Postpone { until } => {
+            if run.status == RunStatus::Running {
+                return Err(wrong_state(&run, "cannot postpone a run that is running: its handler can postpone itself, or cancel it".into()));
+            }
+            check(Transition::Postpone)?;
+            exec("UPDATE runs SET status = 'postponed', run_after = ?2, input_request = NULL, updated_at = ?3 WHERE id = ?1", &[&id, &until.0, &now.0])?;
+            ev(
+                "run_postponed",
+                json!({ "until": until, "by": "operator", "from": run.status }),
+            )?;
+        }
+        OperatorCommand::Approve { data } | OperatorCommand::Reject { data } => {
+            check(Transition::Decide)?;
+            let approved = matches!(req.command, OperatorCommand::Approve { .. });
+            let name = run
+                .input_request
+                .as_ref()
+                .and_then(|r| r.get("name"))
+                .and_then(|n| n.as_str())
+                .unwrap_or("input")
+                .to_string();
+            let decision =
+                json!({ "decision": if approved { "approved" } else { "rejected" }, "data": data });
+            exec(
+                "INSERT INTO steps (run_id, name, status, result, attempt, updated_at, actor, comment)
+                 VALUES (?1, ?2, 'completed', ?3, ?4, ?5, ?6, ?7)
+                 ON CONFLICT (run_id, name) DO UPDATE SET status = 'completed', result = excluded.result,
+                    updated_at = excluded.updated_at, actor = excluded.actor, comment = excluded.comment",
+                &[&id, &format!("input:{name}"), &decision.to_string(), &run.attempt, &now.0, &req.actor, &req.comment],
+            )?;
+            exec("UPDATE runs SET status = 'pending', run_after = ?2, input_request = NULL, updated_at = ?2 WHERE id = ?1", &[&id, &now.0])?;
+            ev(
+                "input_received",
+                json!({ "name": name, "decision": decision["decision"], "data": data }),
+            )?;
+        }
+        OperatorCommand::Retry { updated_variables } => {
+            check(Transition::OperatorRetry)?;
+            let vars = match updated_variables {
+                Some(p) => crate::merge_variables(&run.variables, p),
+                None => run.variables.clone(),
+            };
+            exec(
+                "UPDATE runs SET status = 'pending', run_after = ?2, variables = ?3, terminal_reason = NULL, finished_at = NULL,
+                    attempts_forgiven = attempt, updated_at = ?2 WHERE id = ?1",
+                &[&id, &now.0, &vars.to_string()],
+            )?;
+            exec(
+                "DELETE FROM steps WHERE run_id = ?1 AND status = 'failed'",
+                &[&id],
+            )?;
+            ev(
+                "operator_retry",
+                json!({ "updated_variables": updated_variables, "previous_reason": run.terminal_reason, "fresh_attempt_budget": true }),
+            )?;
+        }
+        OperatorCommand::Skip => {
+            check(Transition::OperatorSkip)?;
+            let failed: Option<String> = c
+                .prepare_cached("SELECT name FROM steps WHERE run_id = ?1 AND status = 'failed' ORDER BY updated_at DESC, name LIMIT 1")
+                .map_err(db_err)?
+                .query_row([&id], |r| r.get(0))
+                .optional()
+                .map_err(db_err)?;
+            let Some(step) = failed else {
+                return Err(wrong_state(&run, "the run failed outside any step, so there is no failed step to skip; retry or retrigger it".into()));
+            };
+            exec(
+                "UPDATE steps SET status = 'skipped', actor = ?3, comment = ?4, updated_at = ?5 WHERE run_id = ?1 AND name = ?2",
+                &[&id, &step, &req.actor, &req.comment, &now.0],
+            )?;
+            exec(
+                "UPDATE runs SET status = 'pending', run_after = ?2, terminal_reason = NULL, finished_at = NULL,
+                    attempts_forgiven = attempt, updated_at = ?2 WHERE id = ?1",
+                &[&id, &now.0],
+            )?;
+            ev("step_skipped", json!({ "step": step }))?;
+            ev(
+                "operator_skip",
+                json!({ "step": step, "previous_reason": run.terminal_reason }),
+            )?;
+        }
+    }
+    get_run(c, run.id)?.ok_or(StoreError::NotFound(run.id))
 }

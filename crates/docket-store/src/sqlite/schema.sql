@@ -82,3 +82,52 @@ CREATE TABLE IF NOT EXISTS events (
     data     TEXT NOT NULL DEFAULT '{}'
 );
 CREATE INDEX IF NOT EXISTS events_run ON events (run_id, id);
+
+-- Durable steps: a completed step's result is returned on every later
+-- attempt instead of running it again. `failed` and `skipped` rows record
+-- what the operator retry and skip commands act on.
+CREATE TABLE IF NOT EXISTS steps (
+    run_id        TEXT NOT NULL,
+    name          TEXT NOT NULL,
+    status        TEXT NOT NULL,
+    result        TEXT,
+    error_class   TEXT,
+    error_message TEXT,
+    attempt       INTEGER NOT NULL,
+    updated_at    INTEGER NOT NULL,
+    actor         TEXT,
+    comment       TEXT,
+    PRIMARY KEY (run_id, name)
+) WITHOUT ROWID;
+
+-- The side-effect ledger: one row per (tenant, idempotency key).
+CREATE TABLE IF NOT EXISTS ledger (
+    tenant          TEXT NOT NULL,
+    idempotency_key TEXT NOT NULL,
+    action          TEXT NOT NULL,
+    run_id          TEXT NOT NULL,
+    attempt         INTEGER NOT NULL,
+    lease_id        TEXT NOT NULL,
+    state           TEXT NOT NULL,
+    result          TEXT,
+    error_class     TEXT,
+    error_message   TEXT,
+    created_at      INTEGER NOT NULL,
+    updated_at      INTEGER NOT NULL,
+    PRIMARY KEY (tenant, idempotency_key)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS ledger_run ON ledger (run_id);
+
+-- API tokens (docket-server): only a SHA-256 hash of each secret is kept.
+-- A name is unique among a tenant's live tokens; it is recorded as the actor
+-- of every operator action made with the token.
+CREATE TABLE IF NOT EXISTS tokens (
+    id         TEXT PRIMARY KEY,
+    tenant     TEXT NOT NULL,
+    name       TEXT NOT NULL,
+    hash       TEXT NOT NULL UNIQUE,
+    created_at INTEGER NOT NULL,
+    revoked_at INTEGER
+);
+CREATE UNIQUE INDEX IF NOT EXISTS tokens_live_name ON tokens (tenant, name)
+    WHERE revoked_at IS NULL;

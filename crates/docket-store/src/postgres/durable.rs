@@ -1,0 +1,621 @@
+//! Durable steps, the side-effect ledger, appended events and operator
+//! commands on PostgreSQL, mirroring `sqlite/ops.rs` statement for statement.
+//! Each public function is one transaction; lease-fenced writes lock the run
+//! row (`FOR UPDATE`) before checking the fence.
+
+use super::db;
+use super::ops::{get_run, run_from_row, RUN_COLS};
+use crate::{
+    LeaseRef, LeaseState, LedgerEntry, LedgerWrite, OperatorCommand, OperatorRequest, Result, Run,
+    StepRecord, StoreError,
+};
+use docket_core::{ErrorClass, LeaseId, RunId, RunStatus, Timestamp, Transition};
+use serde_json::{json, Value};
+use sqlx::postgres::{PgConnection, PgPool, PgRow};
+use sqlx::Row;
+
+struct Fence {
+    id: RunId,
+    tenant: String,
+    job: String,
+    attempt: i32,
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn event(
+    c: &mut PgConnection,
+    run_id: RunId,
+    tenant: &str,
+    job: &str,
+    kind: &str,
+    at: Timestamp,
+    attempt: Option<i32>,
+    lease_id: Option<LeaseId>,
+    actor: Option<&str>,
+    comment: Option<&str>,
+    data: &Value,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO events (run_id, tenant, job, kind, at, attempt, lease_id, actor, comment, data)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+    )
+    .bind(run_id.0)
+    .bind(tenant)
+    .bind(job)
+    .bind(kind)
+    .bind(at.0)
+    .bind(attempt)
+    .bind(lease_id.map(|l| l.0))
+    .bind(actor)
+    .bind(comment)
+    .bind(data)
+    .execute(c)
+    .await
+    .map_err(db)?;
+    Ok(())
+}
+
+/// Locks the run and checks the lease holds it; when it does not, records
+/// `stale_write_refused` and answers the error for the caller.
+async fn fence(
+    c: &mut PgConnection,
+    lease: LeaseRef,
+    attempted: &str,
+    now: Timestamp,
+) -> Result<Result<Fence>> {
+    let row = sqlx::query(
+        "SELECT tenant, job, status, attempt, lease_id FROM runs WHERE id = $1 FOR UPDATE",
+    )
+    .bind(lease.run_id.0)
+    .fetch_optional(&mut *c)
+    .await
+    .map_err(db)?
+    .ok_or(StoreError::NotFound(lease.run_id))?;
+    let tenant: String = row.try_get("tenant").map_err(db)?;
+    let job: String = row.try_get("job").map_err(db)?;
+    let status: String = row.try_get("status").map_err(db)?;
+    let status: RunStatus = status.parse().map_err(StoreError::Corrupt)?;
+    let attempt: i32 = row.try_get("attempt").map_err(db)?;
+    let current: Option<uuid::Uuid> = row.try_get("lease_id").map_err(db)?;
+    if status == RunStatus::Running && current == Some(lease.lease_id.0) {
+        return Ok(Ok(Fence {
+            id: lease.run_id,
+            tenant,
+            job,
+            attempt,
+        }));
+    }
+    event(
+        c,
+        lease.run_id,
+        &tenant,
+        &job,
+        "stale_write_refused",
+        now,
+        None,
+        Some(lease.lease_id),
+        None,
+        None,
+        &json!({
+            "attempted": attempted,
+            "current_status": status,
+            "current_lease_id": current,
+            "current_attempt": attempt,
+        }),
+    )
+    .await?;
+    Ok(Err(StoreError::StaleLease {
+        run_id: lease.run_id,
+        lease_id: lease.lease_id,
+        status,
+    }))
+}
+
+fn step_from_row(r: &PgRow) -> Result<StepRecord> {
+    let status: String = r.try_get("status").map_err(db)?;
+    let class: Option<String> = r.try_get("error_class").map_err(db)?;
+    Ok(StepRecord {
+        run_id: RunId(r.try_get("run_id").map_err(db)?),
+        name: r.try_get("name").map_err(db)?,
+        status: status.parse().map_err(StoreError::Corrupt)?,
+        result: r.try_get("result").map_err(db)?,
+        error_class: class
+            .map(|c| c.parse::<ErrorClass>())
+            .transpose()
+            .map_err(|e| StoreError::Corrupt(e.to_string()))?,
+        error_message: r.try_get("error_message").map_err(db)?,
+        attempt: u32::try_from(r.try_get::<i32, _>("attempt").map_err(db)?).unwrap_or(0),
+        updated_at: Timestamp(r.try_get("updated_at").map_err(db)?),
+        actor: r.try_get("actor").map_err(db)?,
+        comment: r.try_get("comment").map_err(db)?,
+    })
+}
+
+pub(super) async fn steps(pool: &PgPool, run_id: RunId) -> Result<Vec<StepRecord>> {
+    let rows = sqlx::query(
+        "SELECT run_id, name, status, result, error_class, error_message, attempt, updated_at, actor, comment
+         FROM steps WHERE run_id = $1 ORDER BY updated_at, name COLLATE \"C\"",
+    )
+    .bind(run_id.0)
+    .fetch_all(pool)
+    .await
+    .map_err(db)?;
+    rows.iter().map(step_from_row).collect()
+}
+
+pub(super) async fn save_step(
+    pool: &PgPool,
+    lease: LeaseRef,
+    name: &str,
+    result: &Value,
+    now: Timestamp,
+) -> Result<LeaseState> {
+    let mut tx = pool.begin().await.map_err(db)?;
+    let run = match fence(&mut tx, lease, "step_completed", now).await? {
+        Ok(r) => r,
+        Err(e) => {
+            tx.commit().await.map_err(db)?;
+            return Err(e);
+        }
+    };
+    let existing: Option<String> =
+        sqlx::query_scalar("SELECT status FROM steps WHERE run_id = $1 AND name = $2")
+            .bind(run.id.0)
+            .bind(name)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(db)?;
+    if matches!(existing.as_deref(), Some("completed") | Some("skipped")) {
+        return Err(StoreError::Conflict(format!(
+            "step `{name}` of run {} is already {}; step names must be unique within a run",
+            run.id,
+            existing.unwrap_or_default()
+        )));
+    }
+    sqlx::query(
+        "INSERT INTO steps (run_id, name, status, result, attempt, updated_at)
+         VALUES ($1, $2, 'completed', $3, $4, $5)
+         ON CONFLICT (run_id, name) DO UPDATE SET status = 'completed', result = excluded.result,
+            error_class = NULL, error_message = NULL, attempt = excluded.attempt, updated_at = excluded.updated_at",
+    )
+    .bind(run.id.0)
+    .bind(name)
+    .bind(result)
+    .bind(run.attempt)
+    .bind(now.0)
+    .execute(&mut *tx)
+    .await
+    .map_err(db)?;
+    event(
+        &mut tx,
+        run.id,
+        &run.tenant,
+        &run.job,
+        "step_completed",
+        now,
+        Some(run.attempt),
+        Some(lease.lease_id),
+        None,
+        None,
+        &json!({ "step": name }),
+    )
+    .await?;
+    let cancel: bool = sqlx::query_scalar("SELECT cancel_requested FROM runs WHERE id = $1")
+        .bind(run.id.0)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(db)?;
+    tx.commit().await.map_err(db)?;
+    Ok(LeaseState {
+        held: true,
+        cancel_requested: cancel,
+    })
+}
+
+pub(super) async fn fail_step(
+    pool: &PgPool,
+    lease: LeaseRef,
+    name: &str,
+    class: ErrorClass,
+    message: &str,
+    now: Timestamp,
+) -> Result<()> {
+    let mut tx = pool.begin().await.map_err(db)?;
+    let run = match fence(&mut tx, lease, "step_failed", now).await? {
+        Ok(r) => r,
+        Err(e) => {
+            tx.commit().await.map_err(db)?;
+            return Err(e);
+        }
+    };
+    let n = sqlx::query(
+        "INSERT INTO steps (run_id, name, status, error_class, error_message, attempt, updated_at)
+         VALUES ($1, $2, 'failed', $3, $4, $5, $6)
+         ON CONFLICT (run_id, name) DO UPDATE SET status = 'failed', error_class = excluded.error_class,
+            error_message = excluded.error_message, attempt = excluded.attempt, updated_at = excluded.updated_at
+         WHERE steps.status = 'failed'",
+    )
+    .bind(run.id.0)
+    .bind(name)
+    .bind(class.as_str())
+    .bind(message)
+    .bind(run.attempt)
+    .bind(now.0)
+    .execute(&mut *tx)
+    .await
+    .map_err(db)?
+    .rows_affected();
+    if n == 0 {
+        return Err(StoreError::Conflict(format!(
+            "step `{name}` of run {} is already completed or skipped",
+            run.id
+        )));
+    }
+    event(
+        &mut tx,
+        run.id,
+        &run.tenant,
+        &run.job,
+        "step_failed",
+        now,
+        Some(run.attempt),
+        Some(lease.lease_id),
+        None,
+        None,
+        &json!({ "step": name, "error_class": class, "message": message }),
+    )
+    .await?;
+    tx.commit().await.map_err(db)?;
+    Ok(())
+}
+
+const LEDGER_COLS: &str = "tenant, idempotency_key, action, run_id, attempt, lease_id, state, result, error_class, error_message, created_at, updated_at";
+
+fn ledger_from_row(r: &PgRow) -> Result<LedgerEntry> {
+    let state: String = r.try_get("state").map_err(db)?;
+    let class: Option<String> = r.try_get("error_class").map_err(db)?;
+    Ok(LedgerEntry {
+        tenant: r.try_get("tenant").map_err(db)?,
+        idempotency_key: r.try_get("idempotency_key").map_err(db)?,
+        action: r.try_get("action").map_err(db)?,
+        run_id: RunId(r.try_get("run_id").map_err(db)?),
+        attempt: u32::try_from(r.try_get::<i32, _>("attempt").map_err(db)?).unwrap_or(0),
+        lease_id: LeaseId(r.try_get("lease_id").map_err(db)?),
+        state: state.parse().map_err(StoreError::Corrupt)?,
+        result: r.try_get("result").map_err(db)?,
+        error_class: class
+            .map(|c| c.parse::<ErrorClass>())
+            .transpose()
+            .map_err(|e| StoreError::Corrupt(e.to_string()))?,
+        error_message: r.try_get("error_message").map_err(db)?,
+        created_at: Timestamp(r.try_get("created_at").map_err(db)?),
+        updated_at: Timestamp(r.try_get("updated_at").map_err(db)?),
+    })
+}
+
+pub(super) async fn ledger_get(
+    pool: &PgPool,
+    tenant: &str,
+    key: &str,
+) -> Result<Option<LedgerEntry>> {
+    let row = sqlx::query(&format!(
+        "SELECT {LEDGER_COLS} FROM ledger WHERE tenant = $1 AND idempotency_key = $2"
+    ))
+    .bind(tenant)
+    .bind(key)
+    .fetch_optional(pool)
+    .await
+    .map_err(db)?;
+    row.as_ref().map(ledger_from_row).transpose()
+}
+
+pub(super) async fn ledger_for_run(pool: &PgPool, run_id: RunId) -> Result<Vec<LedgerEntry>> {
+    let rows = sqlx::query(&format!(
+        "SELECT {LEDGER_COLS} FROM ledger WHERE run_id = $1 ORDER BY created_at, idempotency_key COLLATE \"C\""
+    ))
+    .bind(run_id.0)
+    .fetch_all(pool)
+    .await
+    .map_err(db)?;
+    rows.iter().map(ledger_from_row).collect()
+}
+
+pub(super) async fn ledger_write(
+    pool: &PgPool,
+    lease: LeaseRef,
+    w: &LedgerWrite,
+    kind: &str,
+    now: Timestamp,
+) -> Result<()> {
+    let mut tx = pool.begin().await.map_err(db)?;
+    let run = match fence(&mut tx, lease, kind, now).await? {
+        Ok(r) => r,
+        Err(e) => {
+            tx.commit().await.map_err(db)?;
+            return Err(e);
+        }
+    };
+    sqlx::query(
+        "INSERT INTO ledger (tenant, idempotency_key, action, run_id, attempt, lease_id, state, result, error_class, error_message, created_at, updated_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $11)
+         ON CONFLICT (tenant, idempotency_key) DO UPDATE SET action = excluded.action, run_id = excluded.run_id,
+            attempt = excluded.attempt, lease_id = excluded.lease_id, state = excluded.state, result = excluded.result,
+            error_class = excluded.error_class, error_message = excluded.error_message, updated_at = excluded.updated_at",
+    )
+    .bind(&w.tenant)
+    .bind(&w.idempotency_key)
+    .bind(&w.action)
+    .bind(run.id.0)
+    .bind(run.attempt)
+    .bind(lease.lease_id.0)
+    .bind(w.state.as_str())
+    .bind(&w.result)
+    .bind(w.error_class.map(|e| e.as_str()))
+    .bind(&w.error_message)
+    .bind(now.0)
+    .execute(&mut *tx)
+    .await
+    .map_err(db)?;
+    event(&mut tx, run.id, &run.tenant, &run.job, kind, now, Some(run.attempt), Some(lease.lease_id), None, None,
+        &json!({ "action": w.action, "idempotency_key": w.idempotency_key, "state": w.state, "error_class": w.error_class, "message": w.error_message })).await?;
+    tx.commit().await.map_err(db)?;
+    Ok(())
+}
+
+pub(super) async fn append_event(
+    pool: &PgPool,
+    lease: LeaseRef,
+    kind: &str,
+    data: &Value,
+    now: Timestamp,
+) -> Result<()> {
+    let mut tx = pool.begin().await.map_err(db)?;
+    let run = match fence(&mut tx, lease, kind, now).await? {
+        Ok(r) => r,
+        Err(e) => {
+            tx.commit().await.map_err(db)?;
+            return Err(e);
+        }
+    };
+    event(
+        &mut tx,
+        run.id,
+        &run.tenant,
+        &run.job,
+        kind,
+        now,
+        Some(run.attempt),
+        Some(lease.lease_id),
+        None,
+        None,
+        data,
+    )
+    .await?;
+    tx.commit().await.map_err(db)?;
+    Ok(())
+}
+
+fn wrong_state(run: &Run, message: String) -> StoreError {
+    StoreError::WrongState {
+        run_id: run.id,
+        current: run.status,
+        message,
+    }
+}
+
+pub(super) async fn operator(pool: &PgPool, req: &OperatorRequest) -> Result<Run> {
+    let mut tx = pool.begin().await.map_err(db)?;
+    let row = sqlx::query(&format!(
+        "SELECT {RUN_COLS} FROM runs WHERE id = $1 FOR UPDATE"
+    ))
+    .bind(req.run_id.0)
+    .fetch_optional(&mut *tx)
+    .await
+    .map_err(db)?
+    .ok_or(StoreError::NotFound(req.run_id))?;
+    let run = run_from_row(&row)?;
+    let now = req.now;
+    let actor = Some(req.actor.as_str());
+    let comment = req.comment.as_deref();
+    let check = |t: Transition| {
+        run.status
+            .apply(t)
+            .map_err(|e| wrong_state(&run, e.to_string()))
+    };
+    let id = run.id.0;
+    match &req.command {
+        OperatorCommand::Cancel => {
+            check(Transition::Cancel)?;
+            if run.status == RunStatus::Running {
+                sqlx::query(
+                    "UPDATE runs SET cancel_requested = true, updated_at = $2 WHERE id = $1",
+                )
+                .bind(id)
+                .bind(now.0)
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?;
+                event(
+                    &mut tx,
+                    run.id,
+                    &run.tenant,
+                    &run.job,
+                    "cancel_requested",
+                    now,
+                    None,
+                    None,
+                    actor,
+                    comment,
+                    &json!({ "at_step_boundary": true }),
+                )
+                .await?;
+            } else {
+                sqlx::query("UPDATE runs SET status = 'cancelled', input_request = NULL, updated_at = $2, finished_at = $2 WHERE id = $1")
+                    .bind(id).bind(now.0).execute(&mut *tx).await.map_err(db)?;
+                event(
+                    &mut tx,
+                    run.id,
+                    &run.tenant,
+                    &run.job,
+                    "run_cancelled",
+                    now,
+                    None,
+                    None,
+                    actor,
+                    comment,
+                    &json!({ "from": run.status }),
+                )
+                .await?;
+            }
+        }
+        OperatorCommand::Postpone { until } => {
+            if run.status == RunStatus::Running {
+                return Err(wrong_state(&run, "cannot postpone a run that is running: its handler can postpone itself, or cancel it".into()));
+            }
+            check(Transition::Postpone)?;
+            sqlx::query("UPDATE runs SET status = 'postponed', run_after = $2, input_request = NULL, updated_at = $3 WHERE id = $1")
+                .bind(id).bind(until.0).bind(now.0).execute(&mut *tx).await.map_err(db)?;
+            event(
+                &mut tx,
+                run.id,
+                &run.tenant,
+                &run.job,
+                "run_postponed",
+                now,
+                None,
+                None,
+                actor,
+                comment,
+                &json!({ "until": until, "by": "operator", "from": run.status }),
+            )
+            .await?;
+        }
+        OperatorCommand::Approve { data } | OperatorCommand::Reject { data } => {
+            check(Transition::Decide)?;
+            let approved = matches!(req.command, OperatorCommand::Approve { .. });
+            let name = run
+                .input_request
+                .as_ref()
+                .and_then(|r| r.get("name"))
+                .and_then(|n| n.as_str())
+                .unwrap_or("input")
+                .to_string();
+            let decision =
+                json!({ "decision": if approved { "approved" } else { "rejected" }, "data": data });
+            sqlx::query(
+                "INSERT INTO steps (run_id, name, status, result, attempt, updated_at, actor, comment)
+                 VALUES ($1, $2, 'completed', $3, $4, $5, $6, $7)
+                 ON CONFLICT (run_id, name) DO UPDATE SET status = 'completed', result = excluded.result,
+                    updated_at = excluded.updated_at, actor = excluded.actor, comment = excluded.comment",
+            )
+            .bind(id)
+            .bind(format!("input:{name}"))
+            .bind(&decision)
+            .bind(run.attempt as i32)
+            .bind(now.0)
+            .bind(&req.actor)
+            .bind(&req.comment)
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+            sqlx::query("UPDATE runs SET status = 'pending', run_after = $2, input_request = NULL, updated_at = $2 WHERE id = $1")
+                .bind(id).bind(now.0).execute(&mut *tx).await.map_err(db)?;
+            event(
+                &mut tx,
+                run.id,
+                &run.tenant,
+                &run.job,
+                "input_received",
+                now,
+                None,
+                None,
+                actor,
+                comment,
+                &json!({ "name": name, "decision": decision["decision"], "data": data }),
+            )
+            .await?;
+        }
+        OperatorCommand::Retry { updated_variables } => {
+            check(Transition::OperatorRetry)?;
+            let vars = match updated_variables {
+                Some(p) => crate::merge_variables(&run.variables, p),
+                None => run.variables.clone(),
+            };
+            sqlx::query(
+                "UPDATE runs SET status = 'pending', run_after = $2, variables = $3, terminal_reason = NULL, finished_at = NULL,
+                    attempts_forgiven = attempt, updated_at = $2 WHERE id = $1",
+            )
+            .bind(id)
+            .bind(now.0)
+            .bind(&vars)
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+            sqlx::query("DELETE FROM steps WHERE run_id = $1 AND status = 'failed'")
+                .bind(id)
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?;
+            event(&mut tx, run.id, &run.tenant, &run.job, "operator_retry", now, None, None, actor, comment,
+                &json!({ "updated_variables": updated_variables, "previous_reason": run.terminal_reason, "fresh_attempt_budget": true })).await?;
+        }
+        OperatorCommand::Skip => {
+            check(Transition::OperatorSkip)?;
+            let failed: Option<String> = sqlx::query_scalar(
+                "SELECT name FROM steps WHERE run_id = $1 AND status = 'failed' ORDER BY updated_at DESC, name COLLATE \"C\" LIMIT 1",
+            )
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(db)?;
+            let Some(step) = failed else {
+                return Err(wrong_state(&run, "the run failed outside any step, so there is no failed step to skip; retry or retrigger it".into()));
+            };
+            sqlx::query("UPDATE steps SET status = 'skipped', actor = $3, comment = $4, updated_at = $5 WHERE run_id = $1 AND name = $2")
+                .bind(id).bind(&step).bind(&req.actor).bind(&req.comment).bind(now.0)
+                .execute(&mut *tx).await.map_err(db)?;
+            sqlx::query(
+                "UPDATE runs SET status = 'pending', run_after = $2, terminal_reason = NULL, finished_at = NULL,
+                    attempts_forgiven = attempt, updated_at = $2 WHERE id = $1",
+            )
+            .bind(id)
+            .bind(now.0)
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+            event(
+                &mut tx,
+                run.id,
+                &run.tenant,
+                &run.job,
+                "step_skipped",
+                now,
+                None,
+                None,
+                actor,
+                comment,
+                &json!({ "step": step }),
+            )
+            .await?;
+            event(
+                &mut tx,
+                run.id,
+                &run.tenant,
+                &run.job,
+                "operator_skip",
+                now,
+                None,
+                None,
+                actor,
+                comment,
+                &json!({ "step": step, "previous_reason": run.terminal_reason }),
+            )
+            .await?;
+        }
+    }
+    let out = get_run(&mut *tx, run.id)
+        .await?
+        .ok_or(StoreError::NotFound(run.id))?;
+    tx.commit().await.map_err(db)?;
+    Ok(out)
+}

@@ -1,0 +1,860 @@
+//! The hot path: `claim` and `finish`, set-based, and grouped.
+//!
+//! **Set-based.** A batch of attempt ends is applied by ONE statement (one
+//! round trip, one commit) instead of a savepoint and five statements per
+//! end. The statement locks the batch's runs in id order (`FOR UPDATE`, so
+//! concurrent batches and heartbeats cannot deadlock), keeps the ends whose
+//! lease still holds the run, and in the same statement updates those runs
+//! and their attempt rows, appends their events, and appends a
+//! `stale_write_refused` event for every end whose lease no longer holds.
+//! Every value an end writes is computed in Rust from the end alone; only
+//! what depends on the locked row (the attempt number, tenant and job, the
+//! expired lease's deadline, the current status) is filled in by the
+//! statement. A claim is one statement too (`FOR UPDATE SKIP LOCKED`).
+//!
+//! **Grouped.** On PostgreSQL a commit waits for its WAL flush (with the
+//! default `synchronous_commit = on`), and on a small machine that flush,
+//! not the SQL, is what a claim or a finish costs. So each store has one
+//! *hot-path task*: callers hand it their claims and finishes, and it sends
+//! everything that is waiting as ONE statement — the ends of every waiting
+//! `finish` call and one claim — then answers each caller. Under load a
+//! worker's claim for the next runs shares a commit (and a flush) with the
+//! ends of the previous ones; at rest a call goes out at once. At most one
+//! hot-path statement per store is in flight, which also bounds the
+//! connections the hot path takes from the pool to one.
+//!
+//! Each end stays its own unit:
+//! - a run that appears twice among the waiting ends is handled by a second
+//!   statement that runs after the first has committed (the later end then
+//!   sees the state the earlier one left, as if sent separately);
+//! - when the server refuses a statement (a value it cannot store, a
+//!   deadlock), nothing of it was written: its claim is sent again alone and
+//!   each end is applied again on its own, so that only the offending end
+//!   fails.
+//!
+//! Within one statement the finish part and the claim part touch disjoint
+//! runs: the claim only takes runs that its snapshot shows claimable, the
+//! finish only changes runs its ends' leases hold (running ones). Events are
+//! appended in one `INSERT`: the ends' events (by run id, then in the order
+//! a single end writes them), then the claim's `attempt_started` events in
+//! claim order.
+
+use crate::{AttemptEnd, ClaimRequest, Outcome, Result, Run, StoreError};
+use docket_core::{ErrorClass, LeaseId, RunId, RunStatus, Transition};
+use serde_json::{json, Value};
+use sqlx::postgres::{PgPool, PgRow};
+use sqlx::Row;
+use std::collections::HashMap;
+use std::sync::LazyLock;
+use tokio::sync::{mpsc, oneshot};
+use uuid::Uuid;
+
+use super::db;
+use super::ops::{run_from_row, RUN_COLS};
+
+/// Lease ids generated in Rust per claim (UUIDv7, like SQLite's); a claim of
+/// more runs than this takes `gen_random_uuid()` for the rest.
+const CLAIM_LEASE_IDS: usize = 4096;
+
+/// Most ends folded into one statement.
+const MAX_ENDS: usize = 2048;
+
+/// Parameters of the finish part: `$1..$21` and `$26` one element per end,
+/// `$22..$25` one element per event an end writes if its lease holds.
+const FINISH_PARAMS: usize = 26;
+
+/// The finish part's CTEs (`e`, `cur`, `j`, `upd`, `att`, `fin_ev`).
+/// `fin_ev` lists the events to append, numbered `k` in append order.
+const FINISH_CTES: &str = "
+e AS (
+    SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::int8[], $4::text[], $5::jsonb[],
+                         $6::int8[], $7::bool[], $8::text[], $9::text[], $10::text[],
+                         $11::bool[], $12::int4[], $13::jsonb[], $14::text[], $15::text[],
+                         $16::text[], $17::text[], $18::text[], $19::int8[], $20::int8[],
+                         $21::text[])
+        WITH ORDINALITY AS e(run_id, lease_id, now, to_status, output,
+                             run_after, finished, terminal_reason, err_class, err_msg,
+                             clear_cancel, forgive, input_request, att_outcome, fingerprint,
+                             failure_key, action, retry_policy, delay_ms, eligible_at,
+                             retry_reason, idx)
+),
+cur AS (
+    SELECT r.id, r.tenant, r.job, r.status, r.lease_id, r.attempt, r.lease_expires_at
+    FROM runs r WHERE r.id = ANY($1)
+    ORDER BY r.id
+    FOR UPDATE
+),
+j AS (
+    SELECT e.*, cur.tenant, cur.job, cur.status AS cur_status, cur.lease_id AS cur_lease,
+           cur.attempt AS cur_attempt, cur.lease_expires_at AS cur_expires,
+           COALESCE(cur.status = 'running' AND cur.lease_id = e.lease_id, false) AS holds
+    FROM e JOIN cur ON cur.id = e.run_id
+),
+upd AS (
+    UPDATE runs r SET
+        status = j.to_status,
+        output = COALESCE(j.output, r.output),
+        run_after = COALESCE(j.run_after, r.run_after),
+        lease_id = NULL, lease_expires_at = NULL, worker = NULL,
+        updated_at = j.now,
+        finished_at = CASE WHEN j.finished THEN j.now ELSE r.finished_at END,
+        terminal_reason = COALESCE(j.terminal_reason, r.terminal_reason),
+        last_error_class = COALESCE(j.err_class, r.last_error_class),
+        last_error_message = COALESCE(j.err_msg, r.last_error_message),
+        cancel_requested = r.cancel_requested AND NOT j.clear_cancel,
+        attempts_forgiven = r.attempts_forgiven + j.forgive,
+        input_request = COALESCE(j.input_request, r.input_request)
+    FROM j WHERE j.holds AND r.id = j.run_id
+),
+att AS (
+    UPDATE attempts a SET
+        finished_at = j.now,
+        outcome = j.att_outcome,
+        error_class = COALESCE(j.err_class, a.error_class),
+        error_message = COALESCE(j.err_msg, a.error_message),
+        fingerprint = COALESCE(j.fingerprint, a.fingerprint),
+        failure_key = COALESCE(j.failure_key, a.failure_key),
+        action = COALESCE(j.action, a.action),
+        retry_policy = COALESCE(j.retry_policy, a.retry_policy),
+        delay_ms = COALESCE(j.delay_ms, a.delay_ms),
+        eligible_at = COALESCE(j.eligible_at, a.eligible_at),
+        retry_reason = COALESCE(j.retry_reason, a.retry_reason)
+    FROM j WHERE j.holds AND a.run_id = j.run_id AND a.attempt = j.cur_attempt
+),
+fin_ev AS (
+    SELECT run_id, tenant, job, kind, at, attempt, lease_id, data,
+           row_number() OVER (ORDER BY run_id, seq) AS k
+    FROM (
+        SELECT j.run_id, j.tenant, j.job, v.kind, j.now AS at, j.cur_attempt AS attempt,
+               j.lease_id,
+               CASE v.kind
+                   WHEN 'lease_expired' THEN jsonb_build_object('lease_expires_at', j.cur_expires)
+                   WHEN 'retry_scheduled'
+                       THEN v.data || jsonb_build_object('next_attempt', j.cur_attempt + 1)
+                   ELSE v.data
+               END AS data,
+               v.seq
+        FROM j JOIN unnest($22::int8[], $23::int4[], $24::text[], $25::jsonb[])
+                    AS v(idx, seq, kind, data) ON v.idx = j.idx
+        WHERE j.holds
+        UNION ALL
+        SELECT j.run_id, j.tenant, j.job, 'stale_write_refused', j.now, NULL, j.lease_id,
+               jsonb_build_object('attempted', ($26::text[])[j.idx::int],
+                                  'current_status', j.cur_status,
+                                  'current_lease_id', j.cur_lease,
+                                  'current_attempt', j.cur_attempt),
+               0
+        FROM j WHERE NOT j.holds
+    ) x
+)";
+
+/// The claim part's CTEs (`picked`, `numbered`, `claimed`, `claim_att`,
+/// `claim_ev`), parameters `$1..$7` (renumbered when combined).
+/// `claimed.n` is the claim order.
+const CLAIM_CTES: &str = "
+picked AS (
+    SELECT id, priority, run_after FROM runs
+    WHERE status IN ('pending', 'postponed') AND run_after <= $1 AND job = ANY($2)
+    ORDER BY priority DESC, run_after, id
+    LIMIT $3
+    FOR UPDATE SKIP LOCKED
+),
+numbered AS (
+    SELECT id, row_number() OVER (ORDER BY priority DESC, run_after, id) AS n FROM picked
+),
+claimed AS (
+    UPDATE runs r SET status = 'running', attempt = r.attempt + 1,
+        lease_id = COALESCE(($4::uuid[])[p.n::int], gen_random_uuid()),
+        lease_expires_at = $5, worker = $6, updated_at = $1
+    FROM numbered p WHERE r.id = p.id
+    RETURNING r.*, p.n
+),
+claim_att AS (
+    INSERT INTO attempts (run_id, attempt, lease_id, worker, started_at, outcome)
+    SELECT id, attempt, lease_id, $6, $1, 'running' FROM claimed
+),
+claim_ev AS (
+    SELECT id AS run_id, tenant, job, 'attempt_started'::text AS kind, $1::int8 AS at, attempt,
+           lease_id, $7::jsonb AS data, n AS k
+    FROM claimed
+)";
+
+/// Appends the events of `parts` (CTE names, in order) in one `INSERT`.
+fn events_insert(parts: &[&str]) -> String {
+    let union: Vec<String> = parts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            format!("SELECT {i} AS part, k, run_id, tenant, job, kind, at, attempt, lease_id, data FROM {p}")
+        })
+        .collect();
+    format!(
+        "ev AS (
+    INSERT INTO events (run_id, tenant, job, kind, at, attempt, lease_id, data)
+    SELECT run_id, tenant, job, kind, at, attempt, lease_id, data
+    FROM ({}) x ORDER BY part, k
+)",
+        union.join(" UNION ALL ")
+    )
+}
+
+/// Shifts every `$n` in `sql` by `by`.
+fn renumber(sql: &str, by: usize) -> String {
+    let mut out = String::with_capacity(sql.len());
+    let mut chars = sql.chars().peekable();
+    while let Some(c) = chars.next() {
+        out.push(c);
+        if c == '$' {
+            let mut n = String::new();
+            while let Some(d) = chars.peek().filter(|d| d.is_ascii_digit()) {
+                n.push(*d);
+                chars.next();
+            }
+            match n.parse::<usize>() {
+                Ok(n) => out.push_str(&(n + by).to_string()),
+                Err(_) => out.push_str(&n),
+            }
+        }
+    }
+    out
+}
+
+/// The finish-only statement: one row per end (`idx`, the locked run's
+/// status, whether the end's lease held it).
+static FINISH_SQL: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "WITH {FINISH_CTES}, {}
+SELECT e.idx, j.cur_status, j.holds FROM e LEFT JOIN j ON j.idx = e.idx",
+        events_insert(&["fin_ev"])
+    )
+});
+
+/// The claim-only statement: the claimed runs in claim order.
+static CLAIM_SQL: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "WITH {CLAIM_CTES}, {}
+SELECT {RUN_COLS} FROM claimed ORDER BY n",
+        events_insert(&["claim_ev"])
+    )
+});
+
+/// Both: finish rows (`part` 1) after the claimed runs (`part` 0).
+static BOTH_SQL: LazyLock<String> = LazyLock::new(|| {
+    let nulls = vec!["NULL"; RUN_COLS.split(',').count()].join(", ");
+    format!(
+        "WITH {FINISH_CTES}, {}, {}
+SELECT 0 AS part, n AS k, NULL::text AS cur_status, NULL::bool AS holds, {RUN_COLS} FROM claimed
+UNION ALL
+SELECT 1, e.idx, j.cur_status, j.holds, {nulls} FROM e LEFT JOIN j ON j.idx = e.idx
+ORDER BY part, k",
+        renumber(CLAIM_CTES, FINISH_PARAMS),
+        events_insert(&["fin_ev", "claim_ev"])
+    )
+});
+
+/// The ends of one statement, flattened into its columns.
+#[derive(Default)]
+struct Cols {
+    run_id: Vec<Uuid>,
+    lease_id: Vec<Uuid>,
+    now: Vec<i64>,
+    to_status: Vec<&'static str>,
+    output: Vec<Option<Value>>,
+    run_after: Vec<Option<i64>>,
+    finished: Vec<bool>,
+    terminal_reason: Vec<Option<&'static str>>,
+    err_class: Vec<Option<&'static str>>,
+    err_msg: Vec<Option<String>>,
+    clear_cancel: Vec<bool>,
+    forgive: Vec<i32>,
+    input_request: Vec<Option<Value>>,
+    att_outcome: Vec<&'static str>,
+    fingerprint: Vec<Option<String>>,
+    failure_key: Vec<Option<String>>,
+    action: Vec<Option<String>>,
+    retry_policy: Vec<Option<String>>,
+    delay_ms: Vec<Option<i64>>,
+    eligible_at: Vec<Option<i64>>,
+    retry_reason: Vec<Option<String>>,
+    attempted: Vec<&'static str>,
+    ev_idx: Vec<i64>,
+    ev_seq: Vec<i32>,
+    ev_kind: Vec<&'static str>,
+    ev_data: Vec<Value>,
+}
+
+/// The status an outcome leads a running run to.
+fn target(outcome: &Outcome) -> RunStatus {
+    let t = match outcome {
+        Outcome::Completed { .. } => Transition::Complete,
+        Outcome::Retry { .. } => Transition::ScheduleRetry,
+        Outcome::Failed { .. } => Transition::Fail,
+        Outcome::Postponed { .. } => Transition::Postpone,
+        Outcome::NeedsInput { .. } => Transition::RequestInput,
+        Outcome::Cancelled => Transition::Cancel,
+        Outcome::Released => Transition::Release,
+    };
+    // Every end is a transition out of `running`, and all of them are legal
+    // from there (the statement applies an end only to a running run).
+    RunStatus::Running
+        .apply(t)
+        .expect("every attempt end is legal from running")
+}
+
+impl Cols {
+    fn push(&mut self, end: &AttemptEnd) {
+        let idx = self.run_id.len() as i64 + 1;
+        let now = end.now.0;
+        let mut events: Vec<(&'static str, Value)> = Vec::new();
+        // Defaults: only the lease is cleared and `updated_at` set.
+        let mut output = None;
+        let mut run_after = None;
+        let mut finished = false;
+        let mut terminal_reason = None;
+        let mut err_class = None;
+        let mut err_msg = None;
+        let mut clear_cancel = false;
+        let mut forgive = 0;
+        let mut input_request = None;
+        let mut fingerprint = None;
+        let mut failure_key = None;
+        let mut action = None;
+        let mut retry_policy = None;
+        let mut delay_ms = None;
+        let mut eligible_at = None;
+        let mut retry_reason = None;
+        let att_outcome: &'static str;
+        match &end.outcome {
+            Outcome::Completed { output: o } => {
+                output = Some(o.clone());
+                finished = true;
+                clear_cancel = true;
+                att_outcome = "completed";
+                events.push(("run_completed", json!({})));
+            }
+            Outcome::Retry { error, retry } => {
+                run_after = Some(retry.eligible_at.0);
+                err_class = Some(error.class.as_str());
+                err_msg = Some(error.message.clone());
+                fingerprint = Some(error.fingerprint.clone());
+                failure_key = Some(error.failure_key.clone());
+                action = error.action.clone();
+                retry_policy = Some(retry.policy.clone());
+                delay_ms = Some(retry.delay_ms);
+                eligible_at = Some(retry.eligible_at.0);
+                retry_reason = Some(retry.reason.clone());
+                att_outcome = if error.class == ErrorClass::LeaseExpired {
+                    events.push(("lease_expired", Value::Null));
+                    "lease_expired"
+                } else {
+                    "failed"
+                };
+                events.push((
+                    "attempt_failed",
+                    json!({ "error_class": error.class, "message": error.message,
+                                 "fingerprint": error.fingerprint, "action": error.action }),
+                ));
+                events.push((
+                    "retry_scheduled",
+                    json!({ "retry_policy": retry.policy, "delay_ms": retry.delay_ms,
+                                 "eligible_at": retry.eligible_at, "reason": retry.reason }),
+                ));
+            }
+            Outcome::Failed {
+                error,
+                reason,
+                detail,
+            } => {
+                finished = true;
+                clear_cancel = true;
+                terminal_reason = Some(reason.as_str());
+                match error {
+                    Some(e) => {
+                        err_class = Some(e.class.as_str());
+                        err_msg = Some(e.message.clone());
+                        fingerprint = Some(e.fingerprint.clone());
+                        failure_key = Some(e.failure_key.clone());
+                        action = e.action.clone();
+                        att_outcome = if e.class == ErrorClass::LeaseExpired {
+                            events.push(("lease_expired", Value::Null));
+                            "lease_expired"
+                        } else {
+                            "failed"
+                        };
+                        events.push((
+                            "attempt_failed",
+                            json!({ "error_class": e.class, "message": e.message,
+                                         "fingerprint": e.fingerprint, "action": e.action }),
+                        ));
+                    }
+                    None => {
+                        err_msg = Some(detail.clone());
+                        att_outcome = "unresolved";
+                    }
+                }
+                events.push((
+                    "run_failed",
+                    json!({ "reason": reason, "detail": detail, "advice": reason.advice() }),
+                ));
+            }
+            Outcome::Postponed { until } => {
+                run_after = Some(until.0);
+                forgive = 1;
+                eligible_at = Some(until.0);
+                att_outcome = "postponed";
+                events.push(("run_postponed", json!({ "until": until, "by": "handler" })));
+            }
+            Outcome::NeedsInput { name, request } => {
+                let req = json!({ "name": name, "request": request });
+                input_request = Some(req.clone());
+                forgive = 1;
+                att_outcome = "needs_input";
+                events.push(("input_requested", req));
+            }
+            Outcome::Cancelled => {
+                finished = true;
+                att_outcome = "cancelled";
+                events.push(("run_cancelled", json!({ "at_step_boundary": true })));
+            }
+            Outcome::Released => {
+                run_after = Some(now);
+                forgive = 1;
+                att_outcome = "released";
+                events.push(("attempt_released", json!({ "reason": "worker shutdown" })));
+            }
+        }
+        self.run_id.push(end.run_id.0);
+        self.lease_id.push(end.lease_id.0);
+        self.now.push(now);
+        self.to_status.push(target(&end.outcome).as_str());
+        self.output.push(output);
+        self.run_after.push(run_after);
+        self.finished.push(finished);
+        self.terminal_reason.push(terminal_reason);
+        self.err_class.push(err_class);
+        self.err_msg.push(err_msg);
+        self.clear_cancel.push(clear_cancel);
+        self.forgive.push(forgive);
+        self.input_request.push(input_request);
+        self.att_outcome.push(att_outcome);
+        self.fingerprint.push(fingerprint);
+        self.failure_key.push(failure_key);
+        self.action.push(action);
+        self.retry_policy.push(retry_policy);
+        self.delay_ms.push(delay_ms);
+        self.eligible_at.push(eligible_at);
+        self.retry_reason.push(retry_reason);
+        self.attempted.push(end.outcome.name());
+        for (seq, (kind, data)) in events.into_iter().enumerate() {
+            self.ev_idx.push(idx);
+            self.ev_seq.push(seq as i32 + 1);
+            self.ev_kind.push(kind);
+            self.ev_data.push(data);
+        }
+    }
+}
+
+type Query<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
+
+impl Cols {
+    fn of(ends: &[&AttemptEnd]) -> Cols {
+        let mut c = Cols::default();
+        for end in ends {
+            c.push(end);
+        }
+        c
+    }
+
+    fn bind<'q>(&'q self, q: Query<'q>) -> Query<'q> {
+        q.bind(&self.run_id)
+            .bind(&self.lease_id)
+            .bind(&self.now)
+            .bind(&self.to_status)
+            .bind(&self.output)
+            .bind(&self.run_after)
+            .bind(&self.finished)
+            .bind(&self.terminal_reason)
+            .bind(&self.err_class)
+            .bind(&self.err_msg)
+            .bind(&self.clear_cancel)
+            .bind(&self.forgive)
+            .bind(&self.input_request)
+            .bind(&self.att_outcome)
+            .bind(&self.fingerprint)
+            .bind(&self.failure_key)
+            .bind(&self.action)
+            .bind(&self.retry_policy)
+            .bind(&self.delay_ms)
+            .bind(&self.eligible_at)
+            .bind(&self.retry_reason)
+            .bind(&self.ev_idx)
+            .bind(&self.ev_seq)
+            .bind(&self.ev_kind)
+            .bind(&self.ev_data)
+            .bind(&self.attempted)
+    }
+}
+
+/// A claim's parameters.
+struct ClaimArgs {
+    now: i64,
+    jobs: Vec<String>,
+    limit: i64,
+    leases: Vec<Uuid>,
+    expires: i64,
+    worker: String,
+    data: Value,
+}
+
+impl ClaimArgs {
+    fn of(req: &ClaimRequest) -> ClaimArgs {
+        let expires = req.now.plus_millis(req.lease_ms);
+        ClaimArgs {
+            now: req.now.0,
+            jobs: req.jobs.clone(),
+            limit: i64::try_from(req.limit).unwrap_or(i64::MAX),
+            leases: (0..req.limit.min(CLAIM_LEASE_IDS))
+                .map(|_| LeaseId::new().0)
+                .collect(),
+            expires: expires.0,
+            worker: req.worker.clone(),
+            data: json!({ "worker": req.worker, "lease_expires_at": expires }),
+        }
+    }
+
+    fn bind<'q>(&'q self, q: Query<'q>) -> Query<'q> {
+        q.bind(self.now)
+            .bind(&self.jobs)
+            .bind(self.limit)
+            .bind(&self.leases)
+            .bind(self.expires)
+            .bind(&self.worker)
+            .bind(&self.data)
+    }
+}
+
+/// Reads one finish answer row into `out[idx - 1]`.
+fn finish_answer(
+    row: &PgRow,
+    ends: &[&AttemptEnd],
+    out: &mut [Option<Result<RunStatus>>],
+) -> Result<(), sqlx::Error> {
+    let idx: i64 = row.try_get("idx").or_else(|_| row.try_get("k"))?;
+    let status: Option<String> = row.try_get("cur_status")?;
+    let holds: Option<bool> = row.try_get("holds")?;
+    let i = usize::try_from(idx - 1).map_err(|_| sqlx::Error::RowNotFound)?;
+    let end = ends.get(i).ok_or(sqlx::Error::RowNotFound)?;
+    out[i] = Some(match (status, holds) {
+        (Some(_), Some(true)) => Ok(target(&end.outcome)),
+        (Some(s), _) => match s.parse::<RunStatus>() {
+            Ok(status) => Err(StoreError::StaleLease {
+                run_id: end.run_id,
+                lease_id: end.lease_id,
+                status,
+            }),
+            Err(e) => Err(StoreError::Corrupt(format!("bad status `{s}`: {e}"))),
+        },
+        (None, _) => Err(StoreError::NotFound(end.run_id)),
+    });
+    Ok(())
+}
+
+fn finish_answers(
+    ends: &[&AttemptEnd],
+    out: Vec<Option<Result<RunStatus>>>,
+) -> Vec<Result<RunStatus>> {
+    out.into_iter()
+        .zip(ends)
+        .map(|(r, end)| {
+            r.unwrap_or_else(|| {
+                Err(StoreError::Database(format!(
+                    "no answer for the end of run {}",
+                    end.run_id
+                )))
+            })
+        })
+        .collect()
+}
+
+/// Applies `ends` (no run twice) with one statement; answers in their order.
+async fn finish_only(
+    pool: &PgPool,
+    ends: &[&AttemptEnd],
+) -> Result<Vec<Result<RunStatus>>, sqlx::Error> {
+    let c = Cols::of(ends);
+    let rows = c.bind(sqlx::query(&FINISH_SQL)).fetch_all(pool).await?;
+    let mut out: Vec<Option<Result<RunStatus>>> = ends.iter().map(|_| None).collect();
+    for row in &rows {
+        finish_answer(row, ends, &mut out)?;
+    }
+    Ok(finish_answers(ends, out))
+}
+
+/// One claim, alone.
+pub(super) async fn claim_only(pool: &PgPool, req: &ClaimRequest) -> Result<Vec<Run>> {
+    if req.jobs.is_empty() || req.limit == 0 {
+        return Ok(Vec::new());
+    }
+    let a = ClaimArgs::of(req);
+    let rows = a
+        .bind(sqlx::query(&CLAIM_SQL))
+        .fetch_all(pool)
+        .await
+        .map_err(db)?;
+    rows.iter().map(run_from_row).collect()
+}
+
+/// Ends (no run twice) and a claim in one statement.
+async fn both(
+    pool: &PgPool,
+    ends: &[&AttemptEnd],
+    req: &ClaimRequest,
+) -> Result<(Vec<Result<RunStatus>>, Vec<Run>), sqlx::Error> {
+    let c = Cols::of(ends);
+    let a = ClaimArgs::of(req);
+    let rows = a
+        .bind(c.bind(sqlx::query(&BOTH_SQL)))
+        .fetch_all(pool)
+        .await?;
+    let mut out: Vec<Option<Result<RunStatus>>> = ends.iter().map(|_| None).collect();
+    let mut runs = Vec::new();
+    for row in &rows {
+        let part: i32 = row.try_get("part")?;
+        if part == 0 {
+            runs.push(run_from_row(row).map_err(|e| sqlx::Error::Decode(Box::new(e)))?);
+        } else {
+            finish_answer(row, ends, &mut out)?;
+        }
+    }
+    Ok((finish_answers(ends, out), runs))
+}
+
+/// Applies ends one by one (after the server refused them together), so
+/// that only an offending end fails. A connection error stops everything.
+async fn finish_each(pool: &PgPool, ends: &[&AttemptEnd]) -> Result<Vec<Result<RunStatus>>> {
+    let mut out = Vec::with_capacity(ends.len());
+    for end in ends {
+        out.push(match finish_only(pool, &[end]).await {
+            Ok(mut r) => r.remove(0),
+            Err(e @ sqlx::Error::Database(_)) => Err(db(e)),
+            Err(e) => return Err(db(e)),
+        });
+    }
+    Ok(out)
+}
+
+/// Applies a round of ends (no run twice), with a claim if given.
+async fn round(
+    pool: &PgPool,
+    ends: &[&AttemptEnd],
+    claim: Option<&ClaimRequest>,
+) -> (Result<Vec<Result<RunStatus>>>, Option<Result<Vec<Run>>>) {
+    let claim = claim.filter(|r| !r.jobs.is_empty() && r.limit > 0);
+    match (ends.is_empty(), claim) {
+        (true, None) => (Ok(Vec::new()), None),
+        (true, Some(req)) => (Ok(Vec::new()), Some(claim_only(pool, req).await)),
+        (false, None) => match finish_only(pool, ends).await {
+            Ok(r) => (Ok(r), None),
+            Err(sqlx::Error::Database(_)) => (finish_each(pool, ends).await, None),
+            Err(e) => (Err(db(e)), None),
+        },
+        (false, Some(req)) => match both(pool, ends, req).await {
+            Ok((r, runs)) => (Ok(r), Some(Ok(runs))),
+            Err(sqlx::Error::Database(_)) => {
+                let f = finish_each(pool, ends).await;
+                (f, Some(claim_only(pool, req).await))
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                (
+                    Err(StoreError::Database(msg.clone())),
+                    Some(Err(StoreError::Database(msg))),
+                )
+            }
+        },
+    }
+}
+
+/// Splits ends into rounds: the k-th end of each run goes into round k, in
+/// run id order (so every statement locks its rows in one order).
+fn rounds(ends: &[AttemptEnd]) -> Vec<Vec<usize>> {
+    let mut order: Vec<usize> = (0..ends.len()).collect();
+    order.sort_by_key(|&i| ends[i].run_id);
+    let mut seen: HashMap<RunId, usize> = HashMap::with_capacity(ends.len());
+    let mut rounds: Vec<Vec<usize>> = Vec::new();
+    for i in order {
+        let k = seen.entry(ends[i].run_id).or_insert(0);
+        if rounds.len() <= *k {
+            rounds.push(Vec::new());
+        }
+        rounds[*k].push(i);
+        *k += 1;
+    }
+    rounds
+}
+
+/// What [`apply`] answers: one result per end, in their order, and the
+/// claim's result if a claim was given.
+type Applied = (Vec<Result<RunStatus>>, Option<Result<Vec<Run>>>);
+
+/// Applies `ends` and, with the first round of them, `claim`. Answers in
+/// the order of `ends`. When the first statement cannot reach the server,
+/// nothing was applied and the whole call fails; a later statement's
+/// connection error fails only the ends not yet applied.
+async fn apply(
+    pool: &PgPool,
+    ends: &[AttemptEnd],
+    claim: Option<&ClaimRequest>,
+) -> Result<Applied> {
+    let mut out: Vec<Option<Result<RunStatus>>> = ends.iter().map(|_| None).collect();
+    let mut claimed = None;
+    let mut failed: Option<String> = None;
+    let mut claim = claim;
+    let mut rounds = rounds(ends);
+    if rounds.is_empty() {
+        rounds.push(Vec::new());
+    }
+    for (n, r) in rounds.into_iter().enumerate() {
+        if let Some(msg) = &failed {
+            for i in r {
+                out[i] = Some(Err(StoreError::Database(msg.clone())));
+            }
+            continue;
+        }
+        let batch: Vec<&AttemptEnd> = r.iter().map(|&i| &ends[i]).collect();
+        let (res, c) = round(pool, &batch, claim.take()).await;
+        if c.is_some() {
+            claimed = c;
+        }
+        match res {
+            Ok(res) => {
+                for (i, x) in r.iter().zip(res) {
+                    out[*i] = Some(x);
+                }
+            }
+            Err(e) if n == 0 => return Err(e),
+            Err(e) => {
+                let msg = e.to_string();
+                for i in r {
+                    out[i] = Some(Err(StoreError::Database(msg.clone())));
+                }
+                failed = Some(msg);
+            }
+        }
+    }
+    let out = out
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|| Err(StoreError::Database("end not applied".into()))))
+        .collect();
+    Ok((out, claimed))
+}
+
+/// Ends attempts directly, without the hot-path task.
+pub(super) async fn finish(pool: &PgPool, ends: Vec<AttemptEnd>) -> Result<Vec<Result<RunStatus>>> {
+    apply(pool, &ends, None).await.map(|(out, _)| out)
+}
+
+/// A request to the hot-path task.
+pub(super) enum Op {
+    /// A claim and where to answer it.
+    Claim(ClaimRequest, oneshot::Sender<Result<Vec<Run>>>),
+    /// A finish and where to answer it.
+    Finish(
+        Vec<AttemptEnd>,
+        oneshot::Sender<Result<Vec<Result<RunStatus>>>>,
+    ),
+}
+
+/// The hot-path task: takes every waiting request, sends all their ends and
+/// one claim as one statement, answers, repeats. Further claims waiting at
+/// the same time go out right after, each alone. Stops when every sender is
+/// gone.
+pub(super) async fn hot_path(pool: PgPool, mut rx: mpsc::UnboundedReceiver<Op>) {
+    while let Some(first) = rx.recv().await {
+        let mut claims: Vec<(ClaimRequest, oneshot::Sender<Result<Vec<Run>>>)> = Vec::new();
+        let mut ends: Vec<AttemptEnd> = Vec::new();
+        let mut finishes: Vec<(usize, oneshot::Sender<Result<Vec<Result<RunStatus>>>>)> =
+            Vec::new();
+        let mut take = |op: Op, ends: &mut Vec<AttemptEnd>| match op {
+            Op::Claim(req, tx) => claims.push((req, tx)),
+            Op::Finish(e, tx) => {
+                finishes.push((e.len(), tx));
+                ends.extend(e);
+            }
+        };
+        take(first, &mut ends);
+        while ends.len() < MAX_ENDS {
+            match rx.try_recv() {
+                Ok(op) => take(op, &mut ends),
+                Err(_) => break,
+            }
+        }
+        let mut claims = claims.into_iter();
+        let first_claim = claims.next();
+        let t0 = std::time::Instant::now();
+        if std::env::var("DOCKET_PROBE2").is_ok() {
+            eprintln!(
+                "batch ends={} claims={:?}",
+                ends.len(),
+                first_claim.as_ref().map(|c| c.0.limit)
+            );
+        }
+        let applied = apply(&pool, &ends, first_claim.as_ref().map(|c| &c.0)).await;
+        probe(
+            ends.len(),
+            first_claim.is_some(),
+            applied
+                .as_ref()
+                .ok()
+                .and_then(|a| a.1.as_ref())
+                .and_then(|c| c.as_ref().ok())
+                .map(|c| c.len())
+                .unwrap_or(0),
+            t0.elapsed(),
+        );
+        match applied {
+            Ok((answers, claimed)) => {
+                if let (Some((_, tx)), Some(res)) = (first_claim, claimed) {
+                    let _ = tx.send(res);
+                }
+                // Each finish gets its own slice, in order.
+                let mut answers = answers.into_iter();
+                for (n, tx) in finishes {
+                    let _ = tx.send(Ok(answers.by_ref().take(n).collect()));
+                }
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                if let Some((_, tx)) = first_claim {
+                    let _ = tx.send(Err(StoreError::Database(msg.clone())));
+                }
+                for (_, tx) in finishes {
+                    let _ = tx.send(Err(StoreError::Database(msg.clone())));
+                }
+            }
+        }
+        for (req, tx) in claims {
+            let _ = tx.send(claim_only(&pool, &req).await);
+        }
+    }
+}
+
+static PROBE: std::sync::Mutex<(u64, u64, u64, u64, u128)> = std::sync::Mutex::new((0, 0, 0, 0, 0));
+fn probe(ends: usize, claim: bool, claimed: usize, d: std::time::Duration) {
+    let mut p = PROBE.lock().unwrap();
+    p.0 += 1;
+    p.1 += ends as u64;
+    p.2 += claim as u64;
+    p.3 += claimed as u64;
+    p.4 += d.as_micros();
+    if p.0 % 300 == 0 && std::env::var("DOCKET_PROBE").is_ok() {
+        eprintln!(
+            "stmts={} ends/stmt={:.1} claims/stmt={:.2} claimed/stmt={:.1} us/stmt={:.0}",
+            p.0,
+            p.1 as f64 / p.0 as f64,
+            p.2 as f64 / p.0 as f64,
+            p.3 as f64 / p.0 as f64,
+            p.4 as f64 / p.0 as f64
+        );
+    }
+}
