@@ -1,12 +1,21 @@
-//! What a handler knows about the attempt it runs in.
+//! What a handler knows about the attempt it runs in, and the tools that make
+//! retries safe: durable steps, guarded actions, waits for a person,
+//! postponement, progress and logs.
 
-use docket_core::{LeaseId, RunId, Timestamp};
-use serde_json::Value;
+use crate::error::Control;
+use crate::{Docket, JobError};
+use docket_core::{ErrorClass, LeaseId, RunId, Timestamp};
+use docket_store::{LeaseRef, LedgerState, LedgerWrite, StepRecord, StepStatus, StoreError};
+use serde::{de::DeserializeOwned, Serialize};
+use serde_json::{json, Value};
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 /// The context of one attempt, handed to the handler.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Ctx {
     pub(crate) run_id: RunId,
     pub(crate) job: String,
@@ -18,6 +27,102 @@ pub struct Ctx {
     pub(crate) deadline: Timestamp,
     pub(crate) variables: Value,
     pub(crate) cancelled: Arc<AtomicBool>,
+    pub(crate) docket: Docket,
+    pub(crate) state: Arc<tokio::sync::Mutex<StepState>>,
+}
+
+impl std::fmt::Debug for Ctx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ctx")
+            .field("run_id", &self.run_id)
+            .field("job", &self.job)
+            .field("attempt", &self.attempt)
+            .field("lease_id", &self.lease_id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Steps loaded once per attempt, and the names this attempt used.
+#[derive(Default)]
+pub(crate) struct StepState {
+    loaded: Option<HashMap<String, StepRecord>>,
+    used: HashSet<String>,
+}
+
+/// What a durable step gave.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Stepped<T> {
+    /// The step's result: computed now, or stored by an earlier attempt.
+    Done(T),
+    /// An operator skipped this step after it failed; the run continues
+    /// past it without a result.
+    Skipped {
+        /// The operator's comment.
+        comment: Option<String>,
+    },
+}
+
+impl<T> Stepped<T> {
+    /// The result, or `None` when skipped.
+    pub fn into_option(self) -> Option<T> {
+        match self {
+            Stepped::Done(v) => Some(v),
+            Stepped::Skipped { .. } => None,
+        }
+    }
+
+    /// True when an operator skipped the step.
+    pub fn is_skipped(&self) -> bool {
+        matches!(self, Stepped::Skipped { .. })
+    }
+}
+
+/// An operator's answer to [`Ctx::wait_for_input`].
+#[derive(Clone, Debug, PartialEq)]
+pub enum InputDecision {
+    /// Approved, with the operator's data.
+    Approved(Value),
+    /// Rejected, with the operator's data. What that means is the handler's
+    /// call: nothing fails or retries by itself.
+    Rejected(Value),
+}
+
+/// A reconcile function's finding about an action whose outcome was unknown.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Reconciled {
+    /// The effect landed; here is its result. The action is not repeated.
+    Committed(Value),
+    /// The effect did not land; the action runs again (same key).
+    NotDone,
+    /// Still cannot tell; the attempt fails `timeout` and the policy
+    /// schedules a retry, which reconciles again.
+    StillUnknown,
+}
+
+/// Builds an idempotency key from business intent, e.g.
+/// `intent_key(["prospect-7ca677ed25d3", "send-email", "campaign-9", "v1"])`
+/// → `"prospect-7ca677ed25d3/send-email/campaign-9/v1"`. Stable across
+/// attempts by construction; never put the attempt number, run id, a fresh
+/// uuid or a timestamp in it (see docs/DURABLE.md for the unsafe shapes).
+pub fn intent_key<I, S>(parts: I) -> String
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<str>,
+{
+    parts
+        .into_iter()
+        .map(|p| p.as_ref().replace('%', "%25").replace('/', "%2F"))
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+fn store_err(e: StoreError) -> JobError {
+    match e {
+        // The attempt lost its lease: nothing it does will be recorded.
+        StoreError::StaleLease { .. } => JobError::new(ErrorClass::LeaseExpired, e.to_string()),
+        StoreError::Conflict(m) => JobError::permanent(m),
+        e => JobError::unavailable(format!("store: {e}")),
+    }
 }
 
 impl Ctx {
@@ -60,8 +165,481 @@ impl Ctx {
         &self.variables
     }
     /// True once a cancel was requested or the lease was lost: long work
-    /// should stop at its next safe point.
+    /// should stop at its next safe point. Steps check it at every boundary.
     pub fn is_cancelled(&self) -> bool {
         self.cancelled.load(Ordering::SeqCst)
+    }
+
+    fn lease(&self) -> LeaseRef {
+        LeaseRef {
+            run_id: self.run_id,
+            lease_id: self.lease_id,
+        }
+    }
+
+    fn now(&self) -> Timestamp {
+        self.docket.clock().now()
+    }
+
+    async fn stored(&self, name: &str) -> Result<Option<StepRecord>, JobError> {
+        let mut st = self.state.lock().await;
+        if st.loaded.is_none() {
+            let steps = self
+                .docket
+                .store()
+                .steps(self.run_id)
+                .await
+                .map_err(store_err)?;
+            st.loaded = Some(steps.into_iter().map(|s| (s.name.clone(), s)).collect());
+        }
+        Ok(st.loaded.as_ref().and_then(|m| m.get(name).cloned()))
+    }
+
+    async fn claim_name(&self, name: &str) -> Result<(), JobError> {
+        if name.is_empty() || name.starts_with("input:") {
+            return Err(JobError::permanent(format!(
+                "invalid step name `{name}`: it must be non-empty and must not start with `input:`"
+            )));
+        }
+        if !self.state.lock().await.used.insert(name.to_string()) {
+            return Err(JobError::permanent(format!(
+                "step `{name}` is used twice in run {}: step names must be unique within a run (build them from loop indices, e.g. `batch-{{i}}`)",
+                self.run_id
+            )));
+        }
+        Ok(())
+    }
+
+    fn check_cancel(&self) -> Result<(), JobError> {
+        if self.is_cancelled() {
+            return Err(JobError::control(
+                Control::Cancelled,
+                "cancel requested: stopping at this step boundary",
+            ));
+        }
+        Ok(())
+    }
+
+    async fn save(&self, name: &str, value: Value) -> Result<(), JobError> {
+        let st = self
+            .docket
+            .store()
+            .save_step(self.lease(), name.to_string(), value, self.now())
+            .await
+            .map_err(store_err)?;
+        if st.cancel_requested {
+            self.cancelled.store(true, Ordering::SeqCst);
+        }
+        Ok(())
+    }
+
+    async fn record_failure(&self, name: &str, e: &JobError) {
+        if e.is_suspension() {
+            return;
+        }
+        if let Err(err) = self
+            .docket
+            .store()
+            .fail_step(
+                self.lease(),
+                name.to_string(),
+                e.class,
+                e.message.clone(),
+                self.now(),
+            )
+            .await
+        {
+            tracing::warn!(run = %self.run_id, step = name, error = %err, "could not record the step's failure");
+        }
+    }
+
+    /// A durable step. Its result is stored when it completes (with a
+    /// `step_completed` event, in one transaction); on every later attempt of
+    /// this run the stored result is returned and `f` is not called. A
+    /// failure is recorded `step_failed` with its class, and the run then
+    /// goes through the retry policy. No new step starts once a cancel was
+    /// requested.
+    pub async fn step<T, F, Fut>(
+        &self,
+        name: impl Into<String>,
+        f: F,
+    ) -> Result<Stepped<T>, JobError>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<T, JobError>>,
+    {
+        let name = name.into();
+        self.claim_name(&name).await?;
+        if let Some(done) = self.replay::<T>(&name).await? {
+            return Ok(done);
+        }
+        self.check_cancel()?;
+        match f().await {
+            Ok(v) => {
+                let value = serde_json::to_value(&v).map_err(|e| {
+                    JobError::permanent(format!("step `{name}`: result cannot be stored: {e}"))
+                })?;
+                self.save(&name, value).await?;
+                Ok(Stepped::Done(v))
+            }
+            Err(e) => {
+                self.record_failure(&name, &e).await;
+                Err(e.in_action(name))
+            }
+        }
+    }
+
+    /// A stored completed or skipped step, if any.
+    async fn replay<T: DeserializeOwned>(
+        &self,
+        name: &str,
+    ) -> Result<Option<Stepped<T>>, JobError> {
+        match self.stored(name).await? {
+            Some(rec) if rec.status == StepStatus::Completed => {
+                let v = serde_json::from_value(rec.result.unwrap_or(Value::Null)).map_err(|e| {
+                    JobError::permanent(format!(
+                        "step `{name}`: stored result does not fit the type asked for: {e}"
+                    ))
+                })?;
+                Ok(Some(Stepped::Done(v)))
+            }
+            Some(rec) if rec.status == StepStatus::Skipped => Ok(Some(Stepped::Skipped {
+                comment: rec.comment,
+            })),
+            _ => Ok(None),
+        }
+    }
+
+    /// A side effect guarded by the ledger. Without a reconcile function, an
+    /// outcome left unknown (a timeout, a crash mid-call) fails the run
+    /// `permanent_error` asking an operator to check the remote side; use
+    /// [`Ctx::action_with_reconcile`] when the remote side can be asked.
+    pub async fn action<T, F, Fut>(
+        &self,
+        name: impl Into<String>,
+        idempotency_key: impl Into<String>,
+        f: F,
+    ) -> Result<Stepped<T>, JobError>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnOnce(String) -> Fut,
+        Fut: Future<Output = Result<T, JobError>>,
+    {
+        self.action_inner(
+            name.into(),
+            idempotency_key.into(),
+            None::<fn(String) -> std::future::Ready<Result<Reconciled, JobError>>>,
+            None,
+            f,
+        )
+        .await
+    }
+
+    /// A side effect guarded by the ledger, with a reconcile function.
+    ///
+    /// - `started` is written before `f` runs, `committed` with its result after;
+    /// - a failure is recorded `failed_retryable` or `failed_terminal`; a
+    ///   timeout (of `timeout`, or class `timeout`) leaves `unknown`, and so
+    ///   does an attempt that died with the action `started`;
+    /// - the next attempt that meets `unknown` calls `reconcile(key)` before
+    ///   anything else: [`Reconciled::Committed`] stores the result without
+    ///   repeating the effect, [`Reconciled::NotDone`] runs `f` again with the
+    ///   same key, [`Reconciled::StillUnknown`] fails the attempt `timeout`
+    ///   so the policy schedules a retry;
+    /// - a `committed` action never runs again, also from another run with the
+    ///   same key (a duplicate dispatch): the stored result is returned and a
+    ///   `duplicate_suppressed` event recorded.
+    ///
+    /// `f` and `reconcile` receive the idempotency key: send it with the
+    /// request (e.g. an `Idempotency-Key` header).
+    pub async fn action_with_reconcile<T, F, Fut, R, RFut>(
+        &self,
+        name: impl Into<String>,
+        idempotency_key: impl Into<String>,
+        timeout: Option<Duration>,
+        reconcile: R,
+        f: F,
+    ) -> Result<Stepped<T>, JobError>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnOnce(String) -> Fut,
+        Fut: Future<Output = Result<T, JobError>>,
+        R: FnOnce(String) -> RFut,
+        RFut: Future<Output = Result<Reconciled, JobError>>,
+    {
+        self.action_inner(
+            name.into(),
+            idempotency_key.into(),
+            Some(reconcile),
+            timeout,
+            f,
+        )
+        .await
+    }
+
+    async fn ledger(
+        &self,
+        name: &str,
+        key: &str,
+        state: LedgerState,
+        result: Option<Value>,
+        err: Option<&JobError>,
+        event: &str,
+    ) -> Result<(), JobError> {
+        self.docket
+            .store()
+            .ledger_write(
+                self.lease(),
+                LedgerWrite {
+                    tenant: self.tenant.clone(),
+                    idempotency_key: key.to_string(),
+                    action: name.to_string(),
+                    state,
+                    result,
+                    error_class: err.map(|e| e.class),
+                    error_message: err.map(|e| e.message.clone()),
+                },
+                event.to_string(),
+                self.now(),
+            )
+            .await
+            .map_err(store_err)
+    }
+
+    async fn action_inner<T, F, Fut, R, RFut>(
+        &self,
+        name: String,
+        key: String,
+        reconcile: Option<R>,
+        timeout: Option<Duration>,
+        f: F,
+    ) -> Result<Stepped<T>, JobError>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnOnce(String) -> Fut,
+        Fut: Future<Output = Result<T, JobError>>,
+        R: FnOnce(String) -> RFut,
+        RFut: Future<Output = Result<Reconciled, JobError>>,
+    {
+        self.claim_name(&name).await?;
+        if key.is_empty() {
+            return Err(JobError::permanent(format!(
+                "action `{name}`: the idempotency key is empty"
+            )));
+        }
+        if let Some(done) = self.replay::<T>(&name).await? {
+            return Ok(done);
+        }
+        let entry = self
+            .docket
+            .store()
+            .ledger_get(self.tenant.clone(), key.clone())
+            .await
+            .map_err(store_err)?;
+        let decode = |v: Value, how: &str| -> Result<T, JobError> {
+            serde_json::from_value(v).map_err(|e| {
+                JobError::permanent(format!(
+                    "action `{name}`: {how} result does not fit the type asked for: {e}"
+                ))
+            })
+        };
+        if let Some(entry) = &entry {
+            let dead_start = entry.state == LedgerState::Started && entry.lease_id != self.lease_id;
+            match entry.state {
+                LedgerState::Committed => {
+                    let result = entry.result.clone().unwrap_or(Value::Null);
+                    if entry.run_id != self.run_id {
+                        self.docket
+                            .store()
+                            .append_event(
+                                self.lease(),
+                                "duplicate_suppressed".into(),
+                                json!({ "action": name, "idempotency_key": key, "committed_by_run": entry.run_id, "committed_at": entry.updated_at }),
+                                self.now(),
+                            )
+                            .await
+                            .map_err(store_err)?;
+                    }
+                    self.save(&name, result.clone()).await?;
+                    return Ok(Stepped::Done(decode(result, "the stored")?));
+                }
+                LedgerState::Unknown | LedgerState::Started
+                    if entry.state == LedgerState::Unknown || dead_start =>
+                {
+                    self.check_cancel()?;
+                    let Some(reconcile) = reconcile else {
+                        let e = JobError::permanent(format!(
+                            "action `{name}` (key {key}) may or may not have happened: its last attempt ended with the outcome unknown and the action has no reconcile function; check the remote side, then skip the step (it happened) or retry the run (it did not)"
+                        ));
+                        self.record_failure(&name, &e).await;
+                        return Err(e.in_action(name));
+                    };
+                    match reconcile(key.clone()).await {
+                        Ok(Reconciled::Committed(v)) => {
+                            self.ledger(
+                                &name,
+                                &key,
+                                LedgerState::Committed,
+                                Some(v.clone()),
+                                None,
+                                "action_reconciled",
+                            )
+                            .await?;
+                            self.save(&name, v.clone()).await?;
+                            return Ok(Stepped::Done(decode(v, "the reconciled")?));
+                        }
+                        Ok(Reconciled::NotDone) => {
+                            self.docket
+                                .store()
+                                .append_event(self.lease(), "action_reconciled".into(), json!({ "action": name, "idempotency_key": key, "found": "not_done" }), self.now())
+                                .await
+                                .map_err(store_err)?;
+                        }
+                        Ok(Reconciled::StillUnknown) => {
+                            let e = JobError::timeout(format!("action `{name}` (key {key}): outcome still unknown after reconciling; retrying later"));
+                            self.ledger(
+                                &name,
+                                &key,
+                                LedgerState::Unknown,
+                                None,
+                                Some(&e),
+                                "action_unknown",
+                            )
+                            .await?;
+                            self.record_failure(&name, &e).await;
+                            return Err(e.in_action(name));
+                        }
+                        Err(e) => {
+                            self.record_failure(&name, &e).await;
+                            return Err(e.in_action(name));
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        self.check_cancel()?;
+        self.ledger(
+            &name,
+            &key,
+            LedgerState::Started,
+            None,
+            None,
+            "action_started",
+        )
+        .await?;
+        let res = match timeout {
+            Some(t) => match tokio::time::timeout(t, f(key.clone())).await {
+                Ok(r) => r,
+                Err(_) => Err(JobError::timeout(format!(
+                    "action `{name}` did not answer within {t:?}"
+                ))),
+            },
+            None => f(key.clone()).await,
+        };
+        match res {
+            Ok(v) => {
+                let value = serde_json::to_value(&v).map_err(|e| {
+                    JobError::permanent(format!("action `{name}`: result cannot be stored: {e}"))
+                })?;
+                self.ledger(
+                    &name,
+                    &key,
+                    LedgerState::Committed,
+                    Some(value.clone()),
+                    None,
+                    "action_committed",
+                )
+                .await?;
+                self.save(&name, value).await?;
+                Ok(Stepped::Done(v))
+            }
+            Err(e) if e.is_suspension() => Err(e),
+            Err(e) => {
+                let (state, event) = match e.class {
+                    // The worker stopped waiting: that proves nothing about
+                    // the remote side.
+                    ErrorClass::Timeout => (LedgerState::Unknown, "action_unknown"),
+                    c if c.is_retryable() => (LedgerState::FailedRetryable, "action_failed"),
+                    _ => (LedgerState::FailedTerminal, "action_failed"),
+                };
+                self.ledger(&name, &key, state, None, Some(&e), event)
+                    .await?;
+                self.record_failure(&name, &e).await;
+                Err(e.in_action(name))
+            }
+        }
+    }
+
+    /// Waits for an operator. The first time, the run becomes `needs_input`
+    /// with `request` stored (propagate the error with `?`); once an operator
+    /// approves or rejects, the handler runs again, completed steps replay,
+    /// and this call returns the decision.
+    pub async fn wait_for_input(
+        &self,
+        name: impl Into<String>,
+        request: Value,
+    ) -> Result<InputDecision, JobError> {
+        let name = name.into();
+        if let Some(rec) = self.stored(&format!("input:{name}")).await? {
+            let r = rec.result.unwrap_or(Value::Null);
+            let data = r.get("data").cloned().unwrap_or(Value::Null);
+            return Ok(match r.get("decision").and_then(Value::as_str) {
+                Some("approved") => InputDecision::Approved(data),
+                _ => InputDecision::Rejected(data),
+            });
+        }
+        self.check_cancel()?;
+        Err(JobError::control(
+            Control::NeedsInput { name, request },
+            "waiting for input",
+        ))
+    }
+
+    /// Postpones the run until `until`: return the error
+    /// (`return Err(ctx.postpone(t))`). Not a failure; spends no attempt
+    /// budget. Completed steps replay when it runs again.
+    pub fn postpone(&self, until: Timestamp) -> JobError {
+        JobError::control(Control::Postpone { until }, "postponed by the handler")
+    }
+
+    /// Records progress as a `progress` event of the run.
+    pub async fn progress(
+        &self,
+        current: u64,
+        total: u64,
+        message: impl Into<String>,
+    ) -> Result<(), JobError> {
+        self.docket
+            .store()
+            .append_event(
+                self.lease(),
+                "progress".into(),
+                json!({ "current": current, "total": total, "message": message.into() }),
+                self.now(),
+            )
+            .await
+            .map_err(store_err)
+    }
+
+    /// Records a log line as a `log` event of the run (level: `debug`,
+    /// `info`, `warn`, `error`). Never put secrets in `data`.
+    pub async fn log(
+        &self,
+        level: &str,
+        message: impl Into<String>,
+        data: Value,
+    ) -> Result<(), JobError> {
+        self.docket
+            .store()
+            .append_event(
+                self.lease(),
+                "log".into(),
+                json!({ "level": level, "message": message.into(), "data": data }),
+                self.now(),
+            )
+            .await
+            .map_err(store_err)
     }
 }

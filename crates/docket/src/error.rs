@@ -16,6 +16,22 @@ pub struct JobError {
     pub retry_after: Option<Timestamp>,
     /// The step or action that failed, if known.
     pub action: Option<String>,
+    /// Not a failure: the handler suspends the run (input, postpone,
+    /// cancel). Made only by [`Ctx`](crate::Ctx) methods.
+    pub(crate) control: Option<Control>,
+}
+
+/// How a handler suspends its run instead of failing it.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) enum Control {
+    NeedsInput {
+        name: String,
+        request: serde_json::Value,
+    },
+    Postpone {
+        until: Timestamp,
+    },
+    Cancelled,
 }
 
 impl JobError {
@@ -26,6 +42,7 @@ impl JobError {
             message: message.into(),
             retry_after: None,
             action: None,
+            control: None,
         }
     }
     /// The worker stopped waiting (retryable).
@@ -55,6 +72,20 @@ impl JobError {
     pub fn permanent(message: impl Into<String>) -> Self {
         Self::new(ErrorClass::Permanent, message)
     }
+    pub(crate) fn control(control: Control, message: &str) -> Self {
+        JobError {
+            control: Some(control),
+            ..Self::permanent(message)
+        }
+    }
+
+    /// True when this is not a failure but the handler suspending its run
+    /// (waiting for input, postponing, stopping for a cancel). Propagate it
+    /// with `?`; never swallow it.
+    pub fn is_suspension(&self) -> bool {
+        self.control.is_some()
+    }
+
     /// Names the step or action that failed.
     pub fn in_action(mut self, action: impl Into<String>) -> Self {
         self.action = Some(action.into());
@@ -97,6 +128,9 @@ pub enum Error {
         /// The limit.
         limit: usize,
     },
+    /// A request's data is unusable (named in the message).
+    #[error("invalid_input: {0}")]
+    InvalidInput(String),
     /// No run with that id.
     #[error("run {0} not found")]
     RunNotFound(docket_core::RunId),

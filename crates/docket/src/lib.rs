@@ -32,18 +32,21 @@ pub struct ReadmeDoctests;
 mod ctx;
 mod error;
 mod job;
+mod ops;
 mod worker;
 
-pub use ctx::Ctx;
+pub use ctx::{intent_key, Ctx, InputDecision, Reconciled, Stepped};
 pub use docket_core::{
     Clock, ErrorClass, ManualClock, RetryPolicy, RunId, RunStatus, SystemClock, TerminalReason,
     Timestamp,
 };
 pub use docket_store::{
-    AttemptRecord, EventFilter, EventRecord, Run, RunFilter, StatusCount, Triggered, DEFAULT_TENANT,
+    AttemptRecord, EventFilter, EventRecord, LedgerEntry, LedgerState, Run, RunFilter, StatusCount,
+    StepRecord, StepStatus, Triggered, DEFAULT_TENANT,
 };
 pub use error::{Error, JobError, Result};
 pub use job::Job;
+pub use ops::Actor;
 pub use worker::{Worker, WorkerConfig, WorkerHandle};
 
 use docket_store::{DynStore, NewRun};
@@ -101,6 +104,10 @@ pub struct History {
     pub run: Run,
     /// Its attempts, by number.
     pub attempts: Vec<AttemptRecord>,
+    /// Its durable steps (completed, failed, skipped; waits as `input:NAME`).
+    pub steps: Vec<StepRecord>,
+    /// The ledger rows its actions last wrote.
+    pub ledger: Vec<LedgerEntry>,
     /// Its events, in order.
     pub events: Vec<EventRecord>,
 }
@@ -281,9 +288,13 @@ impl Docket {
                 ..Default::default()
             })
             .await?;
+        let steps = self.inner.store.steps(id).await?;
+        let ledger = self.inner.store.ledger_for_run(id).await?;
         Ok(History {
             run,
             attempts,
+            steps,
+            ledger,
             events,
         })
     }

@@ -2,6 +2,7 @@
 //! concurrency and a timeout, keeps leases alive with heartbeats, reaps
 //! expired leases through the retry policy, and shuts down gracefully.
 
+use crate::error::Control;
 use crate::{Ctx, Docket, Job, JobError};
 use docket_core::{Decision, FailureInput, Fingerprint, LeaseId, RunId};
 use docket_store::{
@@ -602,8 +603,13 @@ impl Docket {
                 .unwrap_or_else(|| run.id.to_string()),
             deadline: started.plus(job.timeout),
             variables: run.variables.clone(),
-            cancelled,
+            cancelled: cancelled.clone(),
+            docket: self.clone(),
+            state: Default::default(),
         };
+        if run.cancel_requested {
+            cancelled.store(true, Ordering::SeqCst);
+        }
         let result = match job.validator.as_ref().map(|v| v(&run.input)) {
             Some(Err(msg)) => Err(JobError::invalid_input(msg)),
             _ => {
@@ -628,7 +634,19 @@ impl Docket {
         };
         let now = self.clock().now();
         let outcome = match result {
+            // A cancel requested while running ends the run cancelled, even
+            // when the handler got to the end: "no later step starts".
+            _ if cancelled.load(Ordering::SeqCst) && self.cancel_confirmed(&run).await => {
+                Outcome::Cancelled
+            }
             Ok(output) => Outcome::Completed { output },
+            Err(JobError {
+                control: Some(c), ..
+            }) => match c {
+                Control::NeedsInput { name, request } => Outcome::NeedsInput { name, request },
+                Control::Postpone { until } => Outcome::Postponed { until },
+                Control::Cancelled => Outcome::Cancelled,
+            },
             Err(e) => decide(&job, &run, lease_id, e, now),
         };
         AttemptEnd {
@@ -637,6 +655,12 @@ impl Docket {
             now,
             outcome,
         }
+    }
+
+    /// The cancelled flag is also raised when a lease is lost; only a real
+    /// cancel request (read from the store) ends the run `cancelled`.
+    async fn cancel_confirmed(&self, run: &Run) -> bool {
+        matches!(self.store().get_run(run.id).await, Ok(Some(r)) if r.cancel_requested)
     }
 
     /// Turns expired leases into failed attempts of class `lease_expired`,
