@@ -1,1 +1,310 @@
-//! placeholder
+//! Docket's HTTP server: the REST API over runs and jobs, the seed's
+//! command endpoint (`/api/core/cmd`, `/api/bpm/cmd`), server-sent events,
+//! bearer tokens and tenants, Prometheus metrics and the OpenAPI document.
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+//! use docket_server::{Server, ServerConfig};
+//! let docket = docket::Docket::open("sqlite://docket.db").await?;
+//! let server = Server::start(docket, ServerConfig::default()).await?;
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:7878").await?;
+//! server.serve(listener, docket::worker::wait_for_signal()).await?;
+//! # Ok(()) }
+//! ```
+//!
+//! Every `/api` route and `/metrics` need `Authorization: Bearer <token>`
+//! (see [`auth`]); `/healthz` and `/api/openapi.json` do not. A token
+//! reaches only its tenant: another tenant's run answers 404.
+
+pub mod auth;
+pub mod cmd;
+pub mod dto;
+pub mod error;
+pub mod events;
+pub mod extract;
+pub mod metrics;
+pub mod runs;
+
+pub use auth::{AuthMode, Caller};
+pub use events::HubConfig;
+
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::StatusCode;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::Router;
+use docket::Docket;
+use docket_store::DynStore;
+use error::ApiError;
+use std::future::Future;
+use std::sync::{Arc, OnceLock};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+/// How the server behaves.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    /// Tokens (default) or none (development, loopback only).
+    pub auth: AuthMode,
+    /// Largest request body; larger ones answer 413 `content_too_large`.
+    pub max_body_bytes: usize,
+    /// Largest run input (also set on the engine).
+    pub max_input_bytes: usize,
+    /// How the event hub tails the store.
+    pub hub: HubConfig,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            auth: AuthMode::Tokens,
+            max_body_bytes: 2 * 1024 * 1024,
+            max_input_bytes: docket::DEFAULT_MAX_INPUT_BYTES,
+            hub: HubConfig::default(),
+        }
+    }
+}
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct AppState {
+    /// The engine.
+    pub docket: Docket,
+    /// How requests are authenticated.
+    pub auth: AuthMode,
+    /// The configuration.
+    pub config: Arc<ServerConfig>,
+    /// The event tail.
+    pub hub: Arc<events::EventHub>,
+    /// Counters and histograms.
+    pub metrics: Arc<metrics::Metrics>,
+    /// Turns true when the server shuts down (ends SSE streams and long
+    /// polls).
+    pub stop: watch::Receiver<bool>,
+    openapi: Arc<OnceLock<String>>,
+}
+
+impl AppState {
+    /// The store.
+    pub fn store(&self) -> &DynStore {
+        self.docket.store()
+    }
+}
+
+/// Errors starting or running the server.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The store could not be read at start.
+    #[error(transparent)]
+    Store(#[from] docket_store::StoreError),
+    /// Binding or serving failed.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    /// Authentication off on an address other people can reach.
+    #[error("refusing to serve without authentication on {0}: --insecure-dev-no-auth is only allowed on a loopback address (127.0.0.1, ::1)")]
+    InsecureNotLoopback(std::net::SocketAddr),
+}
+
+/// The OpenAPI document's fixed parts; the paths come from the routes.
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Docket API",
+        description = "Durable jobs that can explain every retry. Every /api route and /metrics take `Authorization: Bearer <token>`; a token reaches only its tenant's runs, jobs and events.",
+    ),
+    modifiers(&BearerScheme),
+    tags(
+        (name = "runs", description = "Trigger, list, inspect and wait for runs"),
+        (name = "operator", description = "Operator commands on runs"),
+        (name = "commands", description = "The seed's command envelope"),
+        (name = "events", description = "Server-sent events"),
+        (name = "jobs", description = "Registered jobs"),
+        (name = "ops", description = "Health, metrics and this document"),
+    )
+)]
+struct ApiDoc;
+
+struct BearerScheme;
+
+impl utoipa::Modify for BearerScheme {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
+        );
+    }
+}
+
+/// This document (OpenAPI 3.1, generated from the code).
+#[utoipa::path(
+    get, path = "/api/openapi.json", tag = "ops",
+    responses((status = 200, description = "The OpenAPI document", content_type = "application/json"))
+)]
+async fn openapi_json(State(state): State<AppState>) -> Response {
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        state.openapi.get().cloned().unwrap_or_default(),
+    )
+        .into_response()
+}
+
+async fn no_route(req: Request) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "no_route",
+        format!("no route {} {}", req.method(), req.uri().path()),
+    )
+}
+
+async fn wrong_method(req: Request) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!("{} is not allowed on {}", req.method(), req.uri().path()),
+    )
+}
+
+async fn log_requests(req: Request, next: Next) -> Response {
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let start = std::time::Instant::now();
+    let res = next.run(req).await;
+    tracing::info!(
+        target: "docket_server::http",
+        %method,
+        path,
+        status = res.status().as_u16(),
+        ms = start.elapsed().as_secs_f64() * 1000.0,
+        "request"
+    );
+    res
+}
+
+/// The routes and the OpenAPI document built from them.
+fn routes() -> (axum::Router<AppState>, utoipa::openapi::OpenApi) {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(runs::trigger, runs::list))
+        .routes(routes!(runs::trigger_batch))
+        .routes(routes!(runs::show))
+        .routes(routes!(runs::cancel))
+        .routes(routes!(runs::retry))
+        .routes(routes!(runs::retrigger))
+        .routes(routes!(runs::skip))
+        .routes(routes!(runs::postpone))
+        .routes(routes!(runs::approve))
+        .routes(routes!(runs::reject))
+        .routes(routes!(runs::wait))
+        .routes(routes!(runs::jobs))
+        .routes(routes!(events::events))
+        .routes(routes!(cmd::core_cmd))
+        .routes(routes!(cmd::bpm_cmd))
+        .routes(routes!(runs::healthz))
+        .routes(routes!(runs::metrics))
+        .routes(routes!(openapi_json))
+        .split_for_parts()
+}
+
+/// The OpenAPI document of every route.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    routes().1
+}
+
+/// A server: the router plus its event tail. Build with [`Server::start`],
+/// then [`Server::serve`] or use [`Server::router`] directly.
+pub struct Server {
+    state: AppState,
+    stop_tx: watch::Sender<bool>,
+}
+
+impl Server {
+    /// Prepares a server over an engine: starts the event tail after the
+    /// store's latest event and sets the engine's input limit.
+    pub async fn start(docket: Docket, config: ServerConfig) -> Result<Server, ServeError> {
+        docket.set_max_input_bytes(config.max_input_bytes);
+        let (stop_tx, stop) = watch::channel(false);
+        let metrics = Arc::new(metrics::Metrics::default());
+        let after = docket.store().last_event_id().await?.unwrap_or(0);
+        let m = metrics.clone();
+        let hub = events::EventHub::start(
+            docket.store().clone(),
+            after,
+            config.hub.clone(),
+            stop.clone(),
+            move |e| m.observe(e),
+        );
+        Ok(Server {
+            state: AppState {
+                docket,
+                auth: config.auth,
+                config: Arc::new(config),
+                hub,
+                metrics,
+                stop,
+                openapi: Arc::new(OnceLock::new()),
+            },
+            stop_tx,
+        })
+    }
+
+    /// The shared state.
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// The HTTP router.
+    pub fn router(&self) -> Router {
+        let (router, doc) = routes();
+        let _ = self
+            .state
+            .openapi
+            .set(doc.to_pretty_json().unwrap_or_default());
+        router
+            .fallback(no_route)
+            .method_not_allowed_fallback(wrong_method)
+            .layer(DefaultBodyLimit::max(self.state.config.max_body_bytes))
+            .layer(axum::middleware::from_fn(log_requests))
+            .with_state(self.state.clone())
+    }
+
+    /// Serves on `listener` until `shutdown` resolves, then stops taking
+    /// connections, ends event streams and long polls, and returns once
+    /// in-flight requests are answered. Without authentication, refuses
+    /// any address but loopback.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServeError> {
+        let addr = listener.local_addr()?;
+        if self.state.auth == AuthMode::InsecureNoAuth {
+            if !addr.ip().is_loopback() {
+                return Err(ServeError::InsecureNotLoopback(addr));
+            }
+            for _ in 0..3 {
+                tracing::warn!(%addr, "AUTHENTICATION IS OFF (--insecure-dev-no-auth): anyone who can reach {addr} can read and change every tenant's runs; for development only");
+            }
+        }
+        tracing::info!(%addr, auth = ?self.state.auth, backend = self.state.store().backend(), "docket API listening");
+        let router = self.router();
+        let stop_tx = self.stop_tx;
+        axum::serve(listener, router)
+            .with_graceful_shutdown(async move {
+                shutdown.await;
+                tracing::info!("shutting down the API: ending event streams and long polls");
+                let _ = stop_tx.send(true);
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Stops the event tail, SSE streams and long polls (when serving
+    /// through [`Server::router`] yourself).
+    pub fn stop(&self) {
+        let _ = self.stop_tx.send(true);
+    }
+}

@@ -1,0 +1,379 @@
+//! `GET /metrics`: Prometheus text exposition.
+//!
+//! - `docket_runs{tenant,job,status}`: a gauge read from the store at
+//!   scrape time (exact, whichever process ran the runs);
+//! - counters and histograms derived from the event tail (so they cover
+//!   every worker writing to the store, not only this process), counted
+//!   since this server started: attempts started, attempt failures by
+//!   error class, retries scheduled, runs completed and failed, pickup
+//!   latency (an attempt's start minus the instant its run became due:
+//!   triggered, retry eligible, postponed until, or resumed by an operator)
+//!   and attempt duration (start to the attempt's end event).
+//!
+//! A token sees only its own tenant's series.
+
+use docket::{EventRecord, RunId, Timestamp};
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write;
+use std::sync::Mutex;
+
+/// Pickup latency buckets, in seconds.
+const PICKUP_BUCKETS: [f64; 14] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0,
+];
+/// Attempt duration buckets, in seconds.
+const DURATION_BUCKETS: [f64; 14] = [
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0, 300.0,
+];
+/// Most runs/attempts tracked for latency at once; beyond it the oldest
+/// half is forgotten (their latency is not observed).
+const MAX_TRACKED: usize = 100_000;
+
+#[derive(Clone, Debug, Default)]
+struct Histogram {
+    counts: Vec<u64>,
+    sum: f64,
+    count: u64,
+}
+
+impl Histogram {
+    fn observe(&mut self, buckets: &[f64], v: f64) {
+        if self.counts.is_empty() {
+            self.counts = vec![0; buckets.len()];
+        }
+        for (i, b) in buckets.iter().enumerate() {
+            if v <= *b {
+                self.counts[i] += 1;
+            }
+        }
+        self.sum += v;
+        self.count += 1;
+    }
+}
+
+type Key = (String, String); // (tenant, job)
+
+#[derive(Default)]
+struct Inner {
+    attempts: BTreeMap<Key, u64>,
+    failures: BTreeMap<(String, String, String), u64>,
+    retries: BTreeMap<Key, u64>,
+    completed: BTreeMap<Key, u64>,
+    failed: BTreeMap<Key, u64>,
+    pickup: BTreeMap<Key, Histogram>,
+    duration: BTreeMap<Key, Histogram>,
+    due: HashMap<RunId, Timestamp>,
+    started: HashMap<(RunId, u32), Timestamp>,
+}
+
+/// Counters and histograms fed by the event tail.
+#[derive(Default)]
+pub struct Metrics {
+    inner: Mutex<Inner>,
+}
+
+fn bump<K: Ord>(m: &mut BTreeMap<K, u64>, k: K) {
+    *m.entry(k).or_insert(0) += 1;
+}
+
+fn ts_field(e: &EventRecord, field: &str) -> Option<Timestamp> {
+    e.data.get(field).and_then(|v| v.as_i64()).map(Timestamp)
+}
+
+fn secs(ms: i64) -> f64 {
+    ms.max(0) as f64 / 1000.0
+}
+
+fn bound<K, V>(m: &mut HashMap<K, V>) {
+    if m.len() >= MAX_TRACKED {
+        m.clear();
+    }
+}
+
+impl Metrics {
+    /// Takes one published event into account.
+    pub fn observe(&self, e: &EventRecord) {
+        let mut m = self.inner.lock().expect("metrics lock");
+        let key = (e.tenant.clone(), e.job.clone());
+        match e.kind.as_str() {
+            "run_triggered" => {
+                bound(&mut m.due);
+                m.due
+                    .insert(e.run_id, ts_field(e, "run_after").unwrap_or(e.at));
+            }
+            "retry_scheduled" => {
+                bump(&mut m.retries, key.clone());
+                bound(&mut m.due);
+                m.due
+                    .insert(e.run_id, ts_field(e, "eligible_at").unwrap_or(e.at));
+            }
+            "run_postponed" => {
+                bound(&mut m.due);
+                m.due.insert(e.run_id, ts_field(e, "until").unwrap_or(e.at));
+            }
+            "attempt_released" | "input_received" | "operator_retry" | "operator_skip" => {
+                bound(&mut m.due);
+                m.due.insert(e.run_id, e.at);
+            }
+            "attempt_started" => {
+                bump(&mut m.attempts, key.clone());
+                if let Some(due) = m.due.remove(&e.run_id) {
+                    m.pickup
+                        .entry(key.clone())
+                        .or_default()
+                        .observe(&PICKUP_BUCKETS, secs(e.at.millis_since(due)));
+                }
+                if let Some(n) = e.attempt {
+                    bound(&mut m.started);
+                    m.started.insert((e.run_id, n), e.at);
+                }
+            }
+            "attempt_failed" => {
+                let class = e
+                    .data
+                    .get("error_class")
+                    .and_then(|v| v.as_str())
+                    .unwrap_or("unknown")
+                    .to_string();
+                bump(&mut m.failures, (key.0.clone(), key.1.clone(), class));
+            }
+            "lease_expired" => {
+                bump(
+                    &mut m.failures,
+                    (key.0.clone(), key.1.clone(), "lease_expired".into()),
+                );
+            }
+            "run_completed" => bump(&mut m.completed, key.clone()),
+            "run_failed" => bump(&mut m.failed, key.clone()),
+            _ => {}
+        }
+        const ENDS: [&str; 8] = [
+            "attempt_failed",
+            "run_completed",
+            "run_postponed",
+            "input_requested",
+            "run_cancelled",
+            "attempt_released",
+            "lease_expired",
+            "run_failed",
+        ];
+        if ENDS.contains(&e.kind.as_str()) {
+            if let Some(n) = e.attempt {
+                if let Some(start) = m.started.remove(&(e.run_id, n)) {
+                    m.duration
+                        .entry(key)
+                        .or_default()
+                        .observe(&DURATION_BUCKETS, secs(e.at.millis_since(start)));
+                }
+            }
+        }
+    }
+
+    /// The Prometheus text for `tenant`, with the run counts read from the
+    /// store (`(job, status, count)`).
+    pub fn render(&self, tenant: &str, runs: &[(String, String, i64)]) -> String {
+        let m = self.inner.lock().expect("metrics lock");
+        let mut out = String::new();
+        let t = escape(tenant);
+        out.push_str("# HELP docket_runs Runs by job and status (read from the store).\n# TYPE docket_runs gauge\n");
+        for (job, status, n) in runs {
+            let _ = writeln!(
+                out,
+                "docket_runs{{tenant=\"{t}\",job=\"{}\",status=\"{status}\"}} {n}",
+                escape(job)
+            );
+        }
+        counter(
+            &mut out,
+            "docket_attempts_started_total",
+            "Attempts started.",
+            &m.attempts,
+            tenant,
+        );
+        out.push_str("# HELP docket_attempt_failures_total Failed attempts by error class.\n# TYPE docket_attempt_failures_total counter\n");
+        for ((tn, job, class), n) in &m.failures {
+            if tn == tenant {
+                let _ = writeln!(
+                    out,
+                    "docket_attempt_failures_total{{tenant=\"{t}\",job=\"{}\",error_class=\"{}\"}} {n}",
+                    escape(job),
+                    escape(class)
+                );
+            }
+        }
+        counter(
+            &mut out,
+            "docket_retries_scheduled_total",
+            "Retries scheduled by the policy.",
+            &m.retries,
+            tenant,
+        );
+        counter(
+            &mut out,
+            "docket_runs_completed_total",
+            "Runs completed.",
+            &m.completed,
+            tenant,
+        );
+        counter(
+            &mut out,
+            "docket_runs_failed_total",
+            "Runs failed (terminal).",
+            &m.failed,
+            tenant,
+        );
+        histogram(
+            &mut out,
+            "docket_pickup_latency_seconds",
+            "From a run becoming due to its attempt starting.",
+            &m.pickup,
+            &PICKUP_BUCKETS,
+            tenant,
+        );
+        histogram(
+            &mut out,
+            "docket_attempt_duration_seconds",
+            "From an attempt's start to its end.",
+            &m.duration,
+            &DURATION_BUCKETS,
+            tenant,
+        );
+        out
+    }
+}
+
+fn escape(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+fn counter(out: &mut String, name: &str, help: &str, m: &BTreeMap<Key, u64>, tenant: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+    for ((tn, job), n) in m {
+        if tn == tenant {
+            let _ = writeln!(
+                out,
+                "{name}{{tenant=\"{}\",job=\"{}\"}} {n}",
+                escape(tn),
+                escape(job)
+            );
+        }
+    }
+}
+
+fn histogram(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    m: &BTreeMap<Key, Histogram>,
+    buckets: &[f64],
+    tenant: &str,
+) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+    for ((tn, job), h) in m {
+        if tn != tenant {
+            continue;
+        }
+        let labels = format!("tenant=\"{}\",job=\"{}\"", escape(tn), escape(job));
+        for (b, c) in buckets.iter().zip(&h.counts) {
+            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{b}\"}} {c}");
+        }
+        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {}", h.count);
+        let _ = writeln!(out, "{name}_sum{{{labels}}} {}", h.sum);
+        let _ = writeln!(out, "{name}_count{{{labels}}} {}", h.count);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn ev(
+        run: RunId,
+        tenant: &str,
+        kind: &str,
+        at: i64,
+        attempt: Option<u32>,
+        data: serde_json::Value,
+    ) -> EventRecord {
+        EventRecord {
+            id: 0,
+            run_id: run,
+            tenant: tenant.into(),
+            job: "mail".into(),
+            kind: kind.into(),
+            at: Timestamp(at),
+            attempt,
+            lease_id: None,
+            actor: None,
+            comment: None,
+            data,
+        }
+    }
+
+    #[test]
+    fn derives_counters_and_histograms_from_events() {
+        let m = Metrics::default();
+        let r = RunId::new();
+        m.observe(&ev(
+            r,
+            "a",
+            "run_triggered",
+            1000,
+            None,
+            json!({"run_after": 1000}),
+        ));
+        m.observe(&ev(r, "a", "attempt_started", 1004, Some(1), json!({})));
+        m.observe(&ev(
+            r,
+            "a",
+            "attempt_failed",
+            1104,
+            Some(1),
+            json!({"error_class": "timeout"}),
+        ));
+        m.observe(&ev(
+            r,
+            "a",
+            "retry_scheduled",
+            1104,
+            Some(1),
+            json!({"eligible_at": 2104}),
+        ));
+        m.observe(&ev(r, "a", "attempt_started", 2204, Some(2), json!({})));
+        m.observe(&ev(r, "a", "run_completed", 2214, Some(2), json!({})));
+        m.observe(&ev(
+            RunId::new(),
+            "b",
+            "attempt_started",
+            0,
+            Some(1),
+            json!({}),
+        ));
+        let text = m.render("a", &[("mail".into(), "completed".into(), 1)]);
+        assert!(text.contains("docket_runs{tenant=\"a\",job=\"mail\",status=\"completed\"} 1"));
+        assert!(text.contains("docket_attempts_started_total{tenant=\"a\",job=\"mail\"} 2"));
+        assert!(text.contains(
+            "docket_attempt_failures_total{tenant=\"a\",job=\"mail\",error_class=\"timeout\"} 1"
+        ));
+        assert!(text.contains("docket_retries_scheduled_total{tenant=\"a\",job=\"mail\"} 1"));
+        // Pickup: 4 ms and 100 ms.
+        assert!(text.contains(
+            "docket_pickup_latency_seconds_bucket{tenant=\"a\",job=\"mail\",le=\"0.005\"} 1"
+        ));
+        assert!(text.contains(
+            "docket_pickup_latency_seconds_bucket{tenant=\"a\",job=\"mail\",le=\"0.1\"} 2"
+        ));
+        assert!(text.contains("docket_pickup_latency_seconds_count{tenant=\"a\",job=\"mail\"} 2"));
+        // Durations: 100 ms and 10 ms.
+        assert!(text.contains(
+            "docket_attempt_duration_seconds_bucket{tenant=\"a\",job=\"mail\",le=\"0.01\"} 1"
+        ));
+        assert!(
+            text.contains("docket_attempt_duration_seconds_sum{tenant=\"a\",job=\"mail\"} 0.11")
+        );
+        assert!(!text.contains("tenant=\"b\""));
+    }
+}

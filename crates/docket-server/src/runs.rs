@@ -1,0 +1,825 @@
+//! The REST API over runs and jobs.
+
+use crate::auth::Caller;
+use crate::dto::*;
+use crate::error::{ApiError, ApiResult, ErrorBody};
+use crate::extract::{ApiJson, OptionalJson, QueryPairs};
+use crate::AppState;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use docket::{Actor, EventRecord, Run, RunFilter, RunId, RunStatus, Timestamp, TriggerOptions};
+use serde_json::{json, Value};
+use std::time::Duration;
+
+/// Most runs in one batch trigger.
+pub const MAX_BATCH: usize = 1000;
+/// Longest idempotency key, correlation id or comment.
+const MAX_TEXT: usize = 1000;
+/// The default and longest long poll.
+const DEFAULT_WAIT: Duration = Duration::from_secs(30);
+const MAX_WAIT: Duration = Duration::from_secs(300);
+
+/// The caller's run, or 404 (also for another tenant's run).
+pub async fn load_run(state: &AppState, caller: &Caller, id: RunId) -> ApiResult<Run> {
+    match state.docket.store().get_run(id).await? {
+        Some(r) if r.tenant == caller.tenant => Ok(r),
+        _ => Err(ApiError::run_not_found(id)),
+    }
+}
+
+fn parse_id(s: &str) -> ApiResult<RunId> {
+    s.parse().map_err(|_| ApiError::run_not_found(s))
+}
+
+fn check_text(field: &str, v: &Option<String>) -> ApiResult<()> {
+    match v {
+        Some(s) if s.len() > MAX_TEXT => Err(ApiError::invalid_field(
+            field,
+            format!("`{field}` is longer than {MAX_TEXT} bytes"),
+        )),
+        _ => Ok(()),
+    }
+}
+
+fn parse_time(field: &str, s: &str) -> ApiResult<Timestamp> {
+    Timestamp::parse_rfc3339(s).ok_or_else(|| {
+        ApiError::invalid_field(
+            field,
+            format!("`{field}`: `{s}` is not an RFC 3339 time such as 2026-01-31T12:00:00Z"),
+        )
+    })
+}
+
+impl AppState {
+    fn now(&self) -> Timestamp {
+        self.docket.clock().now()
+    }
+
+    fn view(&self, r: &Run) -> RunView {
+        RunView::new(r, self.now())
+    }
+
+    fn trigger_response(&self, t: &docket::Triggered) -> TriggerResponse {
+        TriggerResponse {
+            run: self.view(&t.run),
+            existing: t.existing,
+        }
+    }
+
+    /// Checks one trigger request and turns it into the engine's form.
+    fn prepare(
+        &self,
+        caller: &Caller,
+        prefix: &str,
+        r: TriggerRequest,
+    ) -> ApiResult<(String, Value, TriggerOptions)> {
+        let field = |f: &str| format!("{prefix}{f}");
+        if !self.docket.job_names().contains(&r.job) {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "unknown_job",
+                format!(
+                    "`{}`: unknown job `{}`: it is not registered on this server (see GET /api/jobs)",
+                    field("job"),
+                    r.job
+                ),
+            )
+            .field(field("job")));
+        }
+        let size = serde_json::to_vec(&r.input).map(|v| v.len()).unwrap_or(0);
+        if size > self.config.max_input_bytes {
+            return Err(ApiError::too_large(format!(
+                "content_too_large: input of job `{}` is {size} bytes, the limit is {} bytes",
+                r.job, self.config.max_input_bytes
+            ))
+            .field(field("input")));
+        }
+        check_text(&field("idempotency_key"), &r.idempotency_key)?;
+        check_text(&field("correlation_id"), &r.correlation_id)?;
+        let run_after = r
+            .run_after
+            .as_deref()
+            .map(|s| parse_time(&field("run_after"), s))
+            .transpose()?;
+        Ok((
+            r.job,
+            r.input,
+            TriggerOptions {
+                idempotency_key: r.idempotency_key,
+                run_after,
+                priority: r.priority,
+                correlation_id: r.correlation_id,
+                tenant: Some(caller.tenant.clone()),
+                actor: Some(caller.name.clone()),
+            },
+        ))
+    }
+}
+
+/// Triggers a run.
+///
+/// 201 with the new run; 200 with the existing run when the idempotency key
+/// was already used for this job in this tenant.
+#[utoipa::path(
+    post, path = "/api/runs", tag = "runs",
+    request_body = TriggerRequest,
+    responses(
+        (status = 201, description = "Created", body = TriggerResponse),
+        (status = 200, description = "The run that already had this idempotency key", body = TriggerResponse),
+        (status = 400, description = "Not JSON", body = ErrorBody),
+        (status = 413, description = "Body or input over the limit (`content_too_large`)", body = ErrorBody),
+        (status = 422, description = "A field is wrong, or the job is unknown", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn trigger(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiJson(req): ApiJson<TriggerRequest>,
+) -> ApiResult<Response> {
+    let (job, input, opts) = state.prepare(&caller, "", req)?;
+    let t = state.docket.trigger_with(&job, input, opts).await?;
+    state.hub.nudge();
+    let code = if t.existing {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
+    Ok((code, Json(state.trigger_response(&t))).into_response())
+}
+
+/// Triggers many runs in one transaction: all are created, or none.
+///
+/// 201 when at least one run was created, 200 when every run already
+/// existed (idempotency keys).
+#[utoipa::path(
+    post, path = "/api/runs/batch", tag = "runs",
+    request_body = BatchRequest,
+    responses(
+        (status = 201, description = "Created (in request order)", body = BatchResponse),
+        (status = 200, description = "Every run already existed", body = BatchResponse),
+        (status = 400, description = "Not JSON", body = ErrorBody),
+        (status = 413, description = "Body or an input over the limit", body = ErrorBody),
+        (status = 422, description = "A field is wrong (named as `runs[i].field`)", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn trigger_batch(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiJson(req): ApiJson<BatchRequest>,
+) -> ApiResult<Response> {
+    if req.runs.is_empty() || req.runs.len() > MAX_BATCH {
+        return Err(ApiError::invalid_field(
+            "runs",
+            format!(
+                "`runs` must hold 1 to {MAX_BATCH} runs, not {}",
+                req.runs.len()
+            ),
+        ));
+    }
+    let mut batch = Vec::with_capacity(req.runs.len());
+    for (i, r) in req.runs.into_iter().enumerate() {
+        batch.push(state.prepare(&caller, &format!("runs[{i}]."), r)?);
+    }
+    let out = state.docket.trigger_batch(batch).await?;
+    state.hub.nudge();
+    let code = if out.iter().all(|t| t.existing) {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
+    let runs = out.iter().map(|t| state.trigger_response(t)).collect();
+    Ok((code, Json(BatchResponse { runs })).into_response())
+}
+
+/// Lists the caller's runs, newest first.
+#[utoipa::path(
+    get, path = "/api/runs", tag = "runs",
+    params(
+        ("status" = Option<String>, Query, description = "Any of these statuses (comma-separated or repeated)"),
+        ("job" = Option<String>, Query, description = "Only this job"),
+        ("needs_attention" = Option<bool>, Query, description = "Only failed and needs_input runs"),
+        ("created_after" = Option<String>, Query, description = "Created at or after (RFC 3339)"),
+        ("created_before" = Option<String>, Query, description = "Created before (RFC 3339)"),
+        ("cursor" = Option<String>, Query, description = "`next_cursor` of the previous page"),
+        ("limit" = Option<usize>, Query, description = "1 to 500 (default 50)"),
+    ),
+    responses(
+        (status = 200, description = "A page", body = RunPage),
+        (status = 400, description = "A bad parameter (named)", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn list(
+    State(state): State<AppState>,
+    caller: Caller,
+    q: QueryPairs,
+) -> ApiResult<Json<RunPage>> {
+    q.only(&[
+        "status",
+        "job",
+        "needs_attention",
+        "created_after",
+        "created_before",
+        "cursor",
+        "limit",
+    ])?;
+    let mut statuses = Vec::new();
+    for s in q.all("status") {
+        let st: RunStatus = s.parse().map_err(|m| ApiError::bad_param("status", m))?;
+        if !statuses.contains(&st) {
+            statuses.push(st);
+        }
+    }
+    let attention = match q.get("needs_attention") {
+        None | Some("false") | Some("0") => false,
+        Some("true") | Some("1") | Some("") => true,
+        Some(v) => {
+            return Err(ApiError::bad_param(
+                "needs_attention",
+                format!("needs_attention must be true or false, not `{v}`"),
+            ))
+        }
+    };
+    if attention {
+        let wanted = [RunStatus::Failed, RunStatus::NeedsInput];
+        if statuses.is_empty() {
+            statuses = wanted.to_vec();
+        } else {
+            statuses.retain(|s| wanted.contains(s));
+            if statuses.is_empty() {
+                return Ok(Json(RunPage {
+                    runs: Vec::new(),
+                    next_cursor: None,
+                }));
+            }
+        }
+    }
+    let time = |p: &str| -> ApiResult<Option<Timestamp>> {
+        q.get(p)
+            .map(|s| {
+                Timestamp::parse_rfc3339(s).ok_or_else(|| {
+                    ApiError::bad_param(p, format!("{p}: `{s}` is not an RFC 3339 time"))
+                })
+            })
+            .transpose()
+    };
+    let limit = match q.get("limit") {
+        None => 50,
+        Some(s) => match s.parse::<usize>() {
+            Ok(n) if (1..=500).contains(&n) => n,
+            _ => {
+                return Err(ApiError::bad_param(
+                    "limit",
+                    format!("limit must be 1 to 500, not `{s}`"),
+                ))
+            }
+        },
+    };
+    let before_id = q
+        .get("cursor")
+        .map(|s| {
+            s.parse::<RunId>()
+                .map_err(|_| ApiError::bad_param("cursor", format!("`{s}` is not a cursor")))
+        })
+        .transpose()?;
+    let mut runs = state
+        .docket
+        .list_runs(RunFilter {
+            tenant: Some(caller.tenant.clone()),
+            statuses,
+            job: q.get("job").map(str::to_string),
+            created_after: time("created_after")?,
+            created_before: time("created_before")?,
+            before_id,
+            limit: limit + 1,
+        })
+        .await?;
+    let more = runs.len() > limit;
+    runs.truncate(limit);
+    let next_cursor = if more {
+        runs.last().map(|r| r.id.to_string())
+    } else {
+        None
+    };
+    Ok(Json(RunPage {
+        runs: runs.iter().map(|r| state.view(r)).collect(),
+        next_cursor,
+    }))
+}
+
+fn summary(e: &EventRecord) -> String {
+    let d = &e.data;
+    let s = |k: &str| d.get(k).and_then(Value::as_str).unwrap_or("").to_string();
+    let n = |k: &str| d.get(k).and_then(Value::as_i64);
+    let t = |k: &str| n(k).map(|v| Timestamp(v).to_rfc3339()).unwrap_or_default();
+    let att = e
+        .attempt
+        .map(|a| format!("attempt {a}"))
+        .unwrap_or_default();
+    match e.kind.as_str() {
+        "run_triggered" => format!(
+            "triggered{}",
+            e.actor
+                .as_ref()
+                .map(|a| format!(" by {a}"))
+                .unwrap_or_default()
+        ),
+        "attempt_started" => format!("{att} started on {}", s("worker")),
+        "attempt_failed" => format!("{att} failed: {}: {}", s("error_class"), s("message")),
+        "retry_scheduled" => format!(
+            "retry scheduled by policy {} after {} ms (reason {}), eligible at {}",
+            s("retry_policy"),
+            n("delay_ms").unwrap_or(0),
+            s("reason"),
+            t("eligible_at")
+        ),
+        "run_failed" => format!("failed: {} — {}", s("reason"), s("detail")),
+        "run_completed" => format!("{att} completed"),
+        "run_postponed" => format!("postponed until {}", t("until")),
+        "lease_expired" => format!("{att}: lease expired"),
+        "stale_write_refused" => format!(
+            "a write under a stale lease was refused (it tried `{}`)",
+            s("attempted")
+        ),
+        "step_completed" | "step_failed" | "step_skipped" => {
+            format!("{}: {}", e.kind.replace('_', " "), s("step"))
+        }
+        "input_requested" => format!("waiting for input `{}`", s("name")),
+        "input_received" => format!("input `{}` {}", s("name"), s("decision")),
+        k => {
+            let who = e
+                .actor
+                .as_ref()
+                .map(|a| format!(" by {a}"))
+                .unwrap_or_default();
+            format!("{}{who}", k.replace('_', " "))
+        }
+    }
+}
+
+/// A run with its attempts, steps, ledger entries and events, and the
+/// timeline built from them.
+#[utoipa::path(
+    get, path = "/api/runs/{id}", tag = "runs",
+    params(("id" = String, Path, description = "The run's id")),
+    responses(
+        (status = 200, description = "The run and its history", body = RunDetail),
+        (status = 404, description = "No such run in the caller's tenant", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn show(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Json<RunDetail>> {
+    let id = parse_id(&id)?;
+    load_run(&state, &caller, id).await?;
+    let h = state.docket.history(id).await?;
+    let attempts = AttemptView::list(&h.attempts);
+    let timeline = h
+        .events
+        .iter()
+        .map(|e| {
+            let mut summary = summary(e);
+            if e.kind == "attempt_started" {
+                if let Some(a) = attempts.iter().find(|a| Some(a.attempt) == e.attempt) {
+                    if let Some(gap) = a.gap_ms {
+                        summary.push_str(&format!(" ({gap} ms after the previous attempt ended)"));
+                    }
+                }
+            }
+            TimelineEntry {
+                at: e.at.to_rfc3339(),
+                kind: e.kind.clone(),
+                attempt: e.attempt,
+                actor: e.actor.clone(),
+                comment: e.comment.clone(),
+                summary,
+                event_id: e.id,
+            }
+        })
+        .collect();
+    Ok(Json(RunDetail {
+        run: state.view(&h.run),
+        attempts,
+        steps: h
+            .steps
+            .iter()
+            .map(|s| serde_json::to_value(s).unwrap_or(Value::Null))
+            .collect(),
+        ledger: h
+            .ledger
+            .iter()
+            .map(|l| serde_json::to_value(l).unwrap_or(Value::Null))
+            .collect(),
+        events: h.events.iter().map(EventView::from).collect(),
+        timeline,
+    }))
+}
+
+fn actor(caller: &Caller, comment: Option<String>) -> Actor {
+    Actor::new(caller.name.clone(), comment)
+}
+
+async fn after_write(state: &AppState, run: &Run) -> Json<RunView> {
+    state.hub.nudge();
+    Json(state.view(run))
+}
+
+/// Cancels a run: at once when pending, postponed or waiting for input; a
+/// running run stops at its next step boundary (`cancel_requested`).
+#[utoipa::path(
+    post, path = "/api/runs/{id}/cancel", tag = "operator",
+    params(("id" = String, Path, description = "The run's id")),
+    request_body(content = Option<CommentRequest>, description = "Optional"),
+    responses(
+        (status = 200, description = "The run after the command", body = RunView),
+        (status = 404, description = "No such run in the caller's tenant", body = ErrorBody),
+        (status = 409, description = "The run's state does not allow it (named)", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn cancel(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    OptionalJson(req): OptionalJson<CommentRequest>,
+) -> ApiResult<Json<RunView>> {
+    let id = parse_id(&id)?;
+    check_text("comment", &req.comment)?;
+    load_run(&state, &caller, id).await?;
+    let run = state.docket.cancel(id, actor(&caller, req.comment)).await?;
+    Ok(after_write(&state, &run).await)
+}
+
+/// Retries a failed run: same run, completed steps kept, the failed step
+/// runs again, `updated_variables` merged into the variables first, a fresh
+/// attempt budget; `comment` goes into the audit trail.
+#[utoipa::path(
+    post, path = "/api/runs/{id}/retry", tag = "operator",
+    params(("id" = String, Path, description = "The run's id")),
+    request_body(content = Option<RetryRequest>, description = "Optional"),
+    responses(
+        (status = 200, description = "The run after the command", body = RunView),
+        (status = 404, description = "No such run in the caller's tenant", body = ErrorBody),
+        (status = 409, description = "The run is not failed (its state is named)", body = ErrorBody),
+        (status = 422, description = "updated_variables is not an object", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn retry(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    OptionalJson(req): OptionalJson<RetryRequest>,
+) -> ApiResult<Json<RunView>> {
+    let id = parse_id(&id)?;
+    check_text("comment", &req.comment)?;
+    if let Some(v) = &req.updated_variables {
+        if !v.is_object() {
+            return Err(ApiError::invalid_field(
+                "updated_variables",
+                "`updated_variables` must be a JSON object",
+            ));
+        }
+    }
+    load_run(&state, &caller, id).await?;
+    let run = state
+        .docket
+        .retry(id, req.updated_variables, actor(&caller, req.comment))
+        .await?;
+    Ok(after_write(&state, &run).await)
+}
+
+/// Skips the failed step of a failed run; the run continues past it.
+#[utoipa::path(
+    post, path = "/api/runs/{id}/skip", tag = "operator",
+    params(("id" = String, Path, description = "The run's id")),
+    request_body(content = Option<CommentRequest>, description = "Optional"),
+    responses(
+        (status = 200, description = "The run after the command", body = RunView),
+        (status = 404, description = "No such run in the caller's tenant", body = ErrorBody),
+        (status = 409, description = "The run is not failed (its state is named)", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn skip(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    OptionalJson(req): OptionalJson<CommentRequest>,
+) -> ApiResult<Json<RunView>> {
+    let id = parse_id(&id)?;
+    check_text("comment", &req.comment)?;
+    load_run(&state, &caller, id).await?;
+    let run = state.docket.skip(id, actor(&caller, req.comment)).await?;
+    Ok(after_write(&state, &run).await)
+}
+
+/// A new run with the same input, linked to this one (which stays as it
+/// is). Only failed, cancelled or completed runs.
+#[utoipa::path(
+    post, path = "/api/runs/{id}/retrigger", tag = "operator",
+    params(("id" = String, Path, description = "The run's id")),
+    request_body(content = Option<CommentRequest>, description = "Optional"),
+    responses(
+        (status = 201, description = "The new run", body = TriggerResponse),
+        (status = 404, description = "No such run in the caller's tenant", body = ErrorBody),
+        (status = 409, description = "The run is not terminal (its state is named)", body = ErrorBody),
+        (status = 422, description = "The input fails the job's current validation", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn retrigger(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    OptionalJson(req): OptionalJson<CommentRequest>,
+) -> ApiResult<Response> {
+    let id = parse_id(&id)?;
+    check_text("comment", &req.comment)?;
+    load_run(&state, &caller, id).await?;
+    let t = state
+        .docket
+        .retrigger(id, actor(&caller, req.comment))
+        .await?;
+    state.hub.nudge();
+    Ok((StatusCode::CREATED, Json(state.trigger_response(&t))).into_response())
+}
+
+/// Postpones a pending, postponed or waiting run (`until` or `delay_ms`).
+#[utoipa::path(
+    post, path = "/api/runs/{id}/postpone", tag = "operator",
+    params(("id" = String, Path, description = "The run's id")),
+    request_body = PostponeRequest,
+    responses(
+        (status = 200, description = "The run after the command", body = RunView),
+        (status = 404, description = "No such run in the caller's tenant", body = ErrorBody),
+        (status = 409, description = "The run's state does not allow it (named)", body = ErrorBody),
+        (status = 422, description = "Neither or both of until and delay_ms", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn postpone(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<PostponeRequest>,
+) -> ApiResult<Json<RunView>> {
+    let id = parse_id(&id)?;
+    check_text("comment", &req.comment)?;
+    let until = match (&req.until, req.delay_ms) {
+        (Some(u), None) => parse_time("until", u)?,
+        (None, Some(ms)) => state
+            .now()
+            .plus_millis(i64::try_from(ms).unwrap_or(i64::MAX)),
+        _ => {
+            return Err(ApiError::invalid_field(
+                "until",
+                "give exactly one of `until` (RFC 3339) and `delay_ms`",
+            ))
+        }
+    };
+    load_run(&state, &caller, id).await?;
+    let run = state
+        .docket
+        .postpone(id, until, actor(&caller, req.comment))
+        .await?;
+    Ok(after_write(&state, &run).await)
+}
+
+/// Approves a run waiting for input; the handler runs again and its wait
+/// returns `Approved(data)`.
+#[utoipa::path(
+    post, path = "/api/runs/{id}/approve", tag = "operator",
+    params(("id" = String, Path, description = "The run's id")),
+    request_body(content = Option<DecisionRequest>, description = "Optional"),
+    responses(
+        (status = 200, description = "The run after the command", body = RunView),
+        (status = 404, description = "No such run in the caller's tenant", body = ErrorBody),
+        (status = 409, description = "The run is not waiting for input (its state is named)", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn approve(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    OptionalJson(req): OptionalJson<DecisionRequest>,
+) -> ApiResult<Json<RunView>> {
+    let id = parse_id(&id)?;
+    check_text("comment", &req.comment)?;
+    load_run(&state, &caller, id).await?;
+    let run = state
+        .docket
+        .approve(id, req.data, actor(&caller, req.comment))
+        .await?;
+    Ok(after_write(&state, &run).await)
+}
+
+/// Rejects a run waiting for input; the handler runs again and its wait
+/// returns `Rejected(data)`.
+#[utoipa::path(
+    post, path = "/api/runs/{id}/reject", tag = "operator",
+    params(("id" = String, Path, description = "The run's id")),
+    request_body(content = Option<DecisionRequest>, description = "Optional"),
+    responses(
+        (status = 200, description = "The run after the command", body = RunView),
+        (status = 404, description = "No such run in the caller's tenant", body = ErrorBody),
+        (status = 409, description = "The run is not waiting for input (its state is named)", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn reject(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    OptionalJson(req): OptionalJson<DecisionRequest>,
+) -> ApiResult<Json<RunView>> {
+    let id = parse_id(&id)?;
+    check_text("comment", &req.comment)?;
+    load_run(&state, &caller, id).await?;
+    let run = state
+        .docket
+        .reject(id, req.data, actor(&caller, req.comment))
+        .await?;
+    Ok(after_write(&state, &run).await)
+}
+
+/// Parses a duration: `500ms`, `30s`, `2m`, or plain seconds (`30`).
+pub fn parse_duration(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit() && c != '.') {
+        Some(i) => (&s[..i], &s[i..]),
+        None => (s, "s"),
+    };
+    let v: f64 = num.parse().ok()?;
+    if !v.is_finite() || v < 0.0 {
+        return None;
+    }
+    let secs = match unit {
+        "ms" => v / 1000.0,
+        "s" => v,
+        "m" => v * 60.0,
+        _ => return None,
+    };
+    Duration::try_from_secs_f64(secs).ok()
+}
+
+/// Long poll: answers once the run is terminal, or when `timeout` passes
+/// (default 30 s, at most 300 s) with `terminal: false`.
+#[utoipa::path(
+    get, path = "/api/runs/{id}/wait", tag = "runs",
+    params(
+        ("id" = String, Path, description = "The run's id"),
+        ("timeout" = Option<String>, Query, description = "`500ms`, `30s`, `2m` or seconds; default 30 s, at most 300 s"),
+    ),
+    responses(
+        (status = 200, description = "The run, terminal or as last seen", body = WaitResponse),
+        (status = 400, description = "A bad timeout", body = ErrorBody),
+        (status = 404, description = "No such run in the caller's tenant", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn wait(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    q: QueryPairs,
+) -> ApiResult<Json<WaitResponse>> {
+    q.only(&["timeout"])?;
+    let timeout = match q.get("timeout") {
+        None => DEFAULT_WAIT,
+        Some(s) => match parse_duration(s) {
+            Some(d) if d <= MAX_WAIT => d,
+            _ => {
+                return Err(ApiError::bad_param(
+                    "timeout",
+                    format!("timeout must be like 500ms, 30s or 2m, at most 300s; not `{s}`"),
+                ))
+            }
+        },
+    };
+    let id = parse_id(&id)?;
+    load_run(&state, &caller, id).await?;
+    let mut stop = state.stop.clone();
+    let stopping = async move {
+        let _ = stop.wait_for(|s| *s).await;
+    };
+    let waited = tokio::select! {
+        r = state.docket.wait(id, timeout) => r,
+        _ = stopping => state.docket.get_run(id).await.map(|r| {
+            if r.status.is_terminal() { Ok(r) } else { Err(docket::Error::WaitTimedOut(Box::new(r))) }
+        })?,
+    };
+    match waited {
+        Ok(run) => Ok(Json(WaitResponse {
+            run: state.view(&run),
+            terminal: true,
+        })),
+        Err(docket::Error::WaitTimedOut(run)) => Ok(Json(WaitResponse {
+            run: state.view(&run),
+            terminal: run.status.is_terminal(),
+        })),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The registered jobs, with the caller's tenant's run counts.
+#[utoipa::path(
+    get, path = "/api/jobs", tag = "jobs",
+    responses((status = 200, description = "The jobs", body = JobList)),
+    security(("bearer" = []))
+)]
+pub async fn jobs(State(state): State<AppState>, caller: Caller) -> ApiResult<Json<JobList>> {
+    let counts = state
+        .docket
+        .store()
+        .count_runs(Some(caller.tenant.clone()))
+        .await?;
+    let jobs = state
+        .docket
+        .job_names()
+        .into_iter()
+        .map(|name| {
+            let mut runs = serde_json::Map::new();
+            for c in counts.iter().filter(|c| c.job == name) {
+                runs.insert(c.status.to_string(), json!(c.count));
+            }
+            JobView {
+                name,
+                runs: Value::Object(runs),
+            }
+        })
+        .collect();
+    Ok(Json(JobList { jobs }))
+}
+
+/// Liveness and store reachability (no token needed).
+#[utoipa::path(
+    get, path = "/healthz", tag = "ops",
+    responses(
+        (status = 200, description = "Serving, and the store answers", body = Health),
+        (status = 503, description = "The store does not answer", body = ErrorBody),
+    )
+)]
+pub async fn healthz(State(state): State<AppState>) -> ApiResult<Json<Health>> {
+    state.docket.store().last_event_id().await?;
+    Ok(Json(Health {
+        status: "ok".into(),
+        backend: state.docket.store().backend().into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+    }))
+}
+
+/// Prometheus metrics of the caller's tenant (text exposition format).
+#[utoipa::path(
+    get, path = "/metrics", tag = "ops",
+    responses(
+        (status = 200, description = "Prometheus text", content_type = "text/plain", body = String),
+        (status = 401, description = "No valid token", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn metrics(State(state): State<AppState>, caller: Caller) -> ApiResult<Response> {
+    let counts = state
+        .docket
+        .store()
+        .count_runs(Some(caller.tenant.clone()))
+        .await?;
+    let runs: Vec<(String, String, i64)> = counts
+        .into_iter()
+        .map(|c| (c.job, c.status.to_string(), c.count))
+        .collect();
+    let body = state.metrics.render(&caller.tenant, &runs);
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        body,
+    )
+        .into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("30"), Some(Duration::from_secs(30)));
+        assert_eq!(parse_duration("30s"), Some(Duration::from_secs(30)));
+        assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2m"), Some(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1.5s"), Some(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("soon"), None);
+        assert_eq!(parse_duration("-1"), None);
+        assert_eq!(parse_duration("3h"), None);
+    }
+}
