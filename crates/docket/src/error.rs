@@ -32,6 +32,12 @@ pub(crate) enum Control {
         until: Timestamp,
     },
     Cancelled,
+    /// A circuit breaker is open: reschedule at `until` as a retry decision
+    /// with reason `circuit_open`, consuming no attempt.
+    CircuitOpen {
+        until: Timestamp,
+        breaker: String,
+    },
 }
 
 impl JobError {
@@ -84,6 +90,23 @@ impl JobError {
     /// with `?`; never swallow it.
     pub fn is_suspension(&self) -> bool {
         self.control.is_some()
+    }
+
+    /// The request was not sent because the circuit breaker `breaker` is open
+    /// until `until`: the run is rescheduled to that time as a retry decision
+    /// with reason `circuit_open`, consuming no attempt.
+    pub fn circuit_open(
+        breaker: impl Into<String>,
+        until: Timestamp,
+        message: impl Into<String>,
+    ) -> Self {
+        JobError {
+            control: Some(Control::CircuitOpen {
+                until,
+                breaker: breaker.into(),
+            }),
+            ..Self::new(ErrorClass::Unavailable, message)
+        }
     }
 
     /// Names the step or action that failed.

@@ -639,6 +639,39 @@ impl Docket {
             _ if cancelled.load(Ordering::SeqCst) && self.cancel_confirmed(&run).await => {
                 Outcome::Cancelled
             }
+            Err(JobError {
+                control: Some(Control::CircuitOpen { until, breaker }),
+                message,
+                action,
+                ..
+            }) => {
+                let fp = Fingerprint {
+                    job: run.job.clone(),
+                    action: action.clone().unwrap_or_else(|| run.job.clone()),
+                    error_class: docket_core::ErrorClass::Unavailable,
+                    run_id: run.id,
+                    attempt: run.attempt,
+                    lease_id,
+                    idempotency_key: run.idempotency_key.clone(),
+                };
+                Outcome::Retry {
+                    error: ErrorInfo {
+                        class: docket_core::ErrorClass::Unavailable,
+                        message: bounded(message),
+                        fingerprint: fp.to_line(),
+                        failure_key: fp.failure_key(),
+                        action,
+                    },
+                    retry: RetryRecord {
+                        policy: format!("circuit_breaker:{breaker}"),
+                        delay_ms: until.millis_since(now).max(0),
+                        eligible_at: until.max(now),
+                        reason: docket_core::policy::RetryReason::CircuitOpen
+                            .as_str()
+                            .into(),
+                    },
+                }
+            }
             Ok(output) => Outcome::Completed { output },
             Err(JobError {
                 control: Some(c), ..
@@ -646,6 +679,7 @@ impl Docket {
                 Control::NeedsInput { name, request } => Outcome::NeedsInput { name, request },
                 Control::Postpone { until } => Outcome::Postponed { until },
                 Control::Cancelled => Outcome::Cancelled,
+                Control::CircuitOpen { .. } => unreachable!("matched above"),
             },
             Err(e) => decide(&job, &run, lease_id, e, now),
         };

@@ -542,3 +542,42 @@ async fn eight_workers_complete_each_run_exactly_once() {
     }
     assert!(workers.len() > 1, "the work was shared between workers");
 }
+
+/// An open circuit breaker reschedules the run to its reset time as a retry
+/// decision with reason `circuit_open`, consuming no attempt.
+#[tokio::test]
+async fn circuit_open_defers_without_spending_an_attempt() {
+    let (d, clock) = engine();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c = calls.clone();
+    d.register(
+        Job::new("crm-sync", move |_ctx, _: Value| {
+            let c = c.clone();
+            async move {
+                if c.fetch_add(1, Ordering::SeqCst) == 0 {
+                    return Err(JobError::circuit_open(
+                        "crm",
+                        T0.plus_millis(5_000),
+                        "breaker `crm` is open",
+                    ));
+                }
+                Ok(json!("synced"))
+            }
+        })
+        .retry(policy(100, 0, 1)),
+    )
+    .unwrap();
+    let id = d.trigger("crm-sync", json!({})).await.unwrap().run.id;
+    one_worker(&d).tick().await.unwrap();
+    let run = d.get_run(id).await.unwrap();
+    assert_eq!(run.status, RunStatus::Pending);
+    assert_eq!(run.run_after, T0.plus_millis(5_000));
+    let att = d.store().attempts(id).await.unwrap();
+    assert_eq!(att[0].retry_reason.as_deref(), Some("circuit_open"));
+    assert_eq!(att[0].retry_policy.as_deref(), Some("circuit_breaker:crm"));
+    assert_eq!(att[0].delay_ms, Some(5_000));
+    clock.advance_millis(5_000);
+    one_worker(&d).tick().await.unwrap();
+    // max_attempts = 1: it completes only because the deferral was free.
+    assert_eq!(d.get_run(id).await.unwrap().status, RunStatus::Completed);
+}

@@ -343,6 +343,10 @@ impl Cols {
                 delay_ms = Some(retry.delay_ms);
                 eligible_at = Some(retry.eligible_at.0);
                 retry_reason = Some(retry.reason.clone());
+                // A circuit breaker's deferral consumes no attempt budget.
+                if retry.reason == "circuit_open" {
+                    forgive = 1;
+                }
                 att_outcome = if error.class == ErrorClass::LeaseExpired {
                     events.push(("lease_expired", Value::Null));
                     "lease_expired"

@@ -394,8 +394,10 @@ fn finish_inner(c: &Connection, end: AttemptEnd) -> Result<Result<RunStatus>> {
         Outcome::Retry { error, retry } => {
             exec(
                 &format!("UPDATE runs SET status = 'pending', run_after = ?2, {CLEAR_LEASE}, updated_at = ?3,
-                    last_error_class = ?4, last_error_message = ?5 WHERE id = ?1"),
-                &[&id, &retry.eligible_at.0, &now.0, &error.class.as_str(), &error.message],
+                    last_error_class = ?4, last_error_message = ?5, attempts_forgiven = attempts_forgiven + ?6
+                 WHERE id = ?1"),
+                // A circuit breaker's deferral consumes no attempt budget.
+                &[&id, &retry.eligible_at.0, &now.0, &error.class.as_str(), &error.message, &i64::from(retry.reason == "circuit_open")],
             )?;
             let outcome = if error.class == ErrorClass::LeaseExpired {
                 "lease_expired"
