@@ -604,6 +604,41 @@ impl Ctx {
         JobError::control(Control::Postpone { until }, "postponed by the handler")
     }
 
+    /// Appends an event of `kind` to the run (fenced by the lease): evidence
+    /// such as an HTTP response's status, timing and a bounded body excerpt.
+    /// Never put secrets in `data`.
+    pub async fn record_event(&self, kind: &str, data: Value) -> Result<(), JobError> {
+        self.docket
+            .store()
+            .append_event(self.lease(), kind.to_string(), data, self.now())
+            .await
+            .map_err(store_err)
+    }
+
+    /// Records that the handler skipped a step on purpose (a `when`
+    /// condition was false): the step is stored as completed with
+    /// `{"skipped": true, "reason": …}` so it is not evaluated again, and a
+    /// `step_skipped` event names it. A skip, not a failure.
+    pub async fn skip_step(
+        &self,
+        name: impl Into<String>,
+        reason: impl Into<String>,
+    ) -> Result<(), JobError> {
+        let name = name.into();
+        let reason = reason.into();
+        self.claim_name(&name).await?;
+        if self.replay::<Value>(&name).await?.is_some() {
+            return Ok(());
+        }
+        self.save(&name, json!({ "skipped": true, "reason": reason }))
+            .await?;
+        self.record_event(
+            "step_skipped",
+            json!({ "step": name, "reason": reason, "by": "handler" }),
+        )
+        .await
+    }
+
     /// Records progress as a `progress` event of the run.
     pub async fn progress(
         &self,

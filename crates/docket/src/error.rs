@@ -38,6 +38,10 @@ pub(crate) enum Control {
         until: Timestamp,
         breaker: String,
     },
+    /// Fail the run at once with this terminal reason, no retry.
+    Terminal {
+        reason: docket_core::TerminalReason,
+    },
 }
 
 impl JobError {
@@ -106,6 +110,15 @@ impl JobError {
                 breaker: breaker.into(),
             }),
             ..Self::new(ErrorClass::Unavailable, message)
+        }
+    }
+
+    /// Fails the run at once with `reason` (e.g. `rejected` after an operator
+    /// rejected an approval and the job says that ends it), no retry.
+    pub fn terminal(reason: docket_core::TerminalReason, message: impl Into<String>) -> Self {
+        JobError {
+            control: Some(Control::Terminal { reason }),
+            ..Self::new(ErrorClass::Permanent, message)
         }
     }
 

@@ -644,32 +644,36 @@ impl Docket {
                 message,
                 action,
                 ..
-            }) => {
-                let fp = Fingerprint {
-                    job: run.job.clone(),
-                    action: action.clone().unwrap_or_else(|| run.job.clone()),
-                    error_class: docket_core::ErrorClass::Unavailable,
-                    run_id: run.id,
-                    attempt: run.attempt,
+            }) => Outcome::Retry {
+                error: error_info(
+                    &run,
                     lease_id,
-                    idempotency_key: run.idempotency_key.clone(),
-                };
-                Outcome::Retry {
-                    error: ErrorInfo {
-                        class: docket_core::ErrorClass::Unavailable,
-                        message: bounded(message),
-                        fingerprint: fp.to_line(),
-                        failure_key: fp.failure_key(),
-                        action,
-                    },
-                    retry: RetryRecord {
-                        policy: format!("circuit_breaker:{breaker}"),
-                        delay_ms: until.millis_since(now).max(0),
-                        eligible_at: until.max(now),
-                        reason: docket_core::policy::RetryReason::CircuitOpen
-                            .as_str()
-                            .into(),
-                    },
+                    docket_core::ErrorClass::Unavailable,
+                    message,
+                    action,
+                ),
+                retry: RetryRecord {
+                    policy: format!("circuit_breaker:{breaker}"),
+                    delay_ms: until.millis_since(now).max(0),
+                    eligible_at: until.max(now),
+                    reason: docket_core::policy::RetryReason::CircuitOpen
+                        .as_str()
+                        .into(),
+                },
+            },
+            Err(JobError {
+                control: Some(Control::Terminal { reason }),
+                message,
+                action,
+                class,
+                ..
+            }) => {
+                let error = error_info(&run, lease_id, class, message, action);
+                let detail = format!("{}: {}", reason.as_str(), error.message);
+                Outcome::Failed {
+                    error: Some(error),
+                    reason,
+                    detail,
                 }
             }
             Ok(output) => Outcome::Completed { output },
@@ -680,6 +684,7 @@ impl Docket {
                 Control::Postpone { until } => Outcome::Postponed { until },
                 Control::Cancelled => Outcome::Cancelled,
                 Control::CircuitOpen { .. } => unreachable!("matched above"),
+                Control::Terminal { .. } => unreachable!("matched above"),
             },
             Err(e) => decide(&job, &run, lease_id, e, now),
         };
@@ -753,6 +758,32 @@ fn placeholder_job(name: &str) -> Job {
     )
 }
 
+/// A failure's evidence: class, bounded message, fingerprint.
+fn error_info(
+    run: &Run,
+    lease_id: LeaseId,
+    class: docket_core::ErrorClass,
+    message: String,
+    action: Option<String>,
+) -> ErrorInfo {
+    let fp = Fingerprint {
+        job: run.job.clone(),
+        action: action.clone().unwrap_or_else(|| run.job.clone()),
+        error_class: class,
+        run_id: run.id,
+        attempt: run.attempt,
+        lease_id,
+        idempotency_key: run.idempotency_key.clone(),
+    };
+    ErrorInfo {
+        class,
+        message: bounded(message),
+        fingerprint: fp.to_line(),
+        failure_key: fp.failure_key(),
+        action,
+    }
+}
+
 /// The one place a failure becomes an outcome: the job's policy decides.
 fn decide(
     job: &Job,
@@ -761,23 +792,7 @@ fn decide(
     e: JobError,
     now: docket_core::Timestamp,
 ) -> Outcome {
-    let action = e.action.clone();
-    let fp = Fingerprint {
-        job: run.job.clone(),
-        action: action.clone().unwrap_or_else(|| run.job.clone()),
-        error_class: e.class,
-        run_id: run.id,
-        attempt: run.attempt,
-        lease_id,
-        idempotency_key: run.idempotency_key.clone(),
-    };
-    let info = ErrorInfo {
-        class: e.class,
-        message: bounded(e.message),
-        fingerprint: fp.to_line(),
-        failure_key: fp.failure_key(),
-        action,
-    };
+    let info = error_info(run, lease_id, e.class, e.message, e.action);
     let decision = job.policy.decide(&FailureInput {
         class: e.class,
         attempt: run.policy_attempt(),

@@ -730,3 +730,46 @@ async fn a_killed_worker_process_resumes_from_storage_postgres() {
     let url = format!("{base}{sep}schema=crash_{}", uuid::Uuid::new_v4().simple());
     killed_worker_process_resumes_from_storage(&url, &temp_dir()).await;
 }
+
+#[tokio::test]
+async fn handler_can_skip_a_step_and_fail_with_a_named_reason() {
+    let (d, _clock) = engine();
+    d.register(Job::new("gate", |ctx: Ctx, input: Value| async move {
+        if input["amount"].as_u64().unwrap_or(0) < 1000 {
+            ctx.skip_step("notify", "amount below 1000").await?;
+            return Ok(json!("no notification"));
+        }
+        Err::<Value, _>(JobError::terminal(
+            TerminalReason::Rejected,
+            "approval rejected by ops-alice",
+        ))
+    }))
+    .unwrap();
+    let small = d
+        .trigger("gate", json!({"amount": 10}))
+        .await
+        .unwrap()
+        .run
+        .id;
+    let big = d
+        .trigger("gate", json!({"amount": 5000}))
+        .await
+        .unwrap()
+        .run
+        .id;
+    tick(&d).await;
+    let h = d.history(small).await.unwrap();
+    assert_eq!(h.run.status, RunStatus::Completed);
+    assert_eq!(
+        h.steps[0].result,
+        Some(json!({"skipped": true, "reason": "amount below 1000"}))
+    );
+    assert!(h
+        .events
+        .iter()
+        .any(|e| e.kind == "step_skipped" && e.data["step"] == "notify"));
+    let r = d.get_run(big).await.unwrap();
+    assert_eq!(r.status, RunStatus::Failed);
+    assert_eq!(r.terminal_reason, Some(TerminalReason::Rejected));
+    assert_eq!(r.attempt, 1);
+}
