@@ -3,13 +3,14 @@
 //! Everything here is deterministic and free of I/O: run states and the
 //! transition table ([`state`]), error classes and terminal reasons
 //! ([`error`]), the one retry-decision function ([`policy`]), failure
-//! fingerprints ([`fingerprint`]) and
+//! fingerprints ([`fingerprint`]), the forensic classifier ([`forensics`]) and
 //! the injected [`Clock`]. The store and the engine build on these types; this
 //! crate knows nothing about databases or async runtimes.
 
 pub mod clock;
 pub mod error;
 pub mod fingerprint;
+pub mod forensics;
 pub mod ids;
 pub mod policy;
 pub mod state;

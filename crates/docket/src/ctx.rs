@@ -473,7 +473,7 @@ impl Ctx {
                             "action `{name}` (key {key}) may or may not have happened: its last attempt ended with the outcome unknown and the action has no reconcile function; check the remote side, then skip the step (it happened) or retry the run (it did not)"
                         ));
                         self.record_failure(&name, &e).await;
-                        return Err(e.in_action(name));
+                        return Err(e.in_action(name).with_key(&key));
                     };
                     match reconcile(key.clone()).await {
                         Ok(Reconciled::Committed(v)) => {
@@ -508,11 +508,11 @@ impl Ctx {
                             )
                             .await?;
                             self.record_failure(&name, &e).await;
-                            return Err(e.in_action(name));
+                            return Err(e.in_action(name).with_key(&key));
                         }
                         Err(e) => {
                             self.record_failure(&name, &e).await;
-                            return Err(e.in_action(name));
+                            return Err(e.in_action(name).with_key(&key));
                         }
                     }
                 }
@@ -567,7 +567,7 @@ impl Ctx {
                 self.ledger(&name, &key, state, None, Some(&e), event)
                     .await?;
                 self.record_failure(&name, &e).await;
-                Err(e.in_action(name))
+                Err(e.in_action(name).with_key(&key))
             }
         }
     }

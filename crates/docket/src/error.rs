@@ -19,6 +19,8 @@ pub struct JobError {
     /// Not a failure: the handler suspends the run (input, postpone,
     /// cancel). Made only by [`Ctx`](crate::Ctx) methods.
     pub(crate) control: Option<Control>,
+    /// The failing action's idempotency key, for the fingerprint.
+    pub(crate) key: Option<String>,
 }
 
 /// How a handler suspends its run instead of failing it.
@@ -53,6 +55,7 @@ impl JobError {
             retry_after: None,
             action: None,
             control: None,
+            key: None,
         }
     }
     /// The worker stopped waiting (retryable).
@@ -120,6 +123,11 @@ impl JobError {
             control: Some(Control::Terminal { reason }),
             ..Self::new(ErrorClass::Permanent, message)
         }
+    }
+
+    pub(crate) fn with_key(mut self, key: &str) -> Self {
+        self.key = Some(key.to_string());
+        self
     }
 
     /// Names the step or action that failed.

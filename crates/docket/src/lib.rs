@@ -31,11 +31,13 @@ pub struct ReadmeDoctests;
 
 mod ctx;
 mod error;
+mod forensics;
 mod job;
 mod ops;
 mod worker;
 
 pub use ctx::{intent_key, Ctx, InputDecision, Reconciled, Stepped};
+pub use docket_core::forensics::{FailureRecord, PairVerdict, Severity, Verdict};
 pub use docket_core::{
     Clock, ErrorClass, ManualClock, RetryPolicy, RunId, RunStatus, SystemClock, TerminalReason,
     Timestamp,
@@ -45,6 +47,7 @@ pub use docket_store::{
     StepRecord, StepStatus, Triggered, DEFAULT_TENANT,
 };
 pub use error::{Error, JobError, Result};
+pub use forensics::{ForensicReport, JobReport, TimelineEntry};
 pub use job::Job;
 pub use ops::Actor;
 pub use worker::{Worker, WorkerConfig, WorkerHandle};

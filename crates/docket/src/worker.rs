@@ -651,6 +651,7 @@ impl Docket {
                     docket_core::ErrorClass::Unavailable,
                     message,
                     action,
+                    None,
                 ),
                 retry: RetryRecord {
                     policy: format!("circuit_breaker:{breaker}"),
@@ -668,7 +669,7 @@ impl Docket {
                 class,
                 ..
             }) => {
-                let error = error_info(&run, lease_id, class, message, action);
+                let error = error_info(&run, lease_id, class, message, action, None);
                 let detail = format!("{}: {}", reason.as_str(), error.message);
                 Outcome::Failed {
                     error: Some(error),
@@ -765,6 +766,7 @@ fn error_info(
     class: docket_core::ErrorClass,
     message: String,
     action: Option<String>,
+    key: Option<String>,
 ) -> ErrorInfo {
     let fp = Fingerprint {
         job: run.job.clone(),
@@ -773,12 +775,13 @@ fn error_info(
         run_id: run.id,
         attempt: run.attempt,
         lease_id,
-        idempotency_key: run.idempotency_key.clone(),
+        idempotency_key: key.or_else(|| run.idempotency_key.clone()),
     };
     ErrorInfo {
         class,
         message: bounded(message),
-        fingerprint: fp.to_line(),
+        // Stored as JSON so the forensic view reads every field back exactly.
+        fingerprint: serde_json::to_string(&fp).unwrap_or_else(|_| fp.to_line()),
         failure_key: fp.failure_key(),
         action,
     }
@@ -792,7 +795,7 @@ fn decide(
     e: JobError,
     now: docket_core::Timestamp,
 ) -> Outcome {
-    let info = error_info(run, lease_id, e.class, e.message, e.action);
+    let info = error_info(run, lease_id, e.class, e.message, e.action, e.key);
     let decision = job.policy.decide(&FailureInput {
         class: e.class,
         attempt: run.policy_attempt(),

@@ -300,6 +300,34 @@ fn fence_row(c: &Connection, id: RunId) -> Result<Option<Fence>> {
     .map_err(db_err)
 }
 
+/// What a refused attempt end said: kept as evidence (a late report), so the
+/// forensic view can see an attempt that went on after its lease was gone.
+pub(crate) fn stale_data(
+    end: &AttemptEnd,
+    status: RunStatus,
+    lease: Option<LeaseId>,
+    attempt: u32,
+) -> Value {
+    let mut data = json!({
+        "attempted": end.outcome.name(),
+        "current_status": status,
+        "current_lease_id": lease,
+        "current_attempt": attempt,
+    });
+    let error = match &end.outcome {
+        Outcome::Retry { error, .. } => Some(error),
+        Outcome::Failed { error, .. } => error.as_ref(),
+        _ => None,
+    };
+    if let Some(e) = error {
+        data["error_class"] = json!(e.class);
+        data["message"] = json!(e.message);
+        data["action"] = json!(e.action);
+        data["fingerprint"] = json!(e.fingerprint);
+    }
+    data
+}
+
 /// Ends attempts. A stale lease is an `Err` in that end's slot (its
 /// `stale_write_refused` event is kept). A database error fails the whole
 /// call, and the caller's savepoint rolls every end of it back: ends need no
@@ -323,12 +351,7 @@ fn finish_inner(c: &Connection, end: AttemptEnd) -> Result<Result<RunStatus>> {
             Some(end.lease_id),
             None,
             None,
-            &json!({
-                "attempted": end.outcome.name(),
-                "current_status": run.status,
-                "current_lease_id": run.lease_id,
-                "current_attempt": run.attempt,
-            }),
+            &stale_data(&end, run.status, run.lease_id, run.attempt),
         )?;
         return Ok(Err(StoreError::StaleLease {
             run_id: run.id,

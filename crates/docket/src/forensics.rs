@@ -1,0 +1,227 @@
+//! The forensic view: a run's attempt timeline with fingerprints, and a
+//! verdict for each pair of failures of the same action with the same error
+//! class (the classifier itself is pure, in `docket_core::forensics`).
+
+use crate::{Docket, Result, Run, RunFilter, RunId, Timestamp};
+use docket_core::forensics::{classify, FailureRecord, PairVerdict, Verdict};
+use docket_core::{ErrorClass, Fingerprint};
+use docket_store::{AttemptRecord, EventFilter, EventRecord};
+use serde::Serialize;
+use std::collections::BTreeMap;
+
+/// One attempt in the timeline.
+#[derive(Clone, Debug, Serialize)]
+pub struct TimelineEntry {
+    /// The attempt row.
+    #[serde(flatten)]
+    pub attempt: AttemptRecord,
+    /// The fingerprint, decoded.
+    pub fingerprint: Option<Fingerprint>,
+    /// From the previous attempt's end to this one's start.
+    pub gap_since_previous_ms: Option<i64>,
+    /// The delay the policy chose after the previous attempt.
+    pub policy_delay_before_ms: Option<i64>,
+}
+
+/// A run's forensic report.
+#[derive(Clone, Debug, Serialize)]
+pub struct ForensicReport {
+    /// The run.
+    pub run: Run,
+    /// Every attempt, in order.
+    pub timeline: Vec<TimelineEntry>,
+    /// Every failure considered, including late reports of attempts whose
+    /// lease had been taken away.
+    pub failures: Vec<FailureRecord>,
+    /// A verdict per pair of failures of the same action and error class.
+    pub verdicts: Vec<PairVerdict>,
+}
+
+/// The forensic report over a job's runs since a time.
+#[derive(Clone, Debug, Serialize)]
+pub struct JobReport {
+    /// The job.
+    pub job: String,
+    /// Runs created at or after this instant were examined.
+    pub since: Timestamp,
+    /// How many runs.
+    pub runs_examined: usize,
+    /// Verdicts by kind.
+    pub counts: BTreeMap<Verdict, usize>,
+    /// Pairs where the same action failed with the same error inside the
+    /// backoff window the policy chose (retry without backoff, lease
+    /// overlap): the seed's `same_action_same_error_within_backoff_window`.
+    pub same_action_same_error_within_backoff_window: usize,
+    /// Every verdict.
+    pub verdicts: Vec<PairVerdict>,
+}
+
+fn decode_fp(s: Option<&str>) -> Option<Fingerprint> {
+    s.and_then(|s| serde_json::from_str(s).ok())
+}
+
+/// The failures recorded for one run: its failed attempt rows, and late
+/// reports (refused stale writes that carried a failure).
+fn failures_of(
+    run: &Run,
+    attempts: &[AttemptRecord],
+    events: &[EventRecord],
+) -> Vec<FailureRecord> {
+    let mut out = Vec::new();
+    for a in attempts {
+        let Some(class) = a.error_class else { continue };
+        if !matches!(a.outcome.as_str(), "failed" | "lease_expired") {
+            continue;
+        }
+        let fp = decode_fp(a.fingerprint.as_deref());
+        out.push(FailureRecord {
+            run_id: run.id,
+            attempt: a.attempt,
+            lease_id: a.lease_id,
+            job: run.job.clone(),
+            action: a.action.clone().unwrap_or_else(|| run.job.clone()),
+            error_class: class,
+            idempotency_key: fp.and_then(|f| f.idempotency_key),
+            started_at: a.started_at,
+            finished_at: a.finished_at.unwrap_or(a.started_at),
+            retry_delay_ms: a.delay_ms,
+            terminal: a.delay_ms.is_none() && a.outcome == "failed",
+            late_report: false,
+        });
+    }
+    for e in events.iter().filter(|e| e.kind == "stale_write_refused") {
+        let Some(class) = e
+            .data
+            .get("error_class")
+            .and_then(|c| serde_json::from_value::<ErrorClass>(c.clone()).ok())
+        else {
+            continue;
+        };
+        let Some(lease) = e.lease_id else { continue };
+        let Some(a) = attempts.iter().find(|a| a.lease_id == lease) else {
+            continue;
+        };
+        let fp = decode_fp(e.data.get("fingerprint").and_then(|f| f.as_str()));
+        out.push(FailureRecord {
+            run_id: run.id,
+            attempt: a.attempt,
+            lease_id: lease,
+            job: run.job.clone(),
+            action: e
+                .data
+                .get("action")
+                .and_then(|a| a.as_str())
+                .map(str::to_string)
+                .unwrap_or_else(|| run.job.clone()),
+            error_class: class,
+            idempotency_key: fp.and_then(|f| f.idempotency_key),
+            started_at: a.started_at,
+            finished_at: e.at,
+            retry_delay_ms: None,
+            terminal: false,
+            late_report: true,
+        });
+    }
+    out
+}
+
+impl Docket {
+    async fn evidence(&self, run: &Run) -> Result<(Vec<AttemptRecord>, Vec<EventRecord>)> {
+        let attempts = self.store().attempts(run.id).await?;
+        let events = self
+            .store()
+            .events(EventFilter {
+                run_id: Some(run.id),
+                limit: 100_000,
+                ..Default::default()
+            })
+            .await?;
+        Ok((attempts, events))
+    }
+
+    /// The attempt timeline of a run with fingerprints, and a verdict for
+    /// each pair of failures of the same action with the same error class.
+    pub async fn forensics(&self, id: RunId) -> Result<ForensicReport> {
+        let run = self.get_run(id).await?;
+        let (attempts, events) = self.evidence(&run).await?;
+        let failures = failures_of(&run, &attempts, &events);
+        let verdicts = classify(&failures);
+        let mut timeline = Vec::with_capacity(attempts.len());
+        let mut prev: Option<&AttemptRecord> = None;
+        for a in &attempts {
+            timeline.push(TimelineEntry {
+                fingerprint: decode_fp(a.fingerprint.as_deref()),
+                gap_since_previous_ms: prev
+                    .and_then(|p| p.finished_at)
+                    .map(|f| a.started_at.millis_since(f)),
+                policy_delay_before_ms: prev.and_then(|p| p.delay_ms),
+                attempt: a.clone(),
+            });
+            prev = Some(a);
+        }
+        Ok(ForensicReport {
+            run,
+            timeline,
+            failures,
+            verdicts,
+        })
+    }
+
+    /// The forensic verdicts across a job's runs created since `since`
+    /// (at most 10,000 runs, newest first), including duplicate dispatches
+    /// between runs, for one tenant or all.
+    pub async fn forensics_for_job(
+        &self,
+        job: &str,
+        since: Timestamp,
+        tenant: Option<String>,
+    ) -> Result<JobReport> {
+        let mut runs = Vec::new();
+        let mut cursor: Option<RunId> = None;
+        loop {
+            let page = self
+                .list_runs(RunFilter {
+                    tenant: tenant.clone(),
+                    job: Some(job.to_string()),
+                    created_after: Some(since),
+                    before_id: cursor,
+                    limit: 500,
+                    ..Default::default()
+                })
+                .await?;
+            let done = page.len() < 500;
+            cursor = page.last().map(|r| r.id);
+            runs.extend(page);
+            if done || runs.len() >= 10_000 {
+                break;
+            }
+        }
+        let mut failures = Vec::new();
+        for run in &runs {
+            let (attempts, events) = self.evidence(run).await?;
+            failures.extend(failures_of(run, &attempts, &events));
+        }
+        let verdicts = classify(&failures);
+        let mut counts = BTreeMap::new();
+        for v in &verdicts {
+            *counts.entry(v.verdict).or_insert(0) += 1;
+        }
+        let within = verdicts
+            .iter()
+            .filter(|v| {
+                matches!(
+                    v.verdict,
+                    Verdict::RetryWithoutBackoff | Verdict::LeaseOverlap
+                )
+            })
+            .count();
+        Ok(JobReport {
+            job: job.to_string(),
+            since,
+            runs_examined: runs.len(),
+            counts,
+            same_action_same_error_within_backoff_window: within,
+            verdicts,
+        })
+    }
+}
