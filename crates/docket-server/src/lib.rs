@@ -8,7 +8,11 @@
 //! let docket = docket::Docket::open("sqlite://docket.db").await?;
 //! let server = Server::start(docket, ServerConfig::default()).await?;
 //! let listener = tokio::net::TcpListener::bind("127.0.0.1:7878").await?;
-//! server.serve(listener, docket::worker::wait_for_signal()).await?;
+//! server
+//!     .serve(listener, async {
+//!         let _ = tokio::signal::ctrl_c().await;
+//!     })
+//!     .await?;
 //! # Ok(()) }
 //! ```
 //!
