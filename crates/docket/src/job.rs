@@ -40,6 +40,7 @@ pub struct Job {
     pub(crate) timeout: Duration,
     pub(crate) lease: Duration,
     pub(crate) validator: Option<Validator>,
+    pub(crate) concurrency: Option<usize>,
 }
 
 impl std::fmt::Debug for Job {
@@ -83,6 +84,7 @@ impl Job {
             timeout: Duration::from_secs(60),
             lease: Duration::from_secs(5 * 60),
             validator: None,
+            concurrency: None,
         }
     }
 
@@ -108,6 +110,14 @@ impl Job {
     /// handler runs; a crashed worker's runs come back when it expires.
     pub fn lease(mut self, lease: Duration) -> Self {
         self.lease = lease;
+        self
+    }
+
+    /// Limits how many runs of this job one worker runs (and holds) at once;
+    /// the worker claims no more of them than that. The limit is per worker
+    /// process, not across the cluster.
+    pub fn concurrency(mut self, limit: usize) -> Self {
+        self.concurrency = Some(limit.max(1));
         self
     }
 

@@ -56,6 +56,7 @@ impl Default for WorkerConfig {
 }
 
 struct InFlight {
+    job: String,
     lease: LeaseRef,
     lease_len: Duration,
     cancelled: Arc<AtomicBool>,
@@ -448,23 +449,49 @@ impl Shared {
     /// jobs, each for up to `limit` runs (the store shares one budget of
     /// `limit` between them).
     fn claim_requests(&self, limit: usize) -> Vec<ClaimRequest> {
+        // Jobs without a limit share one request per lease length; a job
+        // with a concurrency limit gets its own, capped by its free room.
         let mut by_lease: BTreeMap<Duration, Vec<String>> = BTreeMap::new();
+        let mut limited: Vec<(Duration, String, usize)> = Vec::new();
+        let held: HashMap<String, usize> = {
+            let mut m = HashMap::new();
+            for f in self.inflight.lock().expect("inflight").values() {
+                *m.entry(f.job.clone()).or_insert(0) += 1;
+            }
+            m
+        };
         for name in self.docket.job_names() {
-            if let Some(j) = self.docket.job(&name) {
-                by_lease.entry(j.lease).or_default().push(name);
+            let Some(j) = self.docket.job(&name) else {
+                continue;
+            };
+            match j.concurrency {
+                Some(max) => {
+                    let room = max.saturating_sub(held.get(&name).copied().unwrap_or(0));
+                    if room > 0 {
+                        limited.push((j.lease, name, room.min(limit)));
+                    }
+                }
+                None => by_lease.entry(j.lease).or_default().push(name),
             }
         }
         let now = self.docket.clock().now();
-        by_lease
+        let request = |lease: Duration, jobs: Vec<String>, limit: usize| ClaimRequest {
+            jobs,
+            limit,
+            now,
+            lease_ms: lease.as_millis() as i64,
+            worker: self.config.name.clone(),
+        };
+        let mut out: Vec<ClaimRequest> = by_lease
             .into_iter()
-            .map(|(lease, jobs)| ClaimRequest {
-                jobs,
-                limit,
-                now,
-                lease_ms: lease.as_millis() as i64,
-                worker: self.config.name.clone(),
-            })
-            .collect()
+            .map(|(lease, jobs)| request(lease, jobs, limit))
+            .collect();
+        out.extend(
+            limited
+                .into_iter()
+                .map(|(lease, job, room)| request(lease, vec![job], room)),
+        );
+        out
     }
 
     async fn claim(&self, limit: usize) -> crate::Result<Vec<Run>> {
@@ -493,6 +520,7 @@ impl Shared {
         self.inflight.lock().expect("inflight").insert(
             run.id,
             InFlight {
+                job: run.job.clone(),
                 lease,
                 lease_len,
                 cancelled: cancelled.clone(),

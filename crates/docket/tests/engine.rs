@@ -581,3 +581,36 @@ async fn circuit_open_defers_without_spending_an_attempt() {
     // max_attempts = 1: it completes only because the deferral was free.
     assert_eq!(d.get_run(id).await.unwrap().status, RunStatus::Completed);
 }
+
+/// A job's concurrency limit caps how many of its runs one worker claims.
+#[tokio::test]
+async fn job_concurrency_limit_caps_claims() {
+    let (d, _clock) = engine();
+    d.register(
+        Job::new("one-at-a-time", |_ctx, _: Value| async move {
+            Ok::<_, JobError>(json!(1))
+        })
+        .concurrency(1),
+    )
+    .unwrap();
+    d.register(Job::new("free", |_ctx, _: Value| async move {
+        Ok::<_, JobError>(json!(1))
+    }))
+    .unwrap();
+    for _ in 0..3 {
+        d.trigger("one-at-a-time", json!({})).await.unwrap();
+        d.trigger("free", json!({})).await.unwrap();
+    }
+    let w = d.worker(WorkerConfig {
+        concurrency: 8,
+        ..Default::default()
+    });
+    assert_eq!(
+        w.tick().await.unwrap(),
+        4,
+        "3 free runs and 1 of the limited job"
+    );
+    assert_eq!(w.tick().await.unwrap(), 1);
+    assert_eq!(w.tick().await.unwrap(), 1);
+    assert_eq!(w.tick().await.unwrap(), 0);
+}
