@@ -1219,6 +1219,8 @@ macro_rules! conformance_tests {
             operator_skip_records_the_failed_step,
             operator_postpone_by_state,
             append_event_is_fenced,
+            connections_default_enabled_and_set,
+            connections_audit_every_change,
         );
     };
     (@each @required $factory:expr; $($name:ident),* $(,)?) => {
@@ -1349,4 +1351,136 @@ pub async fn last_event_id_tracks_events(store: DynStore) {
     let max = events.iter().map(|e| e.id).max();
     assert!(max.is_some());
     assert_eq!(store.last_event_id().await.unwrap(), max);
+}
+
+fn conn_change(tenant: &str, name: &str, status: ConnectionStatus, at: i64) -> ConnectionChange {
+    ConnectionChange {
+        tenant: tenant.into(),
+        name: name.into(),
+        status,
+        actor: "ops".into(),
+        comment: Some(format!("set {status}")),
+        now: T0.plus_millis(at),
+    }
+}
+
+/// A connection never changed has no stored state (it is enabled); a change
+/// is stored per (tenant, name), listed per tenant, and read back.
+pub async fn connections_default_enabled_and_set(store: DynStore) {
+    assert_eq!(
+        store
+            .connection_state("acme".into(), "crm".into())
+            .await
+            .unwrap(),
+        None
+    );
+    assert!(store.list_connection_states(None).await.unwrap().is_empty());
+    let s = store
+        .set_connection_status(conn_change("acme", "crm", ConnectionStatus::Disabled, 5))
+        .await
+        .unwrap();
+    assert_eq!(s.status, ConnectionStatus::Disabled);
+    assert_eq!(s.updated_at, T0.plus_millis(5));
+    assert_eq!(s.updated_by, "ops");
+    assert_eq!(s.comment.as_deref(), Some("set disabled"));
+    assert!(!s.status.is_usable());
+    // Another tenant's connection of the same name is separate.
+    store
+        .set_connection_status(conn_change("globex", "crm", ConnectionStatus::Expired, 6))
+        .await
+        .unwrap();
+    let got = store
+        .connection_state("acme".into(), "crm".into())
+        .await
+        .unwrap()
+        .expect("stored");
+    assert_eq!(got, s);
+    let all = store.list_connection_states(None).await.unwrap();
+    assert_eq!(
+        all.iter()
+            .map(|s| (s.tenant.as_str(), s.status))
+            .collect::<Vec<_>>(),
+        [
+            ("acme", ConnectionStatus::Disabled),
+            ("globex", ConnectionStatus::Expired)
+        ]
+    );
+    let acme = store
+        .list_connection_states(Some("acme".into()))
+        .await
+        .unwrap();
+    assert_eq!(acme.len(), 1);
+    let back = store
+        .set_connection_status(conn_change("acme", "crm", ConnectionStatus::Enabled, 7))
+        .await
+        .unwrap();
+    assert!(back.status.is_usable());
+    // A change without an actor is refused and writes nothing.
+    let mut bad = conn_change("acme", "crm", ConnectionStatus::Disabled, 8);
+    bad.actor = String::new();
+    assert!(matches!(
+        store.set_connection_status(bad).await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert_eq!(
+        store
+            .connection_state("acme".into(), "crm".into())
+            .await
+            .unwrap()
+            .unwrap()
+            .status,
+        ConnectionStatus::Enabled
+    );
+}
+
+/// Every change, a repeated one included, writes an audit row with the
+/// status before and after, the actor, the comment and the time.
+pub async fn connections_audit_every_change(store: DynStore) {
+    for (i, st) in [
+        ConnectionStatus::Expired,
+        ConnectionStatus::Expired,
+        ConnectionStatus::Enabled,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        store
+            .set_connection_status(conn_change("acme", "billing", st, i as i64))
+            .await
+            .unwrap();
+    }
+    let audit = store
+        .connection_audit("acme".into(), "billing".into())
+        .await
+        .unwrap();
+    let steps: Vec<_> = audit
+        .iter()
+        .map(|a| (a.from_status, a.to_status, a.at))
+        .collect();
+    assert_eq!(
+        steps,
+        [
+            (ConnectionStatus::Enabled, ConnectionStatus::Expired, T0),
+            (
+                ConnectionStatus::Expired,
+                ConnectionStatus::Expired,
+                T0.plus_millis(1)
+            ),
+            (
+                ConnectionStatus::Expired,
+                ConnectionStatus::Enabled,
+                T0.plus_millis(2)
+            ),
+        ]
+    );
+    assert!(audit.windows(2).all(|w| w[0].id < w[1].id));
+    assert!(audit.iter().all(|a| a.actor == "ops"
+        && a.tenant == "acme"
+        && a.name == "billing"
+        && a.comment.is_some()));
+    assert!(store
+        .connection_audit("acme".into(), "crm".into())
+        .await
+        .unwrap()
+        .is_empty());
 }

@@ -13,12 +13,16 @@
 
 #[cfg(feature = "conformance")]
 pub mod conformance;
+pub mod connections;
 pub mod model;
 #[cfg(feature = "postgres")]
 pub mod postgres;
 pub mod sqlite;
 pub mod tokens;
 
+pub use connections::{
+    ConnectionAudit, ConnectionChange, ConnectionState, ConnectionStatus, ConnectionStore,
+};
 pub use model::*;
 pub use tokens::{NewToken, TokenRecord, TokenStore};
 
@@ -96,7 +100,7 @@ pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 /// Implemented by [`sqlite::SqliteStore`] and (with the `postgres` feature)
 /// `postgres::PgStore`. Both pass the same conformance suite.
 #[async_trait]
-pub trait Store: TokenStore + Send + Sync + 'static {
+pub trait Store: TokenStore + ConnectionStore + Send + Sync + 'static {
     /// `"sqlite"` or `"postgres"`.
     fn backend(&self) -> &'static str;
 

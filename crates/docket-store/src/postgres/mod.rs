@@ -32,6 +32,7 @@
 //!   columns cannot store NUL bytes: such a trigger fails with
 //!   [`StoreError::Database`].
 
+mod connections;
 mod durable;
 mod hot;
 mod ops;

@@ -125,3 +125,28 @@ CREATE TABLE IF NOT EXISTS tokens (
 );
 CREATE UNIQUE INDEX IF NOT EXISTS tokens_live_name ON tokens (tenant, name)
     WHERE revoked_at IS NULL;
+
+-- Connection states (docket.toml connections): only whether an operator
+-- disabled a connection or marked its credentials expired; credentials are
+-- never stored. No row means `enabled`. Every change also writes an audit
+-- row in the same transaction.
+CREATE TABLE IF NOT EXISTS connection_states (
+    tenant     text NOT NULL,
+    name       text NOT NULL,
+    status     text NOT NULL CHECK (status IN ('enabled', 'disabled', 'expired')),
+    updated_at bigint NOT NULL,
+    updated_by text NOT NULL,
+    comment    text,
+    PRIMARY KEY (tenant, name)
+);
+CREATE TABLE IF NOT EXISTS connection_audit (
+    id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    tenant      text NOT NULL,
+    name        text NOT NULL,
+    from_status text NOT NULL,
+    to_status   text NOT NULL,
+    actor       text NOT NULL,
+    comment     text,
+    at          bigint NOT NULL
+);
+CREATE INDEX IF NOT EXISTS connection_audit_name ON connection_audit (tenant, name, id);

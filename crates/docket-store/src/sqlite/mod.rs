@@ -9,6 +9,7 @@
 //! processes opening the same file wait on SQLite's write lock
 //! (`BEGIN IMMEDIATE` + busy timeout).
 
+mod connections;
 mod ops;
 mod tokens;
 

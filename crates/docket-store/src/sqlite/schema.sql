@@ -131,3 +131,28 @@ CREATE TABLE IF NOT EXISTS tokens (
 );
 CREATE UNIQUE INDEX IF NOT EXISTS tokens_live_name ON tokens (tenant, name)
     WHERE revoked_at IS NULL;
+
+-- Connection states (docket.toml connections): only whether an operator
+-- disabled a connection or marked its credentials expired; credentials are
+-- never stored. No row means `enabled`. Every change also writes an audit
+-- row in the same transaction.
+CREATE TABLE IF NOT EXISTS connection_states (
+    tenant     TEXT NOT NULL,
+    name       TEXT NOT NULL,
+    status     TEXT NOT NULL CHECK (status IN ('enabled', 'disabled', 'expired')),
+    updated_at INTEGER NOT NULL,
+    updated_by TEXT NOT NULL,
+    comment    TEXT,
+    PRIMARY KEY (tenant, name)
+);
+CREATE TABLE IF NOT EXISTS connection_audit (
+    id          INTEGER PRIMARY KEY,
+    tenant      TEXT NOT NULL,
+    name        TEXT NOT NULL,
+    from_status TEXT NOT NULL,
+    to_status   TEXT NOT NULL,
+    actor       TEXT NOT NULL,
+    comment     TEXT,
+    at          INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS connection_audit_name ON connection_audit (tenant, name, id);
