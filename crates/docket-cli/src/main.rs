@@ -1,6 +1,9 @@
 //! The `docket` command.
 
 mod bench;
+mod client;
+mod serve;
+mod tokens;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -17,14 +20,32 @@ struct Cli {
 enum Command {
     /// Measure throughput and latency (workloads W1 drain, W2 pickup, W3 retry).
     Bench(bench::BenchArgs),
+    /// Run the HTTP API and a worker (or either alone with --role).
+    Serve(serve::ServeArgs),
+    /// Trigger a run through the API.
+    Trigger(client::TriggerArgs),
+    /// List, inspect, wait for and operate on runs through the API.
+    #[command(subcommand)]
+    Runs(client::RunsCmd),
+    /// Create, list and revoke API tokens (directly on the database).
+    #[command(subcommand)]
+    Token(tokens::TokenCmd),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("DOCKET_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+            tracing_subscriber::EnvFilter::try_from_env("DOCKET_LOG").unwrap_or_else(|_| {
+                // The server logs its requests and lifecycle; other
+                // commands only warnings.
+                let level = if matches!(cli.command, Command::Serve(_)) {
+                    "info"
+                } else {
+                    "warn"
+                };
+                tracing_subscriber::EnvFilter::new(level)
+            }),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -34,14 +55,44 @@ fn main() -> ExitCode {
         .expect("tokio runtime");
     let result = rt.block_on(async {
         match cli.command {
-            Command::Bench(args) => bench::run(args).await,
+            Command::Bench(args) => bench::run(args)
+                .await
+                .map_err(|e| Failed::new(e.to_string())),
+            Command::Serve(args) => serve::run(args).await.map_err(Failed::new),
+            Command::Token(cmd) => tokens::run(cmd).await.map_err(Failed::new),
+            Command::Trigger(args) => client::trigger(args).await.map_err(Failed::from),
+            Command::Runs(cmd) => client::runs(cmd).await.map_err(Failed::from),
         }
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::FAILURE
+            eprintln!("error: {}", e.message);
+            ExitCode::from(e.code)
+        }
+    }
+}
+
+/// A command's failure: the message for stderr and the exit code.
+struct Failed {
+    message: String,
+    code: u8,
+}
+
+impl Failed {
+    fn new(message: impl Into<String>) -> Failed {
+        Failed {
+            message: message.into(),
+            code: 1,
+        }
+    }
+}
+
+impl From<client::Failure> for Failed {
+    fn from(f: client::Failure) -> Failed {
+        Failed {
+            message: f.message,
+            code: f.code,
         }
     }
 }

@@ -1,0 +1,802 @@
+//! The CLI client of the HTTP API: `docket trigger` and `docket runs …`.
+//! Tables for people, `--json` for scripts.
+
+use serde_json::{json, Value};
+use std::time::Duration;
+
+/// Where the server is and who is calling.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Conn {
+    /// The server's base URL.
+    #[arg(long, env = "DOCKET_URL", default_value = "http://127.0.0.1:7878")]
+    pub url: String,
+    /// An API token (see `docket token create`).
+    #[arg(long, env = "DOCKET_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Sent as X-Tenant-ID (must match the token's tenant).
+    #[arg(long, env = "DOCKET_TENANT")]
+    pub tenant: Option<String>,
+    /// Print the server's JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Arguments of `docket trigger`.
+#[derive(clap::Args, Debug)]
+pub struct TriggerArgs {
+    /// The job's name.
+    pub job: String,
+    /// The input as JSON (default `null`); `@FILE` reads a file, `-` stdin.
+    pub input: Option<String>,
+    /// Idempotency key: a second trigger with it returns the first run.
+    #[arg(long)]
+    pub key: Option<String>,
+    /// Not before this instant (RFC 3339).
+    #[arg(long)]
+    pub run_after: Option<String>,
+    /// Higher runs first.
+    #[arg(long, default_value_t = 0)]
+    pub priority: i32,
+    /// Correlation id carried into every attempt.
+    #[arg(long)]
+    pub correlation_id: Option<String>,
+    /// Wait until the run is terminal (at most --timeout).
+    #[arg(long)]
+    pub wait: bool,
+    /// How long --wait waits (`30s`, `2m`, `500ms`).
+    #[arg(long, default_value = "30s")]
+    pub timeout: String,
+    #[command(flatten)]
+    pub conn: Conn,
+}
+
+/// `docket runs …`.
+#[derive(clap::Subcommand, Debug)]
+pub enum RunsCmd {
+    /// List runs, newest first.
+    List {
+        /// Statuses (comma-separated): pending, running, needs_input,
+        /// postponed, completed, failed, cancelled.
+        #[arg(long)]
+        status: Option<String>,
+        /// Only this job.
+        #[arg(long)]
+        job: Option<String>,
+        /// Only failed and needs_input runs.
+        #[arg(long)]
+        needs_attention: bool,
+        /// Created at or after (RFC 3339).
+        #[arg(long)]
+        created_after: Option<String>,
+        /// Created before (RFC 3339).
+        #[arg(long)]
+        created_before: Option<String>,
+        /// Page size (1 to 500).
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        /// Continue after this cursor (printed under a full page).
+        #[arg(long)]
+        cursor: Option<String>,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// A run with its attempts (gaps, retry decisions), steps, ledger and
+    /// timeline.
+    Show {
+        /// The run's id.
+        id: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Wait until a run is terminal. Exit 0 when completed, 1 when failed
+    /// or cancelled, 2 when the timeout passed first.
+    Wait {
+        /// The run's id.
+        id: String,
+        /// `30s`, `2m`, `500ms` (at most 300s).
+        #[arg(long, default_value = "30s")]
+        timeout: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Retry a failed run (same run; completed steps kept).
+    Retry {
+        /// The run's id.
+        id: String,
+        /// A JSON object merged into the run's variables first.
+        #[arg(long)]
+        vars: Option<String>,
+        /// Why (stored in the audit trail).
+        #[arg(long)]
+        comment: Option<String>,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Cancel a run.
+    Cancel {
+        /// The run's id.
+        id: String,
+        /// Why.
+        #[arg(long)]
+        comment: Option<String>,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Skip the failed step of a failed run.
+    Skip {
+        /// The run's id.
+        id: String,
+        /// Why.
+        #[arg(long)]
+        comment: Option<String>,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Start a new run with a finished run's input.
+    Retrigger {
+        /// The run's id.
+        id: String,
+        /// Why.
+        #[arg(long)]
+        comment: Option<String>,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Postpone a run: `--until` an instant or by `--delay`.
+    Postpone {
+        /// The run's id.
+        id: String,
+        /// Not before this instant (RFC 3339).
+        #[arg(long, conflicts_with = "delay")]
+        until: Option<String>,
+        /// Not before now plus this (`10m`, `30s`).
+        #[arg(long)]
+        delay: Option<String>,
+        /// Why.
+        #[arg(long)]
+        comment: Option<String>,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Approve a run waiting for input.
+    Approve {
+        /// The run's id.
+        id: String,
+        /// JSON handed to the handler.
+        #[arg(long)]
+        data: Option<String>,
+        /// Why.
+        #[arg(long)]
+        comment: Option<String>,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Reject a run waiting for input.
+    Reject {
+        /// The run's id.
+        id: String,
+        /// JSON handed to the handler.
+        #[arg(long)]
+        data: Option<String>,
+        /// Why.
+        #[arg(long)]
+        comment: Option<String>,
+        #[command(flatten)]
+        conn: Conn,
+    },
+}
+
+/// A failure of a client command, with its exit code.
+pub struct Failure {
+    /// The message.
+    pub message: String,
+    /// The process's exit code.
+    pub code: u8,
+}
+
+impl From<String> for Failure {
+    fn from(message: String) -> Self {
+        Failure { message, code: 1 }
+    }
+}
+
+type Res<T> = Result<T, Failure>;
+
+struct Client {
+    http: reqwest::Client,
+    conn: Conn,
+}
+
+impl Client {
+    fn new(conn: Conn) -> Res<Client> {
+        if !conn.url.starts_with("http://") && !conn.url.starts_with("https://") {
+            return Err(format!(
+                "--url must start with http:// or https://, not `{}`",
+                conn.url
+            )
+            .into());
+        }
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .build()
+            .map_err(|e| format!("cannot build an HTTP client: {e}"))?;
+        Ok(Client { http, conn })
+    }
+
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Res<(u16, Value)> {
+        let url = format!("{}{}", self.conn.url.trim_end_matches('/'), path);
+        let mut req = self.http.request(method, &url);
+        if let Some(t) = &self.conn.token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(t) = &self.conn.tenant {
+            req = req.header("X-Tenant-ID", t);
+        }
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let res = req.send().await.map_err(|e| {
+            let hint = if url.starts_with("https://") {
+                " (this build speaks plain HTTP only; put TLS in a proxy or build docket-cli with --features tls)"
+            } else {
+                ""
+            };
+            format!("cannot reach {url}: {e}{hint}")
+        })?;
+        let status = res.status().as_u16();
+        let text = res
+            .text()
+            .await
+            .map_err(|e| format!("reading the answer from {url}: {e}"))?;
+        let v: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        if status >= 400 {
+            let msg = v["error"]["message"]
+                .as_str()
+                .map(str::to_string)
+                .unwrap_or_else(|| v.to_string());
+            return Err(format!("HTTP {status}: {msg}").into());
+        }
+        Ok((status, v))
+    }
+}
+
+fn parse_json_arg(what: &str, s: &str) -> Res<Value> {
+    let text = if s == "-" {
+        let mut buf = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut buf)
+            .map_err(|e| format!("reading {what} from stdin: {e}"))?;
+        buf
+    } else if let Some(path) = s.strip_prefix('@') {
+        std::fs::read_to_string(path).map_err(|e| format!("reading {what} from {path}: {e}"))?
+    } else {
+        s.to_string()
+    };
+    serde_json::from_str(&text).map_err(|e| format!("{what} is not valid JSON: {e}").into())
+}
+
+fn print_json(v: &Value) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+/// Prints rows as an aligned table under a header.
+pub fn table(header: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            if i < widths.len() {
+                widths[i] = widths[i].max(c.chars().count());
+            }
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let mut out = String::new();
+        let n = cells.len();
+        for (i, c) in cells.into_iter().enumerate() {
+            if i + 1 == n {
+                out.push_str(&c);
+            } else {
+                let pad = widths[i] - c.chars().count();
+                out.push_str(&c);
+                out.push_str(&" ".repeat(pad + 2));
+            }
+        }
+        println!("{}", out.trim_end());
+    };
+    line(header.iter().map(|h| h.to_uppercase()).collect());
+    for r in rows {
+        line(r.clone());
+    }
+}
+
+fn s(v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn short(text: &str, n: usize) -> String {
+    if text.chars().count() <= n {
+        text.to_string()
+    } else {
+        let mut t: String = text.chars().take(n.saturating_sub(1)).collect();
+        t.push('…');
+        t
+    }
+}
+
+fn status_of(run: &Value) -> String {
+    let st = s(&run["status"]);
+    if run["retry_scheduled"] == true {
+        "pending (retry scheduled)".into()
+    } else if let Some(r) = run["terminal_reason"].as_str() {
+        format!("{st} ({r})")
+    } else {
+        st
+    }
+}
+
+fn print_run_line(run: &Value) {
+    println!(
+        "run {}  job {}  status {}  attempt {}",
+        s(&run["id"]),
+        s(&run["job"]),
+        status_of(run),
+        s(&run["attempt"])
+    );
+}
+
+/// `docket trigger`.
+pub async fn trigger(a: TriggerArgs) -> Res<()> {
+    let input = match &a.input {
+        Some(i) => parse_json_arg("the input", i)?,
+        None => Value::Null,
+    };
+    let c = Client::new(a.conn.clone())?;
+    let mut body = json!({ "job": a.job, "input": input, "priority": a.priority });
+    if let Some(k) = &a.key {
+        body["idempotency_key"] = json!(k);
+    }
+    if let Some(t) = &a.run_after {
+        body["run_after"] = json!(t);
+    }
+    if let Some(cid) = &a.correlation_id {
+        body["correlation_id"] = json!(cid);
+    }
+    let (_, v) = c
+        .call(reqwest::Method::POST, "/api/runs", Some(body))
+        .await?;
+    if !a.wait {
+        if a.conn.json {
+            print_json(&v);
+        } else {
+            let verb = if v["existing"] == true {
+                "existing"
+            } else {
+                "created"
+            };
+            println!(
+                "{verb} run {} ({})",
+                s(&v["run"]["id"]),
+                s(&v["run"]["status"])
+            );
+        }
+        return Ok(());
+    }
+    let id = s(&v["run"]["id"]);
+    wait_run(&c, &id, &a.timeout, a.conn.json).await
+}
+
+async fn wait_run(c: &Client, id: &str, timeout: &str, json_out: bool) -> Res<()> {
+    let (_, w) = c
+        .call(
+            reqwest::Method::GET,
+            &format!("/api/runs/{id}/wait?timeout={timeout}"),
+            None,
+        )
+        .await?;
+    if json_out {
+        print_json(&w);
+    } else {
+        print_run_line(&w["run"]);
+        if let Some(out) = w["run"].get("output").filter(|o| !o.is_null()) {
+            println!("output {out}");
+        }
+        if let Some(e) = w["run"]["last_error_message"].as_str() {
+            println!("last error {}: {e}", s(&w["run"]["last_error_class"]));
+        }
+    }
+    match (w["terminal"].as_bool(), w["run"]["status"].as_str()) {
+        (Some(true), Some("completed")) => Ok(()),
+        (Some(true), st) => Err(Failure {
+            message: format!("run {id} ended {}", st.unwrap_or("?")),
+            code: 1,
+        }),
+        _ => Err(Failure {
+            message: format!(
+                "run {id} is still {} after {timeout}",
+                s(&w["run"]["status"])
+            ),
+            code: 2,
+        }),
+    }
+}
+
+fn ms(v: &Value) -> String {
+    match v.as_i64() {
+        Some(n) if n >= 10_000 => format!("{:.1} s", n as f64 / 1000.0),
+        Some(n) => format!("{n} ms"),
+        None => "-".into(),
+    }
+}
+
+fn show(v: &Value) {
+    let run = &v["run"];
+    print_run_line(run);
+    println!(
+        "tenant {}  created {}  updated {}  finished {}",
+        s(&run["tenant"]),
+        s(&run["created_at"]),
+        s(&run["updated_at"]),
+        s(&run["finished_at"])
+    );
+    if let Some(k) = run["idempotency_key"].as_str() {
+        println!("idempotency key {k}");
+    }
+    if let Some(f) = run["retriggered_from"].as_str() {
+        println!("retriggered from {f}");
+    }
+    println!("input {}", run["input"]);
+    if run["variables"] != json!({}) {
+        println!("variables {}", run["variables"]);
+    }
+    if !run["output"].is_null() {
+        println!("output {}", run["output"]);
+    }
+    if let Some(e) = run["last_error_message"].as_str() {
+        println!("last error {}: {e}", s(&run["last_error_class"]));
+    }
+    if run["status"] == "needs_input" {
+        println!("waiting for input {}", run["input_request"]);
+    }
+    let attempts = v["attempts"].as_array().cloned().unwrap_or_default();
+    if !attempts.is_empty() {
+        println!("\nattempts");
+        let rows: Vec<Vec<String>> = attempts
+            .iter()
+            .map(|a| {
+                let err = match a["error_class"].as_str() {
+                    Some(c) => short(&format!("{c}: {}", s(&a["error_message"])), 60),
+                    None => "-".into(),
+                };
+                let decision = if a["retry"].is_object() {
+                    let r = &a["retry"];
+                    format!(
+                        "retry after {} ({}, policy {}), eligible {}",
+                        ms(&r["delay_ms"]),
+                        s(&r["reason"]),
+                        s(&r["policy"]),
+                        s(&r["eligible_at"])
+                    )
+                } else {
+                    "-".into()
+                };
+                vec![
+                    s(&a["attempt"]),
+                    s(&a["started_at"]),
+                    ms(&a["gap_ms"]),
+                    ms(&a["duration_ms"]),
+                    s(&a["outcome"]),
+                    err,
+                    decision,
+                ]
+            })
+            .collect();
+        table(
+            &[
+                "#", "started", "gap", "took", "outcome", "error", "decision",
+            ],
+            &rows,
+        );
+    }
+    let steps = v["steps"].as_array().cloned().unwrap_or_default();
+    if !steps.is_empty() {
+        println!("\nsteps");
+        let rows: Vec<Vec<String>> = steps
+            .iter()
+            .map(|x| {
+                vec![
+                    s(&x["name"]),
+                    s(&x["status"]),
+                    s(&x["attempt"]),
+                    short(&s(&x["error_message"]), 50),
+                    s(&x["actor"]),
+                ]
+            })
+            .collect();
+        table(&["step", "status", "attempt", "error", "by"], &rows);
+    }
+    let ledger = v["ledger"].as_array().cloned().unwrap_or_default();
+    if !ledger.is_empty() {
+        println!("\nledger");
+        let rows: Vec<Vec<String>> = ledger
+            .iter()
+            .map(|x| {
+                vec![
+                    s(&x["idempotency_key"]),
+                    s(&x["action"]),
+                    s(&x["state"]),
+                    s(&x["attempt"]),
+                ]
+            })
+            .collect();
+        table(&["key", "action", "state", "attempt"], &rows);
+    }
+    println!("\ntimeline");
+    let rows: Vec<Vec<String>> = v["timeline"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .map(|e| {
+            let mut what = s(&e["summary"]);
+            if let Some(c) = e["comment"].as_str() {
+                what.push_str(&format!(" — “{c}”"));
+            }
+            vec![s(&e["at"]), s(&e["kind"]), what]
+        })
+        .collect();
+    table(&["at", "event", "what"], &rows);
+}
+
+/// `docket runs …`.
+pub async fn runs(cmd: RunsCmd) -> Res<()> {
+    use reqwest::Method;
+    match cmd {
+        RunsCmd::List {
+            status,
+            job,
+            needs_attention,
+            created_after,
+            created_before,
+            limit,
+            cursor,
+            conn,
+        } => {
+            let c = Client::new(conn.clone())?;
+            let mut q: Vec<(&str, String)> = vec![("limit", limit.to_string())];
+            if let Some(v) = status {
+                q.push(("status", v));
+            }
+            if let Some(v) = job {
+                q.push(("job", v));
+            }
+            if needs_attention {
+                q.push(("needs_attention", "true".into()));
+            }
+            if let Some(v) = created_after {
+                q.push(("created_after", v));
+            }
+            if let Some(v) = created_before {
+                q.push(("created_before", v));
+            }
+            if let Some(v) = cursor {
+                q.push(("cursor", v));
+            }
+            let qs = serde_urlencoded_pairs(&q);
+            let (_, v) = c
+                .call(Method::GET, &format!("/api/runs?{qs}"), None)
+                .await?;
+            if conn.json {
+                print_json(&v);
+                return Ok(());
+            }
+            let rows: Vec<Vec<String>> = v["runs"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .iter()
+                .map(|r| {
+                    vec![
+                        s(&r["id"]),
+                        s(&r["job"]),
+                        status_of(r),
+                        s(&r["attempt"]),
+                        s(&r["created_at"]),
+                        short(&s(&r["last_error_message"]), 50),
+                    ]
+                })
+                .collect();
+            table(
+                &["id", "job", "status", "attempt", "created", "last error"],
+                &rows,
+            );
+            if let Some(next) = v["next_cursor"].as_str() {
+                println!("more: --cursor {next}");
+            }
+            Ok(())
+        }
+        RunsCmd::Show { id, conn } => {
+            let c = Client::new(conn.clone())?;
+            let (_, v) = c
+                .call(Method::GET, &format!("/api/runs/{id}"), None)
+                .await?;
+            if conn.json {
+                print_json(&v);
+            } else {
+                show(&v);
+            }
+            Ok(())
+        }
+        RunsCmd::Wait { id, timeout, conn } => {
+            let c = Client::new(conn.clone())?;
+            wait_run(&c, &id, &timeout, conn.json).await
+        }
+        RunsCmd::Retry {
+            id,
+            vars,
+            comment,
+            conn,
+        } => {
+            let mut body = json!({ "comment": comment });
+            if let Some(v) = vars {
+                body["updated_variables"] = parse_json_arg("--vars", &v)?;
+            }
+            op(conn, &id, "retry", body).await
+        }
+        RunsCmd::Cancel { id, comment, conn } => {
+            op(conn, &id, "cancel", json!({ "comment": comment })).await
+        }
+        RunsCmd::Skip { id, comment, conn } => {
+            op(conn, &id, "skip", json!({ "comment": comment })).await
+        }
+        RunsCmd::Retrigger { id, comment, conn } => {
+            op(conn, &id, "retrigger", json!({ "comment": comment })).await
+        }
+        RunsCmd::Postpone {
+            id,
+            until,
+            delay,
+            comment,
+            conn,
+        } => {
+            let mut body = json!({ "comment": comment });
+            match (until, delay) {
+                (Some(u), None) => body["until"] = json!(u),
+                (None, Some(d)) => {
+                    let dur = parse_delay(&d)
+                        .ok_or_else(|| format!("--delay `{d}`: use 30s, 10m, 2h or 500ms"))?;
+                    body["delay_ms"] = json!(dur.as_millis() as u64);
+                }
+                _ => return Err("give --until or --delay".to_string().into()),
+            }
+            op(conn, &id, "postpone", body).await
+        }
+        RunsCmd::Approve {
+            id,
+            data,
+            comment,
+            conn,
+        } => {
+            let data = data
+                .map(|d| parse_json_arg("--data", &d))
+                .transpose()?
+                .unwrap_or(Value::Null);
+            op(
+                conn,
+                &id,
+                "approve",
+                json!({ "data": data, "comment": comment }),
+            )
+            .await
+        }
+        RunsCmd::Reject {
+            id,
+            data,
+            comment,
+            conn,
+        } => {
+            let data = data
+                .map(|d| parse_json_arg("--data", &d))
+                .transpose()?
+                .unwrap_or(Value::Null);
+            op(
+                conn,
+                &id,
+                "reject",
+                json!({ "data": data, "comment": comment }),
+            )
+            .await
+        }
+    }
+}
+
+fn serde_urlencoded_pairs(q: &[(&str, String)]) -> String {
+    q.iter()
+        .map(|(k, v)| format!("{k}={}", encode(v)))
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
+fn encode(v: &str) -> String {
+    v.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b',' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// `30s`, `10m`, `2h`, `500ms`.
+fn parse_delay(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit())?;
+    let n: u64 = s[..split].parse().ok()?;
+    match &s[split..] {
+        "ms" => Some(Duration::from_millis(n)),
+        "s" => Some(Duration::from_secs(n)),
+        "m" => Some(Duration::from_secs(n * 60)),
+        "h" => Some(Duration::from_secs(n * 3600)),
+        "d" => Some(Duration::from_secs(n * 86_400)),
+        _ => None,
+    }
+}
+
+async fn op(conn: Conn, id: &str, what: &str, mut body: Value) -> Res<()> {
+    if body["comment"].is_null() {
+        body.as_object_mut().map(|o| o.remove("comment"));
+    }
+    let c = Client::new(conn.clone())?;
+    let (_, v) = c
+        .call(
+            reqwest::Method::POST,
+            &format!("/api/runs/{id}/{what}"),
+            Some(body),
+        )
+        .await?;
+    if conn.json {
+        print_json(&v);
+    } else if what == "retrigger" {
+        println!(
+            "retriggered {id} as run {} ({})",
+            s(&v["run"]["id"]),
+            s(&v["run"]["status"])
+        );
+    } else {
+        let extra = if v["cancel_requested"] == true && v["status"] == "running" {
+            " (cancel requested: it stops at its next step boundary)"
+        } else {
+            ""
+        };
+        println!(
+            "{what}: run {} is now {}{extra}",
+            s(&v["id"]),
+            status_of(&v)
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn helpers() {
+        assert_eq!(parse_delay("10m"), Some(Duration::from_secs(600)));
+        assert_eq!(parse_delay("500ms"), Some(Duration::from_millis(500)));
+        assert_eq!(parse_delay("soon"), None);
+        assert_eq!(encode("a b&c,d"), "a%20b%26c,d");
+        assert_eq!(short("abcdef", 4), "abc…");
+        assert_eq!(ms(&json!(1500)), "1500 ms");
+        assert_eq!(ms(&json!(15000)), "15.0 s");
+    }
+}

@@ -1,0 +1,398 @@
+//! `docket serve`: the HTTP API and a worker in one process (by default),
+//! or either alone (`--role api|worker`) for scale-out.
+//!
+//! Configuration, strongest first: command-line flags, environment
+//! variables (`DOCKET_DB`, `DOCKET_ADDR`, `DOCKET_ROLE`, …), the TOML file
+//! given with `--config` (or `DOCKET_CONFIG`), then the defaults: the SQLite
+//! file `docket.db` in the current directory, `127.0.0.1:7878`, role `all`.
+//!
+//! SIGTERM or ctrl-c: the API stops taking connections, ends event streams
+//! and long polls and answers what is in flight; the worker stops claiming,
+//! lets running attempts finish within the grace period and releases the
+//! rest so another worker takes them at once.
+
+use docket::{Docket, Job, JobError, WorkerConfig};
+use docket_server::{AuthMode, Server, ServerConfig};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// What a process does.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// The API and a worker.
+    All,
+    /// Only the HTTP API (workers run elsewhere, on the same database).
+    Api,
+    /// Only a worker.
+    Worker,
+}
+
+/// Arguments of `docket serve`.
+#[derive(clap::Args, Debug, Default)]
+pub struct ServeArgs {
+    /// Database: a SQLite file path, `sqlite://PATH`, `sqlite::memory:` or
+    /// `postgres://…` [default: docket.db].
+    #[arg(long, env = "DOCKET_DB")]
+    pub db: Option<String>,
+    /// Address to listen on [default: 127.0.0.1:7878].
+    #[arg(long, env = "DOCKET_ADDR")]
+    pub addr: Option<SocketAddr>,
+    /// A TOML file with any of: db, addr, role, concurrency, demo_jobs,
+    /// insecure_dev_no_auth, shutdown_grace_secs, max_body_bytes,
+    /// max_input_bytes.
+    #[arg(long, env = "DOCKET_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// `all` (API and worker), `api` or `worker` [default: all].
+    #[arg(long, env = "DOCKET_ROLE", value_enum)]
+    pub role: Option<Role>,
+    /// Handlers running at once in this process's worker [default: 8].
+    #[arg(long, env = "DOCKET_CONCURRENCY")]
+    pub concurrency: Option<usize>,
+    /// Register the built-in demo jobs (noop, echo, fail-then-succeed,
+    /// approval, sleep) so the API can be tried end to end.
+    #[arg(long, env = "DOCKET_DEMO_JOBS")]
+    pub demo_jobs: bool,
+    /// DEVELOPMENT ONLY: no authentication (the tenant is X-Tenant-ID or
+    /// `default`). Refused unless the address is loopback.
+    #[arg(long, env = "DOCKET_INSECURE_DEV_NO_AUTH")]
+    pub insecure_dev_no_auth: bool,
+    /// Seconds running attempts get to finish at shutdown [default: 30].
+    #[arg(long, env = "DOCKET_SHUTDOWN_GRACE_SECS")]
+    pub shutdown_grace_secs: Option<u64>,
+    /// Largest request body in bytes [default: 2097152].
+    #[arg(long, env = "DOCKET_MAX_BODY_BYTES")]
+    pub max_body_bytes: Option<usize>,
+    /// Largest run input in bytes [default: 1048576].
+    #[arg(long, env = "DOCKET_MAX_INPUT_BYTES")]
+    pub max_input_bytes: Option<usize>,
+}
+
+/// The configuration file's keys (all optional).
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    db: Option<String>,
+    addr: Option<SocketAddr>,
+    role: Option<Role>,
+    concurrency: Option<usize>,
+    demo_jobs: Option<bool>,
+    insecure_dev_no_auth: Option<bool>,
+    shutdown_grace_secs: Option<u64>,
+    max_body_bytes: Option<usize>,
+    max_input_bytes: Option<usize>,
+}
+
+/// The effective configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    /// The store URL.
+    pub db_url: String,
+    /// Where the API listens.
+    pub addr: SocketAddr,
+    /// What this process runs.
+    pub role: Role,
+    /// Worker concurrency.
+    pub concurrency: usize,
+    /// Register the demo jobs.
+    pub demo_jobs: bool,
+    /// Authentication off (loopback only).
+    pub insecure_dev_no_auth: bool,
+    /// Shutdown grace period.
+    pub grace: Duration,
+    /// Request body limit.
+    pub max_body_bytes: usize,
+    /// Run input limit.
+    pub max_input_bytes: usize,
+}
+
+/// A database argument as a store URL: plain paths are SQLite files.
+pub fn db_url(db: &str) -> String {
+    if db.starts_with("sqlite:") || db.starts_with("postgres://") || db.starts_with("postgresql://")
+    {
+        db.to_string()
+    } else {
+        format!("sqlite://{db}")
+    }
+}
+
+impl Settings {
+    /// Merges flags and environment (already merged by clap) over the file
+    /// over the defaults.
+    pub fn resolve(args: &ServeArgs) -> Result<Settings, String> {
+        let file: FileConfig = match &args.config {
+            None => FileConfig::default(),
+            Some(p) => {
+                let text = std::fs::read_to_string(p)
+                    .map_err(|e| format!("cannot read config file {}: {e}", p.display()))?;
+                toml::from_str(&text).map_err(|e| format!("config file {}: {e}", p.display()))?
+            }
+        };
+        let defaults = ServerConfig::default();
+        let concurrency = args.concurrency.or(file.concurrency).unwrap_or(8);
+        if concurrency == 0 {
+            return Err("concurrency must be at least 1".into());
+        }
+        Ok(Settings {
+            db_url: db_url(
+                args.db
+                    .as_deref()
+                    .or(file.db.as_deref())
+                    .unwrap_or("docket.db"),
+            ),
+            addr: args
+                .addr
+                .or(file.addr)
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 7878))),
+            role: args.role.or(file.role).unwrap_or(Role::All),
+            concurrency,
+            demo_jobs: args.demo_jobs || file.demo_jobs.unwrap_or(false),
+            insecure_dev_no_auth: args.insecure_dev_no_auth
+                || file.insecure_dev_no_auth.unwrap_or(false),
+            grace: Duration::from_secs(
+                args.shutdown_grace_secs
+                    .or(file.shutdown_grace_secs)
+                    .unwrap_or(30),
+            ),
+            max_body_bytes: args
+                .max_body_bytes
+                .or(file.max_body_bytes)
+                .unwrap_or(defaults.max_body_bytes),
+            max_input_bytes: args
+                .max_input_bytes
+                .or(file.max_input_bytes)
+                .unwrap_or(defaults.max_input_bytes),
+        })
+    }
+}
+
+/// Registers the demo jobs.
+///
+/// - `noop`: returns its input.
+/// - `echo`: returns its input, the run's variables and the attempt number.
+/// - `fail-then-succeed`: input `{"failures": N, "class": C}` (default 2,
+///   `unavailable`): fails with class C while the attempt is at most N,
+///   then succeeds. A retryable class is retried by the policy; a terminal
+///   one (`permanent`) fails the run, for operator retries.
+/// - `approval`: waits for an operator's approve/reject, returns it.
+/// - `sleep`: input `{"ms": N}` (default 5000): a step that sleeps, then
+///   one more step; cancel it while it runs.
+pub fn register_demo_jobs(d: &Docket) -> Result<(), docket::Error> {
+    d.register(Job::new("noop", |_ctx, input: Value| async move {
+        Ok::<_, JobError>(input)
+    }))?;
+    d.register(Job::new("echo", |ctx, input: Value| async move {
+        Ok::<_, JobError>(json!({
+            "input": input,
+            "variables": ctx.variables(),
+            "attempt": ctx.attempt(),
+        }))
+    }))?;
+    d.register(Job::new(
+        "fail-then-succeed",
+        |ctx, input: Value| async move {
+            let failures = input.get("failures").and_then(Value::as_u64).unwrap_or(2);
+            let class = input
+                .get("class")
+                .and_then(Value::as_str)
+                .unwrap_or("unavailable");
+            let Ok(class) = class.parse::<docket::ErrorClass>() else {
+                return Err(JobError::invalid_input(format!(
+                    "unknown error class `{class}` (try unavailable, timeout or permanent)"
+                )));
+            };
+            if u64::from(ctx.attempt()) <= failures {
+                return Err(JobError::new(
+                    class,
+                    format!("demo failure {} of {failures} ({class})", ctx.attempt()),
+                ));
+            }
+            Ok(json!({ "succeeded_on_attempt": ctx.attempt(), "variables": ctx.variables() }))
+        },
+    ))?;
+    d.register(Job::new("approval", |ctx, input: Value| async move {
+        let decision = ctx.wait_for_input("approval", input).await?;
+        Ok::<_, JobError>(match decision {
+            docket::InputDecision::Approved(data) => json!({ "approved": true, "data": data }),
+            docket::InputDecision::Rejected(data) => json!({ "approved": false, "data": data }),
+        })
+    }))?;
+    d.register(Job::new("sleep", |ctx, input: Value| async move {
+        let ms = input.get("ms").and_then(Value::as_u64).unwrap_or(5_000);
+        ctx.step("sleep", || async move {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            Ok::<_, JobError>(ms)
+        })
+        .await?;
+        ctx.step("after-sleep", || async { Ok::<_, JobError>(()) })
+            .await?;
+        Ok(json!({ "slept_ms": ms }))
+    }))?;
+    Ok(())
+}
+
+/// Resolves on SIGTERM or ctrl-c.
+async fn signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// Runs `docket serve`.
+pub async fn run(args: ServeArgs) -> Result<(), String> {
+    let s = Settings::resolve(&args)?;
+    let docket = Docket::open(&s.db_url)
+        .await
+        .map_err(|e| format!("cannot open {}: {e}", s.db_url))?;
+    if s.demo_jobs {
+        register_demo_jobs(&docket).map_err(|e| e.to_string())?;
+    }
+    let jobs = docket.job_names();
+    if jobs.is_empty() {
+        tracing::warn!("no jobs are registered: every trigger will be refused (start with --demo-jobs to try the API)");
+    }
+    tracing::info!(
+        role = ?s.role,
+        db = %redact(&s.db_url),
+        backend = docket.store().backend(),
+        jobs = ?jobs,
+        "docket starting"
+    );
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        signal().await;
+        tracing::info!("signal received: shutting down");
+        let _ = stop_tx.send(true);
+    });
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|v| *v).await;
+    };
+    let worker = (s.role != Role::Api).then(|| {
+        docket
+            .worker(WorkerConfig {
+                concurrency: s.concurrency,
+                prefetch: s.concurrency,
+                ..WorkerConfig::default()
+            })
+            .start()
+    });
+    let api = async {
+        if s.role == Role::Worker {
+            return Ok(());
+        }
+        let server = Server::start(
+            docket.clone(),
+            ServerConfig {
+                auth: if s.insecure_dev_no_auth {
+                    AuthMode::InsecureNoAuth
+                } else {
+                    AuthMode::Tokens
+                },
+                max_body_bytes: s.max_body_bytes,
+                max_input_bytes: s.max_input_bytes,
+                ..ServerConfig::default()
+            },
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        let listener = tokio::net::TcpListener::bind(s.addr)
+            .await
+            .map_err(|e| format!("cannot listen on {}: {e}", s.addr))?;
+        let res = server
+            .serve(listener, stopped(stop_rx.clone()))
+            .await
+            .map_err(|e| e.to_string());
+        tracing::info!("API stopped");
+        res
+    };
+    let work = async {
+        if let Some(w) = worker {
+            tracing::info!(concurrency = s.concurrency, "worker started");
+            stopped(stop_rx.clone()).await;
+            let released = w.shutdown(s.grace).await;
+            tracing::info!(released, "worker stopped");
+        }
+    };
+    let (res, ()) = tokio::join!(api, work);
+    res
+}
+
+/// A database URL without its password, for logs.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.find('@')) {
+        (Some(i), Some(at)) if at > i => {
+            let creds = &url[i + 3..at];
+            match creds.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..i + 3], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_layer_flags_over_file_over_defaults() {
+        let d = Settings::resolve(&ServeArgs::default()).unwrap();
+        assert_eq!(d.db_url, "sqlite://docket.db");
+        assert_eq!(d.addr.to_string(), "127.0.0.1:7878");
+        assert_eq!(d.role, Role::All);
+        assert!(!d.insecure_dev_no_auth);
+        let dir = std::env::temp_dir().join(format!("docket-cfg-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("docket.toml");
+        std::fs::write(
+            &f,
+            "db = \"/var/lib/docket.db\"\naddr = \"127.0.0.1:9000\"\nrole = \"api\"\nconcurrency = 4\n",
+        )
+        .unwrap();
+        let args = ServeArgs {
+            config: Some(f.clone()),
+            addr: Some("127.0.0.1:9100".parse().unwrap()),
+            ..ServeArgs::default()
+        };
+        let s = Settings::resolve(&args).unwrap();
+        assert_eq!(s.db_url, "sqlite:///var/lib/docket.db");
+        assert_eq!(s.addr.to_string(), "127.0.0.1:9100", "the flag wins");
+        assert_eq!(s.role, Role::Api);
+        assert_eq!(s.concurrency, 4);
+        std::fs::write(&f, "colour = \"blue\"\n").unwrap();
+        let err = Settings::resolve(&args).unwrap_err();
+        assert!(err.contains("colour"), "{err}");
+    }
+
+    #[test]
+    fn urls_and_redaction() {
+        assert_eq!(db_url("x.db"), "sqlite://x.db");
+        assert_eq!(db_url("sqlite::memory:"), "sqlite::memory:");
+        assert_eq!(db_url("postgres://u@h/d"), "postgres://u@h/d");
+        assert_eq!(
+            redact("postgres://user:secret@host/db"),
+            "postgres://user:***@host/db"
+        );
+    }
+}

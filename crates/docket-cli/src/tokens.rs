@@ -1,0 +1,149 @@
+//! `docket token create | list | revoke`: straight on the database (they
+//! bootstrap authentication, so they cannot need a token themselves).
+
+use crate::client::table;
+use crate::serve::db_url;
+use docket_store::StoreError;
+
+/// `docket token …`.
+#[derive(clap::Subcommand, Debug)]
+pub enum TokenCmd {
+    /// Create a token. The secret is printed once (on stdout) and stored
+    /// only as a SHA-256 hash.
+    Create {
+        /// The tenant it reaches.
+        #[arg(long)]
+        tenant: String,
+        /// Its name, recorded as the actor of operator actions.
+        #[arg(long)]
+        name: String,
+        #[command(flatten)]
+        db: DbArg,
+    },
+    /// List tokens (never their secrets).
+    List {
+        /// Only this tenant's.
+        #[arg(long)]
+        tenant: Option<String>,
+        /// JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        db: DbArg,
+    },
+    /// Revoke a token by id, or by tenant and name.
+    Revoke {
+        /// The token's id (`tok_…`, see `docket token list`).
+        id: Option<String>,
+        /// With --name: the tenant of the token to revoke.
+        #[arg(long, requires = "name", conflicts_with = "id")]
+        tenant: Option<String>,
+        /// With --tenant: the name of the token to revoke.
+        #[arg(long, requires = "tenant")]
+        name: Option<String>,
+        #[command(flatten)]
+        db: DbArg,
+    },
+}
+
+/// The database the token commands work on.
+#[derive(clap::Args, Debug)]
+pub struct DbArg {
+    /// A SQLite file path, `sqlite://PATH` or `postgres://…`.
+    #[arg(long, env = "DOCKET_DB", default_value = "docket.db")]
+    pub db: String,
+}
+
+async fn open(db: &DbArg) -> Result<docket_store::DynStore, String> {
+    let url = db_url(&db.db);
+    docket_store::open(&url)
+        .await
+        .map_err(|e| format!("cannot open {}: {e}", db.db))
+}
+
+fn now() -> docket::Timestamp {
+    docket::Clock::now(&docket::SystemClock)
+}
+
+/// Runs a token command.
+pub async fn run(cmd: TokenCmd) -> Result<(), String> {
+    match cmd {
+        TokenCmd::Create { tenant, name, db } => {
+            let t = docket_server::auth::issue_token(&tenant, &name, now())?;
+            let store = open(&db).await?;
+            let rec = store.create_token(t.record).await.map_err(|e| match e {
+                StoreError::Conflict(m) => format!("{m}; revoke it first or choose another name"),
+                e => e.to_string(),
+            })?;
+            eprintln!(
+                "created token {} for tenant `{}`, named `{}`. It is shown only now; store it safely:",
+                rec.id, rec.tenant, rec.name
+            );
+            println!("{}", t.secret);
+            Ok(())
+        }
+        TokenCmd::List { tenant, json, db } => {
+            let store = open(&db).await?;
+            let tokens = store.list_tokens(tenant).await.map_err(|e| e.to_string())?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&tokens).map_err(|e| e.to_string())?
+                );
+                return Ok(());
+            }
+            let rows: Vec<Vec<String>> = tokens
+                .iter()
+                .map(|t| {
+                    vec![
+                        t.id.clone(),
+                        t.tenant.clone(),
+                        t.name.clone(),
+                        t.created_at.to_rfc3339(),
+                        t.revoked_at
+                            .map(|r| format!("revoked {r}"))
+                            .unwrap_or_else(|| "active".into()),
+                    ]
+                })
+                .collect();
+            table(&["id", "tenant", "name", "created", "state"], &rows);
+            Ok(())
+        }
+        TokenCmd::Revoke {
+            id,
+            tenant,
+            name,
+            db,
+        } => {
+            let store = open(&db).await?;
+            let id = match (id, tenant, name) {
+                (Some(id), _, _) => id,
+                (None, Some(tenant), Some(name)) => store
+                    .list_tokens(Some(tenant.clone()))
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .into_iter()
+                    .find(|t| t.name == name && t.revoked_at.is_none())
+                    .map(|t| t.id)
+                    .ok_or_else(|| {
+                        format!("tenant `{tenant}` has no active token named `{name}`")
+                    })?,
+                _ => return Err("give a token id, or --tenant and --name".into()),
+            };
+            match store
+                .revoke_token(id.clone(), now())
+                .await
+                .map_err(|e| e.to_string())?
+            {
+                Some(t) => {
+                    println!(
+                        "revoked {} (tenant `{}`, name `{}`)",
+                        t.id, t.tenant, t.name
+                    );
+                    Ok(())
+                }
+                None => Err(format!("no active token with id `{id}`")),
+            }
+        }
+    }
+}
