@@ -32,6 +32,7 @@ pub struct ReadmeDoctests;
 mod ctx;
 mod error;
 mod forensics;
+pub mod http;
 mod job;
 mod ops;
 mod worker;

@@ -1,0 +1,813 @@
+//! `docket.toml`: its format (see docs/HTTP_JOBS.md), parsed and checked
+//! once at load. Every problem found is reported with its place
+//! (`jobs.send-email.when`), all at once.
+
+use super::breaker::BreakerConfig;
+use super::classify::Classifier;
+use super::condition::Condition;
+use super::connections::{Auth, ConnectionDef, SecretSource};
+use super::schema::InputSchema;
+use super::template::{JsonTemplate, Templates};
+use docket_core::RetryPolicy;
+use reqwest::header::HeaderName;
+use reqwest::Method;
+use serde::Deserialize;
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The idempotency key used when a job sets none: stable across the
+/// attempts of one run, but NOT across two runs of the same intent. Set a
+/// business-intent template instead, e.g.
+/// `{{ input.prospect_id }}/send-email/{{ input.campaign }}/v1`.
+pub const DEFAULT_KEY_TEMPLATE: &str = "{{ job }}/{{ run_id }}";
+
+/// Default request timeout.
+pub const DEFAULT_TIMEOUT_MS: u64 = 10_000;
+
+/// Default cap on a response body kept as the action's result (1 MiB).
+pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 1024 * 1024;
+
+/// A `docket.toml` that cannot be used: every problem, with its place.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpConfigError {
+    /// The file (or `<string>`).
+    pub file: String,
+    /// (place, problem) pairs, e.g. (`jobs.send-email.when`, `cannot parse …`).
+    pub problems: Vec<(String, String)>,
+}
+
+impl fmt::Display for HttpConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: ", self.file)?;
+        if self.problems.len() == 1 {
+            let (place, problem) = &self.problems[0];
+            return write!(f, "{place}: {problem}");
+        }
+        write!(f, "{} problems:", self.problems.len())?;
+        for (place, problem) in &self.problems {
+            write!(f, "\n  {place}: {problem}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for HttpConfigError {}
+
+#[derive(Debug, Deserialize, Default)]
+struct FileConfig {
+    #[serde(default)]
+    connections: BTreeMap<String, RawConnection>,
+    #[serde(default)]
+    jobs: BTreeMap<String, RawJob>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConnection {
+    base_url: String,
+    token_env: Option<String>,
+    header: Option<String>,
+    value_env: Option<String>,
+    secrets_file: Option<String>,
+    secret: Option<String>,
+    #[serde(default)]
+    breaker: BreakerConfig,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawJob {
+    connection: Option<String>,
+    method: Option<String>,
+    path: Option<String>,
+    url: Option<String>,
+    #[serde(default)]
+    headers: BTreeMap<String, String>,
+    body: Option<Value>,
+    idempotency_key: Option<String>,
+    action: Option<String>,
+    timeout_ms: Option<u64>,
+    job_timeout_ms: Option<u64>,
+    lease_ms: Option<u64>,
+    retry: Option<Value>,
+    #[serde(default)]
+    classify: BTreeMap<String, String>,
+    input_schema: Option<Value>,
+    input_schema_file: Option<String>,
+    when: Option<String>,
+    approval: Option<String>,
+    on_reject: Option<String>,
+    reconcile: Option<RawReconcile>,
+    max_response_bytes: Option<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawReconcile {
+    method: Option<String>,
+    path: Option<String>,
+    url: Option<String>,
+    #[serde(default)]
+    headers: BTreeMap<String, String>,
+    found_when: Option<String>,
+    found_pointer: Option<String>,
+    not_found_when: Option<String>,
+    timeout_ms: Option<u64>,
+}
+
+/// What a rejected approval means (`on_reject`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnReject {
+    /// The run fails with terminal reason `rejected` (the default).
+    Fail,
+    /// The run completes without sending the request.
+    Complete,
+}
+
+/// Where a request goes: a path under the connection's base URL, or an
+/// absolute URL (a template name either way).
+#[derive(Clone, Debug)]
+pub(crate) enum Target {
+    Path(String),
+    Url(String),
+}
+
+/// A request's method, target, headers and body (templates by name).
+#[derive(Clone, Debug)]
+pub(crate) struct RequestSpec {
+    pub(crate) method: Method,
+    pub(crate) target: Target,
+    pub(crate) headers: Vec<(HeaderName, String)>,
+    pub(crate) body: Option<Body>,
+    pub(crate) timeout: Duration,
+}
+
+/// A request body: JSON (a TOML table / array / value) or text.
+#[derive(Clone, Debug)]
+pub(crate) enum Body {
+    Json(JsonTemplate),
+    Text(String),
+}
+
+/// How a reconcile response is read.
+#[derive(Debug)]
+pub(crate) struct ReconcileSpec {
+    pub(crate) request: RequestSpec,
+    pub(crate) found_when: Option<Condition>,
+    pub(crate) found_pointer: Option<String>,
+    pub(crate) not_found_when: Condition,
+}
+
+/// One job, compiled.
+#[derive(Debug)]
+pub(crate) struct JobSpec {
+    pub(crate) name: String,
+    pub(crate) action: String,
+    pub(crate) connection: Option<String>,
+    pub(crate) request: RequestSpec,
+    pub(crate) key_template: String,
+    pub(crate) job_timeout: Duration,
+    pub(crate) lease: Duration,
+    pub(crate) policy: RetryPolicy,
+    pub(crate) classify: Classifier,
+    pub(crate) schema: Option<Arc<InputSchema>>,
+    pub(crate) when: Option<Condition>,
+    pub(crate) approval: Option<Condition>,
+    pub(crate) on_reject: OnReject,
+    pub(crate) reconcile: Option<ReconcileSpec>,
+    pub(crate) max_response_bytes: usize,
+}
+
+/// A whole configuration, compiled.
+#[derive(Debug)]
+pub(crate) struct Compiled {
+    pub(crate) templates: Templates,
+    pub(crate) connections: BTreeMap<String, ConnectionDef>,
+    pub(crate) jobs: BTreeMap<String, JobSpec>,
+}
+
+const RETRY_KEYS: &[&str] = &[
+    "name",
+    "base_delay_ms",
+    "multiplier",
+    "max_delay_ms",
+    "max_attempts",
+    "jitter_ms",
+    "overrides",
+];
+
+struct Problems(Vec<(String, String)>);
+
+impl Problems {
+    fn add(&mut self, place: impl Into<String>, problem: impl Into<String>) {
+        self.0.push((place.into(), problem.into()));
+    }
+}
+
+/// Parses and checks a configuration. Relative file names
+/// (`secrets_file`, `input_schema_file`) are taken from `base_dir`.
+pub(crate) fn compile(
+    text: &str,
+    file: &str,
+    base_dir: &Path,
+) -> Result<Compiled, HttpConfigError> {
+    let fail = |problems| HttpConfigError {
+        file: file.to_string(),
+        problems,
+    };
+    let raw: FileConfig =
+        toml::from_str(text).map_err(|e| fail(vec![("toml".into(), e.to_string())]))?;
+    let mut p = Problems(Vec::new());
+    let mut templates = Templates::new();
+    let mut connections = BTreeMap::new();
+    for (name, c) in raw.connections {
+        if let Some(def) = connection(&name, c, base_dir, &mut p) {
+            connections.insert(name, def);
+        }
+    }
+    let mut jobs = BTreeMap::new();
+    for (name, j) in raw.jobs {
+        if let Some(spec) = job(&name, j, &connections, base_dir, &mut templates, &mut p) {
+            jobs.insert(name, spec);
+        }
+    }
+    if !p.0.is_empty() {
+        return Err(fail(p.0));
+    }
+    Ok(Compiled {
+        templates,
+        connections,
+        jobs,
+    })
+}
+
+fn resolve_path(base: &Path, f: &str) -> PathBuf {
+    let p = PathBuf::from(f);
+    if p.is_absolute() {
+        p
+    } else {
+        base.join(p)
+    }
+}
+
+fn connection(
+    name: &str,
+    c: RawConnection,
+    base: &Path,
+    p: &mut Problems,
+) -> Option<ConnectionDef> {
+    let place = format!("connections.{name}");
+    let before = p.0.len();
+    match reqwest::Url::parse(&c.base_url) {
+        Ok(u) if matches!(u.scheme(), "http" | "https") => {}
+        Ok(u) => p.add(
+            format!("{place}.base_url"),
+            format!("scheme `{}` is not http or https", u.scheme()),
+        ),
+        Err(e) => p.add(
+            format!("{place}.base_url"),
+            format!("`{}`: {e}", c.base_url),
+        ),
+    }
+    let source = match (&c.token_env, &c.value_env, &c.secrets_file, &c.secret) {
+        (None, None, None, None) => None,
+        (Some(v), None, None, None) | (None, Some(v), None, None) => {
+            Some(SecretSource::Env(v.clone()))
+        }
+        (None, None, Some(f), Some(k)) => Some(SecretSource::File {
+            path: resolve_path(base, f),
+            key: k.clone(),
+        }),
+        (None, None, Some(_), None) => {
+            p.add(
+                &place,
+                "`secrets_file` needs `secret`, the key to read from it",
+            );
+            None
+        }
+        (None, None, None, Some(_)) => {
+            p.add(&place, "`secret` needs `secrets_file`");
+            None
+        }
+        _ => {
+            p.add(
+                &place,
+                "give one credential source: `token_env`, `value_env` (with `header`), or `secrets_file` with `secret`",
+            );
+            None
+        }
+    };
+    if c.value_env.is_some() && c.header.is_none() {
+        p.add(
+            &place,
+            "`value_env` needs `header`, the header that carries it",
+        );
+    }
+    let auth = match (c.header, source) {
+        (None, None) => Auth::None,
+        (None, Some(s)) => Auth::Bearer(s),
+        (Some(h), Some(s)) => match HeaderName::from_bytes(h.as_bytes()) {
+            Ok(name) => Auth::Header { name, source: s },
+            Err(_) => {
+                p.add(
+                    format!("{place}.header"),
+                    format!("`{h}` is not a header name"),
+                );
+                Auth::None
+            }
+        },
+        (Some(_), None) => {
+            p.add(
+                &place,
+                "`header` needs a credential source (`value_env` or `secrets_file` with `secret`)",
+            );
+            Auth::None
+        }
+    };
+    if c.breaker.failures > 0 && (c.breaker.window_ms == 0 || c.breaker.open_ms == 0) {
+        p.add(
+            format!("{place}.breaker"),
+            "`window_ms` and `open_ms` must be positive (or set `failures = 0` to disable the breaker)",
+        );
+    }
+    (p.0.len() == before).then(|| ConnectionDef {
+        name: name.to_string(),
+        base_url: c.base_url,
+        auth,
+        breaker: c.breaker,
+    })
+}
+
+fn method(place: &str, m: Option<&str>, default: Method, p: &mut Problems) -> Method {
+    match m {
+        None => default,
+        Some(m) => match Method::from_bytes(m.to_ascii_uppercase().as_bytes()) {
+            Ok(m) => m,
+            Err(_) => {
+                p.add(place, format!("`{m}` is not an HTTP method"));
+                default
+            }
+        },
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn request_spec(
+    place: &str,
+    method: Method,
+    path: Option<String>,
+    url: Option<String>,
+    headers: BTreeMap<String, String>,
+    body: Option<Value>,
+    timeout_ms: u64,
+    has_connection: bool,
+    templates: &mut Templates,
+    p: &mut Problems,
+) -> RequestSpec {
+    let target = match (path, url) {
+        (Some(path), None) if has_connection => {
+            let n = format!("{place}.path");
+            if let Err(e) = templates.add(&n, &path) {
+                p.add(&n, e);
+            }
+            Target::Path(n)
+        }
+        (Some(_), None) => {
+            p.add(
+                format!("{place}.path"),
+                "`path` needs a `connection` (its base URL); use `url` for an absolute URL",
+            );
+            Target::Path(String::new())
+        }
+        (None, Some(url)) => {
+            let n = format!("{place}.url");
+            if let Err(e) = templates.add(&n, &url) {
+                p.add(&n, e);
+            }
+            Target::Url(n)
+        }
+        (None, None) => {
+            p.add(
+                place,
+                "give `path` (under the connection's base URL) or `url`",
+            );
+            Target::Path(String::new())
+        }
+        (Some(_), Some(_)) => {
+            p.add(place, "give `path` or `url`, not both");
+            Target::Path(String::new())
+        }
+    };
+    let mut hs = Vec::new();
+    for (k, v) in headers {
+        let n = format!("{place}.headers.{k}");
+        match HeaderName::from_bytes(k.as_bytes()) {
+            Ok(h) if h.as_str() == "idempotency-key" => p.add(
+                &n,
+                "Docket sets Idempotency-Key itself from `idempotency_key`",
+            ),
+            Ok(h) => {
+                if let Err(e) = templates.add(&n, &v) {
+                    p.add(&n, e);
+                }
+                hs.push((h, n));
+            }
+            Err(_) => p.add(&n, format!("`{k}` is not a header name")),
+        }
+    }
+    let body = body.map(|b| {
+        let n = format!("{place}.body");
+        match b {
+            Value::String(s) => {
+                if let Err(e) = templates.add(&n, &s) {
+                    p.add(&n, e);
+                }
+                Body::Text(n)
+            }
+            other => match templates.add_json(&n, &other) {
+                Ok(t) => Body::Json(t),
+                Err(e) => {
+                    p.add(&n, e);
+                    Body::Json(JsonTemplate::Literal(Value::Null))
+                }
+            },
+        }
+    });
+    if timeout_ms == 0 {
+        p.add(format!("{place}.timeout_ms"), "must be positive");
+    }
+    RequestSpec {
+        method,
+        target,
+        headers: hs,
+        body,
+        timeout: Duration::from_millis(timeout_ms.max(1)),
+    }
+}
+
+fn condition(
+    place: String,
+    src: Option<String>,
+    roots: &[&str],
+    p: &mut Problems,
+) -> Option<Condition> {
+    let src = src?;
+    match Condition::compile(&src, roots) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            p.add(place, e);
+            None
+        }
+    }
+}
+
+fn policy(place: &str, job: &str, raw: Option<Value>, p: &mut Problems) -> RetryPolicy {
+    let Some(raw) = raw else {
+        return RetryPolicy::default();
+    };
+    let Value::Object(map) = &raw else {
+        p.add(place, "must be a table");
+        return RetryPolicy::default();
+    };
+    for k in map.keys() {
+        if !RETRY_KEYS.contains(&k.as_str()) {
+            p.add(
+                format!("{place}.{k}"),
+                format!("unknown field; expected one of {}", RETRY_KEYS.join(", ")),
+            );
+        }
+    }
+    let named = map.contains_key("name");
+    match serde_json::from_value::<RetryPolicy>(raw) {
+        Ok(mut policy) => {
+            if !named {
+                policy.name = job.to_string();
+            }
+            if let Err(e) = policy.validate() {
+                p.add(place, e.to_string());
+            }
+            policy
+        }
+        Err(e) => {
+            p.add(place, e.to_string());
+            RetryPolicy::default()
+        }
+    }
+}
+
+fn job(
+    name: &str,
+    j: RawJob,
+    connections: &BTreeMap<String, ConnectionDef>,
+    base: &Path,
+    templates: &mut Templates,
+    p: &mut Problems,
+) -> Option<JobSpec> {
+    let place = format!("jobs.{name}");
+    let before = p.0.len();
+    if name.is_empty() || name.len() > 200 {
+        p.add(&place, "a job name must be 1 to 200 characters");
+    }
+    if let Some(c) = &j.connection {
+        if !connections.contains_key(c) {
+            let known: Vec<&str> = connections.keys().map(String::as_str).collect();
+            p.add(
+                format!("{place}.connection"),
+                format!(
+                    "no connection `{c}` is declared (known: {})",
+                    if known.is_empty() {
+                        "none".to_string()
+                    } else {
+                        known.join(", ")
+                    }
+                ),
+            );
+        }
+    }
+    let action = j.action.clone().unwrap_or_else(|| name.to_string());
+    if action.is_empty() || action.starts_with("input:") {
+        p.add(
+            format!("{place}.action"),
+            "must be non-empty and not start with `input:`",
+        );
+    }
+    let timeout_ms = j.timeout_ms.unwrap_or(DEFAULT_TIMEOUT_MS);
+    let m = method(
+        &format!("{place}.method"),
+        j.method.as_deref(),
+        Method::POST,
+        p,
+    );
+    let request = request_spec(
+        &place,
+        m,
+        j.path,
+        j.url,
+        j.headers,
+        j.body,
+        timeout_ms,
+        j.connection.is_some(),
+        templates,
+        p,
+    );
+    let key_template = format!("{place}.idempotency_key");
+    let key_src = j
+        .idempotency_key
+        .unwrap_or_else(|| DEFAULT_KEY_TEMPLATE.to_string());
+    if let Err(e) = templates.add(&key_template, &key_src) {
+        p.add(&key_template, e);
+    }
+    let roots = &["input", "variables"];
+    let when = condition(format!("{place}.when"), j.when, roots, p);
+    let approval = condition(format!("{place}.approval"), j.approval, roots, p);
+    let on_reject = match j.on_reject.as_deref() {
+        None | Some("fail") => OnReject::Fail,
+        Some("complete") => OnReject::Complete,
+        Some(other) => {
+            p.add(
+                format!("{place}.on_reject"),
+                format!("`{other}`: expected `fail` or `complete`"),
+            );
+            OnReject::Fail
+        }
+    };
+    if approval.is_none() && j.on_reject.is_some() && p.0.len() == before {
+        p.add(
+            format!("{place}.on_reject"),
+            "only meaningful with `approval`",
+        );
+    }
+    let reconcile = j.reconcile.map(|r| {
+        let rp = format!("{place}.reconcile");
+        let m = method(&format!("{rp}.method"), r.method.as_deref(), Method::GET, p);
+        let request = request_spec(
+            &rp,
+            m,
+            r.path,
+            r.url,
+            r.headers,
+            None,
+            r.timeout_ms.unwrap_or(timeout_ms),
+            j.connection.is_some(),
+            templates,
+            p,
+        );
+        let response_roots = &["status", "body"];
+        let found_when = condition(format!("{rp}.found_when"), r.found_when, response_roots, p);
+        if let Some(ptr) = &r.found_pointer {
+            if !(ptr.is_empty() || ptr.starts_with('/')) {
+                p.add(
+                    format!("{rp}.found_pointer"),
+                    format!("`{ptr}` is not a JSON pointer (it starts with `/`)"),
+                );
+            }
+        }
+        let not_found_when = condition(
+            format!("{rp}.not_found_when"),
+            Some(r.not_found_when.unwrap_or_else(|| "status == 404".into())),
+            response_roots,
+            p,
+        )
+        .unwrap_or_else(|| Condition::compile("status == 404", response_roots).expect("valid"));
+        ReconcileSpec {
+            request,
+            found_when,
+            found_pointer: r.found_pointer,
+            not_found_when,
+        }
+    });
+    let policy = policy(&format!("{place}.retry"), name, j.retry, p);
+    let classify = match Classifier::parse(&j.classify) {
+        Ok(c) => c,
+        Err(e) => {
+            p.add(format!("{place}.classify"), e);
+            Classifier::default()
+        }
+    };
+    let schema_value = match (j.input_schema, j.input_schema_file) {
+        (Some(s), None) => Some(s),
+        (None, Some(f)) => {
+            let path = resolve_path(base, &f);
+            match std::fs::read_to_string(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|t| serde_json::from_str::<Value>(&t).map_err(|e| e.to_string()))
+            {
+                Ok(v) => Some(v),
+                Err(e) => {
+                    p.add(
+                        format!("{place}.input_schema_file"),
+                        format!("{}: {e}", path.display()),
+                    );
+                    None
+                }
+            }
+        }
+        (Some(_), Some(_)) => {
+            p.add(
+                &place,
+                "give `input_schema` or `input_schema_file`, not both",
+            );
+            None
+        }
+        (None, None) => None,
+    };
+    let schema = schema_value.and_then(|s| match InputSchema::compile(s) {
+        Ok(s) => Some(Arc::new(s)),
+        Err(e) => {
+            p.add(format!("{place}.input_schema"), e);
+            None
+        }
+    });
+    let reconcile_ms = reconcile
+        .as_ref()
+        .map(|r| r.request.timeout.as_millis() as u64)
+        .unwrap_or(0);
+    let needed = timeout_ms + reconcile_ms;
+    let job_timeout_ms = j.job_timeout_ms.unwrap_or(needed + 5_000);
+    if job_timeout_ms <= needed {
+        p.add(
+            format!("{place}.job_timeout_ms"),
+            format!("{job_timeout_ms} ms leaves no time after the request and reconcile timeouts ({needed} ms)"),
+        );
+    }
+    let lease_ms = j
+        .lease_ms
+        .unwrap_or((job_timeout_ms * 2).max(5 * 60 * 1_000));
+    if lease_ms <= job_timeout_ms {
+        p.add(
+            format!("{place}.lease_ms"),
+            format!("must be longer than the job timeout ({job_timeout_ms} ms)"),
+        );
+    }
+    let max_response_bytes = j.max_response_bytes.unwrap_or(DEFAULT_MAX_RESPONSE_BYTES);
+    if max_response_bytes == 0 {
+        p.add(format!("{place}.max_response_bytes"), "must be positive");
+    }
+    (p.0.len() == before).then(|| JobSpec {
+        name: name.to_string(),
+        action,
+        connection: j.connection,
+        request,
+        key_template,
+        job_timeout: Duration::from_millis(job_timeout_ms),
+        lease: Duration::from_millis(lease_ms),
+        policy,
+        classify,
+        schema,
+        when,
+        approval,
+        on_reject,
+        reconcile,
+        max_response_bytes,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn problems(text: &str) -> Vec<(String, String)> {
+        compile(text, "docket.toml", Path::new("."))
+            .map(|_| Vec::new())
+            .unwrap_or_else(|e| e.problems)
+    }
+
+    #[test]
+    fn a_good_file_compiles() {
+        let c = compile(
+            r#"
+            [server]
+            listen = "127.0.0.1:8080"   # other sections are not ours
+
+            [connections.crm]
+            base_url = "https://crm.example.com/api"
+            token_env = "CRM_TOKEN"
+            breaker = { failures = 3, window_ms = 10000, open_ms = 5000 }
+
+            [jobs.send-email]
+            connection = "crm"
+            path = "/emails"
+            idempotency_key = "{{ input.prospect_id }}/send-email/{{ input.campaign }}/v1"
+            when = "input.opted_in == true"
+            body = { to = "{{ input.email }}", n = "{{ input.n }}" }
+            classify = { 409 = "duplicate" }
+            retry = { base_delay_ms = 1000, max_attempts = 4, overrides = { rate_limited = { max_attempts = 8 } } }
+            input_schema = { type = "object", required = ["email"] }
+            [jobs.send-email.reconcile]
+            path = "/emails?key={{ idempotency_key | urlencode }}"
+            found_when = "status == 200 && body.found == true"
+            "#,
+            "docket.toml",
+            Path::new("."),
+        )
+        .unwrap();
+        let j = &c.jobs["send-email"];
+        assert_eq!(j.action, "send-email");
+        assert_eq!(j.policy.name, "send-email");
+        assert_eq!(j.policy.max_attempts, 4);
+        assert_eq!(j.request.method, Method::POST);
+        assert!(j.reconcile.is_some() && j.schema.is_some() && j.when.is_some());
+        assert_eq!(j.job_timeout, Duration::from_millis(25_000));
+        assert_eq!(c.connections["crm"].breaker.failures, 3);
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_place() {
+        let ps = problems(
+            r#"
+            [connections.crm]
+            base_url = "ftp://x"
+            token_env = "A"
+            value_env = "B"
+
+            [jobs.a]
+            connection = "nope"
+            path = "/x/{{ input.y"
+            when = "inptu.amount > 3"
+            approval = "input.amount >"
+            on_reject = "explode"
+            classify = { 4000 = "ok" }
+            retry = { max_attempt = 3 }
+            headers = { "Idempotency-Key" = "x" }
+            input_schema = { type = "objekt" }
+
+            [jobs.b]
+            path = "/needs-a-connection"
+            "#,
+        );
+        let places: Vec<&str> = ps.iter().map(|(p, _)| p.as_str()).collect();
+        for want in [
+            "connections.crm.base_url",
+            "connections.crm",
+            "jobs.a.connection",
+            "jobs.a.path",
+            "jobs.a.when",
+            "jobs.a.approval",
+            "jobs.a.on_reject",
+            "jobs.a.classify",
+            "jobs.a.retry.max_attempt",
+            "jobs.a.headers.Idempotency-Key",
+            "jobs.a.input_schema",
+            "jobs.b.path",
+        ] {
+            assert!(places.contains(&want), "{want} missing from {ps:#?}");
+        }
+        let e = HttpConfigError {
+            file: "docket.toml".into(),
+            problems: ps,
+        };
+        assert!(e.to_string().starts_with("docket.toml: "));
+    }
+
+    #[test]
+    fn toml_syntax_errors_and_unknown_fields() {
+        let ps = problems("[jobs.a\n");
+        assert_eq!(ps[0].0, "toml");
+        let ps = problems("[jobs.a]\nurl = \"http://x\"\nmethdo = \"GET\"\n");
+        assert!(ps[0].1.contains("methdo"), "{ps:?}");
+    }
+}

@@ -1,0 +1,695 @@
+//! The handler of an HTTP job: resolve the connection, check the `when`
+//! condition, render the request, wait for approval if asked, ask the
+//! circuit breaker, then send it as a ledger-guarded action (reconciling
+//! first when an earlier attempt left its outcome unknown), recording every
+//! response as evidence.
+
+use super::breaker::{Admission, Breaker, Transition};
+use super::classify::{retry_after, transport_class, Verdict};
+use super::condition::{Condition, ConditionError};
+use super::config::{Body, Compiled, JobSpec, OnReject, ReconcileSpec, RequestSpec, Target};
+use super::connections::{ConnectionDef, Credential};
+use crate::{Ctx, InputDecision, JobError, Reconciled, Stepped};
+use docket_core::{ErrorClass, TerminalReason, Timestamp};
+use docket_store::ConnectionStatus;
+use reqwest::header::{HeaderName, HeaderValue};
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// The most of a response body kept in an evidence event.
+pub const EXCERPT_BYTES: usize = 2048;
+
+/// The most of a response body quoted in an error message.
+const MESSAGE_EXCERPT: usize = 300;
+
+const REDACTED: &str = "[redacted]";
+
+/// Everything the handlers share.
+pub(crate) struct Shared {
+    pub(crate) compiled: Compiled,
+    pub(crate) breakers: BTreeMap<String, Arc<Breaker>>,
+    pub(crate) client: reqwest::Client,
+}
+
+/// A request ready to send (no credential in it: that is added at send
+/// time and never shown).
+#[derive(Clone, Debug)]
+struct Prepared {
+    method: reqwest::Method,
+    url: String,
+    headers: Vec<(HeaderName, HeaderValue)>,
+    body: Option<PreparedBody>,
+    timeout: Duration,
+}
+
+#[derive(Clone, Debug)]
+enum PreparedBody {
+    Json(Value),
+    Text(String),
+}
+
+impl Prepared {
+    /// What an approver sees: the request as it would be sent, minus the
+    /// credential.
+    fn describe(&self) -> Value {
+        let headers: serde_json::Map<String, Value> = self
+            .headers
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.to_string(),
+                    Value::String(v.to_str().unwrap_or("<binary>").to_string()),
+                )
+            })
+            .collect();
+        json!({
+            "method": self.method.as_str(),
+            "url": self.url,
+            "headers": headers,
+            "body": match &self.body {
+                Some(PreparedBody::Json(v)) => v.clone(),
+                Some(PreparedBody::Text(t)) => Value::String(t.clone()),
+                None => Value::Null,
+            },
+        })
+    }
+}
+
+/// What came back from one exchange.
+struct Answer {
+    status: u16,
+    retry_after: Option<String>,
+    body: Vec<u8>,
+    truncated: bool,
+}
+
+/// Requests made by this attempt, for the breaker.
+#[derive(Default)]
+struct Tracker {
+    requests: u32,
+    last_transient: bool,
+}
+
+fn invalid(what: &str, why: impl std::fmt::Display) -> JobError {
+    JobError::invalid_input(format!("{what}: {why}"))
+}
+
+fn decide(c: &Condition, which: &str, data: &Value) -> Result<bool, JobError> {
+    c.eval(data).map_err(|e| match e {
+        ConditionError::Missing(field) => JobError::invalid_input(format!(
+            "condition `{which}` ({}) refers to `{field}`, which the run does not have: fix the input (or the run's variables) and start a new run",
+            c.source
+        )),
+        ConditionError::Invalid(m) => JobError::invalid_input(format!("condition `{which}`: {m}")),
+    })
+}
+
+fn render_request(
+    shared: &Shared,
+    spec: &RequestSpec,
+    conn: Option<&ConnectionDef>,
+    data: &Value,
+    key: &str,
+) -> Result<Prepared, JobError> {
+    let t = &shared.compiled.templates;
+    let url = match &spec.target {
+        Target::Path(name) => {
+            let path = t.render(name, data).map_err(|e| invalid("template", e))?;
+            match conn {
+                Some(c) => c.join(&path),
+                None => path,
+            }
+        }
+        Target::Url(name) => t.render(name, data).map_err(|e| invalid("template", e))?,
+    };
+    reqwest::Url::parse(&url).map_err(|e| invalid("the rendered URL", format!("`{url}`: {e}")))?;
+    let mut headers = Vec::with_capacity(spec.headers.len() + 1);
+    for (name, tpl) in &spec.headers {
+        let v = t.render(tpl, data).map_err(|e| invalid("template", e))?;
+        let v = HeaderValue::from_str(&v).map_err(|_| {
+            invalid(
+                "header",
+                format!("`{name}` renders to a value that cannot be sent"),
+            )
+        })?;
+        headers.push((name.clone(), v));
+    }
+    let key = HeaderValue::from_str(key).map_err(|_| {
+        invalid(
+            "idempotency key",
+            format!("`{key}` cannot be sent as an Idempotency-Key header (use ASCII)"),
+        )
+    })?;
+    headers.push((HeaderName::from_static("idempotency-key"), key));
+    let body = match &spec.body {
+        None => None,
+        Some(Body::Json(j)) => Some(PreparedBody::Json(
+            t.render_json(j, data).map_err(|e| invalid("template", e))?,
+        )),
+        Some(Body::Text(name)) => Some(PreparedBody::Text(
+            t.render(name, data).map_err(|e| invalid("template", e))?,
+        )),
+    };
+    Ok(Prepared {
+        method: spec.method.clone(),
+        url,
+        headers,
+        body,
+        timeout: spec.timeout,
+    })
+}
+
+/// Fails the run `connection_unresolved` when the connection is disabled or
+/// expired for the run's tenant or its credential cannot be read.
+async fn resolve(ctx: &Ctx, conn: &ConnectionDef) -> Result<Option<Credential>, JobError> {
+    let state = ctx
+        .docket
+        .store()
+        .connection_state(ctx.tenant().to_string(), conn.name.clone())
+        .await
+        .map_err(|e| {
+            JobError::unavailable(format!(
+                "store: cannot read the state of connection `{}`: {e}",
+                conn.name
+            ))
+        })?;
+    if let Some(s) = state.filter(|s| !s.status.is_usable()) {
+        let what = match s.status {
+            ConnectionStatus::Expired => "has expired credentials",
+            _ => "is disabled",
+        };
+        return Err(JobError::new(
+            ErrorClass::ConnectionUnresolved,
+            format!(
+                "connection `{}` {what} (set by {} at {}{}): re-authorize the connection, then retry the run; no request was sent",
+                conn.name,
+                s.updated_by,
+                s.updated_at,
+                s.comment.map(|c| format!(": {c}")).unwrap_or_default()
+            ),
+        ));
+    }
+    conn.credential().map_err(|why| {
+        JobError::new(
+            ErrorClass::ConnectionUnresolved,
+            format!(
+                "connection `{}` cannot be resolved: {why}; re-authorize the connection (provide its credential), then retry the run; no request was sent",
+                conn.name
+            ),
+        )
+    })
+}
+
+/// Runs one attempt of an HTTP job.
+pub(crate) async fn run(
+    shared: Arc<Shared>,
+    job: String,
+    ctx: Ctx,
+    input: Value,
+) -> Result<Value, JobError> {
+    let spec = shared
+        .compiled
+        .jobs
+        .get(&job)
+        .ok_or_else(|| JobError::permanent(format!("HTTP job `{job}` is not configured")))?;
+    let conn = spec
+        .connection
+        .as_ref()
+        .and_then(|c| shared.compiled.connections.get(c));
+    let credential = match conn {
+        Some(c) => resolve(&ctx, c)
+            .await
+            .map_err(|e| e.in_action(spec.action.clone()))?,
+        None => None,
+    };
+    let mut data = json!({
+        "input": input,
+        "variables": ctx.variables(),
+        "job": spec.name,
+        "run_id": ctx.run_id().to_string(),
+        "tenant": ctx.tenant(),
+        "correlation_id": ctx.correlation_id(),
+    });
+    let with_action = |e: JobError| e.in_action(spec.action.clone());
+    if let Some(w) = &spec.when {
+        if !decide(w, "when", &data).map_err(with_action)? {
+            let reason = format!(
+                "condition `when` ({}) is false: the request was not sent",
+                w.source
+            );
+            ctx.skip_step(spec.action.clone(), reason.clone()).await?;
+            return Ok(json!({ "sent": false, "skipped": true, "reason": reason }));
+        }
+    }
+    let key = shared
+        .compiled
+        .templates
+        .render(&spec.key_template, &data)
+        .map_err(|e| with_action(invalid("template", e)))?;
+    if key.trim().is_empty() {
+        return Err(with_action(JobError::invalid_input(
+            "the idempotency key template renders to an empty key",
+        )));
+    }
+    data["idempotency_key"] = Value::String(key.clone());
+    let request = render_request(&shared, &spec.request, conn, &data, &key).map_err(with_action)?;
+    let reconcile_request = match &spec.reconcile {
+        Some(r) => {
+            Some(render_request(&shared, &r.request, conn, &data, &key).map_err(with_action)?)
+        }
+        None => None,
+    };
+    if let Some(a) = &spec.approval {
+        if decide(a, "approval", &data).map_err(with_action)? {
+            let ask = json!({
+                "kind": "approval",
+                "job": spec.name,
+                "action": spec.action,
+                "condition": a.source,
+                "connection": spec.connection,
+                "idempotency_key": key,
+                "request": request.describe(),
+                "on_reject": match spec.on_reject { OnReject::Fail => "fail", OnReject::Complete => "complete" },
+                "message": format!("approve to send this request; reject to {}", match spec.on_reject {
+                    OnReject::Fail => "fail the run (reason rejected)",
+                    OnReject::Complete => "complete the run without sending it",
+                }),
+            });
+            match ctx.wait_for_input("approval", ask).await? {
+                InputDecision::Approved(_) => {}
+                InputDecision::Rejected(decision) => match spec.on_reject {
+                    OnReject::Fail => {
+                        return Err(with_action(JobError::terminal(
+                            TerminalReason::Rejected,
+                            format!(
+                                "an operator rejected the request of `{}` (approval: {}); it was not sent",
+                                spec.action, a.source
+                            ),
+                        )))
+                    }
+                    OnReject::Complete => {
+                        ctx.skip_step(
+                            spec.action.clone(),
+                            "an operator rejected the request: it was not sent",
+                        )
+                        .await?;
+                        return Ok(json!({ "sent": false, "rejected": true, "decision": decision }));
+                    }
+                },
+            }
+        }
+    }
+
+    let breaker = conn.and_then(|c| shared.breakers.get(&c.name).cloned());
+    let mut probe = false;
+    if let (Some(b), Some(c)) = (&breaker, conn) {
+        let probe_ms = request.timeout.as_millis() as u64
+            + reconcile_request
+                .as_ref()
+                .map(|r| r.timeout.as_millis() as u64)
+                .unwrap_or(0)
+            + 1_000;
+        match b.admit(ctx.docket.clock().now(), probe_ms) {
+            Admission::Defer { until } => {
+                return Err(with_action(JobError::circuit_open(
+                    c.name.clone(),
+                    until,
+                    format!(
+                        "the circuit breaker of connection `{}` is open until {}: the request was not sent",
+                        c.name, until
+                    ),
+                )));
+            }
+            Admission::Send {
+                probe: p,
+                transition,
+            } => {
+                probe = p;
+                if let Some(t) = transition {
+                    breaker_event(&ctx, &c.name, &t, None).await;
+                }
+            }
+        }
+    }
+
+    let tracker = Arc::new(Mutex::new(Tracker::default()));
+    let secret = credential.as_ref().map(|c| c.secret.clone());
+    let cred = credential.map(|c| (c.header, c.value));
+    let sender = Sender {
+        client: shared.client.clone(),
+        ctx: ctx.clone(),
+        connection: spec.connection.clone(),
+        action: spec.action.clone(),
+        credential: cred,
+        secret,
+        tracker: tracker.clone(),
+        max_body: spec.max_response_bytes,
+        probe,
+    };
+    let result = match (&spec.reconcile, reconcile_request) {
+        (Some(r), Some(rreq)) => {
+            let s2 = sender.clone();
+            ctx.action_with_reconcile(
+                spec.action.clone(),
+                key.clone(),
+                None,
+                move |k| async move { s2.reconcile(r, rreq, k).await },
+                |k| sender.send(spec, request, k),
+            )
+            .await
+        }
+        _ => {
+            ctx.action(spec.action.clone(), key.clone(), |k| {
+                sender.send(spec, request, k)
+            })
+            .await
+        }
+    };
+
+    if let (Some(b), Some(c)) = (&breaker, conn) {
+        let (requests, transient) = {
+            let t = tracker.lock().unwrap_or_else(|p| p.into_inner());
+            (t.requests, t.last_transient)
+        };
+        if requests == 0 {
+            if probe {
+                b.release_probe();
+            }
+        } else if let Some(t) = b.record(ctx.docket.clock().now(), probe, transient) {
+            let cause = result.as_ref().err().map(|e| e.class);
+            breaker_event(&ctx, &c.name, &t, cause).await;
+        }
+    }
+
+    match result? {
+        Stepped::Done(v) => Ok(v),
+        Stepped::Skipped { comment } => Ok(json!({
+            "sent": false,
+            "skipped_by_operator": true,
+            "comment": comment,
+        })),
+    }
+}
+
+async fn breaker_event(ctx: &Ctx, connection: &str, t: &Transition, cause: Option<ErrorClass>) {
+    let (kind, data) = match t {
+        Transition::Opened {
+            until,
+            failures,
+            reopened,
+        } => (
+            "circuit_opened",
+            json!({
+                "connection": connection,
+                "from": if *reopened { "half_open" } else { "closed" },
+                "failures": failures,
+                "reset_at": until,
+                "reset_at_rfc3339": until.to_rfc3339(),
+                "cause": cause.map(|c| c.as_str()),
+            }),
+        ),
+        Transition::HalfOpen => (
+            "circuit_half_open",
+            json!({ "connection": connection, "probe_run": ctx.run_id() }),
+        ),
+        Transition::Closed => ("circuit_closed", json!({ "connection": connection })),
+    };
+    evidence(ctx, kind, data).await;
+}
+
+/// Records an evidence event; a failure to record (the attempt lost its
+/// lease) is logged, and the attempt's own next write reports it.
+async fn evidence(ctx: &Ctx, kind: &str, data: Value) {
+    if let Err(e) = ctx.record_event(kind, data).await {
+        tracing::warn!(run = %ctx.run_id(), kind, error = %e, "could not record an evidence event");
+    }
+}
+
+fn redact(s: &str, secret: Option<&str>) -> String {
+    match secret {
+        Some(sec) if sec.len() >= 4 && s.contains(sec) => s.replace(sec, REDACTED),
+        _ => s.to_string(),
+    }
+}
+
+fn cut(s: &str, max: usize) -> (&str, bool) {
+    if s.len() <= max {
+        return (s, false);
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    (&s[..end], true)
+}
+
+/// Sends requests for one attempt and records their evidence.
+#[derive(Clone)]
+struct Sender {
+    client: reqwest::Client,
+    ctx: Ctx,
+    connection: Option<String>,
+    action: String,
+    credential: Option<(HeaderName, HeaderValue)>,
+    secret: Option<String>,
+    tracker: Arc<Mutex<Tracker>>,
+    max_body: usize,
+    probe: bool,
+}
+
+impl Sender {
+    async fn exchange(&self, req: &Prepared) -> Result<Answer, reqwest::Error> {
+        let mut rb = self.client.request(req.method.clone(), &req.url);
+        for (k, v) in &req.headers {
+            rb = rb.header(k.clone(), v.clone());
+        }
+        if let Some((k, v)) = &self.credential {
+            rb = rb.header(k.clone(), v.clone());
+        }
+        rb = match &req.body {
+            Some(PreparedBody::Json(v)) => rb.json(v),
+            Some(PreparedBody::Text(t)) => rb.body(t.clone()),
+            None => rb,
+        };
+        let mut resp = rb.send().await?;
+        let status = resp.status().as_u16();
+        let retry_after = resp
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .map(String::from);
+        let mut body = Vec::new();
+        let mut truncated = false;
+        while let Some(chunk) = resp.chunk().await? {
+            let room = self.max_body - body.len();
+            if chunk.len() > room {
+                body.extend_from_slice(&chunk[..room]);
+                truncated = true;
+                break;
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(Answer {
+            status,
+            retry_after,
+            body,
+            truncated,
+        })
+    }
+
+    /// One exchange with its evidence event. `Err` is a transport failure
+    /// (class, message).
+    async fn attempt(
+        &self,
+        purpose: &str,
+        req: &Prepared,
+        key: &str,
+        classify: impl Fn(u16) -> Verdict,
+    ) -> (Result<(Answer, Verdict), (ErrorClass, String)>, Value) {
+        let started = Instant::now();
+        let out = tokio::time::timeout(req.timeout, self.exchange(req)).await;
+        let duration_ms = started.elapsed().as_millis() as u64;
+        let secret = self.secret.as_deref();
+        let url = redact(&req.url, secret);
+        let mut ev = json!({
+            "purpose": purpose,
+            "action": self.action,
+            "connection": self.connection,
+            "method": req.method.as_str(),
+            "url": url,
+            "idempotency_key": key,
+            "attempt": self.ctx.attempt(),
+            "probe": self.probe,
+            "duration_ms": duration_ms,
+        });
+        let res = match out {
+            Err(_) => Err((
+                ErrorClass::Timeout,
+                format!(
+                    "{} {url}: no answer within {} ms (the request may or may not have been processed)",
+                    req.method,
+                    req.timeout.as_millis()
+                ),
+            )),
+            Ok(Err(e)) => {
+                let class = transport_class(&e);
+                let mut chain = e.to_string();
+                let mut src = std::error::Error::source(&e);
+                while let Some(s) = src {
+                    chain.push_str(&format!(": {s}"));
+                    src = s.source();
+                }
+                Err((class, redact(&format!("{} {url}: {chain}", req.method), secret)))
+            }
+            Ok(Ok(a)) => {
+                let v = classify(a.status);
+                Ok((a, v))
+            }
+        };
+        match &res {
+            Err((class, msg)) => {
+                ev["status"] = Value::Null;
+                ev["class"] = json!(class.as_str());
+                ev["error"] = json!(msg);
+            }
+            Ok((a, v)) => {
+                let text = redact(&String::from_utf8_lossy(&a.body), secret);
+                let (excerpt, cut_short) = cut(&text, EXCERPT_BYTES);
+                ev["status"] = json!(a.status);
+                ev["class"] = json!(v.as_str());
+                ev["body_excerpt"] = json!(excerpt);
+                ev["body_bytes"] = json!(a.body.len());
+                ev["body_truncated"] = json!(cut_short || a.truncated);
+                if let Some(ra) = &a.retry_after {
+                    ev["retry_after"] = json!(ra);
+                }
+            }
+        }
+        {
+            let mut t = self.tracker.lock().unwrap_or_else(|p| p.into_inner());
+            t.requests += 1;
+            t.last_transient = match &res {
+                Err((c, _)) => c.is_retryable(),
+                Ok((_, Verdict::Failure(c))) => c.is_retryable(),
+                Ok((_, Verdict::Ok)) => false,
+            };
+        }
+        (res, ev)
+    }
+
+    fn parsed_body(&self, a: &Answer) -> Value {
+        let text = String::from_utf8_lossy(&a.body);
+        serde_json::from_str(&text).unwrap_or_else(|_| Value::String(text.into_owned()))
+    }
+
+    async fn send(&self, spec: &JobSpec, req: Prepared, key: String) -> Result<Value, JobError> {
+        let (res, ev) = self
+            .attempt("request", &req, &key, |s| spec.classify.classify(s))
+            .await;
+        evidence(&self.ctx, "http_response", ev).await;
+        let (a, verdict) = match res {
+            Err((class, msg)) => return Err(JobError::new(class, msg)),
+            Ok(x) => x,
+        };
+        let body = self.parsed_body(&a);
+        let result = |extra: Option<(&str, Value)>| {
+            let mut v = json!({ "status": a.status, "body": body });
+            if a.truncated {
+                v["body_truncated"] = json!(true);
+            }
+            if let Some((k, x)) = extra {
+                v[k] = x;
+            }
+            v
+        };
+        match verdict {
+            Verdict::Ok => Ok(result(None)),
+            // Already done (e.g. a 409 the job maps to `duplicate`): the
+            // action is committed, not failed.
+            Verdict::Failure(ErrorClass::Duplicate) => Ok(result(Some(("duplicate", json!(true))))),
+            Verdict::Failure(class) => {
+                let secret = self.secret.as_deref();
+                let text = redact(&String::from_utf8_lossy(&a.body), secret);
+                let (excerpt, more) = cut(text.trim(), MESSAGE_EXCERPT);
+                let msg = format!(
+                    "HTTP {} from {} {}{}{}",
+                    a.status,
+                    req.method,
+                    redact(&req.url, secret),
+                    if excerpt.is_empty() { "" } else { ": " },
+                    excerpt
+                ) + if more { "…" } else { "" };
+                let reset: Option<Timestamp> = a
+                    .retry_after
+                    .as_deref()
+                    .and_then(|v| retry_after(v, self.ctx.docket.clock().now()));
+                let mut e = JobError::new(class, msg);
+                e.retry_after = reset;
+                Err(e)
+            }
+        }
+    }
+
+    async fn reconcile(
+        &self,
+        spec: &ReconcileSpec,
+        req: Prepared,
+        key: String,
+    ) -> Result<Reconciled, JobError> {
+        let (res, mut ev) = self
+            .attempt("reconcile", &req, &key, super::classify::default_verdict)
+            .await;
+        let finding = match &res {
+            Err(_) => Reconciled::StillUnknown,
+            Ok((a, _)) => {
+                let body = self.parsed_body(a);
+                let data = json!({ "status": a.status, "body": body });
+                let pointer_ok = spec
+                    .found_pointer
+                    .as_deref()
+                    .map(|p| body.pointer(p).is_some_and(|v| !v.is_null()));
+                let found = match &spec.found_when {
+                    Some(c) => c.eval(&data) == Ok(true) && pointer_ok.unwrap_or(true),
+                    None => (200..300).contains(&a.status) && pointer_ok.unwrap_or(true),
+                };
+                if found {
+                    Reconciled::Committed(
+                        json!({ "status": a.status, "body": body, "reconciled": true }),
+                    )
+                } else if spec.not_found_when.eval(&data) == Ok(true) {
+                    Reconciled::NotDone
+                } else {
+                    Reconciled::StillUnknown
+                }
+            }
+        };
+        ev["finding"] = json!(match &finding {
+            Reconciled::Committed(_) => "committed",
+            Reconciled::NotDone => "not_done",
+            Reconciled::StillUnknown => "still_unknown",
+        });
+        evidence(&self.ctx, "http_response", ev).await;
+        Ok(finding)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redact_and_cut() {
+        assert_eq!(
+            redact("Bearer tok-1234 x", Some("tok-1234")),
+            "Bearer [redacted] x"
+        );
+        assert_eq!(redact("abc", Some("ab")), "abc");
+        assert_eq!(redact("abc", None), "abc");
+        let s = "é".repeat(2000);
+        let (c, more) = cut(&s, EXCERPT_BYTES);
+        assert!(more && c.len() <= EXCERPT_BYTES && c.len() >= EXCERPT_BYTES - 1);
+        assert_eq!(cut("short", 10), ("short", false));
+    }
+}

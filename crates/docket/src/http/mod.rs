@@ -1,0 +1,327 @@
+//! Jobs without code: jobs whose handler is an HTTP request declared in
+//! `docket.toml` (the format is in `docs/HTTP_JOBS.md`).
+//!
+//! ```toml
+//! [connections.crm]
+//! base_url = "https://crm.example.com/api"
+//! token_env = "CRM_TOKEN"                     # sent as `Authorization: Bearer …`
+//!
+//! [jobs.send-email]
+//! connection = "crm"
+//! method = "POST"
+//! path = "/emails"
+//! idempotency_key = "{{ input.prospect_id }}/send-email/{{ input.campaign }}/v1"
+//! body = { to = "{{ input.email }}", campaign = "{{ input.campaign }}" }
+//! reconcile = { path = "/emails?key={{ idempotency_key | urlencode }}" }
+//! ```
+//!
+//! Each attempt of such a job:
+//!
+//! 1. fails at once with `connection_unresolved` (no request) when the
+//!    connection is disabled or expired for the run's tenant, or its
+//!    credential cannot be read;
+//! 2. evaluates `when`: false → the step is recorded skipped and the run
+//!    completes;
+//! 3. renders the idempotency key, URL, headers and body from the run's
+//!    input and variables (a field that is not there → `invalid_input`
+//!    naming it);
+//! 4. evaluates `approval`: true → the run waits in `needs_input` with the
+//!    request it would send; approved → sent; rejected → `on_reject`;
+//! 5. asks the connection's circuit breaker: open → rescheduled to the reset
+//!    time with reason `circuit_open`, no attempt spent;
+//! 6. sends the request as a ledger-guarded action with an `Idempotency-Key`
+//!    header (the same key on every attempt), reconciling first when an
+//!    earlier attempt left the outcome unknown; every response (and every
+//!    transport failure) is an `http_response` event with status, class,
+//!    timing and a body excerpt of at most 2 KiB, never a credential;
+//! 7. classifies the answer (see [`default_verdict`]) and lets the job's
+//!    retry policy decide.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! let docket = docket::Docket::open("sqlite://docket.db").await?;
+//! let http = docket::http::HttpJobs::load("docket.toml")?;
+//! http.install(&docket)?;
+//! for b in http.breakers() {
+//!     println!("{}: {}", b.connection, b.state.as_str());
+//! }
+//! # Ok(()) }
+//! ```
+
+mod breaker;
+mod classify;
+mod condition;
+mod config;
+mod connections;
+mod exec;
+mod schema;
+mod template;
+
+pub use breaker::{BreakerConfig, BreakerPhase, BreakerState};
+pub use classify::{default_verdict, http_date, Verdict};
+pub use config::{
+    HttpConfigError, OnReject, DEFAULT_KEY_TEMPLATE, DEFAULT_MAX_RESPONSE_BYTES, DEFAULT_TIMEOUT_MS,
+};
+pub use connections::ConnectionInfo;
+pub use exec::EXCERPT_BYTES;
+
+use crate::{Actor, Ctx, Docket, Error, Job, Result};
+use breaker::Breaker;
+use docket_core::{Clock, SystemClock};
+use docket_store::{ConnectionAudit, ConnectionChange, ConnectionState, ConnectionStatus};
+use exec::Shared;
+use serde_json::Value;
+use std::path::Path;
+use std::sync::{Arc, OnceLock};
+
+/// The HTTP jobs and connections of one `docket.toml`. Cloning is cheap and
+/// shares the breakers.
+#[derive(Clone)]
+pub struct HttpJobs {
+    shared: Arc<Shared>,
+    docket: Arc<OnceLock<Docket>>,
+}
+
+impl std::fmt::Debug for HttpJobs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpJobs")
+            .field("jobs", &self.job_names())
+            .field("connections", &self.connection_names())
+            .finish()
+    }
+}
+
+impl HttpJobs {
+    /// Reads and checks a `docket.toml`. Relative file names in it
+    /// (`secrets_file`, `input_schema_file`) are relative to its directory.
+    /// Sections other than `[connections.*]` and `[jobs.*]` are ignored
+    /// (they belong to the server). Credentials are not read here but at
+    /// each request, so a rotated secret is picked up without a restart.
+    pub fn load(path: impl AsRef<Path>) -> std::result::Result<HttpJobs, HttpConfigError> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|e| HttpConfigError {
+            file: path.display().to_string(),
+            problems: vec![("file".into(), format!("cannot read it: {e}"))],
+        })?;
+        let dir = path.parent().unwrap_or_else(|| Path::new("."));
+        Self::build(&text, &path.display().to_string(), dir)
+    }
+
+    /// Like [`HttpJobs::load`], from text; relative file names are taken
+    /// from `base_dir`.
+    pub fn from_toml(
+        text: &str,
+        base_dir: impl AsRef<Path>,
+    ) -> std::result::Result<HttpJobs, HttpConfigError> {
+        Self::build(text, "<string>", base_dir.as_ref())
+    }
+
+    fn build(text: &str, file: &str, dir: &Path) -> std::result::Result<HttpJobs, HttpConfigError> {
+        let compiled = config::compile(text, file, dir)?;
+        let breakers = compiled
+            .connections
+            .values()
+            .map(|c| {
+                (
+                    c.name.clone(),
+                    Arc::new(Breaker::new(&c.name, c.breaker.clone())),
+                )
+            })
+            .collect();
+        let client = reqwest::Client::builder()
+            // A redirect of a POST would silently become a GET: never follow.
+            .redirect(reqwest::redirect::Policy::none())
+            .user_agent(concat!("docket/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| HttpConfigError {
+                file: file.to_string(),
+                problems: vec![("http client".into(), e.to_string())],
+            })?;
+        Ok(HttpJobs {
+            shared: Arc::new(Shared {
+                compiled,
+                breakers,
+                client,
+            }),
+            docket: Arc::new(OnceLock::new()),
+        })
+    }
+
+    /// The configured job names, sorted.
+    pub fn job_names(&self) -> Vec<String> {
+        self.shared.compiled.jobs.keys().cloned().collect()
+    }
+
+    /// The configured connection names, sorted.
+    pub fn connection_names(&self) -> Vec<String> {
+        self.shared.compiled.connections.keys().cloned().collect()
+    }
+
+    /// The engine jobs (handler, retry policy, timeout, lease, input schema
+    /// check), to register yourself; [`HttpJobs::install`] does it for you.
+    pub fn jobs(&self) -> Vec<Job> {
+        self.shared
+            .compiled
+            .jobs
+            .values()
+            .map(|spec| {
+                let shared = self.shared.clone();
+                let name = spec.name.clone();
+                let mut job = Job::new(spec.name.clone(), move |ctx: Ctx, input: Value| {
+                    exec::run(shared.clone(), name.clone(), ctx, input)
+                })
+                .retry(spec.policy.clone())
+                .timeout(spec.job_timeout)
+                .lease(spec.lease);
+                if let Some(schema) = spec.schema.clone() {
+                    job = job.validate(move |input| schema.check(input));
+                }
+                job
+            })
+            .collect()
+    }
+
+    /// Registers every job on `docket` (replacing jobs of the same names)
+    /// and binds the connection functions below to its store and clock.
+    pub fn install(&self, docket: &Docket) -> Result<()> {
+        for job in self.jobs() {
+            docket.register(job)?;
+        }
+        let _ = self.docket.set(docket.clone());
+        Ok(())
+    }
+
+    fn installed(&self) -> Result<&Docket> {
+        self.docket.get().ok_or_else(|| {
+            Error::InvalidInput("HttpJobs is not installed on a Docket: call install first".into())
+        })
+    }
+
+    fn now(&self) -> docket_core::Timestamp {
+        match self.docket.get() {
+            Some(d) => d.clock().now(),
+            None => SystemClock.now(),
+        }
+    }
+
+    /// Every connection's circuit breaker, by connection name. The state is
+    /// this process's (see the `breaker` docs for several processes).
+    pub fn breakers(&self) -> Vec<BreakerState> {
+        let now = self.now();
+        self.shared
+            .breakers
+            .values()
+            .map(|b| b.state(now))
+            .collect()
+    }
+
+    fn connection_def(&self, name: &str) -> Result<&connections::ConnectionDef> {
+        self.shared.compiled.connections.get(name).ok_or_else(|| {
+            Error::InvalidInput(format!(
+                "unknown connection `{name}` (known: {})",
+                self.connection_names().join(", ")
+            ))
+        })
+    }
+
+    /// One connection as a tenant sees it: base URL, where its credential
+    /// comes from (never the value), its status, breaker and jobs.
+    pub async fn connection(&self, tenant: &str, name: &str) -> Result<ConnectionInfo> {
+        let def = self.connection_def(name)?;
+        let docket = self.installed()?;
+        let state = docket
+            .store()
+            .connection_state(tenant.to_string(), name.to_string())
+            .await?;
+        let jobs = self
+            .shared
+            .compiled
+            .jobs
+            .values()
+            .filter(|j| j.connection.as_deref() == Some(name))
+            .map(|j| j.name.clone())
+            .collect();
+        let breaker = self.shared.breakers[name].state(self.now());
+        Ok(def.info(tenant, state, breaker, jobs))
+    }
+
+    /// Every connection as a tenant sees it, by name.
+    pub async fn connections(&self, tenant: &str) -> Result<Vec<ConnectionInfo>> {
+        let mut out = Vec::new();
+        for name in self.connection_names() {
+            out.push(self.connection(tenant, &name).await?);
+        }
+        Ok(out)
+    }
+
+    /// Sets a connection's status for a tenant, with an audit record (who,
+    /// when, comment). Stored in the database: it survives restarts and
+    /// every process sharing the store sees it at its runs' next attempt.
+    pub async fn set_connection_status(
+        &self,
+        tenant: &str,
+        name: &str,
+        status: ConnectionStatus,
+        actor: &Actor,
+    ) -> Result<ConnectionState> {
+        self.connection_def(name)?;
+        let docket = self.installed()?;
+        Ok(docket
+            .store()
+            .set_connection_status(ConnectionChange {
+                tenant: tenant.to_string(),
+                name: name.to_string(),
+                status,
+                actor: actor.name.clone(),
+                comment: actor.comment.clone(),
+                now: docket.clock().now(),
+            })
+            .await?)
+    }
+
+    /// Enables a connection (e.g. after re-authorizing it); failed runs can
+    /// then be retried.
+    pub async fn enable_connection(
+        &self,
+        tenant: &str,
+        name: &str,
+        actor: &Actor,
+    ) -> Result<ConnectionState> {
+        self.set_connection_status(tenant, name, ConnectionStatus::Enabled, actor)
+            .await
+    }
+
+    /// Disables a connection: runs that need it fail `connection_unresolved`
+    /// before any request.
+    pub async fn disable_connection(
+        &self,
+        tenant: &str,
+        name: &str,
+        actor: &Actor,
+    ) -> Result<ConnectionState> {
+        self.set_connection_status(tenant, name, ConnectionStatus::Disabled, actor)
+            .await
+    }
+
+    /// Marks a connection's credentials expired: runs that need it fail
+    /// `connection_unresolved` until it is enabled again.
+    pub async fn expire_connection(
+        &self,
+        tenant: &str,
+        name: &str,
+        actor: &Actor,
+    ) -> Result<ConnectionState> {
+        self.set_connection_status(tenant, name, ConnectionStatus::Expired, actor)
+            .await
+    }
+
+    /// A connection's audit trail for a tenant, oldest first.
+    pub async fn connection_audit(&self, tenant: &str, name: &str) -> Result<Vec<ConnectionAudit>> {
+        self.connection_def(name)?;
+        Ok(self
+            .installed()?
+            .store()
+            .connection_audit(tenant.to_string(), name.to_string())
+            .await?)
+    }
+}
