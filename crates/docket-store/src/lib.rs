@@ -18,12 +18,14 @@ pub mod model;
 #[cfg(feature = "postgres")]
 pub mod postgres;
 pub mod sqlite;
+pub mod stats;
 pub mod tokens;
 
 pub use connections::{
     ConnectionAudit, ConnectionChange, ConnectionState, ConnectionStatus, ConnectionStore,
 };
 pub use model::*;
+pub use stats::{BucketCount, ClassCount, RunScan, ScanPage, StatsStore, WindowQuery, WindowStats};
 pub use tokens::{NewToken, TokenRecord, TokenStore};
 
 use async_trait::async_trait;
@@ -100,7 +102,7 @@ pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 /// Implemented by [`sqlite::SqliteStore`] and (with the `postgres` feature)
 /// `postgres::PgStore`. Both pass the same conformance suite.
 #[async_trait]
-pub trait Store: TokenStore + ConnectionStore + Send + Sync + 'static {
+pub trait Store: TokenStore + ConnectionStore + StatsStore + Send + Sync + 'static {
     /// `"sqlite"` or `"postgres"`.
     fn backend(&self) -> &'static str;
 

@@ -36,6 +36,7 @@ mod connections;
 mod durable;
 mod hot;
 mod ops;
+mod stats;
 mod tokens;
 
 use crate::{

@@ -11,6 +11,7 @@
 
 mod connections;
 mod ops;
+mod stats;
 mod tokens;
 
 use crate::{
