@@ -41,6 +41,7 @@ impl Condition {
     pub(crate) fn compile(source: &str, roots: &[&str]) -> Result<Condition, String> {
         let node = build_operator_tree::<DefaultNumericTypes>(source)
             .map_err(|e| format!("cannot parse `{source}`: {e}"))?;
+        check_shape(&node, source)?;
         let reads: Vec<String> = node
             .iter_read_variable_identifiers()
             .map(String::from)
@@ -87,6 +88,44 @@ impl Condition {
             ConditionError::Invalid(format!("`{}` cannot be evaluated: {e}", self.source))
         })
     }
+}
+
+/// evalexpr parses an incomplete expression (`a >`) into a tree with a
+/// missing operand and only fails when evaluating it: refuse such trees (and
+/// assignments) at load instead.
+fn check_shape(node: &Node<DefaultNumericTypes>, source: &str) -> Result<(), String> {
+    use evalexpr::Operator::*;
+    let n = node.children().len();
+    let want = match node.operator() {
+        Add | Sub | Mul | Div | Mod | Exp | Eq | Neq | Gt | Lt | Geq | Leq | And | Or => Some(2),
+        Not | Neg | FunctionIdentifier { .. } => Some(1),
+        RootNode if n == 0 => return Err(format!("`{source}` is empty")),
+        Assign
+        | AddAssign
+        | SubAssign
+        | MulAssign
+        | DivAssign
+        | ModAssign
+        | ExpAssign
+        | AndAssign
+        | OrAssign
+        | VariableIdentifierWrite { .. } => {
+            return Err(format!(
+                "`{source}` assigns: a condition may only read values"
+            ))
+        }
+        _ => None,
+    };
+    if want.is_some_and(|w| w != n) {
+        return Err(format!(
+            "`{source}` is incomplete: `{}` needs {} operand(s)",
+            node.operator(),
+            want.unwrap_or(0)
+        ));
+    }
+    node.children()
+        .iter()
+        .try_for_each(|c| check_shape(c, source))
 }
 
 /// The value at a dotted path (`input.items.0.sku`); numeric segments index

@@ -4,6 +4,10 @@
 //! first when an earlier attempt left its outcome unknown), recording every
 //! response as evidence.
 
+// `JobError` is the engine's handler error (152 bytes); boxing it here
+// would only be unboxed again at the engine's boundary.
+#![allow(clippy::result_large_err)]
+
 use super::breaker::{Admission, Breaker, Transition};
 use super::classify::{retry_after, transport_class, Verdict};
 use super::condition::{Condition, ConditionError};
@@ -579,9 +583,11 @@ impl Sender {
         (res, ev)
     }
 
+    /// The body as JSON (or text), with the credential redacted should the
+    /// provider echo it: it becomes the action's stored result.
     fn parsed_body(&self, a: &Answer) -> Value {
-        let text = String::from_utf8_lossy(&a.body);
-        serde_json::from_str(&text).unwrap_or_else(|_| Value::String(text.into_owned()))
+        let text = redact(&String::from_utf8_lossy(&a.body), self.secret.as_deref());
+        serde_json::from_str(&text).unwrap_or(Value::String(text))
     }
 
     async fn send(&self, spec: &JobSpec, req: Prepared, key: String) -> Result<Value, JobError> {

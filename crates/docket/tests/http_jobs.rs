@@ -1,0 +1,1360 @@
+//! HTTP jobs from `docket.toml` against a real HTTP server spawned by each
+//! test on 127.0.0.1, which misbehaves on demand: timeouts, 429 with
+//! Retry-After, 5xx, 4xx, connection resets, and a call that commits and
+//! then never answers. Time is the injected manual clock; the only real
+//! waiting is a request timeout of a few hundred milliseconds where a test
+//! needs the server to not answer.
+
+use docket::http::{http_date, BreakerPhase, HttpJobs, EXCERPT_BYTES};
+use docket::{
+    Actor, Clock, Docket, ErrorClass, History, LedgerState, ManualClock, Run, RunId, RunStatus,
+    TerminalReason, Timestamp, TriggerOptions, WorkerConfig,
+};
+use docket_store::sqlite::SqliteStore;
+use docket_store::ConnectionStatus;
+use serde_json::{json, Value};
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
+
+const T0: Timestamp = Timestamp(1_767_225_600_000);
+const SECRET: &str = "s3cr3t-token-value";
+
+// ---------------------------------------------------------------- server
+
+/// One request as the server saw it.
+#[derive(Clone, Debug)]
+struct Seen {
+    method: String,
+    target: String,
+    headers: HashMap<String, String>,
+    body: String,
+}
+
+/// How the server answers the next scripted request.
+#[derive(Clone, Debug)]
+enum Reply {
+    Status(u16, Vec<(&'static str, String)>, String),
+    /// Never answer (until the test ends).
+    Hang,
+    /// Close the connection with a TCP reset, without answering.
+    Reset,
+    /// Record a charge under the request's Idempotency-Key, then never
+    /// answer: the effect landed, the caller times out.
+    CommitThenHang,
+}
+
+fn status(code: u16) -> Reply {
+    Reply::Status(code, vec![], format!("{{\"status\": {code}}}"))
+}
+
+#[derive(Default)]
+struct ServerState {
+    seen: Mutex<Vec<Seen>>,
+    script: Mutex<VecDeque<Reply>>,
+    charges: Mutex<HashMap<String, Value>>,
+    stop: Notify,
+}
+
+struct TestServer {
+    addr: SocketAddr,
+    state: Arc<ServerState>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.state.stop.notify_waiters();
+        self.accept.abort();
+    }
+}
+
+impl TestServer {
+    async fn start() -> TestServer {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(ServerState::default());
+        let st = state.clone();
+        let accept = tokio::spawn(async move {
+            while let Ok((sock, _)) = listener.accept().await {
+                tokio::spawn(serve(sock, st.clone()));
+            }
+        });
+        TestServer {
+            addr,
+            state,
+            accept,
+        }
+    }
+
+    fn base(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn push(&self, r: Reply) {
+        self.state.script.lock().unwrap().push_back(r);
+    }
+
+    fn seen(&self) -> Vec<Seen> {
+        self.state.seen.lock().unwrap().clone()
+    }
+
+    /// Requests other than reconcile lookups (`GET /charges?…`).
+    fn sends(&self) -> Vec<Seen> {
+        self.seen()
+            .into_iter()
+            .filter(|s| !(s.method == "GET" && s.target.starts_with("/api/charges?")))
+            .collect()
+    }
+}
+
+async fn read_request(sock: &mut TcpStream) -> Option<Seen> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let n = sock.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+    let mut lines = head.split("\r\n");
+    let mut first = lines.next()?.split(' ');
+    let method = first.next()?.to_string();
+    let target = first.next()?.to_string();
+    let headers: HashMap<String, String> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let len: usize = headers
+        .get("content-length")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    while buf.len() < head_end + len {
+        let n = sock.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    Some(Seen {
+        method,
+        target,
+        headers,
+        body: String::from_utf8_lossy(&buf[head_end..head_end + len]).to_string(),
+    })
+}
+
+async fn respond(sock: &mut TcpStream, code: u16, headers: &[(&str, String)], body: &str) {
+    let mut out = format!(
+        "HTTP/1.1 {code} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        out.push_str(&format!("{k}: {v}\r\n"));
+    }
+    out.push_str("\r\n");
+    out.push_str(body);
+    let _ = sock.write_all(out.as_bytes()).await;
+    let _ = sock.shutdown().await;
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8(out).unwrap()
+}
+
+async fn hang(state: &ServerState) {
+    // Bounded: the test's own request timeout is far shorter.
+    tokio::select! {
+        _ = state.stop.notified() => {}
+        _ = tokio::time::sleep(Duration::from_secs(30)) => {}
+    }
+}
+
+async fn serve(mut sock: TcpStream, st: Arc<ServerState>) {
+    let Some(req) = read_request(&mut sock).await else {
+        return;
+    };
+    st.seen.lock().unwrap().push(req.clone());
+    let key = req
+        .headers
+        .get("idempotency-key")
+        .cloned()
+        .unwrap_or_default();
+    let path = req.target.strip_prefix("/api").unwrap_or(&req.target);
+    // Reconcile lookups answer from what was committed.
+    if req.method == "GET" {
+        if let Some(q) = path.strip_prefix("/charges?key=") {
+            let found = st.charges.lock().unwrap().get(&percent_decode(q)).cloned();
+            return match found {
+                Some(c) => {
+                    respond(
+                        &mut sock,
+                        200,
+                        &[],
+                        &json!({"found": true, "charge": c}).to_string(),
+                    )
+                    .await
+                }
+                None => respond(&mut sock, 404, &[], r#"{"found": false}"#).await,
+            };
+        }
+    }
+    let reply = st.script.lock().unwrap().pop_front();
+    match reply {
+        None => {
+            // Echoes what it got — including the credential, which Docket
+            // must redact from its evidence.
+            let body: Value = serde_json::from_str(&req.body).unwrap_or(Value::Null);
+            let auth = req.headers.get("authorization").cloned();
+            if path.starts_with("/charges") {
+                st.charges.lock().unwrap().insert(key.clone(), body.clone());
+            }
+            let out = json!({"ok": true, "received": body, "auth_seen": auth});
+            respond(&mut sock, 200, &[], &out.to_string()).await;
+        }
+        Some(Reply::Status(code, headers, body)) => respond(&mut sock, code, &headers, &body).await,
+        Some(Reply::Hang) => hang(&st).await,
+        Some(Reply::Reset) => {
+            let _ = sock.set_zero_linger();
+            drop(sock);
+        }
+        Some(Reply::CommitThenHang) => {
+            let body: Value = serde_json::from_str(&req.body).unwrap_or(Value::Null);
+            st.charges.lock().unwrap().insert(key, body);
+            hang(&st).await;
+        }
+    }
+}
+
+// ---------------------------------------------------------------- engine
+
+struct Env {
+    docket: Docket,
+    clock: ManualClock,
+    http: HttpJobs,
+    server: TestServer,
+    dir: PathBuf,
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn temp_dir() -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("docket-http-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("secrets.toml"), format!("crm = \"{SECRET}\"\n")).unwrap();
+    dir
+}
+
+/// The `crm` connection (credential from a secrets file; breaker settings
+/// given) plus `jobs`, with `{base}` replaced by the server's URL.
+fn config(server: &TestServer, breaker: &str, jobs: &str) -> String {
+    format!(
+        "[connections.crm]\nbase_url = \"{base}/api\"\nsecrets_file = \"secrets.toml\"\nsecret = \"crm\"\nbreaker = {breaker}\n\n{jobs}",
+        base = server.base()
+    )
+    .replace("{base}", &server.base())
+}
+
+async fn setup_with(breaker: &str, jobs: &str) -> Env {
+    let server = TestServer::start().await;
+    let dir = temp_dir();
+    let http = HttpJobs::from_toml(&config(&server, breaker, jobs), &dir).unwrap();
+    let clock = ManualClock::new(T0);
+    let store = Arc::new(SqliteStore::open_in_memory().unwrap());
+    let docket = Docket::with_store(store, Arc::new(clock.clone()));
+    http.install(&docket).unwrap();
+    Env {
+        docket,
+        clock,
+        http,
+        server,
+        dir,
+    }
+}
+
+async fn setup(jobs: &str) -> Env {
+    setup_with("{ failures = 0 }", jobs).await
+}
+
+impl Env {
+    async fn trigger(&self, job: &str, input: Value) -> RunId {
+        self.docket.trigger(job, input).await.unwrap().run.id
+    }
+
+    async fn tick(&self) -> usize {
+        self.docket
+            .worker(WorkerConfig {
+                concurrency: 1,
+                prefetch: 0,
+                ..Default::default()
+            })
+            .tick()
+            .await
+            .unwrap()
+    }
+
+    async fn run(&self, id: RunId) -> Run {
+        self.docket.get_run(id).await.unwrap()
+    }
+
+    async fn history(&self, id: RunId) -> History {
+        self.docket.history(id).await.unwrap()
+    }
+
+    /// Moves the clock to the run's `run_after` and runs it once.
+    async fn next_attempt(&self, id: RunId) -> Run {
+        let r = self.run(id).await;
+        assert_eq!(r.status, RunStatus::Pending, "{r:?}");
+        if r.run_after > self.clock.now() {
+            self.clock.set(r.run_after);
+        }
+        assert_eq!(self.tick().await, 1);
+        self.run(id).await
+    }
+
+    async fn events(&self, id: RunId, kind: &str) -> Vec<Value> {
+        self.history(id)
+            .await
+            .events
+            .into_iter()
+            .filter(|e| e.kind == kind)
+            .map(|e| e.data)
+            .collect()
+    }
+}
+
+fn actor(comment: &str) -> Actor {
+    Actor::new("ops", Some(comment.to_string()))
+}
+
+fn no_backoff() -> &'static str {
+    "retry = { base_delay_ms = 1000, multiplier = 1.0, max_delay_ms = 1000, jitter_ms = 0, max_attempts = 5 }"
+}
+
+// ---------------------------------------------------------------- tests
+
+/// Method, URL, headers and body come from templates over the run's input;
+/// the credential comes from the secrets file; the Idempotency-Key header is
+/// the business-intent key; the response is evidence without the secret.
+#[tokio::test]
+async fn a_templated_request_carries_the_intent_key_and_the_credential() {
+    let env = setup(&format!(
+        r#"
+        [jobs.send-email]
+        connection = "crm"
+        method = "PUT"
+        path = "/emails/{{{{ input.prospect_id | urlencode }}}}"
+        idempotency_key = "{{{{ input.prospect_id }}}}/send-email/{{{{ input.campaign }}}}/v1"
+        headers = {{ "X-Campaign" = "{{{{ input.campaign }}}}", "X-Region" = "{{{{ variables.region | default('eu') }}}}" }}
+        body = {{ to = "{{{{ input.email }}}}", amount = "{{{{ input.amount }}}}", greeting = "Hello {{{{ input.name }}}}", fixed = [1, "two"] }}
+        {}
+        "#,
+        no_backoff()
+    ))
+    .await;
+    let id = env
+        .trigger(
+            "send-email",
+            json!({"prospect_id": "prospect-7ca677ed25d3", "campaign": "campaign-9", "email": "ada@example.com", "amount": 12.5, "name": "Ada"}),
+        )
+        .await;
+    assert_eq!(env.tick().await, 1);
+    let run = env.run(id).await;
+    assert_eq!(run.status, RunStatus::Completed, "{run:?}");
+
+    let seen = env.server.seen();
+    assert_eq!(seen.len(), 1);
+    let s = &seen[0];
+    assert_eq!(s.method, "PUT");
+    assert_eq!(s.target, "/api/emails/prospect-7ca677ed25d3");
+    assert_eq!(
+        s.headers["idempotency-key"],
+        "prospect-7ca677ed25d3/send-email/campaign-9/v1"
+    );
+    assert_eq!(s.headers["authorization"], format!("Bearer {SECRET}"));
+    assert_eq!(s.headers["x-campaign"], "campaign-9");
+    assert_eq!(s.headers["x-region"], "eu");
+    let body: Value = serde_json::from_str(&s.body).unwrap();
+    assert_eq!(
+        body,
+        json!({"to": "ada@example.com", "amount": 12.5, "greeting": "Hello Ada", "fixed": [1, "two"]})
+    );
+
+    let out = run.output.unwrap();
+    assert_eq!(out["status"], 200);
+    assert_eq!(out["body"]["received"]["amount"], 12.5);
+
+    let h = env.history(id).await;
+    let ev: Vec<_> = h
+        .events
+        .iter()
+        .filter(|e| e.kind == "http_response")
+        .collect();
+    assert_eq!(ev.len(), 1);
+    let d = &ev[0].data;
+    assert_eq!(d["status"], 200);
+    assert_eq!(d["class"], "ok");
+    assert_eq!(d["purpose"], "request");
+    assert_eq!(d["connection"], "crm");
+    assert_eq!(
+        d["idempotency_key"],
+        "prospect-7ca677ed25d3/send-email/campaign-9/v1"
+    );
+    assert!(d["duration_ms"].is_u64());
+    assert!(d["body_excerpt"].as_str().unwrap().contains("[redacted]"));
+    // The server echoed the credential: Docket redacted it everywhere it
+    // writes — events, the action's stored result, the run's output.
+    assert_eq!(out["body"]["auth_seen"], "Bearer [redacted]");
+    let all = serde_json::to_string(&h).unwrap();
+    assert!(!all.contains(SECRET), "{all}");
+    assert_eq!(h.ledger[0].state, LedgerState::Committed);
+}
+
+/// A 503 then a 200: two requests with the SAME Idempotency-Key, the retry
+/// scheduled by the job's policy, both responses recorded.
+#[tokio::test]
+async fn the_key_is_the_same_on_every_attempt() {
+    let env = setup(&format!(
+        r#"
+        [jobs.charge]
+        connection = "crm"
+        path = "/charges"
+        idempotency_key = "order-{{{{ input.order }}}}/charge/v1"
+        body = {{ amount = "{{{{ input.amount }}}}" }}
+        {}
+        "#,
+        no_backoff()
+    ))
+    .await;
+    env.server.push(status(503));
+    let id = env
+        .trigger("charge", json!({"order": 7, "amount": 10}))
+        .await;
+    env.tick().await;
+    let r = env.run(id).await;
+    assert_eq!(r.status, RunStatus::Pending);
+    assert_eq!(r.run_after, T0.plus_millis(1_000));
+    let att = env.history(id).await.attempts;
+    assert_eq!(att[0].error_class, Some(ErrorClass::Unavailable));
+    assert_eq!(att[0].retry_reason.as_deref(), Some("backoff"));
+    assert_eq!(att[0].retry_policy.as_deref(), Some("charge"));
+    let r = env.next_attempt(id).await;
+    assert_eq!(r.status, RunStatus::Completed);
+    let keys: Vec<_> = env
+        .server
+        .sends()
+        .iter()
+        .map(|s| s.headers["idempotency-key"].clone())
+        .collect();
+    assert_eq!(keys, ["order-7/charge/v1", "order-7/charge/v1"]);
+    let statuses: Vec<_> = env
+        .events(id, "http_response")
+        .await
+        .iter()
+        .map(|e| e["status"].clone())
+        .collect();
+    assert_eq!(statuses, [json!(503), json!(200)]);
+}
+
+/// Every status class of the table, each from a real response.
+#[tokio::test]
+async fn responses_are_classified() {
+    let env = setup(&format!(
+        r#"
+        [jobs.call]
+        connection = "crm"
+        path = "/call"
+        {}
+        "#,
+        no_backoff()
+    ))
+    .await;
+    let later = T0.plus_millis(90_000);
+    let cases: Vec<(Reply, ErrorClass, Result<Timestamp, TerminalReason>)> = vec![
+        (
+            status(400),
+            ErrorClass::InvalidInput,
+            Err(TerminalReason::InvalidInput),
+        ),
+        (
+            Reply::Status(422, vec![], r#"{"error": "email is invalid"}"#.into()),
+            ErrorClass::InvalidInput,
+            Err(TerminalReason::InvalidInput),
+        ),
+        (
+            status(401),
+            ErrorClass::Unauthorized,
+            Err(TerminalReason::PermanentError),
+        ),
+        (
+            status(403),
+            ErrorClass::Unauthorized,
+            Err(TerminalReason::PermanentError),
+        ),
+        (
+            status(404),
+            ErrorClass::NotFound,
+            Err(TerminalReason::PermanentError),
+        ),
+        (
+            status(418),
+            ErrorClass::Permanent,
+            Err(TerminalReason::PermanentError),
+        ),
+        (
+            status(413),
+            ErrorClass::ContentTooLarge,
+            Err(TerminalReason::ContentTooLarge),
+        ),
+        (
+            status(502),
+            ErrorClass::Unavailable,
+            Ok(T0.plus_millis(1_000)),
+        ),
+        (
+            status(503),
+            ErrorClass::Unavailable,
+            Ok(T0.plus_millis(1_000)),
+        ),
+        (
+            status(504),
+            ErrorClass::Unavailable,
+            Ok(T0.plus_millis(1_000)),
+        ),
+        (
+            status(429),
+            ErrorClass::RateLimited,
+            Ok(T0.plus_millis(1_000)),
+        ),
+        (
+            Reply::Status(429, vec![("retry-after", "120".into())], "slow down".into()),
+            ErrorClass::RateLimited,
+            Ok(T0.plus_millis(120_000)),
+        ),
+        (
+            Reply::Status(
+                429,
+                vec![("retry-after", http_date(later))],
+                "slow down".into(),
+            ),
+            ErrorClass::RateLimited,
+            Ok(later),
+        ),
+        (
+            Reply::Status(
+                503,
+                vec![("retry-after", "60".into())],
+                "maintenance".into(),
+            ),
+            ErrorClass::Unavailable,
+            Ok(T0.plus_millis(60_000)),
+        ),
+    ];
+    for (i, (reply, class, expect)) in cases.into_iter().enumerate() {
+        let label = format!("case {i}: {reply:?}");
+        env.server.push(reply);
+        let id = env.trigger("call", json!({"case": i})).await;
+        assert_eq!(env.tick().await, 1, "{label}");
+        let r = env.run(id).await;
+        assert_eq!(r.last_error_class, Some(class), "{label}");
+        match expect {
+            Err(reason) => {
+                assert_eq!(r.status, RunStatus::Failed, "{label}");
+                assert_eq!(r.terminal_reason, Some(reason), "{label}");
+                assert_eq!(r.attempt, 1, "{label}: no retry");
+            }
+            Ok(at) => {
+                assert_eq!(r.status, RunStatus::Pending, "{label}");
+                assert_eq!(r.run_after, at, "{label}");
+            }
+        }
+        let ev = env.events(id, "http_response").await;
+        assert_eq!(ev.len(), 1, "{label}");
+        assert_eq!(ev[0]["class"], class.as_str(), "{label}");
+    }
+    // The 422's message quotes the provider's answer.
+    let failed = env
+        .docket
+        .list_runs(docket::RunFilter {
+            statuses: vec![RunStatus::Failed],
+            limit: 100,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(failed.iter().any(|r| r
+        .last_error_message
+        .as_deref()
+        .unwrap_or_default()
+        .contains("HTTP 422 from POST")
+        && r.last_error_message
+            .as_deref()
+            .unwrap()
+            .contains("email is invalid")));
+    assert_eq!(env.server.seen().len(), 14);
+}
+
+/// No answer within the timeout → `timeout`, ledger `unknown`; without a
+/// reconcile request the next attempt never repeats it blindly. A reset →
+/// `network`, retried (the ledger says it failed before landing). A refused
+/// connection → `network`.
+#[tokio::test]
+async fn timeouts_resets_and_refused_connections() {
+    let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dead = closed.local_addr().unwrap();
+    drop(closed);
+    let env = setup(&format!(
+        r#"
+        [jobs.call]
+        connection = "crm"
+        path = "/call"
+        timeout_ms = 300
+        {p}
+
+        [jobs.dead]
+        url = "http://{dead}/nothing-listens-here"
+        timeout_ms = 2000
+        {p}
+        "#,
+        p = no_backoff()
+    ))
+    .await;
+
+    env.server.push(Reply::Hang);
+    let hung = env.trigger("call", json!({"n": 1})).await;
+    env.tick().await;
+    let r = env.run(hung).await;
+    assert_eq!(r.status, RunStatus::Pending);
+    assert_eq!(r.last_error_class, Some(ErrorClass::Timeout));
+    let h = env.history(hung).await;
+    assert_eq!(h.ledger[0].state, LedgerState::Unknown);
+    let ev = env.events(hung, "http_response").await;
+    assert_eq!(ev[0]["class"], "timeout");
+    assert!(ev[0]["status"].is_null());
+    let r = env.next_attempt(hung).await;
+    assert_eq!(r.status, RunStatus::Failed);
+    assert_eq!(r.terminal_reason, Some(TerminalReason::PermanentError));
+    assert!(r
+        .last_error_message
+        .unwrap()
+        .contains("may or may not have happened"));
+    assert_eq!(env.server.sends().len(), 1, "never repeated blindly");
+
+    env.server.push(Reply::Reset);
+    let reset = env.trigger("call", json!({"n": 2})).await;
+    env.tick().await;
+    let r = env.run(reset).await;
+    assert_eq!(r.status, RunStatus::Pending);
+    assert_eq!(r.last_error_class, Some(ErrorClass::Network));
+    assert_eq!(
+        env.history(reset).await.ledger[0].state,
+        LedgerState::FailedRetryable
+    );
+    let r = env.next_attempt(reset).await;
+    assert_eq!(r.status, RunStatus::Completed);
+
+    let refused = env.trigger("dead", json!({})).await;
+    env.tick().await;
+    let r = env.run(refused).await;
+    assert_eq!(r.status, RunStatus::Pending);
+    assert_eq!(r.last_error_class, Some(ErrorClass::Network));
+    let ev = env.events(refused, "http_response").await;
+    assert_eq!(ev[0]["class"], "network");
+}
+
+const CHARGE_WITH_RECONCILE: &str = r#"
+    [jobs.charge]
+    connection = "crm"
+    path = "/charges"
+    timeout_ms = 300
+    idempotency_key = "{{ input.prospect_id }}/charge/{{ input.campaign }}/v1"
+    body = { amount = "{{ input.amount }}" }
+    retry = { base_delay_ms = 1000, multiplier = 1.0, max_delay_ms = 1000, jitter_ms = 0, max_attempts = 5 }
+    [jobs.charge.reconcile]
+    path = "/charges?key={{ idempotency_key | urlencode }}"
+    found_when = "status == 200 && body.found == true"
+"#;
+
+/// The seed's case: the provider commits the charge, then the answer never
+/// comes. The next attempt reconciles (asks by key), finds it, and does NOT
+/// charge again.
+#[tokio::test]
+async fn committed_then_timed_out_is_reconciled_not_repeated() {
+    let env = setup(CHARGE_WITH_RECONCILE).await;
+    env.server.push(Reply::CommitThenHang);
+    let id = env
+        .trigger(
+            "charge",
+            json!({"prospect_id": "prospect-7ca677ed25d3", "campaign": "campaign-9", "amount": 49}),
+        )
+        .await;
+    env.tick().await;
+    let r = env.run(id).await;
+    assert_eq!(r.last_error_class, Some(ErrorClass::Timeout));
+    assert_eq!(env.history(id).await.ledger[0].state, LedgerState::Unknown);
+
+    let r = env.next_attempt(id).await;
+    assert_eq!(r.status, RunStatus::Completed, "{r:?}");
+    let out = r.output.unwrap();
+    assert_eq!(out["reconciled"], true);
+    assert_eq!(out["body"]["charge"]["amount"], 49);
+    let posts: Vec<_> = env
+        .server
+        .seen()
+        .into_iter()
+        .filter(|s| s.method == "POST")
+        .collect();
+    assert_eq!(posts.len(), 1, "the charge was not repeated");
+    let lookups: Vec<_> = env
+        .server
+        .seen()
+        .into_iter()
+        .filter(|s| s.method == "GET")
+        .collect();
+    assert_eq!(lookups.len(), 1);
+    assert_eq!(
+        lookups[0].target,
+        "/api/charges?key=prospect-7ca677ed25d3/charge/campaign-9/v1"
+    );
+    let h = env.history(id).await;
+    assert_eq!(h.ledger[0].state, LedgerState::Committed);
+    assert!(h.events.iter().any(|e| e.kind == "action_reconciled"));
+    let ev = env.events(id, "http_response").await;
+    assert_eq!(ev.len(), 2);
+    assert_eq!(ev[1]["purpose"], "reconcile");
+    assert_eq!(ev[1]["finding"], "committed");
+}
+
+/// A timeout whose request never landed: reconcile finds nothing (404), so
+/// the request is sent again with the same key.
+#[tokio::test]
+async fn timed_out_and_not_done_is_sent_again_with_the_same_key() {
+    let env = setup(CHARGE_WITH_RECONCILE).await;
+    env.server.push(Reply::Hang);
+    let id = env
+        .trigger(
+            "charge",
+            json!({"prospect_id": "p-1", "campaign": "c-1", "amount": 5}),
+        )
+        .await;
+    env.tick().await;
+    let r = env.next_attempt(id).await;
+    assert_eq!(r.status, RunStatus::Completed);
+    let posts: Vec<_> = env
+        .server
+        .seen()
+        .into_iter()
+        .filter(|s| s.method == "POST")
+        .map(|s| s.headers["idempotency-key"].clone())
+        .collect();
+    assert_eq!(posts, ["p-1/charge/c-1/v1", "p-1/charge/c-1/v1"]);
+    let findings: Vec<_> = env
+        .events(id, "http_response")
+        .await
+        .iter()
+        .map(|e| e["finding"].clone())
+        .collect();
+    assert_eq!(findings, [Value::Null, json!("not_done"), Value::Null]);
+}
+
+/// A reconcile lookup that cannot tell (503) leaves the outcome unknown: the
+/// attempt fails `timeout` and reconciles again later; a JSON pointer rule
+/// decides `found`.
+#[tokio::test]
+async fn reconcile_that_cannot_tell_tries_again_later() {
+    let env = setup(
+        r#"
+        [jobs.charge]
+        connection = "crm"
+        path = "/pay"
+        timeout_ms = 300
+        retry = { base_delay_ms = 1000, multiplier = 1.0, max_delay_ms = 1000, jitter_ms = 0 }
+        [jobs.charge.reconcile]
+        path = "/lookup/{{ idempotency_key | urlencode }}"
+        found_pointer = "/payment/id"
+        "#,
+    )
+    .await;
+    env.server.push(Reply::CommitThenHang);
+    env.server.push(status(503));
+    env.server.push(Reply::Status(
+        200,
+        vec![],
+        r#"{"payment": {"id": "pay_1"}}"#.into(),
+    ));
+    let id = env.trigger("charge", json!({})).await;
+    env.tick().await;
+    let r = env.next_attempt(id).await;
+    assert_eq!(r.status, RunStatus::Pending);
+    assert_eq!(r.last_error_class, Some(ErrorClass::Timeout));
+    assert!(r.last_error_message.unwrap().contains("still unknown"));
+    let r = env.next_attempt(id).await;
+    assert_eq!(r.status, RunStatus::Completed);
+    assert_eq!(r.output.unwrap()["body"]["payment"]["id"], "pay_1");
+    let methods: Vec<_> = env.server.seen().iter().map(|s| s.method.clone()).collect();
+    assert_eq!(methods, ["POST", "GET", "GET"]);
+}
+
+/// Per-job overrides: 409 → `duplicate` (the action is already done: the
+/// run completes, the ledger says committed), 404 → `ok`, 500 → `permanent`.
+#[tokio::test]
+async fn classification_is_configurable_per_job() {
+    let env = setup(&format!(
+        r#"
+        [jobs.create]
+        connection = "crm"
+        path = "/contacts"
+        classify = {{ 409 = "duplicate", 404 = "ok", 500 = "permanent" }}
+        {}
+        "#,
+        no_backoff()
+    ))
+    .await;
+    env.server.push(status(409));
+    env.server.push(status(404));
+    env.server.push(status(500));
+    let a = env.trigger("create", json!({"n": 1})).await;
+    env.tick().await;
+    let b = env.trigger("create", json!({"n": 2})).await;
+    env.tick().await;
+    let c = env.trigger("create", json!({"n": 3})).await;
+    env.tick().await;
+    let ra = env.run(a).await;
+    assert_eq!(ra.status, RunStatus::Completed);
+    assert_eq!(ra.output.unwrap()["duplicate"], true);
+    assert_eq!(env.history(a).await.ledger[0].state, LedgerState::Committed);
+    assert_eq!(env.run(b).await.status, RunStatus::Completed);
+    let rc = env.run(c).await;
+    assert_eq!(rc.status, RunStatus::Failed);
+    assert_eq!(rc.last_error_class, Some(ErrorClass::Permanent));
+}
+
+/// The breaker: two transient failures open it (event on the run that
+/// opened it); a due run is then NOT sent but deferred to the reset time as
+/// a `circuit_open` retry decision that spends no attempt; at the reset time
+/// one run probes (half-open) and its success closes the breaker; a failing
+/// probe opens it again.
+#[tokio::test]
+async fn the_breaker_opens_defers_half_opens_and_closes() {
+    let env = setup_with(
+        "{ failures = 2, window_ms = 60000, open_ms = 30000 }",
+        r#"
+        [jobs.sync]
+        connection = "crm"
+        path = "/sync"
+        retry = { base_delay_ms = 600000, max_delay_ms = 600000, jitter_ms = 0, max_attempts = 5 }
+
+        [jobs.sync-once]
+        connection = "crm"
+        path = "/sync"
+        retry = { max_attempts = 1 }
+        "#,
+    )
+    .await;
+    env.server.push(status(503));
+    env.server.push(status(503));
+    let r1 = env.trigger("sync", json!({"n": 1})).await;
+    env.tick().await;
+    assert_eq!(env.http.breakers()[0].state, BreakerPhase::Closed);
+    assert_eq!(env.http.breakers()[0].failures_in_window, 1);
+    let r2 = env.trigger("sync", json!({"n": 2})).await;
+    env.tick().await;
+    let b = &env.http.breakers()[0];
+    assert_eq!((b.state, b.times_opened), (BreakerPhase::Open, 1));
+    let reset = T0.plus_millis(30_000);
+    assert_eq!(b.reset_at, Some(reset));
+    assert!(env.events(r1, "circuit_opened").await.is_empty());
+    let opened = env.events(r2, "circuit_opened").await;
+    assert_eq!(opened.len(), 1);
+    assert_eq!(opened[0]["connection"], "crm");
+    assert_eq!(opened[0]["failures"], 2);
+    assert_eq!(opened[0]["cause"], "unavailable");
+    assert_eq!(opened[0]["reset_at"], json!(reset));
+
+    // Deferred: no request, no attempt spent (max_attempts = 1 still runs).
+    let r3 = env.trigger("sync-once", json!({"n": 3})).await;
+    env.clock.advance_millis(1_000);
+    assert_eq!(env.tick().await, 1);
+    assert_eq!(env.server.seen().len(), 2);
+    let r = env.run(r3).await;
+    assert_eq!(r.status, RunStatus::Pending);
+    assert_eq!(r.run_after, reset);
+    let att = env.history(r3).await.attempts;
+    assert_eq!(att[0].retry_reason.as_deref(), Some("circuit_open"));
+    assert_eq!(att[0].retry_policy.as_deref(), Some("circuit_breaker:crm"));
+    assert_eq!(att[0].delay_ms, Some(29_000));
+    assert_eq!(env.http.breakers()[0].deferred, 1);
+
+    // Half-open at the reset time: r3 is the probe and closes the breaker.
+    let r = env.next_attempt(r3).await;
+    assert_eq!(r.status, RunStatus::Completed, "{r:?}");
+    assert_eq!(env.server.seen().len(), 3);
+    assert_eq!(env.events(r3, "circuit_half_open").await.len(), 1);
+    assert_eq!(env.events(r3, "circuit_closed").await.len(), 1);
+    assert_eq!(env.http.breakers()[0].state, BreakerPhase::Closed);
+    let kinds: Vec<String> = env
+        .history(r3)
+        .await
+        .events
+        .into_iter()
+        .map(|e| e.kind)
+        .filter(|k| k.starts_with("circuit") || k == "http_response")
+        .collect();
+    assert_eq!(
+        kinds,
+        ["circuit_half_open", "http_response", "circuit_closed"]
+    );
+
+    // Open again, and a failing probe re-opens it.
+    env.server.push(status(503));
+    env.server.push(status(503));
+    env.trigger("sync", json!({"n": 4})).await;
+    env.tick().await;
+    env.trigger("sync", json!({"n": 5})).await;
+    env.tick().await;
+    assert_eq!(env.http.breakers()[0].times_opened, 2);
+    env.clock.advance_millis(30_000);
+    env.server.push(Reply::Reset);
+    let r6 = env.trigger("sync", json!({"n": 6})).await;
+    env.tick().await;
+    let reopened = env.events(r6, "circuit_opened").await;
+    assert_eq!(reopened.len(), 1, "{:?}", env.history(r6).await.events);
+    assert_eq!(reopened[0]["from"], "half_open");
+    assert_eq!(reopened[0]["cause"], "network");
+    let b = &env.http.breakers()[0];
+    assert_eq!((b.state, b.times_opened), (BreakerPhase::Open, 3));
+}
+
+/// A disabled or expired connection fails its runs at once with
+/// `connection_unresolved` — before any request — and says to re-authorize
+/// and retry; enabling it and retrying the run (with new variables) works.
+/// States are per tenant and audited.
+#[tokio::test]
+async fn disabled_or_expired_connections_fail_before_any_request() {
+    let env = setup(
+        r#"
+        [jobs.sync]
+        connection = "crm"
+        path = "/sync"
+        headers = { "X-Region" = "{{ variables.region | default('eu') }}" }
+        "#,
+    )
+    .await;
+    env.http
+        .disable_connection("default", "crm", &actor("rotating keys"))
+        .await
+        .unwrap();
+    let a = env.trigger("sync", json!({})).await;
+    env.tick().await;
+    let r = env.run(a).await;
+    assert_eq!(r.status, RunStatus::Failed);
+    assert_eq!(
+        r.terminal_reason,
+        Some(TerminalReason::ConnectionUnresolved)
+    );
+    assert_eq!(r.attempt, 1);
+    let msg = r.last_error_message.unwrap();
+    assert!(msg.contains("connection `crm` is disabled"), "{msg}");
+    assert!(
+        msg.contains("re-authorize") && msg.contains("retry the run"),
+        "{msg}"
+    );
+    assert!(msg.contains("rotating keys"), "{msg}");
+
+    env.http
+        .expire_connection("default", "crm", &actor("token expired"))
+        .await
+        .unwrap();
+    let b = env.trigger("sync", json!({})).await;
+    env.tick().await;
+    let r = env.run(b).await;
+    assert_eq!(
+        r.terminal_reason,
+        Some(TerminalReason::ConnectionUnresolved)
+    );
+    assert!(r
+        .last_error_message
+        .unwrap()
+        .contains("expired credentials"));
+    assert!(env.server.seen().is_empty(), "no request was sent");
+
+    // Another tenant's state is its own.
+    let other = env
+        .docket
+        .trigger_with(
+            "sync",
+            json!({}),
+            TriggerOptions {
+                tenant: Some("acme".into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap()
+        .run
+        .id;
+    env.tick().await;
+    assert_eq!(env.run(other).await.status, RunStatus::Completed);
+    assert_eq!(env.server.seen().len(), 1);
+
+    let info = env.http.connection("default", "crm").await.unwrap();
+    assert_eq!(info.status, ConnectionStatus::Expired);
+    assert_eq!(info.changed_by.as_deref(), Some("ops"));
+    assert!(info.credential_available);
+    assert_eq!(info.jobs, ["sync"]);
+    let shown = serde_json::to_string(&env.http.connections("default").await.unwrap()).unwrap();
+    assert!(
+        !shown.contains(SECRET) && shown.contains("secrets.toml"),
+        "{shown}"
+    );
+
+    env.http
+        .enable_connection("default", "crm", &actor("re-authorized"))
+        .await
+        .unwrap();
+    env.docket
+        .retry(b, Some(json!({"region": "us"})), actor("connection fixed"))
+        .await
+        .unwrap();
+    env.tick().await;
+    assert_eq!(env.run(b).await.status, RunStatus::Completed);
+    let seen = env.server.seen();
+    assert_eq!(seen.len(), 2);
+    assert_eq!(
+        seen[1].headers["x-region"], "us",
+        "variables reach templates"
+    );
+
+    let audit = env.http.connection_audit("default", "crm").await.unwrap();
+    let trail: Vec<_> = audit
+        .iter()
+        .map(|a| (a.to_status, a.comment.clone().unwrap()))
+        .collect();
+    assert_eq!(
+        trail,
+        [
+            (ConnectionStatus::Disabled, "rotating keys".to_string()),
+            (ConnectionStatus::Expired, "token expired".to_string()),
+            (ConnectionStatus::Enabled, "re-authorized".to_string()),
+        ]
+    );
+    assert!(env
+        .http
+        .disable_connection("default", "nope", &actor("x"))
+        .await
+        .unwrap_err()
+        .to_string()
+        .contains("unknown connection `nope`"));
+}
+
+/// The state lives in the database: a new process (a new store handle, a
+/// new HttpJobs) on the same file still refuses the disabled connection.
+/// A credential that cannot be read is unresolved too, naming its source.
+#[tokio::test]
+async fn connection_state_survives_a_restart_and_missing_credentials_are_unresolved() {
+    let server = TestServer::start().await;
+    let dir = temp_dir();
+    let db = dir.join("docket.db");
+    let text = format!(
+        "{}\n[connections.billing]\nbase_url = \"{}\"\ntoken_env = \"DOCKET_HTTP_TEST_SURELY_UNSET\"\n\n[jobs.bill]\nconnection = \"billing\"\npath = \"/bill\"\n",
+        config(&server, "{ failures = 0 }", "[jobs.sync]\nconnection = \"crm\"\npath = \"/sync\"\n"),
+        server.base()
+    );
+    let clock = ManualClock::new(T0);
+    {
+        let store = Arc::new(SqliteStore::open(db.to_str().unwrap()).unwrap());
+        let docket = Docket::with_store(store, Arc::new(clock.clone()));
+        let http = HttpJobs::from_toml(&text, &dir).unwrap();
+        http.install(&docket).unwrap();
+        http.disable_connection("default", "crm", &actor("maintenance"))
+            .await
+            .unwrap();
+    }
+    let store = Arc::new(SqliteStore::open(db.to_str().unwrap()).unwrap());
+    let docket = Docket::with_store(store, Arc::new(clock.clone()));
+    let http = HttpJobs::from_toml(&text, &dir).unwrap();
+    http.install(&docket).unwrap();
+    let a = docket.trigger("sync", json!({})).await.unwrap().run.id;
+    let b = docket.trigger("bill", json!({})).await.unwrap().run.id;
+    let w = docket.worker(WorkerConfig {
+        concurrency: 2,
+        ..Default::default()
+    });
+    w.tick().await.unwrap();
+    let ra = docket.get_run(a).await.unwrap();
+    assert_eq!(
+        ra.terminal_reason,
+        Some(TerminalReason::ConnectionUnresolved)
+    );
+    assert!(ra.last_error_message.unwrap().contains("maintenance"));
+    let rb = docket.get_run(b).await.unwrap();
+    assert_eq!(
+        rb.terminal_reason,
+        Some(TerminalReason::ConnectionUnresolved)
+    );
+    let msg = rb.last_error_message.unwrap();
+    assert!(
+        msg.contains("environment variable DOCKET_HTTP_TEST_SURELY_UNSET is not set"),
+        "{msg}"
+    );
+    assert!(msg.contains("re-authorize"), "{msg}");
+    let info = http.connection("default", "billing").await.unwrap();
+    assert!(!info.credential_available);
+    assert!(server.seen().is_empty());
+    drop(docket);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+const CONDITIONS: &str = r#"
+    [jobs.notify]
+    connection = "crm"
+    path = "/notify"
+    when = "input.amount > 0"
+
+    [jobs.refund]
+    connection = "crm"
+    path = "/refunds"
+    body = { amount = "{{ input.amount }}", order = "{{ input.order }}" }
+    approval = "input.amount > 1000"
+
+    [jobs.refund-soft]
+    connection = "crm"
+    path = "/refunds"
+    body = { amount = "{{ input.amount }}" }
+    approval = "input.amount > 1000"
+    on_reject = "complete"
+"#;
+
+/// `when` false → the step is skipped (not failed) and the run completes
+/// without a request; a condition over a missing field fails `invalid_input`
+/// naming it.
+#[tokio::test]
+async fn when_conditions_skip_the_request() {
+    let env = setup(CONDITIONS).await;
+    let zero = env.trigger("notify", json!({"amount": 0})).await;
+    env.tick().await;
+    let r = env.run(zero).await;
+    assert_eq!(r.status, RunStatus::Completed);
+    assert_eq!(r.output.as_ref().unwrap()["skipped"], true);
+    let skipped = env.events(zero, "step_skipped").await;
+    assert_eq!(skipped[0]["step"], "notify");
+    assert!(skipped[0]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("input.amount > 0"));
+    assert!(env.server.seen().is_empty());
+
+    let five = env.trigger("notify", json!({"amount": 5})).await;
+    env.tick().await;
+    assert_eq!(env.run(five).await.status, RunStatus::Completed);
+    assert_eq!(env.server.seen().len(), 1);
+
+    let missing = env.trigger("notify", json!({"total": 5})).await;
+    env.tick().await;
+    let r = env.run(missing).await;
+    assert_eq!(r.status, RunStatus::Failed);
+    assert_eq!(r.terminal_reason, Some(TerminalReason::InvalidInput));
+    assert!(r.last_error_message.unwrap().contains("`input.amount`"));
+    assert_eq!(env.server.seen().len(), 1);
+}
+
+/// `approval` true → `needs_input` with the request it would send (no
+/// credential in it); approve → sent; reject → failed `rejected` or, with
+/// `on_reject = "complete"`, completed without sending. Below the threshold
+/// it is sent at once.
+#[tokio::test]
+async fn approval_gates_the_request() {
+    let env = setup(CONDITIONS).await;
+    let small = env
+        .trigger("refund", json!({"amount": 500, "order": "o-1"}))
+        .await;
+    env.tick().await;
+    assert_eq!(env.run(small).await.status, RunStatus::Completed);
+    assert_eq!(env.server.seen().len(), 1);
+
+    let big = env
+        .trigger("refund", json!({"amount": 5000, "order": "o-2"}))
+        .await;
+    env.tick().await;
+    let r = env.run(big).await;
+    assert_eq!(r.status, RunStatus::NeedsInput);
+    let stored = r.input_request.unwrap();
+    assert_eq!(stored["name"], "approval");
+    let ask = stored["request"].clone();
+    let ask_text = ask.to_string();
+    assert_eq!(ask["request"]["method"], "POST");
+    assert!(ask["request"]["url"]
+        .as_str()
+        .unwrap()
+        .ends_with("/api/refunds"));
+    assert_eq!(
+        ask["request"]["body"],
+        json!({"amount": 5000, "order": "o-2"})
+    );
+    assert_eq!(ask["condition"], "input.amount > 1000");
+    assert!(!ask_text.contains(SECRET) && !ask_text.to_lowercase().contains("authorization"));
+    assert_eq!(env.server.seen().len(), 1, "nothing sent while waiting");
+    env.docket
+        .approve(big, json!({"ok": true}), actor("looks right"))
+        .await
+        .unwrap();
+    env.tick().await;
+    assert_eq!(env.run(big).await.status, RunStatus::Completed);
+    let seen = env.server.seen();
+    assert_eq!(seen.len(), 2);
+    assert_eq!(
+        serde_json::from_str::<Value>(&seen[1].body).unwrap(),
+        json!({"amount": 5000, "order": "o-2"})
+    );
+
+    let rejected = env
+        .trigger("refund", json!({"amount": 7000, "order": "o-3"}))
+        .await;
+    env.tick().await;
+    env.docket
+        .reject(rejected, json!({}), actor("fraud"))
+        .await
+        .unwrap();
+    env.tick().await;
+    let r = env.run(rejected).await;
+    assert_eq!(r.status, RunStatus::Failed);
+    assert_eq!(r.terminal_reason, Some(TerminalReason::Rejected));
+
+    let soft = env.trigger("refund-soft", json!({"amount": 7000})).await;
+    env.tick().await;
+    env.docket
+        .reject(soft, json!({"why": "no"}), actor("no"))
+        .await
+        .unwrap();
+    env.tick().await;
+    let r = env.run(soft).await;
+    assert_eq!(r.status, RunStatus::Completed);
+    let out = r.output.unwrap();
+    assert_eq!(
+        (out["sent"].clone(), out["rejected"].clone()),
+        (json!(false), json!(true))
+    );
+    assert_eq!(
+        env.server.seen().len(),
+        2,
+        "rejected requests were never sent"
+    );
+}
+
+/// Input that fails the job's JSON Schema, or that a template needs and
+/// lacks, fails the run `invalid_input` naming the field — at once, with no
+/// request and no retry.
+#[tokio::test]
+async fn invalid_input_names_the_field() {
+    let env = setup(
+        r#"
+        [jobs.send-email]
+        connection = "crm"
+        path = "/emails"
+        body = { to = "{{ input.email }}" }
+        [jobs.send-email.input_schema]
+        type = "object"
+        required = ["email", "amount"]
+        properties = { email = { type = "string" }, amount = { type = "number" } }
+
+        [jobs.lookup]
+        connection = "crm"
+        method = "GET"
+        path = "/accounts/{{ input.account }}"
+        "#,
+    )
+    .await;
+    let cases = [
+        (
+            "send-email",
+            json!({"amount": 3}),
+            "`input.email` is required",
+        ),
+        (
+            "send-email",
+            json!({"email": "a@b.co", "amount": "3"}),
+            "`input.amount`",
+        ),
+        (
+            "lookup",
+            json!({"acount": "x"}),
+            "`input.account` is undefined",
+        ),
+    ];
+    for (job, input, want) in cases {
+        let id = env.trigger(job, input).await;
+        env.tick().await;
+        let r = env.run(id).await;
+        assert_eq!(r.status, RunStatus::Failed, "{job}");
+        assert_eq!(
+            r.terminal_reason,
+            Some(TerminalReason::InvalidInput),
+            "{job}"
+        );
+        assert_eq!(r.attempt, 1);
+        let msg = r.last_error_message.unwrap();
+        assert!(msg.contains(want), "{job}: {msg}");
+    }
+    assert!(env.server.seen().is_empty());
+}
+
+/// Evidence is bounded: a 10 KiB error body leaves a ≤ 2 KiB excerpt in
+/// the event and a short quote in the message.
+#[tokio::test]
+async fn evidence_is_bounded() {
+    let env = setup(
+        r#"
+        [jobs.call]
+        connection = "crm"
+        path = "/call"
+        "#,
+    )
+    .await;
+    env.server
+        .push(Reply::Status(422, vec![], "x".repeat(10 * 1024)));
+    let id = env.trigger("call", json!({})).await;
+    env.tick().await;
+    let ev = env.events(id, "http_response").await;
+    assert!(ev[0]["body_excerpt"].as_str().unwrap().len() <= EXCERPT_BYTES);
+    assert_eq!(ev[0]["body_truncated"], true);
+    assert_eq!(ev[0]["body_bytes"], 10 * 1024);
+    assert!(env.run(id).await.last_error_message.unwrap().len() < 500);
+}
+
+/// The repository's example `docket.toml` loads.
+#[test]
+fn the_example_docket_toml_loads() {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../docket.toml");
+    let http = HttpJobs::load(&path).unwrap_or_else(|e| panic!("{e}"));
+    assert!(http.job_names().contains(&"send-email".to_string()));
+    assert!(http.job_names().contains(&"refund".to_string()));
+    assert_eq!(http.connection_names(), ["crm", "payments"]);
+}
