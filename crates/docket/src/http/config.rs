@@ -103,6 +103,7 @@ struct RawJob {
     on_reject: Option<String>,
     reconcile: Option<RawReconcile>,
     max_response_bytes: Option<usize>,
+    concurrency: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -180,6 +181,7 @@ pub(crate) struct JobSpec {
     pub(crate) on_reject: OnReject,
     pub(crate) reconcile: Option<ReconcileSpec>,
     pub(crate) max_response_bytes: usize,
+    pub(crate) concurrency: Option<usize>,
 }
 
 /// A whole configuration, compiled.
@@ -687,6 +689,9 @@ fn job(
     if max_response_bytes == 0 {
         p.add(format!("{place}.max_response_bytes"), "must be positive");
     }
+    if j.concurrency == Some(0) {
+        p.add(format!("{place}.concurrency"), "must be at least 1");
+    }
     (p.0.len() == before).then(|| JobSpec {
         name: name.to_string(),
         action,
@@ -703,6 +708,7 @@ fn job(
         on_reject,
         reconcile,
         max_response_bytes,
+        concurrency: j.concurrency,
     })
 }
 
@@ -737,6 +743,7 @@ mod tests {
             classify = { 409 = "duplicate" }
             retry = { base_delay_ms = 1000, max_attempts = 4, overrides = { rate_limited = { max_attempts = 8 } } }
             input_schema = { type = "object", required = ["email"] }
+            concurrency = 2
             [jobs.send-email.reconcile]
             path = "/emails?key={{ idempotency_key | urlencode }}"
             found_when = "status == 200 && body.found == true"
@@ -753,6 +760,7 @@ mod tests {
         assert!(j.reconcile.is_some() && j.schema.is_some() && j.when.is_some());
         assert_eq!(j.job_timeout, Duration::from_millis(25_000));
         assert_eq!(c.connections["crm"].breaker.failures, 3);
+        assert_eq!(j.concurrency, Some(2));
     }
 
     #[test]

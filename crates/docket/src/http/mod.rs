@@ -173,6 +173,9 @@ impl HttpJobs {
                 .retry(spec.policy.clone())
                 .timeout(spec.job_timeout)
                 .lease(spec.lease);
+                if let Some(n) = spec.concurrency {
+                    job = job.concurrency(n);
+                }
                 if let Some(schema) = spec.schema.clone() {
                     job = job.validate(move |input| schema.check(input));
                 }
