@@ -2,8 +2,8 @@
 //! test on 127.0.0.1, which misbehaves on demand: timeouts, 429 with
 //! Retry-After, 5xx, 4xx, connection resets, and a call that commits and
 //! then never answers. Time is the injected manual clock; the only real
-//! waiting is a request timeout of a few hundred milliseconds where a test
-//! needs the server to not answer.
+//! waiting is a request timeout of one second where a test
+//! needs the server to stay silent.
 
 use docket::http::{http_date, BreakerPhase, HttpJobs, EXCERPT_BYTES};
 use docket::{
@@ -636,7 +636,7 @@ async fn timeouts_resets_and_refused_connections() {
         [jobs.call]
         connection = "crm"
         path = "/call"
-        timeout_ms = 300
+        timeout_ms = 1000
         {p}
 
         [jobs.dead]
@@ -694,12 +694,13 @@ const CHARGE_WITH_RECONCILE: &str = r#"
     [jobs.charge]
     connection = "crm"
     path = "/charges"
-    timeout_ms = 300
+    timeout_ms = 1000
     idempotency_key = "{{ input.prospect_id }}/charge/{{ input.campaign }}/v1"
     body = { amount = "{{ input.amount }}" }
     retry = { base_delay_ms = 1000, multiplier = 1.0, max_delay_ms = 1000, jitter_ms = 0, max_attempts = 5 }
     [jobs.charge.reconcile]
     path = "/charges?key={{ idempotency_key | urlencode }}"
+    timeout_ms = 10000
     found_when = "status == 200 && body.found == true"
 "#;
 
@@ -795,10 +796,11 @@ async fn reconcile_that_cannot_tell_tries_again_later() {
         [jobs.charge]
         connection = "crm"
         path = "/pay"
-        timeout_ms = 300
+        timeout_ms = 1000
         retry = { base_delay_ms = 1000, multiplier = 1.0, max_delay_ms = 1000, jitter_ms = 0 }
         [jobs.charge.reconcile]
         path = "/lookup/{{ idempotency_key | urlencode }}"
+        timeout_ms = 10000
         found_pointer = "/payment/id"
         "#,
     )
