@@ -22,6 +22,7 @@
 
 pub mod auth;
 pub mod cmd;
+pub mod dashboard;
 pub mod dto;
 pub mod error;
 pub mod events;
@@ -268,6 +269,7 @@ impl Server {
             .openapi
             .set(doc.to_pretty_json().unwrap_or_default());
         router
+            .merge(dashboard::router())
             .fallback(no_route)
             .method_not_allowed_fallback(wrong_method)
             .layer(DefaultBodyLimit::max(self.state.config.max_body_bytes))

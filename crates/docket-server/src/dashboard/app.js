@@ -1,0 +1,825 @@
+// Docket dashboard: plain JavaScript, no build step, no dependencies.
+// Every call goes to this server's JSON API with the operator's bearer
+// token (kept in sessionStorage). Text is always set with textContent; the
+// only markup inserted is the server's own SVG, parsed as SVG.
+'use strict';
+
+(() => {
+  const TOKEN_KEY = 'docket.token';
+  const $ = (id) => document.getElementById(id);
+  const page = document.body.dataset.page;
+  let skew = 0; // server clock minus ours, in ms
+
+  // ---------- small helpers ----------
+
+  function el(tag, props, ...children) {
+    const e = document.createElement(tag);
+    for (const [k, v] of Object.entries(props || {})) {
+      if (v === undefined || v === null || v === false) continue;
+      if (k === 'text') e.textContent = v;
+      else if (k === 'class') e.className = v;
+      else if (k.startsWith('on')) e.addEventListener(k.slice(2), v);
+      else e.setAttribute(k, v === true ? '' : v);
+    }
+    for (const c of children.flat()) {
+      if (c === null || c === undefined || c === false) continue;
+      e.append(c instanceof Node ? c : document.createTextNode(String(c)));
+    }
+    return e;
+  }
+
+  const nowMs = () => Date.now() + skew;
+  const ms = (t) => (typeof t === 'number' ? t : Date.parse(t));
+
+  function human(d) {
+    const neg = d < 0;
+    let a = Math.abs(Math.round(d));
+    let s;
+    if (a < 1000) s = a + 'ms';
+    else if (a < 10000) s = (a / 1000).toFixed(1) + 's';
+    else if (a < 60000) s = Math.floor(a / 1000) + 's';
+    else if (a < 3600000) s = Math.floor(a / 60000) + 'm ' + Math.floor((a % 60000) / 1000) + 's';
+    else if (a < 86400000) s = Math.floor(a / 3600000) + 'h ' + Math.floor((a % 3600000) / 60000) + 'm';
+    else s = Math.floor(a / 86400000) + 'd ' + Math.floor((a % 86400000) / 3600000) + 'h';
+    return (neg ? '-' : '') + s;
+  }
+
+  const ago = (t) => human(nowMs() - ms(t)) + ' ago';
+
+  function utc(t) {
+    if (t === null || t === undefined) return '—';
+    const d = new Date(ms(t));
+    if (isNaN(d)) return String(t);
+    return d.toISOString().replace('T', ' ').replace(/\.\d+Z$/, 'Z');
+  }
+
+  function json(v) {
+    return v === undefined || v === null ? '—' : JSON.stringify(v, null, 2);
+  }
+
+  function statusBadge(status, retryScheduled) {
+    return el('span', {
+      class: 'status s-' + status + (retryScheduled ? ' s-retry' : ''),
+      'data-status': status,
+      text: retryScheduled ? 'retry scheduled' : status,
+    });
+  }
+
+  function sevBadge(sev, text) {
+    return el('span', { class: 'sev sev-' + sev, 'data-severity': sev, text: text || sev });
+  }
+
+  function toast(msg, isError) {
+    const t = $('toast');
+    if (!t) return;
+    t.textContent = msg;
+    t.className = 'toast' + (isError ? ' bad' : '');
+    t.hidden = false;
+    clearTimeout(toast.timer);
+    toast.timer = setTimeout(() => { t.hidden = true; }, 4000);
+  }
+
+  function putSvg(box, text) {
+    const doc = new DOMParser().parseFromString(text, 'image/svg+xml');
+    const root = doc.documentElement;
+    if (root.nodeName.toLowerCase() !== 'svg') {
+      box.replaceChildren(el('p', { class: 'error', text: 'The chart could not be drawn.' }));
+      return;
+    }
+    box.replaceChildren(document.importNode(root, true));
+  }
+
+  function debounce(fn, wait) {
+    let t = null;
+    return (...args) => {
+      clearTimeout(t);
+      t = setTimeout(() => fn(...args), wait);
+    };
+  }
+
+  function markReady(what) {
+    const main = $('main');
+    main.dataset.ready = what;
+    main.dataset.renders = String(Number(main.dataset.renders || 0) + 1);
+  }
+
+  // ---------- the API ----------
+
+  class ApiError extends Error {
+    constructor(status, message, body) {
+      super(message);
+      this.status = status;
+      this.body = body;
+    }
+  }
+
+  function token() {
+    return sessionStorage.getItem(TOKEN_KEY);
+  }
+
+  function signOut(message) {
+    sessionStorage.removeItem(TOKEN_KEY);
+    const next = location.pathname + location.search;
+    const q = new URLSearchParams();
+    if (next !== '/signin') q.set('next', next);
+    if (message) q.set('msg', message);
+    location.href = '/signin?' + q.toString();
+  }
+
+  async function api(path, opts) {
+    const o = opts || {};
+    const headers = { Authorization: 'Bearer ' + (o.token || token()), Accept: 'application/json' };
+    let body;
+    if (o.body !== undefined) {
+      headers['Content-Type'] = 'application/json';
+      body = JSON.stringify(o.body);
+    }
+    const res = await fetch(path, { method: o.method || 'GET', headers, body });
+    const text = await res.text();
+    let data = null;
+    try { data = text ? JSON.parse(text) : null; } catch (_) { data = null; }
+    if (res.status === 401 && !o.token) {
+      signOut((data && data.error && data.error.message) || 'Sign in again.');
+      throw new ApiError(401, 'unauthorized', data);
+    }
+    if (!res.ok) {
+      const msg = data && data.error && data.error.message
+        ? data.error.message
+        : res.status + ' ' + res.statusText;
+      throw new ApiError(res.status, msg, data);
+    }
+    return data;
+  }
+
+  // Server-sent events over fetch (EventSource cannot send a bearer
+  // token). Resumes with Last-Event-ID after a dropped connection.
+  function liveEvents(query, onEvent) {
+    let lastId = null;
+    let stopped = false;
+    let ctrl = null;
+    const live = $('live');
+    const setLive = (on) => { if (live) live.classList.toggle('on', on); };
+    (async () => {
+      let backoff = 1000;
+      while (!stopped) {
+        ctrl = new AbortController();
+        try {
+          const headers = { Authorization: 'Bearer ' + token(), Accept: 'text/event-stream' };
+          if (lastId) headers['Last-Event-ID'] = lastId;
+          const res = await fetch('/api/events' + (query ? '?' + query : ''), { headers, signal: ctrl.signal });
+          if (res.status === 401) { signOut('Sign in again.'); return; }
+          if (!res.ok || !res.body) throw new Error('events: ' + res.status);
+          setLive(true);
+          backoff = 1000;
+          const reader = res.body.getReader();
+          const dec = new TextDecoder();
+          let buf = '';
+          for (;;) {
+            const { value, done } = await reader.read();
+            if (done) break;
+            buf += dec.decode(value, { stream: true }).replace(/\r\n?/g, '\n');
+            let i;
+            while ((i = buf.indexOf('\n\n')) >= 0) {
+              const chunk = buf.slice(0, i);
+              buf = buf.slice(i + 2);
+              let data = '';
+              for (const line of chunk.split('\n')) {
+                if (line.startsWith('id:')) lastId = line.slice(3).trim();
+                else if (line.startsWith('data:')) data += line.slice(5).trim();
+              }
+              if (data) {
+                try { onEvent(JSON.parse(data)); } catch (_) { /* not an event */ }
+              }
+            }
+          }
+        } catch (_) {
+          if (stopped) return;
+        }
+        setLive(false);
+        await new Promise((r) => setTimeout(r, backoff));
+        backoff = Math.min(backoff * 2, 15000);
+      }
+    })();
+    return () => { stopped = true; if (ctrl) ctrl.abort(); };
+  }
+
+  function setAttentionCount(n) {
+    for (const id of ['attention-count', 'attention-badge']) {
+      const e = $(id);
+      if (e) {
+        e.textContent = String(n);
+        e.classList.toggle('hot', n > 0);
+      }
+    }
+  }
+
+  async function refreshAttention() {
+    const p = await api('/api/dashboard/runs?limit=1');
+    setAttentionCount(p.attention_count);
+  }
+
+  // ---------- sign in ----------
+
+  function initSignin() {
+    const params = new URLSearchParams(location.search);
+    const err = $('signin-error');
+    if (params.get('msg')) {
+      err.textContent = params.get('msg');
+      err.hidden = false;
+    }
+    $('signin-form').addEventListener('submit', async (e) => {
+      e.preventDefault();
+      const t = $('token').value.trim();
+      err.hidden = true;
+      try {
+        await api('/api/dashboard/whoami', { token: t });
+        sessionStorage.setItem(TOKEN_KEY, t);
+        const next = params.get('next') || '/';
+        location.href = next.startsWith('/') && !next.startsWith('//') ? next : '/';
+      } catch (ex) {
+        err.textContent = 'Not signed in: ' + ex.message;
+        err.hidden = false;
+      }
+    });
+    markReady('signin');
+  }
+
+  // ---------- runs list ----------
+
+  function initRuns() {
+    const params = new URLSearchParams(location.search);
+    const f = {
+      status: params.get('status') || '',
+      job: params.get('job') || '',
+      q: params.get('q') || '',
+      attention: params.get('attention') === '1' || params.get('attention') === 'true',
+    };
+    let cursors = []; // cursors of the pages before the current one
+    let cursor = null;
+    let visible = new Set();
+
+    const status = $('f-status');
+    const job = $('f-job');
+    const q = $('f-q');
+    const toggle = $('attention-toggle');
+    status.value = f.status;
+    q.value = f.q;
+    toggle.setAttribute('aria-pressed', String(f.attention));
+    $('nav-attention').classList.toggle('active', f.attention);
+    $('nav-runs').classList.toggle('active', !f.attention);
+
+    api('/api/jobs').then((j) => {
+      for (const x of j.jobs) job.append(el('option', { value: x.name, text: x.name }));
+      if (f.job && ![...job.options].some((o) => o.value === f.job)) {
+        job.append(el('option', { value: f.job, text: f.job }));
+      }
+      job.value = f.job;
+    }).catch(() => {});
+
+    function syncUrl() {
+      const p = new URLSearchParams();
+      if (f.attention) p.set('attention', '1');
+      if (f.status) p.set('status', f.status);
+      if (f.job) p.set('job', f.job);
+      if (f.q) p.set('q', f.q);
+      const s = p.toString();
+      history.replaceState(null, '', s ? '/?' + s : '/');
+    }
+
+    function query(limit) {
+      const p = new URLSearchParams();
+      if (f.attention) p.set('attention', 'true');
+      if (f.status) p.set('status', f.status);
+      if (f.job) p.set('job', f.job);
+      if (f.q) p.set('q', f.q);
+      if (cursor) p.set('cursor', cursor);
+      p.set('limit', String(limit || 50));
+      return p.toString();
+    }
+
+    function nextEligible(r) {
+      if (r.status === 'pending' || r.status === 'postponed') {
+        const d = ms(r.run_after) - nowMs();
+        return d > 0 ? 'in ' + human(d) : 'due';
+      }
+      if (r.status === 'needs_input') return 'waiting for input';
+      if (r.status === 'running') return r.cancel_requested ? 'cancel requested' : 'running';
+      return '—';
+    }
+
+    function row(r) {
+      const open = () => { location.href = '/runs/' + r.id; };
+      return el('tr', { 'data-run-id': r.id, 'data-status': r.status, class: 'clickable', onclick: (e) => { if (e.target.tagName !== 'A') open(); } },
+        el('td', {}, statusBadge(r.status, r.retry_scheduled)),
+        el('td', { class: 'job', text: r.job }),
+        el('td', {}, el('a', { href: '/runs/' + r.id, class: 'run-link', title: r.id, text: r.id.slice(0, 8) + '…' + r.id.slice(-4) }),
+          r.idempotency_key ? el('div', { class: 'muted small', text: 'key ' + r.idempotency_key }) : null),
+        el('td', { class: 'num', text: String(r.attempt) }),
+        el('td', { class: 'err' },
+          r.last_error_class ? el('span', { class: 'errclass', text: r.last_error_class }) : '—',
+          r.terminal_reason ? el('div', { class: 'muted small', text: r.terminal_reason }) : null,
+          r.last_error_message ? el('div', { class: 'muted small trunc', title: r.last_error_message, text: r.last_error_message }) : null),
+        el('td', { class: 'evalcell', 'data-eval-for': r.id }, r.status === 'failed' ? el('span', { class: 'muted', text: '…' }) : '—'),
+        el('td', { text: nextEligible(r), title: r.status === 'pending' || r.status === 'postponed' ? utc(r.run_after) : '' }),
+        el('td', { text: ago(r.created_at), title: utc(r.created_at) }));
+    }
+
+    async function evaluate(runs) {
+      const ids = runs.filter((r) => r.status === 'failed').map((r) => r.id);
+      if (!ids.length) return;
+      const e = await api('/api/dashboard/evaluations?ids=' + ids.join(','));
+      for (const ev of e.evaluations) {
+        const cell = document.querySelector('[data-eval-for="' + ev.run_id + '"]');
+        if (!cell) continue;
+        if (!ev.worst) {
+          cell.replaceChildren(el('span', { class: 'muted', text: 'no pairs' }));
+          continue;
+        }
+        const badge = el('a', { href: '/runs/' + ev.run_id + '#evaluation', class: 'eval-badge', title: ev.explanation || '' },
+          sevBadge(ev.worst, ev.worst + ': ' + ev.verdict.replace(/_/g, ' ')));
+        cell.replaceChildren(badge);
+      }
+    }
+
+    async function load(opts) {
+      const quiet = opts && opts.quiet;
+      let p;
+      try {
+        p = await api('/api/dashboard/runs?' + query());
+      } catch (ex) {
+        if (!quiet) toast(ex.message, true);
+        return;
+      }
+      setAttentionCount(p.attention_count);
+      skew = Date.parse(p.now) - Date.now();
+      const body = $('runs-body');
+      const before = new Map([...body.children].map((tr) => [tr.dataset.runId, tr.dataset.status]));
+      const rows = p.runs.map(row);
+      body.replaceChildren(...rows);
+      if (quiet) {
+        for (const tr of rows) {
+          if (!before.has(tr.dataset.runId) || before.get(tr.dataset.runId) !== tr.dataset.status) {
+            tr.classList.add('flash');
+          }
+        }
+      }
+      visible = new Set(p.runs.map((r) => r.id));
+      $('runs-empty').hidden = p.runs.length > 0 || p.partial;
+      $('page-first').hidden = cursors.length === 0 && !cursor;
+      const next = $('page-next');
+      next.hidden = !p.next_cursor;
+      next.onclick = () => { cursors.push(cursor); cursor = p.next_cursor; load(); };
+      const info = $('page-info');
+      info.textContent = p.partial
+        ? 'Searched ' + p.examined + ' older runs without filling the page; continue to search further.'
+        : (p.runs.length ? p.runs.length + ' runs' + (cursor ? ' (older page)' : '') : '');
+      $('new-activity').hidden = true;
+      markReady('runs');
+      evaluate(p.runs).catch(() => {});
+    }
+
+    $('page-first').onclick = () => { cursors = []; cursor = null; load(); };
+
+    function changed() {
+      cursors = [];
+      cursor = null;
+      syncUrl();
+      load();
+    }
+    status.addEventListener('change', () => { f.status = status.value; changed(); });
+    job.addEventListener('change', () => { f.job = job.value; changed(); });
+    q.addEventListener('input', debounce(() => { f.q = q.value.trim(); changed(); }, 300));
+    $('filters').addEventListener('submit', (e) => { e.preventDefault(); f.q = q.value.trim(); changed(); });
+    toggle.addEventListener('click', () => {
+      f.attention = !f.attention;
+      toggle.setAttribute('aria-pressed', String(f.attention));
+      $('nav-attention').classList.toggle('active', f.attention);
+      $('nav-runs').classList.toggle('active', !f.attention);
+      changed();
+    });
+    $('nav-attention').addEventListener('click', (e) => {
+      e.preventDefault();
+      if (!f.attention) toggle.click();
+    });
+
+    // Live: refresh the first page as events arrive; on older pages,
+    // refresh the rows that changed.
+    const seen = new Set();
+    const refresh = debounce(async () => {
+      const ids = [...seen];
+      seen.clear();
+      if (!cursor) {
+        await load({ quiet: true });
+        return;
+      }
+      refreshAttention().catch(() => {});
+      for (const id of ids.filter((i) => visible.has(i))) {
+        try {
+          const d = await api('/api/runs/' + id);
+          const old = document.querySelector('tr[data-run-id="' + id + '"]');
+          if (old) {
+            const fresh = row(d.run);
+            fresh.classList.add('flash');
+            old.replaceWith(fresh);
+          }
+        } catch (_) { /* gone */ }
+      }
+    }, 400);
+    liveEvents('', (ev) => { seen.add(ev.run_id); refresh(); });
+    load();
+  }
+
+  // ---------- one run ----------
+
+  const ACTIONS = {
+    retry: {
+      label: 'Retry', path: 'retry', title: 'Retry this run',
+      text: 'The same run goes back to pending: completed steps are kept, the failed step runs again, with a fresh attempt budget.',
+      fields: () => [el('label', { for: 'ad-vars', text: 'Variables to update (a JSON object merged into the run\'s variables; leave empty for none)' }),
+        el('textarea', { id: 'ad-vars', rows: '3', placeholder: '{"key": "value"}', spellcheck: 'false' })],
+      body: () => {
+        const v = $('ad-vars').value.trim();
+        if (!v) return {};
+        const parsed = JSON.parse(v);
+        if (parsed === null || typeof parsed !== 'object' || Array.isArray(parsed)) throw new Error('Variables must be a JSON object.');
+        return { updated_variables: parsed };
+      },
+      done: 'Retry scheduled',
+    },
+    skip: {
+      label: 'Skip failed step', path: 'skip', title: 'Skip the failed step',
+      text: 'The failed step is recorded as skipped with your comment and the run continues past it.',
+      done: 'Step skipped',
+    },
+    retrigger: {
+      label: 'Retrigger', path: 'retrigger', title: 'Retrigger as a new run',
+      text: 'A new run with the same input, validated against the job\'s current definition. This run stays as it is.',
+      done: 'New run triggered',
+    },
+    cancel: {
+      label: 'Cancel', path: 'cancel', title: 'Cancel this run', danger: true,
+      text: 'Pending, postponed and waiting runs stop at once; a running run stops at its next step boundary.',
+      done: 'Cancelled',
+    },
+    postpone: {
+      label: 'Postpone', path: 'postpone', title: 'Postpone this run',
+      text: 'Not claimable before the time you choose (your local time). Spends no attempt budget.',
+      fields: () => {
+        const d = new Date(Date.now() + 3600000);
+        const pad = (n) => String(n).padStart(2, '0');
+        const v = d.getFullYear() + '-' + pad(d.getMonth() + 1) + '-' + pad(d.getDate()) + 'T' + pad(d.getHours()) + ':' + pad(d.getMinutes());
+        return [el('label', { for: 'ad-until', text: 'Until' }), el('input', { id: 'ad-until', type: 'datetime-local', value: v, required: true })];
+      },
+      body: () => {
+        const v = $('ad-until').value;
+        const t = new Date(v);
+        if (!v || isNaN(t)) throw new Error('Choose a date and time.');
+        return { until: t.toISOString() };
+      },
+      done: 'Postponed',
+    },
+    approve: {
+      label: 'Approve', path: 'approve', title: 'Approve the request', primary: true,
+      text: 'The handler runs again and its wait returns Approved with this data.',
+      fields: () => [el('label', { for: 'ad-data', text: 'Data for the handler (JSON)' }),
+        el('textarea', { id: 'ad-data', rows: '3', spellcheck: 'false' }, '{}')],
+      body: () => ({ data: JSON.parse($('ad-data').value.trim() || 'null') }),
+      done: 'Approved',
+    },
+    reject: {
+      label: 'Reject', path: 'reject', title: 'Reject the request', danger: true,
+      text: 'The handler runs again and its wait returns Rejected with this data; what that means is the job\'s decision.',
+      fields: () => [el('label', { for: 'ad-data', text: 'Data for the handler (JSON)' }),
+        el('textarea', { id: 'ad-data', rows: '3', spellcheck: 'false' }, '{}')],
+      body: () => ({ data: JSON.parse($('ad-data').value.trim() || 'null') }),
+      done: 'Rejected',
+    },
+  };
+
+  const BY_STATUS = {
+    failed: ['retry', 'skip', 'retrigger'],
+    completed: ['retrigger'],
+    cancelled: ['retrigger'],
+    needs_input: ['approve', 'reject', 'postpone', 'cancel'],
+    pending: ['postpone', 'cancel'],
+    postponed: ['postpone', 'cancel'],
+    running: ['cancel'],
+  };
+
+  function timelineEntries(d) {
+    const out = [];
+    let seq = 0;
+    const add = (at, source, kind, attempt, summary, who, comment) => {
+      out.push({ at: ms(at), source, kind, attempt, summary, who, comment, seq: seq++ });
+    };
+    for (const t of d.timeline) {
+      add(t.at, 'event', t.kind, t.attempt, t.summary, t.actor, t.comment);
+    }
+    for (const a of d.attempts) {
+      const parts = ['attempt ' + a.attempt + ' on ' + a.worker + ', lease ' + a.lease_id.slice(0, 8) + '…: ' + a.outcome];
+      if (a.error_class) parts.push(a.error_class + (a.error_message ? ' — ' + a.error_message : ''));
+      if (a.action) parts.push('in ' + a.action);
+      if (a.duration_ms !== null && a.duration_ms !== undefined) parts.push('ran ' + human(a.duration_ms));
+      if (a.gap_ms !== null && a.gap_ms !== undefined) parts.push(human(a.gap_ms) + ' after the previous attempt');
+      add(a.started_at, 'attempt', 'attempt', a.attempt, parts.join('; '));
+      if (a.retry) {
+        const r = a.retry;
+        add(a.finished_at || a.started_at, 'decision', 'retry decision', a.attempt,
+          'policy ' + (r.policy || '?') + ' chose a delay of ' + human(r.delay_ms || 0) +
+          (r.reason ? ' (' + r.reason + ')' : '') + '; eligible at ' + utc(r.eligible_at));
+      }
+    }
+    for (const s of d.steps) {
+      let text = 'step ' + s.name + ': ' + s.status;
+      if (s.error_class) text += ' — ' + s.error_class + (s.error_message ? ': ' + s.error_message : '');
+      add(s.updated_at, 'step', 'step ' + s.status, s.attempt, text, s.actor, s.comment);
+    }
+    for (const l of d.ledger) {
+      let text = 'ledger ' + l.action + ' [' + l.idempotency_key + ']: ' + l.state;
+      if (l.error_class) text += ' — ' + l.error_class + (l.error_message ? ': ' + l.error_message : '');
+      add(l.updated_at, 'ledger', 'ledger ' + l.state, l.attempt, text);
+    }
+    const order = { event: 0, attempt: 1, decision: 2, step: 3, ledger: 4 };
+    out.sort((a, b) => a.at - b.at || order[a.source] - order[b.source] || a.seq - b.seq);
+    return out;
+  }
+
+  function kindClass(e) {
+    const k = e.kind;
+    if (/fail|expired|refused|reject|cancel/.test(k)) return 'k-bad';
+    if (/^operator|input_received|approve/.test(k) || e.who) return 'k-op';
+    if (/retry|decision|postpone/.test(k)) return 'k-warn';
+    if (/completed|committed/.test(k)) return 'k-ok';
+    return 'k-plain';
+  }
+
+  function initRun() {
+    const id = decodeURIComponent(location.pathname.split('/')[2] || '');
+    let current = null;
+    const dialog = $('action-dialog');
+    let pendingAction = null;
+
+    function fact(label, value, cls) {
+      if (value === null || value === undefined || value === '') return [];
+      return [el('dt', { text: label }), el('dd', { class: cls || null }, value)];
+    }
+
+    function renderHead(r) {
+      $('r-status').replaceChildren(statusBadge(r.status, r.retry_scheduled));
+      $('r-job').textContent = r.job;
+      $('r-id').textContent = r.id;
+      document.title = r.job + ' ' + r.id.slice(0, 8) + ' · Docket';
+      const next = (r.status === 'pending' || r.status === 'postponed')
+        ? utc(r.run_after) + ' (' + (ms(r.run_after) > nowMs() ? 'in ' + human(ms(r.run_after) - nowMs()) : 'due') + ')'
+        : null;
+      $('r-facts').replaceChildren(
+        ...fact('Attempts', r.attempt + (r.attempts_forgiven ? ' (' + r.attempts_forgiven + ' not counted)' : '')),
+        ...fact('Next eligible', next),
+        ...fact('Created', utc(r.created_at) + ' (' + ago(r.created_at) + ')'),
+        ...fact('Updated', utc(r.updated_at)),
+        ...fact('Finished', r.finished_at ? utc(r.finished_at) : null),
+        ...fact('Terminal reason', r.terminal_reason, 'bad'),
+        ...fact('Last error', r.last_error_class ? r.last_error_class + (r.last_error_message ? ': ' + r.last_error_message : '') : null, 'bad'),
+        ...fact('Worker', r.worker ? r.worker + ' (lease ' + (r.lease_id || '').slice(0, 8) + '…, until ' + utc(r.lease_expires_at) + ')' : null),
+        ...fact('Cancel requested', r.cancel_requested ? 'yes: stops at the next step boundary' : null),
+        ...fact('Idempotency key', r.idempotency_key),
+        ...fact('Correlation id', r.correlation_id),
+        ...fact('Retriggered from', r.retriggered_from ? el('a', { href: '/runs/' + r.retriggered_from, text: r.retriggered_from }) : null),
+      );
+      const acts = $('r-actions');
+      acts.replaceChildren(...(BY_STATUS[r.status] || []).map((name) => {
+        const a = ACTIONS[name];
+        return el('button', {
+          type: 'button', id: 'act-' + name, 'data-action': name,
+          class: 'action' + (a.danger ? ' danger' : '') + (a.primary ? ' primary' : ''),
+          text: a.label, onclick: () => openAction(name),
+        });
+      }));
+      $('r-input').textContent = json(r.input);
+      $('r-variables').textContent = json(r.variables);
+      $('r-output').textContent = json(r.output);
+      $('r-request-card').hidden = !r.input_request;
+      $('r-request').textContent = json(r.input_request);
+    }
+
+    function renderForensics(f) {
+      const badge = $('r-eval');
+      if (f.worst) {
+        const top = f.verdicts.find((v) => v.severity === f.worst);
+        badge.replaceChildren(sevBadge(f.worst, f.worst + ': ' + top.verdict.replace(/_/g, ' ')));
+        badge.hidden = false;
+      } else {
+        badge.hidden = true;
+      }
+      const list = $('r-verdicts');
+      if (!f.verdicts.length) {
+        list.replaceChildren(el('li', { class: 'muted', text: 'No two failures of the same action and error class: nothing to judge.' }));
+      } else {
+        const rank = { critical: 0, warning: 1, info: 2 };
+        const vs = [...f.verdicts].sort((a, b) => rank[a.severity] - rank[b.severity] || a.second.attempt - b.second.attempt);
+        list.replaceChildren(...vs.map((v) => el('li', { class: 'verdict v-' + v.severity, 'data-verdict': v.verdict },
+          sevBadge(v.severity), ' ',
+          el('strong', { text: v.verdict.replace(/_/g, ' ') }), ' ',
+          el('span', { class: 'muted', text: v.action + ' · ' + v.error_class + ' · attempt ' + v.first.attempt + ' → ' + v.second.attempt +
+            (v.first.run_id !== v.second.run_id ? ' (run ' + v.second.run_id.slice(0, 8) + '…)' : '') +
+            ' · gap ' + human(v.gap_ms) + (v.expected_delay_ms !== null && v.expected_delay_ms !== undefined ? ' vs policy delay ' + human(v.expected_delay_ms) : '') }),
+          el('div', { class: 'explain', text: v.explanation }))));
+      }
+      putSvg($('r-chart'), f.chart_svg);
+    }
+
+    function renderTimeline(d) {
+      const entries = timelineEntries(d);
+      const t0 = entries.length ? entries[0].at : 0;
+      const body = $('r-timeline').querySelector('tbody');
+      body.replaceChildren(...entries.map((e) => el('tr', { class: 'src-' + e.source, 'data-kind': e.kind },
+        el('td', { class: 'nowrap', text: utc(e.at) }),
+        el('td', { class: 'nowrap muted', text: '+' + human(e.at - t0) }),
+        el('td', {}, el('span', { class: 'kind ' + kindClass(e), text: e.kind.replace(/_/g, ' ') })),
+        el('td', { class: 'num', text: e.attempt === null || e.attempt === undefined ? '' : String(e.attempt) }),
+        el('td', { text: e.summary }),
+        el('td', {}, e.who || '', e.comment ? el('div', { class: 'comment', text: '“' + e.comment + '”' }) : null))));
+    }
+
+    async function load() {
+      try {
+        const [d, f] = await Promise.all([
+          api('/api/runs/' + encodeURIComponent(id)),
+          api('/api/runs/' + encodeURIComponent(id) + '/forensics'),
+        ]);
+        current = d.run;
+        renderHead(d.run);
+        renderForensics(f);
+        renderTimeline(d);
+        markReady('run');
+      } catch (ex) {
+        if (ex.status === 404) {
+          $('r-job').textContent = 'Run not found';
+          $('r-id').textContent = id;
+          markReady('run-missing');
+        } else {
+          toast(ex.message, true);
+        }
+      }
+    }
+
+    function openAction(name) {
+      const a = ACTIONS[name];
+      pendingAction = name;
+      $('ad-title').textContent = a.title;
+      $('ad-text').textContent = a.text + (current ? ' Run ' + current.id + ' is ' + current.status + '.' : '');
+      $('ad-fields').replaceChildren(...(a.fields ? a.fields() : []));
+      $('ad-comment').value = '';
+      $('ad-error').hidden = true;
+      const confirm = $('ad-confirm');
+      confirm.textContent = 'Confirm: ' + a.label.toLowerCase();
+      confirm.disabled = false;
+      confirm.className = a.danger ? 'danger' : 'primary';
+      dialog.dataset.action = name;
+      dialog.showModal();
+    }
+
+    $('ad-cancel').addEventListener('click', () => dialog.close());
+    $('action-form').addEventListener('submit', async (e) => {
+      e.preventDefault();
+      const name = pendingAction;
+      const a = ACTIONS[name];
+      const err = $('ad-error');
+      err.hidden = true;
+      let body;
+      try {
+        body = a.body ? a.body() : {};
+      } catch (ex) {
+        err.textContent = ex instanceof SyntaxError ? 'Not valid JSON: ' + ex.message : ex.message;
+        err.hidden = false;
+        return;
+      }
+      const comment = $('ad-comment').value.trim();
+      if (comment) body.comment = comment;
+      const confirm = $('ad-confirm');
+      confirm.disabled = true;
+      try {
+        const res = await api('/api/runs/' + encodeURIComponent(id) + '/' + a.path, { method: 'POST', body });
+        dialog.close();
+        toast(a.done);
+        if (name === 'retrigger' && res && res.run) {
+          location.href = '/runs/' + res.run.id;
+          return;
+        }
+        await load();
+      } catch (ex) {
+        err.textContent = 'Refused: ' + ex.message;
+        err.hidden = false;
+        confirm.disabled = false;
+      }
+    });
+
+    const refresh = debounce(() => { load(); refreshAttention().catch(() => {}); }, 300);
+    liveEvents('run_id=' + encodeURIComponent(id), refresh);
+    load();
+  }
+
+  // ---------- overview ----------
+
+  function initOverview() {
+    let win = new URLSearchParams(location.search).get('window') === '1d' ? '1d' : '1h';
+    const STATUSES = ['pending', 'running', 'needs_input', 'postponed', 'completed', 'failed', 'cancelled'];
+    $('nav-overview').classList.add('active');
+
+    async function load() {
+      let s;
+      try {
+        s = await api('/api/stats?window=' + win);
+      } catch (ex) {
+        toast(ex.message, true);
+        return;
+      }
+      for (const b of document.querySelectorAll('[data-window]')) {
+        b.setAttribute('aria-pressed', String(b.dataset.window === win));
+      }
+      setAttentionCount(s.attention_count);
+      $('ov-attention').textContent = String(s.attention_count);
+      $('ov-rate').textContent = s.failure_rate === null ? '—' : (s.failure_rate * 100).toFixed(1) + '%';
+      $('ov-retries').textContent = String(s.classes.reduce((n, c) => n + c.retries, 0));
+      $('ov-failures').textContent = String(s.classes.reduce((n, c) => n + c.failures, 0));
+      $('ov-note').textContent = 'Runs triggered since ' + utc(s.since) +
+        (s.capped ? ' (the newest ' + s.examined + ' only)' : '') + '.';
+      putSvg($('ov-chart'), s.chart_svg);
+      const cls = $('ov-classes').querySelector('tbody');
+      cls.replaceChildren(...(s.classes.length ? s.classes.map((c) => el('tr', {},
+        el('td', {}, el('span', { class: 'errclass', text: c.error_class })),
+        el('td', { class: 'num', text: String(c.failures) }),
+        el('td', { class: 'num', text: String(c.retries) }),
+        el('td', { class: 'num', text: String(c.terminal) }))) : [el('tr', {}, el('td', { colspan: '4', class: 'muted', text: 'No failed attempts in this window.' }))]));
+      const jobs = $('ov-jobs').querySelector('tbody');
+      jobs.replaceChildren(...(s.jobs.length ? s.jobs.map((j) => el('tr', { 'data-job': j.job },
+        el('td', {}, el('a', { href: '/?job=' + encodeURIComponent(j.job), text: j.job })),
+        ...STATUSES.map((st) => {
+          const n = j.counts[st] || 0;
+          return el('td', { class: 'num' + (n && (st === 'failed' || st === 'needs_input') ? ' hot' : '') },
+            n ? el('a', { href: '/?job=' + encodeURIComponent(j.job) + '&status=' + st, text: String(n) }) : '0');
+        }),
+        el('td', { class: 'num', text: String(j.total) }))) : [el('tr', {}, el('td', { colspan: '9', class: 'muted', text: 'No jobs.' }))]));
+      const br = $('ov-breakers');
+      if (s.breakers === null || s.breakers === undefined) {
+        br.replaceChildren(el('li', { class: 'muted', text: 'none — breaker states are not reported to the server yet' }));
+      } else if (!s.breakers.length) {
+        br.replaceChildren(el('li', { class: 'muted', text: 'none' }));
+      } else {
+        br.replaceChildren(...s.breakers.map((b) => el('li', { text: typeof b === 'string' ? b : JSON.stringify(b) })));
+      }
+      const cn = $('ov-connections');
+      cn.replaceChildren(...(s.connections.length ? s.connections.map((c) => el('li', {},
+        el('strong', { text: c.name }), ' ', el('span', { class: 'status s-failed', text: c.status }),
+        el('span', { class: 'muted', text: ' since ' + utc(c.updated_at) + ' by ' + c.updated_by + (c.comment ? ': “' + c.comment + '”' : '') })))
+        : [el('li', { class: 'muted', text: 'none' })]));
+      markReady('overview');
+    }
+
+    for (const b of document.querySelectorAll('[data-window]')) {
+      b.addEventListener('click', () => {
+        win = b.dataset.window;
+        history.replaceState(null, '', '/overview' + (win === '1d' ? '?window=1d' : ''));
+        load();
+      });
+    }
+    // Live, but at most every few seconds: the window is an aggregate.
+    let last = 0;
+    let timer = null;
+    liveEvents('', () => {
+      if (timer) return;
+      const wait = Math.max(0, 5000 - (Date.now() - last));
+      timer = setTimeout(() => { timer = null; last = Date.now(); load(); }, wait);
+    });
+    load();
+  }
+
+  // ---------- start ----------
+
+  async function start() {
+    if (page === 'signin') {
+      initSignin();
+      return;
+    }
+    if (!token()) {
+      signOut();
+      return;
+    }
+    $('signout').addEventListener('click', () => signOut('Signed out.'));
+    try {
+      const who = await api('/api/dashboard/whoami');
+      skew = Date.parse(who.now) - Date.now();
+      $('who-name').textContent = who.name;
+      $('who-tenant').textContent = who.tenant;
+      $('who').hidden = false;
+    } catch (_) {
+      return;
+    }
+    if (page !== 'runs') refreshAttention().catch(() => {});
+    if (page === 'runs') initRuns();
+    else if (page === 'run') initRun();
+    else if (page === 'overview') initOverview();
+  }
+
+  start();
+})();
