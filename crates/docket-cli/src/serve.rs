@@ -134,6 +134,17 @@ impl Settings {
         };
         let defaults = ServerConfig::default();
         let concurrency = args.concurrency.or(file.concurrency).unwrap_or(8);
+        let addr = args
+            .addr
+            .or(file.addr)
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 7878)));
+        let role = args.role.or(file.role).unwrap_or(Role::All);
+        let insecure = args.insecure_dev_no_auth || file.insecure_dev_no_auth.unwrap_or(false);
+        if insecure && role != Role::Worker && !addr.ip().is_loopback() {
+            return Err(format!(
+                "refusing to serve without authentication on {addr}: --insecure-dev-no-auth is only allowed on a loopback address (127.0.0.1, ::1)"
+            ));
+        }
         if concurrency == 0 {
             return Err("concurrency must be at least 1".into());
         }
@@ -144,15 +155,11 @@ impl Settings {
                     .or(file.db.as_deref())
                     .unwrap_or("docket.db"),
             ),
-            addr: args
-                .addr
-                .or(file.addr)
-                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 7878))),
-            role: args.role.or(file.role).unwrap_or(Role::All),
+            addr,
+            role,
             concurrency,
             demo_jobs: args.demo_jobs || file.demo_jobs.unwrap_or(false),
-            insecure_dev_no_auth: args.insecure_dev_no_auth
-                || file.insecure_dev_no_auth.unwrap_or(false),
+            insecure_dev_no_auth: insecure,
             grace: Duration::from_secs(
                 args.shutdown_grace_secs
                     .or(file.shutdown_grace_secs)
@@ -279,10 +286,12 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
         "docket starting"
     );
     let (stop_tx, stop_rx) = watch::channel(false);
+    let stop_tx = std::sync::Arc::new(stop_tx);
+    let on_signal = stop_tx.clone();
     tokio::spawn(async move {
         signal().await;
         tracing::info!("signal received: shutting down");
-        let _ = stop_tx.send(true);
+        let _ = on_signal.send(true);
     });
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|v| *v).await;
@@ -318,11 +327,19 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
         let listener = tokio::net::TcpListener::bind(s.addr)
             .await
             .map_err(|e| format!("cannot listen on {}: {e}", s.addr))?;
-        let res = server
+        server
             .serve(listener, stopped(stop_rx.clone()))
             .await
-            .map_err(|e| e.to_string());
+            .map_err(|e| e.to_string())?;
         tracing::info!("API stopped");
+        Ok(())
+    };
+    // Whatever ends the API (a signal, or an error) stops the worker too.
+    let api = async {
+        let res: Result<(), String> = api.await;
+        if s.role != Role::Worker {
+            let _ = stop_tx.send(true);
+        }
         res
     };
     let work = async {

@@ -352,6 +352,7 @@
       }
       setAttentionCount(p.attention_count);
       skew = Date.parse(p.now) - Date.now();
+      $('runs-table').dataset.query = query();
       const body = $('runs-body');
       const before = new Map([...body.children].map((tr) => [tr.dataset.runId, tr.dataset.status]));
       const rows = p.runs.map(row);

@@ -186,10 +186,9 @@ pub fn retry_chart(c: &RetryChart) -> String {
         );
         if let Some(p) = prev {
             let pend = p.end.unwrap_or(c.now);
-            let eligible = p
-                .eligible_at
-                .or(p.delay_ms.map(|d| pend + d))
-                .filter(|_| p.delay_ms.is_some() || p.eligible_at.is_some());
+            // The band is the delay the policy chose (what the forensic
+            // classifier compares the gap with), else the stored eligibility.
+            let eligible = p.delay_ms.map(|d| pend + d).or(p.eligible_at);
             if let Some(el) = eligible {
                 let (bx0, bx1) = (x(pend), x(el).max(x(pend) + 1.0));
                 let _ = write!(

@@ -1,0 +1,294 @@
+//! `docket token`, `docket serve` and the client commands, end to end: the
+//! real binary, a real server on a loopback port, a temporary SQLite file.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+const BIN: &str = env!("CARGO_BIN_EXE_docket");
+
+fn tmp_db() -> String {
+    let dir = std::env::temp_dir().join(format!("docket-cli-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join("docket.db").to_str().unwrap().to_string()
+}
+
+fn docket(args: &[&str], envs: &[(&str, &str)]) -> (i32, String, String) {
+    let out = Command::new(BIN)
+        .args(args)
+        .env_remove("DOCKET_URL")
+        .env_remove("DOCKET_TOKEN")
+        .env_remove("DOCKET_DB")
+        .envs(envs.iter().copied())
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+struct Served {
+    child: Child,
+    url: String,
+    /// Log lines before "listening".
+    early: Vec<String>,
+}
+
+/// Starts `docket serve` on 127.0.0.1:0 and reads the bound address from
+/// its log (waiting at most 30 s).
+fn serve(db: &str, extra: &[&str]) -> Served {
+    let mut child = Command::new(BIN)
+        .args(["serve", "--db", db, "--addr", "127.0.0.1:0", "--demo-jobs"])
+        .args(extra)
+        .env("DOCKET_LOG", "info")
+        .env_remove("DOCKET_DB")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            // Keep draining after the test stops listening.
+            let _ = tx.send(line);
+        }
+    });
+    let mut early = Vec::new();
+    loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the server logs its address within 30 s");
+        early.push(line.clone());
+        if line.contains("docket API listening") {
+            let addr = line
+                .split("addr=")
+                .nth(1)
+                .unwrap()
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .to_string();
+            return Served {
+                child,
+                url: format!("http://{addr}"),
+                early,
+            };
+        }
+    }
+}
+
+/// SIGTERM, then the exit code (waiting at most 20 s).
+fn terminate(s: Served) -> i32 {
+    let Served { mut child, .. } = s;
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait().map(|st| st.code().unwrap_or(-1)));
+    });
+    rx.recv_timeout(Duration::from_secs(20))
+        .expect("docket serve stops within 20 s of SIGTERM")
+        .unwrap()
+}
+
+#[test]
+fn tokens_serve_and_client_end_to_end() {
+    let db = tmp_db();
+    let (code, secret, err) = docket(
+        &[
+            "token", "create", "--tenant", "acme", "--name", "alice", "--db", &db,
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+    let secret = secret.trim().to_string();
+    assert!(secret.starts_with("dkt_") && secret.len() == 68, "{secret}");
+    assert!(err.contains("shown only now"));
+    let (code, _, err) = docket(
+        &[
+            "token", "create", "--tenant", "acme", "--name", "alice", "--db", &db,
+        ],
+        &[],
+    );
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("already has a live token named `alice`"),
+        "{err}"
+    );
+    let (code, list, _) = docket(&["token", "list", "--db", &db], &[]);
+    assert_eq!(code, 0);
+    assert!(list.starts_with("ID "), "{list}");
+    assert!(list.contains("acme") && list.contains("alice") && list.contains("active"));
+    assert!(!list.contains(&secret[4..]), "the secret is never listed");
+
+    let s = serve(&db, &[]);
+    let env = [
+        ("DOCKET_URL", s.url.as_str()),
+        ("DOCKET_TOKEN", secret.as_str()),
+    ];
+
+    // A run that fails terminally, then an operator retry with variables.
+    let (code, out, err) = docket(
+        &[
+            "trigger",
+            "fail-then-succeed",
+            r#"{"failures":1,"class":"permanent"}"#,
+            "--wait",
+            "--timeout",
+            "20s",
+        ],
+        &env,
+    );
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(out.contains("failed (permanent_error)"), "{out}");
+    let (code, out, _) = docket(&["runs", "list", "--needs-attention", "--json"], &env);
+    assert_eq!(code, 0);
+    let page: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let id = page["runs"][0]["id"].as_str().unwrap().to_string();
+    let (code, out, err) = docket(
+        &[
+            "runs",
+            "retry",
+            &id,
+            "--vars",
+            r#"{"fixed":true}"#,
+            "--comment",
+            "fixed the config",
+        ],
+        &env,
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("retry: run"), "{out}");
+    let (code, out, _) = docket(&["runs", "wait", &id, "--timeout", "20s"], &env);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("completed"), "{out}");
+    let (code, out, _) = docket(&["runs", "show", &id], &env);
+    assert_eq!(code, 0);
+    for want in [
+        "attempts",
+        "timeline",
+        "operator_retry",
+        "fixed the config",
+        "alice",
+        "permanent: demo failure 1 of 1",
+        "GAP",
+    ] {
+        assert!(out.contains(want), "`{want}` missing from:\n{out}");
+    }
+    // A table for people.
+    let (_, out, _) = docket(&["runs", "list"], &env);
+    let header = out.lines().next().unwrap();
+    assert!(
+        header.starts_with("ID") && header.contains("STATUS"),
+        "{out}"
+    );
+    // Retrying a completed run: the server's 409 message, exit 1.
+    let (code, _, err) = docket(&["runs", "retry", &id], &env);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("HTTP 409") && err.contains("completed"),
+        "{err}"
+    );
+    // Idempotency through the CLI.
+    let (_, a, _) = docket(&["trigger", "echo", r#"{"a":1}"#, "--key", "k1"], &env);
+    let (_, b, _) = docket(&["trigger", "echo", r#"{"a":1}"#, "--key", "k1"], &env);
+    assert!(a.starts_with("created run"), "{a}");
+    assert!(b.starts_with("existing run"), "{b}");
+    // Approve and cancel and postpone.
+    let (_, out, _) = docket(&["trigger", "approval", r#"{"amount":5}"#, "--json"], &env);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let ap = v["run"]["id"].as_str().unwrap().to_string();
+    let (code, out, _) = docket(&["runs", "wait", &ap, "--timeout", "300ms"], &env);
+    assert_eq!(code, 2, "still waiting for input: {out}");
+    let (code, out, err) = docket(&["runs", "approve", &ap, "--data", r#"{"ok":true}"#], &env);
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, out, _) = docket(&["runs", "wait", &ap, "--timeout", "20s", "--json"], &env);
+    assert_eq!(code, 0, "{out}");
+    let (_, out, _) = docket(
+        &[
+            "trigger",
+            "noop",
+            "null",
+            "--run-after",
+            "2999-01-01T00:00:00Z",
+            "--json",
+        ],
+        &env,
+    );
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let later = v["run"]["id"].as_str().unwrap().to_string();
+    let (code, _, err) = docket(&["runs", "postpone", &later, "--delay", "10m"], &env);
+    assert_eq!(code, 0, "{err}");
+    let (code, out, _) = docket(&["runs", "cancel", &later, "--comment", "not needed"], &env);
+    assert_eq!(code, 0);
+    assert!(out.contains("cancelled"), "{out}");
+    let (code, out, _) = docket(&["runs", "retrigger", &later], &env);
+    assert_eq!(code, 0);
+    assert!(out.contains("retriggered"), "{out}");
+    // Without a token: 401.
+    let (code, _, err) = docket(&["runs", "list"], &[("DOCKET_URL", s.url.as_str())]);
+    assert_eq!(code, 1);
+    assert!(err.contains("HTTP 401"), "{err}");
+
+    // Revoke: refused at once.
+    let (code, out, _) = docket(
+        &[
+            "token", "revoke", "--tenant", "acme", "--name", "alice", "--db", &db,
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{out}");
+    let (code, _, err) = docket(&["runs", "list"], &env);
+    assert_eq!(code, 1);
+    assert!(err.contains("revoked"), "{err}");
+
+    // SIGTERM: a clean exit.
+    assert_eq!(terminate(s), 0);
+}
+
+#[test]
+fn insecure_flag_is_refused_off_loopback_and_config_errors_are_clear() {
+    let db = tmp_db();
+    let (code, _, err) = docket(
+        &[
+            "serve",
+            "--db",
+            &db,
+            "--addr",
+            "0.0.0.0:0",
+            "--insecure-dev-no-auth",
+        ],
+        &[],
+    );
+    assert_eq!(code, 1);
+    assert!(err.contains("only allowed on a loopback address"), "{err}");
+    let cfg = std::path::Path::new(&db).with_file_name("bad.toml");
+    std::fs::write(&cfg, "port = 1\n").unwrap();
+    let (code, _, err) = docket(&["serve", "--config", cfg.to_str().unwrap()], &[]);
+    assert_eq!(code, 1);
+    assert!(err.contains("unknown field `port`"), "{err}");
+}
+
+#[test]
+fn insecure_dev_mode_on_loopback_says_so_loudly() {
+    let db = tmp_db();
+    let s = serve(&db, &["--insecure-dev-no-auth"]);
+    let warnings = s
+        .early
+        .iter()
+        .filter(|l| l.contains("AUTHENTICATION IS OFF"))
+        .count();
+    assert!(warnings >= 1, "{:?}", s.early);
+    let (code, out, err) = docket(
+        &["trigger", "noop", "1", "--wait", "--timeout", "20s"],
+        &[("DOCKET_URL", s.url.as_str())],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(terminate(s), 0);
+}

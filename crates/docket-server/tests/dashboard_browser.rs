@@ -1,0 +1,817 @@
+//! The dashboard in a real headless Chromium, driven over WebDriver
+//! (chromedriver + fantoccini), against a real server on a loopback port
+//! with a SQLite file store, a worker and bearer tokens.
+//!
+//! Needs Debian's `chromium` and `chromium-driver` (`.ci/run` installs
+//! them). Without chromedriver the test fails when `CI=true` and is skipped
+//! with one line otherwise. Every wait is bounded: the browser is polled
+//! for elements (fantoccini's `wait().at_most(..)`), the API is asked with
+//! long polls; nothing sleeps to wait.
+//!
+//! Screenshots of the main pages go to `$TMPDIR/docket-dashboard-shots/`,
+//! and into `docs/` when `DOCKET_UPDATE_SCREENSHOTS=1`.
+
+use docket::{Docket, Job, JobError, RetryPolicy, WorkerConfig};
+use docket_server::{auth, HubConfig, Server, ServerConfig};
+use docket_store::{
+    AttemptEnd, ClaimRequest, ConnectionChange, ConnectionStatus, ErrorInfo, NewRun, Outcome,
+    RetryRecord,
+};
+use fantoccini::{Client, ClientBuilder, Locator};
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+type R<T = ()> = Result<T, String>;
+
+/// How long any one element may take to appear.
+const WAIT: Duration = Duration::from_secs(20);
+
+fn chromedriver() -> Option<PathBuf> {
+    if let Ok(p) = std::env::var("DOCKET_CHROMEDRIVER") {
+        return Some(PathBuf::from(p));
+    }
+    let fixed = Path::new("/usr/bin/chromedriver");
+    if fixed.exists() {
+        return Some(fixed.to_path_buf());
+    }
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join("chromedriver"))
+            .find(|p| p.exists())
+    })
+}
+
+fn chromium() -> PathBuf {
+    if let Ok(p) = std::env::var("DOCKET_CHROMIUM") {
+        return PathBuf::from(p);
+    }
+    [
+        "/usr/bin/chromium",
+        "/usr/bin/chromium-browser",
+        "/usr/bin/google-chrome",
+    ]
+    .iter()
+    .map(PathBuf::from)
+    .find(|p| p.exists())
+    .unwrap_or_else(|| PathBuf::from("chromium"))
+}
+
+/// Starts chromedriver on a free loopback port; returns it and its URL once
+/// it says it is listening (read from its output, not waited for).
+async fn start_chromedriver(bin: &Path) -> R<(tokio::process::Child, String)> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_err(|e| format!("no free port: {e}"))?
+        .port();
+    let mut child = tokio::process::Command::new(bin)
+        .arg(format!("--port={port}"))
+        .arg("--allowed-ips=127.0.0.1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("cannot start {}: {e}", bin.display()))?;
+    let stdout = child.stdout.take().ok_or("no chromedriver stdout")?;
+    let mut lines = BufReader::new(stdout).lines();
+    let ready = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            if line.contains("started successfully") {
+                return Ok(());
+            }
+        }
+        Err("chromedriver exited before it was ready".to_string())
+    })
+    .await
+    .map_err(|_| "chromedriver did not start within 30 s".to_string())?;
+    ready?;
+    // Keep draining its output so it never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Ok((child, format!("http://127.0.0.1:{port}")))
+}
+
+async fn browser(webdriver: &str, profile: &Path) -> R<Client> {
+    let mut caps = serde_json::Map::new();
+    caps.insert(
+        "goog:chromeOptions".into(),
+        json!({
+            "binary": chromium().to_string_lossy(),
+            "args": [
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-dev-shm-usage",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--window-size=1360,1000",
+                format!("--user-data-dir={}", profile.display()),
+            ],
+        }),
+    );
+    ClientBuilder::rustls()
+        .map_err(|e| format!("TLS setup: {e}"))?
+        .capabilities(caps)
+        .connect(webdriver)
+        .await
+        .map_err(|e| format!("cannot open a Chromium session: {e}"))
+}
+
+/// The server under test.
+struct Env {
+    base: String,
+    docket: Docket,
+    http: reqwest::Client,
+    token: String,
+    other_token: String,
+}
+
+fn register_jobs(d: &Docket) {
+    let fast = |name: &str, base: u64, attempts: u32| RetryPolicy {
+        name: name.into(),
+        base_delay_ms: base,
+        multiplier: 2.0,
+        max_delay_ms: 10_000,
+        jitter_ms: 0,
+        max_attempts: attempts,
+        ..RetryPolicy::default()
+    };
+    d.register(
+        Job::new("send-invoice-email", |ctx, _input: Value| async move {
+            if ctx.attempt() <= 2 {
+                return Err(JobError::unavailable(
+                    "503 Service Unavailable from the mail provider",
+                ));
+            }
+            Ok(json!({"sent": true}))
+        })
+        .retry(fast("mail-backoff", 400, 5)),
+    )
+    .map_err(|e| e.to_string())
+    .unwrap();
+    d.register(
+        Job::new("charge-card", |ctx, _input: Value| async move {
+            if ctx.variables()["use_backup_gateway"] != json!(true) {
+                return Err(
+                    JobError::network("ECONNRESET talking to the payment gateway")
+                        .in_action("charge"),
+                );
+            }
+            Ok(json!({"charged": true, "gateway": "backup"}))
+        })
+        .retry(fast("payments", 150, 3)),
+    )
+    .unwrap();
+    d.register(Job::new("approve-refund", |ctx, input: Value| async move {
+        let d = ctx
+            .wait_for_input("refund-approval", json!({"amount": input["amount"]}))
+            .await?;
+        Ok(json!({ "decision": format!("{d:?}") }))
+    }))
+    .unwrap();
+    d.register(Job::new("import-batch", |ctx, _input: Value| async move {
+        ctx.step("extract", || async { Ok::<_, JobError>(120) })
+            .await?;
+        ctx.step("load", || async {
+            Err::<i64, _>(JobError::permanent("row 42: missing customer_id"))
+        })
+        .await?;
+        Ok(json!("loaded"))
+    }))
+    .unwrap();
+    d.register(Job::new(
+        "nightly-report",
+        |_ctx, input: Value| async move { Ok::<_, JobError>(json!({"rows": input["rows"]})) },
+    ))
+    .unwrap();
+}
+
+impl Env {
+    async fn start(dir: &Path) -> (Env, tokio::sync::oneshot::Sender<()>) {
+        let url = format!("sqlite://{}", dir.join("docket.db").display());
+        let docket = Docket::open(&url).await.unwrap();
+        register_jobs(&docket);
+        let now = docket.clock().now();
+        let a = auth::issue_token("acme", "alice", now).unwrap();
+        let b = auth::issue_token("globex", "bob", now).unwrap();
+        docket.store().create_token(a.record).await.unwrap();
+        docket.store().create_token(b.record).await.unwrap();
+        let server = Server::start(
+            docket.clone(),
+            ServerConfig {
+                hub: HubConfig {
+                    poll_interval: Duration::from_millis(20),
+                    ..HubConfig::default()
+                },
+                ..ServerConfig::default()
+            },
+        )
+        .await
+        .unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let (stop, rx) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let _ = server
+                .serve(listener, async move {
+                    let _ = rx.await;
+                })
+                .await;
+        });
+        (
+            Env {
+                base,
+                docket,
+                http: reqwest::Client::new(),
+                token: a.secret,
+                other_token: b.secret,
+            },
+            stop,
+        )
+    }
+
+    async fn call(
+        &self,
+        token: &str,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let mut r = self
+            .http
+            .request(method, format!("{}{}", self.base, path))
+            .bearer_auth(token);
+        if let Some(b) = body {
+            r = r.json(&b);
+        }
+        let res = r.send().await.unwrap();
+        let status = res.status().as_u16();
+        let text = res.text().await.unwrap();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    async fn get(&self, path: &str) -> Value {
+        let (s, v) = self
+            .call(&self.token, reqwest::Method::GET, path, None)
+            .await;
+        assert_eq!(s, 200, "GET {path}: {v}");
+        v
+    }
+
+    async fn trigger_as(
+        &self,
+        token: &str,
+        job: &str,
+        input: Value,
+        run_after: Option<String>,
+    ) -> String {
+        let mut body = json!({"job": job, "input": input});
+        if let Some(t) = run_after {
+            body["run_after"] = json!(t);
+        }
+        let (s, v) = self
+            .call(token, reqwest::Method::POST, "/api/runs", Some(body))
+            .await;
+        assert_eq!(s, 201, "{v}");
+        v["run"]["id"].as_str().unwrap().to_string()
+    }
+
+    async fn trigger(&self, job: &str, input: Value) -> String {
+        self.trigger_as(&self.token.clone(), job, input, None).await
+    }
+
+    /// Long-polls until the run is in one of `statuses` (bounded).
+    async fn until(&self, id: &str, statuses: &[&str]) -> Value {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let v = self.get(&format!("/api/runs/{id}")).await;
+            let st = v["run"]["status"].as_str().unwrap_or("").to_string();
+            if statuses.contains(&st.as_str()) {
+                return v;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "run {id} stayed {st}, wanted {statuses:?}"
+            );
+            // A long poll: answers at once when the run ends.
+            self.get(&format!("/api/runs/{id}/wait?timeout=200ms"))
+                .await;
+        }
+    }
+
+    /// A run whose evidence was written by a misbehaving dispatcher: the
+    /// policy chose 8 s after attempt 2, yet attempt 3 started 100 ms
+    /// later (written straight into the store; the engine itself never
+    /// does this). Its job has no worker here.
+    async fn crafted_hot_retry(&self) -> String {
+        let store = self.docket.store();
+        let now = self.docket.clock().now();
+        let t0 = now.plus_millis(-30_000);
+        let mut n = NewRun::new(
+            "crm-sync",
+            json!({"contact": "c-1842", "fields": ["email"]}),
+        );
+        n.tenant = "acme".into();
+        n.idempotency_key = Some("crm-sync:c-1842:v3".into());
+        let id = n.id;
+        store.trigger(vec![n], t0).await.unwrap();
+        let err = |m: &str| ErrorInfo {
+            class: docket::ErrorClass::Unavailable,
+            message: m.into(),
+            fingerprint: "crm-sync/unavailable".into(),
+            failure_key: "crm-sync/unavailable".into(),
+            action: Some("push-contact".into()),
+        };
+        let attempt = |at: i64| ClaimRequest {
+            jobs: vec!["crm-sync".into()],
+            limit: 1,
+            now: t0.plus_millis(at),
+            lease_ms: 30_000,
+            worker: "worker-b".into(),
+        };
+        // (claim at, end at, delay chosen, eligible at) per retried attempt.
+        for (start, end, delay, eligible) in [(0, 900, 4_000, 4_900), (5_200, 6_000, 8_000, 6_050)]
+        {
+            let run = store.claim(attempt(start)).await.unwrap().remove(0);
+            store
+                .finish(vec![AttemptEnd {
+                    run_id: id,
+                    lease_id: run.lease_id.unwrap(),
+                    now: t0.plus_millis(end),
+                    outcome: Outcome::Retry {
+                        error: err("503 from the CRM API"),
+                        retry: RetryRecord {
+                            policy: "crm-exponential".into(),
+                            delay_ms: delay,
+                            eligible_at: t0.plus_millis(eligible),
+                            reason: "backoff".into(),
+                        },
+                    },
+                }])
+                .await
+                .unwrap()
+                .remove(0)
+                .unwrap();
+        }
+        let run = store.claim(attempt(6_100)).await.unwrap().remove(0);
+        store
+            .finish(vec![AttemptEnd {
+                run_id: id,
+                lease_id: run.lease_id.unwrap(),
+                now: t0.plus_millis(6_700),
+                outcome: Outcome::Failed {
+                    error: Some(err("503 from the CRM API")),
+                    reason: docket::TerminalReason::MaxRetriesExhausted,
+                    detail: "3 attempts".into(),
+                },
+            }])
+            .await
+            .unwrap()
+            .remove(0)
+            .unwrap();
+        id.to_string()
+    }
+}
+
+async fn el(c: &Client, css: &str) -> R<fantoccini::elements::Element> {
+    c.wait()
+        .at_most(WAIT)
+        .every(Duration::from_millis(50))
+        .for_element(Locator::Css(css))
+        .await
+        .map_err(|e| format!("waiting for `{css}`: {e}"))
+}
+
+async fn text(c: &Client, css: &str) -> R<String> {
+    el(c, css)
+        .await?
+        .text()
+        .await
+        .map_err(|e| format!("text of `{css}`: {e}"))
+}
+
+async fn click(c: &Client, css: &str) -> R {
+    el(c, css)
+        .await?
+        .click()
+        .await
+        .map_err(|e| format!("click `{css}`: {e}"))
+}
+
+async fn type_into(c: &Client, css: &str, s: &str) -> R {
+    let e = el(c, css).await?;
+    e.clear().await.map_err(|e| format!("clear `{css}`: {e}"))?;
+    e.send_keys(s)
+        .await
+        .map_err(|e| format!("type into `{css}`: {e}"))
+}
+
+async fn goto(c: &Client, url: &str) -> R {
+    c.goto(url).await.map_err(|e| format!("goto {url}: {e}"))
+}
+
+async fn js(c: &Client, script: &str) -> R<Value> {
+    c.execute(script, vec![])
+        .await
+        .map_err(|e| format!("script `{script}`: {e}"))
+}
+
+async fn statuses_in_list(c: &Client) -> R<Vec<String>> {
+    let v = js(
+        c,
+        "return [...document.querySelectorAll('#runs-body tr')].map(t => t.dataset.status)",
+    )
+    .await?;
+    Ok(v.as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|s| s.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
+async fn shot(c: &Client, name: &str, w: u32, h: u32) -> R {
+    c.set_window_size(w, h)
+        .await
+        .map_err(|e| format!("resize: {e}"))?;
+    // Resizing re-lays the page out; the next screenshot captures it.
+    let png = c
+        .screenshot()
+        .await
+        .map_err(|e| format!("screenshot: {e}"))?;
+    if png.len() < 8 || &png[1..4] != b"PNG" {
+        return Err(format!("{name}: not a PNG"));
+    }
+    let tmp = std::env::temp_dir().join("docket-dashboard-shots");
+    std::fs::create_dir_all(&tmp).map_err(|e| e.to_string())?;
+    std::fs::write(tmp.join(name), &png).map_err(|e| e.to_string())?;
+    if std::env::var("DOCKET_UPDATE_SCREENSHOTS").as_deref() == Ok("1") {
+        let docs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs");
+        std::fs::write(docs.join(name), &png).map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+macro_rules! check {
+    ($cond:expr, $($msg:tt)+) => {
+        if !$cond {
+            return Err(format!($($msg)+));
+        }
+    };
+}
+
+async fn scenario(c: &Client, env: &Env) -> R {
+    // Runs of every kind, made by the real engine (and one crafted).
+    let email = env
+        .trigger("send-invoice-email", json!({"invoice": "INV-2031"}))
+        .await;
+    let charge = env
+        .trigger(
+            "charge-card",
+            json!({"order": "ORD-7731", "amount_cents": 4599}),
+        )
+        .await;
+    let refund = env.trigger("approve-refund", json!({"amount": 120})).await;
+    let refund2 = env.trigger("approve-refund", json!({"amount": 75})).await;
+    let import = env
+        .trigger("import-batch", json!({"file": "customers-0611.csv"}))
+        .await;
+    for i in 0..3 {
+        let id = env
+            .trigger("nightly-report", json!({"rows": 1000 + i}))
+            .await;
+        env.until(&id, &["completed"]).await;
+    }
+    let later = env
+        .docket
+        .clock()
+        .now()
+        .plus_millis(2 * 3_600_000)
+        .to_rfc3339();
+    env.trigger_as(
+        &env.token.clone(),
+        "nightly-report",
+        json!({"rows": 0}),
+        Some(later),
+    )
+    .await;
+    let hot = env.crafted_hot_retry().await;
+    let other = env
+        .trigger_as(
+            &env.other_token.clone(),
+            "import-batch",
+            json!({"file": "globex.csv"}),
+            None,
+        )
+        .await;
+    env.docket
+        .store()
+        .set_connection_status(ConnectionChange {
+            tenant: "acme".into(),
+            name: "crm".into(),
+            status: ConnectionStatus::Disabled,
+            actor: "alice".into(),
+            comment: Some("API key rotated; re-authorize".into()),
+            now: env.docket.clock().now(),
+        })
+        .await
+        .unwrap();
+    env.until(&email, &["completed"]).await;
+    env.until(&charge, &["failed"]).await;
+    env.until(&import, &["failed"]).await;
+    env.until(&refund, &["needs_input"]).await;
+    env.until(&refund2, &["needs_input"]).await;
+    env.until(&other, &["failed"]).await;
+
+    // Sign in.
+    goto(c, &format!("{}/", env.base)).await?;
+    el(c, "body[data-page='signin']").await?;
+    type_into(c, "#token", &env.token).await?;
+    click(c, "#signin-submit").await?;
+    el(c, "body[data-page='runs'] #main[data-ready='runs']").await?;
+    check!(
+        text(c, "#who-tenant").await? == "acme",
+        "signed in as the wrong tenant"
+    );
+
+    // The list: every acme run, never globex's; the attention count.
+    el(c, &format!("tr[data-run-id='{hot}']")).await?;
+    check!(
+        c.find(Locator::Css(&format!("tr[data-run-id='{other}']")))
+            .await
+            .is_err(),
+        "another tenant's run is listed"
+    );
+    let badge = text(c, "#attention-badge").await?;
+    check!(
+        badge == "5",
+        "needs-attention count is {badge}, want 5 (3 failed + 2 needs_input)"
+    );
+    check!(text(c, "#attention-count").await? == "5", "header count");
+    // Evaluation badges on failed runs: the hot retry is critical.
+    el(
+        c,
+        &format!("[data-eval-for='{hot}'] [data-severity='critical']"),
+    )
+    .await?;
+    el(c, &format!("[data-eval-for='{charge}'] [data-severity]")).await?;
+    shot(c, "dashboard-runs.png", 1360, 760).await?;
+
+    // Live: a run triggered elsewhere appears without reloading the page.
+    js(c, "window.__samePage = 'yes'; return true").await?;
+    let fresh = env.trigger("nightly-report", json!({"rows": 7})).await;
+    el(c, &format!("tr[data-run-id='{fresh}']")).await?;
+    check!(
+        js(c, "return window.__samePage").await? == json!("yes"),
+        "the page reloaded"
+    );
+
+    // The needs-attention filter.
+    click(c, "#attention-toggle").await?;
+    el(c, "#runs-table[data-query*='attention=true']").await?;
+    let st = statuses_in_list(c).await?;
+    check!(
+        st.len() == 5,
+        "attention list has {} rows: {st:?}",
+        st.len()
+    );
+    check!(
+        st.iter().all(|s| s == "failed" || s == "needs_input"),
+        "attention list shows {st:?}"
+    );
+    // Text search on top: the import whose step failed on row 42.
+    type_into(c, "#f-q", "row 42").await?;
+    el(c, "#runs-table[data-query*='q=row+42']").await?;
+    let st = statuses_in_list(c).await?;
+    check!(st.len() == 1, "search found {st:?}");
+    el(c, &format!("tr[data-run-id='{import}']")).await?;
+    type_into(c, "#f-q", "").await?;
+    el(c, "#runs-table[data-query='attention=true&limit=50']").await?;
+
+    // The run whose history has retries: timeline, verdicts, picture.
+    click(c, &format!("tr[data-run-id='{hot}'] a.run-link")).await?;
+    el(c, "#main[data-ready='run']").await?;
+    el(
+        c,
+        "#r-chart svg.retry-chart[data-attempts='3'][data-early='1']",
+    )
+    .await?;
+    el(
+        c,
+        "#r-verdicts li[data-verdict='retry_without_backoff'] [data-severity='critical']",
+    )
+    .await?;
+    el(c, "#r-verdicts li[data-verdict='delayed_retry']").await?;
+    el(c, "#r-eval [data-severity='critical']").await?;
+    let rows = js(
+        c,
+        "return document.querySelectorAll('#r-timeline tbody tr').length",
+    )
+    .await?;
+    check!(rows.as_u64().unwrap_or(0) >= 12, "timeline has {rows} rows");
+    let kinds = js(
+        c,
+        "return [...document.querySelectorAll('#r-timeline tbody tr')].map(t => t.dataset.kind)",
+    )
+    .await?;
+    for k in [
+        "run_triggered",
+        "attempt",
+        "retry decision",
+        "attempt_failed",
+        "run_failed",
+    ] {
+        check!(
+            kinds.as_array().is_some_and(|a| a.iter().any(|x| x == k)),
+            "timeline lacks {k}: {kinds}"
+        );
+    }
+    check!(
+        text(c, "#r-timeline")
+            .await?
+            .contains("policy crm-exponential chose a delay of 8.0s"),
+        "the retry decision is not in the timeline"
+    );
+    shot(c, "dashboard-run.png", 1360, 1500).await?;
+
+    // Retry the failed charge with updated variables and a comment.
+    goto(c, &format!("{}/runs/{charge}", env.base)).await?;
+    el(c, "#main[data-ready='run']").await?;
+    el(
+        c,
+        "#r-chart svg.retry-chart[data-attempts='3'][data-early='0']",
+    )
+    .await?;
+    click(c, "#act-retry").await?;
+    el(c, "#action-dialog[open][data-action='retry']").await?;
+    type_into(c, "#ad-vars", r#"{"use_backup_gateway": true}"#).await?;
+    type_into(c, "#ad-comment", "primary gateway is down; use the backup").await?;
+    click(c, "#ad-confirm").await?;
+    // The page follows the run live to its end.
+    el(c, "#r-status [data-status='completed']").await?;
+    el(c, "#r-timeline tr[data-kind='operator_retry']").await?;
+    let v = env.until(&charge, &["completed"]).await;
+    check!(
+        v["run"]["variables"]["use_backup_gateway"] == json!(true),
+        "variables not merged: {}",
+        v["run"]["variables"]
+    );
+    let retried = v["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["kind"] == "operator_retry")
+        .cloned()
+        .ok_or("no operator_retry event")?;
+    check!(
+        retried["comment"] == json!("primary gateway is down; use the backup")
+            && retried["actor"] == json!("alice"),
+        "operator_retry event: {retried}"
+    );
+    shot(c, "dashboard-run-retried.png", 1360, 1500).await?;
+
+    // Approve a run waiting for input, with data.
+    goto(c, &format!("{}/runs/{refund}", env.base)).await?;
+    el(c, "#r-status [data-status='needs_input']").await?;
+    check!(
+        text(c, "#r-request").await?.contains("120"),
+        "the input request is not shown"
+    );
+    click(c, "#act-approve").await?;
+    el(c, "#action-dialog[open][data-action='approve']").await?;
+    type_into(c, "#ad-data", r#"{"approved_by": "finance", "limit": 150}"#).await?;
+    type_into(c, "#ad-comment", "within policy").await?;
+    click(c, "#ad-confirm").await?;
+    el(c, "#r-status [data-status='completed']").await?;
+    let v = env.until(&refund, &["completed"]).await;
+    check!(
+        v["run"]["output"]["decision"]
+            .as_str()
+            .is_some_and(|d| d.contains("Approved") && d.contains("finance")),
+        "output: {}",
+        v["run"]["output"]
+    );
+    check!(
+        v["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["kind"] == "input_received"
+                && e["comment"] == json!("within policy")
+                && e["actor"] == json!("alice")),
+        "no audited decision: {}",
+        v["events"]
+    );
+
+    // A refused action shows the server's message.
+    goto(c, &format!("{}/runs/{refund2}", env.base)).await?;
+    el(c, "#r-status [data-status='needs_input']").await?;
+    click(c, "#act-approve").await?;
+    el(c, "#action-dialog[open][data-action='approve']").await?;
+    let (s, body) = env
+        .call(
+            &env.token,
+            reqwest::Method::POST,
+            &format!("/api/runs/{refund2}/reject"),
+            Some(json!({"comment": "someone else decided first"})),
+        )
+        .await;
+    check!(s == 200, "reject through the API: {s} {body}");
+    click(c, "#ad-confirm").await?;
+    el(c, "#ad-error:not([hidden])").await?;
+    let msg = text(c, "#ad-error").await?;
+    check!(
+        msg.starts_with("Refused: ") && msg.contains("cannot decide"),
+        "refusal shown as `{msg}`"
+    );
+    check!(
+        el(c, "#action-dialog[open]").await.is_ok(),
+        "the dialog closed on a refusal"
+    );
+    click(c, "#ad-cancel").await?;
+
+    // The overview.
+    goto(c, &format!("{}/overview", env.base)).await?;
+    el(c, "#main[data-ready='overview']").await?;
+    el(c, "#ov-chart svg.window-chart[data-buckets='12']").await?;
+    el(c, "#ov-jobs tr[data-job='charge-card']").await?;
+    check!(
+        text(c, "#ov-connections").await?.contains("crm"),
+        "the disabled connection is not listed"
+    );
+    check!(
+        text(c, "#ov-breakers").await?.starts_with("none"),
+        "breakers section"
+    );
+    let classes = text(c, "#ov-classes").await?;
+    check!(
+        classes.contains("unavailable") && classes.contains("network"),
+        "classes table: {classes}"
+    );
+    shot(c, "dashboard-overview.png", 1360, 1180).await?;
+    click(c, "#w-1d").await?;
+    el(c, "#ov-chart svg.window-chart[data-buckets='24']").await?;
+
+    // Signing out forgets the token.
+    click(c, "#signout").await?;
+    el(c, "body[data-page='signin'] #signin-error:not([hidden])").await?;
+    check!(
+        js(c, "return sessionStorage.getItem('docket.token')").await? == Value::Null,
+        "the token survived sign-out"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_in_headless_chromium() {
+    let Some(driver) = chromedriver() else {
+        if std::env::var("CI").as_deref() == Ok("true") {
+            panic!(
+                "chromedriver is not installed: the dashboard browser test needs Debian's \
+                 `chromium` and `chromium-driver` (apt-get install chromium chromium-driver; \
+                 .ci/run installs them)"
+            );
+        }
+        eprintln!(
+            "skipped: chromedriver is not installed (apt-get install chromium chromium-driver)"
+        );
+        return;
+    };
+    let dir = std::env::temp_dir().join(format!("docket-dash-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(dir.join("profile")).unwrap();
+    let (env, stop) = Env::start(&dir).await;
+    let worker = env
+        .docket
+        .worker(WorkerConfig {
+            poll_interval: Duration::from_millis(20),
+            reap_interval: Duration::from_millis(50),
+            ..WorkerConfig::default()
+        })
+        .start();
+    let (mut driver_proc, webdriver) = start_chromedriver(&driver).await.unwrap();
+    let client = browser(&webdriver, &dir.join("profile")).await.unwrap();
+    let result = scenario(&client, &env).await;
+    if result.is_err() {
+        let _ = shot(&client, "dashboard-failure.png", 1360, 1200).await;
+    }
+    let _ = client.close().await;
+    let _ = driver_proc.kill().await;
+    let _ = stop.send(());
+    worker.shutdown(Duration::from_secs(5)).await;
+    let _ = std::fs::remove_dir_all(&dir);
+    if let Err(e) = result {
+        panic!(
+            "{e} (a screenshot is in {})",
+            std::env::temp_dir()
+                .join("docket-dashboard-shots")
+                .display()
+        );
+    }
+}
