@@ -200,7 +200,7 @@ async fn list_filters_and_cursor_pagination() {
         .await;
     assert_eq!(ids(&v).len(), 0);
     let (_, v) = s.get("/api/runs?job=flaky").await;
-    assert_eq!(ids(&v), [failed.clone()]);
+    assert_eq!(ids(&v), std::slice::from_ref(&failed));
     let (_, v) = s
         .get("/api/runs?created_after=2000-01-01T00:00:00Z&created_before=2999-01-01T00:00:00Z")
         .await;
@@ -212,7 +212,7 @@ async fn list_filters_and_cursor_pagination() {
     assert_eq!(ids(&p1), [waiting.clone(), failed.clone()]);
     let cursor = p1["next_cursor"].as_str().unwrap().to_string();
     let (_, p2) = s.get(&format!("/api/runs?limit=2&cursor={cursor}")).await;
-    assert_eq!(ids(&p2), [ok.clone()]);
+    assert_eq!(ids(&p2), std::slice::from_ref(&ok));
     assert!(p2["next_cursor"].is_null());
     for (q, field) in [
         ("status=exploded", "status"),
@@ -651,8 +651,10 @@ async fn insecure_dev_mode_uses_the_tenant_header_and_is_loopback_only() {
     s.stop().await;
 
     let docket = docket::Docket::open("sqlite::memory:").await.unwrap();
-    let mut cfg = docket_server::ServerConfig::default();
-    cfg.auth = docket_server::AuthMode::InsecureNoAuth;
+    let cfg = docket_server::ServerConfig {
+        auth: docket_server::AuthMode::InsecureNoAuth,
+        ..Default::default()
+    };
     let server = docket_server::Server::start(docket, cfg).await.unwrap();
     let listener = tokio::net::TcpListener::bind("0.0.0.0:0").await.unwrap();
     let err = server.serve(listener, async {}).await.unwrap_err();
