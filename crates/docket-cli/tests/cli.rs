@@ -59,9 +59,11 @@ fn serve(db: &str, extra: &[&str]) -> Served {
     });
     let mut early = Vec::new();
     loop {
-        let line = rx
-            .recv_timeout(Duration::from_secs(30))
-            .expect("the server logs its address within 30 s");
+        let Ok(line) = rx.recv_timeout(Duration::from_secs(30)) else {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the server did not log its address within 30 s: {early:?}");
+        };
         early.push(line.clone());
         if line.contains("docket API listening") {
             let addr = line
