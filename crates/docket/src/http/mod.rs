@@ -63,12 +63,13 @@ pub use config::{
     HttpConfigError, OnReject, DEFAULT_KEY_TEMPLATE, DEFAULT_MAX_RESPONSE_BYTES, DEFAULT_TIMEOUT_MS,
 };
 pub use connections::ConnectionInfo;
+pub use docket_store::{ConnectionAudit, ConnectionState, ConnectionStatus};
 pub use exec::EXCERPT_BYTES;
 
 use crate::{Actor, Ctx, Docket, Error, Job, Result};
 use breaker::Breaker;
 use docket_core::{Clock, SystemClock};
-use docket_store::{ConnectionAudit, ConnectionChange, ConnectionState, ConnectionStatus};
+use docket_store::ConnectionChange;
 use exec::Shared;
 use serde_json::Value;
 use std::path::Path;
