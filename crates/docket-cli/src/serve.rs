@@ -44,7 +44,8 @@ pub struct ServeArgs {
     pub addr: Option<SocketAddr>,
     /// A TOML file with any of: db, addr, role, concurrency, demo_jobs,
     /// insecure_dev_no_auth, shutdown_grace_secs, max_body_bytes,
-    /// max_input_bytes.
+    /// max_input_bytes, and HTTP jobs (`[connections.*]`, `[jobs.*]`, see
+    /// docs/HTTP_JOBS.md).
     #[arg(long, env = "DOCKET_CONFIG")]
     pub config: Option<PathBuf>,
     /// `all` (API and worker), `api` or `worker` [default: all].
@@ -85,6 +86,10 @@ pub struct FileConfig {
     shutdown_grace_secs: Option<u64>,
     max_body_bytes: Option<usize>,
     max_input_bytes: Option<usize>,
+    /// HTTP jobs and their connections (`docket::http`), read by
+    /// `HttpJobs::load` from the same file.
+    connections: Option<toml::Value>,
+    jobs: Option<toml::Value>,
 }
 
 /// The effective configuration.
@@ -273,6 +278,14 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
         .map_err(|e| format!("cannot open {}: {e}", s.db_url))?;
     if s.demo_jobs {
         register_demo_jobs(&docket).map_err(|e| e.to_string())?;
+    }
+    // HTTP jobs declared in the configuration file ([connections.*], [jobs.*]).
+    if let Some(path) = &args.config {
+        let http = docket::http::HttpJobs::load(path).map_err(|e| e.to_string())?;
+        http.install(&docket).map_err(|e| e.to_string())?;
+        if !http.job_names().is_empty() {
+            tracing::info!(jobs = ?http.job_names(), connections = ?http.connection_names(), "HTTP jobs loaded");
+        }
     }
     let jobs = docket.job_names();
     if jobs.is_empty() {

@@ -73,6 +73,11 @@ fn failures_of(
         if !matches!(a.outcome.as_str(), "failed" | "lease_expired") {
             continue;
         }
+        // A circuit breaker's deferral sent nothing: it is not a failure of
+        // the action, and two of them are not a retry without backoff.
+        if a.retry_reason.as_deref() == Some("circuit_open") {
+            continue;
+        }
         let fp = decode_fp(a.fingerprint.as_deref());
         out.push(FailureRecord {
             run_id: run.id,
