@@ -561,6 +561,20 @@ pub async fn batched_finish_isolates_each_end(store: DynStore) {
     );
 }
 
+/// A lone store leads periodic work, keeps leading when it asks again, and
+/// leads again after resigning; tasks are independent.
+pub async fn a_lone_store_leads_periodic_work(store: DynStore) {
+    assert!(store.try_lead("reaper").await.unwrap());
+    assert!(store.try_lead("reaper").await.unwrap());
+    assert!(store.try_lead("pruner").await.unwrap());
+    store.resign("reaper").await.unwrap();
+    store.resign("reaper").await.unwrap();
+    assert!(store.try_lead("pruner").await.unwrap());
+    assert!(store.try_lead("reaper").await.unwrap());
+    store.resign("reaper").await.unwrap();
+    store.resign("pruner").await.unwrap();
+}
+
 async fn futures_lite_join(store: &DynStore, ids: Vec<RunId>) -> Vec<RunStatus> {
     let mut out = Vec::new();
     for id in ids {
@@ -1206,6 +1220,7 @@ macro_rules! conformance_tests {
             expired_lease_retry_then_stale_completion,
             release_postpone_and_input_forgive_attempts,
             batched_finish_isolates_each_end,
+            a_lone_store_leads_periodic_work,
             list_filters_and_pagination,
             events_cursor_and_filters,
             tokens_create_find_list,

@@ -376,3 +376,468 @@ async fn claims_beyond_the_prepared_lease_ids_still_get_distinct_leases() {
         "events in claim order"
     );
 }
+
+// ---------------------------------------------------------------------------
+// The set-based hot path (`postgres/hot.rs`) against SQLite, row for row.
+// ---------------------------------------------------------------------------
+
+use docket_core::{ErrorClass, LeaseId, RunId, RunStatus, TerminalReason, Timestamp};
+use docket_store::{
+    sqlite::SqliteStore, AttemptEnd, ErrorInfo, EventFilter, Outcome, RetryRecord, Run,
+};
+use serde_json::Value;
+use std::collections::HashMap;
+
+fn err(class: ErrorClass) -> ErrorInfo {
+    ErrorInfo {
+        class,
+        message: format!("{class} happened"),
+        fingerprint: format!("fp-{class}"),
+        failure_key: format!("fk-{class}"),
+        action: Some("send".into()),
+    }
+}
+
+fn retry(at: Timestamp) -> RetryRecord {
+    RetryRecord {
+        policy: "default".into(),
+        delay_ms: at.0 - T0.0,
+        eligible_at: at,
+        reason: "backoff".into(),
+    }
+}
+
+fn claim_at(now: Timestamp, limit: usize) -> ClaimRequest {
+    ClaimRequest {
+        jobs: vec!["job".into()],
+        limit,
+        now,
+        lease_ms: 30_000,
+        worker: "w1".into(),
+    }
+}
+
+/// An event without its id: (kind, run, job, attempt, lease, data, at).
+type EventRow = (
+    String,
+    RunId,
+    String,
+    Option<u32>,
+    Option<String>,
+    Value,
+    i64,
+);
+
+/// What a scenario leaves behind, with lease ids replaced by
+/// `lease:<run>:<attempt>` (they are random) and event ids by their order.
+#[derive(Debug, PartialEq)]
+struct Snapshot {
+    answers: Vec<String>,
+    claimed: Vec<Vec<RunId>>,
+    runs: Vec<Run>,
+    attempts: Vec<docket_store::AttemptRecord>,
+    events: Vec<EventRow>,
+}
+
+fn normalize_json(v: &mut Value, leases: &HashMap<String, String>) {
+    match v {
+        Value::String(s) => {
+            if let Some(n) = leases.get(s.as_str()) {
+                *s = n.clone();
+            }
+        }
+        Value::Array(a) => a.iter_mut().for_each(|x| normalize_json(x, leases)),
+        Value::Object(o) => o.values_mut().for_each(|x| normalize_json(x, leases)),
+        _ => {}
+    }
+}
+
+/// Runs the same sequence of triggers, claims and ends (every outcome, a
+/// stale end, a run ended twice in one call) on `store`.
+async fn hot_path_scenario(store: DynStore, ids: &[RunId], stray: LeaseId) -> Snapshot {
+    let runs: Vec<NewRun> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| {
+            let mut n = NewRun::new("job", json!({ "i": i }));
+            n.id = *id;
+            n.priority = (i % 3) as i32;
+            n
+        })
+        .collect();
+    store.trigger(runs, T0).await.unwrap();
+    let mut answers = Vec::new();
+    let mut claimed = Vec::new();
+    let first = store.claim(claim_at(T0, 8)).await.unwrap();
+    claimed.push(first.iter().map(|r| r.id).collect());
+    let l = |r: &Run| r.lease_id.unwrap();
+    let t1 = T0.plus_millis(1_000);
+    let end = |r: &Run, outcome: Outcome| AttemptEnd {
+        run_id: r.id,
+        lease_id: l(r),
+        now: t1,
+        outcome,
+    };
+    // In run id order: PostgreSQL applies a call's ends in that order.
+    let mut by_id = first.clone();
+    by_id.sort_by_key(|r| r.id);
+    let mut ends = vec![
+        end(
+            &by_id[0],
+            Outcome::Completed {
+                output: json!({ "ok": 1 }),
+            },
+        ),
+        end(
+            &by_id[1],
+            Outcome::Retry {
+                error: err(ErrorClass::Unavailable),
+                retry: retry(T0.plus_millis(60_000)),
+            },
+        ),
+        end(
+            &by_id[2],
+            Outcome::Failed {
+                error: Some(err(ErrorClass::Permanent)),
+                reason: TerminalReason::PermanentError,
+                detail: "no".into(),
+            },
+        ),
+        end(
+            &by_id[3],
+            Outcome::Failed {
+                error: None,
+                reason: TerminalReason::Unresolved,
+                detail: "ended without completing".into(),
+            },
+        ),
+        end(
+            &by_id[4],
+            Outcome::Postponed {
+                until: T0.plus_millis(3_600_000),
+            },
+        ),
+        end(
+            &by_id[5],
+            Outcome::NeedsInput {
+                name: "approve".into(),
+                request: json!({ "q": "ok?" }),
+            },
+        ),
+        // Stale: the right run, a lease it never had.
+        AttemptEnd {
+            run_id: by_id[6].id,
+            lease_id: stray,
+            now: t1,
+            outcome: Outcome::Completed {
+                output: json!(null),
+            },
+        },
+    ];
+    // The same run twice: the second end finds it completed.
+    ends.push(end(&by_id[0], Outcome::Completed { output: json!(2) }));
+    let (res, got) = store
+        .finish_and_claim(ends, vec![claim_at(t1, 3), claim_at(t1, 2)])
+        .await
+        .unwrap();
+    answers.extend(res.iter().map(|r| format!("{r:?}")));
+    claimed.push(got.iter().map(|r| r.id).collect());
+    // Second round: expired leases through the policy, a cancel, a release
+    // (which makes its run claimable at once: the claim must see it).
+    let mut open: Vec<Run> = Vec::new();
+    for id in ids {
+        let r = store.get_run(*id).await.unwrap().unwrap();
+        if r.status == RunStatus::Running {
+            open.push(r);
+        }
+    }
+    open.sort_by_key(|r| r.id);
+    let t2 = T0.plus_millis(40_000);
+    let mut ends = Vec::new();
+    for (k, r) in open.iter().enumerate() {
+        let outcome = match k % 4 {
+            0 => Outcome::Retry {
+                error: err(ErrorClass::LeaseExpired),
+                retry: retry(T0.plus_millis(90_000)),
+            },
+            1 => Outcome::Failed {
+                error: Some(err(ErrorClass::LeaseExpired)),
+                reason: TerminalReason::MaxRetriesExhausted,
+                detail: "out of attempts".into(),
+            },
+            2 => Outcome::Cancelled,
+            _ => Outcome::Released,
+        };
+        ends.push(AttemptEnd {
+            run_id: r.id,
+            lease_id: l(r),
+            now: t2,
+            outcome,
+        });
+    }
+    let (res, got) = store
+        .finish_and_claim(ends, vec![claim_at(t2, 10)])
+        .await
+        .unwrap();
+    answers.extend(res.iter().map(|r| format!("{r:?}")));
+    claimed.push(got.iter().map(|r| r.id).collect());
+    // Lease ids, by (run, attempt).
+    let mut attempts = Vec::new();
+    for id in ids {
+        attempts.extend(store.attempts(*id).await.unwrap());
+    }
+    let mut leases: HashMap<String, String> = HashMap::new();
+    for a in &attempts {
+        leases.insert(
+            a.lease_id.to_string(),
+            format!("lease:{}:{}", a.run_id, a.attempt),
+        );
+    }
+    leases.insert(stray.to_string(), "stray".into());
+    let norm = |l: Option<LeaseId>| {
+        l.map(|l| {
+            leases
+                .get(&l.to_string())
+                .cloned()
+                .unwrap_or_else(|| l.to_string())
+        })
+    };
+    let mut runs = Vec::new();
+    for id in ids {
+        let mut r = store.get_run(*id).await.unwrap().unwrap();
+        r.lease_id = None;
+        runs.push(r);
+    }
+    for a in &mut attempts {
+        a.lease_id = LeaseId(Uuid::nil());
+    }
+    let events = store
+        .events(EventFilter {
+            limit: 10_000,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| {
+            let mut data = e.data;
+            normalize_json(&mut data, &leases);
+            (
+                e.kind,
+                e.run_id,
+                e.job,
+                e.attempt,
+                norm(e.lease_id),
+                data,
+                e.at.0,
+            )
+        })
+        .collect();
+    let answers = answers
+        .into_iter()
+        .map(|a| leases.iter().fold(a, |a, (k, v)| a.replace(k.as_str(), v)))
+        .collect();
+    Snapshot {
+        answers,
+        claimed,
+        runs,
+        attempts,
+        events,
+    }
+}
+
+#[tokio::test]
+async fn finish_and_claim_matches_sqlite_row_for_row() {
+    let Some(pg) = fresh().await else { return };
+    let ids: Vec<RunId> = (0..12).map(|_| RunId::new()).collect();
+    let stray = LeaseId::new();
+    let lite: DynStore = Arc::new(SqliteStore::open_in_memory().unwrap());
+    let a = hot_path_scenario(lite, &ids, stray).await;
+    let b = hot_path_scenario(pg, &ids, stray).await;
+    assert_eq!(a.answers, b.answers);
+    assert_eq!(a.claimed, b.claimed);
+    assert_eq!(a.runs, b.runs);
+    assert_eq!(a.attempts, b.attempts);
+    assert_eq!(a.events.len(), b.events.len());
+    for (x, y) in a.events.iter().zip(&b.events) {
+        assert_eq!(x, y);
+    }
+    // The release in the second call was claimed by that call's claim.
+    assert!(!b.claimed[2].is_empty());
+}
+
+#[tokio::test]
+async fn an_end_the_server_refuses_fails_alone() {
+    let Some(store) = fresh().await else { return };
+    let runs: Vec<NewRun> = (0..3).map(|i| NewRun::new("job", json!(i))).collect();
+    store.trigger(runs, T0).await.unwrap();
+    let claimed = store.claim(claim_at(T0, 3)).await.unwrap();
+    let mut ends: Vec<AttemptEnd> = claimed
+        .iter()
+        .map(|r| AttemptEnd {
+            run_id: r.id,
+            lease_id: r.lease_id.unwrap(),
+            now: T0,
+            outcome: Outcome::Completed {
+                output: json!("done"),
+            },
+        })
+        .collect();
+    // PostgreSQL text cannot hold NUL: the server refuses this end.
+    let mut bad = err(ErrorClass::Unavailable);
+    bad.message = "nul \0 inside".into();
+    ends[1].outcome = Outcome::Retry {
+        error: bad,
+        retry: retry(T0.plus_millis(1_000)),
+    };
+    let (res, _) = store
+        .finish_and_claim(ends, vec![claim_at(T0, 5)])
+        .await
+        .unwrap();
+    assert!(res[0].is_ok() && res[2].is_ok(), "{res:?}");
+    assert!(matches!(res[1], Err(StoreError::Database(_))), "{res:?}");
+    assert_eq!(
+        store.get_run(claimed[0].id).await.unwrap().unwrap().status,
+        RunStatus::Completed
+    );
+    assert_eq!(
+        store.get_run(claimed[1].id).await.unwrap().unwrap().status,
+        RunStatus::Running
+    );
+    assert_eq!(
+        store.get_run(claimed[2].id).await.unwrap().unwrap().status,
+        RunStatus::Completed
+    );
+}
+
+/// Waits (bounded) until `store` leads `task`.
+async fn leads_within(store: &PgStore, task: &str, bound: std::time::Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + bound;
+    loop {
+        if store.try_lead(task).await.unwrap_or(false) {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_node_leads_and_another_takes_over() {
+    let Some(url) = url() else { return };
+    let schema = fresh_schema();
+    let sep = if url.contains('?') { '&' } else { '?' };
+    // Two "nodes" (separate stores and connections) on one schema; each
+    // names its connections so the test can cut one node off.
+    let a_name = format!("lead-a-{}", &schema[2..14]);
+    let b_name = format!("lead-b-{}", &schema[2..14]);
+    let a = PgStore::connect_with(&format!("{url}{sep}application_name={a_name}"), &schema)
+        .await
+        .unwrap();
+    let b = PgStore::connect_with(&format!("{url}{sep}application_name={b_name}"), &schema)
+        .await
+        .unwrap();
+    assert!(a.try_lead("reaper").await.unwrap());
+    assert!(!b.try_lead("reaper").await.unwrap(), "two leaders");
+    // Another task, another lock; another schema, another key space.
+    assert!(b.try_lead("pruner").await.unwrap());
+    let other = PgStore::connect_with(&url, &fresh_schema()).await.unwrap();
+    assert!(other.try_lead("reaper").await.unwrap());
+    // A resigns: B takes over at once.
+    a.resign("reaper").await.unwrap();
+    assert!(b.try_lead("reaper").await.unwrap());
+    assert!(!a.try_lead("reaper").await.unwrap());
+    // B's leader connection is killed (the node died, or its network did):
+    // PostgreSQL drops the lock with the session and A takes over.
+    let killed: i64 = sqlx::query_scalar(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+         WHERE datname = current_database() AND application_name = $1",
+    )
+    .bind(&b_name)
+    .fetch_one(other.pool())
+    .await
+    .unwrap();
+    assert!(killed >= 1);
+    assert!(
+        leads_within(&a, "reaper", std::time::Duration::from_secs(10)).await,
+        "A did not take over"
+    );
+    // B notices it lost the lock and does not lead while A does.
+    assert!(!b.try_lead("reaper").await.unwrap_or(false));
+    // Dropping A (its process ending) frees the lock too.
+    drop(a);
+    assert!(
+        leads_within(&b, "reaper", std::time::Duration::from_secs(10)).await,
+        "B did not take over after A was dropped"
+    );
+}
+
+#[tokio::test]
+async fn url_parameters_are_applied() {
+    let Some(url) = url() else { return };
+    let sep = if url.contains('?') { '&' } else { '?' };
+    let store = PgStore::connect_with(
+        &format!("{url}{sep}synchronous_commit=off&application_name=docket-param-test"),
+        &fresh_schema(),
+    )
+    .await
+    .unwrap();
+    let (sync, app): (String, String) = sqlx::query_as(
+        "SELECT current_setting('synchronous_commit'), current_setting('application_name')",
+    )
+    .fetch_one(store.pool())
+    .await
+    .unwrap();
+    assert_eq!(sync, "off");
+    assert_eq!(app, "docket-param-test");
+    let plain = PgStore::connect_with(&url, &fresh_schema()).await.unwrap();
+    let app: String = sqlx::query_scalar("SELECT current_setting('application_name')")
+        .fetch_one(plain.pool())
+        .await
+        .unwrap();
+    assert_eq!(app, docket_store::postgres::DEFAULT_APPLICATION_NAME);
+    let bad = PgStore::connect_with(
+        &format!("{url}{sep}synchronous_commit=maybe"),
+        &fresh_schema(),
+    )
+    .await;
+    assert!(matches!(bad, Err(StoreError::BadUrl(_))));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rapid_triggers_are_coalesced_but_never_unannounced() {
+    let Some(store) = fresh_pg().await else {
+        return;
+    };
+    let mut rx = store.listen().await.unwrap();
+    let job = format!("job-{}", Uuid::now_v7().simple());
+    for i in 0..3 {
+        store
+            .trigger(vec![NewRun::new(job.clone(), json!(i))], T0)
+            .await
+            .unwrap();
+    }
+    // The first trigger notifies at once; the next ones, inside its 5 ms
+    // window, are coalesced into one more at the window's end. However the
+    // timing falls, the last trigger is announced.
+    let mut got = 0;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while got < 2 {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Ok(j)) if j == job => got += 1,
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => panic!("listener stopped: {e}"),
+            Err(_) => panic!("only {got} wake-ups for 3 triggers within 10 s"),
+        }
+    }
+    // No more than one per trigger.
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    while let Ok(j) = rx.try_recv() {
+        if j == job {
+            got += 1;
+        }
+    }
+    assert!((2..=3).contains(&got), "{got} wake-ups for 3 triggers");
+}

@@ -12,19 +12,16 @@
 //! expired lease's deadline, the current status) is filled in by the
 //! statement. A claim is one statement too (`FOR UPDATE SKIP LOCKED`).
 //!
-//! **Grouped.** On PostgreSQL a commit waits for its WAL flush (with the
+//! **Together.** On PostgreSQL a commit waits for its WAL flush (with the
 //! default `synchronous_commit = on`), and on a small machine that flush,
-//! not the SQL, is what a claim or a finish costs. So each store has one
-//! *hot-path task*: callers hand it their claims and finishes, and it sends
-//! everything that is waiting as ONE statement — the ends of every waiting
-//! `finish` call and one claim — then answers each caller. Under load a
-//! worker's claim for the next runs shares a commit (and a flush) with the
-//! ends of the previous ones; at rest a call goes out at once. At most one
-//! hot-path statement per store is in flight, which also bounds the
-//! connections the hot path takes from the pool to one.
+//! not the SQL, is what a claim or a finish costs. The worker's driver loop
+//! hands the ends of finished attempts and the claim that refills their
+//! slots to `Store::finish_and_claim`, which sends them as ONE statement
+//! (one round trip, one commit, one flush) whenever that is exact (see
+//! [`finish_and_claim`]).
 //!
 //! Each end stays its own unit:
-//! - a run that appears twice among the waiting ends is handled by a second
+//! - a run that appears twice among the ends is handled by a second
 //!   statement that runs after the first has committed (the later end then
 //!   sees the state the earlier one left, as if sent separately);
 //! - when the server refuses a statement (a value it cannot store, a
@@ -42,11 +39,10 @@
 use crate::{AttemptEnd, ClaimRequest, Outcome, Result, Run, StoreError};
 use docket_core::{ErrorClass, LeaseId, RunId, RunStatus, Transition};
 use serde_json::{json, Value};
-use sqlx::postgres::{PgPool, PgRow};
+use sqlx::postgres::{PgConnection, PgRow};
 use sqlx::Row;
 use std::collections::HashMap;
 use std::sync::LazyLock;
-use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 use super::db;
@@ -55,9 +51,6 @@ use super::ops::{run_from_row, RUN_COLS};
 /// Lease ids generated in Rust per claim (UUIDv7, like SQLite's); a claim of
 /// more runs than this takes `gen_random_uuid()` for the rest.
 const CLAIM_LEASE_IDS: usize = 4096;
-
-/// Most ends folded into one statement.
-const MAX_ENDS: usize = 2048;
 
 /// Parameters of the finish part: `$1..$21` and `$26` one element per end,
 /// `$22..$25` one element per event an end writes if its lease holds.
@@ -219,12 +212,12 @@ fn renumber(sql: &str, by: usize) -> String {
     out
 }
 
-/// The finish-only statement: one row per end (`idx`, the locked run's
+/// The finish-only statement: one row per end (`k`, its position, the locked run's
 /// status, whether the end's lease held it).
 static FINISH_SQL: LazyLock<String> = LazyLock::new(|| {
     format!(
         "WITH {FINISH_CTES}, {}
-SELECT e.idx, j.cur_status, j.holds FROM e LEFT JOIN j ON j.idx = e.idx",
+SELECT e.idx AS k, j.cur_status, j.holds FROM e LEFT JOIN j ON j.idx = e.idx",
         events_insert(&["fin_ev"])
     )
 });
@@ -238,17 +231,24 @@ SELECT {RUN_COLS} FROM claimed ORDER BY n",
     )
 });
 
-/// Both: finish rows (`part` 1) after the claimed runs (`part` 0).
+/// Both: a row per end (`part` 0, as in [`FINISH_SQL`]), then the claimed
+/// runs (`part` 1, in claim order). The finish branch comes first so that
+/// the ends' rows are locked (`cur`, which may wait) before the claim locks
+/// any (`picked`, which never waits).
 static BOTH_SQL: LazyLock<String> = LazyLock::new(|| {
-    let nulls = vec!["NULL"; RUN_COLS.split(',').count()].join(", ");
+    let nulls: Vec<String> = RUN_COLS
+        .split(',')
+        .map(|c| format!("NULL AS {}", c.trim()))
+        .collect();
     format!(
         "WITH {FINISH_CTES}, {}, {}
-SELECT 0 AS part, n AS k, NULL::text AS cur_status, NULL::bool AS holds, {RUN_COLS} FROM claimed
+SELECT 0 AS part, e.idx AS k, j.cur_status, j.holds, {} FROM e LEFT JOIN j ON j.idx = e.idx
 UNION ALL
-SELECT 1, e.idx, j.cur_status, j.holds, {nulls} FROM e LEFT JOIN j ON j.idx = e.idx
+SELECT 1, n, NULL, NULL, {RUN_COLS} FROM claimed
 ORDER BY part, k",
         renumber(CLAIM_CTES, FINISH_PARAMS),
-        events_insert(&["fin_ev", "claim_ev"])
+        events_insert(&["fin_ev", "claim_ev"]),
+        nulls.join(", ")
     )
 });
 
@@ -343,10 +343,6 @@ impl Cols {
                 delay_ms = Some(retry.delay_ms);
                 eligible_at = Some(retry.eligible_at.0);
                 retry_reason = Some(retry.reason.clone());
-                // A circuit breaker's deferral consumes no attempt budget.
-                if retry.reason == "circuit_open" {
-                    forgive = 1;
-                }
                 att_outcome = if error.class == ErrorClass::LeaseExpired {
                     events.push(("lease_expired", Value::Null));
                     "lease_expired"
@@ -543,7 +539,7 @@ fn finish_answer(
     ends: &[&AttemptEnd],
     out: &mut [Option<Result<RunStatus>>],
 ) -> Result<(), sqlx::Error> {
-    let idx: i64 = row.try_get("idx").or_else(|_| row.try_get("k"))?;
+    let idx: i64 = row.try_get("k")?;
     let status: Option<String> = row.try_get("cur_status")?;
     let holds: Option<bool> = row.try_get("holds")?;
     let i = usize::try_from(idx - 1).map_err(|_| sqlx::Error::RowNotFound)?;
@@ -582,11 +578,14 @@ fn finish_answers(
 
 /// Applies `ends` (no run twice) with one statement; answers in their order.
 async fn finish_only(
-    pool: &PgPool,
+    c: &mut PgConnection,
     ends: &[&AttemptEnd],
 ) -> Result<Vec<Result<RunStatus>>, sqlx::Error> {
-    let c = Cols::of(ends);
-    let rows = c.bind(sqlx::query(&FINISH_SQL)).fetch_all(pool).await?;
+    let cols = Cols::of(ends);
+    let rows = cols
+        .bind(sqlx::query(&FINISH_SQL))
+        .fetch_all(&mut *c)
+        .await?;
     let mut out: Vec<Option<Result<RunStatus>>> = ends.iter().map(|_| None).collect();
     for row in &rows {
         finish_answer(row, ends, &mut out)?;
@@ -595,14 +594,14 @@ async fn finish_only(
 }
 
 /// One claim, alone.
-pub(super) async fn claim_only(pool: &PgPool, req: &ClaimRequest) -> Result<Vec<Run>> {
+pub(super) async fn claim(c: &mut PgConnection, req: &ClaimRequest) -> Result<Vec<Run>> {
     if req.jobs.is_empty() || req.limit == 0 {
         return Ok(Vec::new());
     }
     let a = ClaimArgs::of(req);
     let rows = a
         .bind(sqlx::query(&CLAIM_SQL))
-        .fetch_all(pool)
+        .fetch_all(&mut *c)
         .await
         .map_err(db)?;
     rows.iter().map(run_from_row).collect()
@@ -610,24 +609,24 @@ pub(super) async fn claim_only(pool: &PgPool, req: &ClaimRequest) -> Result<Vec<
 
 /// Ends (no run twice) and a claim in one statement.
 async fn both(
-    pool: &PgPool,
+    c: &mut PgConnection,
     ends: &[&AttemptEnd],
     req: &ClaimRequest,
 ) -> Result<(Vec<Result<RunStatus>>, Vec<Run>), sqlx::Error> {
-    let c = Cols::of(ends);
+    let cols = Cols::of(ends);
     let a = ClaimArgs::of(req);
     let rows = a
-        .bind(c.bind(sqlx::query(&BOTH_SQL)))
-        .fetch_all(pool)
+        .bind(cols.bind(sqlx::query(&BOTH_SQL)))
+        .fetch_all(&mut *c)
         .await?;
     let mut out: Vec<Option<Result<RunStatus>>> = ends.iter().map(|_| None).collect();
     let mut runs = Vec::new();
     for row in &rows {
         let part: i32 = row.try_get("part")?;
         if part == 0 {
-            runs.push(run_from_row(row).map_err(|e| sqlx::Error::Decode(Box::new(e)))?);
-        } else {
             finish_answer(row, ends, &mut out)?;
+        } else {
+            runs.push(run_from_row(row).map_err(|e| sqlx::Error::Decode(Box::new(e)))?);
         }
     }
     Ok((finish_answers(ends, out), runs))
@@ -635,10 +634,10 @@ async fn both(
 
 /// Applies ends one by one (after the server refused them together), so
 /// that only an offending end fails. A connection error stops everything.
-async fn finish_each(pool: &PgPool, ends: &[&AttemptEnd]) -> Result<Vec<Result<RunStatus>>> {
+async fn finish_each(c: &mut PgConnection, ends: &[&AttemptEnd]) -> Result<Vec<Result<RunStatus>>> {
     let mut out = Vec::with_capacity(ends.len());
     for end in ends {
-        out.push(match finish_only(pool, &[end]).await {
+        out.push(match finish_only(&mut *c, &[end]).await {
             Ok(mut r) => r.remove(0),
             Err(e @ sqlx::Error::Database(_)) => Err(db(e)),
             Err(e) => return Err(db(e)),
@@ -649,24 +648,24 @@ async fn finish_each(pool: &PgPool, ends: &[&AttemptEnd]) -> Result<Vec<Result<R
 
 /// Applies a round of ends (no run twice), with a claim if given.
 async fn round(
-    pool: &PgPool,
+    c: &mut PgConnection,
     ends: &[&AttemptEnd],
-    claim: Option<&ClaimRequest>,
+    req: Option<&ClaimRequest>,
 ) -> (Result<Vec<Result<RunStatus>>>, Option<Result<Vec<Run>>>) {
-    let claim = claim.filter(|r| !r.jobs.is_empty() && r.limit > 0);
-    match (ends.is_empty(), claim) {
+    let req = req.filter(|r| !r.jobs.is_empty() && r.limit > 0);
+    match (ends.is_empty(), req) {
         (true, None) => (Ok(Vec::new()), None),
-        (true, Some(req)) => (Ok(Vec::new()), Some(claim_only(pool, req).await)),
-        (false, None) => match finish_only(pool, ends).await {
+        (true, Some(req)) => (Ok(Vec::new()), Some(claim(&mut *c, req).await)),
+        (false, None) => match finish_only(&mut *c, ends).await {
             Ok(r) => (Ok(r), None),
-            Err(sqlx::Error::Database(_)) => (finish_each(pool, ends).await, None),
+            Err(sqlx::Error::Database(_)) => (finish_each(&mut *c, ends).await, None),
             Err(e) => (Err(db(e)), None),
         },
-        (false, Some(req)) => match both(pool, ends, req).await {
+        (false, Some(req)) => match both(&mut *c, ends, req).await {
             Ok((r, runs)) => (Ok(r), Some(Ok(runs))),
             Err(sqlx::Error::Database(_)) => {
-                let f = finish_each(pool, ends).await;
-                (f, Some(claim_only(pool, req).await))
+                let f = finish_each(&mut *c, ends).await;
+                (f, Some(claim(&mut *c, req).await))
             }
             Err(e) => {
                 let msg = e.to_string();
@@ -701,12 +700,12 @@ fn rounds(ends: &[AttemptEnd]) -> Vec<Vec<usize>> {
 /// claim's result if a claim was given.
 type Applied = (Vec<Result<RunStatus>>, Option<Result<Vec<Run>>>);
 
-/// Applies `ends` and, with the first round of them, `claim`. Answers in
+/// Applies `ends` and, with the last round of them, `claim`. Answers in
 /// the order of `ends`. When the first statement cannot reach the server,
 /// nothing was applied and the whole call fails; a later statement's
 /// connection error fails only the ends not yet applied.
 async fn apply(
-    pool: &PgPool,
+    c: &mut PgConnection,
     ends: &[AttemptEnd],
     claim: Option<&ClaimRequest>,
 ) -> Result<Applied> {
@@ -718,6 +717,7 @@ async fn apply(
     if rounds.is_empty() {
         rounds.push(Vec::new());
     }
+    let last = rounds.len() - 1;
     for (n, r) in rounds.into_iter().enumerate() {
         if let Some(msg) = &failed {
             for i in r {
@@ -726,9 +726,11 @@ async fn apply(
             continue;
         }
         let batch: Vec<&AttemptEnd> = r.iter().map(|&i| &ends[i]).collect();
-        let (res, c) = round(pool, &batch, claim.take()).await;
-        if c.is_some() {
-            claimed = c;
+        // The claim goes with the last round: it comes after every end.
+        let with = if n == last { claim.take() } else { None };
+        let (res, got) = round(&mut *c, &batch, with).await;
+        if got.is_some() {
+            claimed = got;
         }
         match res {
             Ok(res) => {
@@ -753,112 +755,66 @@ async fn apply(
     Ok((out, claimed))
 }
 
-/// Ends attempts directly, without the hot-path task.
-pub(super) async fn finish(pool: &PgPool, ends: Vec<AttemptEnd>) -> Result<Vec<Result<RunStatus>>> {
-    apply(pool, &ends, None).await.map(|(out, _)| out)
+/// Ends attempts; see the module documentation.
+pub(super) async fn finish(
+    c: &mut PgConnection,
+    ends: Vec<AttemptEnd>,
+) -> Result<Vec<Result<RunStatus>>> {
+    apply(&mut *c, &ends, None).await.map(|(out, _)| out)
 }
 
-/// A request to the hot-path task.
-pub(super) enum Op {
-    /// A claim and where to answer it.
-    Claim(ClaimRequest, oneshot::Sender<Result<Vec<Run>>>),
-    /// A finish and where to answer it.
-    Finish(
-        Vec<AttemptEnd>,
-        oneshot::Sender<Result<Vec<Result<RunStatus>>>>,
-    ),
-}
-
-/// The hot-path task: takes every waiting request, sends all their ends and
-/// one claim as one statement, answers, repeats. Further claims waiting at
-/// the same time go out right after, each alone. Stops when every sender is
-/// gone.
-pub(super) async fn hot_path(pool: PgPool, mut rx: mpsc::UnboundedReceiver<Op>) {
-    while let Some(first) = rx.recv().await {
-        let mut claims: Vec<(ClaimRequest, oneshot::Sender<Result<Vec<Run>>>)> = Vec::new();
-        let mut ends: Vec<AttemptEnd> = Vec::new();
-        let mut finishes: Vec<(usize, oneshot::Sender<Result<Vec<Result<RunStatus>>>>)> =
-            Vec::new();
-        let mut take = |op: Op, ends: &mut Vec<AttemptEnd>| match op {
-            Op::Claim(req, tx) => claims.push((req, tx)),
-            Op::Finish(e, tx) => {
-                finishes.push((e.len(), tx));
-                ends.extend(e);
-            }
+/// Ends attempts, then claims for each request with one shared budget
+/// (the largest `limit`): the semantics of [`Store::finish_and_claim`]
+/// (`crate::Store`), as if `finish` were followed by one `claim` per request.
+///
+/// Usually ONE statement: the ends and the first claim share a round trip
+/// and a commit. That is exact only when none of the ends can make a run
+/// claimable at once (a release, or a retry or postponement due by the
+/// claim's `now`): the claim's snapshot would not see it, where a claim
+/// after the finish would. Then the finish goes first and the claim after.
+pub(super) async fn finish_and_claim(
+    c: &mut PgConnection,
+    ends: Vec<AttemptEnd>,
+    claims: Vec<ClaimRequest>,
+) -> Result<(Vec<Result<RunStatus>>, Vec<Run>)> {
+    let budget = claims.iter().map(|c| c.limit).max().unwrap_or(0);
+    let mut claims = claims.into_iter();
+    let first = claims.next().map(|mut req| {
+        req.limit = req.limit.min(budget);
+        req
+    });
+    let together = first
+        .as_ref()
+        .is_some_and(|req| !ends.iter().any(|e| frees_by(e, req.now.0)));
+    let (finished, mut runs) = if together {
+        let (finished, claimed) = apply(&mut *c, &ends, first.as_ref()).await?;
+        (finished, claimed.transpose()?.unwrap_or_default())
+    } else {
+        let (finished, _) = apply(&mut *c, &ends, None).await?;
+        let runs = match &first {
+            Some(req) => claim(&mut *c, req).await?,
+            None => Vec::new(),
         };
-        take(first, &mut ends);
-        while ends.len() < MAX_ENDS {
-            match rx.try_recv() {
-                Ok(op) => take(op, &mut ends),
-                Err(_) => break,
-            }
-        }
-        let mut claims = claims.into_iter();
-        let first_claim = claims.next();
-        let t0 = std::time::Instant::now();
-        if std::env::var("DOCKET_PROBE2").is_ok() {
-            eprintln!(
-                "batch ends={} claims={:?}",
-                ends.len(),
-                first_claim.as_ref().map(|c| c.0.limit)
-            );
-        }
-        let applied = apply(&pool, &ends, first_claim.as_ref().map(|c| &c.0)).await;
-        probe(
-            ends.len(),
-            first_claim.is_some(),
-            applied
-                .as_ref()
-                .ok()
-                .and_then(|a| a.1.as_ref())
-                .and_then(|c| c.as_ref().ok())
-                .map(|c| c.len())
-                .unwrap_or(0),
-            t0.elapsed(),
-        );
-        match applied {
-            Ok((answers, claimed)) => {
-                if let (Some((_, tx)), Some(res)) = (first_claim, claimed) {
-                    let _ = tx.send(res);
-                }
-                // Each finish gets its own slice, in order.
-                let mut answers = answers.into_iter();
-                for (n, tx) in finishes {
-                    let _ = tx.send(Ok(answers.by_ref().take(n).collect()));
-                }
-            }
-            Err(e) => {
-                let msg = e.to_string();
-                if let Some((_, tx)) = first_claim {
-                    let _ = tx.send(Err(StoreError::Database(msg.clone())));
-                }
-                for (_, tx) in finishes {
-                    let _ = tx.send(Err(StoreError::Database(msg.clone())));
-                }
-            }
-        }
-        for (req, tx) in claims {
-            let _ = tx.send(claim_only(&pool, &req).await);
+        (finished, runs)
+    };
+    for mut req in claims {
+        req.limit = req.limit.min(budget.saturating_sub(runs.len()));
+        if req.limit > 0 {
+            runs.extend(claim(&mut *c, &req).await?);
         }
     }
+    Ok((finished, runs))
 }
 
-static PROBE: std::sync::Mutex<(u64, u64, u64, u64, u128)> = std::sync::Mutex::new((0, 0, 0, 0, 0));
-fn probe(ends: usize, claim: bool, claimed: usize, d: std::time::Duration) {
-    let mut p = PROBE.lock().unwrap();
-    p.0 += 1;
-    p.1 += ends as u64;
-    p.2 += claim as u64;
-    p.3 += claimed as u64;
-    p.4 += d.as_micros();
-    if p.0 % 300 == 0 && std::env::var("DOCKET_PROBE").is_ok() {
-        eprintln!(
-            "stmts={} ends/stmt={:.1} claims/stmt={:.2} claimed/stmt={:.1} us/stmt={:.0}",
-            p.0,
-            p.1 as f64 / p.0 as f64,
-            p.2 as f64 / p.0 as f64,
-            p.3 as f64 / p.0 as f64,
-            p.4 as f64 / p.0 as f64
-        );
+/// Whether this end, if its lease holds, leaves its run claimable at `now`.
+fn frees_by(end: &AttemptEnd, now: i64) -> bool {
+    match &end.outcome {
+        Outcome::Released => end.now.0 <= now,
+        Outcome::Retry { retry, .. } => retry.eligible_at.0 <= now,
+        Outcome::Postponed { until } => until.0 <= now,
+        Outcome::Completed { .. }
+        | Outcome::Failed { .. }
+        | Outcome::NeedsInput { .. }
+        | Outcome::Cancelled => false,
     }
 }

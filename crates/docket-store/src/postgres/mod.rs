@@ -9,14 +9,22 @@
 //!   together do not race. A schema whose `docket_meta.schema_version` is newer
 //!   than [`SCHEMA_VERSION`] is refused with [`StoreError::SchemaTooNew`] and
 //!   left untouched.
-//! - `claim` is one statement: it picks due runs with `FOR UPDATE SKIP
-//!   LOCKED`, so concurrent claimers never wait on, nor take, each other's
-//!   runs.
-//! - Writes of an attempt are fenced by its lease (`SELECT … FOR UPDATE`,
-//!   then a compare of status and lease id), as in SQLite.
-//! - After a trigger commits, `pg_notify('docket_wakeup', job)` is sent once
-//!   per job with new runs; [`PgStore::listen`] turns those into a channel an
-//!   idle worker can wait on.
+//! - The hot path (`hot.rs`): a claim is one statement that picks due runs
+//!   with `FOR UPDATE SKIP LOCKED`, so concurrent claimers never wait on,
+//!   nor take, each other's runs; a batch of attempt ends is one set-based
+//!   statement, and `finish_and_claim` sends the ends and the refill claim
+//!   as one statement (one round trip, one commit). They run on two
+//!   connections of the store's own, with planner settings that keep their
+//!   plans on the indexes whatever the statistics.
+//! - Writes of an attempt are fenced by its lease (the run row is locked
+//!   `FOR UPDATE`, then status and lease id are compared), as in SQLite.
+//! - A trigger's statement sends `pg_notify('docket_wakeup', job)` for each
+//!   job with new runs, delivered when it commits; a job's further triggers
+//!   within 5 ms are coalesced into one notification at the end of that
+//!   window (debounced on the sending side). [`PgStore::listen`] turns them
+//!   into a channel an idle worker can wait on; polling stays the fallback.
+//! - Periodic work is led by one node at a time through a session-level
+//!   advisory lock (`Store::try_lead`, `lead.rs`).
 //!
 //! The behaviour is the SQLite backend's, checked by the same conformance
 //! suite. What differs, by nature:
@@ -24,17 +32,20 @@
 //!   an event with a lower id may become visible after one with a higher id
 //!   (commit order is not id order): a reader tailing events by id must
 //!   allow for that;
-//! - the ends of one `finish` call are applied in run id order (each under
-//!   its own savepoint, answers in the caller's order) so that concurrent
-//!   batches lock rows in one order and cannot deadlock; events of different
-//!   runs in one batch therefore follow run ids, not the batch's order;
+//! - the ends of one `finish` call are applied in run id order (answers in
+//!   the caller's order) so that concurrent batches lock rows in one order
+//!   and cannot deadlock; events of different runs in one batch therefore
+//!   follow run ids, not the batch's order;
+//! - an end for a run that does not exist is `Err(NotFound)` in its slot
+//!   (SQLite fails the whole call);
 //! - jsonb cannot store the NUL character (`\u0000`) in strings, and text
 //!   columns cannot store NUL bytes: such a trigger fails with
-//!   [`StoreError::Database`].
+//!   [`StoreError::Database`] (such an attempt end fails alone, in its slot).
 
 mod connections;
 mod durable;
 mod hot;
+mod lead;
 mod ops;
 mod stats;
 mod tokens;
@@ -48,8 +59,9 @@ use docket_core::{RunId, RunStatus, Timestamp};
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgListener, PgPool, PgPoolOptions};
 use sqlx::Connection;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::sync::broadcast;
 
 /// The schema used when the URL names none.
 pub const DEFAULT_SCHEMA: &str = "docket";
@@ -58,6 +70,11 @@ pub const DEFAULT_SCHEMA: &str = "docket";
 /// payload is the job's name. The channel is database-wide: stores on other
 /// schemas of the same database share it (a spurious wake-up is harmless).
 pub const WAKEUP_CHANNEL: &str = "docket_wakeup";
+
+/// The `application_name` of Docket's connections unless the URL sets one
+/// (`?application_name=…`), so that an operator can tell them apart in
+/// `pg_stat_activity`.
+pub const DEFAULT_APPLICATION_NAME: &str = "docket";
 
 /// Connections per store's pool.
 const MAX_CONNECTIONS: u32 = 10;
@@ -71,8 +88,146 @@ const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct PgStore {
     pool: PgPool,
     schema: String,
-    /// The hot-path task's queue (see `hot.rs`): claims and finishes.
-    hot: mpsc::UnboundedSender<hot::Op>,
+    /// How to open a connection outside the pool.
+    opts: PgConnectOptions,
+    /// The hot path's own connections (see [`HotSlot`]).
+    hot: Arc<[tokio::sync::Mutex<HotSlot>; HOT_CONNECTIONS]>,
+    /// Leadership of periodic work (see `lead.rs`).
+    leader: Arc<tokio::sync::Mutex<lead::Leader>>,
+    /// Sending-side debounce of wake-ups.
+    notifier: Arc<Notifier>,
+}
+
+/// At most one wake-up per job per this window from one store: a trigger
+/// right after another of the same job defers its notification to the end
+/// of the window, where all deferred ones go out as one. Listeners are
+/// woken at most that much later, never not at all.
+const NOTIFY_WINDOW: Duration = Duration::from_millis(5);
+
+/// The sending side of wake-ups: the first trigger of a job in a window
+/// notifies inside its own statement (no extra round trip; delivered at its
+/// commit); later ones in the window are coalesced into one `pg_notify`
+/// sent when the window ends.
+#[derive(Default)]
+struct Notifier {
+    state: std::sync::Mutex<NotifyState>,
+}
+
+#[derive(Default)]
+struct NotifyState {
+    /// When each job last notified (or will, at the end of its window).
+    last: std::collections::HashMap<String, tokio::time::Instant>,
+    /// Jobs waiting for the end of their window.
+    deferred: std::collections::BTreeSet<String>,
+    /// A task is waiting to send the deferred ones.
+    flushing: bool,
+}
+
+impl Notifier {
+    /// Of `jobs`, those that may notify now; the others' window is open.
+    fn admit(&self, jobs: &[String]) -> Vec<String> {
+        let now = tokio::time::Instant::now();
+        let mut st = self.state.lock().expect("notifier");
+        if st.last.len() > 10_000 {
+            st.last
+                .retain(|_, t| now.duration_since(*t) < NOTIFY_WINDOW);
+        }
+        jobs.iter()
+            .filter(|j| match st.last.get(j.as_str()) {
+                Some(t) if now.duration_since(*t) < NOTIFY_WINDOW => false,
+                _ => {
+                    st.last.insert((*j).clone(), now);
+                    true
+                }
+            })
+            .cloned()
+            .collect()
+    }
+
+    /// Sends a wake-up for `jobs` at the end of the current window (best
+    /// effort: a lost wake-up delays a worker until its next poll).
+    fn defer(self: &Arc<Self>, jobs: Vec<String>, pool: &PgPool) {
+        if jobs.is_empty() {
+            return;
+        }
+        let mut st = self.state.lock().expect("notifier");
+        st.deferred.extend(jobs);
+        if st.flushing {
+            return;
+        }
+        st.flushing = true;
+        let me = self.clone();
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(NOTIFY_WINDOW).await;
+            let jobs: Vec<String> = {
+                let mut st = me.state.lock().expect("notifier");
+                st.flushing = false;
+                let now = tokio::time::Instant::now();
+                let jobs: Vec<String> = std::mem::take(&mut st.deferred).into_iter().collect();
+                for j in &jobs {
+                    st.last.insert(j.clone(), now);
+                }
+                jobs
+            };
+            let res = sqlx::query("SELECT pg_notify($1, j) FROM unnest($2::text[]) AS j")
+                .bind(WAKEUP_CHANNEL)
+                .bind(&jobs)
+                .execute(&pool)
+                .await;
+            if let Err(e) = res {
+                tracing::warn!(error = %e, "deferred pg_notify failed");
+            }
+        });
+    }
+}
+
+/// Connections of a store reserved for the hot path (claims and finishes).
+const HOT_CONNECTIONS: usize = 2;
+
+/// Planner settings of the hot path's connections. Their statements are a
+/// fixed few whose only good plans are index plans (the claim walks
+/// `runs_claim` in order and stops after `LIMIT` rows; a finish looks its
+/// runs and attempts up by primary key). Without statistics (a fresh table,
+/// autovacuum off or behind) PostgreSQL may prefer a bitmap scan of every
+/// due run plus a sort, or a sequential scan of `attempts`, whose cost grows
+/// with the table; these settings rule such plans out, and the generic plan
+/// spares re-planning each execution.
+const HOT_SETTINGS: [(&str, &str); 3] = [
+    ("enable_seqscan", "off"),
+    ("enable_bitmapscan", "off"),
+    ("plan_cache_mode", "force_generic_plan"),
+];
+
+/// One of the hot path's own connections: claims and finishes run on them
+/// (with [`HOT_SETTINGS`]) rather than on pooled connections, which sqlx
+/// pings when they are taken and again when they are given back (two round
+/// trips per use). One caller per connection at a time.
+#[derive(Default)]
+struct HotSlot {
+    conn: Option<PgConnection>,
+    /// A call was under way when its future was dropped: the connection may
+    /// be mid-protocol, so it is replaced.
+    busy: bool,
+}
+
+/// A hot-path connection, held for one call.
+struct HotConn<'a>(tokio::sync::MutexGuard<'a, HotSlot>);
+
+impl HotConn<'_> {
+    fn conn(&mut self) -> &mut PgConnection {
+        self.0.conn.as_mut().expect("connected before use")
+    }
+
+    /// Marks the call done. A call that failed as a whole (the server was
+    /// unreachable, the connection broke) drops the connection, so the next
+    /// call opens a fresh one.
+    fn done<T>(mut self, res: &Result<T>) {
+        self.0.busy = false;
+        if res.is_err() {
+            self.0.conn = None;
+        }
+    }
 }
 
 impl std::fmt::Debug for PgStore {
@@ -97,29 +252,34 @@ pub(crate) fn db(e: sqlx::Error) -> StoreError {
     }
 }
 
-/// Splits `?schema=NAME` off a URL: returns the URL without it (other query
-/// parameters kept, for sqlx) and the schema, if given.
-fn split_schema(url: &str) -> (String, Option<String>) {
+/// Splits a Docket parameter (`?schema=NAME`, `?synchronous_commit=off`)
+/// off a URL: returns the URL without it (other query parameters kept, for
+/// sqlx) and its value, if given.
+fn split_param(url: &str, name: &str) -> (String, Option<String>) {
     let Some((base, query)) = url.split_once('?') else {
         return (url.to_string(), None);
     };
-    let mut schema = None;
+    let prefix = format!("{name}=");
+    let mut value = None;
     let rest: Vec<&str> = query
         .split('&')
-        .filter(|kv| match kv.strip_prefix("schema=") {
+        .filter(|kv| match kv.strip_prefix(prefix.as_str()) {
             Some(v) => {
-                schema = Some(v.to_string());
+                value = Some(v.to_string());
                 false
             }
             None => !kv.is_empty(),
         })
         .collect();
     if rest.is_empty() {
-        (base.to_string(), schema)
+        (base.to_string(), value)
     } else {
-        (format!("{base}?{}", rest.join("&")), schema)
+        (format!("{base}?{}", rest.join("&")), value)
     }
 }
+
+/// The values PostgreSQL accepts for `synchronous_commit`.
+const SYNCHRONOUS_COMMIT: [&str; 5] = ["on", "off", "local", "remote_write", "remote_apply"];
 
 /// Schema names are spliced into DDL (identifiers cannot be parameters), so
 /// only plain identifiers are accepted: a letter or `_`, then letters, digits
@@ -145,8 +305,19 @@ fn migration_lock_key(schema: &str) -> i64 {
 impl PgStore {
     /// Connects to `postgres://…` (or `postgresql://…`), migrating the
     /// schema named by the URL's `?schema=NAME` (default `docket`).
+    ///
+    /// Docket's own URL parameters, besides sqlx's (`application_name`,
+    /// `sslmode`, `options`, …):
+    /// - `schema=NAME`: where the tables live (default `docket`);
+    /// - `synchronous_commit=off` (or `local`, `remote_write`, …): sets
+    ///   PostgreSQL's `synchronous_commit` on Docket's connections. **An
+    ///   opt-in that trades durability for throughput**: with `off`, a
+    ///   commit returns before its WAL is flushed, so a crash of the server
+    ///   or the machine may lose the last few hundred milliseconds of
+    ///   committed claims and ends (never corrupting anything). See
+    ///   docs/POSTGRES.md. The default is the server's setting (`on`).
     pub async fn connect(url: &str) -> Result<Self> {
-        let (base, schema) = split_schema(url);
+        let (base, schema) = split_param(url, "schema");
         let schema = schema.unwrap_or_else(|| DEFAULT_SCHEMA.to_string());
         Self::open(&base, schema).await
     }
@@ -154,7 +325,7 @@ impl PgStore {
     /// Connects to `url` using `schema` (any `?schema=` in the URL is
     /// ignored), creating and migrating it if needed.
     pub async fn connect_with(url: &str, schema: &str) -> Result<Self> {
-        let (base, _) = split_schema(url);
+        let (base, _) = split_param(url, "schema");
         Self::open(&base, schema.to_string()).await
     }
 
@@ -164,9 +335,22 @@ impl PgStore {
                 "{url} (schema `{schema}`: use letters, digits and _)"
             )));
         }
-        let opts = PgConnectOptions::from_str(url)
-            .map_err(|e| StoreError::BadUrl(format!("{url} ({e})")))?
-            .application_name("docket");
+        let (url, sync) = split_param(url, "synchronous_commit");
+        let url = url.as_str();
+        let mut opts = PgConnectOptions::from_str(url)
+            .map_err(|e| StoreError::BadUrl(format!("{url} ({e})")))?;
+        if opts.get_application_name().is_none() {
+            opts = opts.application_name(DEFAULT_APPLICATION_NAME);
+        }
+        if let Some(v) = sync {
+            if !SYNCHRONOUS_COMMIT.contains(&v.as_str()) {
+                return Err(StoreError::BadUrl(format!(
+                    "{url} (synchronous_commit `{v}`: use one of {})",
+                    SYNCHRONOUS_COMMIT.join(", ")
+                )));
+            }
+            opts = opts.options([("synchronous_commit", v.as_str())]);
+        }
         // Migrate over one direct connection first: a server that is down or
         // refuses us is reported at once, with its own error (a pool would
         // retry until its acquire timeout and report only that).
@@ -182,10 +366,49 @@ impl PgStore {
                 let search_path = search_path.clone();
                 Box::pin(async move { set_search_path(conn, &search_path).await })
             })
-            .connect_lazy_with(opts);
-        let (hot, rx) = mpsc::unbounded_channel();
-        tokio::spawn(hot::hot_path(pool.clone(), rx));
-        Ok(PgStore { pool, schema, hot })
+            .connect_lazy_with(opts.clone());
+        Ok(PgStore {
+            pool,
+            schema,
+            opts,
+            hot: Arc::default(),
+            leader: Arc::default(),
+            notifier: Arc::default(),
+        })
+    }
+
+    /// A connection for a hot-path call (see [`HotSlot`]): a free one, or
+    /// the first once it is free.
+    async fn hot_conn(&self) -> Result<HotConn<'_>> {
+        let mut g = match self.hot.iter().find_map(|m| m.try_lock().ok()) {
+            Some(g) => g,
+            None => self.hot[0].lock().await,
+        };
+        if g.busy {
+            g.conn = None;
+        }
+        if g.conn.is_none() {
+            let opts = self.opts.clone().options(HOT_SETTINGS);
+            let mut c = PgConnection::connect_with(&opts).await.map_err(db)?;
+            set_search_path(&mut c, &self.schema).await.map_err(db)?;
+            g.conn = Some(c);
+        }
+        g.busy = true;
+        Ok(HotConn(g))
+    }
+
+    /// Drops this store's schema with everything in it (tests and
+    /// benchmarks clean up with it). The store is unusable afterwards.
+    pub async fn drop_schema(&self) -> Result<()> {
+        // The name was validated by `valid_schema`.
+        sqlx::raw_sql(&format!(
+            "DROP SCHEMA IF EXISTS \"{}\" CASCADE",
+            self.schema
+        ))
+        .execute(&self.pool)
+        .await
+        .map_err(db)?;
+        Ok(())
     }
 
     /// The schema this store's tables live in.
@@ -216,23 +439,6 @@ impl PgStore {
         let (tx, rx) = broadcast::channel(1024);
         tokio::spawn(forward_wakeups(self.pool.clone(), listener, tx));
         Ok(rx)
-    }
-
-    /// Announces new runs of `jobs` (at most once per job). Best effort: the
-    /// trigger has committed already, and a lost wake-up only delays a
-    /// worker until its next poll.
-    async fn notify(&self, jobs: Vec<String>) {
-        if jobs.is_empty() {
-            return;
-        }
-        let res = sqlx::query("SELECT pg_notify($1, j) FROM unnest($2::text[]) AS j")
-            .bind(WAKEUP_CHANNEL)
-            .bind(&jobs)
-            .execute(&self.pool)
-            .await;
-        if let Err(e) = res {
-            tracing::warn!(error = %e, "pg_notify after trigger failed");
-        }
     }
 }
 
@@ -361,22 +567,40 @@ impl Store for PgStore {
         "postgres"
     }
 
+    async fn try_lead(&self, task: &str) -> Result<bool> {
+        self.leader
+            .lock()
+            .await
+            .try_lead(&self.opts, &self.schema, task)
+            .await
+    }
+
+    async fn resign(&self, task: &str) -> Result<()> {
+        self.leader.lock().await.resign(&self.schema, task).await
+    }
+
     async fn wakeups(&self) -> Result<Option<broadcast::Receiver<String>>> {
         self.listen().await.map(Some)
     }
 
     async fn trigger(&self, runs: Vec<NewRun>, now: Timestamp) -> Result<Vec<Triggered>> {
-        let mut tx = self.pool.begin().await.map_err(db)?;
-        let out = ops::trigger(&mut tx, runs, now).await?;
-        tx.commit().await.map_err(db)?;
-        let mut jobs: Vec<String> = out
-            .iter()
-            .filter(|t| !t.existing)
-            .map(|t| t.run.job.clone())
-            .collect();
+        // One statement, in autocommit: the insert is atomic on its own, and
+        // the wake-up it sends is delivered when it commits.
+        let mut jobs: Vec<String> = runs.iter().map(|r| r.job.clone()).collect();
         jobs.sort();
         jobs.dedup();
-        self.notify(jobs).await;
+        let now_jobs = self.notifier.admit(&jobs);
+        let mut conn = self.pool.acquire().await.map_err(db)?;
+        let out = ops::trigger(&mut conn, runs, now, &now_jobs).await?;
+        drop(conn);
+        let mut later: Vec<String> = out
+            .iter()
+            .filter(|t| !t.existing && !now_jobs.contains(&t.run.job))
+            .map(|t| t.run.job.clone())
+            .collect();
+        later.sort();
+        later.dedup();
+        self.notifier.defer(later, &self.pool);
         Ok(out)
     }
 
@@ -384,28 +608,31 @@ impl Store for PgStore {
         if req.jobs.is_empty() || req.limit == 0 {
             return Ok(Vec::new());
         }
-        let (tx, rx) = oneshot::channel();
-        if let Err(mpsc::error::SendError(hot::Op::Claim(req, _))) =
-            self.hot.send(hot::Op::Claim(req, tx))
-        {
-            return hot::claim_only(&self.pool, &req).await;
-        }
-        rx.await
-            .map_err(|_| StoreError::Database("the hot-path task stopped".into()))?
+        let mut c = self.hot_conn().await?;
+        let res = hot::claim(c.conn(), &req).await;
+        c.done(&res);
+        res
     }
 
     async fn finish(&self, ends: Vec<AttemptEnd>) -> Result<Vec<Result<RunStatus>>> {
         if ends.is_empty() {
             return Ok(Vec::new());
         }
-        let (tx, rx) = oneshot::channel();
-        if let Err(mpsc::error::SendError(hot::Op::Finish(ends, _))) =
-            self.hot.send(hot::Op::Finish(ends, tx))
-        {
-            return hot::finish(&self.pool, ends).await;
-        }
-        rx.await
-            .map_err(|_| StoreError::Database("the hot-path task stopped".into()))?
+        let mut c = self.hot_conn().await?;
+        let res = hot::finish(c.conn(), ends).await;
+        c.done(&res);
+        res
+    }
+
+    async fn finish_and_claim(
+        &self,
+        ends: Vec<AttemptEnd>,
+        claims: Vec<ClaimRequest>,
+    ) -> Result<(Vec<Result<RunStatus>>, Vec<Run>)> {
+        let mut c = self.hot_conn().await?;
+        let res = hot::finish_and_claim(c.conn(), ends, claims).await;
+        c.done(&res);
+        res
     }
 
     async fn heartbeat(
@@ -509,20 +736,35 @@ mod tests {
     #[test]
     fn schema_param_is_split_off() {
         assert_eq!(
-            split_schema("postgres://u@h/db?schema=s1"),
+            split_param("postgres://u@h/db?schema=s1", "schema"),
             ("postgres://u@h/db".to_string(), Some("s1".to_string()))
         );
         assert_eq!(
-            split_schema("postgres://u@h/db?sslmode=disable&schema=s1&application_name=x"),
+            split_param(
+                "postgres://u@h/db?sslmode=disable&schema=s1&application_name=x",
+                "schema"
+            ),
             (
                 "postgres://u@h/db?sslmode=disable&application_name=x".to_string(),
                 Some("s1".to_string())
             )
         );
         assert_eq!(
-            split_schema("postgres://u@h/db"),
+            split_param("postgres://u@h/db", "schema"),
             ("postgres://u@h/db".to_string(), None)
         );
+    }
+
+    #[test]
+    fn a_second_wake_up_in_the_window_is_deferred() {
+        let n = Notifier::default();
+        let jobs = vec!["a".to_string(), "b".to_string()];
+        assert_eq!(n.admit(&jobs), jobs);
+        // Back to back: both windows are still open.
+        assert!(n.admit(&jobs).is_empty());
+        assert_eq!(n.admit(&["c".to_string()]), vec!["c".to_string()]);
+        std::thread::sleep(NOTIFY_WINDOW * 2);
+        assert_eq!(n.admit(&jobs), jobs);
     }
 
     #[test]

@@ -99,14 +99,16 @@ pub(super) async fn get_run<'e>(ex: impl PgExecutor<'e>, id: RunId) -> Result<Op
 }
 
 /// Inserts the batch in one statement (`ON CONFLICT DO NOTHING` on the
-/// idempotency index, events for the inserted rows only), then reads the
-/// runs whose keys were taken. The second statement runs with a fresh
+/// idempotency index, events for the inserted rows only, and a
+/// `pg_notify` for each job of `notify_now` that got new runs, delivered
+/// when the statement commits), then reads the runs whose keys were taken. The second statement runs with a fresh
 /// snapshot, so it sees a conflicting run committed concurrently (the insert
 /// waited for that transaction to end).
 pub(super) async fn trigger(
     c: &mut PgConnection,
     runs: Vec<NewRun>,
     now: Timestamp,
+    notify_now: &[String],
 ) -> Result<Vec<Triggered>> {
     if runs.is_empty() {
         return Ok(Vec::new());
@@ -163,8 +165,12 @@ pub(super) async fn trigger(
             FROM ins JOIN (SELECT DISTINCT ON (id) id, actor, data, ord FROM input ORDER BY id, ord) i
                 ON i.id = ins.id
             ORDER BY i.ord
+         ),
+         note AS (
+            SELECT pg_notify($13, j.job) FROM (SELECT DISTINCT job FROM ins) j
+            WHERE j.job = ANY($14)
          )
-         SELECT {RUN_COLS} FROM ins"
+         SELECT {RUN_COLS} FROM ins WHERE (SELECT count(*) FROM note) >= 0"
     ))
     .bind(&ids)
     .bind(&tenants)
@@ -178,6 +184,8 @@ pub(super) async fn trigger(
     .bind(&actors)
     .bind(&datas)
     .bind(now.0)
+    .bind(super::WAKEUP_CHANNEL)
+    .bind(notify_now)
     .fetch_all(&mut *c)
     .await
     .map_err(db)?;

@@ -38,9 +38,14 @@ CREATE INDEX IF NOT EXISTS runs_claim ON runs (priority DESC, run_after, id)
     WHERE status IN ('pending', 'postponed');
 -- The lease reaper: only running rows.
 CREATE INDEX IF NOT EXISTS runs_lease ON runs (lease_expires_at) WHERE status = 'running';
--- Listing, newest first, per tenant and per status.
+-- Listing, newest first, per tenant.
 CREATE INDEX IF NOT EXISTS runs_tenant_id ON runs (tenant, id);
-CREATE INDEX IF NOT EXISTS runs_tenant_status_id ON runs (tenant, status, id);
+-- "Needs attention" (failed, needs_input) stays fast at any table size. A
+-- full (tenant, status, id) index would take a new entry on every
+-- transition, twice per run; this one only when a run fails or waits for a
+-- person (as in the SQLite schema).
+CREATE INDEX IF NOT EXISTS runs_attention ON runs (tenant, id)
+    WHERE status IN ('failed', 'needs_input');
 
 CREATE TABLE IF NOT EXISTS attempts (
     run_id        uuid NOT NULL,
