@@ -410,10 +410,23 @@ async fn heartbeat_loop(shared: Arc<Shared>, mut stop: watch::Receiver<Phase>) {
 }
 
 async fn reap_loop(shared: Arc<Shared>, mut stop: watch::Receiver<Phase>) {
+    let store = shared.docket.store().clone();
     loop {
         tokio::select! {
             _ = tokio::time::sleep(shared.config.reap_interval) => {}
-            _ = stop.changed() => return,
+            _ = stop.changed() => {
+                // Hand the reaper over at once rather than when we exit.
+                let _ = store.resign("reaper").await;
+                return;
+            }
+        }
+        // One node reaps at a time (an advisory lock on PostgreSQL); when it
+        // dies another takes over. Reaping stays safe on many nodes (every
+        // write is fenced by the expired lease), so an error here reaps anyway.
+        match store.try_lead("reaper").await {
+            Ok(true) => {}
+            Ok(false) => continue,
+            Err(e) => tracing::warn!(error = %e, "cannot ask to lead the reaper; reaping anyway"),
         }
         if let Err(e) = shared.docket.reap_expired().await {
             tracing::warn!(error = %e, "lease reaper failed");
