@@ -26,7 +26,8 @@ use tokio::sync::Notify;
 /// Arguments of `docket bench`.
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
-    /// Which workload: W1, W2, W3 or all.
+    /// Which workload: W1, W2, W3 or all; or claim-scale (claim cost with
+    /// 10,000 vs `--runs` pending runs, default 1,000,000).
     #[arg(default_value = "all")]
     workload: String,
     /// Database URL (default: a fresh SQLite file in a temporary directory).
@@ -69,6 +70,9 @@ struct Report {
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 pub async fn run(args: BenchArgs) -> Result<(), BoxError> {
+    if args.workload.eq_ignore_ascii_case("claim-scale") {
+        return crate::bench_scale::run(args.db.as_deref(), args.runs, args.json).await;
+    }
     let which: Vec<&str> = match args.workload.to_ascii_uppercase().as_str() {
         "ALL" => vec!["W1", "W2", "W3"],
         "W1" => vec!["W1"],
@@ -86,7 +90,15 @@ pub async fn run(args: BenchArgs) -> Result<(), BoxError> {
         let db = Db::fresh(args.db.as_deref()).await?;
         reset_peak_rss();
         let report = match w {
-            "W1" => w1(&db, args.runs.unwrap_or(10_000), args.concurrency, args.prefetch).await?,
+            "W1" => {
+                w1(
+                    &db,
+                    args.runs.unwrap_or(10_000),
+                    args.concurrency,
+                    args.prefetch,
+                )
+                .await?
+            }
             "W2" => w2(&db, args.runs.unwrap_or(500)).await?,
             _ => w3(&db, args.runs.unwrap_or(1_000), args.concurrency).await?,
         };
@@ -151,6 +163,12 @@ impl Db {
         if let Some(dir) = &self.tmp {
             let _ = std::fs::remove_dir_all(dir);
         }
+        if self.backend == "postgres" {
+            // The fresh schema goes, as the --db help promises.
+            if let Ok(pg) = docket_store::postgres::PgStore::connect(&self.url).await {
+                let _ = pg.drop_schema().await;
+            }
+        }
     }
 }
 
@@ -207,7 +225,12 @@ async fn all_completed(d: &Docket, runs: usize) -> Result<(), BoxError> {
     Ok(())
 }
 
-async fn w1(db: &Db, runs: usize, concurrency: usize, prefetch: Option<usize>) -> Result<Report, BoxError> {
+async fn w1(
+    db: &Db,
+    runs: usize,
+    concurrency: usize,
+    prefetch: Option<usize>,
+) -> Result<Report, BoxError> {
     let d = Docket::open(&db.url).await?;
     let count = Arc::new(AtomicUsize::new(0));
     let done = Arc::new(Notify::new());
@@ -306,16 +329,18 @@ async fn w2(db: &Db, runs: usize) -> Result<Report, BoxError> {
     let wall = start.elapsed().as_secs_f64();
     handle.shutdown(Duration::from_secs(5)).await;
     pb.finish_and_clear();
-    let starts = starts.lock().expect("starts");
-    let mut lat: Vec<f64> = returned
-        .iter()
-        .map(|(id, ret)| {
-            let s = starts[id];
-            // The handler may start before trigger() has returned to its
-            // caller; that counts as zero latency, never negative.
-            s.saturating_duration_since(*ret).as_secs_f64() * 1_000.0
-        })
-        .collect();
+    let mut lat: Vec<f64> = {
+        let starts = starts.lock().expect("starts");
+        returned
+            .iter()
+            .map(|(id, ret)| {
+                let s = starts[id];
+                // The handler may start before trigger() has returned to its
+                // caller; that counts as zero latency, never negative.
+                s.saturating_duration_since(*ret).as_secs_f64() * 1_000.0
+            })
+            .collect()
+    };
     lat.sort_by(|a, b| a.partial_cmp(b).expect("finite"));
     all_completed(&d, runs + 1).await?;
     Ok(Report {

@@ -1,6 +1,7 @@
 //! The `docket` command.
 
 mod bench;
+mod bench_scale;
 mod client;
 mod serve;
 mod tokens;

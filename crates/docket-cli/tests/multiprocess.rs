@@ -1,0 +1,594 @@
+//! Many worker processes against one PostgreSQL database: real OS processes
+//! (`docket-stress-worker`), killed with SIGKILL, cut off from the database
+//! with `pg_terminate_backend`, and (with `DOCKET_TEST_PG_RESTART=1`) left
+//! without a database while PostgreSQL restarts.
+//!
+//! Needs `DOCKET_TEST_POSTGRES_URL`; without it each test says so and
+//! passes. Each test works in a fresh schema `t_<uuid>` (dropped when the
+//! test passes) and names its workers' connections with an
+//! `application_name` of its own, so it never touches another test's rows or
+//! connections. The tests run one at a time (they share two CPUs).
+//!
+//! Every wait is bounded and polls the database or waits for a process.
+
+use docket::{Clock, SystemClock};
+use docket_store::postgres::PgStore;
+use docket_store::{NewRun, Store};
+use serde_json::json;
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const URL_VAR: &str = "DOCKET_TEST_POSTGRES_URL";
+const RESTART_VAR: &str = "DOCKET_TEST_PG_RESTART";
+
+/// One test at a time: each starts four processes on a 2-core machine.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn url() -> Option<String> {
+    match std::env::var(URL_VAR) {
+        Ok(u) if !u.trim().is_empty() => Some(u),
+        _ => {
+            eprintln!(
+                "skipping: set {URL_VAR}=postgres://postgres@127.0.0.1:5432/test to run PostgreSQL tests"
+            );
+            None
+        }
+    }
+}
+
+/// A fresh schema for one test, its workers' URL and application name.
+struct Db {
+    store: PgStore,
+    schema: String,
+    app: String,
+    worker_url: String,
+    dir: PathBuf,
+}
+
+impl Db {
+    async fn fresh(url: &str, tag: &str) -> Db {
+        let id = uuid::Uuid::now_v7().simple().to_string();
+        let schema = format!("t_{id}");
+        let app = format!("docket-mp-{tag}-{}", &id[20..]);
+        let sep = if url.contains('?') { '&' } else { '?' };
+        // Each worker appends `-<its name>` to the application name.
+        let worker_url = format!("{url}{sep}schema={schema}&application_name={app}");
+        // The test's own connections keep the default application name, so
+        // cutting the workers off never cuts the test off.
+        let store = PgStore::connect_with(url, &schema)
+            .await
+            .expect("connect to the test database");
+        let dir = std::env::temp_dir().join(format!("docket-mp-{tag}-{id}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        Db {
+            store,
+            schema,
+            app,
+            worker_url,
+            dir,
+        }
+    }
+
+    async fn trigger(&self, from: u64, n: u64, sleep_ms: u64) {
+        let now = SystemClock.now();
+        let mut i = from;
+        while i < from + n {
+            let batch: Vec<NewRun> = (i..(i + 2_000).min(from + n))
+                .map(|i| NewRun::new("stress", json!({ "i": i, "sleep_ms": sleep_ms })))
+                .collect();
+            i += batch.len() as u64;
+            self.store.trigger(batch, now).await.unwrap();
+        }
+    }
+
+    async fn scalar(&self, sql: &str) -> i64 {
+        sqlx::query_scalar(sql)
+            .fetch_one(self.store.pool())
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+    }
+
+    async fn completed(&self) -> i64 {
+        self.scalar("SELECT count(*) FROM runs WHERE status = 'completed'")
+            .await
+    }
+
+    /// Polls (bounded) until `n` runs are completed.
+    async fn wait_completed(&self, n: i64, bound: Duration, workers: &mut Workers) {
+        let deadline = Instant::now() + bound;
+        loop {
+            let done = self.completed().await;
+            if done >= n {
+                return;
+            }
+            workers.assert_alive();
+            if Instant::now() >= deadline {
+                let counts = self.store.count_runs(None).await.unwrap();
+                panic!(
+                    "only {done} of {n} runs completed within {bound:?}: {counts:?}\n{}",
+                    workers.stderr_tail()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Terminates every connection of the workers; returns how many.
+    async fn cut_workers_off(&self) -> i64 {
+        sqlx::query_scalar(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+             WHERE datname = current_database() AND pid <> pg_backend_pid()
+               AND application_name LIKE $1 || '-%'",
+        )
+        .bind(&self.app)
+        .fetch_one(self.store.pool())
+        .await
+        .unwrap()
+    }
+
+    /// The invariants every scenario must end with; returns the number of
+    /// retries scheduled.
+    async fn check_evidence(&self, runs: i64, workers: &Workers) -> i64 {
+        // Nothing lost: every run completed.
+        assert_eq!(self.completed().await, runs, "every run ends completed");
+        assert_eq!(self.scalar("SELECT count(*) FROM runs").await, runs);
+        // None completed twice.
+        assert_eq!(
+            self.scalar(
+                "SELECT count(*) FROM (SELECT run_id FROM attempts WHERE outcome = 'completed'
+                 GROUP BY run_id HAVING count(*) > 1) x"
+            )
+            .await,
+            0,
+            "a run completed twice"
+        );
+        assert_eq!(
+            self.scalar("SELECT count(*) FROM attempts WHERE outcome = 'completed'")
+                .await,
+            runs
+        );
+        // Executions = runs + scheduled retries, from the attempt rows: every
+        // attempt either completed its run or was retried by the policy.
+        let attempts = self.scalar("SELECT count(*) FROM attempts").await;
+        let retries = self
+            .scalar("SELECT count(*) FROM attempts WHERE retry_policy IS NOT NULL")
+            .await;
+        assert_eq!(
+            attempts,
+            runs + retries,
+            "attempts = runs + scheduled retries"
+        );
+        assert_eq!(
+            self.scalar(
+                "SELECT count(*) FROM attempts WHERE retry_policy IS NOT NULL
+                 AND (retry_policy <> 'stress' OR eligible_at IS NULL OR delay_ms IS NULL
+                      OR outcome NOT IN ('failed', 'lease_expired'))"
+            )
+            .await,
+            0,
+            "every retry carries the policy's decision"
+        );
+        // Every retry decision has its event.
+        assert_eq!(
+            self.scalar("SELECT count(*) FROM events WHERE kind = 'retry_scheduled'")
+                .await,
+            retries
+        );
+        // No attempt ran twice under one lease: each lease id appears at
+        // most once among all processes' executions, and each belongs to an
+        // attempt row.
+        let execs = workers.executions();
+        let mut seen = HashSet::new();
+        for (lease, line) in &execs {
+            assert!(seen.insert(lease.clone()), "lease ran twice: {line}");
+        }
+        let leases: Vec<uuid::Uuid> = sqlx::query_scalar("SELECT lease_id FROM attempts")
+            .fetch_all(self.store.pool())
+            .await
+            .unwrap();
+        let leases: HashSet<String> = leases.iter().map(|l| l.to_string()).collect();
+        for (lease, line) in &execs {
+            assert!(
+                leases.contains(lease),
+                "execution without attempt row: {line}"
+            );
+        }
+        // Every attempt that reported an outcome was executed exactly once
+        // (an expired lease may have been claimed and never started).
+        let reported: Vec<uuid::Uuid> =
+            sqlx::query_scalar("SELECT lease_id FROM attempts WHERE outcome <> 'lease_expired'")
+                .fetch_all(self.store.pool())
+                .await
+                .unwrap();
+        for l in reported {
+            assert!(
+                seen.contains(&l.to_string()),
+                "attempt {l} has an outcome but no execution"
+            );
+        }
+        retries
+    }
+
+    async fn drop_schema(&self) {
+        let _ = sqlx::raw_sql(&format!(
+            "DROP SCHEMA IF EXISTS \"{}\" CASCADE",
+            self.schema
+        ))
+        .execute(self.store.pool())
+        .await;
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The worker processes of one test; killed (SIGKILL) if the test fails.
+struct Workers {
+    children: Vec<(String, Child)>,
+    dir: PathBuf,
+}
+
+impl Workers {
+    fn start(db: &Db, names: &[&str]) -> Workers {
+        let mut w = Workers {
+            children: Vec::new(),
+            dir: db.dir.clone(),
+        };
+        for name in names {
+            let stderr = std::fs::File::create(db.dir.join(format!("{name}.stderr"))).unwrap();
+            let stdout = std::fs::File::create(db.dir.join(format!("{name}.stdout"))).unwrap();
+            let child = Command::new(env!("CARGO_BIN_EXE_docket-stress-worker"))
+                .args(["--db", &format!("{}-{name}", db.worker_url), "--name", name])
+                .args([
+                    "--concurrency",
+                    "8",
+                    "--lease-ms",
+                    "2000",
+                    "--fail-every",
+                    "7",
+                ])
+                .arg("--exec-log")
+                .arg(db.dir.join(format!("{name}.exec")))
+                .env("DOCKET_LOG", "warn")
+                .stdin(Stdio::null())
+                .stdout(stdout)
+                .stderr(stderr)
+                .spawn()
+                .expect("start docket-stress-worker");
+            w.children.push((name.to_string(), child));
+        }
+        w
+    }
+
+    fn assert_alive(&mut self) {
+        for (name, child) in &mut self.children {
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!(
+                    "worker {name} exited early ({status}):\n{}",
+                    read(&self.dir.join(format!("{name}.stderr")))
+                );
+            }
+        }
+    }
+
+    /// SIGKILL, at once: the process gets no chance to release anything.
+    fn kill9(&mut self, name: &str) {
+        let i = self
+            .children
+            .iter()
+            .position(|(n, _)| n == name)
+            .expect("a worker of that name");
+        let (_, mut child) = self.children.remove(i);
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    /// SIGTERM to all, then wait (bounded) for each to exit cleanly.
+    fn stop(&mut self) {
+        for (_, child) in &self.children {
+            let ok = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status()
+                .unwrap();
+            assert!(ok.success());
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for (name, child) in &mut self.children {
+            let status = loop {
+                if let Some(s) = child.try_wait().unwrap() {
+                    break s;
+                }
+                assert!(Instant::now() < deadline, "worker {name} ignored SIGTERM");
+                std::thread::sleep(Duration::from_millis(50));
+            };
+            assert!(
+                status.success(),
+                "worker {name} exited with {status}:\n{}",
+                read(&self.dir.join(format!("{name}.stderr")))
+            );
+        }
+        self.children.clear();
+    }
+
+    /// Every execution of every process (also killed ones): lease id → line.
+    fn executions(&self) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(&self.dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "exec") {
+                for line in read(&path).lines() {
+                    let lease = line.split(' ').nth(2).expect("run attempt lease worker");
+                    out.push((lease.to_string(), line.to_string()));
+                }
+            }
+        }
+        out
+    }
+
+    fn stderr_of(&self, name: &str) -> String {
+        read(&self.dir.join(format!("{name}.stderr")))
+    }
+
+    fn stderr_tail(&self) -> String {
+        let mut s = String::new();
+        for entry in std::fs::read_dir(&self.dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "stderr") {
+                let text = read(&path);
+                let tail: Vec<&str> = text.lines().rev().take(5).collect();
+                s.push_str(&format!("{}: {:?}\n", path.display(), tail));
+            }
+        }
+        s
+    }
+}
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        for (_, child) in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn read(p: &Path) -> String {
+    std::fs::read_to_string(p).unwrap_or_default()
+}
+
+/// (attempt, worker, outcome, error class, retry policy, eligible at).
+type AttemptRow = (
+    i32,
+    String,
+    String,
+    Option<String>,
+    Option<String>,
+    Option<i64>,
+);
+
+fn names(tag: &str) -> Vec<String> {
+    (0..4).map(|i| format!("{tag}-w{i}")).collect()
+}
+
+/// 4 processes drain 10,000 runs, every 7th failing its first attempt with
+/// `unavailable`; then one process is killed with SIGKILL while it holds
+/// runs, and those come back after lease expiry through the retry policy
+/// and finish elsewhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_processes_drain_then_one_is_killed() {
+    let Some(url) = url() else { return };
+    let _serial = SERIAL.lock().await;
+    let db = Db::fresh(&url, "kill").await;
+    let names = names("kill");
+    let refs: Vec<&str> = names.iter().map(|s| s.as_str()).collect();
+
+    // Phase 1: 10,000 runs, 1 in 7 failing transiently once.
+    db.trigger(0, 10_000, 0).await;
+    let mut workers = Workers::start(&db, &refs);
+    db.wait_completed(10_000, Duration::from_secs(120), &mut workers)
+        .await;
+    let retries = db.check_evidence(10_000, &workers).await;
+    // The planned failures, each retried once, then completed.
+    assert_eq!(
+        db.scalar(
+            "SELECT count(*) FROM attempts WHERE attempt = 1 AND error_class = 'unavailable'
+             AND outcome = 'failed' AND retry_policy = 'stress'"
+        )
+        .await,
+        1_429 // multiples of 7 below 10,000
+    );
+    assert!(retries >= 1_429);
+    // All four processes took part.
+    assert_eq!(
+        db.scalar("SELECT count(DISTINCT worker) FROM attempts")
+            .await,
+        4
+    );
+
+    // Phase 2: slower runs; kill one process in the middle.
+    db.trigger(10_000, 3_000, 20).await;
+    let victim = refs[0];
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        // Wait until the victim is in the thick of it.
+        let held: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM runs WHERE status = 'running' AND worker = $1",
+        )
+        .bind(victim)
+        .fetch_one(db.store.pool())
+        .await
+        .unwrap();
+        if held >= 4 && db.completed().await >= 10_300 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the victim never held runs");
+        workers.assert_alive();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    workers.kill9(victim);
+    // A statement the victim sent just before it died still runs to its
+    // end on the server; the run states settle once its sessions are gone.
+    let gone = Instant::now() + Duration::from_secs(30);
+    loop {
+        let n: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE application_name = $1")
+                .bind(format!("{}-{victim}", db.app))
+                .fetch_one(db.store.pool())
+                .await
+                .unwrap();
+        if n == 0 {
+            break;
+        }
+        assert!(Instant::now() < gone, "the victim's sessions outlived it");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let orphans: Vec<uuid::Uuid> =
+        sqlx::query_scalar("SELECT id FROM runs WHERE status = 'running' AND worker = $1")
+            .bind(victim)
+            .fetch_all(db.store.pool())
+            .await
+            .unwrap();
+    assert!(!orphans.is_empty(), "the victim held no runs when killed");
+    eprintln!(
+        "killed {victim} holding {} runs; phase 1 retries: {retries}",
+        orphans.len()
+    );
+    db.wait_completed(13_000, Duration::from_secs(120), &mut workers)
+        .await;
+    db.check_evidence(13_000, &workers).await;
+    // Each orphan: its attempt under the dead worker's lease expired and
+    // went through the policy (a retry decision, not an immediate
+    // re-dispatch); a later attempt by another process completed it.
+    for id in &orphans {
+        let rows: Vec<AttemptRow> = sqlx::query_as(
+            "SELECT attempt, worker, outcome, error_class, retry_policy, eligible_at
+                 FROM attempts WHERE run_id = $1 ORDER BY attempt",
+        )
+        .bind(id)
+        .fetch_all(db.store.pool())
+        .await
+        .unwrap();
+        let (expired_at, dead) = rows
+            .iter()
+            .enumerate()
+            .rev()
+            .find(|(_, r)| r.1 == victim)
+            .expect("an attempt of the victim");
+        assert_eq!(dead.2, "lease_expired", "run {id}: {rows:?}");
+        assert_eq!(dead.3.as_deref(), Some("lease_expired"));
+        assert_eq!(dead.4.as_deref(), Some("stress"));
+        assert!(dead.5.is_some());
+        let last = rows.last().unwrap();
+        assert!(
+            expired_at < rows.len() - 1,
+            "run {id} not retried: {rows:?}"
+        );
+        assert_eq!(last.2, "completed");
+        assert_ne!(last.1, victim);
+        let kinds: Vec<String> =
+            sqlx::query_scalar("SELECT kind FROM events WHERE run_id = $1 ORDER BY id")
+                .bind(id)
+                .fetch_all(db.store.pool())
+                .await
+                .unwrap();
+        let pos = |k: &str| kinds.iter().position(|x| x == k);
+        assert!(
+            pos("lease_expired") < pos("retry_scheduled")
+                && pos("retry_scheduled") < pos("run_completed"),
+            "run {id}: {kinds:?}"
+        );
+    }
+    workers.stop();
+    db.drop_schema().await;
+}
+
+/// The workers' connections are terminated twice in the middle of a load:
+/// they report it, back off, reconnect and finish; no run is lost, none is
+/// completed twice, nothing needs a manual step.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_survive_terminated_connections() {
+    let Some(url) = url() else { return };
+    let _serial = SERIAL.lock().await;
+    let db = Db::fresh(&url, "term").await;
+    let names = names("term");
+    let refs: Vec<&str> = names.iter().map(|s| s.as_str()).collect();
+    let runs = 6_000;
+    db.trigger(0, runs as u64, 2).await;
+    let mut workers = Workers::start(&db, &refs);
+    let mut cut = 0;
+    for at in [1_500, 3_500] {
+        db.wait_completed(at, Duration::from_secs(120), &mut workers)
+            .await;
+        let n = db.cut_workers_off().await;
+        assert!(n >= 4, "expected every worker connected, terminated {n}");
+        cut += n;
+    }
+    db.wait_completed(runs, Duration::from_secs(120), &mut workers)
+        .await;
+    let retries = db.check_evidence(runs, &workers).await;
+    eprintln!("terminated {cut} worker connections in two rounds; {retries} retries");
+    // The workers said so: at least one warning per process about the
+    // lost connection.
+    for name in &refs {
+        let err = workers.stderr_of(name);
+        assert!(
+            err.contains("WARN") || err.contains("ERROR"),
+            "worker {name} reported nothing after {cut} terminated connections:\n{err}"
+        );
+    }
+    workers.stop();
+    db.drop_schema().await;
+}
+
+/// PostgreSQL restarts in the middle of a load (`DOCKET_TEST_PG_RESTART=1`
+/// only: it cuts every other test's connections too).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_survive_a_postgres_restart() {
+    let Some(url) = url() else { return };
+    if std::env::var(RESTART_VAR).as_deref() != Ok("1") {
+        eprintln!(
+            "skipping: set {RESTART_VAR}=1 to restart PostgreSQL during a load (disturbs other tests)"
+        );
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let db = Db::fresh(&url, "restart").await;
+    let names = names("restart");
+    let refs: Vec<&str> = names.iter().map(|s| s.as_str()).collect();
+    let runs = 6_000;
+    db.trigger(0, runs as u64, 2).await;
+    let mut workers = Workers::start(&db, &refs);
+    db.wait_completed(2_000, Duration::from_secs(120), &mut workers)
+        .await;
+    let version = db
+        .scalar("SELECT current_setting('server_version_num')::bigint / 10000")
+        .await;
+    let status = Command::new("pg_ctlcluster")
+        .args([
+            "--skip-systemctl-redirect",
+            &version.to_string(),
+            "main",
+            "restart",
+        ])
+        .status()
+        .expect("run pg_ctlcluster");
+    assert!(status.success(), "pg_ctlcluster restart failed: {status}");
+    // The test's own pool reconnects like the workers'.
+    db.wait_completed(runs, Duration::from_secs(180), &mut workers)
+        .await;
+    let retries = db.check_evidence(runs, &workers).await;
+    let mut warned = HashMap::new();
+    for name in &refs {
+        let err = workers.stderr_of(name);
+        let first = err.lines().find(|l| l.contains("WARN")).map(str::to_string);
+        eprintln!("{name} after the restart: {first:?}");
+        warned.insert(*name, first.is_some());
+    }
+    eprintln!("restart survived; {retries} retries");
+    assert!(
+        warned.values().all(|w| *w),
+        "every worker reports the restart: {warned:?}"
+    );
+    workers.stop();
+    db.drop_schema().await;
+}
