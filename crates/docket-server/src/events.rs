@@ -32,6 +32,7 @@ use docket::{EventFilter, EventRecord, RunId};
 use docket_store::DynStore;
 use std::collections::{BTreeMap, HashSet};
 use std::convert::Infallible;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{broadcast, mpsc, watch, Notify};
@@ -47,6 +48,9 @@ pub struct HubConfig {
     pub late_window: Duration,
     /// Events read per query.
     pub batch: usize,
+    /// Events buffered per subscriber; one that falls further behind
+    /// catches up from the store.
+    pub channel_capacity: usize,
 }
 
 impl Default for HubConfig {
@@ -56,6 +60,7 @@ impl Default for HubConfig {
             gap_timeout: Duration::from_secs(2),
             late_window: Duration::from_secs(60),
             batch: 1000,
+            channel_capacity: 4096,
         }
     }
 }
@@ -64,6 +69,8 @@ impl Default for HubConfig {
 pub struct EventHub {
     tx: broadcast::Sender<Arc<EventRecord>>,
     nudge: Notify,
+    /// The largest id published so far.
+    position: AtomicI64,
 }
 
 /// The ordering state of the tail (pure, so it can be tested alone).
@@ -152,10 +159,11 @@ impl EventHub {
         mut stop: watch::Receiver<bool>,
         observe: impl Fn(&EventRecord) + Send + Sync + 'static,
     ) -> Arc<EventHub> {
-        let (tx, _) = broadcast::channel(4096);
+        let (tx, _) = broadcast::channel(cfg.channel_capacity.max(1));
         let hub = Arc::new(EventHub {
             tx,
             nudge: Notify::new(),
+            position: AtomicI64::new(after),
         });
         let h = hub.clone();
         tokio::spawn(async move {
@@ -195,6 +203,7 @@ impl EventHub {
                         backoff = cfg.poll_interval;
                         for e in seq.accept(events, Instant::now(), &cfg) {
                             observe(&e);
+                            h.position.fetch_max(e.id, Ordering::SeqCst);
                             let _ = h.tx.send(Arc::new(e));
                         }
                     }
@@ -221,6 +230,12 @@ impl EventHub {
     /// Every event published from now on.
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<EventRecord>> {
         self.tx.subscribe()
+    }
+
+    /// The largest event id published so far (read after subscribing, it
+    /// is where a subscriber that falls behind resumes from the store).
+    pub fn position(&self) -> i64 {
+        self.position.load(Ordering::SeqCst)
     }
 
     /// Asks the tail to read now (after this server changed something).
@@ -333,10 +348,11 @@ pub async fn events(
         kinds: q.all("kind").into_iter().map(str::to_string).collect(),
     };
     let rx = state.hub.subscribe();
+    let position = state.hub.position();
     let (tx, out) = mpsc::channel::<Event>(256);
     let store = state.store().clone();
     let stop = state.stop.clone();
-    tokio::spawn(pump(store, filter, resume, rx, tx, stop));
+    tokio::spawn(pump(store, filter, resume, position, rx, tx, stop));
     let stream = futures::stream::unfold(out, |mut out| async move {
         out.recv().await.map(|e| (Ok(e), out))
     });
@@ -375,6 +391,7 @@ async fn pump(
     store: DynStore,
     filter: Filter,
     resume: Option<i64>,
+    position: i64,
     mut rx: broadcast::Receiver<Arc<EventRecord>>,
     tx: mpsc::Sender<Event>,
     mut stop: watch::Receiver<bool>,
@@ -387,7 +404,8 @@ async fn pump(
             Ok(l) => l,
             Err(()) => return,
         },
-        None => 0,
+        // Live only: a lagging client catches up from where the hub was.
+        None => position,
     };
     loop {
         let msg = tokio::select! {
