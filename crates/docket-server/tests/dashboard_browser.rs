@@ -18,6 +18,7 @@ use docket_store::{
     RetryRecord,
 };
 use fantoccini::{Client, ClientBuilder, Locator};
+use hyper_util::client::legacy::connect::HttpConnector;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -112,8 +113,7 @@ async fn browser(webdriver: &str, profile: &Path) -> R<Client> {
             ],
         }),
     );
-    ClientBuilder::rustls()
-        .map_err(|e| format!("TLS setup: {e}"))?
+    ClientBuilder::new(HttpConnector::new())
         .capabilities(caps)
         .connect(webdriver)
         .await

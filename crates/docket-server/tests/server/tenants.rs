@@ -131,6 +131,20 @@ async fn another_tenants_run_is_404_on_every_endpoint() {
     assert_eq!(v["run"]["tenant"], "globex");
     let (st, _) = s.get(&format!("/api/runs/{theirs}")).await;
     assert_eq!(st, StatusCode::NOT_FOUND);
+    let (st, v) = as_b(
+        Method::POST,
+        "/api/runs/batch".into(),
+        Some(json!({"runs": [{"job": "noop"}]})),
+    )
+    .await;
+    assert_eq!(st, StatusCode::CREATED);
+    assert_eq!(v["runs"][0]["run"]["tenant"], "globex");
+    let (_, v) = s.get("/api/runs").await;
+    assert!(v["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|r| r["tenant"] == "acme"));
     // The same idempotency key in two tenants makes two runs.
     let body = json!({"job": "noop", "idempotency_key": "same"});
     let (st1, v1) = s.post("/api/runs", body.clone()).await;
