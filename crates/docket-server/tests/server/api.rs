@@ -259,7 +259,8 @@ async fn operator_commands_and_wrong_state_409() {
     // The attempts show the gap and outcome of each.
     assert_eq!(d["attempts"][0]["outcome"], "failed");
     assert!(d["attempts"][1]["gap_ms"].as_i64().unwrap() >= 0);
-    // Retrying a completed run: 409 naming the state.
+    // Retrying a completed run: 409 naming the state, and nothing written.
+    let events_before = d["events"].as_array().unwrap().len();
     let (st, v) = s.post(&format!("/api/runs/{id}/retry"), json!({})).await;
     assert_eq!(st, StatusCode::CONFLICT);
     assert_eq!(v["error"]["code"], "wrong_state");
@@ -280,6 +281,13 @@ async fn operator_commands_and_wrong_state_409() {
         )
         .await;
     assert_eq!(st, StatusCode::CONFLICT, "{v}");
+    let (_, after) = s.get(&format!("/api/runs/{id}")).await;
+    assert_eq!(
+        after["events"].as_array().unwrap().len(),
+        events_before,
+        "refused commands write nothing"
+    );
+    assert_eq!(after["run"]["status"], "completed");
     // retrigger: a new run linked to the original.
     let (st, v) = s
         .post(
