@@ -86,9 +86,11 @@ pub struct FileConfig {
     shutdown_grace_secs: Option<u64>,
     max_body_bytes: Option<usize>,
     max_input_bytes: Option<usize>,
-    /// HTTP jobs and their connections (`docket::http`), read by
-    /// `HttpJobs::load` from the same file.
+    /// HTTP jobs and their connections (`docket::http`): accepted here,
+    /// read by `HttpJobs::load` from the same file.
+    #[allow(dead_code)]
     connections: Option<toml::Value>,
+    #[allow(dead_code)]
     jobs: Option<toml::Value>,
 }
 
