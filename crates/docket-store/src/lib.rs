@@ -34,7 +34,7 @@ use std::sync::Arc;
 
 /// The schema version this build writes. A database with a higher version
 /// was written by a newer Docket and is refused, never modified.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 /// What can go wrong in a store.
 #[derive(Debug, thiserror::Error)]

@@ -1,4 +1,4 @@
--- Docket schema, version 1 (SQLite). Times are integer milliseconds since the
+-- Docket schema, version 2 (SQLite): version 1 plus steps, ledger, tokens, connections. Times are integer milliseconds since the
 -- Unix epoch from the injected clock; ids are UUID text (v7, so they sort by
 -- creation time).
 CREATE TABLE IF NOT EXISTS runs (
