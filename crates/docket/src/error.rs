@@ -18,7 +18,7 @@ pub struct JobError {
     pub action: Option<String>,
     /// Not a failure: the handler suspends the run (input, postpone,
     /// cancel). Made only by [`Ctx`](crate::Ctx) methods.
-    pub(crate) control: Option<Control>,
+    pub(crate) control: Option<Box<Control>>,
     /// The failing action's idempotency key, for the fingerprint.
     pub(crate) key: Option<String>,
 }
@@ -87,7 +87,7 @@ impl JobError {
     }
     pub(crate) fn control(control: Control, message: &str) -> Self {
         JobError {
-            control: Some(control),
+            control: Some(Box::new(control)),
             ..Self::permanent(message)
         }
     }
@@ -108,10 +108,10 @@ impl JobError {
         message: impl Into<String>,
     ) -> Self {
         JobError {
-            control: Some(Control::CircuitOpen {
+            control: Some(Box::new(Control::CircuitOpen {
                 until,
                 breaker: breaker.into(),
-            }),
+            })),
             ..Self::new(ErrorClass::Unavailable, message)
         }
     }
@@ -120,7 +120,7 @@ impl JobError {
     /// rejected an approval and the job says that ends it), no retry.
     pub fn terminal(reason: docket_core::TerminalReason, message: impl Into<String>) -> Self {
         JobError {
-            control: Some(Control::Terminal { reason }),
+            control: Some(Box::new(Control::Terminal { reason })),
             ..Self::new(ErrorClass::Permanent, message)
         }
     }

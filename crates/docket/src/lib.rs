@@ -321,7 +321,7 @@ impl Docket {
                     return if run.status.is_terminal() { Ok(run) } else { Err(Error::WaitTimedOut(Box::new(run))) };
                 }
                 _ = poll => {}
-                changed = wait_for(&mut rx, id) => { let _ = changed; }
+                _ = wait_for(&mut rx, id) => {}
             }
         }
     }

@@ -680,55 +680,42 @@ impl Docket {
             _ if cancelled.load(Ordering::SeqCst) && self.cancel_confirmed(&run).await => {
                 Outcome::Cancelled
             }
-            Err(JobError {
-                control: Some(Control::CircuitOpen { until, breaker }),
-                message,
-                action,
-                ..
-            }) => Outcome::Retry {
-                error: error_info(
-                    &run,
-                    lease_id,
-                    docket_core::ErrorClass::Unavailable,
-                    message,
-                    action,
-                    None,
-                ),
-                retry: RetryRecord {
-                    policy: format!("circuit_breaker:{breaker}"),
-                    delay_ms: until.millis_since(now).max(0),
-                    eligible_at: until.max(now),
-                    reason: docket_core::policy::RetryReason::CircuitOpen
-                        .as_str()
-                        .into(),
-                },
-            },
-            Err(JobError {
-                control: Some(Control::Terminal { reason }),
-                message,
-                action,
-                class,
-                ..
-            }) => {
-                let error = error_info(&run, lease_id, class, message, action, None);
-                let detail = format!("{}: {}", reason.as_str(), error.message);
-                Outcome::Failed {
-                    error: Some(error),
-                    reason,
-                    detail,
-                }
-            }
             Ok(output) => Outcome::Completed { output },
-            Err(JobError {
-                control: Some(c), ..
-            }) => match c {
-                Control::NeedsInput { name, request } => Outcome::NeedsInput { name, request },
-                Control::Postpone { until } => Outcome::Postponed { until },
-                Control::Cancelled => Outcome::Cancelled,
-                Control::CircuitOpen { .. } => unreachable!("matched above"),
-                Control::Terminal { .. } => unreachable!("matched above"),
+            Err(mut e) => match e.control.take().map(|c| *c) {
+                None => decide(&job, &run, lease_id, e, now),
+                Some(Control::NeedsInput { name, request }) => {
+                    Outcome::NeedsInput { name, request }
+                }
+                Some(Control::Postpone { until }) => Outcome::Postponed { until },
+                Some(Control::Cancelled) => Outcome::Cancelled,
+                Some(Control::CircuitOpen { until, breaker }) => Outcome::Retry {
+                    error: error_info(
+                        &run,
+                        lease_id,
+                        docket_core::ErrorClass::Unavailable,
+                        e.message,
+                        e.action,
+                        None,
+                    ),
+                    retry: RetryRecord {
+                        policy: format!("circuit_breaker:{breaker}"),
+                        delay_ms: until.millis_since(now).max(0),
+                        eligible_at: until.max(now),
+                        reason: docket_core::policy::RetryReason::CircuitOpen
+                            .as_str()
+                            .into(),
+                    },
+                },
+                Some(Control::Terminal { reason }) => {
+                    let error = error_info(&run, lease_id, e.class, e.message, e.action, None);
+                    let detail = format!("{}: {}", reason.as_str(), error.message);
+                    Outcome::Failed {
+                        error: Some(error),
+                        reason,
+                        detail,
+                    }
+                }
             },
-            Err(e) => decide(&job, &run, lease_id, e, now),
         };
         AttemptEnd {
             run_id: run.id,

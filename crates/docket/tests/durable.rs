@@ -555,10 +555,9 @@ async fn skip_failed_step_continues_past_it() {
     let h = d.history(id).await.unwrap();
     assert_eq!(h.run.output, Some(json!({"skipped": true})));
     assert_eq!(h.steps[0].status, StepStatus::Skipped);
-    assert!(matches!(
-        Stepped::<u8>::Skipped { comment: None }.into_option(),
-        None
-    ));
+    assert!(Stepped::<u8>::Skipped { comment: None }
+        .into_option()
+        .is_none());
 }
 
 #[tokio::test]

@@ -526,9 +526,11 @@ async fn eight_workers_complete_each_run_exactly_once() {
     for h in handles {
         h.shutdown(Duration::from_secs(5)).await;
     }
-    let ex = executions.lock().unwrap();
-    assert_eq!(ex.len(), RUNS);
-    assert!(ex.values().all(|n| *n == 1), "some run executed twice");
+    {
+        let ex = executions.lock().unwrap();
+        assert_eq!(ex.len(), RUNS);
+        assert!(ex.values().all(|n| *n == 1), "some run executed twice");
+    }
     let mut leases = std::collections::HashSet::new();
     let mut workers = std::collections::HashSet::new();
     for id in &ids {
