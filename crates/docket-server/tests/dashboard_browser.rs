@@ -256,10 +256,8 @@ impl Env {
         )
     }
 
-    async fn get(&self, path: &str) -> Value {
-        let (s, v) = self
-            .call(&self.token, reqwest::Method::GET, path, None)
-            .await;
+    async fn get_as(&self, token: &str, path: &str) -> Value {
+        let (s, v) = self.call(token, reqwest::Method::GET, path, None).await;
         assert_eq!(s, 200, "GET {path}: {v}");
         v
     }
@@ -288,9 +286,14 @@ impl Env {
 
     /// Long-polls until the run is in one of `statuses` (bounded).
     async fn until(&self, id: &str, statuses: &[&str]) -> Value {
+        self.until_as(&self.token, id, statuses).await
+    }
+
+    /// [`Env::until`] with another tenant's token.
+    async fn until_as(&self, token: &str, id: &str, statuses: &[&str]) -> Value {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         loop {
-            let v = self.get(&format!("/api/runs/{id}")).await;
+            let v = self.get_as(token, &format!("/api/runs/{id}")).await;
             let st = v["run"]["status"].as_str().unwrap_or("").to_string();
             if statuses.contains(&st.as_str()) {
                 return v;
@@ -300,7 +303,7 @@ impl Env {
                 "run {id} stayed {st}, wanted {statuses:?}"
             );
             // A long poll: answers at once when the run ends.
-            self.get(&format!("/api/runs/{id}/wait?timeout=200ms"))
+            self.get_as(token, &format!("/api/runs/{id}/wait?timeout=200ms"))
                 .await;
         }
     }
@@ -438,6 +441,12 @@ async fn statuses_in_list(c: &Client) -> R<Vec<String>> {
 }
 
 async fn shot(c: &Client, name: &str, w: u32, h: u32) -> R {
+    save_shot(c, name, w, h, true).await
+}
+
+/// Saves a screenshot into the temporary folder, and into `docs/` when
+/// asked (`DOCKET_UPDATE_SCREENSHOTS=1`) and `to_docs`.
+async fn save_shot(c: &Client, name: &str, w: u32, h: u32, to_docs: bool) -> R {
     c.set_window_size(w, h)
         .await
         .map_err(|e| format!("resize: {e}"))?;
@@ -452,7 +461,7 @@ async fn shot(c: &Client, name: &str, w: u32, h: u32) -> R {
     let tmp = std::env::temp_dir().join("docket-dashboard-shots");
     std::fs::create_dir_all(&tmp).map_err(|e| e.to_string())?;
     std::fs::write(tmp.join(name), &png).map_err(|e| e.to_string())?;
-    if std::env::var("DOCKET_UPDATE_SCREENSHOTS").as_deref() == Ok("1") {
+    if to_docs && std::env::var("DOCKET_UPDATE_SCREENSHOTS").as_deref() == Ok("1") {
         let docs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs");
         std::fs::write(docs.join(name), &png).map_err(|e| e.to_string())?;
     }
@@ -528,7 +537,7 @@ async fn scenario(c: &Client, env: &Env) -> R {
     env.until(&import, &["failed"]).await;
     env.until(&refund, &["needs_input"]).await;
     env.until(&refund2, &["needs_input"]).await;
-    env.until(&other, &["failed"]).await;
+    env.until_as(&env.other_token, &other, &["failed"]).await;
 
     // Sign in.
     goto(c, &format!("{}/", env.base)).await?;
@@ -562,7 +571,7 @@ async fn scenario(c: &Client, env: &Env) -> R {
     )
     .await?;
     el(c, &format!("[data-eval-for='{charge}'] [data-severity]")).await?;
-    shot(c, "dashboard-runs.png", 1360, 760).await?;
+    shot(c, "dashboard-runs.png", 1360, 900).await?;
 
     // Live: a run triggered elsewhere appears without reloading the page.
     js(c, "window.__samePage = 'yes'; return true").await?;
@@ -755,7 +764,16 @@ async fn scenario(c: &Client, env: &Env) -> R {
         classes.contains("unavailable") && classes.contains("network"),
         "classes table: {classes}"
     );
-    shot(c, "dashboard-overview.png", 1360, 1180).await?;
+    shot(c, "dashboard-overview.png", 1360, 1420).await?;
+    let (st, day) = env
+        .call(
+            &env.token,
+            reqwest::Method::GET,
+            "/api/stats?window=1d",
+            None,
+        )
+        .await;
+    check!(st == 200, "stats for a day: {st} {day}");
     click(c, "#w-1d").await?;
     el(c, "#ov-chart svg.window-chart[data-buckets='24']").await?;
 
@@ -799,7 +817,7 @@ async fn dashboard_in_headless_chromium() {
     let client = browser(&webdriver, &dir.join("profile")).await.unwrap();
     let result = scenario(&client, &env).await;
     if result.is_err() {
-        let _ = shot(&client, "dashboard-failure.png", 1360, 1200).await;
+        let _ = save_shot(&client, "dashboard-failure.png", 1360, 1200, false).await;
     }
     let _ = client.close().await;
     let _ = driver_proc.kill().await;

@@ -200,7 +200,13 @@
         backoff = Math.min(backoff * 2, 15000);
       }
     })();
-    return () => { stopped = true; if (ctrl) ctrl.abort(); };
+    const stop = () => { stopped = true; if (ctrl) ctrl.abort(); };
+    // A page kept in the back/forward cache would hold its stream open,
+    // and a browser allows only a few connections per server: close it
+    // when the page is hidden, start afresh if the page comes back.
+    window.addEventListener('pagehide', stop);
+    window.addEventListener('pageshow', (e) => { if (e.persisted) location.reload(); });
+    return stop;
   }
 
   function setAttentionCount(n) {
@@ -246,7 +252,7 @@
 
   // ---------- runs list ----------
 
-  function initRuns() {
+  function initRuns(who) {
     const params = new URLSearchParams(location.search);
     const f = {
       status: params.get('status') || '',
@@ -268,13 +274,9 @@
     $('nav-attention').classList.toggle('active', f.attention);
     $('nav-runs').classList.toggle('active', !f.attention);
 
-    api('/api/jobs').then((j) => {
-      for (const x of j.jobs) job.append(el('option', { value: x.name, text: x.name }));
-      if (f.job && ![...job.options].some((o) => o.value === f.job)) {
-        job.append(el('option', { value: f.job, text: f.job }));
-      }
-      job.value = f.job;
-    }).catch(() => {});
+    for (const name of who.jobs) job.append(el('option', { value: name, text: name }));
+    if (f.job && !who.jobs.includes(f.job)) job.append(el('option', { value: f.job, text: f.job }));
+    job.value = f.job;
 
     function syncUrl() {
       const p = new URLSearchParams();
@@ -320,8 +322,8 @@
           r.terminal_reason ? el('div', { class: 'muted small', text: r.terminal_reason }) : null,
           r.last_error_message ? el('div', { class: 'muted small trunc', title: r.last_error_message, text: r.last_error_message }) : null),
         el('td', { class: 'evalcell', 'data-eval-for': r.id }, r.status === 'failed' ? el('span', { class: 'muted', text: '…' }) : '—'),
-        el('td', { text: nextEligible(r), title: r.status === 'pending' || r.status === 'postponed' ? utc(r.run_after) : '' }),
-        el('td', { text: ago(r.created_at), title: utc(r.created_at) }));
+        el('td', { class: 'nowrap', text: nextEligible(r), title: r.status === 'pending' || r.status === 'postponed' ? utc(r.run_after) : '' }),
+        el('td', { class: 'nowrap', text: ago(r.created_at), title: utc(r.created_at) }));
     }
 
     async function evaluate(runs) {
@@ -332,7 +334,7 @@
         const cell = document.querySelector('[data-eval-for="' + ev.run_id + '"]');
         if (!cell) continue;
         if (!ev.worst) {
-          cell.replaceChildren(el('span', { class: 'muted', text: 'no pairs' }));
+          cell.replaceChildren(el('span', { class: 'muted', title: 'No two failures of the same action and error class', text: 'no repeated failure' }));
           continue;
         }
         const badge = el('a', { href: '/runs/' + ev.run_id + '#evaluation', class: 'eval-badge', title: ev.explanation || '' },
@@ -389,7 +391,13 @@
     }
     status.addEventListener('change', () => { f.status = status.value; changed(); });
     job.addEventListener('change', () => { f.job = job.value; changed(); });
-    q.addEventListener('input', debounce(() => { f.q = q.value.trim(); changed(); }, 300));
+    const searched = debounce(() => {
+      if (f.q === q.value.trim()) return;
+      f.q = q.value.trim();
+      changed();
+    }, 300);
+    q.addEventListener('input', searched);
+    q.addEventListener('change', searched);
     $('filters').addEventListener('submit', (e) => { e.preventDefault(); f.q = q.value.trim(); changed(); });
     toggle.addEventListener('click', () => {
       f.attention = !f.attention;
@@ -540,8 +548,20 @@
       if (l.error_class) text += ' — ' + l.error_class + (l.error_message ? ': ' + l.error_message : '');
       add(l.updated_at, 'ledger', 'ledger ' + l.state, l.attempt, text);
     }
-    const order = { event: 0, attempt: 1, decision: 2, step: 3, ledger: 4 };
-    out.sort((a, b) => a.at - b.at || order[a.source] - order[b.source] || a.seq - b.seq);
+    // Events keep their stored order; an attempt row follows its
+    // attempt_started event and a retry decision its retry_scheduled
+    // event; steps and ledger rows follow the events of the same instant.
+    const anchor = (kind, attempt) => {
+      const e = out.find((x) => x.source === 'event' && x.kind === kind && x.attempt === attempt);
+      return e ? e.seq + 0.5 : null;
+    };
+    for (const e of out) {
+      if (e.source === 'event') e.rank = e.seq;
+      else if (e.source === 'attempt') e.rank = anchor('attempt_started', e.attempt);
+      else if (e.source === 'decision') e.rank = anchor('retry_scheduled', e.attempt);
+      if (e.rank === null || e.rank === undefined) e.rank = 1e6 + e.seq;
+    }
+    out.sort((a, b) => a.at - b.at || a.rank - b.rank);
     return out;
   }
 
@@ -807,8 +827,9 @@
       return;
     }
     $('signout').addEventListener('click', () => signOut('Signed out.'));
+    let who;
     try {
-      const who = await api('/api/dashboard/whoami');
+      who = await api('/api/dashboard/whoami');
       skew = Date.parse(who.now) - Date.now();
       $('who-name').textContent = who.name;
       $('who-tenant').textContent = who.tenant;
@@ -817,7 +838,7 @@
       return;
     }
     if (page !== 'runs') refreshAttention().catch(() => {});
-    if (page === 'runs') initRuns();
+    if (page === 'runs') initRuns(who);
     else if (page === 'run') initRun();
     else if (page === 'overview') initOverview();
   }

@@ -94,7 +94,7 @@ pub struct RetryChart {
     pub next_eligible: Option<i64>,
 }
 
-const W: f64 = 760.0;
+const W: f64 = 960.0;
 const LEFT: f64 = 120.0;
 const RIGHT: f64 = 24.0;
 const TOP: f64 = 30.0;
@@ -133,6 +133,7 @@ pub fn retry_chart(c: &RetryChart) -> String {
         t1 = t1
             .max(end)
             .max(a.eligible_at.unwrap_or(end))
+            .max(end + a.delay_ms.unwrap_or(0))
             .max(a.late_report_at.unwrap_or(end))
             .max(a.start);
     }
@@ -297,7 +298,7 @@ pub fn retry_chart(c: &RetryChart) -> String {
             tx = lx + 18.0,
             ty = ly,
         );
-        lx += 30.0 + text.len() as f64 * 6.2;
+        lx += 34.0 + text.len() as f64 * 6.6;
     }
 
     let mut out = String::new();
@@ -352,10 +353,8 @@ pub fn window_chart(c: &WindowChart) -> String {
         .max()
         .unwrap_or(0)
         .max(1);
-    let ymax = {
-        let step = nice_step(max as f64, 4.0);
-        ((max as f64 / step).ceil() * step).max(1.0)
-    };
+    // Four whole, round steps: 0, s, 2s, 3s, 4s with 4s >= max.
+    let ymax = nice_step(max as f64, 4.0) * 4.0;
     let slot = plot_w / n as f64;
     let mut body = String::new();
     for i in 0..=4 {
@@ -438,7 +437,7 @@ pub fn window_chart(c: &WindowChart) -> String {
             y = ly - 9.0,
             tx = lx + 16.0,
         );
-        lx += 28.0 + class.len() as f64 * 6.2;
+        lx += 30.0 + class.len() as f64 * 6.6;
     }
     format!(
         r#"<svg xmlns="http://www.w3.org/2000/svg" class="chart window-chart" viewBox="0 0 {w} {h}" width="{w}" height="{h}" role="img" aria-label="Retries by error class and failure rate" data-buckets="{}"><title>Retries by error class (bars) and failure rate (line)</title>{body}</svg>"#,
