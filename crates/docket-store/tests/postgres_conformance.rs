@@ -326,11 +326,26 @@ async fn trigger_notifies_listeners_once_per_job() {
     .await
     .expect("a wake-up within 10 s");
     assert_eq!(got, job);
-    // Only one notification for the two runs of the job.
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    while let Ok(j) = rx.try_recv() {
-        assert_ne!(j, job, "one notification per job per trigger");
-    }
+    // Only one notification for the two runs of the job. PostgreSQL delivers
+    // notifications in commit order, so a sentinel sent after the trigger
+    // committed arrives after any second one would have: read up to it.
+    let sentinel = format!("sentinel-{}", Uuid::now_v7().simple());
+    sqlx::query("SELECT pg_notify('docket_wakeup', $1)")
+        .bind(&sentinel)
+        .execute(store.pool())
+        .await
+        .unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        loop {
+            match rx.recv().await {
+                Ok(j) if j == sentinel => return,
+                Ok(j) => assert_ne!(j, job, "one notification per job per trigger"),
+                Err(e) => panic!("listener stopped: {e}"),
+            }
+        }
+    })
+    .await
+    .expect("the sentinel within 10 s");
 }
 
 #[tokio::test]
