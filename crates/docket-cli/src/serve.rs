@@ -282,12 +282,14 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
         register_demo_jobs(&docket).map_err(|e| e.to_string())?;
     }
     // HTTP jobs declared in the configuration file ([connections.*], [jobs.*]).
+    let mut http_jobs = None;
     if let Some(path) = &args.config {
         let http = docket::http::HttpJobs::load(path).map_err(|e| e.to_string())?;
         http.install(&docket).map_err(|e| e.to_string())?;
         if !http.job_names().is_empty() {
             tracing::info!(jobs = ?http.job_names(), connections = ?http.connection_names(), "HTTP jobs loaded");
         }
+        http_jobs = Some(http);
     }
     let jobs = docket.job_names();
     if jobs.is_empty() {
@@ -334,6 +336,7 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
                 },
                 max_body_bytes: s.max_body_bytes,
                 max_input_bytes: s.max_input_bytes,
+                http: http_jobs.clone(),
                 ..ServerConfig::default()
             },
         )

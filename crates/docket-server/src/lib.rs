@@ -61,6 +61,10 @@ pub struct ServerConfig {
     pub max_input_bytes: usize,
     /// How the event hub tails the store.
     pub hub: HubConfig,
+    /// The HTTP jobs of a `docket.toml`, already installed on the engine:
+    /// their connections and circuit breakers show in `/api/connections`,
+    /// `/api/breakers` and `/metrics`. `None`: no connections.
+    pub http: Option<docket::http::HttpJobs>,
 }
 
 impl Default for ServerConfig {
@@ -70,6 +74,7 @@ impl Default for ServerConfig {
             max_body_bytes: 2 * 1024 * 1024,
             max_input_bytes: docket::DEFAULT_MAX_INPUT_BYTES,
             hub: HubConfig::default(),
+            http: None,
         }
     }
 }
