@@ -187,6 +187,7 @@ pub enum RunsCmd {
 }
 
 /// A failure of a client command, with its exit code.
+#[derive(Debug)]
 pub struct Failure {
     /// The message.
     pub message: String,
@@ -200,15 +201,15 @@ impl From<String> for Failure {
     }
 }
 
-type Res<T> = Result<T, Failure>;
+pub(crate) type Res<T> = Result<T, Failure>;
 
-struct Client {
+pub(crate) struct Client {
     http: reqwest::Client,
     conn: Conn,
 }
 
 impl Client {
-    fn new(conn: Conn) -> Res<Client> {
+    pub(crate) fn new(conn: Conn) -> Res<Client> {
         if !conn.url.starts_with("http://") && !conn.url.starts_with("https://") {
             return Err(format!(
                 "--url must start with http:// or https://, not `{}`",
@@ -223,7 +224,7 @@ impl Client {
         Ok(Client { http, conn })
     }
 
-    async fn call(
+    pub(crate) async fn call(
         &self,
         method: reqwest::Method,
         path: &str,
@@ -279,7 +280,7 @@ fn parse_json_arg(what: &str, s: &str) -> Res<Value> {
     serde_json::from_str(&text).map_err(|e| format!("{what} is not valid JSON: {e}").into())
 }
 
-fn print_json(v: &Value) {
+pub(crate) fn print_json(v: &Value) {
     println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
 }
 
@@ -313,7 +314,7 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) {
     }
 }
 
-fn s(v: &Value) -> String {
+pub(crate) fn s(v: &Value) -> String {
     match v {
         Value::Null => "-".into(),
         Value::String(s) => s.clone(),
@@ -321,7 +322,7 @@ fn s(v: &Value) -> String {
     }
 }
 
-fn short(text: &str, n: usize) -> String {
+pub(crate) fn short(text: &str, n: usize) -> String {
     if text.chars().count() <= n {
         text.to_string()
     } else {
@@ -342,7 +343,7 @@ fn status_of(run: &Value) -> String {
     }
 }
 
-fn print_run_line(run: &Value) {
+pub(crate) fn print_run_line(run: &Value) {
     println!(
         "run {}  job {}  status {}  attempt {}",
         s(&run["id"]),
@@ -428,7 +429,7 @@ async fn wait_run(c: &Client, id: &str, timeout: &str, json_out: bool) -> Res<()
     }
 }
 
-fn ms(v: &Value) -> String {
+pub(crate) fn ms(v: &Value) -> String {
     match v.as_i64() {
         Some(n) if n >= 10_000 => format!("{:.1} s", n as f64 / 1000.0),
         Some(n) => format!("{n} ms"),
@@ -724,7 +725,7 @@ fn serde_urlencoded_pairs(q: &[(&str, String)]) -> String {
         .join("&")
 }
 
-fn encode(v: &str) -> String {
+pub(crate) fn encode(v: &str) -> String {
     v.bytes()
         .map(|b| match b {
             b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b',' => {
@@ -736,7 +737,7 @@ fn encode(v: &str) -> String {
 }
 
 /// `30s`, `10m`, `2h`, `500ms`.
-fn parse_delay(s: &str) -> Option<Duration> {
+pub(crate) fn parse_delay(s: &str) -> Option<Duration> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit())?;
     let n: u64 = s[..split].parse().ok()?;

@@ -3,6 +3,7 @@
 mod bench;
 mod bench_scale;
 mod client;
+mod inspect;
 mod serve;
 mod tokens;
 
@@ -28,6 +29,15 @@ enum Command {
     /// List, inspect, wait for and operate on runs through the API.
     #[command(subcommand)]
     Runs(client::RunsCmd),
+    /// Why every retry happened: a run's attempt timeline and verdicts, or
+    /// the verdicts across a job's runs (`--job J --since T`).
+    Forensics(inspect::ForensicsArgs),
+    /// List, show, enable, disable and expire the connections of the HTTP
+    /// jobs through the API.
+    #[command(subcommand)]
+    Connections(inspect::ConnectionsCmd),
+    /// The circuit breakers of the server's connections.
+    Breakers(inspect::BreakersArgs),
     /// Create, list and revoke API tokens (directly on the database).
     #[command(subcommand)]
     Token(tokens::TokenCmd),
@@ -64,6 +74,9 @@ fn main() -> ExitCode {
             Command::Token(cmd) => tokens::run(cmd).await.map_err(Failed::new),
             Command::Trigger(args) => client::trigger(args).await.map_err(Failed::from),
             Command::Runs(cmd) => client::runs(cmd).await.map_err(Failed::from),
+            Command::Forensics(args) => inspect::forensics(args).await.map_err(Failed::from),
+            Command::Connections(cmd) => inspect::connections(cmd).await.map_err(Failed::from),
+            Command::Breakers(args) => inspect::breakers(args).await.map_err(Failed::from),
         }
     });
     match result {

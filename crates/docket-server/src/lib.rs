@@ -22,6 +22,7 @@
 
 pub mod auth;
 pub mod cmd;
+pub mod connections;
 pub mod dashboard;
 pub mod dto;
 pub mod error;
@@ -133,6 +134,7 @@ pub enum ServeError {
         (name = "commands", description = "The seed's command envelope"),
         (name = "events", description = "Server-sent events"),
         (name = "jobs", description = "Registered jobs"),
+        (name = "connections", description = "Connections and circuit breakers of the HTTP jobs in docket.toml"),
         (name = "ops", description = "Health, metrics and this document"),
     )
 )]
@@ -210,6 +212,13 @@ fn routes() -> (axum::Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(runs::reject))
         .routes(routes!(runs::wait))
         .routes(routes!(runs::jobs))
+        .routes(routes!(connections::job_forensics))
+        .routes(routes!(connections::list))
+        .routes(routes!(connections::show))
+        .routes(routes!(connections::enable))
+        .routes(routes!(connections::disable))
+        .routes(routes!(connections::expire))
+        .routes(routes!(connections::breakers))
         .routes(routes!(events::events))
         .routes(routes!(cmd::core_cmd))
         .routes(routes!(cmd::bpm_cmd))

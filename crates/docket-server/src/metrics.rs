@@ -10,6 +10,15 @@
 //!   triggered, retry eligible, postponed until, or resumed by an operator)
 //!   and attempt duration (start to the attempt's end event).
 //!
+//! - `docket_circuit_breaker_state{connection,state}`: 1 for each
+//!   connection's current breaker state (`closed`, `open`, `half_open`),
+//!   0 for the others; `docket_circuit_breaker_opened_total{connection}`
+//!   and `docket_circuit_breaker_deferred_total{connection}` since this
+//!   process started. Breakers are this process's (its worker's).
+//! - `docket_connection_status{tenant,connection,status}`: 1 for each
+//!   connection's status for the tenant (`enabled`, `disabled`,
+//!   `expired`), read from the store at scrape time.
+//!
 //! A token sees only its own tenant's series.
 
 use docket::{EventRecord, RunId, Timestamp};
@@ -239,6 +248,63 @@ impl Metrics {
             tenant,
         );
         out
+    }
+}
+
+/// The breaker and connection-status series (see the module docs).
+pub fn render_connections(
+    out: &mut String,
+    tenant: &str,
+    breakers: &[docket::http::BreakerState],
+    statuses: &[(String, docket::http::ConnectionStatus)],
+) {
+    use docket::http::{BreakerPhase, ConnectionStatus};
+    out.push_str("# HELP docket_circuit_breaker_state A connection's circuit breaker state in this process (1 = current).\n# TYPE docket_circuit_breaker_state gauge\n");
+    for b in breakers {
+        for p in [
+            BreakerPhase::Closed,
+            BreakerPhase::Open,
+            BreakerPhase::HalfOpen,
+        ] {
+            let _ = writeln!(
+                out,
+                "docket_circuit_breaker_state{{connection=\"{}\",state=\"{}\"}} {}",
+                escape(&b.connection),
+                p.as_str(),
+                u8::from(b.state == p)
+            );
+        }
+    }
+    out.push_str("# HELP docket_circuit_breaker_opened_total Times a connection's breaker opened since this process started.\n# TYPE docket_circuit_breaker_opened_total counter\n");
+    for b in breakers {
+        let _ = writeln!(
+            out,
+            "docket_circuit_breaker_opened_total{{connection=\"{}\"}} {}",
+            escape(&b.connection),
+            b.times_opened
+        );
+    }
+    out.push_str("# HELP docket_circuit_breaker_deferred_total Runs a connection's open breaker rescheduled (reason circuit_open) since this process started.\n# TYPE docket_circuit_breaker_deferred_total counter\n");
+    for b in breakers {
+        let _ = writeln!(
+            out,
+            "docket_circuit_breaker_deferred_total{{connection=\"{}\"}} {}",
+            escape(&b.connection),
+            b.deferred
+        );
+    }
+    out.push_str("# HELP docket_connection_status A connection's status for the tenant (1 = current).\n# TYPE docket_connection_status gauge\n");
+    let t = escape(tenant);
+    for (name, status) in statuses {
+        for s in ConnectionStatus::ALL {
+            let _ = writeln!(
+                out,
+                "docket_connection_status{{tenant=\"{t}\",connection=\"{}\",status=\"{}\"}} {}",
+                escape(name),
+                s.as_str(),
+                u8::from(*status == s)
+            );
+        }
     }
 }
 

@@ -43,6 +43,11 @@ fn check_text(field: &str, v: &Option<String>) -> ApiResult<()> {
     }
 }
 
+/// 422 when an operator's comment is longer than the limit.
+pub(crate) fn check_comment(v: &Option<String>) -> ApiResult<()> {
+    check_text("comment", v)
+}
+
 fn parse_time(field: &str, s: &str) -> ApiResult<Timestamp> {
     Timestamp::parse_rfc3339(s).ok_or_else(|| {
         ApiError::invalid_field(
@@ -796,7 +801,16 @@ pub async fn metrics(State(state): State<AppState>, caller: Caller) -> ApiResult
         .into_iter()
         .map(|c| (c.job, c.status.to_string(), c.count))
         .collect();
-    let body = state.metrics.render(&caller.tenant, &runs);
+    let mut body = state.metrics.render(&caller.tenant, &runs);
+    if let Some(http) = &state.config.http {
+        let statuses = http
+            .connections(&caller.tenant)
+            .await?
+            .into_iter()
+            .map(|c| (c.name, c.status))
+            .collect::<Vec<_>>();
+        crate::metrics::render_connections(&mut body, &caller.tenant, &http.breakers(), &statuses);
+    }
     Ok((
         [(
             axum::http::header::CONTENT_TYPE,

@@ -37,6 +37,9 @@ pub struct ForensicReport {
     pub verdicts: Vec<PairVerdict>,
 }
 
+/// The most runs one job-wide report examines (the newest).
+pub const MAX_JOB_REPORT_RUNS: usize = 10_000;
+
 /// The forensic report over a job's runs since a time.
 #[derive(Clone, Debug, Serialize)]
 pub struct JobReport {
@@ -46,6 +49,9 @@ pub struct JobReport {
     pub since: Timestamp,
     /// How many runs.
     pub runs_examined: usize,
+    /// More runs matched than one report examines (the newest
+    /// [`MAX_JOB_REPORT_RUNS`] were).
+    pub truncated: bool,
     /// Verdicts by kind.
     pub counts: BTreeMap<Verdict, usize>,
     /// Pairs where the same action failed with the same error inside the
@@ -173,7 +179,7 @@ impl Docket {
     }
 
     /// The forensic verdicts across a job's runs created since `since`
-    /// (at most 10,000 runs, newest first), including duplicate dispatches
+    /// (at most [`MAX_JOB_REPORT_RUNS`], newest first), including duplicate dispatches
     /// between runs, for one tenant or all.
     pub async fn forensics_for_job(
         &self,
@@ -183,6 +189,7 @@ impl Docket {
     ) -> Result<JobReport> {
         let mut runs = Vec::new();
         let mut cursor: Option<RunId> = None;
+        let mut truncated = false;
         loop {
             let page = self
                 .list_runs(RunFilter {
@@ -197,7 +204,12 @@ impl Docket {
             let done = page.len() < 500;
             cursor = page.last().map(|r| r.id);
             runs.extend(page);
-            if done || runs.len() >= 10_000 {
+            if done {
+                break;
+            }
+            if runs.len() >= MAX_JOB_REPORT_RUNS {
+                truncated = true;
+                runs.truncate(MAX_JOB_REPORT_RUNS);
                 break;
             }
         }
@@ -224,6 +236,7 @@ impl Docket {
             job: job.to_string(),
             since,
             runs_examined: runs.len(),
+            truncated,
             counts,
             same_action_same_error_within_backoff_window: within,
             verdicts,

@@ -40,15 +40,15 @@ mod worker;
 pub use ctx::{intent_key, Ctx, InputDecision, Reconciled, Stepped};
 pub use docket_core::forensics::{FailureRecord, PairVerdict, Severity, Verdict};
 pub use docket_core::{
-    Clock, ErrorClass, ManualClock, RetryPolicy, RunId, RunStatus, SystemClock, TerminalReason,
-    Timestamp,
+    Clock, ErrorClass, Fingerprint, ManualClock, RetryPolicy, RunId, RunStatus, SystemClock,
+    TerminalReason, Timestamp,
 };
 pub use docket_store::{
     AttemptRecord, EventFilter, EventRecord, LedgerEntry, LedgerState, Run, RunFilter, StatusCount,
     StepRecord, StepStatus, Triggered, DEFAULT_TENANT,
 };
 pub use error::{Error, JobError, Result};
-pub use forensics::{ForensicReport, JobReport, TimelineEntry};
+pub use forensics::{ForensicReport, JobReport, TimelineEntry, MAX_JOB_REPORT_RUNS};
 pub use job::Job;
 pub use ops::Actor;
 pub use worker::{Worker, WorkerConfig, WorkerHandle};

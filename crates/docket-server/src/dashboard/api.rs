@@ -301,6 +301,17 @@ pub struct ForensicAttempt {
     pub policy_delay_ms: Option<i64>,
     /// When a refused late report of this attempt arrived.
     pub late_report_at: Option<String>,
+    /// The step or action that failed (`None`: outside any step).
+    pub action: Option<String>,
+    /// Why the policy retried (`backoff`, `retry_after`, `circuit_open`, …).
+    pub retry_reason: Option<String>,
+    /// The delay the policy chose after this attempt.
+    pub delay_ms: Option<i64>,
+    /// The failure fingerprint (action, error class, worker, lease,
+    /// idempotency key, timings), decoded.
+    pub fingerprint: Option<docket::Fingerprint>,
+    /// A hash of (job, action, error class): equal for "the same failure".
+    pub failure_key: Option<String>,
 }
 
 /// A run's forensic view.
@@ -369,6 +380,11 @@ async fn forensics(
             gap_ms: t.gap_since_previous_ms,
             policy_delay_ms: t.policy_delay_before_ms,
             late_report_at: late_at.map(Timestamp::to_rfc3339),
+            action: a.action.clone(),
+            retry_reason: a.retry_reason.clone(),
+            delay_ms: a.delay_ms,
+            failure_key: t.fingerprint.as_ref().map(docket::Fingerprint::failure_key),
+            fingerprint: t.fingerprint.clone(),
         });
     }
     Ok(Json(ForensicsView {

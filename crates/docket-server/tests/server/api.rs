@@ -528,6 +528,13 @@ async fn openapi_has_every_route() {
         ("get", "/healthz"),
         ("get", "/metrics"),
         ("get", "/api/openapi.json"),
+        ("get", "/api/jobs/{job}/forensics"),
+        ("get", "/api/connections"),
+        ("get", "/api/connections/{name}"),
+        ("post", "/api/connections/{name}/enable"),
+        ("post", "/api/connections/{name}/disable"),
+        ("post", "/api/connections/{name}/expire"),
+        ("get", "/api/breakers"),
     ];
     for (m, p) in expected {
         assert!(
@@ -539,7 +546,10 @@ async fn openapi_has_every_route() {
     for (p, ops) in paths {
         for m in ops.as_object().unwrap().keys() {
             n += 1;
-            let path = p.replace("{id}", "0190c3e0-0000-7000-8000-000000000000");
+            let path = p
+                .replace("{id}", "0190c3e0-0000-7000-8000-000000000000")
+                .replace("{job}", "noop")
+                .replace("{name}", "crm");
             let method = Method::from_bytes(m.to_uppercase().as_bytes()).unwrap();
             if path == "/api/events" {
                 let res = s

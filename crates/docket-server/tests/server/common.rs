@@ -24,6 +24,8 @@ pub struct TestServer {
 pub struct Opts {
     pub worker: bool,
     pub config: ServerConfig,
+    /// A `docket.toml` with HTTP jobs and connections to install.
+    pub http_toml: Option<String>,
 }
 
 impl Default for Opts {
@@ -37,6 +39,7 @@ impl Default for Opts {
                 },
                 ..ServerConfig::default()
             },
+            http_toml: None,
         }
     }
 }
@@ -133,9 +136,14 @@ impl TestServer {
         Self::start_with(Opts::default()).await
     }
 
-    pub async fn start_with(opts: Opts) -> TestServer {
+    pub async fn start_with(mut opts: Opts) -> TestServer {
         let docket = Docket::open("sqlite::memory:").await.unwrap();
         register_jobs(&docket);
+        if let Some(text) = &opts.http_toml {
+            let http = docket::http::HttpJobs::from_toml(text, ".").unwrap();
+            http.install(&docket).unwrap();
+            opts.config.http = Some(http);
+        }
         let now = docket.clock().now();
         let mut secrets = Vec::new();
         for (tenant, name) in [("acme", "alice"), ("globex", "bob")] {

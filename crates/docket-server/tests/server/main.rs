@@ -3,6 +3,7 @@
 mod api;
 mod cmd;
 mod common;
+mod connections;
 mod events;
 mod node;
 mod tenants;
