@@ -107,6 +107,15 @@ fn since_param(since: Option<&str>, now: Timestamp) -> Res<String> {
     }
 }
 
+/// The random end of a UUIDv7 (its start is a timestamp, alike for ids
+/// made close together).
+fn id_tail(id: &str) -> String {
+    match id.rsplit_once('-') {
+        Some((_, tail)) if id.len() > 13 => format!("…{tail}"),
+        _ => id.to_string(),
+    }
+}
+
 fn critical(verdicts: &[Value]) -> usize {
     verdicts
         .iter()
@@ -133,7 +142,7 @@ fn verdict_rows(verdicts: &[Value], with_runs: bool) -> Vec<Vec<String>> {
                     ""
                 };
                 if with_runs {
-                    format!("{}#{}{late}", short(&s(&f["run_id"]), 13), s(&f["attempt"]))
+                    format!("{}#{}{late}", s(&f["run_id"]), s(&f["attempt"]))
                 } else {
                     format!("#{}{late}", s(&f["attempt"]))
                 }
@@ -218,7 +227,7 @@ async fn run_report(c: &Client, id: &str, json_out: bool) -> Res<Vec<Value>> {
                     Some(r) => format!("{r} {}", ms(&a["delay_ms"])),
                     None => "-".into(),
                 },
-                short(&s(&a["lease_id"]), 13),
+                id_tail(&s(&a["lease_id"])),
                 s(&a["worker"]),
                 short(&s(&fp["idempotency_key"]), 40),
                 s(&a["failure_key"]),

@@ -294,3 +294,139 @@ fn insecure_dev_mode_on_loopback_says_so_loudly() {
     assert_eq!(code, 0, "{out}{err}");
     assert_eq!(terminate(s), 0);
 }
+
+/// A service on a loopback port that answers every request 503.
+fn unavailable_service() -> String {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for mut sock in listener.incoming().map_while(Result::ok) {
+            let mut buf = [0u8; 8192];
+            let _ = sock.read(&mut buf);
+            let _ = sock.write_all(
+                b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 4\r\nconnection: close\r\n\r\ndown",
+            );
+        }
+    });
+    format!("http://{addr}")
+}
+
+#[test]
+fn forensics_connections_and_breakers_from_the_command_line() {
+    let db = tmp_db();
+    let dir = std::path::Path::new(&db).parent().unwrap().to_path_buf();
+    let toml = dir.join("docket.toml");
+    std::fs::write(
+        &toml,
+        format!(
+            r#"
+[connections.crm]
+base_url = "{}"
+breaker = {{ failures = 2, window_ms = 60000, open_ms = 600000 }}
+
+[jobs.ping]
+connection = "crm"
+path = "/emails"
+idempotency_key = "{{{{ input.id }}}}/ping/v1"
+body = {{ id = "{{{{ input.id }}}}" }}
+retry = {{ base_delay_ms = 50, max_delay_ms = 50, max_attempts = 2, jitter_ms = 0 }}
+"#,
+            unavailable_service()
+        ),
+    )
+    .unwrap();
+    let s = serve(
+        &db,
+        &["--config", toml.to_str().unwrap(), "--insecure-dev-no-auth"],
+    );
+    let url = s.url.clone();
+    let run = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend(["--url", &url]);
+        docket(&all, &[])
+    };
+
+    // Two 503s: a retry on the policy's schedule, then the policy stops.
+    let (code, out, err) = run(&["trigger", "ping", r#"{"id":"p-1"}"#, "--wait", "--json"]);
+    assert_eq!(code, 1, "{out} {err}");
+    let w: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let id = w["run"]["id"].as_str().unwrap().to_string();
+    assert_eq!(w["run"]["status"], "failed", "{w}");
+
+    let (code, out, err) = run(&["forensics", &id]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("timeline"), "{out}");
+    assert!(out.contains("p-1/ping/v1"), "the fingerprint's key: {out}");
+    assert!(out.contains("terminal_policy_failure"), "{out}");
+    assert!(out.contains("unavailable"), "{out}");
+    let (code, out, _) = run(&["forensics", &id, "--json"]);
+    assert_eq!(code, 0);
+    let f: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        f["verdicts"][0]["verdict"], "terminal_policy_failure",
+        "{f}"
+    );
+    assert_eq!(f["attempts"].as_array().unwrap().len(), 2);
+    assert!(f.get("chart_svg").is_none(), "no SVG in a terminal");
+
+    let (code, out, err) = run(&[
+        "forensics",
+        "--job",
+        "ping",
+        "--since",
+        "1h",
+        "--fail-on-critical",
+    ]);
+    assert_eq!(code, 0, "{out} {err}");
+    assert!(out.contains("runs examined 1"), "{out}");
+    assert!(
+        out.contains("same_action_same_error_within_backoff_window 0"),
+        "{out}"
+    );
+    assert!(out.contains("terminal_policy_failure 1"), "{out}");
+    let (code, _, err) = run(&["forensics", "--job", "ping", "--since", "last week"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("--since `last week`"), "{err}");
+    let (code, _, err) = run(&["forensics"]);
+    assert_eq!(code, 2, "clap names what is missing: {err}");
+
+    // The breaker opened on the two failures.
+    let (code, out, _) = run(&["breakers"]);
+    assert_eq!(code, 0);
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("crm"))
+        .unwrap_or_default();
+    assert!(line.contains("open"), "{out}");
+
+    let (code, out, _) = run(&["connections", "list"]);
+    assert_eq!(code, 0);
+    assert!(out.starts_with("NAME"), "{out}");
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("crm"))
+        .unwrap_or_default();
+    assert!(line.contains("enabled") && line.contains("ping"), "{out}");
+    let (code, out, err) = run(&["connections", "disable", "crm", "--comment", "key rotation"]);
+    assert_eq!(
+        (code, out.trim()),
+        (0, "connection crm is now disabled"),
+        "{err}"
+    );
+    let (code, out, _) = run(&["connections", "show", "crm"]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("enabled → disabled") && out.contains("key rotation"),
+        "{out}"
+    );
+    let (code, out, _) = run(&["connections", "enable", "crm"]);
+    assert_eq!((code, out.trim()), (0, "connection crm is now enabled"));
+    let (code, _, err) = run(&["connections", "disable", "nope"]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("HTTP 404") && err.contains("known: crm"),
+        "{err}"
+    );
+    assert_eq!(terminate(s), 0);
+}

@@ -26,7 +26,6 @@ use axum::{Json, Router};
 use docket::{PairVerdict, RunId, RunStatus, Severity, Timestamp};
 use docket_store::{ConnectionStatus, RunScan, WindowQuery};
 use serde::Serialize;
-use serde_json::Value;
 use std::collections::BTreeMap;
 
 /// Most runs one list request examines when filters leave gaps (the page
@@ -478,9 +477,9 @@ pub struct StatsView {
     pub capped: bool,
     /// Connections that are disabled or whose credentials expired.
     pub connections: Vec<ConnectionView>,
-    /// Open circuit breakers. `None`: the engine does not report breaker
-    /// states to the server yet.
-    pub breakers: Option<Vec<Value>>,
+    /// Circuit breakers that are not closed (open or half-open) in this
+    /// process. `None`: the server has no connections.
+    pub breakers: Option<Vec<crate::connections::BreakerView>>,
     /// The chart (SVG): retries by error class per bucket and the failure
     /// rate.
     pub chart_svg: String,
@@ -635,6 +634,12 @@ async fn stats(
         examined: w.examined,
         capped: w.capped,
         connections,
-        breakers: None,
+        breakers: state.config.http.as_ref().map(|h| {
+            h.breakers()
+                .iter()
+                .filter(|b| b.state != docket::http::BreakerPhase::Closed)
+                .map(crate::connections::BreakerView::from)
+                .collect()
+        }),
     }))
 }

@@ -783,11 +783,14 @@
         el('td', { class: 'num', text: String(j.total) }))) : [el('tr', {}, el('td', { colspan: '9', class: 'muted', text: 'No jobs.' }))]));
       const br = $('ov-breakers');
       if (s.breakers === null || s.breakers === undefined) {
-        br.replaceChildren(el('li', { class: 'muted', text: 'none — breaker states are not reported to the server yet' }));
+        br.replaceChildren(el('li', { class: 'muted', text: 'none — this server has no connections (docket serve --config docket.toml)' }));
       } else if (!s.breakers.length) {
         br.replaceChildren(el('li', { class: 'muted', text: 'none' }));
       } else {
-        br.replaceChildren(...s.breakers.map((b) => el('li', { text: typeof b === 'string' ? b : JSON.stringify(b) })));
+        br.replaceChildren(...s.breakers.map((b) => el('li', { 'data-connection': b.connection },
+          el('strong', { text: b.connection }), ' ', el('span', { class: 'status s-failed', text: b.state.replace('_', '-') }),
+          el('span', { class: 'muted', text: (b.reset_at ? ' until ' + utc(b.reset_at) : '') +
+            ' · opened ' + b.times_opened + '× · ' + b.deferred + ' runs deferred' }))));
       }
       const cn = $('ov-connections');
       cn.replaceChildren(...(s.connections.length ? s.connections.map((c) => el('li', {},

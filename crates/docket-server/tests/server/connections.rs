@@ -139,6 +139,12 @@ async fn breaker_state_shows_in_the_api_and_metrics_and_deferred_runs_send_nothi
         Some("docket_circuit_breaker_opened_total{connection=\"crm\"} 1")
     );
 
+    // The dashboard's overview lists it.
+    let (st, stats) = s.get("/api/stats?window=1h").await;
+    assert_eq!(st, StatusCode::OK, "{stats}");
+    assert_eq!(stats["breakers"][0]["connection"], "crm", "{stats}");
+    assert_eq!(stats["breakers"][0]["state"], "open");
+
     // While open, a second run is rescheduled (circuit_open): no request.
     let second = s.trigger("ping", json!({ "id": "p-2" })).await;
     eventually("the second run to be deferred", 15, || async {
@@ -328,6 +334,8 @@ async fn a_server_without_connections_says_so() {
     assert_eq!((st, v), (StatusCode::OK, json!({ "connections": [] })));
     let (st, v) = s.get("/api/breakers").await;
     assert_eq!((st, v), (StatusCode::OK, json!({ "breakers": [] })));
+    let (_, stats) = s.get("/api/stats?window=1h").await;
+    assert_eq!(stats["breakers"], Value::Null, "no connections: {stats}");
     let (st, e) = s.post("/api/connections/crm/enable", json!({})).await;
     assert_eq!(st, StatusCode::NOT_FOUND, "{e}");
     let msg: &Value = &e["error"]["message"];
