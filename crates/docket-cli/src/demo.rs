@@ -88,6 +88,7 @@ impl Reply {
         match self {
             Reply::Ok => "200, committed".into(),
             Reply::Status(code, Some(s)) => format!("{code} with Retry-After: {s}"),
+            Reply::Status(422, None) => "422, echoing the request's Authorization header".into(),
             Reply::Status(code, None) => format!("{code}"),
             Reply::Hang => format!("no answer for {LATE_ANSWER_MS} ms, nothing committed"),
             Reply::CommitThenHang => {
@@ -450,7 +451,8 @@ struct RunSummary {
     scenario: &'static str,
     prospect: String,
     expect: &'static str,
-    script: Vec<String>,
+    /// What the service does with this prospect's POSTs.
+    script: String,
     run_id: RunId,
     idempotency_key: String,
     status: RunStatus,
@@ -559,7 +561,7 @@ fn summarize(sc: &Scenario, h: &History, f: &ForensicReport, svc: &Service) -> R
         scenario: sc.id,
         prospect: sc.prospect.to_string(),
         expect: sc.expect,
-        script: sc.script.iter().map(|r| r.describe()).collect(),
+        script: describe_script(&sc.script),
         run_id: h.run.id,
         idempotency_key: key.clone(),
         status: h.run.status,
@@ -739,7 +741,7 @@ fn checks(
     }
 
     if let Some(r) = by("unavailable_exhausted") {
-        let last = r.verdicts.iter().map(|v| v.verdict).last();
+        let last = r.verdicts.last().map(|v| v.verdict);
         let ok = r.status == RunStatus::Failed
             && r.terminal_reason == Some(TerminalReason::MaxRetriesExhausted)
             && r.attempts.len() == MAX_ATTEMPTS as usize
@@ -812,14 +814,14 @@ fn ms(v: Option<i64>) -> String {
     v.map_or("—".into(), |v| format!("{v} ms"))
 }
 
-/// "503 ×2, then 200": consecutive repeats grouped, and what comes after
-/// the script (unless the policy stops first).
-fn describe_script(script: &[String]) -> String {
+/// "503 (×2); any later POST: 200": consecutive repeats grouped, and what
+/// comes after the script when a run can get there.
+fn describe_script(script: &[Reply]) -> String {
     let mut parts: Vec<(String, usize)> = Vec::new();
-    for s in script {
+    for s in script.iter().map(|r| r.describe()) {
         match parts.last_mut() {
-            Some((last, n)) if last == s => *n += 1,
-            _ => parts.push((s.clone(), 1)),
+            Some((last, n)) if *last == s => *n += 1,
+            _ => parts.push((s, 1)),
         }
     }
     let mut out = parts
@@ -833,7 +835,10 @@ fn describe_script(script: &[String]) -> String {
         })
         .collect::<Vec<_>>()
         .join(", then ");
-    if script.len() < MAX_ATTEMPTS as usize {
+    // A 4xx other than 429 ends the run: nothing comes after it.
+    let terminal =
+        matches!(script.last(), Some(Reply::Status(c, _)) if (400..500).contains(c) && *c != 429);
+    if script.len() < MAX_ATTEMPTS as usize && !terminal {
         out.push_str("; any later POST: 200");
     }
     out
@@ -841,11 +846,7 @@ fn describe_script(script: &[String]) -> String {
 
 fn print_run(r: &RunSummary) {
     println!();
-    println!(
-        "━━ {} — the service: {}",
-        r.prospect,
-        describe_script(&r.script)
-    );
+    println!("━━ {} — the service: {}", r.prospect, r.script);
     println!("   expected: {}", r.expect);
     println!(
         "   run {}  {}{}",
@@ -869,7 +870,7 @@ fn print_run(r: &RunSummary) {
             }
             _ => String::new(),
         };
-        println!(
+        let line = format!(
             "   {:<8} {:>8} {:>7}  {:<16} {:<13} {:>8} {:>12}  {}",
             a.attempt,
             format!("+{} ms", a.started_ms),
@@ -880,19 +881,17 @@ fn print_run(r: &RunSummary) {
             ms(a.policy_delay_ms),
             decision
         );
+        println!("{}", line.trim_end());
     }
     println!();
     println!("   requests (Docket's http_response evidence)");
     for q in &r.requests {
+        let took = q.duration_ms.unwrap_or(0);
         let answer = match (q.status, &q.finding) {
-            (None, _) => format!(
-                "no answer ({}), {}",
-                q.class,
-                ms(q.duration_ms.map(|d| d as i64))
-            ),
-            (Some(s), Some(f)) => format!("{s} → {f}"),
+            (None, _) => format!("no answer within {took} ms ({})", q.class),
+            (Some(s), Some(f)) => format!("{s} → {f} ({took} ms)"),
             (Some(s), None) => format!(
-                "{s} {}{}",
+                "{s} {}{} ({took} ms)",
                 q.class,
                 q.retry_after
                     .as_ref()
@@ -900,12 +899,14 @@ fn print_run(r: &RunSummary) {
                     .unwrap_or_default()
             ),
         };
+        // The event is written after the answer: the request went out
+        // `duration_ms` earlier.
         println!(
-            "     a{} {:<9} {:<4} {:>9}  {}",
+            "     a{} {:<9} {:<4} sent {:>8}  {}",
             q.attempt.unwrap_or(0),
             q.purpose,
             q.method,
-            format!("+{} ms", q.at_ms),
+            format!("+{} ms", q.at_ms - took as i64),
             answer
         );
     }
