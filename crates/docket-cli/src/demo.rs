@@ -1193,17 +1193,29 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
         .await
         .map_err(|e| format!("trigger: {e}"))?;
     let deadline = Instant::now() + Duration::from_secs(args.deadline_secs);
-    let mut unfinished = Vec::new();
-    for t in &triggered {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match docket.wait(t.run.id, left).await {
-            Ok(_) => {}
-            Err(docket::Error::WaitTimedOut(run)) => {
-                unfinished.push(format!("{} ({})", run.id, run.status))
+    let wait_all = async {
+        let mut unfinished = Vec::new();
+        for t in &triggered {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match docket.wait(t.run.id, left).await {
+                Ok(_) => {}
+                Err(docket::Error::WaitTimedOut(run)) => {
+                    unfinished.push(format!("{} ({})", run.id, run.status))
+                }
+                Err(e) => return Err(format!("waiting for run {}: {e}", t.run.id)),
             }
-            Err(e) => return Err(format!("waiting for run {}: {e}", t.run.id)),
         }
-    }
+        Ok(unfinished)
+    };
+    // Ctrl-c while waiting still removes the temporary files (the
+    // directory guard runs when this returns).
+    let unfinished = tokio::select! {
+        r = wait_all => r?,
+        _ = stop_signal() => {
+            worker.shutdown(Duration::from_secs(1)).await;
+            return Err("interrupted before the runs finished".into());
+        }
+    };
     let elapsed_ms = started.elapsed().as_millis() as u64;
 
     // The evidence.

@@ -275,3 +275,22 @@ async fn demo_keep_serves_the_runs_through_the_api() {
 
     child.kill().await.unwrap();
 }
+
+#[tokio::test]
+async fn demo_refuses_to_serve_without_authentication_beyond_loopback() {
+    let scratch = Scratch::new();
+    let out = tokio::time::timeout(
+        DEADLINE,
+        demo(&scratch, &["--keep", "--addr", "0.0.0.0:0"]).output(),
+    )
+    .await
+    .expect("refused within the deadline")
+    .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("refusing to serve the demo on 0.0.0.0:0") && stderr.contains("loopback"),
+        "{stderr}"
+    );
+    assert!(out.stdout.is_empty(), "nothing ran");
+}
