@@ -1321,6 +1321,8 @@ fn print_keep(addr: &SocketAddr, service: &str, db: &Path, s: &Summary) {
     println!("  curl -s {base}/api/runs/{seed}/forensics");
     println!("  docket runs show {seed} --url {base}");
     println!("  docket forensics {seed} --url {base}");
+    println!("  docket forensics --job {JOB} --url {base}");
+    println!("  docket connections list --url {base}");
     println!(
         "  curl -s -X POST {base}/api/runs -H 'content-type: application/json' -d '{{\"job\":\"{JOB}\",\"input\":{{\"prospect_id\":\"prospect-new\",\"campaign\":\"{CAMPAIGN}\",\"email\":\"new@example.com\"}}}}'"
     );
