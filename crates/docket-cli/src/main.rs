@@ -3,6 +3,7 @@
 mod bench;
 mod bench_scale;
 mod client;
+mod demo;
 mod inspect;
 mod serve;
 mod tokens;
@@ -22,6 +23,9 @@ struct Cli {
 enum Command {
     /// Measure throughput and latency (workloads W1 drain, W2 pickup, W3 retry).
     Bench(bench::BenchArgs),
+    /// Docket against a local service that misbehaves: timelines, ledger,
+    /// forensic verdicts and checks, in a few seconds (--keep: stay up).
+    Demo(demo::DemoArgs),
     /// Run the HTTP API and a worker (or either alone with --role).
     Serve(serve::ServeArgs),
     /// Trigger a run through the API.
@@ -70,6 +74,7 @@ fn main() -> ExitCode {
             Command::Bench(args) => bench::run(args)
                 .await
                 .map_err(|e| Failed::new(e.to_string())),
+            Command::Demo(args) => demo::run(args).await.map_err(Failed::new),
             Command::Serve(args) => serve::run(args).await.map_err(Failed::new),
             Command::Token(cmd) => tokens::run(cmd).await.map_err(Failed::new),
             Command::Trigger(args) => client::trigger(args).await.map_err(Failed::from),
