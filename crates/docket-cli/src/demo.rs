@@ -1129,12 +1129,6 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
         .worker(WorkerConfig {
             concurrency: 8,
             prefetch: 8,
-            // While other attempts are in flight (the demo's timeouts hold
-            // theirs for a second), the worker notices a retry that became
-            // due only when one of them ends or at this poll: the default
-            // 1 s would stretch 300 ms backoffs to a second. Never early
-            // either way; this keeps the timelines close to the policy.
-            poll_interval: Duration::from_millis(100),
             ..WorkerConfig::default()
         })
         .start();

@@ -18,6 +18,13 @@ use tokio::task::JoinHandle;
 
 /// Longest error message stored on an attempt.
 const MAX_MESSAGE: usize = 4096;
+/// While runs are in hand the driver turns once per batch of attempt ends;
+/// it re-reads the earliest due run at most this often.
+const DUE_RECHECK: Duration = Duration::from_millis(50);
+/// How soon an idle worker claims again when a run is already due but the
+/// last claim did not get it (a concurrency limit held elsewhere, or a run
+/// that became due just after the claim).
+const DUE_BLOCKED_RECHECK: Duration = Duration::from_millis(100);
 
 /// How a worker behaves.
 #[derive(Clone, Debug)]
@@ -273,6 +280,12 @@ async fn main_loop(
     let mut backoff = Duration::from_millis(50);
     let mut want_claim = true;
     let mut pending: Vec<EndMsg> = Vec::new();
+    // The earliest due run (`next_due`), as last read, so that a retry
+    // becomes a claim at its eligible time, not at the next poll, also
+    // while other attempts are running.
+    let mut due: Option<docket_core::Timestamp> = None;
+    let mut due_read: Option<tokio::time::Instant> = None;
+    let mut due_stale = true;
     loop {
         while pending.len() < 512 {
             match ends_rx.try_recv() {
@@ -297,6 +310,8 @@ async fn main_loop(
             };
             let (ends, replies): (Vec<_>, Vec<_>) = pending.drain(..).unzip();
             let had_ends = !ends.is_empty();
+            // An end may have scheduled a retry earlier than `due`.
+            due_stale |= had_ends;
             let ids: Vec<RunId> = ends.iter().map(|e| e.run_id).collect();
             match shared.docket.store().finish_and_claim(ends, claims).await {
                 Ok((results, runs)) => {
@@ -335,10 +350,43 @@ async fn main_loop(
         }
         let idle_wait = if phase != Phase::Running || free == 0 {
             Duration::from_secs(3600)
-        } else if in_hand > 0 {
-            shared.config.poll_interval
         } else {
-            shared.idle_wait().await
+            let poll = shared.config.poll_interval;
+            let now = shared.docket.clock().now();
+            let since = due_read.map(|t| t.elapsed());
+            let due_passed = due.is_some_and(|d| d <= now);
+            let must_read =
+                in_hand == 0 || due_stale || due_passed || since.is_none_or(|s| s >= poll);
+            // Idle turns are rare: read every time. Busy turns come once per
+            // batch of ends: a store query each would tax the hot path.
+            let may_read = in_hand == 0 || since.is_none_or(|s| s >= DUE_RECHECK);
+            if must_read && may_read {
+                if let Ok(d) = shared
+                    .docket
+                    .store()
+                    .next_due(shared.docket.job_names())
+                    .await
+                {
+                    due = d;
+                }
+                due_read = Some(tokio::time::Instant::now());
+                due_stale = false;
+            }
+            let now = shared.docket.clock().now();
+            let mut wait = match due {
+                Some(d) if d > now => poll.min(Duration::from_millis(d.millis_since(now) as u64)),
+                // Due already, yet the claim before this turn did not get
+                // it: held back by a concurrency limit (claiming again at
+                // once would spin), or due just after that claim.
+                Some(_) if in_hand == 0 => poll.min(DUE_BLOCKED_RECHECK),
+                _ => poll,
+            };
+            if due_stale {
+                if let Some(s) = since {
+                    wait = wait.min(DUE_RECHECK.saturating_sub(s));
+                }
+            }
+            wait.max(Duration::from_millis(1))
         };
         let running = phase == Phase::Running;
         tokio::select! {
@@ -445,17 +493,6 @@ impl Shared {
             .min()
             .unwrap_or(Duration::from_secs(30));
         (min_lease / 3).max(Duration::from_millis(50))
-    }
-
-    async fn idle_wait(&self) -> Duration {
-        let poll = self.config.poll_interval;
-        match self.docket.store().next_due(self.docket.job_names()).await {
-            Ok(Some(due)) => {
-                let ms = due.millis_since(self.docket.clock().now()).max(1) as u64;
-                poll.min(Duration::from_millis(ms))
-            }
-            _ => poll,
-        }
     }
 
     /// One claim request per distinct lease length among the registered

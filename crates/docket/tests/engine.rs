@@ -417,6 +417,70 @@ async fn trigger_wakes_an_idle_worker() {
     handle.shutdown(Duration::from_secs(1)).await;
 }
 
+/// A retry is claimed at its eligible time even while another attempt keeps
+/// the worker busy: the driver waits for the earliest due run, not for the
+/// poll interval (an hour here, so only that can pass the bound).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_is_picked_up_at_its_time_while_other_attempts_run() {
+    let d = Docket::with_store(
+        Arc::new(SqliteStore::open_in_memory().unwrap()),
+        Arc::new(docket::SystemClock),
+    );
+    let release = Arc::new(Notify::new());
+    let r = release.clone();
+    d.register(Job::new("long", move |_ctx, _: Value| {
+        let r = r.clone();
+        async move {
+            r.notified().await;
+            Ok::<_, JobError>(json!("done"))
+        }
+    }))
+    .unwrap();
+    let tries = Arc::new(AtomicUsize::new(0));
+    let t = tries.clone();
+    d.register(
+        Job::new("flaky", move |_ctx, _: Value| {
+            let t = t.clone();
+            async move {
+                if t.fetch_add(1, Ordering::SeqCst) == 0 {
+                    Err(JobError::unavailable("503 once"))
+                } else {
+                    Ok(json!("ok"))
+                }
+            }
+        })
+        .retry(policy(200, 0, 3)),
+    )
+    .unwrap();
+    let handle = d
+        .worker(WorkerConfig {
+            concurrency: 4,
+            poll_interval: Duration::from_secs(3600),
+            ..Default::default()
+        })
+        .start();
+    let long = d.trigger("long", json!({})).await.unwrap().run.id;
+    let flaky = d.trigger("flaky", json!({})).await.unwrap().run.id;
+    let run = d.wait(flaky, Duration::from_secs(20)).await.unwrap();
+    assert_eq!(run.status, RunStatus::Completed);
+    assert_eq!(run.attempt, 2);
+    let attempts = d.store().attempts(flaky).await.unwrap();
+    let delay = attempts[0].delay_ms.unwrap();
+    let gap = attempts[1]
+        .started_at
+        .millis_since(attempts[0].finished_at.unwrap());
+    assert!(gap >= delay, "never early: gap {gap} ms, delay {delay} ms");
+    let long_run = d.get_run(long).await.unwrap();
+    assert_eq!(
+        long_run.status,
+        RunStatus::Running,
+        "the other attempt was still running"
+    );
+    release.notify_one();
+    d.wait(long, BOUND).await.unwrap();
+    handle.shutdown(Duration::from_secs(1)).await;
+}
+
 /// Shutdown lets attempts finish within the grace period, then releases the
 /// rest so another worker takes them at once, with no attempt budget spent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
