@@ -212,6 +212,7 @@ fn routes() -> (axum::Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(runs::reject))
         .routes(routes!(runs::wait))
         .routes(routes!(runs::jobs))
+        .routes(routes!(dashboard::api::forensics))
         .routes(routes!(connections::job_forensics))
         .routes(routes!(connections::list))
         .routes(routes!(connections::show))

@@ -6,8 +6,9 @@
 //!   status, job and text, the "needs attention" quick filter and its count;
 //! - `GET /api/dashboard/evaluations?ids=…` — the worst forensic verdict of
 //!   each run (the list's evaluation badges);
-//! - `GET /api/runs/{id}/forensics` — a run's verdicts, attempts with gaps
-//!   and the policy's delays, and the retry picture (SVG);
+//! - `GET /api/runs/{id}/forensics` — a run's verdicts, attempts with gaps,
+//!   the policy's delays and fingerprints, and the retry picture (SVG); in
+//!   the OpenAPI document and used by `docket forensics` too;
 //! - `GET /api/stats?window=1h|1d` — runs triggered in the window by job
 //!   and status, failures and retries by error class, failure rate, the
 //!   chart (SVG), connections that are not usable and open circuit
@@ -42,7 +43,6 @@ pub fn router() -> Router<AppState> {
         .route("/api/dashboard/whoami", get(whoami))
         .route("/api/dashboard/runs", get(runs))
         .route("/api/dashboard/evaluations", get(evaluations))
-        .route("/api/runs/{id}/forensics", get(forensics))
         .route("/api/stats", get(stats))
 }
 
@@ -278,7 +278,7 @@ async fn evaluations(
 }
 
 /// One attempt as the forensic view sees it.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ForensicAttempt {
     /// Its number.
     pub attempt: u32,
@@ -308,19 +308,25 @@ pub struct ForensicAttempt {
     pub delay_ms: Option<i64>,
     /// The failure fingerprint (action, error class, worker, lease,
     /// idempotency key, timings), decoded.
+    #[schema(value_type = Option<Object>)]
     pub fingerprint: Option<docket::Fingerprint>,
     /// A hash of (job, action, error class): equal for "the same failure".
     pub failure_key: Option<String>,
 }
 
 /// A run's forensic view.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ForensicsView {
     /// The run.
     pub run_id: String,
-    /// The worst severity among the verdicts.
+    /// The worst severity among the verdicts (`info`, `warning`,
+    /// `critical`).
+    #[schema(value_type = Option<String>)]
     pub worst: Option<Severity>,
-    /// A verdict per pair of failures of the same action and error class.
+    /// A verdict per pair of failures of the same action and error class:
+    /// `first`, `second`, `action`, `error_class`, `verdict`, `severity`,
+    /// `gap_ms`, `expected_delay_ms`, `explanation`.
+    #[schema(value_type = Vec<Object>)]
     pub verdicts: Vec<PairVerdict>,
     /// Every attempt with its gap and the policy's delay before it.
     pub attempts: Vec<ForensicAttempt>,
@@ -329,7 +335,18 @@ pub struct ForensicsView {
     pub chart_svg: String,
 }
 
-async fn forensics(
+/// A run's attempt timeline with fingerprints, and a verdict for each pair
+/// of failures of the same action with the same error class.
+#[utoipa::path(
+    get, path = "/api/runs/{id}/forensics", tag = "runs",
+    params(("id" = String, Path, description = "The run's id")),
+    responses(
+        (status = 200, description = "The forensic view", body = ForensicsView),
+        (status = 404, description = "No such run in the caller's tenant", body = crate::error::ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn forensics(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,

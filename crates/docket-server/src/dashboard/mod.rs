@@ -43,8 +43,8 @@ pub const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; 
 
 /// The dashboard's routes: the pages, their assets and the JSON/SVG
 /// endpoints they use (`/api/dashboard/*`, `/api/stats`,
-/// `/api/runs/{id}/forensics`, `/api/runs/{id}/chart.svg`). Merge it into
-/// the server's router at `/`.
+/// `/api/runs/{id}/chart.svg`; `/api/runs/{id}/forensics` is part of the
+/// documented API). Merge it into the server's router at `/`.
 pub fn router() -> Router<AppState> {
     Router::new()
         .route("/", get(|| async { page("Runs", "runs", RUNS) }))

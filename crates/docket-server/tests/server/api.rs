@@ -528,6 +528,7 @@ async fn openapi_has_every_route() {
         ("get", "/healthz"),
         ("get", "/metrics"),
         ("get", "/api/openapi.json"),
+        ("get", "/api/runs/{id}/forensics"),
         ("get", "/api/jobs/{job}/forensics"),
         ("get", "/api/connections"),
         ("get", "/api/connections/{name}"),
