@@ -62,3 +62,78 @@ fn newer_schema_is_refused_and_not_modified() {
         .unwrap();
     assert_eq!(idx, 0, "the refused open must not re-create anything");
 }
+
+/// Reads of a file database do not queue behind writes: with the write lock
+/// held by another connection (so the writer thread is stuck in a
+/// transition), lists, counts and lookups still answer; the transition goes
+/// through once the lock is released, and is then visible to reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_answer_while_the_writer_waits() {
+    use docket_store::{NewRun, RunFilter, Store};
+    use std::time::Duration;
+    let dir = std::env::temp_dir().join(format!("docket-readers-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("docket.db");
+    let p = path.to_str().unwrap().to_string();
+    let store = std::sync::Arc::new(docket_store::sqlite::SqliteStore::open(&p).unwrap());
+    let t0 = docket_store::conformance::T0;
+    let first = store
+        .trigger(vec![NewRun::new("job", serde_json::json!(1))], t0)
+        .await
+        .unwrap()
+        .remove(0)
+        .run;
+
+    let (locked_tx, locked_rx) = std::sync::mpsc::channel();
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+    let holder = std::thread::spawn(move || {
+        let c = rusqlite::Connection::open(&p).unwrap();
+        c.execute_batch("BEGIN IMMEDIATE").unwrap();
+        locked_tx.send(()).unwrap();
+        release_rx.recv().unwrap();
+        c.execute_batch("COMMIT").unwrap();
+    });
+    locked_rx.recv().unwrap();
+    let s = store.clone();
+    let write = tokio::spawn(async move {
+        s.trigger(vec![NewRun::new("job", serde_json::json!(2))], t0)
+            .await
+    });
+
+    let bound = Duration::from_secs(5);
+    let runs = tokio::time::timeout(bound, store.list_runs(RunFilter::default()))
+        .await
+        .expect("a list answers while the writer waits")
+        .unwrap();
+    assert_eq!(runs.len(), 1, "the blocked trigger is not visible yet");
+    let counts = tokio::time::timeout(bound, store.count_runs(None))
+        .await
+        .expect("a count answers while the writer waits")
+        .unwrap();
+    assert_eq!(counts[0].count, 1);
+    let got = tokio::time::timeout(bound, store.get_run(first.id))
+        .await
+        .expect("a lookup answers while the writer waits")
+        .unwrap();
+    assert_eq!(got.map(|r| r.id), Some(first.id));
+    assert!(
+        !write.is_finished(),
+        "the trigger is still waiting for the lock"
+    );
+
+    release_tx.send(()).unwrap();
+    holder.join().unwrap();
+    let second = tokio::time::timeout(Duration::from_secs(15), write)
+        .await
+        .expect("the trigger commits once the lock is released")
+        .unwrap()
+        .unwrap()
+        .remove(0)
+        .run;
+    let runs = store.list_runs(RunFilter::default()).await.unwrap();
+    assert!(
+        runs.iter().any(|r| r.id == second.id),
+        "a read after the answer sees the write"
+    );
+    assert_eq!(runs.len(), 2);
+}

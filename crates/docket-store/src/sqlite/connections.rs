@@ -108,11 +108,11 @@ impl ConnectionStore for SqliteStore {
         tenant: String,
         name: String,
     ) -> Result<Option<ConnectionState>> {
-        self.call(move |c| get(c, &tenant, &name)).await
+        self.read(move |c| get(c, &tenant, &name)).await
     }
 
     async fn list_connection_states(&self, tenant: Option<String>) -> Result<Vec<ConnectionState>> {
-        self.call(move |c| {
+        self.read(move |c| {
             let mut st = c
                 .prepare(&format!(
                     "SELECT {COLS} FROM connection_states WHERE (?1 IS NULL OR tenant = ?1) ORDER BY tenant, name"
@@ -129,7 +129,7 @@ impl ConnectionStore for SqliteStore {
     }
 
     async fn connection_audit(&self, tenant: String, name: String) -> Result<Vec<ConnectionAudit>> {
-        self.call(move |c| {
+        self.read(move |c| {
             let mut st = c
                 .prepare(&format!(
                     "SELECT {AUDIT_COLS} FROM connection_audit WHERE tenant = ?1 AND name = ?2 ORDER BY id"

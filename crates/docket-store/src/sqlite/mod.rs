@@ -8,6 +8,17 @@
 //! its own. WAL mode with `synchronous = NORMAL` keeps commits cheap; other
 //! processes opening the same file wait on SQLite's write lock
 //! (`BEGIN IMMEDIATE` + busy timeout).
+//!
+//! Reads for the API, the dashboard and reports (run lists, counts, a run's
+//! attempts, events, steps and ledger, tokens, stats) run on
+//! [`READERS`] read-only connections of their own when the database is a
+//! file: WAL lets them read while the writer commits, so a slow aggregate
+//! (counting a million runs for `/metrics`) never holds up a transition.
+//! Every write answers only after its commit, so a read that follows it sees
+//! it. An in-memory database has one connection: everything goes through
+//! the writer thread. The engine's own reads on its hot path (`next_due`,
+//! `ledger_get`, `expired_leases`) stay on the writer thread, ordered with
+//! its writes.
 
 mod connections;
 mod ops;
@@ -29,6 +40,11 @@ use tokio::sync::oneshot;
 /// transaction's fate is known (`None` = committed, `Some(e)` = commit failed).
 type Reply = Box<dyn FnOnce(Option<String>) + Send>;
 type Job = Box<dyn FnOnce(&Connection) -> Reply + Send>;
+/// What a reader thread runs.
+type ReadJob = Box<dyn FnOnce(&Connection) + Send>;
+
+/// Read-only connections (and threads) of a file database.
+pub const READERS: usize = 2;
 
 /// Most requests folded into one transaction.
 const MAX_BATCH: usize = 512;
@@ -37,6 +53,8 @@ const MAX_BATCH: usize = 512;
 /// stops the writer thread after it has finished its queue.
 pub struct SqliteStore {
     tx: mpsc::Sender<Job>,
+    /// The reader threads' queue (`None`: in memory, read on the writer).
+    readers: Option<mpsc::Sender<ReadJob>>,
     /// The checkpoint thread holds a weak reference and stops with the store.
     alive: std::sync::Arc<()>,
 }
@@ -55,8 +73,9 @@ impl SqliteStore {
     /// Opens (creating if needed) the database file at `path` and migrates it.
     pub fn open(path: &str) -> Result<Self> {
         let conn = Connection::open(path).map_err(db_err)?;
-        let store = Self::start(conn, true)?;
+        let mut store = Self::start(conn, true)?;
         start_checkpointer(path, std::sync::Arc::downgrade(&store.alive))?;
+        store.readers = Some(start_readers(path)?);
         Ok(store)
     }
 
@@ -90,6 +109,7 @@ impl SqliteStore {
             .map_err(|e| StoreError::Database(format!("cannot start writer thread: {e}")))?;
         Ok(SqliteStore {
             tx,
+            readers: None,
             alive: std::sync::Arc::new(()),
         })
     }
@@ -118,6 +138,72 @@ impl SqliteStore {
         orx.await
             .map_err(|_| StoreError::Database("sqlite writer thread dropped a request".into()))?
     }
+}
+
+impl SqliteStore {
+    /// Runs the read `f` on a reader connection, in one read transaction
+    /// (one snapshot for all its statements); on the writer thread when the
+    /// database is in memory.
+    async fn read<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+    {
+        let Some(readers) = &self.readers else {
+            return self.call(f).await;
+        };
+        let (otx, orx) = oneshot::channel::<Result<T>>();
+        let job: ReadJob = Box::new(move |conn: &Connection| {
+            let res = match conn.execute_batch("BEGIN DEFERRED") {
+                Ok(()) => {
+                    let res = f(conn);
+                    let _ = conn.execute_batch("COMMIT");
+                    res
+                }
+                Err(e) => Err(db_err(e)),
+            };
+            let _ = otx.send(res);
+        });
+        readers
+            .send(job)
+            .map_err(|_| StoreError::Database("sqlite reader threads have stopped".into()))?;
+        orx.await
+            .map_err(|_| StoreError::Database("sqlite reader thread dropped a request".into()))?
+    }
+}
+
+/// Opens the read-only connections and their threads; they stop when the
+/// store (the queue's only sender) is dropped.
+fn start_readers(path: &str) -> Result<mpsc::Sender<ReadJob>> {
+    let (tx, rx) = mpsc::channel::<ReadJob>();
+    let rx = std::sync::Arc::new(std::sync::Mutex::new(rx));
+    for i in 0..READERS {
+        let conn = Connection::open_with_flags(
+            path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(db_err)?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))
+            .map_err(db_err)?;
+        conn.pragma_update(None, "temp_store", "MEMORY")
+            .map_err(db_err)?;
+        let rx = rx.clone();
+        std::thread::Builder::new()
+            .name(format!("docket-sqlite-reader-{i}"))
+            .spawn(move || loop {
+                // Hold the lock only to take one job, not while running it.
+                let job = match rx.lock() {
+                    Ok(guard) => guard.recv(),
+                    Err(_) => return,
+                };
+                match job {
+                    Ok(job) => job(&conn),
+                    Err(_) => return,
+                }
+            })
+            .map_err(|e| StoreError::Database(format!("cannot start reader thread: {e}")))?;
+    }
+    Ok(tx)
 }
 
 /// Copies the WAL back into the database file every 200 ms with a PASSIVE
@@ -284,28 +370,28 @@ impl Store for SqliteStore {
     }
 
     async fn get_run(&self, id: RunId) -> Result<Option<Run>> {
-        self.call(move |c| ops::get_run(c, id)).await
+        self.read(move |c| ops::get_run(c, id)).await
     }
 
     async fn list_runs(&self, filter: RunFilter) -> Result<Vec<Run>> {
-        self.call(move |c| ops::list_runs(c, &filter)).await
+        self.read(move |c| ops::list_runs(c, &filter)).await
     }
 
     async fn count_runs(&self, tenant: Option<String>) -> Result<Vec<StatusCount>> {
-        self.call(move |c| ops::count_runs(c, tenant.as_deref()))
+        self.read(move |c| ops::count_runs(c, tenant.as_deref()))
             .await
     }
 
     async fn attempts(&self, run_id: RunId) -> Result<Vec<AttemptRecord>> {
-        self.call(move |c| ops::attempts(c, run_id)).await
+        self.read(move |c| ops::attempts(c, run_id)).await
     }
 
     async fn events(&self, filter: EventFilter) -> Result<Vec<EventRecord>> {
-        self.call(move |c| ops::events(c, &filter)).await
+        self.read(move |c| ops::events(c, &filter)).await
     }
 
     async fn steps(&self, run_id: RunId) -> Result<Vec<StepRecord>> {
-        self.call(move |c| ops::steps(c, run_id)).await
+        self.read(move |c| ops::steps(c, run_id)).await
     }
 
     async fn save_step(
@@ -336,7 +422,7 @@ impl Store for SqliteStore {
     }
 
     async fn ledger_for_run(&self, run_id: RunId) -> Result<Vec<LedgerEntry>> {
-        self.call(move |c| ops::ledger_for_run(c, run_id)).await
+        self.read(move |c| ops::ledger_for_run(c, run_id)).await
     }
 
     async fn ledger_write(

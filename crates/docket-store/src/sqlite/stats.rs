@@ -181,7 +181,7 @@ fn window(c: &Connection, q: &WindowQuery) -> Result<WindowStats> {
 #[async_trait]
 impl StatsStore for SqliteStore {
     async fn attention_count(&self, tenant: String) -> Result<i64> {
-        self.call(move |c| {
+        self.read(move |c| {
             c.prepare_cached(&format!(
                 "SELECT COUNT(*) FROM runs WHERE tenant = ?1 AND {ATTENTION}"
             ))
@@ -193,10 +193,10 @@ impl StatsStore for SqliteStore {
     }
 
     async fn scan_runs(&self, s: RunScan) -> Result<ScanPage> {
-        self.call(move |c| scan(c, &s)).await
+        self.read(move |c| scan(c, &s)).await
     }
 
     async fn window_stats(&self, q: WindowQuery) -> Result<WindowStats> {
-        self.call(move |c| window(c, &q)).await
+        self.read(move |c| window(c, &q)).await
     }
 }

@@ -60,7 +60,7 @@ impl TokenStore for SqliteStore {
     }
 
     async fn token_by_hash(&self, hash: String) -> Result<Option<TokenRecord>> {
-        self.call(move |c| {
+        self.read(move |c| {
             c.query_row(
                 &format!("SELECT {COLS} FROM tokens WHERE hash = ?1"),
                 [hash],
@@ -73,7 +73,7 @@ impl TokenStore for SqliteStore {
     }
 
     async fn list_tokens(&self, tenant: Option<String>) -> Result<Vec<TokenRecord>> {
-        self.call(move |c| {
+        self.read(move |c| {
             let mut st = c
                 .prepare(&format!(
                     "SELECT {COLS} FROM tokens WHERE (?1 IS NULL OR tenant = ?1) ORDER BY created_at, id"
@@ -101,7 +101,7 @@ impl TokenStore for SqliteStore {
     }
 
     async fn last_event_id(&self) -> Result<Option<i64>> {
-        self.call(|c| {
+        self.read(|c| {
             c.query_row("SELECT MAX(id) FROM events", [], |r| r.get(0))
                 .map_err(db_err)
         })
