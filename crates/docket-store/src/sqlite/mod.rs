@@ -53,8 +53,13 @@ const MAX_BATCH: usize = 512;
 /// stops the writer thread after it has finished its queue.
 pub struct SqliteStore {
     tx: mpsc::Sender<Job>,
-    /// The reader threads' queue (`None`: in memory, read on the writer).
-    readers: Option<mpsc::Sender<ReadJob>>,
+    /// The database file, for the reader connections (`None`: in memory,
+    /// reads go through the writer thread).
+    path: Option<String>,
+    /// The reader threads' queue, started at the first read (a process
+    /// that only runs a worker never pays for them); `None` inside when
+    /// they could not start (reads then go through the writer thread).
+    readers: std::sync::OnceLock<Option<mpsc::Sender<ReadJob>>>,
     /// The checkpoint thread holds a weak reference and stops with the store.
     alive: std::sync::Arc<()>,
 }
@@ -75,7 +80,7 @@ impl SqliteStore {
         let conn = Connection::open(path).map_err(db_err)?;
         let mut store = Self::start(conn, true)?;
         start_checkpointer(path, std::sync::Arc::downgrade(&store.alive))?;
-        store.readers = Some(start_readers(path)?);
+        store.path = Some(path.to_string());
         Ok(store)
     }
 
@@ -109,7 +114,8 @@ impl SqliteStore {
             .map_err(|e| StoreError::Database(format!("cannot start writer thread: {e}")))?;
         Ok(SqliteStore {
             tx,
-            readers: None,
+            path: None,
+            readers: std::sync::OnceLock::new(),
             alive: std::sync::Arc::new(()),
         })
     }
@@ -149,7 +155,17 @@ impl SqliteStore {
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T> + Send + 'static,
     {
-        let Some(readers) = &self.readers else {
+        let Some(path) = &self.path else {
+            return self.call(f).await;
+        };
+        let readers = self.readers.get_or_init(|| match start_readers(path) {
+            Ok(tx) => Some(tx),
+            Err(e) => {
+                tracing::warn!(error = %e, "no reader connections; reads go through the writer thread");
+                None
+            }
+        });
+        let Some(readers) = readers else {
             return self.call(f).await;
         };
         let (otx, orx) = oneshot::channel::<Result<T>>();
