@@ -526,7 +526,12 @@ async fn workers_survive_terminated_connections() {
     db.wait_completed(runs, Duration::from_secs(120), &mut workers)
         .await;
     let retries = db.check_evidence(runs, &workers).await;
-    eprintln!("terminated {cut} worker connections in two rounds; {retries} retries");
+    let expired = db
+        .scalar("SELECT count(*) FROM attempts WHERE outcome = 'lease_expired'")
+        .await;
+    eprintln!(
+        "terminated {cut} worker connections in two rounds; {retries} retries, {expired} of them after a lease expiry"
+    );
     // The workers said so: at least one warning per process about the
     // lost connection.
     for name in &refs {

@@ -21,6 +21,10 @@ const MAX_MESSAGE: usize = 4096;
 /// While runs are in hand the driver turns once per batch of attempt ends;
 /// it re-reads the earliest due run at most this often.
 const DUE_RECHECK: Duration = Duration::from_millis(50);
+/// How long attempt ends that could not be stored (the store answered an
+/// error) are kept and stored again; past it they are given up and their
+/// runs come back after lease expiry, as a `lease_expired` retry.
+const END_RETRY_WINDOW: Duration = Duration::from_secs(30);
 /// How soon an idle worker claims again when a run is already due but the
 /// last claim did not get it (a concurrency limit held elsewhere, or a run
 /// that became due just after the claim).
@@ -286,6 +290,8 @@ async fn main_loop(
     let mut due: Option<docket_core::Timestamp> = None;
     let mut due_read: Option<tokio::time::Instant> = None;
     let mut due_stale = true;
+    // Set while ends wait to be stored again after a store error.
+    let mut hold_until: Option<tokio::time::Instant> = None;
     loop {
         while pending.len() < 512 {
             match ends_rx.try_recv() {
@@ -310,12 +316,17 @@ async fn main_loop(
             };
             let (ends, replies): (Vec<_>, Vec<_>) = pending.drain(..).unzip();
             let had_ends = !ends.is_empty();
+            // Kept to store again if this call fails: an end the store did
+            // not take would otherwise cost its run a lease expiry and an
+            // extra attempt. Cheap next to the store's own serialising.
+            let kept = ends.clone();
             // An end may have scheduled a retry earlier than `due`.
             due_stale |= had_ends;
             let ids: Vec<RunId> = ends.iter().map(|e| e.run_id).collect();
             match shared.docket.store().finish_and_claim(ends, claims).await {
                 Ok((results, runs)) => {
                     backoff = Duration::from_millis(50);
+                    hold_until = None;
                     for ((res, reply), id) in results.into_iter().zip(replies).zip(ids) {
                         let _ = shared.docket.inner.changes.send(id);
                         let _ = reply.send(res.map(|_| ()));
@@ -331,10 +342,24 @@ async fn main_loop(
                 }
                 Err(e) => {
                     let msg = e.to_string();
-                    for reply in replies {
-                        let _ = reply.send(Err(StoreError::Database(msg.clone())));
+                    let deadline = *hold_until
+                        .get_or_insert_with(|| tokio::time::Instant::now() + END_RETRY_WINDOW);
+                    if phase == Phase::Exit || tokio::time::Instant::now() >= deadline {
+                        // Give up: the leases fence these runs, and the reaper
+                        // brings them back after expiry.
+                        for reply in replies {
+                            let _ = reply.send(Err(StoreError::Database(msg.clone())));
+                        }
+                        hold_until = None;
+                    } else {
+                        // Stored again next round, under the same leases (a
+                        // run that was reaped meanwhile refuses its end as a
+                        // stale write, recorded as such).
+                        let mut again: Vec<EndMsg> = kept.into_iter().zip(replies).collect();
+                        again.append(&mut pending);
+                        pending = again;
                     }
-                    tracing::warn!(error = %msg, retry_in = ?backoff, "store unavailable; backing off");
+                    tracing::warn!(error = %msg, retry_in = ?backoff, held = pending.len(), "store unavailable; backing off");
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
                         _ = stop.changed() => {}
