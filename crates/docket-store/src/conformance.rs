@@ -547,9 +547,25 @@ pub async fn batched_finish_isolates_each_end(store: DynStore) {
         })
         .collect();
     ends[1].lease_id = LeaseId::new();
+    // An end for a run that does not exist fails in its own slot too.
+    let ghost = RunId::new();
+    ends.push(AttemptEnd {
+        run_id: ghost,
+        lease_id: LeaseId::new(),
+        now: T0,
+        outcome: Outcome::Completed {
+            output: json!(null),
+        },
+    });
     let res = store.finish(ends).await.unwrap();
+    assert_eq!(res.len(), 4);
     assert!(res[0].is_ok() && res[2].is_ok());
     assert!(matches!(res[1], Err(StoreError::StaleLease { .. })));
+    assert!(
+        matches!(res[3], Err(StoreError::NotFound(id)) if id == ghost),
+        "{:?}",
+        res[3]
+    );
     let statuses: Vec<_> = futures_lite_join(&store, claimed.iter().map(|r| r.id).collect()).await;
     assert_eq!(
         statuses,

@@ -337,7 +337,11 @@ pub(super) fn finish_all(c: &Connection, ends: Vec<AttemptEnd>) -> Result<Vec<Re
 }
 
 fn finish_inner(c: &Connection, end: AttemptEnd) -> Result<Result<RunStatus>> {
-    let run = fence_row(c, end.run_id)?.ok_or(StoreError::NotFound(end.run_id))?;
+    // Nothing is written for an end before its fence passes, so a missing
+    // run fails in its own slot (as on PostgreSQL), not the whole batch.
+    let Some(run) = fence_row(c, end.run_id)? else {
+        return Ok(Err(StoreError::NotFound(end.run_id)));
+    };
     let now = end.now;
     if run.status != RunStatus::Running || run.lease_id != Some(end.lease_id) {
         insert_event(
