@@ -285,6 +285,23 @@ pub async fn retry_records_the_decision(store: DynStore) {
             "retry_scheduled"
         ]
     );
+    // The decision's event carries the same fields on every backend.
+    let evs = store
+        .events(EventFilter {
+            run_id: Some(n.id),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let data = &evs.iter().find(|e| e.kind == "retry_scheduled").unwrap().data;
+    assert_eq!(
+        data,
+        &json!({ "retry_policy": "p", "delay_ms": 1_234, "eligible_at": eligible,
+                 "reason": "backoff", "next_attempt": 2 })
+    );
+    let failed = &evs.iter().find(|e| e.kind == "attempt_failed").unwrap().data;
+    assert_eq!(failed["error_class"], "timeout");
+    assert_eq!(failed["fingerprint"], "fp");
     assert!(store
         .claim(claim_req(eligible.plus_millis(-1), 1))
         .await
