@@ -293,13 +293,21 @@ pub async fn retry_records_the_decision(store: DynStore) {
         })
         .await
         .unwrap();
-    let data = &evs.iter().find(|e| e.kind == "retry_scheduled").unwrap().data;
+    let data = &evs
+        .iter()
+        .find(|e| e.kind == "retry_scheduled")
+        .unwrap()
+        .data;
     assert_eq!(
         data,
         &json!({ "retry_policy": "p", "delay_ms": 1_234, "eligible_at": eligible,
                  "reason": "backoff", "next_attempt": 2 })
     );
-    let failed = &evs.iter().find(|e| e.kind == "attempt_failed").unwrap().data;
+    let failed = &evs
+        .iter()
+        .find(|e| e.kind == "attempt_failed")
+        .unwrap()
+        .data;
     assert_eq!(failed["error_class"], "timeout");
     assert_eq!(failed["fingerprint"], "fp");
     assert!(store

@@ -111,6 +111,8 @@ const NOTIFY_WINDOW: Duration = Duration::from_millis(5);
 #[derive(Default)]
 struct Notifier {
     state: std::sync::Mutex<NotifyState>,
+    /// Signalled when a deferred send has gone out.
+    sent: tokio::sync::Notify,
 }
 
 #[derive(Default)]
@@ -121,6 +123,8 @@ struct NotifyState {
     deferred: std::collections::BTreeSet<String>,
     /// A task is waiting to send the deferred ones.
     flushing: bool,
+    /// Deferred sends taken but not yet answered by the server.
+    sending: usize,
 }
 
 impl Notifier {
@@ -163,6 +167,7 @@ impl Notifier {
             let jobs: Vec<String> = {
                 let mut st = me.state.lock().expect("notifier");
                 st.flushing = false;
+                st.sending += 1;
                 let now = tokio::time::Instant::now();
                 let jobs: Vec<String> = std::mem::take(&mut st.deferred).into_iter().collect();
                 for j in &jobs {
@@ -178,7 +183,25 @@ impl Notifier {
             if let Err(e) = res {
                 tracing::warn!(error = %e, "deferred pg_notify failed");
             }
+            me.state.lock().expect("notifier").sending -= 1;
+            me.sent.notify_waiters();
         });
+    }
+
+    /// Resolves once no deferred wake-up is waiting or being sent.
+    async fn flushed(&self) {
+        loop {
+            let sent = self.sent.notified();
+            tokio::pin!(sent);
+            sent.as_mut().enable();
+            {
+                let st = self.state.lock().expect("notifier");
+                if !st.flushing && st.sending == 0 {
+                    return;
+                }
+            }
+            sent.await;
+        }
     }
 }
 
@@ -421,6 +444,14 @@ impl PgStore {
     /// periodic jobs under an advisory lock.
     pub fn pool(&self) -> &PgPool {
         &self.pool
+    }
+
+    /// Waits until every wake-up this store deferred (coalesced triggers of
+    /// a job within its 5 ms window) has been sent: call it before closing
+    /// the store so the last triggers are announced, or in a test to order
+    /// a later notification after them.
+    pub async fn flush_wakeups(&self) {
+        self.notifier.flushed().await;
     }
 
     /// Subscribes to trigger wake-ups: each message is the name of a job that
