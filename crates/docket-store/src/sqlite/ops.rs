@@ -637,14 +637,15 @@ pub(super) fn list_runs(c: &Connection, f: &RunFilter) -> Result<Vec<Run>> {
         push(&mut sql, " AND id < ?", id.to_string().into());
     }
     if !f.statuses.is_empty() {
-        sql.push_str(" AND status IN (");
-        for (i, s) in f.statuses.iter().enumerate() {
-            if i > 0 {
-                sql.push_str(", ");
-            }
-            push(&mut sql, "?", s.as_str().to_string().into());
-        }
-        sql.push(')');
+        // Written as literals, sorted: they come from the `RunStatus` enum
+        // (never from input), and only a literal list can match the partial
+        // index `runs_attention` (`status IN ('failed', 'needs_input')`) —
+        // the planner cannot prove a bound parameter implies it.
+        let mut names: Vec<&str> = f.statuses.iter().map(|s| s.as_str()).collect();
+        names.sort_unstable();
+        names.dedup();
+        let list: Vec<String> = names.iter().map(|n| format!("'{n}'")).collect();
+        sql.push_str(&format!(" AND status IN ({})", list.join(", ")));
     }
     let limit = if f.limit == 0 { 100 } else { f.limit };
     push(&mut sql, " ORDER BY id DESC LIMIT ?", (limit as i64).into());
