@@ -344,12 +344,21 @@ fn status_of(run: &Value) -> String {
 }
 
 pub(crate) fn print_run_line(run: &Value) {
+    // Attempt numbers count claims; deferrals, postponements, input waits
+    // and shutdown releases are forgiven, so say what the budget sees.
+    let attempt = match run["attempts_forgiven"].as_u64() {
+        Some(f) if f > 0 => format!(
+            "{} ({} against the retry budget)",
+            s(&run["attempt"]),
+            run["attempt"].as_u64().unwrap_or(0).saturating_sub(f)
+        ),
+        _ => s(&run["attempt"]),
+    };
     println!(
-        "run {}  job {}  status {}  attempt {}",
+        "run {}  job {}  status {}  attempt {attempt}",
         s(&run["id"]),
         s(&run["job"]),
-        status_of(run),
-        s(&run["attempt"])
+        status_of(run)
     );
 }
 
@@ -410,7 +419,12 @@ async fn wait_run(c: &Client, id: &str, timeout: &str, json_out: bool) -> Res<()
             println!("output {out}");
         }
         if let Some(e) = w["run"]["last_error_message"].as_str() {
-            println!("last error {}: {e}", s(&w["run"]["last_error_class"]));
+            let label = if w["run"]["status"] == "failed" {
+                "last error"
+            } else {
+                "an earlier attempt's error"
+            };
+            println!("{label} {}: {e}", s(&w["run"]["last_error_class"]));
         }
     }
     match (w["terminal"].as_bool(), w["run"]["status"].as_str()) {
@@ -461,7 +475,12 @@ fn show(v: &Value) {
         println!("output {}", run["output"]);
     }
     if let Some(e) = run["last_error_message"].as_str() {
-        println!("last error {}: {e}", s(&run["last_error_class"]));
+        let label = if run["status"] == "failed" {
+            "last error"
+        } else {
+            "an earlier attempt's error"
+        };
+        println!("{label} {}: {e}", s(&run["last_error_class"]));
     }
     if run["status"] == "needs_input" {
         println!("waiting for input {}", run["input_request"]);
@@ -774,6 +793,9 @@ async fn op(conn: Conn, id: &str, what: &str, mut body: Value) -> Res<()> {
     } else {
         let extra = if v["cancel_requested"] == true && v["status"] == "running" {
             " (cancel requested: it stops at its next step boundary)"
+        } else if (what == "approve" || what == "reject") && v["status"] == "pending" {
+            // The decision is stored; the handler runs again to act on it.
+            " (the handler runs again to act on the decision: `docket runs wait` for the outcome)"
         } else {
             ""
         };

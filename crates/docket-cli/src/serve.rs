@@ -277,7 +277,7 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
     let s = Settings::resolve(&args)?;
     let docket = Docket::open(&s.db_url)
         .await
-        .map_err(|e| format!("cannot open {}: {e}", s.db_url))?;
+        .map_err(|e| format!("cannot open {}: {e}", redact(&s.db_url)))?;
     if s.demo_jobs {
         register_demo_jobs(&docket).map_err(|e| e.to_string())?;
     }
@@ -373,17 +373,34 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
 }
 
 /// A database URL without its password, for logs.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.find('@')) {
-        (Some(i), Some(at)) if at > i => {
-            let creds = &url[i + 3..at];
-            match creds.split_once(':') {
-                Some((user, _)) => format!("{}{user}:***{}", &url[..i + 3], &url[at..]),
-                None => url.to_string(),
+pub(crate) fn redact(url: &str) -> String {
+    let mut out = url.to_string();
+    // user:password@ in the authority (a password may itself hold '@').
+    if let Some(i) = out.find("://") {
+        let start = i + 3;
+        let end = out[start..]
+            .find(['/', '?'])
+            .map_or(out.len(), |e| start + e);
+        if let Some(at) = out[start..end].rfind('@') {
+            let creds = &out[start..start + at];
+            if let Some((user, _)) = creds.split_once(':') {
+                out = format!("{}{user}:***{}", &out[..start], &out[start + at..]);
             }
         }
-        _ => url.to_string(),
     }
+    // ?password=… (libpq's form) anywhere in the query.
+    if let Some(q) = out.find('?') {
+        let (head, query) = out.split_at(q + 1);
+        let query: Vec<String> = query
+            .split('&')
+            .map(|kv| match kv.split_once('=') {
+                Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+                _ => kv.to_string(),
+            })
+            .collect();
+        out = format!("{head}{}", query.join("&"));
+    }
+    out
 }
 
 #[cfg(test)]
@@ -428,6 +445,14 @@ mod tests {
         assert_eq!(
             redact("postgres://user:secret@host/db"),
             "postgres://user:***@host/db"
+        );
+        assert_eq!(
+            redact("postgres://user:p@ss@host:5432/db?schema=s&password=x2"),
+            "postgres://user:***@host:5432/db?schema=s&password=***"
+        );
+        assert_eq!(
+            redact("sqlite:///var/lib/a@b.db"),
+            "sqlite:///var/lib/a@b.db"
         );
     }
 }

@@ -58,7 +58,7 @@ async fn open(db: &DbArg) -> Result<docket_store::DynStore, String> {
     let url = db_url(&db.db);
     docket_store::open(&url)
         .await
-        .map_err(|e| format!("cannot open {}: {e}", db.db))
+        .map_err(|e| format!("cannot open {}: {e}", crate::serve::redact(&db.db)))
 }
 
 fn now() -> docket::Timestamp {

@@ -430,3 +430,34 @@ retry = {{ base_delay_ms = 50, max_delay_ms = 50, max_attempts = 2, jitter_ms = 
     );
     assert_eq!(terminate(s), 0);
 }
+
+/// A database password never reaches the terminal, also when opening fails.
+#[test]
+fn a_database_password_is_never_printed() {
+    for args in [
+        vec![
+            "token",
+            "list",
+            "--db",
+            "postgres://qa:hunter2@127.0.0.1:1/test",
+        ],
+        vec![
+            "serve",
+            "--db",
+            "postgres://qa:hunter2@127.0.0.1:1/test?schema=x",
+            "--addr",
+            "127.0.0.1:0",
+        ],
+    ] {
+        let (code, out, err) = docket(&args, &[]);
+        assert_eq!(code, 1, "{out} {err}");
+        assert!(
+            err.contains("cannot open postgres://qa:***@127.0.0.1:1"),
+            "{err}"
+        );
+        assert!(
+            !out.contains("hunter2") && !err.contains("hunter2"),
+            "{err}"
+        );
+    }
+}

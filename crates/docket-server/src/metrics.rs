@@ -156,8 +156,9 @@ impl Metrics {
             "run_failed" => bump(&mut m.failed, key.clone()),
             _ => {}
         }
-        const ENDS: [&str; 8] = [
+        const ENDS: [&str; 9] = [
             "attempt_failed",
+            "attempt_deferred",
             "run_completed",
             "run_postponed",
             "input_requested",

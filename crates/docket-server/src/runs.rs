@@ -335,6 +335,45 @@ fn summary(e: &EventRecord) -> String {
         ),
         "attempt_started" => format!("{att} started on {}", s("worker")),
         "attempt_failed" => format!("{att} failed: {}: {}", s("error_class"), s("message")),
+        "attempt_deferred" => format!("{att} deferred, nothing sent: {}", s("message")),
+        "http_response" => {
+            let what = if s("purpose") == "reconcile" {
+                "reconcile "
+            } else {
+                ""
+            };
+            let answer = match n("status") {
+                Some(code) => format!("{code} {}", s("class")),
+                None => format!("no answer ({})", s("class")),
+            };
+            let finding = match s("finding") {
+                f if f.is_empty() => String::new(),
+                f => format!(": {}", f.replace('_', " ")),
+            };
+            format!(
+                "{what}{} {} → {answer}{finding} in {} ms",
+                s("method"),
+                s("url"),
+                n("duration_ms").unwrap_or(0)
+            )
+        }
+        "action_started" | "action_committed" | "action_unknown" | "action_failed"
+        | "action_reconciled" => {
+            let found = match s("found") {
+                f if f.is_empty() => String::new(),
+                f => format!(" ({})", f.replace('_', " ")),
+            };
+            let state = match e.kind.as_str() {
+                "action_reconciled" if found.is_empty() => "reconciled: committed".to_string(),
+                "action_reconciled" => "reconciled".to_string(),
+                k => k.trim_start_matches("action_").to_string(),
+            };
+            format!(
+                "action {} {state}{found}, key {}",
+                s("action"),
+                s("idempotency_key")
+            )
+        }
         "retry_scheduled" => format!(
             "retry scheduled by policy {} after {} ms (reason {}), eligible at {}",
             s("retry_policy"),

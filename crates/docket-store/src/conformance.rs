@@ -320,6 +320,51 @@ pub async fn retry_records_the_decision(store: DynStore) {
     assert_ne!(again[0].lease_id, run.lease_id);
 }
 
+/// A circuit breaker's deferral is a retry decision that sent nothing: the
+/// attempt ends `deferred` (not `failed`), with an `attempt_deferred` event
+/// instead of `attempt_failed`, and spends no attempt budget.
+pub async fn circuit_deferral_is_not_a_failure(store: DynStore) {
+    let n = NewRun::new("job", json!({}));
+    one(&store, n.clone()).await;
+    let run = store.claim(claim_req(T0, 1)).await.unwrap().remove(0);
+    let until = T0.plus_millis(30_000);
+    store
+        .finish(vec![AttemptEnd {
+            run_id: n.id,
+            lease_id: run.lease_id.unwrap(),
+            now: T0,
+            outcome: Outcome::Retry {
+                error: err_info(ErrorClass::Unavailable),
+                retry: RetryRecord {
+                    policy: "circuit_breaker:crm".into(),
+                    delay_ms: 30_000,
+                    eligible_at: until,
+                    reason: "circuit_open".into(),
+                },
+            },
+        }])
+        .await
+        .unwrap()
+        .remove(0)
+        .unwrap();
+    let r = store.get_run(n.id).await.unwrap().unwrap();
+    assert_eq!(r.status, RunStatus::Pending);
+    assert_eq!(r.run_after, until);
+    assert_eq!(r.attempts_forgiven, 1);
+    let a = &store.attempts(n.id).await.unwrap()[0];
+    assert_eq!(a.outcome, "deferred");
+    assert_eq!(a.retry_reason.as_deref(), Some("circuit_open"));
+    assert_eq!(
+        kinds(&store, n.id).await,
+        [
+            "run_triggered",
+            "attempt_started",
+            "attempt_deferred",
+            "retry_scheduled"
+        ]
+    );
+}
+
 /// A terminal failure ends the run with its reason.
 pub async fn terminal_failure_records_reason(store: DynStore) {
     let n = NewRun::new("job", json!({}));
@@ -1261,6 +1306,7 @@ macro_rules! conformance_tests {
             expired_lease_retry_then_stale_completion,
             release_postpone_and_input_forgive_attempts,
             batched_finish_isolates_each_end,
+            circuit_deferral_is_not_a_failure,
             a_lone_store_leads_periodic_work,
             list_filters_and_pagination,
             events_cursor_and_filters,

@@ -310,8 +310,19 @@ impl Docket {
         let mut rx = self.inner.changes.subscribe();
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            let run = self.get_run(id).await?;
-            if run.status.is_terminal() {
+            // A dropped connection or a restarting database is not the
+            // run's answer: keep waiting (the deadline still holds).
+            let run = match self.get_run(id).await {
+                Ok(run) => Some(run),
+                Err(Error::Store(docket_store::StoreError::Database(msg)))
+                    if tokio::time::Instant::now() < deadline =>
+                {
+                    tracing::warn!(run = %id, error = %msg, "waiting for a run: the store failed a read; trying again");
+                    None
+                }
+                Err(e) => return Err(e),
+            };
+            if let Some(run) = run.filter(|r| r.status.is_terminal()) {
                 return Ok(run);
             }
             let poll = tokio::time::sleep(Duration::from_millis(100));

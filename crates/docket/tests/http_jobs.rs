@@ -986,7 +986,7 @@ async fn disabled_or_expired_connections_fail_before_any_request() {
     let msg = r.last_error_message.unwrap();
     assert!(msg.contains("connection `crm` is disabled"), "{msg}");
     assert!(
-        msg.contains("re-authorize") && msg.contains("retry the run"),
+        msg.contains("enable it (`docket connections enable crm`), then retry the run"),
         "{msg}"
     );
     assert!(msg.contains("rotating keys"), "{msg}");
@@ -1002,10 +1002,9 @@ async fn disabled_or_expired_connections_fail_before_any_request() {
         r.terminal_reason,
         Some(TerminalReason::ConnectionUnresolved)
     );
-    assert!(r
-        .last_error_message
-        .unwrap()
-        .contains("expired credentials"));
+    let msg = r.last_error_message.unwrap();
+    assert!(msg.contains("expired credentials"), "{msg}");
+    assert!(msg.contains("re-authorize it, enable it"), "{msg}");
     assert!(env.server.seen().is_empty(), "no request was sent");
 
     // Another tenant's state is its own.
@@ -1127,7 +1126,10 @@ async fn connection_state_survives_a_restart_and_missing_credentials_are_unresol
         msg.contains("environment variable DOCKET_HTTP_TEST_SURELY_UNSET is not set"),
         "{msg}"
     );
-    assert!(msg.contains("re-authorize"), "{msg}");
+    assert!(
+        msg.contains("provide the credential where the worker runs"),
+        "{msg}"
+    );
     let info = http.connection("default", "billing").await.unwrap();
     assert!(!info.credential_available);
     assert!(server.seen().is_empty());
@@ -1186,6 +1188,42 @@ async fn when_conditions_skip_the_request() {
     assert_eq!(r.terminal_reason, Some(TerminalReason::InvalidInput));
     assert!(r.last_error_message.unwrap().contains("`input.amount`"));
     assert_eq!(env.server.seen().len(), 1);
+}
+
+/// Only a request about to go out needs its connection: with the
+/// connection disabled, a false `when` still skips and completes, and an
+/// approval gate still asks first; the approved request then fails
+/// `connection_unresolved` before anything is sent.
+#[tokio::test]
+async fn conditions_come_before_the_connection() {
+    let env = setup(CONDITIONS).await;
+    env.http
+        .disable_connection("default", "crm", &actor("maintenance"))
+        .await
+        .unwrap();
+    let zero = env.trigger("notify", json!({"amount": 0})).await;
+    env.tick().await;
+    let r = env.run(zero).await;
+    assert_eq!(r.status, RunStatus::Completed, "{r:?}");
+    assert_eq!(r.output.as_ref().unwrap()["skipped"], true);
+
+    let big = env
+        .trigger("refund", json!({"amount": 5000, "order": "o-1"}))
+        .await;
+    env.tick().await;
+    assert_eq!(env.run(big).await.status, RunStatus::NeedsInput);
+    env.docket
+        .approve(big, Value::Null, docket::Actor::new("ops", None))
+        .await
+        .unwrap();
+    env.tick().await;
+    let r = env.run(big).await;
+    assert_eq!(
+        r.terminal_reason,
+        Some(TerminalReason::ConnectionUnresolved),
+        "{r:?}"
+    );
+    assert!(env.server.seen().is_empty(), "nothing was sent");
 }
 
 /// `approval` true → `needs_input` with the request it would send (no

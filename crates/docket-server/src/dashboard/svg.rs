@@ -237,7 +237,7 @@ pub fn retry_chart(c: &RetryChart) -> String {
             "completed" => "bar ok",
             "running" => "bar running",
             "failed" | "lease_expired" | "retry_scheduled" => "bar failed",
-            "needs_input" | "postponed" => "bar waiting",
+            "needs_input" | "postponed" | "deferred" => "bar waiting",
             _ => "bar other",
         };
         let _ = write!(

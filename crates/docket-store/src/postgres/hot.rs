@@ -343,17 +343,30 @@ impl Cols {
                 delay_ms = Some(retry.delay_ms);
                 eligible_at = Some(retry.eligible_at.0);
                 retry_reason = Some(retry.reason.clone());
+                // A circuit breaker's deferral sent nothing: not a failure.
+                let deferred = retry.reason == "circuit_open";
+                // …and it spends no attempt budget (as on SQLite).
+                forgive = i32::from(deferred);
                 att_outcome = if error.class == ErrorClass::LeaseExpired {
                     events.push(("lease_expired", Value::Null));
                     "lease_expired"
+                } else if deferred {
+                    "deferred"
                 } else {
                     "failed"
                 };
-                events.push((
-                    "attempt_failed",
-                    json!({ "error_class": error.class, "message": error.message,
-                                 "fingerprint": error.fingerprint, "action": error.action }),
-                ));
+                if deferred {
+                    events.push((
+                        "attempt_deferred",
+                        json!({ "message": error.message, "action": error.action }),
+                    ));
+                } else {
+                    events.push((
+                        "attempt_failed",
+                        json!({ "error_class": error.class, "message": error.message,
+                                     "fingerprint": error.fingerprint, "action": error.action }),
+                    ));
+                }
                 events.push((
                     "retry_scheduled",
                     json!({ "retry_policy": retry.policy, "delay_ms": retry.delay_ms,

@@ -426,8 +426,12 @@ fn finish_inner(c: &Connection, end: AttemptEnd) -> Result<Result<RunStatus>> {
                 // A circuit breaker's deferral consumes no attempt budget.
                 &[&id, &retry.eligible_at.0, &now.0, &error.class.as_str(), &error.message, &i64::from(retry.reason == "circuit_open")],
             )?;
+            // A circuit breaker's deferral sent nothing: not a failure.
+            let deferred = retry.reason == "circuit_open";
             let outcome = if error.class == ErrorClass::LeaseExpired {
                 "lease_expired"
+            } else if deferred {
+                "deferred"
             } else {
                 "failed"
             };
@@ -445,10 +449,17 @@ fn finish_inner(c: &Connection, end: AttemptEnd) -> Result<Result<RunStatus>> {
                     json!({ "lease_expires_at": run.lease_expires_at }),
                 )?;
             }
-            ev(
-                "attempt_failed",
-                json!({ "error_class": error.class, "message": error.message, "fingerprint": error.fingerprint, "action": error.action }),
-            )?;
+            if deferred {
+                ev(
+                    "attempt_deferred",
+                    json!({ "message": error.message, "action": error.action }),
+                )?;
+            } else {
+                ev(
+                    "attempt_failed",
+                    json!({ "error_class": error.class, "message": error.message, "fingerprint": error.fingerprint, "action": error.action }),
+                )?;
+            }
             ev(
                 "retry_scheduled",
                 json!({ "retry_policy": retry.policy, "delay_ms": retry.delay_ms, "eligible_at": retry.eligible_at, "reason": retry.reason, "next_attempt": attempt + 1 }),

@@ -49,7 +49,7 @@ impl SecretSource {
 
 fn read_secrets(path: &Path) -> Result<BTreeMap<String, String>, String> {
     let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read secrets file {}: {}", path.display(), e.kind()))?;
+        .map_err(|e| format!("cannot read secrets file {}: {e}", path.display()))?;
     let json = path
         .extension()
         .is_some_and(|e| e.eq_ignore_ascii_case("json"));

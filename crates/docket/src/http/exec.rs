@@ -180,18 +180,22 @@ async fn resolve(ctx: &Ctx, conn: &ConnectionDef) -> Result<Option<Credential>, 
             ))
         })?;
     if let Some(s) = state.filter(|s| !s.status.is_usable()) {
-        let what = match s.status {
-            ConnectionStatus::Expired => "has expired credentials",
-            _ => "is disabled",
+        let (what, fix) = match s.status {
+            ConnectionStatus::Expired => (
+                "has expired credentials",
+                "re-authorize it, enable it (`docket connections enable",
+            ),
+            _ => ("is disabled", "enable it (`docket connections enable"),
         };
         return Err(JobError::new(
             ErrorClass::ConnectionUnresolved,
             format!(
-                "connection `{}` {what} (set by {} at {}{}): re-authorize the connection, then retry the run; no request was sent",
+                "connection `{}` {what} (set by {} at {}{}): {fix} {}`), then retry the run; no request was sent",
                 conn.name,
                 s.updated_by,
-                s.updated_at,
-                s.comment.map(|c| format!(": {c}")).unwrap_or_default()
+                s.updated_at.to_rfc3339(),
+                s.comment.map(|c| format!(": {c}")).unwrap_or_default(),
+                conn.name
             ),
         ));
     }
@@ -199,7 +203,7 @@ async fn resolve(ctx: &Ctx, conn: &ConnectionDef) -> Result<Option<Credential>, 
         JobError::new(
             ErrorClass::ConnectionUnresolved,
             format!(
-                "connection `{}` cannot be resolved: {why}; re-authorize the connection (provide its credential), then retry the run; no request was sent",
+                "connection `{}` cannot be resolved: {why}; provide the credential where the worker runs (it is read at each request; an environment variable needs a restart of the worker), then retry the run; no request was sent",
                 conn.name
             ),
         )
@@ -222,12 +226,6 @@ pub(crate) async fn run(
         .connection
         .as_ref()
         .and_then(|c| shared.compiled.connections.get(c));
-    let credential = match conn {
-        Some(c) => resolve(&ctx, c)
-            .await
-            .map_err(|e| e.in_action(spec.action.clone()))?,
-        None => None,
-    };
     let mut data = json!({
         "input": input,
         "variables": ctx.variables(),
@@ -306,6 +304,13 @@ pub(crate) async fn run(
         }
     }
 
+    // Only a request about to go out needs its connection: a `when` that is
+    // false skips without it, and a person can approve while an operator
+    // re-authorizes it.
+    let credential = match conn {
+        Some(c) => resolve(&ctx, c).await.map_err(with_action)?,
+        None => None,
+    };
     let breaker = conn.and_then(|c| shared.breakers.get(&c.name).cloned());
     let mut probe = false;
     if let (Some(b), Some(c)) = (&breaker, conn) {

@@ -17,16 +17,16 @@
 //!
 //! Each attempt of such a job:
 //!
-//! 1. fails at once with `connection_unresolved` (no request) when the
-//!    connection is disabled or expired for the run's tenant, or its
-//!    credential cannot be read;
-//! 2. evaluates `when`: false → the step is recorded skipped and the run
-//!    completes;
-//! 3. renders the idempotency key, URL, headers and body from the run's
+//! 1. evaluates `when`: false → the step is recorded skipped and the run
+//!    completes (the connection is not needed);
+//! 2. renders the idempotency key, URL, headers and body from the run's
 //!    input and variables (a field that is not there → `invalid_input`
 //!    naming it);
-//! 4. evaluates `approval`: true → the run waits in `needs_input` with the
+//! 3. evaluates `approval`: true → the run waits in `needs_input` with the
 //!    request it would send; approved → sent; rejected → `on_reject`;
+//! 4. fails at once with `connection_unresolved` (no request) when the
+//!    connection is disabled or expired for the run's tenant, or its
+//!    credential cannot be read;
 //! 5. asks the connection's circuit breaker: open → rescheduled to the reset
 //!    time with reason `circuit_open`, no attempt spent;
 //! 6. sends the request as a ledger-guarded action with an `Idempotency-Key`
@@ -105,7 +105,9 @@ impl HttpJobs {
             problems: vec![("file".into(), format!("cannot read it: {e}"))],
         })?;
         let dir = path.parent().unwrap_or_else(|| Path::new("."));
-        Self::build(&text, &path.display().to_string(), dir)
+        // Absolute, so messages name the file a worker really looks for.
+        let dir = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
+        Self::build(&text, &path.display().to_string(), &dir)
     }
 
     /// Like [`HttpJobs::load`], from text; relative file names are taken
