@@ -275,6 +275,11 @@ async fn signal() {
 /// Runs `docket serve`.
 pub async fn run(args: ServeArgs) -> Result<(), String> {
     let s = Settings::resolve(&args)?;
+    // A bad configuration is reported before anything is created on disk.
+    let http = match &args.config {
+        Some(path) => Some(docket::http::HttpJobs::load(path).map_err(|e| e.to_string())?),
+        None => None,
+    };
     let docket = Docket::open(&s.db_url)
         .await
         .map_err(|e| format!("cannot open {}: {e}", redact(&s.db_url)))?;
@@ -283,11 +288,13 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
     }
     // HTTP jobs declared in the configuration file ([connections.*], [jobs.*]).
     let mut http_jobs = None;
-    if let Some(path) = &args.config {
-        let http = docket::http::HttpJobs::load(path).map_err(|e| e.to_string())?;
+    if let Some(http) = http {
         http.install(&docket).map_err(|e| e.to_string())?;
         if !http.job_names().is_empty() {
             tracing::info!(jobs = ?http.job_names(), connections = ?http.connection_names(), "HTTP jobs loaded");
+        }
+        for (connection, why) in http.credential_problems() {
+            tracing::warn!(%connection, problem = %why, "a connection's credential cannot be read: its runs will fail connection_unresolved until it can");
         }
         http_jobs = Some(http);
     }

@@ -54,8 +54,21 @@ pub struct DbArg {
     pub db: String,
 }
 
-async fn open(db: &DbArg) -> Result<docket_store::DynStore, String> {
+/// Opens the database. Only `create` may bring a new SQLite file into
+/// being (a first token before the first start), and says so: a mistyped
+/// path must not look like an empty token list.
+async fn open(db: &DbArg, create: bool) -> Result<docket_store::DynStore, String> {
     let url = db_url(&db.db);
+    if let Some(path) = url.strip_prefix("sqlite://") {
+        if !std::path::Path::new(path).exists() {
+            if !create {
+                return Err(format!(
+                    "no database at {path}: pass the --db the server uses (or DOCKET_DB)"
+                ));
+            }
+            eprintln!("note: no database at {path}: creating it (the server must use this --db)");
+        }
+    }
     docket_store::open(&url)
         .await
         .map_err(|e| format!("cannot open {}: {e}", crate::serve::redact(&db.db)))
@@ -70,7 +83,7 @@ pub async fn run(cmd: TokenCmd) -> Result<(), String> {
     match cmd {
         TokenCmd::Create { tenant, name, db } => {
             let t = docket_server::auth::issue_token(&tenant, &name, now())?;
-            let store = open(&db).await?;
+            let store = open(&db, true).await?;
             let rec = store.create_token(t.record).await.map_err(|e| match e {
                 StoreError::Conflict(m) => format!("{m}; revoke it first or choose another name"),
                 e => e.to_string(),
@@ -83,7 +96,7 @@ pub async fn run(cmd: TokenCmd) -> Result<(), String> {
             Ok(())
         }
         TokenCmd::List { tenant, json, db } => {
-            let store = open(&db).await?;
+            let store = open(&db, false).await?;
             let tokens = store.list_tokens(tenant).await.map_err(|e| e.to_string())?;
             if json {
                 println!(
@@ -115,7 +128,7 @@ pub async fn run(cmd: TokenCmd) -> Result<(), String> {
             name,
             db,
         } => {
-            let store = open(&db).await?;
+            let store = open(&db, false).await?;
             let id = match (id, tenant, name) {
                 (Some(id), _, _) => id,
                 (None, Some(tenant), Some(name)) => store

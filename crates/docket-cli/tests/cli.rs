@@ -461,3 +461,25 @@ fn a_database_password_is_never_printed() {
         );
     }
 }
+
+/// A mistyped --db is an error for listing and revoking tokens, not an
+/// empty table (and no file is created); creating one says it made a file.
+#[test]
+fn token_commands_do_not_invent_a_database() {
+    let db = tmp_db();
+    let (code, out, err) = docket(&["token", "list", "--db", &db], &[]);
+    assert_eq!(code, 1, "{out}");
+    assert!(err.contains(&format!("no database at {db}")), "{err}");
+    assert!(!std::path::Path::new(&db).exists(), "nothing created");
+    let (code, _, err) = docket(
+        &[
+            "token", "create", "--tenant", "acme", "--name", "a", "--db", &db,
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("creating it"), "{err}");
+    let (code, out, _) = docket(&["token", "list", "--db", &db], &[]);
+    assert_eq!(code, 0);
+    assert!(out.contains("acme"), "{out}");
+}

@@ -157,6 +157,26 @@ impl Transition {
     ];
 }
 
+impl Transition {
+    /// What the transition does, as an operator would say it ("retry",
+    /// "skip the failed step of").
+    pub const fn verb(self) -> &'static str {
+        match self {
+            Transition::Claim => "claim",
+            Transition::Complete => "complete",
+            Transition::ScheduleRetry => "schedule a retry of",
+            Transition::Fail => "fail",
+            Transition::Release => "release",
+            Transition::RequestInput => "ask for input on",
+            Transition::Decide => "approve or reject",
+            Transition::Postpone => "postpone",
+            Transition::Cancel => "cancel",
+            Transition::OperatorRetry => "retry",
+            Transition::OperatorSkip => "skip the failed step of",
+        }
+    }
+}
+
 impl fmt::Display for Transition {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let s = serde_json::to_value(self)
@@ -169,7 +189,7 @@ impl fmt::Display for Transition {
 
 /// A transition that the table does not allow from the current state.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("cannot {transition} a run that is {from}")]
+#[error("cannot {} a run that is {from}", transition.verb())]
 pub struct IllegalTransition {
     /// The state the run is in.
     pub from: RunStatus,
@@ -197,10 +217,7 @@ mod tests {
         let err = RunStatus::Running
             .apply(Transition::OperatorRetry)
             .unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "cannot operator_retry a run that is running"
-        );
+        assert_eq!(err.to_string(), "cannot retry a run that is running");
     }
 
     #[test]

@@ -143,13 +143,15 @@ impl From<docket::Error> for ApiError {
             )
             .field("job"),
             E::ContentTooLarge { job, size, limit } => ApiError::too_large(format!(
-                "content_too_large: input of job `{job}` is {size} bytes, the limit is {limit} bytes"
+                "input of job `{job}` is {size} bytes, the limit is {limit} bytes"
             ))
             .field("input"),
             E::RunNotFound(id) => ApiError::run_not_found(id),
             E::WrongState {
-                current, message, ..
-            } => ApiError::wrong_state(current, message),
+                run_id,
+                current,
+                message,
+            } => ApiError::wrong_state(current, format!("run {run_id} is {current}: {message}")),
             E::WaitTimedOut(run) => ApiError::new(
                 StatusCode::REQUEST_TIMEOUT,
                 "timeout",
@@ -161,7 +163,9 @@ impl From<docket::Error> for ApiError {
                 format!("invalid job `{job}`: {problem}"),
             ),
             E::Store(s) => s.into(),
-            other => ApiError::internal(other.to_string()),
+            E::InvalidInput(m) => {
+                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_input", m)
+            }
         }
     }
 }
@@ -172,8 +176,10 @@ impl From<docket_store::StoreError> for ApiError {
         match e {
             S::NotFound(id) => ApiError::run_not_found(id),
             S::WrongState {
-                current, message, ..
-            } => ApiError::wrong_state(current, message),
+                run_id,
+                current,
+                message,
+            } => ApiError::wrong_state(current, format!("run {run_id} is {current}: {message}")),
             S::Conflict(m) => ApiError::new(StatusCode::CONFLICT, "conflict", m),
             S::Database(m) => ApiError::unavailable(format!("the store is unavailable: {m}")),
             other => ApiError::internal(other.to_string()),

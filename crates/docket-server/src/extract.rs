@@ -47,12 +47,43 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
                     };
                     Err(ApiError::invalid_field(
                         field.clone(),
-                        format!("`{field}`: {inner}"),
+                        format!("`{field}`: {}", plain(&inner.to_string())),
                     ))
                 }
             }
         }
     }
+}
+
+/// serde's wording without Rust's type names or the parser's position:
+/// `expected i32` → `expected an integer`, `expected struct TriggerRequest`
+/// (or a sequence "with N elements") → `expected a JSON object`.
+fn plain(msg: &str) -> String {
+    let msg = match msg.find(" at line ") {
+        Some(i) => &msg[..i],
+        None => msg,
+    };
+    let mut out = msg.to_string();
+    if let Some(i) = out.find("expected struct ") {
+        out.truncate(i);
+        out.push_str("expected a JSON object");
+        if let Some(rest) = out.strip_prefix("invalid length ") {
+            // `[]` against a struct: the length is beside the point.
+            let _ = rest;
+            out = "expected a JSON object, not an array".into();
+        }
+    }
+    for (rust, words) in [
+        ("expected i32", "expected an integer"),
+        ("expected i64", "expected an integer"),
+        ("expected u32", "expected a non-negative integer"),
+        ("expected u64", "expected a non-negative integer"),
+        ("expected usize", "expected a non-negative integer"),
+        ("expected f64", "expected a number"),
+    ] {
+        out = out.replace(rust, words);
+    }
+    out
 }
 
 /// serde reports a missing field at the path of its parent object.
@@ -65,7 +96,7 @@ async fn body_bytes(req: Request, state: &crate::AppState) -> Result<Bytes, ApiE
     Bytes::from_request(req, state).await.map_err(|rej| {
         if rej.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::too_large(format!(
-                "content_too_large: the request body is over the limit of {} bytes",
+                "the request body is over the limit of {} bytes",
                 state.config.max_body_bytes
             ))
         } else {
@@ -186,5 +217,24 @@ mod tests {
         assert_eq!(e.detail.code, "invalid_json");
         let e = parse_json::<Outer>(br#"{"runs":[{"job":"a","nope":1}]}"#).unwrap_err();
         assert_eq!(e.detail.field.as_deref(), Some("runs[0].nope"));
+    }
+
+    #[test]
+    fn messages_say_json_not_rust() {
+        let e = parse_json::<Inner>(br#"{"job":"a","priority":"high"}"#).unwrap_err();
+        assert_eq!(
+            e.detail.message,
+            "`priority`: invalid type: string \"high\", expected an integer"
+        );
+        let e = parse_json::<Inner>(b"[]").unwrap_err();
+        assert_eq!(
+            e.detail.message,
+            "`body`: expected a JSON object, not an array"
+        );
+        let e = parse_json::<Inner>(b"\"x\"").unwrap_err();
+        assert_eq!(
+            e.detail.message,
+            "`body`: invalid type: string \"x\", expected a JSON object"
+        );
     }
 }

@@ -96,12 +96,22 @@ impl AppState {
         let size = serde_json::to_vec(&r.input).map(|v| v.len()).unwrap_or(0);
         if size > self.config.max_input_bytes {
             return Err(ApiError::too_large(format!(
-                "content_too_large: input of job `{}` is {size} bytes, the limit is {} bytes",
+                "input of job `{}` is {size} bytes, the limit is {} bytes",
                 r.job, self.config.max_input_bytes
             ))
             .field(field("input")));
         }
         check_text(&field("idempotency_key"), &r.idempotency_key)?;
+        if r.idempotency_key
+            .as_deref()
+            .is_some_and(|k| k.trim().is_empty())
+        {
+            let f = field("idempotency_key");
+            return Err(ApiError::invalid_field(
+                f.clone(),
+                format!("`{f}` is empty: omit it, or give a key that names the intent (a second trigger with the same key returns the first run)"),
+            ));
+        }
         check_text(&field("correlation_id"), &r.correlation_id)?;
         let run_after = r
             .run_after

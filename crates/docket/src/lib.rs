@@ -221,6 +221,16 @@ impl Docket {
         let mut new = Vec::with_capacity(runs.len());
         for (job, input, o) in runs {
             self.check_trigger(&job, &input)?;
+            if o.idempotency_key
+                .as_deref()
+                .is_some_and(|k| k.trim().is_empty())
+            {
+                // An empty key would make every keyless-looking trigger of
+                // the job one run.
+                return Err(Error::InvalidInput(format!(
+                    "the idempotency key of a `{job}` trigger is empty: omit it, or give a key that names the intent"
+                )));
+            }
             let mut n = NewRun::new(job, input);
             n.idempotency_key = o.idempotency_key;
             n.run_after = o.run_after;

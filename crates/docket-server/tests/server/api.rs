@@ -265,10 +265,10 @@ async fn operator_commands_and_wrong_state_409() {
     assert_eq!(st, StatusCode::CONFLICT);
     assert_eq!(v["error"]["code"], "wrong_state");
     assert_eq!(v["error"]["current_status"], "completed");
-    assert!(v["error"]["message"]
-        .as_str()
-        .unwrap()
-        .contains("completed"));
+    assert_eq!(
+        v["error"]["message"],
+        format!("run {id} is completed: cannot retry a run that is completed")
+    );
     for cmd in ["skip", "approve", "reject", "cancel"] {
         let (st, v) = s.post(&format!("/api/runs/{id}/{cmd}"), json!({})).await;
         assert_eq!(st, StatusCode::CONFLICT, "{cmd}: {v}");
@@ -709,4 +709,51 @@ async fn insecure_dev_mode_uses_the_tenant_header_and_is_loopback_only() {
     let listener = tokio::net::TcpListener::bind("0.0.0.0:0").await.unwrap();
     let err = server.serve(listener, async {}).await.unwrap_err();
     assert!(err.to_string().contains("loopback"), "{err}");
+}
+
+/// An empty idempotency key is refused, naming the field, and nothing is
+/// written (it would make unrelated triggers one run).
+#[tokio::test]
+async fn an_empty_idempotency_key_is_refused() {
+    let s = TestServer::start_with(Opts {
+        worker: false,
+        ..Opts::default()
+    })
+    .await;
+    let (st, v) = s
+        .post(
+            "/api/runs",
+            json!({"job": "noop", "input": {}, "idempotency_key": " "}),
+        )
+        .await;
+    assert_eq!(st, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+    assert_eq!(v["error"]["field"], "idempotency_key");
+    let (st, v) = s
+        .post(
+            "/api/runs/batch",
+            json!({"runs": [{"job": "noop"}, {"job": "noop", "idempotency_key": ""}]}),
+        )
+        .await;
+    assert_eq!(st, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+    assert_eq!(v["error"]["field"], "runs[1].idempotency_key");
+    let (_, list) = s.get("/api/runs").await;
+    assert_eq!(
+        list["runs"].as_array().unwrap().len(),
+        0,
+        "nothing written: {list}"
+    );
+    let e = s
+        .docket
+        .trigger_with(
+            "noop",
+            json!({}),
+            docket::TriggerOptions {
+                idempotency_key: Some(String::new()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("idempotency key"), "{e}");
+    s.stop().await;
 }

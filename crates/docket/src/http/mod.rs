@@ -210,6 +210,18 @@ impl HttpJobs {
         }
     }
 
+    /// Connections whose credential cannot be read now, with why (never the
+    /// value): worth a warning at start, since their runs will fail
+    /// `connection_unresolved`.
+    pub fn credential_problems(&self) -> Vec<(String, String)> {
+        self.shared
+            .compiled
+            .connections
+            .values()
+            .filter_map(|c| c.credential().err().map(|why| (c.name.clone(), why)))
+            .collect()
+    }
+
     /// Every connection's circuit breaker, by connection name. The state is
     /// this process's (see the `breaker` docs for several processes).
     pub fn breakers(&self) -> Vec<BreakerState> {
