@@ -37,7 +37,7 @@ pub struct BenchArgs {
     /// Runs per workload (default: W1 10,000, W2 500, W3 1,000).
     #[arg(long)]
     runs: Option<usize>,
-    /// Worker concurrency (default 8).
+    /// Worker concurrency.
     #[arg(long, default_value_t = 8)]
     concurrency: usize,
     /// Runs claimed ahead of free handler slots (default: the worker's

@@ -244,10 +244,20 @@ impl Client {
         let res = req.send().await.map_err(|e| {
             let hint = if url.starts_with("https://") {
                 " (this build speaks plain HTTP only; put TLS in a proxy or build docket-cli with --features tls)"
+            } else if e.is_connect() {
+                " (is `docket serve` running there? --url or DOCKET_URL names the server)"
             } else {
                 ""
             };
-            format!("cannot reach {url}: {e}{hint}")
+            // reqwest's own text repeats the URL; its innermost cause says
+            // what happened ("Connection refused").
+            let mut cause = e.to_string();
+            let mut src = std::error::Error::source(&e);
+            while let Some(s) = src {
+                cause = s.to_string();
+                src = s.source();
+            }
+            format!("cannot reach {url}: {cause}{hint}")
         })?;
         let status = res.status().as_u16();
         let text = res

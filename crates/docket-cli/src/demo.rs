@@ -589,11 +589,12 @@ fn summarize(sc: &Scenario, h: &History, f: &ForensicReport, svc: &Service) -> R
 
 // ------------------------------------------------------------ the checks
 
+/// A check; `detail` says what went wrong, so a passing one has none.
 fn check(ok: bool, name: impl Into<String>, detail: impl Into<String>) -> Check {
     Check {
         ok,
         name: name.into(),
-        detail: detail.into(),
+        detail: if ok { String::new() } else { detail.into() },
     }
 }
 

@@ -45,7 +45,9 @@ pub const MAX_JOB_REPORT_RUNS: usize = 10_000;
 pub struct JobReport {
     /// The job.
     pub job: String,
-    /// Runs created at or after this instant were examined.
+    /// Runs created at or after this instant were examined (RFC 3339 in
+    /// JSON, as everywhere in the API).
+    #[serde(serialize_with = "rfc3339")]
     pub since: Timestamp,
     /// How many runs.
     pub runs_examined: usize,
@@ -60,6 +62,10 @@ pub struct JobReport {
     pub same_action_same_error_within_backoff_window: usize,
     /// Every verdict.
     pub verdicts: Vec<PairVerdict>,
+}
+
+fn rfc3339<S: serde::Serializer>(t: &Timestamp, s: S) -> std::result::Result<S::Ok, S::Error> {
+    s.serialize_str(&t.to_rfc3339())
 }
 
 fn decode_fp(s: Option<&str>) -> Option<Fingerprint> {
