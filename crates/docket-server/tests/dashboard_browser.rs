@@ -737,7 +737,8 @@ async fn scenario(c: &Client, env: &Env) -> R {
     el(c, "#ad-error:not([hidden])").await?;
     let msg = text(c, "#ad-error").await?;
     check!(
-        msg.starts_with("Refused: ") && msg.contains("cannot decide"),
+        msg.starts_with("Refused: ")
+            && msg.contains("cannot approve or reject a run that is completed"),
         "refusal shown as `{msg}`"
     );
     check!(
