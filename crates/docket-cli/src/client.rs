@@ -40,7 +40,8 @@ pub struct TriggerArgs {
     /// Correlation id carried into every attempt.
     #[arg(long)]
     pub correlation_id: Option<String>,
-    /// Wait until the run is terminal (at most --timeout).
+    /// Wait until the run is terminal or waits for input (at most
+    /// --timeout; exit codes as `docket runs wait`).
     #[arg(long)]
     pub wait: bool,
     /// How long --wait waits (`30s`, `2m`, `500ms`).
@@ -88,8 +89,9 @@ pub enum RunsCmd {
         #[command(flatten)]
         conn: Conn,
     },
-    /// Wait until a run is terminal. Exit 0 when completed, 1 when failed
-    /// or cancelled, 2 when the timeout passed first.
+    /// Wait until a run is terminal or waits for input. Exit 0 when
+    /// completed, 1 when failed or cancelled, 2 when the timeout passed
+    /// first, 3 when it waits for an operator (approve or reject).
     Wait {
         /// The run's id.
         id: String,
@@ -417,7 +419,7 @@ async fn wait_run(c: &Client, id: &str, timeout: &str, json_out: bool) -> Res<()
     let (_, w) = c
         .call(
             reqwest::Method::GET,
-            &format!("/api/runs/{id}/wait?timeout={timeout}"),
+            &format!("/api/runs/{id}/wait?timeout={timeout}&until=needs_input"),
             None,
         )
         .await?;
@@ -439,6 +441,13 @@ async fn wait_run(c: &Client, id: &str, timeout: &str, json_out: bool) -> Res<()
     }
     match (w["terminal"].as_bool(), w["run"]["status"].as_str()) {
         (Some(true), Some("completed")) => Ok(()),
+        // Waiting longer would only wait for a person.
+        (_, Some("needs_input")) => Err(Failure {
+            message: format!(
+                "run {id} waits for input: `docket runs approve {id}` or `docket runs reject {id}` (with --data and --comment)"
+            ),
+            code: 3,
+        }),
         (Some(true), st) => Err(Failure {
             message: format!("run {id} ended {}", st.unwrap_or("?")),
             code: 1,

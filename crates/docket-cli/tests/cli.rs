@@ -483,3 +483,35 @@ fn token_commands_do_not_invent_a_database() {
     assert_eq!(code, 0);
     assert!(out.contains("acme"), "{out}");
 }
+
+/// `--wait` on a run that needs a person returns at once with exit code 3
+/// and the commands that answer it; after approval it completes (exit 0).
+#[test]
+fn waiting_for_a_person_is_its_own_answer() {
+    let db = tmp_db();
+    let s = serve(&db, &["--insecure-dev-no-auth"]);
+    let url = s.url.clone();
+    let (code, out, err) = docket(
+        &[
+            "trigger",
+            "approval",
+            "{}",
+            "--wait",
+            "--timeout",
+            "60s",
+            "--url",
+            &url,
+        ],
+        &[],
+    );
+    assert_eq!(code, 3, "{out} {err}");
+    assert!(out.contains("needs_input"), "{out}");
+    assert!(err.contains("docket runs approve"), "{err}");
+    let id = out.split_whitespace().nth(1).unwrap().to_string();
+    let (code, _, err) = docket(&["runs", "approve", &id, "--url", &url], &[]);
+    assert_eq!(code, 0, "{err}");
+    let (code, out, err) = docket(&["runs", "wait", &id, "--url", &url], &[]);
+    assert_eq!(code, 0, "{out} {err}");
+    assert!(out.contains("completed"), "{out}");
+    assert_eq!(terminate(s), 0);
+}

@@ -725,13 +725,15 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
     Duration::try_from_secs_f64(secs).ok()
 }
 
-/// Long poll: answers once the run is terminal, or when `timeout` passes
-/// (default 30 s, at most 300 s) with `terminal: false`.
+/// Long poll: answers once the run is terminal (with `until=needs_input`,
+/// also once it waits for a person), or when `timeout` passes (default 30
+/// s, at most 300 s) with `terminal: false`.
 #[utoipa::path(
     get, path = "/api/runs/{id}/wait", tag = "runs",
     params(
         ("id" = String, Path, description = "The run's id"),
         ("timeout" = Option<String>, Query, description = "`500ms`, `30s`, `2m` or seconds; default 30 s, at most 300 s"),
+        ("until" = Option<String>, Query, description = "`terminal` (default), or `needs_input`: also answer once the run waits for an operator"),
     ),
     responses(
         (status = 200, description = "The run, terminal or as last seen", body = WaitResponse),
@@ -746,7 +748,20 @@ pub async fn wait(
     Path(id): Path<String>,
     q: QueryPairs,
 ) -> ApiResult<Json<WaitResponse>> {
-    q.only(&["timeout"])?;
+    q.only(&["timeout", "until"])?;
+    let stop_at_input = match q.get("until") {
+        None | Some("terminal") => false,
+        Some("needs_input") => true,
+        Some(other) => {
+            return Err(ApiError::bad_param(
+                "until",
+                format!("until must be `terminal` or `needs_input`, not `{other}`"),
+            ))
+        }
+    };
+    let done = move |r: &docket::Run| {
+        r.status.is_terminal() || (stop_at_input && r.status == RunStatus::NeedsInput)
+    };
     let timeout = match q.get("timeout") {
         None => DEFAULT_WAIT,
         Some(s) => match parse_duration(s) {
@@ -766,15 +781,15 @@ pub async fn wait(
         let _ = stop.wait_for(|s| *s).await;
     };
     let waited = tokio::select! {
-        r = state.docket.wait(id, timeout) => r,
+        r = state.docket.wait_until(id, timeout, done) => r,
         _ = stopping => state.docket.get_run(id).await.map(|r| {
-            if r.status.is_terminal() { Ok(r) } else { Err(docket::Error::WaitTimedOut(Box::new(r))) }
+            if done(&r) { Ok(r) } else { Err(docket::Error::WaitTimedOut(Box::new(r))) }
         })?,
     };
     match waited {
         Ok(run) => Ok(Json(WaitResponse {
+            terminal: run.status.is_terminal(),
             run: state.view(&run),
-            terminal: true,
         })),
         Err(docket::Error::WaitTimedOut(run)) => Ok(Json(WaitResponse {
             run: state.view(&run),

@@ -317,6 +317,20 @@ impl Docket {
     /// returns it. Woken at once by changes this process makes; runs finished
     /// by other processes are seen by polling every 100 ms.
     pub async fn wait(&self, id: RunId, timeout: Duration) -> Result<Run> {
+        self.wait_until(id, timeout, |r| r.status.is_terminal())
+            .await
+    }
+
+    /// Like [`Docket::wait`], until `done` holds for the run (for example
+    /// "terminal, or waiting for a person":
+    /// `|r| r.status.is_terminal() || r.status == RunStatus::NeedsInput`).
+    /// On timeout, `Error::WaitTimedOut` with the run as last read.
+    pub async fn wait_until(
+        &self,
+        id: RunId,
+        timeout: Duration,
+        done: impl Fn(&Run) -> bool,
+    ) -> Result<Run> {
         let mut rx = self.inner.changes.subscribe();
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
@@ -332,14 +346,14 @@ impl Docket {
                 }
                 Err(e) => return Err(e),
             };
-            if let Some(run) = run.filter(|r| r.status.is_terminal()) {
+            if let Some(run) = run.filter(|r| done(r)) {
                 return Ok(run);
             }
             let poll = tokio::time::sleep(Duration::from_millis(100));
             tokio::select! {
                 _ = tokio::time::sleep_until(deadline) => {
                     let run = self.get_run(id).await?;
-                    return if run.status.is_terminal() { Ok(run) } else { Err(Error::WaitTimedOut(Box::new(run))) };
+                    return if done(&run) { Ok(run) } else { Err(Error::WaitTimedOut(Box::new(run))) };
                 }
                 _ = poll => {}
                 _ = wait_for(&mut rx, id) => {}

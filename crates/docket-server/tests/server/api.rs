@@ -421,6 +421,21 @@ async fn wait_jobs_health_metrics_openapi_and_unknown_routes() {
     assert_eq!(v["error"]["field"], "timeout");
     let (st, _) = s.get(&format!("/api/runs/{id}/wait?timeout=301s")).await;
     assert_eq!(st, StatusCode::BAD_REQUEST);
+    // until=needs_input answers as soon as a person is needed.
+    let gate = s.trigger("approval", json!({})).await;
+    let (st, w) = s
+        .get(&format!(
+            "/api/runs/{gate}/wait?timeout=20s&until=needs_input"
+        ))
+        .await;
+    assert_eq!(st, StatusCode::OK, "{w}");
+    assert_eq!(
+        (w["terminal"].clone(), w["run"]["status"].clone()),
+        (json!(false), json!("needs_input"))
+    );
+    let (st, v) = s.get(&format!("/api/runs/{gate}/wait?until=later")).await;
+    assert_eq!(st, StatusCode::BAD_REQUEST);
+    assert_eq!(v["error"]["field"], "until");
 
     let (st, v) = s.get("/api/jobs").await;
     assert_eq!(st, StatusCode::OK);
