@@ -276,23 +276,28 @@ pub fn render_connections(
             );
         }
     }
-    out.push_str("# HELP docket_circuit_breaker_opened_total Times a connection's breaker opened since this process started.\n# TYPE docket_circuit_breaker_opened_total counter\n");
-    for b in breakers {
-        let _ = writeln!(
-            out,
-            "docket_circuit_breaker_opened_total{{connection=\"{}\"}} {}",
-            escape(&b.connection),
-            b.times_opened
-        );
-    }
-    out.push_str("# HELP docket_circuit_breaker_deferred_total Runs a connection's open breaker rescheduled (reason circuit_open) since this process started.\n# TYPE docket_circuit_breaker_deferred_total counter\n");
-    for b in breakers {
-        let _ = writeln!(
-            out,
-            "docket_circuit_breaker_deferred_total{{connection=\"{}\"}} {}",
-            escape(&b.connection),
-            b.deferred
-        );
+    let per_breaker: [(&str, &str, fn(&docket::http::BreakerState) -> u64); 2] = [
+        (
+            "docket_circuit_breaker_opened_total",
+            "Times a connection's breaker opened since this process started.",
+            |b| b.times_opened,
+        ),
+        (
+            "docket_circuit_breaker_deferred_total",
+            "Runs a connection's open breaker rescheduled (reason circuit_open) since this process started.",
+            |b| b.deferred,
+        ),
+    ];
+    for (name, help, value) in per_breaker {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+        for b in breakers {
+            let _ = writeln!(
+                out,
+                "{name}{{connection=\"{}\"}} {}",
+                escape(&b.connection),
+                value(b)
+            );
+        }
     }
     out.push_str("# HELP docket_connection_status A connection's status for the tenant (1 = current).\n# TYPE docket_connection_status gauge\n");
     let t = escape(tenant);
