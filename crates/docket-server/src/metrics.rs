@@ -252,6 +252,9 @@ impl Metrics {
     }
 }
 
+/// Reads one counter of a breaker.
+type BreakerCounter = fn(&docket::http::BreakerState) -> u64;
+
 /// The breaker and connection-status series (see the module docs).
 pub fn render_connections(
     out: &mut String,
@@ -276,7 +279,7 @@ pub fn render_connections(
             );
         }
     }
-    let per_breaker: [(&str, &str, fn(&docket::http::BreakerState) -> u64); 2] = [
+    let per_breaker: [(&str, &str, BreakerCounter); 2] = [
         (
             "docket_circuit_breaker_opened_total",
             "Times a connection's breaker opened since this process started.",
