@@ -206,8 +206,8 @@ fn tokens_serve_and_client_end_to_end() {
     let (_, out, _) = docket(&["trigger", "approval", r#"{"amount":5}"#, "--json"], &env);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     let ap = v["run"]["id"].as_str().unwrap().to_string();
-    let (code, out, _) = docket(&["runs", "wait", &ap, "--timeout", "300ms"], &env);
-    assert_eq!(code, 2, "still waiting for input: {out}");
+    let (code, out, _) = docket(&["runs", "wait", &ap, "--timeout", "20s"], &env);
+    assert_eq!(code, 3, "waiting for input answers at once: {out}");
     let (code, out, err) = docket(&["runs", "approve", &ap, "--data", r#"{"ok":true}"#], &env);
     assert_eq!(code, 0, "{out}{err}");
     let (code, out, _) = docket(&["runs", "wait", &ap, "--timeout", "20s", "--json"], &env);
