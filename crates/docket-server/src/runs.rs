@@ -402,6 +402,19 @@ fn summary(e: &EventRecord) -> String {
         "step_completed" | "step_failed" | "step_skipped" => {
             format!("{}: {}", e.kind.replace('_', " "), s("step"))
         }
+        "operator_retry" => {
+            let who = e.actor.as_deref().unwrap_or("an operator");
+            let vars = match d.get("updated_variables") {
+                Some(v) if !v.is_null() => format!(" with variables {v}"),
+                _ => String::new(),
+            };
+            let why = e
+                .comment
+                .as_deref()
+                .map(|c| format!(": “{c}”"))
+                .unwrap_or_default();
+            format!("retried by {who}{vars}, fresh attempt budget{why}")
+        }
         "input_requested" => format!("waiting for input `{}`", s("name")),
         "input_received" => format!("input `{}` {}", s("name"), s("decision")),
         k => {

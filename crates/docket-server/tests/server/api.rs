@@ -256,6 +256,17 @@ async fn operator_commands_and_wrong_state_409() {
         .clone();
     assert_eq!(op["actor"], "alice");
     assert_eq!(op["comment"], "bigger timeout");
+    let line = d["timeline"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["kind"] == "operator_retry")
+        .unwrap()["summary"]
+        .clone();
+    assert_eq!(
+        line,
+        "retried by alice with variables {\"timeout\":30000}, fresh attempt budget: “bigger timeout”"
+    );
     // The attempts show the gap and outcome of each.
     assert_eq!(d["attempts"][0]["outcome"], "failed");
     assert!(d["attempts"][1]["gap_ms"].as_i64().unwrap() >= 0);
