@@ -25,6 +25,9 @@ const DUE_RECHECK: Duration = Duration::from_millis(50);
 /// error) are kept and stored again; past it they are given up and their
 /// runs come back after lease expiry, as a `lease_expired` retry.
 const END_RETRY_WINDOW: Duration = Duration::from_secs(30);
+/// While attempts run, how long after a run becomes due the driver waits
+/// for an attempt end to claim it before claiming on its own.
+const BUSY_SLACK: Duration = Duration::from_millis(5);
 /// How soon an idle worker claims again when a run is already due but the
 /// last claim did not get it (a concurrency limit held elsewhere, or a run
 /// that became due just after the claim).
@@ -399,7 +402,17 @@ async fn main_loop(
             }
             let now = shared.docket.clock().now();
             let mut wait = match due {
-                Some(d) if d > now => poll.min(Duration::from_millis(d.millis_since(now) as u64)),
+                // While attempts run, their ends usually claim the due run
+                // first (in the same round trip); the timer only steps in
+                // when none comes, so it does not cost a round of its own.
+                Some(d) if d > now => {
+                    let until = Duration::from_millis(d.millis_since(now) as u64);
+                    poll.min(if in_hand > 0 {
+                        until + BUSY_SLACK
+                    } else {
+                        until
+                    })
+                }
                 // Due already, yet the claim before this turn did not get
                 // it: held back by a concurrency limit (claiming again at
                 // once would spin), or due just after that claim.
