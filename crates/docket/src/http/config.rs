@@ -225,6 +225,9 @@ pub(crate) fn compile(
         toml::from_str(text).map_err(|e| fail(vec![("toml".into(), e.to_string())]))?;
     let mut p = Problems(Vec::new());
     let mut templates = Templates::new();
+    // Declared, even if invalid: a job naming an invalid connection should
+    // not also be told the connection does not exist.
+    let declared: std::collections::BTreeSet<String> = raw.connections.keys().cloned().collect();
     let mut connections = BTreeMap::new();
     for (name, c) in raw.connections {
         if let Some(def) = connection(&name, c, base_dir, &mut p) {
@@ -233,7 +236,7 @@ pub(crate) fn compile(
     }
     let mut jobs = BTreeMap::new();
     for (name, j) in raw.jobs {
-        if let Some(spec) = job(&name, j, &connections, base_dir, &mut templates, &mut p) {
+        if let Some(spec) = job(&name, j, &declared, base_dir, &mut templates, &mut p) {
             jobs.insert(name, spec);
         }
     }
@@ -504,7 +507,7 @@ fn policy(place: &str, job: &str, raw: Option<Value>, p: &mut Problems) -> Retry
 fn job(
     name: &str,
     j: RawJob,
-    connections: &BTreeMap<String, ConnectionDef>,
+    declared: &std::collections::BTreeSet<String>,
     base: &Path,
     templates: &mut Templates,
     p: &mut Problems,
@@ -515,8 +518,8 @@ fn job(
         p.add(&place, "a job name must be 1 to 200 characters");
     }
     if let Some(c) = &j.connection {
-        if !connections.contains_key(c) {
-            let known: Vec<&str> = connections.keys().map(String::as_str).collect();
+        if !declared.contains(c) {
+            let known: Vec<&str> = declared.iter().map(String::as_str).collect();
             p.add(
                 format!("{place}.connection"),
                 format!(
@@ -809,6 +812,24 @@ mod tests {
             problems: ps,
         };
         assert!(e.to_string().starts_with("docket.toml: "));
+    }
+
+    #[test]
+    fn a_job_on_an_invalid_connection_is_not_told_it_is_missing() {
+        let ps = problems(
+            r#"
+            [connections.c]
+            base_url = "ftp://x"
+            [jobs.y]
+            connection = "c"
+            path = "/y"
+            "#,
+        );
+        assert!(
+            ps.iter().any(|(p, _)| p == "connections.c.base_url"),
+            "{ps:?}"
+        );
+        assert!(!ps.iter().any(|(p, _)| p == "jobs.y.connection"), "{ps:?}");
     }
 
     #[test]
