@@ -313,7 +313,8 @@ fn connection_row(c: &Value) -> Vec<String> {
             s(&b["failures_in_window"]),
             s(&b["failures_to_open"])
         ),
-        _ => s(&b["state"]),
+        Some(other) => other.to_string(),
+        None => "not in this process (--role api)".to_string(),
     };
     let credential = match (
         c["credential_source"].as_str(),
@@ -434,9 +435,12 @@ pub async fn breakers(a: BreakersArgs) -> Res<()> {
     }
     let list = v["breakers"].as_array().cloned().unwrap_or_default();
     if list.is_empty() {
-        println!(
-            "no breakers: the server was started without [connections.*] in its --config file"
-        );
+        match v["note"].as_str() {
+            Some(note) => println!("no breakers here: {note}"),
+            None => println!(
+                "no breakers: the server was started without [connections.*] in its --config file"
+            ),
+        }
         return Ok(());
     }
     let rows: Vec<Vec<String>> = list

@@ -344,6 +344,7 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
                 max_body_bytes: s.max_body_bytes,
                 max_input_bytes: s.max_input_bytes,
                 http: http_jobs.clone(),
+                runs_jobs: s.role != Role::Api,
                 ..ServerConfig::default()
             },
         )

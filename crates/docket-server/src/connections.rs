@@ -5,7 +5,8 @@
 //! and kept in the store, with an audit trail: every process sharing the
 //! store sees a change at its runs' next attempt. A circuit breaker's state
 //! is this process's (see `docket::http` for several processes): the API
-//! shows the breakers of the worker running in the same process.
+//! shows the breakers of the worker running in the same process, and none
+//! (saying why) in a process that runs no worker (`--role api`).
 
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult, ErrorBody};
@@ -106,14 +107,15 @@ pub struct ConnectionView {
     pub comment: Option<String>,
     /// The jobs that use it.
     pub jobs: Vec<String>,
-    /// Its circuit breaker in this process.
-    pub breaker: BreakerView,
+    /// Its circuit breaker in this process (`null` when this process runs
+    /// no worker: see `GET /api/breakers`).
+    pub breaker: Option<BreakerView>,
 }
 
 impl From<ConnectionInfo> for ConnectionView {
     fn from(c: ConnectionInfo) -> Self {
         ConnectionView {
-            breaker: BreakerView::from(&c.breaker),
+            breaker: Some(BreakerView::from(&c.breaker)),
             name: c.name,
             base_url: c.base_url,
             auth: c.auth,
@@ -165,7 +167,13 @@ pub struct ConnectionDetail {
 pub struct BreakerList {
     /// By connection name.
     pub breakers: Vec<BreakerView>,
+    /// Why the list is empty when this process runs no worker.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
+
+/// Said when this process runs no worker (`--role api`).
+pub const NO_LOCAL_BREAKERS: &str = "this process runs no worker (docket serve --role api): circuit breakers live in the worker processes (--role all or worker); their circuit_opened, circuit_half_open and circuit_closed events are in every run's timeline";
 
 /// The forensic verdicts across a job's runs.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -189,6 +197,16 @@ pub struct JobForensics {
     /// against the policy's delay and an explanation.
     #[schema(value_type = Vec<Object>)]
     pub verdicts: Vec<Value>,
+}
+
+/// A connection as shown, without a breaker where this process has no live
+/// one.
+fn view(state: &AppState, c: ConnectionInfo) -> ConnectionView {
+    let mut v = ConnectionView::from(c);
+    if !state.config.runs_jobs {
+        v.breaker = None;
+    }
+    v
 }
 
 fn http_jobs(state: &AppState) -> Option<&HttpJobs> {
@@ -236,7 +254,7 @@ pub async fn list(
             .connections(&caller.tenant)
             .await?
             .into_iter()
-            .map(ConnectionView::from)
+            .map(|c| view(&state, c))
             .collect(),
         None => Vec::new(),
     };
@@ -259,7 +277,7 @@ pub async fn show(
     Path(name): Path<String>,
 ) -> ApiResult<Json<ConnectionDetail>> {
     let h = known(&state, &name)?;
-    let connection = h.connection(&caller.tenant, &name).await?.into();
+    let connection = view(&state, h.connection(&caller.tenant, &name).await?);
     let audit = h
         .connection_audit(&caller.tenant, &name)
         .await?
@@ -288,7 +306,10 @@ async fn set_status(
     h.set_connection_status(&caller.tenant, &name, status, &actor)
         .await?;
     tracing::info!(connection = %name, tenant = %caller.tenant, actor = %caller.name, status = status.as_str(), "connection status changed");
-    Ok(Json(h.connection(&caller.tenant, &name).await?.into()))
+    Ok(Json(view(
+        &state,
+        h.connection(&caller.tenant, &name).await?,
+    )))
 }
 
 /// Enables a connection for the caller's tenant (after re-authorizing it);
@@ -361,10 +382,19 @@ pub async fn expire(
     security(("bearer" = []))
 )]
 pub async fn breakers(State(state): State<AppState>, _caller: Caller) -> Json<BreakerList> {
+    if !state.config.runs_jobs {
+        return Json(BreakerList {
+            breakers: Vec::new(),
+            note: http_jobs(&state).map(|_| NO_LOCAL_BREAKERS.to_string()),
+        });
+    }
     let breakers = http_jobs(&state)
         .map(|h| h.breakers().iter().map(BreakerView::from).collect())
         .unwrap_or_default();
-    Json(BreakerList { breakers })
+    Json(BreakerList {
+        breakers,
+        note: None,
+    })
 }
 
 /// The forensic verdicts across a job's runs created since `since` (the

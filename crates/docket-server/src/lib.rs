@@ -66,6 +66,10 @@ pub struct ServerConfig {
     /// their connections and circuit breakers show in `/api/connections`,
     /// `/api/breakers` and `/metrics`. `None`: no connections.
     pub http: Option<docket::http::HttpJobs>,
+    /// This process also runs a worker (so the HTTP jobs' circuit breakers
+    /// here are live). `false` for `docket serve --role api`: the breakers
+    /// are then not reported, since they would only ever read "closed".
+    pub runs_jobs: bool,
 }
 
 impl Default for ServerConfig {
@@ -76,6 +80,7 @@ impl Default for ServerConfig {
             max_input_bytes: docket::DEFAULT_MAX_INPUT_BYTES,
             hub: HubConfig::default(),
             http: None,
+            runs_jobs: true,
         }
     }
 }

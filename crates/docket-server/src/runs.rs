@@ -886,7 +886,14 @@ pub async fn metrics(State(state): State<AppState>, caller: Caller) -> ApiResult
             .into_iter()
             .map(|c| (c.name, c.status))
             .collect::<Vec<_>>();
-        crate::metrics::render_connections(&mut body, &caller.tenant, &http.breakers(), &statuses);
+        // No breaker series from a process without a worker: they would
+        // only ever read "closed".
+        let breakers = if state.config.runs_jobs {
+            http.breakers()
+        } else {
+            Vec::new()
+        };
+        crate::metrics::render_connections(&mut body, &caller.tenant, &breakers, &statuses);
     }
     Ok((
         [(

@@ -495,7 +495,7 @@ pub struct StatsView {
     /// Connections that are disabled or whose credentials expired.
     pub connections: Vec<ConnectionView>,
     /// Circuit breakers that are not closed (open or half-open) in this
-    /// process. `None`: the server has no connections.
+    /// process. `None`: the server has no connections, or runs no worker.
     pub breakers: Option<Vec<crate::connections::BreakerView>>,
     /// The chart (SVG): retries by error class per bucket and the failure
     /// rate.
@@ -651,12 +651,17 @@ async fn stats(
         examined: w.examined,
         capped: w.capped,
         connections,
-        breakers: state.config.http.as_ref().map(|h| {
-            h.breakers()
-                .iter()
-                .filter(|b| b.state != docket::http::BreakerPhase::Closed)
-                .map(crate::connections::BreakerView::from)
-                .collect()
-        }),
+        breakers: state
+            .config
+            .http
+            .as_ref()
+            .filter(|_| state.config.runs_jobs)
+            .map(|h| {
+                h.breakers()
+                    .iter()
+                    .filter(|b| b.state != docket::http::BreakerPhase::Closed)
+                    .map(crate::connections::BreakerView::from)
+                    .collect()
+            }),
     }))
 }

@@ -783,7 +783,7 @@
         el('td', { class: 'num', text: String(j.total) }))) : [el('tr', {}, el('td', { colspan: '9', class: 'muted', text: 'No jobs.' }))]));
       const br = $('ov-breakers');
       if (s.breakers === null || s.breakers === undefined) {
-        br.replaceChildren(el('li', { class: 'muted', text: 'none — this server has no connections (docket serve --config docket.toml)' }));
+        br.replaceChildren(el('li', { class: 'muted', text: 'none reported — this server has no connections (docket serve --config docket.toml), or runs no worker (--role api)' }));
       } else if (!s.breakers.length) {
         br.replaceChildren(el('li', { class: 'muted', text: 'none' }));
       } else {

@@ -342,3 +342,34 @@ async fn a_server_without_connections_says_so() {
     assert!(msg.as_str().unwrap().contains("--config"), "{e}");
     s.stop().await;
 }
+
+/// A process that runs no worker (`--role api`) reports no breakers — they
+/// would only ever read "closed" — and says why; connection statuses still
+/// show.
+#[tokio::test]
+async fn an_api_only_process_does_not_report_breakers_it_never_uses() {
+    let (base, _hits) = failing_service().await;
+    let mut o = Opts {
+        worker: false,
+        http_toml: Some(config(&base)),
+        ..Opts::default()
+    };
+    o.config.runs_jobs = false;
+    let s = TestServer::start_with(o).await;
+    let (st, v) = s.get("/api/breakers").await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(v["breakers"], json!([]));
+    assert!(v["note"].as_str().unwrap().contains("--role api"), "{v}");
+    let (_, c) = s.get("/api/connections").await;
+    assert_eq!(c["connections"][0]["breaker"], Value::Null, "{c}");
+    assert_eq!(c["connections"][0]["status"], "enabled");
+    let m = metrics(&s, &s.a).await;
+    assert!(!m.contains("docket_circuit_breaker_state{"), "{m}");
+    assert!(
+        m.contains(
+            "docket_connection_status{tenant=\"acme\",connection=\"crm\",status=\"enabled\"} 1"
+        ),
+        "{m}"
+    );
+    s.stop().await;
+}
