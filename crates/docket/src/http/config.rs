@@ -57,12 +57,30 @@ impl fmt::Display for HttpConfigError {
 
 impl std::error::Error for HttpConfigError {}
 
+/// The file's two sections, each entry kept as TOML so that each is read
+/// on its own: an unknown key in one job is reported with every other
+/// problem, not as the one parse error that stops the rest.
 #[derive(Debug, Deserialize, Default)]
 struct FileConfig {
     #[serde(default)]
-    connections: BTreeMap<String, RawConnection>,
+    connections: BTreeMap<String, toml::Value>,
     #[serde(default)]
-    jobs: BTreeMap<String, RawJob>,
+    jobs: BTreeMap<String, toml::Value>,
+}
+
+/// One section's entry, or its shape problem recorded at its place.
+fn entry<T: serde::de::DeserializeOwned>(
+    place: String,
+    v: toml::Value,
+    p: &mut Problems,
+) -> Option<T> {
+    match v.try_into::<T>() {
+        Ok(t) => Some(t),
+        Err(e) => {
+            p.add(place, e.message().trim().to_string());
+            None
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -229,13 +247,19 @@ pub(crate) fn compile(
     // not also be told the connection does not exist.
     let declared: std::collections::BTreeSet<String> = raw.connections.keys().cloned().collect();
     let mut connections = BTreeMap::new();
-    for (name, c) in raw.connections {
+    for (name, v) in raw.connections {
+        let Some(c) = entry::<RawConnection>(format!("connections.{name}"), v, &mut p) else {
+            continue;
+        };
         if let Some(def) = connection(&name, c, base_dir, &mut p) {
             connections.insert(name, def);
         }
     }
     let mut jobs = BTreeMap::new();
-    for (name, j) in raw.jobs {
+    for (name, v) in raw.jobs {
+        let Some(j) = entry::<RawJob>(format!("jobs.{name}"), v, &mut p) else {
+            continue;
+        };
         if let Some(spec) = job(&name, j, &declared, base_dir, &mut templates, &mut p) {
             jobs.insert(name, spec);
         }
@@ -838,5 +862,27 @@ mod tests {
         assert_eq!(ps[0].0, "toml");
         let ps = problems("[jobs.a]\nurl = \"http://x\"\nmethdo = \"GET\"\n");
         assert!(ps[0].1.contains("methdo"), "{ps:?}");
+        // Every section's unknown keys at once, each at its place, with the
+        // other problems.
+        let ps = problems(
+            r#"
+            [connections.c]
+            base_url = "http://x"
+            tokn_env = "T"
+            [jobs.a]
+            url = "http://x"
+            retyr = { max_attempts = 2 }
+            [jobs.b]
+            url = "http://x"
+            when = "input.x >"
+            "#,
+        );
+        let at = |place: &str| ps.iter().find(|(p, _)| p == place).map(|(_, m)| m.clone());
+        assert!(
+            at("connections.c").is_some_and(|m| m.contains("tokn_env")),
+            "{ps:?}"
+        );
+        assert!(at("jobs.a").is_some_and(|m| m.contains("retyr")), "{ps:?}");
+        assert!(at("jobs.b.when").is_some(), "{ps:?}");
     }
 }
