@@ -641,7 +641,21 @@ pub async fn postpone(
     let id = parse_id(&id)?;
     check_text("comment", &req.comment)?;
     let until = match (&req.until, req.delay_ms) {
-        (Some(u), None) => parse_time("until", u)?,
+        (Some(u), None) => {
+            let t = parse_time("until", u)?;
+            // Most likely a time zone slip: say so rather than run it now.
+            if t < state.now() {
+                return Err(ApiError::invalid_field(
+                    "until",
+                    format!(
+                        "`until` ({}) is in the past (now is {}): give a later time, or `delay_ms`",
+                        t.to_rfc3339(),
+                        state.now().to_rfc3339()
+                    ),
+                ));
+            }
+            t
+        }
         (None, Some(ms)) => state
             .now()
             .plus_millis(i64::try_from(ms).unwrap_or(i64::MAX)),

@@ -408,6 +408,20 @@ async fn skip_approve_reject_postpone_cancel() {
         .await;
     assert_eq!(st, StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(v["error"]["field"], "until");
+    let (st, v) = s
+        .post(
+            &format!("/api/runs/{p}/postpone"),
+            json!({"until": "2020-01-01T00:00:00Z"}),
+        )
+        .await;
+    assert_eq!(st, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("is in the past"),
+        "{v}"
+    );
 
     // Cancel while running: stops at the next step boundary.
     let c = s.trigger("sleepy", json!({"ms": 300})).await;
