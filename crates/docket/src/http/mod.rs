@@ -75,6 +75,17 @@ use serde_json::Value;
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
 
+/// The directory relative file names of a configuration file are read
+/// from, absolute so that messages name the file a worker really looks for.
+fn config_dir(path: &Path) -> std::path::PathBuf {
+    // `docket.toml` has the parent "" (not "."), which has no absolute form.
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf())
+}
+
 /// The HTTP jobs and connections of one `docket.toml`. Cloning is cheap and
 /// shares the breakers.
 #[derive(Clone)]
@@ -104,10 +115,7 @@ impl HttpJobs {
             file: path.display().to_string(),
             problems: vec![("file".into(), format!("cannot read it: {e}"))],
         })?;
-        let dir = path.parent().unwrap_or_else(|| Path::new("."));
-        // Absolute, so messages name the file a worker really looks for.
-        let dir = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
-        Self::build(&text, &path.display().to_string(), &dir)
+        Self::build(&text, &path.display().to_string(), &config_dir(path))
     }
 
     /// Like [`HttpJobs::load`], from text; relative file names are taken
@@ -341,5 +349,21 @@ impl HttpJobs {
             .store()
             .connection_audit(tenant.to_string(), name.to_string())
             .await?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relative_files_are_read_from_the_config_files_absolute_directory() {
+        let cwd = std::env::current_dir().unwrap();
+        assert_eq!(config_dir(Path::new("docket.toml")), cwd);
+        assert_eq!(config_dir(Path::new("conf/docket.toml")), cwd.join("conf"));
+        assert_eq!(
+            config_dir(Path::new("/etc/docket/docket.toml")),
+            Path::new("/etc/docket")
+        );
     }
 }
