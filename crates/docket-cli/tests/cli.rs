@@ -31,7 +31,9 @@ fn docket(args: &[&str], envs: &[(&str, &str)]) -> (i32, String, String) {
 }
 
 struct Served {
-    child: Child,
+    /// Taken by `terminate`; killed on drop otherwise, so a failing test
+    /// leaves no server behind.
+    child: Option<Child>,
     url: String,
     /// Log lines before "listening".
     early: Vec<String>,
@@ -75,7 +77,7 @@ fn serve(db: &str, extra: &[&str]) -> Served {
                 .unwrap()
                 .to_string();
             return Served {
-                child,
+                child: Some(child),
                 url: format!("http://{addr}"),
                 early,
             };
@@ -84,8 +86,17 @@ fn serve(db: &str, extra: &[&str]) -> Served {
 }
 
 /// SIGTERM, then the exit code (waiting at most 20 s).
-fn terminate(s: Served) -> i32 {
-    let Served { mut child, .. } = s;
+impl Drop for Served {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn terminate(mut s: Served) -> i32 {
+    let mut child = s.child.take().expect("the server is running");
     Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
