@@ -63,6 +63,10 @@ fn main() -> ExitCode {
             }),
         )
         .with_writer(std::io::stderr)
+        // With stderr gone (a closed pipe), tracing would report the failed
+        // write with `eprintln!`, which panics — inside whatever task
+        // logged, e.g. the one that turns SIGTERM into a shutdown.
+        .log_internal_errors(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let rt = tokio::runtime::Builder::new_multi_thread()

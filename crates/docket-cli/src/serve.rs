@@ -314,8 +314,9 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
     let on_signal = stop_tx.clone();
     tokio::spawn(async move {
         signal().await;
-        tracing::info!("signal received: shutting down");
+        // Stop first: logging may fail, the shutdown must not.
         let _ = on_signal.send(true);
+        tracing::info!("signal received: shutting down");
     });
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|v| *v).await;

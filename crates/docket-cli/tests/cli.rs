@@ -526,3 +526,43 @@ fn waiting_for_a_person_is_its_own_answer() {
     assert!(out.contains("completed"), "{out}");
     assert_eq!(terminate(s), 0);
 }
+
+/// SIGTERM stops the server even when nobody reads its log any more (its
+/// stderr is a closed pipe): logging must not stand in the way of a
+/// shutdown. (It did: tracing reported the failed write with `eprintln!`,
+/// which panicked in the task that turns the signal into a stop.)
+#[test]
+fn sigterm_stops_the_server_when_its_log_is_a_closed_pipe() {
+    let db = tmp_db();
+    let mut child = Command::new(BIN)
+        .args(["serve", "--db", &db, "--addr", "127.0.0.1:0", "--demo-jobs"])
+        .env("DOCKET_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut lines = BufReader::new(stderr).lines();
+        let ready = lines
+            .by_ref()
+            .map_while(Result::ok)
+            .any(|l| l.contains("docket API listening"));
+        // Dropping the reader closes the pipe.
+        let _ = tx.send(ready);
+    });
+    let ready = rx.recv_timeout(Duration::from_secs(30));
+    assert_eq!(ready, Ok(true), "the server started");
+    let pid = child.id().to_string();
+    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait().map(|st| st.code()));
+    });
+    let Ok(code) = rx.recv_timeout(Duration::from_secs(20)) else {
+        Command::new("kill").args(["-KILL", &pid]).status().unwrap();
+        panic!("docket serve did not stop within 20 s of SIGTERM");
+    };
+    assert_eq!(code.unwrap(), Some(0));
+}
