@@ -242,8 +242,14 @@ impl WorkerHandle {
     /// Waits for a signal (SIGTERM or ctrl-c), then shuts down with `grace`.
     pub async fn shutdown_on_signal(self, grace: Duration) -> usize {
         wait_for_signal().await;
-        tracing::info!("signal received: stopping claims, finishing running attempts");
-        self.shutdown(grace).await
+        // Logged after, not before: a subscriber that panics on a failed
+        // write (stderr a closed pipe) must not cancel the shutdown.
+        let released = self.shutdown(grace).await;
+        tracing::info!(
+            released,
+            "stopped on a signal: running attempts finished or released"
+        );
+        released
     }
 }
 
