@@ -722,38 +722,29 @@ pub async fn runs(cmd: RunsCmd) -> Res<()> {
             data,
             comment,
             conn,
-        } => {
-            let data = data
-                .map(|d| parse_json_arg("--data", &d))
-                .transpose()?
-                .unwrap_or(Value::Null);
-            op(
-                conn,
-                &id,
-                "approve",
-                json!({ "data": data, "comment": comment }),
-            )
-            .await
-        }
+        } => decide(conn, &id, "approve", data, comment).await,
         RunsCmd::Reject {
             id,
             data,
             comment,
             conn,
-        } => {
-            let data = data
-                .map(|d| parse_json_arg("--data", &d))
-                .transpose()?
-                .unwrap_or(Value::Null);
-            op(
-                conn,
-                &id,
-                "reject",
-                json!({ "data": data, "comment": comment }),
-            )
-            .await
-        }
+        } => decide(conn, &id, "reject", data, comment).await,
     }
+}
+
+/// `approve` or `reject`, with optional `--data` JSON for the handler.
+async fn decide(
+    conn: Conn,
+    id: &str,
+    what: &str,
+    data: Option<String>,
+    comment: Option<String>,
+) -> Res<()> {
+    let data = data
+        .map(|d| parse_json_arg("--data", &d))
+        .transpose()?
+        .unwrap_or(Value::Null);
+    op(conn, id, what, json!({ "data": data, "comment": comment })).await
 }
 
 fn serde_urlencoded_pairs(q: &[(&str, String)]) -> String {

@@ -7,7 +7,7 @@ use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// A service that answers every request 503 and counts them.
 async fn failing_service() -> (String, Arc<AtomicUsize>) {
@@ -52,22 +52,6 @@ jitter_ms = 0
     )
 }
 
-/// Polls `f` until it returns `Some`, at most `secs` seconds.
-async fn eventually<T, F, Fut>(what: &str, secs: u64, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 fn metric_line<'a>(text: &'a str, prefix: &str) -> Option<&'a str> {
     text.lines().find(|l| l.starts_with(prefix))
 }
@@ -102,14 +86,18 @@ async fn breaker_state_shows_in_the_api_and_metrics_and_deferred_runs_send_nothi
     assert_eq!(c["breaker"]["state"], "closed");
     assert_eq!(c["breaker"]["failures_to_open"], 2);
 
-    // Two 503s of the first run open the breaker.
+    // Two 503s of the first run open the breaker: once the second attempt's
+    // end is stored (the engine announces it; no polling), it is open.
     let first = s.trigger("ping", json!({ "id": "p-1" })).await;
-    let b = eventually("the breaker to open", 15, || async {
-        let (_, v) = s.get("/api/breakers").await;
-        let b = v["breakers"][0].clone();
-        (b["state"] == "open").then_some(b)
-    })
-    .await;
+    s.docket
+        .wait_until(first.parse().unwrap(), Duration::from_secs(15), |r| {
+            r.attempt >= 2 && r.status != docket::RunStatus::Running
+        })
+        .await
+        .unwrap();
+    let (_, v) = s.get("/api/breakers").await;
+    let b = v["breakers"][0].clone();
+    assert_eq!(b["state"], "open", "{v}");
     assert_eq!(b["connection"], "crm");
     assert_eq!(b["times_opened"], 1);
     assert!(b["reset_at"].is_string(), "{b}");
@@ -147,11 +135,15 @@ async fn breaker_state_shows_in_the_api_and_metrics_and_deferred_runs_send_nothi
 
     // While open, a second run is rescheduled (circuit_open): no request.
     let second = s.trigger("ping", json!({ "id": "p-2" })).await;
-    eventually("the second run to be deferred", 15, || async {
-        let (_, v) = s.get("/api/breakers").await;
-        (v["breakers"][0]["deferred"].as_u64() >= Some(1)).then_some(())
-    })
-    .await;
+    // Its deferral is stored with one attempt forgiven.
+    s.docket
+        .wait_until(second.parse().unwrap(), Duration::from_secs(15), |r| {
+            r.attempts_forgiven >= 1
+        })
+        .await
+        .unwrap();
+    let (_, v) = s.get("/api/breakers").await;
+    assert_eq!(v["breakers"][0]["deferred"], 1, "{v}");
     assert_eq!(
         hits.load(Ordering::SeqCst),
         2,
