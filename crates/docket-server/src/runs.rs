@@ -894,11 +894,22 @@ pub async fn metrics(State(state): State<AppState>, caller: Caller) -> ApiResult
         .collect();
     let mut body = state.metrics.render(&caller.tenant, &runs);
     if let Some(http) = &state.config.http {
+        // One read of the stored states (never-changed ones are enabled);
+        // no credential is read for a scrape.
+        let stored = state
+            .store()
+            .list_connection_states(Some(caller.tenant.clone()))
+            .await?;
         let statuses = http
-            .connections(&caller.tenant)
-            .await?
+            .connection_names()
             .into_iter()
-            .map(|c| (c.name, c.status))
+            .map(|name| {
+                let status = stored
+                    .iter()
+                    .find(|c| c.name == name)
+                    .map_or(docket::http::ConnectionStatus::Enabled, |c| c.status);
+                (name, status)
+            })
             .collect::<Vec<_>>();
         // No breaker series from a process without a worker: they would
         // only ever read "closed".
