@@ -140,6 +140,94 @@ fn fref(r: &FailureRecord) -> FailureRef {
     }
 }
 
+/// One run that met an action's idempotency key already taken by another
+/// run: it found the other run's attempt sending (`in_flight`) or its
+/// effect committed. Recorded by the ledger, not inferred from timing.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DispatchRecord {
+    /// The run that met the key.
+    pub run_id: RunId,
+    /// Its attempt.
+    pub attempt: u32,
+    /// Its lease.
+    pub lease_id: LeaseId,
+    /// The job.
+    pub job: String,
+    /// The action.
+    pub action: String,
+    /// The shared key.
+    pub idempotency_key: String,
+    /// The run that holds or committed the key.
+    pub other_run: RunId,
+    /// Its attempt.
+    pub other_attempt: u32,
+    /// Its lease.
+    pub other_lease: LeaseId,
+    /// When this run met the key.
+    pub at: Timestamp,
+    /// True when the other run's effect was committed (the stored result
+    /// was returned), false when it was still in flight (this run waited).
+    pub committed: bool,
+}
+
+/// Duplicate dispatches: one verdict per (run, other run, key) — however
+/// often the run looked again — naming both runs. The ledger kept the
+/// effect single; the verdict says the work was dispatched twice upstream.
+pub fn classify_dispatches(records: &[DispatchRecord]) -> Vec<PairVerdict> {
+    let mut seen: BTreeMap<(RunId, RunId, &str), &DispatchRecord> = BTreeMap::new();
+    for r in records {
+        if r.run_id == r.other_run {
+            continue;
+        }
+        seen.entry((r.run_id, r.other_run, r.idempotency_key.as_str()))
+            .and_modify(|e| {
+                if r.at < e.at {
+                    *e = r;
+                }
+            })
+            .or_insert(r);
+    }
+    let mut out: Vec<PairVerdict> = seen
+        .into_values()
+        .map(|r| PairVerdict {
+            first: FailureRef {
+                run_id: r.other_run,
+                attempt: r.other_attempt,
+                lease_id: r.other_lease,
+                late_report: false,
+            },
+            second: FailureRef {
+                run_id: r.run_id,
+                attempt: r.attempt,
+                lease_id: r.lease_id,
+                late_report: false,
+            },
+            job: r.job.clone(),
+            action: r.action.clone(),
+            error_class: ErrorClass::Duplicate,
+            verdict: Verdict::DuplicateDispatch,
+            severity: Verdict::DuplicateDispatch.severity(),
+            gap_ms: 0,
+            expected_delay_ms: None,
+            explanation: format!(
+                "runs {} and {} carry the same idempotency key `{}` for action `{}`: the work was dispatched twice upstream; run {} {}, so the effect happened once",
+                r.other_run,
+                r.run_id,
+                r.idempotency_key,
+                r.action,
+                r.run_id,
+                if r.committed {
+                    "found it committed and returned the stored result"
+                } else {
+                    "found it in flight and waited instead of sending"
+                }
+            ),
+        })
+        .collect();
+    out.sort_by_key(|v| (v.second.run_id, v.first.run_id));
+    out
+}
+
 /// Classifies every relevant pair among `records`.
 ///
 /// Failures are grouped by (job, action, error class). Within a group:
@@ -360,6 +448,39 @@ mod tests {
         assert_eq!(
             serde_json::to_value(Verdict::LeaseOverlap).unwrap(),
             "lease_overlap"
+        );
+    }
+
+    #[test]
+    fn dispatches_give_one_verdict_per_pair_of_runs() {
+        let (a, b, c) = (RunId::new(), RunId::new(), RunId::new());
+        let rec = |run: RunId, other: RunId, at: i64, committed: bool| DispatchRecord {
+            run_id: run,
+            attempt: 1,
+            lease_id: LeaseId::new(),
+            job: "charge".into(),
+            action: "charge".into(),
+            idempotency_key: "k".into(),
+            other_run: other,
+            other_attempt: 1,
+            other_lease: LeaseId::new(),
+            at: Timestamp(at),
+            committed,
+        };
+        let v = classify_dispatches(&[
+            rec(b, a, 5, false),
+            rec(b, a, 9, true),
+            rec(c, a, 7, true),
+            rec(a, a, 1, true),
+        ]);
+        assert_eq!(v.len(), 2);
+        assert!(v.iter().all(|v| v.first.run_id == a
+            && v.verdict == Verdict::DuplicateDispatch
+            && v.error_class == ErrorClass::Duplicate));
+        let vb = v.iter().find(|v| v.second.run_id == b).unwrap();
+        assert!(
+            vb.explanation.contains("in flight"),
+            "the earliest record wins"
         );
     }
 }

@@ -231,6 +231,10 @@ pub enum RetryReason {
     RetryAfter,
     /// A circuit breaker is open until its reset time (no attempt consumed).
     CircuitOpen,
+    /// Another attempt holds the action's idempotency key with a live lease:
+    /// its request may be in flight, so this run waits for its outcome
+    /// instead of sending (no attempt consumed).
+    ActionInFlight,
 }
 
 impl RetryReason {
@@ -240,7 +244,15 @@ impl RetryReason {
             RetryReason::Backoff => "backoff",
             RetryReason::RetryAfter => "retry_after",
             RetryReason::CircuitOpen => "circuit_open",
+            RetryReason::ActionInFlight => "action_in_flight",
         }
+    }
+
+    /// Whether a stored reason marks a deferral: nothing was sent, so the
+    /// attempt is `deferred` (not a failure) and spends no budget.
+    pub fn is_deferral(stored: &str) -> bool {
+        stored == RetryReason::CircuitOpen.as_str()
+            || stored == RetryReason::ActionInFlight.as_str()
     }
 }
 

@@ -900,24 +900,36 @@ pub async fn steps_are_stored_fenced_and_unique(store: DynStore) {
     );
 }
 
-/// Ledger rows are keyed by (tenant, key), updated in place, fenced.
-pub async fn ledger_rows_are_written_fenced(store: DynStore) {
-    let (run, lease) = claimed(&store).await;
-    let mut w = LedgerWrite {
+fn ledger_w(key: &str, state: LedgerState) -> LedgerWrite {
+    LedgerWrite {
         tenant: DEFAULT_TENANT.into(),
-        idempotency_key: "prospect-7ca677ed25d3/send-email/campaign-9/v1".into(),
+        idempotency_key: key.into(),
         action: "send-email".into(),
-        state: LedgerState::Started,
+        state,
         result: None,
         error_class: None,
         error_message: None,
-    };
-    store
-        .ledger_write(lease, w.clone(), "action_started".into(), T0.plus_millis(1))
+    }
+}
+
+/// Ledger rows are keyed by (tenant, key), begun `started`, moved on in
+/// place by compare-and-set, fenced by the lease.
+pub async fn ledger_rows_are_written_fenced(store: DynStore) {
+    let (run, lease) = claimed(&store).await;
+    let key = "prospect-7ca677ed25d3/send-email/campaign-9/v1";
+    let begun = store
+        .ledger_begin(lease, key.into(), "send-email".into(), T0.plus_millis(1))
         .await
         .unwrap();
+    assert_eq!(
+        begun,
+        LedgerBegin::Acquired {
+            previous: None,
+            reconcile_first: false
+        }
+    );
     let e = store
-        .ledger_get(DEFAULT_TENANT.into(), w.idempotency_key.clone())
+        .ledger_get(DEFAULT_TENANT.into(), key.into())
         .await
         .unwrap()
         .unwrap();
@@ -925,7 +937,7 @@ pub async fn ledger_rows_are_written_fenced(store: DynStore) {
     assert_eq!(e.run_id, run.id);
     assert_eq!(e.lease_id, lease.lease_id);
     assert_eq!(e.attempt, 1);
-    w.state = LedgerState::Committed;
+    let mut w = ledger_w(key, LedgerState::Committed);
     w.result = Some(json!({"message_id": "m-1"}));
     store
         .ledger_write(
@@ -937,7 +949,7 @@ pub async fn ledger_rows_are_written_fenced(store: DynStore) {
         .await
         .unwrap();
     let e = store
-        .ledger_get(DEFAULT_TENANT.into(), w.idempotency_key.clone())
+        .ledger_get(DEFAULT_TENANT.into(), key.into())
         .await
         .unwrap()
         .unwrap();
@@ -946,11 +958,50 @@ pub async fn ledger_rows_are_written_fenced(store: DynStore) {
     assert_eq!(e.created_at, T0.plus_millis(1));
     assert_eq!(e.updated_at, T0.plus_millis(2));
     assert!(store
-        .ledger_get("other".into(), w.idempotency_key.clone())
+        .ledger_get("other".into(), key.into())
         .await
         .unwrap()
         .is_none());
     assert_eq!(store.ledger_for_run(run.id).await.unwrap().len(), 1);
+    // A late failure of the very attempt that committed never downgrades it.
+    let mut late = ledger_w(key, LedgerState::FailedRetryable);
+    late.error_class = Some(ErrorClass::Unavailable);
+    late.error_message = Some("503 after commit".into());
+    match store
+        .ledger_write(lease, late, "action_failed".into(), T0.plus_millis(3))
+        .await
+    {
+        Err(StoreError::LedgerConflict {
+            current,
+            attempted,
+            holder_run,
+            ..
+        }) => {
+            assert_eq!(current, LedgerState::Committed);
+            assert_eq!(attempted, LedgerState::FailedRetryable);
+            assert_eq!(holder_run, run.id);
+        }
+        other => panic!("a late failure must be refused, got {other:?}"),
+    }
+    let e = store
+        .ledger_get(DEFAULT_TENANT.into(), key.into())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(e.state, LedgerState::Committed);
+    assert_eq!(e.result, Some(json!({"message_id": "m-1"})));
+    // `started` is only written by a begin.
+    assert!(matches!(
+        store
+            .ledger_write(
+                lease,
+                ledger_w("other-key", LedgerState::Started),
+                "action_started".into(),
+                T0.plus_millis(3)
+            )
+            .await,
+        Err(StoreError::Conflict(_))
+    ));
     let stale = LeaseRef {
         run_id: run.id,
         lease_id: LeaseId::new(),
@@ -961,11 +1012,172 @@ pub async fn ledger_rows_are_written_fenced(store: DynStore) {
             .await,
         Err(StoreError::StaleLease { .. })
     ));
-    let k = kinds(&store, run.id).await;
+    let events = store
+        .events(EventFilter {
+            run_id: Some(run.id),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let k: Vec<_> = events.iter().map(|e| e.kind.as_str()).collect();
     assert_eq!(
         &k[2..],
-        ["action_started", "action_committed", "stale_write_refused"]
+        [
+            "action_started",
+            "action_committed",
+            "ledger_write_refused",
+            "ledger_write_refused",
+            "stale_write_refused"
+        ]
     );
+    let refused = &events[4].data;
+    assert_eq!(refused["attempted"], "failed_retryable");
+    assert_eq!(refused["current_state"], "committed");
+    assert_eq!(refused["held_by_run"], json!(run.id));
+    assert_eq!(refused["error_class"], "unavailable");
+    assert_eq!(refused["message"], "503 after commit");
+}
+
+/// Claims `n` runs of `job`, each with its own lease.
+async fn claimed_n(store: &DynStore, n: usize, now: Timestamp) -> Vec<(Run, LeaseRef)> {
+    let runs: Vec<NewRun> = (0..n).map(|_| NewRun::new("job", json!({}))).collect();
+    store.trigger(runs, T0).await.unwrap();
+    let got = store.claim(claim_req(now, n)).await.unwrap();
+    assert_eq!(got.len(), n);
+    got.into_iter()
+        .map(|r| {
+            let lease = LeaseRef {
+                run_id: r.id,
+                lease_id: r.lease_id.unwrap(),
+            };
+            (r, lease)
+        })
+        .collect()
+}
+
+/// A key `started` by another run's live attempt is in flight: a second
+/// run may not take it (and the refusal names the holder); once the
+/// holder's lease has expired it is taken over with a reconcile first,
+/// and the old holder can no longer move it.
+pub async fn ledger_in_flight_until_the_holders_lease_expires(store: DynStore) {
+    let pair = claimed_n(&store, 2, T0).await;
+    let ((a, la), (b, lb)) = (pair[0].clone(), pair[1].clone());
+    let key = "charge/order-42";
+    let begin =
+        |lease: LeaseRef, at: Timestamp| store.ledger_begin(lease, key.into(), "charge".into(), at);
+    assert!(matches!(
+        begin(la, T0.plus_millis(1)).await.unwrap(),
+        LedgerBegin::Acquired {
+            reconcile_first: false,
+            ..
+        }
+    ));
+    let expires = a.lease_expires_at.unwrap();
+    match begin(lb, T0.plus_millis(2)).await.unwrap() {
+        LedgerBegin::InFlight {
+            entry,
+            holder_lease_expires_at,
+        } => {
+            assert_eq!(entry.run_id, a.id);
+            assert_eq!(entry.lease_id, la.lease_id);
+            assert_eq!(holder_lease_expires_at, expires);
+        }
+        other => panic!("another live attempt holds the key, got {other:?}"),
+    }
+    let ev = store
+        .events(EventFilter {
+            run_id: Some(b.id),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let in_flight = ev
+        .iter()
+        .find(|e| e.kind == "action_in_flight")
+        .expect("recorded");
+    assert_eq!(in_flight.data["held_by_run"], json!(a.id));
+    assert_eq!(in_flight.data["held_by_lease"], json!(la.lease_id));
+    assert_eq!(in_flight.data["idempotency_key"], key);
+    // Still live one millisecond before expiry…
+    assert!(matches!(
+        begin(lb, expires.plus_millis(-1)).await.unwrap(),
+        LedgerBegin::InFlight { .. }
+    ));
+    // …gone at expiry (even before the reaper ran): taken over, reconcile
+    // first, since A may have sent.
+    match begin(lb, expires).await.unwrap() {
+        LedgerBegin::Acquired {
+            previous,
+            reconcile_first,
+        } => {
+            assert!(reconcile_first);
+            assert_eq!(previous.unwrap().run_id, a.id);
+        }
+        other => panic!("an expired holder's key is taken over, got {other:?}"),
+    }
+    // A's late commit is refused: B holds the row now.
+    let mut commit = ledger_w(key, LedgerState::Committed);
+    commit.action = "charge".into();
+    assert!(matches!(
+        store
+            .ledger_write(la, commit.clone(), "action_committed".into(), expires.plus_millis(1))
+            .await,
+        Err(StoreError::LedgerConflict { current: LedgerState::Started, holder_run, .. }) if holder_run == b.id
+    ));
+    store
+        .ledger_write(
+            lb,
+            commit,
+            "action_committed".into(),
+            expires.plus_millis(2),
+        )
+        .await
+        .unwrap();
+    // A third begin, by anyone, returns the committed row.
+    match begin(la, expires.plus_millis(3)).await.unwrap() {
+        LedgerBegin::Committed(e) => assert_eq!(e.run_id, b.id),
+        other => panic!("committed is final, got {other:?}"),
+    }
+}
+
+/// Runs racing to begin one key: exactly one takes it, every other one is
+/// told it is in flight — also when the begins overlap on PostgreSQL.
+pub async fn ledger_begin_race_has_one_winner(store: DynStore) {
+    let runs = claimed_n(&store, 6, T0).await;
+    let key = "race/one-key";
+    let tasks: Vec<_> = runs
+        .iter()
+        .map(|(_, l)| {
+            let store = store.clone();
+            let l = *l;
+            tokio::spawn(async move {
+                store
+                    .ledger_begin(l, key.into(), "charge".into(), T0.plus_millis(5))
+                    .await
+                    .unwrap()
+            })
+        })
+        .collect();
+    let mut got = Vec::new();
+    for t in tasks {
+        got.push(t.await.unwrap());
+    }
+    let won: Vec<_> = got
+        .iter()
+        .filter(|b| matches!(b, LedgerBegin::Acquired { .. }))
+        .collect();
+    assert_eq!(won.len(), 1, "{got:?}");
+    let row = store
+        .ledger_get(DEFAULT_TENANT.into(), key.into())
+        .await
+        .unwrap()
+        .unwrap();
+    for b in &got {
+        if let LedgerBegin::InFlight { entry, .. } = b {
+            assert_eq!(entry.lease_id, row.lease_id);
+        }
+    }
+    assert_eq!(got.len() - won.len(), 5);
 }
 
 /// Cancel: at once when not running; requested (seen by heartbeats and step
@@ -1315,6 +1527,8 @@ macro_rules! conformance_tests {
             last_event_id_tracks_events,
             steps_are_stored_fenced_and_unique,
             ledger_rows_are_written_fenced,
+            ledger_in_flight_until_the_holders_lease_expires,
+            ledger_begin_race_has_one_winner,
             operator_cancel_by_state,
             operator_approve_and_reject,
             operator_retry_merges_variables_and_resets_budget,

@@ -15,6 +15,7 @@
 pub mod conformance;
 pub mod connections;
 pub mod model;
+pub mod plan;
 #[cfg(feature = "postgres")]
 pub mod postgres;
 pub mod sqlite;
@@ -84,6 +85,20 @@ pub enum StoreError {
     /// A stored value could not be decoded.
     #[error("corrupt row: {0}")]
     Corrupt(String),
+    /// A ledger write was refused: the row is not held `started` by the
+    /// writer's attempt (another attempt holds it, or it is final). The
+    /// refusal is recorded as a `ledger_write_refused` event.
+    #[error("ledger key `{idempotency_key}` is {current} (held by run {holder_run}): {attempted} refused")]
+    LedgerConflict {
+        /// The key.
+        idempotency_key: String,
+        /// The state the writer asked for.
+        attempted: LedgerState,
+        /// The row's state.
+        current: LedgerState,
+        /// The run that holds or committed the row.
+        holder_run: RunId,
+    },
 }
 
 impl StoreError {
@@ -222,8 +237,28 @@ pub trait Store: TokenStore + ConnectionStore + StatsStore + Send + Sync + 'stat
     /// The ledger rows last written by a run.
     async fn ledger_for_run(&self, run_id: RunId) -> Result<Vec<LedgerEntry>>;
 
-    /// Writes a ledger row (insert or update) and an event of kind
-    /// `event` on the run, fenced by the lease.
+    /// Takes the key for the attempt's action, or reports why not, in one
+    /// transaction fenced by the lease (the decision is
+    /// [`plan::ledger_begin`]): an absent row, or one whose holder is gone
+    /// (`unknown`, `failed_*`, `started` under a lease that is no longer
+    /// live), becomes `started` under the caller's lease (`action_started`
+    /// event); a `committed` row is returned untouched; a `started` row
+    /// under another live lease is in flight (`action_in_flight` event on
+    /// the caller's run, naming the holder).
+    /// The tenant is the run's.
+    async fn ledger_begin(
+        &self,
+        lease: LeaseRef,
+        idempotency_key: String,
+        action: String,
+        now: Timestamp,
+    ) -> Result<LedgerBegin>;
+
+    /// Moves a ledger row the caller's attempt holds `started` to
+    /// `write.state` (compare-and-set on state and lease, decided by
+    /// [`plan::ledger_write`]), with an event of kind `event`, fenced by
+    /// the lease. `committed` is final. Any other row is refused with
+    /// [`StoreError::LedgerConflict`] and a `ledger_write_refused` event.
     async fn ledger_write(
         &self,
         lease: LeaseRef,

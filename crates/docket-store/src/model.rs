@@ -459,6 +459,12 @@ impl LedgerState {
     }
 }
 
+impl std::fmt::Display for LedgerState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 impl std::str::FromStr for LedgerState {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
@@ -521,6 +527,35 @@ pub struct LedgerWrite {
     pub error_class: Option<ErrorClass>,
     /// The failure's message.
     pub error_message: Option<String>,
+}
+
+/// What [`crate::Store::ledger_begin`] found for a key, and did about it.
+#[derive(Clone, Debug, PartialEq)]
+pub enum LedgerBegin {
+    /// The caller's attempt now holds the key `started` (the row was
+    /// absent, or its last holder is gone). When `reconcile_first`, the
+    /// previous outcome is unknown (a timeout, or a `started` row whose
+    /// attempt died): ask the remote side whether the effect landed before
+    /// sending anything.
+    Acquired {
+        /// The row as it was before (none for a new key).
+        previous: Option<LedgerEntry>,
+        /// Reconcile before sending.
+        reconcile_first: bool,
+    },
+    /// The effect is committed (by this run or another): never act again,
+    /// return the stored result.
+    Committed(LedgerEntry),
+    /// Another attempt holds the key `started` and its lease is live: its
+    /// request may be in flight. Do not send; wait for its outcome. An
+    /// `action_in_flight` event naming the holder was recorded on the
+    /// caller's run.
+    InFlight {
+        /// The row, naming the holder (run, attempt, lease).
+        entry: LedgerEntry,
+        /// When the holder's lease expires unless renewed.
+        holder_lease_expires_at: Timestamp,
+    },
 }
 
 /// What an operator asks of a run.

@@ -5,7 +5,10 @@
 use crate::error::Control;
 use crate::{Docket, JobError};
 use docket_core::{ErrorClass, LeaseId, RunId, Timestamp};
-use docket_store::{LeaseRef, LedgerState, LedgerWrite, StepRecord, StepStatus, StoreError};
+use docket_store::{
+    LeaseRef, LedgerBegin, LedgerEntry, LedgerState, LedgerWrite, StepRecord, StepStatus,
+    StoreError,
+};
 use serde::{de::DeserializeOwned, Serialize};
 use serde_json::{json, Value};
 use std::collections::{HashMap, HashSet};
@@ -386,7 +389,7 @@ impl Ctx {
         result: Option<Value>,
         err: Option<&JobError>,
         event: &str,
-    ) -> Result<(), JobError> {
+    ) -> Result<(), StoreError> {
         self.docket
             .store()
             .ledger_write(
@@ -404,7 +407,6 @@ impl Ctx {
                 self.now(),
             )
             .await
-            .map_err(store_err)
     }
 
     async fn action_inner<T, F, Fut, R, RFut>(
@@ -431,12 +433,6 @@ impl Ctx {
         if let Some(done) = self.replay::<T>(&name).await? {
             return Ok(done);
         }
-        let entry = self
-            .docket
-            .store()
-            .ledger_get(self.tenant.clone(), key.clone())
-            .await
-            .map_err(store_err)?;
         let decode = |v: Value, how: &str| -> Result<T, JobError> {
             serde_json::from_value(v).map_err(|e| {
                 JobError::permanent(format!(
@@ -444,91 +440,117 @@ impl Ctx {
                 ))
             })
         };
-        if let Some(entry) = &entry {
-            let dead_start = entry.state == LedgerState::Started && entry.lease_id != self.lease_id;
-            match entry.state {
-                LedgerState::Committed => {
-                    let result = entry.result.clone().unwrap_or(Value::Null);
-                    if entry.run_id != self.run_id {
-                        self.docket
-                            .store()
-                            .append_event(
-                                self.lease(),
-                                "duplicate_suppressed".into(),
-                                json!({ "action": name, "idempotency_key": key, "committed_by_run": entry.run_id, "committed_at": entry.updated_at }),
-                                self.now(),
-                            )
-                            .await
-                            .map_err(store_err)?;
-                    }
-                    self.save(&name, result.clone()).await?;
-                    return Ok(Stepped::Done(decode(result, "the stored")?));
-                }
-                LedgerState::Unknown | LedgerState::Started
-                    if entry.state == LedgerState::Unknown || dead_start =>
-                {
-                    self.check_cancel()?;
-                    let Some(reconcile) = reconcile else {
-                        let e = JobError::permanent(format!(
-                            "action `{name}` (key {key}) may or may not have happened: its last attempt ended with the outcome unknown and the action has no reconcile function; check the remote side, then skip the step (it happened) or retry the run (it did not)"
-                        ));
-                        self.record_failure(&name, &e).await;
-                        return Err(e.in_action(name).with_key(&key));
-                    };
-                    match reconcile(key.clone()).await {
-                        Ok(Reconciled::Committed(v)) => {
-                            self.ledger(
-                                &name,
-                                &key,
-                                LedgerState::Committed,
-                                Some(v.clone()),
-                                None,
-                                "action_reconciled",
-                            )
-                            .await?;
-                            self.save(&name, v.clone()).await?;
-                            return Ok(Stepped::Done(decode(v, "the reconciled")?));
-                        }
-                        Ok(Reconciled::NotDone) => {
-                            self.docket
-                                .store()
-                                .append_event(self.lease(), "action_reconciled".into(), json!({ "action": name, "idempotency_key": key, "found": "not_done" }), self.now())
-                                .await
-                                .map_err(store_err)?;
-                        }
-                        Ok(Reconciled::StillUnknown) => {
-                            let e = JobError::timeout(format!("action `{name}` (key {key}): outcome still unknown after reconciling; retrying later"));
-                            self.ledger(
-                                &name,
-                                &key,
-                                LedgerState::Unknown,
-                                None,
-                                Some(&e),
-                                "action_unknown",
-                            )
-                            .await?;
-                            self.record_failure(&name, &e).await;
-                            return Err(e.in_action(name).with_key(&key));
-                        }
-                        Err(e) => {
-                            self.record_failure(&name, &e).await;
-                            return Err(e.in_action(name).with_key(&key));
-                        }
-                    }
-                }
-                _ => {}
-            }
-        }
         self.check_cancel()?;
-        self.ledger(
-            &name,
-            &key,
-            LedgerState::Started,
-            None,
-            None,
-            "action_started",
-        )
-        .await?;
+        // One transaction decides who may send: the key is taken for this
+        // attempt, or it is committed, or another live attempt is sending.
+        let begin = self
+            .docket
+            .store()
+            .ledger_begin(self.lease(), key.clone(), name.clone(), self.now())
+            .await
+            .map_err(store_err)?;
+        let reconcile_first = match begin {
+            LedgerBegin::Committed(entry) => {
+                let result = entry.result.clone().unwrap_or(Value::Null);
+                if entry.run_id != self.run_id {
+                    self.docket
+                        .store()
+                        .append_event(
+                            self.lease(),
+                            "duplicate_suppressed".into(),
+                            json!({ "action": name, "idempotency_key": key, "committed_by_run": entry.run_id, "committed_by_attempt": entry.attempt, "committed_by_lease": entry.lease_id, "committed_at": entry.updated_at }),
+                            self.now(),
+                        )
+                        .await
+                        .map_err(store_err)?;
+                }
+                self.save(&name, result.clone()).await?;
+                return Ok(Stepped::Done(decode(result, "the stored")?));
+            }
+            LedgerBegin::InFlight {
+                entry,
+                holder_lease_expires_at,
+            } => {
+                return Err(self.in_flight(&name, &key, &entry, holder_lease_expires_at));
+            }
+            LedgerBegin::Acquired {
+                reconcile_first, ..
+            } => reconcile_first,
+        };
+        if reconcile_first {
+            let Some(reconcile) = reconcile else {
+                let e = JobError::permanent(format!(
+                    "action `{name}` (key {key}) may or may not have happened: its last attempt ended with the outcome unknown and the action has no reconcile function; check the remote side, then skip the step (it happened) or retry the run (it did not)"
+                ));
+                self.ledger_end(
+                    &name,
+                    &key,
+                    LedgerState::Unknown,
+                    None,
+                    Some(&e),
+                    "action_unknown",
+                )
+                .await?;
+                self.record_failure(&name, &e).await;
+                return Err(e.in_action(name).with_key(&key));
+            };
+            match reconcile(key.clone()).await {
+                Ok(Reconciled::Committed(v)) => {
+                    self.ledger_end(
+                        &name,
+                        &key,
+                        LedgerState::Committed,
+                        Some(v.clone()),
+                        None,
+                        "action_reconciled",
+                    )
+                    .await?;
+                    self.save(&name, v.clone()).await?;
+                    return Ok(Stepped::Done(decode(v, "the reconciled")?));
+                }
+                Ok(Reconciled::NotDone) => {
+                    self.docket
+                        .store()
+                        .append_event(
+                            self.lease(),
+                            "action_reconciled".into(),
+                            json!({ "action": name, "idempotency_key": key, "found": "not_done" }),
+                            self.now(),
+                        )
+                        .await
+                        .map_err(store_err)?;
+                }
+                Ok(Reconciled::StillUnknown) => {
+                    let e = JobError::timeout(format!("action `{name}` (key {key}): outcome still unknown after reconciling; retrying later"));
+                    self.ledger_end(
+                        &name,
+                        &key,
+                        LedgerState::Unknown,
+                        None,
+                        Some(&e),
+                        "action_unknown",
+                    )
+                    .await?;
+                    self.record_failure(&name, &e).await;
+                    return Err(e.in_action(name).with_key(&key));
+                }
+                Err(e) => {
+                    // Asking failed: the outcome is as unknown as before.
+                    self.ledger_end(
+                        &name,
+                        &key,
+                        LedgerState::Unknown,
+                        None,
+                        Some(&e),
+                        "action_unknown",
+                    )
+                    .await?;
+                    self.record_failure(&name, &e).await;
+                    return Err(e.in_action(name).with_key(&key));
+                }
+            }
+            self.check_cancel()?;
+        }
         let res = match timeout {
             Some(t) => match tokio::time::timeout(t, f(key.clone())).await {
                 Ok(r) => r,
@@ -543,7 +565,7 @@ impl Ctx {
                 let value = serde_json::to_value(&v).map_err(|e| {
                     JobError::permanent(format!("action `{name}`: result cannot be stored: {e}"))
                 })?;
-                self.ledger(
+                self.ledger_end(
                     &name,
                     &key,
                     LedgerState::Committed,
@@ -555,6 +577,8 @@ impl Ctx {
                 self.save(&name, value).await?;
                 Ok(Stepped::Done(v))
             }
+            // The row stays `started` under this lease: once the attempt is
+            // over, the next begin finds its holder gone and reconciles.
             Err(e) if e.is_suspension() => Err(e),
             Err(e) => {
                 let (state, event) = match e.class {
@@ -564,11 +588,85 @@ impl Ctx {
                     c if c.is_retryable() => (LedgerState::FailedRetryable, "action_failed"),
                     _ => (LedgerState::FailedTerminal, "action_failed"),
                 };
-                self.ledger(&name, &key, state, None, Some(&e), event)
-                    .await?;
+                // A refused write (the row was taken over, or is committed)
+                // changes nothing: this attempt's failure stands as its own
+                // evidence and never downgrades the row.
+                match self
+                    .ledger_end(&name, &key, state, None, Some(&e), event)
+                    .await
+                {
+                    Ok(()) => {}
+                    Err(le) if le.is_suspension() => {}
+                    Err(le) => return Err(le),
+                }
                 self.record_failure(&name, &e).await;
                 Err(e.in_action(name).with_key(&key))
             }
+        }
+    }
+
+    /// How long a run that found its action in flight elsewhere waits
+    /// before it looks again: at most this, or until the holder's lease
+    /// expires if that is sooner.
+    pub const IN_FLIGHT_RECHECK: Duration = Duration::from_secs(1);
+
+    /// The deferral of an attempt that found its action's key held by
+    /// another live attempt: nothing is sent; the run is rescheduled (no
+    /// attempt spent) to look again when the holder has had time to finish.
+    fn in_flight(
+        &self,
+        name: &str,
+        key: &str,
+        holder: &LedgerEntry,
+        holder_lease_expires_at: Timestamp,
+    ) -> JobError {
+        let now = self.now();
+        let until = holder_lease_expires_at
+            .min(now.plus_millis(Self::IN_FLIGHT_RECHECK.as_millis() as i64))
+            .max(now);
+        JobError::control(
+            Control::ActionInFlight { until },
+            &format!(
+                "action `{name}` (key {key}) is in flight in run {} (attempt {}, lease {}): not sent again; waiting for its outcome, next look at {until}",
+                holder.run_id, holder.attempt, holder.lease_id
+            ),
+        )
+        .in_action(name.to_string())
+        .with_key(key)
+    }
+
+    /// Moves the ledger row this attempt holds to its outcome. A refusal
+    /// (another attempt took the key over after this one's lease lapsed,
+    /// or it is committed) defers the run so the next attempt reads the
+    /// row as it is; it never overwrites it.
+    async fn ledger_end(
+        &self,
+        name: &str,
+        key: &str,
+        state: LedgerState,
+        result: Option<Value>,
+        err: Option<&JobError>,
+        event: &str,
+    ) -> Result<(), JobError> {
+        match self.ledger(name, key, state, result, err, event).await {
+            Err(StoreError::LedgerConflict {
+                current,
+                holder_run,
+                ..
+            }) => {
+                let until = self
+                    .now()
+                    .plus_millis(Self::IN_FLIGHT_RECHECK.as_millis() as i64);
+                Err(JobError::control(
+                    Control::ActionInFlight { until },
+                    &format!(
+                        "action `{name}` (key {key}): the ledger row is {current} by run {holder_run}, not this attempt's; {state} not recorded; looking again at {until}"
+                    ),
+                )
+                .in_action(name.to_string())
+                .with_key(key))
+            }
+            r => r.map_err(store_err),
         }
     }
 

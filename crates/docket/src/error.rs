@@ -40,6 +40,11 @@ pub(crate) enum Control {
         until: Timestamp,
         breaker: String,
     },
+    /// Another live attempt holds an action's idempotency key: reschedule
+    /// at `until` with reason `action_in_flight`, consuming no attempt.
+    ActionInFlight {
+        until: Timestamp,
+    },
     /// Fail the run at once with this terminal reason, no retry.
     Terminal {
         reason: docket_core::TerminalReason,

@@ -3,8 +3,10 @@
 //! class (the classifier itself is pure, in `docket_core::forensics`).
 
 use crate::{Docket, Result, Run, RunFilter, RunId, Timestamp};
-use docket_core::forensics::{classify, FailureRecord, PairVerdict, Verdict};
-use docket_core::{ErrorClass, Fingerprint};
+use docket_core::forensics::{
+    classify, classify_dispatches, DispatchRecord, FailureRecord, PairVerdict, Verdict,
+};
+use docket_core::{ErrorClass, Fingerprint, LeaseId};
 use docket_store::{AttemptRecord, EventFilter, EventRecord};
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -85,9 +87,12 @@ fn failures_of(
         if !matches!(a.outcome.as_str(), "failed" | "lease_expired") {
             continue;
         }
-        // A circuit breaker's deferral sent nothing: it is not a failure of
+        // A deferral (an open breaker, an action in flight) sent nothing: it is not a failure of
         // the action, and two of them are not a retry without backoff.
-        if a.retry_reason.as_deref() == Some("circuit_open") {
+        if a.retry_reason
+            .as_deref()
+            .is_some_and(docket_core::policy::RetryReason::is_deferral)
+        {
             continue;
         }
         let fp = decode_fp(a.fingerprint.as_deref());
@@ -142,6 +147,82 @@ fn failures_of(
     out
 }
 
+/// The duplicate dispatches a run met, from the ledger's evidence on it:
+/// `action_in_flight` (another run's attempt was sending) and
+/// `duplicate_suppressed` (another run had committed).
+fn dispatches_of(
+    run: &Run,
+    attempts: &[AttemptRecord],
+    events: &[EventRecord],
+) -> Vec<DispatchRecord> {
+    events
+        .iter()
+        .filter_map(|e| {
+            let (other, attempt, lease, committed) = match e.kind.as_str() {
+                "action_in_flight" => (
+                    &e.data["held_by_run"],
+                    &e.data["held_by_attempt"],
+                    &e.data["held_by_lease"],
+                    false,
+                ),
+                "duplicate_suppressed" => (
+                    &e.data["committed_by_run"],
+                    &e.data["committed_by_attempt"],
+                    &e.data["committed_by_lease"],
+                    true,
+                ),
+                _ => return None,
+            };
+            let own_lease = e.lease_id?;
+            Some(DispatchRecord {
+                run_id: run.id,
+                attempt: e.attempt.or_else(|| {
+                    attempts
+                        .iter()
+                        .find(|a| a.lease_id == own_lease)
+                        .map(|a| a.attempt)
+                })?,
+                lease_id: own_lease,
+                job: run.job.clone(),
+                action: e.data["action"].as_str()?.to_string(),
+                idempotency_key: e.data["idempotency_key"].as_str()?.to_string(),
+                other_run: serde_json::from_value::<RunId>(other.clone()).ok()?,
+                other_attempt: attempt
+                    .as_u64()
+                    .and_then(|a| u32::try_from(a).ok())
+                    .unwrap_or(0),
+                other_lease: serde_json::from_value::<LeaseId>(lease.clone())
+                    .unwrap_or(LeaseId(uuid::Uuid::nil())),
+                at: e.at,
+                committed,
+            })
+        })
+        .collect()
+}
+
+/// The failure verdicts plus the ledger's duplicate dispatches, a pair of
+/// runs reported once even when their failures were also paired.
+fn with_dispatches(
+    mut verdicts: Vec<PairVerdict>,
+    dispatches: &[DispatchRecord],
+) -> Vec<PairVerdict> {
+    let pair = |v: &PairVerdict| {
+        let (a, b) = (v.first.run_id, v.second.run_id);
+        (a.min(b), a.max(b))
+    };
+    let known: std::collections::BTreeSet<_> = verdicts
+        .iter()
+        .filter(|v| v.verdict == Verdict::DuplicateDispatch)
+        .map(pair)
+        .collect();
+    verdicts.extend(
+        classify_dispatches(dispatches)
+            .into_iter()
+            .filter(|v| !known.contains(&pair(v))),
+    );
+    verdicts
+}
+
 impl Docket {
     async fn evidence(&self, run: &Run) -> Result<(Vec<AttemptRecord>, Vec<EventRecord>)> {
         let attempts = self.store().attempts(run.id).await?;
@@ -162,7 +243,10 @@ impl Docket {
         let run = self.get_run(id).await?;
         let (attempts, events) = self.evidence(&run).await?;
         let failures = failures_of(&run, &attempts, &events);
-        let verdicts = classify(&failures);
+        let verdicts = with_dispatches(
+            classify(&failures),
+            &dispatches_of(&run, &attempts, &events),
+        );
         let mut timeline = Vec::with_capacity(attempts.len());
         let mut prev: Option<&AttemptRecord> = None;
         for a in &attempts {
@@ -220,11 +304,13 @@ impl Docket {
             }
         }
         let mut failures = Vec::new();
+        let mut dispatches = Vec::new();
         for run in &runs {
             let (attempts, events) = self.evidence(run).await?;
             failures.extend(failures_of(run, &attempts, &events));
+            dispatches.extend(dispatches_of(run, &attempts, &events));
         }
-        let verdicts = classify(&failures);
+        let verdicts = with_dispatches(classify(&failures), &dispatches);
         let mut counts = BTreeMap::new();
         for v in &verdicts {
             *counts.entry(v.verdict).or_insert(0) += 1;

@@ -787,6 +787,24 @@ impl Docket {
                             .into(),
                     },
                 },
+                Some(Control::ActionInFlight { until }) => Outcome::Retry {
+                    error: error_info(
+                        &run,
+                        lease_id,
+                        docket_core::ErrorClass::Unavailable,
+                        e.message,
+                        e.action,
+                        None,
+                    ),
+                    retry: RetryRecord {
+                        policy: "ledger".into(),
+                        delay_ms: until.millis_since(now).max(0),
+                        eligible_at: until.max(now),
+                        reason: docket_core::policy::RetryReason::ActionInFlight
+                            .as_str()
+                            .into(),
+                    },
+                },
                 Some(Control::Terminal { reason }) => {
                     let error = error_info(&run, lease_id, e.class, e.message, e.action, None);
                     let detail = format!("{}: {}", reason.as_str(), error.message);

@@ -5,9 +5,10 @@
 
 use super::db;
 use super::ops::{get_run, run_from_row, RUN_COLS};
+use crate::plan::{self, BeginPlan, Holder};
 use crate::{
-    LeaseRef, LeaseState, LedgerEntry, LedgerWrite, OperatorCommand, OperatorRequest, Result, Run,
-    StepRecord, StoreError,
+    LeaseRef, LeaseState, LedgerBegin, LedgerEntry, LedgerState, LedgerWrite, OperatorCommand,
+    OperatorRequest, Result, Run, StepRecord, StoreError,
 };
 use docket_core::{ErrorClass, LeaseId, RunId, RunStatus, Timestamp, Transition};
 use serde_json::{json, Value};
@@ -320,6 +321,161 @@ pub(super) async fn ledger_for_run(pool: &PgPool, run_id: RunId) -> Result<Vec<L
     rows.iter().map(ledger_from_row).collect()
 }
 
+/// The ledger row, locked for the rest of the transaction.
+async fn ledger_locked(
+    c: &mut PgConnection,
+    tenant: &str,
+    key: &str,
+) -> Result<Option<LedgerEntry>> {
+    let row = sqlx::query(&format!(
+        "SELECT {LEDGER_COLS} FROM ledger WHERE tenant = $1 AND idempotency_key = $2 FOR UPDATE"
+    ))
+    .bind(tenant)
+    .bind(key)
+    .fetch_optional(&mut *c)
+    .await
+    .map_err(db)?;
+    row.as_ref().map(ledger_from_row).transpose()
+}
+
+/// The holder of a `started` row held by another lease, read from its run
+/// (not locked: its lease columns are all that is needed).
+async fn ledger_holder(c: &mut PgConnection, row: &LedgerEntry, now: Timestamp) -> Result<Holder> {
+    let run = sqlx::query("SELECT status, lease_id, lease_expires_at FROM runs WHERE id = $1")
+        .bind(row.run_id.0)
+        .fetch_optional(&mut *c)
+        .await
+        .map_err(db)?;
+    let Some(run) = run else {
+        return Ok(Holder::Gone);
+    };
+    let status: String = run.try_get("status").map_err(db)?;
+    let lease: Option<uuid::Uuid> = run.try_get("lease_id").map_err(db)?;
+    let expires: Option<i64> = run.try_get("lease_expires_at").map_err(db)?;
+    Ok(Holder::from_run(
+        status == RunStatus::Running.as_str(),
+        lease.map(LeaseId),
+        expires.map(Timestamp),
+        row.lease_id,
+        now,
+    ))
+}
+
+pub(super) async fn ledger_begin(
+    pool: &PgPool,
+    lease: LeaseRef,
+    key: &str,
+    action: &str,
+    now: Timestamp,
+) -> Result<LedgerBegin> {
+    let mut tx = pool.begin().await.map_err(db)?;
+    let run = match fence(&mut tx, lease, "action_started", now).await? {
+        Ok(r) => r,
+        Err(e) => {
+            tx.commit().await.map_err(db)?;
+            return Err(e);
+        }
+    };
+    // Two passes at most: a row inserted by a concurrent begin between our
+    // read and our insert is read (committed, locked) on the second pass.
+    for _ in 0..2 {
+        let current = ledger_locked(&mut tx, &run.tenant, key).await?;
+        let holder = match &current {
+            Some(row) if row.state == LedgerState::Started && row.lease_id != lease.lease_id => {
+                ledger_holder(&mut tx, row, now).await?
+            }
+            _ => Holder::Gone,
+        };
+        let plan = plan::ledger_begin(current.as_ref(), holder, lease.lease_id);
+        let answer = match plan {
+            BeginPlan::Insert | BeginPlan::TakeOver { .. } => {
+                let on_conflict = if plan == BeginPlan::Insert {
+                    "DO NOTHING"
+                } else {
+                    "DO UPDATE SET action = excluded.action, run_id = excluded.run_id,
+                    attempt = excluded.attempt, lease_id = excluded.lease_id, state = 'started', result = NULL,
+                    error_class = NULL, error_message = NULL, updated_at = excluded.updated_at"
+                };
+                let written = sqlx::query(&format!(
+                    "INSERT INTO ledger (tenant, idempotency_key, action, run_id, attempt, lease_id, state, result, error_class, error_message, created_at, updated_at)
+                     VALUES ($1, $2, $3, $4, $5, $6, 'started', NULL, NULL, NULL, $7, $7)
+                     ON CONFLICT (tenant, idempotency_key) {on_conflict}"
+                ))
+                .bind(&run.tenant)
+                .bind(key)
+                .bind(action)
+                .bind(run.id.0)
+                .bind(run.attempt)
+                .bind(lease.lease_id.0)
+                .bind(now.0)
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?
+                .rows_affected();
+                if written == 0 {
+                    continue;
+                }
+                let data = plan::begin_event(action, key, current.as_ref(), plan);
+                event(
+                    &mut tx,
+                    run.id,
+                    &run.tenant,
+                    &run.job,
+                    "action_started",
+                    now,
+                    Some(run.attempt),
+                    Some(lease.lease_id),
+                    None,
+                    None,
+                    &data,
+                )
+                .await?;
+                LedgerBegin::Acquired {
+                    previous: current,
+                    reconcile_first: matches!(
+                        plan,
+                        BeginPlan::TakeOver {
+                            reconcile_first: true
+                        }
+                    ),
+                }
+            }
+            BeginPlan::ReturnCommitted => {
+                LedgerBegin::Committed(current.expect("a committed plan has a row"))
+            }
+            BeginPlan::InFlight {
+                holder_lease_expires_at,
+            } => {
+                let entry = current.expect("an in-flight plan has a row");
+                let data = plan::in_flight_event(&entry, holder_lease_expires_at);
+                event(
+                    &mut tx,
+                    run.id,
+                    &run.tenant,
+                    &run.job,
+                    "action_in_flight",
+                    now,
+                    Some(run.attempt),
+                    Some(lease.lease_id),
+                    None,
+                    None,
+                    &data,
+                )
+                .await?;
+                LedgerBegin::InFlight {
+                    entry,
+                    holder_lease_expires_at,
+                }
+            }
+        };
+        tx.commit().await.map_err(db)?;
+        return Ok(answer);
+    }
+    Err(StoreError::Conflict(format!(
+        "ledger key `{key}`: inserted concurrently and not readable after; try again"
+    )))
+}
+
 pub(super) async fn ledger_write(
     pool: &PgPool,
     lease: LeaseRef,
@@ -335,31 +491,47 @@ pub(super) async fn ledger_write(
             return Err(e);
         }
     };
-    sqlx::query(
-        "INSERT INTO ledger (tenant, idempotency_key, action, run_id, attempt, lease_id, state, result, error_class, error_message, created_at, updated_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $11)
-         ON CONFLICT (tenant, idempotency_key) DO UPDATE SET action = excluded.action, run_id = excluded.run_id,
-            attempt = excluded.attempt, lease_id = excluded.lease_id, state = excluded.state, result = excluded.result,
-            error_class = excluded.error_class, error_message = excluded.error_message, updated_at = excluded.updated_at",
+    let current = ledger_locked(&mut tx, &run.tenant, &w.idempotency_key).await?;
+    let (kind, data, answer) = match plan::ledger_write(current.as_ref(), lease.lease_id, w.state) {
+        Ok(()) => {
+            sqlx::query(
+                "UPDATE ledger SET state = $3, result = $4, error_class = $5, error_message = $6, updated_at = $7
+                 WHERE tenant = $1 AND idempotency_key = $2",
+            )
+            .bind(&run.tenant)
+            .bind(&w.idempotency_key)
+            .bind(w.state.as_str())
+            .bind(&w.result)
+            .bind(w.error_class.map(|e| e.as_str()))
+            .bind(&w.error_message)
+            .bind(now.0)
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+            (kind, plan::write_event(w), Ok(()))
+        }
+        Err(refusal) => (
+            "ledger_write_refused",
+            plan::refused_event(w, kind, &refusal),
+            Err(plan::refusal_error(w, &refusal, run.id)),
+        ),
+    };
+    event(
+        &mut tx,
+        run.id,
+        &run.tenant,
+        &run.job,
+        kind,
+        now,
+        Some(run.attempt),
+        Some(lease.lease_id),
+        None,
+        None,
+        &data,
     )
-    .bind(&w.tenant)
-    .bind(&w.idempotency_key)
-    .bind(&w.action)
-    .bind(run.id.0)
-    .bind(run.attempt)
-    .bind(lease.lease_id.0)
-    .bind(w.state.as_str())
-    .bind(&w.result)
-    .bind(w.error_class.map(|e| e.as_str()))
-    .bind(&w.error_message)
-    .bind(now.0)
-    .execute(&mut *tx)
-    .await
-    .map_err(db)?;
-    event(&mut tx, run.id, &run.tenant, &run.job, kind, now, Some(run.attempt), Some(lease.lease_id), None, None,
-        &json!({ "action": w.action, "idempotency_key": w.idempotency_key, "state": w.state, "error_class": w.error_class, "message": w.error_message })).await?;
+    .await?;
     tx.commit().await.map_err(db)?;
-    Ok(())
+    answer
 }
 
 pub(super) async fn append_event(

@@ -343,8 +343,9 @@ impl Cols {
                 delay_ms = Some(retry.delay_ms);
                 eligible_at = Some(retry.eligible_at.0);
                 retry_reason = Some(retry.reason.clone());
-                // A circuit breaker's deferral sent nothing: not a failure.
-                let deferred = retry.reason == "circuit_open";
+                // A deferral (an open breaker, an action in flight elsewhere) sent
+                // nothing: not a failure.
+                let deferred = docket_core::policy::RetryReason::is_deferral(&retry.reason);
                 // …and it spends no attempt budget (as on SQLite).
                 forgive = i32::from(deferred);
                 att_outcome = if error.class == ErrorClass::LeaseExpired {

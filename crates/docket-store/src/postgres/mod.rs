@@ -735,6 +735,16 @@ impl Store for PgStore {
         durable::ledger_for_run(&self.pool, run_id).await
     }
 
+    async fn ledger_begin(
+        &self,
+        lease: crate::LeaseRef,
+        idempotency_key: String,
+        action: String,
+        now: Timestamp,
+    ) -> Result<crate::LedgerBegin> {
+        durable::ledger_begin(&self.pool, lease, &idempotency_key, &action, now).await
+    }
+
     async fn ledger_write(
         &self,
         lease: crate::LeaseRef,

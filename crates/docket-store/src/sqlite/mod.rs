@@ -27,8 +27,8 @@ mod tokens;
 
 use crate::{
     AttemptEnd, AttemptRecord, ClaimRequest, EventFilter, EventRecord, LeaseRef, LeaseState,
-    LedgerEntry, LedgerWrite, NewRun, OperatorRequest, Result, Run, RunFilter, StatusCount,
-    StepRecord, Store, StoreError, Triggered, SCHEMA_VERSION,
+    LedgerBegin, LedgerEntry, LedgerWrite, NewRun, OperatorRequest, Result, Run, RunFilter,
+    StatusCount, StepRecord, Store, StoreError, Triggered, SCHEMA_VERSION,
 };
 use async_trait::async_trait;
 use docket_core::{RunId, RunStatus, Timestamp};
@@ -439,6 +439,17 @@ impl Store for SqliteStore {
 
     async fn ledger_for_run(&self, run_id: RunId) -> Result<Vec<LedgerEntry>> {
         self.read(move |c| ops::ledger_for_run(c, run_id)).await
+    }
+
+    async fn ledger_begin(
+        &self,
+        lease: LeaseRef,
+        idempotency_key: String,
+        action: String,
+        now: Timestamp,
+    ) -> Result<LedgerBegin> {
+        self.call(move |c| ops::ledger_begin(c, lease, &idempotency_key, &action, now))
+            .await?
     }
 
     async fn ledger_write(

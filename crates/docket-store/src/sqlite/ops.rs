@@ -12,6 +12,8 @@ use rusqlite::{params, params_from_iter, Connection, OptionalExtension, Row};
 use serde_json::{json, Value};
 
 use super::db_err;
+use crate::plan::{self, BeginPlan, Holder};
+use crate::{LedgerBegin, LedgerState};
 
 pub(super) const RUN_COLS: &str = "id, tenant, job, status, priority, input, variables, output, attempt, \
     attempts_forgiven, run_after, lease_id, lease_expires_at, worker, idempotency_key, correlation_id, \
@@ -424,10 +426,11 @@ fn finish_inner(c: &Connection, end: AttemptEnd) -> Result<Result<RunStatus>> {
                     last_error_class = ?4, last_error_message = ?5, attempts_forgiven = attempts_forgiven + ?6
                  WHERE id = ?1"),
                 // A circuit breaker's deferral consumes no attempt budget.
-                &[&id, &retry.eligible_at.0, &now.0, &error.class.as_str(), &error.message, &i64::from(retry.reason == "circuit_open")],
+                &[&id, &retry.eligible_at.0, &now.0, &error.class.as_str(), &error.message, &i64::from(docket_core::policy::RetryReason::is_deferral(&retry.reason))],
             )?;
-            // A circuit breaker's deferral sent nothing: not a failure.
-            let deferred = retry.reason == "circuit_open";
+            // A deferral (an open breaker, an action in flight elsewhere) sent
+            // nothing: not a failure.
+            let deferred = docket_core::policy::RetryReason::is_deferral(&retry.reason);
             let outcome = if error.class == ErrorClass::LeaseExpired {
                 "lease_expired"
             } else if deferred {
@@ -968,6 +971,109 @@ pub(super) fn ledger_for_run(c: &Connection, run_id: RunId) -> Result<Vec<Ledger
     rows.collect::<rusqlite::Result<_>>().map_err(db_err)
 }
 
+/// The holder of a `started` row held by another lease, read from its run.
+fn ledger_holder(c: &Connection, row: &LedgerEntry, now: Timestamp) -> Result<Holder> {
+    let run = fence_row(c, row.run_id)?;
+    Ok(match run {
+        Some(r) => Holder::from_run(
+            r.status == RunStatus::Running,
+            r.lease_id,
+            r.lease_expires_at,
+            row.lease_id,
+            now,
+        ),
+        None => Holder::Gone,
+    })
+}
+
+pub(super) fn ledger_begin(
+    c: &Connection,
+    lease: LeaseRef,
+    key: &str,
+    action: &str,
+    now: Timestamp,
+) -> Result<Result<LedgerBegin>> {
+    let run = match fence(c, lease, "action_started", now)? {
+        Ok(r) => r,
+        Err(e) => return Ok(Err(e)),
+    };
+    let current = ledger_get(c, &run.tenant, key)?;
+    let holder = match &current {
+        Some(row) if row.state == LedgerState::Started && row.lease_id != lease.lease_id => {
+            ledger_holder(c, row, now)?
+        }
+        _ => Holder::Gone,
+    };
+    let plan = plan::ledger_begin(current.as_ref(), holder, lease.lease_id);
+    let ev = |kind: &str, data: Value| {
+        insert_event(
+            c,
+            run.id,
+            &run.tenant,
+            &run.job,
+            kind,
+            now,
+            Some(run.attempt),
+            Some(lease.lease_id),
+            None,
+            None,
+            &data,
+        )
+    };
+    match plan {
+        BeginPlan::Insert | BeginPlan::TakeOver { .. } => {
+            c.prepare_cached(
+                "INSERT INTO ledger (tenant, idempotency_key, action, run_id, attempt, lease_id, state, result, error_class, error_message, created_at, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'started', NULL, NULL, NULL, ?7, ?7)
+                 ON CONFLICT (tenant, idempotency_key) DO UPDATE SET action = excluded.action, run_id = excluded.run_id,
+                    attempt = excluded.attempt, lease_id = excluded.lease_id, state = 'started', result = NULL,
+                    error_class = NULL, error_message = NULL, updated_at = excluded.updated_at",
+            )
+            .map_err(db_err)?
+            .execute(params![
+                run.tenant,
+                key,
+                action,
+                run.id.to_string(),
+                run.attempt,
+                lease.lease_id.to_string(),
+                now.0
+            ])
+            .map_err(db_err)?;
+            ev(
+                "action_started",
+                plan::begin_event(action, key, current.as_ref(), plan),
+            )?;
+            let reconcile_first = matches!(
+                plan,
+                BeginPlan::TakeOver {
+                    reconcile_first: true
+                }
+            );
+            Ok(Ok(LedgerBegin::Acquired {
+                previous: current,
+                reconcile_first,
+            }))
+        }
+        BeginPlan::ReturnCommitted => Ok(Ok(LedgerBegin::Committed(
+            current.expect("a committed plan has a row"),
+        ))),
+        BeginPlan::InFlight {
+            holder_lease_expires_at,
+        } => {
+            let entry = current.expect("an in-flight plan has a row");
+            ev(
+                "action_in_flight",
+                plan::in_flight_event(&entry, holder_lease_expires_at),
+            )?;
+            Ok(Ok(LedgerBegin::InFlight {
+                entry,
+                holder_lease_expires_at,
+            }))
+        }
+    }
+}
+
 pub(super) fn ledger_write(
     c: &Connection,
     lease: LeaseRef,
@@ -979,42 +1085,46 @@ pub(super) fn ledger_write(
         Ok(r) => r,
         Err(e) => return Ok(Err(e)),
     };
-    c.prepare_cached(
-        "INSERT INTO ledger (tenant, idempotency_key, action, run_id, attempt, lease_id, state, result, error_class, error_message, created_at, updated_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?11)
-         ON CONFLICT (tenant, idempotency_key) DO UPDATE SET action = excluded.action, run_id = excluded.run_id,
-            attempt = excluded.attempt, lease_id = excluded.lease_id, state = excluded.state, result = excluded.result,
-            error_class = excluded.error_class, error_message = excluded.error_message, updated_at = excluded.updated_at",
-    )
-    .map_err(db_err)?
-    .execute(params![
-        w.tenant,
-        w.idempotency_key,
-        w.action,
-        run.id.to_string(),
-        run.attempt,
-        lease.lease_id.to_string(),
-        w.state.as_str(),
-        w.result.as_ref().map(|v| v.to_string()),
-        w.error_class.map(|e| e.as_str()),
-        w.error_message,
-        now.0
-    ])
-    .map_err(db_err)?;
+    let current = ledger_get(c, &run.tenant, &w.idempotency_key)?;
+    let (kind, data, answer) = match plan::ledger_write(current.as_ref(), lease.lease_id, w.state) {
+        Ok(()) => {
+            c.prepare_cached(
+                "UPDATE ledger SET state = ?3, result = ?4, error_class = ?5, error_message = ?6, updated_at = ?7
+                 WHERE tenant = ?1 AND idempotency_key = ?2",
+            )
+            .map_err(db_err)?
+            .execute(params![
+                run.tenant,
+                w.idempotency_key,
+                w.state.as_str(),
+                w.result.as_ref().map(|v| v.to_string()),
+                w.error_class.map(|e| e.as_str()),
+                w.error_message,
+                now.0
+            ])
+            .map_err(db_err)?;
+            (event, plan::write_event(w), Ok(()))
+        }
+        Err(refusal) => (
+            "ledger_write_refused",
+            plan::refused_event(w, event, &refusal),
+            Err(plan::refusal_error(w, &refusal, run.id)),
+        ),
+    };
     insert_event(
         c,
         run.id,
         &run.tenant,
         &run.job,
-        event,
+        kind,
         now,
         Some(run.attempt),
         Some(lease.lease_id),
         None,
         None,
-        &json!({ "action": w.action, "idempotency_key": w.idempotency_key, "state": w.state, "error_class": w.error_class, "message": w.error_message }),
+        &data,
     )?;
-    Ok(Ok(()))
+    Ok(answer)
 }
 
 pub(super) fn append_event(
