@@ -417,6 +417,46 @@ async fn trigger_wakes_an_idle_worker() {
     handle.shutdown(Duration::from_secs(1)).await;
 }
 
+/// Two processes on one SQLite file — a web app that triggers, a worker
+/// that runs — modelled by two stores (two connections, exactly as two
+/// processes have): the worker is woken by the other connection's commit,
+/// not by its poll (an hour here, so only the wake-up can pass the bound).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trigger_from_another_connection_wakes_an_idle_worker() {
+    let dir = std::env::temp_dir().join(format!("docket-xproc-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("docket.db").display().to_string();
+    let open = || {
+        Docket::with_store(
+            Arc::new(SqliteStore::open(&path).unwrap()),
+            Arc::new(docket::SystemClock),
+        )
+    };
+    let (worker_side, web_side) = (open(), open());
+    for d in [&worker_side, &web_side] {
+        d.register(Job::new("ping", |_ctx, _: Value| async move {
+            Ok::<_, JobError>(json!("pong"))
+        }))
+        .unwrap();
+    }
+    let handle = worker_side
+        .worker(WorkerConfig {
+            poll_interval: Duration::from_secs(3600),
+            ..Default::default()
+        })
+        .start();
+    // A first run through the worker's own store proves it is looping and
+    // has subscribed to wake-ups.
+    let warm = worker_side.trigger("ping", json!({})).await.unwrap().run.id;
+    worker_side.wait(warm, BOUND).await.unwrap();
+    for _ in 0..3 {
+        let id = web_side.trigger("ping", json!({})).await.unwrap().run.id;
+        let run = web_side.wait(id, Duration::from_secs(10)).await.unwrap();
+        assert_eq!(run.output, Some(json!("pong")));
+    }
+    handle.shutdown(Duration::from_secs(1)).await;
+}
+
 /// A retry is claimed at its eligible time even while another attempt keeps
 /// the worker busy: the driver waits for the earliest due run, not for the
 /// poll interval (an hour here, so only that can pass the bound).

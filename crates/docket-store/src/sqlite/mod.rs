@@ -62,6 +62,27 @@ pub struct SqliteStore {
     readers: std::sync::OnceLock<Option<mpsc::Sender<ReadJob>>>,
     /// The checkpoint thread holds a weak reference and stops with the store.
     alive: std::sync::Arc<()>,
+    /// Other connections' commits, seen by the writer thread (file
+    /// databases only): see [`SqliteStore::wakeups`].
+    watch: Option<std::sync::Arc<Watch>>,
+}
+
+/// How often an idle writer thread looks for other connections' commits
+/// once a worker listens: `PRAGMA data_version` reads the WAL index in
+/// shared memory (no disk I/O, ~1 µs), so this costs next to nothing and
+/// bounds cross-process pickup at a few milliseconds instead of the poll.
+pub const WATCH_EVERY: std::time::Duration = std::time::Duration::from_millis(2);
+
+/// Commits made by other connections to the same file — another process
+/// (a web app triggering runs, a second worker) or another store — turned
+/// into wake-ups. SQLite's `PRAGMA data_version` changes on a connection
+/// exactly when some OTHER connection committed, so the writer's own
+/// commits never wake anyone.
+struct Watch {
+    /// Set by the first [`Store::wakeups`] call: until then nobody listens
+    /// and the writer blocks on its queue as before.
+    on: std::sync::atomic::AtomicBool,
+    tx: tokio::sync::broadcast::Sender<String>,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -108,15 +129,23 @@ impl SqliteStore {
             .map_err(db_err)?;
         migrate(&conn)?;
         let (tx, rx) = mpsc::channel::<Job>();
+        let watch = file.then(|| {
+            std::sync::Arc::new(Watch {
+                on: std::sync::atomic::AtomicBool::new(false),
+                tx: tokio::sync::broadcast::channel(16).0,
+            })
+        });
+        let w = watch.clone();
         std::thread::Builder::new()
             .name("docket-sqlite-writer".into())
-            .spawn(move || writer_loop(conn, rx))
+            .spawn(move || writer_loop(conn, rx, w))
             .map_err(|e| StoreError::Database(format!("cannot start writer thread: {e}")))?;
         Ok(SqliteStore {
             tx,
             path: None,
             readers: std::sync::OnceLock::new(),
             alive: std::sync::Arc::new(()),
+            watch,
         })
     }
 
@@ -255,10 +284,44 @@ fn savepoint<T>(conn: &Connection, f: impl FnOnce(&Connection) -> Result<T>) -> 
     res
 }
 
-fn writer_loop(conn: Connection, rx: mpsc::Receiver<Job>) {
+/// Wakes listeners when another connection committed since the last look.
+fn look_for_other_commits(conn: &Connection, watch: &Watch, seen: &mut Option<i64>) {
+    let Ok(v) = conn.query_row("PRAGMA data_version", [], |r| r.get::<_, i64>(0)) else {
+        return;
+    };
+    if seen.is_some_and(|s| s != v) {
+        // "" = look at every job; nobody listening is fine.
+        let _ = watch.tx.send(String::new());
+    }
+    *seen = Some(v);
+}
+
+/// The next request; while a worker listens for other connections'
+/// commits, an idle thread looks for them every [`WATCH_EVERY`].
+fn next_job(
+    conn: &Connection,
+    rx: &mpsc::Receiver<Job>,
+    watch: Option<&Watch>,
+    seen: &mut Option<i64>,
+) -> Option<Job> {
+    loop {
+        let Some(w) = watch.filter(|w| w.on.load(std::sync::atomic::Ordering::Relaxed)) else {
+            return rx.recv().ok();
+        };
+        look_for_other_commits(conn, w, seen);
+        match rx.recv_timeout(WATCH_EVERY) {
+            Ok(j) => return Some(j),
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => return None,
+        }
+    }
+}
+
+fn writer_loop(conn: Connection, rx: mpsc::Receiver<Job>, watch: Option<std::sync::Arc<Watch>>) {
     let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
     let mut replies: Vec<Reply> = Vec::with_capacity(MAX_BATCH);
-    while let Ok(first) = rx.recv() {
+    let mut seen: Option<i64> = None;
+    while let Some(first) = next_job(&conn, &rx, watch.as_deref(), &mut seen) {
         batch.push(first);
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
@@ -476,5 +539,22 @@ impl Store for SqliteStore {
 
     async fn operator(&self, req: OperatorRequest) -> Result<Run> {
         self.call(move |c| ops::operator(c, &req)).await
+    }
+
+    /// For a file database: a wake-up (`""`, every job) within about
+    /// [`WATCH_EVERY`] of any commit made by another connection to the
+    /// same file — another process triggering runs, or finishing them.
+    /// In memory there is no other connection: `None`.
+    async fn wakeups(&self) -> Result<Option<tokio::sync::broadcast::Receiver<String>>> {
+        let Some(w) = &self.watch else {
+            return Ok(None);
+        };
+        let rx = w.tx.subscribe();
+        w.on.store(true, std::sync::atomic::Ordering::Relaxed);
+        // Wake the writer so it starts looking now, not after its next job.
+        let _ = self
+            .tx
+            .send(Box::new(|_: &Connection| -> Reply { Box::new(|_| ()) }));
+        Ok(Some(rx))
     }
 }
