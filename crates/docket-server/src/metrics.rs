@@ -252,6 +252,24 @@ impl Metrics {
     }
 }
 
+/// `docket_store_errors_total{kind}`: store failures this process's
+/// workers met since it started, by kind (`connection`, `busy` are waited
+/// out; `constraint`, `corrupt`, `bug` are not and are logged as errors).
+/// Every kind is listed, at 0 when none happened, so alerts can use rate().
+pub fn render_store_errors(out: &mut String, counts: &[(docket_store::DbErrorKind, u64)]) {
+    use docket_store::DbErrorKind as K;
+    out.push_str("# HELP docket_store_errors_total Store failures met by this process's workers, by kind.\n# TYPE docket_store_errors_total counter\n");
+    for kind in [K::Connection, K::Busy, K::Constraint, K::Corrupt, K::Bug] {
+        let n = counts
+            .iter()
+            .find(|(k, _)| *k == kind)
+            .map_or(0, |(_, n)| *n);
+        out.push_str(&format!(
+            "docket_store_errors_total{{kind=\"{kind}\"}} {n}\n"
+        ));
+    }
+}
+
 /// Reads one counter of a breaker.
 type BreakerCounter = fn(&docket::http::BreakerState) -> u64;
 

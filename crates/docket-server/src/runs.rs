@@ -893,6 +893,7 @@ pub async fn metrics(State(state): State<AppState>, caller: Caller) -> ApiResult
         .map(|c| (c.job, c.status.to_string(), c.count))
         .collect();
     let mut body = state.metrics.render(&caller.tenant, &runs);
+    crate::metrics::render_store_errors(&mut body, &state.docket.store_errors());
     if let Some(http) = &state.config.http {
         // One read of the stored states (never-changed ones are enabled);
         // no credential is read for a scrape.

@@ -79,7 +79,19 @@ pub enum StoreError {
     /// The connection URL is not understood.
     #[error("invalid database url `{0}`: expected sqlite://PATH, sqlite::memory: or postgres://…")]
     BadUrl(String),
-    /// The database could not be reached or answered with an error.
+    /// The database driver failed: the kind says whether trying again can
+    /// help, the source is the driver's own error (sqlx, rusqlite).
+    #[error("database error ({kind}): {source}")]
+    Db {
+        /// What kind of failure.
+        kind: DbErrorKind,
+        /// The driver's error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync + 'static>,
+    },
+    /// The store could not do the call for a reason outside the driver
+    /// (its writer thread stopped, a reply was dropped, a commit failed):
+    /// treated as transient.
     #[error("database error: {0}")]
     Database(String),
     /// A stored value could not be decoded.
@@ -101,11 +113,73 @@ pub enum StoreError {
     },
 }
 
+/// What kind of database failure a [`StoreError::Db`] is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum DbErrorKind {
+    /// The connection was lost or could not be made (I/O, pool timeout,
+    /// the server shutting down or restarting). Transient.
+    Connection,
+    /// The database was busy: locked, a serialization failure, a deadlock,
+    /// out of resources for now. Transient.
+    Busy,
+    /// A constraint refused the write (unique, foreign key, check). Not
+    /// transient: the same write fails again.
+    Constraint,
+    /// A stored value could not be decoded, or the file is damaged.
+    Corrupt,
+    /// Anything else: a statement the database rejects (a bug in Docket,
+    /// or a schema changed by hand). Not transient.
+    Bug,
+}
+
+impl DbErrorKind {
+    /// The snake_case name used in logs and metrics.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            DbErrorKind::Connection => "connection",
+            DbErrorKind::Busy => "busy",
+            DbErrorKind::Constraint => "constraint",
+            DbErrorKind::Corrupt => "corrupt",
+            DbErrorKind::Bug => "bug",
+        }
+    }
+
+    /// Whether trying the same call again later may succeed.
+    pub const fn is_transient(self) -> bool {
+        matches!(self, DbErrorKind::Connection | DbErrorKind::Busy)
+    }
+}
+
+impl std::fmt::Display for DbErrorKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 impl StoreError {
-    /// Whether retrying the same call later may succeed (connection lost,
-    /// database busy or restarting).
+    /// Whether retrying the same call later may succeed: a lost
+    /// connection, a busy or restarting database, a store thread that
+    /// failed a call. A statement the database rejects, a constraint or a
+    /// corrupt row fails the same way again: not transient.
     pub fn is_transient(&self) -> bool {
-        matches!(self, StoreError::Database(_))
+        match self {
+            StoreError::Db { kind, .. } => kind.is_transient(),
+            StoreError::Database(_) => true,
+            _ => false,
+        }
+    }
+
+    /// The kind, for logs and metrics: a driver error's own, `corrupt` for a
+    /// row that cannot be decoded, `connection` for the store's own
+    /// transient failures; `None` for domain answers (stale lease, wrong
+    /// state, not found, conflicts).
+    pub fn db_kind(&self) -> Option<DbErrorKind> {
+        match self {
+            StoreError::Db { kind, .. } => Some(*kind),
+            StoreError::Database(_) => Some(DbErrorKind::Connection),
+            StoreError::Corrupt(_) => Some(DbErrorKind::Corrupt),
+            _ => None,
+        }
     }
 }
 

@@ -81,6 +81,9 @@ pub(crate) struct Inner {
     /// Run changes made by this process (for `wait`).
     pub(crate) changes: broadcast::Sender<RunId>,
     pub(crate) max_input_bytes: AtomicUsize,
+    /// Store failures met by this process's workers, by kind (see
+    /// [`Docket::store_errors`]).
+    pub(crate) store_errors: Mutex<std::collections::BTreeMap<docket_store::DbErrorKind, u64>>,
 }
 
 /// Options of one trigger.
@@ -136,6 +139,7 @@ impl Docket {
                 wakers: Mutex::new(Vec::new()),
                 changes,
                 max_input_bytes: AtomicUsize::new(DEFAULT_MAX_INPUT_BYTES),
+                store_errors: Mutex::new(Default::default()),
             }),
         }
     }
@@ -338,10 +342,10 @@ impl Docket {
             // run's answer: keep waiting (the deadline still holds).
             let run = match self.get_run(id).await {
                 Ok(run) => Some(run),
-                Err(Error::Store(docket_store::StoreError::Database(msg)))
-                    if tokio::time::Instant::now() < deadline =>
+                Err(Error::Store(e))
+                    if e.is_transient() && tokio::time::Instant::now() < deadline =>
                 {
-                    tracing::warn!(run = %id, error = %msg, "waiting for a run: the store failed a read; trying again");
+                    tracing::warn!(run = %id, error = %e, "waiting for a run: the store failed a read; trying again");
                     None
                 }
                 Err(e) => return Err(e),
@@ -358,6 +362,32 @@ impl Docket {
                 _ = poll => {}
                 _ = wait_for(&mut rx, id) => {}
             }
+        }
+    }
+
+    /// How many store failures this process's workers met, by kind, since
+    /// it started (`/metrics`: `docket_store_errors_total{kind}`). Transient
+    /// kinds (`connection`, `busy`) are waited out; the others are bugs or
+    /// bad data and are logged as errors with their cause.
+    pub fn store_errors(&self) -> Vec<(docket_store::DbErrorKind, u64)> {
+        self.inner
+            .store_errors
+            .lock()
+            .expect("store errors")
+            .iter()
+            .map(|(k, n)| (*k, *n))
+            .collect()
+    }
+
+    pub(crate) fn note_store_error(&self, e: &docket_store::StoreError) {
+        if let Some(kind) = e.db_kind() {
+            *self
+                .inner
+                .store_errors
+                .lock()
+                .expect("store errors")
+                .entry(kind)
+                .or_default() += 1;
         }
     }
 

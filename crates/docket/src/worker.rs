@@ -25,6 +25,34 @@ const DUE_RECHECK: Duration = Duration::from_millis(50);
 /// error) are kept and stored again; past it they are given up and their
 /// runs come back after lease expiry, as a `lease_expired` retry.
 const END_RETRY_WINDOW: Duration = Duration::from_secs(30);
+
+/// What the driver does with a round's attempt ends after the store failed
+/// the round.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum FailedRound {
+    /// Keep them and store them again after the backoff.
+    StoreAgain,
+    /// Answer them with the error: their runs come back after lease expiry.
+    GiveUp,
+}
+
+/// Only a transient failure (a lost connection, a busy or restarting
+/// database) is worth waiting out, and only within the window and while
+/// the worker is not exiting. A statement the database rejects fails the
+/// same way again: holding its ends for the whole window would only delay
+/// their runs and hide the bug.
+fn on_failed_round(
+    transient: bool,
+    exiting: bool,
+    now: tokio::time::Instant,
+    deadline: tokio::time::Instant,
+) -> FailedRound {
+    if transient && !exiting && now < deadline {
+        FailedRound::StoreAgain
+    } else {
+        FailedRound::GiveUp
+    }
+}
 /// While attempts run, how long after a run becomes due the driver waits
 /// for an attempt end to claim it before claiming on its own.
 const BUSY_SLACK: Duration = Duration::from_millis(5);
@@ -351,24 +379,39 @@ async fn main_loop(
                 }
                 Err(e) => {
                     let msg = e.to_string();
-                    let deadline = *hold_until
-                        .get_or_insert_with(|| tokio::time::Instant::now() + END_RETRY_WINDOW);
-                    if phase == Phase::Exit || tokio::time::Instant::now() >= deadline {
-                        // Give up: the leases fence these runs, and the reaper
-                        // brings them back after expiry.
-                        for reply in replies {
-                            let _ = reply.send(Err(StoreError::Database(msg.clone())));
+                    shared.docket.note_store_error(&e);
+                    let now = tokio::time::Instant::now();
+                    let deadline = *hold_until.get_or_insert_with(|| now + END_RETRY_WINDOW);
+                    match on_failed_round(e.is_transient(), phase == Phase::Exit, now, deadline) {
+                        FailedRound::GiveUp => {
+                            // The leases fence these runs, and the reaper
+                            // brings them back after expiry.
+                            for reply in replies {
+                                let _ = reply.send(Err(StoreError::Database(msg.clone())));
+                            }
+                            hold_until = None;
                         }
-                        hold_until = None;
-                    } else {
-                        // Stored again next round, under the same leases (a
-                        // run that was reaped meanwhile refuses its end as a
-                        // stale write, recorded as such).
-                        let mut again: Vec<EndMsg> = kept.into_iter().zip(replies).collect();
-                        again.append(&mut pending);
-                        pending = again;
+                        FailedRound::StoreAgain => {
+                            // Stored again next round, under the same leases (a
+                            // run that was reaped meanwhile refuses its end as a
+                            // stale write, recorded as such).
+                            let mut again: Vec<EndMsg> = kept.into_iter().zip(replies).collect();
+                            again.append(&mut pending);
+                            pending = again;
+                        }
                     }
-                    tracing::warn!(error = %msg, retry_in = ?backoff, held = pending.len(), "store unavailable; backing off");
+                    if e.is_transient() {
+                        tracing::warn!(error = %msg, retry_in = ?backoff, held = pending.len(), "store unavailable; backing off");
+                    } else {
+                        // Not an outage: waiting will not fix it. Loud, with
+                        // its cause, and counted (docket_store_errors_total).
+                        tracing::error!(
+                            error = %msg,
+                            kind = ?e.db_kind(),
+                            cause = ?std::error::Error::source(&e),
+                            "the store refused a round (not transient: a bug or bad data); its attempt ends were not stored and their runs return after lease expiry"
+                        );
+                    }
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
                         _ = stop.changed() => {}
@@ -954,5 +997,31 @@ fn decide(
         Decision::CompleteDuplicate => Outcome::Completed {
             output: serde_json::json!({ "duplicate": true, "message": info.message }),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_transient_failures_are_waited_out_within_the_window() {
+        let now = tokio::time::Instant::now();
+        let later = now + END_RETRY_WINDOW;
+        assert_eq!(
+            on_failed_round(true, false, now, later),
+            FailedRound::StoreAgain
+        );
+        // A bug or bad data: given up at once, not held for 30 s.
+        assert_eq!(
+            on_failed_round(false, false, now, later),
+            FailedRound::GiveUp
+        );
+        // The window is over, or the worker is exiting.
+        assert_eq!(
+            on_failed_round(true, false, later, later),
+            FailedRound::GiveUp
+        );
+        assert_eq!(on_failed_round(true, true, now, later), FailedRound::GiveUp);
     }
 }

@@ -271,7 +271,38 @@ pub(crate) fn db(e: sqlx::Error) -> StoreError {
         | sqlx::Error::ColumnNotFound(_)
         | sqlx::Error::ColumnIndexOutOfBounds { .. }
         | sqlx::Error::TypeNotFound { .. } => StoreError::Corrupt(e.to_string()),
-        e => StoreError::Database(e.to_string()),
+        e => StoreError::Db {
+            kind: pg_kind(&e),
+            source: Box::new(e),
+        },
+    }
+}
+
+/// The kind of a driver error, by SQLSTATE class where the server answered.
+fn pg_kind(e: &sqlx::Error) -> crate::DbErrorKind {
+    use crate::DbErrorKind as K;
+    match e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => K::Connection,
+        sqlx::Error::Database(d) => {
+            let code = d.code().map(|c| c.to_string()).unwrap_or_default();
+            match code.get(..2).unwrap_or("") {
+                // connection exception; operator intervention (shutdown,
+                // restart, cannot connect now)
+                "08" | "57" => K::Connection,
+                // transaction rollback (serialization, deadlock); insufficient
+                // resources; lock not available
+                "40" | "53" | "55" => K::Busy,
+                "23" => K::Constraint,
+                "XX" if code == "XX001" || code == "XX002" => K::Corrupt,
+                _ => K::Bug,
+            }
+        }
+        _ => K::Bug,
     }
 }
 

@@ -25,6 +25,7 @@ mod ops;
 mod stats;
 mod tokens;
 
+use crate::DbErrorKind;
 use crate::{
     AttemptEnd, AttemptRecord, ClaimRequest, EventFilter, EventRecord, LeaseRef, LeaseState,
     LedgerBegin, LedgerEntry, LedgerWrite, NewRun, OperatorRequest, Result, Run, RunFilter,
@@ -92,7 +93,27 @@ impl std::fmt::Debug for SqliteStore {
 }
 
 fn db_err(e: rusqlite::Error) -> StoreError {
-    StoreError::Database(e.to_string())
+    use rusqlite::ffi::ErrorCode as C;
+    let kind = match &e {
+        rusqlite::Error::SqliteFailure(f, _) => match f.code {
+            C::DatabaseBusy | C::DatabaseLocked | C::OutOfMemory => DbErrorKind::Busy,
+            C::SystemIoFailure | C::CannotOpen | C::DiskFull | C::FileLockingProtocolFailed => {
+                DbErrorKind::Connection
+            }
+            C::ConstraintViolation => DbErrorKind::Constraint,
+            C::DatabaseCorrupt | C::NotADatabase => DbErrorKind::Corrupt,
+            _ => DbErrorKind::Bug,
+        },
+        rusqlite::Error::FromSqlConversionFailure(..)
+        | rusqlite::Error::IntegralValueOutOfRange(..)
+        | rusqlite::Error::InvalidColumnType(..)
+        | rusqlite::Error::Utf8Error(_) => DbErrorKind::Corrupt,
+        _ => DbErrorKind::Bug,
+    };
+    StoreError::Db {
+        kind,
+        source: Box::new(e),
+    }
 }
 
 impl SqliteStore {
