@@ -754,6 +754,7 @@ impl Docket {
                 }
             }
         };
+        let result = storable(result);
         let now = self.clock().now();
         let outcome = match result {
             // A cancel requested while running ends the run cancelled, even
@@ -866,6 +867,32 @@ fn placeholder_job(name: &str) -> Job {
             Err::<serde_json::Value, _>(JobError::permanent("job not registered in this process"))
         },
     )
+}
+
+/// An output or input request nested deeper than the store keeps
+/// ([`docket_store::MAX_JSON_DEPTH`]) becomes a `content_too_large`
+/// failure naming its depth, so the attempt ends with a recorded reason
+/// instead of an end the store refuses. A depth walk of the value: cheaper
+/// than the serialization storing it costs anyway.
+fn storable(result: Result<serde_json::Value, JobError>) -> Result<serde_json::Value, JobError> {
+    let too_deep = |field: &str, v: &serde_json::Value| {
+        docket_store::json::check_depth(field, v)
+            .err()
+            .map(|e| JobError::new(docket_core::ErrorClass::ContentTooLarge, e.to_string()))
+    };
+    match result {
+        Ok(output) => match too_deep("output", &output) {
+            Some(e) => Err(e),
+            None => Ok(output),
+        },
+        Err(e) => match e.control.as_deref() {
+            Some(Control::NeedsInput { request, .. }) => match too_deep("input_request", request) {
+                Some(deep) => Err(deep),
+                None => Err(e),
+            },
+            _ => Err(e),
+        },
+    }
 }
 
 /// A failure's evidence: class, bounded message, fingerprint.
