@@ -76,6 +76,14 @@ pub fn undecodable(reason: impl std::fmt::Display) -> Value {
     serde_json::json!({ UNDECODABLE_KEY: reason.to_string() })
 }
 
+/// The reason of an [`undecodable`] marker, when `v` is one.
+pub fn undecodable_reason(v: &Value) -> Option<&str> {
+    match v {
+        Value::Object(o) if o.len() == 1 => o.get(UNDECODABLE_KEY)?.as_str(),
+        _ => None,
+    }
+}
+
 /// Decodes a JSON column's text; what cannot be decoded becomes the
 /// [`undecodable`] marker instead of an error.
 pub fn decode_text(s: &str) -> Value {

@@ -732,7 +732,7 @@ impl Docket {
         if run.cancel_requested {
             cancelled.store(true, Ordering::SeqCst);
         }
-        let result = match job.validator.as_ref().map(|v| v(&run.input)) {
+        let result = match input_check(&job, &run) {
             Some(Err(msg)) => Err(JobError::invalid_input(msg)),
             _ => {
                 let fut = std::panic::AssertUnwindSafe((job.handler)(ctx, run.input.clone()))
@@ -867,6 +867,18 @@ fn placeholder_job(name: &str) -> Job {
             Err::<serde_json::Value, _>(JobError::permanent("job not registered in this process"))
         },
     )
+}
+
+/// The job's validation of the run's input; an input that could not be
+/// read back from the store (older data: the `docket_undecodable` marker)
+/// is invalid, so the handler never sees the marker as its input.
+fn input_check(job: &Job, run: &Run) -> Option<Result<(), String>> {
+    if let Some(why) = docket_store::json::undecodable_reason(&run.input) {
+        return Some(Err(format!(
+            "the run's stored input cannot be read back: {why}"
+        )));
+    }
+    job.validator.as_ref().map(|v| v(&run.input))
 }
 
 /// An output or input request nested deeper than the store keeps

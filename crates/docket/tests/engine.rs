@@ -796,3 +796,55 @@ async fn values_too_deep_to_store_fail_the_run_naming_the_depth() {
         .unwrap()
         .contains("docket_undecodable")));
 }
+
+/// A run whose stored input cannot be read back (older data, written
+/// before the nesting bound) never reaches its handler: it fails
+/// `invalid_input` saying so, and it cannot be retriggered with the marker
+/// as its input.
+#[tokio::test]
+async fn an_undecodable_input_fails_the_run_and_is_not_retriggered() {
+    let dir = std::env::temp_dir().join(format!("docket-undecodable-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("docket.db");
+    let p = path.to_str().unwrap().to_string();
+    let clock = ManualClock::new(T0);
+    let d = Docket::with_store(
+        Arc::new(SqliteStore::open(&p).unwrap()),
+        Arc::new(clock.clone()),
+    );
+    let ran = Arc::new(AtomicUsize::new(0));
+    let seen = ran.clone();
+    d.register(Job::new("echo", move |_ctx, input: Value| {
+        seen.fetch_add(1, Ordering::SeqCst);
+        async move { Ok::<_, JobError>(input) }
+    }))
+    .unwrap();
+    let id = d.trigger("echo", json!({"n": 1})).await.unwrap().run.id;
+    let c = rusqlite::Connection::open(&p).unwrap();
+    c.busy_timeout(Duration::from_secs(10)).unwrap();
+    let n = c
+        .execute(
+            "UPDATE runs SET input = ?1 WHERE id = ?2",
+            rusqlite::params![nested(128).to_string(), id.to_string()],
+        )
+        .unwrap();
+    assert_eq!(n, 1);
+    drop(c);
+    assert_eq!(one_worker(&d).tick().await.unwrap(), 1);
+    let run = d.get_run(id).await.unwrap();
+    assert_eq!(run.status, RunStatus::Failed);
+    assert_eq!(run.terminal_reason, Some(TerminalReason::InvalidInput));
+    assert!(run
+        .last_error_message
+        .as_deref()
+        .is_some_and(|m| m.contains("stored input cannot be read back")));
+    assert_eq!(ran.load(Ordering::SeqCst), 0, "the handler never ran");
+    let err = d
+        .retrigger(id, docket::Actor::new("ops", None))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, docket::Error::InvalidInput(ref m) if m.contains("cannot be retriggered")),
+        "{err}"
+    );
+}
