@@ -182,6 +182,14 @@ impl From<docket_store::StoreError> for ApiError {
             } => ApiError::wrong_state(current, format!("run {run_id} is {current}: {message}")),
             S::Conflict(m) => ApiError::new(StatusCode::CONFLICT, "conflict", m),
             S::Database(m) => ApiError::unavailable(format!("the store is unavailable: {m}")),
+            // The caller's value: its field is named as in the request
+            // body (`input`, `data`, `updated_variables`).
+            e @ S::TooDeep { .. } => {
+                let S::TooDeep { field, .. } = &e else {
+                    unreachable!()
+                };
+                ApiError::invalid_field(field.clone(), e.to_string())
+            }
             other => ApiError::internal(other.to_string()),
         }
     }

@@ -33,6 +33,19 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
             let inner = e.into_inner();
             use serde_json::error::Category;
             match inner.classify() {
+                // Nested beyond what the parser reads (127 levels): valid
+                // JSON, but a value Docket would refuse to store anyway
+                // (its bound is lower), so it is the field's fault.
+                Category::Syntax if inner.to_string().starts_with("recursion limit exceeded") => {
+                    let field = deep_field(&path);
+                    Err(ApiError::invalid_field(
+                        field.clone(),
+                        format!(
+                            "`{field}` nests more than 127 levels of arrays/objects; Docket stores at most {}",
+                            docket_store::MAX_JSON_DEPTH
+                        ),
+                    ))
+                }
                 Category::Syntax | Category::Eof | Category::Io => Err(ApiError::invalid_json(
                     format!("the body is not valid JSON: {inner}"),
                 )),
@@ -52,6 +65,34 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
                 }
             }
         }
+    }
+}
+
+/// The request field holding a too-deep value, from the parser's path to
+/// where it gave up (`runs[2].input[0].a[0]…` → `runs[2].input`): the path
+/// up to the first segment that holds caller JSON.
+fn deep_field(path: &str) -> String {
+    const VALUES: [&str; 3] = ["input", "data", "updated_variables"];
+    let mut prefix: Vec<&str> = Vec::new();
+    for seg in path.split('.') {
+        let name = seg.split('[').next().unwrap_or(seg);
+        if VALUES.contains(&name) {
+            prefix.push(name);
+            return prefix.join(".");
+        }
+        prefix.push(seg);
+    }
+    "body".into()
+}
+
+#[cfg(test)]
+mod deep_field_tests {
+    #[test]
+    fn names_the_field_holding_the_value() {
+        assert_eq!(super::deep_field("input[0].a[0].a"), "input");
+        assert_eq!(super::deep_field("runs[2].input.a[0]"), "runs[2].input");
+        assert_eq!(super::deep_field("data[0]"), "data");
+        assert_eq!(super::deep_field("."), "body");
     }
 }
 

@@ -101,6 +101,11 @@ impl AppState {
             ))
             .field(field("input")));
         }
+        // Checked here as well as in the store so that a batch names the
+        // run at fault (`runs[2].input`).
+        if let Err(e) = docket_store::json::check_depth(&field("input"), &r.input) {
+            return Err(e.into());
+        }
         check_text(&field("idempotency_key"), &r.idempotency_key)?;
         if r.idempotency_key
             .as_deref()

@@ -1487,6 +1487,329 @@ pub async fn append_event_is_fenced(store: DynStore) {
     assert_eq!(ev[2].attempt, Some(1));
 }
 
+/// `{"a": [{"a": [… 0 …]}]}` nested `depth` levels (arrays and objects
+/// alternate, so both kinds are measured).
+pub fn nested_json(depth: usize) -> serde_json::Value {
+    let mut v = json!(0);
+    for i in 0..depth {
+        v = if i % 2 == 0 {
+            json!([v])
+        } else {
+            json!({ "a": v })
+        };
+    }
+    v
+}
+
+/// The depths the JSON bound is tested at: well inside, at the bound, just
+/// past it, around `serde_json`'s read limit (127/128), and far past both.
+pub const JSON_DEPTHS: [usize; 8] = [10, 100, 101, 126, 127, 128, 129, 1000];
+
+fn assert_too_deep<T: std::fmt::Debug>(r: Result<T>, field: &str, depth: usize) {
+    match r {
+        Err(StoreError::TooDeep {
+            field: f,
+            depth: d,
+            max,
+        }) => {
+            assert_eq!((f.as_str(), d, max), (field, depth, MAX_JSON_DEPTH));
+        }
+        other => panic!("expected `{field}` at depth {depth} to be refused, got {other:?}"),
+    }
+}
+
+/// Every JSON value the store accepts reads back exactly — run input,
+/// output, input requests, operator data, step and ledger results, event
+/// payloads — at any depth up to [`MAX_JSON_DEPTH`]; a deeper one is
+/// refused with [`StoreError::TooDeep`] naming the field and its depth,
+/// and nothing of that write is stored (other ends of the same batch are).
+pub async fn json_at_any_depth_reads_back_or_is_refused(store: DynStore) {
+    let mut inputs = Vec::new();
+    for depth in JSON_DEPTHS {
+        let v = nested_json(depth);
+        let ok = depth <= MAX_JSON_DEPTH;
+        let at = T0.plus_millis(depth as i64);
+
+        // Run input.
+        let n = NewRun::new("deep-input", v.clone());
+        let id = n.id;
+        let t = store.trigger(vec![n], T0).await;
+        if ok {
+            t.unwrap();
+            assert_eq!(store.get_run(id).await.unwrap().unwrap().input, v);
+            inputs.push((id, v.clone()));
+        } else {
+            assert_too_deep(t, "input", depth);
+            assert!(store.get_run(id).await.unwrap().is_none());
+        }
+
+        // Step result, ledger result, event payload, output.
+        let (run, lease) = claimed(&store).await;
+        let r = store.save_step(lease, "s".into(), v.clone(), at).await;
+        let w = LedgerWrite {
+            tenant: DEFAULT_TENANT.into(),
+            idempotency_key: format!("deep-{depth}"),
+            action: "a".into(),
+            state: LedgerState::Committed,
+            result: Some(v.clone()),
+            error_class: None,
+            error_message: None,
+        };
+        store
+            .ledger_begin(lease, w.idempotency_key.clone(), w.action.clone(), at)
+            .await
+            .unwrap();
+        let l = store
+            .ledger_write(lease, w, "action_committed".into(), at)
+            .await;
+        let e = store
+            .append_event(lease, "progress".into(), v.clone(), at)
+            .await;
+        let (_, other) = claimed(&store).await;
+        let ends = store
+            .finish(vec![
+                AttemptEnd {
+                    run_id: run.id,
+                    lease_id: lease.lease_id,
+                    now: at,
+                    outcome: Outcome::Completed { output: v.clone() },
+                },
+                AttemptEnd {
+                    run_id: other.run_id,
+                    lease_id: other.lease_id,
+                    now: at,
+                    outcome: Outcome::Completed { output: json!(1) },
+                },
+            ])
+            .await
+            .unwrap();
+        let mut ends = ends.into_iter();
+        let first = ends.next().unwrap();
+        assert_eq!(ends.next().unwrap().unwrap(), RunStatus::Completed);
+        let steps = store.steps(run.id).await.unwrap();
+        let ledger = store
+            .ledger_get(DEFAULT_TENANT.into(), format!("deep-{depth}"))
+            .await
+            .unwrap();
+        let progress: Vec<_> = store
+            .events(EventFilter {
+                run_id: Some(run.id),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.kind == "progress")
+            .collect();
+        let stored = store.get_run(run.id).await.unwrap().unwrap();
+        if ok {
+            r.unwrap();
+            l.unwrap();
+            e.unwrap();
+            assert_eq!(first.unwrap(), RunStatus::Completed);
+            assert_eq!(steps[0].result, Some(v.clone()));
+            assert_eq!(ledger.unwrap().result, Some(v.clone()));
+            assert_eq!(progress[0].data, v);
+            assert_eq!(stored.output, Some(v.clone()));
+        } else {
+            assert_too_deep(r, "result", depth);
+            assert_too_deep(l, "result", depth);
+            assert_too_deep(e, "data", depth);
+            assert_too_deep(first, "output", depth);
+            assert!(steps.is_empty() && progress.is_empty());
+            // The begin took the key; the refused result left it started.
+            let row = ledger.expect("begun");
+            assert_eq!((row.state, row.result), (LedgerState::Started, None));
+            assert_eq!(stored.status, RunStatus::Running);
+            assert_eq!(stored.output, None);
+            // The refused end wrote nothing; the lease still holds the run.
+            store
+                .finish(vec![AttemptEnd {
+                    run_id: run.id,
+                    lease_id: lease.lease_id,
+                    now: at,
+                    outcome: Outcome::Completed { output: json!(0) },
+                }])
+                .await
+                .unwrap()
+                .remove(0)
+                .unwrap();
+        }
+
+        // Input request and the operator's decision.
+        let (run, lease) = claimed(&store).await;
+        let ask = |request: serde_json::Value| AttemptEnd {
+            run_id: run.id,
+            lease_id: lease.lease_id,
+            now: at,
+            outcome: Outcome::NeedsInput {
+                name: "approval".into(),
+                request,
+            },
+        };
+        let (asked, _) = store
+            .finish_and_claim(vec![ask(v.clone())], Vec::new())
+            .await
+            .unwrap();
+        let asked = asked.into_iter().next().unwrap();
+        if ok {
+            assert_eq!(asked.unwrap(), RunStatus::NeedsInput);
+            let r = store.get_run(run.id).await.unwrap().unwrap();
+            assert_eq!(r.input_request.unwrap()["request"], v);
+        } else {
+            assert_too_deep(asked, "input_request", depth);
+            store.finish(vec![ask(json!({}))]).await.unwrap()[0]
+                .as_ref()
+                .unwrap();
+        }
+        let approved = store
+            .operator(op(run.id, OperatorCommand::Approve { data: v.clone() }))
+            .await;
+        if ok {
+            approved.unwrap();
+            let steps = store.steps(run.id).await.unwrap();
+            assert_eq!(steps[0].result.as_ref().unwrap()["data"], v);
+            let events = store
+                .events(EventFilter {
+                    run_id: Some(run.id),
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+            assert_eq!(events.last().unwrap().data["data"], v);
+        } else {
+            assert_too_deep(approved, "data", depth);
+            let r = store.get_run(run.id).await.unwrap().unwrap();
+            assert_eq!(r.status, RunStatus::NeedsInput);
+        }
+        let retry = store
+            .operator(op(
+                run.id,
+                OperatorCommand::Retry {
+                    updated_variables: Some(json!({ "deep": v })),
+                },
+            ))
+            .await;
+        if !ok {
+            assert_too_deep(retry, "updated_variables", depth + 1);
+        }
+    }
+    // Every run stored reads back in a list, as it was written.
+    let listed = store.list_runs(RunFilter::default()).await.unwrap();
+    for (id, v) in inputs {
+        let r = listed.iter().find(|r| r.id == id).expect("run listed");
+        assert_eq!(r.input, v);
+    }
+    assert!(listed
+        .iter()
+        .all(|r| !r.input.to_string().contains(UNDECODABLE_KEY)));
+}
+
+/// Which JSON columns [`a_poisoned_row_is_listed_with_a_marker`] asks the
+/// backend to spoil.
+#[derive(Clone, Copy, Debug)]
+pub enum Poison {
+    /// `runs.input` and `runs.output` of the run.
+    Run,
+    /// `steps.result` of the run's step `s`.
+    Step,
+    /// `ledger.result` of the key `poison`.
+    Ledger,
+    /// `events.data` of the run's `progress` event.
+    Event,
+}
+
+/// A JSON column that cannot be decoded (written by an older Docket, or by
+/// hand: the backend's test writes it with raw SQL through `poison`) never
+/// fails a read: the value reads as `{"docket_undecodable": "<reason>"}`,
+/// and lists, pages, steps, the ledger and events still answer with every
+/// other row intact.
+pub async fn a_poisoned_row_is_listed_with_a_marker<F, Fut>(store: DynStore, poison: F)
+where
+    F: Fn(Poison, RunId) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let before = one(&store, NewRun::new("other", json!({"n": 1}))).await;
+    let (run, lease) = claimed(&store).await;
+    store
+        .save_step(lease, "s".into(), json!(1), T0)
+        .await
+        .unwrap();
+    let w = LedgerWrite {
+        tenant: DEFAULT_TENANT.into(),
+        idempotency_key: "poison".into(),
+        action: "a".into(),
+        state: LedgerState::Committed,
+        result: Some(json!(1)),
+        error_class: None,
+        error_message: None,
+    };
+    store
+        .ledger_begin(lease, "poison".into(), "a".into(), T0)
+        .await
+        .unwrap();
+    store
+        .ledger_write(lease, w, "action_committed".into(), T0)
+        .await
+        .unwrap();
+    store
+        .append_event(lease, "progress".into(), json!(1), T0)
+        .await
+        .unwrap();
+    let after = one(&store, NewRun::new("other", json!({"n": 2}))).await;
+    for p in [Poison::Run, Poison::Step, Poison::Ledger, Poison::Event] {
+        poison(p, run.id).await;
+    }
+    let marked = |v: &serde_json::Value| {
+        v[UNDECODABLE_KEY]
+            .as_str()
+            .is_some_and(|reason| !reason.is_empty())
+    };
+    let listed = store.list_runs(RunFilter::default()).await.unwrap();
+    assert_eq!(listed.len(), 3, "{listed:?}");
+    let bad = listed.iter().find(|r| r.id == run.id).unwrap();
+    assert!(marked(&bad.input), "{:?}", bad.input);
+    assert!(marked(bad.output.as_ref().unwrap()), "{:?}", bad.output);
+    for good in [&before, &after] {
+        let r = listed.iter().find(|r| r.id == good.id).unwrap();
+        assert_eq!(r.input, good.input);
+    }
+    // A page that holds the poisoned row, and the one after it.
+    let page = store
+        .list_runs(RunFilter {
+            limit: 1,
+            before_id: Some(after.id),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(page[0].id, run.id);
+    let got = store.get_run(run.id).await.unwrap().unwrap();
+    assert!(marked(&got.input));
+    assert!(marked(
+        &store.steps(run.id).await.unwrap()[0]
+            .result
+            .clone()
+            .unwrap()
+    ));
+    let l = store
+        .ledger_get(DEFAULT_TENANT.into(), "poison".into())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(marked(l.result.as_ref().unwrap()));
+    assert!(marked(
+        store.ledger_for_run(run.id).await.unwrap()[0]
+            .result
+            .as_ref()
+            .unwrap()
+    ));
+    let events = store.events(EventFilter::default()).await.unwrap();
+    let progress = events.iter().find(|e| e.kind == "progress").unwrap();
+    assert!(marked(&progress.data));
+    assert!(events.iter().any(|e| e.run_id == after.id));
+}
+
 /// Generates one `#[tokio::test]` per conformance behaviour, each with a
 /// fresh store from the factory.
 ///
@@ -1537,6 +1860,7 @@ macro_rules! conformance_tests {
             append_event_is_fenced,
             connections_default_enabled_and_set,
             connections_audit_every_change,
+            json_at_any_depth_reads_back_or_is_refused,
         );
     };
     (@each @required $factory:expr; $($name:ident),* $(,)?) => {

@@ -14,6 +14,7 @@
 #[cfg(feature = "conformance")]
 pub mod conformance;
 pub mod connections;
+pub mod json;
 pub mod model;
 pub mod plan;
 #[cfg(feature = "postgres")]
@@ -25,6 +26,7 @@ pub mod tokens;
 pub use connections::{
     ConnectionAudit, ConnectionChange, ConnectionState, ConnectionStatus, ConnectionStore,
 };
+pub use json::{MAX_JSON_DEPTH, UNDECODABLE_KEY};
 pub use model::*;
 pub use stats::{BucketCount, ClassCount, RunScan, ScanPage, StatsStore, WindowQuery, WindowStats};
 pub use tokens::{NewToken, TokenRecord, TokenStore};
@@ -110,6 +112,17 @@ pub enum StoreError {
         current: LedgerState,
         /// The run that holds or committed the row.
         holder_run: RunId,
+    },
+    /// A JSON value nests arrays/objects deeper than [`MAX_JSON_DEPTH`]:
+    /// refused before anything is written, since it could not be read back.
+    #[error("`{field}` nests {depth} levels of arrays/objects; Docket stores at most {max}")]
+    TooDeep {
+        /// What the value is (`input`, `output`, `result`, `data`, …).
+        field: String,
+        /// Its depth.
+        depth: usize,
+        /// [`MAX_JSON_DEPTH`].
+        max: usize,
     },
 }
 

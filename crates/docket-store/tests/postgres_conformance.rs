@@ -870,3 +870,46 @@ async fn rapid_triggers_are_coalesced_but_never_unannounced() {
     }
     assert!((2..=3).contains(&got), "{got} wake-ups for 3 triggers");
 }
+
+/// A JSON column too deep for the reader (as an older Docket could write)
+/// is read as a marker; lists and the run's history still answer.
+#[tokio::test]
+async fn a_poisoned_row_is_listed_with_a_marker() {
+    use docket_store::conformance::{nested_json, Poison};
+    let Some(store) = fresh_pg().await else {
+        return;
+    };
+    let pool = store.pool().clone();
+    let deep = nested_json(200).to_string();
+    let store: DynStore = Arc::new(store);
+    docket_store::conformance::a_poisoned_row_is_listed_with_a_marker(store, |what, run| {
+        let pool = pool.clone();
+        let deep = deep.clone();
+        async move {
+            let q = match what {
+                Poison::Run => sqlx::query(
+                    "UPDATE runs SET input = $1::jsonb, output = $1::jsonb WHERE id = $2",
+                )
+                .bind(deep)
+                .bind(run.0),
+                Poison::Step => {
+                    sqlx::query("UPDATE steps SET result = $1::jsonb WHERE run_id = $2")
+                        .bind(deep)
+                        .bind(run.0)
+                }
+                Poison::Ledger => sqlx::query(
+                    "UPDATE ledger SET result = $1::jsonb WHERE idempotency_key = 'poison'",
+                )
+                .bind(deep),
+                Poison::Event => sqlx::query(
+                    "UPDATE events SET data = $1::jsonb WHERE run_id = $2 AND kind = 'progress'",
+                )
+                .bind(deep)
+                .bind(run.0),
+            };
+            let done = q.execute(&pool).await.unwrap();
+            assert_eq!(done.rows_affected(), 1, "{what:?}");
+        }
+    })
+    .await;
+}

@@ -137,3 +137,46 @@ async fn reads_answer_while_the_writer_waits() {
     );
     assert_eq!(runs.len(), 2);
 }
+
+/// A JSON column too deep for the reader (as an older Docket could write)
+/// is read as a marker; lists and the run's history still answer.
+#[tokio::test]
+async fn a_poisoned_row_is_listed_with_a_marker() {
+    use docket_store::conformance::{nested_json, Poison};
+    let dir = std::env::temp_dir().join(format!("docket-poison-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("docket.db");
+    let p = path.to_str().unwrap().to_string();
+    let store: docket_store::DynStore =
+        std::sync::Arc::new(docket_store::sqlite::SqliteStore::open(&p).unwrap());
+    let deep = nested_json(200).to_string();
+    docket_store::conformance::a_poisoned_row_is_listed_with_a_marker(store, |what, run| {
+        let c = rusqlite::Connection::open(&p).unwrap();
+        c.busy_timeout(std::time::Duration::from_secs(10)).unwrap();
+        let (sql, key) = match what {
+            Poison::Run => (
+                "UPDATE runs SET input = ?1, output = ?1 WHERE id = ?2",
+                run.to_string(),
+            ),
+            Poison::Step => (
+                "UPDATE steps SET result = ?1 WHERE run_id = ?2",
+                run.to_string(),
+            ),
+            Poison::Ledger => (
+                "UPDATE ledger SET result = ?1 WHERE idempotency_key = ?2",
+                "poison".to_string(),
+            ),
+            Poison::Event => (
+                "UPDATE events SET data = ?1 WHERE run_id = ?2 AND kind = 'progress'",
+                run.to_string(),
+            ),
+        };
+        assert_eq!(
+            c.execute(sql, rusqlite::params![deep, key]).unwrap(),
+            1,
+            "{what:?}"
+        );
+        async {}
+    })
+    .await;
+}

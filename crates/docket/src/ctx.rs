@@ -124,6 +124,9 @@ fn store_err(e: StoreError) -> JobError {
         // The attempt lost its lease: nothing it does will be recorded.
         StoreError::StaleLease { .. } => JobError::new(ErrorClass::LeaseExpired, e.to_string()),
         StoreError::Conflict(m) => JobError::permanent(m),
+        // A value nested too deep to be stored and read back: the same
+        // value fails the same way on every attempt, so it is terminal.
+        e @ StoreError::TooDeep { .. } => JobError::new(ErrorClass::ContentTooLarge, e.to_string()),
         e => JobError::unavailable(format!("store: {e}")),
     }
 }
@@ -565,6 +568,28 @@ impl Ctx {
                 let value = serde_json::to_value(&v).map_err(|e| {
                     JobError::permanent(format!("action `{name}`: result cannot be stored: {e}"))
                 })?;
+                if let Err(e) = docket_store::json::check_depth("result", &value) {
+                    // The effect happened, so the ledger must say so (or a
+                    // retry would repeat it); only its result cannot be
+                    // kept. The row is committed with a marker in its place
+                    // and the attempt fails `content_too_large`.
+                    let e = JobError::new(
+                        ErrorClass::ContentTooLarge,
+                        format!("action `{name}` (key {key}) succeeded, but its {e}: the ledger records it committed without its result"),
+                    );
+                    let marker = serde_json::json!({ "docket_not_stored": e.message.clone() });
+                    self.ledger_end(
+                        &name,
+                        &key,
+                        LedgerState::Committed,
+                        Some(marker),
+                        None,
+                        "action_committed",
+                    )
+                    .await?;
+                    self.record_failure(&name, &e).await;
+                    return Err(e.in_action(name).with_key(&key));
+                }
                 self.ledger_end(
                     &name,
                     &key,

@@ -126,6 +126,11 @@ impl Docket {
                 ),
             });
         }
+        if let Some(why) = docket_store::json::undecodable_reason(&original.input) {
+            return Err(Error::InvalidInput(format!(
+                "run {id}'s stored input cannot be read back ({why}), so it cannot be retriggered: trigger a new run with the input"
+            )));
+        }
         self.check_trigger(&original.job, &original.input)?;
         if let Some(job) = self.job(&original.job) {
             if let Some(validate) = &job.validator {

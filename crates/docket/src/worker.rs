@@ -775,7 +775,7 @@ impl Docket {
         if run.cancel_requested {
             cancelled.store(true, Ordering::SeqCst);
         }
-        let result = match job.validator.as_ref().map(|v| v(&run.input)) {
+        let result = match input_check(&job, &run) {
             Some(Err(msg)) => Err(JobError::invalid_input(msg)),
             _ => {
                 let fut = std::panic::AssertUnwindSafe((job.handler)(ctx, run.input.clone()))
@@ -797,6 +797,7 @@ impl Docket {
                 }
             }
         };
+        let result = storable(result);
         let now = self.clock().now();
         let outcome = match result {
             // A cancel requested while running ends the run cancelled, even
@@ -927,6 +928,44 @@ fn placeholder_job(name: &str) -> Job {
             Err::<serde_json::Value, _>(JobError::permanent("job not registered in this process"))
         },
     )
+}
+
+/// The job's validation of the run's input; an input that could not be
+/// read back from the store (older data: the `docket_undecodable` marker)
+/// is invalid, so the handler never sees the marker as its input.
+fn input_check(job: &Job, run: &Run) -> Option<Result<(), String>> {
+    if let Some(why) = docket_store::json::undecodable_reason(&run.input) {
+        return Some(Err(format!(
+            "the run's stored input cannot be read back: {why}"
+        )));
+    }
+    job.validator.as_ref().map(|v| v(&run.input))
+}
+
+/// An output or input request nested deeper than the store keeps
+/// ([`docket_store::MAX_JSON_DEPTH`]) becomes a `content_too_large`
+/// failure naming its depth, so the attempt ends with a recorded reason
+/// instead of an end the store refuses. A depth walk of the value: cheaper
+/// than the serialization storing it costs anyway.
+fn storable(result: Result<serde_json::Value, JobError>) -> Result<serde_json::Value, JobError> {
+    let too_deep = |field: &str, v: &serde_json::Value| {
+        docket_store::json::check_depth(field, v)
+            .err()
+            .map(|e| JobError::new(docket_core::ErrorClass::ContentTooLarge, e.to_string()))
+    };
+    match result {
+        Ok(output) => match too_deep("output", &output) {
+            Some(e) => Err(e),
+            None => Ok(output),
+        },
+        Err(e) => match e.control.as_deref() {
+            Some(Control::NeedsInput { request, .. }) => match too_deep("input_request", request) {
+                Some(deep) => Err(deep),
+                None => Err(e),
+            },
+            _ => Err(e),
+        },
+    }
 }
 
 /// A failure's evidence: class, bounded message, fingerprint.

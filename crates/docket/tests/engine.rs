@@ -720,3 +720,171 @@ async fn job_concurrency_limit_caps_claims() {
     assert_eq!(w.tick().await.unwrap(), 1);
     assert_eq!(w.tick().await.unwrap(), 0);
 }
+
+/// `{"a": [{"a": [… 0 …]}]}` nested `depth` levels.
+fn nested(depth: usize) -> Value {
+    let mut v = json!(0);
+    for i in 0..depth {
+        v = if i % 2 == 0 {
+            json!([v])
+        } else {
+            json!({ "a": v })
+        };
+    }
+    v
+}
+
+/// A handler's output, a step's result, an action's result or an input
+/// request nested deeper than the store keeps ends the run `failed` with
+/// `content_too_large` and a message naming the value and its depth — one
+/// attempt, no retries; within the bound each reads back exactly. A
+/// committed action's ledger row says so even when its result is too deep.
+#[tokio::test]
+async fn values_too_deep_to_store_fail_the_run_naming_the_depth() {
+    let (d, _clock) = engine();
+    d.register(
+        Job::new("deep", |ctx, input: Value| async move {
+            let depth = input["depth"].as_u64().unwrap() as usize;
+            match input["where"].as_str().unwrap() {
+                "step" => {
+                    ctx.step("s", || async move { Ok::<_, JobError>(nested(depth)) })
+                        .await?;
+                }
+                "action" => {
+                    ctx.action("a", format!("deep-{depth}"), |_key| async move {
+                        Ok::<_, JobError>(nested(depth))
+                    })
+                    .await?;
+                }
+                "request" => {
+                    ctx.wait_for_input("approval", nested(depth)).await?;
+                }
+                _ => {}
+            }
+            Ok(nested(depth))
+        })
+        .retry(policy(10, 0, 5)),
+    )
+    .unwrap();
+    let max = docket_store::MAX_JSON_DEPTH;
+    for depth in [10, max, max + 1, 127, 128, 1000] {
+        for place in ["output", "step", "action", "request"] {
+            let id = d
+                .trigger("deep", json!({ "depth": depth, "where": place }))
+                .await
+                .unwrap()
+                .run
+                .id;
+            assert_eq!(one_worker(&d).tick().await.unwrap(), 1);
+            let run = d.get_run(id).await.unwrap();
+            let steps = d.store().steps(id).await.unwrap();
+            let ledger = d.store().ledger_for_run(id).await.unwrap();
+            if depth <= max {
+                match place {
+                    "request" => {
+                        assert_eq!(run.status, RunStatus::NeedsInput, "{place} {depth}");
+                        assert_eq!(run.input_request.unwrap()["request"], nested(depth));
+                    }
+                    _ => {
+                        assert_eq!(run.status, RunStatus::Completed, "{place} {depth}");
+                        assert_eq!(run.output, Some(nested(depth)));
+                    }
+                }
+                if place == "step" || place == "action" {
+                    assert_eq!(steps[0].result, Some(nested(depth)));
+                }
+                if place == "action" {
+                    assert_eq!(ledger[0].result, Some(nested(depth)));
+                }
+                continue;
+            }
+            assert_eq!(run.status, RunStatus::Failed, "{place} {depth}: {run:?}");
+            assert_eq!(run.attempt, 1, "not retried");
+            assert_eq!(run.terminal_reason, Some(TerminalReason::ContentTooLarge));
+            let msg = run.last_error_message.unwrap();
+            let field = match place {
+                "output" => "output",
+                "request" => "input_request",
+                _ => "result",
+            };
+            assert!(
+                msg.contains(&format!("`{field}` nests {depth} levels"))
+                    && msg.contains(&format!("at most {max}")),
+                "{place} {depth}: {msg}"
+            );
+            if place == "action" {
+                // The effect happened: committed, with a marker for the
+                // result that could not be kept.
+                assert_eq!(ledger[0].state, docket_store::LedgerState::Committed);
+                let kept = ledger[0].result.as_ref().unwrap();
+                assert!(kept["docket_not_stored"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("nests")));
+            }
+        }
+    }
+    // Every run reads back in a list.
+    let all = d
+        .list_runs(docket_store::RunFilter {
+            limit: 1000,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(all.len(), 24);
+    assert!(all.iter().all(|r| !serde_json::to_string(r)
+        .unwrap()
+        .contains("docket_undecodable")));
+}
+
+/// A run whose stored input cannot be read back (older data, written
+/// before the nesting bound) never reaches its handler: it fails
+/// `invalid_input` saying so, and it cannot be retriggered with the marker
+/// as its input.
+#[tokio::test]
+async fn an_undecodable_input_fails_the_run_and_is_not_retriggered() {
+    let dir = std::env::temp_dir().join(format!("docket-undecodable-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("docket.db");
+    let p = path.to_str().unwrap().to_string();
+    let clock = ManualClock::new(T0);
+    let d = Docket::with_store(
+        Arc::new(SqliteStore::open(&p).unwrap()),
+        Arc::new(clock.clone()),
+    );
+    let ran = Arc::new(AtomicUsize::new(0));
+    let seen = ran.clone();
+    d.register(Job::new("echo", move |_ctx, input: Value| {
+        seen.fetch_add(1, Ordering::SeqCst);
+        async move { Ok::<_, JobError>(input) }
+    }))
+    .unwrap();
+    let id = d.trigger("echo", json!({"n": 1})).await.unwrap().run.id;
+    let c = rusqlite::Connection::open(&p).unwrap();
+    c.busy_timeout(Duration::from_secs(10)).unwrap();
+    let n = c
+        .execute(
+            "UPDATE runs SET input = ?1 WHERE id = ?2",
+            rusqlite::params![nested(128).to_string(), id.to_string()],
+        )
+        .unwrap();
+    assert_eq!(n, 1);
+    drop(c);
+    assert_eq!(one_worker(&d).tick().await.unwrap(), 1);
+    let run = d.get_run(id).await.unwrap();
+    assert_eq!(run.status, RunStatus::Failed);
+    assert_eq!(run.terminal_reason, Some(TerminalReason::InvalidInput));
+    assert!(run
+        .last_error_message
+        .as_deref()
+        .is_some_and(|m| m.contains("stored input cannot be read back")));
+    assert_eq!(ran.load(Ordering::SeqCst), 0, "the handler never ran");
+    let err = d
+        .retrigger(id, docket::Actor::new("ops", None))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, docket::Error::InvalidInput(ref m) if m.contains("cannot be retriggered")),
+        "{err}"
+    );
+}

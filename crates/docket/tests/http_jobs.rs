@@ -1398,3 +1398,76 @@ fn the_example_docket_toml_loads() {
     assert!(http.job_names().contains(&"refund".to_string()));
     assert_eq!(http.connection_names(), ["crm", "payments"]);
 }
+
+/// `{"a": [{"a": [… 0 …]}]}` nested `depth` levels.
+fn nested(depth: usize) -> Value {
+    let mut v = json!(0);
+    for i in 0..depth {
+        v = if i % 2 == 0 {
+            json!([v])
+        } else {
+            json!({ "a": v })
+        };
+    }
+    v
+}
+
+/// Issue 11: a response nested 127 levels deep was stored inside
+/// `{"status", "body"}` (128 levels) and could never be read back, which
+/// broke the run and every list of the tenant. Now a response whose result
+/// would nest deeper than the store keeps fails the run `content_too_large`
+/// naming the depth (the ledger records the request as committed); one the
+/// parser cannot read as JSON (128+ levels) is kept as text. Every run reads
+/// back, alone and in a list.
+#[tokio::test]
+async fn a_deeply_nested_response_is_refused_with_its_depth_or_kept() {
+    let env = setup(&format!(
+        r#"
+        [jobs.call]
+        connection = "crm"
+        path = "/call"
+        idempotency_key = "call-{{{{ input.depth }}}}"
+        {}
+        "#,
+        no_backoff()
+    ))
+    .await;
+    let max = docket_store::MAX_JSON_DEPTH;
+    for depth in [10, max - 1, max, 126, 127, 128, 129, 1_000] {
+        env.server
+            .push(Reply::Status(200, vec![], nested(depth).to_string()));
+        let id = env.trigger("call", json!({ "depth": depth })).await;
+        assert_eq!(env.tick().await, 1);
+        let run = env.run(id).await;
+        let ledger = env.docket.store().ledger_for_run(id).await.unwrap();
+        assert_eq!(ledger[0].state, docket_store::LedgerState::Committed);
+        // The stored result is `{"status": 200, "body": …}`: one level more.
+        if depth < max {
+            assert_eq!(run.status, RunStatus::Completed, "{depth}: {run:?}");
+            assert_eq!(ledger[0].result.as_ref().unwrap()["body"], nested(depth));
+        } else if depth <= 127 {
+            assert_eq!(run.status, RunStatus::Failed, "{depth}: {run:?}");
+            assert_eq!(run.terminal_reason, Some(TerminalReason::ContentTooLarge));
+            assert_eq!(run.attempt, 1);
+            let msg = run.last_error_message.unwrap();
+            assert!(
+                msg.contains(&format!("`result` nests {} levels", depth + 1))
+                    && msg.contains(&format!("at most {max}")),
+                "{depth}: {msg}"
+            );
+        } else {
+            assert_eq!(run.status, RunStatus::Completed, "{depth}: {run:?}");
+            assert!(ledger[0].result.as_ref().unwrap()["body"].is_string());
+        }
+        assert_eq!(env.history(id).await.run.id, id);
+    }
+    let all = env
+        .docket
+        .list_runs(docket_store::RunFilter::default())
+        .await
+        .unwrap();
+    assert_eq!(all.len(), 8);
+    assert!(all.iter().all(|r| !serde_json::to_string(r)
+        .unwrap()
+        .contains("docket_undecodable")));
+}

@@ -26,6 +26,9 @@ pub struct Opts {
     pub config: ServerConfig,
     /// A `docket.toml` with HTTP jobs and connections to install.
     pub http_toml: Option<String>,
+    /// The store's URL (default `sqlite::memory:`): a file lets a test
+    /// reach the rows with raw SQL.
+    pub db: Option<String>,
 }
 
 impl Default for Opts {
@@ -40,6 +43,7 @@ impl Default for Opts {
                 ..ServerConfig::default()
             },
             http_toml: None,
+            db: None,
         }
     }
 }
@@ -137,7 +141,9 @@ impl TestServer {
     }
 
     pub async fn start_with(mut opts: Opts) -> TestServer {
-        let docket = Docket::open("sqlite::memory:").await.unwrap();
+        let docket = Docket::open(opts.db.as_deref().unwrap_or("sqlite::memory:"))
+            .await
+            .unwrap();
         register_jobs(&docket);
         if let Some(text) = &opts.http_toml {
             let http = docket::http::HttpJobs::from_toml(text, ".").unwrap();

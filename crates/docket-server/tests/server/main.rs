@@ -4,6 +4,7 @@ mod api;
 mod cmd;
 mod common;
 mod connections;
+mod deep_json;
 mod events;
 mod node;
 mod tenants;

@@ -4,7 +4,7 @@
 //! row (`FOR UPDATE`) before checking the fence.
 
 use super::db;
-use super::ops::{get_run, run_from_row, RUN_COLS};
+use super::ops::{get_run, json_opt, run_from_row, RUN_COLS};
 use crate::plan::{self, BeginPlan, Holder};
 use crate::{
     LeaseRef, LeaseState, LedgerBegin, LedgerEntry, LedgerState, LedgerWrite, OperatorCommand,
@@ -119,7 +119,7 @@ fn step_from_row(r: &PgRow) -> Result<StepRecord> {
         run_id: RunId(r.try_get("run_id").map_err(db)?),
         name: r.try_get("name").map_err(db)?,
         status: status.parse().map_err(StoreError::Corrupt)?,
-        result: r.try_get("result").map_err(db)?,
+        result: json_opt(r, "result")?,
         error_class: class
             .map(|c| c.parse::<ErrorClass>())
             .transpose()
@@ -283,7 +283,7 @@ fn ledger_from_row(r: &PgRow) -> Result<LedgerEntry> {
         attempt: u32::try_from(r.try_get::<i32, _>("attempt").map_err(db)?).unwrap_or(0),
         lease_id: LeaseId(r.try_get("lease_id").map_err(db)?),
         state: state.parse().map_err(StoreError::Corrupt)?,
-        result: r.try_get("result").map_err(db)?,
+        result: json_opt(r, "result")?,
         error_class: class
             .map(|c| c.parse::<ErrorClass>())
             .transpose()

@@ -646,6 +646,7 @@ impl Store for PgStore {
     }
 
     async fn trigger(&self, runs: Vec<NewRun>, now: Timestamp) -> Result<Vec<Triggered>> {
+        crate::json::check_runs(&runs)?;
         // One statement, in autocommit: the insert is atomic on its own, and
         // the wake-up it sends is delivered when it commits.
         let mut jobs: Vec<String> = runs.iter().map(|r| r.job.clone()).collect();
@@ -680,10 +681,14 @@ impl Store for PgStore {
         if ends.is_empty() {
             return Ok(Vec::new());
         }
+        let (ends, refused) = crate::json::Refused::screen(ends);
+        if ends.is_empty() {
+            return Ok(refused.merge(Vec::new()));
+        }
         let mut c = self.hot_conn().await?;
         let res = hot::finish(c.conn(), ends).await;
         c.done(&res);
-        res
+        Ok(refused.merge(res?))
     }
 
     async fn finish_and_claim(
@@ -691,10 +696,12 @@ impl Store for PgStore {
         ends: Vec<AttemptEnd>,
         claims: Vec<ClaimRequest>,
     ) -> Result<(Vec<Result<RunStatus>>, Vec<Run>)> {
+        let (ends, refused) = crate::json::Refused::screen(ends);
         let mut c = self.hot_conn().await?;
         let res = hot::finish_and_claim(c.conn(), ends, claims).await;
         c.done(&res);
-        res
+        let (finished, runs) = res?;
+        Ok((refused.merge(finished), runs))
     }
 
     async fn heartbeat(
@@ -744,6 +751,7 @@ impl Store for PgStore {
         result: serde_json::Value,
         now: Timestamp,
     ) -> Result<crate::LeaseState> {
+        crate::json::check_depth("result", &result)?;
         durable::save_step(&self.pool, lease, &name, &result, now).await
     }
 
@@ -783,6 +791,7 @@ impl Store for PgStore {
         event: String,
         now: Timestamp,
     ) -> Result<()> {
+        crate::json::check_ledger(&write)?;
         durable::ledger_write(&self.pool, lease, &write, &event, now).await
     }
 
@@ -793,10 +802,12 @@ impl Store for PgStore {
         data: serde_json::Value,
         now: Timestamp,
     ) -> Result<()> {
+        crate::json::check_depth("data", &data)?;
         durable::append_event(&self.pool, lease, &kind, &data, now).await
     }
 
     async fn operator(&self, req: crate::OperatorRequest) -> Result<Run> {
+        crate::json::check_operator(&req)?;
         durable::operator(&self.pool, &req).await
     }
 }

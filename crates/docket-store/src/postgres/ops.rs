@@ -35,6 +35,28 @@ where
     r.try_get(col).map_err(db)
 }
 
+/// A nullable JSON column: what cannot be decoded (e.g. nested deeper than
+/// `serde_json` reads) is read as the `{"docket_undecodable": …}` marker, so
+/// one bad row never fails a list.
+pub(super) fn json_opt(r: &PgRow, col: &str) -> Result<Option<serde_json::Value>> {
+    use sqlx::ValueRef;
+    let raw = r.try_get_raw(col).map_err(db)?;
+    if raw.is_null() {
+        return Ok(None);
+    }
+    Ok(Some(
+        match <sqlx::types::Json<serde_json::Value> as sqlx::Decode<Postgres>>::decode(raw) {
+            Ok(v) => v.0,
+            Err(e) => crate::json::undecodable(e),
+        },
+    ))
+}
+
+/// A JSON column that is never NULL (see [`json_opt`]).
+pub(super) fn json(r: &PgRow, col: &str) -> Result<serde_json::Value> {
+    json_opt(r, col)?.ok_or_else(|| StoreError::Corrupt(format!("`{col}` is NULL")))
+}
+
 fn parse<T: std::str::FromStr>(what: &str, s: String) -> Result<T>
 where
     T::Err: std::fmt::Display,
@@ -62,9 +84,9 @@ pub(super) fn run_from_row(r: &PgRow) -> Result<Run> {
         job: get(r, "job")?,
         status: parse("status", get(r, "status")?)?,
         priority: get(r, "priority")?,
-        input: get(r, "input")?,
-        variables: get(r, "variables")?,
-        output: get(r, "output")?,
+        input: json(r, "input")?,
+        variables: json(r, "variables")?,
+        output: json_opt(r, "output")?,
         attempt: count("attempt", get(r, "attempt")?)?,
         attempts_forgiven: count("attempts_forgiven", get(r, "attempts_forgiven")?)?,
         run_after: Timestamp(get(r, "run_after")?),
@@ -81,7 +103,7 @@ pub(super) fn run_from_row(r: &PgRow) -> Result<Run> {
         last_error_message: get(r, "last_error_message")?,
         cancel_requested: get(r, "cancel_requested")?,
         retriggered_from: get::<Option<Uuid>>(r, "retriggered_from")?.map(RunId),
-        input_request: get(r, "input_request")?,
+        input_request: json_opt(r, "input_request")?,
     })
 }
 
@@ -473,7 +495,7 @@ pub(super) async fn events<'e>(
                 lease_id: get::<Option<Uuid>>(r, "lease_id")?.map(LeaseId),
                 actor: get(r, "actor")?,
                 comment: get(r, "comment")?,
-                data: get(r, "data")?,
+                data: json(r, "data")?,
             })
         })
         .collect()

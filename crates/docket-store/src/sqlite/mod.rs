@@ -421,6 +421,7 @@ impl Store for SqliteStore {
     }
 
     async fn trigger(&self, runs: Vec<NewRun>, now: Timestamp) -> Result<Vec<Triggered>> {
+        crate::json::check_runs(&runs)?;
         self.call(move |c| ops::trigger(c, runs, now)).await
     }
 
@@ -429,7 +430,9 @@ impl Store for SqliteStore {
     }
 
     async fn finish(&self, ends: Vec<AttemptEnd>) -> Result<Vec<Result<RunStatus>>> {
-        self.call(move |c| ops::finish_all(c, ends)).await
+        let (ends, refused) = crate::json::Refused::screen(ends);
+        let stored = self.call(move |c| ops::finish_all(c, ends)).await?;
+        Ok(refused.merge(stored))
     }
 
     async fn finish_and_claim(
@@ -437,19 +440,22 @@ impl Store for SqliteStore {
         ends: Vec<AttemptEnd>,
         claims: Vec<ClaimRequest>,
     ) -> Result<(Vec<Result<RunStatus>>, Vec<Run>)> {
-        self.call(move |c| {
-            let finished = ops::finish_all(c, ends)?;
-            let budget = claims.iter().map(|c| c.limit).max().unwrap_or(0);
-            let mut runs = Vec::new();
-            for mut req in claims {
-                req.limit = req.limit.min(budget - runs.len());
-                if req.limit > 0 {
-                    runs.extend(savepoint(c, |c| ops::claim(c, &req))?);
+        let (ends, refused) = crate::json::Refused::screen(ends);
+        let (finished, runs) = self
+            .call(move |c| {
+                let finished = ops::finish_all(c, ends)?;
+                let budget = claims.iter().map(|c| c.limit).max().unwrap_or(0);
+                let mut runs = Vec::new();
+                for mut req in claims {
+                    req.limit = req.limit.min(budget - runs.len());
+                    if req.limit > 0 {
+                        runs.extend(savepoint(c, |c| ops::claim(c, &req))?);
+                    }
                 }
-            }
-            Ok((finished, runs))
-        })
-        .await
+                Ok((finished, runs))
+            })
+            .await?;
+        Ok((refused.merge(finished), runs))
     }
 
     async fn heartbeat(
@@ -501,6 +507,7 @@ impl Store for SqliteStore {
         result: serde_json::Value,
         now: Timestamp,
     ) -> Result<LeaseState> {
+        crate::json::check_depth("result", &result)?;
         self.call(move |c| ops::save_step(c, lease, &name, &result, now))
             .await?
     }
@@ -543,6 +550,7 @@ impl Store for SqliteStore {
         event: String,
         now: Timestamp,
     ) -> Result<()> {
+        crate::json::check_ledger(&write)?;
         self.call(move |c| ops::ledger_write(c, lease, &write, &event, now))
             .await?
     }
@@ -554,11 +562,13 @@ impl Store for SqliteStore {
         data: serde_json::Value,
         now: Timestamp,
     ) -> Result<()> {
+        crate::json::check_depth("data", &data)?;
         self.call(move |c| ops::append_event(c, lease, &kind, &data, now))
             .await?
     }
 
     async fn operator(&self, req: OperatorRequest) -> Result<Run> {
+        crate::json::check_operator(&req)?;
         self.call(move |c| ops::operator(c, &req)).await
     }
 

@@ -42,8 +42,10 @@ where
     s.map(|s| parse(what, s)).transpose()
 }
 
+/// A JSON column: what cannot be decoded is read as the
+/// `{"docket_undecodable": …}` marker, so one bad row never fails a list.
 fn json_col(s: String) -> rusqlite::Result<Value> {
-    serde_json::from_str(&s).map_err(|e| corrupt("json", e))
+    Ok(crate::json::decode_text(&s))
 }
 
 fn json_opt(s: Option<String>) -> rusqlite::Result<Option<Value>> {
