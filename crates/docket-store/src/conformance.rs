@@ -647,6 +647,129 @@ pub async fn batched_finish_isolates_each_end(store: DynStore) {
     );
 }
 
+/// A reaper's verdict on an expired lease, as the engine builds it.
+fn reap_end(run: &Run, now: Timestamp) -> AttemptEnd {
+    AttemptEnd {
+        run_id: run.id,
+        lease_id: run.lease_id.expect("an expired lease"),
+        now,
+        outcome: Outcome::Retry {
+            error: err_info(ErrorClass::LeaseExpired),
+            retry: RetryRecord {
+                policy: "p".into(),
+                delay_ms: 500,
+                eligible_at: now.plus_millis(500),
+                reason: "backoff".into(),
+            },
+        },
+    }
+}
+
+/// Two reapers that read the same expired leases, then reap them at once,
+/// reap each run exactly once: one `lease_expired` attempt row and one
+/// `lease_expired` event per expiry; the other reaper's end changes and
+/// writes nothing (no `stale_write_refused`). A lease a heartbeat extended
+/// after the reapers read it, a lease not yet expired by the reap's `now`,
+/// and a run claimed again since are not reaped either.
+pub async fn concurrent_reapers_reap_each_expired_lease_once(store: DynStore) {
+    let runs: Vec<NewRun> = (0..6).map(|i| NewRun::new("job", json!(i))).collect();
+    store.trigger(runs, T0).await.unwrap();
+    let claimed = store.claim(claim_req(T0, 6)).await.unwrap();
+    assert_eq!(claimed.len(), 6);
+    let now = T0.plus_millis(30_000);
+    // Both reapers read before either writes: the race that matters.
+    let a = store.expired_leases(now, 10).await.unwrap();
+    let b = store.expired_leases(now, 10).await.unwrap();
+    assert_eq!(a.len(), 6);
+    assert_eq!(b.len(), 6);
+    // The worker of one run heartbeats after the reapers read it.
+    let alive = &a[0];
+    let st = store
+        .heartbeat(
+            vec![LeaseRef {
+                run_id: alive.id,
+                lease_id: alive.lease_id.unwrap(),
+            }],
+            now.plus_millis(30_000),
+        )
+        .await
+        .unwrap();
+    assert!(st[0].held);
+    let ends_a: Vec<AttemptEnd> = a.iter().map(|r| reap_end(r, now)).collect();
+    let ends_b: Vec<AttemptEnd> = b.iter().map(|r| reap_end(r, now)).collect();
+    let (ra, rb) = tokio::join!(store.reap(ends_a), store.reap(ends_b.clone()));
+    let (ra, rb) = (ra.unwrap(), rb.unwrap());
+    assert_eq!((ra.len(), rb.len()), (6, 6));
+    for (i, run) in a.iter().enumerate() {
+        let applied: Vec<RunStatus> = [&ra[i], &rb[i]]
+            .into_iter()
+            .filter_map(|r| match r {
+                Ok(applied) => *applied,
+                Err(e) => panic!("run {i}: {e}"),
+            })
+            .collect();
+        let k = kinds(&store, run.id).await;
+        let att = store.attempts(run.id).await.unwrap();
+        let now_run = store.get_run(run.id).await.unwrap().unwrap();
+        if run.id == alive.id {
+            assert!(applied.is_empty(), "a live lease was reaped: {applied:?}");
+            assert_eq!(now_run.status, RunStatus::Running);
+            assert_eq!(now_run.lease_id, alive.lease_id);
+            assert_eq!(now_run.lease_expires_at, Some(now.plus_millis(30_000)));
+            assert_eq!(k, ["run_triggered", "attempt_started"]);
+            assert_eq!(att.len(), 1);
+            assert_eq!(att[0].outcome, "running");
+        } else {
+            assert_eq!(applied, [RunStatus::Pending], "run {i}: reaped once");
+            assert_eq!(now_run.status, RunStatus::Pending);
+            assert_eq!(now_run.lease_id, None);
+            assert_eq!(
+                k,
+                [
+                    "run_triggered",
+                    "attempt_started",
+                    "lease_expired",
+                    "attempt_failed",
+                    "retry_scheduled"
+                ],
+                "run {i}"
+            );
+            assert_eq!(att.len(), 1);
+            assert_eq!(att[0].outcome, "lease_expired");
+            assert_eq!(att[0].error_class, Some(ErrorClass::LeaseExpired));
+        }
+    }
+    // The runs are claimed again; a reaper still holding the old reads, and
+    // one whose `now` is before the new leases expire, change nothing.
+    let again = store
+        .claim(claim_req(now.plus_millis(500), 10))
+        .await
+        .unwrap();
+    assert_eq!(again.len(), 5);
+    let late = store.reap(ends_b).await.unwrap();
+    let early = store
+        .reap(
+            again
+                .iter()
+                .map(|r| reap_end(r, now.plus_millis(500 + 29_999)))
+                .collect(),
+        )
+        .await
+        .unwrap();
+    for r in late.iter().chain(&early) {
+        assert!(matches!(r, Ok(None)), "{r:?}");
+    }
+    for run in &again {
+        let k = kinds(&store, run.id).await;
+        assert_eq!(k.iter().filter(|k| *k == "lease_expired").count(), 1);
+        assert!(!k.iter().any(|k| k == "stale_write_refused"), "{k:?}");
+        assert_eq!(k.last().map(String::as_str), Some("attempt_started"));
+        let got = store.get_run(run.id).await.unwrap().unwrap();
+        assert_eq!(got.status, RunStatus::Running);
+        assert_eq!(got.lease_id, run.lease_id);
+    }
+}
+
 /// A lone store leads periodic work, keeps leading when it asks again, and
 /// leads again after resigning; tasks are independent.
 pub async fn a_lone_store_leads_periodic_work(store: DynStore) {
@@ -1304,6 +1427,7 @@ macro_rules! conformance_tests {
             terminal_failure_records_reason,
             heartbeat_extends_and_detects_loss,
             expired_lease_retry_then_stale_completion,
+            concurrent_reapers_reap_each_expired_lease_once,
             release_postpone_and_input_forgive_attempts,
             batched_finish_isolates_each_end,
             circuit_deferral_is_not_a_failure,

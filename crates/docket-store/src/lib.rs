@@ -166,6 +166,26 @@ pub trait Store: TokenStore + ConnectionStore + StatsStore + Send + Sync + 'stat
     /// Running runs whose lease expired at or before `now`.
     async fn expired_leases(&self, now: Timestamp, limit: usize) -> Result<Vec<Run>>;
 
+    /// Reaps expired leases: applies each end (the engine's verdict on an
+    /// attempt whose lease expired: a `lease_expired` retry or failure) only
+    /// while its run is still `running` under the end's lease AND that lease
+    /// expired at or before the end's `now` — the fence is checked on the
+    /// locked row, in the transaction that writes. Answers per end:
+    /// `Ok(Some(status))` when it was applied, `Ok(None)` when it changed
+    /// nothing — another reaper got there first, the attempt ended, a
+    /// heartbeat extended the lease, or (PostgreSQL) another transaction
+    /// holds the run's row right now (`FOR UPDATE SKIP LOCKED`: the next
+    /// round sees it again) — or `Err` for an end that failed alone
+    /// (PostgreSQL: a value the server refused). An end that changed nothing
+    /// wrote nothing, not even a `stale_write_refused` event: a reaper is not
+    /// the attempt's writer. Each applied end is its own atomic unit, as in
+    /// [`finish`](Store::finish).
+    ///
+    /// This is what lets every worker reap, with no leader: two reapers
+    /// that read the same expired lease reap it once, and the other's end
+    /// is a no-op.
+    async fn reap(&self, ends: Vec<AttemptEnd>) -> Result<Vec<Result<Option<RunStatus>>>>;
+
     /// The earliest `run_after` among claimable runs of these jobs, if any:
     /// lets an idle worker sleep exactly until the next run is due.
     async fn next_due(&self, jobs: Vec<String>) -> Result<Option<Timestamp>>;

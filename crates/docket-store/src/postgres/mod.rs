@@ -678,6 +678,16 @@ impl Store for PgStore {
         ops::expired_leases(&self.pool, now, limit).await
     }
 
+    async fn reap(&self, ends: Vec<AttemptEnd>) -> Result<Vec<Result<Option<RunStatus>>>> {
+        if ends.is_empty() {
+            return Ok(Vec::new());
+        }
+        // A pooled connection, not the hot path's: reaping is background
+        // work and must not queue behind (or delay) claims and ends.
+        let mut conn = self.pool.acquire().await.map_err(db)?;
+        hot::reap(&mut conn, ends).await
+    }
+
     async fn next_due(&self, jobs: Vec<String>) -> Result<Option<Timestamp>> {
         ops::next_due(&self.pool, &jobs).await
     }

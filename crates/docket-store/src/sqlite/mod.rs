@@ -381,6 +381,10 @@ impl Store for SqliteStore {
         self.call(move |c| ops::expired_leases(c, now, limit)).await
     }
 
+    async fn reap(&self, ends: Vec<AttemptEnd>) -> Result<Vec<Result<Option<RunStatus>>>> {
+        self.call(move |c| ops::reap_all(c, ends)).await
+    }
+
     async fn next_due(&self, jobs: Vec<String>) -> Result<Option<Timestamp>> {
         self.call(move |c| ops::next_due(c, &jobs)).await
     }
