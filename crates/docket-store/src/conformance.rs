@@ -770,20 +770,6 @@ pub async fn concurrent_reapers_reap_each_expired_lease_once(store: DynStore) {
     }
 }
 
-/// A lone store leads periodic work, keeps leading when it asks again, and
-/// leads again after resigning; tasks are independent.
-pub async fn a_lone_store_leads_periodic_work(store: DynStore) {
-    assert!(store.try_lead("reaper").await.unwrap());
-    assert!(store.try_lead("reaper").await.unwrap());
-    assert!(store.try_lead("pruner").await.unwrap());
-    store.resign("reaper").await.unwrap();
-    store.resign("reaper").await.unwrap();
-    assert!(store.try_lead("pruner").await.unwrap());
-    assert!(store.try_lead("reaper").await.unwrap());
-    store.resign("reaper").await.unwrap();
-    store.resign("pruner").await.unwrap();
-}
-
 async fn futures_lite_join(store: &DynStore, ids: Vec<RunId>) -> Vec<RunStatus> {
     let mut out = Vec::new();
     for id in ids {
@@ -1431,7 +1417,6 @@ macro_rules! conformance_tests {
             release_postpone_and_input_forgive_attempts,
             batched_finish_isolates_each_end,
             circuit_deferral_is_not_a_failure,
-            a_lone_store_leads_periodic_work,
             list_filters_and_pagination,
             events_cursor_and_filters,
             tokens_create_find_list,

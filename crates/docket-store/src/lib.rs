@@ -267,29 +267,6 @@ pub trait Store: TokenStore + ConnectionStore + StatsStore + Send + Sync + 'stat
     /// [`StoreError::WrongState`] naming the state.
     async fn operator(&self, req: OperatorRequest) -> Result<Run>;
 
-    /// Asks to be the one node that does the periodic `task` (e.g.
-    /// `"reaper"`). `Ok(true)`: this store leads it now and keeps leading
-    /// until [`resign`](Store::resign), until it is dropped, or until its
-    /// hold is lost (on PostgreSQL: its connection died), whichever comes
-    /// first. Call it before every round of the task: a store that lost its
-    /// hold answers `false` while another node leads, and takes over again
-    /// (`true`) once nobody does. Leading is an optimisation, not a fence:
-    /// every write of the task must still be safe on several nodes at once
-    /// (leases fence the reaper's).
-    ///
-    /// One store always leads when nobody else can compete (SQLite: one
-    /// process owns the file), hence the default.
-    async fn try_lead(&self, _task: &str) -> Result<bool> {
-        Ok(true)
-    }
-
-    /// Gives up leading `task` (at shutdown), so that another node takes it
-    /// over at its next [`try_lead`](Store::try_lead) instead of when this
-    /// store is dropped. A no-op when not leading.
-    async fn resign(&self, _task: &str) -> Result<()> {
-        Ok(())
-    }
-
     /// Wake-ups sent by other processes when they trigger runs: job names,
     /// or `""` for "check every job" (after a lost connection). `None` when
     /// the backend has no such channel (SQLite: one process wakes its own

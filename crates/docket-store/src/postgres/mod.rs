@@ -23,8 +23,10 @@
 //!   within 5 ms are coalesced into one notification at the end of that
 //!   window (debounced on the sending side). [`PgStore::listen`] turns them
 //!   into a channel an idle worker can wait on; polling stays the fallback.
-//! - Periodic work is led by one node at a time through a session-level
-//!   advisory lock (`Store::try_lead`, `lead.rs`).
+//! - Expired leases are reaped by every worker, with no leader:
+//!   `Store::reap` locks only runs still running under the expired lease
+//!   (`FOR UPDATE SKIP LOCKED`, fenced on lease and expiry), so concurrent
+//!   reapers reap each lease once (`hot.rs`).
 //!
 //! The behaviour is the SQLite backend's, checked by the same conformance
 //! suite. What differs, by nature:
@@ -45,7 +47,6 @@
 mod connections;
 mod durable;
 mod hot;
-mod lead;
 mod ops;
 mod stats;
 mod tokens;
@@ -92,8 +93,6 @@ pub struct PgStore {
     opts: PgConnectOptions,
     /// The hot path's own connections (see [`HotSlot`]).
     hot: Arc<[tokio::sync::Mutex<HotSlot>; HOT_CONNECTIONS]>,
-    /// Leadership of periodic work (see `lead.rs`).
-    leader: Arc<tokio::sync::Mutex<lead::Leader>>,
     /// Sending-side debounce of wake-ups.
     notifier: Arc<Notifier>,
 }
@@ -395,7 +394,6 @@ impl PgStore {
             schema,
             opts,
             hot: Arc::default(),
-            leader: Arc::default(),
             notifier: Arc::default(),
         })
     }
@@ -596,18 +594,6 @@ async fn forward_wakeups(pool: PgPool, mut listener: PgListener, tx: broadcast::
 impl Store for PgStore {
     fn backend(&self) -> &'static str {
         "postgres"
-    }
-
-    async fn try_lead(&self, task: &str) -> Result<bool> {
-        self.leader
-            .lock()
-            .await
-            .try_lead(&self.opts, &self.schema, task)
-            .await
-    }
-
-    async fn resign(&self, task: &str) -> Result<()> {
-        self.leader.lock().await.resign(&self.schema, task).await
     }
 
     async fn wakeups(&self) -> Result<Option<broadcast::Receiver<String>>> {
