@@ -770,6 +770,59 @@ pub async fn concurrent_reapers_reap_each_expired_lease_once(store: DynStore) {
     }
 }
 
+/// Leadership expires: one holder at a time; the holder renews under the
+/// same token; once its lead expires (it stopped renewing: killed, stopped,
+/// cut off) the next to ask takes over with a larger token, and the old
+/// holder is refused while the new one leads. Resigning is fenced on the
+/// token. Tasks are independent; two holders asking at once for a free
+/// task: one leads.
+pub async fn leadership_expires_and_is_fenced(store: DynStore) {
+    let lead = |holder: &str, at: i64| {
+        store.try_lead("pruner".into(), holder.into(), T0.plus_millis(at), 1_000)
+    };
+    let t1 = lead("a", 0).await.unwrap().expect("a free task");
+    assert_eq!(lead("b", 500).await.unwrap(), None, "two leaders");
+    // A renews: same token, lead until 1,900.
+    assert_eq!(lead("a", 900).await.unwrap(), Some(t1));
+    assert_eq!(lead("b", 1_899).await.unwrap(), None);
+    // A stops renewing; at its expiry B takes over with a larger token.
+    let t2 = lead("b", 1_900).await.unwrap().expect("an expired lead");
+    assert!(t2 > t1, "{t2:?} after {t1:?}");
+    assert_eq!(
+        lead("a", 1_950).await.unwrap(),
+        None,
+        "the old leader is back"
+    );
+    // Another task is independent.
+    assert!(store
+        .try_lead("schedules".into(), "a".into(), T0.plus_millis(1_950), 1_000)
+        .await
+        .unwrap()
+        .is_some());
+    // Resigning under the old token changes nothing; under B's, A takes over.
+    store
+        .resign("pruner".into(), t1, T0.plus_millis(2_000))
+        .await
+        .unwrap();
+    assert_eq!(lead("a", 2_000).await.unwrap(), None);
+    store
+        .resign("pruner".into(), t2, T0.plus_millis(2_000))
+        .await
+        .unwrap();
+    let t3 = lead("a", 2_000).await.unwrap().expect("resigned");
+    assert!(t3 > t2);
+    // A holder that lost its lead and asks again gets a new token.
+    let t4 = lead("a", 3_000).await.unwrap().expect("expired, free");
+    assert!(t4 > t3);
+    // Two holders at once, for a free task: one leads.
+    let (x, y) = tokio::join!(
+        store.try_lead("race".into(), "x".into(), T0, 1_000),
+        store.try_lead("race".into(), "y".into(), T0, 1_000)
+    );
+    let (x, y) = (x.unwrap(), y.unwrap());
+    assert!(x.is_some() != y.is_some(), "{x:?} {y:?}");
+}
+
 async fn futures_lite_join(store: &DynStore, ids: Vec<RunId>) -> Vec<RunStatus> {
     let mut out = Vec::new();
     for id in ids {
@@ -1414,6 +1467,7 @@ macro_rules! conformance_tests {
             heartbeat_extends_and_detects_loss,
             expired_lease_retry_then_stale_completion,
             concurrent_reapers_reap_each_expired_lease_once,
+            leadership_expires_and_is_fenced,
             release_postpone_and_input_forgive_attempts,
             batched_finish_isolates_each_end,
             circuit_deferral_is_not_a_failure,

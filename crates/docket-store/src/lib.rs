@@ -14,6 +14,7 @@
 #[cfg(feature = "conformance")]
 pub mod conformance;
 pub mod connections;
+pub mod lead;
 pub mod model;
 #[cfg(feature = "postgres")]
 pub mod postgres;
@@ -24,6 +25,7 @@ pub mod tokens;
 pub use connections::{
     ConnectionAudit, ConnectionChange, ConnectionState, ConnectionStatus, ConnectionStore,
 };
+pub use lead::FencingToken;
 pub use model::*;
 pub use stats::{BucketCount, ClassCount, RunScan, ScanPage, StatsStore, WindowQuery, WindowStats};
 pub use tokens::{NewToken, TokenRecord, TokenStore};
@@ -34,7 +36,7 @@ use std::sync::Arc;
 
 /// The schema version this build writes. A database with a higher version
 /// was written by a newer Docket and is refused, never modified.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// What can go wrong in a store.
 #[derive(Debug, thiserror::Error)]
@@ -266,6 +268,26 @@ pub trait Store: TokenStore + ConnectionStore + StatsStore + Send + Sync + 'stat
     /// (actor and comment). A command the run's state does not allow is a
     /// [`StoreError::WrongState`] naming the state.
     async fn operator(&self, req: OperatorRequest) -> Result<Run>;
+
+    /// Asks to lead the periodic `task` as `holder` (unique per process)
+    /// until `now + ttl_ms` (see [`lead`](crate::lead)). Answers the fencing token when
+    /// `holder` leads it now: the task was free, its lead had expired at or
+    /// before `now` (a new, larger token), or `holder` already led it (the
+    /// same token; the lead is renewed). `None` while another holder's lead
+    /// has not expired. Renew before `ttl_ms` runs out; a holder that lost
+    /// the lead and asks again gets a new token, never its old one.
+    async fn try_lead(
+        &self,
+        task: String,
+        holder: String,
+        now: Timestamp,
+        ttl_ms: i64,
+    ) -> Result<Option<FencingToken>>;
+
+    /// Gives up the lead of `task` held under `token` (at shutdown), so that
+    /// the next node to ask takes over at once instead of when it expires.
+    /// A no-op under any other token, or once expired.
+    async fn resign(&self, task: String, token: FencingToken, now: Timestamp) -> Result<()>;
 
     /// Wake-ups sent by other processes when they trigger runs: job names,
     /// or `""` for "check every job" (after a lost connection). `None` when

@@ -596,6 +596,35 @@ impl Store for PgStore {
         "postgres"
     }
 
+    async fn try_lead(
+        &self,
+        task: String,
+        holder: String,
+        now: Timestamp,
+        ttl_ms: i64,
+    ) -> Result<Option<crate::FencingToken>> {
+        let token: Option<i64> = sqlx::query_scalar(crate::lead::TRY_LEAD_SQL)
+            .bind(task)
+            .bind(holder)
+            .bind(now.0)
+            .bind(now.plus_millis(ttl_ms).0)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db)?;
+        Ok(token.map(crate::FencingToken))
+    }
+
+    async fn resign(&self, task: String, token: crate::FencingToken, now: Timestamp) -> Result<()> {
+        sqlx::query(crate::lead::RESIGN_SQL)
+            .bind(task)
+            .bind(token.0)
+            .bind(now.0)
+            .execute(&self.pool)
+            .await
+            .map_err(db)?;
+        Ok(())
+    }
+
     async fn wakeups(&self) -> Result<Option<broadcast::Receiver<String>>> {
         self.listen().await.map(Some)
     }
