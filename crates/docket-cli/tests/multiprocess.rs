@@ -1,6 +1,7 @@
 //! Many worker processes against one PostgreSQL database: real OS processes
-//! (`docket-stress-worker`), killed with SIGKILL, cut off from the database
-//! with `pg_terminate_backend`, and (with `DOCKET_TEST_PG_RESTART=1`) left
+//! (`docket-stress-worker`), killed with SIGKILL, stopped with SIGSTOP and
+//! resumed with SIGCONT, cut off from the database with
+//! `pg_terminate_backend`, and (with `DOCKET_TEST_PG_RESTART=1`) left
 //! without a database while PostgreSQL restarts.
 //!
 //! Needs `DOCKET_TEST_POSTGRES_URL`; without it each test says so and
