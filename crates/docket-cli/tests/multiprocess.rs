@@ -816,6 +816,28 @@ async fn a_stopped_process_does_not_stop_lease_recovery() {
     db.trigger(5_000, 20, 0).await;
     db.wait_completed(1 + 16 + 200 + 20, Duration::from_secs(60), &mut workers)
         .await;
+    // The attempts it was running when stopped finished after their runs
+    // were reaped: their ends were refused (kept as evidence), not applied.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let refused = db
+            .scalar(&format!(
+                "SELECT count(*) FROM events e JOIN attempts a ON a.lease_id = e.lease_id
+                 WHERE e.kind = 'stale_write_refused' AND a.worker = '{leader}'
+                   AND a.outcome = 'lease_expired'"
+            ))
+            .await;
+        if refused >= 1 {
+            eprintln!("the resumed leader's refused late ends: {refused}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the resumed leader's late ends left no evidence"
+        );
+        workers.assert_alive();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     workers.stop();
     db.check_evidence(1 + 16 + 200 + 20, &rest).await;
     // Each expired lease was reaped once: one `lease_expired` attempt row,
