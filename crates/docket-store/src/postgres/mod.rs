@@ -438,8 +438,10 @@ impl PgStore {
     }
 
     /// The connection pool (every connection's `search_path` is
-    /// [`schema`](Self::schema)), for work outside the [`Store`] trait such as
-    /// periodic jobs under an advisory lock.
+    /// [`schema`](Self::schema)), for work outside the [`Store`] trait
+    /// (tests, maintenance). Periodic work that must run on one node at a
+    /// time leads through [`Store::try_lead`], never a session lock: a
+    /// stopped holder would keep it.
     pub fn pool(&self) -> &PgPool {
         &self.pool
     }
