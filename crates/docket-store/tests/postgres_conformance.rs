@@ -803,3 +803,18 @@ async fn rapid_triggers_are_coalesced_but_never_unannounced() {
     }
     assert!((2..=3).contains(&got), "{got} wake-ups for 3 triggers");
 }
+
+/// Docket's sessions are ended by the server when left idle inside a
+/// transaction (a process stopped mid-transaction would otherwise keep its
+/// run's row locked, and the reapers skip locked rows).
+#[tokio::test]
+async fn sessions_idle_in_a_transaction_are_ended() {
+    let Some(store) = fresh_pg().await else {
+        return;
+    };
+    let timeout: String = sqlx::query_scalar("SHOW idle_in_transaction_session_timeout")
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+    assert_eq!(timeout, docket_store::postgres::IDLE_IN_TRANSACTION_TIMEOUT);
+}

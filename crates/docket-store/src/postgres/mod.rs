@@ -215,6 +215,13 @@ const HOT_CONNECTIONS: usize = 2;
 /// due run plus a sort, or a sequential scan of `attempts`, whose cost grows
 /// with the table; these settings rule such plans out, and the generic plan
 /// spares re-planning each execution.
+/// How long PostgreSQL lets a Docket session sit idle inside a transaction
+/// before ending it (and releasing its row locks): a bound on how long a
+/// stopped process can keep a run from being reaped. Shorter than any
+/// sensible lease, far longer than Docket's own gaps between the statements
+/// of one transaction.
+pub const IDLE_IN_TRANSACTION_TIMEOUT: &str = "10s";
+
 const HOT_SETTINGS: [(&str, &str); 3] = [
     ("enable_seqscan", "off"),
     ("enable_bitmapscan", "off"),
@@ -373,6 +380,15 @@ impl PgStore {
             }
             opts = opts.options([("synchronous_commit", v.as_str())]);
         }
+        // A process stopped (SIGSTOP, a long pause) in the middle of one of
+        // its few multi-statement transactions (durable steps, the ledger)
+        // would keep its run's row locked, and the reapers skip locked rows:
+        // the server ends such a session instead, which releases the lock.
+        // Docket never leaves a transaction idle for more than moments.
+        opts = opts.options([(
+            "idle_in_transaction_session_timeout",
+            IDLE_IN_TRANSACTION_TIMEOUT,
+        )]);
         // Migrate over one direct connection first: a server that is down or
         // refuses us is reported at once, with its own error (a pool would
         // retry until its acquire timeout and report only that).
