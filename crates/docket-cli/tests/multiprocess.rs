@@ -1,6 +1,7 @@
 //! Many worker processes against one PostgreSQL database: real OS processes
-//! (`docket-stress-worker`), killed with SIGKILL, cut off from the database
-//! with `pg_terminate_backend`, and (with `DOCKET_TEST_PG_RESTART=1`) left
+//! (`docket-stress-worker`), killed with SIGKILL, stopped with SIGSTOP and
+//! resumed with SIGCONT, cut off from the database with
+//! `pg_terminate_backend`, and (with `DOCKET_TEST_PG_RESTART=1`) left
 //! without a database while PostgreSQL restarts.
 //!
 //! Needs `DOCKET_TEST_POSTGRES_URL`; without it each test says so and
@@ -11,9 +12,9 @@
 //!
 //! Every wait is bounded and polls the database or waits for a process.
 
-use docket::{Clock, SystemClock};
+use docket::{Clock, SystemClock, Timestamp};
 use docket_store::postgres::PgStore;
-use docket_store::{NewRun, Store};
+use docket_store::{ClaimRequest, NewRun, Store};
 use serde_json::json;
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -235,29 +236,48 @@ impl Workers {
             dir: db.dir.clone(),
         };
         for name in names {
-            let stderr = std::fs::File::create(db.dir.join(format!("{name}.stderr"))).unwrap();
-            let stdout = std::fs::File::create(db.dir.join(format!("{name}.stdout"))).unwrap();
-            let child = Command::new(env!("CARGO_BIN_EXE_docket-stress-worker"))
-                .args(["--db", &format!("{}-{name}", db.worker_url), "--name", name])
-                .args([
-                    "--concurrency",
-                    "8",
-                    "--lease-ms",
-                    "2000",
-                    "--fail-every",
-                    "7",
-                ])
-                .arg("--exec-log")
-                .arg(db.dir.join(format!("{name}.exec")))
-                .env("DOCKET_LOG", "warn")
-                .stdin(Stdio::null())
-                .stdout(stdout)
-                .stderr(stderr)
-                .spawn()
-                .expect("start docket-stress-worker");
-            w.children.push((name.to_string(), child));
+            w.spawn(db, name);
         }
         w
+    }
+
+    /// Starts one more worker process.
+    fn spawn(&mut self, db: &Db, name: &str) {
+        let stderr = std::fs::File::create(db.dir.join(format!("{name}.stderr"))).unwrap();
+        let stdout = std::fs::File::create(db.dir.join(format!("{name}.stdout"))).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_docket-stress-worker"))
+            .args(["--db", &format!("{}-{name}", db.worker_url), "--name", name])
+            .args([
+                "--concurrency",
+                "8",
+                "--lease-ms",
+                "2000",
+                "--fail-every",
+                "7",
+            ])
+            .arg("--exec-log")
+            .arg(db.dir.join(format!("{name}.exec")))
+            .env("DOCKET_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr)
+            .spawn()
+            .expect("start docket-stress-worker");
+        self.children.push((name.to_string(), child));
+    }
+
+    /// Sends `signal` (`STOP`, `CONT`, …) to one worker with kill(1).
+    fn signal(&self, name: &str, signal: &str) {
+        let (_, child) = self
+            .children
+            .iter()
+            .find(|(n, _)| n == name)
+            .expect("a worker of that name");
+        let ok = Command::new("kill")
+            .args([&format!("-{signal}"), &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(ok.success(), "kill -{signal} {name}");
     }
 
     fn assert_alive(&mut self) {
@@ -595,5 +615,256 @@ async fn workers_survive_a_postgres_restart() {
         "every worker reports the restart: {warned:?}"
     );
     workers.stop();
+    db.drop_schema().await;
+}
+
+/// How long after its lease expired an expired lease must have been reaped
+/// while any worker runs: 1.25 × the stress worker's `reap_interval`
+/// (500 ms, jittered) plus one reap round, with slack for a loaded 2-core
+/// machine. Before every worker reaped, a stopped leader made this
+/// unbounded.
+const REAP_BOUND_MS: i64 = 3_000;
+/// The stress worker's lease length.
+const LEASE_MS: i64 = 2_000;
+
+/// The process that would lead periodic work is stopped (SIGSTOP: a long
+/// pause, a frozen VM) while it holds runs, and another is killed
+/// (SIGKILL) while it holds runs. The third recovers both processes' runs
+/// within the documented bound, read from the evidence (each
+/// `lease_expired` event's time against its lease's expiry and against the
+/// kill). Then the stopped process resumes (SIGCONT): its late ends are
+/// refused, nothing is reaped or completed twice, and it goes on working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_process_does_not_stop_lease_recovery() {
+    let Some(url) = url() else { return };
+    let _serial = SERIAL.lock().await;
+    let db = Db::fresh(&url, "stop").await;
+    let (leader, victim, rescuer) = ("stop-leader", "stop-victim", "stop-rescuer");
+
+    // An expired lease planted before any worker runs: once the first
+    // process has reaped it, its reaper has run (and, when reaping needed a
+    // leader, it led and kept leading while its session lived).
+    let past = Timestamp(SystemClock.now().0 - 60_000);
+    let ghost = NewRun::new("stress", json!({ "i": 1 }));
+    let ghost_id = ghost.id;
+    db.store.trigger(vec![ghost], past).await.unwrap();
+    let planted = db
+        .store
+        .claim(ClaimRequest {
+            jobs: vec!["stress".into()],
+            limit: 1,
+            now: past,
+            lease_ms: 1_000,
+            worker: "ghost".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(planted.len(), 1);
+    let mut workers = Workers::start(&db, &[leader]);
+    db.wait_completed(1, Duration::from_secs(60), &mut workers)
+        .await;
+    let ghost_rows: Vec<(String, String)> =
+        sqlx::query_as("SELECT worker, outcome FROM attempts WHERE run_id = $1 ORDER BY attempt")
+            .bind(ghost_id.0)
+            .fetch_all(db.store.pool())
+            .await
+            .unwrap();
+    assert_eq!(
+        ghost_rows,
+        [
+            ("ghost".to_string(), "lease_expired".to_string()),
+            (leader.to_string(), "completed".to_string())
+        ]
+    );
+
+    // The leader takes runs, and is stopped while it holds them.
+    db.trigger(100, 16, 800).await;
+    let held_by = |name: &'static str| {
+        let pool = db.store.pool().clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT count(*) FROM runs WHERE status = 'running' AND worker = $1",
+            )
+            .bind(name)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while held_by(leader).await < 4 {
+        assert!(Instant::now() < deadline, "the leader never held runs");
+        workers.assert_alive();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    workers.signal(leader, "STOP");
+    let stopped_at = SystemClock.now().0;
+
+    // Two more processes; one is killed while it holds runs.
+    workers.spawn(&db, victim);
+    workers.spawn(&db, rescuer);
+    db.trigger(1_000, 200, 300).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while held_by(victim).await < 4 {
+        assert!(Instant::now() < deadline, "the victim never held runs");
+        workers.assert_alive();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    workers.kill9(victim);
+    let killed_at = SystemClock.now().0;
+    let orphan_leases = |name: &'static str| {
+        let pool = db.store.pool().clone();
+        async move {
+            sqlx::query_scalar::<_, uuid::Uuid>(
+                "SELECT lease_id FROM runs WHERE status = 'running' AND worker = $1",
+            )
+            .bind(name)
+            .fetch_all(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    // The victim's last statement may still be running on the server;
+    // its sessions end within moments of its death.
+    let gone = Instant::now() + Duration::from_secs(30);
+    loop {
+        let n: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE application_name = $1")
+                .bind(format!("{}-{victim}", db.app))
+                .fetch_one(db.store.pool())
+                .await
+                .unwrap();
+        if n == 0 {
+            break;
+        }
+        assert!(Instant::now() < gone, "the victim's sessions outlived it");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let victim_leases = orphan_leases(victim).await;
+    assert!(
+        !victim_leases.is_empty(),
+        "the victim held no runs when killed"
+    );
+
+    // Everything completes while the leader is still stopped.
+    db.wait_completed(1 + 16 + 200, Duration::from_secs(60), &mut workers)
+        .await;
+
+    // The bound, from the evidence: every lease of the stopped and the
+    // killed process was reaped (once) soon after it expired.
+    let reaped: Vec<(uuid::Uuid, i64, i64, String)> = sqlx::query_as(
+        "SELECT e.lease_id, e.at, (e.data->>'lease_expires_at')::int8, a.worker
+         FROM events e JOIN attempts a ON a.lease_id = e.lease_id
+         WHERE e.kind = 'lease_expired' AND a.worker = ANY($1)",
+    )
+    .bind(vec![leader.to_string(), victim.to_string()])
+    .fetch_all(db.store.pool())
+    .await
+    .unwrap();
+    let leader_reaped = reaped
+        .iter()
+        .filter(|(_, at, _, w)| w == leader && *at > stopped_at)
+        .count();
+    assert!(
+        leader_reaped >= 1,
+        "the stopped leader's runs were reaped: {reaped:?}"
+    );
+    for l in &victim_leases {
+        assert!(
+            reaped.iter().any(|(lease, _, _, _)| lease == l),
+            "victim lease {l} not reaped"
+        );
+    }
+    let mut worst = 0;
+    for (lease, at, expired, _) in &reaped {
+        let late = at - expired;
+        assert!(
+            (0..=REAP_BOUND_MS).contains(&late),
+            "lease {lease} reaped {late} ms after it expired (bound {REAP_BOUND_MS} ms)"
+        );
+        worst = worst.max(late);
+    }
+    let since_kill = reaped
+        .iter()
+        .filter(|(l, _, _, _)| victim_leases.contains(l))
+        .map(|(_, at, _, _)| at - killed_at)
+        .max()
+        .unwrap();
+    assert!(
+        since_kill <= LEASE_MS + REAP_BOUND_MS,
+        "the victim's runs came back {since_kill} ms after the kill"
+    );
+    eprintln!(
+        "stopped leader's leases reaped: {leader_reaped}; killed victim's: {}; worst delay after expiry {worst} ms; last victim run back {since_kill} ms after the kill",
+        victim_leases.len()
+    );
+
+    // The leader resumes: its late ends are refused, and it works on; the
+    // rescuer leaves so that the last runs are the leader's.
+    workers.signal(leader, "CONT");
+    let i = workers
+        .children
+        .iter()
+        .position(|(n, _)| n == rescuer)
+        .unwrap();
+    let (_, resc) = workers.children.remove(i);
+    let mut rest = Workers {
+        children: vec![(rescuer.to_string(), resc)],
+        dir: db.dir.clone(),
+    };
+    rest.stop();
+    db.trigger(5_000, 20, 0).await;
+    db.wait_completed(1 + 16 + 200 + 20, Duration::from_secs(60), &mut workers)
+        .await;
+    // The attempts it was running when stopped finished after their runs
+    // were reaped: their ends were refused (kept as evidence), not applied.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let refused = db
+            .scalar(&format!(
+                "SELECT count(*) FROM events e JOIN attempts a ON a.lease_id = e.lease_id
+                 WHERE e.kind = 'stale_write_refused' AND a.worker = '{leader}'
+                   AND a.outcome = 'lease_expired'"
+            ))
+            .await;
+        if refused >= 1 {
+            eprintln!("the resumed leader's refused late ends: {refused}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the resumed leader's late ends left no evidence"
+        );
+        workers.assert_alive();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    workers.stop();
+    db.check_evidence(1 + 16 + 200 + 20, &rest).await;
+    // Each expired lease was reaped once: one `lease_expired` attempt row,
+    // one `lease_expired` event.
+    assert_eq!(
+        db.scalar(
+            "SELECT count(*) FROM (SELECT lease_id FROM events WHERE kind = 'lease_expired'
+             GROUP BY lease_id HAVING count(*) > 1) x"
+        )
+        .await,
+        0,
+        "a lease reaped twice"
+    );
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM events WHERE kind = 'lease_expired'")
+            .await,
+        db.scalar("SELECT count(*) FROM attempts WHERE outcome = 'lease_expired'")
+            .await,
+    );
+    // The resumed leader's late writes were refused, never applied.
+    assert_eq!(
+        db.scalar(
+            "SELECT count(*) FROM events e JOIN attempts a ON a.lease_id = e.lease_id
+             WHERE e.kind = 'stale_write_refused' AND a.outcome <> 'lease_expired'"
+        )
+        .await,
+        0
+    );
     db.drop_schema().await;
 }

@@ -647,18 +647,180 @@ pub async fn batched_finish_isolates_each_end(store: DynStore) {
     );
 }
 
-/// A lone store leads periodic work, keeps leading when it asks again, and
-/// leads again after resigning; tasks are independent.
-pub async fn a_lone_store_leads_periodic_work(store: DynStore) {
-    assert!(store.try_lead("reaper").await.unwrap());
-    assert!(store.try_lead("reaper").await.unwrap());
-    assert!(store.try_lead("pruner").await.unwrap());
-    store.resign("reaper").await.unwrap();
-    store.resign("reaper").await.unwrap();
-    assert!(store.try_lead("pruner").await.unwrap());
-    assert!(store.try_lead("reaper").await.unwrap());
-    store.resign("reaper").await.unwrap();
-    store.resign("pruner").await.unwrap();
+/// A reaper's verdict on an expired lease, as the engine builds it.
+fn reap_end(run: &Run, now: Timestamp) -> AttemptEnd {
+    AttemptEnd {
+        run_id: run.id,
+        lease_id: run.lease_id.expect("an expired lease"),
+        now,
+        outcome: Outcome::Retry {
+            error: err_info(ErrorClass::LeaseExpired),
+            retry: RetryRecord {
+                policy: "p".into(),
+                delay_ms: 500,
+                eligible_at: now.plus_millis(500),
+                reason: "backoff".into(),
+            },
+        },
+    }
+}
+
+/// Two reapers that read the same expired leases, then reap them at once,
+/// reap each run exactly once: one `lease_expired` attempt row and one
+/// `lease_expired` event per expiry; the other reaper's end changes and
+/// writes nothing (no `stale_write_refused`). A lease a heartbeat extended
+/// after the reapers read it, a lease not yet expired by the reap's `now`,
+/// and a run claimed again since are not reaped either.
+pub async fn concurrent_reapers_reap_each_expired_lease_once(store: DynStore) {
+    let runs: Vec<NewRun> = (0..6).map(|i| NewRun::new("job", json!(i))).collect();
+    store.trigger(runs, T0).await.unwrap();
+    let claimed = store.claim(claim_req(T0, 6)).await.unwrap();
+    assert_eq!(claimed.len(), 6);
+    let now = T0.plus_millis(30_000);
+    // Both reapers read before either writes: the race that matters.
+    let a = store.expired_leases(now, 10).await.unwrap();
+    let b = store.expired_leases(now, 10).await.unwrap();
+    assert_eq!(a.len(), 6);
+    assert_eq!(b.len(), 6);
+    // The worker of one run heartbeats after the reapers read it.
+    let alive = &a[0];
+    let st = store
+        .heartbeat(
+            vec![LeaseRef {
+                run_id: alive.id,
+                lease_id: alive.lease_id.unwrap(),
+            }],
+            now.plus_millis(30_000),
+        )
+        .await
+        .unwrap();
+    assert!(st[0].held);
+    let ends_a: Vec<AttemptEnd> = a.iter().map(|r| reap_end(r, now)).collect();
+    let ends_b: Vec<AttemptEnd> = b.iter().map(|r| reap_end(r, now)).collect();
+    let (ra, rb) = tokio::join!(store.reap(ends_a), store.reap(ends_b.clone()));
+    let (ra, rb) = (ra.unwrap(), rb.unwrap());
+    assert_eq!((ra.len(), rb.len()), (6, 6));
+    for (i, run) in a.iter().enumerate() {
+        let applied: Vec<RunStatus> = [&ra[i], &rb[i]]
+            .into_iter()
+            .filter_map(|r| match r {
+                Ok(applied) => *applied,
+                Err(e) => panic!("run {i}: {e}"),
+            })
+            .collect();
+        let k = kinds(&store, run.id).await;
+        let att = store.attempts(run.id).await.unwrap();
+        let now_run = store.get_run(run.id).await.unwrap().unwrap();
+        if run.id == alive.id {
+            assert!(applied.is_empty(), "a live lease was reaped: {applied:?}");
+            assert_eq!(now_run.status, RunStatus::Running);
+            assert_eq!(now_run.lease_id, alive.lease_id);
+            assert_eq!(now_run.lease_expires_at, Some(now.plus_millis(30_000)));
+            assert_eq!(k, ["run_triggered", "attempt_started"]);
+            assert_eq!(att.len(), 1);
+            assert_eq!(att[0].outcome, "running");
+        } else {
+            assert_eq!(applied, [RunStatus::Pending], "run {i}: reaped once");
+            assert_eq!(now_run.status, RunStatus::Pending);
+            assert_eq!(now_run.lease_id, None);
+            assert_eq!(
+                k,
+                [
+                    "run_triggered",
+                    "attempt_started",
+                    "lease_expired",
+                    "attempt_failed",
+                    "retry_scheduled"
+                ],
+                "run {i}"
+            );
+            assert_eq!(att.len(), 1);
+            assert_eq!(att[0].outcome, "lease_expired");
+            assert_eq!(att[0].error_class, Some(ErrorClass::LeaseExpired));
+        }
+    }
+    // The runs are claimed again; a reaper still holding the old reads, and
+    // one whose `now` is before the new leases expire, change nothing.
+    let again = store
+        .claim(claim_req(now.plus_millis(500), 10))
+        .await
+        .unwrap();
+    assert_eq!(again.len(), 5);
+    let late = store.reap(ends_b).await.unwrap();
+    let early = store
+        .reap(
+            again
+                .iter()
+                .map(|r| reap_end(r, now.plus_millis(500 + 29_999)))
+                .collect(),
+        )
+        .await
+        .unwrap();
+    for r in late.iter().chain(&early) {
+        assert!(matches!(r, Ok(None)), "{r:?}");
+    }
+    for run in &again {
+        let k = kinds(&store, run.id).await;
+        assert_eq!(k.iter().filter(|k| *k == "lease_expired").count(), 1);
+        assert!(!k.iter().any(|k| k == "stale_write_refused"), "{k:?}");
+        assert_eq!(k.last().map(String::as_str), Some("attempt_started"));
+        let got = store.get_run(run.id).await.unwrap().unwrap();
+        assert_eq!(got.status, RunStatus::Running);
+        assert_eq!(got.lease_id, run.lease_id);
+    }
+}
+
+/// Leadership expires: one holder at a time; the holder renews under the
+/// same token; once its lead expires (it stopped renewing: killed, stopped,
+/// cut off) the next to ask takes over with a larger token, and the old
+/// holder is refused while the new one leads. Resigning is fenced on the
+/// token. Tasks are independent; two holders asking at once for a free
+/// task: one leads.
+pub async fn leadership_expires_and_is_fenced(store: DynStore) {
+    let lead = |holder: &str, at: i64| {
+        store.try_lead("pruner".into(), holder.into(), T0.plus_millis(at), 1_000)
+    };
+    let t1 = lead("a", 0).await.unwrap().expect("a free task");
+    assert_eq!(lead("b", 500).await.unwrap(), None, "two leaders");
+    // A renews: same token, lead until 1,900.
+    assert_eq!(lead("a", 900).await.unwrap(), Some(t1));
+    assert_eq!(lead("b", 1_899).await.unwrap(), None);
+    // A stops renewing; at its expiry B takes over with a larger token.
+    let t2 = lead("b", 1_900).await.unwrap().expect("an expired lead");
+    assert!(t2 > t1, "{t2:?} after {t1:?}");
+    assert_eq!(
+        lead("a", 1_950).await.unwrap(),
+        None,
+        "the old leader is back"
+    );
+    // Another task is independent.
+    assert!(store
+        .try_lead("schedules".into(), "a".into(), T0.plus_millis(1_950), 1_000)
+        .await
+        .unwrap()
+        .is_some());
+    // Resigning under the old token changes nothing; under B's, A takes over.
+    store
+        .resign("pruner".into(), t1, T0.plus_millis(2_000))
+        .await
+        .unwrap();
+    assert_eq!(lead("a", 2_000).await.unwrap(), None);
+    store
+        .resign("pruner".into(), t2, T0.plus_millis(2_000))
+        .await
+        .unwrap();
+    let t3 = lead("a", 2_000).await.unwrap().expect("resigned");
+    assert!(t3 > t2);
+    // A holder that lost its lead and asks again gets a new token.
+    let t4 = lead("a", 3_000).await.unwrap().expect("expired, free");
+    assert!(t4 > t3);
+    // Two holders at once, for a free task: one leads.
+    let (x, y) = tokio::join!(
+        store.try_lead("race".into(), "x".into(), T0, 1_000),
+        store.try_lead("race".into(), "y".into(), T0, 1_000)
+    );
+    let (x, y) = (x.unwrap(), y.unwrap());
+    assert!(x.is_some() != y.is_some(), "{x:?} {y:?}");
 }
 
 async fn futures_lite_join(store: &DynStore, ids: Vec<RunId>) -> Vec<RunStatus> {
@@ -1839,10 +2001,11 @@ macro_rules! conformance_tests {
             terminal_failure_records_reason,
             heartbeat_extends_and_detects_loss,
             expired_lease_retry_then_stale_completion,
+            concurrent_reapers_reap_each_expired_lease_once,
+            leadership_expires_and_is_fenced,
             release_postpone_and_input_forgive_attempts,
             batched_finish_isolates_each_end,
             circuit_deferral_is_not_a_failure,
-            a_lone_store_leads_periodic_work,
             list_filters_and_pagination,
             events_cursor_and_filters,
             tokens_create_find_list,

@@ -15,6 +15,7 @@
 pub mod conformance;
 pub mod connections;
 pub mod json;
+pub mod lead;
 pub mod model;
 pub mod plan;
 #[cfg(feature = "postgres")]
@@ -27,6 +28,7 @@ pub use connections::{
     ConnectionAudit, ConnectionChange, ConnectionState, ConnectionStatus, ConnectionStore,
 };
 pub use json::{MAX_JSON_DEPTH, UNDECODABLE_KEY};
+pub use lead::FencingToken;
 pub use model::*;
 pub use stats::{BucketCount, ClassCount, RunScan, ScanPage, StatsStore, WindowQuery, WindowStats};
 pub use tokens::{NewToken, TokenRecord, TokenStore};
@@ -37,7 +39,7 @@ use std::sync::Arc;
 
 /// The schema version this build writes. A database with a higher version
 /// was written by a newer Docket and is refused, never modified.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// What can go wrong in a store.
 #[derive(Debug, thiserror::Error)]
@@ -268,6 +270,26 @@ pub trait Store: TokenStore + ConnectionStore + StatsStore + Send + Sync + 'stat
     /// Running runs whose lease expired at or before `now`.
     async fn expired_leases(&self, now: Timestamp, limit: usize) -> Result<Vec<Run>>;
 
+    /// Reaps expired leases: applies each end (the engine's verdict on an
+    /// attempt whose lease expired: a `lease_expired` retry or failure) only
+    /// while its run is still `running` under the end's lease AND that lease
+    /// expired at or before the end's `now` — the fence is checked on the
+    /// locked row, in the transaction that writes. Answers per end:
+    /// `Ok(Some(status))` when it was applied, `Ok(None)` when it changed
+    /// nothing — another reaper got there first, the attempt ended, a
+    /// heartbeat extended the lease, or (PostgreSQL) another transaction
+    /// holds the run's row right now (`FOR UPDATE SKIP LOCKED`: the next
+    /// round sees it again) — or `Err` for an end that failed alone
+    /// (PostgreSQL: a value the server refused). An end that changed nothing
+    /// wrote nothing, not even a `stale_write_refused` event: a reaper is not
+    /// the attempt's writer. Each applied end is its own atomic unit, as in
+    /// [`finish`](Store::finish).
+    ///
+    /// This is what lets every worker reap, with no leader: two reapers
+    /// that read the same expired lease reap it once, and the other's end
+    /// is a no-op.
+    async fn reap(&self, ends: Vec<AttemptEnd>) -> Result<Vec<Result<Option<RunStatus>>>>;
+
     /// The earliest `run_after` among claimable runs of these jobs, if any:
     /// lets an idle worker sleep exactly until the next run is due.
     async fn next_due(&self, jobs: Vec<String>) -> Result<Option<Timestamp>>;
@@ -369,28 +391,25 @@ pub trait Store: TokenStore + ConnectionStore + StatsStore + Send + Sync + 'stat
     /// [`StoreError::WrongState`] naming the state.
     async fn operator(&self, req: OperatorRequest) -> Result<Run>;
 
-    /// Asks to be the one node that does the periodic `task` (e.g.
-    /// `"reaper"`). `Ok(true)`: this store leads it now and keeps leading
-    /// until [`resign`](Store::resign), until it is dropped, or until its
-    /// hold is lost (on PostgreSQL: its connection died), whichever comes
-    /// first. Call it before every round of the task: a store that lost its
-    /// hold answers `false` while another node leads, and takes over again
-    /// (`true`) once nobody does. Leading is an optimisation, not a fence:
-    /// every write of the task must still be safe on several nodes at once
-    /// (leases fence the reaper's).
-    ///
-    /// One store always leads when nobody else can compete (SQLite: one
-    /// process owns the file), hence the default.
-    async fn try_lead(&self, _task: &str) -> Result<bool> {
-        Ok(true)
-    }
+    /// Asks to lead the periodic `task` as `holder` (unique per process)
+    /// until `now + ttl_ms` (see [`lead`](crate::lead)). Answers the fencing token when
+    /// `holder` leads it now: the task was free, its lead had expired at or
+    /// before `now` (a new, larger token), or `holder` already led it (the
+    /// same token; the lead is renewed). `None` while another holder's lead
+    /// has not expired. Renew before `ttl_ms` runs out; a holder that lost
+    /// the lead and asks again gets a new token, never its old one.
+    async fn try_lead(
+        &self,
+        task: String,
+        holder: String,
+        now: Timestamp,
+        ttl_ms: i64,
+    ) -> Result<Option<FencingToken>>;
 
-    /// Gives up leading `task` (at shutdown), so that another node takes it
-    /// over at its next [`try_lead`](Store::try_lead) instead of when this
-    /// store is dropped. A no-op when not leading.
-    async fn resign(&self, _task: &str) -> Result<()> {
-        Ok(())
-    }
+    /// Gives up the lead of `task` held under `token` (at shutdown), so that
+    /// the next node to ask takes over at once instead of when it expires.
+    /// A no-op under any other token, or once expired.
+    async fn resign(&self, task: String, token: FencingToken, now: Timestamp) -> Result<()>;
 
     /// Wake-ups sent by other processes when they trigger runs: job names,
     /// or `""` for "check every job" (after a lost connection). `None` when

@@ -728,70 +728,6 @@ async fn an_end_the_server_refuses_fails_alone() {
     );
 }
 
-/// Waits (bounded) until `store` leads `task`.
-async fn leads_within(store: &PgStore, task: &str, bound: std::time::Duration) -> bool {
-    let deadline = tokio::time::Instant::now() + bound;
-    loop {
-        if store.try_lead(task).await.unwrap_or(false) {
-            return true;
-        }
-        if tokio::time::Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_node_leads_and_another_takes_over() {
-    let Some(url) = url() else { return };
-    let schema = fresh_schema();
-    let sep = if url.contains('?') { '&' } else { '?' };
-    // Two "nodes" (separate stores and connections) on one schema; each
-    // names its connections so the test can cut one node off.
-    let a_name = format!("lead-a-{}", &schema[2..14]);
-    let b_name = format!("lead-b-{}", &schema[2..14]);
-    let a = PgStore::connect_with(&format!("{url}{sep}application_name={a_name}"), &schema)
-        .await
-        .unwrap();
-    let b = PgStore::connect_with(&format!("{url}{sep}application_name={b_name}"), &schema)
-        .await
-        .unwrap();
-    assert!(a.try_lead("reaper").await.unwrap());
-    assert!(!b.try_lead("reaper").await.unwrap(), "two leaders");
-    // Another task, another lock; another schema, another key space.
-    assert!(b.try_lead("pruner").await.unwrap());
-    let other = PgStore::connect_with(&url, &fresh_schema()).await.unwrap();
-    assert!(other.try_lead("reaper").await.unwrap());
-    // A resigns: B takes over at once.
-    a.resign("reaper").await.unwrap();
-    assert!(b.try_lead("reaper").await.unwrap());
-    assert!(!a.try_lead("reaper").await.unwrap());
-    // B's leader connection is killed (the node died, or its network did):
-    // PostgreSQL drops the lock with the session and A takes over.
-    let killed: i64 = sqlx::query_scalar(
-        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
-         WHERE datname = current_database() AND application_name = $1",
-    )
-    .bind(&b_name)
-    .fetch_one(other.pool())
-    .await
-    .unwrap();
-    assert!(killed >= 1);
-    assert!(
-        leads_within(&a, "reaper", std::time::Duration::from_secs(10)).await,
-        "A did not take over"
-    );
-    // B notices it lost the lock and does not lead while A does.
-    assert!(!b.try_lead("reaper").await.unwrap_or(false));
-    // Dropping A (its process ending) frees the lock too.
-    drop(a);
-    assert!(
-        leads_within(&b, "reaper", std::time::Duration::from_secs(10)).await,
-        "B did not take over after A was dropped"
-    );
-}
-
 #[tokio::test]
 async fn url_parameters_are_applied() {
     let Some(url) = url() else { return };
@@ -912,4 +848,19 @@ async fn a_poisoned_row_is_listed_with_a_marker() {
         }
     })
     .await;
+}
+
+/// Docket's sessions are ended by the server when left idle inside a
+/// transaction (a process stopped mid-transaction would otherwise keep its
+/// run's row locked, and the reapers skip locked rows).
+#[tokio::test]
+async fn sessions_idle_in_a_transaction_are_ended() {
+    let Some(store) = fresh_pg().await else {
+        return;
+    };
+    let timeout: String = sqlx::query_scalar("SHOW idle_in_transaction_session_timeout")
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+    assert_eq!(timeout, docket_store::postgres::IDLE_IN_TRANSACTION_TIMEOUT);
 }

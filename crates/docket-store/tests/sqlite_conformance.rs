@@ -180,3 +180,35 @@ async fn a_poisoned_row_is_listed_with_a_marker() {
     })
     .await;
 }
+
+/// A version 2 database (before expiring leadership) is migrated in place:
+/// it gains the `leaders` table and keeps its runs.
+#[tokio::test]
+async fn a_version_2_database_gains_the_leaders_table() {
+    use docket_store::Store;
+    let dir = std::env::temp_dir().join(format!("docket-schema-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("docket.db");
+    let p = path.to_str().unwrap();
+    let t0 = docket_store::conformance::T0;
+    {
+        let store = docket_store::sqlite::SqliteStore::open(p).unwrap();
+        let run = docket_store::NewRun::new("job", serde_json::json!({}));
+        store.trigger(vec![run], t0).await.unwrap();
+    }
+    {
+        let c = rusqlite::Connection::open(p).unwrap();
+        c.execute_batch(
+            "DROP TABLE leaders;
+             UPDATE docket_meta SET value = '2' WHERE key = 'schema_version';",
+        )
+        .unwrap();
+    }
+    let store = docket_store::sqlite::SqliteStore::open(p).unwrap();
+    assert_eq!(store.count_runs(None).await.unwrap()[0].count, 1);
+    assert!(store
+        .try_lead("pruner".into(), "a".into(), t0, 1_000)
+        .await
+        .unwrap()
+        .is_some());
+}

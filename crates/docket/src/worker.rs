@@ -77,7 +77,11 @@ pub struct WorkerConfig {
     /// Fallback poll when no wake-up arrives (other processes' triggers,
     /// runs becoming due).
     pub poll_interval: Duration,
-    /// How often expired leases are looked for.
+    /// How often this worker looks for expired leases and reaps them. Every
+    /// worker reaps (no leader; reaps are fenced), each round after this
+    /// interval scaled by a random factor in [0.75, 1.25) so that workers
+    /// do not all query at once. An expired lease is reaped within about
+    /// 1.25 × this interval of its expiry while any worker runs.
     pub reap_interval: Duration,
 }
 
@@ -544,29 +548,41 @@ async fn heartbeat_loop(shared: Arc<Shared>, mut stop: watch::Receiver<Phase>) {
     }
 }
 
+/// Reaps expired leases on every worker, with no leader: a leader that is
+/// stopped (SIGSTOP, a long pause, a frozen VM) or cut off would halt
+/// recovery for everyone, whereas here any one live worker is enough.
+/// `Store::reap` fences each reap on the expired lease (and skips rows
+/// another transaction holds), so reapers racing for one run reap it once.
 async fn reap_loop(shared: Arc<Shared>, mut stop: watch::Receiver<Phase>) {
-    let store = shared.docket.store().clone();
     loop {
         tokio::select! {
-            _ = tokio::time::sleep(shared.config.reap_interval) => {}
-            _ = stop.changed() => {
-                // Hand the reaper over at once rather than when we exit.
-                let _ = store.resign("reaper").await;
-                return;
+            _ = tokio::time::sleep(jittered(shared.config.reap_interval)) => {}
+            _ = stop.changed() => return,
+        }
+        // Batch after batch while they come back full and this worker
+        // reaped some (another reaper that won them goes on instead).
+        loop {
+            match shared.docket.reap_batch(REAP_BATCH).await {
+                Ok((read, reaped)) if read == REAP_BATCH && reaped > 0 => {}
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "lease reaper failed");
+                    break;
+                }
             }
         }
-        // One node reaps at a time (an advisory lock on PostgreSQL); when it
-        // dies another takes over. Reaping stays safe on many nodes (every
-        // write is fenced by the expired lease), so an error here reaps anyway.
-        match store.try_lead("reaper").await {
-            Ok(true) => {}
-            Ok(false) => continue,
-            Err(e) => tracing::warn!(error = %e, "cannot ask to lead the reaper; reaping anyway"),
-        }
-        if let Err(e) = shared.docket.reap_expired().await {
-            tracing::warn!(error = %e, "lease reaper failed");
-        }
     }
+}
+
+/// Expired leases read (and reaped, at most) per reap statement.
+const REAP_BATCH: usize = 256;
+
+/// `d` scaled by a random factor in [0.75, 1.25), so that N workers started
+/// together do not all reap in the same instant, round after round.
+fn jittered(d: Duration) -> Duration {
+    // 16 random bits of a v4 UUID: no extra dependency for a jitter.
+    let r = (uuid::Uuid::new_v4().as_u128() & 0xffff) as f64 / 65_536.0;
+    d.mul_f64(0.75 + 0.5 * r)
 }
 
 impl Shared {
@@ -876,13 +892,22 @@ impl Docket {
 
     /// Turns expired leases into failed attempts of class `lease_expired`,
     /// through each job's retry policy (no immediate re-dispatch). Returns
-    /// how many were reaped. Safe to run on many nodes: each write is fenced
-    /// by the expired lease.
+    /// how many this call reaped (at most 256). Safe on any number of nodes
+    /// at once: each reap is fenced on the run, its lease and the lease's
+    /// expiry (`Store::reap`), so a run two nodes reap together is reaped
+    /// once and the other's write changes nothing.
     pub async fn reap_expired(&self) -> crate::Result<usize> {
+        Ok(self.reap_batch(REAP_BATCH).await?.1)
+    }
+
+    /// One batch of [`reap_expired`](Docket::reap_expired): how many expired
+    /// leases were read (at most `limit`) and how many of them this call
+    /// reaped.
+    pub(crate) async fn reap_batch(&self, limit: usize) -> crate::Result<(usize, usize)> {
         let now = self.clock().now();
-        let expired = self.store().expired_leases(now, 256).await?;
+        let expired = self.store().expired_leases(now, limit).await?;
         if expired.is_empty() {
-            return Ok(0);
+            return Ok((0, 0));
         }
         let mut ends = Vec::with_capacity(expired.len());
         for run in &expired {
@@ -906,16 +931,23 @@ impl Docket {
                 outcome: decide(&job, run, lease_id, err, now),
             });
         }
-        let results = self.store().finish(ends).await?;
+        let results = self.store().reap(ends).await?;
         let mut n = 0;
         for (r, run) in results.iter().zip(&expired) {
-            if r.is_ok() {
-                n += 1;
-                let _ = self.inner.changes.send(run.id);
+            match r {
+                Ok(Some(_)) => {
+                    n += 1;
+                    let _ = self.inner.changes.send(run.id);
+                }
+                // Reaped elsewhere, ended or extended meanwhile: nothing to do.
+                Ok(None) => {}
+                Err(e) => tracing::warn!(run = %run.id, error = %e, "cannot reap an expired lease"),
             }
         }
-        self.wake_workers();
-        Ok(n)
+        if n > 0 {
+            self.wake_workers();
+        }
+        Ok((expired.len(), n))
     }
 }
 

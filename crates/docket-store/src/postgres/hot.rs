@@ -56,9 +56,42 @@ const CLAIM_LEASE_IDS: usize = 4096;
 /// `$22..$25` one element per event an end writes if its lease holds.
 const FINISH_PARAMS: usize = 26;
 
-/// The finish part's CTEs (`e`, `cur`, `j`, `upd`, `att`, `fin_ev`).
-/// `fin_ev` lists the events to append, numbered `k` in append order.
-const FINISH_CTES: &str = "
+/// `cur` of an attempt's own ends: every run of the batch, locked (waiting
+/// for a lock another transaction holds), so that a stale end can be told
+/// apart and recorded as `stale_write_refused`.
+const FINISH_CUR: &str = "
+cur AS (
+    SELECT r.id, r.tenant, r.job, r.status, r.lease_id, r.attempt, r.lease_expires_at
+    FROM runs r WHERE r.id = ANY($1)
+    ORDER BY r.id
+    FOR UPDATE
+)";
+
+/// `cur` of a reap: only the runs still running under the end's lease with
+/// that lease expired by the end's `now` (the fence, checked again on the
+/// row's newest version once locked). A row another transaction holds is
+/// skipped, not waited for: another reaper is reaping it, or its worker is
+/// heartbeating or ending it; either way the next round decides. A skipped
+/// or fenced-off run is absent from `cur`, so the end writes nothing at all
+/// (no `stale_write_refused`: a reaper is not the attempt's writer).
+const REAP_CUR: &str = "
+cur AS (
+    SELECT r.id, r.tenant, r.job, r.status, r.lease_id, r.attempt, r.lease_expires_at
+    FROM runs r JOIN e ON e.run_id = r.id
+    WHERE r.status = 'running' AND r.lease_id = e.lease_id AND r.lease_expires_at <= e.now
+    ORDER BY r.id
+    FOR UPDATE OF r SKIP LOCKED
+)";
+
+/// The finish part's CTEs (`e`, `cur`, `j`, `upd`, `att`, `fin_ev`) around
+/// a given `cur`. `fin_ev` lists the events to append, numbered `k` in
+/// append order.
+fn finish_ctes(cur: &str) -> String {
+    format!("{FINISH_E},{cur},{FINISH_REST}")
+}
+
+/// The ends, one row each (`idx`: 1-based position).
+const FINISH_E: &str = "
 e AS (
     SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::int8[], $4::text[], $5::jsonb[],
                          $6::int8[], $7::bool[], $8::text[], $9::text[], $10::text[],
@@ -70,13 +103,10 @@ e AS (
                              clear_cancel, forgive, input_request, att_outcome, fingerprint,
                              failure_key, action, retry_policy, delay_ms, eligible_at,
                              retry_reason, idx)
-),
-cur AS (
-    SELECT r.id, r.tenant, r.job, r.status, r.lease_id, r.attempt, r.lease_expires_at
-    FROM runs r WHERE r.id = ANY($1)
-    ORDER BY r.id
-    FOR UPDATE
-),
+)";
+
+/// The finish part after `cur`.
+const FINISH_REST: &str = "
 j AS (
     SELECT e.*, cur.tenant, cur.job, cur.status AS cur_status, cur.lease_id AS cur_lease,
            cur.attempt AS cur_attempt, cur.lease_expires_at AS cur_expires,
@@ -216,8 +246,20 @@ fn renumber(sql: &str, by: usize) -> String {
 /// status, whether the end's lease held it).
 static FINISH_SQL: LazyLock<String> = LazyLock::new(|| {
     format!(
-        "WITH {FINISH_CTES}, {}
+        "WITH {}, {}
 SELECT e.idx AS k, j.cur_status, j.holds FROM e LEFT JOIN j ON j.idx = e.idx",
+        finish_ctes(FINISH_CUR),
+        events_insert(&["fin_ev"])
+    )
+});
+
+/// The reap statement: [`FINISH_SQL`] with [`REAP_CUR`]; `holds` is true
+/// for each end it applied, NULL for each end that changed nothing.
+static REAP_SQL: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "WITH {}, {}
+SELECT e.idx AS k, j.holds FROM e LEFT JOIN j ON j.idx = e.idx",
+        finish_ctes(REAP_CUR),
         events_insert(&["fin_ev"])
     )
 });
@@ -241,11 +283,12 @@ static BOTH_SQL: LazyLock<String> = LazyLock::new(|| {
         .map(|c| format!("NULL AS {}", c.trim()))
         .collect();
     format!(
-        "WITH {FINISH_CTES}, {}, {}
+        "WITH {}, {}, {}
 SELECT 0 AS part, e.idx AS k, j.cur_status, j.holds, {} FROM e LEFT JOIN j ON j.idx = e.idx
 UNION ALL
 SELECT 1, n, NULL, NULL, {RUN_COLS} FROM claimed
 ORDER BY part, k",
+        finish_ctes(FINISH_CUR),
         renumber(CLAIM_CTES, FINISH_PARAMS),
         events_insert(&["fin_ev", "claim_ev"]),
         nulls.join(", ")
@@ -775,6 +818,63 @@ pub(super) async fn finish(
     ends: Vec<AttemptEnd>,
 ) -> Result<Vec<Result<RunStatus>>> {
     apply(&mut *c, &ends, None).await.map(|(out, _)| out)
+}
+
+/// Applies `ends` (no run twice) as a reap, with one statement; answers in
+/// their order.
+async fn reap_only(
+    c: &mut PgConnection,
+    ends: &[&AttemptEnd],
+) -> Result<Vec<Option<RunStatus>>, sqlx::Error> {
+    let cols = Cols::of(ends);
+    let rows = cols.bind(sqlx::query(&REAP_SQL)).fetch_all(&mut *c).await?;
+    let mut out: Vec<Option<RunStatus>> = vec![None; ends.len()];
+    for row in &rows {
+        let idx: i64 = row.try_get("k")?;
+        let holds: Option<bool> = row.try_get("holds")?;
+        let i = usize::try_from(idx - 1).map_err(|_| sqlx::Error::RowNotFound)?;
+        let end = ends.get(i).ok_or(sqlx::Error::RowNotFound)?;
+        if holds == Some(true) {
+            out[i] = Some(target(&end.outcome));
+        }
+    }
+    Ok(out)
+}
+
+/// Reaps expired leases (see `Store::reap`): one statement per round of
+/// ends (a run twice among them: its later end in a later statement, which
+/// sees what the earlier one left). When the server refuses a statement,
+/// nothing of it was written and each end is applied again alone, so only
+/// the offending end fails, in its slot.
+pub(super) async fn reap(
+    c: &mut PgConnection,
+    ends: Vec<AttemptEnd>,
+) -> Result<Vec<Result<Option<RunStatus>>>> {
+    let mut out: Vec<Option<Result<Option<RunStatus>>>> = ends.iter().map(|_| None).collect();
+    for r in rounds(&ends) {
+        let batch: Vec<&AttemptEnd> = r.iter().map(|&i| &ends[i]).collect();
+        match reap_only(&mut *c, &batch).await {
+            Ok(res) => {
+                for (i, x) in r.iter().zip(res) {
+                    out[*i] = Some(Ok(x));
+                }
+            }
+            Err(sqlx::Error::Database(_)) => {
+                for (i, end) in r.iter().zip(&batch) {
+                    out[*i] = Some(match reap_only(&mut *c, &[end]).await {
+                        Ok(mut x) => Ok(x.remove(0)),
+                        Err(e @ sqlx::Error::Database(_)) => Err(db(e)),
+                        Err(e) => return Err(db(e)),
+                    });
+                }
+            }
+            Err(e) => return Err(db(e)),
+        }
+    }
+    Ok(out
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|| Err(StoreError::Database("end not applied".into()))))
+        .collect())
 }
 
 /// Ends attempts, then claims for each request with one shared budget

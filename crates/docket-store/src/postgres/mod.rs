@@ -23,8 +23,10 @@
 //!   within 5 ms are coalesced into one notification at the end of that
 //!   window (debounced on the sending side). [`PgStore::listen`] turns them
 //!   into a channel an idle worker can wait on; polling stays the fallback.
-//! - Periodic work is led by one node at a time through a session-level
-//!   advisory lock (`Store::try_lead`, `lead.rs`).
+//! - Expired leases are reaped by every worker, with no leader:
+//!   `Store::reap` locks only runs still running under the expired lease
+//!   (`FOR UPDATE SKIP LOCKED`, fenced on lease and expiry), so concurrent
+//!   reapers reap each lease once (`hot.rs`).
 //!
 //! The behaviour is the SQLite backend's, checked by the same conformance
 //! suite. What differs, by nature:
@@ -45,7 +47,6 @@
 mod connections;
 mod durable;
 mod hot;
-mod lead;
 mod ops;
 mod stats;
 mod tokens;
@@ -92,8 +93,6 @@ pub struct PgStore {
     opts: PgConnectOptions,
     /// The hot path's own connections (see [`HotSlot`]).
     hot: Arc<[tokio::sync::Mutex<HotSlot>; HOT_CONNECTIONS]>,
-    /// Leadership of periodic work (see `lead.rs`).
-    leader: Arc<tokio::sync::Mutex<lead::Leader>>,
     /// Sending-side debounce of wake-ups.
     notifier: Arc<Notifier>,
 }
@@ -216,6 +215,13 @@ const HOT_CONNECTIONS: usize = 2;
 /// due run plus a sort, or a sequential scan of `attempts`, whose cost grows
 /// with the table; these settings rule such plans out, and the generic plan
 /// spares re-planning each execution.
+/// How long PostgreSQL lets a Docket session sit idle inside a transaction
+/// before ending it (and releasing its row locks): a bound on how long a
+/// stopped process can keep a run from being reaped. Shorter than any
+/// sensible lease, far longer than Docket's own gaps between the statements
+/// of one transaction.
+pub const IDLE_IN_TRANSACTION_TIMEOUT: &str = "10s";
+
 const HOT_SETTINGS: [(&str, &str); 3] = [
     ("enable_seqscan", "off"),
     ("enable_bitmapscan", "off"),
@@ -405,6 +411,15 @@ impl PgStore {
             }
             opts = opts.options([("synchronous_commit", v.as_str())]);
         }
+        // A process stopped (SIGSTOP, a long pause) in the middle of one of
+        // its few multi-statement transactions (durable steps, the ledger)
+        // would keep its run's row locked, and the reapers skip locked rows:
+        // the server ends such a session instead, which releases the lock.
+        // Docket never leaves a transaction idle for more than moments.
+        opts = opts.options([(
+            "idle_in_transaction_session_timeout",
+            IDLE_IN_TRANSACTION_TIMEOUT,
+        )]);
         // Migrate over one direct connection first: a server that is down or
         // refuses us is reported at once, with its own error (a pool would
         // retry until its acquire timeout and report only that).
@@ -426,7 +441,6 @@ impl PgStore {
             schema,
             opts,
             hot: Arc::default(),
-            leader: Arc::default(),
             notifier: Arc::default(),
         })
     }
@@ -471,8 +485,10 @@ impl PgStore {
     }
 
     /// The connection pool (every connection's `search_path` is
-    /// [`schema`](Self::schema)), for work outside the [`Store`] trait such as
-    /// periodic jobs under an advisory lock.
+    /// [`schema`](Self::schema)), for work outside the [`Store`] trait
+    /// (tests, maintenance). Periodic work that must run on one node at a
+    /// time leads through [`Store::try_lead`], never a session lock: a
+    /// stopped holder would keep it.
     pub fn pool(&self) -> &PgPool {
         &self.pool
     }
@@ -629,16 +645,33 @@ impl Store for PgStore {
         "postgres"
     }
 
-    async fn try_lead(&self, task: &str) -> Result<bool> {
-        self.leader
-            .lock()
+    async fn try_lead(
+        &self,
+        task: String,
+        holder: String,
+        now: Timestamp,
+        ttl_ms: i64,
+    ) -> Result<Option<crate::FencingToken>> {
+        let token: Option<i64> = sqlx::query_scalar(crate::lead::TRY_LEAD_SQL)
+            .bind(task)
+            .bind(holder)
+            .bind(now.0)
+            .bind(now.plus_millis(ttl_ms).0)
+            .fetch_optional(&self.pool)
             .await
-            .try_lead(&self.opts, &self.schema, task)
-            .await
+            .map_err(db)?;
+        Ok(token.map(crate::FencingToken))
     }
 
-    async fn resign(&self, task: &str) -> Result<()> {
-        self.leader.lock().await.resign(&self.schema, task).await
+    async fn resign(&self, task: String, token: crate::FencingToken, now: Timestamp) -> Result<()> {
+        sqlx::query(crate::lead::RESIGN_SQL)
+            .bind(task)
+            .bind(token.0)
+            .bind(now.0)
+            .execute(&self.pool)
+            .await
+            .map_err(db)?;
+        Ok(())
     }
 
     async fn wakeups(&self) -> Result<Option<broadcast::Receiver<String>>> {
@@ -714,6 +747,16 @@ impl Store for PgStore {
 
     async fn expired_leases(&self, now: Timestamp, limit: usize) -> Result<Vec<Run>> {
         ops::expired_leases(&self.pool, now, limit).await
+    }
+
+    async fn reap(&self, ends: Vec<AttemptEnd>) -> Result<Vec<Result<Option<RunStatus>>>> {
+        if ends.is_empty() {
+            return Ok(Vec::new());
+        }
+        // A pooled connection, not the hot path's: reaping is background
+        // work and must not queue behind (or delay) claims and ends.
+        let mut conn = self.pool.acquire().await.map_err(db)?;
+        hot::reap(&mut conn, ends).await
     }
 
     async fn next_due(&self, jobs: Vec<String>) -> Result<Option<Timestamp>> {

@@ -1,4 +1,4 @@
--- Docket schema, version 1 (PostgreSQL). The same tables and columns as the
+-- Docket schema, version 3 (PostgreSQL). The same tables and columns as the
 -- SQLite schema. Runs in the connection's schema (search_path), inside the
 -- migration transaction, under an advisory lock. Times are BIGINT
 -- milliseconds since the Unix epoch from the injected clock; ids are uuids
@@ -155,3 +155,12 @@ CREATE TABLE IF NOT EXISTS connection_audit (
     at          bigint NOT NULL
 );
 CREATE INDEX IF NOT EXISTS connection_audit_name ON connection_audit (tenant, name, id);
+-- Leadership that expires, of periodic tasks run on one node at a time
+-- (Store::try_lead; lead.rs): renewed by its holder, taken over with a
+-- larger fencing token once expired.
+CREATE TABLE IF NOT EXISTS leaders (
+    task       text PRIMARY KEY,
+    holder     text NOT NULL,
+    token      bigint NOT NULL,
+    expires_at bigint NOT NULL
+);

@@ -33,7 +33,7 @@ use crate::{
 };
 use async_trait::async_trait;
 use docket_core::{RunId, RunStatus, Timestamp};
-use rusqlite::Connection;
+use rusqlite::{Connection, OptionalExtension};
 use std::sync::mpsc;
 use tokio::sync::oneshot;
 
@@ -469,6 +469,43 @@ impl Store for SqliteStore {
 
     async fn expired_leases(&self, now: Timestamp, limit: usize) -> Result<Vec<Run>> {
         self.call(move |c| ops::expired_leases(c, now, limit)).await
+    }
+
+    async fn try_lead(
+        &self,
+        task: String,
+        holder: String,
+        now: Timestamp,
+        ttl_ms: i64,
+    ) -> Result<Option<crate::FencingToken>> {
+        self.call(move |c| {
+            // `?N`: SQLite numbers `$N` parameters by first appearance.
+            c.prepare_cached(&crate::lead::TRY_LEAD_SQL.replace('$', "?"))
+                .map_err(db_err)?
+                .query_row(
+                    rusqlite::params![task, holder, now.0, now.plus_millis(ttl_ms).0],
+                    |r| r.get::<_, i64>(0),
+                )
+                .optional()
+                .map(|t| t.map(crate::FencingToken))
+                .map_err(db_err)
+        })
+        .await
+    }
+
+    async fn resign(&self, task: String, token: crate::FencingToken, now: Timestamp) -> Result<()> {
+        self.call(move |c| {
+            c.prepare_cached(&crate::lead::RESIGN_SQL.replace('$', "?"))
+                .map_err(db_err)?
+                .execute(rusqlite::params![task, token.0, now.0])
+                .map_err(db_err)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn reap(&self, ends: Vec<AttemptEnd>) -> Result<Vec<Result<Option<RunStatus>>>> {
+        self.call(move |c| ops::reap_all(c, ends)).await
     }
 
     async fn next_due(&self, jobs: Vec<String>) -> Result<Option<Timestamp>> {

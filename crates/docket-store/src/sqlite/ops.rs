@@ -340,6 +340,30 @@ pub(super) fn finish_all(c: &Connection, ends: Vec<AttemptEnd>) -> Result<Vec<Re
     ends.into_iter().map(|e| finish_inner(c, e)).collect()
 }
 
+/// Reaps expired leases (see `Store::reap`): an end is applied only while
+/// its run is running under its lease and that lease expired by its `now`;
+/// any other end writes nothing (not even `stale_write_refused`). One
+/// writer thread, so the fence read and the write cannot interleave with
+/// another reaper's.
+pub(super) fn reap_all(
+    c: &Connection,
+    ends: Vec<AttemptEnd>,
+) -> Result<Vec<Result<Option<RunStatus>>>> {
+    ends.into_iter()
+        .map(|end| {
+            let expired = fence_row(c, end.run_id)?.is_some_and(|f| {
+                f.status == RunStatus::Running
+                    && f.lease_id == Some(end.lease_id)
+                    && f.lease_expires_at.is_some_and(|t| t <= end.now)
+            });
+            if !expired {
+                return Ok(Ok(None));
+            }
+            Ok(finish_inner(c, end)?.map(Some))
+        })
+        .collect()
+}
+
 fn finish_inner(c: &Connection, end: AttemptEnd) -> Result<Result<RunStatus>> {
     // Nothing is written for an end before its fence passes, so a missing
     // run fails in its own slot (as on PostgreSQL), not the whole batch.

@@ -1,4 +1,4 @@
--- Docket schema, version 2 (SQLite): version 1 plus steps, ledger, tokens, connections. Times are integer milliseconds since the
+-- Docket schema, version 3 (SQLite): version 1 plus steps, ledger, tokens, connections (2), leaders (3). Times are integer milliseconds since the
 -- Unix epoch from the injected clock; ids are UUID text (v7, so they sort by
 -- creation time).
 CREATE TABLE IF NOT EXISTS runs (
@@ -156,3 +156,12 @@ CREATE TABLE IF NOT EXISTS connection_audit (
     at          INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS connection_audit_name ON connection_audit (tenant, name, id);
+-- Leadership that expires, of periodic tasks run on one node at a time
+-- (Store::try_lead; lead.rs): renewed by its holder, taken over with a
+-- larger fencing token once expired.
+CREATE TABLE IF NOT EXISTS leaders (
+    task       TEXT PRIMARY KEY,
+    holder     TEXT NOT NULL,
+    token      INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL
+);
