@@ -87,6 +87,10 @@ struct Shared {
     stopping: AtomicBool,
     /// Attempt ends handed over and not yet stored.
     finishing: AtomicUsize,
+    /// Prefetched runs that their own task handed back, unstarted, because
+    /// the worker was stopping (stored releases only); shutdown reports
+    /// them with the runs it releases itself.
+    released: AtomicUsize,
     inflight: Mutex<HashMap<RunId, InFlight>>,
     /// Ends go to the driver loop, which stores them together with the
     /// claim that refills their slots. `None` in tick mode (tests), where
@@ -141,6 +145,7 @@ impl Worker {
                 slots,
                 stopping: AtomicBool::new(false),
                 finishing: AtomicUsize::new(0),
+                released: AtomicUsize::new(0),
                 inflight: Mutex::new(HashMap::new()),
                 ends: Some(tx),
                 ends_rx: Mutex::new(Some(rx)),
@@ -184,6 +189,11 @@ impl WorkerHandle {
     /// Graceful shutdown: stop claiming, let running attempts finish within
     /// `grace`, then release the rest (due at once, no attempt budget spent)
     /// so another worker takes them without waiting for lease expiry.
+    ///
+    /// Returns how many runs were released: those still running when the
+    /// grace period ended, and the prefetched runs that had not started —
+    /// whether handed back at the end of the grace period or as soon as a
+    /// handler slot freed up during it.
     pub async fn shutdown(self, grace: Duration) -> usize {
         self.shared.stopping.store(true, Ordering::SeqCst);
         let _ = self.stop.send(Phase::Draining);
@@ -194,7 +204,7 @@ impl WorkerHandle {
             if idle && self.shared.finishing.load(Ordering::SeqCst) == 0 {
                 let _ = self.stop.send(Phase::Exit);
                 let _ = self.main.await;
-                return 0;
+                return self.shared.released.load(Ordering::SeqCst);
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
                 break;
@@ -220,12 +230,15 @@ impl WorkerHandle {
                 outcome: Outcome::Released,
             });
         }
-        let n = ends.len();
+        let mut n = 0;
         match self.shared.docket.store().finish(ends).await {
             Ok(res) => {
                 for (r, (id, _)) in res.iter().zip(&left) {
-                    if let Err(e) = r {
-                        tracing::warn!(run = %id, error = %e, "release at shutdown refused");
+                    match r {
+                        Ok(_) => n += 1,
+                        Err(e) => {
+                            tracing::warn!(run = %id, error = %e, "release at shutdown refused")
+                        }
                     }
                     let _ = self.shared.docket.inner.changes.send(*id);
                 }
@@ -236,7 +249,7 @@ impl WorkerHandle {
         }
         let _ = self.stop.send(Phase::Exit);
         let _ = self.main.await;
-        n
+        n + self.shared.released.load(Ordering::SeqCst)
     }
 
     /// Waits for a signal (SIGTERM or ctrl-c), then shuts down with `grace`.
@@ -625,7 +638,8 @@ impl Shared {
         let slots = self.slots.clone();
         let handle = tokio::spawn(async move {
             let permit = slots.acquire_owned().await;
-            let end = if me.stopping.load(Ordering::SeqCst) || permit.is_err() {
+            let unstarted = me.stopping.load(Ordering::SeqCst) || permit.is_err();
+            let end = if unstarted {
                 // Prefetched but never started: hand it back at once.
                 AttemptEnd {
                     run_id: run.id,
@@ -668,6 +682,11 @@ impl Shared {
                 }
                 Err(e) => {
                     tracing::error!(run = %id, error = %e, "could not record attempt; the run returns after lease expiry")
+                }
+                // Counted before `finishing` drops, so shutdown, which
+                // waits for `finishing` to reach 0, sees it.
+                Ok(()) if unstarted => {
+                    me.released.fetch_add(1, Ordering::SeqCst);
                 }
                 Ok(()) => {}
             }
