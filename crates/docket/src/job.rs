@@ -12,6 +12,9 @@ use std::time::Duration;
 pub(crate) type ErasedHandler =
     Arc<dyn Fn(Ctx, Value) -> BoxFuture<'static, Result<Value, JobError>> + Send + Sync>;
 pub(crate) type Validator = Arc<dyn Fn(&Value) -> Result<(), String> + Send + Sync>;
+/// May this process claim the job's runs at `now`? (An HTTP job's circuit
+/// breaker says no while it is turning requests away.)
+pub(crate) type ClaimGate = Arc<dyn Fn(docket_core::Timestamp) -> bool + Send + Sync>;
 
 /// A named kind of work.
 ///
@@ -41,6 +44,7 @@ pub struct Job {
     pub(crate) lease: Duration,
     pub(crate) validator: Option<Validator>,
     pub(crate) concurrency: Option<usize>,
+    pub(crate) gate: Option<ClaimGate>,
 }
 
 impl std::fmt::Debug for Job {
@@ -85,6 +89,7 @@ impl Job {
             lease: Duration::from_secs(5 * 60),
             validator: None,
             concurrency: None,
+            gate: None,
         }
     }
 
@@ -128,6 +133,15 @@ impl Job {
         f: impl Fn(&Value) -> Result<(), String> + Send + Sync + 'static,
     ) -> Self {
         self.validator = Some(Arc::new(f));
+        self
+    }
+
+    /// Claims the job's runs only while `gate(now)` holds.
+    pub(crate) fn claim_gate(
+        mut self,
+        gate: impl Fn(docket_core::Timestamp) -> bool + Send + Sync + 'static,
+    ) -> Self {
+        self.gate = Some(Arc::new(gate));
         self
     }
 

@@ -337,12 +337,14 @@ async fn main_loop(
             && want_claim
             && free > 0
             && (in_hand < shared.config.concurrency || free * 2 >= capacity);
-        if !pending.is_empty() || worth_claiming {
-            let claims = if worth_claiming {
-                shared.claim_requests(free)
-            } else {
-                Vec::new()
-            };
+        let claims = if worth_claiming {
+            shared.claim_requests(free)
+        } else {
+            Vec::new()
+        };
+        // No claim when every job is held back (an open circuit breaker):
+        // no round trip for nothing.
+        if !pending.is_empty() || !claims.is_empty() {
             // Kept to store again if this round fails: an end the store did
             // not take would otherwise cost its run a lease expiry and an
             // extra attempt. Cheap next to the store's own serialising.
@@ -631,10 +633,17 @@ impl Shared {
             }
             m
         };
+        let now = self.docket.clock().now();
         for name in self.docket.job_names() {
             let Some(j) = self.docket.job(&name) else {
                 continue;
             };
+            // Not now (an open circuit breaker): its runs stay pending,
+            // untouched, instead of each being claimed and deferred again
+            // at every turn of an outage.
+            if j.gate.as_ref().is_some_and(|may| !may(now)) {
+                continue;
+            }
             match j.concurrency {
                 Some(max) => {
                     let room = max.saturating_sub(held.get(&name).copied().unwrap_or(0));
@@ -645,7 +654,6 @@ impl Shared {
                 None => by_lease.entry(j.lease).or_default().push(name),
             }
         }
-        let now = self.docket.clock().now();
         let request = |lease: Duration, jobs: Vec<String>, limit: usize| ClaimRequest {
             jobs,
             limit,
