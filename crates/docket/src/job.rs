@@ -12,9 +12,10 @@ use std::time::Duration;
 pub(crate) type ErasedHandler =
     Arc<dyn Fn(Ctx, Value) -> BoxFuture<'static, Result<Value, JobError>> + Send + Sync>;
 pub(crate) type Validator = Arc<dyn Fn(&Value) -> Result<(), String> + Send + Sync>;
-/// May this process claim the job's runs at `now`? (An HTTP job's circuit
-/// breaker says no while it is turning requests away.)
-pub(crate) type ClaimGate = Arc<dyn Fn(docket_core::Timestamp) -> bool + Send + Sync>;
+/// How many of the job's runs this process may claim at `now`: `None` for
+/// no limit. (An HTTP job's circuit breaker says 0 while it is turning
+/// requests away, 1 when one run should probe or record a deferral.)
+pub(crate) type ClaimGate = Arc<dyn Fn(docket_core::Timestamp) -> Option<usize> + Send + Sync>;
 
 /// A named kind of work.
 ///
@@ -136,10 +137,10 @@ impl Job {
         self
     }
 
-    /// Claims the job's runs only while `gate(now)` holds.
+    /// Claims at most `gate(now)` of the job's runs at a time.
     pub(crate) fn claim_gate(
         mut self,
-        gate: impl Fn(docket_core::Timestamp) -> bool + Send + Sync + 'static,
+        gate: impl Fn(docket_core::Timestamp) -> Option<usize> + Send + Sync + 'static,
     ) -> Self {
         self.gate = Some(Arc::new(gate));
         self

@@ -638,20 +638,22 @@ impl Shared {
             let Some(j) = self.docket.job(&name) else {
                 continue;
             };
-            // Not now (an open circuit breaker): its runs stay pending,
-            // untouched, instead of each being claimed and deferred again
-            // at every turn of an outage.
-            if j.gate.as_ref().is_some_and(|may| !may(now)) {
-                continue;
-            }
-            match j.concurrency {
-                Some(max) => {
-                    let room = max.saturating_sub(held.get(&name).copied().unwrap_or(0));
+            // An open circuit breaker holds the job's runs back (0) or lets
+            // one through (a probe, or the one recorded deferral): the rest
+            // stay pending, untouched, instead of each being claimed and
+            // deferred again in every open period of an outage.
+            let gate = j.gate.as_ref().and_then(|g| g(now));
+            let room = j
+                .concurrency
+                .map(|max| max.saturating_sub(held.get(&name).copied().unwrap_or(0)));
+            match (room, gate) {
+                (None, None) => by_lease.entry(j.lease).or_default().push(name),
+                (a, b) => {
+                    let room = a.unwrap_or(usize::MAX).min(b.unwrap_or(usize::MAX));
                     if room > 0 {
                         limited.push((j.lease, name, room.min(limit)));
                     }
                 }
-                None => by_lease.entry(j.lease).or_default().push(name),
             }
         }
         let request = |lease: Duration, jobs: Vec<String>, limit: usize| ClaimRequest {

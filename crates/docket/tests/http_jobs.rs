@@ -956,13 +956,14 @@ async fn the_breaker_opens_defers_half_opens_and_closes() {
 }
 
 /// An outage of many poll intervals costs O(1) writes per run, not one
-/// deferral per run per open period: while the breaker is open and has
-/// deferred a run (the recorded decision), this process claims no more runs
-/// of the connection; at each reset one run probes. 40 runs, a 120 s outage
-/// with the breaker open 10 s at a time, the worker turning every second:
-/// at most one deferral per run and about two claimed runs per open period
-/// (a probe and a deferral) — before, every due run was claimed and
-/// deferred again in every open period (~40 deferrals per period).
+/// deferral per run per open period: while the breaker is open this process
+/// claims one run of the connection per open period (its deferral is the
+/// recorded decision) and then none until the reset time, where one run
+/// probes. 40 runs, a 120 s outage with the breaker open 10 s at a time, a
+/// worker claiming up to 8 runs at a time and turning every second: at most
+/// one deferral per run and about two claimed runs per open period (a probe
+/// and a deferral) — before, every due run was claimed and deferred again in
+/// every open period.
 #[tokio::test]
 async fn an_outage_costs_each_run_at_most_one_deferral() {
     let env = setup_with(
@@ -989,14 +990,20 @@ async fn an_outage_costs_each_run_at_most_one_deferral() {
     for n in 2..40 {
         ids.push(env.trigger("sync", json!({ "n": n })).await);
     }
-    // The outage: every request fails; the worker turns every second.
+    // The outage: every request fails; a worker that claims up to 8 runs at
+    // a time turns every second.
+    let wide = env.docket.worker(WorkerConfig {
+        concurrency: 8,
+        prefetch: 8,
+        ..Default::default()
+    });
     let mut turns = 0;
     for _ in 0..120 {
         env.clock.advance_millis(1_000);
         for _ in 0..100 {
             failing(&env);
             turns += 1;
-            if env.tick().await == 0 {
+            if wide.tick().await.unwrap() == 0 {
                 break;
             }
         }
@@ -1043,13 +1050,13 @@ async fn an_outage_costs_each_run_at_most_one_deferral() {
     env.server.state.script.lock().unwrap().clear();
     env.clock.advance_millis(10_000);
     for _ in 0..200 {
-        if env.tick().await == 0 {
+        if wide.tick().await.unwrap() == 0 {
             break;
         }
     }
     env.clock.advance_millis(1_000);
     for _ in 0..200 {
-        if env.tick().await == 0 {
+        if wide.tick().await.unwrap() == 0 {
             break;
         }
     }

@@ -6,9 +6,9 @@
 //!   `now + open_ms`.
 //! - **open**: no request goes out. Due runs for the connection are
 //!   rescheduled to the reset time as a retry decision with reason
-//!   `circuit_open`, consuming no attempt. Once one has been, the worker
-//!   stops claiming the connection's runs until the reset time
-//!   ([`Breaker::admits_claims`]), so an outage costs each run at most one
+//!   `circuit_open`, consuming no attempt. The worker claims one such run
+//!   per open period and then none until the reset time
+//!   ([`Breaker::claim_limit`]), so an outage costs each run at most one
 //!   deferral instead of one per open period.
 //! - **half-open**: from the reset time, ONE run's request goes out as a
 //!   probe; others are rescheduled until the probe's deadline. A probe that
@@ -225,25 +225,27 @@ impl Breaker {
         }
     }
 
-    /// Should this process claim runs that need the connection at `now`?
-    /// Not while the breaker is open and has already deferred a run since it
-    /// opened (that deferral is the recorded decision; the reset time is
-    /// known), nor while a half-open probe is out. Otherwise a claimed run
-    /// would only be deferred again: during an outage every due run would
-    /// cost a claim, an attempt row and three events per open period (8,290
-    /// deferral rows for 200 runs in a 148 s outage). Runs not claimed stay
-    /// pending, untouched, and are claimed at the reset time (one probes).
-    pub(crate) fn admits_claims(&self, now: Timestamp) -> bool {
+    /// How many runs that need the connection this process should claim at
+    /// `now` (`None`: no limit). While the breaker is open: one until it has
+    /// deferred a run since it opened (that deferral is the recorded
+    /// decision), then none until the reset time; from the reset time one
+    /// (the probe); none while a half-open probe is out. Otherwise every
+    /// claimed run would only be deferred again: during an outage each due
+    /// run cost a claim, an attempt row and three events per open period
+    /// (8,290 deferral rows for 200 runs in a 148 s outage). Runs not claimed
+    /// stay pending, untouched.
+    pub(crate) fn claim_limit(&self, now: Timestamp) -> Option<usize> {
         if self.config.failures == 0 {
-            return true;
+            return None;
         }
         let s = self.lock();
         match s.phase {
-            BreakerPhase::Closed => true,
+            BreakerPhase::Closed => None,
             BreakerPhase::Open => {
-                s.deferred_while_open == 0 || s.reset_at.is_none_or(|reset| now >= reset)
+                let reset = s.reset_at.is_none_or(|reset| now >= reset);
+                Some(usize::from(reset || s.deferred_while_open == 0))
             }
-            BreakerPhase::HalfOpen => s.probe_deadline.is_none_or(|d| now >= d),
+            BreakerPhase::HalfOpen => Some(usize::from(s.probe_deadline.is_none_or(|d| now >= d))),
         }
     }
 
