@@ -104,7 +104,7 @@ pub async fn run(args: BenchArgs) -> Result<(), BoxError> {
         };
         db.cleanup().await;
         if args.json {
-            println!("{}", serde_json::to_string(&report)?);
+            outln!("{}", serde_json::to_string(&report)?);
         }
         reports.push(report);
     }
@@ -478,7 +478,7 @@ fn print_table(reports: &[Report]) {
         v.map(|x| format!("{x:.prec$}"))
             .unwrap_or_else(|| "-".into())
     };
-    println!(
+    outln!(
         "{:<4} {:<9} {:>6} {:>4} {:>11} {:>12} {:>7} {:>7} {:>7} {:>13} {:>7} {:>8}",
         "load",
         "backend",
@@ -498,7 +498,7 @@ fn print_table(reports: &[Report]) {
             (Some(a), Some(e)) => format!("{a}/{e}"),
             _ => "-".into(),
         };
-        println!(
+        outln!(
             "{:<4} {:<9} {:>6} {:>4} {:>11} {:>12} {:>7} {:>7} {:>7} {:>13} {:>7.2} {:>8}",
             r.workload,
             r.backend,

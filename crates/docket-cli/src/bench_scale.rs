@@ -53,24 +53,31 @@ pub async fn run(db: Option<&str>, large: Option<usize>, json_out: bool) -> Resu
         fresh.cleanup().await;
         let r = r?;
         if json_out {
-            println!("{}", serde_json::to_string(&r)?);
+            outln!("{}", serde_json::to_string(&r)?);
         }
         reports.push(r);
     }
     let ratio = reports[1].claim_p50_us / reports[0].claim_p50_us;
     let ratio99 = reports[1].claim_p99_us / reports[0].claim_p99_us;
     if json_out {
-        println!(
+        outln!(
             "{}",
             json!({ "workload": "claim-scale", "ratio_p50": ratio, "ratio_p99": ratio99 })
         );
     } else {
-        println!(
+        outln!(
             "{:<12} {:<9} {:>9} {:>7} {:>10} {:>10} {:>10} {:>10}",
-            "load", "backend", "pending", "claims", "enqueue_s", "p50_us", "p95_us", "p99_us"
+            "load",
+            "backend",
+            "pending",
+            "claims",
+            "enqueue_s",
+            "p50_us",
+            "p95_us",
+            "p99_us"
         );
         for r in &reports {
-            println!(
+            outln!(
                 "{:<12} {:<9} {:>9} {:>7} {:>10.1} {:>10.0} {:>10.0} {:>10.0}",
                 r.workload,
                 r.backend,
@@ -82,9 +89,10 @@ pub async fn run(db: Option<&str>, large: Option<usize>, json_out: bool) -> Resu
                 r.claim_p99_us
             );
         }
-        println!(
+        outln!(
             "claim cost ratio {} / {} pending: p50 {ratio:.2}, p99 {ratio99:.2} (goal: p50 < 1.5)",
-            reports[1].pending, reports[0].pending
+            reports[1].pending,
+            reports[0].pending
         );
     }
     Ok(())

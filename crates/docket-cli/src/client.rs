@@ -293,7 +293,7 @@ fn parse_json_arg(what: &str, s: &str) -> Res<Value> {
 }
 
 pub(crate) fn print_json(v: &Value) {
-    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+    outln!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
 }
 
 /// Prints rows as an aligned table under a header.
@@ -318,7 +318,7 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) {
                 out.push_str(&" ".repeat(pad + 2));
             }
         }
-        println!("{}", out.trim_end());
+        outln!("{}", out.trim_end());
     };
     line(header.iter().map(|h| h.to_uppercase()).collect());
     for r in rows {
@@ -366,7 +366,7 @@ pub(crate) fn print_run_line(run: &Value) {
         ),
         _ => s(&run["attempt"]),
     };
-    println!(
+    outln!(
         "run {}  job {}  status {}  attempt {attempt}",
         s(&run["id"]),
         s(&run["job"]),
@@ -403,7 +403,7 @@ pub async fn trigger(a: TriggerArgs) -> Res<()> {
             } else {
                 "created"
             };
-            println!(
+            outln!(
                 "{verb} run {} ({})",
                 s(&v["run"]["id"]),
                 s(&v["run"]["status"])
@@ -428,7 +428,7 @@ async fn wait_run(c: &Client, id: &str, timeout: &str, json_out: bool) -> Res<()
     } else {
         print_run_line(&w["run"]);
         if let Some(out) = w["run"].get("output").filter(|o| !o.is_null()) {
-            println!("output {out}");
+            outln!("output {out}");
         }
         if let Some(e) = w["run"]["last_error_message"].as_str() {
             let label = if w["run"]["status"] == "failed" {
@@ -436,7 +436,7 @@ async fn wait_run(c: &Client, id: &str, timeout: &str, json_out: bool) -> Res<()
             } else {
                 "an earlier attempt's error"
             };
-            println!("{label} {}: {e}", s(&w["run"]["last_error_class"]));
+            outln!("{label} {}: {e}", s(&w["run"]["last_error_class"]));
         }
     }
     match (w["terminal"].as_bool(), w["run"]["status"].as_str()) {
@@ -473,7 +473,7 @@ pub(crate) fn ms(v: &Value) -> String {
 fn show(v: &Value) {
     let run = &v["run"];
     print_run_line(run);
-    println!(
+    outln!(
         "tenant {}  created {}  updated {}  finished {}",
         s(&run["tenant"]),
         s(&run["created_at"]),
@@ -481,17 +481,17 @@ fn show(v: &Value) {
         s(&run["finished_at"])
     );
     if let Some(k) = run["idempotency_key"].as_str() {
-        println!("idempotency key {k}");
+        outln!("idempotency key {k}");
     }
     if let Some(f) = run["retriggered_from"].as_str() {
-        println!("retriggered from {f}");
+        outln!("retriggered from {f}");
     }
-    println!("input {}", run["input"]);
+    outln!("input {}", run["input"]);
     if run["variables"] != json!({}) {
-        println!("variables {}", run["variables"]);
+        outln!("variables {}", run["variables"]);
     }
     if !run["output"].is_null() {
-        println!("output {}", run["output"]);
+        outln!("output {}", run["output"]);
     }
     if let Some(e) = run["last_error_message"].as_str() {
         let label = if run["status"] == "failed" {
@@ -499,14 +499,14 @@ fn show(v: &Value) {
         } else {
             "an earlier attempt's error"
         };
-        println!("{label} {}: {e}", s(&run["last_error_class"]));
+        outln!("{label} {}: {e}", s(&run["last_error_class"]));
     }
     if run["status"] == "needs_input" {
-        println!("waiting for input {}", run["input_request"]);
+        outln!("waiting for input {}", run["input_request"]);
     }
     let attempts = v["attempts"].as_array().cloned().unwrap_or_default();
     if !attempts.is_empty() {
-        println!("\nattempts");
+        outln!("\nattempts");
         let rows: Vec<Vec<String>> = attempts
             .iter()
             .map(|a| {
@@ -546,7 +546,7 @@ fn show(v: &Value) {
     }
     let steps = v["steps"].as_array().cloned().unwrap_or_default();
     if !steps.is_empty() {
-        println!("\nsteps");
+        outln!("\nsteps");
         let rows: Vec<Vec<String>> = steps
             .iter()
             .map(|x| {
@@ -563,7 +563,7 @@ fn show(v: &Value) {
     }
     let ledger = v["ledger"].as_array().cloned().unwrap_or_default();
     if !ledger.is_empty() {
-        println!("\nledger");
+        outln!("\nledger");
         let rows: Vec<Vec<String>> = ledger
             .iter()
             .map(|x| {
@@ -577,7 +577,7 @@ fn show(v: &Value) {
             .collect();
         table(&["key", "action", "state", "attempt"], &rows);
     }
-    println!("\ntimeline");
+    outln!("\ntimeline");
     let rows: Vec<Vec<String>> = v["timeline"]
         .as_array()
         .cloned()
@@ -657,7 +657,7 @@ pub async fn runs(cmd: RunsCmd) -> Res<()> {
                 &rows,
             );
             if let Some(next) = v["next_cursor"].as_str() {
-                println!("more: --cursor {next}");
+                outln!("more: --cursor {next}");
             }
             Ok(())
         }
@@ -795,7 +795,7 @@ async fn op(conn: Conn, id: &str, what: &str, mut body: Value) -> Res<()> {
     if conn.json {
         print_json(&v);
     } else if what == "retrigger" {
-        println!(
+        outln!(
             "retriggered {id} as run {} ({})",
             s(&v["run"]["id"]),
             s(&v["run"]["status"])
@@ -809,7 +809,7 @@ async fn op(conn: Conn, id: &str, what: &str, mut body: Value) -> Res<()> {
         } else {
             ""
         };
-        println!(
+        outln!(
             "{what}: run {} is now {}{extra}",
             s(&v["id"]),
             status_of(&v)

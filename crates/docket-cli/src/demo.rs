@@ -846,10 +846,10 @@ fn describe_script(script: &[Reply]) -> String {
 }
 
 fn print_run(r: &RunSummary) {
-    println!();
-    println!("━━ {} — the service: {}", r.prospect, r.script);
-    println!("   expected: {}", r.expect);
-    println!(
+    outln!();
+    outln!("━━ {} — the service: {}", r.prospect, r.script);
+    outln!("   expected: {}", r.expect);
+    outln!(
         "   run {}  {}{}",
         r.run_id,
         r.status,
@@ -857,11 +857,17 @@ fn print_run(r: &RunSummary) {
             .map(|t| format!(" ({})", t.as_str()))
             .unwrap_or_default()
     );
-    println!("   idempotency key {}", r.idempotency_key);
-    println!();
-    println!(
+    outln!("   idempotency key {}", r.idempotency_key);
+    outln!();
+    outln!(
         "   {:<8} {:>8} {:>7}  {:<16} {:<13} {:>8} {:>12}  retry decision",
-        "attempt", "started", "took", "outcome", "class", "gap", "policy delay"
+        "attempt",
+        "started",
+        "took",
+        "outcome",
+        "class",
+        "gap",
+        "policy delay"
     );
     for a in &r.attempts {
         let decision = match (&a.retry_reason, a.retry_delay_ms) {
@@ -882,10 +888,10 @@ fn print_run(r: &RunSummary) {
             ms(a.policy_delay_ms),
             decision
         );
-        println!("{}", line.trim_end());
+        outln!("{}", line.trim_end());
     }
-    println!();
-    println!("   requests (Docket's http_response evidence)");
+    outln!();
+    outln!("   requests (Docket's http_response evidence)");
     for q in &r.requests {
         let took = q.duration_ms.unwrap_or(0);
         let answer = match (q.status, &q.finding) {
@@ -902,7 +908,7 @@ fn print_run(r: &RunSummary) {
         };
         // The event is written after the answer: the request went out
         // `duration_ms` earlier.
-        println!(
+        outln!(
             "     a{} {:<9} {:<4} sent {:>8}  {}",
             q.attempt.unwrap_or(0),
             q.purpose,
@@ -923,7 +929,7 @@ fn print_run(r: &RunSummary) {
             }
         })
         .collect();
-    println!(
+    outln!(
         "   ledger: {}  ⇒  {}{}",
         if path.is_empty() {
             "—".into()
@@ -933,7 +939,7 @@ fn print_run(r: &RunSummary) {
         r.ledger_state.map_or("—", |s| s.as_str()),
         if r.reconciled { " (via reconcile)" } else { "" }
     );
-    println!(
+    outln!(
         "   service saw: {} POST{}, {} commit{} for the key, {} reconcile lookup{}",
         r.service.posts,
         if r.service.posts == 1 { "" } else { "s" },
@@ -943,11 +949,11 @@ fn print_run(r: &RunSummary) {
         if r.service.lookups == 1 { "" } else { "s" },
     );
     if r.verdicts.is_empty() {
-        println!("   verdicts: none (fewer than two failures of one class: nothing to pair)");
+        outln!("   verdicts: none (fewer than two failures of one class: nothing to pair)");
     } else {
-        println!("   verdicts:");
+        outln!("   verdicts:");
         for v in &r.verdicts {
-            println!(
+            outln!(
                 "     a{}→a{} {} [{}] {}: {}",
                 v.first.attempt,
                 v.second.attempt,
@@ -961,9 +967,9 @@ fn print_run(r: &RunSummary) {
 }
 
 fn print_report(s: &Summary, db: &Path, keep: bool) {
-    println!("Docket demo: durable HTTP jobs against a service that misbehaves");
-    println!();
-    println!(
+    outln!("Docket demo: durable HTTP jobs against a service that misbehaves");
+    outln!();
+    outln!(
         "  database   {} ({})",
         db.display(),
         if keep {
@@ -972,52 +978,50 @@ fn print_report(s: &Summary, db: &Path, keep: bool) {
             "temporary, removed at exit"
         }
     );
-    println!(
+    outln!(
         "  service    {}/crm (local, scripted per prospect)",
         s.service
     );
-    println!(
+    outln!(
         "  job        {JOB}: POST /crm/emails, timeout {REQUEST_TIMEOUT_MS} ms, Idempotency-Key <prospect>/{JOB}/<campaign>/v1"
     );
-    println!(
+    outln!(
         "  policy     {BASE_DELAY_MS} ms × 2^(attempt−1), at most {MAX_DELAY_MS} ms, + jitter < {JITTER_MS} ms; {MAX_ATTEMPTS} attempts; Retry-After wins when later"
     );
-    println!(
-        "  reconcile  GET /crm/emails?key=… before anything else when the ledger says unknown"
-    );
-    println!("  finished   {} runs in {} ms", s.runs.len(), s.elapsed_ms);
+    outln!("  reconcile  GET /crm/emails?key=… before anything else when the ledger says unknown");
+    outln!("  finished   {} runs in {} ms", s.runs.len(), s.elapsed_ms);
     for r in &s.runs {
         print_run(r);
     }
-    println!();
+    outln!();
     if let Some(j) = &s.job_report {
-        println!("━━ job report: {} ({} runs)", j.job, j.runs_examined);
+        outln!("━━ job report: {} ({} runs)", j.job, j.runs_examined);
         for (v, n) in &j.counts {
-            println!("   {:<24} {n}", v.as_str());
+            outln!("   {:<24} {n}", v.as_str());
         }
-        println!(
+        outln!(
             "   same_action_same_error_within_backoff_window: {}",
             j.same_action_same_error_within_backoff_window
         );
-        println!();
+        outln!();
     }
-    println!("CHECKS");
+    outln!("CHECKS");
     for c in &s.checks {
-        println!("  {} {}", if c.ok { "✓" } else { "✗" }, c.name);
+        outln!("  {} {}", if c.ok { "✓" } else { "✗" }, c.name);
         if !c.ok {
-            println!("      {}", c.detail);
+            outln!("      {}", c.detail);
         }
     }
     let failed = s.checks.iter().filter(|c| !c.ok).count();
-    println!();
+    outln!();
     if failed == 0 {
-        println!(
+        outln!(
             "All {} checks passed in {:.1} s.",
             s.checks.len(),
             s.elapsed_ms as f64 / 1000.0
         );
     } else {
-        println!("{failed} of {} checks FAILED.", s.checks.len());
+        outln!("{failed} of {} checks FAILED.", s.checks.len());
     }
 }
 
@@ -1154,7 +1158,7 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
             .map_err(|e| e.to_string())?;
             let mut rx = stop_rx.clone();
             if !args.json {
-                println!("Dashboard: http://{api_addr}/ (the runs appear there as they happen)\n");
+                outln!("Dashboard: http://{api_addr}/ (the runs appear there as they happen)\n");
             }
             Some(tokio::spawn(async move {
                 server
@@ -1260,7 +1264,7 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
         checks,
     };
     if args.json {
-        println!(
+        outln!(
             "{}",
             serde_json::to_string_pretty(&summary).map_err(|e| e.to_string())?
         );
@@ -1280,7 +1284,7 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
             Err(_) => eprintln!("the API did not stop within 5 s"),
         }
         if !args.json {
-            println!("Stopped. The database is kept at {}", db.display());
+            outln!("Stopped. The database is kept at {}", db.display());
         }
     }
     worker.shutdown(Duration::from_secs(2)).await;
@@ -1304,21 +1308,21 @@ fn print_keep(addr: &SocketAddr, service: &str, db: &Path, s: &Summary) {
         .find(|r| r.prospect == SEED_PROSPECT)
         .map(|r| r.run_id.to_string())
         .unwrap_or_else(|| "RUN_ID".into());
-    println!();
-    println!("Docket is still running (ctrl-c to stop). No authentication: loopback only.");
-    println!("  dashboard  {base}/");
-    println!("  API        {base}/api/runs");
-    println!("  service    {service}/crm/emails (prospects without a script get 200 at once)");
-    println!("  database   {}", db.display());
-    println!();
-    println!("Try:");
-    println!("  curl -s {base}/api/runs/{seed}");
-    println!("  curl -s {base}/api/runs/{seed}/forensics");
-    println!("  docket runs show {seed} --url {base}");
-    println!("  docket forensics {seed} --url {base}");
-    println!("  docket forensics --job {JOB} --url {base}");
-    println!("  docket connections list --url {base}");
-    println!(
+    outln!();
+    outln!("Docket is still running (ctrl-c to stop). No authentication: loopback only.");
+    outln!("  dashboard  {base}/");
+    outln!("  API        {base}/api/runs");
+    outln!("  service    {service}/crm/emails (prospects without a script get 200 at once)");
+    outln!("  database   {}", db.display());
+    outln!();
+    outln!("Try:");
+    outln!("  curl -s {base}/api/runs/{seed}");
+    outln!("  curl -s {base}/api/runs/{seed}/forensics");
+    outln!("  docket runs show {seed} --url {base}");
+    outln!("  docket forensics {seed} --url {base}");
+    outln!("  docket forensics --job {JOB} --url {base}");
+    outln!("  docket connections list --url {base}");
+    outln!(
         "  curl -s -X POST {base}/api/runs -H 'content-type: application/json' -d '{{\"job\":\"{JOB}\",\"input\":{{\"prospect_id\":\"prospect-new\",\"campaign\":\"{CAMPAIGN}\",\"email\":\"new@example.com\"}}}}'"
     );
 }

@@ -210,7 +210,7 @@ async fn run_report(c: &Client, id: &str, json_out: bool) -> Res<Vec<Value>> {
         .await?;
     print_run_line(&run["run"]);
     let attempts = f["attempts"].as_array().cloned().unwrap_or_default();
-    println!("\ntimeline");
+    outln!("\ntimeline");
     let rows: Vec<Vec<String>> = attempts
         .iter()
         .map(|a| {
@@ -253,13 +253,11 @@ async fn run_report(c: &Client, id: &str, json_out: bool) -> Res<Vec<Value>> {
         ],
         &rows,
     );
-    println!();
+    outln!();
     if verdicts.is_empty() {
-        println!(
-            "no verdicts: fewer than two failures of the same action with the same error class"
-        );
+        outln!("no verdicts: fewer than two failures of the same action with the same error class");
     } else {
-        println!("verdicts (worst {})", s(&f["worst"]));
+        outln!("verdicts (worst {})", s(&f["worst"]));
         table(&VERDICT_HEADER, &verdict_rows(&verdicts, false));
     }
     Ok(verdicts)
@@ -277,7 +275,7 @@ async fn job_report(c: &Client, job: &str, since: &str, json_out: bool) -> Res<V
         print_json(&r);
         return Ok(verdicts);
     }
-    println!(
+    outln!(
         "job {}  since {}  runs examined {}{}",
         s(&r["job"]),
         s(&r["since"]),
@@ -288,18 +286,18 @@ async fn job_report(c: &Client, job: &str, since: &str, json_out: bool) -> Res<V
             ""
         }
     );
-    println!(
+    outln!(
         "same_action_same_error_within_backoff_window {}",
         s(&r["same_action_same_error_within_backoff_window"])
     );
     let counts = r["counts"].as_object().cloned().unwrap_or_default();
     if counts.is_empty() {
-        println!("no verdicts: no two failures of the same action with the same error class");
+        outln!("no verdicts: no two failures of the same action with the same error class");
         return Ok(verdicts);
     }
     let line: Vec<String> = counts.iter().map(|(k, v)| format!("{k} {v}")).collect();
-    println!("verdicts {}", line.join(", "));
-    println!();
+    outln!("verdicts {}", line.join(", "));
+    outln!();
     table(&VERDICT_HEADER, &verdict_rows(&verdicts, true));
     Ok(verdicts)
 }
@@ -358,7 +356,7 @@ pub async fn connections(cmd: ConnectionsCmd) -> Res<()> {
             }
             let list = v["connections"].as_array().cloned().unwrap_or_default();
             if list.is_empty() {
-                println!("no connections: the server was started without [connections.*] in its --config file");
+                outln!("no connections: the server was started without [connections.*] in its --config file");
             } else {
                 table(
                     &CONNECTION_HEADER,
@@ -378,7 +376,7 @@ pub async fn connections(cmd: ConnectionsCmd) -> Res<()> {
             table(&CONNECTION_HEADER, &[connection_row(&v["connection"])]);
             let audit = v["audit"].as_array().cloned().unwrap_or_default();
             if !audit.is_empty() {
-                println!("\naudit");
+                outln!("\naudit");
                 let rows: Vec<Vec<String>> = audit
                     .iter()
                     .map(|a| {
@@ -420,7 +418,7 @@ pub async fn connections(cmd: ConnectionsCmd) -> Res<()> {
     if conn.json {
         print_json(&v);
     } else {
-        println!("connection {} is now {}", s(&v["name"]), s(&v["status"]));
+        outln!("connection {} is now {}", s(&v["name"]), s(&v["status"]));
     }
     Ok(())
 }
@@ -436,8 +434,8 @@ pub async fn breakers(a: BreakersArgs) -> Res<()> {
     let list = v["breakers"].as_array().cloned().unwrap_or_default();
     if list.is_empty() {
         match v["note"].as_str() {
-            Some(note) => println!("no breakers here: {note}"),
-            None => println!(
+            Some(note) => outln!("no breakers here: {note}"),
+            None => outln!(
                 "no breakers: the server was started without [connections.*] in its --config file"
             ),
         }

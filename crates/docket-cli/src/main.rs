@@ -1,5 +1,8 @@
 //! The `docket` command.
 
+// First: its `outln!` macro is used by the modules below.
+#[macro_use]
+mod out;
 mod bench;
 mod bench_scale;
 mod client;
@@ -9,6 +12,7 @@ mod serve;
 mod tokens;
 
 use clap::{Parser, Subcommand};
+use std::io::Write;
 use std::process::ExitCode;
 
 /// Durable jobs that can explain every retry.
@@ -88,10 +92,14 @@ fn main() -> ExitCode {
             Command::Breakers(args) => inspect::breakers(args).await.map_err(Failed::from),
         }
     });
+    // Output that could not be written (other than to a reader that went
+    // away, which ends the output quietly) fails a command that succeeded.
+    let result = result.and_then(|()| out::failure().map_or(Ok(()), |m| Err(Failed::new(m))));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {}", e.message);
+            // Not `eprintln!`: it panics when stderr is closed too.
+            let _ = writeln!(std::io::stderr(), "error: {}", e.message);
             ExitCode::from(e.code)
         }
     }

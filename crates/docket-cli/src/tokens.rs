@@ -92,14 +92,14 @@ pub async fn run(cmd: TokenCmd) -> Result<(), String> {
                 "created token {} for tenant `{}`, named `{}`. It is shown only now; store it safely:",
                 rec.id, rec.tenant, rec.name
             );
-            println!("{}", t.secret);
+            outln!("{}", t.secret);
             Ok(())
         }
         TokenCmd::List { tenant, json, db } => {
             let store = open(&db, false).await?;
             let tokens = store.list_tokens(tenant).await.map_err(|e| e.to_string())?;
             if json {
-                println!(
+                outln!(
                     "{}",
                     serde_json::to_string_pretty(&tokens).map_err(|e| e.to_string())?
                 );
@@ -149,9 +149,11 @@ pub async fn run(cmd: TokenCmd) -> Result<(), String> {
                 .map_err(|e| e.to_string())?
             {
                 Some(t) => {
-                    println!(
+                    outln!(
                         "revoked {} (tenant `{}`, name `{}`)",
-                        t.id, t.tenant, t.name
+                        t.id,
+                        t.tenant,
+                        t.name
                     );
                     Ok(())
                 }

@@ -30,6 +30,28 @@ fn docket(args: &[&str], envs: &[(&str, &str)]) -> (i32, String, String) {
     )
 }
 
+/// Runs the command with its stdout a pipe whose reader is already gone
+/// (as under `| head -1` once head has its line): the exit code and stderr.
+/// The reader is closed before the command starts, so its first write
+/// fails whatever the timing.
+fn docket_into_closed_pipe(args: &[&str]) -> (i32, String) {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = Command::new(BIN)
+        .args(args)
+        .env_remove("DOCKET_URL")
+        .env_remove("DOCKET_TOKEN")
+        .env_remove("DOCKET_DB")
+        .stdout(writer)
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 struct Served {
     /// Taken by `terminate`; killed on drop otherwise, so a failing test
     /// leaves no server behind.
@@ -401,6 +423,25 @@ retry = {{ base_delay_ms = 50, max_delay_ms = 50, max_attempts = 2, jitter_ms = 
     assert!(err.contains("--since `last week`"), "{err}");
     let (code, _, err) = run(&["forensics"]);
     assert_eq!(code, 2, "clap names what is missing: {err}");
+
+    // A reader that stops early (`| head -1`) ends the output quietly: no
+    // panic, no exit 101, the command's own exit code.
+    for args in [
+        vec!["runs", "show", &id],
+        vec!["forensics", &id],
+        vec!["forensics", "--job", "ping", "--since", "1h"],
+        vec!["runs", "list"],
+        vec!["breakers"],
+    ] {
+        let mut all = args.clone();
+        all.extend(["--url", &url]);
+        let (code, err) = docket_into_closed_pipe(&all);
+        assert_eq!((code, err.as_str()), (0, ""), "{args:?}");
+    }
+    // `runs wait` keeps its answer's exit code (1: the run failed).
+    let (code, err) = docket_into_closed_pipe(&["runs", "wait", &id, "--url", &url]);
+    assert_eq!(code, 1, "{err}");
+    assert_eq!(err.trim(), format!("error: run {id} ended failed"));
 
     // The breaker opened on the two failures.
     let (code, out, _) = run(&["breakers"]);

@@ -523,6 +523,134 @@ pub async fn expired_lease_retry_then_stale_completion(store: DynStore) {
     );
 }
 
+/// A refused failure report is evidence: its `stale_write_refused` event
+/// carries the end's error class, message, action and fingerprint (a late
+/// report of an attempt whose lease expired is how forensics see a lease
+/// overlap), with the run's current status, lease and attempt — the same
+/// payload on every backend, for a refused `Retry` and a refused `Failed`.
+pub async fn stale_failure_reports_keep_their_error(store: DynStore) {
+    one(&store, NewRun::new("job", json!({}))).await;
+    let first = store.claim(claim_req(T0, 1)).await.unwrap().remove(0);
+    let old = first.lease_id.unwrap();
+    // The lease is gone (a release), then the old attempt reports a retry.
+    store
+        .finish(vec![AttemptEnd {
+            run_id: first.id,
+            lease_id: old,
+            now: T0.plus_millis(10),
+            outcome: Outcome::Released,
+        }])
+        .await
+        .unwrap()
+        .remove(0)
+        .unwrap();
+    let error = ErrorInfo {
+        class: ErrorClass::Unavailable,
+        message: "HTTP 503 from crm".into(),
+        fingerprint: "fp-503".into(),
+        failure_key: "fk".into(),
+        action: Some("send_email".into()),
+    };
+    let late_retry = AttemptEnd {
+        run_id: first.id,
+        lease_id: old,
+        now: T0.plus_millis(20),
+        outcome: Outcome::Retry {
+            error: error.clone(),
+            retry: RetryRecord {
+                policy: "p".into(),
+                delay_ms: 500,
+                eligible_at: T0.plus_millis(520),
+                reason: "backoff".into(),
+            },
+        },
+    };
+    let res = store.finish(vec![late_retry]).await.unwrap();
+    assert!(
+        matches!(res[0], Err(StoreError::StaleLease { .. })),
+        "{res:?}"
+    );
+    // Another attempt holds the run; the old one reports a terminal failure,
+    // then one without an error (unresolved).
+    let second = store
+        .claim(claim_req(T0.plus_millis(30), 1))
+        .await
+        .unwrap()
+        .remove(0);
+    let late_failed = |error: Option<ErrorInfo>, at: i64| AttemptEnd {
+        run_id: first.id,
+        lease_id: old,
+        now: T0.plus_millis(at),
+        outcome: Outcome::Failed {
+            error,
+            reason: TerminalReason::MaxRetriesExhausted,
+            detail: "gave up".into(),
+        },
+    };
+    let res = store
+        .finish(vec![late_failed(Some(error), 40)])
+        .await
+        .unwrap();
+    assert!(
+        matches!(res[0], Err(StoreError::StaleLease { .. })),
+        "{res:?}"
+    );
+    let res = store.finish(vec![late_failed(None, 50)]).await.unwrap();
+    assert!(
+        matches!(res[0], Err(StoreError::StaleLease { .. })),
+        "{res:?}"
+    );
+
+    let refused: Vec<_> = store
+        .events(EventFilter {
+            run_id: Some(first.id),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.kind == "stale_write_refused")
+        .map(|e| (e.at, e.lease_id, e.data))
+        .collect();
+    let reported = |attempted: &str, status: &str, lease: Option<LeaseId>, attempt: u32| {
+        json!({
+            "attempted": attempted,
+            "current_status": status,
+            "current_lease_id": lease,
+            "current_attempt": attempt,
+            "error_class": "unavailable",
+            "message": "HTTP 503 from crm",
+            "action": "send_email",
+            "fingerprint": "fp-503",
+        })
+    };
+    assert_eq!(
+        refused,
+        [
+            (
+                T0.plus_millis(20),
+                Some(old),
+                reported("retry_scheduled", "pending", None, 1)
+            ),
+            (
+                T0.plus_millis(40),
+                Some(old),
+                reported("failed", "running", second.lease_id, 2)
+            ),
+            (
+                T0.plus_millis(50),
+                Some(old),
+                json!({
+                    "attempted": "failed",
+                    "current_status": "running",
+                    "current_lease_id": second.lease_id,
+                    "current_attempt": 2,
+                })
+            ),
+        ]
+    );
+}
+
 /// Release, postpone and input requests leave the run resumable and spend no
 /// attempt budget.
 pub async fn release_postpone_and_input_forgive_attempts(store: DynStore) {
@@ -2003,6 +2131,7 @@ macro_rules! conformance_tests {
             expired_lease_retry_then_stale_completion,
             concurrent_reapers_reap_each_expired_lease_once,
             leadership_expires_and_is_fenced,
+            stale_failure_reports_keep_their_error,
             release_postpone_and_input_forgive_attempts,
             batched_finish_isolates_each_end,
             circuit_deferral_is_not_a_failure,

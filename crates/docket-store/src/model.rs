@@ -260,6 +260,29 @@ pub struct AttemptEnd {
     pub outcome: Outcome,
 }
 
+impl AttemptEnd {
+    /// What a `stale_write_refused` event records of a refused end, on both
+    /// backends (each adds the run's current status, lease and attempt):
+    /// what it attempted and, for a failure report, its error class,
+    /// message, action and fingerprint — a late failure report is evidence
+    /// (forensics derive `lease_overlap` from it).
+    pub(crate) fn refused_data(&self) -> Value {
+        let mut data = serde_json::json!({ "attempted": self.outcome.name() });
+        let error = match &self.outcome {
+            Outcome::Retry { error, .. } => Some(error),
+            Outcome::Failed { error, .. } => error.as_ref(),
+            _ => None,
+        };
+        if let Some(e) = error {
+            data["error_class"] = serde_json::json!(e.class);
+            data["message"] = serde_json::json!(e.message);
+            data["action"] = serde_json::json!(e.action);
+            data["fingerprint"] = serde_json::json!(e.fingerprint);
+        }
+        data
+    }
+}
+
 /// One attempt as stored.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct AttemptRecord {

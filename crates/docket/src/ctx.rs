@@ -32,6 +32,18 @@ pub struct Ctx {
     pub(crate) cancelled: Arc<AtomicBool>,
     pub(crate) docket: Docket,
     pub(crate) state: Arc<tokio::sync::Mutex<StepState>>,
+    /// Events the store could not take when the handler recorded them;
+    /// written before the attempt's end (see [`Ctx::record_event`]).
+    pub(crate) kept: Arc<std::sync::Mutex<Vec<KeptEvent>>>,
+}
+
+/// An event kept for the attempt's end: the store failed when the handler
+/// recorded it.
+#[derive(Clone, Debug)]
+pub(crate) struct KeptEvent {
+    pub(crate) kind: String,
+    pub(crate) data: Value,
+    pub(crate) at: Timestamp,
 }
 
 impl std::fmt::Debug for Ctx {
@@ -730,12 +742,36 @@ impl Ctx {
     /// Appends an event of `kind` to the run (fenced by the lease): evidence
     /// such as an HTTP response's status, timing and a bounded body excerpt.
     /// Never put secrets in `data`.
+    ///
+    /// Evidence is not dropped when the store fails (a dropped connection,
+    /// a database restart): the event is kept, with its time, and written
+    /// before the attempt's end — retried with that end, under the same
+    /// lease, for as long as the worker retries the end — and this returns
+    /// `Ok`. Only a lost lease (the write is refused and recorded as
+    /// `stale_write_refused`) or a missing run is an error.
     pub async fn record_event(&self, kind: &str, data: Value) -> Result<(), JobError> {
-        self.docket
+        let now = self.now();
+        match self
+            .docket
             .store()
-            .append_event(self.lease(), kind.to_string(), data, self.now())
+            .append_event(self.lease(), kind.to_string(), data.clone(), now)
             .await
-            .map_err(store_err)
+        {
+            Ok(()) => Ok(()),
+            Err(StoreError::Database(msg)) => {
+                tracing::warn!(run = %self.run_id, kind, error = %msg, "could not record an event now; it is written with the attempt's end");
+                self.kept
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(KeptEvent {
+                        kind: kind.to_string(),
+                        data,
+                        at: now,
+                    });
+                Ok(())
+            }
+            Err(e) => Err(store_err(e)),
+        }
     }
 
     /// Records that the handler skipped a step on purpose (a `when`

@@ -12,6 +12,10 @@ use std::time::Duration;
 pub(crate) type ErasedHandler =
     Arc<dyn Fn(Ctx, Value) -> BoxFuture<'static, Result<Value, JobError>> + Send + Sync>;
 pub(crate) type Validator = Arc<dyn Fn(&Value) -> Result<(), String> + Send + Sync>;
+/// How many of the job's runs this process may claim at `now`: `None` for
+/// no limit. (An HTTP job's circuit breaker says 0 while it is turning
+/// requests away, 1 when one run should probe or record a deferral.)
+pub(crate) type ClaimGate = Arc<dyn Fn(docket_core::Timestamp) -> Option<usize> + Send + Sync>;
 
 /// A named kind of work.
 ///
@@ -41,6 +45,7 @@ pub struct Job {
     pub(crate) lease: Duration,
     pub(crate) validator: Option<Validator>,
     pub(crate) concurrency: Option<usize>,
+    pub(crate) gate: Option<ClaimGate>,
 }
 
 impl std::fmt::Debug for Job {
@@ -85,6 +90,7 @@ impl Job {
             lease: Duration::from_secs(5 * 60),
             validator: None,
             concurrency: None,
+            gate: None,
         }
     }
 
@@ -128,6 +134,15 @@ impl Job {
         f: impl Fn(&Value) -> Result<(), String> + Send + Sync + 'static,
     ) -> Self {
         self.validator = Some(Arc::new(f));
+        self
+    }
+
+    /// Claims at most `gate(now)` of the job's runs at a time.
+    pub(crate) fn claim_gate(
+        mut self,
+        gate: impl Fn(docket_core::Timestamp) -> Option<usize> + Send + Sync + 'static,
+    ) -> Self {
+        self.gate = Some(Arc::new(gate));
         self
     }
 

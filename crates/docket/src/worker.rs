@@ -2,11 +2,12 @@
 //! concurrency and a timeout, keeps leases alive with heartbeats, reaps
 //! expired leases through the retry policy, and shuts down gracefully.
 
+use crate::ctx::KeptEvent;
 use crate::error::Control;
 use crate::{Ctx, Docket, Job, JobError};
 use docket_core::{Decision, FailureInput, Fingerprint, LeaseId, RunId};
 use docket_store::{
-    AttemptEnd, ClaimRequest, ErrorInfo, LeaseRef, Outcome, RetryRecord, Run, StoreError,
+    AttemptEnd, ClaimRequest, DynStore, ErrorInfo, LeaseRef, Outcome, RetryRecord, Run, StoreError,
 };
 use futures::FutureExt;
 use std::collections::{BTreeMap, HashMap};
@@ -119,6 +120,10 @@ struct Shared {
     stopping: AtomicBool,
     /// Attempt ends handed over and not yet stored.
     finishing: AtomicUsize,
+    /// Prefetched runs that their own task handed back, unstarted, because
+    /// the worker was stopping (stored releases only); shutdown reports
+    /// them with the runs it releases itself.
+    released: AtomicUsize,
     inflight: Mutex<HashMap<RunId, InFlight>>,
     /// Ends go to the driver loop, which stores them together with the
     /// claim that refills their slots. `None` in tick mode (tests), where
@@ -127,7 +132,13 @@ struct Shared {
     ends_rx: Mutex<Option<mpsc::UnboundedReceiver<EndMsg>>>,
 }
 
-type EndMsg = (AttemptEnd, oneshot::Sender<Result<(), StoreError>>);
+/// An attempt's end, the events its handler recorded while the store was
+/// failing (written before the end), and where to answer.
+type EndMsg = (
+    AttemptEnd,
+    Vec<KeptEvent>,
+    oneshot::Sender<Result<(), StoreError>>,
+);
 
 /// The driver loop's phases.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -173,6 +184,7 @@ impl Worker {
                 slots,
                 stopping: AtomicBool::new(false),
                 finishing: AtomicUsize::new(0),
+                released: AtomicUsize::new(0),
                 inflight: Mutex::new(HashMap::new()),
                 ends: Some(tx),
                 ends_rx: Mutex::new(Some(rx)),
@@ -216,6 +228,11 @@ impl WorkerHandle {
     /// Graceful shutdown: stop claiming, let running attempts finish within
     /// `grace`, then release the rest (due at once, no attempt budget spent)
     /// so another worker takes them without waiting for lease expiry.
+    ///
+    /// Returns how many runs were released: those still running when the
+    /// grace period ended, and the prefetched runs that had not started —
+    /// whether handed back at the end of the grace period or as soon as a
+    /// handler slot freed up during it.
     pub async fn shutdown(self, grace: Duration) -> usize {
         self.shared.stopping.store(true, Ordering::SeqCst);
         let _ = self.stop.send(Phase::Draining);
@@ -226,7 +243,7 @@ impl WorkerHandle {
             if idle && self.shared.finishing.load(Ordering::SeqCst) == 0 {
                 let _ = self.stop.send(Phase::Exit);
                 let _ = self.main.await;
-                return 0;
+                return self.shared.released.load(Ordering::SeqCst);
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
                 break;
@@ -252,12 +269,15 @@ impl WorkerHandle {
                 outcome: Outcome::Released,
             });
         }
-        let n = ends.len();
+        let mut n = 0;
         match self.shared.docket.store().finish(ends).await {
             Ok(res) => {
                 for (r, (id, _)) in res.iter().zip(&left) {
-                    if let Err(e) = r {
-                        tracing::warn!(run = %id, error = %e, "release at shutdown refused");
+                    match r {
+                        Ok(_) => n += 1,
+                        Err(e) => {
+                            tracing::warn!(run = %id, error = %e, "release at shutdown refused")
+                        }
                     }
                     let _ = self.shared.docket.inner.changes.send(*id);
                 }
@@ -268,7 +288,7 @@ impl WorkerHandle {
         }
         let _ = self.stop.send(Phase::Exit);
         let _ = self.main.await;
-        n
+        n + self.shared.released.load(Ordering::SeqCst)
     }
 
     /// Waits for a signal (SIGTERM or ctrl-c), then shuts down with `grace`.
@@ -349,27 +369,33 @@ async fn main_loop(
             && want_claim
             && free > 0
             && (in_hand < shared.config.concurrency || free * 2 >= capacity);
-        if !pending.is_empty() || worth_claiming {
-            let claims = if worth_claiming {
-                shared.claim_requests(free)
-            } else {
-                Vec::new()
-            };
-            let (ends, replies): (Vec<_>, Vec<_>) = pending.drain(..).unzip();
-            let had_ends = !ends.is_empty();
-            // Kept to store again if this call fails: an end the store did
+        let claims = if worth_claiming {
+            shared.claim_requests(free)
+        } else {
+            Vec::new()
+        };
+        // No claim when every job is held back (an open circuit breaker):
+        // no round trip for nothing.
+        if !pending.is_empty() || !claims.is_empty() {
+            // Kept to store again if this round fails: an end the store did
             // not take would otherwise cost its run a lease expiry and an
             // extra attempt. Cheap next to the store's own serialising.
-            let kept = ends.clone();
+            let mut batch: Vec<EndMsg> = std::mem::take(&mut pending);
+            let ends: Vec<AttemptEnd> = batch.iter().map(|m| m.0.clone()).collect();
+            let had_ends = !ends.is_empty();
             // An end may have scheduled a retry earlier than `due`.
             due_stale |= had_ends;
-            let ids: Vec<RunId> = ends.iter().map(|e| e.run_id).collect();
-            match shared.docket.store().finish_and_claim(ends, claims).await {
+            // Evidence first, then the ends: a round that fails keeps both.
+            let stored = match write_kept_events(shared.docket.store(), &mut batch).await {
+                Ok(()) => shared.docket.store().finish_and_claim(ends, claims).await,
+                Err(e) => Err(e),
+            };
+            match stored {
                 Ok((results, runs)) => {
                     backoff = Duration::from_millis(50);
                     hold_until = None;
-                    for ((res, reply), id) in results.into_iter().zip(replies).zip(ids) {
-                        let _ = shared.docket.inner.changes.send(id);
+                    for (res, (end, _, reply)) in results.into_iter().zip(batch) {
+                        let _ = shared.docket.inner.changes.send(end.run_id);
                         let _ = reply.send(res.map(|_| ()));
                     }
                     if worth_claiming {
@@ -390,7 +416,11 @@ async fn main_loop(
                         FailedRound::GiveUp => {
                             // The leases fence these runs, and the reaper
                             // brings them back after expiry.
-                            for reply in replies {
+                            let lost: usize = batch.iter().map(|m| m.1.len()).sum();
+                            if lost > 0 {
+                                tracing::error!(events = lost, error = %msg, "the store failed a round past retrying: events recorded during these attempts are lost with their ends");
+                            }
+                            for (_, _, reply) in batch {
                                 let _ = reply.send(Err(StoreError::Database(msg.clone())));
                             }
                             hold_until = None;
@@ -399,9 +429,8 @@ async fn main_loop(
                             // Stored again next round, under the same leases (a
                             // run that was reaped meanwhile refuses its end as a
                             // stale write, recorded as such).
-                            let mut again: Vec<EndMsg> = kept.into_iter().zip(replies).collect();
-                            again.append(&mut pending);
-                            pending = again;
+                            batch.append(&mut pending);
+                            pending = batch;
                         }
                     }
                     if e.is_transient() {
@@ -490,6 +519,56 @@ async fn main_loop(
     }
     hb.abort();
     reaper.abort();
+}
+
+/// Writes the events that handlers recorded while the store was failing
+/// (`Ctx::record_event` kept them), each under its attempt's lease, before
+/// the round stores those attempts' ends. An event written is taken out of
+/// `batch`, so a round that fails and is retried writes it once.
+async fn write_kept_events(store: &DynStore, batch: &mut [EndMsg]) -> Result<(), StoreError> {
+    for (end, kept, _) in batch.iter_mut() {
+        if kept.is_empty() {
+            continue;
+        }
+        let lease = LeaseRef {
+            run_id: end.run_id,
+            lease_id: end.lease_id,
+        };
+        write_kept(store, lease, std::mem::take(kept))
+            .await
+            .map_err(|(e, rest)| {
+                *kept = rest;
+                e
+            })?;
+    }
+    Ok(())
+}
+
+/// Writes `kept` in order under `lease`. On a store failure, the error and
+/// the events not yet written. A lost lease ends it: the store refused the
+/// write and recorded it (`stale_write_refused`), and the attempt's end will
+/// be refused the same way.
+async fn write_kept(
+    store: &DynStore,
+    lease: LeaseRef,
+    kept: Vec<KeptEvent>,
+) -> Result<(), (StoreError, Vec<KeptEvent>)> {
+    let mut rest = kept.into_iter();
+    while let Some(ev) = rest.next() {
+        match store
+            .append_event(lease, ev.kind.clone(), ev.data.clone(), ev.at)
+            .await
+        {
+            Ok(()) => {}
+            Err(StoreError::StaleLease { .. }) => return Ok(()),
+            Err(e) => {
+                let mut left = vec![ev];
+                left.extend(rest);
+                return Err((e, left));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Resolves on the next remote wake-up; never when there is no channel.
@@ -613,21 +692,29 @@ impl Shared {
             }
             m
         };
+        let now = self.docket.clock().now();
         for name in self.docket.job_names() {
             let Some(j) = self.docket.job(&name) else {
                 continue;
             };
-            match j.concurrency {
-                Some(max) => {
-                    let room = max.saturating_sub(held.get(&name).copied().unwrap_or(0));
+            // An open circuit breaker holds the job's runs back (0) or lets
+            // one through (a probe, or the one recorded deferral): the rest
+            // stay pending, untouched, instead of each being claimed and
+            // deferred again in every open period of an outage.
+            let gate = j.gate.as_ref().and_then(|g| g(now));
+            let room = j
+                .concurrency
+                .map(|max| max.saturating_sub(held.get(&name).copied().unwrap_or(0)));
+            match (room, gate) {
+                (None, None) => by_lease.entry(j.lease).or_default().push(name),
+                (a, b) => {
+                    let room = a.unwrap_or(usize::MAX).min(b.unwrap_or(usize::MAX));
                     if room > 0 {
                         limited.push((j.lease, name, room.min(limit)));
                     }
                 }
-                None => by_lease.entry(j.lease).or_default().push(name),
             }
         }
-        let now = self.docket.clock().now();
         let request = |lease: Duration, jobs: Vec<String>, limit: usize| ClaimRequest {
             jobs,
             limit,
@@ -684,17 +771,22 @@ impl Shared {
         let slots = self.slots.clone();
         let handle = tokio::spawn(async move {
             let permit = slots.acquire_owned().await;
-            let end = if me.stopping.load(Ordering::SeqCst) || permit.is_err() {
+            let unstarted = me.stopping.load(Ordering::SeqCst) || permit.is_err();
+            let end = if unstarted {
                 // Prefetched but never started: hand it back at once.
-                AttemptEnd {
-                    run_id: run.id,
-                    lease_id: lease.lease_id,
-                    now: me.docket.clock().now(),
-                    outcome: Outcome::Released,
-                }
+                (
+                    AttemptEnd {
+                        run_id: run.id,
+                        lease_id: lease.lease_id,
+                        now: me.docket.clock().now(),
+                        outcome: Outcome::Released,
+                    },
+                    Vec::new(),
+                )
             } else {
                 me.docket.execute(run, cancelled).await
             };
+            let (end, kept) = end;
             drop(permit);
             let id = end.run_id;
             // The handler is done: its slot is free now, so the next claim
@@ -706,19 +798,23 @@ impl Shared {
             let stored = match (&me.ends, via_driver) {
                 (Some(ends), true) => {
                     let (tx, rx) = oneshot::channel();
-                    match ends.send((end, tx)) {
+                    match ends.send((end, kept, tx)) {
                         Ok(()) => rx.await.unwrap_or_else(|_| {
                             Err(StoreError::Database("worker stopped before storing".into()))
                         }),
                         Err(_) => Err(StoreError::Database("worker stopped before storing".into())),
                     }
                 }
-                _ => match me.docket.store().finish(vec![end]).await {
-                    Ok(mut r) => {
-                        let _ = me.docket.inner.changes.send(id);
-                        r.pop().map(|r| r.map(|_| ())).unwrap_or(Ok(()))
-                    }
-                    Err(e) => Err(e),
+                // Tick mode stores its end once, its kept events first.
+                _ => match write_kept(me.docket.store(), lease, kept).await {
+                    Err((e, _)) => Err(e),
+                    Ok(()) => match me.docket.store().finish(vec![end]).await {
+                        Ok(mut r) => {
+                            let _ = me.docket.inner.changes.send(id);
+                            r.pop().map(|r| r.map(|_| ())).unwrap_or(Ok(()))
+                        }
+                        Err(e) => Err(e),
+                    },
                 },
             };
             match stored {
@@ -727,6 +823,11 @@ impl Shared {
                 }
                 Err(e) => {
                     tracing::error!(run = %id, error = %e, "could not record attempt; the run returns after lease expiry")
+                }
+                // Counted before `finishing` drops, so shutdown, which
+                // waits for `finishing` to reach 0, sees it.
+                Ok(()) if unstarted => {
+                    me.released.fetch_add(1, Ordering::SeqCst);
                 }
                 Ok(()) => {}
             }
@@ -760,15 +861,22 @@ fn bounded(mut s: String) -> String {
 impl Docket {
     /// Runs one claimed run's handler and turns its result into an attempt
     /// end (not yet stored).
-    pub(crate) async fn execute(&self, run: Run, cancelled: Arc<AtomicBool>) -> AttemptEnd {
+    /// Also returns the events the handler recorded while the store was
+    /// failing, to be written before the end.
+    pub(crate) async fn execute(
+        &self,
+        run: Run,
+        cancelled: Arc<AtomicBool>,
+    ) -> (AttemptEnd, Vec<KeptEvent>) {
         let lease_id = run.lease_id.expect("claimed run has a lease");
         let Some(job) = self.job(&run.job) else {
-            return AttemptEnd {
+            let end = AttemptEnd {
                 run_id: run.id,
                 lease_id,
                 now: self.clock().now(),
                 outcome: Outcome::Released,
             };
+            return (end, Vec::new());
         };
         let started = self.clock().now();
         let ctx = Ctx {
@@ -787,7 +895,9 @@ impl Docket {
             cancelled: cancelled.clone(),
             docket: self.clone(),
             state: Default::default(),
+            kept: Default::default(),
         };
+        let kept = ctx.kept.clone();
         if run.cancel_requested {
             cancelled.store(true, Ordering::SeqCst);
         }
@@ -876,12 +986,14 @@ impl Docket {
                 }
             },
         };
-        AttemptEnd {
+        let end = AttemptEnd {
             run_id: run.id,
             lease_id,
             now,
             outcome,
-        }
+        };
+        let kept = std::mem::take(&mut *kept.lock().unwrap_or_else(|p| p.into_inner()));
+        (end, kept)
     }
 
     /// The cancelled flag is also raised when a lease is lost; only a real

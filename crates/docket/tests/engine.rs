@@ -564,6 +564,73 @@ async fn graceful_shutdown_releases_unfinished_runs() {
     assert_eq!(h.attempts[0].outcome, "released");
 }
 
+/// Shutdown reports every run it released, prefetched ones included: with
+/// one handler slot and three prefetched runs, the running attempt finishes
+/// within the grace period and the three prefetched runs, which never
+/// started, are handed back — 3 released (it said 0: a prefetched run that
+/// is released by its own task, after the handler before it finished, was
+/// not counted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_counts_the_prefetched_runs_it_releases() {
+    let (d, _clock) = engine();
+    let entered = Arc::new(Notify::new());
+    let go = Arc::new(Notify::new());
+    let (e, g) = (entered.clone(), go.clone());
+    d.register(Job::new("slow", move |_ctx, _: Value| {
+        let (e, g) = (e.clone(), g.clone());
+        async move {
+            e.notify_one();
+            g.notified().await;
+            Ok::<_, JobError>(json!("done"))
+        }
+    }))
+    .unwrap();
+    let mut ids = Vec::new();
+    for i in 0..4 {
+        ids.push(d.trigger("slow", json!({ "i": i })).await.unwrap().run.id);
+    }
+    let handle = d
+        .worker(WorkerConfig {
+            concurrency: 1,
+            prefetch: 3,
+            ..Default::default()
+        })
+        .start();
+    tokio::time::timeout(BOUND, entered.notified())
+        .await
+        .unwrap();
+    // All four claimed: one running, three prefetched.
+    for id in &ids {
+        d.wait_until(*id, BOUND, |r| r.status == RunStatus::Running)
+            .await
+            .unwrap();
+    }
+    // Shutdown stops claiming and starting as soon as it is first polled;
+    // only then may the running handler finish.
+    let mut shutdown = Box::pin(handle.shutdown(BOUND));
+    std::future::poll_fn(|cx| {
+        let _ = std::future::Future::poll(shutdown.as_mut(), cx);
+        std::task::Poll::Ready(())
+    })
+    .await;
+    go.notify_one();
+    assert_eq!(shutdown.await, 3, "the three prefetched runs");
+    let mut statuses = Vec::new();
+    for id in &ids {
+        statuses.push(d.get_run(*id).await.unwrap().status);
+    }
+    statuses.sort_by_key(|s| s.to_string());
+    assert_eq!(
+        statuses,
+        [
+            RunStatus::Completed,
+            RunStatus::Pending,
+            RunStatus::Pending,
+            RunStatus::Pending
+        ]
+    );
+}
+
 /// 8 workers, each with its own connection to one database file, 5,000
 /// runs: each completed exactly once, never two attempts under one lease.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

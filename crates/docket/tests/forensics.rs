@@ -1,14 +1,18 @@
 //! Every forensic verdict, produced from real engine activity (the rows are
-//! written by the engine and the store, never by hand).
+//! written by the engine and the store, never by hand) — on SQLite and on
+//! PostgreSQL (each test in a schema of its own; the PostgreSQL variants
+//! are skipped, saying so, without `DOCKET_TEST_POSTGRES_URL`).
 
 use docket::{
     intent_key, Actor, Ctx, Docket, Job, JobError, ManualClock, RetryPolicy, Severity, Timestamp,
     Verdict, WorkerConfig,
 };
+use docket_store::postgres::PgStore;
 use docket_store::sqlite::SqliteStore;
-use docket_store::{AttemptEnd, ErrorInfo, Outcome, RetryRecord};
+use docket_store::{AttemptEnd, DynStore, ErrorInfo, Outcome, RetryRecord};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,11 +21,62 @@ use tokio::sync::Notify;
 const T0: Timestamp = Timestamp(1_767_225_600_000);
 const BOUND: Duration = Duration::from_secs(30);
 
-fn engine() -> (Docket, ManualClock) {
-    let clock = ManualClock::new(T0);
+/// Runs `test` on an engine over SQLite (in memory).
+async fn on_sqlite<F: Future<Output = ()>>(test: impl FnOnce(Docket, ManualClock) -> F) {
     let store = Arc::new(SqliteStore::open_in_memory().unwrap());
-    (Docket::with_store(store, Arc::new(clock.clone())), clock)
+    run_on(store, test).await;
 }
+
+/// Runs `test` on an engine over PostgreSQL, in a fresh schema dropped
+/// afterwards (`t_<uuidv7>`: one a failed test leaves behind is swept by the
+/// store's conformance tests after an hour).
+async fn on_postgres<F: Future<Output = ()>>(test: impl FnOnce(Docket, ManualClock) -> F) {
+    let Ok(url) = std::env::var("DOCKET_TEST_POSTGRES_URL") else {
+        println!("skipping: set DOCKET_TEST_POSTGRES_URL=postgres://postgres@127.0.0.1:5432/test to run PostgreSQL tests");
+        return;
+    };
+    let schema = format!("t_{}", uuid::Uuid::now_v7().simple());
+    let store = Arc::new(PgStore::connect_with(&url, &schema).await.unwrap());
+    let pool = store.pool().clone();
+    run_on(store, test).await;
+    sqlx::raw_sql(&format!("DROP SCHEMA \"{schema}\" CASCADE"))
+        .execute(&pool)
+        .await
+        .unwrap();
+}
+
+async fn run_on<F: Future<Output = ()>>(
+    store: DynStore,
+    test: impl FnOnce(Docket, ManualClock) -> F,
+) {
+    let clock = ManualClock::new(T0);
+    test(Docket::with_store(store, Arc::new(clock.clone())), clock).await;
+}
+
+/// One test per backend for each scenario: `<scenario>::sqlite` and
+/// `<scenario>::postgres`.
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                super::on_sqlite(super::$name).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                super::on_postgres(super::$name).await;
+            }
+        }
+    )*};
+}
+
+on_both_backends!(
+    delayed_retry_then_terminal_policy_failure,
+    retry_without_backoff_is_caught,
+    lease_overlap_from_a_worker_that_outlived_its_lease,
+    duplicate_dispatch_between_runs_with_one_key,
+    duplicate_log_when_one_attempt_is_reported_twice,
+);
 
 fn policy(base: u64, max_attempts: u32) -> RetryPolicy {
     RetryPolicy {
@@ -60,9 +115,7 @@ fn verdicts(r: &docket::ForensicReport) -> Vec<Verdict> {
     r.verdicts.iter().map(|v| v.verdict).collect()
 }
 
-#[tokio::test]
-async fn delayed_retry_then_terminal_policy_failure() {
-    let (d, clock) = engine();
+async fn delayed_retry_then_terminal_policy_failure(d: Docket, clock: ManualClock) {
     d.register(failing("sync", policy(1_000, 3))).unwrap();
     let id = d.trigger("sync", json!({})).await.unwrap().run.id;
     for _ in 0..3 {
@@ -82,9 +135,7 @@ async fn delayed_retry_then_terminal_policy_failure() {
     assert_eq!(r.timeline[0].fingerprint.as_ref().unwrap().attempt, 1);
 }
 
-#[tokio::test]
-async fn retry_without_backoff_is_caught() {
-    let (d, clock) = engine();
+async fn retry_without_backoff_is_caught(d: Docket, clock: ManualClock) {
     d.register(failing("sync", policy(60_000, 5))).unwrap();
     let id = d.trigger("sync", json!({})).await.unwrap().run.id;
     tick(&d).await;
@@ -105,9 +156,7 @@ async fn retry_without_backoff_is_caught() {
     assert_eq!(job.runs_examined, 1);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn lease_overlap_from_a_worker_that_outlived_its_lease() {
-    let (d, clock) = engine();
+async fn lease_overlap_from_a_worker_that_outlived_its_lease(d: Docket, clock: ManualClock) {
     let entered = Arc::new(Notify::new());
     let gate = Arc::new(Notify::new());
     let calls = Arc::new(AtomicUsize::new(0));
@@ -150,9 +199,7 @@ async fn lease_overlap_from_a_worker_that_outlived_its_lease() {
     assert_eq!(r.verdicts[0].severity, Severity::Critical);
 }
 
-#[tokio::test]
-async fn duplicate_dispatch_between_runs_with_one_key() {
-    let (d, _clock) = engine();
+async fn duplicate_dispatch_between_runs_with_one_key(d: Docket, _clock: ManualClock) {
     d.register(
         Job::new("send", |ctx: Ctx, input: Value| async move {
             let key = intent_key([
@@ -186,9 +233,7 @@ async fn duplicate_dispatch_between_runs_with_one_key() {
         .contains("prospect-7ca677ed25d3/send-email/campaign-9/v1"));
 }
 
-#[tokio::test]
-async fn duplicate_log_when_one_attempt_is_reported_twice() {
-    let (d, _clock) = engine();
+async fn duplicate_log_when_one_attempt_is_reported_twice(d: Docket, _clock: ManualClock) {
     d.register(failing("sync", policy(1_000, 5))).unwrap();
     let id = d.trigger("sync", json!({})).await.unwrap().run.id;
     tick(&d).await;

@@ -955,6 +955,117 @@ async fn the_breaker_opens_defers_half_opens_and_closes() {
     assert_eq!((b.state, b.times_opened), (BreakerPhase::Open, 3));
 }
 
+/// An outage of many poll intervals costs O(1) writes per run, not one
+/// deferral per run per open period: while the breaker is open this process
+/// claims one run of the connection per open period (its deferral is the
+/// recorded decision) and then none until the reset time, where one run
+/// probes. 40 runs, a 120 s outage with the breaker open 10 s at a time, a
+/// worker claiming up to 8 runs at a time and turning every second: at most
+/// one deferral per run and about two claimed runs per open period (a probe
+/// and a deferral) — before, every due run was claimed and deferred again in
+/// every open period.
+#[tokio::test]
+async fn an_outage_costs_each_run_at_most_one_deferral() {
+    let env = setup_with(
+        "{ failures = 2, window_ms = 60000, open_ms = 10000 }",
+        &format!(
+            "[jobs.sync]\nconnection = \"crm\"\npath = \"/sync\"\n{}",
+            "retry = { base_delay_ms = 1000, multiplier = 1.0, max_delay_ms = 1000, jitter_ms = 0, max_attempts = 100 }"
+        ),
+    )
+    .await;
+    let failing = |env: &Env| {
+        let mut script = env.server.state.script.lock().unwrap();
+        if script.is_empty() {
+            script.push_back(status(503));
+        }
+    };
+    let mut ids = Vec::new();
+    for n in 0..2 {
+        failing(&env);
+        ids.push(env.trigger("sync", json!({ "n": n })).await);
+        env.tick().await;
+    }
+    assert_eq!(env.http.breakers()[0].state, BreakerPhase::Open);
+    for n in 2..40 {
+        ids.push(env.trigger("sync", json!({ "n": n })).await);
+    }
+    // The outage: every request fails; a worker that claims up to 8 runs at
+    // a time turns every second.
+    let wide = env.docket.worker(WorkerConfig {
+        concurrency: 8,
+        prefetch: 8,
+        ..Default::default()
+    });
+    let mut turns = 0;
+    for _ in 0..120 {
+        env.clock.advance_millis(1_000);
+        for _ in 0..100 {
+            failing(&env);
+            turns += 1;
+            if wide.tick().await.unwrap() == 0 {
+                break;
+            }
+        }
+    }
+    let opened = env.http.breakers()[0].times_opened;
+    assert!(
+        opened >= 12,
+        "the breaker re-opened at each probe: {opened}"
+    );
+    let mut deferrals = 0;
+    let mut claimed = 0;
+    let mut most = 0;
+    for id in &ids {
+        let h = env.history(*id).await;
+        let deferred = h
+            .attempts
+            .iter()
+            .filter(|a| a.outcome == "deferred")
+            .count();
+        // A deferral spends no attempt budget.
+        assert_eq!(h.run.attempts_forgiven as usize, deferred);
+        most = most.max(deferred);
+        deferrals += deferred;
+        claimed += h.attempts.len();
+    }
+    let events = env
+        .docket
+        .store()
+        .events(docket_store::EventFilter {
+            limit: 100_000,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .len();
+    println!("{opened} open periods, {turns} worker turns: {deferrals} deferrals (at most {most} per run), {claimed} attempts, {events} events");
+    assert!(most <= 1, "{most} deferrals of one run in one outage");
+    assert!(
+        deferrals as u64 <= opened && claimed as u64 <= 2 * opened + 2,
+        "{deferrals} deferrals and {claimed} attempts in {opened} open periods ({turns} worker turns)"
+    );
+    // The service is back: at the next reset one run probes and closes the
+    // breaker, and every run completes.
+    env.server.state.script.lock().unwrap().clear();
+    env.clock.advance_millis(10_000);
+    for _ in 0..200 {
+        if wide.tick().await.unwrap() == 0 {
+            break;
+        }
+    }
+    env.clock.advance_millis(1_000);
+    for _ in 0..200 {
+        if wide.tick().await.unwrap() == 0 {
+            break;
+        }
+    }
+    assert_eq!(env.http.breakers()[0].state, BreakerPhase::Closed);
+    for id in &ids {
+        assert_eq!(env.run(*id).await.status, RunStatus::Completed, "{id}");
+    }
+}
+
 /// A disabled or expired connection fails its runs at once with
 /// `connection_unresolved` — before any request — and says to re-authorize
 /// and retry; enabling it and retrying the run (with new variables) works.

@@ -85,3 +85,326 @@ async fn an_end_the_store_did_not_take_is_stored_again() {
         .await
         .unwrap();
 }
+
+/// A store that fails chosen calls the way a restarting database does
+/// (`StoreError::Database`), then answers again; everything else goes to
+/// SQLite in memory.
+mod faulty {
+    use async_trait::async_trait;
+    use docket_store::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    pub struct Faulty {
+        pub inner: DynStore,
+        /// `append_event` calls of this kind to fail.
+        pub fail_events: (&'static str, AtomicUsize),
+        /// `finish_and_claim` calls with ends to fail.
+        pub fail_ends: AtomicUsize,
+        /// Calls failed so far.
+        pub failed: AtomicUsize,
+    }
+
+    impl Faulty {
+        fn take(&self, budget: &AtomicUsize) -> Result<()> {
+            let left =
+                budget.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+            if left.is_ok() {
+                self.failed.fetch_add(1, Ordering::SeqCst);
+                return Err(StoreError::Database("connection reset (injected)".into()));
+            }
+            Ok(())
+        }
+    }
+
+    #[async_trait]
+    impl Store for Faulty {
+        fn backend(&self) -> &'static str {
+            self.inner.backend()
+        }
+        async fn trigger(
+            &self,
+            runs: Vec<NewRun>,
+            now: docket_core::Timestamp,
+        ) -> Result<Vec<Triggered>> {
+            self.inner.trigger(runs, now).await
+        }
+        async fn claim(&self, req: ClaimRequest) -> Result<Vec<Run>> {
+            self.inner.claim(req).await
+        }
+        async fn finish(
+            &self,
+            ends: Vec<AttemptEnd>,
+        ) -> Result<Vec<Result<docket_core::RunStatus>>> {
+            self.inner.finish(ends).await
+        }
+        async fn finish_and_claim(
+            &self,
+            ends: Vec<AttemptEnd>,
+            claims: Vec<ClaimRequest>,
+        ) -> Result<(Vec<Result<docket_core::RunStatus>>, Vec<Run>)> {
+            if !ends.is_empty() {
+                self.take(&self.fail_ends)?;
+            }
+            self.inner.finish_and_claim(ends, claims).await
+        }
+        async fn heartbeat(
+            &self,
+            leases: Vec<LeaseRef>,
+            expires_at: docket_core::Timestamp,
+        ) -> Result<Vec<LeaseState>> {
+            self.inner.heartbeat(leases, expires_at).await
+        }
+        async fn expired_leases(
+            &self,
+            now: docket_core::Timestamp,
+            limit: usize,
+        ) -> Result<Vec<Run>> {
+            self.inner.expired_leases(now, limit).await
+        }
+        async fn next_due(&self, jobs: Vec<String>) -> Result<Option<docket_core::Timestamp>> {
+            self.inner.next_due(jobs).await
+        }
+        async fn get_run(&self, id: docket_core::RunId) -> Result<Option<Run>> {
+            self.inner.get_run(id).await
+        }
+        async fn list_runs(&self, filter: RunFilter) -> Result<Vec<Run>> {
+            self.inner.list_runs(filter).await
+        }
+        async fn count_runs(&self, tenant: Option<String>) -> Result<Vec<StatusCount>> {
+            self.inner.count_runs(tenant).await
+        }
+        async fn attempts(&self, run_id: docket_core::RunId) -> Result<Vec<AttemptRecord>> {
+            self.inner.attempts(run_id).await
+        }
+        async fn events(&self, filter: EventFilter) -> Result<Vec<EventRecord>> {
+            self.inner.events(filter).await
+        }
+        async fn steps(&self, run_id: docket_core::RunId) -> Result<Vec<StepRecord>> {
+            self.inner.steps(run_id).await
+        }
+        async fn save_step(
+            &self,
+            lease: LeaseRef,
+            name: String,
+            result: serde_json::Value,
+            now: docket_core::Timestamp,
+        ) -> Result<LeaseState> {
+            self.inner.save_step(lease, name, result, now).await
+        }
+        async fn fail_step(
+            &self,
+            lease: LeaseRef,
+            name: String,
+            class: docket_core::ErrorClass,
+            message: String,
+            now: docket_core::Timestamp,
+        ) -> Result<()> {
+            self.inner.fail_step(lease, name, class, message, now).await
+        }
+        async fn ledger_get(
+            &self,
+            tenant: String,
+            idempotency_key: String,
+        ) -> Result<Option<LedgerEntry>> {
+            self.inner.ledger_get(tenant, idempotency_key).await
+        }
+        async fn ledger_for_run(&self, run_id: docket_core::RunId) -> Result<Vec<LedgerEntry>> {
+            self.inner.ledger_for_run(run_id).await
+        }
+        async fn ledger_write(
+            &self,
+            lease: LeaseRef,
+            write: LedgerWrite,
+            event: String,
+            now: docket_core::Timestamp,
+        ) -> Result<()> {
+            self.inner.ledger_write(lease, write, event, now).await
+        }
+        async fn append_event(
+            &self,
+            lease: LeaseRef,
+            kind: String,
+            data: serde_json::Value,
+            now: docket_core::Timestamp,
+        ) -> Result<()> {
+            if kind == self.fail_events.0 {
+                self.take(&self.fail_events.1)?;
+            }
+            self.inner.append_event(lease, kind, data, now).await
+        }
+        async fn operator(&self, req: OperatorRequest) -> Result<Run> {
+            self.inner.operator(req).await
+        }
+        async fn try_lead(
+            &self,
+            task: String,
+            holder: String,
+            now: docket_core::Timestamp,
+            ttl_ms: i64,
+        ) -> Result<Option<docket_store::FencingToken>> {
+            self.inner.try_lead(task, holder, now, ttl_ms).await
+        }
+        async fn resign(
+            &self,
+            task: String,
+            token: docket_store::FencingToken,
+            now: docket_core::Timestamp,
+        ) -> Result<()> {
+            self.inner.resign(task, token, now).await
+        }
+        async fn reap(
+            &self,
+            ends: Vec<docket_store::AttemptEnd>,
+        ) -> Result<Vec<Result<Option<docket_core::RunStatus>>>> {
+            self.inner.reap(ends).await
+        }
+        async fn ledger_begin(
+            &self,
+            lease: LeaseRef,
+            key: String,
+            action: String,
+            now: docket_core::Timestamp,
+        ) -> Result<docket_store::LedgerBegin> {
+            self.inner.ledger_begin(lease, key, action, now).await
+        }
+        async fn wakeups(&self) -> Result<Option<tokio::sync::broadcast::Receiver<String>>> {
+            self.inner.wakeups().await
+        }
+    }
+
+    #[async_trait]
+    impl TokenStore for Faulty {
+        async fn create_token(&self, token: NewToken) -> Result<TokenRecord> {
+            self.inner.create_token(token).await
+        }
+        async fn token_by_hash(&self, hash: String) -> Result<Option<TokenRecord>> {
+            self.inner.token_by_hash(hash).await
+        }
+        async fn list_tokens(&self, tenant: Option<String>) -> Result<Vec<TokenRecord>> {
+            self.inner.list_tokens(tenant).await
+        }
+        async fn revoke_token(
+            &self,
+            id: String,
+            now: docket_core::Timestamp,
+        ) -> Result<Option<TokenRecord>> {
+            self.inner.revoke_token(id, now).await
+        }
+        async fn last_event_id(&self) -> Result<Option<i64>> {
+            self.inner.last_event_id().await
+        }
+    }
+
+    #[async_trait]
+    impl ConnectionStore for Faulty {
+        async fn connection_state(
+            &self,
+            tenant: String,
+            name: String,
+        ) -> Result<Option<ConnectionState>> {
+            self.inner.connection_state(tenant, name).await
+        }
+        async fn list_connection_states(
+            &self,
+            tenant: Option<String>,
+        ) -> Result<Vec<ConnectionState>> {
+            self.inner.list_connection_states(tenant).await
+        }
+        async fn set_connection_status(&self, change: ConnectionChange) -> Result<ConnectionState> {
+            self.inner.set_connection_status(change).await
+        }
+        async fn connection_audit(
+            &self,
+            tenant: String,
+            name: String,
+        ) -> Result<Vec<ConnectionAudit>> {
+            self.inner.connection_audit(tenant, name).await
+        }
+    }
+
+    #[async_trait]
+    impl StatsStore for Faulty {
+        async fn attention_count(&self, tenant: String) -> Result<i64> {
+            self.inner.attention_count(tenant).await
+        }
+        async fn scan_runs(&self, scan: RunScan) -> Result<ScanPage> {
+            self.inner.scan_runs(scan).await
+        }
+        async fn window_stats(&self, query: WindowQuery) -> Result<WindowStats> {
+            self.inner.window_stats(query).await
+        }
+    }
+
+    pub fn over_sqlite(fail_events: (&'static str, usize), fail_ends: usize) -> Arc<Faulty> {
+        Arc::new(Faulty {
+            inner: Arc::new(docket_store::sqlite::SqliteStore::open_in_memory().unwrap()),
+            fail_events: (fail_events.0, AtomicUsize::new(fail_events.1)),
+            fail_ends: AtomicUsize::new(fail_ends),
+            failed: AtomicUsize::new(0),
+        })
+    }
+}
+
+/// Evidence of a request is not lost when the store fails between the
+/// request and the attempt's end (a database restart): the `http_response`
+/// event the store refused is kept and written with the end, which the
+/// store also refused once and took on the next round. Exactly one
+/// `http_response`, with the time it was recorded, before `run_completed`.
+/// (Before: the failed write was logged and the event was gone — one of
+/// 4,696 during a PostgreSQL restart.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_evidence_survives_a_store_failure_before_the_end() {
+    let store = faulty::over_sqlite(("http_response", 1), 1);
+    let t0 = docket::Timestamp(1_767_225_600_000);
+    let clock = docket::ManualClock::new(t0);
+    let d = Docket::with_store(store.clone(), Arc::new(clock.clone()));
+    d.register(Job::new("call", move |ctx: docket::Ctx, _: Value| {
+        let clock = clock.clone();
+        async move {
+            // What the HTTP executor does after each request (its `evidence`):
+            // a failure to record must not fail the request's outcome.
+            let _ = ctx
+                .record_event(
+                    "http_response",
+                    json!({ "status": 200, "purpose": "request" }),
+                )
+                .await;
+            // The attempt ends later than the request was recorded.
+            clock.advance_millis(5);
+            Ok::<_, JobError>(json!("sent"))
+        }
+    }))
+    .unwrap();
+    let handle = d.worker(WorkerConfig::default()).start();
+    let id = d.trigger("call", json!({})).await.unwrap().run.id;
+    let run = d.wait(id, Duration::from_secs(30)).await.unwrap();
+    handle.shutdown(Duration::from_secs(5)).await;
+
+    assert_eq!(store.failed.load(Ordering::SeqCst), 2, "both faults hit");
+    assert_eq!(run.status, RunStatus::Completed);
+    assert_eq!(run.attempt, 1);
+    let events = d
+        .store()
+        .events(docket_store::EventFilter {
+            run_id: Some(id),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "run_triggered",
+            "attempt_started",
+            "http_response",
+            "run_completed"
+        ]
+    );
+    let ev = &events[2];
+    assert_eq!(ev.data, json!({ "status": 200, "purpose": "request" }));
+    assert_eq!(ev.attempt, Some(1));
+    assert_eq!(ev.at, t0, "the time of the request, not of the end");
+    assert_eq!(events[3].at, t0.plus_millis(5));
+}

@@ -162,10 +162,10 @@ fin_ev AS (
         WHERE j.holds
         UNION ALL
         SELECT j.run_id, j.tenant, j.job, 'stale_write_refused', j.now, NULL, j.lease_id,
-               jsonb_build_object('attempted', ($26::text[])[j.idx::int],
-                                  'current_status', j.cur_status,
-                                  'current_lease_id', j.cur_lease,
-                                  'current_attempt', j.cur_attempt),
+               ($26::jsonb[])[j.idx::int]
+                   || jsonb_build_object('current_status', j.cur_status,
+                                         'current_lease_id', j.cur_lease,
+                                         'current_attempt', j.cur_attempt),
                0
         FROM j WHERE NOT j.holds
     ) x
@@ -319,7 +319,9 @@ struct Cols {
     delay_ms: Vec<Option<i64>>,
     eligible_at: Vec<Option<i64>>,
     retry_reason: Vec<Option<String>>,
-    attempted: Vec<&'static str>,
+    /// What a `stale_write_refused` event records of the end
+    /// (`AttemptEnd::refused_data`, as on SQLite).
+    attempted: Vec<Value>,
     ev_idx: Vec<i64>,
     ev_seq: Vec<i32>,
     ev_kind: Vec<&'static str>,
@@ -501,7 +503,7 @@ impl Cols {
         self.delay_ms.push(delay_ms);
         self.eligible_at.push(eligible_at);
         self.retry_reason.push(retry_reason);
-        self.attempted.push(end.outcome.name());
+        self.attempted.push(end.refused_data());
         for (seq, (kind, data)) in events.into_iter().enumerate() {
             self.ev_idx.push(idx);
             self.ev_seq.push(seq as i32 + 1);

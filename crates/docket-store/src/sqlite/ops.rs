@@ -312,23 +312,10 @@ pub(crate) fn stale_data(
     lease: Option<LeaseId>,
     attempt: u32,
 ) -> Value {
-    let mut data = json!({
-        "attempted": end.outcome.name(),
-        "current_status": status,
-        "current_lease_id": lease,
-        "current_attempt": attempt,
-    });
-    let error = match &end.outcome {
-        Outcome::Retry { error, .. } => Some(error),
-        Outcome::Failed { error, .. } => error.as_ref(),
-        _ => None,
-    };
-    if let Some(e) = error {
-        data["error_class"] = json!(e.class);
-        data["message"] = json!(e.message);
-        data["action"] = json!(e.action);
-        data["fingerprint"] = json!(e.fingerprint);
-    }
+    let mut data = end.refused_data();
+    data["current_status"] = json!(status);
+    data["current_lease_id"] = json!(lease);
+    data["current_attempt"] = json!(attempt);
     data
 }
 

@@ -28,7 +28,9 @@
 //!    connection is disabled or expired for the run's tenant, or its
 //!    credential cannot be read;
 //! 5. asks the connection's circuit breaker: open → rescheduled to the reset
-//!    time with reason `circuit_open`, no attempt spent;
+//!    time with reason `circuit_open`, no attempt spent (the worker claims
+//!    one run of the connection's jobs per open period, to record that
+//!    decision, then none until the reset time, where one run probes);
 //! 6. sends the request as a ledger-guarded action with an `Idempotency-Key`
 //!    header (the same key on every attempt), reconciling first when an
 //!    earlier attempt left the outcome unknown; every response (and every
@@ -189,6 +191,15 @@ impl HttpJobs {
                 }
                 if let Some(schema) = spec.schema.clone() {
                     job = job.validate(move |input| schema.check(input));
+                }
+                // An open breaker keeps this process from claiming the
+                // job's runs (see `Breaker::claim_limit`).
+                let breaker = spec
+                    .connection
+                    .as_ref()
+                    .and_then(|c| self.shared.breakers.get(c).cloned());
+                if let Some(b) = breaker {
+                    job = job.claim_gate(move |now| b.claim_limit(now));
                 }
                 job
             })
