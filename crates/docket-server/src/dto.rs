@@ -314,10 +314,14 @@ pub struct RunDetail {
     pub run: RunView,
     /// Its attempts, by number, with gaps and retry decisions.
     pub attempts: Vec<AttemptView>,
-    /// Its durable steps.
+    /// Its durable steps: `name`, `status`, `result`, `error_class`,
+    /// `error_message`, `attempt`, `updated_at` (RFC 3339), `actor`,
+    /// `comment`.
     #[schema(value_type = Vec<Object>)]
     pub steps: Vec<Value>,
-    /// Ledger entries of its actions.
+    /// Ledger entries of its actions: `idempotency_key`, `action`, `state`,
+    /// `attempt`, `lease_id`, `result`, `error_class`, `error_message`,
+    /// `created_at` and `updated_at` (RFC 3339).
     #[schema(value_type = Vec<Object>)]
     pub ledger: Vec<Value>,
     /// Its events, in order.

@@ -5,5 +5,7 @@ mod cmd;
 mod common;
 mod connections;
 mod events;
+mod hardening;
+mod limits;
 mod node;
 mod tenants;
