@@ -72,6 +72,7 @@ struct RetryData {
     instance_guid: String,
     updated_variables: Option<Value>,
     comment: Option<String>,
+    #[serde(default, deserialize_with = "crate::extract::integral::opt_u64")]
     wait_timeout_ms: Option<u64>,
 }
 

@@ -134,7 +134,7 @@ pub struct TriggerRequest {
     /// Not before this instant (RFC 3339).
     pub run_after: Option<String>,
     /// Higher runs first (default 0).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::extract::integral::i32")]
     pub priority: i32,
     /// Carried into every attempt and event.
     pub correlation_id: Option<String>,
@@ -382,6 +382,7 @@ pub struct PostponeRequest {
     /// Not before this instant (RFC 3339).
     pub until: Option<String>,
     /// Or: not before now plus this many milliseconds.
+    #[serde(default, deserialize_with = "crate::extract::integral::opt_u64")]
     pub delay_ms: Option<u64>,
     /// Stored on the audit event.
     pub comment: Option<String>,

@@ -170,6 +170,52 @@ impl<T: DeserializeOwned + Default> FromRequest<crate::AppState> for OptionalJso
     }
 }
 
+/// Integers in request bodies: JSON Schema (and JavaScript) count `5.0` as
+/// the integer 5, so it is accepted as one; `5.5` and out-of-range values
+/// are refused with the field named. Use with `#[serde(deserialize_with)]`.
+pub mod integral {
+    use serde::de::{Deserialize, Deserializer, Error};
+
+    fn whole<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i128>, D::Error> {
+        let v = Option::<serde_json::Number>::deserialize(d)?;
+        Ok(match v {
+            None => None,
+            Some(n) => Some(if let Some(i) = n.as_i64() {
+                i128::from(i)
+            } else if let Some(u) = n.as_u64() {
+                i128::from(u)
+            } else {
+                let f = n.as_f64().unwrap_or(f64::NAN);
+                if f.fract() != 0.0 || !f.is_finite() || f.abs() > 1.9e19 {
+                    return Err(D::Error::custom(format!(
+                        "invalid type: number {n}, expected an integer"
+                    )));
+                }
+                f as i128
+            }),
+        })
+    }
+
+    fn range<E: Error, T: TryFrom<i128>>(v: i128, what: &str) -> Result<T, E> {
+        T::try_from(v).map_err(|_| E::custom(format!("invalid value: {v}, expected {what}")))
+    }
+
+    /// An `i32` (`priority`).
+    pub fn i32<'de, D: Deserializer<'de>>(d: D) -> Result<i32, D::Error> {
+        match whole(d)? {
+            Some(v) => range(v, "an integer from -2147483648 to 2147483647"),
+            None => Err(D::Error::custom("invalid type: null, expected an integer")),
+        }
+    }
+
+    /// An optional `u64` (`delay_ms`, `waitTimeoutMs`).
+    pub fn opt_u64<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+        whole(d)?
+            .map(|v| range(v, "a non-negative integer"))
+            .transpose()
+    }
+}
+
 /// A path parameter (a run id, a connection or job name) as text. Unlike
 /// axum's `Path`, a segment that does not decode to UTF-8 answers 400
 /// `invalid_parameter` in the JSON envelope, not a plain-text rejection.

@@ -29,6 +29,7 @@ pub mod error;
 pub mod events;
 pub mod extract;
 pub mod metrics;
+pub mod openapi;
 pub mod runs;
 
 pub use auth::{AuthMode, Caller};
@@ -250,9 +251,11 @@ fn check_request(state: &AppState, req: &Request) -> Result<(), ApiError> {
         let limit = state.config.max_body_bytes;
         let len = len.to_str().ok().and_then(|v| v.trim().parse::<u64>().ok());
         match len {
-            Some(n) if n > limit as u64 => return Err(ApiError::too_large(format!(
+            Some(n) if n > limit as u64 => {
+                return Err(ApiError::too_large(format!(
                 "the request body is {n} bytes (Content-Length), over the limit of {limit} bytes"
-            ))),
+            )))
+            }
             None => {
                 return Err(ApiError::bad_param(
                     "Content-Length",
@@ -418,9 +421,17 @@ fn routes() -> (axum::Router<AppState>, utoipa::openapi::OpenApi) {
         .split_for_parts()
 }
 
-/// The OpenAPI document of every route.
+/// The OpenAPI document of every route, completed (see [`openapi`]), with
+/// `job` open to any name (a running server lists its registered jobs).
 pub fn openapi() -> utoipa::openapi::OpenApi {
-    routes().1
+    let doc = routes().1;
+    serde_json::to_value(&doc)
+        .ok()
+        .and_then(|mut v| {
+            openapi::complete(&mut v, &[]);
+            serde_json::from_value(v).ok()
+        })
+        .unwrap_or(doc)
 }
 
 /// A server: the router plus its event tail. Build with [`Server::start`],
@@ -469,10 +480,12 @@ impl Server {
     /// The HTTP router.
     pub fn router(&self) -> Router {
         let (router, doc) = routes();
+        let mut doc = serde_json::to_value(&doc).unwrap_or_default();
+        openapi::complete(&mut doc, &self.state.docket.job_names());
         let _ = self
             .state
             .openapi
-            .set(doc.to_pretty_json().unwrap_or_default());
+            .set(serde_json::to_string_pretty(&doc).unwrap_or_default());
         router
             .merge(dashboard::router())
             .fallback(no_route)

@@ -684,12 +684,14 @@ pub async fn postpone(
             // time RFC 3339 can write: a longer delay is refused, not
             // clamped, so what is stored is what was asked for.
             let now = state.now();
-            let max = u64::try_from(Timestamp::MAX.millis_since(now)).unwrap_or(0);
+            let max = u64::try_from(Timestamp::MAX.millis_since(now))
+                .unwrap_or(0)
+                .min(crate::openapi::MAX_DELAY_MS);
             if ms > max {
                 return Err(ApiError::invalid_field(
                     "delay_ms",
                     format!(
-                        "`delay_ms` must be 0 to {max} (now is {now}; the run must come due by {}), not {ms}",
+                        "`delay_ms` must be 0 to {max} (100 years, and the run must come due by {}), not {ms}",
                         Timestamp::MAX
                     ),
                 ));

@@ -845,12 +845,20 @@ async fn no_auth_scenario(c: &Client, base: &str, http: &reqwest::Client) -> R {
         .send()
         .await
         .map_err(|e| e.to_string())?;
-    check!(res.status() == 201, "trigger without a token: {}", res.status());
+    check!(
+        res.status() == 201,
+        "trigger without a token: {}",
+        res.status()
+    );
     let v: Value = res.json().await.map_err(|e| e.to_string())?;
     let id = v["run"]["id"].as_str().unwrap_or("").to_string();
 
     goto(c, &format!("{base}/")).await?;
-    el(c, "body[data-page='runs'][data-auth='none'] #main[data-ready='runs']").await?;
+    el(
+        c,
+        "body[data-page='runs'][data-auth='none'] #main[data-ready='runs']",
+    )
+    .await?;
     el(c, &format!("tr[data-run-id='{id}']")).await?;
     check!(
         c.find(Locator::Css("#signin-form")).await.is_err(),

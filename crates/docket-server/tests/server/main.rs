@@ -8,4 +8,5 @@ mod events;
 mod hardening;
 mod limits;
 mod node;
+mod schemathesis;
 mod tenants;
