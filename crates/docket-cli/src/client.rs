@@ -711,7 +711,9 @@ pub async fn runs(cmd: RunsCmd) -> Res<()> {
                 (None, Some(d)) => {
                     let dur = parse_delay(&d)
                         .ok_or_else(|| format!("--delay `{d}`: use 30s, 10m, 2h or 500ms"))?;
-                    body["delay_ms"] = json!(dur.as_millis() as u64);
+                    // Saturating, not truncating: the server then refuses
+                    // it, naming delay_ms and its range.
+                    body["delay_ms"] = json!(u64::try_from(dur.as_millis()).unwrap_or(u64::MAX));
                 }
                 _ => return Err("give --until or --delay".to_string().into()),
             }
@@ -770,12 +772,14 @@ pub(crate) fn parse_delay(s: &str) -> Option<Duration> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit())?;
     let n: u64 = s[..split].parse().ok()?;
+    // Checked: an overflowing product would wrap to a short delay in a
+    // release build. The server range-checks the result (`delay_ms`).
     match &s[split..] {
         "ms" => Some(Duration::from_millis(n)),
         "s" => Some(Duration::from_secs(n)),
-        "m" => Some(Duration::from_secs(n * 60)),
-        "h" => Some(Duration::from_secs(n * 3600)),
-        "d" => Some(Duration::from_secs(n * 86_400)),
+        "m" => n.checked_mul(60).map(Duration::from_secs),
+        "h" => n.checked_mul(3600).map(Duration::from_secs),
+        "d" => n.checked_mul(86_400).map(Duration::from_secs),
         _ => None,
     }
 }
@@ -827,6 +831,8 @@ mod tests {
         assert_eq!(parse_delay("10m"), Some(Duration::from_secs(600)));
         assert_eq!(parse_delay("500ms"), Some(Duration::from_millis(500)));
         assert_eq!(parse_delay("soon"), None);
+        // Would wrap to 44 s if multiplied unchecked.
+        assert_eq!(parse_delay("307445734561825861m"), None);
         assert_eq!(encode("a b&c,d"), "a%20b%26c,d");
         assert_eq!(short("abcdef", 4), "abc…");
         assert_eq!(ms(&json!(1500)), "1500 ms");

@@ -22,7 +22,7 @@ pub use fingerprint::Fingerprint;
 pub use ids::{LeaseId, RunId};
 pub use policy::{Decision, FailureInput, RetryPolicy};
 pub use state::{IllegalTransition, RunStatus, Transition};
-pub use time::Timestamp;
+pub use time::{TimeError, Timestamp, TIME_RANGE};
 
 /// A stable 64-bit FNV-1a hash.
 ///

@@ -72,6 +72,7 @@ struct RetryData {
     instance_guid: String,
     updated_variables: Option<Value>,
     comment: Option<String>,
+    #[serde(default, deserialize_with = "crate::extract::integral::opt_u64")]
     wait_timeout_ms: Option<u64>,
 }
 
@@ -97,7 +98,7 @@ fn envelope(status: StatusCode, ok: bool, message: impl Into<String>, data: Valu
 
 impl ApiError {
     /// The error in the command envelope (same HTTP status).
-    fn into_envelope(self) -> Response {
+    pub(crate) fn into_envelope(self) -> Response {
         let mut data = json!({ "code": self.detail.code });
         if let Some(f) = &self.detail.field {
             data["field"] = json!(f);
@@ -141,6 +142,13 @@ fn seed_status(run: &Run, now: Timestamp) -> &'static str {
 }
 
 fn parse_data<T: DeserializeOwned>(data: Value) -> Result<T, ApiError> {
+    // serde would read an array as the fields in order; refuse it.
+    if !data.is_object() {
+        return Err(ApiError::invalid_field(
+            "data",
+            "`data`: expected a JSON object with the command's fields (instanceGuid, …)",
+        ));
+    }
     serde_path_to_error::deserialize::<_, T>(data).map_err(|e| {
         let path = e.path().to_string();
         let msg = e.inner().to_string();
@@ -156,7 +164,10 @@ fn parse_data<T: DeserializeOwned>(data: Value) -> Result<T, ApiError> {
             None if path == "." => "data".to_string(),
             None => format!("data.{path}"),
         };
-        ApiError::invalid_field(field.clone(), format!("`{field}`: {msg}"))
+        ApiError::invalid_field(
+            field.clone(),
+            format!("`{field}`: {}", crate::extract::plain(&msg)),
+        )
     })
 }
 

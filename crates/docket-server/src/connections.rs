@@ -10,10 +10,10 @@
 
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult, ErrorBody};
-use crate::extract::{OptionalJson, QueryPairs};
+use crate::extract::{ApiPath, OptionalJson, QueryPairs};
 use crate::runs::check_comment;
 use crate::AppState;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 use docket::http::{BreakerState, ConnectionInfo, ConnectionStatus, HttpJobs};
@@ -274,7 +274,7 @@ pub async fn list(
 pub async fn show(
     State(state): State<AppState>,
     caller: Caller,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath,
 ) -> ApiResult<Json<ConnectionDetail>> {
     let h = known(&state, &name)?;
     let connection = view(&state, h.connection(&caller.tenant, &name).await?);
@@ -327,7 +327,7 @@ async fn set_status(
 pub async fn enable(
     State(state): State<AppState>,
     caller: Caller,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath,
     OptionalJson(req): OptionalJson<CommentRequest>,
 ) -> ApiResult<Json<ConnectionView>> {
     set_status(state, caller, name, req, ConnectionStatus::Enabled).await
@@ -348,7 +348,7 @@ pub async fn enable(
 pub async fn disable(
     State(state): State<AppState>,
     caller: Caller,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath,
     OptionalJson(req): OptionalJson<CommentRequest>,
 ) -> ApiResult<Json<ConnectionView>> {
     set_status(state, caller, name, req, ConnectionStatus::Disabled).await
@@ -369,7 +369,7 @@ pub async fn disable(
 pub async fn expire(
     State(state): State<AppState>,
     caller: Caller,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath,
     OptionalJson(req): OptionalJson<CommentRequest>,
 ) -> ApiResult<Json<ConnectionView>> {
     set_status(state, caller, name, req, ConnectionStatus::Expired).await
@@ -417,19 +417,14 @@ pub async fn breakers(State(state): State<AppState>, _caller: Caller) -> Json<Br
 pub async fn job_forensics(
     State(state): State<AppState>,
     caller: Caller,
-    Path(job): Path<String>,
+    ApiPath(job): ApiPath,
     q: QueryPairs,
 ) -> ApiResult<Json<JobForensics>> {
     q.only(&["since"])?;
     let now = state.docket.clock().now();
     let since = match q.get("since") {
         None => now.plus_millis(-DEFAULT_FORENSICS_WINDOW_MS),
-        Some(s) => Timestamp::parse_rfc3339(s).ok_or_else(|| {
-            ApiError::bad_param(
-                "since",
-                format!("`since`: `{s}` is not an RFC 3339 time such as 2026-01-31T12:00:00Z"),
-            )
-        })?,
+        Some(s) => crate::runs::param_time("since", s)?,
     };
     let report = state
         .docket

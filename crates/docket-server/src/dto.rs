@@ -134,7 +134,7 @@ pub struct TriggerRequest {
     /// Not before this instant (RFC 3339).
     pub run_after: Option<String>,
     /// Higher runs first (default 0).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::extract::integral::i32")]
     pub priority: i32,
     /// Carried into every attempt and event.
     pub correlation_id: Option<String>,
@@ -314,10 +314,14 @@ pub struct RunDetail {
     pub run: RunView,
     /// Its attempts, by number, with gaps and retry decisions.
     pub attempts: Vec<AttemptView>,
-    /// Its durable steps.
+    /// Its durable steps: `name`, `status`, `result`, `error_class`,
+    /// `error_message`, `attempt`, `updated_at` (RFC 3339), `actor`,
+    /// `comment`.
     #[schema(value_type = Vec<Object>)]
     pub steps: Vec<Value>,
-    /// Ledger entries of its actions.
+    /// Ledger entries of its actions: `idempotency_key`, `action`, `state`,
+    /// `attempt`, `lease_id`, `result`, `error_class`, `error_message`,
+    /// `created_at` and `updated_at` (RFC 3339).
     #[schema(value_type = Vec<Object>)]
     pub ledger: Vec<Value>,
     /// Its events, in order.
@@ -378,6 +382,7 @@ pub struct PostponeRequest {
     /// Not before this instant (RFC 3339).
     pub until: Option<String>,
     /// Or: not before now plus this many milliseconds.
+    #[serde(default, deserialize_with = "crate::extract::integral::opt_u64")]
     pub delay_ms: Option<u64>,
     /// Stored on the audit event.
     pub comment: Option<String>,

@@ -18,9 +18,10 @@ pub struct ErrorBody {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ErrorDetail {
     /// A stable, machine-readable code: `invalid_json`, `invalid_field`,
-    /// `unknown_job`, `unauthorized`, `forbidden`, `not_found`, `wrong_state`,
-    /// `conflict`, `content_too_large`, `unavailable`, `internal`, `no_route`,
-    /// `method_not_allowed`.
+    /// `invalid_parameter`, `unknown_job`, `unauthorized`, `forbidden`,
+    /// `not_found`, `wrong_state`, `conflict`, `content_too_large`,
+    /// `uri_too_long`, `headers_too_large`, `unavailable`, `internal`,
+    /// `no_route`, `method_not_allowed`.
     pub code: &'static str,
     /// A sentence for people.
     pub message: String,

@@ -23,47 +23,94 @@ pub struct ApiJson<T>(pub T);
 #[derive(Debug)]
 pub struct OptionalJson<T>(pub T);
 
-/// Parses JSON bytes into `T`, naming the field at fault.
+/// The JSON type of a value, in words.
+fn kind(v: &serde_json::Value) -> &'static str {
+    match v {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
+    }
+}
+
+/// Every request body is a JSON object, and so is each item of a batch's
+/// `runs`. serde would otherwise read an array as a struct's fields in
+/// order (`["x"]` as `{"comment": "x"}`), so arrays are refused here, before
+/// the typed parse, naming where.
+fn check_objects(v: &serde_json::Value) -> Result<(), ApiError> {
+    if !v.is_object() {
+        return Err(ApiError::invalid_field(
+            "body",
+            format!(
+                "`body`: expected a JSON object, not {} (see GET /api/openapi.json for the fields)",
+                kind(v)
+            ),
+        ));
+    }
+    if let Some(serde_json::Value::Array(runs)) = v.get("runs") {
+        for (i, r) in runs.iter().enumerate() {
+            if !r.is_object() {
+                let f = format!("runs[{i}]");
+                return Err(ApiError::invalid_field(
+                    f.clone(),
+                    format!("`{f}`: expected a JSON object, not {}", kind(r)),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Parses a JSON request body into `T`, naming the field at fault: 400
+/// when it is not JSON, 422 when it is not an object or a field is wrong.
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
-    let de = &mut serde_json::Deserializer::from_slice(bytes);
-    match serde_path_to_error::deserialize::<_, T>(de) {
+    let value: serde_json::Value = match serde_json::from_slice(bytes) {
+        Ok(v) => v,
+        // Nested beyond what the parser reads (127 levels): valid JSON, but
+        // a value Docket would refuse to store anyway (its bound is lower),
+        // so it is the field's fault: parse again, tracking the path, to
+        // name the field.
+        Err(e) if e.to_string().starts_with("recursion limit exceeded") => {
+            let mut de = serde_json::Deserializer::from_slice(bytes);
+            let path = match serde_path_to_error::deserialize::<_, T>(&mut de) {
+                Err(e) => e.path().to_string(),
+                Ok(_) => ".".into(),
+            };
+            let field = deep_field(&path);
+            return Err(ApiError::invalid_field(
+                field.clone(),
+                format!(
+                    "`{field}` nests more than 127 levels of arrays/objects; Docket stores at most {}",
+                    docket_store::MAX_JSON_DEPTH
+                ),
+            ));
+        }
+        Err(e) => {
+            return Err(ApiError::invalid_json(format!(
+                "the body is not valid JSON: {e}"
+            )))
+        }
+    };
+    check_objects(&value)?;
+    match serde_path_to_error::deserialize::<_, T>(value) {
         Ok(v) => Ok(v),
         Err(e) => {
             let path = e.path().to_string();
-            let inner = e.into_inner();
-            use serde_json::error::Category;
-            match inner.classify() {
-                // Nested beyond what the parser reads (127 levels): valid
-                // JSON, but a value Docket would refuse to store anyway
-                // (its bound is lower), so it is the field's fault.
-                Category::Syntax if inner.to_string().starts_with("recursion limit exceeded") => {
-                    let field = deep_field(&path);
-                    Err(ApiError::invalid_field(
-                        field.clone(),
-                        format!(
-                            "`{field}` nests more than 127 levels of arrays/objects; Docket stores at most {}",
-                            docket_store::MAX_JSON_DEPTH
-                        ),
-                    ))
+            let inner = e.into_inner().to_string();
+            let field = if path == "." {
+                missing_field(&inner).unwrap_or_else(|| "body".into())
+            } else {
+                match missing_field(&inner) {
+                    Some(f) => format!("{path}.{f}"),
+                    None => path,
                 }
-                Category::Syntax | Category::Eof | Category::Io => Err(ApiError::invalid_json(
-                    format!("the body is not valid JSON: {inner}"),
-                )),
-                Category::Data => {
-                    let field = if path == "." {
-                        missing_field(&inner.to_string()).unwrap_or_else(|| "body".into())
-                    } else {
-                        match missing_field(&inner.to_string()) {
-                            Some(f) => format!("{path}.{f}"),
-                            None => path,
-                        }
-                    };
-                    Err(ApiError::invalid_field(
-                        field.clone(),
-                        format!("`{field}`: {}", plain(&inner.to_string())),
-                    ))
-                }
-            }
+            };
+            Err(ApiError::invalid_field(
+                field.clone(),
+                format!("`{field}`: {}", plain(&inner)),
+            ))
         }
     }
 }
@@ -99,7 +146,7 @@ mod deep_field_tests {
 /// serde's wording without Rust's type names or the parser's position:
 /// `expected i32` → `expected an integer`, `expected struct TriggerRequest`
 /// (or a sequence "with N elements") → `expected a JSON object`.
-fn plain(msg: &str) -> String {
+pub(crate) fn plain(msg: &str) -> String {
     let msg = match msg.find(" at line ") {
         Some(i) => &msg[..i],
         None => msg,
@@ -121,6 +168,12 @@ fn plain(msg: &str) -> String {
         ("expected u64", "expected a non-negative integer"),
         ("expected usize", "expected a non-negative integer"),
         ("expected f64", "expected a number"),
+        ("expected i8", "expected an integer"),
+        ("expected i16", "expected an integer"),
+        ("expected u8", "expected a non-negative integer"),
+        ("expected u16", "expected a non-negative integer"),
+        ("expected f32", "expected a number"),
+        ("integer `", "the number `"),
     ] {
         out = out.replace(rust, words);
     }
@@ -167,6 +220,79 @@ impl<T: DeserializeOwned + Default> FromRequest<crate::AppState> for OptionalJso
             return Ok(OptionalJson(T::default()));
         }
         parse_json(&bytes).map(OptionalJson)
+    }
+}
+
+/// Integers in request bodies: JSON Schema (and JavaScript) count `5.0` as
+/// the integer 5, so it is accepted as one; `5.5` and out-of-range values
+/// are refused with the field named. Use with `#[serde(deserialize_with)]`.
+pub mod integral {
+    use serde::de::{Deserialize, Deserializer, Error};
+
+    fn whole<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i128>, D::Error> {
+        let v = Option::<serde_json::Number>::deserialize(d)?;
+        Ok(match v {
+            None => None,
+            Some(n) => Some(if let Some(i) = n.as_i64() {
+                i128::from(i)
+            } else if let Some(u) = n.as_u64() {
+                i128::from(u)
+            } else {
+                let f = n.as_f64().unwrap_or(f64::NAN);
+                if f.fract() != 0.0 || !f.is_finite() || f.abs() > 1.9e19 {
+                    return Err(D::Error::custom(format!(
+                        "invalid type: number {n}, expected an integer"
+                    )));
+                }
+                f as i128
+            }),
+        })
+    }
+
+    fn range<E: Error, T: TryFrom<i128>>(v: i128, what: &str) -> Result<T, E> {
+        T::try_from(v).map_err(|_| E::custom(format!("invalid value: {v}, expected {what}")))
+    }
+
+    /// An `i32` (`priority`).
+    pub fn i32<'de, D: Deserializer<'de>>(d: D) -> Result<i32, D::Error> {
+        match whole(d)? {
+            Some(v) => range(v, "an integer from -2147483648 to 2147483647"),
+            None => Err(D::Error::custom("invalid type: null, expected an integer")),
+        }
+    }
+
+    /// An optional `u64` (`delay_ms`, `waitTimeoutMs`).
+    pub fn opt_u64<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+        whole(d)?
+            .map(|v| range(v, "a non-negative integer"))
+            .transpose()
+    }
+}
+
+/// A path parameter (a run id, a connection or job name) as text. Unlike
+/// axum's `Path`, a segment that does not decode to UTF-8 answers 400
+/// `invalid_parameter` in the JSON envelope, not a plain-text rejection.
+#[derive(Debug)]
+pub struct ApiPath(pub String);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for ApiPath {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, ApiError> {
+        use axum::extract::Path;
+        match Path::<String>::from_request_parts(parts, state).await {
+            Ok(Path(v)) => Ok(ApiPath(v)),
+            Err(_) => Err(ApiError::bad_param(
+                "path",
+                format!(
+                    "the path `{}` does not decode to UTF-8 text: percent-encode a valid UTF-8 id or name",
+                    parts.uri.path()
+                ),
+            )),
+        }
     }
 }
 
@@ -268,14 +394,14 @@ mod tests {
             "`priority`: invalid type: string \"high\", expected an integer"
         );
         let e = parse_json::<Inner>(b"[]").unwrap_err();
-        assert_eq!(
-            e.detail.message,
-            "`body`: expected a JSON object, not an array"
-        );
+        assert!(e
+            .detail
+            .message
+            .starts_with("`body`: expected a JSON object, not an array"));
         let e = parse_json::<Inner>(b"\"x\"").unwrap_err();
-        assert_eq!(
-            e.detail.message,
-            "`body`: invalid type: string \"x\", expected a JSON object"
-        );
+        assert!(e
+            .detail
+            .message
+            .starts_with("`body`: expected a JSON object, not a string"));
     }
 }

@@ -29,13 +29,14 @@ pub mod error;
 pub mod events;
 pub mod extract;
 pub mod metrics;
+pub mod openapi;
 pub mod runs;
 
 pub use auth::{AuthMode, Caller};
 pub use events::HubConfig;
 
 use axum::extract::{DefaultBodyLimit, Request, State};
-use axum::http::StatusCode;
+use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Router;
@@ -102,6 +103,9 @@ pub struct AppState {
     /// polls).
     pub stop: watch::Receiver<bool>,
     openapi: Arc<OnceLock<String>>,
+    /// The address [`Server::serve`] listens on: in the insecure mode a
+    /// `Host` must name it or a loopback name with its port.
+    bound: Arc<OnceLock<std::net::SocketAddr>>,
 }
 
 impl AppState {
@@ -186,6 +190,189 @@ async fn wrong_method(req: Request) -> ApiError {
     )
 }
 
+/// Longest request target (path and query) answered normally; a longer one
+/// is 414 in the envelope. (hyper itself refuses targets over 64 KiB with a
+/// bare 414 before any of this code runs.)
+pub const MAX_TARGET_BYTES: usize = 8 * 1024;
+/// Most header bytes (names and values) answered normally; more is 431 in
+/// the envelope. (hyper refuses a head over its ~400 KiB buffer, or over 100
+/// headers, with a bare 431 before any of this code runs.)
+pub const MAX_HEADER_BYTES: usize = 16 * 1024;
+
+/// Checks every request before routing: its size (414, 431, and 413 at
+/// once when `Content-Length` is over the body limit, instead of reading
+/// until the limit), and in the insecure mode where it comes from.
+async fn guard(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    match check_request(&state, &req) {
+        Ok(()) => next.run(req).await,
+        Err(e) => {
+            // The seed's command endpoint answers in its own envelope.
+            let mut res = if matches!(req.uri().path(), "/api/core/cmd" | "/api/bpm/cmd") {
+                e.into_envelope()
+            } else {
+                e.into_response()
+            };
+            if req.headers().contains_key(header::CONTENT_LENGTH)
+                || req.headers().contains_key(header::TRANSFER_ENCODING)
+            {
+                // The unread body would otherwise be drained first.
+                res.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            res
+        }
+    }
+}
+
+fn check_request(state: &AppState, req: &Request) -> Result<(), ApiError> {
+    let target = req.uri().path_and_query().map_or(0, |p| p.as_str().len());
+    if target > MAX_TARGET_BYTES {
+        return Err(ApiError::new(
+            StatusCode::URI_TOO_LONG,
+            "uri_too_long",
+            format!(
+                "the request's path and query are {target} bytes, the limit is {MAX_TARGET_BYTES}"
+            ),
+        ));
+    }
+    let head: usize = req
+        .headers()
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len())
+        .sum();
+    if head > MAX_HEADER_BYTES {
+        return Err(ApiError::new(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "headers_too_large",
+            format!("the request's headers are {head} bytes, the limit is {MAX_HEADER_BYTES}"),
+        ));
+    }
+    if let Some(len) = req.headers().get(header::CONTENT_LENGTH) {
+        let limit = state.config.max_body_bytes;
+        let len = len.to_str().ok().and_then(|v| v.trim().parse::<u64>().ok());
+        match len {
+            Some(n) if n > limit as u64 => {
+                return Err(ApiError::too_large(format!(
+                "the request body is {n} bytes (Content-Length), over the limit of {limit} bytes"
+            )))
+            }
+            None => {
+                return Err(ApiError::bad_param(
+                    "Content-Length",
+                    "Content-Length is not a number of bytes",
+                ))
+            }
+            _ => {}
+        }
+    }
+    if state.auth == AuthMode::InsecureNoAuth {
+        check_same_origin(state, req)?;
+    }
+    Ok(())
+}
+
+/// `host[:port]` split; `[::1]:80` keeps its brackets.
+fn split_host(authority: &str) -> (String, Option<u16>) {
+    let authority = authority.trim().to_ascii_lowercase();
+    let (host, port) = match authority.rfind(':') {
+        Some(i) if !authority[i..].contains(']') => {
+            (authority[..i].to_string(), authority[i + 1..].parse().ok())
+        }
+        _ => (authority.clone(), None),
+    };
+    (host, port)
+}
+
+/// Whether `authority` (a `Host` value, or an `Origin`'s host and port)
+/// names this server: a loopback name or the bound address, with the bound
+/// port (or none, when that port is 80).
+fn is_own_authority(state: &AppState, authority: &str) -> bool {
+    let (host, port) = split_host(authority);
+    let bound = state.bound.get();
+    let mut names = vec![
+        "localhost".to_string(),
+        "127.0.0.1".to_string(),
+        "[::1]".to_string(),
+    ];
+    if let Some(b) = bound {
+        names.push(match b.ip() {
+            std::net::IpAddr::V4(ip) => ip.to_string(),
+            std::net::IpAddr::V6(ip) => format!("[{ip}]"),
+        });
+    }
+    let port_ok = match (bound, port) {
+        (Some(b), Some(p)) => p == b.port(),
+        (Some(b), None) => b.port() == 80,
+        // Served through `Server::router` by the embedder: the port is not
+        // known here.
+        (None, _) => true,
+    };
+    names.contains(&host) && port_ok
+}
+
+/// The insecure mode has no token to stop another web site: a page the
+/// developer visits can send requests to loopback. So a foreign `Host`
+/// (DNS rebinding: the page's own name resolving to 127.0.0.1) is refused
+/// on every route, and a write (any method but GET, HEAD, OPTIONS) is
+/// refused when its `Origin` is not this server or its body is not
+/// `application/json` (a form or `text/plain` needs no CORS preflight).
+fn check_same_origin(state: &AppState, req: &Request) -> Result<(), ApiError> {
+    let forbidden = |field: &str, message: String| {
+        ApiError::new(StatusCode::FORBIDDEN, "forbidden", message).field(field)
+    };
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .map(|h| h.to_str().unwrap_or("").to_string())
+        .or_else(|| req.uri().authority().map(|a| a.to_string()));
+    if let Some(host) = host {
+        if !is_own_authority(state, &host) {
+            return Err(forbidden(
+                "Host",
+                format!("Host `{host}` is not this server: without authentication (--insecure-dev-no-auth) only localhost, 127.0.0.1, [::1] and the bound address are answered"),
+            ));
+        }
+    }
+    if matches!(
+        req.method(),
+        &Method::GET | &Method::HEAD | &Method::OPTIONS
+    ) {
+        return Ok(());
+    }
+    if let Some(origin) = req.headers().get(header::ORIGIN) {
+        let o = origin.to_str().unwrap_or("");
+        let own = o
+            .strip_prefix("http://")
+            .is_some_and(|a| !a.contains('/') && is_own_authority(state, a));
+        if !own {
+            return Err(forbidden(
+                "Origin",
+                format!("a write from origin `{o}` is refused: without authentication (--insecure-dev-no-auth) only pages of this server may write"),
+            ));
+        }
+    }
+    let has_body = req.headers().contains_key(header::TRANSFER_ENCODING)
+        || req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .is_some_and(|v| v.as_bytes() != b"0");
+    if has_body {
+        let ct = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        let essence = ct.split(';').next().unwrap_or("").trim();
+        if !essence.eq_ignore_ascii_case("application/json") {
+            return Err(forbidden(
+                "Content-Type",
+                format!("a write with Content-Type `{ct}` is refused: without authentication (--insecure-dev-no-auth) a body must be sent as application/json"),
+            ));
+        }
+    }
+    Ok(())
+}
+
 async fn log_requests(req: Request, next: Next) -> Response {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
@@ -234,9 +421,17 @@ fn routes() -> (axum::Router<AppState>, utoipa::openapi::OpenApi) {
         .split_for_parts()
 }
 
-/// The OpenAPI document of every route.
+/// The OpenAPI document of every route, completed (see [`openapi`]), with
+/// `job` open to any name (a running server lists its registered jobs).
 pub fn openapi() -> utoipa::openapi::OpenApi {
-    routes().1
+    let doc = routes().1;
+    serde_json::to_value(&doc)
+        .ok()
+        .and_then(|mut v| {
+            openapi::complete(&mut v, &[]);
+            serde_json::from_value(v).ok()
+        })
+        .unwrap_or(doc)
 }
 
 /// A server: the router plus its event tail. Build with [`Server::start`],
@@ -271,6 +466,7 @@ impl Server {
                 metrics,
                 stop,
                 openapi: Arc::new(OnceLock::new()),
+                bound: Arc::new(OnceLock::new()),
             },
             stop_tx,
         })
@@ -284,15 +480,21 @@ impl Server {
     /// The HTTP router.
     pub fn router(&self) -> Router {
         let (router, doc) = routes();
+        let mut doc = serde_json::to_value(&doc).unwrap_or_default();
+        openapi::complete(&mut doc, &self.state.docket.job_names());
         let _ = self
             .state
             .openapi
-            .set(doc.to_pretty_json().unwrap_or_default());
+            .set(serde_json::to_string_pretty(&doc).unwrap_or_default());
         router
             .merge(dashboard::router())
             .fallback(no_route)
             .method_not_allowed_fallback(wrong_method)
             .layer(DefaultBodyLimit::max(self.state.config.max_body_bytes))
+            .layer(axum::middleware::from_fn_with_state(
+                self.state.clone(),
+                guard,
+            ))
             .layer(axum::middleware::from_fn(log_requests))
             .with_state(self.state.clone())
     }
@@ -307,6 +509,7 @@ impl Server {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServeError> {
         let addr = listener.local_addr()?;
+        let _ = self.state.bound.set(addr);
         if self.state.auth == AuthMode::InsecureNoAuth {
             if !addr.ip().is_loopback() {
                 return Err(ServeError::InsecureNotLoopback(addr));

@@ -3,9 +3,9 @@
 use crate::auth::Caller;
 use crate::dto::*;
 use crate::error::{ApiError, ApiResult, ErrorBody};
-use crate::extract::{ApiJson, OptionalJson, QueryPairs};
+use crate::extract::{ApiJson, ApiPath, OptionalJson, QueryPairs};
 use crate::AppState;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -48,13 +48,29 @@ pub(crate) fn check_comment(v: &Option<String>) -> ApiResult<()> {
     check_text("comment", v)
 }
 
+/// The words of a time's error: not RFC 3339, or outside Docket's range.
+pub(crate) fn time_problem(field: &str, s: &str, e: docket::TimeError) -> String {
+    match e {
+        docket::TimeError::NotRfc3339 => {
+            format!("`{field}`: `{s}` is not an RFC 3339 time such as 2026-01-31T12:00:00Z")
+        }
+        docket::TimeError::OutOfRange => format!(
+            "`{field}`: `{s}` is outside the accepted range {}",
+            docket::TIME_RANGE
+        ),
+    }
+}
+
+/// A body field's time: 422 naming the field (and the range) when it is not
+/// RFC 3339 or outside 1970-01-01T00:00:00.000Z..=9999-12-31T23:59:59.999Z.
 fn parse_time(field: &str, s: &str) -> ApiResult<Timestamp> {
-    Timestamp::parse_rfc3339(s).ok_or_else(|| {
-        ApiError::invalid_field(
-            field,
-            format!("`{field}`: `{s}` is not an RFC 3339 time such as 2026-01-31T12:00:00Z"),
-        )
-    })
+    Timestamp::parse_checked(s)
+        .map_err(|e| ApiError::invalid_field(field, time_problem(field, s, e)))
+}
+
+/// A query parameter's time: 400 naming the parameter (and the range).
+pub(crate) fn param_time(param: &str, s: &str) -> ApiResult<Timestamp> {
+    Timestamp::parse_checked(s).map_err(|e| ApiError::bad_param(param, time_problem(param, s, e)))
 }
 
 impl AppState {
@@ -279,13 +295,7 @@ pub async fn list(
         }
     }
     let time = |p: &str| -> ApiResult<Option<Timestamp>> {
-        q.get(p)
-            .map(|s| {
-                Timestamp::parse_rfc3339(s).ok_or_else(|| {
-                    ApiError::bad_param(p, format!("{p}: `{s}` is not an RFC 3339 time"))
-                })
-            })
-            .transpose()
+        q.get(p).map(|s| param_time(p, s)).transpose()
     };
     let limit = match q.get("limit") {
         None => 50,
@@ -433,6 +443,19 @@ fn summary(e: &EventRecord) -> String {
     }
 }
 
+/// The stored step and ledger rows keep times as epoch milliseconds; the
+/// API sends every time as RFC 3339, like the rest of the run.
+fn times_as_rfc3339(mut v: Value) -> Value {
+    if let Some(o) = v.as_object_mut() {
+        for key in ["created_at", "updated_at"] {
+            if let Some(ms) = o.get(key).and_then(Value::as_i64) {
+                o.insert(key.into(), json!(Timestamp::from_millis(ms).to_rfc3339()));
+            }
+        }
+    }
+    v
+}
+
 /// A run with its attempts, steps, ledger entries and events, and the
 /// timeline built from them.
 #[utoipa::path(
@@ -447,7 +470,7 @@ fn summary(e: &EventRecord) -> String {
 pub async fn show(
     State(state): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath,
 ) -> ApiResult<Json<RunDetail>> {
     let id = parse_id(&id)?;
     load_run(&state, &caller, id).await?;
@@ -482,12 +505,12 @@ pub async fn show(
         steps: h
             .steps
             .iter()
-            .map(|s| serde_json::to_value(s).unwrap_or(Value::Null))
+            .map(|s| times_as_rfc3339(serde_json::to_value(s).unwrap_or(Value::Null)))
             .collect(),
         ledger: h
             .ledger
             .iter()
-            .map(|l| serde_json::to_value(l).unwrap_or(Value::Null))
+            .map(|l| times_as_rfc3339(serde_json::to_value(l).unwrap_or(Value::Null)))
             .collect(),
         events: h.events.iter().map(EventView::from).collect(),
         timeline,
@@ -519,7 +542,7 @@ async fn after_write(state: &AppState, run: &Run) -> Json<RunView> {
 pub async fn cancel(
     State(state): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath,
     OptionalJson(req): OptionalJson<CommentRequest>,
 ) -> ApiResult<Json<RunView>> {
     let id = parse_id(&id)?;
@@ -547,7 +570,7 @@ pub async fn cancel(
 pub async fn retry(
     State(state): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath,
     OptionalJson(req): OptionalJson<RetryRequest>,
 ) -> ApiResult<Json<RunView>> {
     let id = parse_id(&id)?;
@@ -583,7 +606,7 @@ pub async fn retry(
 pub async fn skip(
     State(state): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath,
     OptionalJson(req): OptionalJson<CommentRequest>,
 ) -> ApiResult<Json<RunView>> {
     let id = parse_id(&id)?;
@@ -610,7 +633,7 @@ pub async fn skip(
 pub async fn retrigger(
     State(state): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath,
     OptionalJson(req): OptionalJson<CommentRequest>,
 ) -> ApiResult<Response> {
     let id = parse_id(&id)?;
@@ -633,14 +656,14 @@ pub async fn retrigger(
         (status = 200, description = "The run after the command", body = RunView),
         (status = 404, description = "No such run in the caller's tenant", body = ErrorBody),
         (status = 409, description = "The run's state does not allow it (named)", body = ErrorBody),
-        (status = 422, description = "Neither or both of until and delay_ms", body = ErrorBody),
+        (status = 422, description = "Neither or both of until and delay_ms, `until` in the past or after 9999-12-31T23:59:59.999Z, `delay_ms` past that time", body = ErrorBody),
     ),
     security(("bearer" = []))
 )]
 pub async fn postpone(
     State(state): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath,
     ApiJson(req): ApiJson<PostponeRequest>,
 ) -> ApiResult<Json<RunView>> {
     let id = parse_id(&id)?;
@@ -661,9 +684,25 @@ pub async fn postpone(
             }
             t
         }
-        (None, Some(ms)) => state
-            .now()
-            .plus_millis(i64::try_from(ms).unwrap_or(i64::MAX)),
+        (None, Some(ms)) => {
+            // The run must come due no later than Timestamp::MAX, the last
+            // time RFC 3339 can write: a longer delay is refused, not
+            // clamped, so what is stored is what was asked for.
+            let now = state.now();
+            let max = u64::try_from(Timestamp::MAX.millis_since(now))
+                .unwrap_or(0)
+                .min(crate::openapi::MAX_DELAY_MS);
+            if ms > max {
+                return Err(ApiError::invalid_field(
+                    "delay_ms",
+                    format!(
+                        "`delay_ms` must be 0 to {max} (100 years, and the run must come due by {}), not {ms}",
+                        Timestamp::MAX
+                    ),
+                ));
+            }
+            now.plus_millis(ms as i64)
+        }
         _ => {
             return Err(ApiError::invalid_field(
                 "until",
@@ -695,7 +734,7 @@ pub async fn postpone(
 pub async fn approve(
     State(state): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath,
     OptionalJson(req): OptionalJson<DecisionRequest>,
 ) -> ApiResult<Json<RunView>> {
     let id = parse_id(&id)?;
@@ -724,7 +763,7 @@ pub async fn approve(
 pub async fn reject(
     State(state): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath,
     OptionalJson(req): OptionalJson<DecisionRequest>,
 ) -> ApiResult<Json<RunView>> {
     let id = parse_id(&id)?;
@@ -777,7 +816,7 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
 pub async fn wait(
     State(state): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath,
     q: QueryPairs,
 ) -> ApiResult<Json<WaitResponse>> {
     q.only(&["timeout", "until"])?;

@@ -834,3 +834,103 @@ async fn dashboard_in_headless_chromium() {
         );
     }
 }
+
+/// `--insecure-dev-no-auth`: the dashboard opens without a sign-in form,
+/// `/signin` goes on to the page, and the page's own writes (same origin,
+/// JSON) pass the cross-site checks that refuse other sites.
+async fn no_auth_scenario(c: &Client, base: &str, http: &reqwest::Client) -> R {
+    let res = http
+        .post(format!("{base}/api/runs"))
+        .json(&json!({"job": "nightly-report", "input": {"rows": 1}}))
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    check!(
+        res.status() == 201,
+        "trigger without a token: {}",
+        res.status()
+    );
+    let v: Value = res.json().await.map_err(|e| e.to_string())?;
+    let id = v["run"]["id"].as_str().unwrap_or("").to_string();
+
+    goto(c, &format!("{base}/")).await?;
+    el(
+        c,
+        "body[data-page='runs'][data-auth='none'] #main[data-ready='runs']",
+    )
+    .await?;
+    el(c, &format!("tr[data-run-id='{id}']")).await?;
+    check!(
+        c.find(Locator::Css("#signin-form")).await.is_err(),
+        "a sign-in form is shown"
+    );
+    check!(
+        js(c, "return location.pathname").await? == json!("/"),
+        "the dashboard left the runs page"
+    );
+    check!(
+        js(c, "return document.getElementById('signout').hidden").await? == json!(true),
+        "a sign-out button without sign-in"
+    );
+    goto(c, &format!("{base}/signin?next=%2Foverview")).await?;
+    el(c, "body[data-page='overview'] #main[data-ready='overview']").await?;
+
+    // A write from the page itself is same-origin and JSON: accepted.
+    let status = js(
+        c,
+        "return fetch('/api/runs', {method: 'POST', headers: {'Content-Type': 'application/json'}, \
+         body: JSON.stringify({job: 'nightly-report'})}).then((r) => r.status)",
+    )
+    .await?;
+    check!(status == json!(201), "the page's own write: {status}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_without_auth_in_headless_chromium() {
+    let Some(driver) = chromedriver() else {
+        if std::env::var("CI").as_deref() == Ok("true") {
+            panic!("chromedriver is not installed (apt-get install chromium chromium-driver)");
+        }
+        eprintln!(
+            "skipped: chromedriver is not installed (apt-get install chromium chromium-driver)"
+        );
+        return;
+    };
+    let dir = std::env::temp_dir().join(format!("docket-dash-noauth-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(dir.join("profile")).unwrap();
+    let docket = Docket::open("sqlite::memory:").await.unwrap();
+    register_jobs(&docket);
+    let server = Server::start(
+        docket.clone(),
+        ServerConfig {
+            auth: docket_server::AuthMode::InsecureNoAuth,
+            ..ServerConfig::default()
+        },
+    )
+    .await
+    .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let _ = server
+            .serve(listener, async move {
+                let _ = rx.await;
+            })
+            .await;
+    });
+    let (mut driver_proc, webdriver) = start_chromedriver(&driver).await.unwrap();
+    let client = browser(&webdriver, &dir.join("profile")).await.unwrap();
+    let result = no_auth_scenario(&client, &base, &reqwest::Client::new()).await;
+    if result.is_err() {
+        let _ = save_shot(&client, "dashboard-noauth-failure.png", 1360, 1000, false).await;
+    }
+    let _ = client.close().await;
+    let _ = driver_proc.kill().await;
+    let _ = stop.send(());
+    let _ = std::fs::remove_dir_all(&dir);
+    if let Err(e) = result {
+        panic!("{e}");
+    }
+}

@@ -734,8 +734,11 @@ impl Ctx {
 
     /// Postpones the run until `until`: return the error
     /// (`return Err(ctx.postpone(t))`). Not a failure; spends no attempt
-    /// budget. Completed steps replay when it runs again.
+    /// budget. Completed steps replay when it runs again. A time outside
+    /// [`Timestamp::MIN`]..=[`Timestamp::MAX`] is clamped into it, so the
+    /// stored time always renders as RFC 3339.
     pub fn postpone(&self, until: Timestamp) -> JobError {
+        let until = until.clamp(Timestamp::MIN, Timestamp::MAX);
         JobError::control(Control::Postpone { until }, "postponed by the handler")
     }
 

@@ -41,7 +41,7 @@ pub use ctx::{intent_key, Ctx, InputDecision, Reconciled, Stepped};
 pub use docket_core::forensics::{FailureRecord, PairVerdict, Severity, Verdict};
 pub use docket_core::{
     Clock, ErrorClass, Fingerprint, ManualClock, RetryPolicy, RunId, RunStatus, SystemClock,
-    TerminalReason, Timestamp,
+    TerminalReason, TimeError, Timestamp, TIME_RANGE,
 };
 pub use docket_store::{
     AttemptRecord, EventFilter, EventRecord, LedgerEntry, LedgerState, Run, RunFilter, StatusCount,
@@ -233,6 +233,13 @@ impl Docket {
                 // the job one run.
                 return Err(Error::InvalidInput(format!(
                     "the idempotency key of a `{job}` trigger is empty: omit it, or give a key that names the intent"
+                )));
+            }
+            if let Some(t) = o.run_after.filter(|t| !t.in_range()) {
+                // Out of range it could not be shown as RFC 3339 anywhere.
+                return Err(Error::InvalidInput(format!(
+                    "run_after {} of a `{job}` trigger is outside {TIME_RANGE}",
+                    t.as_millis()
                 )));
             }
             let mut n = NewRun::new(job, input);

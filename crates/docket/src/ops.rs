@@ -68,8 +68,17 @@ impl Docket {
         self.operate(id, by, OperatorCommand::Cancel).await
     }
 
-    /// Postpones a pending, postponed or waiting run until `until`.
+    /// Postpones a pending, postponed or waiting run until `until`, which
+    /// must be within [`Timestamp::MIN`]..=[`Timestamp::MAX`]
+    /// ([`Error::InvalidInput`] otherwise).
     pub async fn postpone(&self, id: RunId, until: Timestamp, by: Actor) -> Result<Run> {
+        if !until.in_range() {
+            return Err(Error::InvalidInput(format!(
+                "postpone until {} ms: outside {}",
+                until.as_millis(),
+                crate::TIME_RANGE
+            )));
+        }
         self.operate(id, by, OperatorCommand::Postpone { until })
             .await
     }

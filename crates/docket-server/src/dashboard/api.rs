@@ -18,10 +18,10 @@ use super::svg;
 use crate::auth::Caller;
 use crate::dto::RunView;
 use crate::error::{ApiError, ApiResult};
-use crate::extract::QueryPairs;
+use crate::extract::{ApiPath, QueryPairs};
 use crate::runs::load_run;
 use crate::AppState;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::routing::get;
 use axum::{Json, Router};
 use docket::{PairVerdict, RunId, RunStatus, Severity, Timestamp};
@@ -349,7 +349,7 @@ pub struct ForensicsView {
 pub async fn forensics(
     State(state): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath,
 ) -> ApiResult<Json<ForensicsView>> {
     let id = parse_id(&id)?;
     load_run(&state, &caller, id).await?;

@@ -113,8 +113,16 @@
     }
   }
 
+  // `none`: the server runs without authentication
+  // (--insecure-dev-no-auth), so there is no token to ask for.
+  const NO_AUTH = document.body.dataset.auth === 'none';
+
   function token() {
     return sessionStorage.getItem(TOKEN_KEY);
+  }
+
+  function authHeaders(t) {
+    return NO_AUTH ? {} : { Authorization: 'Bearer ' + t };
   }
 
   function signOut(message) {
@@ -128,7 +136,7 @@
 
   async function api(path, opts) {
     const o = opts || {};
-    const headers = { Authorization: 'Bearer ' + (o.token || token()), Accept: 'application/json' };
+    const headers = Object.assign(authHeaders(o.token || token()), { Accept: 'application/json' });
     let body;
     if (o.body !== undefined) {
       headers['Content-Type'] = 'application/json';
@@ -164,7 +172,7 @@
       while (!stopped) {
         ctrl = new AbortController();
         try {
-          const headers = { Authorization: 'Bearer ' + token(), Accept: 'text/event-stream' };
+          const headers = Object.assign(authHeaders(token()), { Accept: 'text/event-stream' });
           if (lastId) headers['Last-Event-ID'] = lastId;
           const res = await fetch('/api/events' + (query ? '?' + query : ''), { headers, signal: ctrl.signal });
           if (res.status === 401) { signOut('Sign in again.'); return; }
@@ -822,14 +830,21 @@
 
   async function start() {
     if (page === 'signin') {
+      if (NO_AUTH) {
+        // Nothing to sign in to: go on to the page asked for.
+        const next = new URLSearchParams(location.search).get('next') || '/';
+        location.replace(next.startsWith('/') && !next.startsWith('//') ? next : '/');
+        return;
+      }
       initSignin();
       return;
     }
-    if (!token()) {
+    if (!NO_AUTH && !token()) {
       signOut();
       return;
     }
-    $('signout').addEventListener('click', () => signOut('Signed out.'));
+    if (NO_AUTH) $('signout').hidden = true;
+    else $('signout').addEventListener('click', () => signOut('Signed out.'));
     let who;
     try {
       who = await api('/api/dashboard/whoami');

@@ -15,6 +15,10 @@
 //!   class over the last hour or day, disabled connections;
 //! - `/signin` — the operator pastes a token, kept in `sessionStorage`.
 //!
+//! Under `--insecure-dev-no-auth` the pages carry `data-auth="none"`: the
+//! script then asks for no token and shows no sign-in form (the API needs
+//! none; `/signin` sends the browser on to its page).
+//!
 //! The script calls the JSON API with `Authorization: Bearer <token>`; the
 //! API confines every answer to the token's tenant. The extra JSON and SVG
 //! endpoints the pages need are in [`api`] (see [`router`]).
@@ -22,7 +26,8 @@
 pub mod api;
 pub mod svg;
 
-use crate::AppState;
+use crate::{AppState, AuthMode};
+use axum::extract::State;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -47,15 +52,23 @@ pub const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; 
 /// documented API). Merge it into the server's router at `/`.
 pub fn router() -> Router<AppState> {
     Router::new()
-        .route("/", get(|| async { page("Runs", "runs", RUNS) }))
-        .route("/runs/{id}", get(|| async { page("Run", "run", RUN) }))
+        .route(
+            "/",
+            get(|State(s): State<AppState>| async move { page(&s, "Runs", "runs", RUNS) }),
+        )
+        .route(
+            "/runs/{id}",
+            get(|State(s): State<AppState>| async move { page(&s, "Run", "run", RUN) }),
+        )
         .route(
             "/overview",
-            get(|| async { page("Overview", "overview", OVERVIEW) }),
+            get(|State(s): State<AppState>| async move {
+                page(&s, "Overview", "overview", OVERVIEW)
+            }),
         )
         .route(
             "/signin",
-            get(|| async { page("Sign in", "signin", SIGNIN) }),
+            get(|State(s): State<AppState>| async move { page(&s, "Sign in", "signin", SIGNIN) }),
         )
         .route(
             "/assets/app.js",
@@ -72,11 +85,14 @@ pub fn router() -> Router<AppState> {
         .merge(api::router())
 }
 
-/// Renders a page: the layout around the page's skeleton.
-pub fn render(title: &str, page: &str, body: &str) -> String {
+/// Renders a page: the layout around the page's skeleton. `auth` is
+/// `token` (the script asks for a token) or `none` (the server runs without
+/// authentication: no sign-in).
+pub fn render(title: &str, page: &str, body: &str, auth: &str) -> String {
     LAYOUT
         .replace("{{title}}", title)
         .replace("{{page}}", page)
+        .replace("{{auth}}", auth)
         .replace("{{body}}", body)
 }
 
@@ -97,14 +113,18 @@ fn security_headers(res: &mut Response) {
     h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
 }
 
-fn page(title: &str, name: &str, body: &str) -> Response {
+fn page(state: &AppState, title: &str, name: &str, body: &str) -> Response {
+    let auth = match state.auth {
+        AuthMode::Tokens => "token",
+        AuthMode::InsecureNoAuth => "none",
+    };
     let mut res = (
         StatusCode::OK,
         [
             (header::CONTENT_TYPE, "text/html; charset=utf-8"),
             (header::CACHE_CONTROL, "no-cache"),
         ],
-        render(title, name, body),
+        render(title, name, body, auth),
     )
         .into_response();
     security_headers(&mut res);
@@ -137,7 +157,7 @@ mod tests {
             ("overview", OVERVIEW),
             ("signin", SIGNIN),
         ] {
-            let html = render("T", name, body);
+            let html = render("T", name, body, "token");
             assert!(!html.contains("{{"), "{name}: unfilled placeholder");
             assert!(html.contains(&format!("data-page=\"{name}\"")));
             assert!(html.contains("/assets/app.js"));

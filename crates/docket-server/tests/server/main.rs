@@ -6,5 +6,8 @@ mod common;
 mod connections;
 mod deep_json;
 mod events;
+mod hardening;
+mod limits;
 mod node;
+mod schemathesis;
 mod tenants;
