@@ -20,8 +20,8 @@
 //! - `DOCKET_SIM_SHARED_KEYS=1`: runs share action idempotency keys in
 //!   pairs (two runs racing on one key); off by default until the ledger's
 //!   compare-and-set lands (see docs/TESTING.md);
-//! - with `DOCKET_TEST_POSTGRES_URL` (or `DOCKET_SIM_POSTGRES=1` and that
-//!   URL), `postgres_seeds` runs a few seeds against the real server, each
+//! - with `DOCKET_TEST_POSTGRES_URL` (or `DOCKET_SIM_POSTGRES=1`: the local
+//!   test server), `postgres_seeds` runs a few seeds against the real server, each
 //!   in a schema of its own, and checks that SQLite writes the same history
 //!   for the same seed;
 //! - `DOCKET_SIM_DUMP=FILE` writes a seed's normalised history (the text its
@@ -1583,7 +1583,7 @@ fn repro(seed: u64, scenario: Scenario, postgres: bool) -> String {
             ""
         },
         if postgres {
-            " DOCKET_SIM_POSTGRES=1 DOCKET_TEST_POSTGRES_URL=…"
+            " DOCKET_SIM_POSTGRES=1"
         } else {
             ""
         },
@@ -1688,7 +1688,10 @@ fn a_seed_replays_identically() {
         // The seed exercises what replay must reproduce.
         assert!(a.attempts > a.runs, "seed {seed} retried nothing");
         assert!(
-            a.injected.kills > 0 && a.injected.err_after > 0 && a.injected.slow > 0,
+            a.injected.kills > 0
+                && a.injected.err_after > 0
+                && a.injected.slow > 0
+                && a.injected.stale_refused > 0,
             "seed {seed} injected too little: {:?}",
             a.injected
         );
@@ -1700,8 +1703,9 @@ fn a_seed_replays_identically() {
     assert_ne!(a.digest, c.digest);
 }
 
-/// A seed that kills workers, loses answers after commits and retries.
-const REPLAY_SEED: u64 = 3;
+/// A seed that kills workers, loses answers after commits, delays calls
+/// past a lease (late ends refused as stale) and retries.
+const REPLAY_SEED: u64 = 58;
 
 /// The checker can fail: with a service whose reconcile always says "not
 /// done", an effect whose answer was lost is sent again, and the
@@ -1752,16 +1756,19 @@ const SHARED_KEY_SEEDS: &[u64] = &[
 
 /// PostgreSQL: a few seeds against the real server, each in a schema of its
 /// own, each also run on SQLite: both must write the same history. Runs
-/// when `DOCKET_TEST_POSTGRES_URL` is set (`DOCKET_SIM_PG_SEEDS`, default 5).
+/// when `DOCKET_TEST_POSTGRES_URL` is set, or with `DOCKET_SIM_POSTGRES=1`
+/// against the local test server (`DOCKET_SIM_PG_SEEDS`, default 5).
 #[test]
 fn postgres_seeds() {
-    let Ok(base) = std::env::var("DOCKET_TEST_POSTGRES_URL") else {
-        assert!(
-            std::env::var("DOCKET_SIM_POSTGRES").is_err(),
-            "DOCKET_SIM_POSTGRES is set but DOCKET_TEST_POSTGRES_URL is not"
-        );
-        say("skipping postgres_seeds: set DOCKET_TEST_POSTGRES_URL=postgres://postgres@127.0.0.1:5432/test to run it");
-        return;
+    let forced = std::env::var("DOCKET_SIM_POSTGRES").is_ok_and(|v| v == "1");
+    let base = match std::env::var("DOCKET_TEST_POSTGRES_URL") {
+        Ok(url) => url,
+        // The documented local test server.
+        Err(_) if forced => "postgres://postgres@127.0.0.1:5432/test".to_string(),
+        Err(_) => {
+            say("skipping postgres_seeds: set DOCKET_TEST_POSTGRES_URL=postgres://postgres@127.0.0.1:5432/test (or DOCKET_SIM_POSTGRES=1) to run it");
+            return;
+        }
     };
     let scenario = scenario_from_env();
     // The pool and its connections live on this runtime; the simulation's
