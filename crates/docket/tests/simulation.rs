@@ -1,0 +1,1825 @@
+//! A deterministic simulation of the engine (issue 12, part 6).
+//!
+//! One seed drives everything: how many workers and runs, what each handler
+//! does on each attempt, which store calls fail (before or after their
+//! commit) or are slow, which workers are killed mid-attempt, what the
+//! simulated external service answers, and when operators step in. Time is
+//! tokio's paused clock on a current-thread runtime, and the engine's
+//! injected [`Clock`] reads that same clock, so "30 s later" costs nothing
+//! and a lease expires exactly when the seed says. Every store call runs to
+//! completion on the runtime's only thread (the fault wrapper blocks on it),
+//! so no call races another and a seed replays exactly.
+//!
+//! After each run the invariants are checked from the store's evidence
+//! (runs, attempts, events, steps, ledger) and the service's record of what
+//! it did. A failing seed prints one line to replay it.
+//!
+//! - `cargo test -p docket --test simulation`: the CI range (200 seeds,
+//!   SQLite in memory); `DOCKET_SIM_SEEDS=N` and `DOCKET_SIM_FIRST=S` change
+//!   it, `DOCKET_SIM_SEED=S` replays one seed verbosely;
+//! - `DOCKET_SIM_SHARED_KEYS=1`: runs share action idempotency keys in
+//!   pairs (two runs racing on one key); off by default until the ledger's
+//!   compare-and-set lands (see docs/TESTING.md);
+//! - with `DOCKET_TEST_POSTGRES_URL` (or `DOCKET_SIM_POSTGRES=1`: the local
+//!   test server), `postgres_seeds` runs a few seeds against the real server, each
+//!   in a schema of its own, and checks that SQLite writes the same history
+//!   for the same seed;
+//! - `DOCKET_SIM_DUMP=FILE` writes a seed's normalised history (the text its
+//!   digest is computed from) to `FILE.sqlite` / `FILE.postgres`.
+
+use async_trait::async_trait;
+use docket::{
+    Actor, Clock, Ctx, Docket, ErrorClass, InputDecision, Job, JobError, Reconciled, RetryPolicy,
+    RunFilter, RunId, RunStatus, Timestamp, Verdict, Worker, WorkerConfig,
+};
+use docket_core::LeaseId;
+use docket_store::{
+    AttemptEnd, AttemptRecord, ClaimRequest, ConnectionAudit, ConnectionChange, ConnectionState,
+    ConnectionStore, DynStore, EventFilter, EventRecord, LeaseRef, LeaseState, LedgerEntry,
+    LedgerWrite, NewRun, NewToken, OperatorRequest, Outcome, Run, RunScan, ScanPage, StatsStore,
+    StatusCount, StepRecord, Store, StoreError, TokenRecord, TokenStore, Triggered, WindowQuery,
+    WindowStats,
+};
+use serde_json::{json, Value};
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Wake, Waker};
+use std::time::{Duration, Instant};
+
+type SResult<T> = Result<T, StoreError>;
+
+/// The job's lease and handler timeout (the engine requires timeout < lease).
+const LEASE: Duration = Duration::from_secs(30);
+const TIMEOUT: Duration = Duration::from_secs(20);
+/// How long an action waits for the simulated service.
+const ACTION_TIMEOUT: Duration = Duration::from_secs(5);
+/// The simulated epoch: 2026-01-01T00:00:00Z.
+const EPOCH_MS: i64 = 1_767_225_600_000;
+
+// ---------------------------------------------------------------- PRNG
+
+/// splitmix64: tiny, fast, and the same on every platform.
+#[derive(Clone, Debug)]
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Rng {
+        Rng(seed ^ 0x5DEE_CE66_D1CE_4E5B)
+    }
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in `0..n` (n > 0).
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+    /// Uniform in `lo..=hi`.
+    fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.below(hi - lo + 1)
+    }
+    fn percent(&mut self, p: u64) -> bool {
+        self.below(100) < p
+    }
+}
+
+// ---------------------------------------------------------------- plumbing
+
+/// Runs a future to completion on this thread. The fault wrapper uses it so
+/// that a store call is one indivisible step of the simulation: no other
+/// task runs and tokio's paused clock cannot jump while the database works.
+fn block_on<F: Future>(f: F) -> F::Output {
+    struct Unpark(std::thread::Thread);
+    impl Wake for Unpark {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
+    let mut cx = Context::from_waker(&waker);
+    let mut f = std::pin::pin!(f);
+    loop {
+        if let Poll::Ready(v) = f.as_mut().poll(&mut cx) {
+            return v;
+        }
+        std::thread::park();
+    }
+}
+
+/// The engine's clock is tokio's paused clock: one source of simulated time,
+/// moved by the seed's waits, by slow handlers and by slow store calls.
+#[derive(Debug)]
+struct SimClock {
+    start: tokio::time::Instant,
+}
+
+impl Clock for SimClock {
+    fn now(&self) -> Timestamp {
+        Timestamp(EPOCH_MS + self.start.elapsed().as_millis() as i64)
+    }
+}
+
+// ---------------------------------------------------------------- the world
+
+/// What the seed turns on.
+#[derive(Clone, Copy, Debug, Default)]
+struct Scenario {
+    /// Runs share action idempotency keys in pairs.
+    shared_keys: bool,
+    /// The service answers "not done" to every reconcile, even when the
+    /// effect landed: a broken reconcile the checker must catch.
+    lying_reconcile: bool,
+}
+
+/// Counts of what was injected, for the summary.
+#[derive(Clone, Debug, Default)]
+struct Injected {
+    err_before: u64,
+    err_after: u64,
+    slow: u64,
+    kills: u64,
+    lost_claims: u64,
+    stale_refused: u64,
+    commit_then_timeout: u64,
+    duplicated_requests: u64,
+    panics: u64,
+}
+
+impl Injected {
+    fn add(&mut self, o: &Injected) {
+        self.err_before += o.err_before;
+        self.err_after += o.err_after;
+        self.slow += o.slow;
+        self.kills += o.kills;
+        self.lost_claims += o.lost_claims;
+        self.stale_refused += o.stale_refused;
+        self.commit_then_timeout += o.commit_then_timeout;
+        self.duplicated_requests += o.duplicated_requests;
+        self.panics += o.panics;
+    }
+}
+
+/// Everything the simulation shares between the driver, the handlers, the
+/// service and the fault wrapper. Only ever locked for a moment, never
+/// across an await.
+struct World {
+    seed: u64,
+    /// The last run id handed out (see `SimStore::trigger`).
+    next_run: u64,
+    rng: Rng,
+    scenario: Scenario,
+    /// Faults per thousand store calls (0 while calm).
+    fault_permille: u64,
+    /// Quiescing: no faults, no kills, handlers and the service behave.
+    calm: bool,
+    /// Workers whose process was killed: nothing they send arrives.
+    dead_workers: BTreeSet<String>,
+    /// Which worker holds each lease (from the claims' answers).
+    lease_worker: BTreeMap<LeaseId, String>,
+    /// Leases whose attempt was killed, or whose claim's answer was lost:
+    /// each must end `lease_expired` (or the run cancelled).
+    orphaned: BTreeMap<LeaseId, &'static str>,
+    /// Runs the handler postponed already (once per run).
+    postponed: BTreeSet<RunId>,
+    /// The service: every execution of an effect, by key, with the lease of
+    /// the attempt that sent it.
+    effects: BTreeMap<String, Vec<LeaseId>>,
+    injected: Injected,
+    /// Invariant violations seen while running (stale writes accepted).
+    violations: Vec<String>,
+}
+
+impl World {
+    fn dead(&self, lease: LeaseId) -> bool {
+        self.lease_worker
+            .get(&lease)
+            .is_some_and(|w| self.dead_workers.contains(w))
+    }
+
+    /// Kills the process that holds `lease`.
+    fn kill(&mut self, lease: LeaseId, why: &'static str) {
+        if let Some(w) = self.lease_worker.get(&lease).cloned() {
+            if self.dead_workers.insert(w) {
+                self.injected.kills += 1;
+            }
+        }
+        self.orphaned.insert(lease, why);
+    }
+}
+
+type Shared = Arc<Mutex<World>>;
+
+fn lock(w: &Shared) -> std::sync::MutexGuard<'_, World> {
+    w.lock().expect("world lock")
+}
+
+// ---------------------------------------------------------------- fault wrapper
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Fault {
+    None,
+    /// The connection drops before the call reaches the database.
+    Before,
+    /// The call commits, then the connection drops: the answer is lost.
+    After,
+    /// The call waits this long (simulated) before it reaches the database.
+    Slow(Duration),
+}
+
+/// A [`Store`] that injects the seed's faults and checks fencing at the
+/// source: every lease-fenced write is compared with the run's lease just
+/// before it, and a write the store accepts from a lease that no longer
+/// holds the run is a violation.
+struct SimStore {
+    inner: DynStore,
+    world: Shared,
+    /// PostgreSQL's pool lives on a runtime of its own; calls are sent there
+    /// and waited for. `None`: the call is driven on this thread (SQLite).
+    bg: Option<tokio::runtime::Handle>,
+}
+
+impl SimStore {
+    fn roll(&self, faulty: bool) -> Fault {
+        let mut w = lock(&self.world);
+        if !faulty || w.calm || w.fault_permille == 0 {
+            return Fault::None;
+        }
+        let p = w.fault_permille;
+        if w.rng.below(1000) >= p {
+            return Fault::None;
+        }
+        match w.rng.below(10) {
+            0..=3 => {
+                w.injected.err_before += 1;
+                Fault::Before
+            }
+            4..=6 => {
+                w.injected.err_after += 1;
+                Fault::After
+            }
+            _ => {
+                w.injected.slow += 1;
+                // Up to 1.5 leases: a late end meets a reaped run.
+                let ms = w.rng.range(10, 45_000);
+                Fault::Slow(Duration::from_millis(ms))
+            }
+        }
+    }
+
+    fn exec<T: Send + 'static>(
+        &self,
+        f: impl Future<Output = SResult<T>> + Send + 'static,
+    ) -> SResult<T> {
+        // Unconstrained: tokio's cooperative budget would otherwise answer
+        // "pending" once it runs out and defer the wake-up to a scheduler
+        // that this thread, blocked here, never returns to.
+        match &self.bg {
+            None => block_on(tokio::task::unconstrained(f)),
+            Some(h) => block_on(tokio::task::unconstrained(h.spawn(f))).expect("store task"),
+        }
+    }
+
+    /// Whether `lease` holds its run right now.
+    fn holds(&self, lease: LeaseRef) -> bool {
+        let inner = self.inner.clone();
+        matches!(
+            self.exec(async move { inner.get_run(lease.run_id).await }),
+            Ok(Some(r)) if r.status == RunStatus::Running && r.lease_id == Some(lease.lease_id)
+        )
+    }
+
+    fn note_claimed(&self, runs: &[Run], lost: bool) {
+        let mut w = lock(&self.world);
+        for r in runs {
+            if let (Some(l), Some(worker)) = (r.lease_id, r.worker.clone()) {
+                w.lease_worker.insert(l, worker);
+                if lost {
+                    w.injected.lost_claims += 1;
+                    w.orphaned.insert(l, "claim answer lost");
+                }
+            }
+        }
+    }
+
+    /// One store call: the fault first, then (for a fenced write) the fence
+    /// check, the call, and the fault's lost answer.
+    async fn call<T, F, Fut>(
+        &self,
+        op: &str,
+        faulty: bool,
+        fenced: Option<LeaseRef>,
+        f: F,
+    ) -> SResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(DynStore) -> Fut,
+        Fut: Future<Output = SResult<T>> + Send + 'static,
+    {
+        let fault = self.roll(faulty);
+        if let Fault::Slow(d) = fault {
+            tokio::time::sleep(d).await;
+        }
+        if let Some(l) = fenced {
+            if lock(&self.world).dead(l.lease_id) {
+                return Err(StoreError::Database(format!(
+                    "{op}: the worker's process was killed"
+                )));
+            }
+        }
+        if fault == Fault::Before {
+            return Err(StoreError::Database(format!(
+                "injected: connection dropped before {op}"
+            )));
+        }
+        let held = fenced.map(|l| (l, self.holds(l)));
+        let r = self.exec(f(self.inner.clone()));
+        if let (Some((l, false)), Ok(_)) = (held, &r) {
+            lock(&self.world).violations.push(format!(
+                "stale write accepted: {op} under lease {} of run {} while that lease did not hold the run",
+                l.lease_id, l.run_id
+            ));
+        }
+        if fault == Fault::After && r.is_ok() {
+            return Err(StoreError::Database(format!(
+                "injected: connection dropped after {op} committed"
+            )));
+        }
+        r
+    }
+
+    /// `finish` (and the ends of `finish_and_claim`): the attempt's own ends
+    /// are refused when its process is dead; the reaper's ends (class
+    /// `lease_expired`) come from a live worker.
+    fn attempt_end_is_dead(&self, ends: &[AttemptEnd]) -> bool {
+        let w = lock(&self.world);
+        ends.iter().any(|e| {
+            let reaper = matches!(&e.outcome,
+                Outcome::Retry { error, .. } if error.class == ErrorClass::LeaseExpired)
+                || matches!(&e.outcome,
+                Outcome::Failed { error: Some(error), .. } if error.class == ErrorClass::LeaseExpired);
+            !reaper && w.dead(e.lease_id)
+        })
+    }
+
+    fn check_ends(&self, ends: &[AttemptEnd], held: &[bool], results: &[SResult<RunStatus>]) {
+        let mut w = lock(&self.world);
+        for ((e, held), r) in ends.iter().zip(held).zip(results) {
+            match r {
+                Ok(_) if !held => w.violations.push(format!(
+                    "stale write accepted: attempt end `{}` under lease {} of run {} while that lease did not hold the run",
+                    e.outcome.name(),
+                    e.lease_id,
+                    e.run_id
+                )),
+                Err(StoreError::StaleLease { .. }) => w.injected.stale_refused += 1,
+                _ => {}
+            }
+        }
+    }
+
+    async fn ends_call(
+        &self,
+        op: &str,
+        ends: Vec<AttemptEnd>,
+        claims: Vec<ClaimRequest>,
+    ) -> SResult<(Vec<SResult<RunStatus>>, Vec<Run>)> {
+        let fault = self.roll(true);
+        if let Fault::Slow(d) = fault {
+            tokio::time::sleep(d).await;
+        }
+        let dead_claimer = {
+            let w = lock(&self.world);
+            claims.iter().any(|c| w.dead_workers.contains(&c.worker))
+        };
+        if dead_claimer || self.attempt_end_is_dead(&ends) {
+            return Err(StoreError::Database(format!(
+                "{op}: the worker's process was killed"
+            )));
+        }
+        if fault == Fault::Before {
+            return Err(StoreError::Database(format!(
+                "injected: connection dropped before {op}"
+            )));
+        }
+        let held: Vec<bool> = ends
+            .iter()
+            .map(|e| {
+                self.holds(LeaseRef {
+                    run_id: e.run_id,
+                    lease_id: e.lease_id,
+                })
+            })
+            .collect();
+        let inner = self.inner.clone();
+        let kept = ends.clone();
+        let r = self.exec(async move { inner.finish_and_claim(ends, claims).await });
+        if let Ok((results, runs)) = &r {
+            self.check_ends(&kept, &held, results);
+            self.note_claimed(runs, fault == Fault::After);
+        }
+        if fault == Fault::After && r.is_ok() {
+            return Err(StoreError::Database(format!(
+                "injected: connection dropped after {op} committed"
+            )));
+        }
+        r
+    }
+}
+
+#[async_trait]
+impl Store for SimStore {
+    fn backend(&self) -> &'static str {
+        self.inner.backend()
+    }
+    async fn trigger(&self, mut runs: Vec<NewRun>, now: Timestamp) -> SResult<Vec<Triggered>> {
+        // Run ids from the seed, in creation order (as v7 ids sort): the
+        // retry jitter hashes the run id, so random ids would make a seed's
+        // delays differ from one replay to the next.
+        {
+            let mut w = lock(&self.world);
+            for r in &mut runs {
+                w.next_run += 1;
+                r.id = RunId(uuid::Uuid::from_u128(
+                    ((w.seed as u128) << 64) | w.next_run as u128,
+                ));
+            }
+        }
+        self.call("trigger", true, None, move |s| async move {
+            s.trigger(runs, now).await
+        })
+        .await
+    }
+    async fn claim(&self, req: ClaimRequest) -> SResult<Vec<Run>> {
+        self.ends_call("claim", Vec::new(), vec![req])
+            .await
+            .map(|(_, runs)| runs)
+    }
+    async fn finish(&self, ends: Vec<AttemptEnd>) -> SResult<Vec<SResult<RunStatus>>> {
+        self.ends_call("finish", ends, Vec::new())
+            .await
+            .map(|(r, _)| r)
+    }
+    async fn finish_and_claim(
+        &self,
+        ends: Vec<AttemptEnd>,
+        claims: Vec<ClaimRequest>,
+    ) -> SResult<(Vec<SResult<RunStatus>>, Vec<Run>)> {
+        self.ends_call("finish_and_claim", ends, claims).await
+    }
+    async fn heartbeat(
+        &self,
+        leases: Vec<LeaseRef>,
+        expires_at: Timestamp,
+    ) -> SResult<Vec<LeaseState>> {
+        self.call("heartbeat", false, None, move |s| async move {
+            s.heartbeat(leases, expires_at).await
+        })
+        .await
+    }
+    async fn expired_leases(&self, now: Timestamp, limit: usize) -> SResult<Vec<Run>> {
+        self.call("expired_leases", true, None, move |s| async move {
+            s.expired_leases(now, limit).await
+        })
+        .await
+    }
+    async fn next_due(&self, jobs: Vec<String>) -> SResult<Option<Timestamp>> {
+        self.call("next_due", false, None, move |s| async move {
+            s.next_due(jobs).await
+        })
+        .await
+    }
+    async fn get_run(&self, id: RunId) -> SResult<Option<Run>> {
+        self.call("get_run", false, None, move |s| async move {
+            s.get_run(id).await
+        })
+        .await
+    }
+    async fn list_runs(&self, filter: docket_store::RunFilter) -> SResult<Vec<Run>> {
+        self.call("list_runs", false, None, move |s| async move {
+            s.list_runs(filter).await
+        })
+        .await
+    }
+    async fn count_runs(&self, tenant: Option<String>) -> SResult<Vec<StatusCount>> {
+        self.call("count_runs", false, None, move |s| async move {
+            s.count_runs(tenant).await
+        })
+        .await
+    }
+    async fn attempts(&self, run_id: RunId) -> SResult<Vec<AttemptRecord>> {
+        self.call("attempts", false, None, move |s| async move {
+            s.attempts(run_id).await
+        })
+        .await
+    }
+    async fn events(&self, filter: EventFilter) -> SResult<Vec<EventRecord>> {
+        self.call("events", false, None, move |s| async move {
+            s.events(filter).await
+        })
+        .await
+    }
+    async fn steps(&self, run_id: RunId) -> SResult<Vec<StepRecord>> {
+        self.call("steps", true, None, move |s| async move {
+            s.steps(run_id).await
+        })
+        .await
+    }
+    async fn save_step(
+        &self,
+        lease: LeaseRef,
+        name: String,
+        result: Value,
+        now: Timestamp,
+    ) -> SResult<LeaseState> {
+        self.call("save_step", true, Some(lease), move |s| async move {
+            s.save_step(lease, name, result, now).await
+        })
+        .await
+    }
+    async fn fail_step(
+        &self,
+        lease: LeaseRef,
+        name: String,
+        class: ErrorClass,
+        message: String,
+        now: Timestamp,
+    ) -> SResult<()> {
+        self.call("fail_step", true, Some(lease), move |s| async move {
+            s.fail_step(lease, name, class, message, now).await
+        })
+        .await
+    }
+    async fn ledger_get(&self, tenant: String, key: String) -> SResult<Option<LedgerEntry>> {
+        self.call("ledger_get", true, None, move |s| async move {
+            s.ledger_get(tenant, key).await
+        })
+        .await
+    }
+    async fn ledger_for_run(&self, run_id: RunId) -> SResult<Vec<LedgerEntry>> {
+        self.call("ledger_for_run", false, None, move |s| async move {
+            s.ledger_for_run(run_id).await
+        })
+        .await
+    }
+    async fn ledger_write(
+        &self,
+        lease: LeaseRef,
+        write: LedgerWrite,
+        event: String,
+        now: Timestamp,
+    ) -> SResult<()> {
+        self.call("ledger_write", true, Some(lease), move |s| async move {
+            s.ledger_write(lease, write, event, now).await
+        })
+        .await
+    }
+    async fn append_event(
+        &self,
+        lease: LeaseRef,
+        kind: String,
+        data: Value,
+        now: Timestamp,
+    ) -> SResult<()> {
+        self.call("append_event", true, Some(lease), move |s| async move {
+            s.append_event(lease, kind, data, now).await
+        })
+        .await
+    }
+    async fn operator(&self, req: OperatorRequest) -> SResult<Run> {
+        self.call("operator", false, None, move |s| async move {
+            s.operator(req).await
+        })
+        .await
+    }
+}
+
+// The simulation never uses tokens, connections or statistics; they pass
+// straight through so the wrapper is a complete store.
+#[async_trait]
+impl TokenStore for SimStore {
+    async fn create_token(&self, token: NewToken) -> SResult<TokenRecord> {
+        self.inner.create_token(token).await
+    }
+    async fn token_by_hash(&self, hash: String) -> SResult<Option<TokenRecord>> {
+        self.inner.token_by_hash(hash).await
+    }
+    async fn list_tokens(&self, tenant: Option<String>) -> SResult<Vec<TokenRecord>> {
+        self.inner.list_tokens(tenant).await
+    }
+    async fn revoke_token(&self, id: String, now: Timestamp) -> SResult<Option<TokenRecord>> {
+        self.inner.revoke_token(id, now).await
+    }
+    async fn last_event_id(&self) -> SResult<Option<i64>> {
+        self.inner.last_event_id().await
+    }
+}
+
+#[async_trait]
+impl ConnectionStore for SimStore {
+    async fn connection_state(
+        &self,
+        tenant: String,
+        name: String,
+    ) -> SResult<Option<ConnectionState>> {
+        self.inner.connection_state(tenant, name).await
+    }
+    async fn list_connection_states(
+        &self,
+        tenant: Option<String>,
+    ) -> SResult<Vec<ConnectionState>> {
+        self.inner.list_connection_states(tenant).await
+    }
+    async fn set_connection_status(&self, change: ConnectionChange) -> SResult<ConnectionState> {
+        self.inner.set_connection_status(change).await
+    }
+    async fn connection_audit(
+        &self,
+        tenant: String,
+        name: String,
+    ) -> SResult<Vec<ConnectionAudit>> {
+        self.inner.connection_audit(tenant, name).await
+    }
+}
+
+#[async_trait]
+impl StatsStore for SimStore {
+    async fn attention_count(&self, tenant: String) -> SResult<i64> {
+        self.inner.attention_count(tenant).await
+    }
+    async fn scan_runs(&self, scan: RunScan) -> SResult<ScanPage> {
+        self.inner.scan_runs(scan).await
+    }
+    async fn window_stats(&self, query: WindowQuery) -> SResult<WindowStats> {
+        self.inner.window_stats(query).await
+    }
+}
+
+// ---------------------------------------------------------------- the service
+
+/// Sends the effect for `key` on behalf of `lease`. What the service does
+/// is the seed's: answer, refuse, commit and then never answer (the action
+/// times out), answer late, receive the request twice, or the sender's
+/// process dies right after the effect landed.
+async fn service_send(world: &Shared, key: &str, lease: LeaseId) -> Result<Value, JobError> {
+    let mode = {
+        let mut w = lock(world);
+        if w.dead(lease) {
+            // A dead process sends nothing.
+            return Err(JobError::network("the sender's process is gone"));
+        }
+        if w.calm {
+            0
+        } else {
+            w.rng.below(100)
+        }
+    };
+    let commit = |times: usize| {
+        let mut w = lock(world);
+        let e = w.effects.entry(key.to_string()).or_default();
+        for _ in 0..times {
+            e.push(lease);
+        }
+    };
+    let receipt = json!({ "key": key, "receipt": format!("r-{key}") });
+    match mode {
+        0..=59 => {
+            commit(1);
+            Ok(receipt)
+        }
+        60..=69 => Err(JobError::unavailable("service: 503 before doing anything")),
+        70..=71 => Err(JobError::invalid_input(
+            "service: 422 the request is refused",
+        )),
+        72..=81 => {
+            commit(1);
+            lock(world).injected.commit_then_timeout += 1;
+            // The effect landed; the answer never comes: the action's
+            // timeout fires and the ledger must say `unknown`.
+            tokio::time::sleep(ACTION_TIMEOUT * 3).await;
+            Ok(receipt)
+        }
+        82..=89 => {
+            let ms = lock(world)
+                .rng
+                .range(1, ACTION_TIMEOUT.as_millis() as u64 - 1);
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            commit(1);
+            Ok(receipt)
+        }
+        90..=94 => {
+            // The network delivered the one request twice: two executions
+            // of one send (same lease). The checker counts sends, by lease.
+            commit(2);
+            lock(world).injected.duplicated_requests += 1;
+            Ok(receipt)
+        }
+        _ => {
+            commit(1);
+            lock(world).kill(lease, "killed after the effect landed");
+            std::future::pending::<()>().await;
+            unreachable!()
+        }
+    }
+}
+
+/// Asks the service whether the effect for `key` landed.
+async fn service_reconcile(world: &Shared, key: &str) -> Result<Reconciled, JobError> {
+    let mut w = lock(world);
+    let mode = if w.calm { 0 } else { w.rng.below(100) };
+    let landed = w.effects.get(key).is_some_and(|e| !e.is_empty());
+    match mode {
+        _ if w.scenario.lying_reconcile => Ok(Reconciled::NotDone),
+        0..=79 if landed => Ok(Reconciled::Committed(
+            json!({ "key": key, "receipt": format!("r-{key}") }),
+        )),
+        0..=79 => Ok(Reconciled::NotDone),
+        80..=89 => Ok(Reconciled::StillUnknown),
+        _ => Err(JobError::network("service: lookup connection reset")),
+    }
+}
+
+// ---------------------------------------------------------------- the handler
+
+fn policy() -> RetryPolicy {
+    RetryPolicy {
+        name: "sim".into(),
+        base_delay_ms: 1_000,
+        multiplier: 2.0,
+        max_delay_ms: 60_000,
+        max_attempts: 8,
+        jitter_ms: 500,
+        ..RetryPolicy::default()
+    }
+}
+
+/// Dies: the process holding `lease` is killed and this attempt never ends
+/// on its own (the engine's timeout ends the future; nothing it sends
+/// arrives).
+async fn crash(world: &Shared, lease: LeaseId, why: &'static str) -> ! {
+    lock(world).kill(lease, why);
+    std::future::pending::<()>().await;
+    unreachable!()
+}
+
+/// Sleeps a seed-chosen while, sometimes past the handler's timeout.
+async fn maybe_slow(world: &Shared) {
+    let ms = {
+        let mut w = lock(world);
+        if w.calm || !w.rng.percent(15) {
+            return;
+        }
+        w.rng.range(1, TIMEOUT.as_millis() as u64 + 5_000)
+    };
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+}
+
+async fn handler(ctx: Ctx, input: Value, world: Shared) -> Result<Value, JobError> {
+    let i = input["i"].as_u64().unwrap_or(0);
+    let key = input["key"].as_str().unwrap_or("none").to_string();
+    let lease = ctx.lease_id();
+    let roll = |n: u64| {
+        let mut w = lock(&world);
+        if w.calm {
+            u64::MAX
+        } else {
+            w.rng.below(n)
+        }
+    };
+    if roll(100) < 3 {
+        crash(&world, lease, "killed before the first step").await;
+    }
+    let w1 = world.clone();
+    let prepared: u64 = ctx
+        .step("prepare", || async move {
+            maybe_slow(&w1).await;
+            Ok::<_, JobError>(i * 2)
+        })
+        .await?
+        .into_option()
+        .unwrap_or(0);
+    if input["approval"].as_bool() == Some(true) {
+        match ctx.wait_for_input("approval", json!({ "i": i })).await? {
+            InputDecision::Approved(_) => {}
+            InputDecision::Rejected(_) => {
+                return Err(JobError::permanent("an operator rejected the request"))
+            }
+        }
+    }
+    if input["postpone"].as_bool() == Some(true) && lock(&world).postponed.insert(ctx.run_id()) {
+        let ms = lock(&world).rng.range(1_000, 60_000) as i64;
+        let until = Timestamp(ctx.deadline().0 - TIMEOUT.as_millis() as i64 + ms);
+        return Err(ctx.postpone(until));
+    }
+    let (ws, wr) = (world.clone(), world.clone());
+    let sent: Value = ctx
+        .action_with_reconcile(
+            "send",
+            key.clone(),
+            Some(ACTION_TIMEOUT),
+            move |k| async move { service_reconcile(&wr, &k).await },
+            move |k| async move { service_send(&ws, &k, lease).await },
+        )
+        .await?
+        .into_option()
+        .unwrap_or(Value::Null);
+    ctx.step("finish", || async { Ok::<_, JobError>(prepared + 1) })
+        .await?;
+    let now = ctx.deadline().0 - TIMEOUT.as_millis() as i64;
+    match roll(100) {
+        70..=73 => Err(JobError::timeout("the handler's own call timed out")),
+        74..=79 => Err(JobError::network("connection reset by peer")),
+        80..=84 => Err(JobError::unavailable("503 from a dependency")),
+        85..=87 => Err(JobError::rate_limited(
+            "429 from a dependency",
+            Some(Timestamp(now + 10_000)),
+        )),
+        88 => Err(JobError::invalid_input(
+            "the input is not acceptable after all",
+        )),
+        89 => Err(JobError::permanent("a permanent error")),
+        90..=91 => {
+            lock(&world).injected.panics += 1;
+            std::panic::panic_any(SIMULATED_PANIC)
+        }
+        92..=95 => {
+            // Slower than the handler's timeout: the engine ends it `timeout`.
+            tokio::time::sleep(TIMEOUT + Duration::from_secs(1)).await;
+            Ok(json!({ "i": i, "sent": sent }))
+        }
+        96..=98 => crash(&world, lease, "killed after the last step").await,
+        _ => Ok(json!({ "i": i, "sent": sent })),
+    }
+}
+
+// ---------------------------------------------------------------- the driver
+
+/// One worker process: its generation changes when it is killed and
+/// restarted.
+struct Proc {
+    name: String,
+    worker: Arc<Worker>,
+    tick: Option<tokio::task::JoinHandle<()>>,
+    generation: u32,
+    index: usize,
+}
+
+impl Proc {
+    fn new(d: &Docket, index: usize, generation: u32, concurrency: usize) -> Proc {
+        let name = format!("w{index}.{generation}");
+        let worker = d.worker(WorkerConfig {
+            name: name.clone(),
+            concurrency,
+            prefetch: 0,
+            ..WorkerConfig::default()
+        });
+        Proc {
+            name,
+            worker: Arc::new(worker),
+            tick: None,
+            generation,
+            index,
+        }
+    }
+
+    fn busy(&self) -> bool {
+        self.tick.as_ref().is_some_and(|t| !t.is_finished())
+    }
+}
+
+/// What one seed produced.
+struct SimResult {
+    seed: u64,
+    violations: Vec<String>,
+    digest: u64,
+    runs: usize,
+    attempts: usize,
+    injected: Injected,
+    verdicts: BTreeMap<String, usize>,
+    statuses: BTreeMap<String, usize>,
+}
+
+fn actor() -> Actor {
+    Actor::new("sim-operator", Some("simulated operator".into()))
+}
+
+/// Runs one seed on `inner` (a fresh, empty store) and checks it.
+async fn simulate(
+    seed: u64,
+    inner: DynStore,
+    bg: Option<tokio::runtime::Handle>,
+    scenario: Scenario,
+) -> SimResult {
+    let mut rng = Rng::new(seed);
+    let world: Shared = Arc::new(Mutex::new(World {
+        seed,
+        next_run: 0,
+        rng: Rng::new(seed.wrapping_mul(0x2545_F491_4F6C_DD1D) ^ 1),
+        scenario,
+        fault_permille: rng.range(0, 60),
+        calm: false,
+        dead_workers: BTreeSet::new(),
+        lease_worker: BTreeMap::new(),
+        orphaned: BTreeMap::new(),
+        postponed: BTreeSet::new(),
+        effects: BTreeMap::new(),
+        injected: Injected::default(),
+        violations: Vec::new(),
+    }));
+    let store: DynStore = Arc::new(SimStore {
+        inner,
+        world: world.clone(),
+        bg,
+    });
+    let d = Docket::with_store(
+        store,
+        Arc::new(SimClock {
+            start: tokio::time::Instant::now(),
+        }),
+    );
+    let w = world.clone();
+    d.register(
+        Job::new("sim", move |ctx: Ctx, input: Value| {
+            let w = w.clone();
+            async move { handler(ctx, input, w).await }
+        })
+        .retry(policy())
+        .timeout(TIMEOUT)
+        .lease(LEASE),
+    )
+    .expect("job registers");
+
+    let n_workers = rng.range(2, 4) as usize;
+    let n_runs = rng.range(6, 18) as usize;
+    let concurrency: Vec<usize> = (0..n_workers).map(|_| rng.range(1, 3) as usize).collect();
+    let mut procs: Vec<Proc> = (0..n_workers)
+        .map(|i| Proc::new(&d, i, 0, concurrency[i]))
+        .collect();
+    // Trigger keys name each run; action keys are per run, or per pair of
+    // runs when they share keys.
+    let inputs: Vec<Value> = (0..n_runs)
+        .map(|i| {
+            let key = if scenario.shared_keys {
+                format!("effect-{}", i / 2)
+            } else {
+                format!("effect-{i}")
+            };
+            json!({
+                "i": i,
+                "key": key,
+                "approval": rng.percent(15),
+                "postpone": rng.percent(15),
+            })
+        })
+        .collect();
+    let mut ids: Vec<RunId> = Vec::new();
+    let mut trigger_errors = 0u32;
+
+    // Chaos: the seed picks each step.
+    let steps = rng.range(60, 160);
+    for _ in 0..steps {
+        // Restart killed workers once their last tick is over.
+        for p in procs.iter_mut() {
+            let dead = lock(&world).dead_workers.contains(&p.name);
+            if dead && !p.busy() {
+                let (i, g) = (p.index, p.generation + 1);
+                *p = Proc::new(&d, i, g, concurrency[i]);
+            }
+        }
+        match rng.below(100) {
+            0..=24 if ids.len() < n_runs => {
+                let k = (rng.range(1, 3) as usize).min(n_runs - ids.len());
+                let batch: Vec<_> = (ids.len()..ids.len() + k)
+                    .map(|i| {
+                        (
+                            "sim".to_string(),
+                            inputs[i].clone(),
+                            docket::TriggerOptions {
+                                idempotency_key: Some(format!("run-{i}")),
+                                ..Default::default()
+                            },
+                        )
+                    })
+                    .collect();
+                // A lost answer is retried with the same keys: the runs
+                // created the first time come back, none twice.
+                for _ in 0..10 {
+                    match d.trigger_batch(batch.clone()).await {
+                        Ok(t) => {
+                            ids.extend(t.iter().map(|t| t.run.id));
+                            break;
+                        }
+                        Err(_) => trigger_errors += 1,
+                    }
+                }
+            }
+            0..=59 => {
+                let idle: Vec<usize> = (0..procs.len())
+                    .filter(|&i| {
+                        !procs[i].busy() && !lock(&world).dead_workers.contains(&procs[i].name)
+                    })
+                    .collect();
+                if !idle.is_empty() {
+                    let p = &mut procs[idle[rng.below(idle.len() as u64) as usize]];
+                    let worker = p.worker.clone();
+                    p.tick = Some(tokio::spawn(async move {
+                        // A failed store call ends the tick; that is the
+                        // fault, not a finding.
+                        let _ = worker.tick().await;
+                    }));
+                }
+            }
+            60..=79 => {
+                let ms = rng.range(1, 20_000);
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+            }
+            80..=86 => {
+                let waiting = d
+                    .list_runs(RunFilter {
+                        statuses: vec![RunStatus::NeedsInput],
+                        limit: 100,
+                        ..Default::default()
+                    })
+                    .await
+                    .unwrap_or_default();
+                let mut waiting: Vec<RunId> = waiting.iter().map(|r| r.id).collect();
+                waiting.sort();
+                if !waiting.is_empty() {
+                    let id = waiting[rng.below(waiting.len() as u64) as usize];
+                    let _ = if rng.percent(85) {
+                        d.approve(id, json!({ "ok": true }), actor()).await
+                    } else {
+                        d.reject(id, json!({ "ok": false }), actor()).await
+                    };
+                }
+            }
+            87..=89 if !ids.is_empty() => {
+                let id = ids[rng.below(ids.len() as u64) as usize];
+                let _ = d.cancel(id, actor()).await;
+            }
+            90..=93 if !ids.is_empty() => {
+                let id = ids[rng.below(ids.len() as u64) as usize];
+                if matches!(d.get_run(id).await, Ok(r) if r.status == RunStatus::Failed) {
+                    let _ = d.retry(id, None, actor()).await;
+                }
+            }
+            94..=99 => {
+                // Kill a busy worker mid-attempt: every lease it holds is
+                // orphaned; nothing it sends from now on arrives.
+                let busy: Vec<usize> = (0..procs.len()).filter(|&i| procs[i].busy()).collect();
+                if !busy.is_empty() {
+                    let name = procs[busy[rng.below(busy.len() as u64) as usize]]
+                        .name
+                        .clone();
+                    // The leases it holds now are orphaned: each must come
+                    // back through lease expiry.
+                    let held = d
+                        .list_runs(RunFilter {
+                            statuses: vec![RunStatus::Running],
+                            limit: 1000,
+                            ..Default::default()
+                        })
+                        .await
+                        .unwrap_or_default();
+                    let mut w = lock(&world);
+                    if w.dead_workers.insert(name.clone()) {
+                        w.injected.kills += 1;
+                    }
+                    for r in held
+                        .iter()
+                        .filter(|r| r.worker.as_deref() == Some(name.as_str()))
+                    {
+                        if let Some(l) = r.lease_id {
+                            w.orphaned.insert(l, "worker killed mid-attempt");
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+        // Let spawned work move (1 ms of simulated time).
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+
+    // Quiesce: no faults, no kills, handlers and the service behave,
+    // operators approve every request. Every run must now reach a final
+    // state: anything left is stuck.
+    {
+        let mut w = lock(&world);
+        w.calm = true;
+        // Orphans known so far keep their verdict; the ones a killed worker
+        // leaves are added when its leases are seen below.
+    }
+    while ids.len() < n_runs {
+        let i = ids.len();
+        let t = d
+            .trigger_with(
+                "sim",
+                inputs[i].clone(),
+                docket::TriggerOptions {
+                    idempotency_key: Some(format!("run-{i}")),
+                    ..Default::default()
+                },
+            )
+            .await
+            .expect("calm trigger");
+        ids.push(t.run.id);
+    }
+    for p in procs.iter_mut() {
+        if let Some(t) = p.tick.take() {
+            let _ = t.await;
+        }
+    }
+    let mut rounds = 0;
+    loop {
+        rounds += 1;
+        let mut open = Vec::new();
+        for id in &ids {
+            let r = d.get_run(*id).await.expect("run exists");
+            if !r.status.is_terminal() {
+                open.push(r);
+            }
+        }
+        if open.is_empty() || rounds > 400 {
+            break;
+        }
+        for r in open.iter().filter(|r| r.status == RunStatus::NeedsInput) {
+            let _ = d.approve(r.id, json!({ "ok": true }), actor()).await;
+        }
+        for i in 0..procs.len() {
+            if lock(&world).dead_workers.contains(&procs[i].name) {
+                let g = procs[i].generation + 1;
+                procs[i] = Proc::new(&d, i, g, concurrency[i]);
+            }
+            let _ = procs[i].worker.tick().await;
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+
+    let mut result = check(seed, &d, &world, &ids, scenario).await;
+    if trigger_errors > 0 && result.runs != n_runs {
+        result.violations.push(format!(
+            "{} runs stored for {n_runs} trigger keys",
+            result.runs
+        ));
+    }
+    result
+}
+
+// ---------------------------------------------------------------- the checks
+
+/// Checks every invariant from the evidence and returns the seed's result.
+async fn check(
+    seed: u64,
+    d: &Docket,
+    world: &Shared,
+    ids: &[RunId],
+    scenario: Scenario,
+) -> SimResult {
+    let (mut v, orphaned, effects, injected) = {
+        let w = lock(world);
+        (
+            w.violations.clone(),
+            w.orphaned.clone(),
+            w.effects.clone(),
+            w.injected.clone(),
+        )
+    };
+    let policy = policy();
+    let mut statuses = BTreeMap::new();
+    let mut verdicts = BTreeMap::new();
+    let mut attempts_total = 0;
+    let mut lease_run: BTreeMap<LeaseId, usize> = BTreeMap::new();
+    // The digest starts with every event in id order, so ids are numbered
+    // in the order the history names them.
+    let all_events = d
+        .store()
+        .events(EventFilter {
+            limit: 1_000_000,
+            ..Default::default()
+        })
+        .await
+        .expect("events");
+    let mut digest_text = String::new();
+    for e in &all_events {
+        digest_text.push_str(&serde_json::to_string(e).expect("event serializes"));
+        digest_text.push('\n');
+    }
+    for (n, id) in ids.iter().enumerate() {
+        let h = d.history(*id).await.expect("history");
+        digest_text.push_str(&serde_json::to_string(&h).expect("history serializes"));
+        let run = &h.run;
+        let tag = format!("run {n} ({id})");
+        *statuses.entry(run.status.to_string()).or_insert(0) += 1;
+        attempts_total += h.attempts.len();
+        for a in &h.attempts {
+            lease_run.insert(a.lease_id, n);
+        }
+        let kinds = |k: &str| h.events.iter().filter(|e| e.kind == k).count();
+
+        // No run lost or stuck.
+        if !run.status.is_terminal() {
+            v.push(format!(
+                "{tag} is stuck `{}` after quiescing (attempt {}, run_after {}, lease expires {:?})",
+                run.status, run.attempt, run.run_after, run.lease_expires_at
+            ));
+        }
+
+        // Every attempt's evidence agrees with the run's state.
+        if run.attempt as usize != h.attempts.len() {
+            v.push(format!(
+                "{tag}: the run says attempt {} but {} attempt rows exist",
+                run.attempt,
+                h.attempts.len()
+            ));
+        }
+        for (k, a) in h.attempts.iter().enumerate() {
+            if a.attempt as usize != k + 1 {
+                v.push(format!("{tag}: attempt rows are not numbered 1..n"));
+            }
+            if run.status.is_terminal() && a.finished_at.is_none() {
+                v.push(format!(
+                    "{tag} is {} but attempt {} never ended",
+                    run.status, a.attempt
+                ));
+            }
+        }
+        if kinds("attempt_started") != h.attempts.len() {
+            v.push(format!(
+                "{tag}: {} attempt_started events for {} attempts",
+                kinds("attempt_started"),
+                h.attempts.len()
+            ));
+        }
+        let last = h.attempts.last().map(|a| a.outcome.as_str());
+        match run.status {
+            RunStatus::Completed if last != Some("completed") || run.output.is_none() => {
+                v.push(format!(
+                    "{tag} is completed but its last attempt's outcome is {last:?} (output {:?})",
+                    run.output
+                ))
+            }
+            RunStatus::Failed if last != Some("failed") || run.terminal_reason.is_none() => {
+                v.push(format!(
+                    "{tag} is failed but its last attempt's outcome is {last:?} (reason {:?})",
+                    run.terminal_reason
+                ))
+            }
+            RunStatus::Cancelled if kinds("run_cancelled") == 0 => {
+                v.push(format!("{tag} is cancelled without a run_cancelled event"))
+            }
+            _ => {}
+        }
+        let completed_steps = h
+            .steps
+            .iter()
+            // Input decisions are stored as `input:NAME` steps with an
+            // `input_received` event instead.
+            .filter(|s| s.status == docket::StepStatus::Completed && !s.name.starts_with("input:"))
+            .count();
+        if kinds("step_completed") != completed_steps {
+            v.push(format!(
+                "{tag}: {} step_completed events for {completed_steps} completed steps (a step completed twice?)",
+                kinds("step_completed")
+            ));
+        }
+
+        // Every retry waited at least the policy's delay.
+        for pair in h.attempts.windows(2) {
+            let (a, b) = (&pair[0], &pair[1]);
+            if a.outcome != "retry_scheduled" {
+                continue;
+            }
+            let (Some(eligible), Some(delay), Some(fin)) =
+                (a.eligible_at, a.delay_ms, a.finished_at)
+            else {
+                v.push(format!(
+                    "{tag}: attempt {} scheduled a retry without its decision",
+                    a.attempt
+                ));
+                continue;
+            };
+            if b.started_at < eligible {
+                v.push(format!(
+                    "{tag}: attempt {} started at {} before attempt {}'s retry was eligible at {eligible}",
+                    b.attempt, b.started_at, a.attempt
+                ));
+            }
+            if eligible.0 - fin.0 < delay {
+                v.push(format!(
+                    "{tag}: attempt {} ended at {fin} but its retry is eligible at {eligible}, less than its delay of {delay} ms",
+                    a.attempt
+                ));
+            }
+            if a.retry_policy.as_deref() == Some("sim") && delay < policy.base_delay_ms as i64 {
+                v.push(format!(
+                    "{tag}: attempt {} retried after {delay} ms, below the policy's base delay",
+                    a.attempt
+                ));
+            }
+        }
+
+        // Forensics finds what each injected fault should produce.
+        let report = d.forensics(*id).await.expect("forensics");
+        let stale = kinds("stale_write_refused") > 0;
+        for pv in &report.verdicts {
+            *verdicts.entry(format!("{:?}", pv.verdict)).or_insert(0) += 1;
+            // A late end refused under a lease the reaper had already
+            // ended is one execution with two records: a duplicate log is
+            // the right verdict then, and only then.
+            let refused_late = h
+                .events
+                .iter()
+                .any(|e| e.kind == "stale_write_refused" && e.lease_id == Some(pv.second.lease_id));
+            match pv.verdict {
+                Verdict::DuplicateLog if refused_late => {}
+                Verdict::RetryWithoutBackoff | Verdict::DuplicateLog => v.push(format!(
+                    "{tag}: forensics says {:?}: {}",
+                    pv.verdict, pv.explanation
+                )),
+                Verdict::LeaseOverlap if !stale => v.push(format!(
+                    "{tag}: forensics says lease overlap, yet no stale write was refused: {}",
+                    pv.explanation
+                )),
+                _ => {}
+            }
+        }
+        for entry in &report.timeline {
+            let a = &entry.attempt;
+            let Some(why) = orphaned.get(&a.lease_id) else {
+                continue;
+            };
+            let expired = a.error_class == Some(ErrorClass::LeaseExpired);
+            // A cancel can end the run before its lease is reaped.
+            let cancelled = a.outcome == "cancelled" || run.status == RunStatus::Cancelled;
+            if !expired && !cancelled {
+                v.push(format!(
+                    "{tag}: attempt {} was orphaned ({why}) but its evidence says `{}` class {:?}, not lease_expired",
+                    a.attempt, a.outcome, a.error_class
+                ));
+            }
+            let seen = report
+                .failures
+                .iter()
+                .any(|f| f.lease_id == a.lease_id && f.error_class == ErrorClass::LeaseExpired);
+            if expired && !seen {
+                v.push(format!(
+                    "{tag}: attempt {} expired ({why}) but forensics lists no lease_expired failure for it",
+                    a.attempt
+                ));
+            }
+        }
+    }
+
+    // No committed effect twice for one key: count sends (distinct leases);
+    // a request the network delivered twice is one send.
+    for (key, leases) in &effects {
+        let sends: BTreeSet<&LeaseId> = leases.iter().collect();
+        if sends.len() > 1 {
+            let runs: BTreeSet<String> = sends
+                .iter()
+                .map(|l| {
+                    lease_run
+                        .get(*l)
+                        .map(|n| n.to_string())
+                        .unwrap_or_else(|| "?".into())
+                })
+                .collect();
+            v.push(format!(
+                "effect `{key}` sent {} times by different attempts (runs {}){}",
+                sends.len(),
+                runs.into_iter().collect::<Vec<_>>().join(", "),
+                if scenario.shared_keys {
+                    " [shared keys: expected until the ledger compare-and-set lands]"
+                } else {
+                    ""
+                }
+            ));
+        }
+    }
+    let keys: BTreeSet<String> = (0..ids.len())
+        .map(|i| {
+            if scenario.shared_keys {
+                format!("effect-{}", i / 2)
+            } else {
+                format!("effect-{i}")
+            }
+        })
+        .collect();
+    for key in &keys {
+        let entry = d
+            .store()
+            .ledger_get(docket::DEFAULT_TENANT.into(), key.clone())
+            .await
+            .expect("ledger");
+        let landed = effects.get(key).is_some_and(|e| !e.is_empty());
+        if let Some(e) = &entry {
+            if e.state == docket::LedgerState::Committed && !landed {
+                v.push(format!(
+                    "ledger says `{key}` committed but the service never saw it"
+                ));
+            }
+        }
+    }
+
+    // A committed ledger row is final: once an event records the key
+    // `committed`, no later ledger write records it in another state.
+    let mut committed_at: BTreeMap<String, i64> = BTreeMap::new();
+    for e in &all_events {
+        let (Some(key), Some(state)) = (
+            e.data.get("idempotency_key").and_then(Value::as_str),
+            e.data.get("state").and_then(Value::as_str),
+        ) else {
+            continue;
+        };
+        match (committed_at.get(key), state) {
+            (None, "committed") => {
+                committed_at.insert(key.to_string(), e.id);
+            }
+            (Some(first), s) if s != "committed" => v.push(format!(
+                "ledger `{key}` was committed (event {first}) and then written `{s}` (event {}, `{}`){}",
+                e.id,
+                e.kind,
+                if scenario.shared_keys {
+                    " [shared keys: expected until the ledger compare-and-set lands]"
+                } else {
+                    ""
+                }
+            )),
+            _ => {}
+        }
+    }
+
+    // No run lost, none created twice.
+    let stored = d
+        .list_runs(RunFilter {
+            limit: 10_000,
+            ..Default::default()
+        })
+        .await
+        .expect("list");
+    if stored.len() != ids.len() {
+        v.push(format!(
+            "{} runs stored for {} triggered keys",
+            stored.len(),
+            ids.len()
+        ));
+    }
+    digest_text.push_str(&format!("{effects:?}"));
+    let digest_text = normalize_ids(&digest_text);
+    // For comparing two replays line by line when a digest differs.
+    if let Ok(path) = std::env::var("DOCKET_SIM_DUMP") {
+        let path = format!("{path}.{}", d.store().backend());
+        let _ = std::fs::write(path, digest_text.replace("},{", "},\n{"));
+    }
+    SimResult {
+        seed,
+        violations: v,
+        digest: fnv1a(digest_text.as_bytes()),
+        runs: stored.len(),
+        attempts: attempts_total,
+        injected,
+        verdicts,
+        statuses,
+    }
+}
+
+/// Replaces every UUID by its order of first appearance: run and lease ids
+/// are random (v7 carries the wall clock), the history they name is not.
+fn normalize_ids(s: &str) -> String {
+    fn is_uuid(b: &[u8]) -> bool {
+        b.len() == 36
+            && b.iter().enumerate().all(|(i, c)| match i {
+                8 | 13 | 18 | 23 => *c == b'-',
+                _ => c.is_ascii_hexdigit(),
+            })
+    }
+    let b = s.as_bytes();
+    let mut seen: BTreeMap<&[u8], usize> = BTreeMap::new();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if i + 36 <= b.len() && is_uuid(&b[i..i + 36]) {
+            let n = seen.len();
+            let n = *seen.entry(&b[i..i + 36]).or_insert(n);
+            out.extend_from_slice(format!("#{n}").as_bytes());
+            i += 36;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).expect("only ASCII was replaced")
+}
+
+fn fnv1a(b: &[u8]) -> u64 {
+    b.iter().fold(0xcbf2_9ce4_8422_2325, |h, c| {
+        (h ^ *c as u64).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+// ---------------------------------------------------------------- runners
+
+fn env_u64(name: &str) -> Option<u64> {
+    std::env::var(name).ok().and_then(|v| v.trim().parse().ok())
+}
+
+fn scenario_from_env() -> Scenario {
+    Scenario {
+        shared_keys: std::env::var("DOCKET_SIM_SHARED_KEYS").is_ok_and(|v| v == "1"),
+        lying_reconcile: false,
+    }
+}
+
+/// The handlers' deliberate panics would print a message (and, with
+/// `RUST_BACKTRACE`, a backtrace) each; every other panic still does.
+fn quiet_simulated_panics() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if info.payload().downcast_ref::<&str>() != Some(&SIMULATED_PANIC) {
+                default(info)
+            }
+        }));
+    });
+}
+
+const SIMULATED_PANIC: &str = "simulated handler panic";
+
+/// A runtime of its own per seed: current-thread, time paused.
+fn sim_runtime() -> tokio::runtime::Runtime {
+    quiet_simulated_panics();
+    tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .expect("runtime")
+}
+
+fn run_sqlite(seed: u64, scenario: Scenario) -> SimResult {
+    sim_runtime().block_on(async move {
+        let inner = docket_store::open("sqlite::memory:").await.expect("sqlite");
+        simulate(seed, inner, None, scenario).await
+    })
+}
+
+/// Written straight to stderr: the test harness captures `println!`, and
+/// the count of seeds and the time taken are wanted on every run.
+fn say(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
+fn repro(seed: u64, scenario: Scenario, postgres: bool) -> String {
+    format!(
+        "DOCKET_SIM_SEED={seed}{}{} cargo test -p docket --test simulation{}",
+        if scenario.shared_keys {
+            " DOCKET_SIM_SHARED_KEYS=1"
+        } else {
+            ""
+        },
+        if postgres {
+            " DOCKET_SIM_POSTGRES=1"
+        } else {
+            ""
+        },
+        if postgres {
+            " postgres_seeds"
+        } else {
+            " simulated_seeds"
+        }
+    )
+}
+
+/// Runs seeds, prints the summary and every failing seed's reproduction,
+/// and returns the failing seeds.
+fn run_seeds(
+    label: &str,
+    seeds: &[u64],
+    scenario: Scenario,
+    postgres: bool,
+    mut one: impl FnMut(u64) -> SimResult,
+) -> Vec<(u64, Vec<String>)> {
+    let started = Instant::now();
+    let mut failed = Vec::new();
+    let mut injected = Injected::default();
+    let (mut runs, mut attempts) = (0, 0);
+    let mut verdicts: BTreeMap<String, usize> = BTreeMap::new();
+    let mut statuses: BTreeMap<String, usize> = BTreeMap::new();
+    for &seed in seeds {
+        let r = one(seed);
+        runs += r.runs;
+        attempts += r.attempts;
+        injected.add(&r.injected);
+        for (k, n) in r.verdicts {
+            *verdicts.entry(k).or_insert(0) += n;
+        }
+        for (k, n) in r.statuses {
+            *statuses.entry(k).or_insert(0) += n;
+        }
+        if seeds.len() == 1 {
+            say(&format!("seed {seed}: digest {:016x}", r.digest));
+        }
+        if !r.violations.is_empty() {
+            say(&format!(
+                "seed {} FAILED ({} violations): {}",
+                r.seed,
+                r.violations.len(),
+                r.violations.first().map(String::as_str).unwrap_or("")
+            ));
+            for extra in r.violations.iter().skip(1).take(4) {
+                say(&format!("    {extra}"));
+            }
+            say(&format!("    replay: {}", repro(seed, scenario, postgres)));
+            failed.push((seed, r.violations));
+        }
+    }
+    say(&format!(
+        "simulation ({label}{}): {} seeds in {:.1?}; {runs} runs, {attempts} attempts; final states {statuses:?}; injected {injected:?}; verdicts {verdicts:?}; {} seeds failed",
+        if scenario.shared_keys { ", shared keys" } else { "" },
+        seeds.len(),
+        started.elapsed(),
+        failed.len()
+    ));
+    failed
+}
+
+fn seed_range(default_count: u64) -> Vec<u64> {
+    if let Some(s) = env_u64("DOCKET_SIM_SEED") {
+        return vec![s];
+    }
+    let first = env_u64("DOCKET_SIM_FIRST").unwrap_or(0);
+    let n = env_u64("DOCKET_SIM_SEEDS").unwrap_or(default_count);
+    (first..first + n).collect()
+}
+
+/// The CI range: 200 seeds on SQLite in memory (`DOCKET_SIM_SEEDS`,
+/// `DOCKET_SIM_FIRST`, `DOCKET_SIM_SEED`, `DOCKET_SIM_SHARED_KEYS` change it).
+#[test]
+fn simulated_seeds() {
+    let scenario = scenario_from_env();
+    let failed = run_seeds("sqlite", &seed_range(200), scenario, false, |s| {
+        run_sqlite(s, scenario)
+    });
+    assert!(
+        failed.is_empty(),
+        "{} seeds broke an invariant; the first: seed {} — {:?}\nreplay: {}",
+        failed.len(),
+        failed[0].0,
+        failed[0].1,
+        repro(failed[0].0, scenario, false)
+    );
+}
+
+/// Exact replay: one seed, run twice, gives the same history (every run's
+/// attempts, steps, ledger rows and events, in order, with their simulated
+/// times), the same service record and the same verdicts.
+#[test]
+fn a_seed_replays_identically() {
+    let seed = env_u64("DOCKET_SIM_SEED").unwrap_or(REPLAY_SEED);
+    let scenario = scenario_from_env();
+    let a = run_sqlite(seed, scenario);
+    let b = run_sqlite(seed, scenario);
+    if seed == REPLAY_SEED {
+        // The seed exercises what replay must reproduce.
+        assert!(a.attempts > a.runs, "seed {seed} retried nothing");
+        assert!(
+            a.injected.kills > 0
+                && a.injected.err_after > 0
+                && a.injected.slow > 0
+                && a.injected.stale_refused > 0,
+            "seed {seed} injected too little: {:?}",
+            a.injected
+        );
+    }
+    assert_eq!(a.digest, b.digest, "seed {seed} did not replay identically");
+    assert_eq!(a.violations, b.violations);
+    // A different seed is a different history (the digest sees it).
+    let c = run_sqlite(seed + 1, scenario);
+    assert_ne!(a.digest, c.digest);
+}
+
+/// A seed that kills workers, loses answers after commits, delays calls
+/// past a lease (late ends refused as stale) and retries.
+const REPLAY_SEED: u64 = 58;
+
+/// The checker can fail: with a service whose reconcile always says "not
+/// done", an effect whose answer was lost is sent again, and the
+/// no-double-effect invariant reports it.
+#[test]
+fn the_checker_catches_a_lying_reconcile() {
+    let scenario = Scenario {
+        shared_keys: false,
+        lying_reconcile: true,
+    };
+    let caught = (0..40).find_map(|s| {
+        let r = run_sqlite(s, scenario);
+        r.violations
+            .iter()
+            .find(|v| v.contains("sent") && v.contains("by different attempts"))
+            .map(|v| (s, v.clone()))
+    });
+    let (seed, v) = caught.expect("40 seeds with a lying reconcile and no double effect found");
+    say(&format!("lying reconcile caught at seed {seed}: {v}"));
+}
+
+/// Two runs racing on one idempotency key must never both send, and a
+/// committed ledger row must stay committed. Today's ledger lets the second
+/// run reconcile and send while the first is still in flight, and lets it
+/// overwrite the first run's `committed` row (the ledger's compare-and-set
+/// is being added separately); these seeds show it. Un-ignore once that
+/// lands, and turn `DOCKET_SIM_SHARED_KEYS` on for the CI range.
+#[test]
+#[ignore = "fails until the ledger compare-and-set lands: two runs sharing a key both send"]
+fn shared_keys_never_send_twice() {
+    let scenario = Scenario {
+        shared_keys: true,
+        lying_reconcile: false,
+    };
+    let seeds: Vec<u64> = SHARED_KEY_SEEDS.to_vec();
+    let failed = run_seeds("sqlite", &seeds, scenario, false, |s| {
+        run_sqlite(s, scenario)
+    });
+    assert!(failed.is_empty(), "{failed:?}");
+}
+
+/// The seeds of 0..200 that break an invariant with shared keys: a double
+/// send, or a committed ledger row written again (see docs/TESTING.md).
+const SHARED_KEY_SEEDS: &[u64] = &[
+    1, 7, 10, 13, 17, 21, 26, 27, 39, 45, 53, 59, 64, 72, 76, 78, 89, 91, 95, 100, 106, 112, 126,
+    140, 148, 149, 159, 160, 166, 170, 177, 178,
+];
+
+/// PostgreSQL: a few seeds against the real server, each in a schema of its
+/// own, each also run on SQLite: both must write the same history. Runs
+/// when `DOCKET_TEST_POSTGRES_URL` is set, or with `DOCKET_SIM_POSTGRES=1`
+/// against the local test server (`DOCKET_SIM_PG_SEEDS`, default 5).
+#[test]
+fn postgres_seeds() {
+    let forced = std::env::var("DOCKET_SIM_POSTGRES").is_ok_and(|v| v == "1");
+    let base = match std::env::var("DOCKET_TEST_POSTGRES_URL") {
+        Ok(url) => url,
+        // The documented local test server.
+        Err(_) if forced => "postgres://postgres@127.0.0.1:5432/test".to_string(),
+        Err(_) => {
+            say("skipping postgres_seeds: set DOCKET_TEST_POSTGRES_URL=postgres://postgres@127.0.0.1:5432/test (or DOCKET_SIM_POSTGRES=1) to run it");
+            return;
+        }
+    };
+    let scenario = scenario_from_env();
+    // The pool and its connections live on this runtime; the simulation's
+    // own runtime sends each call here and waits for it.
+    let bg = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let admin = bg.block_on(sqlx::PgPool::connect(&base)).expect("postgres");
+    let seeds = match env_u64("DOCKET_SIM_SEED") {
+        Some(s) => vec![s],
+        None => (0..env_u64("DOCKET_SIM_PG_SEEDS").unwrap_or(5)).collect(),
+    };
+    let failed = run_seeds("postgres", &seeds, scenario, true, |seed| {
+        let schema = format!(
+            "sim_{seed}_{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        );
+        let sep = if base.contains('?') { '&' } else { '?' };
+        let url = format!("{base}{sep}schema={schema}");
+        let inner = bg
+            .block_on(docket_store::open(&url))
+            .expect("postgres store");
+        let keep = inner.clone();
+        let handle = bg.handle().clone();
+        let mut r = sim_runtime().block_on(simulate(seed, inner, Some(handle), scenario));
+        // One behaviour, two backends: the same seed must write the same
+        // history, event for event, on SQLite.
+        let on_sqlite = run_sqlite(seed, scenario);
+        if on_sqlite.digest != r.digest {
+            r.violations.push(format!(
+                "PostgreSQL's history (digest {:016x}) differs from SQLite's ({:016x}) for this seed; compare FILE.sqlite and FILE.postgres written with DOCKET_SIM_DUMP=FILE",
+                r.digest, on_sqlite.digest
+            ));
+        }
+        // Dropped on its own runtime, then the schema goes.
+        let admin = admin.clone();
+        bg.block_on(async move {
+            drop(keep);
+            sqlx::raw_sql(&format!("DROP SCHEMA {schema} CASCADE"))
+                .execute(&admin)
+                .await
+                .expect("drop schema");
+        });
+        r
+    });
+    assert!(
+        failed.is_empty(),
+        "{} seeds failed: {:?}",
+        failed.len(),
+        failed[0]
+    );
+}
