@@ -1017,10 +1017,14 @@ impl Docket {
     /// reaped.
     pub(crate) async fn reap_batch(&self, limit: usize) -> crate::Result<(usize, usize)> {
         let now = self.clock().now();
-        let expired = self.store().expired_leases(now, limit).await?;
+        let mut expired = self.store().expired_leases(now, limit).await?;
         if expired.is_empty() {
             return Ok((0, 0));
         }
+        // PostgreSQL applies a batch in run-id order (one lock order);
+        // SQLite in the order given. Sorted here, both write the same
+        // evidence in the same order (the simulation compares them).
+        expired.sort_by_key(|r| r.id);
         let mut ends = Vec::with_capacity(expired.len());
         for run in &expired {
             let job = self
