@@ -434,6 +434,10 @@ struct LedgerRow {
     event: String,
     state: Option<String>,
     found: Option<String>,
+    /// On `action_started`: the key was taken over from an attempt whose
+    /// outcome is unknown, so it is reconciled before anything is sent.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    reconcile_first: bool,
 }
 
 /// What the service saw for one prospect.
@@ -507,6 +511,7 @@ fn ledger_rows(events: &[EventRecord]) -> Vec<LedgerRow> {
                 .get("found")
                 .and_then(Value::as_str)
                 .map(String::from),
+            reconcile_first: e.data.get("reconcile_first") == Some(&Value::Bool(true)),
         })
         .collect()
 }
@@ -925,6 +930,9 @@ fn print_run(r: &RunSummary) {
             let detail = l.state.as_deref().or(l.found.as_deref()).unwrap_or("");
             match what {
                 "reconciled" => format!("a{} reconciled: {detail}", l.attempt.unwrap_or(0)),
+                "started" if l.reconcile_first => {
+                    format!("a{} taken over (reconcile first)", l.attempt.unwrap_or(0))
+                }
                 _ => format!("a{} {what}", l.attempt.unwrap_or(0)),
             }
         })

@@ -94,20 +94,29 @@ async fn demo_reconciles_the_seed_prospect_fails_the_422_at_once_and_backs_off()
     assert_eq!(seed["reconciled"], true);
     assert_eq!(seed["ledger_state"], "committed");
     assert_eq!(seed["attempts"][0]["error_class"], "timeout");
-    let ledger: Vec<(&str, Option<&str>)> = seed["ledger"]
+    let ledger: Vec<(&str, Option<&str>, bool)> = seed["ledger"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|l| (l["event"].as_str().unwrap(), l["state"].as_str()))
+        .map(|l| {
+            (
+                l["event"].as_str().unwrap(),
+                l["state"].as_str(),
+                l["reconcile_first"] == true,
+            )
+        })
         .collect();
     assert_eq!(
         ledger,
         vec![
-            ("action_started", Some("started")),
-            ("action_unknown", Some("unknown")),
-            ("action_reconciled", Some("committed")),
+            ("action_started", Some("started"), false),
+            ("action_unknown", Some("unknown"), false),
+            // The second attempt takes the key over to reconcile it: it
+            // sends nothing (the service saw one POST).
+            ("action_started", Some("started"), true),
+            ("action_reconciled", Some("committed"), false),
         ],
-        "unknown, then committed by the reconcile lookup; never started again"
+        "unknown, then taken over and committed by the reconcile lookup; never sent again"
     );
 
     // The 422: failed at once, one attempt, invalid_input.

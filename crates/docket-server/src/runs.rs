@@ -382,6 +382,26 @@ fn summary(e: &EventRecord) -> String {
                 n("duration_ms").unwrap_or(0)
             )
         }
+        "action_in_flight" => format!(
+            "action {} not sent: key {} is in flight in run {} (attempt {}); waiting for its outcome",
+            s("action"),
+            s("idempotency_key"),
+            s("held_by_run"),
+            n("held_by_attempt").unwrap_or(0)
+        ),
+        "duplicate_suppressed" => format!(
+            "action {} not sent: key {} was committed by run {}; its result returned",
+            s("action"),
+            s("idempotency_key"),
+            s("committed_by_run")
+        ),
+        "ledger_write_refused" => format!(
+            "ledger write {} refused for key {}: the row is {} (run {})",
+            s("attempted"),
+            s("idempotency_key"),
+            s("current_state"),
+            s("held_by_run")
+        ),
         "action_started" | "action_committed" | "action_unknown" | "action_failed"
         | "action_reconciled" => {
             let found = match s("found") {
@@ -391,6 +411,9 @@ fn summary(e: &EventRecord) -> String {
             let state = match e.kind.as_str() {
                 "action_reconciled" if found.is_empty() => "reconciled: committed".to_string(),
                 "action_reconciled" => "reconciled".to_string(),
+                "action_started" if e.data.get("reconcile_first") == Some(&Value::Bool(true)) => {
+                    "taken over to reconcile first (outcome unknown)".to_string()
+                }
                 k => k.trim_start_matches("action_").to_string(),
             };
             format!(
