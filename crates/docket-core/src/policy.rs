@@ -100,7 +100,28 @@ impl RetryPolicy {
                 self.max_delay_ms, self.base_delay_ms
             )));
         }
+        for (what, v) in [
+            ("base_delay_ms", self.base_delay_ms),
+            ("max_delay_ms", self.max_delay_ms),
+            ("jitter_ms", self.jitter_ms),
+        ] {
+            if v > MAX_DELAY_MS {
+                return Err(bad(format!(
+                    "{what} ({v}) is over {MAX_DELAY_MS} ms (100 years): a retry time must stay within 9999-12-31"
+                )));
+            }
+        }
         for (class, o) in &self.overrides {
+            for (what, v) in [
+                ("base_delay_ms", o.base_delay_ms),
+                ("max_delay_ms", o.max_delay_ms),
+            ] {
+                if v.is_some_and(|v| v > MAX_DELAY_MS) {
+                    return Err(bad(format!(
+                        "override for {class}: {what} is over {MAX_DELAY_MS} ms (100 years)"
+                    )));
+                }
+            }
             if o.max_attempts == Some(0) {
                 return Err(bad(format!(
                     "override for {class}: max_attempts must be at least 1"
@@ -220,6 +241,10 @@ pub struct FailureInput {
     /// A known reset time (Retry-After), if the failure carried one.
     pub retry_after: Option<Timestamp>,
 }
+
+/// The longest delay a policy may choose, 100 years (the API's bound for
+/// `delay_ms` too): every time Docket computes stays RFC 3339-renderable.
+pub const MAX_DELAY_MS: u64 = 3_155_760_000_000;
 
 /// Why a retry waits as long as it does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -147,11 +147,20 @@ impl Job {
     }
 
     pub(crate) fn check(&self) -> Result<(), String> {
+        /// The longest lease (and so handler timeout) a job may declare.
+        const MAX_LEASE: Duration = Duration::from_secs(366 * 86_400);
         if self.name.is_empty() || self.name.len() > 200 {
             return Err("the name must be 1 to 200 characters".into());
         }
         if self.timeout.is_zero() {
             return Err("the timeout must be positive".into());
+        }
+        if self.lease > MAX_LEASE {
+            return Err(format!(
+                "the lease ({:?}) is over {} days: a lease is renewed by heartbeats while the handler runs, so it only needs to cover a stall",
+                self.lease,
+                MAX_LEASE.as_secs() / 86_400
+            ));
         }
         if self.timeout >= self.lease {
             return Err(format!(

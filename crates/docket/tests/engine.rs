@@ -247,6 +247,30 @@ async fn registration_refuses_a_timeout_not_shorter_than_the_lease() {
         .unwrap_err()
         .to_string()
         .contains("max_attempts"));
+    // Durations whose sums would leave the RFC 3339 range are refused.
+    let huge_lease = Job::new(
+        "j",
+        |_ctx, _: Value| async move { Ok::<_, JobError>(json!(1)) },
+    )
+    .lease(Duration::from_secs(u64::MAX / 4));
+    let err = d.register(huge_lease).unwrap_err().to_string();
+    assert!(
+        err.contains("the lease") && err.contains("366 days"),
+        "{err}"
+    );
+    let huge_delay = Job::new(
+        "j",
+        |_ctx, _: Value| async move { Ok::<_, JobError>(json!(1)) },
+    )
+    .retry(RetryPolicy {
+        max_delay_ms: u64::MAX,
+        ..RetryPolicy::default()
+    });
+    let err = d.register(huge_delay).unwrap_err().to_string();
+    assert!(
+        err.contains("max_delay_ms") && err.contains("100 years"),
+        "{err}"
+    );
     assert!(d.job_names().is_empty());
 }
 

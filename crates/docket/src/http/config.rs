@@ -703,9 +703,23 @@ fn job(
             format!("{job_timeout_ms} ms leaves no time after the request and reconcile timeouts ({needed} ms)"),
         );
     }
+    // A lease (and so a job timeout) of at most 366 days keeps every
+    // computed time inside the RFC 3339 range (and `* 2` from overflowing).
+    const MAX_LEASE_MS: u64 = 366 * 86_400_000;
+    for (field, v) in [
+        ("job_timeout_ms", Some(job_timeout_ms)),
+        ("lease_ms", j.lease_ms),
+    ] {
+        if v.is_some_and(|v| v > MAX_LEASE_MS) {
+            p.add(
+                format!("{place}.{field}"),
+                format!("must be at most {MAX_LEASE_MS} ms (366 days)"),
+            );
+        }
+    }
     let lease_ms = j
         .lease_ms
-        .unwrap_or((job_timeout_ms * 2).max(5 * 60 * 1_000));
+        .unwrap_or((job_timeout_ms.min(MAX_LEASE_MS) * 2).max(5 * 60 * 1_000));
     if lease_ms <= job_timeout_ms {
         p.add(
             format!("{place}.lease_ms"),
@@ -788,6 +802,32 @@ mod tests {
         assert_eq!(j.job_timeout, Duration::from_millis(25_000));
         assert_eq!(c.connections["crm"].breaker.failures, 3);
         assert_eq!(j.concurrency, Some(2));
+    }
+
+    #[test]
+    fn durations_out_of_range_are_refused_not_overflowed() {
+        let p = problems(
+            r#"
+            [connections.crm]
+            base_url = "https://crm.example.com/api"
+            [jobs.a]
+            connection = "crm"
+            path = "/x"
+            job_timeout_ms = 9223372036854775807
+            [jobs.b]
+            connection = "crm"
+            path = "/x"
+            lease_ms = 99999999999999
+            retry = { max_delay_ms = 9223372036854775807 }
+            "#,
+        );
+        let has = |place: &str, what: &str| {
+            p.iter()
+                .any(|(pl, m)| pl.ends_with(place) && m.contains(what))
+        };
+        assert!(has("jobs.a.job_timeout_ms", "366 days"), "{p:?}");
+        assert!(has("jobs.b.lease_ms", "366 days"), "{p:?}");
+        assert!(p.iter().any(|(_, m)| m.contains("100 years")), "{p:?}");
     }
 
     #[test]
