@@ -1008,6 +1008,31 @@ mod migration_tests {
         drop_schema(&mut c, &schema).await;
     }
 
+    /// Two processes connecting at once apply each step once: the version is
+    /// read again under the advisory lock before every step.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_connects_apply_each_step_once() {
+        let Some((mut a, schema)) = fresh().await else {
+            return;
+        };
+        let url = std::env::var("DOCKET_TEST_POSTGRES_URL").unwrap();
+        let mut b = PgConnection::connect(&url).await.unwrap();
+        set_search_path(&mut b, &schema).await.unwrap();
+        let (ra, rb) = tokio::join!(
+            migrate_with(&mut a, &schema, PROBE),
+            migrate_with(&mut b, &schema, PROBE)
+        );
+        ra.unwrap();
+        rb.unwrap();
+        assert_eq!(version(&mut a).await, "3");
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM probe")
+            .fetch_one(&mut a)
+            .await
+            .unwrap();
+        assert_eq!(n, 2);
+        drop_schema(&mut a, &schema).await;
+    }
+
     /// A step that fails leaves the schema at the previous version, with
     /// none of its own statements applied; the steps before it stay.
     #[tokio::test]

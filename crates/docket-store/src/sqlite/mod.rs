@@ -398,6 +398,11 @@ fn migrate(conn: &Connection) -> Result<()> {
 /// so they complete whatever such a database already has.
 fn migrate_with(conn: &Connection, steps: &[&str]) -> Result<()> {
     let newest = steps.len() as i64;
+    // Up to date (every open but the first after an upgrade) or refused:
+    // answered from a read, without waiting for the write lock.
+    if stored_version(conn, newest)? == newest {
+        return Ok(());
+    }
     loop {
         conn.execute_batch("BEGIN IMMEDIATE").map_err(db_err)?;
         let found = match stored_version(conn, newest) {
@@ -410,7 +415,12 @@ fn migrate_with(conn: &Connection, steps: &[&str]) -> Result<()> {
         };
         // Index `found` is step `found + 1`.
         let step = steps[found as usize];
-        let applied = conn.execute_batch(step).and_then(|()| {
+        let applied = conn
+            .execute_batch(
+                "CREATE TABLE IF NOT EXISTS docket_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+            )
+            .and_then(|()| conn.execute_batch(step))
+            .and_then(|()| {
             conn.execute(
                 "INSERT INTO docket_meta (key, value) VALUES ('schema_version', ?1)
                  ON CONFLICT (key) DO UPDATE SET value = excluded.value",
@@ -427,13 +437,20 @@ fn migrate_with(conn: &Connection, steps: &[&str]) -> Result<()> {
     }
 }
 
-/// The stored schema version, read inside the migration transaction (0 when
-/// there is none); a version newer than `newest` is [`StoreError::SchemaTooNew`].
+/// The stored schema version (0 when there is none: no `docket_meta` table
+/// or no row); a version newer than `newest` is [`StoreError::SchemaTooNew`].
+/// Only reads.
 fn stored_version(conn: &Connection, newest: i64) -> Result<i64> {
-    conn.execute_batch(
-        "CREATE TABLE IF NOT EXISTS docket_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
-    )
-    .map_err(db_err)?;
+    let has_meta: bool = conn
+        .query_row(
+            "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'docket_meta')",
+            [],
+            |r| r.get(0),
+        )
+        .map_err(db_err)?;
+    if !has_meta {
+        return Ok(0);
+    }
     let found: Option<String> = conn
         .query_row(
             "SELECT value FROM docket_meta WHERE key = 'schema_version'",
@@ -720,6 +737,60 @@ mod migration_tests {
             .collect::<std::result::Result<_, _>>()
             .unwrap();
         assert_eq!(rows, [(2, None), (3, Some("c".to_string()))]);
+    }
+
+    /// How many migrating connections are blocked on the write lock.
+    static BLOCKED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+    /// Counts a connection as blocked on its first busy retry, then keeps
+    /// retrying (yielding) until the lock is free.
+    fn count_blocked(attempt: i32) -> bool {
+        if attempt == 0 {
+            BLOCKED.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+        std::thread::yield_now();
+        true
+    }
+
+    /// Two processes opening one file at once apply each step once: both
+    /// read version 0, then queue on the write lock (held here until both
+    /// are seen waiting); the version is read again under the lock before
+    /// every step, so the second finds the first's steps done.
+    #[test]
+    fn concurrent_opens_apply_each_step_once() {
+        let dir = std::env::temp_dir().join(format!("docket-mig-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("docket.db");
+        let holder = Connection::open(&path).unwrap();
+        holder.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let opens: Vec<_> = (0..2)
+            .map(|_| {
+                let path = path.clone();
+                std::thread::spawn(move || {
+                    let c = Connection::open(&path).unwrap();
+                    c.busy_handler(Some(count_blocked)).unwrap();
+                    migrate_with(&c, PROBE)
+                })
+            })
+            .collect();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while BLOCKED.load(std::sync::atomic::Ordering::SeqCst) < 2 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "both openers reach the write lock"
+            );
+            std::thread::yield_now();
+        }
+        holder.execute_batch("COMMIT").unwrap();
+        for open in opens {
+            open.join().unwrap().unwrap();
+        }
+        let c = Connection::open(&path).unwrap();
+        assert_eq!(version(&c), "3");
+        let n: i64 = c
+            .query_row("SELECT COUNT(*) FROM probe", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(n, 2);
     }
 
     /// A step that fails leaves the database at the previous version, with
