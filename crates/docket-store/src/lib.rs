@@ -37,8 +37,10 @@ use async_trait::async_trait;
 use docket_core::{LeaseId, RunId, RunStatus, Timestamp};
 use std::sync::Arc;
 
-/// The schema version this build writes. A database with a higher version
-/// was written by a newer Docket and is refused, never modified.
+/// The schema version this build writes: the number of migration steps
+/// (`sqlite/migrations/`, `postgres/migrations/`; ARCHITECTURE.md,
+/// "Migrations"). A database with a higher version was written by a newer
+/// Docket and is refused, never modified.
 pub const SCHEMA_VERSION: i64 = 3;
 
 /// What can go wrong in a store.

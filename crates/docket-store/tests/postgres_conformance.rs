@@ -864,3 +864,96 @@ async fn sessions_idle_in_a_transaction_are_ended() {
         .unwrap();
     assert_eq!(timeout, docket_store::postgres::IDLE_IN_TRANSACTION_TIMEOUT);
 }
+
+/// A fresh schema holding the previous release's tables and rows (schema
+/// version 2), loaded from `tests/fixtures/postgres_v2.sql`.
+async fn v2_schema(url: &str) -> String {
+    use sqlx::Connection;
+    let schema = fresh_schema();
+    let mut c = sqlx::PgConnection::connect(url).await.unwrap();
+    // A fresh `t_<uuid>` name: safe to quote.
+    sqlx::raw_sql(&format!(
+        "CREATE SCHEMA \"{schema}\"; SET search_path TO \"{schema}\";"
+    ))
+    .execute(&mut c)
+    .await
+    .unwrap();
+    sqlx::raw_sql(include_str!("fixtures/postgres_v2.sql"))
+        .execute(&mut c)
+        .await
+        .unwrap();
+    schema
+}
+
+async fn schema_version(store: &PgStore) -> String {
+    sqlx::query_scalar("SELECT value FROM docket_meta WHERE key = 'schema_version'")
+        .fetch_one(store.pool())
+        .await
+        .unwrap()
+}
+
+/// The columns and indexes of a schema, to compare two of them.
+async fn layout(store: &PgStore) -> Vec<String> {
+    sqlx::query_scalar(
+        "SELECT table_name || '.' || column_name || ' ' || data_type || ' ' || is_nullable
+                || ' ' || coalesce(column_default, '') || ' ' || is_identity
+           FROM information_schema.columns WHERE table_schema = $1
+         UNION ALL
+         SELECT replace(indexdef, $1, '') FROM pg_catalog.pg_indexes WHERE schemaname = $1
+         ORDER BY 1",
+    )
+    .bind(store.schema())
+    .fetch_all(store.pool())
+    .await
+    .unwrap()
+}
+
+/// The previous release's schema is migrated to the newest version on
+/// connect, every row intact; connecting again changes nothing, and the
+/// result has the layout of a fresh schema.
+#[tokio::test]
+async fn a_version_2_fixture_migrates_with_data_intact() {
+    let Some(url) = url() else { return };
+    let schema = v2_schema(&url).await;
+    let store = PgStore::connect_with(&url, &schema).await.unwrap();
+    assert_eq!(schema_version(&store).await, SCHEMA_VERSION.to_string());
+    let before = layout(&store).await;
+    let store: DynStore = Arc::new(store);
+    docket_store::conformance::v2_fixture_migrates_with_data_intact(store).await;
+    let again = PgStore::connect_with(&url, &schema).await.unwrap();
+    assert_eq!(schema_version(&again).await, SCHEMA_VERSION.to_string());
+    assert_eq!(
+        layout(&again).await,
+        before,
+        "a second connect migrates nothing"
+    );
+    let fresh = fresh_pg().await.unwrap();
+    assert_eq!(layout(&fresh).await, before);
+}
+
+/// A schema from before versioning (tables, but no version row) is taken as
+/// version 0: every step runs, and completes it without touching its rows.
+#[tokio::test]
+async fn a_schema_without_a_version_row_is_completed() {
+    let Some(url) = url() else { return };
+    let schema = v2_schema(&url).await;
+    {
+        use sqlx::Connection;
+        let mut c = sqlx::PgConnection::connect(&url).await.unwrap();
+        sqlx::raw_sql(&format!(
+            "DELETE FROM \"{schema}\".docket_meta; DROP TABLE \"{schema}\".ledger;"
+        ))
+        .execute(&mut c)
+        .await
+        .unwrap();
+    }
+    let store = PgStore::connect_with(&url, &schema).await.unwrap();
+    assert_eq!(schema_version(&store).await, SCHEMA_VERSION.to_string());
+    let a = docket_store::conformance::v2_fixture::COMPLETED
+        .parse()
+        .unwrap();
+    let run = store.get_run(a).await.unwrap().unwrap();
+    assert_eq!(run.output, Some(json!({"sent": 1})));
+    assert_eq!(store.steps(a).await.unwrap().len(), 1);
+    assert!(store.ledger_for_run(a).await.unwrap().is_empty());
+}

@@ -212,3 +212,76 @@ async fn a_version_2_database_gains_the_leaders_table() {
         .unwrap()
         .is_some());
 }
+
+/// A file holding the previous release's database (schema version 2, with
+/// runs in several states), loaded from `tests/fixtures/sqlite_v2.sql`.
+/// `meta` is run on it afterwards (to make it look older still).
+fn v2_database(meta: &str) -> String {
+    let dir = std::env::temp_dir().join(format!("docket-v2-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("docket.db").to_str().unwrap().to_string();
+    let c = rusqlite::Connection::open(&path).unwrap();
+    c.execute_batch(include_str!("fixtures/sqlite_v2.sql"))
+        .unwrap();
+    c.execute_batch(meta).unwrap();
+    path
+}
+
+fn schema_version(path: &str) -> String {
+    rusqlite::Connection::open(path)
+        .unwrap()
+        .query_row(
+            "SELECT value FROM docket_meta WHERE key = 'schema_version'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap()
+}
+
+/// The previous release's database is migrated to the newest version on
+/// open, every row intact; opening it again changes nothing.
+#[tokio::test]
+async fn a_version_2_fixture_migrates_with_data_intact() {
+    let p = v2_database("");
+    assert_eq!(schema_version(&p), "2");
+    let store = docket_store::sqlite::SqliteStore::open(&p).unwrap();
+    assert_eq!(schema_version(&p), docket_store::SCHEMA_VERSION.to_string());
+    docket_store::conformance::v2_fixture_migrates_with_data_intact(std::sync::Arc::new(store))
+        .await;
+    let schema = |p: &str| -> Vec<(String, String)> {
+        let c = rusqlite::Connection::open(p).unwrap();
+        let mut s = c
+            .prepare("SELECT name, sql FROM sqlite_master WHERE sql IS NOT NULL ORDER BY name")
+            .unwrap();
+        s.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    };
+    let before = schema(&p);
+    drop(docket_store::sqlite::SqliteStore::open(&p).unwrap());
+    assert_eq!(schema(&p), before, "a second open migrates nothing");
+    assert_eq!(schema_version(&p), docket_store::SCHEMA_VERSION.to_string());
+    // Migrated and fresh databases end with the same tables and indexes.
+    let fresh = std::env::temp_dir().join(format!("docket-fresh-{}.db", uuid::Uuid::new_v4()));
+    let fresh = fresh.to_str().unwrap();
+    drop(docket_store::sqlite::SqliteStore::open(fresh).unwrap());
+    assert_eq!(schema(fresh), before);
+}
+
+/// A database from before versioning (tables, but no version row) is taken
+/// as version 0: every step runs, and completes it without touching its rows.
+#[tokio::test]
+async fn a_database_without_a_version_row_is_completed() {
+    let p = v2_database("DELETE FROM docket_meta; DROP TABLE ledger;");
+    let store = docket_store::sqlite::SqliteStore::open(&p).unwrap();
+    assert_eq!(schema_version(&p), docket_store::SCHEMA_VERSION.to_string());
+    use docket_store::Store;
+    let a = docket_store::conformance::v2_fixture::COMPLETED
+        .parse()
+        .unwrap();
+    let run = store.get_run(a).await.unwrap().unwrap();
+    assert_eq!(run.output, Some(serde_json::json!({"sent": 1})));
+    assert_eq!(store.steps(a).await.unwrap().len(), 1);
+    assert!(store.ledger_for_run(a).await.unwrap().is_empty());
+}

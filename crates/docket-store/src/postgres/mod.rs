@@ -4,10 +4,11 @@
 //! - All of Docket's tables live in one schema (default `docket`, chosen with
 //!   `?schema=NAME` in the URL or [`PgStore::connect_with`]); every pooled
 //!   connection sets its `search_path` to it.
-//! - Migrations run at connect, in one transaction under a transaction-level
-//!   advisory lock derived from the schema name, so processes starting
-//!   together do not race. A schema whose `docket_meta.schema_version` is newer
-//!   than [`SCHEMA_VERSION`] is refused with [`StoreError::SchemaTooNew`] and
+//! - Migrations run at connect: numbered steps (`postgres/migrations/`),
+//!   each in its own transaction under a transaction-level advisory lock
+//!   derived from the schema name, so processes starting together apply
+//!   each step once. A schema whose `docket_meta.schema_version` is newer
+//!   than [`SCHEMA_VERSION`](crate::SCHEMA_VERSION) is refused with [`StoreError::SchemaTooNew`] and
 //!   left untouched.
 //! - The hot path (`hot.rs`): a claim is one statement that picks due runs
 //!   with `FOR UPDATE SKIP LOCKED`, so concurrent claimers never wait on,
@@ -53,7 +54,7 @@ mod tokens;
 
 use crate::{
     AttemptEnd, AttemptRecord, ClaimRequest, EventFilter, EventRecord, LeaseRef, LeaseState,
-    NewRun, Result, Run, RunFilter, StatusCount, Store, StoreError, Triggered, SCHEMA_VERSION,
+    NewRun, Result, Run, RunFilter, StatusCount, Store, StoreError, Triggered,
 };
 use async_trait::async_trait;
 use docket_core::{RunId, RunStatus, Timestamp};
@@ -532,46 +533,75 @@ async fn set_search_path(
     Ok(())
 }
 
-/// Creates or upgrades the schema, in one transaction under an advisory
-/// lock. Refuses (and leaves alone) a schema written by a newer Docket.
+/// The schema, as numbered forward-only steps: step `n` (1-based) takes a
+/// schema from version `n - 1` to `n`, numbered as the SQLite steps. A
+/// released step is never edited; a schema change is a new step at the end
+/// (ARCHITECTURE.md, "Migrations").
+pub(crate) const MIGRATIONS: &[&str] = &[
+    include_str!("migrations/0001_initial.sql"),
+    include_str!("migrations/0002_steps_ledger_tokens_connections.sql"),
+    include_str!("migrations/0003_leaders.sql"),
+];
+
+/// Creates or upgrades the schema by applying [`MIGRATIONS`]. Refuses (and
+/// leaves alone) a schema written by a newer Docket.
 async fn migrate(conn: &mut PgConnection, schema: &str) -> Result<()> {
-    let mut tx = conn.begin().await.map_err(db)?;
-    sqlx::query("SELECT pg_advisory_xact_lock($1)")
-        .bind(migration_lock_key(schema))
-        .execute(&mut *tx)
+    migrate_with(conn, schema, MIGRATIONS).await
+}
+
+/// Applies `steps` after the stored version, each in its own transaction
+/// together with its version bump, under a transaction-level advisory lock
+/// derived from the schema name (taken again by every step's transaction).
+/// The version is read under the lock before every step, so processes that
+/// start together apply each step once: the later ones find it done. A
+/// failed step leaves the schema at the previous version with nothing
+/// half-written. No version row (a schema from before versioning, or a new
+/// one) counts as version 0: steps 1-3 are written with IF NOT EXISTS, so
+/// they complete whatever such a schema already has.
+async fn migrate_with(conn: &mut PgConnection, schema: &str, steps: &[&str]) -> Result<()> {
+    let newest = steps.len() as i64;
+    loop {
+        let mut tx = conn.begin().await.map_err(db)?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(migration_lock_key(schema))
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        let has_meta: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_tables
+                WHERE schemaname = $1 AND tablename = 'docket_meta')",
+        )
+        .bind(schema)
+        .fetch_one(&mut *tx)
         .await
         .map_err(db)?;
-    let has_meta: bool = sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_tables
-            WHERE schemaname = $1 AND tablename = 'docket_meta')",
-    )
-    .bind(schema)
-    .fetch_one(&mut *tx)
-    .await
-    .map_err(db)?;
-    let found: i64 = if has_meta {
-        let v: Option<String> =
-            sqlx::query_scalar("SELECT value FROM docket_meta WHERE key = 'schema_version'")
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(db)?;
-        match v {
-            Some(v) => v
-                .parse()
-                .map_err(|_| StoreError::Corrupt(format!("schema_version `{v}`")))?,
-            None => 0,
+        let found: i64 = if has_meta {
+            let v: Option<String> =
+                sqlx::query_scalar("SELECT value FROM docket_meta WHERE key = 'schema_version'")
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(db)?;
+            match v {
+                Some(v) => v
+                    .parse()
+                    .ok()
+                    .filter(|v| *v >= 0)
+                    .ok_or_else(|| StoreError::Corrupt(format!("schema_version `{v}`")))?,
+                None => 0,
+            }
+        } else {
+            0
+        };
+        if found > newest {
+            // Dropping `tx` rolls back: nothing was written.
+            return Err(StoreError::SchemaTooNew {
+                found,
+                supported: newest,
+            });
         }
-    } else {
-        0
-    };
-    if found > SCHEMA_VERSION {
-        // Dropping `tx` rolls back: nothing was written.
-        return Err(StoreError::SchemaTooNew {
-            found,
-            supported: SCHEMA_VERSION,
-        });
-    }
-    if found < SCHEMA_VERSION {
+        if found == newest {
+            return tx.commit().await.map_err(db);
+        }
         // The name was validated by `valid_schema`; identifiers cannot
         // be bound as parameters.
         let create = format!("CREATE SCHEMA IF NOT EXISTS \"{}\"", schema);
@@ -582,7 +612,8 @@ async fn migrate(conn: &mut PgConnection, schema: &str) -> Result<()> {
         .execute(&mut *tx)
         .await
         .map_err(db)?;
-        sqlx::raw_sql(include_str!("schema.sql"))
+        // Index `found` is step `found + 1`.
+        sqlx::raw_sql(steps[found as usize])
             .execute(&mut *tx)
             .await
             .map_err(db)?;
@@ -590,12 +621,12 @@ async fn migrate(conn: &mut PgConnection, schema: &str) -> Result<()> {
             "INSERT INTO docket_meta (key, value) VALUES ('schema_version', $1)
              ON CONFLICT (key) DO UPDATE SET value = excluded.value",
         )
-        .bind(SCHEMA_VERSION.to_string())
+        .bind((found + 1).to_string())
         .execute(&mut *tx)
         .await
         .map_err(db)?;
+        tx.commit().await.map_err(db)?;
     }
-    tx.commit().await.map_err(db)
 }
 
 async fn new_listener(pool: &PgPool) -> std::result::Result<PgListener, sqlx::Error> {
@@ -902,5 +933,124 @@ mod tests {
         assert!(!valid_schema("a\"; DROP TABLE x; --"));
         assert!(!valid_schema(&"a".repeat(64)));
         assert_ne!(migration_lock_key("a"), migration_lock_key("b"));
+    }
+}
+
+#[cfg(test)]
+mod migration_tests {
+    use super::*;
+
+    #[test]
+    fn schema_version_is_the_number_of_steps() {
+        assert_eq!(MIGRATIONS.len() as i64, crate::SCHEMA_VERSION);
+    }
+
+    /// A connection to a fresh schema of the test database, or `None`
+    /// (the test then passes, saying why) without `DOCKET_TEST_POSTGRES_URL`.
+    async fn fresh() -> Option<(PgConnection, String)> {
+        let Ok(url) = std::env::var("DOCKET_TEST_POSTGRES_URL") else {
+            eprintln!("skipping: set DOCKET_TEST_POSTGRES_URL to run PostgreSQL tests");
+            return None;
+        };
+        let schema = format!("t_{}", uuid::Uuid::now_v7().simple());
+        let mut conn = PgConnection::connect(&url).await.unwrap();
+        set_search_path(&mut conn, &schema).await.unwrap();
+        Some((conn, schema))
+    }
+
+    async fn version(c: &mut PgConnection) -> String {
+        sqlx::query_scalar("SELECT value FROM docket_meta WHERE key = 'schema_version'")
+            .fetch_one(c)
+            .await
+            .unwrap()
+    }
+
+    async fn drop_schema(c: &mut PgConnection, schema: &str) {
+        // A fresh `t_<uuid>` name: safe to quote.
+        sqlx::raw_sql(&format!("DROP SCHEMA \"{schema}\" CASCADE"))
+            .execute(c)
+            .await
+            .unwrap();
+    }
+
+    /// Steps that fail if applied twice (a second CREATE TABLE, a duplicate
+    /// primary key, a second ADD COLUMN) prove each ran exactly once.
+    const PROBE: &[&str] = &[
+        "CREATE TABLE probe (n integer PRIMARY KEY);",
+        "INSERT INTO probe (n) VALUES (2);",
+        "ALTER TABLE probe ADD COLUMN x text; INSERT INTO probe (n, x) VALUES (3, 'c');",
+    ];
+
+    #[tokio::test]
+    async fn each_step_is_applied_once_in_order_and_reconnecting_is_a_no_op() {
+        let Some((mut c, schema)) = fresh().await else {
+            return;
+        };
+        migrate_with(&mut c, &schema, &PROBE[..1]).await.unwrap();
+        assert_eq!(version(&mut c).await, "1");
+        migrate_with(&mut c, &schema, PROBE).await.unwrap();
+        assert_eq!(version(&mut c).await, "3");
+        migrate_with(&mut c, &schema, PROBE).await.unwrap();
+        assert_eq!(version(&mut c).await, "3");
+        let rows: Vec<(i32, Option<String>)> = sqlx::query_as("SELECT n, x FROM probe ORDER BY n")
+            .fetch_all(&mut c)
+            .await
+            .unwrap();
+        assert_eq!(rows, [(2, None), (3, Some("c".to_string()))]);
+        // A build with fewer steps refuses the schema and writes nothing.
+        match migrate_with(&mut c, &schema, &PROBE[..2]).await {
+            Err(StoreError::SchemaTooNew { found, supported }) => {
+                assert_eq!((found, supported), (3, 2));
+            }
+            other => panic!("expected SchemaTooNew, got {other:?}"),
+        }
+        assert_eq!(version(&mut c).await, "3");
+        drop_schema(&mut c, &schema).await;
+    }
+
+    /// Two processes connecting at once apply each step once: the version is
+    /// read again under the advisory lock before every step.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_connects_apply_each_step_once() {
+        let Some((mut a, schema)) = fresh().await else {
+            return;
+        };
+        let url = std::env::var("DOCKET_TEST_POSTGRES_URL").unwrap();
+        let mut b = PgConnection::connect(&url).await.unwrap();
+        set_search_path(&mut b, &schema).await.unwrap();
+        let (ra, rb) = tokio::join!(
+            migrate_with(&mut a, &schema, PROBE),
+            migrate_with(&mut b, &schema, PROBE)
+        );
+        ra.unwrap();
+        rb.unwrap();
+        assert_eq!(version(&mut a).await, "3");
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM probe")
+            .fetch_one(&mut a)
+            .await
+            .unwrap();
+        assert_eq!(n, 2);
+        drop_schema(&mut a, &schema).await;
+    }
+
+    /// A step that fails leaves the schema at the previous version, with
+    /// none of its own statements applied; the steps before it stay.
+    #[tokio::test]
+    async fn a_failing_step_is_rolled_back_alone() {
+        let Some((mut c, schema)) = fresh().await else {
+            return;
+        };
+        let steps = [
+            PROBE[0],
+            "INSERT INTO probe (n) VALUES (7); INSERT INTO no_such_table VALUES (1);",
+        ];
+        assert!(migrate_with(&mut c, &schema, &steps).await.is_err());
+        assert_eq!(version(&mut c).await, "1");
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM probe")
+            .fetch_one(&mut c)
+            .await
+            .unwrap();
+        assert_eq!(n, 0, "the failed step's first insert was rolled back");
+        drop_schema(&mut c, &schema).await;
     }
 }

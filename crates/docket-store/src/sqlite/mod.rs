@@ -29,7 +29,7 @@ use crate::DbErrorKind;
 use crate::{
     AttemptEnd, AttemptRecord, ClaimRequest, EventFilter, EventRecord, LeaseRef, LeaseState,
     LedgerBegin, LedgerEntry, LedgerWrite, NewRun, OperatorRequest, Result, Run, RunFilter,
-    StatusCount, StepRecord, Store, StoreError, Triggered, SCHEMA_VERSION,
+    StatusCount, StepRecord, Store, StoreError, Triggered,
 };
 use async_trait::async_trait;
 use docket_core::{RunId, RunStatus, Timestamp};
@@ -373,11 +373,84 @@ fn writer_loop(conn: Connection, rx: mpsc::Receiver<Job>, watch: Option<std::syn
     }
 }
 
+/// The schema, as numbered forward-only steps: step `n` (1-based) takes a
+/// database from version `n - 1` to `n`. A released step is never edited;
+/// a schema change is a new step at the end (ARCHITECTURE.md, "Migrations").
+pub(crate) const MIGRATIONS: &[&str] = &[
+    include_str!("migrations/0001_initial.sql"),
+    include_str!("migrations/0002_steps_ledger_tokens_connections.sql"),
+    include_str!("migrations/0003_leaders.sql"),
+];
+
+/// Brings the database to [`SCHEMA_VERSION`](crate::SCHEMA_VERSION) by applying [`MIGRATIONS`].
 fn migrate(conn: &Connection) -> Result<()> {
-    conn.execute_batch(
-        "CREATE TABLE IF NOT EXISTS docket_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
-    )
-    .map_err(db_err)?;
+    migrate_with(conn, MIGRATIONS)
+}
+
+/// Applies `steps` after the stored version, each in its own `BEGIN
+/// IMMEDIATE` transaction together with its version bump, so a failed step
+/// leaves the database at the previous version with nothing half-written.
+/// The version is read again under the write lock before every step: a
+/// process that starts at the same time and migrated first makes the rest
+/// a no-op, never a second application. A database newer than `steps` is
+/// refused untouched. No version row (a database from before versioning, or
+/// a new file) counts as version 0: steps 1-3 are written with IF NOT EXISTS,
+/// so they complete whatever such a database already has.
+fn migrate_with(conn: &Connection, steps: &[&str]) -> Result<()> {
+    let newest = steps.len() as i64;
+    // Up to date (every open but the first after an upgrade) or refused:
+    // answered from a read, without waiting for the write lock.
+    if stored_version(conn, newest)? == newest {
+        return Ok(());
+    }
+    loop {
+        conn.execute_batch("BEGIN IMMEDIATE").map_err(db_err)?;
+        let found = match stored_version(conn, newest) {
+            Ok(found) if found < newest => found,
+            done => {
+                // Up to date, or refused: nothing was written.
+                let _ = conn.execute_batch("ROLLBACK");
+                return done.map(|_| ());
+            }
+        };
+        // Index `found` is step `found + 1`.
+        let step = steps[found as usize];
+        let applied = conn
+            .execute_batch(
+                "CREATE TABLE IF NOT EXISTS docket_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+            )
+            .and_then(|()| conn.execute_batch(step))
+            .and_then(|()| {
+            conn.execute(
+                "INSERT INTO docket_meta (key, value) VALUES ('schema_version', ?1)
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                [(found + 1).to_string()],
+            )
+        });
+        match applied.and_then(|_| conn.execute_batch("COMMIT")) {
+            Ok(()) => {}
+            Err(e) => {
+                let _ = conn.execute_batch("ROLLBACK");
+                return Err(db_err(e));
+            }
+        }
+    }
+}
+
+/// The stored schema version (0 when there is none: no `docket_meta` table
+/// or no row); a version newer than `newest` is [`StoreError::SchemaTooNew`].
+/// Only reads.
+fn stored_version(conn: &Connection, newest: i64) -> Result<i64> {
+    let has_meta: bool = conn
+        .query_row(
+            "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'docket_meta')",
+            [],
+            |r| r.get(0),
+        )
+        .map_err(db_err)?;
+    if !has_meta {
+        return Ok(0);
+    }
     let found: Option<String> = conn
         .query_row(
             "SELECT value FROM docket_meta WHERE key = 'schema_version'",
@@ -393,25 +466,18 @@ fn migrate(conn: &Connection) -> Result<()> {
     let found: i64 = match found {
         Some(v) => v
             .parse()
-            .map_err(|_| StoreError::Corrupt(format!("schema_version `{v}`")))?,
+            .ok()
+            .filter(|v| *v >= 0)
+            .ok_or_else(|| StoreError::Corrupt(format!("schema_version `{v}`")))?,
         None => 0,
     };
-    if found > SCHEMA_VERSION {
+    if found > newest {
         return Err(StoreError::SchemaTooNew {
             found,
-            supported: SCHEMA_VERSION,
+            supported: newest,
         });
     }
-    if found < SCHEMA_VERSION {
-        conn.execute_batch(&format!(
-            "BEGIN IMMEDIATE; {} INSERT INTO docket_meta (key, value) VALUES ('schema_version', '{}')
-             ON CONFLICT (key) DO UPDATE SET value = excluded.value; COMMIT;",
-            include_str!("schema.sql"),
-            SCHEMA_VERSION
-        ))
-        .map_err(db_err)?;
-    }
-    Ok(())
+    Ok(found)
 }
 
 #[async_trait]
@@ -624,5 +690,139 @@ impl Store for SqliteStore {
             .tx
             .send(Box::new(|_: &Connection| -> Reply { Box::new(|_| ()) }));
         Ok(Some(rx))
+    }
+}
+
+#[cfg(test)]
+mod migration_tests {
+    use super::*;
+
+    #[test]
+    fn schema_version_is_the_number_of_steps() {
+        assert_eq!(MIGRATIONS.len() as i64, crate::SCHEMA_VERSION);
+    }
+
+    fn version(c: &Connection) -> String {
+        c.query_row(
+            "SELECT value FROM docket_meta WHERE key = 'schema_version'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap()
+    }
+
+    /// Steps that fail if applied twice (a second CREATE TABLE, a duplicate
+    /// primary key, a second ADD COLUMN) prove each ran exactly once.
+    const PROBE: &[&str] = &[
+        "CREATE TABLE probe (n INTEGER PRIMARY KEY);",
+        "INSERT INTO probe (n) VALUES (2);",
+        "ALTER TABLE probe ADD COLUMN x TEXT; INSERT INTO probe (n, x) VALUES (3, 'c');",
+    ];
+
+    #[test]
+    fn each_step_is_applied_once_in_order_and_reopening_is_a_no_op() {
+        let c = Connection::open_in_memory().unwrap();
+        migrate_with(&c, &PROBE[..1]).unwrap();
+        assert_eq!(version(&c), "1");
+        // A newer build applies only the steps after the stored version.
+        migrate_with(&c, PROBE).unwrap();
+        assert_eq!(version(&c), "3");
+        migrate_with(&c, PROBE).unwrap();
+        assert_eq!(version(&c), "3");
+        let rows: Vec<(i64, Option<String>)> = c
+            .prepare("SELECT n, x FROM probe ORDER BY n")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<std::result::Result<_, _>>()
+            .unwrap();
+        assert_eq!(rows, [(2, None), (3, Some("c".to_string()))]);
+    }
+
+    /// How many migrating connections are blocked on the write lock.
+    static BLOCKED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+    /// Counts a connection as blocked on its first busy retry, then keeps
+    /// retrying (yielding) until the lock is free.
+    fn count_blocked(attempt: i32) -> bool {
+        if attempt == 0 {
+            BLOCKED.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+        std::thread::yield_now();
+        true
+    }
+
+    /// Two processes opening one file at once apply each step once: both
+    /// read version 0, then queue on the write lock (held here until both
+    /// are seen waiting); the version is read again under the lock before
+    /// every step, so the second finds the first's steps done.
+    #[test]
+    fn concurrent_opens_apply_each_step_once() {
+        let dir = std::env::temp_dir().join(format!("docket-mig-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("docket.db");
+        let holder = Connection::open(&path).unwrap();
+        holder.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let opens: Vec<_> = (0..2)
+            .map(|_| {
+                let path = path.clone();
+                std::thread::spawn(move || {
+                    let c = Connection::open(&path).unwrap();
+                    c.busy_handler(Some(count_blocked)).unwrap();
+                    migrate_with(&c, PROBE)
+                })
+            })
+            .collect();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while BLOCKED.load(std::sync::atomic::Ordering::SeqCst) < 2 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "both openers reach the write lock"
+            );
+            std::thread::yield_now();
+        }
+        holder.execute_batch("COMMIT").unwrap();
+        for open in opens {
+            open.join().unwrap().unwrap();
+        }
+        let c = Connection::open(&path).unwrap();
+        assert_eq!(version(&c), "3");
+        let n: i64 = c
+            .query_row("SELECT COUNT(*) FROM probe", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(n, 2);
+    }
+
+    /// A step that fails leaves the database at the previous version, with
+    /// none of its own statements applied; the steps before it stay.
+    #[test]
+    fn a_failing_step_is_rolled_back_alone() {
+        let c = Connection::open_in_memory().unwrap();
+        let steps = [
+            PROBE[0],
+            "INSERT INTO probe (n) VALUES (7); INSERT INTO no_such_table VALUES (1);",
+        ];
+        assert!(migrate_with(&c, &steps).is_err());
+        assert_eq!(version(&c), "1");
+        let n: i64 = c
+            .query_row("SELECT COUNT(*) FROM probe", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(n, 0, "the failed step's first insert was rolled back");
+        assert!(c.is_autocommit(), "no transaction is left open");
+    }
+
+    /// A version newer than the steps is refused and nothing is written.
+    #[test]
+    fn a_newer_version_is_refused() {
+        let c = Connection::open_in_memory().unwrap();
+        migrate_with(&c, PROBE).unwrap();
+        match migrate_with(&c, &PROBE[..2]) {
+            Err(StoreError::SchemaTooNew { found, supported }) => {
+                assert_eq!((found, supported), (3, 2));
+            }
+            other => panic!("expected SchemaTooNew, got {other:?}"),
+        }
+        assert_eq!(version(&c), "3");
+        assert!(c.is_autocommit());
     }
 }
