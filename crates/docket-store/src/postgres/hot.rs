@@ -934,3 +934,92 @@ fn frees_by(end: &AttemptEnd, now: i64) -> bool {
         | Outcome::Cancelled => false,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{ErrorInfo, RetryRecord};
+    use docket_core::Timestamp;
+
+    fn end(run: RunId, now: i64, outcome: Outcome) -> AttemptEnd {
+        AttemptEnd {
+            run_id: run,
+            lease_id: LeaseId::new(),
+            now: Timestamp(now),
+            outcome,
+        }
+    }
+
+    #[test]
+    fn renumber_shifts_every_placeholder_and_nothing_else() {
+        assert_eq!(
+            renumber("SELECT $1, $2::text, $10 FROM t WHERE a = $1", 3),
+            "SELECT $4, $5::text, $13 FROM t WHERE a = $4"
+        );
+        assert_eq!(renumber("no placeholders", 7), "no placeholders");
+        // A `$` not followed by digits is kept as it is.
+        assert_eq!(renumber("a $ b $x", 2), "a $ b $x");
+        assert_eq!(renumber("$9$1", 1), "$10$2");
+    }
+
+    #[test]
+    fn rounds_put_the_kth_end_of_each_run_in_round_k_in_run_id_order() {
+        let (a, b) = (RunId::new(), RunId::new());
+        let (lo, hi) = if a < b { (a, b) } else { (b, a) };
+        let ends = vec![
+            end(hi, 1, Outcome::Cancelled),
+            end(lo, 1, Outcome::Cancelled),
+            end(hi, 2, Outcome::Cancelled),
+            end(hi, 3, Outcome::Cancelled),
+        ];
+        // Round 0: each run's first end, lowest run id first (one lock
+        // order for every statement); later ends of a run in later rounds.
+        assert_eq!(rounds(&ends), vec![vec![1, 0], vec![2], vec![3]]);
+        assert!(rounds(&[]).is_empty());
+    }
+
+    #[test]
+    fn frees_by_only_ends_that_leave_the_run_claimable_by_then() {
+        let r = RunId::new();
+        let retry = |at: i64| Outcome::Retry {
+            error: ErrorInfo {
+                class: ErrorClass::Timeout,
+                message: "m".into(),
+                fingerprint: "f".into(),
+                failure_key: "k".into(),
+                action: None,
+            },
+            retry: RetryRecord {
+                policy: "p".into(),
+                delay_ms: 0,
+                eligible_at: Timestamp(at),
+                reason: "backoff".into(),
+            },
+        };
+        assert!(frees_by(&end(r, 5, Outcome::Released), 5));
+        assert!(!frees_by(&end(r, 6, Outcome::Released), 5));
+        assert!(frees_by(&end(r, 1, retry(5)), 5));
+        assert!(!frees_by(&end(r, 1, retry(6)), 5));
+        assert!(frees_by(
+            &end(
+                r,
+                1,
+                Outcome::Postponed {
+                    until: Timestamp(4)
+                }
+            ),
+            5
+        ));
+        assert!(!frees_by(
+            &end(
+                r,
+                1,
+                Outcome::Postponed {
+                    until: Timestamp(9)
+                }
+            ),
+            5
+        ));
+        assert!(!frees_by(&end(r, 1, Outcome::Cancelled), 5));
+    }
+}
