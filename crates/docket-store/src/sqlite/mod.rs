@@ -69,10 +69,25 @@ pub struct SqliteStore {
 }
 
 /// How often an idle writer thread looks for other connections' commits
-/// once a worker listens: `PRAGMA data_version` reads the WAL index in
-/// shared memory (no disk I/O, ~1 µs), so this costs next to nothing and
-/// bounds cross-process pickup at a few milliseconds instead of the poll.
-pub const WATCH_EVERY: std::time::Duration = std::time::Duration::from_millis(2);
+/// once a worker listens: every [`WATCH_MIN`] right after activity (a
+/// commit seen, a request served), doubling while nothing happens up to
+/// [`WATCH_MAX`]. `PRAGMA data_version` reads the WAL index in shared
+/// memory (no disk I/O, ~1 µs), so a look is cheap; the backoff keeps an
+/// idle worker from waking 500 times a second, and bounds cross-process
+/// pickup at `WATCH_MAX` instead of the poll.
+pub const WATCH_MIN: std::time::Duration = std::time::Duration::from_millis(1);
+/// The longest wait between two looks (see [`WATCH_MIN`]).
+pub const WATCH_MAX: std::time::Duration = std::time::Duration::from_millis(8);
+
+/// The next wait between looks: back to [`WATCH_MIN`] after activity,
+/// doubled (up to [`WATCH_MAX`]) after a quiet look.
+fn next_watch_wait(current: std::time::Duration, active: bool) -> std::time::Duration {
+    if active {
+        WATCH_MIN
+    } else {
+        (current * 2).min(WATCH_MAX)
+    }
+}
 
 /// Commits made by other connections to the same file — another process
 /// (a web app triggering runs, a second worker) or another store — turned
@@ -305,32 +320,38 @@ fn savepoint<T>(conn: &Connection, f: impl FnOnce(&Connection) -> Result<T>) -> 
     res
 }
 
-/// Wakes listeners when another connection committed since the last look.
-fn look_for_other_commits(conn: &Connection, watch: &Watch, seen: &mut Option<i64>) {
+/// Wakes listeners when another connection committed since the last look;
+/// says whether one did.
+fn look_for_other_commits(conn: &Connection, watch: &Watch, seen: &mut Option<i64>) -> bool {
     let Ok(v) = conn.query_row("PRAGMA data_version", [], |r| r.get::<_, i64>(0)) else {
-        return;
+        return false;
     };
-    if seen.is_some_and(|s| s != v) {
+    let changed = seen.is_some_and(|s| s != v);
+    if changed {
         // "" = look at every job; nobody listening is fine.
         let _ = watch.tx.send(String::new());
     }
     *seen = Some(v);
+    changed
 }
 
 /// The next request; while a worker listens for other connections'
-/// commits, an idle thread looks for them every [`WATCH_EVERY`].
+/// commits, an idle thread looks for them between [`WATCH_MIN`] and
+/// [`WATCH_MAX`] apart.
 fn next_job(
     conn: &Connection,
     rx: &mpsc::Receiver<Job>,
     watch: Option<&Watch>,
     seen: &mut Option<i64>,
 ) -> Option<Job> {
+    let mut wait = WATCH_MIN;
     loop {
         let Some(w) = watch.filter(|w| w.on.load(std::sync::atomic::Ordering::Relaxed)) else {
             return rx.recv().ok();
         };
-        look_for_other_commits(conn, w, seen);
-        match rx.recv_timeout(WATCH_EVERY) {
+        let changed = look_for_other_commits(conn, w, seen);
+        wait = next_watch_wait(wait, changed);
+        match rx.recv_timeout(wait) {
             Ok(j) => return Some(j),
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => return None,
@@ -676,7 +697,7 @@ impl Store for SqliteStore {
     }
 
     /// For a file database: a wake-up (`""`, every job) within about
-    /// [`WATCH_EVERY`] of any commit made by another connection to the
+    /// [`WATCH_MAX`] of any commit made by another connection to the
     /// same file — another process triggering runs, or finishing them.
     /// In memory there is no other connection: `None`.
     async fn wakeups(&self) -> Result<Option<tokio::sync::broadcast::Receiver<String>>> {
@@ -824,5 +845,22 @@ mod migration_tests {
         }
         assert_eq!(version(&c), "3");
         assert!(c.is_autocommit());
+    }
+}
+
+#[cfg(test)]
+mod watch_tests {
+    use super::*;
+
+    #[test]
+    fn looks_back_off_while_quiet_and_snap_back_on_activity() {
+        let mut w = WATCH_MIN;
+        let mut seen = Vec::new();
+        for _ in 0..6 {
+            w = next_watch_wait(w, false);
+            seen.push(w.as_millis());
+        }
+        assert_eq!(seen, [2, 4, 8, 8, 8, 8]);
+        assert_eq!(next_watch_wait(WATCH_MAX, true), WATCH_MIN);
     }
 }
