@@ -497,17 +497,7 @@ impl Ctx {
                 let e = JobError::permanent(format!(
                     "action `{name}` (key {key}) may or may not have happened: its last attempt ended with the outcome unknown and the action has no reconcile function; check the remote side, then skip the step (it happened) or retry the run (it did not)"
                 ));
-                self.ledger_end(
-                    &name,
-                    &key,
-                    LedgerState::Unknown,
-                    None,
-                    Some(&e),
-                    "action_unknown",
-                )
-                .await?;
-                self.record_failure(&name, &e).await;
-                return Err(e.in_action(name).with_key(&key));
+                return Err(self.still_unknown(name, &key, e).await);
             };
             match reconcile(key.clone()).await {
                 Ok(Reconciled::Committed(v)) => {
@@ -537,31 +527,11 @@ impl Ctx {
                 }
                 Ok(Reconciled::StillUnknown) => {
                     let e = JobError::timeout(format!("action `{name}` (key {key}): outcome still unknown after reconciling; retrying later"));
-                    self.ledger_end(
-                        &name,
-                        &key,
-                        LedgerState::Unknown,
-                        None,
-                        Some(&e),
-                        "action_unknown",
-                    )
-                    .await?;
-                    self.record_failure(&name, &e).await;
-                    return Err(e.in_action(name).with_key(&key));
+                    return Err(self.still_unknown(name, &key, e).await);
                 }
                 Err(e) => {
                     // Asking failed: the outcome is as unknown as before.
-                    self.ledger_end(
-                        &name,
-                        &key,
-                        LedgerState::Unknown,
-                        None,
-                        Some(&e),
-                        "action_unknown",
-                    )
-                    .await?;
-                    self.record_failure(&name, &e).await;
-                    return Err(e.in_action(name).with_key(&key));
+                    return Err(self.still_unknown(name, &key, e).await);
                 }
             }
             self.check_cancel()?;
@@ -640,6 +610,28 @@ impl Ctx {
                 Err(e.in_action(name).with_key(&key))
             }
         }
+    }
+
+    /// Leaves the row this attempt took over `unknown` again (nothing was
+    /// sent, and the outcome is as unknown as before) and fails the attempt
+    /// with `e`. A refused write (the row moved on meanwhile) stands in
+    /// for `e`: it defers the run to read the row again.
+    async fn still_unknown(&self, name: String, key: &str, e: JobError) -> JobError {
+        if let Err(le) = self
+            .ledger_end(
+                &name,
+                key,
+                LedgerState::Unknown,
+                None,
+                Some(&e),
+                "action_unknown",
+            )
+            .await
+        {
+            return le;
+        }
+        self.record_failure(&name, &e).await;
+        e.in_action(name).with_key(key)
     }
 
     /// How long a run that found its action in flight elsewhere waits
