@@ -96,23 +96,19 @@ impl Db {
             .await
     }
 
-    /// Polls (bounded) until `n` runs are completed.
+    /// Waits (bounded) until `n` runs are completed.
     async fn wait_completed(&self, n: i64, bound: Duration, workers: &mut Workers) {
-        let deadline = Instant::now() + bound;
-        loop {
-            let done = self.completed().await;
-            if done >= n {
-                return;
-            }
-            workers.assert_alive();
-            if Instant::now() >= deadline {
-                let counts = self.store.count_runs(None).await.unwrap();
-                panic!(
-                    "only {done} of {n} runs completed within {bound:?}: {counts:?}\n{}",
-                    workers.stderr_tail()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+        let done = poll_until(bound, Some(&mut *workers), || async {
+            self.completed().await >= n
+        })
+        .await;
+        if !done {
+            let counts = self.store.count_runs(None).await.unwrap();
+            panic!(
+                "only {} of {n} runs completed within {bound:?}: {counts:?}\n{}",
+                self.completed().await,
+                workers.stderr_tail()
+            );
         }
     }
 
@@ -428,9 +424,8 @@ async fn four_processes_drain_then_one_is_killed() {
     // Phase 2: slower runs; kill one process in the middle.
     db.trigger(10_000, 3_000, 20).await;
     let victim = refs[0];
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        // Wait until the victim is in the thick of it.
+    // Wait until the victim is in the thick of it.
+    let in_thick = || async {
         let held: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM runs WHERE status = 'running' AND worker = $1",
         )
@@ -438,30 +433,19 @@ async fn four_processes_drain_then_one_is_killed() {
         .fetch_one(db.store.pool())
         .await
         .unwrap();
-        if held >= 4 && db.completed().await >= 10_300 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the victim never held runs");
-        workers.assert_alive();
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        held >= 4 && db.completed().await >= 10_300
+    };
+    assert!(
+        poll_until(Duration::from_secs(60), Some(&mut workers), in_thick).await,
+        "the victim never held runs"
+    );
     workers.kill9(victim);
     // A statement the victim sent just before it died still runs to its
     // end on the server; the run states settle once its sessions are gone.
-    let gone = Instant::now() + Duration::from_secs(30);
-    loop {
-        let n: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE application_name = $1")
-                .bind(format!("{}-{victim}", db.app))
-                .fetch_one(db.store.pool())
-                .await
-                .unwrap();
-        if n == 0 {
-            break;
-        }
-        assert!(Instant::now() < gone, "the victim's sessions outlived it");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    assert!(
+        poll_until(Duration::from_secs(30), None, || sessions_gone(&db, victim)).await,
+        "the victim's sessions outlived it"
+    );
     let orphans: Vec<uuid::Uuid> =
         sqlx::query_scalar("SELECT id FROM runs WHERE status = 'running' AND worker = $1")
             .bind(victim)
@@ -618,6 +602,49 @@ async fn workers_survive_a_postgres_restart() {
     db.drop_schema().await;
 }
 
+/// Waits until `holds` answers true, at most `bound`; false if it never
+/// did. What these tests wait for is changed by OTHER processes (a claim,
+/// a completion, a session ending, a late end refused) and no event
+/// crosses that boundary (Docket notifies triggers only), so this is the
+/// one place here that looks again after a pause (20 ms), bounded, and
+/// fails at once when a worker process died.
+async fn poll_until<F, Fut>(
+    bound: Duration,
+    mut workers: Option<&mut Workers>,
+    mut holds: F,
+) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + bound;
+    loop {
+        if holds().await {
+            return true;
+        }
+        if let Some(w) = workers.as_deref_mut() {
+            w.assert_alive();
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Whether a killed process's sessions are gone: a statement it sent just
+/// before it died still runs to its end on the server.
+async fn sessions_gone(db: &Db, name: &str) -> bool {
+    sqlx::query_scalar::<_, i64>(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1",
+    )
+    .bind(format!("{}-{name}", db.app))
+    .fetch_one(db.store.pool())
+    .await
+    .unwrap()
+        == 0
+}
+
 /// How long after its lease expired an expired lease must have been reaped
 /// while any worker runs: 1.25 × the stress worker's `reap_interval`
 /// (500 ms, jittered) plus one reap round, with slack for a loaded 2-core
@@ -691,12 +718,13 @@ async fn a_stopped_process_does_not_stop_lease_recovery() {
             .unwrap()
         }
     };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while held_by(leader).await < 4 {
-        assert!(Instant::now() < deadline, "the leader never held runs");
-        workers.assert_alive();
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    assert!(
+        poll_until(Duration::from_secs(30), Some(&mut workers), || async {
+            held_by(leader).await >= 4
+        })
+        .await,
+        "the leader never held runs"
+    );
     workers.signal(leader, "STOP");
     let stopped_at = SystemClock.now().0;
 
@@ -704,12 +732,13 @@ async fn a_stopped_process_does_not_stop_lease_recovery() {
     workers.spawn(&db, victim);
     workers.spawn(&db, rescuer);
     db.trigger(1_000, 200, 300).await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while held_by(victim).await < 4 {
-        assert!(Instant::now() < deadline, "the victim never held runs");
-        workers.assert_alive();
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    assert!(
+        poll_until(Duration::from_secs(60), Some(&mut workers), || async {
+            held_by(victim).await >= 4
+        })
+        .await,
+        "the victim never held runs"
+    );
     workers.kill9(victim);
     let killed_at = SystemClock.now().0;
     let orphan_leases = |name: &'static str| {
@@ -726,20 +755,10 @@ async fn a_stopped_process_does_not_stop_lease_recovery() {
     };
     // The victim's last statement may still be running on the server;
     // its sessions end within moments of its death.
-    let gone = Instant::now() + Duration::from_secs(30);
-    loop {
-        let n: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE application_name = $1")
-                .bind(format!("{}-{victim}", db.app))
-                .fetch_one(db.store.pool())
-                .await
-                .unwrap();
-        if n == 0 {
-            break;
-        }
-        assert!(Instant::now() < gone, "the victim's sessions outlived it");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    assert!(
+        poll_until(Duration::from_secs(30), None, || sessions_gone(&db, victim)).await,
+        "the victim's sessions outlived it"
+    );
     let victim_leases = orphan_leases(victim).await;
     assert!(
         !victim_leases.is_empty(),
@@ -818,26 +837,25 @@ async fn a_stopped_process_does_not_stop_lease_recovery() {
         .await;
     // The attempts it was running when stopped finished after their runs
     // were reaped: their ends were refused (kept as evidence), not applied.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let refused = db
-            .scalar(&format!(
-                "SELECT count(*) FROM events e JOIN attempts a ON a.lease_id = e.lease_id
-                 WHERE e.kind = 'stale_write_refused' AND a.worker = '{leader}'
-                   AND a.outcome = 'lease_expired'"
-            ))
-            .await;
-        if refused >= 1 {
-            eprintln!("the resumed leader's refused late ends: {refused}");
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the resumed leader's late ends left no evidence"
-        );
-        workers.assert_alive();
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let refused_late_ends = || async {
+        db.scalar(&format!(
+            "SELECT count(*) FROM events e JOIN attempts a ON a.lease_id = e.lease_id
+             WHERE e.kind = 'stale_write_refused' AND a.worker = '{leader}'
+               AND a.outcome = 'lease_expired'"
+        ))
+        .await
+    };
+    assert!(
+        poll_until(Duration::from_secs(30), Some(&mut workers), || async {
+            refused_late_ends().await >= 1
+        })
+        .await,
+        "the resumed leader's late ends left no evidence"
+    );
+    eprintln!(
+        "the resumed leader's refused late ends: {}",
+        refused_late_ends().await
+    );
     workers.stop();
     db.check_evidence(1 + 16 + 200 + 20, &rest).await;
     // Each expired lease was reaped once: one `lease_expired` attempt row,

@@ -6,7 +6,10 @@
 //! simulated external service answers, and when operators step in. Time is
 //! tokio's paused clock on a current-thread runtime, and the engine's
 //! injected [`Clock`] reads that same clock, so "30 s later" costs nothing
-//! and a lease expires exactly when the seed says. Every store call runs to
+//! and a lease expires exactly when the seed says. So every
+//! `tokio::time::sleep` in this file moves the simulated clock (a slow
+//! service, a slow store call, time passing between steps); none waits for
+//! something to happen. Every store call runs to
 //! completion on the runtime's only thread (the fault wrapper blocks on it),
 //! so no call races another and a seed replays exactly.
 //!
