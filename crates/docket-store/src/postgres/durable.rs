@@ -187,17 +187,12 @@ pub(super) async fn save_step(
     .execute(&mut *tx)
     .await
     .map_err(db)?;
-    event(
+    attempt_event(
         &mut tx,
-        run.id,
-        &run.tenant,
-        &run.job,
+        &run,
+        lease,
         "step_completed",
         now,
-        Some(run.attempt),
-        Some(lease.lease_id),
-        None,
-        None,
         &json!({ "step": name }),
     )
     .await?;
@@ -252,17 +247,12 @@ pub(super) async fn fail_step(
             run.id
         )));
     }
-    event(
+    attempt_event(
         &mut tx,
-        run.id,
-        &run.tenant,
-        &run.job,
+        &run,
+        lease,
         "step_failed",
         now,
-        Some(run.attempt),
-        Some(lease.lease_id),
-        None,
-        None,
         &json!({ "step": name, "error_class": class, "message": message }),
     )
     .await?;
@@ -319,6 +309,32 @@ pub(super) async fn ledger_for_run(pool: &PgPool, run_id: RunId) -> Result<Vec<L
     .await
     .map_err(db)?;
     rows.iter().map(ledger_from_row).collect()
+}
+
+/// An event on a fenced run, under the attempt's lease (the ledger's and
+/// the handler's own events).
+async fn attempt_event(
+    c: &mut PgConnection,
+    run: &Fence,
+    lease: LeaseRef,
+    kind: &str,
+    now: Timestamp,
+    data: &Value,
+) -> Result<()> {
+    event(
+        c,
+        run.id,
+        &run.tenant,
+        &run.job,
+        kind,
+        now,
+        Some(run.attempt),
+        Some(lease.lease_id),
+        None,
+        None,
+        data,
+    )
+    .await
 }
 
 /// The ledger row, locked for the rest of the transaction.
@@ -416,20 +432,7 @@ pub(super) async fn ledger_begin(
                     continue;
                 }
                 let data = plan::begin_event(action, key, current.as_ref(), plan);
-                event(
-                    &mut tx,
-                    run.id,
-                    &run.tenant,
-                    &run.job,
-                    "action_started",
-                    now,
-                    Some(run.attempt),
-                    Some(lease.lease_id),
-                    None,
-                    None,
-                    &data,
-                )
-                .await?;
+                attempt_event(&mut tx, &run, lease, "action_started", now, &data).await?;
                 LedgerBegin::Acquired {
                     previous: current,
                     reconcile_first: matches!(
@@ -448,20 +451,7 @@ pub(super) async fn ledger_begin(
             } => {
                 let entry = current.expect("an in-flight plan has a row");
                 let data = plan::in_flight_event(&entry, holder_lease_expires_at);
-                event(
-                    &mut tx,
-                    run.id,
-                    &run.tenant,
-                    &run.job,
-                    "action_in_flight",
-                    now,
-                    Some(run.attempt),
-                    Some(lease.lease_id),
-                    None,
-                    None,
-                    &data,
-                )
-                .await?;
+                attempt_event(&mut tx, &run, lease, "action_in_flight", now, &data).await?;
                 LedgerBegin::InFlight {
                     entry,
                     holder_lease_expires_at,
@@ -516,20 +506,7 @@ pub(super) async fn ledger_write(
             Err(plan::refusal_error(w, &refusal, run.id)),
         ),
     };
-    event(
-        &mut tx,
-        run.id,
-        &run.tenant,
-        &run.job,
-        kind,
-        now,
-        Some(run.attempt),
-        Some(lease.lease_id),
-        None,
-        None,
-        &data,
-    )
-    .await?;
+    attempt_event(&mut tx, &run, lease, kind, now, &data).await?;
     tx.commit().await.map_err(db)?;
     answer
 }
@@ -549,20 +526,7 @@ pub(super) async fn append_event(
             return Err(e);
         }
     };
-    event(
-        &mut tx,
-        run.id,
-        &run.tenant,
-        &run.job,
-        kind,
-        now,
-        Some(run.attempt),
-        Some(lease.lease_id),
-        None,
-        None,
-        data,
-    )
-    .await?;
+    attempt_event(&mut tx, &run, lease, kind, now, data).await?;
     tx.commit().await.map_err(db)?;
     Ok(())
 }

@@ -874,17 +874,12 @@ pub(super) fn save_step(
     .map_err(db_err)?
     .execute(params![run.id.to_string(), name, result.to_string(), run.attempt, now.0])
     .map_err(db_err)?;
-    insert_event(
+    attempt_event(
         c,
-        run.id,
-        &run.tenant,
-        &run.job,
+        &run,
+        lease,
         "step_completed",
         now,
-        Some(run.attempt),
-        Some(lease.lease_id),
-        None,
-        None,
         &json!({ "step": name }),
     )?;
     let cancel: i64 = c
@@ -929,17 +924,12 @@ pub(super) fn fail_step(
             run.id
         ))));
     }
-    insert_event(
+    attempt_event(
         c,
-        run.id,
-        &run.tenant,
-        &run.job,
+        &run,
+        lease,
         "step_failed",
         now,
-        Some(run.attempt),
-        Some(lease.lease_id),
-        None,
-        None,
         &json!({ "step": name, "error_class": class, "message": message }),
     )?;
     Ok(Ok(()))
@@ -1018,21 +1008,7 @@ pub(super) fn ledger_begin(
         _ => Holder::Gone,
     };
     let plan = plan::ledger_begin(current.as_ref(), holder, lease.lease_id);
-    let ev = |kind: &str, data: Value| {
-        insert_event(
-            c,
-            run.id,
-            &run.tenant,
-            &run.job,
-            kind,
-            now,
-            Some(run.attempt),
-            Some(lease.lease_id),
-            None,
-            None,
-            &data,
-        )
-    };
+    let ev = |kind: &str, data: Value| attempt_event(c, &run, lease, kind, now, &data);
     match plan {
         BeginPlan::Insert | BeginPlan::TakeOver { .. } => {
             c.prepare_cached(
@@ -1124,6 +1100,20 @@ pub(super) fn ledger_write(
             Err(plan::refusal_error(w, &refusal, run.id)),
         ),
     };
+    attempt_event(c, &run, lease, kind, now, &data)?;
+    Ok(answer)
+}
+
+/// An event on a fenced run, under the attempt's lease (the ledger's and
+/// the handler's own events).
+fn attempt_event(
+    c: &Connection,
+    run: &Fence,
+    lease: LeaseRef,
+    kind: &str,
+    now: Timestamp,
+    data: &Value,
+) -> Result<()> {
     insert_event(
         c,
         run.id,
@@ -1135,9 +1125,8 @@ pub(super) fn ledger_write(
         Some(lease.lease_id),
         None,
         None,
-        &data,
-    )?;
-    Ok(answer)
+        data,
+    )
 }
 
 pub(super) fn append_event(
@@ -1151,19 +1140,7 @@ pub(super) fn append_event(
         Ok(r) => r,
         Err(e) => return Ok(Err(e)),
     };
-    insert_event(
-        c,
-        run.id,
-        &run.tenant,
-        &run.job,
-        kind,
-        now,
-        Some(run.attempt),
-        Some(lease.lease_id),
-        None,
-        None,
-        data,
-    )?;
+    attempt_event(c, &run, lease, kind, now, data)?;
     Ok(Ok(()))
 }
 
