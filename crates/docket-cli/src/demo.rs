@@ -497,10 +497,10 @@ struct Summary {
 fn ledger_rows(events: &[EventRecord]) -> Vec<LedgerRow> {
     events
         .iter()
-        .filter(|e| e.kind.starts_with("action_"))
+        .filter(|e| e.kind.as_str().starts_with("action_"))
         .map(|e| LedgerRow {
             attempt: e.attempt,
-            event: e.kind.clone(),
+            event: e.kind.to_string(),
             state: e
                 .data
                 .get("state")
@@ -547,11 +547,11 @@ fn summarize(sc: &Scenario, h: &History, f: &ForensicReport, svc: &Service) -> R
                 attempt: a.attempt,
                 started_ms: a.started_at.millis_since(t0),
                 duration_ms: a.finished_at.map(|e| e.millis_since(a.started_at)),
-                outcome: a.outcome.clone(),
+                outcome: a.outcome.to_string(),
                 error_class: a.error_class,
                 gap_ms: t.gap_since_previous_ms,
                 policy_delay_ms: t.policy_delay_before_ms,
-                retry_reason: a.retry_reason.clone(),
+                retry_reason: a.retry_reason.map(|r| r.to_string()),
                 retry_delay_ms: a.delay_ms,
             }
         })

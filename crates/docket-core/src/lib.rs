@@ -1,7 +1,7 @@
 //! Docket's pure domain model.
 //!
 //! Everything here is deterministic and free of I/O: run states and the
-//! transition table ([`state`]), error classes and terminal reasons
+//! transition table ([`state`]), the events of a run's timeline ([`event`]), error classes and terminal reasons
 //! ([`error`]), the one retry-decision function ([`policy`]), failure
 //! fingerprints ([`fingerprint`]), the forensic classifier ([`forensics`]) and
 //! the injected [`Clock`]. The store and the engine build on these types; this
@@ -9,6 +9,7 @@
 
 pub mod clock;
 pub mod error;
+pub mod event;
 pub mod fingerprint;
 pub mod forensics;
 pub mod ids;
@@ -18,10 +19,11 @@ pub mod time;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::{ErrorClass, TerminalReason};
+pub use event::EventKind;
 pub use fingerprint::Fingerprint;
 pub use ids::{LeaseId, RunId};
 pub use policy::{Decision, FailureInput, RetryPolicy};
-pub use state::{IllegalTransition, RunStatus, Transition};
+pub use state::{AttemptOutcome, IllegalTransition, RunStatus, Transition};
 pub use time::{TimeError, Timestamp, TIME_RANGE};
 
 /// A stable 64-bit FNV-1a hash.

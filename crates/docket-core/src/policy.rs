@@ -273,11 +273,34 @@ impl RetryReason {
         }
     }
 
-    /// Whether a stored reason marks a deferral: nothing was sent, so the
+    /// Whether this reason marks a deferral: nothing was sent, so the
     /// attempt is `deferred` (not a failure) and spends no budget.
-    pub fn is_deferral(stored: &str) -> bool {
-        stored == RetryReason::CircuitOpen.as_str()
-            || stored == RetryReason::ActionInFlight.as_str()
+    pub const fn is_deferral(self) -> bool {
+        matches!(self, RetryReason::CircuitOpen | RetryReason::ActionInFlight)
+    }
+
+    /// Every reason.
+    pub const ALL: [RetryReason; 4] = [
+        RetryReason::Backoff,
+        RetryReason::RetryAfter,
+        RetryReason::CircuitOpen,
+        RetryReason::ActionInFlight,
+    ];
+}
+
+impl std::fmt::Display for RetryReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for RetryReason {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        RetryReason::ALL
+            .into_iter()
+            .find(|r| r.as_str() == s)
+            .ok_or_else(|| format!("unknown retry reason `{s}`"))
     }
 }
 

@@ -197,6 +197,90 @@ pub struct IllegalTransition {
     pub transition: Transition,
 }
 
+/// How one attempt ended, as its attempt row records it. Distinct from the
+/// run's status: a `deferred` attempt (an open circuit, an action in flight
+/// elsewhere) sent nothing and is not a failure, though its run goes back
+/// to `pending` exactly like a failed attempt's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AttemptOutcome {
+    /// Not ended yet.
+    Running,
+    /// The handler returned Ok.
+    Completed,
+    /// The handler failed (retried or not: see the run).
+    Failed,
+    /// Nothing was sent; rescheduled without spending budget.
+    Deferred,
+    /// The lease expired before the attempt ended.
+    LeaseExpired,
+    /// The run failed without an error of its own (e.g. its steps could not
+    /// be resolved).
+    Unresolved,
+    /// The handler postponed the run.
+    Postponed,
+    /// The handler asked for input.
+    NeedsInput,
+    /// Stopped at a step boundary after a cancel was requested.
+    Cancelled,
+    /// Handed back by a worker shutting down.
+    Released,
+}
+
+impl AttemptOutcome {
+    /// Every outcome.
+    pub const ALL: [AttemptOutcome; 10] = [
+        AttemptOutcome::Running,
+        AttemptOutcome::Completed,
+        AttemptOutcome::Failed,
+        AttemptOutcome::Deferred,
+        AttemptOutcome::LeaseExpired,
+        AttemptOutcome::Unresolved,
+        AttemptOutcome::Postponed,
+        AttemptOutcome::NeedsInput,
+        AttemptOutcome::Cancelled,
+        AttemptOutcome::Released,
+    ];
+
+    /// The stored name.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            AttemptOutcome::Running => "running",
+            AttemptOutcome::Completed => "completed",
+            AttemptOutcome::Failed => "failed",
+            AttemptOutcome::Deferred => "deferred",
+            AttemptOutcome::LeaseExpired => "lease_expired",
+            AttemptOutcome::Unresolved => "unresolved",
+            AttemptOutcome::Postponed => "postponed",
+            AttemptOutcome::NeedsInput => "needs_input",
+            AttemptOutcome::Cancelled => "cancelled",
+            AttemptOutcome::Released => "released",
+        }
+    }
+}
+
+impl fmt::Display for AttemptOutcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for AttemptOutcome {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        AttemptOutcome::ALL
+            .into_iter()
+            .find(|o| o.as_str() == s)
+            .ok_or_else(|| format!("unknown attempt outcome `{s}`"))
+    }
+}
+
+impl PartialEq<&str> for AttemptOutcome {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

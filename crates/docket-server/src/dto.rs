@@ -222,7 +222,7 @@ impl AttemptView {
                     policy: a.retry_policy.clone(),
                     delay_ms: a.delay_ms,
                     eligible_at: ts_opt(a.eligible_at),
-                    reason: a.retry_reason.clone(),
+                    reason: a.retry_reason.map(|r| r.to_string()),
                 });
                 AttemptView {
                     attempt: a.attempt,
@@ -232,7 +232,7 @@ impl AttemptView {
                     finished_at: ts_opt(a.finished_at),
                     duration_ms: a.finished_at.map(|f| f.millis_since(a.started_at)),
                     gap_ms: gap,
-                    outcome: a.outcome.clone(),
+                    outcome: a.outcome.to_string(),
                     error_class: a.error_class.map(|c| c.to_string()),
                     error_message: a.error_message.clone(),
                     fingerprint: a.fingerprint.clone(),
@@ -276,7 +276,7 @@ impl From<&EventRecord> for EventView {
             id: e.id,
             run_id: e.run_id.to_string(),
             job: e.job.clone(),
-            kind: e.kind.clone(),
+            kind: e.kind.to_string(),
             at: ts(e.at),
             attempt: e.attempt,
             lease_id: e.lease_id.map(|l| l.to_string()),

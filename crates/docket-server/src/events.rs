@@ -257,7 +257,7 @@ impl Filter {
         e.tenant == self.tenant
             && self.run.is_none_or(|r| r == e.run_id)
             && self.job.as_ref().is_none_or(|j| *j == e.job)
-            && (self.kinds.is_empty() || self.kinds.contains(&e.kind))
+            && (self.kinds.is_empty() || self.kinds.iter().any(|k| e.kind == k.as_str()))
     }
 
     fn store_filter(&self, after: i64, limit: usize) -> EventFilter {

@@ -438,7 +438,7 @@ fn summary(e: &EventRecord) -> String {
             s("attempted")
         ),
         "step_completed" | "step_failed" | "step_skipped" => {
-            format!("{}: {}", e.kind.replace('_', " "), s("step"))
+            format!("{}: {}", e.kind.as_str().replace('_', " "), s("step"))
         }
         "operator_retry" => {
             let who = e.actor.as_deref().unwrap_or("an operator");
@@ -513,7 +513,7 @@ pub async fn show(
             }
             TimelineEntry {
                 at: e.at.to_rfc3339(),
-                kind: e.kind.clone(),
+                kind: e.kind.to_string(),
                 attempt: e.attempt,
                 actor: e.actor.clone(),
                 comment: e.comment.clone(),

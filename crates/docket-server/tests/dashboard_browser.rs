@@ -353,7 +353,7 @@ impl Env {
                             policy: "crm-exponential".into(),
                             delay_ms: delay,
                             eligible_at: t0.plus_millis(eligible),
-                            reason: "backoff".into(),
+                            reason: docket::RetryReason::Backoff,
                         },
                     },
                 }])

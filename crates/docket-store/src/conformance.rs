@@ -6,6 +6,7 @@
 //! `#[tokio::test]` per behaviour.
 
 use crate::*;
+use docket_core::policy::RetryReason;
 use docket_core::{ErrorClass, LeaseId, RunStatus, TerminalReason, Timestamp};
 use serde_json::json;
 
@@ -45,7 +46,7 @@ async fn kinds(store: &DynStore, run: RunId) -> Vec<String> {
         .await
         .unwrap()
         .into_iter()
-        .map(|e| e.kind)
+        .map(|e| e.kind.to_string())
         .collect()
 }
 
@@ -256,7 +257,7 @@ pub async fn retry_records_the_decision(store: DynStore) {
                     policy: "p".into(),
                     delay_ms: 1_234,
                     eligible_at: eligible,
-                    reason: "backoff".into(),
+                    reason: RetryReason::Backoff,
                 },
             },
         }])
@@ -274,7 +275,7 @@ pub async fn retry_records_the_decision(store: DynStore) {
     assert_eq!(a.retry_policy.as_deref(), Some("p"));
     assert_eq!(a.delay_ms, Some(1_234));
     assert_eq!(a.eligible_at, Some(eligible));
-    assert_eq!(a.retry_reason.as_deref(), Some("backoff"));
+    assert_eq!(a.retry_reason, Some(RetryReason::Backoff));
     assert_eq!(a.fingerprint.as_deref(), Some("fp"));
     assert_eq!(
         kinds(&store, n.id).await,
@@ -339,7 +340,7 @@ pub async fn circuit_deferral_is_not_a_failure(store: DynStore) {
                     policy: "circuit_breaker:crm".into(),
                     delay_ms: 30_000,
                     eligible_at: until,
-                    reason: "circuit_open".into(),
+                    reason: RetryReason::CircuitOpen,
                 },
             },
         }])
@@ -353,7 +354,7 @@ pub async fn circuit_deferral_is_not_a_failure(store: DynStore) {
     assert_eq!(r.attempts_forgiven, 1);
     let a = &store.attempts(n.id).await.unwrap()[0];
     assert_eq!(a.outcome, "deferred");
-    assert_eq!(a.retry_reason.as_deref(), Some("circuit_open"));
+    assert_eq!(a.retry_reason, Some(RetryReason::CircuitOpen));
     assert_eq!(
         kinds(&store, n.id).await,
         [
@@ -475,7 +476,7 @@ pub async fn expired_lease_retry_then_stale_completion(store: DynStore) {
                     policy: "p".into(),
                     delay_ms: 500,
                     eligible_at: now.plus_millis(500),
-                    reason: "backoff".into(),
+                    reason: RetryReason::Backoff,
                 },
             },
         }])
@@ -561,7 +562,7 @@ pub async fn stale_failure_reports_keep_their_error(store: DynStore) {
                 policy: "p".into(),
                 delay_ms: 500,
                 eligible_at: T0.plus_millis(520),
-                reason: "backoff".into(),
+                reason: RetryReason::Backoff,
             },
         },
     };
@@ -787,7 +788,7 @@ fn reap_end(run: &Run, now: Timestamp) -> AttemptEnd {
                 policy: "p".into(),
                 delay_ms: 500,
                 eligible_at: now.plus_millis(500),
-                reason: "backoff".into(),
+                reason: RetryReason::Backoff,
             },
         },
     }

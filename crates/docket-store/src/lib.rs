@@ -374,7 +374,7 @@ pub trait Store: TokenStore + ConnectionStore + StatsStore + Send + Sync + 'stat
         &self,
         lease: LeaseRef,
         write: LedgerWrite,
-        event: String,
+        event: docket_core::EventKind,
         now: Timestamp,
     ) -> Result<()>;
 
@@ -383,7 +383,7 @@ pub trait Store: TokenStore + ConnectionStore + StatsStore + Send + Sync + 'stat
     async fn append_event(
         &self,
         lease: LeaseRef,
-        kind: String,
+        kind: docket_core::EventKind,
         data: serde_json::Value,
         now: Timestamp,
     ) -> Result<()>;

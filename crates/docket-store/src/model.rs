@@ -185,8 +185,8 @@ pub struct RetryRecord {
     pub delay_ms: i64,
     /// When the run becomes eligible (`eligible_at`, the new `run_after`).
     pub eligible_at: Timestamp,
-    /// `backoff`, `retry_after` or `circuit_open`.
-    pub reason: String,
+    /// Why this long (a deferral reason spends no budget).
+    pub reason: docket_core::policy::RetryReason,
 }
 
 /// How an attempt ended.
@@ -260,29 +260,6 @@ pub struct AttemptEnd {
     pub outcome: Outcome,
 }
 
-impl AttemptEnd {
-    /// What a `stale_write_refused` event records of a refused end, on both
-    /// backends (each adds the run's current status, lease and attempt):
-    /// what it attempted and, for a failure report, its error class,
-    /// message, action and fingerprint — a late failure report is evidence
-    /// (forensics derive `lease_overlap` from it).
-    pub(crate) fn refused_data(&self) -> Value {
-        let mut data = serde_json::json!({ "attempted": self.outcome.name() });
-        let error = match &self.outcome {
-            Outcome::Retry { error, .. } => Some(error),
-            Outcome::Failed { error, .. } => error.as_ref(),
-            _ => None,
-        };
-        if let Some(e) = error {
-            data["error_class"] = serde_json::json!(e.class);
-            data["message"] = serde_json::json!(e.message);
-            data["action"] = serde_json::json!(e.action);
-            data["fingerprint"] = serde_json::json!(e.fingerprint);
-        }
-        data
-    }
-}
-
 /// One attempt as stored.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct AttemptRecord {
@@ -298,8 +275,8 @@ pub struct AttemptRecord {
     pub started_at: Timestamp,
     /// When it ended (absent while running).
     pub finished_at: Option<Timestamp>,
-    /// `running`, or an [`Outcome::name`], or `lease_expired`.
-    pub outcome: String,
+    /// How it ended (`running` while it runs).
+    pub outcome: docket_core::AttemptOutcome,
     /// The failure's class.
     pub error_class: Option<ErrorClass>,
     /// The failure's message.
@@ -316,8 +293,8 @@ pub struct AttemptRecord {
     pub delay_ms: Option<i64>,
     /// The retry decision: eligible again at.
     pub eligible_at: Option<Timestamp>,
-    /// The retry decision: `backoff`, `retry_after`, `circuit_open`.
-    pub retry_reason: Option<String>,
+    /// The retry decision: why this long.
+    pub retry_reason: Option<docket_core::policy::RetryReason>,
 }
 
 /// An append-only event.
@@ -331,8 +308,9 @@ pub struct EventRecord {
     pub tenant: String,
     /// The run's job.
     pub job: String,
-    /// `run_triggered`, `attempt_started`, `retry_scheduled`, …
-    pub kind: String,
+    /// `run_triggered`, `attempt_started`, `retry_scheduled`, … (stored by
+    /// name).
+    pub kind: docket_core::EventKind,
     /// When (injected clock).
     pub at: Timestamp,
     /// The attempt it belongs to, if any.

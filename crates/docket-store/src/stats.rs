@@ -165,6 +165,7 @@ pub mod conformance {
     use super::*;
     use crate::conformance::T0;
     use crate::{AttemptEnd, ClaimRequest, DynStore, ErrorInfo, NewRun, Outcome, RetryRecord};
+    use docket_core::policy::RetryReason;
     use docket_core::TerminalReason;
     use serde_json::json;
 
@@ -405,7 +406,7 @@ pub mod conformance {
                         policy: "default".into(),
                         delay_ms: 1_000,
                         eligible_at: t.plus_millis(1_010),
-                        reason: "backoff".into(),
+                        reason: RetryReason::Backoff,
                     },
                 },
             )

@@ -418,7 +418,7 @@ fn retry(at: Timestamp) -> RetryRecord {
         policy: "default".into(),
         delay_ms: at.0 - T0.0,
         eligible_at: at,
-        reason: "backoff".into(),
+        reason: docket_core::policy::RetryReason::Backoff,
     }
 }
 
@@ -638,7 +638,7 @@ async fn hot_path_scenario(store: DynStore, ids: &[RunId], stray: LeaseId) -> Sn
             let mut data = e.data;
             normalize_json(&mut data, &leases);
             (
-                e.kind,
+                e.kind.to_string(),
                 e.run_id,
                 e.job,
                 e.attempt,
@@ -1081,7 +1081,15 @@ async fn ledger_scenario(
             let l = e
                 .lease_id
                 .map(|l| leases.get(&l.to_string()).cloned().unwrap_or_default());
-            (e.kind, e.run_id, e.job, e.attempt, l, data, e.at.0)
+            (
+                e.kind.to_string(),
+                e.run_id,
+                e.job,
+                e.attempt,
+                l,
+                data,
+                e.at.0,
+            )
         })
         .collect();
     (answers, rows, events)

@@ -4,6 +4,7 @@
 
 use crate::error::Control;
 use crate::{Docket, JobError};
+use docket_core::EventKind;
 use docket_core::{ErrorClass, LeaseId, RunId, Timestamp};
 use docket_store::{
     LeaseRef, LedgerBegin, LedgerEntry, LedgerState, LedgerWrite, StepRecord, StepStatus,
@@ -41,7 +42,7 @@ pub struct Ctx {
 /// recorded it.
 #[derive(Clone, Debug)]
 pub(crate) struct KeptEvent {
-    pub(crate) kind: String,
+    pub(crate) kind: EventKind,
     pub(crate) data: Value,
     pub(crate) at: Timestamp,
 }
@@ -403,7 +404,7 @@ impl Ctx {
         state: LedgerState,
         result: Option<Value>,
         err: Option<&JobError>,
-        event: &str,
+        event: EventKind,
     ) -> Result<(), StoreError> {
         self.docket
             .store()
@@ -418,7 +419,7 @@ impl Ctx {
                     error_class: err.map(|e| e.class),
                     error_message: err.map(|e| e.message.clone()),
                 },
-                event.to_string(),
+                event,
                 self.now(),
             )
             .await
@@ -472,7 +473,7 @@ impl Ctx {
                         .store()
                         .append_event(
                             self.lease(),
-                            "duplicate_suppressed".into(),
+                            EventKind::DuplicateSuppressed,
                             json!({ "action": name, "idempotency_key": key, "committed_by_run": entry.run_id, "committed_by_attempt": entry.attempt, "committed_by_lease": entry.lease_id, "committed_at": entry.updated_at }),
                             self.now(),
                         )
@@ -507,7 +508,7 @@ impl Ctx {
                         LedgerState::Committed,
                         Some(v.clone()),
                         None,
-                        "action_reconciled",
+                        EventKind::ActionReconciled,
                     )
                     .await?;
                     self.save(&name, v.clone()).await?;
@@ -518,7 +519,7 @@ impl Ctx {
                         .store()
                         .append_event(
                             self.lease(),
-                            "action_reconciled".into(),
+                            EventKind::ActionReconciled,
                             json!({ "action": name, "idempotency_key": key, "found": "not_done" }),
                             self.now(),
                         )
@@ -566,7 +567,7 @@ impl Ctx {
                         LedgerState::Committed,
                         Some(marker),
                         None,
-                        "action_committed",
+                        EventKind::ActionCommitted,
                     )
                     .await?;
                     self.record_failure(&name, &e).await;
@@ -578,7 +579,7 @@ impl Ctx {
                     LedgerState::Committed,
                     Some(value.clone()),
                     None,
-                    "action_committed",
+                    EventKind::ActionCommitted,
                 )
                 .await?;
                 self.save(&name, value).await?;
@@ -591,9 +592,11 @@ impl Ctx {
                 let (state, event) = match e.class {
                     // The worker stopped waiting: that proves nothing about
                     // the remote side.
-                    ErrorClass::Timeout => (LedgerState::Unknown, "action_unknown"),
-                    c if c.is_retryable() => (LedgerState::FailedRetryable, "action_failed"),
-                    _ => (LedgerState::FailedTerminal, "action_failed"),
+                    ErrorClass::Timeout => (LedgerState::Unknown, EventKind::ActionUnknown),
+                    c if c.is_retryable() => {
+                        (LedgerState::FailedRetryable, EventKind::ActionFailed)
+                    }
+                    _ => (LedgerState::FailedTerminal, EventKind::ActionFailed),
                 };
                 // A refused write (the row was taken over, or is committed)
                 // changes nothing: this attempt's failure stands as its own
@@ -624,7 +627,7 @@ impl Ctx {
                 LedgerState::Unknown,
                 None,
                 Some(&e),
-                "action_unknown",
+                EventKind::ActionUnknown,
             )
             .await
         {
@@ -675,7 +678,7 @@ impl Ctx {
         state: LedgerState,
         result: Option<Value>,
         err: Option<&JobError>,
-        event: &str,
+        event: EventKind,
     ) -> Result<(), JobError> {
         match self.ledger(name, key, state, result, err, event).await {
             Err(StoreError::LedgerConflict {
@@ -744,22 +747,33 @@ impl Ctx {
     /// lease, for as long as the worker retries the end — and this returns
     /// `Ok`. Only a lost lease (the write is refused and recorded as
     /// `stale_write_refused`) or a missing run is an error.
+    ///
+    /// `kind` is the handler's own name (letters, digits, `_`, `.`, `-`; at
+    /// most 64 bytes); one of Docket's own kinds (`run_completed`, …) is
+    /// refused as a permanent error, since it would forge the engine's
+    /// evidence.
     pub async fn record_event(&self, kind: &str, data: Value) -> Result<(), JobError> {
+        let kind = EventKind::custom(kind).map_err(|e| JobError::permanent(e.to_string()))?;
+        self.record(kind, data).await
+    }
+
+    /// [`Ctx::record_event`] for any kind, Docket's own included.
+    pub(crate) async fn record(&self, kind: EventKind, data: Value) -> Result<(), JobError> {
         let now = self.now();
         match self
             .docket
             .store()
-            .append_event(self.lease(), kind.to_string(), data.clone(), now)
+            .append_event(self.lease(), kind.clone(), data.clone(), now)
             .await
         {
             Ok(()) => Ok(()),
             Err(StoreError::Database(msg)) => {
-                tracing::warn!(run = %self.run_id, kind, error = %msg, "could not record an event now; it is written with the attempt's end");
+                tracing::warn!(run = %self.run_id, %kind, error = %msg, "could not record an event now; it is written with the attempt's end");
                 self.kept
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .push(KeptEvent {
-                        kind: kind.to_string(),
+                        kind,
                         data,
                         at: now,
                     });
@@ -786,8 +800,8 @@ impl Ctx {
         }
         self.save(&name, json!({ "skipped": true, "reason": reason }))
             .await?;
-        self.record_event(
-            "step_skipped",
+        self.record(
+            EventKind::StepSkipped,
             json!({ "step": name, "reason": reason, "by": "handler" }),
         )
         .await
@@ -804,7 +818,7 @@ impl Ctx {
             .store()
             .append_event(
                 self.lease(),
-                "progress".into(),
+                EventKind::Progress,
                 json!({ "current": current, "total": total, "message": message.into() }),
                 self.now(),
             )
@@ -824,7 +838,7 @@ impl Ctx {
             .store()
             .append_event(
                 self.lease(),
-                "log".into(),
+                EventKind::Log,
                 json!({ "level": level, "message": message.into(), "data": data }),
                 self.now(),
             )

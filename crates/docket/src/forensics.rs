@@ -90,7 +90,6 @@ fn failures_of(
         // A deferral (an open breaker, an action in flight) sent nothing: it is not a failure of
         // the action, and two of them are not a retry without backoff.
         if a.retry_reason
-            .as_deref()
             .is_some_and(docket_core::policy::RetryReason::is_deferral)
         {
             continue;

@@ -39,9 +39,10 @@ mod worker;
 
 pub use ctx::{intent_key, Ctx, InputDecision, Reconciled, Stepped};
 pub use docket_core::forensics::{FailureRecord, PairVerdict, Severity, Verdict};
+pub use docket_core::policy::RetryReason;
 pub use docket_core::{
-    Clock, ErrorClass, Fingerprint, ManualClock, RetryPolicy, RunId, RunStatus, SystemClock,
-    TerminalReason, TimeError, Timestamp, TIME_RANGE,
+    AttemptOutcome, Clock, ErrorClass, EventKind, Fingerprint, ManualClock, RetryPolicy, RunId,
+    RunStatus, SystemClock, TerminalReason, TimeError, Timestamp, TIME_RANGE,
 };
 pub use docket_store::{
     AttemptRecord, EventFilter, EventRecord, LedgerEntry, LedgerState, Run, RunFilter, StatusCount,

@@ -952,9 +952,7 @@ impl Docket {
                         policy: format!("circuit_breaker:{breaker}"),
                         delay_ms: until.millis_since(now).max(0),
                         eligible_at: until.max(now),
-                        reason: docket_core::policy::RetryReason::CircuitOpen
-                            .as_str()
-                            .into(),
+                        reason: docket_core::policy::RetryReason::CircuitOpen,
                     },
                 },
                 Some(Control::ActionInFlight { until }) => Outcome::Retry {
@@ -970,9 +968,7 @@ impl Docket {
                         policy: "ledger".into(),
                         delay_ms: until.millis_since(now).max(0),
                         eligible_at: until.max(now),
-                        reason: docket_core::policy::RetryReason::ActionInFlight
-                            .as_str()
-                            .into(),
+                        reason: docket_core::policy::RetryReason::ActionInFlight,
                     },
                 },
                 Some(Control::Terminal { reason }) => {
@@ -1173,7 +1169,7 @@ fn decide(
                 policy,
                 delay_ms: delay_ms as i64,
                 eligible_at: at,
-                reason: reason.as_str().into(),
+                reason,
             },
         },
         Decision::Stop { reason, detail } => Outcome::Failed {

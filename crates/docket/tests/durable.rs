@@ -70,7 +70,7 @@ async fn kinds(d: &Docket, id: docket::RunId) -> Vec<String> {
         .unwrap()
         .events
         .into_iter()
-        .map(|e| e.kind)
+        .map(|e| e.kind.to_string())
         .collect()
 }
 

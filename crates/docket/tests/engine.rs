@@ -315,7 +315,7 @@ async fn rate_limit_reset_time_is_honoured() {
     one_worker(&d).tick().await.unwrap();
     let att = d.store().attempts(id).await.unwrap();
     assert_eq!(att[0].delay_ms, Some(45_000));
-    assert_eq!(att[0].retry_reason.as_deref(), Some("retry_after"));
+    assert_eq!(att[0].retry_reason, Some(docket::RetryReason::RetryAfter));
     assert_eq!(
         d.get_run(id).await.unwrap().run_after,
         T0.plus_millis(45_000)
@@ -770,7 +770,7 @@ async fn circuit_open_defers_without_spending_an_attempt() {
     assert_eq!(run.status, RunStatus::Pending);
     assert_eq!(run.run_after, T0.plus_millis(5_000));
     let att = d.store().attempts(id).await.unwrap();
-    assert_eq!(att[0].retry_reason.as_deref(), Some("circuit_open"));
+    assert_eq!(att[0].retry_reason, Some(docket::RetryReason::CircuitOpen));
     assert_eq!(att[0].retry_policy.as_deref(), Some("circuit_breaker:crm"));
     assert_eq!(att[0].delay_ms, Some(5_000));
     clock.advance_millis(5_000);

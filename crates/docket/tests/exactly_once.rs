@@ -266,7 +266,7 @@ async fn runs_racing_on_one_key_commit_one_effect(d: Docket, clock: ManualClock)
         // Evidence: the deferral names the holder and spent no budget.
         let a1 = &h.attempts[0];
         assert_eq!(a1.outcome, "deferred");
-        assert_eq!(a1.retry_reason.as_deref(), Some("action_in_flight"));
+        assert_eq!(a1.retry_reason, Some(docket::RetryReason::ActionInFlight));
         assert!(a1
             .error_message
             .as_deref()

@@ -464,7 +464,7 @@ async fn the_key_is_the_same_on_every_attempt() {
     assert_eq!(r.run_after, T0.plus_millis(1_000));
     let att = env.history(id).await.attempts;
     assert_eq!(att[0].error_class, Some(ErrorClass::Unavailable));
-    assert_eq!(att[0].retry_reason.as_deref(), Some("backoff"));
+    assert_eq!(att[0].retry_reason, Some(docket::RetryReason::Backoff));
     assert_eq!(att[0].retry_policy.as_deref(), Some("charge"));
     let r = env.next_attempt(id).await;
     assert_eq!(r.status, RunStatus::Completed);
@@ -910,7 +910,7 @@ async fn the_breaker_opens_defers_half_opens_and_closes() {
     assert_eq!(r.status, RunStatus::Pending);
     assert_eq!(r.run_after, reset);
     let att = env.history(r3).await.attempts;
-    assert_eq!(att[0].retry_reason.as_deref(), Some("circuit_open"));
+    assert_eq!(att[0].retry_reason, Some(docket::RetryReason::CircuitOpen));
     assert_eq!(att[0].retry_policy.as_deref(), Some("circuit_breaker:crm"));
     assert_eq!(att[0].delay_ms, Some(29_000));
     assert_eq!(env.http.breakers()[0].deferred, 1);
@@ -927,7 +927,7 @@ async fn the_breaker_opens_defers_half_opens_and_closes() {
         .await
         .events
         .into_iter()
-        .map(|e| e.kind)
+        .map(|e| e.kind.to_string())
         .filter(|k| k.starts_with("circuit") || k == "http_response")
         .collect();
     assert_eq!(

@@ -572,7 +572,7 @@ impl Store for SimStore {
         &self,
         lease: LeaseRef,
         write: LedgerWrite,
-        event: String,
+        event: docket::EventKind,
         now: Timestamp,
     ) -> SResult<()> {
         self.call("ledger_write", true, Some(lease), move |s| async move {
@@ -621,7 +621,7 @@ impl Store for SimStore {
     async fn append_event(
         &self,
         lease: LeaseRef,
-        kind: String,
+        kind: docket::EventKind,
         data: Value,
         now: Timestamp,
     ) -> SResult<()> {

@@ -216,7 +216,7 @@ mod faulty {
             &self,
             lease: LeaseRef,
             write: LedgerWrite,
-            event: String,
+            event: docket::EventKind,
             now: docket_core::Timestamp,
         ) -> Result<()> {
             self.inner.ledger_write(lease, write, event, now).await
@@ -224,7 +224,7 @@ mod faulty {
         async fn append_event(
             &self,
             lease: LeaseRef,
-            kind: String,
+            kind: docket::EventKind,
             data: serde_json::Value,
             now: docket_core::Timestamp,
         ) -> Result<()> {

@@ -7,10 +7,10 @@ use super::db;
 use super::ops::{get_run, json_opt, run_from_row, RUN_COLS};
 use crate::plan::{self, BeginPlan, Holder};
 use crate::{
-    LeaseRef, LeaseState, LedgerBegin, LedgerEntry, LedgerState, LedgerWrite, OperatorCommand,
-    OperatorRequest, Result, Run, StepRecord, StoreError,
+    LeaseRef, LeaseState, LedgerBegin, LedgerEntry, LedgerState, LedgerWrite, OperatorRequest,
+    Result, Run, StepRecord, StoreError,
 };
-use docket_core::{ErrorClass, LeaseId, RunId, RunStatus, Timestamp, Transition};
+use docket_core::{ErrorClass, EventKind, LeaseId, RunId, RunStatus, Timestamp};
 use serde_json::{json, Value};
 use sqlx::postgres::{PgConnection, PgPool, PgRow};
 use sqlx::Row;
@@ -28,7 +28,7 @@ async fn event(
     run_id: RunId,
     tenant: &str,
     job: &str,
-    kind: &str,
+    kind: &docket_core::EventKind,
     at: Timestamp,
     attempt: Option<i32>,
     lease_id: Option<LeaseId>,
@@ -43,7 +43,7 @@ async fn event(
     .bind(run_id.0)
     .bind(tenant)
     .bind(job)
-    .bind(kind)
+    .bind(kind.as_str())
     .bind(at.0)
     .bind(attempt)
     .bind(lease_id.map(|l| l.0))
@@ -91,18 +91,18 @@ async fn fence(
         lease.run_id,
         &tenant,
         &job,
-        "stale_write_refused",
+        &EventKind::StaleWriteRefused,
         now,
         None,
         Some(lease.lease_id),
         None,
         None,
-        &json!({
-            "attempted": attempted,
-            "current_status": status,
-            "current_lease_id": current,
-            "current_attempt": attempt,
-        }),
+        &plan::stale_write(
+            attempted,
+            status,
+            current.map(LeaseId),
+            u32::try_from(attempt).unwrap_or(0),
+        ),
     )
     .await?;
     Ok(Err(StoreError::StaleLease {
@@ -191,7 +191,7 @@ pub(super) async fn save_step(
         &mut tx,
         &run,
         lease,
-        "step_completed",
+        &EventKind::StepCompleted,
         now,
         &json!({ "step": name }),
     )
@@ -251,7 +251,7 @@ pub(super) async fn fail_step(
         &mut tx,
         &run,
         lease,
-        "step_failed",
+        &EventKind::StepFailed,
         now,
         &json!({ "step": name, "error_class": class, "message": message }),
     )
@@ -317,7 +317,7 @@ async fn attempt_event(
     c: &mut PgConnection,
     run: &Fence,
     lease: LeaseRef,
-    kind: &str,
+    kind: &EventKind,
     now: Timestamp,
     data: &Value,
 ) -> Result<()> {
@@ -432,7 +432,7 @@ pub(super) async fn ledger_begin(
                     continue;
                 }
                 let data = plan::begin_event(action, key, current.as_ref(), plan);
-                attempt_event(&mut tx, &run, lease, "action_started", now, &data).await?;
+                attempt_event(&mut tx, &run, lease, &EventKind::ActionStarted, now, &data).await?;
                 LedgerBegin::Acquired {
                     previous: current,
                     reconcile_first: matches!(
@@ -451,7 +451,7 @@ pub(super) async fn ledger_begin(
             } => {
                 let entry = current.expect("an in-flight plan has a row");
                 let data = plan::in_flight_event(&entry, holder_lease_expires_at);
-                attempt_event(&mut tx, &run, lease, "action_in_flight", now, &data).await?;
+                attempt_event(&mut tx, &run, lease, &EventKind::ActionInFlight, now, &data).await?;
                 LedgerBegin::InFlight {
                     entry,
                     holder_lease_expires_at,
@@ -470,11 +470,11 @@ pub(super) async fn ledger_write(
     pool: &PgPool,
     lease: LeaseRef,
     w: &LedgerWrite,
-    kind: &str,
+    kind: &EventKind,
     now: Timestamp,
 ) -> Result<()> {
     let mut tx = pool.begin().await.map_err(db)?;
-    let run = match fence(&mut tx, lease, kind, now).await? {
+    let run = match fence(&mut tx, lease, kind.as_str(), now).await? {
         Ok(r) => r,
         Err(e) => {
             tx.commit().await.map_err(db)?;
@@ -498,15 +498,15 @@ pub(super) async fn ledger_write(
             .execute(&mut *tx)
             .await
             .map_err(db)?;
-            (kind, plan::write_event(w), Ok(()))
+            (kind.clone(), plan::write_event(w), Ok(()))
         }
         Err(refusal) => (
-            "ledger_write_refused",
-            plan::refused_event(w, kind, &refusal),
+            EventKind::LedgerWriteRefused,
+            plan::refused_event(w, kind.as_str(), &refusal),
             Err(plan::refusal_error(w, &refusal, run.id)),
         ),
     };
-    attempt_event(&mut tx, &run, lease, kind, now, &data).await?;
+    attempt_event(&mut tx, &run, lease, &kind, now, &data).await?;
     tx.commit().await.map_err(db)?;
     answer
 }
@@ -514,12 +514,12 @@ pub(super) async fn ledger_write(
 pub(super) async fn append_event(
     pool: &PgPool,
     lease: LeaseRef,
-    kind: &str,
+    kind: &EventKind,
     data: &Value,
     now: Timestamp,
 ) -> Result<()> {
     let mut tx = pool.begin().await.map_err(db)?;
-    let run = match fence(&mut tx, lease, kind, now).await? {
+    let run = match fence(&mut tx, lease, kind.as_str(), now).await? {
         Ok(r) => r,
         Err(e) => {
             tx.commit().await.map_err(db)?;
@@ -529,14 +529,6 @@ pub(super) async fn append_event(
     attempt_event(&mut tx, &run, lease, kind, now, data).await?;
     tx.commit().await.map_err(db)?;
     Ok(())
-}
-
-fn wrong_state(run: &Run, message: String) -> StoreError {
-    StoreError::WrongState {
-        run_id: run.id,
-        current: run.status,
-        message,
-    }
 }
 
 pub(super) async fn operator(pool: &PgPool, req: &OperatorRequest) -> Result<Run> {
@@ -550,94 +542,62 @@ pub(super) async fn operator(pool: &PgPool, req: &OperatorRequest) -> Result<Run
     .map_err(db)?
     .ok_or(StoreError::NotFound(req.run_id))?;
     let run = run_from_row(&row)?;
-    let now = req.now;
-    let actor = Some(req.actor.as_str());
-    let comment = req.comment.as_deref();
-    let check = |t: Transition| {
-        run.status
-            .apply(t)
-            .map_err(|e| wrong_state(&run, e.to_string()))
+    let failed_step: Option<String> = if plan::operator::needs_failed_step(&req.command) {
+        sqlx::query_scalar(
+            "SELECT name FROM steps WHERE run_id = $1 AND status = 'failed' ORDER BY updated_at DESC, name LIMIT 1",
+        )
+        .bind(run.id.0)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(db)?
+    } else {
+        None
     };
-    let id = run.id.0;
-    match &req.command {
-        OperatorCommand::Cancel => {
-            check(Transition::Cancel)?;
-            if run.status == RunStatus::Running {
-                sqlx::query(
-                    "UPDATE runs SET cancel_requested = true, updated_at = $2 WHERE id = $1",
-                )
-                .bind(id)
-                .bind(now.0)
-                .execute(&mut *tx)
-                .await
-                .map_err(db)?;
-                event(
-                    &mut tx,
-                    run.id,
-                    &run.tenant,
-                    &run.job,
-                    "cancel_requested",
-                    now,
-                    None,
-                    None,
-                    actor,
-                    comment,
-                    &json!({ "at_step_boundary": true }),
-                )
-                .await?;
-            } else {
-                sqlx::query("UPDATE runs SET status = 'cancelled', input_request = NULL, updated_at = $2, finished_at = $2 WHERE id = $1")
-                    .bind(id).bind(now.0).execute(&mut *tx).await.map_err(db)?;
-                event(
-                    &mut tx,
-                    run.id,
-                    &run.tenant,
-                    &run.job,
-                    "run_cancelled",
-                    now,
-                    None,
-                    None,
-                    actor,
-                    comment,
-                    &json!({ "from": run.status }),
-                )
-                .await?;
-            }
-        }
-        OperatorCommand::Postpone { until } => {
-            if run.status == RunStatus::Running {
-                return Err(wrong_state(&run, "cannot postpone a run that is running: its handler can postpone itself, or cancel it".into()));
-            }
-            check(Transition::Postpone)?;
-            sqlx::query("UPDATE runs SET status = 'postponed', run_after = $2, input_request = NULL, updated_at = $3 WHERE id = $1")
-                .bind(id).bind(until.0).bind(now.0).execute(&mut *tx).await.map_err(db)?;
-            event(
-                &mut tx,
-                run.id,
-                &run.tenant,
-                &run.job,
-                "run_postponed",
-                now,
-                None,
-                None,
-                actor,
-                comment,
-                &json!({ "until": until, "by": "operator", "from": run.status }),
-            )
-            .await?;
-        }
-        OperatorCommand::Approve { data } | OperatorCommand::Reject { data } => {
-            check(Transition::Decide)?;
-            let approved = matches!(req.command, OperatorCommand::Approve { .. });
-            let name = run
-                .input_request
-                .as_ref()
-                .and_then(|r| r.get("name"))
-                .and_then(|n| n.as_str())
-                .unwrap_or("input")
-                .to_string();
-            let decision =
-                json!({ "decision": if approved { "approved" } else { "rejected" }, "data": data });
+    let p = plan::operator::operator(&run, &req.command, failed_step.as_deref(), req.now)?;
+    persist_operator(&mut tx, &run, req, &p).await?;
+    let out = get_run(&mut *tx, run.id)
+        .await?
+        .ok_or(StoreError::NotFound(run.id))?;
+    tx.commit().await.map_err(db)?;
+    Ok(out)
+}
+
+/// Persists a command's plan: the run, the step write, the events (each
+/// with the operator and the comment), as SQLite does.
+async fn persist_operator(
+    c: &mut PgConnection,
+    run: &Run,
+    req: &OperatorRequest,
+    p: &plan::operator::OperatorPlan,
+) -> Result<()> {
+    use plan::operator::StepWrite;
+    let (id, now, w) = (run.id.0, req.now.0, &p.run);
+    sqlx::query(
+        "UPDATE runs SET status = $2, run_after = COALESCE($3, run_after), variables = COALESCE($4, variables),
+            terminal_reason = CASE WHEN $5 THEN NULL ELSE terminal_reason END,
+            finished_at = CASE WHEN $5 THEN NULL WHEN $6 THEN $10 ELSE finished_at END,
+            attempts_forgiven = CASE WHEN $7 THEN attempt ELSE attempts_forgiven END,
+            input_request = CASE WHEN $8 THEN NULL ELSE input_request END,
+            cancel_requested = cancel_requested OR $9,
+            updated_at = $10
+         WHERE id = $1",
+    )
+    .bind(id)
+    .bind(w.status.as_str())
+    .bind(w.run_after.map(|t| t.0))
+    .bind(&w.variables)
+    .bind(w.reopen)
+    .bind(w.finish)
+    .bind(w.reset_budget)
+    .bind(w.clear_input_request)
+    .bind(w.request_cancel)
+    .bind(now)
+    .execute(&mut *c)
+    .await
+    .map_err(db)?;
+    match &p.step {
+        None => {}
+        Some(StepWrite::Decide { name, result }) => {
             sqlx::query(
                 "INSERT INTO steps (run_id, name, status, result, attempt, updated_at, actor, comment)
                  VALUES ($1, $2, 'completed', $3, $4, $5, $6, $7)
@@ -645,113 +605,52 @@ pub(super) async fn operator(pool: &PgPool, req: &OperatorRequest) -> Result<Run
                     updated_at = excluded.updated_at, actor = excluded.actor, comment = excluded.comment",
             )
             .bind(id)
-            .bind(format!("input:{name}"))
-            .bind(&decision)
+            .bind(name)
+            .bind(result)
             .bind(run.attempt as i32)
-            .bind(now.0)
+            .bind(now)
             .bind(&req.actor)
             .bind(&req.comment)
-            .execute(&mut *tx)
+            .execute(&mut *c)
             .await
             .map_err(db)?;
-            sqlx::query("UPDATE runs SET status = 'pending', run_after = $2, input_request = NULL, updated_at = $2 WHERE id = $1")
-                .bind(id).bind(now.0).execute(&mut *tx).await.map_err(db)?;
-            event(
-                &mut tx,
-                run.id,
-                &run.tenant,
-                &run.job,
-                "input_received",
-                now,
-                None,
-                None,
-                actor,
-                comment,
-                &json!({ "name": name, "decision": decision["decision"], "data": data }),
-            )
-            .await?;
         }
-        OperatorCommand::Retry { updated_variables } => {
-            check(Transition::OperatorRetry)?;
-            let vars = match updated_variables {
-                Some(p) => crate::merge_variables(&run.variables, p),
-                None => run.variables.clone(),
-            };
+        Some(StepWrite::Skip { name }) => {
             sqlx::query(
-                "UPDATE runs SET status = 'pending', run_after = $2, variables = $3, terminal_reason = NULL, finished_at = NULL,
-                    attempts_forgiven = attempt, updated_at = $2 WHERE id = $1",
+                "UPDATE steps SET status = 'skipped', actor = $3, comment = $4, updated_at = $5 WHERE run_id = $1 AND name = $2",
             )
             .bind(id)
-            .bind(now.0)
-            .bind(&vars)
-            .execute(&mut *tx)
+            .bind(name)
+            .bind(&req.actor)
+            .bind(&req.comment)
+            .bind(now)
+            .execute(&mut *c)
             .await
             .map_err(db)?;
+        }
+        Some(StepWrite::DeleteFailed) => {
             sqlx::query("DELETE FROM steps WHERE run_id = $1 AND status = 'failed'")
                 .bind(id)
-                .execute(&mut *tx)
+                .execute(&mut *c)
                 .await
                 .map_err(db)?;
-            event(&mut tx, run.id, &run.tenant, &run.job, "operator_retry", now, None, None, actor, comment,
-                &json!({ "updated_variables": updated_variables, "previous_reason": run.terminal_reason, "fresh_attempt_budget": true })).await?;
-        }
-        OperatorCommand::Skip => {
-            check(Transition::OperatorSkip)?;
-            let failed: Option<String> = sqlx::query_scalar(
-                "SELECT name FROM steps WHERE run_id = $1 AND status = 'failed' ORDER BY updated_at DESC, name COLLATE \"C\" LIMIT 1",
-            )
-            .bind(id)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(db)?;
-            let Some(step) = failed else {
-                return Err(wrong_state(&run, "the run failed outside any step, so there is no failed step to skip; retry or retrigger it".into()));
-            };
-            sqlx::query("UPDATE steps SET status = 'skipped', actor = $3, comment = $4, updated_at = $5 WHERE run_id = $1 AND name = $2")
-                .bind(id).bind(&step).bind(&req.actor).bind(&req.comment).bind(now.0)
-                .execute(&mut *tx).await.map_err(db)?;
-            sqlx::query(
-                "UPDATE runs SET status = 'pending', run_after = $2, terminal_reason = NULL, finished_at = NULL,
-                    attempts_forgiven = attempt, updated_at = $2 WHERE id = $1",
-            )
-            .bind(id)
-            .bind(now.0)
-            .execute(&mut *tx)
-            .await
-            .map_err(db)?;
-            event(
-                &mut tx,
-                run.id,
-                &run.tenant,
-                &run.job,
-                "step_skipped",
-                now,
-                None,
-                None,
-                actor,
-                comment,
-                &json!({ "step": step }),
-            )
-            .await?;
-            event(
-                &mut tx,
-                run.id,
-                &run.tenant,
-                &run.job,
-                "operator_skip",
-                now,
-                None,
-                None,
-                actor,
-                comment,
-                &json!({ "step": step, "previous_reason": run.terminal_reason }),
-            )
-            .await?;
         }
     }
-    let out = get_run(&mut *tx, run.id)
-        .await?
-        .ok_or(StoreError::NotFound(run.id))?;
-    tx.commit().await.map_err(db)?;
-    Ok(out)
+    for e in &p.events {
+        event(
+            c,
+            run.id,
+            &run.tenant,
+            &run.job,
+            &e.kind,
+            req.now,
+            None,
+            None,
+            Some(req.actor.as_str()),
+            req.comment.as_deref(),
+            &e.data,
+        )
+        .await?;
+    }
+    Ok(())
 }

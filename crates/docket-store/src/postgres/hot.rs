@@ -37,7 +37,7 @@
 //! claim order.
 
 use crate::{AttemptEnd, ClaimRequest, Outcome, Result, Run, StoreError};
-use docket_core::{ErrorClass, LeaseId, RunId, RunStatus, Transition};
+use docket_core::{ErrorClass, LeaseId, RunId, RunStatus};
 use serde_json::{json, Value};
 use sqlx::postgres::{PgConnection, PgRow};
 use sqlx::Row;
@@ -52,9 +52,10 @@ use super::ops::{run_from_row, RUN_COLS};
 /// more runs than this takes `gen_random_uuid()` for the rest.
 const CLAIM_LEASE_IDS: usize = 4096;
 
-/// Parameters of the finish part: `$1..$21` and `$26` one element per end,
-/// `$22..$25` one element per event an end writes if its lease holds.
-const FINISH_PARAMS: usize = 26;
+/// Parameters of the finish part: `$1..$21`, `$26`, `$28` and `$29` one
+/// element per end, `$22..$25` and `$27` one element per event an end
+/// writes if its lease holds.
+const FINISH_PARAMS: usize = 29;
 
 /// `cur` of an attempt's own ends: every run of the batch, locked (waiting
 /// for a lock another transaction holds), so that a stale end can be told
@@ -97,12 +98,12 @@ e AS (
                          $6::int8[], $7::bool[], $8::text[], $9::text[], $10::text[],
                          $11::bool[], $12::int4[], $13::jsonb[], $14::text[], $15::text[],
                          $16::text[], $17::text[], $18::text[], $19::int8[], $20::int8[],
-                         $21::text[])
+                         $21::text[], $28::text[], $29::text[])
         WITH ORDINALITY AS e(run_id, lease_id, now, to_status, output,
                              run_after, finished, terminal_reason, err_class, err_msg,
                              clear_cancel, forgive, input_request, att_outcome, fingerprint,
                              failure_key, action, retry_policy, delay_ms, eligible_at,
-                             retry_reason, idx)
+                             retry_reason, att_err_class, att_err_msg, idx)
 )";
 
 /// The finish part after `cur`.
@@ -133,8 +134,8 @@ att AS (
     UPDATE attempts a SET
         finished_at = j.now,
         outcome = j.att_outcome,
-        error_class = COALESCE(j.err_class, a.error_class),
-        error_message = COALESCE(j.err_msg, a.error_message),
+        error_class = COALESCE(j.att_err_class, a.error_class),
+        error_message = COALESCE(j.att_err_msg, a.error_message),
         fingerprint = COALESCE(j.fingerprint, a.fingerprint),
         failure_key = COALESCE(j.failure_key, a.failure_key),
         action = COALESCE(j.action, a.action),
@@ -150,15 +151,16 @@ fin_ev AS (
     FROM (
         SELECT j.run_id, j.tenant, j.job, v.kind, j.now AS at, j.cur_attempt AS attempt,
                j.lease_id,
-               CASE v.kind
-                   WHEN 'lease_expired' THEN jsonb_build_object('lease_expires_at', j.cur_expires)
-                   WHEN 'retry_scheduled'
+               -- plan::end::Fill: what only the locked row knows.
+               CASE v.fill
+                   WHEN 'lease_expires_at' THEN jsonb_build_object('lease_expires_at', j.cur_expires)
+                   WHEN 'next_attempt'
                        THEN v.data || jsonb_build_object('next_attempt', j.cur_attempt + 1)
                    ELSE v.data
                END AS data,
                v.seq
-        FROM j JOIN unnest($22::int8[], $23::int4[], $24::text[], $25::jsonb[])
-                    AS v(idx, seq, kind, data) ON v.idx = j.idx
+        FROM j JOIN unnest($22::int8[], $23::int4[], $24::text[], $25::jsonb[], $27::text[])
+                    AS v(idx, seq, kind, data, fill) ON v.idx = j.idx
         WHERE j.holds
         UNION ALL
         SELECT j.run_id, j.tenant, j.job, 'stale_write_refused', j.now, NULL, j.lease_id,
@@ -307,6 +309,8 @@ struct Cols {
     finished: Vec<bool>,
     terminal_reason: Vec<Option<&'static str>>,
     err_class: Vec<Option<&'static str>>,
+    att_err_class: Vec<Option<&'static str>>,
+    att_err_msg: Vec<Option<String>>,
     err_msg: Vec<Option<String>>,
     clear_cancel: Vec<bool>,
     forgive: Vec<i32>,
@@ -324,191 +328,50 @@ struct Cols {
     attempted: Vec<Value>,
     ev_idx: Vec<i64>,
     ev_seq: Vec<i32>,
-    ev_kind: Vec<&'static str>,
+    ev_kind: Vec<String>,
     ev_data: Vec<Value>,
-}
-
-/// The status an outcome leads a running run to.
-fn target(outcome: &Outcome) -> RunStatus {
-    let t = match outcome {
-        Outcome::Completed { .. } => Transition::Complete,
-        Outcome::Retry { .. } => Transition::ScheduleRetry,
-        Outcome::Failed { .. } => Transition::Fail,
-        Outcome::Postponed { .. } => Transition::Postpone,
-        Outcome::NeedsInput { .. } => Transition::RequestInput,
-        Outcome::Cancelled => Transition::Cancel,
-        Outcome::Released => Transition::Release,
-    };
-    // Every end is a transition out of `running`, and all of them are legal
-    // from there (the statement applies an end only to a running run).
-    RunStatus::Running
-        .apply(t)
-        .expect("every attempt end is legal from running")
+    ev_fill: Vec<&'static str>,
 }
 
 impl Cols {
+    /// Adds an end: its plan's columns, and what a refusal would record.
     fn push(&mut self, end: &AttemptEnd) {
         let idx = self.run_id.len() as i64 + 1;
-        let now = end.now.0;
-        let mut events: Vec<(&'static str, Value)> = Vec::new();
-        // Defaults: only the lease is cleared and `updated_at` set.
-        let mut output = None;
-        let mut run_after = None;
-        let mut finished = false;
-        let mut terminal_reason = None;
-        let mut err_class = None;
-        let mut err_msg = None;
-        let mut clear_cancel = false;
-        let mut forgive = 0;
-        let mut input_request = None;
-        let mut fingerprint = None;
-        let mut failure_key = None;
-        let mut action = None;
-        let mut retry_policy = None;
-        let mut delay_ms = None;
-        let mut eligible_at = None;
-        let mut retry_reason = None;
-        let att_outcome: &'static str;
-        match &end.outcome {
-            Outcome::Completed { output: o } => {
-                output = Some(o.clone());
-                finished = true;
-                clear_cancel = true;
-                att_outcome = "completed";
-                events.push(("run_completed", json!({})));
-            }
-            Outcome::Retry { error, retry } => {
-                run_after = Some(retry.eligible_at.0);
-                err_class = Some(error.class.as_str());
-                err_msg = Some(error.message.clone());
-                fingerprint = Some(error.fingerprint.clone());
-                failure_key = Some(error.failure_key.clone());
-                action = error.action.clone();
-                retry_policy = Some(retry.policy.clone());
-                delay_ms = Some(retry.delay_ms);
-                eligible_at = Some(retry.eligible_at.0);
-                retry_reason = Some(retry.reason.clone());
-                // A deferral (an open breaker, an action in flight elsewhere) sent
-                // nothing: not a failure.
-                let deferred = docket_core::policy::RetryReason::is_deferral(&retry.reason);
-                // …and it spends no attempt budget (as on SQLite).
-                forgive = i32::from(deferred);
-                att_outcome = if error.class == ErrorClass::LeaseExpired {
-                    events.push(("lease_expired", Value::Null));
-                    "lease_expired"
-                } else if deferred {
-                    "deferred"
-                } else {
-                    "failed"
-                };
-                if deferred {
-                    events.push((
-                        "attempt_deferred",
-                        json!({ "message": error.message, "action": error.action }),
-                    ));
-                } else {
-                    events.push((
-                        "attempt_failed",
-                        json!({ "error_class": error.class, "message": error.message,
-                                     "fingerprint": error.fingerprint, "action": error.action }),
-                    ));
-                }
-                events.push((
-                    "retry_scheduled",
-                    json!({ "retry_policy": retry.policy, "delay_ms": retry.delay_ms,
-                                 "eligible_at": retry.eligible_at, "reason": retry.reason }),
-                ));
-            }
-            Outcome::Failed {
-                error,
-                reason,
-                detail,
-            } => {
-                finished = true;
-                clear_cancel = true;
-                terminal_reason = Some(reason.as_str());
-                match error {
-                    Some(e) => {
-                        err_class = Some(e.class.as_str());
-                        err_msg = Some(e.message.clone());
-                        fingerprint = Some(e.fingerprint.clone());
-                        failure_key = Some(e.failure_key.clone());
-                        action = e.action.clone();
-                        att_outcome = if e.class == ErrorClass::LeaseExpired {
-                            events.push(("lease_expired", Value::Null));
-                            "lease_expired"
-                        } else {
-                            "failed"
-                        };
-                        events.push((
-                            "attempt_failed",
-                            json!({ "error_class": e.class, "message": e.message,
-                                         "fingerprint": e.fingerprint, "action": e.action }),
-                        ));
-                    }
-                    None => {
-                        err_msg = Some(detail.clone());
-                        att_outcome = "unresolved";
-                    }
-                }
-                events.push((
-                    "run_failed",
-                    json!({ "reason": reason, "detail": detail, "advice": reason.advice() }),
-                ));
-            }
-            Outcome::Postponed { until } => {
-                run_after = Some(until.0);
-                forgive = 1;
-                eligible_at = Some(until.0);
-                att_outcome = "postponed";
-                events.push(("run_postponed", json!({ "until": until, "by": "handler" })));
-            }
-            Outcome::NeedsInput { name, request } => {
-                let req = json!({ "name": name, "request": request });
-                input_request = Some(req.clone());
-                forgive = 1;
-                att_outcome = "needs_input";
-                events.push(("input_requested", req));
-            }
-            Outcome::Cancelled => {
-                finished = true;
-                att_outcome = "cancelled";
-                events.push(("run_cancelled", json!({ "at_step_boundary": true })));
-            }
-            Outcome::Released => {
-                run_after = Some(now);
-                forgive = 1;
-                att_outcome = "released";
-                events.push(("attempt_released", json!({ "reason": "worker shutdown" })));
-            }
-        }
+        let p = crate::plan::end::end(end);
+        let (r, a) = (p.run, p.attempt);
         self.run_id.push(end.run_id.0);
         self.lease_id.push(end.lease_id.0);
-        self.now.push(now);
-        self.to_status.push(target(&end.outcome).as_str());
-        self.output.push(output);
-        self.run_after.push(run_after);
-        self.finished.push(finished);
-        self.terminal_reason.push(terminal_reason);
-        self.err_class.push(err_class);
-        self.err_msg.push(err_msg);
-        self.clear_cancel.push(clear_cancel);
-        self.forgive.push(forgive);
-        self.input_request.push(input_request);
-        self.att_outcome.push(att_outcome);
-        self.fingerprint.push(fingerprint);
-        self.failure_key.push(failure_key);
-        self.action.push(action);
-        self.retry_policy.push(retry_policy);
-        self.delay_ms.push(delay_ms);
-        self.eligible_at.push(eligible_at);
-        self.retry_reason.push(retry_reason);
-        self.attempted.push(end.refused_data());
-        for (seq, (kind, data)) in events.into_iter().enumerate() {
+        self.now.push(end.now.0);
+        self.to_status.push(r.status.as_str());
+        self.output.push(r.output);
+        self.run_after.push(r.run_after.map(|t| t.0));
+        self.finished.push(r.finished);
+        self.terminal_reason.push(r.terminal_reason);
+        self.err_class.push(r.error_class.map(ErrorClass::as_str));
+        self.err_msg.push(r.error_message);
+        self.clear_cancel.push(r.clear_cancel);
+        self.forgive
+            .push(i32::try_from(r.forgive).unwrap_or(i32::MAX));
+        self.input_request.push(r.input_request);
+        self.att_outcome.push(a.outcome.as_str());
+        self.att_err_class
+            .push(a.error_class.map(ErrorClass::as_str));
+        self.att_err_msg.push(a.error_message);
+        self.fingerprint.push(a.fingerprint);
+        self.failure_key.push(a.failure_key);
+        self.action.push(a.action);
+        self.retry_policy.push(a.retry_policy);
+        self.delay_ms.push(a.delay_ms);
+        self.eligible_at.push(a.eligible_at.map(|t| t.0));
+        self.retry_reason
+            .push(a.retry_reason.map(|r| r.as_str().to_string()));
+        self.attempted.push(crate::plan::end::refused_attempt(end));
+        for (seq, e) in p.events.into_iter().enumerate() {
             self.ev_idx.push(idx);
             self.ev_seq.push(seq as i32 + 1);
-            self.ev_kind.push(kind);
-            self.ev_data.push(data);
+            self.ev_kind.push(e.kind.as_str().to_string());
+            self.ev_data.push(e.data);
+            self.ev_fill.push(e.fill.as_str());
         }
     }
 }
@@ -551,6 +414,9 @@ impl Cols {
             .bind(&self.ev_kind)
             .bind(&self.ev_data)
             .bind(&self.attempted)
+            .bind(&self.ev_fill)
+            .bind(&self.att_err_class)
+            .bind(&self.att_err_msg)
     }
 }
 
@@ -604,7 +470,7 @@ fn finish_answer(
     let i = usize::try_from(idx - 1).map_err(|_| sqlx::Error::RowNotFound)?;
     let end = ends.get(i).ok_or(sqlx::Error::RowNotFound)?;
     out[i] = Some(match (status, holds) {
-        (Some(_), Some(true)) => Ok(target(&end.outcome)),
+        (Some(_), Some(true)) => Ok(crate::plan::end::status_after(&end.outcome)),
         (Some(s), _) => match s.parse::<RunStatus>() {
             Ok(status) => Err(StoreError::StaleLease {
                 run_id: end.run_id,
@@ -837,7 +703,7 @@ async fn reap_only(
         let i = usize::try_from(idx - 1).map_err(|_| sqlx::Error::RowNotFound)?;
         let end = ends.get(i).ok_or(sqlx::Error::RowNotFound)?;
         if holds == Some(true) {
-            out[i] = Some(target(&end.outcome));
+            out[i] = Some(crate::plan::end::status_after(&end.outcome));
         }
     }
     Ok(out)
@@ -993,7 +859,7 @@ mod tests {
                 policy: "p".into(),
                 delay_ms: 0,
                 eligible_at: Timestamp(at),
-                reason: "backoff".into(),
+                reason: docket_core::policy::RetryReason::Backoff,
             },
         };
         assert!(frees_by(&end(r, 5, Outcome::Released), 5));

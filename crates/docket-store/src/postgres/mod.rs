@@ -862,7 +862,7 @@ impl Store for PgStore {
         &self,
         lease: crate::LeaseRef,
         write: crate::LedgerWrite,
-        event: String,
+        event: docket_core::EventKind,
         now: Timestamp,
     ) -> Result<()> {
         crate::json::check_ledger(&write)?;
@@ -872,7 +872,7 @@ impl Store for PgStore {
     async fn append_event(
         &self,
         lease: crate::LeaseRef,
-        kind: String,
+        kind: docket_core::EventKind,
         data: serde_json::Value,
         now: Timestamp,
     ) -> Result<()> {

@@ -444,7 +444,7 @@ pub(super) async fn attempts<'e>(
                 worker: get(r, "worker")?,
                 started_at: Timestamp(get(r, "started_at")?),
                 finished_at: get::<Option<i64>>(r, "finished_at")?.map(Timestamp),
-                outcome: get(r, "outcome")?,
+                outcome: parse("attempt outcome", get(r, "outcome")?)?,
                 error_class: parse_opt("error class", get(r, "error_class")?)?,
                 error_message: get(r, "error_message")?,
                 fingerprint: get(r, "fingerprint")?,
@@ -453,7 +453,7 @@ pub(super) async fn attempts<'e>(
                 retry_policy: get(r, "retry_policy")?,
                 delay_ms: get(r, "delay_ms")?,
                 eligible_at: get::<Option<i64>>(r, "eligible_at")?.map(Timestamp),
-                retry_reason: get(r, "retry_reason")?,
+                retry_reason: parse_opt("retry reason", get(r, "retry_reason")?)?,
             })
         })
         .collect()
@@ -487,7 +487,7 @@ pub(super) async fn events<'e>(
                 run_id: RunId(get(r, "run_id")?),
                 tenant: get(r, "tenant")?,
                 job: get(r, "job")?,
-                kind: get(r, "kind")?,
+                kind: docket_core::EventKind::parse(&get::<String>(r, "kind")?),
                 at: Timestamp(get(r, "at")?),
                 attempt: get::<Option<i32>>(r, "attempt")?
                     .map(|a| count("attempt", a))

@@ -671,7 +671,7 @@ impl Store for SqliteStore {
         &self,
         lease: LeaseRef,
         write: LedgerWrite,
-        event: String,
+        event: docket_core::EventKind,
         now: Timestamp,
     ) -> Result<()> {
         crate::json::check_ledger(&write)?;
@@ -682,7 +682,7 @@ impl Store for SqliteStore {
     async fn append_event(
         &self,
         lease: LeaseRef,
-        kind: String,
+        kind: docket_core::EventKind,
         data: serde_json::Value,
         now: Timestamp,
     ) -> Result<()> {

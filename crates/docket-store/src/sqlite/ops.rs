@@ -3,10 +3,10 @@
 
 use crate::{
     AttemptEnd, AttemptRecord, ClaimRequest, EventFilter, EventRecord, LeaseRef, LeaseState,
-    LedgerEntry, LedgerWrite, NewRun, OperatorCommand, OperatorRequest, Outcome, Result, Run,
-    RunFilter, StatusCount, StepRecord, StoreError, Triggered,
+    LedgerEntry, LedgerWrite, NewRun, OperatorRequest, Result, Run, RunFilter, StatusCount,
+    StepRecord, StoreError, Triggered,
 };
-use docket_core::{ErrorClass, LeaseId, RunId, RunStatus, Timestamp, Transition};
+use docket_core::{ErrorClass, EventKind, LeaseId, RunId, RunStatus, Timestamp};
 use rusqlite::types::Value as SqlValue;
 use rusqlite::{params, params_from_iter, Connection, OptionalExtension, Row};
 use serde_json::{json, Value};
@@ -88,7 +88,7 @@ pub(super) fn insert_event(
     run_id: RunId,
     tenant: &str,
     job: &str,
-    kind: &str,
+    kind: &EventKind,
     at: Timestamp,
     attempt: Option<u32>,
     lease_id: Option<LeaseId>,
@@ -106,7 +106,7 @@ pub(super) fn insert_event(
         run_id.to_string(),
         tenant,
         job,
-        kind,
+        kind.as_str(),
         at.0,
         attempt,
         lease_id.map(|l| l.to_string()),
@@ -183,7 +183,7 @@ pub(super) fn trigger(c: &Connection, runs: Vec<NewRun>, now: Timestamp) -> Resu
             run.id,
             &run.tenant,
             &run.job,
-            "run_triggered",
+            &EventKind::RunTriggered,
             now,
             None,
             None,
@@ -261,7 +261,7 @@ pub(super) fn claim(c: &Connection, req: &ClaimRequest) -> Result<Vec<Run>> {
             run.id,
             &run.tenant,
             &run.job,
-            "attempt_started",
+            &EventKind::AttemptStarted,
             req.now,
             Some(run.attempt),
             Some(lease),
@@ -304,21 +304,6 @@ fn fence_row(c: &Connection, id: RunId) -> Result<Option<Fence>> {
     .map_err(db_err)
 }
 
-/// What a refused attempt end said: kept as evidence (a late report), so the
-/// forensic view can see an attempt that went on after its lease was gone.
-pub(crate) fn stale_data(
-    end: &AttemptEnd,
-    status: RunStatus,
-    lease: Option<LeaseId>,
-    attempt: u32,
-) -> Value {
-    let mut data = end.refused_data();
-    data["current_status"] = json!(status);
-    data["current_lease_id"] = json!(lease);
-    data["current_attempt"] = json!(attempt);
-    data
-}
-
 /// Ends attempts. A stale lease is an `Err` in that end's slot (its
 /// `stale_write_refused` event is kept). A database error fails the whole
 /// call, and the caller's savepoint rolls every end of it back: ends need no
@@ -357,20 +342,19 @@ fn finish_inner(c: &Connection, end: AttemptEnd) -> Result<Result<RunStatus>> {
     let Some(run) = fence_row(c, end.run_id)? else {
         return Ok(Err(StoreError::NotFound(end.run_id)));
     };
-    let now = end.now;
     if run.status != RunStatus::Running || run.lease_id != Some(end.lease_id) {
         insert_event(
             c,
             run.id,
             &run.tenant,
             &run.job,
-            "stale_write_refused",
-            now,
+            &EventKind::StaleWriteRefused,
+            end.now,
             None,
             Some(end.lease_id),
             None,
             None,
-            &stale_data(&end, run.status, run.lease_id, run.attempt),
+            &plan::end::refused(&end, run.status, run.lease_id, run.attempt),
         )?;
         return Ok(Err(StoreError::StaleLease {
             run_id: run.id,
@@ -378,204 +362,96 @@ fn finish_inner(c: &Connection, end: AttemptEnd) -> Result<Result<RunStatus>> {
             status: run.status,
         }));
     }
-    let attempt = run.attempt;
-    let lease = Some(end.lease_id);
-    let ev = |kind: &str, data: Value| {
+    let p = plan::end::end(&end);
+    persist_end(c, &run, &end, &p)?;
+    Ok(Ok(p.run.status))
+}
+
+/// Persists an end's plan for a run its lease holds: the same three writes,
+/// with the same "absent keeps the stored value" rule, as PostgreSQL's
+/// set-based statement.
+fn persist_end(
+    c: &Connection,
+    run: &Fence,
+    end: &AttemptEnd,
+    p: &plan::end::EndPlan,
+) -> Result<()> {
+    let (r, a) = (&p.run, &p.attempt);
+    let id = run.id.to_string();
+    let json_text = |v: &Option<Value>| v.as_ref().map(Value::to_string);
+    c.prepare_cached(
+        "UPDATE runs SET status = ?2, output = COALESCE(?3, output), run_after = COALESCE(?4, run_after),
+            lease_id = NULL, lease_expires_at = NULL, worker = NULL, updated_at = ?5,
+            finished_at = CASE WHEN ?6 THEN ?5 ELSE finished_at END,
+            terminal_reason = COALESCE(?7, terminal_reason),
+            last_error_class = COALESCE(?8, last_error_class),
+            last_error_message = COALESCE(?9, last_error_message),
+            cancel_requested = cancel_requested AND NOT ?10,
+            attempts_forgiven = attempts_forgiven + ?11,
+            input_request = COALESCE(?12, input_request)
+         WHERE id = ?1",
+    )
+    .map_err(db_err)?
+    .execute(params![
+        id,
+        r.status.as_str(),
+        json_text(&r.output),
+        r.run_after.map(|t| t.0),
+        end.now.0,
+        r.finished,
+        r.terminal_reason,
+        r.error_class.map(ErrorClass::as_str),
+        r.error_message,
+        r.clear_cancel,
+        r.forgive,
+        json_text(&r.input_request),
+    ])
+    .map_err(db_err)?;
+    c.prepare_cached(
+        "UPDATE attempts SET finished_at = ?3, outcome = ?4,
+            error_class = COALESCE(?5, error_class), error_message = COALESCE(?6, error_message),
+            fingerprint = COALESCE(?7, fingerprint), failure_key = COALESCE(?8, failure_key),
+            action = COALESCE(?9, action), retry_policy = COALESCE(?10, retry_policy),
+            delay_ms = COALESCE(?11, delay_ms), eligible_at = COALESCE(?12, eligible_at),
+            retry_reason = COALESCE(?13, retry_reason)
+         WHERE run_id = ?1 AND attempt = ?2",
+    )
+    .map_err(db_err)?
+    .execute(params![
+        id,
+        run.attempt,
+        end.now.0,
+        a.outcome.as_str(),
+        a.error_class.map(ErrorClass::as_str),
+        a.error_message,
+        a.fingerprint,
+        a.failure_key,
+        a.action,
+        a.retry_policy,
+        a.delay_ms,
+        a.eligible_at.map(|t| t.0),
+        a.retry_reason.map(|r| r.as_str()),
+    ])
+    .map_err(db_err)?;
+    for e in &p.events {
+        let data = e
+            .fill
+            .apply(e.data.clone(), run.attempt, run.lease_expires_at);
         insert_event(
             c,
             run.id,
             &run.tenant,
             &run.job,
-            kind,
-            now,
-            Some(attempt),
-            lease,
+            &e.kind,
+            end.now,
+            Some(run.attempt),
+            Some(end.lease_id),
             None,
             None,
             &data,
-        )
-    };
-    let transition = match &end.outcome {
-        Outcome::Completed { .. } => Transition::Complete,
-        Outcome::Retry { .. } => Transition::ScheduleRetry,
-        Outcome::Failed { .. } => Transition::Fail,
-        Outcome::Postponed { .. } => Transition::Postpone,
-        Outcome::NeedsInput { .. } => Transition::RequestInput,
-        Outcome::Cancelled => Transition::Cancel,
-        Outcome::Released => Transition::Release,
-    };
-    let to = run
-        .status
-        .apply(transition)
-        .map_err(|e| StoreError::WrongState {
-            run_id: run.id,
-            current: run.status,
-            message: e.to_string(),
-        })?;
-    let id = run.id.to_string();
-    let exec = |sql: &str, p: &[&dyn rusqlite::ToSql]| -> Result<()> {
-        c.prepare_cached(sql)
-            .map_err(db_err)?
-            .execute(p)
-            .map_err(db_err)?;
-        Ok(())
-    };
-    const CLEAR_LEASE: &str = "lease_id = NULL, lease_expires_at = NULL, worker = NULL";
-    match &end.outcome {
-        Outcome::Completed { output } => {
-            exec(
-                &format!("UPDATE runs SET status = 'completed', output = ?2, {CLEAR_LEASE}, updated_at = ?3, finished_at = ?3, cancel_requested = 0 WHERE id = ?1"),
-                &[&id, &output.to_string(), &now.0],
-            )?;
-            exec(
-                "UPDATE attempts SET finished_at = ?3, outcome = 'completed' WHERE run_id = ?1 AND attempt = ?2",
-                &[&id, &attempt, &now.0],
-            )?;
-            ev("run_completed", json!({}))?;
-        }
-        Outcome::Retry { error, retry } => {
-            exec(
-                &format!("UPDATE runs SET status = 'pending', run_after = ?2, {CLEAR_LEASE}, updated_at = ?3,
-                    last_error_class = ?4, last_error_message = ?5, attempts_forgiven = attempts_forgiven + ?6
-                 WHERE id = ?1"),
-                // A circuit breaker's deferral consumes no attempt budget.
-                &[&id, &retry.eligible_at.0, &now.0, &error.class.as_str(), &error.message, &i64::from(docket_core::policy::RetryReason::is_deferral(&retry.reason))],
-            )?;
-            // A deferral (an open breaker, an action in flight elsewhere) sent
-            // nothing: not a failure.
-            let deferred = docket_core::policy::RetryReason::is_deferral(&retry.reason);
-            let outcome = if error.class == ErrorClass::LeaseExpired {
-                "lease_expired"
-            } else if deferred {
-                "deferred"
-            } else {
-                "failed"
-            };
-            exec(
-                "UPDATE attempts SET finished_at = ?3, outcome = ?4, error_class = ?5, error_message = ?6,
-                    fingerprint = ?7, failure_key = ?8, action = ?9, retry_policy = ?10, delay_ms = ?11,
-                    eligible_at = ?12, retry_reason = ?13
-                 WHERE run_id = ?1 AND attempt = ?2",
-                &[&id, &attempt, &now.0, &outcome, &error.class.as_str(), &error.message, &error.fingerprint,
-                  &error.failure_key, &error.action, &retry.policy, &retry.delay_ms, &retry.eligible_at.0, &retry.reason],
-            )?;
-            if error.class == ErrorClass::LeaseExpired {
-                ev(
-                    "lease_expired",
-                    json!({ "lease_expires_at": run.lease_expires_at }),
-                )?;
-            }
-            if deferred {
-                ev(
-                    "attempt_deferred",
-                    json!({ "message": error.message, "action": error.action }),
-                )?;
-            } else {
-                ev(
-                    "attempt_failed",
-                    json!({ "error_class": error.class, "message": error.message, "fingerprint": error.fingerprint, "action": error.action }),
-                )?;
-            }
-            ev(
-                "retry_scheduled",
-                json!({ "retry_policy": retry.policy, "delay_ms": retry.delay_ms, "eligible_at": retry.eligible_at, "reason": retry.reason, "next_attempt": attempt + 1 }),
-            )?;
-        }
-        Outcome::Failed {
-            error,
-            reason,
-            detail,
-        } => {
-            let (class, msg) = match error {
-                Some(e) => (Some(e.class.as_str()), Some(e.message.clone())),
-                None => (None, Some(detail.clone())),
-            };
-            exec(
-                &format!("UPDATE runs SET status = 'failed', {CLEAR_LEASE}, updated_at = ?2, finished_at = ?2,
-                    terminal_reason = ?3, last_error_class = COALESCE(?4, last_error_class), last_error_message = ?5,
-                    cancel_requested = 0 WHERE id = ?1"),
-                &[&id, &now.0, &reason.as_str(), &class, &msg],
-            )?;
-            let outcome = match error {
-                Some(e) if e.class == ErrorClass::LeaseExpired => "lease_expired",
-                Some(_) => "failed",
-                None => "unresolved",
-            };
-            exec(
-                "UPDATE attempts SET finished_at = ?3, outcome = ?4, error_class = ?5, error_message = ?6,
-                    fingerprint = ?7, failure_key = ?8, action = ?9
-                 WHERE run_id = ?1 AND attempt = ?2",
-                &[&id, &attempt, &now.0, &outcome, &class, &msg,
-                  &error.as_ref().map(|e| e.fingerprint.clone()), &error.as_ref().map(|e| e.failure_key.clone()),
-                  &error.as_ref().and_then(|e| e.action.clone())],
-            )?;
-            if let Some(e) = error {
-                if e.class == ErrorClass::LeaseExpired {
-                    ev(
-                        "lease_expired",
-                        json!({ "lease_expires_at": run.lease_expires_at }),
-                    )?;
-                }
-                ev(
-                    "attempt_failed",
-                    json!({ "error_class": e.class, "message": e.message, "fingerprint": e.fingerprint, "action": e.action }),
-                )?;
-            }
-            ev(
-                "run_failed",
-                json!({ "reason": reason, "detail": detail, "advice": reason.advice() }),
-            )?;
-        }
-        Outcome::Postponed { until } => {
-            exec(
-                &format!("UPDATE runs SET status = 'postponed', run_after = ?2, {CLEAR_LEASE}, updated_at = ?3,
-                    attempts_forgiven = attempts_forgiven + 1 WHERE id = ?1"),
-                &[&id, &until.0, &now.0],
-            )?;
-            exec(
-                "UPDATE attempts SET finished_at = ?3, outcome = 'postponed', eligible_at = ?4 WHERE run_id = ?1 AND attempt = ?2",
-                &[&id, &attempt, &now.0, &until.0],
-            )?;
-            ev("run_postponed", json!({ "until": until, "by": "handler" }))?;
-        }
-        Outcome::NeedsInput { name, request } => {
-            let req = json!({ "name": name, "request": request });
-            exec(
-                &format!("UPDATE runs SET status = 'needs_input', input_request = ?2, {CLEAR_LEASE}, updated_at = ?3,
-                    attempts_forgiven = attempts_forgiven + 1 WHERE id = ?1"),
-                &[&id, &req.to_string(), &now.0],
-            )?;
-            exec(
-                "UPDATE attempts SET finished_at = ?3, outcome = 'needs_input' WHERE run_id = ?1 AND attempt = ?2",
-                &[&id, &attempt, &now.0],
-            )?;
-            ev("input_requested", req)?;
-        }
-        Outcome::Cancelled => {
-            exec(
-                &format!("UPDATE runs SET status = 'cancelled', {CLEAR_LEASE}, updated_at = ?2, finished_at = ?2 WHERE id = ?1"),
-                &[&id, &now.0],
-            )?;
-            exec(
-                "UPDATE attempts SET finished_at = ?3, outcome = 'cancelled' WHERE run_id = ?1 AND attempt = ?2",
-                &[&id, &attempt, &now.0],
-            )?;
-            ev("run_cancelled", json!({ "at_step_boundary": true }))?;
-        }
-        Outcome::Released => {
-            exec(
-                &format!("UPDATE runs SET status = 'pending', run_after = ?2, {CLEAR_LEASE}, updated_at = ?2,
-                    attempts_forgiven = attempts_forgiven + 1 WHERE id = ?1"),
-                &[&id, &now.0],
-            )?;
-            exec(
-                "UPDATE attempts SET finished_at = ?3, outcome = 'released' WHERE run_id = ?1 AND attempt = ?2",
-                &[&id, &attempt, &now.0],
-            )?;
-            ev("attempt_released", json!({ "reason": "worker shutdown" }))?;
-        }
+        )?;
     }
-    Ok(Ok(to))
+    Ok(())
 }
 
 pub(super) fn heartbeat(
@@ -719,7 +595,7 @@ pub(super) fn attempts(c: &Connection, run_id: RunId) -> Result<Vec<AttemptRecor
                 worker: r.get(3)?,
                 started_at: Timestamp(r.get(4)?),
                 finished_at: r.get::<_, Option<i64>>(5)?.map(Timestamp),
-                outcome: r.get(6)?,
+                outcome: parse("attempt outcome", r.get(6)?)?,
                 error_class: parse_opt("error class", r.get(7)?)?,
                 error_message: r.get(8)?,
                 fingerprint: r.get(9)?,
@@ -728,7 +604,7 @@ pub(super) fn attempts(c: &Connection, run_id: RunId) -> Result<Vec<AttemptRecor
                 retry_policy: r.get(12)?,
                 delay_ms: r.get(13)?,
                 eligible_at: r.get::<_, Option<i64>>(14)?.map(Timestamp),
-                retry_reason: r.get(15)?,
+                retry_reason: parse_opt("retry reason", r.get(15)?)?,
             })
         })
         .map_err(db_err)?;
@@ -760,7 +636,7 @@ pub(super) fn events(c: &Connection, f: &EventFilter) -> Result<Vec<EventRecord>
                     run_id: parse("run id", r.get(1)?)?,
                     tenant: r.get(2)?,
                     job: r.get(3)?,
-                    kind: r.get(4)?,
+                    kind: EventKind::parse(&r.get::<_, String>(4)?),
                     at: Timestamp(r.get(5)?),
                     attempt: r.get(6)?,
                     lease_id: parse_opt("lease id", r.get(7)?)?,
@@ -793,18 +669,13 @@ fn fence(
         run.id,
         &run.tenant,
         &run.job,
-        "stale_write_refused",
+        &EventKind::StaleWriteRefused,
         now,
         None,
         Some(lease.lease_id),
         None,
         None,
-        &json!({
-            "attempted": attempted,
-            "current_status": run.status,
-            "current_lease_id": run.lease_id,
-            "current_attempt": run.attempt,
-        }),
+        &plan::stale_write(attempted, run.status, run.lease_id, run.attempt),
     )?;
     Ok(Err(StoreError::StaleLease {
         run_id: run.id,
@@ -878,7 +749,7 @@ pub(super) fn save_step(
         c,
         &run,
         lease,
-        "step_completed",
+        &EventKind::StepCompleted,
         now,
         &json!({ "step": name }),
     )?;
@@ -928,7 +799,7 @@ pub(super) fn fail_step(
         c,
         &run,
         lease,
-        "step_failed",
+        &EventKind::StepFailed,
         now,
         &json!({ "step": name, "error_class": class, "message": message }),
     )?;
@@ -1008,7 +879,7 @@ pub(super) fn ledger_begin(
         _ => Holder::Gone,
     };
     let plan = plan::ledger_begin(current.as_ref(), holder, lease.lease_id);
-    let ev = |kind: &str, data: Value| attempt_event(c, &run, lease, kind, now, &data);
+    let ev = |kind: EventKind, data: Value| attempt_event(c, &run, lease, &kind, now, &data);
     match plan {
         BeginPlan::Insert | BeginPlan::TakeOver { .. } => {
             c.prepare_cached(
@@ -1030,7 +901,7 @@ pub(super) fn ledger_begin(
             ])
             .map_err(db_err)?;
             ev(
-                "action_started",
+                EventKind::ActionStarted,
                 plan::begin_event(action, key, current.as_ref(), plan),
             )?;
             let reconcile_first = matches!(
@@ -1052,7 +923,7 @@ pub(super) fn ledger_begin(
         } => {
             let entry = current.expect("an in-flight plan has a row");
             ev(
-                "action_in_flight",
+                EventKind::ActionInFlight,
                 plan::in_flight_event(&entry, holder_lease_expires_at),
             )?;
             Ok(Ok(LedgerBegin::InFlight {
@@ -1067,10 +938,10 @@ pub(super) fn ledger_write(
     c: &Connection,
     lease: LeaseRef,
     w: &LedgerWrite,
-    event: &str,
+    event: &EventKind,
     now: Timestamp,
 ) -> Result<Result<()>> {
-    let run = match fence(c, lease, event, now)? {
+    let run = match fence(c, lease, event.as_str(), now)? {
         Ok(r) => r,
         Err(e) => return Ok(Err(e)),
     };
@@ -1092,15 +963,15 @@ pub(super) fn ledger_write(
                 now.0
             ])
             .map_err(db_err)?;
-            (event, plan::write_event(w), Ok(()))
+            (event.clone(), plan::write_event(w), Ok(()))
         }
         Err(refusal) => (
-            "ledger_write_refused",
-            plan::refused_event(w, event, &refusal),
+            EventKind::LedgerWriteRefused,
+            plan::refused_event(w, event.as_str(), &refusal),
             Err(plan::refusal_error(w, &refusal, run.id)),
         ),
     };
-    attempt_event(c, &run, lease, kind, now, &data)?;
+    attempt_event(c, &run, lease, &kind, now, &data)?;
     Ok(answer)
 }
 
@@ -1110,7 +981,7 @@ fn attempt_event(
     c: &Connection,
     run: &Fence,
     lease: LeaseRef,
-    kind: &str,
+    kind: &EventKind,
     now: Timestamp,
     data: &Value,
 ) -> Result<()> {
@@ -1132,11 +1003,11 @@ fn attempt_event(
 pub(super) fn append_event(
     c: &Connection,
     lease: LeaseRef,
-    kind: &str,
+    kind: &EventKind,
     data: &Value,
     now: Timestamp,
 ) -> Result<Result<()>> {
-    let run = match fence(c, lease, kind, now)? {
+    let run = match fence(c, lease, kind.as_str(), now)? {
         Ok(r) => r,
         Err(e) => return Ok(Err(e)),
     };
@@ -1144,143 +1015,100 @@ pub(super) fn append_event(
     Ok(Ok(()))
 }
 
-fn wrong_state(run: &Run, message: String) -> StoreError {
-    StoreError::WrongState {
-        run_id: run.id,
-        current: run.status,
-        message,
-    }
-}
-
 pub(super) fn operator(c: &Connection, req: &OperatorRequest) -> Result<Run> {
     let run = get_run(c, req.run_id)?.ok_or(StoreError::NotFound(req.run_id))?;
+    let failed_step = if plan::operator::needs_failed_step(&req.command) {
+        c.prepare_cached("SELECT name FROM steps WHERE run_id = ?1 AND status = 'failed' ORDER BY updated_at DESC, name LIMIT 1")
+            .map_err(db_err)?
+            .query_row([run.id.to_string()], |r| r.get::<_, String>(0))
+            .optional()
+            .map_err(db_err)?
+    } else {
+        None
+    };
+    let p = plan::operator::operator(&run, &req.command, failed_step.as_deref(), req.now)?;
+    persist_operator(c, &run, req, &p)?;
+    get_run(c, run.id)?.ok_or(StoreError::NotFound(run.id))
+}
+
+/// Persists a command's plan: the run, the step write, the events (each
+/// with the operator and the comment), as PostgreSQL does.
+fn persist_operator(
+    c: &Connection,
+    run: &Run,
+    req: &OperatorRequest,
+    p: &plan::operator::OperatorPlan,
+) -> Result<()> {
+    use plan::operator::StepWrite;
     let id = run.id.to_string();
-    let now = req.now;
-    let actor = Some(req.actor.as_str());
-    let comment = req.comment.as_deref();
-    let ev = |kind: &str, data: Value| {
+    let now = req.now.0;
+    let w = &p.run;
+    c.prepare_cached(
+        "UPDATE runs SET status = ?2, run_after = COALESCE(?3, run_after), variables = COALESCE(?4, variables),
+            terminal_reason = CASE WHEN ?5 THEN NULL ELSE terminal_reason END,
+            finished_at = CASE WHEN ?5 THEN NULL WHEN ?6 THEN ?10 ELSE finished_at END,
+            attempts_forgiven = CASE WHEN ?7 THEN attempt ELSE attempts_forgiven END,
+            input_request = CASE WHEN ?8 THEN NULL ELSE input_request END,
+            cancel_requested = cancel_requested OR ?9,
+            updated_at = ?10
+         WHERE id = ?1",
+    )
+    .map_err(db_err)?
+    .execute(params![
+        id,
+        w.status.as_str(),
+        w.run_after.map(|t| t.0),
+        w.variables.as_ref().map(Value::to_string),
+        w.reopen,
+        w.finish,
+        w.reset_budget,
+        w.clear_input_request,
+        w.request_cancel,
+        now,
+    ])
+    .map_err(db_err)?;
+    match &p.step {
+        None => {}
+        Some(StepWrite::Decide { name, result }) => {
+            c.prepare_cached(
+                "INSERT INTO steps (run_id, name, status, result, attempt, updated_at, actor, comment)
+                 VALUES (?1, ?2, 'completed', ?3, ?4, ?5, ?6, ?7)
+                 ON CONFLICT (run_id, name) DO UPDATE SET status = 'completed', result = excluded.result,
+                    updated_at = excluded.updated_at, actor = excluded.actor, comment = excluded.comment",
+            )
+            .map_err(db_err)?
+            .execute(params![id, name, result.to_string(), run.attempt, now, req.actor, req.comment])
+            .map_err(db_err)?;
+        }
+        Some(StepWrite::Skip { name }) => {
+            c.prepare_cached(
+                "UPDATE steps SET status = 'skipped', actor = ?3, comment = ?4, updated_at = ?5 WHERE run_id = ?1 AND name = ?2",
+            )
+            .map_err(db_err)?
+            .execute(params![id, name, req.actor, req.comment, now])
+            .map_err(db_err)?;
+        }
+        Some(StepWrite::DeleteFailed) => {
+            c.prepare_cached("DELETE FROM steps WHERE run_id = ?1 AND status = 'failed'")
+                .map_err(db_err)?
+                .execute([&id])
+                .map_err(db_err)?;
+        }
+    }
+    for e in &p.events {
         insert_event(
             c,
             run.id,
             &run.tenant,
             &run.job,
-            kind,
-            now,
+            &e.kind,
+            req.now,
             None,
             None,
-            actor,
-            comment,
-            &data,
-        )
-    };
-    let exec = |sql: &str, p: &[&dyn rusqlite::ToSql]| -> Result<()> {
-        c.prepare_cached(sql)
-            .map_err(db_err)?
-            .execute(p)
-            .map_err(db_err)?;
-        Ok(())
-    };
-    let check = |t: Transition| {
-        run.status
-            .apply(t)
-            .map_err(|e| wrong_state(&run, e.to_string()))
-    };
-    match &req.command {
-        OperatorCommand::Cancel => {
-            check(Transition::Cancel)?;
-            if run.status == RunStatus::Running {
-                exec(
-                    "UPDATE runs SET cancel_requested = 1, updated_at = ?2 WHERE id = ?1",
-                    &[&id, &now.0],
-                )?;
-                ev("cancel_requested", json!({ "at_step_boundary": true }))?;
-            } else {
-                exec("UPDATE runs SET status = 'cancelled', input_request = NULL, updated_at = ?2, finished_at = ?2 WHERE id = ?1", &[&id, &now.0])?;
-                ev("run_cancelled", json!({ "from": run.status }))?;
-            }
-        }
-        OperatorCommand::Postpone { until } => {
-            if run.status == RunStatus::Running {
-                return Err(wrong_state(&run, "cannot postpone a run that is running: its handler can postpone itself, or cancel it".into()));
-            }
-            check(Transition::Postpone)?;
-            exec("UPDATE runs SET status = 'postponed', run_after = ?2, input_request = NULL, updated_at = ?3 WHERE id = ?1", &[&id, &until.0, &now.0])?;
-            ev(
-                "run_postponed",
-                json!({ "until": until, "by": "operator", "from": run.status }),
-            )?;
-        }
-        OperatorCommand::Approve { data } | OperatorCommand::Reject { data } => {
-            check(Transition::Decide)?;
-            let approved = matches!(req.command, OperatorCommand::Approve { .. });
-            let name = run
-                .input_request
-                .as_ref()
-                .and_then(|r| r.get("name"))
-                .and_then(|n| n.as_str())
-                .unwrap_or("input")
-                .to_string();
-            let decision =
-                json!({ "decision": if approved { "approved" } else { "rejected" }, "data": data });
-            exec(
-                "INSERT INTO steps (run_id, name, status, result, attempt, updated_at, actor, comment)
-                 VALUES (?1, ?2, 'completed', ?3, ?4, ?5, ?6, ?7)
-                 ON CONFLICT (run_id, name) DO UPDATE SET status = 'completed', result = excluded.result,
-                    updated_at = excluded.updated_at, actor = excluded.actor, comment = excluded.comment",
-                &[&id, &format!("input:{name}"), &decision.to_string(), &run.attempt, &now.0, &req.actor, &req.comment],
-            )?;
-            exec("UPDATE runs SET status = 'pending', run_after = ?2, input_request = NULL, updated_at = ?2 WHERE id = ?1", &[&id, &now.0])?;
-            ev(
-                "input_received",
-                json!({ "name": name, "decision": decision["decision"], "data": data }),
-            )?;
-        }
-        OperatorCommand::Retry { updated_variables } => {
-            check(Transition::OperatorRetry)?;
-            let vars = match updated_variables {
-                Some(p) => crate::merge_variables(&run.variables, p),
-                None => run.variables.clone(),
-            };
-            exec(
-                "UPDATE runs SET status = 'pending', run_after = ?2, variables = ?3, terminal_reason = NULL, finished_at = NULL,
-                    attempts_forgiven = attempt, updated_at = ?2 WHERE id = ?1",
-                &[&id, &now.0, &vars.to_string()],
-            )?;
-            exec(
-                "DELETE FROM steps WHERE run_id = ?1 AND status = 'failed'",
-                &[&id],
-            )?;
-            ev(
-                "operator_retry",
-                json!({ "updated_variables": updated_variables, "previous_reason": run.terminal_reason, "fresh_attempt_budget": true }),
-            )?;
-        }
-        OperatorCommand::Skip => {
-            check(Transition::OperatorSkip)?;
-            let failed: Option<String> = c
-                .prepare_cached("SELECT name FROM steps WHERE run_id = ?1 AND status = 'failed' ORDER BY updated_at DESC, name LIMIT 1")
-                .map_err(db_err)?
-                .query_row([&id], |r| r.get(0))
-                .optional()
-                .map_err(db_err)?;
-            let Some(step) = failed else {
-                return Err(wrong_state(&run, "the run failed outside any step, so there is no failed step to skip; retry or retrigger it".into()));
-            };
-            exec(
-                "UPDATE steps SET status = 'skipped', actor = ?3, comment = ?4, updated_at = ?5 WHERE run_id = ?1 AND name = ?2",
-                &[&id, &step, &req.actor, &req.comment, &now.0],
-            )?;
-            exec(
-                "UPDATE runs SET status = 'pending', run_after = ?2, terminal_reason = NULL, finished_at = NULL,
-                    attempts_forgiven = attempt, updated_at = ?2 WHERE id = ?1",
-                &[&id, &now.0],
-            )?;
-            ev("step_skipped", json!({ "step": step }))?;
-            ev(
-                "operator_skip",
-                json!({ "step": step, "previous_reason": run.terminal_reason }),
-            )?;
-        }
+            Some(req.actor.as_str()),
+            req.comment.as_deref(),
+            &e.data,
+        )?;
     }
-    get_run(c, run.id)?.ok_or(StoreError::NotFound(run.id))
+    Ok(())
 }

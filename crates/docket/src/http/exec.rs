@@ -14,6 +14,7 @@ use super::condition::{Condition, ConditionError};
 use super::config::{Body, Compiled, JobSpec, OnReject, ReconcileSpec, RequestSpec, Target};
 use super::connections::{ConnectionDef, Credential};
 use crate::{Ctx, InputDecision, JobError, Reconciled, Stepped};
+use docket_core::EventKind;
 use docket_core::{ErrorClass, TerminalReason, Timestamp};
 use docket_store::ConnectionStatus;
 use reqwest::header::{HeaderName, HeaderValue};
@@ -409,7 +410,7 @@ async fn breaker_event(ctx: &Ctx, connection: &str, t: &Transition, cause: Optio
             failures,
             reopened,
         } => (
-            "circuit_opened",
+            EventKind::CircuitOpened,
             json!({
                 "connection": connection,
                 "from": if *reopened { "half_open" } else { "closed" },
@@ -420,19 +421,22 @@ async fn breaker_event(ctx: &Ctx, connection: &str, t: &Transition, cause: Optio
             }),
         ),
         Transition::HalfOpen => (
-            "circuit_half_open",
+            EventKind::CircuitHalfOpen,
             json!({ "connection": connection, "probe_run": ctx.run_id() }),
         ),
-        Transition::Closed => ("circuit_closed", json!({ "connection": connection })),
+        Transition::Closed => (
+            EventKind::CircuitClosed,
+            json!({ "connection": connection }),
+        ),
     };
     evidence(ctx, kind, data).await;
 }
 
 /// Records an evidence event; a failure to record (the attempt lost its
 /// lease) is logged, and the attempt's own next write reports it.
-async fn evidence(ctx: &Ctx, kind: &str, data: Value) {
-    if let Err(e) = ctx.record_event(kind, data).await {
-        tracing::warn!(run = %ctx.run_id(), kind, error = %e, "could not record an evidence event");
+async fn evidence(ctx: &Ctx, kind: EventKind, data: Value) {
+    if let Err(e) = ctx.record(kind.clone(), data).await {
+        tracing::warn!(run = %ctx.run_id(), %kind, error = %e, "could not record an evidence event");
     }
 }
 
@@ -599,7 +603,7 @@ impl Sender {
         let (res, ev) = self
             .attempt("request", &req, &key, |s| spec.classify.classify(s))
             .await;
-        evidence(&self.ctx, "http_response", ev).await;
+        evidence(&self.ctx, EventKind::HttpResponse, ev).await;
         let (a, verdict) = match res {
             Err((class, msg)) => return Err(JobError::new(class, msg)),
             Ok(x) => x,
@@ -681,7 +685,7 @@ impl Sender {
             Reconciled::NotDone => "not_done",
             Reconciled::StillUnknown => "still_unknown",
         });
-        evidence(&self.ctx, "http_response", ev).await;
+        evidence(&self.ctx, EventKind::HttpResponse, ev).await;
         Ok(finding)
     }
 }

@@ -3,6 +3,13 @@
 //! function here, and persists the answer in its own SQL inside the same
 //! transaction; it decides nothing itself (River's driver design,
 //! TigerBeetle's "compute what changes, then apply it").
+//!
+//! - [`end`]: an attempt's end (each outcome) and a refused stale end;
+//! - [`operator`]: each operator command;
+//! - this module: the idempotency ledger's begin and compare-and-set.
+
+pub mod end;
+pub mod operator;
 
 use crate::model::{LedgerEntry, LedgerState, LedgerWrite};
 use crate::StoreError;
@@ -215,6 +222,23 @@ pub fn refusal_error(w: &LedgerWrite, r: &LedgerRefusal, caller_run: RunId) -> S
         },
         None => StoreError::Conflict(format!("ledger key `{}`: {}", w.idempotency_key, r.reason)),
     }
+}
+
+/// The `stale_write_refused` event's data for a lease-fenced write other
+/// than an end (a step, a ledger write, an appended event) whose lease no
+/// longer holds the run: what it attempted and the run as it stands.
+pub fn stale_write(
+    attempted: &str,
+    current_status: docket_core::RunStatus,
+    current_lease: Option<LeaseId>,
+    current_attempt: u32,
+) -> Value {
+    json!({
+        "attempted": attempted,
+        "current_status": current_status,
+        "current_lease_id": current_lease,
+        "current_attempt": current_attempt,
+    })
 }
 
 #[cfg(test)]
