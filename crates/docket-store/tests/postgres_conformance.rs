@@ -1121,3 +1121,258 @@ async fn the_ledger_matches_sqlite_row_for_row() {
         assert!(all.contains(needle), "{needle} missing from {all}");
     }
 }
+
+/// An event with its audit fields: (kind, run, attempt, lease, actor,
+/// comment, data, at).
+type AuditRow = (
+    String,
+    RunId,
+    Option<u32>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Value,
+    i64,
+);
+
+/// Every operator command, accepted and refused, and the ends that lead to
+/// them (a deferral among them), on `store`: the answers, then every row.
+async fn operator_scenario(
+    store: DynStore,
+    ids: &[RunId],
+) -> (
+    Vec<String>,
+    Vec<Run>,
+    Vec<docket_store::AttemptRecord>,
+    Vec<docket_store::StepRecord>,
+    Vec<AuditRow>,
+) {
+    use docket_store::{LeaseRef, OperatorCommand, OperatorRequest};
+    let runs: Vec<NewRun> = ids
+        .iter()
+        .map(|id| {
+            let mut n = NewRun::new("job", json!({}));
+            n.id = *id;
+            n
+        })
+        .collect();
+    store.trigger(runs, T0).await.unwrap();
+    let claimed = store.claim(claim_at(T0, ids.len())).await.unwrap();
+    let run = |i: usize| claimed.iter().find(|r| r.id == ids[i]).unwrap().clone();
+    let lease = |i: usize| LeaseRef {
+        run_id: ids[i],
+        lease_id: run(i).lease_id.unwrap(),
+    };
+    let t1 = T0.plus_millis(1_000);
+    // Run 3's failed step, for skip; run 4 fails outside any step.
+    store
+        .fail_step(
+            lease(3),
+            "charge".into(),
+            ErrorClass::Permanent,
+            "card declined".into(),
+            t1,
+        )
+        .await
+        .unwrap();
+    let deferral = Outcome::Retry {
+        error: err(ErrorClass::Unavailable),
+        retry: RetryRecord {
+            policy: "circuit_breaker:crm".into(),
+            delay_ms: 5_000,
+            eligible_at: t1.plus_millis(5_000),
+            reason: docket_core::policy::RetryReason::CircuitOpen,
+        },
+    };
+    let failed = || Outcome::Failed {
+        error: Some(err(ErrorClass::Permanent)),
+        reason: TerminalReason::PermanentError,
+        detail: "no".into(),
+    };
+    let ask = || Outcome::NeedsInput {
+        name: "approve".into(),
+        request: json!({ "q": "ok?" }),
+    };
+    let ends: Vec<AttemptEnd> = [
+        (0, ask()),
+        (1, ask()),
+        (3, failed()),
+        (4, failed()),
+        (5, deferral),
+    ]
+    .into_iter()
+    .map(|(i, outcome)| AttemptEnd {
+        run_id: ids[i],
+        lease_id: run(i).lease_id.unwrap(),
+        now: t1,
+        outcome,
+    })
+    .collect();
+    let mut answers: Vec<String> = store
+        .finish(ends)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| format!("{r:?}"))
+        .collect();
+    let t2 = T0.plus_millis(2_000);
+    let cmds = [
+        (
+            0,
+            OperatorCommand::Approve {
+                data: json!({ "ok": true }),
+            },
+        ),
+        (
+            1,
+            OperatorCommand::Reject {
+                data: json!({ "why": "no" }),
+            },
+        ),
+        (2, OperatorCommand::Cancel), // running: requested
+        (2, OperatorCommand::Postpone { until: t2 }), // refused: running
+        (3, OperatorCommand::Skip),
+        (4, OperatorCommand::Skip), // refused: no failed step
+        (
+            4,
+            OperatorCommand::Retry {
+                updated_variables: Some(json!({ "b": 3 })),
+            },
+        ),
+        (
+            4,
+            OperatorCommand::Retry {
+                updated_variables: None,
+            },
+        ), // refused: pending
+        (
+            5,
+            OperatorCommand::Postpone {
+                until: T0.plus_millis(9_000),
+            },
+        ),
+        (5, OperatorCommand::Cancel), // postponed: cancelled at once
+        (5, OperatorCommand::Approve { data: json!(null) }), // refused: cancelled
+    ];
+    for (k, (i, command)) in cmds.into_iter().enumerate() {
+        let r = store
+            .operator(OperatorRequest {
+                run_id: ids[i],
+                actor: format!("op{k}"),
+                comment: Some(format!("because {k}")),
+                now: t2,
+                command,
+            })
+            .await;
+        answers.push(match r {
+            Ok(run) => format!("ok {}", run.status),
+            Err(e) => format!("err {e}"),
+        });
+    }
+    // The running run stops at its boundary under its own lease.
+    let res = store
+        .finish(vec![AttemptEnd {
+            run_id: ids[2],
+            lease_id: run(2).lease_id.unwrap(),
+            now: t2,
+            outcome: Outcome::Cancelled,
+        }])
+        .await
+        .unwrap();
+    answers.push(format!("{res:?}"));
+    let mut leases: HashMap<String, String> = HashMap::new();
+    let (mut runs, mut attempts, mut steps) = (Vec::new(), Vec::new(), Vec::new());
+    for id in ids {
+        let mut r = store.get_run(*id).await.unwrap().unwrap();
+        r.lease_id = None;
+        runs.push(r);
+        for mut a in store.attempts(*id).await.unwrap() {
+            leases.insert(
+                a.lease_id.to_string(),
+                format!("lease:{}:{}", a.run_id, a.attempt),
+            );
+            a.lease_id = LeaseId(Uuid::nil());
+            attempts.push(a);
+        }
+        steps.extend(store.steps(*id).await.unwrap());
+    }
+    let answers = answers
+        .into_iter()
+        .map(|a| leases.iter().fold(a, |a, (k, v)| a.replace(k.as_str(), v)))
+        .collect();
+    let events = store
+        .events(EventFilter {
+            limit: 10_000,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| {
+            let mut data = e.data;
+            normalize_json(&mut data, &leases);
+            let l = e
+                .lease_id
+                .map(|l| leases.get(&l.to_string()).cloned().unwrap_or_default());
+            (
+                e.kind.to_string(),
+                e.run_id,
+                e.attempt,
+                l,
+                e.actor,
+                e.comment,
+                data,
+                e.at.0,
+            )
+        })
+        .collect();
+    (answers, runs, attempts, steps, events)
+}
+
+#[tokio::test]
+async fn every_operator_command_matches_sqlite_row_for_row() {
+    let Some(pg) = fresh().await else { return };
+    let ids: Vec<RunId> = (0..6).map(|_| RunId::new()).collect();
+    let lite: DynStore = Arc::new(SqliteStore::open_in_memory().unwrap());
+    let (la, lr, lat, ls, le) = operator_scenario(lite, &ids).await;
+    let (pa, pr, pat, ps, pe) = operator_scenario(pg, &ids).await;
+    assert_eq!(la, pa);
+    assert_eq!(lr, pr);
+    assert_eq!(lat, pat);
+    assert_eq!(ls, ps);
+    assert_eq!(le.len(), pe.len(), "{le:#?}\n{pe:#?}");
+    for (x, y) in le.iter().zip(&pe) {
+        assert_eq!(x, y);
+    }
+    // Every command ran, and each refusal named why.
+    let all = la.join("\n");
+    for needle in [
+        "ok pending",
+        "ok running",
+        "ok postponed",
+        "ok cancelled",
+        "postpone itself",
+        "no failed step",
+        "cannot retry a run that is pending",
+        "cannot approve or reject a run that is cancelled",
+    ] {
+        assert!(all.contains(needle), "{needle} missing from {all}");
+    }
+    let kinds: Vec<&str> = le.iter().map(|e| e.0.as_str()).collect();
+    for k in [
+        "attempt_deferred",
+        "input_received",
+        "cancel_requested",
+        "operator_skip",
+        "step_skipped",
+        "operator_retry",
+        "run_postponed",
+        "run_cancelled",
+    ] {
+        assert!(kinds.contains(&k), "{k} missing from {kinds:?}");
+    }
+    // The audit fields travel with every command's event.
+    assert!(le.iter().any(|e| e.0 == "operator_retry"
+        && e.4.as_deref() == Some("op6")
+        && e.5.as_deref() == Some("because 6")));
+}

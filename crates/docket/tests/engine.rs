@@ -343,6 +343,44 @@ async fn a_panicking_handler_fails_the_run_permanently() {
         .contains("index out of bounds"));
 }
 
+/// A handler records evidence under names of its own; one of Docket's own
+/// kinds would forge the engine's evidence (a `run_completed` that never
+/// happened) and is refused as a permanent error, naming why.
+#[tokio::test]
+async fn a_handler_cannot_record_one_of_dockets_own_event_kinds() {
+    let (d, _clock) = engine();
+    d.register(Job::new(
+        "forger",
+        |ctx: docket::Ctx, _: Value| async move {
+            ctx.record_event("crm.synced", json!({ "contact": 7 }))
+                .await?;
+            ctx.record_event("run_completed", json!({})).await?;
+            Ok::<Value, JobError>(json!("unreachable"))
+        },
+    ))
+    .unwrap();
+    let id = d.trigger("forger", json!({})).await.unwrap().run.id;
+    one_worker(&d).tick().await.unwrap();
+    let h = d.history(id).await.unwrap();
+    assert_eq!(h.run.status, RunStatus::Failed);
+    assert_eq!(h.run.terminal_reason, Some(TerminalReason::PermanentError));
+    let msg = h.run.last_error_message.clone().unwrap();
+    assert!(
+        msg.contains("\"run_completed\"") && msg.contains("Docket's own"),
+        "{msg}"
+    );
+    let kinds: Vec<&str> = h.events.iter().map(|e| e.kind.as_str()).collect();
+    assert!(kinds.contains(&"crm.synced"), "{kinds:?}");
+    assert_eq!(
+        h.events
+            .iter()
+            .filter(|e| e.kind == docket::EventKind::RunCompleted)
+            .count(),
+        0,
+        "{kinds:?}"
+    );
+}
+
 /// A worker whose lease expired and was reclaimed cannot complete the run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stale_lease_cannot_complete_or_fail() {

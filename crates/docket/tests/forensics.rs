@@ -256,7 +256,7 @@ async fn duplicate_log_when_one_attempt_is_reported_twice(d: Docket, _clock: Man
                 policy: a.retry_policy.clone().unwrap(),
                 delay_ms: a.delay_ms.unwrap(),
                 eligible_at: a.eligible_at.unwrap(),
-                reason: a.retry_reason.clone().unwrap(),
+                reason: a.retry_reason.unwrap(),
             },
         },
     };

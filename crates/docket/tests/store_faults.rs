@@ -355,18 +355,19 @@ mod faulty {
 /// 4,696 during a PostgreSQL restart.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_evidence_survives_a_store_failure_before_the_end() {
-    let store = faulty::over_sqlite(("http_response", 1), 1);
+    let store = faulty::over_sqlite(("crm_response", 1), 1);
     let t0 = docket::Timestamp(1_767_225_600_000);
     let clock = docket::ManualClock::new(t0);
     let d = Docket::with_store(store.clone(), Arc::new(clock.clone()));
     d.register(Job::new("call", move |ctx: docket::Ctx, _: Value| {
         let clock = clock.clone();
         async move {
-            // What the HTTP executor does after each request (its `evidence`):
+            // What the HTTP executor does after each request (its `evidence`,
+            // there under its built-in kind `http_response`):
             // a failure to record must not fail the request's outcome.
             let _ = ctx
                 .record_event(
-                    "http_response",
+                    "crm_response",
                     json!({ "status": 200, "purpose": "request" }),
                 )
                 .await;
@@ -398,7 +399,7 @@ async fn request_evidence_survives_a_store_failure_before_the_end() {
         [
             "run_triggered",
             "attempt_started",
-            "http_response",
+            "crm_response",
             "run_completed"
         ]
     );

@@ -4,10 +4,12 @@
 //! transaction; it decides nothing itself (River's driver design,
 //! TigerBeetle's "compute what changes, then apply it").
 //!
+//! - [`claim`]: which runs a claim takes and what it writes to each;
 //! - [`end`]: an attempt's end (each outcome) and a refused stale end;
 //! - [`operator`]: each operator command;
 //! - this module: the idempotency ledger's begin and compare-and-set.
 
+pub mod claim;
 pub mod end;
 pub mod operator;
 

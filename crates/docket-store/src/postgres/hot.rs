@@ -38,7 +38,7 @@
 
 use crate::{AttemptEnd, ClaimRequest, Outcome, Result, Run, StoreError};
 use docket_core::{ErrorClass, LeaseId, RunId, RunStatus};
-use serde_json::{json, Value};
+use serde_json::Value;
 use sqlx::postgres::{PgConnection, PgRow};
 use sqlx::Row;
 use std::collections::HashMap;
@@ -174,12 +174,14 @@ fin_ev AS (
 )";
 
 /// The claim part's CTEs (`picked`, `numbered`, `claimed`, `claim_att`,
-/// `claim_ev`), parameters `$1..$7` (renumbered when combined).
+/// `claim_ev`), parameters `$1..$9` (renumbered when combined).
 /// `claimed.n` is the claim order.
-const CLAIM_CTES: &str = "
+static CLAIM_CTES: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "
 picked AS (
     SELECT id, priority, run_after FROM runs
-    WHERE status IN ('pending', 'postponed') AND run_after <= $1 AND job = ANY($2)
+    WHERE status IN ({}) AND run_after <= $1 AND job = ANY($2)
     ORDER BY priority DESC, run_after, id
     LIMIT $3
     FOR UPDATE SKIP LOCKED
@@ -188,7 +190,7 @@ numbered AS (
     SELECT id, row_number() OVER (ORDER BY priority DESC, run_after, id) AS n FROM picked
 ),
 claimed AS (
-    UPDATE runs r SET status = 'running', attempt = r.attempt + 1,
+    UPDATE runs r SET status = $8, attempt = r.attempt + 1,
         lease_id = COALESCE(($4::uuid[])[p.n::int], gen_random_uuid()),
         lease_expires_at = $5, worker = $6, updated_at = $1
     FROM numbered p WHERE r.id = p.id
@@ -199,10 +201,13 @@ claim_att AS (
     SELECT id, attempt, lease_id, $6, $1, 'running' FROM claimed
 ),
 claim_ev AS (
-    SELECT id AS run_id, tenant, job, 'attempt_started'::text AS kind, $1::int8 AS at, attempt,
+    SELECT id AS run_id, tenant, job, $9::text AS kind, $1::int8 AS at, attempt,
            lease_id, $7::jsonb AS data, n AS k
     FROM claimed
-)";
+)",
+        crate::plan::claim::CLAIMABLE_SQL
+    )
+});
 
 /// Appends the events of `parts` (CTE names, in order) in one `INSERT`.
 fn events_insert(parts: &[&str]) -> String {
@@ -269,8 +274,9 @@ SELECT e.idx AS k, j.holds FROM e LEFT JOIN j ON j.idx = e.idx",
 /// The claim-only statement: the claimed runs in claim order.
 static CLAIM_SQL: LazyLock<String> = LazyLock::new(|| {
     format!(
-        "WITH {CLAIM_CTES}, {}
+        "WITH {}, {}
 SELECT {RUN_COLS} FROM claimed ORDER BY n",
+        *CLAIM_CTES,
         events_insert(&["claim_ev"])
     )
 });
@@ -291,7 +297,7 @@ UNION ALL
 SELECT 1, n, NULL, NULL, {RUN_COLS} FROM claimed
 ORDER BY part, k",
         finish_ctes(FINISH_CUR),
-        renumber(CLAIM_CTES, FINISH_PARAMS),
+        renumber(&CLAIM_CTES, FINISH_PARAMS),
         events_insert(&["fin_ev", "claim_ev"]),
         nulls.join(", ")
     )
@@ -429,11 +435,13 @@ struct ClaimArgs {
     expires: i64,
     worker: String,
     data: Value,
+    status: &'static str,
+    kind: String,
 }
 
 impl ClaimArgs {
     fn of(req: &ClaimRequest) -> ClaimArgs {
-        let expires = req.now.plus_millis(req.lease_ms);
+        let p = crate::plan::claim::claim(req);
         ClaimArgs {
             now: req.now.0,
             jobs: req.jobs.clone(),
@@ -441,9 +449,11 @@ impl ClaimArgs {
             leases: (0..req.limit.min(CLAIM_LEASE_IDS))
                 .map(|_| LeaseId::new().0)
                 .collect(),
-            expires: expires.0,
+            expires: p.lease_expires_at.0,
             worker: req.worker.clone(),
-            data: json!({ "worker": req.worker, "lease_expires_at": expires }),
+            data: p.event.data,
+            status: p.status.as_str(),
+            kind: p.event.kind.as_str().to_string(),
         }
     }
 
@@ -455,6 +465,8 @@ impl ClaimArgs {
             .bind(self.expires)
             .bind(&self.worker)
             .bind(&self.data)
+            .bind(self.status)
+            .bind(&self.kind)
     }
 }
 

@@ -212,8 +212,9 @@ pub(super) fn claim(c: &Connection, req: &ClaimRequest) -> Result<Vec<Run>> {
     }
     let sql = format!(
         "SELECT id FROM runs INDEXED BY runs_claim
-         WHERE status IN ('pending', 'postponed') AND run_after <= ?1 AND job IN ({})
+         WHERE status IN ({}) AND run_after <= ?1 AND job IN ({})
          ORDER BY priority DESC, run_after, id LIMIT ?2",
+        plan::claim::CLAIMABLE_SQL,
         placeholders(3, req.jobs.len())
     );
     let mut args: Vec<SqlValue> = vec![req.now.0.into(), (req.limit as i64).into()];
@@ -225,20 +226,27 @@ pub(super) fn claim(c: &Connection, req: &ClaimRequest) -> Result<Vec<Run>> {
             .map_err(db_err)?;
         rows.collect::<rusqlite::Result<_>>().map_err(db_err)?
     };
-    let expires = req.now.plus_millis(req.lease_ms);
+    let p = plan::claim::claim(req);
     let mut out = Vec::with_capacity(ids.len());
     for id in ids {
         let lease = LeaseId::new();
         let mut st = c
             .prepare_cached(&format!(
-                "UPDATE runs SET status = 'running', attempt = attempt + 1, lease_id = ?2,
+                "UPDATE runs SET status = ?6, attempt = attempt + 1, lease_id = ?2,
                     lease_expires_at = ?3, worker = ?4, updated_at = ?5
                  WHERE id = ?1 RETURNING {RUN_COLS}"
             ))
             .map_err(db_err)?;
         let run = st
             .query_row(
-                params![id, lease.to_string(), expires.0, req.worker, req.now.0],
+                params![
+                    id,
+                    lease.to_string(),
+                    p.lease_expires_at.0,
+                    req.worker,
+                    req.now.0,
+                    p.status.as_str()
+                ],
                 run_from_row,
             )
             .map_err(db_err)?;
@@ -261,13 +269,13 @@ pub(super) fn claim(c: &Connection, req: &ClaimRequest) -> Result<Vec<Run>> {
             run.id,
             &run.tenant,
             &run.job,
-            &EventKind::AttemptStarted,
+            &p.event.kind,
             req.now,
             Some(run.attempt),
             Some(lease),
             None,
             None,
-            &json!({ "worker": req.worker, "lease_expires_at": expires }),
+            &p.event.data,
         )?;
         out.push(run);
     }
@@ -507,7 +515,8 @@ pub(super) fn next_due(c: &Connection, jobs: &[String]) -> Result<Option<Timesta
         return Ok(None);
     }
     let sql = format!(
-        "SELECT MIN(run_after) FROM runs WHERE status IN ('pending', 'postponed') AND job IN ({})",
+        "SELECT MIN(run_after) FROM runs WHERE status IN ({}) AND job IN ({})",
+        plan::claim::CLAIMABLE_SQL,
         placeholders(1, jobs.len())
     );
     let mut st = c.prepare_cached(&sql).map_err(db_err)?;

@@ -17,51 +17,11 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio::task::JoinHandle;
 
+mod driver;
+use driver::{claim_size, DueTracker, HeldEnds};
+
 /// Longest error message stored on an attempt.
 const MAX_MESSAGE: usize = 4096;
-/// While runs are in hand the driver turns once per batch of attempt ends;
-/// it re-reads the earliest due run at most this often.
-const DUE_RECHECK: Duration = Duration::from_millis(50);
-/// How long attempt ends that could not be stored (the store answered an
-/// error) are kept and stored again; past it they are given up and their
-/// runs come back after lease expiry, as a `lease_expired` retry.
-const END_RETRY_WINDOW: Duration = Duration::from_secs(30);
-
-/// What the driver does with a round's attempt ends after the store failed
-/// the round.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum FailedRound {
-    /// Keep them and store them again after the backoff.
-    StoreAgain,
-    /// Answer them with the error: their runs come back after lease expiry.
-    GiveUp,
-}
-
-/// Only a transient failure (a lost connection, a busy or restarting
-/// database) is worth waiting out, and only within the window and while
-/// the worker is not exiting. A statement the database rejects fails the
-/// same way again: holding its ends for the whole window would only delay
-/// their runs and hide the bug.
-fn on_failed_round(
-    transient: bool,
-    exiting: bool,
-    now: tokio::time::Instant,
-    deadline: tokio::time::Instant,
-) -> FailedRound {
-    if transient && !exiting && now < deadline {
-        FailedRound::StoreAgain
-    } else {
-        FailedRound::GiveUp
-    }
-}
-/// While attempts run, how long after a run becomes due the driver waits
-/// for an attempt end to claim it before claiming on its own.
-const BUSY_SLACK: Duration = Duration::from_millis(5);
-/// How soon an idle worker claims again when a run is already due but the
-/// last claim did not get it (a concurrency limit held elsewhere, or a run
-/// that became due just after the claim).
-const DUE_BLOCKED_RECHECK: Duration = Duration::from_millis(100);
-
 /// How a worker behaves.
 #[derive(Clone, Debug)]
 pub struct WorkerConfig {
@@ -332,8 +292,9 @@ async fn main_loop(
 ) {
     let hb = tokio::spawn(heartbeat_loop(shared.clone(), stop.clone()));
     let reaper = tokio::spawn(reap_loop(shared.clone(), stop.clone()));
-    // Other processes' triggers (PostgreSQL LISTEN/NOTIFY). Polling stays as
-    // the fallback for a lost notification or a dropped listener.
+    // Other processes' triggers (PostgreSQL LISTEN/NOTIFY, SQLite's
+    // data_version watch). Polling stays as the fallback for a lost
+    // notification or a dropped listener.
     let mut remote = match shared.docket.store().wakeups().await {
         Ok(rx) => rx,
         Err(e) => {
@@ -341,64 +302,39 @@ async fn main_loop(
             None
         }
     };
-    let capacity = shared.config.concurrency + shared.config.prefetch;
-    let mut backoff = Duration::from_millis(50);
+    let concurrency = shared.config.concurrency;
+    let capacity = concurrency + shared.config.prefetch;
     let mut want_claim = true;
-    let mut pending: Vec<EndMsg> = Vec::new();
-    // The earliest due run (`next_due`), as last read, so that a retry
-    // becomes a claim at its eligible time, not at the next poll, also
-    // while other attempts are running.
-    let mut due: Option<docket_core::Timestamp> = None;
-    let mut due_read: Option<tokio::time::Instant> = None;
-    let mut due_stale = true;
-    // Set while ends wait to be stored again after a store error.
-    let mut hold_until: Option<tokio::time::Instant> = None;
+    let mut held: HeldEnds<EndMsg> = HeldEnds::default();
+    let mut due = DueTracker::new();
     loop {
-        while pending.len() < 512 {
+        while held.has_room() {
             match ends_rx.try_recv() {
-                Ok(m) => pending.push(m),
+                Ok(m) => held.push(m),
                 Err(_) => break,
             }
         }
         let phase = *stop.borrow();
         let in_hand = shared.inflight.lock().expect("inflight").len();
-        let free = capacity.saturating_sub(in_hand);
-        // With runs in hand, claim only once half the capacity is free:
-        // fewer, larger claims; the prefetched runs keep the slots busy.
-        let worth_claiming = phase == Phase::Running
-            && want_claim
-            && free > 0
-            && (in_hand < shared.config.concurrency || free * 2 >= capacity);
-        let claims = if worth_claiming {
-            shared.claim_requests(free)
-        } else {
-            Vec::new()
-        };
+        let free = claim_size(
+            phase == Phase::Running,
+            want_claim,
+            in_hand,
+            concurrency,
+            capacity,
+        );
+        let claims = free.map_or_else(Vec::new, |n| shared.claim_requests(n));
         // No claim when every job is held back (an open circuit breaker):
         // no round trip for nothing.
-        if !pending.is_empty() || !claims.is_empty() {
-            // Kept to store again if this round fails: an end the store did
-            // not take would otherwise cost its run a lease expiry and an
-            // extra attempt. Cheap next to the store's own serialising.
-            let mut batch: Vec<EndMsg> = std::mem::take(&mut pending);
-            let ends: Vec<AttemptEnd> = batch.iter().map(|m| m.0.clone()).collect();
-            let had_ends = !ends.is_empty();
-            // An end may have scheduled a retry earlier than `due`.
-            due_stale |= had_ends;
-            // Evidence first, then the ends: a round that fails keeps both.
-            let stored = match write_kept_events(shared.docket.store(), &mut batch).await {
-                Ok(()) => shared.docket.store().finish_and_claim(ends, claims).await,
-                Err(e) => Err(e),
-            };
-            match stored {
-                Ok((results, runs)) => {
-                    backoff = Duration::from_millis(50);
-                    hold_until = None;
-                    for (res, (end, _, reply)) in results.into_iter().zip(batch) {
-                        let _ = shared.docket.inner.changes.send(end.run_id);
-                        let _ = reply.send(res.map(|_| ()));
-                    }
-                    if worth_claiming {
+        if !held.is_empty() || !claims.is_empty() {
+            let had_ends = !held.is_empty();
+            if had_ends {
+                due.mark_stale();
+            }
+            match round(&shared, held.take(), claims).await {
+                Ok(runs) => {
+                    held.stored();
+                    if let Some(free) = free {
                         want_claim = runs.len() == free;
                         for r in runs {
                             shared.clone().spawn_run(r, true);
@@ -407,49 +343,19 @@ async fn main_loop(
                     // Freed slots: there may be runs due now (retries).
                     want_claim |= had_ends;
                 }
-                Err(e) => {
-                    let msg = e.to_string();
-                    shared.docket.note_store_error(&e);
-                    let now = tokio::time::Instant::now();
-                    let deadline = *hold_until.get_or_insert_with(|| now + END_RETRY_WINDOW);
-                    match on_failed_round(e.is_transient(), phase == Phase::Exit, now, deadline) {
-                        FailedRound::GiveUp => {
-                            // The leases fence these runs, and the reaper
-                            // brings them back after expiry.
-                            let lost: usize = batch.iter().map(|m| m.1.len()).sum();
-                            if lost > 0 {
-                                tracing::error!(events = lost, error = %msg, "the store failed a round past retrying: events recorded during these attempts are lost with their ends");
-                            }
-                            for (_, _, reply) in batch {
-                                let _ = reply.send(Err(StoreError::Database(msg.clone())));
-                            }
-                            hold_until = None;
-                        }
-                        FailedRound::StoreAgain => {
-                            // Stored again next round, under the same leases (a
-                            // run that was reaped meanwhile refuses its end as a
-                            // stale write, recorded as such).
-                            batch.append(&mut pending);
-                            pending = batch;
-                        }
-                    }
-                    if e.is_transient() {
-                        tracing::warn!(error = %msg, retry_in = ?backoff, held = pending.len(), "store unavailable; backing off");
-                    } else {
-                        // Not an outage: waiting will not fix it. Loud, with
-                        // its cause, and counted (docket_store_errors_total).
-                        tracing::error!(
-                            error = %msg,
-                            kind = ?e.db_kind(),
-                            cause = ?std::error::Error::source(&e),
-                            "the store refused a round (not transient: a bug or bad data); its attempt ends were not stored and their runs return after lease expiry"
-                        );
-                    }
+                Err((e, batch)) => {
+                    let transient = e.is_transient();
+                    let (given_up, wait) = held.failed(
+                        batch,
+                        transient,
+                        phase == Phase::Exit,
+                        tokio::time::Instant::now(),
+                    );
+                    report_failed_round(&e, given_up, wait, held.len());
                     tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
+                        _ = tokio::time::sleep(wait) => {}
                         _ = stop.changed() => {}
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
                     want_claim = true;
                 }
             }
@@ -458,59 +364,26 @@ async fn main_loop(
         if phase == Phase::Exit {
             break;
         }
-        let idle_wait = if phase != Phase::Running || free == 0 {
+        let idle_wait = if phase != Phase::Running || in_hand >= capacity {
             Duration::from_secs(3600)
         } else {
             let poll = shared.config.poll_interval;
             let now = shared.docket.clock().now();
-            let since = due_read.map(|t| t.elapsed());
-            let due_passed = due.is_some_and(|d| d <= now);
-            let must_read =
-                in_hand == 0 || due_stale || due_passed || since.is_none_or(|s| s >= poll);
-            // Idle turns are rare: read every time. Busy turns come once per
-            // batch of ends: a store query each would tax the hot path.
-            let may_read = in_hand == 0 || since.is_none_or(|s| s >= DUE_RECHECK);
-            if must_read && may_read {
-                if let Ok(d) = shared
+            if due.should_read(now, tokio::time::Instant::now(), in_hand, poll) {
+                let read = shared
                     .docket
                     .store()
                     .next_due(shared.docket.job_names())
                     .await
-                {
-                    due = d;
-                }
-                due_read = Some(tokio::time::Instant::now());
-                due_stale = false;
+                    .ok();
+                due.read(read, tokio::time::Instant::now());
             }
             let now = shared.docket.clock().now();
-            let mut wait = match due {
-                // While attempts run, their ends usually claim the due run
-                // first (in the same round trip); the timer only steps in
-                // when none comes, so it does not cost a round of its own.
-                Some(d) if d > now => {
-                    let until = Duration::from_millis(d.millis_since(now) as u64);
-                    poll.min(if in_hand > 0 {
-                        until + BUSY_SLACK
-                    } else {
-                        until
-                    })
-                }
-                // Due already, yet the claim before this turn did not get
-                // it: held back by a concurrency limit (claiming again at
-                // once would spin), or due just after that claim.
-                Some(_) if in_hand == 0 => poll.min(DUE_BLOCKED_RECHECK),
-                _ => poll,
-            };
-            if due_stale {
-                if let Some(s) = since {
-                    wait = wait.min(DUE_RECHECK.saturating_sub(s));
-                }
-            }
-            wait.max(Duration::from_millis(1))
+            due.idle_wait(now, tokio::time::Instant::now(), in_hand, poll)
         };
         let running = phase == Phase::Running;
         tokio::select! {
-            m = ends_rx.recv() => if let Some(m) = m { pending.push(m) },
+            m = ends_rx.recv() => if let Some(m) = m { held.push(m) },
             _ = shared.wake.notified(), if running => want_claim = true,
             _ = remote_wakeup(&mut remote), if running => want_claim = true,
             _ = tokio::time::sleep(idle_wait) => want_claim = true,
@@ -519,6 +392,69 @@ async fn main_loop(
     }
     hb.abort();
     reaper.abort();
+}
+
+/// One round trip: the kept evidence of `batch`'s attempts, then their ends
+/// and the claims. Each end's waiter gets its answer. On a store error the
+/// batch comes back whole (its events not yet written still in it), so that
+/// it can be stored again: an end the store did not take would otherwise
+/// cost its run a lease expiry and an extra attempt.
+async fn round(
+    shared: &Arc<Shared>,
+    mut batch: Vec<EndMsg>,
+    claims: Vec<ClaimRequest>,
+) -> Result<Vec<Run>, (StoreError, Vec<EndMsg>)> {
+    let ends: Vec<AttemptEnd> = batch.iter().map(|m| m.0.clone()).collect();
+    // Evidence first, then the ends: a round that fails keeps both.
+    let stored = match write_kept_events(shared.docket.store(), &mut batch).await {
+        Ok(()) => shared.docket.store().finish_and_claim(ends, claims).await,
+        Err(e) => Err(e),
+    };
+    match stored {
+        Ok((results, runs)) => {
+            for (res, (end, _, reply)) in results.into_iter().zip(batch) {
+                let _ = shared.docket.inner.changes.send(end.run_id);
+                let _ = reply.send(res.map(|_| ()));
+            }
+            Ok(runs)
+        }
+        Err(e) => {
+            shared.docket.note_store_error(&e);
+            Err((e, batch))
+        }
+    }
+}
+
+/// Logs a failed round and answers the ends given up with its error (the
+/// leases fence their runs, and the reaper brings them back after expiry).
+fn report_failed_round(
+    e: &StoreError,
+    given_up: Option<Vec<EndMsg>>,
+    retry_in: Duration,
+    held: usize,
+) {
+    let msg = e.to_string();
+    if let Some(batch) = given_up {
+        let lost: usize = batch.iter().map(|m| m.1.len()).sum();
+        if lost > 0 {
+            tracing::error!(events = lost, error = %msg, "the store failed a round past retrying: events recorded during these attempts are lost with their ends");
+        }
+        for (_, _, reply) in batch {
+            let _ = reply.send(Err(StoreError::Database(msg.clone())));
+        }
+    }
+    if e.is_transient() {
+        tracing::warn!(error = %msg, ?retry_in, held, "store unavailable; backing off");
+    } else {
+        // Not an outage: waiting will not fix it. Loud, with its cause, and
+        // counted (docket_store_errors_total).
+        tracing::error!(
+            error = %msg,
+            kind = ?e.db_kind(),
+            cause = ?std::error::Error::source(e),
+            "the store refused a round (not transient: a bug or bad data); its attempt ends were not stored and their runs return after lease expiry"
+        );
+    }
 }
 
 /// Writes the events that handlers recorded while the store was failing
@@ -1180,31 +1116,5 @@ fn decide(
         Decision::CompleteDuplicate => Outcome::Completed {
             output: serde_json::json!({ "duplicate": true, "message": info.message }),
         },
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn only_transient_failures_are_waited_out_within_the_window() {
-        let now = tokio::time::Instant::now();
-        let later = now + END_RETRY_WINDOW;
-        assert_eq!(
-            on_failed_round(true, false, now, later),
-            FailedRound::StoreAgain
-        );
-        // A bug or bad data: given up at once, not held for 30 s.
-        assert_eq!(
-            on_failed_round(false, false, now, later),
-            FailedRound::GiveUp
-        );
-        // The window is over, or the worker is exiting.
-        assert_eq!(
-            on_failed_round(true, false, later, later),
-            FailedRound::GiveUp
-        );
-        assert_eq!(on_failed_round(true, true, now, later), FailedRound::GiveUp);
     }
 }

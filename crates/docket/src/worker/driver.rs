@@ -1,0 +1,375 @@
+//! The driver loop's decisions, apart from its I/O so that each can be
+//! tested on its own (`main_loop` in `mod.rs` wires them to the store, the
+//! clock and the channels):
+//!
+//! - [`claim_size`]: whether a round claims, and how many runs;
+//! - [`DueTracker`]: when the earliest due run is read again, and how long
+//!   an idle driver sleeps before it claims on its own;
+//! - [`HeldEnds`]: attempt ends waiting for a round, kept across a failed
+//!   round within a window, with the backoff between rounds.
+
+use docket_core::Timestamp;
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// While runs are in hand the driver turns once per batch of attempt ends;
+/// it re-reads the earliest due run at most this often.
+pub(super) const DUE_RECHECK: Duration = Duration::from_millis(50);
+/// How long attempt ends that could not be stored (the store answered an
+/// error) are kept and stored again; past it they are given up and their
+/// runs come back after lease expiry, as a `lease_expired` retry.
+pub(super) const END_RETRY_WINDOW: Duration = Duration::from_secs(30);
+/// While attempts run, how long after a run becomes due the driver waits
+/// for an attempt end to claim it before claiming on its own.
+pub(super) const BUSY_SLACK: Duration = Duration::from_millis(5);
+/// How soon an idle worker claims again when a run is already due but the
+/// last claim did not get it (a concurrency limit held elsewhere, or a run
+/// that became due just after the claim).
+pub(super) const DUE_BLOCKED_RECHECK: Duration = Duration::from_millis(100);
+/// The first backoff after a failed round, and the longest.
+const BACKOFF_MIN: Duration = Duration::from_millis(50);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// At most this many ends are taken from the channel per round.
+pub(super) const MAX_ROUND_ENDS: usize = 512;
+
+/// How many runs a round claims: `None` for no claim. With runs in hand,
+/// claim only once half the capacity (`concurrency + prefetch`) is free:
+/// fewer, larger claims; the prefetched runs keep the slots busy.
+pub(super) fn claim_size(
+    running: bool,
+    want_claim: bool,
+    in_hand: usize,
+    concurrency: usize,
+    capacity: usize,
+) -> Option<usize> {
+    let free = capacity.saturating_sub(in_hand);
+    let worth =
+        running && want_claim && free > 0 && (in_hand < concurrency || free * 2 >= capacity);
+    worth.then_some(free)
+}
+
+/// What the driver does with a round's attempt ends after the store failed
+/// the round.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum FailedRound {
+    /// Keep them and store them again after the backoff.
+    StoreAgain,
+    /// Answer them with the error: their runs come back after lease expiry.
+    GiveUp,
+}
+
+/// Only a transient failure (a lost connection, a busy or restarting
+/// database) is worth waiting out, and only within the window and while
+/// the worker is not exiting. A statement the database rejects fails the
+/// same way again: holding its ends for the whole window would only delay
+/// their runs and hide the bug.
+pub(super) fn on_failed_round(
+    transient: bool,
+    exiting: bool,
+    now: Instant,
+    deadline: Instant,
+) -> FailedRound {
+    if transient && !exiting && now < deadline {
+        FailedRound::StoreAgain
+    } else {
+        FailedRound::GiveUp
+    }
+}
+
+/// Attempt ends waiting to be stored, kept across failed rounds.
+#[derive(Debug)]
+pub(super) struct HeldEnds<T> {
+    pending: Vec<T>,
+    /// Set at the first failed round of a streak: past it, give up.
+    hold_until: Option<Instant>,
+    backoff: Duration,
+}
+
+impl<T> Default for HeldEnds<T> {
+    fn default() -> Self {
+        HeldEnds {
+            pending: Vec::new(),
+            hold_until: None,
+            backoff: BACKOFF_MIN,
+        }
+    }
+}
+
+impl<T> HeldEnds<T> {
+    /// Adds an end.
+    pub(super) fn push(&mut self, end: T) {
+        self.pending.push(end);
+    }
+
+    /// Whether a round may take more from the channel.
+    pub(super) fn has_room(&self) -> bool {
+        self.pending.len() < MAX_ROUND_ENDS
+    }
+
+    /// Whether any end waits.
+    pub(super) fn is_empty(&self) -> bool {
+        self.pending.is_empty()
+    }
+
+    /// How many ends wait.
+    pub(super) fn len(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Takes every end for a round.
+    pub(super) fn take(&mut self) -> Vec<T> {
+        std::mem::take(&mut self.pending)
+    }
+
+    /// The round stored: the next failure starts a new window and backoff.
+    pub(super) fn stored(&mut self) {
+        self.hold_until = None;
+        self.backoff = BACKOFF_MIN;
+    }
+
+    /// The round failed at `now`: keeps `batch` to store again (ahead of
+    /// ends that arrived meanwhile), or hands it back to be answered with
+    /// the error. Either way, answers how long to wait before the next
+    /// round (the backoff doubles, up to a limit).
+    pub(super) fn failed(
+        &mut self,
+        mut batch: Vec<T>,
+        transient: bool,
+        exiting: bool,
+        now: Instant,
+    ) -> (Option<Vec<T>>, Duration) {
+        let deadline = *self.hold_until.get_or_insert(now + END_RETRY_WINDOW);
+        let wait = self.backoff;
+        self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+        match on_failed_round(transient, exiting, now, deadline) {
+            FailedRound::StoreAgain => {
+                batch.append(&mut self.pending);
+                self.pending = batch;
+                (None, wait)
+            }
+            FailedRound::GiveUp => {
+                self.hold_until = None;
+                (Some(batch), wait)
+            }
+        }
+    }
+}
+
+/// The earliest due run as last read (`Store::next_due`), so that a retry
+/// becomes a claim at its eligible time, not at the next poll, also while
+/// other attempts are running.
+#[derive(Debug, Default)]
+pub(super) struct DueTracker {
+    due: Option<Timestamp>,
+    read_at: Option<Instant>,
+    stale: bool,
+}
+
+impl DueTracker {
+    /// A tracker that reads before its first wait.
+    pub(super) fn new() -> DueTracker {
+        DueTracker {
+            stale: true,
+            ..DueTracker::default()
+        }
+    }
+
+    /// An end was stored: it may have scheduled a retry earlier than the
+    /// due time last read.
+    pub(super) fn mark_stale(&mut self) {
+        self.stale = true;
+    }
+
+    /// Whether to read the earliest due run now. It must when idle, stale,
+    /// past the time read, or older than a poll interval; and it may at
+    /// most every [`DUE_RECHECK`] while runs are in hand (busy turns come
+    /// once per batch of ends: a query each would tax the hot path).
+    pub(super) fn should_read(
+        &self,
+        now: Timestamp,
+        at: Instant,
+        in_hand: usize,
+        poll: Duration,
+    ) -> bool {
+        let since = self.read_at.map(|t| at.saturating_duration_since(t));
+        let due_passed = self.due.is_some_and(|d| d <= now);
+        let must = in_hand == 0 || self.stale || due_passed || since.is_none_or(|s| s >= poll);
+        let may = in_hand == 0 || since.is_none_or(|s| s >= DUE_RECHECK);
+        must && may
+    }
+
+    /// Records what was read at `at` (`None` after a failed read keeps the
+    /// previous answer).
+    pub(super) fn read(&mut self, due: Option<Option<Timestamp>>, at: Instant) {
+        if let Some(d) = due {
+            self.due = d;
+        }
+        self.read_at = Some(at);
+        self.stale = false;
+    }
+
+    /// How long an idle driver with free slots sleeps before claiming on
+    /// its own (a wake-up or an end comes sooner).
+    pub(super) fn idle_wait(
+        &self,
+        now: Timestamp,
+        at: Instant,
+        in_hand: usize,
+        poll: Duration,
+    ) -> Duration {
+        let mut wait = match self.due {
+            // While attempts run, their ends usually claim the due run
+            // first (in the same round trip); the timer only steps in
+            // when none comes, so it does not cost a round of its own.
+            Some(d) if d > now => {
+                let until = Duration::from_millis(d.millis_since(now) as u64);
+                poll.min(if in_hand > 0 {
+                    until + BUSY_SLACK
+                } else {
+                    until
+                })
+            }
+            // Due already, yet the claim before this turn did not get
+            // it: held back by a concurrency limit (claiming again at
+            // once would spin), or due just after that claim.
+            Some(_) if in_hand == 0 => poll.min(DUE_BLOCKED_RECHECK),
+            _ => poll,
+        };
+        if self.stale {
+            if let Some(t) = self.read_at {
+                wait = wait.min(DUE_RECHECK.saturating_sub(at.saturating_duration_since(t)));
+            }
+        }
+        wait.max(Duration::from_millis(1))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const POLL: Duration = Duration::from_secs(1);
+
+    #[test]
+    fn only_transient_failures_are_waited_out_within_the_window() {
+        let now = tokio::time::Instant::now();
+        let later = now + END_RETRY_WINDOW;
+        assert_eq!(
+            on_failed_round(true, false, now, later),
+            FailedRound::StoreAgain
+        );
+        // A bug or bad data: given up at once, not held for 30 s.
+        assert_eq!(
+            on_failed_round(false, false, now, later),
+            FailedRound::GiveUp
+        );
+        // The window is over, or the worker is exiting.
+        assert_eq!(
+            on_failed_round(true, false, later, later),
+            FailedRound::GiveUp
+        );
+        assert_eq!(on_failed_round(true, true, now, later), FailedRound::GiveUp);
+    }
+
+    #[test]
+    fn a_busy_worker_claims_only_once_half_its_capacity_is_free() {
+        // concurrency 4, prefetch 4: capacity 8.
+        assert_eq!(claim_size(true, true, 0, 4, 8), Some(8));
+        assert_eq!(claim_size(true, true, 3, 4, 8), Some(5)); // a slot idle
+        assert_eq!(claim_size(true, true, 5, 4, 8), None); // busy, 3 free
+        assert_eq!(claim_size(true, true, 4, 4, 8), Some(4)); // half free
+        assert_eq!(claim_size(true, true, 8, 4, 8), None); // full
+        assert_eq!(claim_size(false, true, 0, 4, 8), None); // draining
+        assert_eq!(claim_size(true, false, 0, 4, 8), None); // nothing new
+    }
+
+    #[test]
+    fn held_ends_are_stored_again_within_the_window_then_given_up() {
+        let t0 = Instant::now();
+        let mut h = HeldEnds::default();
+        h.push(1);
+        let batch = h.take();
+        h.push(2); // arrived during the failed round
+        let (back, wait) = h.failed(batch, true, false, t0);
+        assert_eq!((back, wait), (None, BACKOFF_MIN));
+        assert_eq!(h.take(), vec![1, 2], "the failed batch goes first");
+        // The backoff doubles, up to its limit.
+        let (_, w2) = h.failed(vec![1], true, false, t0 + Duration::from_secs(1));
+        assert_eq!(w2, BACKOFF_MIN * 2);
+        h.take();
+        for _ in 0..20 {
+            h.failed(Vec::new(), true, false, t0);
+        }
+        let (_, w) = h.failed(Vec::new(), true, false, t0);
+        assert_eq!(w, BACKOFF_MAX);
+        // Past the window (from the first failure of the streak): given up.
+        let (back, _) = h.failed(vec![3], true, false, t0 + END_RETRY_WINDOW);
+        assert_eq!(back, Some(vec![3]));
+        assert!(h.is_empty());
+        // A stored round resets both.
+        h.stored();
+        let (_, w) = h.failed(vec![4], true, false, t0 + END_RETRY_WINDOW * 3);
+        assert_eq!(w, BACKOFF_MIN);
+    }
+
+    #[test]
+    fn a_non_transient_failure_or_an_exit_gives_up_at_once() {
+        let t0 = Instant::now();
+        let mut h = HeldEnds::default();
+        assert_eq!(h.failed(vec![1], false, false, t0).0, Some(vec![1]));
+        assert_eq!(h.failed(vec![2], true, true, t0).0, Some(vec![2]));
+        assert!(h.is_empty());
+    }
+
+    #[test]
+    fn the_due_time_is_read_when_idle_stale_or_passed_but_rarely_when_busy() {
+        let t0 = Instant::now();
+        let now = Timestamp(10_000);
+        let mut d = DueTracker::new();
+        assert!(d.should_read(now, t0, 3, POLL), "never read yet");
+        d.read(Some(Some(Timestamp(20_000))), t0);
+        // Busy, fresh, not due: no read.
+        assert!(!d.should_read(now, t0 + Duration::from_millis(10), 3, POLL));
+        // Idle: always.
+        assert!(d.should_read(now, t0 + Duration::from_millis(10), 0, POLL));
+        // Stale (an end was stored), busy: only after DUE_RECHECK.
+        d.mark_stale();
+        assert!(!d.should_read(now, t0 + Duration::from_millis(10), 3, POLL));
+        assert!(d.should_read(now, t0 + DUE_RECHECK, 3, POLL));
+        // Past the due time read: read again (after DUE_RECHECK when busy).
+        let mut d = DueTracker::new();
+        d.read(Some(Some(Timestamp(5_000))), t0);
+        assert!(d.should_read(now, t0 + DUE_RECHECK, 3, POLL));
+        // A failed read keeps the previous answer.
+        d.read(None, t0);
+        assert_eq!(d.due, Some(Timestamp(5_000)));
+    }
+
+    #[test]
+    fn an_idle_driver_sleeps_until_the_next_due_run_at_most_a_poll() {
+        let t0 = Instant::now();
+        let now = Timestamp(10_000);
+        let mut d = DueTracker::new();
+        d.read(Some(Some(Timestamp(10_300))), t0);
+        assert_eq!(d.idle_wait(now, t0, 0, POLL), Duration::from_millis(300));
+        // Busy: a little slack for an end to claim it first.
+        assert_eq!(
+            d.idle_wait(now, t0, 2, POLL),
+            Duration::from_millis(300) + BUSY_SLACK
+        );
+        d.read(Some(Some(Timestamp(99_000))), t0);
+        assert_eq!(d.idle_wait(now, t0, 0, POLL), POLL);
+        // Due already but not claimed: held back; look again soon, no spin.
+        d.read(Some(Some(Timestamp(9_000))), t0);
+        assert_eq!(d.idle_wait(now, t0, 0, POLL), DUE_BLOCKED_RECHECK);
+        // Nothing due: the poll.
+        d.read(Some(None), t0);
+        assert_eq!(d.idle_wait(now, t0, 0, POLL), POLL);
+        // Stale: read again within DUE_RECHECK of the last read.
+        d.mark_stale();
+        assert_eq!(
+            d.idle_wait(now, t0 + Duration::from_millis(20), 0, POLL),
+            DUE_RECHECK - Duration::from_millis(20)
+        );
+    }
+}
