@@ -1,8 +1,9 @@
-//! The SQL of each store operation, mirroring `sqlite/ops.rs` statement for
-//! statement where the semantics allow, and set-based where PostgreSQL makes
-//! that cheaper (claim, trigger, heartbeat; the set-based `finish` is in
-//! `finish.rs`). All queries are runtime `sqlx::query` calls with bound
-//! parameters.
+//! Triggers, heartbeats and reads on PostgreSQL, and the row decoding the
+//! other modules share (the same concerns as `sqlite/ops.rs`; claims and
+//! ends are in `hot.rs`, steps, the ledger and operator commands in
+//! `durable.rs`, as on SQLite). Set-based where PostgreSQL makes that
+//! cheaper (trigger, heartbeat). All queries are runtime `sqlx::query`
+//! calls with bound parameters.
 
 use crate::{
     AttemptRecord, EventFilter, EventRecord, LeaseRef, LeaseState, NewRun, Result, Run, RunFilter,

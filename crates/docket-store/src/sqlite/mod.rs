@@ -21,6 +21,8 @@
 //! its writes.
 
 mod connections;
+mod durable;
+mod hot;
 mod ops;
 mod stats;
 mod tokens;
@@ -513,12 +515,12 @@ impl Store for SqliteStore {
     }
 
     async fn claim(&self, req: ClaimRequest) -> Result<Vec<Run>> {
-        self.call(move |c| ops::claim(c, &req)).await
+        self.call(move |c| hot::claim(c, &req)).await
     }
 
     async fn finish(&self, ends: Vec<AttemptEnd>) -> Result<Vec<Result<RunStatus>>> {
         let (ends, refused) = crate::json::Refused::screen(ends);
-        let stored = self.call(move |c| ops::finish_all(c, ends)).await?;
+        let stored = self.call(move |c| hot::finish_all(c, ends)).await?;
         Ok(refused.merge(stored))
     }
 
@@ -530,13 +532,13 @@ impl Store for SqliteStore {
         let (ends, refused) = crate::json::Refused::screen(ends);
         let (finished, runs) = self
             .call(move |c| {
-                let finished = ops::finish_all(c, ends)?;
+                let finished = hot::finish_all(c, ends)?;
                 let budget = claims.iter().map(|c| c.limit).max().unwrap_or(0);
                 let mut runs = Vec::new();
                 for mut req in claims {
                     req.limit = req.limit.min(budget - runs.len());
                     if req.limit > 0 {
-                        runs.extend(savepoint(c, |c| ops::claim(c, &req))?);
+                        runs.extend(savepoint(c, |c| hot::claim(c, &req))?);
                     }
                 }
                 Ok((finished, runs))
@@ -592,7 +594,7 @@ impl Store for SqliteStore {
     }
 
     async fn reap(&self, ends: Vec<AttemptEnd>) -> Result<Vec<Result<Option<RunStatus>>>> {
-        self.call(move |c| ops::reap_all(c, ends)).await
+        self.call(move |c| hot::reap_all(c, ends)).await
     }
 
     async fn next_due(&self, jobs: Vec<String>) -> Result<Option<Timestamp>> {
@@ -621,7 +623,7 @@ impl Store for SqliteStore {
     }
 
     async fn steps(&self, run_id: RunId) -> Result<Vec<StepRecord>> {
-        self.read(move |c| ops::steps(c, run_id)).await
+        self.read(move |c| durable::steps(c, run_id)).await
     }
 
     async fn save_step(
@@ -632,7 +634,7 @@ impl Store for SqliteStore {
         now: Timestamp,
     ) -> Result<LeaseState> {
         crate::json::check_depth("result", &result)?;
-        self.call(move |c| ops::save_step(c, lease, &name, &result, now))
+        self.call(move |c| durable::save_step(c, lease, &name, &result, now))
             .await?
     }
 
@@ -644,16 +646,17 @@ impl Store for SqliteStore {
         message: String,
         now: Timestamp,
     ) -> Result<()> {
-        self.call(move |c| ops::fail_step(c, lease, &name, class, &message, now))
+        self.call(move |c| durable::fail_step(c, lease, &name, class, &message, now))
             .await?
     }
 
     async fn ledger_get(&self, tenant: String, key: String) -> Result<Option<LedgerEntry>> {
-        self.call(move |c| ops::ledger_get(c, &tenant, &key)).await
+        self.call(move |c| durable::ledger_get(c, &tenant, &key))
+            .await
     }
 
     async fn ledger_for_run(&self, run_id: RunId) -> Result<Vec<LedgerEntry>> {
-        self.read(move |c| ops::ledger_for_run(c, run_id)).await
+        self.read(move |c| durable::ledger_for_run(c, run_id)).await
     }
 
     async fn ledger_begin(
@@ -663,7 +666,7 @@ impl Store for SqliteStore {
         action: String,
         now: Timestamp,
     ) -> Result<LedgerBegin> {
-        self.call(move |c| ops::ledger_begin(c, lease, &idempotency_key, &action, now))
+        self.call(move |c| durable::ledger_begin(c, lease, &idempotency_key, &action, now))
             .await?
     }
 
@@ -675,7 +678,7 @@ impl Store for SqliteStore {
         now: Timestamp,
     ) -> Result<()> {
         crate::json::check_ledger(&write)?;
-        self.call(move |c| ops::ledger_write(c, lease, &write, &event, now))
+        self.call(move |c| durable::ledger_write(c, lease, &write, &event, now))
             .await?
     }
 
@@ -687,13 +690,13 @@ impl Store for SqliteStore {
         now: Timestamp,
     ) -> Result<()> {
         crate::json::check_depth("data", &data)?;
-        self.call(move |c| ops::append_event(c, lease, &kind, &data, now))
+        self.call(move |c| durable::append_event(c, lease, &kind, &data, now))
             .await?
     }
 
     async fn operator(&self, req: OperatorRequest) -> Result<Run> {
         crate::json::check_operator(&req)?;
-        self.call(move |c| ops::operator(c, &req)).await
+        self.call(move |c| durable::operator(c, &req)).await
     }
 
     /// For a file database: a wake-up (`""`, every job) within about

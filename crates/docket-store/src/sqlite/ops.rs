@@ -1,26 +1,26 @@
-//! The SQL of each store operation. Every function runs inside the writer
-//! thread's transaction, under the caller's savepoint.
+//! Triggers, heartbeats and reads on SQLite, and the row decoding and
+//! fencing the other modules share (the same concerns as
+//! `postgres/ops.rs`). Every function runs inside the writer thread's
+//! transaction (or on a read connection), under the caller's savepoint.
 
 use crate::{
-    AttemptEnd, AttemptRecord, ClaimRequest, EventFilter, EventRecord, LeaseRef, LeaseState,
-    LedgerEntry, LedgerWrite, NewRun, OperatorRequest, Result, Run, RunFilter, StatusCount,
-    StepRecord, StoreError, Triggered,
+    AttemptRecord, EventFilter, EventRecord, LeaseRef, LeaseState, NewRun, Result, Run, RunFilter,
+    StatusCount, Triggered,
 };
-use docket_core::{ErrorClass, EventKind, LeaseId, RunId, RunStatus, Timestamp};
+use docket_core::{EventKind, LeaseId, RunId, RunStatus, Timestamp};
 use rusqlite::types::Value as SqlValue;
 use rusqlite::{params, params_from_iter, Connection, OptionalExtension, Row};
 use serde_json::{json, Value};
 
 use super::db_err;
-use crate::plan::{self, BeginPlan, Holder};
-use crate::{LedgerBegin, LedgerState};
+use crate::plan;
 
 pub(super) const RUN_COLS: &str = "id, tenant, job, status, priority, input, variables, output, attempt, \
     attempts_forgiven, run_after, lease_id, lease_expires_at, worker, idempotency_key, correlation_id, \
     created_at, updated_at, finished_at, terminal_reason, last_error_class, last_error_message, \
     cancel_requested, retriggered_from, input_request";
 
-fn corrupt(what: &str, v: impl std::fmt::Display) -> rusqlite::Error {
+pub(super) fn corrupt(what: &str, v: impl std::fmt::Display) -> rusqlite::Error {
     rusqlite::Error::FromSqlConversionFailure(
         0,
         rusqlite::types::Type::Text,
@@ -28,14 +28,17 @@ fn corrupt(what: &str, v: impl std::fmt::Display) -> rusqlite::Error {
     )
 }
 
-fn parse<T: std::str::FromStr>(what: &str, s: String) -> rusqlite::Result<T>
+pub(super) fn parse<T: std::str::FromStr>(what: &str, s: String) -> rusqlite::Result<T>
 where
     T::Err: std::fmt::Display,
 {
     s.parse::<T>().map_err(|e| corrupt(what, e))
 }
 
-fn parse_opt<T: std::str::FromStr>(what: &str, s: Option<String>) -> rusqlite::Result<Option<T>>
+pub(super) fn parse_opt<T: std::str::FromStr>(
+    what: &str,
+    s: Option<String>,
+) -> rusqlite::Result<Option<T>>
 where
     T::Err: std::fmt::Display,
 {
@@ -44,11 +47,11 @@ where
 
 /// A JSON column: what cannot be decoded is read as the
 /// `{"docket_undecodable": …}` marker, so one bad row never fails a list.
-fn json_col(s: String) -> rusqlite::Result<Value> {
+pub(super) fn json_col(s: String) -> rusqlite::Result<Value> {
     Ok(crate::json::decode_text(&s))
 }
 
-fn json_opt(s: Option<String>) -> rusqlite::Result<Option<Value>> {
+pub(super) fn json_opt(s: Option<String>) -> rusqlite::Result<Option<Value>> {
     s.map(json_col).transpose()
 }
 
@@ -199,101 +202,25 @@ pub(super) fn trigger(c: &Connection, runs: Vec<NewRun>, now: Timestamp) -> Resu
     Ok(out)
 }
 
-fn placeholders(start: usize, n: usize) -> String {
+pub(super) fn placeholders(start: usize, n: usize) -> String {
     (start..start + n)
         .map(|i| format!("?{i}"))
         .collect::<Vec<_>>()
         .join(", ")
 }
 
-pub(super) fn claim(c: &Connection, req: &ClaimRequest) -> Result<Vec<Run>> {
-    if req.jobs.is_empty() || req.limit == 0 {
-        return Ok(Vec::new());
-    }
-    let sql = format!(
-        "SELECT id FROM runs INDEXED BY runs_claim
-         WHERE status IN ({}) AND run_after <= ?1 AND job IN ({})
-         ORDER BY priority DESC, run_after, id LIMIT ?2",
-        plan::claim::CLAIMABLE_SQL,
-        placeholders(3, req.jobs.len())
-    );
-    let mut args: Vec<SqlValue> = vec![req.now.0.into(), (req.limit as i64).into()];
-    args.extend(req.jobs.iter().map(|j| SqlValue::from(j.clone())));
-    let ids: Vec<String> = {
-        let mut st = c.prepare_cached(&sql).map_err(db_err)?;
-        let rows = st
-            .query_map(params_from_iter(args), |r| r.get::<_, String>(0))
-            .map_err(db_err)?;
-        rows.collect::<rusqlite::Result<_>>().map_err(db_err)?
-    };
-    let p = plan::claim::claim(req);
-    let mut out = Vec::with_capacity(ids.len());
-    for id in ids {
-        let lease = LeaseId::new();
-        let mut st = c
-            .prepare_cached(&format!(
-                "UPDATE runs SET status = ?6, attempt = attempt + 1, lease_id = ?2,
-                    lease_expires_at = ?3, worker = ?4, updated_at = ?5
-                 WHERE id = ?1 RETURNING {RUN_COLS}"
-            ))
-            .map_err(db_err)?;
-        let run = st
-            .query_row(
-                params![
-                    id,
-                    lease.to_string(),
-                    p.lease_expires_at.0,
-                    req.worker,
-                    req.now.0,
-                    p.status.as_str()
-                ],
-                run_from_row,
-            )
-            .map_err(db_err)?;
-        let mut st = c
-            .prepare_cached(
-                "INSERT INTO attempts (run_id, attempt, lease_id, worker, started_at, outcome)
-                 VALUES (?1, ?2, ?3, ?4, ?5, 'running')",
-            )
-            .map_err(db_err)?;
-        st.execute(params![
-            id,
-            run.attempt,
-            lease.to_string(),
-            req.worker,
-            req.now.0
-        ])
-        .map_err(db_err)?;
-        insert_event(
-            c,
-            run.id,
-            &run.tenant,
-            &run.job,
-            &p.event.kind,
-            req.now,
-            Some(run.attempt),
-            Some(lease),
-            None,
-            None,
-            &p.event.data,
-        )?;
-        out.push(run);
-    }
-    Ok(out)
-}
-
 /// The columns a fenced write needs (cheaper than decoding the whole run).
-struct Fence {
-    id: RunId,
-    tenant: String,
-    job: String,
-    status: RunStatus,
-    attempt: u32,
-    lease_id: Option<LeaseId>,
-    lease_expires_at: Option<Timestamp>,
+pub(super) struct Fence {
+    pub(super) id: RunId,
+    pub(super) tenant: String,
+    pub(super) job: String,
+    pub(super) status: RunStatus,
+    pub(super) attempt: u32,
+    pub(super) lease_id: Option<LeaseId>,
+    pub(super) lease_expires_at: Option<Timestamp>,
 }
 
-fn fence_row(c: &Connection, id: RunId) -> Result<Option<Fence>> {
+pub(super) fn fence_row(c: &Connection, id: RunId) -> Result<Option<Fence>> {
     let mut st = c
         .prepare_cached("SELECT tenant, job, status, attempt, lease_id, lease_expires_at FROM runs WHERE id = ?1")
         .map_err(db_err)?;
@@ -310,156 +237,6 @@ fn fence_row(c: &Connection, id: RunId) -> Result<Option<Fence>> {
     })
     .optional()
     .map_err(db_err)
-}
-
-/// Ends attempts. A stale lease is an `Err` in that end's slot (its
-/// `stale_write_refused` event is kept). A database error fails the whole
-/// call, and the caller's savepoint rolls every end of it back: ends need no
-/// savepoint of their own, since each checks its fence before it writes.
-pub(super) fn finish_all(c: &Connection, ends: Vec<AttemptEnd>) -> Result<Vec<Result<RunStatus>>> {
-    ends.into_iter().map(|e| finish_inner(c, e)).collect()
-}
-
-/// Reaps expired leases (see `Store::reap`): an end is applied only while
-/// its run is running under its lease and that lease expired by its `now`;
-/// any other end writes nothing (not even `stale_write_refused`). One
-/// writer thread, so the fence read and the write cannot interleave with
-/// another reaper's.
-pub(super) fn reap_all(
-    c: &Connection,
-    ends: Vec<AttemptEnd>,
-) -> Result<Vec<Result<Option<RunStatus>>>> {
-    ends.into_iter()
-        .map(|end| {
-            let expired = fence_row(c, end.run_id)?.is_some_and(|f| {
-                f.status == RunStatus::Running
-                    && f.lease_id == Some(end.lease_id)
-                    && f.lease_expires_at.is_some_and(|t| t <= end.now)
-            });
-            if !expired {
-                return Ok(Ok(None));
-            }
-            Ok(finish_inner(c, end)?.map(Some))
-        })
-        .collect()
-}
-
-fn finish_inner(c: &Connection, end: AttemptEnd) -> Result<Result<RunStatus>> {
-    // Nothing is written for an end before its fence passes, so a missing
-    // run fails in its own slot (as on PostgreSQL), not the whole batch.
-    let Some(run) = fence_row(c, end.run_id)? else {
-        return Ok(Err(StoreError::NotFound(end.run_id)));
-    };
-    if run.status != RunStatus::Running || run.lease_id != Some(end.lease_id) {
-        insert_event(
-            c,
-            run.id,
-            &run.tenant,
-            &run.job,
-            &EventKind::StaleWriteRefused,
-            end.now,
-            None,
-            Some(end.lease_id),
-            None,
-            None,
-            &plan::end::refused(&end, run.status, run.lease_id, run.attempt),
-        )?;
-        return Ok(Err(StoreError::StaleLease {
-            run_id: run.id,
-            lease_id: end.lease_id,
-            status: run.status,
-        }));
-    }
-    let p = plan::end::end(&end);
-    persist_end(c, &run, &end, &p)?;
-    Ok(Ok(p.run.status))
-}
-
-/// Persists an end's plan for a run its lease holds: the same three writes,
-/// with the same "absent keeps the stored value" rule, as PostgreSQL's
-/// set-based statement.
-fn persist_end(
-    c: &Connection,
-    run: &Fence,
-    end: &AttemptEnd,
-    p: &plan::end::EndPlan,
-) -> Result<()> {
-    let (r, a) = (&p.run, &p.attempt);
-    let id = run.id.to_string();
-    let json_text = |v: &Option<Value>| v.as_ref().map(Value::to_string);
-    c.prepare_cached(
-        "UPDATE runs SET status = ?2, output = COALESCE(?3, output), run_after = COALESCE(?4, run_after),
-            lease_id = NULL, lease_expires_at = NULL, worker = NULL, updated_at = ?5,
-            finished_at = CASE WHEN ?6 THEN ?5 ELSE finished_at END,
-            terminal_reason = COALESCE(?7, terminal_reason),
-            last_error_class = COALESCE(?8, last_error_class),
-            last_error_message = COALESCE(?9, last_error_message),
-            cancel_requested = cancel_requested AND NOT ?10,
-            attempts_forgiven = attempts_forgiven + ?11,
-            input_request = COALESCE(?12, input_request)
-         WHERE id = ?1",
-    )
-    .map_err(db_err)?
-    .execute(params![
-        id,
-        r.status.as_str(),
-        json_text(&r.output),
-        r.run_after.map(|t| t.0),
-        end.now.0,
-        r.finished,
-        r.terminal_reason,
-        r.error_class.map(ErrorClass::as_str),
-        r.error_message,
-        r.clear_cancel,
-        r.forgive,
-        json_text(&r.input_request),
-    ])
-    .map_err(db_err)?;
-    c.prepare_cached(
-        "UPDATE attempts SET finished_at = ?3, outcome = ?4,
-            error_class = COALESCE(?5, error_class), error_message = COALESCE(?6, error_message),
-            fingerprint = COALESCE(?7, fingerprint), failure_key = COALESCE(?8, failure_key),
-            action = COALESCE(?9, action), retry_policy = COALESCE(?10, retry_policy),
-            delay_ms = COALESCE(?11, delay_ms), eligible_at = COALESCE(?12, eligible_at),
-            retry_reason = COALESCE(?13, retry_reason)
-         WHERE run_id = ?1 AND attempt = ?2",
-    )
-    .map_err(db_err)?
-    .execute(params![
-        id,
-        run.attempt,
-        end.now.0,
-        a.outcome.as_str(),
-        a.error_class.map(ErrorClass::as_str),
-        a.error_message,
-        a.fingerprint,
-        a.failure_key,
-        a.action,
-        a.retry_policy,
-        a.delay_ms,
-        a.eligible_at.map(|t| t.0),
-        a.retry_reason.map(|r| r.as_str()),
-    ])
-    .map_err(db_err)?;
-    for e in &p.events {
-        let data = e
-            .fill
-            .apply(e.data.clone(), run.attempt, run.lease_expires_at);
-        insert_event(
-            c,
-            run.id,
-            &run.tenant,
-            &run.job,
-            &e.kind,
-            end.now,
-            Some(run.attempt),
-            Some(end.lease_id),
-            None,
-            None,
-            &data,
-        )?;
-    }
-    Ok(())
 }
 
 pub(super) fn heartbeat(
@@ -657,467 +434,4 @@ pub(super) fn events(c: &Connection, f: &EventFilter) -> Result<Vec<EventRecord>
         )
         .map_err(db_err)?;
     rows.collect::<rusqlite::Result<_>>().map_err(db_err)
-}
-
-// ---- durable steps, ledger, events, operator commands ----
-
-/// Checks the lease holds the run; when it does not, records
-/// `stale_write_refused` and answers the error for the caller's slot.
-fn fence(
-    c: &Connection,
-    lease: LeaseRef,
-    attempted: &str,
-    now: Timestamp,
-) -> Result<Result<Fence>> {
-    let run = fence_row(c, lease.run_id)?.ok_or(StoreError::NotFound(lease.run_id))?;
-    if run.status == RunStatus::Running && run.lease_id == Some(lease.lease_id) {
-        return Ok(Ok(run));
-    }
-    insert_event(
-        c,
-        run.id,
-        &run.tenant,
-        &run.job,
-        &EventKind::StaleWriteRefused,
-        now,
-        None,
-        Some(lease.lease_id),
-        None,
-        None,
-        &plan::stale_write(attempted, run.status, run.lease_id, run.attempt),
-    )?;
-    Ok(Err(StoreError::StaleLease {
-        run_id: run.id,
-        lease_id: lease.lease_id,
-        status: run.status,
-    }))
-}
-
-fn step_from_row(r: &Row<'_>) -> rusqlite::Result<StepRecord> {
-    Ok(StepRecord {
-        run_id: parse("run id", r.get(0)?)?,
-        name: r.get(1)?,
-        status: parse("step status", r.get(2)?)?,
-        result: json_opt(r.get(3)?)?,
-        error_class: parse_opt("error class", r.get(4)?)?,
-        error_message: r.get(5)?,
-        attempt: r.get(6)?,
-        updated_at: Timestamp(r.get(7)?),
-        actor: r.get(8)?,
-        comment: r.get(9)?,
-    })
-}
-
-pub(super) fn steps(c: &Connection, run_id: RunId) -> Result<Vec<StepRecord>> {
-    let mut st = c
-        .prepare_cached(
-            "SELECT run_id, name, status, result, error_class, error_message, attempt, updated_at, actor, comment
-             FROM steps WHERE run_id = ?1 ORDER BY updated_at, name",
-        )
-        .map_err(db_err)?;
-    let rows = st
-        .query_map([run_id.to_string()], step_from_row)
-        .map_err(db_err)?;
-    rows.collect::<rusqlite::Result<_>>().map_err(db_err)
-}
-
-pub(super) fn save_step(
-    c: &Connection,
-    lease: LeaseRef,
-    name: &str,
-    result: &Value,
-    now: Timestamp,
-) -> Result<Result<LeaseState>> {
-    let run = match fence(c, lease, "step_completed", now)? {
-        Ok(r) => r,
-        Err(e) => return Ok(Err(e)),
-    };
-    let existing: Option<String> = c
-        .prepare_cached("SELECT status FROM steps WHERE run_id = ?1 AND name = ?2")
-        .map_err(db_err)?
-        .query_row(params![run.id.to_string(), name], |r| r.get(0))
-        .optional()
-        .map_err(db_err)?;
-    if matches!(existing.as_deref(), Some("completed") | Some("skipped")) {
-        return Ok(Err(StoreError::Conflict(format!(
-            "step `{name}` of run {} is already {}; step names must be unique within a run",
-            run.id,
-            existing.unwrap_or_default()
-        ))));
-    }
-    c.prepare_cached(
-        "INSERT INTO steps (run_id, name, status, result, attempt, updated_at)
-         VALUES (?1, ?2, 'completed', ?3, ?4, ?5)
-         ON CONFLICT (run_id, name) DO UPDATE SET status = 'completed', result = excluded.result,
-            error_class = NULL, error_message = NULL, attempt = excluded.attempt, updated_at = excluded.updated_at",
-    )
-    .map_err(db_err)?
-    .execute(params![run.id.to_string(), name, result.to_string(), run.attempt, now.0])
-    .map_err(db_err)?;
-    attempt_event(
-        c,
-        &run,
-        lease,
-        &EventKind::StepCompleted,
-        now,
-        &json!({ "step": name }),
-    )?;
-    let cancel: i64 = c
-        .prepare_cached("SELECT cancel_requested FROM runs WHERE id = ?1")
-        .map_err(db_err)?
-        .query_row([run.id.to_string()], |r| r.get(0))
-        .map_err(db_err)?;
-    Ok(Ok(LeaseState {
-        held: true,
-        cancel_requested: cancel != 0,
-    }))
-}
-
-/// Records a failed step with a `step_failed` event, fenced by the lease,
-/// unless the step already completed or was skipped.
-pub(super) fn fail_step(
-    c: &Connection,
-    lease: LeaseRef,
-    name: &str,
-    class: ErrorClass,
-    message: &str,
-    now: Timestamp,
-) -> Result<Result<()>> {
-    let run = match fence(c, lease, "step_failed", now)? {
-        Ok(r) => r,
-        Err(e) => return Ok(Err(e)),
-    };
-    let n = c
-        .prepare_cached(
-            "INSERT INTO steps (run_id, name, status, error_class, error_message, attempt, updated_at)
-             VALUES (?1, ?2, 'failed', ?3, ?4, ?5, ?6)
-             ON CONFLICT (run_id, name) DO UPDATE SET status = 'failed', error_class = excluded.error_class,
-                error_message = excluded.error_message, attempt = excluded.attempt, updated_at = excluded.updated_at
-             WHERE steps.status = 'failed'",
-        )
-        .map_err(db_err)?
-        .execute(params![run.id.to_string(), name, class.as_str(), message, run.attempt, now.0])
-        .map_err(db_err)?;
-    if n == 0 {
-        return Ok(Err(StoreError::Conflict(format!(
-            "step `{name}` of run {} is already completed or skipped",
-            run.id
-        ))));
-    }
-    attempt_event(
-        c,
-        &run,
-        lease,
-        &EventKind::StepFailed,
-        now,
-        &json!({ "step": name, "error_class": class, "message": message }),
-    )?;
-    Ok(Ok(()))
-}
-
-fn ledger_from_row(r: &Row<'_>) -> rusqlite::Result<LedgerEntry> {
-    Ok(LedgerEntry {
-        tenant: r.get(0)?,
-        idempotency_key: r.get(1)?,
-        action: r.get(2)?,
-        run_id: parse("run id", r.get(3)?)?,
-        attempt: r.get(4)?,
-        lease_id: parse("lease id", r.get(5)?)?,
-        state: parse("ledger state", r.get(6)?)?,
-        result: json_opt(r.get(7)?)?,
-        error_class: parse_opt("error class", r.get(8)?)?,
-        error_message: r.get(9)?,
-        created_at: Timestamp(r.get(10)?),
-        updated_at: Timestamp(r.get(11)?),
-    })
-}
-
-const LEDGER_COLS: &str = "tenant, idempotency_key, action, run_id, attempt, lease_id, state, result, error_class, error_message, created_at, updated_at";
-
-pub(super) fn ledger_get(c: &Connection, tenant: &str, key: &str) -> Result<Option<LedgerEntry>> {
-    c.prepare_cached(&format!(
-        "SELECT {LEDGER_COLS} FROM ledger WHERE tenant = ?1 AND idempotency_key = ?2"
-    ))
-    .map_err(db_err)?
-    .query_row(params![tenant, key], ledger_from_row)
-    .optional()
-    .map_err(db_err)
-}
-
-pub(super) fn ledger_for_run(c: &Connection, run_id: RunId) -> Result<Vec<LedgerEntry>> {
-    let mut st = c
-        .prepare_cached(&format!("SELECT {LEDGER_COLS} FROM ledger WHERE run_id = ?1 ORDER BY created_at, idempotency_key"))
-        .map_err(db_err)?;
-    let rows = st
-        .query_map([run_id.to_string()], ledger_from_row)
-        .map_err(db_err)?;
-    rows.collect::<rusqlite::Result<_>>().map_err(db_err)
-}
-
-/// The holder of a `started` row held by another lease, read from its run.
-fn ledger_holder(c: &Connection, row: &LedgerEntry, now: Timestamp) -> Result<Holder> {
-    let run = fence_row(c, row.run_id)?;
-    Ok(match run {
-        Some(r) => Holder::from_run(
-            r.status == RunStatus::Running,
-            r.lease_id,
-            r.lease_expires_at,
-            row.lease_id,
-            now,
-        ),
-        None => Holder::Gone,
-    })
-}
-
-pub(super) fn ledger_begin(
-    c: &Connection,
-    lease: LeaseRef,
-    key: &str,
-    action: &str,
-    now: Timestamp,
-) -> Result<Result<LedgerBegin>> {
-    let run = match fence(c, lease, "action_started", now)? {
-        Ok(r) => r,
-        Err(e) => return Ok(Err(e)),
-    };
-    let current = ledger_get(c, &run.tenant, key)?;
-    let holder = match &current {
-        Some(row) if row.state == LedgerState::Started && row.lease_id != lease.lease_id => {
-            ledger_holder(c, row, now)?
-        }
-        _ => Holder::Gone,
-    };
-    let plan = plan::ledger_begin(current.as_ref(), holder, lease.lease_id);
-    let ev = |kind: EventKind, data: Value| attempt_event(c, &run, lease, &kind, now, &data);
-    match plan {
-        BeginPlan::Insert | BeginPlan::TakeOver { .. } => {
-            c.prepare_cached(
-                "INSERT INTO ledger (tenant, idempotency_key, action, run_id, attempt, lease_id, state, result, error_class, error_message, created_at, updated_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'started', NULL, NULL, NULL, ?7, ?7)
-                 ON CONFLICT (tenant, idempotency_key) DO UPDATE SET action = excluded.action, run_id = excluded.run_id,
-                    attempt = excluded.attempt, lease_id = excluded.lease_id, state = 'started', result = NULL,
-                    error_class = NULL, error_message = NULL, updated_at = excluded.updated_at",
-            )
-            .map_err(db_err)?
-            .execute(params![
-                run.tenant,
-                key,
-                action,
-                run.id.to_string(),
-                run.attempt,
-                lease.lease_id.to_string(),
-                now.0
-            ])
-            .map_err(db_err)?;
-            ev(
-                EventKind::ActionStarted,
-                plan::begin_event(action, key, current.as_ref(), plan),
-            )?;
-            let reconcile_first = matches!(
-                plan,
-                BeginPlan::TakeOver {
-                    reconcile_first: true
-                }
-            );
-            Ok(Ok(LedgerBegin::Acquired {
-                previous: current,
-                reconcile_first,
-            }))
-        }
-        BeginPlan::ReturnCommitted => Ok(Ok(LedgerBegin::Committed(
-            current.expect("a committed plan has a row"),
-        ))),
-        BeginPlan::InFlight {
-            holder_lease_expires_at,
-        } => {
-            let entry = current.expect("an in-flight plan has a row");
-            ev(
-                EventKind::ActionInFlight,
-                plan::in_flight_event(&entry, holder_lease_expires_at),
-            )?;
-            Ok(Ok(LedgerBegin::InFlight {
-                entry,
-                holder_lease_expires_at,
-            }))
-        }
-    }
-}
-
-pub(super) fn ledger_write(
-    c: &Connection,
-    lease: LeaseRef,
-    w: &LedgerWrite,
-    event: &EventKind,
-    now: Timestamp,
-) -> Result<Result<()>> {
-    let run = match fence(c, lease, event.as_str(), now)? {
-        Ok(r) => r,
-        Err(e) => return Ok(Err(e)),
-    };
-    let current = ledger_get(c, &run.tenant, &w.idempotency_key)?;
-    let (kind, data, answer) = match plan::ledger_write(current.as_ref(), lease.lease_id, w.state) {
-        Ok(()) => {
-            c.prepare_cached(
-                "UPDATE ledger SET state = ?3, result = ?4, error_class = ?5, error_message = ?6, updated_at = ?7
-                 WHERE tenant = ?1 AND idempotency_key = ?2",
-            )
-            .map_err(db_err)?
-            .execute(params![
-                run.tenant,
-                w.idempotency_key,
-                w.state.as_str(),
-                w.result.as_ref().map(|v| v.to_string()),
-                w.error_class.map(|e| e.as_str()),
-                w.error_message,
-                now.0
-            ])
-            .map_err(db_err)?;
-            (event.clone(), plan::write_event(w), Ok(()))
-        }
-        Err(refusal) => (
-            EventKind::LedgerWriteRefused,
-            plan::refused_event(w, event.as_str(), &refusal),
-            Err(plan::refusal_error(w, &refusal, run.id)),
-        ),
-    };
-    attempt_event(c, &run, lease, &kind, now, &data)?;
-    Ok(answer)
-}
-
-/// An event on a fenced run, under the attempt's lease (the ledger's and
-/// the handler's own events).
-fn attempt_event(
-    c: &Connection,
-    run: &Fence,
-    lease: LeaseRef,
-    kind: &EventKind,
-    now: Timestamp,
-    data: &Value,
-) -> Result<()> {
-    insert_event(
-        c,
-        run.id,
-        &run.tenant,
-        &run.job,
-        kind,
-        now,
-        Some(run.attempt),
-        Some(lease.lease_id),
-        None,
-        None,
-        data,
-    )
-}
-
-pub(super) fn append_event(
-    c: &Connection,
-    lease: LeaseRef,
-    kind: &EventKind,
-    data: &Value,
-    now: Timestamp,
-) -> Result<Result<()>> {
-    let run = match fence(c, lease, kind.as_str(), now)? {
-        Ok(r) => r,
-        Err(e) => return Ok(Err(e)),
-    };
-    attempt_event(c, &run, lease, kind, now, data)?;
-    Ok(Ok(()))
-}
-
-pub(super) fn operator(c: &Connection, req: &OperatorRequest) -> Result<Run> {
-    let run = get_run(c, req.run_id)?.ok_or(StoreError::NotFound(req.run_id))?;
-    let failed_step = if plan::operator::needs_failed_step(&req.command) {
-        c.prepare_cached("SELECT name FROM steps WHERE run_id = ?1 AND status = 'failed' ORDER BY updated_at DESC, name LIMIT 1")
-            .map_err(db_err)?
-            .query_row([run.id.to_string()], |r| r.get::<_, String>(0))
-            .optional()
-            .map_err(db_err)?
-    } else {
-        None
-    };
-    let p = plan::operator::operator(&run, &req.command, failed_step.as_deref(), req.now)?;
-    persist_operator(c, &run, req, &p)?;
-    get_run(c, run.id)?.ok_or(StoreError::NotFound(run.id))
-}
-
-/// Persists a command's plan: the run, the step write, the events (each
-/// with the operator and the comment), as PostgreSQL does.
-fn persist_operator(
-    c: &Connection,
-    run: &Run,
-    req: &OperatorRequest,
-    p: &plan::operator::OperatorPlan,
-) -> Result<()> {
-    use plan::operator::StepWrite;
-    let id = run.id.to_string();
-    let now = req.now.0;
-    let w = &p.run;
-    c.prepare_cached(
-        "UPDATE runs SET status = ?2, run_after = COALESCE(?3, run_after), variables = COALESCE(?4, variables),
-            terminal_reason = CASE WHEN ?5 THEN NULL ELSE terminal_reason END,
-            finished_at = CASE WHEN ?5 THEN NULL WHEN ?6 THEN ?10 ELSE finished_at END,
-            attempts_forgiven = CASE WHEN ?7 THEN attempt ELSE attempts_forgiven END,
-            input_request = CASE WHEN ?8 THEN NULL ELSE input_request END,
-            cancel_requested = cancel_requested OR ?9,
-            updated_at = ?10
-         WHERE id = ?1",
-    )
-    .map_err(db_err)?
-    .execute(params![
-        id,
-        w.status.as_str(),
-        w.run_after.map(|t| t.0),
-        w.variables.as_ref().map(Value::to_string),
-        w.reopen,
-        w.finish,
-        w.reset_budget,
-        w.clear_input_request,
-        w.request_cancel,
-        now,
-    ])
-    .map_err(db_err)?;
-    match &p.step {
-        None => {}
-        Some(StepWrite::Decide { name, result }) => {
-            c.prepare_cached(
-                "INSERT INTO steps (run_id, name, status, result, attempt, updated_at, actor, comment)
-                 VALUES (?1, ?2, 'completed', ?3, ?4, ?5, ?6, ?7)
-                 ON CONFLICT (run_id, name) DO UPDATE SET status = 'completed', result = excluded.result,
-                    updated_at = excluded.updated_at, actor = excluded.actor, comment = excluded.comment",
-            )
-            .map_err(db_err)?
-            .execute(params![id, name, result.to_string(), run.attempt, now, req.actor, req.comment])
-            .map_err(db_err)?;
-        }
-        Some(StepWrite::Skip { name }) => {
-            c.prepare_cached(
-                "UPDATE steps SET status = 'skipped', actor = ?3, comment = ?4, updated_at = ?5 WHERE run_id = ?1 AND name = ?2",
-            )
-            .map_err(db_err)?
-            .execute(params![id, name, req.actor, req.comment, now])
-            .map_err(db_err)?;
-        }
-        Some(StepWrite::DeleteFailed) => {
-            c.prepare_cached("DELETE FROM steps WHERE run_id = ?1 AND status = 'failed'")
-                .map_err(db_err)?
-                .execute([&id])
-                .map_err(db_err)?;
-        }
-    }
-    for e in &p.events {
-        insert_event(
-            c,
-            run.id,
-            &run.tenant,
-            &run.job,
-            &e.kind,
-            req.now,
-            None,
-            None,
-            Some(req.actor.as_str()),
-            req.comment.as_deref(),
-            &e.data,
-        )?;
-    }
-    Ok(())
 }
