@@ -1102,9 +1102,24 @@ async fn simulate(
                 let _ = d.cancel(id, actor()).await;
             }
             90..=93 if !ids.is_empty() => {
+                // An operator acts on a run: retry a failed one (sometimes
+                // with updated variables) or skip its failed step, or
+                // postpone one that waits. Refusals (the run moved on, or
+                // failed outside any step) are answers, not findings.
                 let id = ids[rng.below(ids.len() as u64) as usize];
-                if matches!(d.get_run(id).await, Ok(r) if r.status == RunStatus::Failed) {
-                    let _ = d.retry(id, None, actor()).await;
+                match d.get_run(id).await.map(|r| r.status) {
+                    Ok(RunStatus::Failed) => {
+                        let _ = match rng.below(3) {
+                            0 => d.retry(id, None, actor()).await,
+                            1 => d.retry(id, Some(json!({ "retried": true })), actor()).await,
+                            _ => d.skip(id, actor()).await,
+                        };
+                    }
+                    Ok(RunStatus::Pending | RunStatus::NeedsInput) => {
+                        let until = d.clock().now().plus_millis(rng.range(0, 30_000) as i64);
+                        let _ = d.postpone(id, until, actor()).await;
+                    }
+                    _ => {}
                 }
             }
             94..=99 => {
@@ -1746,7 +1761,7 @@ fn a_seed_replays_identically() {
 
 /// A seed that kills workers, loses answers after commits, delays calls
 /// past a lease (late ends refused as stale) and retries.
-const REPLAY_SEED: u64 = 116;
+const REPLAY_SEED: u64 = 206;
 
 /// The checker can fail: with a service whose reconcile always says "not
 /// done", an effect whose answer was lost is sent again, and the
