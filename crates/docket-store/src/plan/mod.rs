@@ -4,14 +4,18 @@
 //! transaction; it decides nothing itself (River's driver design,
 //! TigerBeetle's "compute what changes, then apply it").
 //!
+//! - [`trigger`]: what a new run starts with;
 //! - [`claim`]: which runs a claim takes and what it writes to each;
 //! - [`end`]: an attempt's end (each outcome) and a refused stale end;
 //! - [`operator`]: each operator command;
+//! - [`step`]: a durable step's completion or failure;
 //! - this module: the idempotency ledger's begin and compare-and-set.
 
 pub mod claim;
 pub mod end;
 pub mod operator;
+pub mod step;
+pub mod trigger;
 
 use crate::model::{LedgerEntry, LedgerState, LedgerWrite};
 use crate::StoreError;

@@ -11,7 +11,7 @@ use crate::{
     Result, Run, StepRecord, StoreError,
 };
 use docket_core::{ErrorClass, EventKind, LeaseId, RunId, RunStatus, Timestamp};
-use serde_json::{json, Value};
+use serde_json::Value;
 use sqlx::postgres::{PgConnection, PgPool, PgRow};
 use sqlx::Row;
 
@@ -166,13 +166,7 @@ pub(super) async fn save_step(
             .fetch_optional(&mut *tx)
             .await
             .map_err(db)?;
-    if matches!(existing.as_deref(), Some("completed") | Some("skipped")) {
-        return Err(StoreError::Conflict(format!(
-            "step `{name}` of run {} is already {}; step names must be unique within a run",
-            run.id,
-            existing.unwrap_or_default()
-        )));
-    }
+    plan::step::may_write(existing.as_deref(), run.id, name)?;
     sqlx::query(
         "INSERT INTO steps (run_id, name, status, result, attempt, updated_at)
          VALUES ($1, $2, 'completed', $3, $4, $5)
@@ -187,15 +181,8 @@ pub(super) async fn save_step(
     .execute(&mut *tx)
     .await
     .map_err(db)?;
-    attempt_event(
-        &mut tx,
-        &run,
-        lease,
-        &EventKind::StepCompleted,
-        now,
-        &json!({ "step": name }),
-    )
-    .await?;
+    let ev = plan::step::completed(name);
+    attempt_event(&mut tx, &run, lease, &ev.kind, now, &ev.data).await?;
     let cancel: bool = sqlx::query_scalar("SELECT cancel_requested FROM runs WHERE id = $1")
         .bind(run.id.0)
         .fetch_one(&mut *tx)
@@ -247,15 +234,8 @@ pub(super) async fn fail_step(
             run.id
         )));
     }
-    attempt_event(
-        &mut tx,
-        &run,
-        lease,
-        &EventKind::StepFailed,
-        now,
-        &json!({ "step": name, "error_class": class, "message": message }),
-    )
-    .await?;
+    let ev = plan::step::failed(name, class, message);
+    attempt_event(&mut tx, &run, lease, &ev.kind, now, &ev.data).await?;
     tx.commit().await.map_err(db)?;
     Ok(())
 }

@@ -10,7 +10,6 @@ use crate::{
     StatusCount, StoreError, Triggered,
 };
 use docket_core::{LeaseId, RunId, Timestamp};
-use serde_json::json;
 use sqlx::postgres::{PgConnection, PgExecutor, PgRow, Postgres};
 use sqlx::{QueryBuilder, Row};
 use std::collections::HashMap;
@@ -148,23 +147,24 @@ pub(super) async fn trigger(
     let mut from = Vec::with_capacity(n);
     let mut actors = Vec::with_capacity(n);
     let mut datas = Vec::with_capacity(n);
+    // Every new run starts in the same status with the same event kind
+    // (the plan says which); only the values differ per run.
+    let first = crate::plan::trigger::trigger(&runs[0], now);
+    let (status, kind) = (first.status.as_str(), first.event.kind.as_str().to_string());
     for r in &runs {
-        let run_after = r.run_after.unwrap_or(now);
-        let mut data = json!({ "priority": r.priority, "run_after": run_after });
-        if let Some(f) = r.retriggered_from {
-            data["retriggered_from"] = json!(f);
-        }
+        let p = crate::plan::trigger::trigger(r, now);
+        debug_assert!(p.status.as_str() == status && p.event.kind.as_str() == kind);
         ids.push(r.id.0);
         tenants.push(r.tenant.as_str());
         jobs.push(r.job.as_str());
         priorities.push(r.priority);
         inputs.push(&r.input);
-        run_afters.push(run_after.0);
+        run_afters.push(p.run_after.0);
         keys.push(r.idempotency_key.as_deref());
         correlations.push(r.correlation_id.as_deref());
         from.push(r.retriggered_from.map(|f| f.0));
         actors.push(r.actor.as_deref());
-        datas.push(data);
+        datas.push(p.event.data);
     }
     let rows = sqlx::query(&format!(
         "WITH input AS (
@@ -176,7 +176,7 @@ pub(super) async fn trigger(
          ins AS (
             INSERT INTO runs (id, tenant, job, status, priority, input, variables, run_after,
                               idempotency_key, correlation_id, created_at, updated_at, retriggered_from)
-            SELECT id, tenant, job, 'pending', priority, input, '{{}}', run_after, idempotency_key,
+            SELECT id, tenant, job, $15, priority, input, '{{}}', run_after, idempotency_key,
                    correlation_id, $12, $12, retriggered_from
             FROM input ORDER BY ord
             ON CONFLICT (tenant, job, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
@@ -184,7 +184,7 @@ pub(super) async fn trigger(
          ),
          ev AS (
             INSERT INTO events (run_id, tenant, job, kind, at, actor, data)
-            SELECT ins.id, ins.tenant, ins.job, 'run_triggered', $12, i.actor, i.data
+            SELECT ins.id, ins.tenant, ins.job, $16, $12, i.actor, i.data
             FROM ins JOIN (SELECT DISTINCT ON (id) id, actor, data, ord FROM input ORDER BY id, ord) i
                 ON i.id = ins.id
             ORDER BY i.ord
@@ -209,6 +209,8 @@ pub(super) async fn trigger(
     .bind(now.0)
     .bind(super::WAKEUP_CHANNEL)
     .bind(notify_now)
+    .bind(status)
+    .bind(&kind)
     .fetch_all(&mut *c)
     .await
     .map_err(db)?;

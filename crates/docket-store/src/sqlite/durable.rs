@@ -9,7 +9,7 @@ use crate::{
 };
 use docket_core::{ErrorClass, EventKind, RunId, RunStatus, Timestamp};
 use rusqlite::{params, Connection, OptionalExtension, Row};
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use super::db_err;
 use super::ops::*;
@@ -95,12 +95,8 @@ pub(super) fn save_step(
         .query_row(params![run.id.to_string(), name], |r| r.get(0))
         .optional()
         .map_err(db_err)?;
-    if matches!(existing.as_deref(), Some("completed") | Some("skipped")) {
-        return Ok(Err(StoreError::Conflict(format!(
-            "step `{name}` of run {} is already {}; step names must be unique within a run",
-            run.id,
-            existing.unwrap_or_default()
-        ))));
+    if let Err(e) = plan::step::may_write(existing.as_deref(), run.id, name) {
+        return Ok(Err(e));
     }
     c.prepare_cached(
         "INSERT INTO steps (run_id, name, status, result, attempt, updated_at)
@@ -111,14 +107,8 @@ pub(super) fn save_step(
     .map_err(db_err)?
     .execute(params![run.id.to_string(), name, result.to_string(), run.attempt, now.0])
     .map_err(db_err)?;
-    attempt_event(
-        c,
-        &run,
-        lease,
-        &EventKind::StepCompleted,
-        now,
-        &json!({ "step": name }),
-    )?;
+    let ev = plan::step::completed(name);
+    attempt_event(c, &run, lease, &ev.kind, now, &ev.data)?;
     let cancel: i64 = c
         .prepare_cached("SELECT cancel_requested FROM runs WHERE id = ?1")
         .map_err(db_err)?
@@ -161,14 +151,8 @@ pub(super) fn fail_step(
             run.id
         ))));
     }
-    attempt_event(
-        c,
-        &run,
-        lease,
-        &EventKind::StepFailed,
-        now,
-        &json!({ "step": name, "error_class": class, "message": message }),
-    )?;
+    let ev = plan::step::failed(name, class, message);
+    attempt_event(c, &run, lease, &ev.kind, now, &ev.data)?;
     Ok(Ok(()))
 }
 

@@ -10,7 +10,7 @@ use crate::{
 use docket_core::{EventKind, LeaseId, RunId, RunStatus, Timestamp};
 use rusqlite::types::Value as SqlValue;
 use rusqlite::{params, params_from_iter, Connection, OptionalExtension, Row};
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use super::db_err;
 use crate::plan;
@@ -151,12 +151,12 @@ pub(super) fn trigger(c: &Connection, runs: Vec<NewRun>, now: Timestamp) -> Resu
                 continue;
             }
         }
-        let run_after = r.run_after.unwrap_or(now);
+        let p = plan::trigger::trigger(&r, now);
         let mut st = c
             .prepare_cached(&format!(
                 "INSERT INTO runs (id, tenant, job, status, priority, input, variables, run_after,
                     idempotency_key, correlation_id, created_at, updated_at, retriggered_from)
-                 VALUES (?1, ?2, ?3, 'pending', ?4, ?5, '{{}}', ?6, ?7, ?8, ?9, ?9, ?10)
+                 VALUES (?1, ?2, ?3, ?11, ?4, ?5, '{{}}', ?6, ?7, ?8, ?9, ?9, ?10)
                  RETURNING {RUN_COLS}"
             ))
             .map_err(db_err)?;
@@ -168,31 +168,28 @@ pub(super) fn trigger(c: &Connection, runs: Vec<NewRun>, now: Timestamp) -> Resu
                     r.job,
                     r.priority,
                     r.input.to_string(),
-                    run_after.0,
+                    p.run_after.0,
                     r.idempotency_key,
                     r.correlation_id,
                     now.0,
                     r.retriggered_from.map(|i| i.to_string()),
+                    p.status.as_str(),
                 ],
                 run_from_row,
             )
             .map_err(db_err)?;
-        let mut data = json!({ "priority": r.priority, "run_after": run_after });
-        if let Some(from) = r.retriggered_from {
-            data["retriggered_from"] = json!(from);
-        }
         insert_event(
             c,
             run.id,
             &run.tenant,
             &run.job,
-            &EventKind::RunTriggered,
+            &p.event.kind,
             now,
             None,
             None,
             r.actor.as_deref(),
             None,
-            &data,
+            &p.event.data,
         )?;
         out.push(Triggered {
             run,
