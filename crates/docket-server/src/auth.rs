@@ -16,7 +16,7 @@ use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use axum::http::StatusCode;
 use docket::Timestamp;
-use docket_store::{NewToken, TokenRecord};
+use docket_store::{NewToken, TokenRecord, TokenScope};
 use sha2::{Digest, Sha256};
 
 /// The prefix of every token secret.
@@ -58,9 +58,20 @@ pub fn hash_token(secret: &str) -> String {
     hex::encode(Sha256::digest(secret.as_bytes()))
 }
 
-/// Makes a token for `tenant` named `name`: 256 bits from the operating
-/// system's random source.
+/// Makes an operator token for `tenant` named `name`: 256 bits from the
+/// operating system's random source.
 pub fn issue_token(tenant: &str, name: &str, now: Timestamp) -> Result<IssuedToken, String> {
+    issue_scoped_token(tenant, name, TokenScope::Operator, now)
+}
+
+/// Makes a token for `tenant` named `name` with `scope` (see
+/// [`TokenScope`]).
+pub fn issue_scoped_token(
+    tenant: &str,
+    name: &str,
+    scope: TokenScope,
+    now: Timestamp,
+) -> Result<IssuedToken, String> {
     check_label("tenant", tenant)?;
     check_label("name", name)?;
     let mut bytes = [0u8; 32];
@@ -74,6 +85,7 @@ pub fn issue_token(tenant: &str, name: &str, now: Timestamp) -> Result<IssuedTok
             tenant: tenant.to_string(),
             name: name.to_string(),
             hash: hash_token(&secret),
+            scope,
             created_at: now,
         },
         secret,
