@@ -2703,6 +2703,9 @@ pub async fn claim_by_tenant_takes_only_that_tenant(store: DynStore) {
     let mut req = claim_req(T0.plus_millis(10), 10);
     req.tenant = Some("initech".into());
     assert!(store.claim(req).await.unwrap().is_empty());
-    let rest = store.claim(claim_req(T0.plus_millis(10), 10)).await.unwrap();
+    let rest = store
+        .claim(claim_req(T0.plus_millis(10), 10))
+        .await
+        .unwrap();
     assert_eq!(rest.iter().map(|r| r.id).collect::<Vec<_>>(), [ids[1]]);
 }

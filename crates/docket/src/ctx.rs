@@ -463,7 +463,9 @@ impl Ctx {
             })
         };
         match self.action_begin(&name, &key).await? {
-            ActionStart::Replayed(Stepped::Done(v)) => return Ok(Stepped::Done(decode(v, "the stored")?)),
+            ActionStart::Replayed(Stepped::Done(v)) => {
+                return Ok(Stepped::Done(decode(v, "the stored")?))
+            }
             ActionStart::Replayed(Stepped::Skipped { comment }) => {
                 return Ok(Stepped::Skipped { comment })
             }
@@ -680,7 +682,10 @@ impl Ctx {
         // A refused write (the row was taken over, or is committed)
         // changes nothing: this attempt's failure stands as its own
         // evidence and never downgrades the row.
-        match self.ledger_end(name, key, state, None, Some(&e), event).await {
+        match self
+            .ledger_end(name, key, state, None, Some(&e), event)
+            .await
+        {
             Ok(()) => {}
             Err(le) if le.is_suspension() => {}
             Err(le) => return le,

@@ -193,6 +193,12 @@ impl Docket {
         v
     }
 
+    /// Whether the job `name` is served by remote workers ([`Job::remote`]);
+    /// `None` when no such job is registered.
+    pub fn job_is_remote(&self, name: &str) -> Option<bool> {
+        self.job(name).map(|j| j.remote)
+    }
+
     pub(crate) fn job(&self, name: &str) -> Option<Arc<Job>> {
         self.inner
             .jobs

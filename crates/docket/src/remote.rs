@@ -443,11 +443,7 @@ impl Docket {
     /// The run a remote call names, checked: in the caller's tenant (else
     /// not found, so ids do not leak), of a remote job. `call` names the
     /// protocol call for the evidence of a refusal.
-    async fn remote_run(
-        &self,
-        tenant: Option<&str>,
-        lease: LeaseRef,
-    ) -> Result<(Run, Arc<Job>)> {
+    async fn remote_run(&self, tenant: Option<&str>, lease: LeaseRef) -> Result<(Run, Arc<Job>)> {
         let run = self
             .store()
             .get_run(lease.run_id)
@@ -585,7 +581,13 @@ impl Docket {
 
     /// Ends the attempt because a step or action call met a suspension only
     /// the server may decide (an action in flight elsewhere, a cancel).
-    async fn remote_suspend(&self, run: &Run, job: &Job, lease: LeaseRef, e: JobError) -> Result<ActionAnswer> {
+    async fn remote_suspend(
+        &self,
+        run: &Run,
+        job: &Job,
+        lease: LeaseRef,
+        e: JobError,
+    ) -> Result<ActionAnswer> {
         let now = self.clock().now();
         let (decision, until) = match e.control.as_deref() {
             Some(Control::ActionInFlight { until }) => ("deferred", Some(*until)),
@@ -631,7 +633,8 @@ impl Docket {
         result: Value,
     ) -> Result<bool> {
         let (run, job) = self.remote_run(tenant, lease).await?;
-        self.remote_fence(&run, lease, Some("steps/complete")).await?;
+        self.remote_fence(&run, lease, Some("steps/complete"))
+            .await?;
         let ctx = self.remote_ctx(&run, &job, lease);
         ctx.claim_name(name).await.map_err(job_err)?;
         let st = self
@@ -706,13 +709,16 @@ impl Docket {
         key: &str,
     ) -> Result<ActionAnswer> {
         let (run, job) = self.remote_run(tenant, lease).await?;
-        self.remote_fence(&run, lease, Some("actions/begin")).await?;
+        self.remote_fence(&run, lease, Some("actions/begin"))
+            .await?;
         let ctx = self.remote_ctx(&run, &job, lease);
         let r = async {
             ctx.claim_name(name).await?;
             Ok(match ctx.action_begin(name, key).await? {
                 ActionStart::Replayed(Stepped::Done(v)) => ActionAnswer::Replay(v),
-                ActionStart::Replayed(Stepped::Skipped { comment }) => ActionAnswer::Skipped(comment),
+                ActionStart::Replayed(Stepped::Skipped { comment }) => {
+                    ActionAnswer::Skipped(comment)
+                }
                 ActionStart::Committed(v) => ActionAnswer::Committed(v),
                 ActionStart::Send => ActionAnswer::Run,
                 ActionStart::Reconcile => ActionAnswer::Reconcile,
@@ -732,7 +738,8 @@ impl Docket {
         result: Value,
     ) -> Result<ActionAnswer> {
         let (run, job) = self.remote_run(tenant, lease).await?;
-        self.remote_fence(&run, lease, Some("actions/commit")).await?;
+        self.remote_fence(&run, lease, Some("actions/commit"))
+            .await?;
         let ctx = self.remote_ctx(&run, &job, lease);
         let r = ctx
             .action_commit(name, key, result.clone())
@@ -754,7 +761,9 @@ impl Docket {
         self.remote_fence(&run, lease, Some("actions/fail")).await?;
         let ctx = self.remote_ctx(&run, &job, lease);
         let now = self.clock().now();
-        let e = ctx.action_failed(name, key, failure.into_job_error(now)).await;
+        let e = ctx
+            .action_failed(name, key, failure.into_job_error(now))
+            .await;
         self.remote_action_answer(&run, &job, lease, Err(e)).await
     }
 
@@ -768,7 +777,8 @@ impl Docket {
         found: RemoteReconciled,
     ) -> Result<ActionAnswer> {
         let (run, job) = self.remote_run(tenant, lease).await?;
-        self.remote_fence(&run, lease, Some("actions/reconciled")).await?;
+        self.remote_fence(&run, lease, Some("actions/reconciled"))
+            .await?;
         let ctx = self.remote_ctx(&run, &job, lease);
         let now = self.clock().now();
         let found = match found {

@@ -1035,9 +1035,7 @@ pub(crate) fn attempt_outcome(
         Ok(output) => Outcome::Completed { output },
         Err(mut e) => match e.control.take().map(|c| *c) {
             None => decide(job, run, lease_id, e, now),
-            Some(Control::NeedsInput { name, request }) => {
-                Outcome::NeedsInput { name, request }
-            }
+            Some(Control::NeedsInput { name, request }) => Outcome::NeedsInput { name, request },
             Some(Control::Postpone { until }) => Outcome::Postponed { until },
             Some(Control::Cancelled) => Outcome::Cancelled,
             Some(Control::CircuitOpen { until, breaker }) => Outcome::Retry {
