@@ -198,7 +198,7 @@ pub struct EndRequest {
 
 /// A retry the policy scheduled.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
-pub struct RetryView {
+pub struct WorkerRetryView {
     /// When the run is due again.
     pub at: String,
     /// The delay the policy chose.
@@ -215,7 +215,7 @@ pub struct EndResponse {
     /// The run's status now.
     pub status: String,
     /// The retry scheduled, if any.
-    pub retry: Option<RetryView>,
+    pub retry: Option<WorkerRetryView>,
     /// Why the run failed for good, if it did.
     pub terminal_reason: Option<String>,
 }
@@ -531,7 +531,7 @@ fn failure_view(e: &JobError) -> FailureBody {
 fn end_view(e: EndAnswer) -> EndResponse {
     EndResponse {
         status: e.status.to_string(),
-        retry: e.retry.map(|r| RetryView {
+        retry: e.retry.map(|r| WorkerRetryView {
             at: r.eligible_at.to_rfc3339(),
             delay_ms: r.delay_ms,
             policy: r.policy,
@@ -763,47 +763,48 @@ pub async fn end(
     ApiJson(req): ApiJson<EndRequest>,
 ) -> ApiResult<Json<EndResponse>> {
     let lease = lease(&id, &req.lease_id)?;
-    let end =
-        match req.outcome.as_str() {
-            "completed" => RemoteEnd::Completed(req.output.unwrap_or(Value::Null)),
-            "failed" => {
-                let Some(e) = req.error else {
-                    return Err(ApiError::invalid_field(
-                        "error",
-                        "`error` is required with outcome `failed`",
-                    ));
-                };
-                RemoteEnd::Failed(failure("error", e)?)
+    let end = match req.outcome.as_str() {
+        "completed" => RemoteEnd::Completed(req.output.unwrap_or(Value::Null)),
+        "failed" => {
+            let Some(e) = req.error else {
+                return Err(ApiError::invalid_field(
+                    "error",
+                    "`error` is required with outcome `failed`",
+                ));
+            };
+            RemoteEnd::Failed(failure("error", e)?)
+        }
+        "postponed" => {
+            let Some(until) = req.until else {
+                return Err(ApiError::invalid_field(
+                    "until",
+                    "`until` is required with outcome `postponed`",
+                ));
+            };
+            RemoteEnd::Postponed(time("until", &until)?)
+        }
+        "needs_input" => {
+            let Some(n) = req.name else {
+                return Err(ApiError::invalid_field(
+                    "name",
+                    "`name` is required with outcome `needs_input`",
+                ));
+            };
+            name("name", &n)?;
+            RemoteEnd::NeedsInput {
+                name: n,
+                request: req.request.unwrap_or(Value::Null),
             }
-            "postponed" => {
-                let Some(until) = req.until else {
-                    return Err(ApiError::invalid_field(
-                        "until",
-                        "`until` is required with outcome `postponed`",
-                    ));
-                };
-                RemoteEnd::Postponed(time("until", &until)?)
-            }
-            "needs_input" => {
-                let Some(n) = req.name else {
-                    return Err(ApiError::invalid_field(
-                        "name",
-                        "`name` is required with outcome `needs_input`",
-                    ));
-                };
-                name("name", &n)?;
-                RemoteEnd::NeedsInput {
-                    name: n,
-                    request: req.request.unwrap_or(Value::Null),
-                }
-            }
-            other => return Err(ApiError::invalid_field(
+        }
+        other => {
+            return Err(ApiError::invalid_field(
                 "outcome",
                 format!(
                     "`outcome`: `{other}` is not one of completed, failed, postponed, needs_input"
                 ),
-            )),
-        };
+            ))
+        }
+    };
     let ended = state.docket.remote_end(tenant(&caller), lease, end).await?;
     state.hub.nudge();
     Ok(Json(end_view(ended)))

@@ -79,7 +79,8 @@ async fn schemathesis_finds_no_5xx_and_no_schema_violation() {
             .map(|p| format!(
                 "\n[[operations]]\ninclude-path = \"{p}\"\nchecks.positive_data_acceptance.enabled = false\n"
             ))
-            .collect::<String>(),
+            .collect::<String>()
+        ),
     )
     .unwrap();
     let child = tokio::process::Command::new(&bin)

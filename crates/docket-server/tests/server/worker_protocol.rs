@@ -958,3 +958,90 @@ async fn bad_requests_name_the_field() {
     assert_eq!(st, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
     s.stop().await;
 }
+
+/// No body a worker token sends to a worker route produces a 5xx, on a
+/// live lease or a made-up one.
+#[tokio::test]
+async fn no_worker_input_produces_a_server_error() {
+    let (s, w) = setup().await;
+    s.trigger("remote-steps", json!({})).await;
+    let run = claim_one(&s, &w, "ts-1", "remote-steps").await;
+    let live = run["run_id"].as_str().unwrap().to_string();
+    let deep = "[".repeat(5000);
+    let bodies = [
+        "null".to_string(),
+        "[]".into(),
+        "\"x\"".into(),
+        "1e999".into(),
+        "{}".into(),
+        deep,
+        json!({ "lease_id": lease(&run), "name": "", "key": "", "outcome": "completed", "level": "x",
+                "current": -1, "total": 1, "message": "m", "found": "x", "worker": "w", "jobs": ["remote-steps"],
+                "wait_ms": 0, "leases": [{ "run_id": "x", "lease_id": "y" }] })
+        .to_string(),
+        json!({ "lease_id": lease(&run), "name": "n", "key": "k", "result": deep_json(150), "output": deep_json(150),
+                "data": deep_json(150), "level": "info", "message": "m", "outcome": "completed" })
+        .to_string(),
+    ];
+    for id in [
+        live.as_str(),
+        "0190c3e0-0000-7000-8000-000000000000",
+        "nope",
+    ] {
+        for call in [
+            "end",
+            "steps/get",
+            "steps/complete",
+            "steps/fail",
+            "actions/begin",
+            "actions/commit",
+            "actions/fail",
+            "actions/reconciled",
+            "progress",
+            "log",
+        ] {
+            for body in &bodies {
+                let res = s
+                    .http
+                    .post(s.url(&format!("/api/worker/v1/runs/{id}/{call}")))
+                    .bearer_auth(&w)
+                    .body(body.clone())
+                    .send()
+                    .await
+                    .unwrap();
+                assert!(
+                    !res.status().is_server_error(),
+                    "{call} on {id} with {body:.40}: {}",
+                    res.status()
+                );
+            }
+        }
+    }
+    for call in ["claim", "heartbeat"] {
+        for body in &bodies {
+            let res = s
+                .http
+                .post(s.url(&format!("/api/worker/v1/{call}")))
+                .bearer_auth(&w)
+                .body(body.clone())
+                .send()
+                .await
+                .unwrap();
+            assert!(
+                !res.status().is_server_error(),
+                "{call} with {body:.40}: {}",
+                res.status()
+            );
+        }
+    }
+    s.stop().await;
+}
+
+/// JSON nested `depth` levels.
+fn deep_json(depth: usize) -> Value {
+    let mut v = json!(1);
+    for _ in 0..depth {
+        v = json!([v]);
+    }
+    v
+}
