@@ -7,7 +7,7 @@
 //! The "remote workers" here are plain HTTP calls made by the test, so each
 //! test decides exactly when a worker claims, reports or disappears.
 
-use crate::common::TestServer;
+use crate::common::{Opts, TestServer};
 use docket::{Job, RetryPolicy};
 use docket_server::auth;
 use docket_store::TokenScope;
@@ -61,10 +61,37 @@ async fn worker_token(s: &TestServer, tenant: &str, name: &str) -> String {
 }
 
 async fn setup() -> (TestServer, String) {
-    let s = TestServer::start().await;
+    setup_on(None).await
+}
+
+/// A server on `db` (default: in-memory SQLite) with the remote jobs and
+/// an `acme` worker token.
+async fn setup_on(db: Option<String>) -> (TestServer, String) {
+    let s = TestServer::start_with(Opts {
+        db,
+        ..Opts::default()
+    })
+    .await;
     remote_jobs(&s);
     let w = worker_token(&s, "acme", "acme-worker").await;
     (s, w)
+}
+
+/// A fresh PostgreSQL schema's URL (`t_<uuidv7>`, swept by the store's
+/// PostgreSQL tests after an hour), or `None` after saying why the test is
+/// skipped.
+fn postgres() -> Option<String> {
+    match std::env::var("DOCKET_TEST_POSTGRES_URL") {
+        Ok(u) if !u.trim().is_empty() => Some(format!(
+            "{u}{}schema=t_{}",
+            if u.contains('?') { '&' } else { '?' },
+            uuid::Uuid::now_v7().simple()
+        )),
+        _ => {
+            eprintln!("skipping: set DOCKET_TEST_POSTGRES_URL=postgres://postgres@127.0.0.1:5432/test to run the PostgreSQL variant");
+            None
+        }
+    }
 }
 
 /// A POST with `token`.
@@ -128,7 +155,19 @@ fn kinds(evs: &[Value]) -> Vec<String> {
 /// the worker with its jobs and last heartbeat.
 #[tokio::test]
 async fn a_remote_worker_runs_a_job_through_every_call() {
-    let (s, w) = setup().await;
+    every_call(None).await;
+}
+
+/// The same on PostgreSQL.
+#[tokio::test]
+async fn a_remote_worker_runs_a_job_through_every_call_postgres() {
+    if let Some(db) = postgres() {
+        every_call(Some(db)).await;
+    }
+}
+
+async fn every_call(db: Option<String>) {
+    let (s, w) = setup_on(db).await;
     let (st, v) = s
         .post(
             "/api/runs",
@@ -418,7 +457,19 @@ async fn a_stale_lease_is_refused_and_recorded() {
 /// recorded.
 #[tokio::test]
 async fn a_vanished_worker_costs_one_lease_expiry_through_the_policy() {
-    let (s, w) = setup().await;
+    vanished_worker(None).await;
+}
+
+/// The same on PostgreSQL.
+#[tokio::test]
+async fn a_vanished_worker_costs_one_lease_expiry_postgres() {
+    if let Some(db) = postgres() {
+        vanished_worker(Some(db)).await;
+    }
+}
+
+async fn vanished_worker(db: Option<String>) {
+    let (s, w) = setup_on(db).await;
     let id = s.trigger("remote-short", json!({})).await;
     let first = claim_one(&s, &w, "doomed", "remote-short").await;
     assert_eq!(first["lease_ms"], 300);
@@ -499,8 +550,19 @@ async fn heartbeats_keep_a_lease_and_report_its_loss() {
 /// again, finds the action committed: one effect.
 #[tokio::test]
 async fn two_remote_workers_racing_on_one_key_cause_one_effect() {
-    let s = TestServer::start().await;
-    remote_jobs(&s);
+    ledger_race(None).await;
+}
+
+/// The same on PostgreSQL (many connections: the ledger row's lock decides).
+#[tokio::test]
+async fn two_remote_workers_racing_on_one_key_cause_one_effect_postgres() {
+    if let Some(db) = postgres() {
+        ledger_race(Some(db)).await;
+    }
+}
+
+async fn ledger_race(db: Option<String>) {
+    let (s, _) = setup_on(db).await;
     let w1 = worker_token(&s, "acme", "w1").await;
     let w2 = worker_token(&s, "acme", "w2").await;
     let a = s.trigger("remote-steps", json!({ "n": 1 })).await;
