@@ -15,7 +15,7 @@ use crate::ctx::ActionStart;
 use crate::error::Control;
 use crate::worker::{attempt_outcome, input_check};
 use crate::{Ctx, Docket, Error, Job, JobError, Reconciled, Result, Stepped};
-use docket_core::{ErrorClass, LeaseId, RunId, RunStatus, TerminalReason, Timestamp};
+use docket_core::{ErrorClass, RunId, RunStatus, TerminalReason, Timestamp};
 use docket_store::{
     AttemptEnd, ClaimRequest, LeaseRef, Outcome, RetryRecord, Run, StepStatus, StoreError,
     WorkerSeen,
@@ -456,8 +456,7 @@ impl Docket {
     }
 
     /// The run a remote call names, checked: in the caller's tenant (else
-    /// not found, so ids do not leak), of a remote job. `call` names the
-    /// protocol call for the evidence of a refusal.
+    /// not found, so ids do not leak), of a remote job.
     async fn remote_run(&self, tenant: Option<&str>, lease: LeaseRef) -> Result<(Run, Arc<Job>)> {
         let run = self
             .store()
@@ -817,9 +816,4 @@ impl Docket {
 /// A step name the context refuses (empty, `input:`…) is bad input.
 fn job_err(e: JobError) -> Error {
     Error::InvalidInput(e.message)
-}
-
-/// The lease of a call, from its run id and lease id.
-pub fn lease_ref(run_id: RunId, lease_id: LeaseId) -> LeaseRef {
-    LeaseRef { run_id, lease_id }
 }
