@@ -199,6 +199,17 @@ impl Env {
         let b = auth::issue_token("globex", "bob", now).unwrap();
         docket.store().create_token(a.record).await.unwrap();
         docket.store().create_token(b.record).await.unwrap();
+        // A remote worker of acme's, as a claim would record it.
+        docket
+            .store()
+            .touch_worker(docket_store::WorkerSeen {
+                tenant: "acme".into(),
+                name: "ts-billing-1".into(),
+                jobs: Some(vec!["charge-card".into()]),
+                now,
+            })
+            .await
+            .unwrap();
         let server = Server::start(
             docket.clone(),
             ServerConfig {
@@ -332,6 +343,7 @@ impl Env {
             action: Some("push-contact".into()),
         };
         let attempt = |at: i64| ClaimRequest {
+            tenant: None,
             jobs: vec!["crm-sync".into()],
             limit: 1,
             now: t0.plus_millis(at),
@@ -759,6 +771,11 @@ async fn scenario(c: &Client, env: &Env) -> R {
     check!(
         text(c, "#ov-breakers").await?.starts_with("none"),
         "breakers section"
+    );
+    let workers = text(c, "#ov-workers li[data-worker='ts-billing-1']").await?;
+    check!(
+        workers.contains("charge-card") && workers.contains("0 running"),
+        "remote workers section: {workers}"
     );
     let classes = text(c, "#ov-classes").await?;
     check!(

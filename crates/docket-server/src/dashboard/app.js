@@ -805,6 +805,19 @@
         el('strong', { text: c.name }), ' ', el('span', { class: 'status s-failed', text: c.status }),
         el('span', { class: 'muted', text: ' since ' + utc(c.updated_at) + ' by ' + c.updated_by + (c.comment ? ': “' + c.comment + '”' : '') })))
         : [el('li', { class: 'muted', text: 'none' })]));
+      // The roster of remote workers: name, jobs, last claim or heartbeat.
+      let ws = { workers: [] };
+      try {
+        ws = await api('/api/workers');
+      } catch (ex) {
+        toast(ex.message, true);
+      }
+      const wl = $('ov-workers');
+      wl.replaceChildren(...(ws.workers.length ? ws.workers.map((w) => el('li', { 'data-worker': w.name },
+        el('strong', { text: w.name }), ' ',
+        el('span', { class: 'muted', text: (w.jobs.join(', ') || 'no jobs') + ' · last seen ' + utc(w.last_seen_at) +
+          ' · ' + w.running + ' running' })))
+        : [el('li', { class: 'muted', text: 'none — remote workers appear here once they claim with a worker token' })]));
       markReady('overview');
     }
 

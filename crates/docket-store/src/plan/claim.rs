@@ -93,6 +93,7 @@ mod tests {
             now: Timestamp(1_000),
             lease_ms: 30_000,
             worker: "w1".into(),
+            tenant: None,
         });
         assert_eq!(p.status, RunStatus::Running);
         assert_eq!(p.lease_expires_at, Timestamp(31_000));

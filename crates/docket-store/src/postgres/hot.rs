@@ -174,7 +174,7 @@ fin_ev AS (
 )";
 
 /// The claim part's CTEs (`picked`, `numbered`, `claimed`, `claim_att`,
-/// `claim_ev`), parameters `$1..$9` (renumbered when combined).
+/// `claim_ev`), parameters `$1..$10` (renumbered when combined).
 /// `claimed.n` is the claim order.
 static CLAIM_CTES: LazyLock<String> = LazyLock::new(|| {
     format!(
@@ -182,6 +182,7 @@ static CLAIM_CTES: LazyLock<String> = LazyLock::new(|| {
 picked AS (
     SELECT id, priority, run_after FROM runs
     WHERE status IN ({}) AND run_after <= $1 AND job = ANY($2)
+        AND ($10::text IS NULL OR tenant = $10)
     ORDER BY priority DESC, run_after, id
     LIMIT $3
     FOR UPDATE SKIP LOCKED
@@ -437,6 +438,7 @@ struct ClaimArgs {
     data: Value,
     status: &'static str,
     kind: String,
+    tenant: Option<String>,
 }
 
 impl ClaimArgs {
@@ -454,6 +456,7 @@ impl ClaimArgs {
             data: p.event.data,
             status: p.status.as_str(),
             kind: p.event.kind.as_str().to_string(),
+            tenant: req.tenant.clone(),
         }
     }
 
@@ -467,6 +470,7 @@ impl ClaimArgs {
             .bind(&self.data)
             .bind(self.status)
             .bind(&self.kind)
+            .bind(&self.tenant)
     }
 }
 
