@@ -173,6 +173,7 @@ async fn measure(store: &DynStore, backend: &str, size: usize) -> Result<SizeRep
         let t = Instant::now();
         let runs = store
             .claim(ClaimRequest {
+                tenant: None,
                 jobs: vec!["scale".into()],
                 limit: BATCH,
                 now: clock.now(),

@@ -88,6 +88,48 @@ pub struct BreakersArgs {
     pub conn: Conn,
 }
 
+/// `docket workers`.
+#[derive(clap::Args, Debug)]
+pub struct WorkersArgs {
+    #[command(flatten)]
+    pub conn: Conn,
+}
+
+/// Lists the remote workers of the token's tenant (`GET /api/workers`).
+pub async fn workers(a: WorkersArgs) -> Res<()> {
+    let c = Client::new(a.conn.clone())?;
+    let (_, v) = c.call(Method::GET, "/api/workers", None).await?;
+    if a.conn.json {
+        print_json(&v);
+        return Ok(());
+    }
+    let list = v["workers"].as_array().cloned().unwrap_or_default();
+    if list.is_empty() {
+        outln!("no remote workers have claimed or heartbeated in this tenant");
+        return Ok(());
+    }
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|w| {
+            vec![
+                s(&w["name"]),
+                w["jobs"]
+                    .as_array()
+                    .map(|j| j.iter().map(s).collect::<Vec<_>>().join(","))
+                    .unwrap_or_default(),
+                s(&w["last_seen_at"]),
+                s(&w["running"]),
+                s(&w["first_seen_at"]),
+            ]
+        })
+        .collect();
+    table(
+        &["worker", "jobs", "last seen", "running", "first seen"],
+        &rows,
+    );
+    Ok(())
+}
+
 /// `--since`: an RFC 3339 instant, or a duration meaning that long ago.
 fn since_param(since: Option<&str>, now: Timestamp) -> Res<String> {
     let Some(text) = since else {

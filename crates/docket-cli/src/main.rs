@@ -46,6 +46,9 @@ enum Command {
     Connections(inspect::ConnectionsCmd),
     /// The circuit breakers of the server's connections.
     Breakers(inspect::BreakersArgs),
+    /// The remote workers seen by the server (worker protocol): jobs, last
+    /// heartbeat, runs running.
+    Workers(inspect::WorkersArgs),
     /// Create, list and revoke API tokens (directly on the database).
     #[command(subcommand)]
     Token(tokens::TokenCmd),
@@ -90,6 +93,7 @@ fn main() -> ExitCode {
             Command::Forensics(args) => inspect::forensics(args).await.map_err(Failed::from),
             Command::Connections(cmd) => inspect::connections(cmd).await.map_err(Failed::from),
             Command::Breakers(args) => inspect::breakers(args).await.map_err(Failed::from),
+            Command::Workers(args) => inspect::workers(args).await.map_err(Failed::from),
         }
     });
     // Output that could not be written (other than to a reader that went

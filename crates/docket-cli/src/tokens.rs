@@ -3,7 +3,11 @@
 
 use crate::client::table;
 use crate::serve::db_url;
-use docket_store::StoreError;
+use docket_store::{StoreError, TokenScope};
+
+fn parse_scope(s: &str) -> Result<TokenScope, String> {
+    s.parse()
+}
 
 /// `docket token …`.
 #[derive(clap::Subcommand, Debug)]
@@ -17,6 +21,11 @@ pub enum TokenCmd {
         /// Its name, recorded as the actor of operator actions.
         #[arg(long)]
         name: String,
+        /// `operator` (the API: trigger, read, operate; the default) or
+        /// `worker` (only the worker protocol, /api/worker/v1, for this
+        /// tenant's runs; see docs/WORKER_PROTOCOL.md).
+        #[arg(long, default_value = "operator", value_parser = parse_scope)]
+        scope: TokenScope,
         #[command(flatten)]
         db: DbArg,
     },
@@ -81,16 +90,21 @@ fn now() -> docket::Timestamp {
 /// Runs a token command.
 pub async fn run(cmd: TokenCmd) -> Result<(), String> {
     match cmd {
-        TokenCmd::Create { tenant, name, db } => {
-            let t = docket_server::auth::issue_token(&tenant, &name, now())?;
+        TokenCmd::Create {
+            tenant,
+            name,
+            scope,
+            db,
+        } => {
+            let t = docket_server::auth::issue_scoped_token(&tenant, &name, scope, now())?;
             let store = open(&db, true).await?;
             let rec = store.create_token(t.record).await.map_err(|e| match e {
                 StoreError::Conflict(m) => format!("{m}; revoke it first or choose another name"),
                 e => e.to_string(),
             })?;
             eprintln!(
-                "created token {} for tenant `{}`, named `{}`. It is shown only now; store it safely:",
-                rec.id, rec.tenant, rec.name
+                "created {} token {} for tenant `{}`, named `{}`. It is shown only now; store it safely:",
+                rec.scope, rec.id, rec.tenant, rec.name
             );
             outln!("{}", t.secret);
             Ok(())
@@ -112,6 +126,7 @@ pub async fn run(cmd: TokenCmd) -> Result<(), String> {
                         t.id.clone(),
                         t.tenant.clone(),
                         t.name.clone(),
+                        t.scope.to_string(),
                         t.created_at.to_rfc3339(),
                         t.revoked_at
                             .map(|r| format!("revoked {r}"))
@@ -119,7 +134,10 @@ pub async fn run(cmd: TokenCmd) -> Result<(), String> {
                     ]
                 })
                 .collect();
-            table(&["id", "tenant", "name", "created", "state"], &rows);
+            table(
+                &["id", "tenant", "name", "scope", "created", "state"],
+                &rows,
+            );
             Ok(())
         }
         TokenCmd::Revoke {

@@ -678,6 +678,7 @@ async fn a_stopped_process_does_not_stop_lease_recovery() {
     let planted = db
         .store
         .claim(ClaimRequest {
+            tenant: None,
             jobs: vec!["stress".into()],
             limit: 1,
             now: past,

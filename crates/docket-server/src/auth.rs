@@ -9,6 +9,10 @@
 //! With [`AuthMode::InsecureNoAuth`] (the development flag, loopback only)
 //! no token is needed: the tenant is `X-Tenant-ID` or `default`, the actor
 //! `anonymous`.
+//!
+//! A token has a scope ([`TokenScope`]): `operator` tokens reach the API
+//! and never the worker protocol; `worker` tokens reach only the worker
+//! protocol (`/api/worker/v1/…`) for their tenant's runs.
 
 use crate::error::ApiError;
 use crate::AppState;
@@ -16,7 +20,7 @@ use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use axum::http::StatusCode;
 use docket::Timestamp;
-use docket_store::{NewToken, TokenRecord};
+use docket_store::{NewToken, TokenRecord, TokenScope};
 use sha2::{Digest, Sha256};
 
 /// The prefix of every token secret.
@@ -58,9 +62,20 @@ pub fn hash_token(secret: &str) -> String {
     hex::encode(Sha256::digest(secret.as_bytes()))
 }
 
-/// Makes a token for `tenant` named `name`: 256 bits from the operating
-/// system's random source.
+/// Makes an operator token for `tenant` named `name`: 256 bits from the
+/// operating system's random source.
 pub fn issue_token(tenant: &str, name: &str, now: Timestamp) -> Result<IssuedToken, String> {
+    issue_scoped_token(tenant, name, TokenScope::Operator, now)
+}
+
+/// Makes a token for `tenant` named `name` with `scope` (see
+/// [`TokenScope`]).
+pub fn issue_scoped_token(
+    tenant: &str,
+    name: &str,
+    scope: TokenScope,
+    now: Timestamp,
+) -> Result<IssuedToken, String> {
     check_label("tenant", tenant)?;
     check_label("name", name)?;
     let mut bytes = [0u8; 32];
@@ -74,6 +89,7 @@ pub fn issue_token(tenant: &str, name: &str, now: Timestamp) -> Result<IssuedTok
             tenant: tenant.to_string(),
             name: name.to_string(),
             hash: hash_token(&secret),
+            scope,
             created_at: now,
         },
         secret,
@@ -109,14 +125,58 @@ fn tenant_header(parts: &Parts) -> Result<Option<String>, ApiError> {
     }
 }
 
-/// Authenticates a request's parts.
+/// Authenticates a request's parts for the operator API: a worker token is
+/// refused (403, field `scope`), so it can neither read runs nor act as an
+/// operator.
 pub async fn authenticate(state: &AppState, parts: &Parts) -> Result<Caller, ApiError> {
+    let (caller, scope) = authenticate_any(state, parts).await?;
+    if scope != TokenScope::Operator {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!(
+                "token `{}` has scope `{scope}`: it may only call the worker protocol (/api/worker/v1/…); use an operator token here",
+                caller.name
+            ),
+        )
+        .field("scope"));
+    }
+    Ok(caller)
+}
+
+/// Authenticates a call of the worker protocol: only a worker token (or
+/// the insecure development mode) may claim and report; an operator token
+/// is refused (403, field `scope`).
+pub async fn authenticate_worker(state: &AppState, parts: &Parts) -> Result<Caller, ApiError> {
+    let (caller, scope) = authenticate_any(state, parts).await?;
+    if state.auth == AuthMode::Tokens && scope != TokenScope::Worker {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!(
+                "token `{}` has scope `{scope}`: the worker protocol takes a worker token (`docket token create --scope worker`)",
+                caller.name
+            ),
+        )
+        .field("scope"));
+    }
+    Ok(caller)
+}
+
+/// The caller and its token's scope (`operator` in the insecure mode).
+async fn authenticate_any(
+    state: &AppState,
+    parts: &Parts,
+) -> Result<(Caller, TokenScope), ApiError> {
     let header_tenant = tenant_header(parts)?;
     if state.auth == AuthMode::InsecureNoAuth {
-        return Ok(Caller {
-            tenant: header_tenant.unwrap_or_else(|| docket::DEFAULT_TENANT.to_string()),
-            name: "anonymous".to_string(),
-        });
+        return Ok((
+            Caller {
+                tenant: header_tenant.unwrap_or_else(|| docket::DEFAULT_TENANT.to_string()),
+                name: "anonymous".to_string(),
+            },
+            TokenScope::Operator,
+        ));
     }
     let Some(value) = parts.headers.get(axum::http::header::AUTHORIZATION) else {
         return Err(ApiError::unauthorized(
@@ -154,10 +214,25 @@ pub async fn authenticate(state: &AppState, parts: &Parts) -> Result<Caller, Api
             .field("X-Tenant-ID"));
         }
     }
-    Ok(Caller {
-        tenant: token.tenant,
-        name: token.name,
-    })
+    Ok((
+        Caller {
+            tenant: token.tenant,
+            name: token.name,
+        },
+        token.scope,
+    ))
+}
+
+/// A caller of the worker protocol (see [`authenticate_worker`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WorkerCaller(pub Caller);
+
+impl FromRequestParts<AppState> for WorkerCaller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        authenticate_worker(state, parts).await.map(WorkerCaller)
+    }
 }
 
 impl FromRequestParts<AppState> for Caller {

@@ -19,7 +19,7 @@ pub struct ErrorBody {
 pub struct ErrorDetail {
     /// A stable, machine-readable code: `invalid_json`, `invalid_field`,
     /// `invalid_parameter`, `unknown_job`, `unauthorized`, `forbidden`,
-    /// `not_found`, `wrong_state`, `conflict`, `content_too_large`,
+    /// `not_found`, `wrong_state`, `conflict`, `stale_lease`, `content_too_large`,
     /// `uri_too_long`, `headers_too_large`, `unavailable`, `internal`,
     /// `no_route`, `method_not_allowed`.
     pub code: &'static str,
@@ -182,6 +182,16 @@ impl From<docket_store::StoreError> for ApiError {
                 message,
             } => ApiError::wrong_state(current, format!("run {run_id} is {current}: {message}")),
             S::Conflict(m) => ApiError::new(StatusCode::CONFLICT, "conflict", m),
+            // A worker wrote under a lease that no longer holds the run:
+            // refused, and recorded by the store (`stale_write_refused`).
+            e @ S::StaleLease { .. } => {
+                let S::StaleLease { status, .. } = &e else {
+                    unreachable!()
+                };
+                let mut err = ApiError::new(StatusCode::CONFLICT, "stale_lease", e.to_string());
+                err.detail.current_status = Some(status.to_string());
+                err
+            }
             S::Database(m) => ApiError::unavailable(format!("the store is unavailable: {m}")),
             // The caller's value: its field is named as in the request
             // body (`input`, `data`, `updated_variables`).

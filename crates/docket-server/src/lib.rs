@@ -31,6 +31,7 @@ pub mod extract;
 pub mod metrics;
 pub mod openapi;
 pub mod runs;
+pub mod worker_api;
 
 pub use auth::{AuthMode, Caller};
 pub use events::HubConfig;
@@ -145,6 +146,7 @@ pub enum ServeError {
         (name = "jobs", description = "Registered jobs"),
         (name = "connections", description = "Connections and circuit breakers of the HTTP jobs in docket.toml"),
         (name = "ops", description = "Health, metrics and this document"),
+        (name = "worker", description = "The worker protocol v1 (docs/WORKER_PROTOCOL.md): remote workers claim, heartbeat and report with worker tokens; GET /api/workers lists them for operators"),
     )
 )]
 struct ApiDoc;
@@ -418,6 +420,19 @@ fn routes() -> (axum::Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(runs::healthz))
         .routes(routes!(runs::metrics))
         .routes(routes!(openapi_json))
+        .routes(routes!(worker_api::claim))
+        .routes(routes!(worker_api::heartbeat))
+        .routes(routes!(worker_api::end))
+        .routes(routes!(worker_api::step_get))
+        .routes(routes!(worker_api::step_complete))
+        .routes(routes!(worker_api::step_fail))
+        .routes(routes!(worker_api::action_begin))
+        .routes(routes!(worker_api::action_commit))
+        .routes(routes!(worker_api::action_fail))
+        .routes(routes!(worker_api::action_reconciled))
+        .routes(routes!(worker_api::progress))
+        .routes(routes!(worker_api::log))
+        .routes(routes!(worker_api::workers))
         .split_for_parts()
 }
 

@@ -332,6 +332,7 @@ impl Env {
             action: Some("push-contact".into()),
         };
         let attempt = |at: i64| ClaimRequest {
+            tenant: None,
             jobs: vec!["crm-sync".into()],
             limit: 1,
             now: t0.plus_millis(at),

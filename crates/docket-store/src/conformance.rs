@@ -14,6 +14,7 @@ pub const T0: Timestamp = Timestamp(1_767_225_600_000);
 
 fn claim_req(now: Timestamp, limit: usize) -> ClaimRequest {
     ClaimRequest {
+        tenant: None,
         jobs: vec!["job".into()],
         limit,
         now,
@@ -2139,6 +2140,9 @@ macro_rules! conformance_tests {
             events_cursor_and_filters,
             tokens_create_find_list,
             tokens_revoke,
+            tokens_keep_their_scope,
+            workers_roster_upserts_and_counts_running,
+            claim_by_tenant_takes_only_that_tenant,
             last_event_id_tracks_events,
             steps_are_stored_fenced_and_unique,
             ledger_rows_are_written_fenced,
@@ -2183,6 +2187,7 @@ fn new_token(tenant: &str, name: &str, secret: &str) -> NewToken {
         tenant: tenant.into(),
         name: name.into(),
         hash: format!("hash-of-{secret}"),
+        scope: crate::TokenScope::Operator,
         created_at: T0,
     }
 }
@@ -2600,4 +2605,107 @@ pub async fn v2_fixture_migrates_with_data_intact(store: DynStore) {
         .await
         .unwrap()
         .is_some());
+}
+
+/// A token keeps its scope: `operator` by default, `worker` when asked,
+/// read back by hash and in listings.
+pub async fn tokens_keep_their_scope(store: DynStore) {
+    let op = store
+        .create_token(new_token("acme", "ops", "s1"))
+        .await
+        .unwrap();
+    assert_eq!(op.scope, TokenScope::Operator);
+    let mut w = new_token("acme", "billing-worker", "s2");
+    w.scope = TokenScope::Worker;
+    w.created_at = T0.plus_millis(1);
+    let w = store.create_token(w).await.unwrap();
+    assert_eq!(w.scope, TokenScope::Worker);
+    let found = store
+        .token_by_hash("hash-of-s2".into())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(found.scope, TokenScope::Worker);
+    let listed = store.list_tokens(Some("acme".into())).await.unwrap();
+    assert_eq!(
+        listed.iter().map(|t| t.scope).collect::<Vec<_>>(),
+        [TokenScope::Operator, TokenScope::Worker]
+    );
+}
+
+/// The worker roster: a claim registers a worker with its jobs, a heartbeat
+/// (no jobs) only moves `last_seen_at` (never back), tenants are apart, and
+/// `running` counts the tenant's runs running under the worker's name.
+pub async fn workers_roster_upserts_and_counts_running(store: DynStore) {
+    let seen = |tenant: &str, name: &str, jobs: Option<&[&str]>, at: i64| WorkerSeen {
+        tenant: tenant.into(),
+        name: name.into(),
+        jobs: jobs.map(|j| j.iter().map(|s| s.to_string()).collect()),
+        now: T0.plus_millis(at),
+    };
+    store
+        .touch_worker(seen("acme", "w1", Some(&["job", "b", "job"]), 0))
+        .await
+        .unwrap();
+    store
+        .touch_worker(seen("acme", "w1", None, 500))
+        .await
+        .unwrap();
+    // A late, older heartbeat does not move the time back.
+    store
+        .touch_worker(seen("acme", "w1", None, 100))
+        .await
+        .unwrap();
+    store
+        .touch_worker(seen("globex", "w1", Some(&["job"]), 50))
+        .await
+        .unwrap();
+    let mut r = NewRun::new("job", json!({}));
+    r.tenant = "acme".into();
+    one(&store, r).await;
+    store.claim(claim_req(T0, 1)).await.unwrap();
+    let acme = store.list_workers(Some("acme".into())).await.unwrap();
+    assert_eq!(acme.len(), 1);
+    assert_eq!(acme[0].name, "w1");
+    assert_eq!(acme[0].jobs, ["b", "job"]);
+    assert_eq!(acme[0].first_seen_at, T0);
+    assert_eq!(acme[0].last_seen_at, T0.plus_millis(500));
+    assert_eq!(acme[0].running, 1, "claimed by worker w1 (claim_req)");
+    let globex = store.list_workers(Some("globex".into())).await.unwrap();
+    assert_eq!(globex.len(), 1);
+    assert_eq!(globex[0].running, 0, "the running run is acme's");
+    let all = store.list_workers(None).await.unwrap();
+    assert_eq!(
+        all.iter().map(|w| w.tenant.as_str()).collect::<Vec<_>>(),
+        ["acme", "globex"],
+        "most recently seen first"
+    );
+}
+
+/// A claim naming a tenant takes only that tenant's runs, in claim order;
+/// without one it takes every tenant's.
+pub async fn claim_by_tenant_takes_only_that_tenant(store: DynStore) {
+    let mut ids = Vec::new();
+    for (i, tenant) in ["acme", "globex", "acme"].iter().enumerate() {
+        let mut r = NewRun::new("job", json!({ "i": i }));
+        r.tenant = tenant.to_string();
+        r.run_after = Some(T0.plus_millis(i as i64));
+        ids.push(one(&store, r).await.id);
+    }
+    let mut req = claim_req(T0.plus_millis(10), 10);
+    req.tenant = Some("acme".into());
+    let got = store.claim(req).await.unwrap();
+    assert_eq!(
+        got.iter().map(|r| r.id).collect::<Vec<_>>(),
+        [ids[0], ids[2]]
+    );
+    assert!(got.iter().all(|r| r.tenant == "acme"));
+    let mut req = claim_req(T0.plus_millis(10), 10);
+    req.tenant = Some("initech".into());
+    assert!(store.claim(req).await.unwrap().is_empty());
+    let rest = store
+        .claim(claim_req(T0.plus_millis(10), 10))
+        .await
+        .unwrap();
+    assert_eq!(rest.iter().map(|r| r.id).collect::<Vec<_>>(), [ids[1]]);
 }

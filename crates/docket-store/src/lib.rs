@@ -23,6 +23,7 @@ pub mod postgres;
 pub mod sqlite;
 pub mod stats;
 pub mod tokens;
+pub mod workers;
 
 pub use connections::{
     ConnectionAudit, ConnectionChange, ConnectionState, ConnectionStatus, ConnectionStore,
@@ -31,7 +32,8 @@ pub use json::{MAX_JSON_DEPTH, UNDECODABLE_KEY};
 pub use lead::FencingToken;
 pub use model::*;
 pub use stats::{BucketCount, ClassCount, RunScan, ScanPage, StatsStore, WindowQuery, WindowStats};
-pub use tokens::{NewToken, TokenRecord, TokenStore};
+pub use tokens::{NewToken, TokenRecord, TokenScope, TokenStore};
+pub use workers::{WorkerRecord, WorkerSeen, WorkerStore};
 
 use async_trait::async_trait;
 use docket_core::{LeaseId, RunId, RunStatus, Timestamp};
@@ -41,7 +43,7 @@ use std::sync::Arc;
 /// (`sqlite/migrations/`, `postgres/migrations/`; ARCHITECTURE.md,
 /// "Migrations"). A database with a higher version was written by a newer
 /// Docket and is refused, never modified.
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 
 /// What can go wrong in a store.
 #[derive(Debug, thiserror::Error)]
@@ -208,7 +210,9 @@ pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 /// Implemented by [`sqlite::SqliteStore`] and (with the `postgres` feature)
 /// `postgres::PgStore`. Both pass the same conformance suite.
 #[async_trait]
-pub trait Store: TokenStore + ConnectionStore + StatsStore + Send + Sync + 'static {
+pub trait Store:
+    TokenStore + WorkerStore + ConnectionStore + StatsStore + Send + Sync + 'static
+{
     /// `"sqlite"` or `"postgres"`.
     fn backend(&self) -> &'static str;
 

@@ -141,6 +141,9 @@ pub struct ClaimRequest {
     pub lease_ms: i64,
     /// The claiming worker's name (stored on the attempt).
     pub worker: String,
+    /// Only runs of this tenant (a remote worker's token reaches one
+    /// tenant); `None`: every tenant.
+    pub tenant: Option<String>,
 }
 
 /// A lease held by a worker.

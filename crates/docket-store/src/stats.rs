@@ -176,6 +176,7 @@ pub mod conformance {
 
     fn claim(job: &str, now: Timestamp) -> ClaimRequest {
         ClaimRequest {
+            tenant: None,
             jobs: vec![job.into()],
             limit: 1,
             now,

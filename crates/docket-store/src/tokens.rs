@@ -11,6 +11,49 @@ use async_trait::async_trait;
 use docket_core::Timestamp;
 use serde::{Deserialize, Serialize};
 
+/// What a token may do (docs/WORKER_PROTOCOL.md, "Authentication and
+/// token scopes"). The two never overlap, so a leaked worker token cannot
+/// read runs or act as an operator, and an operator token cannot take work
+/// away from the workers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenScope {
+    /// The REST API: trigger, read, operator commands, events (the default).
+    #[default]
+    Operator,
+    /// Only the worker protocol (`/api/worker/v1/…`), for its tenant's runs.
+    Worker,
+}
+
+impl TokenScope {
+    /// `operator` or `worker`, as stored.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            TokenScope::Operator => "operator",
+            TokenScope::Worker => "worker",
+        }
+    }
+}
+
+impl std::fmt::Display for TokenScope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for TokenScope {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "operator" => Ok(TokenScope::Operator),
+            "worker" => Ok(TokenScope::Worker),
+            other => Err(format!(
+                "unknown token scope `{other}`: use `operator` or `worker`"
+            )),
+        }
+    }
+}
+
 /// A token to store.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NewToken {
@@ -22,6 +65,8 @@ pub struct NewToken {
     pub name: String,
     /// Lower-case hex SHA-256 of the secret.
     pub hash: String,
+    /// What it may do.
+    pub scope: TokenScope,
     /// When it was created.
     pub created_at: Timestamp,
 }
@@ -35,6 +80,8 @@ pub struct TokenRecord {
     pub tenant: String,
     /// Its name.
     pub name: String,
+    /// What it may do.
+    pub scope: TokenScope,
     /// When it was created.
     pub created_at: Timestamp,
     /// When it was revoked; a revoked token authenticates nothing.

@@ -197,6 +197,7 @@ async fn concurrent_claimers_never_share_a_run() {
             loop {
                 let batch = store
                     .claim(ClaimRequest {
+                        tenant: None,
                         jobs: vec!["job".into()],
                         limit: 7,
                         now: T0,
@@ -225,6 +226,7 @@ async fn concurrent_claimers_never_share_a_run() {
     // A claimer that found every remaining row locked stops early; sweep up.
     let rest = store
         .claim(ClaimRequest {
+            tenant: None,
             jobs: vec!["job".into()],
             limit: 1000,
             now: T0,
@@ -360,6 +362,7 @@ async fn claims_beyond_the_prepared_lease_ids_still_get_distinct_leases() {
     store.trigger(runs, T0).await.unwrap();
     let got = store
         .claim(ClaimRequest {
+            tenant: None,
             jobs: vec!["job".into()],
             limit: 10_000,
             now: T0,
@@ -424,6 +427,7 @@ fn retry(at: Timestamp) -> RetryRecord {
 
 fn claim_at(now: Timestamp, limit: usize) -> ClaimRequest {
     ClaimRequest {
+        tenant: None,
         jobs: vec!["job".into()],
         limit,
         now,

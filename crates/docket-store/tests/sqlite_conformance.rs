@@ -199,7 +199,11 @@ async fn a_version_2_database_gains_the_leaders_table() {
     {
         let c = rusqlite::Connection::open(p).unwrap();
         c.execute_batch(
+            // Undo every step after 2 (0003 leaders; the worker protocol's
+            // token scope and roster) so the database is a true version 2.
             "DROP TABLE leaders;
+             DROP TABLE workers;
+             ALTER TABLE tokens DROP COLUMN scope;
              UPDATE docket_meta SET value = '2' WHERE key = 'schema_version';",
         )
         .unwrap();

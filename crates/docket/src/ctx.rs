@@ -102,6 +102,21 @@ pub enum InputDecision {
     Rejected(Value),
 }
 
+/// What the first phase of an action found ([`Ctx::action_begin`]).
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) enum ActionStart {
+    /// This run already completed (or an operator skipped) the step.
+    Replayed(Stepped<Value>),
+    /// Committed by another run with the same key (a duplicate dispatch):
+    /// not sent again; the step is stored with this result.
+    Committed(Value),
+    /// The key is held by this attempt: send the action.
+    Send,
+    /// The key is held by this attempt, but the last attempt left the
+    /// outcome unknown: reconcile before sending.
+    Reconcile,
+}
+
 /// A reconcile function's finding about an action whose outcome was unknown.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Reconciled {
@@ -213,7 +228,7 @@ impl Ctx {
         Ok(st.loaded.as_ref().and_then(|m| m.get(name).cloned()))
     }
 
-    async fn claim_name(&self, name: &str) -> Result<(), JobError> {
+    pub(crate) async fn claim_name(&self, name: &str) -> Result<(), JobError> {
         if name.is_empty() || name.starts_with("input:") {
             return Err(JobError::permanent(format!(
                 "invalid step name `{name}`: it must be non-empty and must not start with `input:`"
@@ -440,14 +455,6 @@ impl Ctx {
         RFut: Future<Output = Result<Reconciled, JobError>>,
     {
         self.claim_name(&name).await?;
-        if key.is_empty() {
-            return Err(JobError::permanent(format!(
-                "action `{name}`: the idempotency key is empty"
-            )));
-        }
-        if let Some(done) = self.replay::<T>(&name).await? {
-            return Ok(done);
-        }
         let decode = |v: Value, how: &str| -> Result<T, JobError> {
             serde_json::from_value(v).map_err(|e| {
                 JobError::permanent(format!(
@@ -455,86 +462,24 @@ impl Ctx {
                 ))
             })
         };
-        self.check_cancel()?;
-        // One transaction decides who may send: the key is taken for this
-        // attempt, or it is committed, or another live attempt is sending.
-        let begin = self
-            .docket
-            .store()
-            .ledger_begin(self.lease(), key.clone(), name.clone(), self.now())
-            .await
-            .map_err(store_err)?;
-        let reconcile_first = match begin {
-            LedgerBegin::Committed(entry) => {
-                let result = entry.result.clone().unwrap_or(Value::Null);
-                if entry.run_id != self.run_id {
-                    self.docket
-                        .store()
-                        .append_event(
-                            self.lease(),
-                            "duplicate_suppressed".into(),
-                            json!({ "action": name, "idempotency_key": key, "committed_by_run": entry.run_id, "committed_by_attempt": entry.attempt, "committed_by_lease": entry.lease_id, "committed_at": entry.updated_at }),
-                            self.now(),
-                        )
-                        .await
-                        .map_err(store_err)?;
-                }
-                self.save(&name, result.clone()).await?;
-                return Ok(Stepped::Done(decode(result, "the stored")?));
+        match self.action_begin(&name, &key).await? {
+            ActionStart::Replayed(Stepped::Done(v)) => {
+                return Ok(Stepped::Done(decode(v, "the stored")?))
             }
-            LedgerBegin::InFlight {
-                entry,
-                holder_lease_expires_at,
-            } => {
-                return Err(self.in_flight(&name, &key, &entry, holder_lease_expires_at));
+            ActionStart::Replayed(Stepped::Skipped { comment }) => {
+                return Ok(Stepped::Skipped { comment })
             }
-            LedgerBegin::Acquired {
-                reconcile_first, ..
-            } => reconcile_first,
-        };
-        if reconcile_first {
-            let Some(reconcile) = reconcile else {
-                let e = JobError::permanent(format!(
-                    "action `{name}` (key {key}) may or may not have happened: its last attempt ended with the outcome unknown and the action has no reconcile function; check the remote side, then skip the step (it happened) or retry the run (it did not)"
-                ));
-                return Err(self.still_unknown(name, &key, e).await);
-            };
-            match reconcile(key.clone()).await {
-                Ok(Reconciled::Committed(v)) => {
-                    self.ledger_end(
-                        &name,
-                        &key,
-                        LedgerState::Committed,
-                        Some(v.clone()),
-                        None,
-                        "action_reconciled",
-                    )
-                    .await?;
-                    self.save(&name, v.clone()).await?;
+            ActionStart::Committed(v) => return Ok(Stepped::Done(decode(v, "the stored")?)),
+            ActionStart::Send => {}
+            ActionStart::Reconcile => {
+                let found = match reconcile {
+                    Some(reconcile) => Some(reconcile(key.clone()).await),
+                    None => None,
+                };
+                if let Some(v) = self.action_reconciled(&name, &key, found).await? {
                     return Ok(Stepped::Done(decode(v, "the reconciled")?));
                 }
-                Ok(Reconciled::NotDone) => {
-                    self.docket
-                        .store()
-                        .append_event(
-                            self.lease(),
-                            "action_reconciled".into(),
-                            json!({ "action": name, "idempotency_key": key, "found": "not_done" }),
-                            self.now(),
-                        )
-                        .await
-                        .map_err(store_err)?;
-                }
-                Ok(Reconciled::StillUnknown) => {
-                    let e = JobError::timeout(format!("action `{name}` (key {key}): outcome still unknown after reconciling; retrying later"));
-                    return Err(self.still_unknown(name, &key, e).await);
-                }
-                Err(e) => {
-                    // Asking failed: the outcome is as unknown as before.
-                    return Err(self.still_unknown(name, &key, e).await);
-                }
             }
-            self.check_cancel()?;
         }
         let res = match timeout {
             Some(t) => match tokio::time::timeout(t, f(key.clone())).await {
@@ -550,66 +495,203 @@ impl Ctx {
                 let value = serde_json::to_value(&v).map_err(|e| {
                     JobError::permanent(format!("action `{name}`: result cannot be stored: {e}"))
                 })?;
-                if let Err(e) = docket_store::json::check_depth("result", &value) {
-                    // The effect happened, so the ledger must say so (or a
-                    // retry would repeat it); only its result cannot be
-                    // kept. The row is committed with a marker in its place
-                    // and the attempt fails `content_too_large`.
-                    let e = JobError::new(
-                        ErrorClass::ContentTooLarge,
-                        format!("action `{name}` (key {key}) succeeded, but its {e}: the ledger records it committed without its result"),
-                    );
-                    let marker = serde_json::json!({ "docket_not_stored": e.message.clone() });
-                    self.ledger_end(
-                        &name,
-                        &key,
-                        LedgerState::Committed,
-                        Some(marker),
-                        None,
-                        "action_committed",
-                    )
-                    .await?;
-                    self.record_failure(&name, &e).await;
-                    return Err(e.in_action(name).with_key(&key));
-                }
-                self.ledger_end(
-                    &name,
-                    &key,
-                    LedgerState::Committed,
-                    Some(value.clone()),
-                    None,
-                    "action_committed",
-                )
-                .await?;
-                self.save(&name, value).await?;
+                self.action_commit(&name, &key, value).await?;
                 Ok(Stepped::Done(v))
             }
-            // The row stays `started` under this lease: once the attempt is
-            // over, the next begin finds its holder gone and reconciles.
-            Err(e) if e.is_suspension() => Err(e),
-            Err(e) => {
-                let (state, event) = match e.class {
-                    // The worker stopped waiting: that proves nothing about
-                    // the remote side.
-                    ErrorClass::Timeout => (LedgerState::Unknown, "action_unknown"),
-                    c if c.is_retryable() => (LedgerState::FailedRetryable, "action_failed"),
-                    _ => (LedgerState::FailedTerminal, "action_failed"),
-                };
-                // A refused write (the row was taken over, or is committed)
-                // changes nothing: this attempt's failure stands as its own
-                // evidence and never downgrades the row.
-                match self
-                    .ledger_end(&name, &key, state, None, Some(&e), event)
-                    .await
-                {
-                    Ok(()) => {}
-                    Err(le) if le.is_suspension() => {}
-                    Err(le) => return Err(le),
+            Err(e) => Err(self.action_failed(&name, &key, e).await),
+        }
+    }
+
+    /// The first phase of an action (for [`Ctx::action`] and for remote
+    /// workers, which run the phases as separate calls): a stored step is
+    /// replayed; otherwise one transaction decides who may send (the key is
+    /// taken for this attempt, or it is committed, or another live attempt
+    /// is sending: an `ActionInFlight` deferral). The action's name must be
+    /// claimed by the caller.
+    pub(crate) async fn action_begin(
+        &self,
+        name: &str,
+        key: &str,
+    ) -> Result<ActionStart, JobError> {
+        if key.is_empty() {
+            return Err(JobError::permanent(format!(
+                "action `{name}`: the idempotency key is empty"
+            )));
+        }
+        if let Some(done) = self.replay::<Value>(name).await? {
+            return Ok(ActionStart::Replayed(done));
+        }
+        self.check_cancel()?;
+        // One transaction decides who may send: the key is taken for this
+        // attempt, or it is committed, or another live attempt is sending.
+        let begin = self
+            .docket
+            .store()
+            .ledger_begin(self.lease(), key.to_string(), name.to_string(), self.now())
+            .await
+            .map_err(store_err)?;
+        match begin {
+            LedgerBegin::Committed(entry) => {
+                let result = entry.result.clone().unwrap_or(Value::Null);
+                if entry.run_id != self.run_id {
+                    self.docket
+                        .store()
+                        .append_event(
+                            self.lease(),
+                            "duplicate_suppressed".into(),
+                            json!({ "action": name, "idempotency_key": key, "committed_by_run": entry.run_id, "committed_by_attempt": entry.attempt, "committed_by_lease": entry.lease_id, "committed_at": entry.updated_at }),
+                            self.now(),
+                        )
+                        .await
+                        .map_err(store_err)?;
                 }
-                self.record_failure(&name, &e).await;
-                Err(e.in_action(name).with_key(&key))
+                self.save(name, result.clone()).await?;
+                Ok(ActionStart::Committed(result))
+            }
+            LedgerBegin::InFlight {
+                entry,
+                holder_lease_expires_at,
+            } => Err(self.in_flight(name, key, &entry, holder_lease_expires_at)),
+            LedgerBegin::Acquired {
+                reconcile_first: true,
+                ..
+            } => Ok(ActionStart::Reconcile),
+            LedgerBegin::Acquired { .. } => Ok(ActionStart::Send),
+        }
+    }
+
+    /// After [`ActionStart::Reconcile`]: what the reconcile function found
+    /// (`None`: the action has none). `Some(result)` when the effect landed
+    /// (committed without repeating it); `None` when it did not and the
+    /// action is to be sent now; an error when the outcome is still unknown
+    /// (the row is left `unknown` again).
+    pub(crate) async fn action_reconciled(
+        &self,
+        name: &str,
+        key: &str,
+        found: Option<Result<Reconciled, JobError>>,
+    ) -> Result<Option<Value>, JobError> {
+        let name = name.to_string();
+        let Some(found) = found else {
+            let e = JobError::permanent(format!(
+                "action `{name}` (key {key}) may or may not have happened: its last attempt ended with the outcome unknown and the action has no reconcile function; check the remote side, then skip the step (it happened) or retry the run (it did not)"
+            ));
+            return Err(self.still_unknown(name, key, e).await);
+        };
+        match found {
+            Ok(Reconciled::Committed(v)) => {
+                self.ledger_end(
+                    &name,
+                    key,
+                    LedgerState::Committed,
+                    Some(v.clone()),
+                    None,
+                    "action_reconciled",
+                )
+                .await?;
+                self.save(&name, v.clone()).await?;
+                return Ok(Some(v));
+            }
+            Ok(Reconciled::NotDone) => {
+                self.docket
+                    .store()
+                    .append_event(
+                        self.lease(),
+                        "action_reconciled".into(),
+                        json!({ "action": name, "idempotency_key": key, "found": "not_done" }),
+                        self.now(),
+                    )
+                    .await
+                    .map_err(store_err)?;
+            }
+            Ok(Reconciled::StillUnknown) => {
+                let e = JobError::timeout(format!("action `{name}` (key {key}): outcome still unknown after reconciling; retrying later"));
+                return Err(self.still_unknown(name, key, e).await);
+            }
+            Err(e) => {
+                // Asking failed: the outcome is as unknown as before.
+                return Err(self.still_unknown(name, key, e).await);
             }
         }
+        self.check_cancel()?;
+        Ok(None)
+    }
+
+    /// The last phase of an action that was sent and answered: commits
+    /// the row (final) and stores the step. A result too deeply nested to
+    /// store commits the row with a marker (the effect happened) and fails
+    /// the attempt `content_too_large`. A refused ledger write defers.
+    pub(crate) async fn action_commit(
+        &self,
+        name: &str,
+        key: &str,
+        value: Value,
+    ) -> Result<(), JobError> {
+        if let Err(e) = docket_store::json::check_depth("result", &value) {
+            // The effect happened, so the ledger must say so (or a
+            // retry would repeat it); only its result cannot be
+            // kept. The row is committed with a marker in its place
+            // and the attempt fails `content_too_large`.
+            let e = JobError::new(
+                ErrorClass::ContentTooLarge,
+                format!("action `{name}` (key {key}) succeeded, but its {e}: the ledger records it committed without its result"),
+            );
+            let marker = serde_json::json!({ "docket_not_stored": e.message.clone() });
+            self.ledger_end(
+                name,
+                key,
+                LedgerState::Committed,
+                Some(marker),
+                None,
+                "action_committed",
+            )
+            .await?;
+            self.record_failure(name, &e).await;
+            return Err(e.in_action(name.to_string()).with_key(key));
+        }
+        self.ledger_end(
+            name,
+            key,
+            LedgerState::Committed,
+            Some(value.clone()),
+            None,
+            "action_committed",
+        )
+        .await?;
+        self.save(name, value).await
+    }
+
+    /// The last phase of an action whose sending failed: the row becomes
+    /// `unknown` (class `timeout`: the worker only stopped waiting, which
+    /// proves nothing about the remote side), `failed_retryable` or
+    /// `failed_terminal`, the step's failure is recorded, and the error to
+    /// raise is answered (a refused ledger write: a deferral instead). A
+    /// suspension passes through, the row left `started` for the next
+    /// attempt to reconcile.
+    pub(crate) async fn action_failed(&self, name: &str, key: &str, e: JobError) -> JobError {
+        // The row stays `started` under this lease: once the attempt is
+        // over, the next begin finds its holder gone and reconciles.
+        if e.is_suspension() {
+            return e;
+        }
+        let (state, event) = match e.class {
+            ErrorClass::Timeout => (LedgerState::Unknown, "action_unknown"),
+            c if c.is_retryable() => (LedgerState::FailedRetryable, "action_failed"),
+            _ => (LedgerState::FailedTerminal, "action_failed"),
+        };
+        // A refused write (the row was taken over, or is committed)
+        // changes nothing: this attempt's failure stands as its own
+        // evidence and never downgrades the row.
+        match self
+            .ledger_end(name, key, state, None, Some(&e), event)
+            .await
+        {
+            Ok(()) => {}
+            Err(le) if le.is_suspension() => {}
+            Err(le) => return le,
+        }
+        self.record_failure(name, &e).await;
+        e.in_action(name.to_string()).with_key(key)
     }
 
     /// Leaves the row this attempt took over `unknown` again (nothing was

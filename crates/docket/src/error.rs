@@ -135,6 +135,11 @@ impl JobError {
         self
     }
 
+    /// The failing action's idempotency key, when an action failed.
+    pub fn key(&self) -> Option<&str> {
+        self.key.as_deref()
+    }
+
     /// Names the step or action that failed.
     pub fn in_action(mut self, action: impl Into<String>) -> Self {
         self.action = Some(action.into());

@@ -46,6 +46,9 @@ pub struct Job {
     pub(crate) validator: Option<Validator>,
     pub(crate) concurrency: Option<usize>,
     pub(crate) gate: Option<ClaimGate>,
+    /// Served by remote workers over the worker protocol
+    /// (docs/WORKER_PROTOCOL.md): the in-process worker never claims it.
+    pub(crate) remote: bool,
 }
 
 impl std::fmt::Debug for Job {
@@ -91,7 +94,35 @@ impl Job {
             validator: None,
             concurrency: None,
             gate: None,
+            remote: false,
         }
+    }
+
+    /// A job whose handler runs in a remote worker (any language) over the
+    /// worker protocol (docs/WORKER_PROTOCOL.md). The server knows its
+    /// policy, timeout, lease and input check from this definition; the
+    /// in-process worker never claims its runs, and expired leases of its
+    /// runs are reaped through its policy like any other job's.
+    ///
+    /// ```
+    /// use docket::{Job, RetryPolicy};
+    /// use std::time::Duration;
+    /// let job = Job::remote("send-welcome").timeout(Duration::from_secs(30));
+    /// assert!(job.is_remote());
+    /// ```
+    pub fn remote(name: impl Into<String>) -> Self {
+        let mut job = Job::new(name, |_ctx, _input: Value| async move {
+            Err::<Value, _>(JobError::permanent(
+                "a remote job's handler runs in a remote worker, not in this process",
+            ))
+        });
+        job.remote = true;
+        job
+    }
+
+    /// Whether remote workers serve this job ([`Job::remote`]).
+    pub fn is_remote(&self) -> bool {
+        self.remote
     }
 
     /// The job's name.

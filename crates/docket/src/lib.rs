@@ -35,6 +35,7 @@ mod forensics;
 pub mod http;
 mod job;
 mod ops;
+pub mod remote;
 mod worker;
 
 pub use ctx::{intent_key, Ctx, InputDecision, Reconciled, Stepped};
@@ -84,6 +85,9 @@ pub(crate) struct Inner {
     /// Store failures met by this process's workers, by kind (see
     /// [`Docket::store_errors`]).
     pub(crate) store_errors: Mutex<std::collections::BTreeMap<docket_store::DbErrorKind, u64>>,
+    /// Wakes the worker protocol's long polls (`remote.rs`), started by
+    /// the first one.
+    pub(crate) remote_wake: tokio::sync::OnceCell<remote::RemoteWake>,
 }
 
 /// Options of one trigger.
@@ -140,6 +144,7 @@ impl Docket {
                 changes,
                 max_input_bytes: AtomicUsize::new(DEFAULT_MAX_INPUT_BYTES),
                 store_errors: Mutex::new(Default::default()),
+                remote_wake: tokio::sync::OnceCell::new(),
             }),
         }
     }
@@ -186,6 +191,12 @@ impl Docket {
             .collect();
         v.sort();
         v
+    }
+
+    /// Whether the job `name` is served by remote workers ([`Job::remote`]);
+    /// `None` when no such job is registered.
+    pub fn job_is_remote(&self, name: &str) -> Option<bool> {
+        self.job(name).map(|j| j.remote)
     }
 
     pub(crate) fn job(&self, name: &str) -> Option<Arc<Job>> {

@@ -697,6 +697,10 @@ impl Shared {
             let Some(j) = self.docket.job(&name) else {
                 continue;
             };
+            // Remote workers claim these over the worker protocol.
+            if j.remote {
+                continue;
+            }
             // An open circuit breaker holds the job's runs back (0) or lets
             // one through (a probe, or the one recorded deferral): the rest
             // stay pending, untouched, instead of each being claimed and
@@ -716,6 +720,7 @@ impl Shared {
             }
         }
         let request = |lease: Duration, jobs: Vec<String>, limit: usize| ClaimRequest {
+            tenant: None,
             jobs,
             limit,
             now,
@@ -846,7 +851,7 @@ impl Shared {
     }
 }
 
-fn bounded(mut s: String) -> String {
+pub(crate) fn bounded(mut s: String) -> String {
     if s.len() > MAX_MESSAGE {
         let mut cut = MAX_MESSAGE;
         while !s.is_char_boundary(cut) {
@@ -923,69 +928,9 @@ impl Docket {
                 }
             }
         };
-        let result = storable(result);
         let now = self.clock().now();
-        let outcome = match result {
-            // A cancel requested while running ends the run cancelled, even
-            // when the handler got to the end: "no later step starts".
-            _ if cancelled.load(Ordering::SeqCst) && self.cancel_confirmed(&run).await => {
-                Outcome::Cancelled
-            }
-            Ok(output) => Outcome::Completed { output },
-            Err(mut e) => match e.control.take().map(|c| *c) {
-                None => decide(&job, &run, lease_id, e, now),
-                Some(Control::NeedsInput { name, request }) => {
-                    Outcome::NeedsInput { name, request }
-                }
-                Some(Control::Postpone { until }) => Outcome::Postponed { until },
-                Some(Control::Cancelled) => Outcome::Cancelled,
-                Some(Control::CircuitOpen { until, breaker }) => Outcome::Retry {
-                    error: error_info(
-                        &run,
-                        lease_id,
-                        docket_core::ErrorClass::Unavailable,
-                        e.message,
-                        e.action,
-                        None,
-                    ),
-                    retry: RetryRecord {
-                        policy: format!("circuit_breaker:{breaker}"),
-                        delay_ms: until.millis_since(now).max(0),
-                        eligible_at: until.max(now),
-                        reason: docket_core::policy::RetryReason::CircuitOpen
-                            .as_str()
-                            .into(),
-                    },
-                },
-                Some(Control::ActionInFlight { until }) => Outcome::Retry {
-                    error: error_info(
-                        &run,
-                        lease_id,
-                        docket_core::ErrorClass::Unavailable,
-                        e.message,
-                        e.action,
-                        None,
-                    ),
-                    retry: RetryRecord {
-                        policy: "ledger".into(),
-                        delay_ms: until.millis_since(now).max(0),
-                        eligible_at: until.max(now),
-                        reason: docket_core::policy::RetryReason::ActionInFlight
-                            .as_str()
-                            .into(),
-                    },
-                },
-                Some(Control::Terminal { reason }) => {
-                    let error = error_info(&run, lease_id, e.class, e.message, e.action, None);
-                    let detail = format!("{}: {}", reason.as_str(), error.message);
-                    Outcome::Failed {
-                        error: Some(error),
-                        reason,
-                        detail,
-                    }
-                }
-            },
-        };
+        let cancel = cancelled.load(Ordering::SeqCst) && self.cancel_confirmed(&run).await;
+        let outcome = attempt_outcome(&job, &run, lease_id, result, cancel, now);
         let end = AttemptEnd {
             run_id: run.id,
             lease_id,
@@ -1067,6 +1012,81 @@ impl Docket {
     }
 }
 
+/// The one place a handler's result becomes an attempt's outcome, for the
+/// in-process worker and for remote workers (`remote.rs`) alike: a cancel
+/// requested while it ran ends the run cancelled; suspensions (input,
+/// postpone, a circuit breaker's or the ledger's deferral, a terminal
+/// reason) become their outcomes without the policy; every other failure
+/// goes through the job's retry policy ([`decide`]). Values too deep to
+/// store become `content_too_large` failures first ([`storable`]).
+pub(crate) fn attempt_outcome(
+    job: &Job,
+    run: &Run,
+    lease_id: LeaseId,
+    result: Result<serde_json::Value, JobError>,
+    cancel_requested: bool,
+    now: docket_core::Timestamp,
+) -> Outcome {
+    let result = storable(result);
+    match result {
+        // A cancel requested while running ends the run cancelled, even
+        // when the handler got to the end: "no later step starts".
+        _ if cancel_requested => Outcome::Cancelled,
+        Ok(output) => Outcome::Completed { output },
+        Err(mut e) => match e.control.take().map(|c| *c) {
+            None => decide(job, run, lease_id, e, now),
+            Some(Control::NeedsInput { name, request }) => Outcome::NeedsInput { name, request },
+            Some(Control::Postpone { until }) => Outcome::Postponed { until },
+            Some(Control::Cancelled) => Outcome::Cancelled,
+            Some(Control::CircuitOpen { until, breaker }) => Outcome::Retry {
+                error: error_info(
+                    run,
+                    lease_id,
+                    docket_core::ErrorClass::Unavailable,
+                    e.message,
+                    e.action,
+                    None,
+                ),
+                retry: RetryRecord {
+                    policy: format!("circuit_breaker:{breaker}"),
+                    delay_ms: until.millis_since(now).max(0),
+                    eligible_at: until.max(now),
+                    reason: docket_core::policy::RetryReason::CircuitOpen
+                        .as_str()
+                        .into(),
+                },
+            },
+            Some(Control::ActionInFlight { until }) => Outcome::Retry {
+                error: error_info(
+                    run,
+                    lease_id,
+                    docket_core::ErrorClass::Unavailable,
+                    e.message,
+                    e.action,
+                    None,
+                ),
+                retry: RetryRecord {
+                    policy: "ledger".into(),
+                    delay_ms: until.millis_since(now).max(0),
+                    eligible_at: until.max(now),
+                    reason: docket_core::policy::RetryReason::ActionInFlight
+                        .as_str()
+                        .into(),
+                },
+            },
+            Some(Control::Terminal { reason }) => {
+                let error = error_info(run, lease_id, e.class, e.message, e.action, None);
+                let detail = format!("{}: {}", reason.as_str(), error.message);
+                Outcome::Failed {
+                    error: Some(error),
+                    reason,
+                    detail,
+                }
+            }
+        },
+    }
+}
+
 /// A job definition for runs of jobs this process does not know (reaping
 /// only): the default policy.
 fn placeholder_job(name: &str) -> Job {
@@ -1081,7 +1101,7 @@ fn placeholder_job(name: &str) -> Job {
 /// The job's validation of the run's input; an input that could not be
 /// read back from the store (older data: the `docket_undecodable` marker)
 /// is invalid, so the handler never sees the marker as its input.
-fn input_check(job: &Job, run: &Run) -> Option<Result<(), String>> {
+pub(crate) fn input_check(job: &Job, run: &Run) -> Option<Result<(), String>> {
     if let Some(why) = docket_store::json::undecodable_reason(&run.input) {
         return Some(Err(format!(
             "the run's stored input cannot be read back: {why}"

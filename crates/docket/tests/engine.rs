@@ -77,6 +77,7 @@ async fn timeout_retry_is_not_claimable_before_its_delay() {
         async move {
             d.store()
                 .claim(docket_store::ClaimRequest {
+                    tenant: None,
                     jobs: vec!["revenue_action".into()],
                     limit: 10,
                     now,

@@ -660,6 +660,19 @@ impl TokenStore for SimStore {
 }
 
 #[async_trait]
+impl docket_store::WorkerStore for SimStore {
+    async fn touch_worker(&self, seen: docket_store::WorkerSeen) -> SResult<()> {
+        self.inner.touch_worker(seen).await
+    }
+    async fn list_workers(
+        &self,
+        tenant: Option<String>,
+    ) -> SResult<Vec<docket_store::WorkerRecord>> {
+        self.inner.list_workers(tenant).await
+    }
+}
+
+#[async_trait]
 impl ConnectionStore for SimStore {
     async fn connection_state(
         &self,

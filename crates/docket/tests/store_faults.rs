@@ -297,6 +297,19 @@ mod faulty {
     }
 
     #[async_trait]
+    impl docket_store::WorkerStore for Faulty {
+        async fn touch_worker(&self, seen: docket_store::WorkerSeen) -> Result<()> {
+            self.inner.touch_worker(seen).await
+        }
+        async fn list_workers(
+            &self,
+            tenant: Option<String>,
+        ) -> Result<Vec<docket_store::WorkerRecord>> {
+            self.inner.list_workers(tenant).await
+        }
+    }
+
+    #[async_trait]
     impl ConnectionStore for Faulty {
         async fn connection_state(
             &self,

@@ -11,3 +11,4 @@ mod limits;
 mod node;
 mod schemathesis;
 mod tenants;
+mod worker_protocol;

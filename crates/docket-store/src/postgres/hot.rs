@@ -172,12 +172,13 @@ fin_ev AS (
 )";
 
 /// The claim part's CTEs (`picked`, `numbered`, `claimed`, `claim_att`,
-/// `claim_ev`), parameters `$1..$7` (renumbered when combined).
+/// `claim_ev`), parameters `$1..$8` (renumbered when combined).
 /// `claimed.n` is the claim order.
 const CLAIM_CTES: &str = "
 picked AS (
     SELECT id, priority, run_after FROM runs
     WHERE status IN ('pending', 'postponed') AND run_after <= $1 AND job = ANY($2)
+        AND ($8::text IS NULL OR tenant = $8)
     ORDER BY priority DESC, run_after, id
     LIMIT $3
     FOR UPDATE SKIP LOCKED
@@ -563,6 +564,7 @@ struct ClaimArgs {
     expires: i64,
     worker: String,
     data: Value,
+    tenant: Option<String>,
 }
 
 impl ClaimArgs {
@@ -578,6 +580,7 @@ impl ClaimArgs {
             expires: expires.0,
             worker: req.worker.clone(),
             data: json!({ "worker": req.worker, "lease_expires_at": expires }),
+            tenant: req.tenant.clone(),
         }
     }
 
@@ -589,6 +592,7 @@ impl ClaimArgs {
             .bind(self.expires)
             .bind(&self.worker)
             .bind(&self.data)
+            .bind(&self.tenant)
     }
 }
 

@@ -51,6 +51,7 @@ mod hot;
 mod ops;
 mod stats;
 mod tokens;
+mod workers;
 
 use crate::{
     AttemptEnd, AttemptRecord, ClaimRequest, EventFilter, EventRecord, LeaseRef, LeaseState,
@@ -541,6 +542,8 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0001_initial.sql"),
     include_str!("migrations/0002_steps_ledger_tokens_connections.sql"),
     include_str!("migrations/0003_leaders.sql"),
+    // Numbered 0006 on its branch (worker protocol); renumbered on merge.
+    include_str!("migrations/0006_worker_scope.sql"),
 ];
 
 /// Creates or upgrades the schema by applying [`MIGRATIONS`]. Refuses (and

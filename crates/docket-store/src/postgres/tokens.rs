@@ -1,13 +1,13 @@
 //! [`TokenStore`] on PostgreSQL.
 
 use super::{db, PgStore};
-use crate::{NewToken, Result, StoreError, TokenRecord, TokenStore};
+use crate::{NewToken, Result, StoreError, TokenRecord, TokenScope, TokenStore};
 use async_trait::async_trait;
 use docket_core::Timestamp;
 use sqlx::postgres::PgRow;
 use sqlx::Row;
 
-const COLS: &str = "id, tenant, name, created_at, revoked_at";
+const COLS: &str = "id, tenant, name, created_at, revoked_at, scope";
 
 fn from_row(r: &PgRow) -> Result<TokenRecord> {
     Ok(TokenRecord {
@@ -19,6 +19,13 @@ fn from_row(r: &PgRow) -> Result<TokenRecord> {
             .try_get::<Option<i64>, _>("revoked_at")
             .map_err(db)?
             .map(Timestamp),
+        // Anything but `worker` reads as `operator` (the column's default):
+        // an unknown value never widens a token into the worker protocol.
+        scope: r
+            .try_get::<String, _>("scope")
+            .map_err(db)?
+            .parse()
+            .unwrap_or(TokenScope::Operator),
     })
 }
 
@@ -28,7 +35,7 @@ impl TokenStore for PgStore {
         // The partial unique index `tokens_live_name` decides races between
         // two creators of the same name.
         let res = sqlx::query(&format!(
-            "INSERT INTO tokens (id, tenant, name, hash, created_at) VALUES ($1, $2, $3, $4, $5)
+            "INSERT INTO tokens (id, tenant, name, hash, created_at, scope) VALUES ($1, $2, $3, $4, $5, $6)
              RETURNING {COLS}"
         ))
         .bind(&t.id)
@@ -36,6 +43,7 @@ impl TokenStore for PgStore {
         .bind(&t.name)
         .bind(&t.hash)
         .bind(t.created_at.0)
+        .bind(t.scope.as_str())
         .fetch_one(&self.pool)
         .await;
         match res {

@@ -24,6 +24,7 @@ mod connections;
 mod ops;
 mod stats;
 mod tokens;
+mod workers;
 
 use crate::DbErrorKind;
 use crate::{
@@ -401,6 +402,8 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0001_initial.sql"),
     include_str!("migrations/0002_steps_ledger_tokens_connections.sql"),
     include_str!("migrations/0003_leaders.sql"),
+    // Numbered 0006 on its branch (worker protocol); renumbered on merge.
+    include_str!("migrations/0006_worker_scope.sql"),
 ];
 
 /// Brings the database to [`SCHEMA_VERSION`](crate::SCHEMA_VERSION) by applying [`MIGRATIONS`].

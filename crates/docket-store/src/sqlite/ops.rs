@@ -212,11 +212,16 @@ pub(super) fn claim(c: &Connection, req: &ClaimRequest) -> Result<Vec<Run>> {
     }
     let sql = format!(
         "SELECT id FROM runs INDEXED BY runs_claim
-         WHERE status IN ('pending', 'postponed') AND run_after <= ?1 AND job IN ({})
+         WHERE status IN ('pending', 'postponed') AND run_after <= ?1
+           AND (?3 IS NULL OR tenant = ?3) AND job IN ({})
          ORDER BY priority DESC, run_after, id LIMIT ?2",
-        placeholders(3, req.jobs.len())
+        placeholders(4, req.jobs.len())
     );
-    let mut args: Vec<SqlValue> = vec![req.now.0.into(), (req.limit as i64).into()];
+    let mut args: Vec<SqlValue> = vec![
+        req.now.0.into(),
+        (req.limit as i64).into(),
+        req.tenant.clone().map_or(SqlValue::Null, SqlValue::from),
+    ];
     args.extend(req.jobs.iter().map(|j| SqlValue::from(j.clone())));
     let ids: Vec<String> = {
         let mut st = c.prepare_cached(&sql).map_err(db_err)?;

@@ -1,12 +1,12 @@
 //! [`TokenStore`] on SQLite.
 
 use super::{db_err, SqliteStore};
-use crate::{NewToken, Result, StoreError, TokenRecord, TokenStore};
+use crate::{NewToken, Result, StoreError, TokenRecord, TokenScope, TokenStore};
 use async_trait::async_trait;
 use docket_core::Timestamp;
 use rusqlite::{params, Connection, OptionalExtension, Row};
 
-const COLS: &str = "id, tenant, name, created_at, revoked_at";
+const COLS: &str = "id, tenant, name, created_at, revoked_at, scope";
 
 fn from_row(r: &Row<'_>) -> rusqlite::Result<TokenRecord> {
     Ok(TokenRecord {
@@ -15,7 +15,15 @@ fn from_row(r: &Row<'_>) -> rusqlite::Result<TokenRecord> {
         name: r.get(2)?,
         created_at: Timestamp(r.get(3)?),
         revoked_at: r.get::<_, Option<i64>>(4)?.map(Timestamp),
+        scope: scope_of(r.get::<_, String>(5)?),
     })
+}
+
+/// A stored scope. Anything but `worker` reads as `operator` (the column's
+/// default), so an unknown value never widens what a token may do into the
+/// worker protocol.
+fn scope_of(s: String) -> TokenScope {
+    s.parse().unwrap_or(TokenScope::Operator)
 }
 
 fn create(c: &Connection, t: &NewToken) -> Result<TokenRecord> {
@@ -33,8 +41,8 @@ fn create(c: &Connection, t: &NewToken) -> Result<TokenRecord> {
         )));
     }
     c.execute(
-        "INSERT INTO tokens (id, tenant, name, hash, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
-        params![t.id, t.tenant, t.name, t.hash, t.created_at.0],
+        "INSERT INTO tokens (id, tenant, name, hash, created_at, scope) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        params![t.id, t.tenant, t.name, t.hash, t.created_at.0, t.scope.as_str()],
     )
     .map_err(|e| match e {
         rusqlite::Error::SqliteFailure(f, _)
@@ -48,6 +56,7 @@ fn create(c: &Connection, t: &NewToken) -> Result<TokenRecord> {
         id: t.id.clone(),
         tenant: t.tenant.clone(),
         name: t.name.clone(),
+        scope: t.scope,
         created_at: t.created_at,
         revoked_at: None,
     })

@@ -122,6 +122,9 @@ struct RawJob {
     reconcile: Option<RawReconcile>,
     max_response_bytes: Option<usize>,
     concurrency: Option<usize>,
+    /// Served by remote workers over the worker protocol: only the policy
+    /// keys apply (docs/WORKER_PROTOCOL.md, "Declaring remote jobs").
+    remote: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -202,12 +205,24 @@ pub(crate) struct JobSpec {
     pub(crate) concurrency: Option<usize>,
 }
 
+/// A remote job (`remote = true`): its policy, without code.
+#[derive(Debug)]
+pub(crate) struct RemoteSpec {
+    pub(crate) name: String,
+    pub(crate) job_timeout: Duration,
+    pub(crate) lease: Duration,
+    pub(crate) policy: RetryPolicy,
+    pub(crate) schema: Option<Arc<InputSchema>>,
+    pub(crate) concurrency: Option<usize>,
+}
+
 /// A whole configuration, compiled.
 #[derive(Debug)]
 pub(crate) struct Compiled {
     pub(crate) templates: Templates,
     pub(crate) connections: BTreeMap<String, ConnectionDef>,
     pub(crate) jobs: BTreeMap<String, JobSpec>,
+    pub(crate) remote: BTreeMap<String, RemoteSpec>,
 }
 
 const RETRY_KEYS: &[&str] = &[
@@ -256,10 +271,17 @@ pub(crate) fn compile(
         }
     }
     let mut jobs = BTreeMap::new();
+    let mut remote = BTreeMap::new();
     for (name, v) in raw.jobs {
         let Some(j) = entry::<RawJob>(format!("jobs.{name}"), v, &mut p) else {
             continue;
         };
+        if j.remote == Some(true) {
+            if let Some(spec) = remote_job(&name, j, base_dir, &mut p) {
+                remote.insert(name, spec);
+            }
+            continue;
+        }
         if let Some(spec) = job(&name, j, &declared, base_dir, &mut templates, &mut p) {
             jobs.insert(name, spec);
         }
@@ -271,6 +293,122 @@ pub(crate) fn compile(
         templates,
         connections,
         jobs,
+        remote,
+    })
+}
+
+/// A remote job: the policy keys only (`retry`, `job_timeout_ms`,
+/// `lease_ms`, `input_schema` or `input_schema_file`, `concurrency`); an
+/// HTTP job's keys are refused by name, since nothing would use them.
+fn remote_job(name: &str, j: RawJob, base: &Path, p: &mut Problems) -> Option<RemoteSpec> {
+    let place = format!("jobs.{name}");
+    let before = p.0.len();
+    if name.is_empty() || name.len() > 200 {
+        p.add(&place, "a job name must be 1 to 200 characters");
+    }
+    let http_keys = [
+        ("connection", j.connection.is_some()),
+        ("method", j.method.is_some()),
+        ("path", j.path.is_some()),
+        ("url", j.url.is_some()),
+        ("headers", !j.headers.is_empty()),
+        ("body", j.body.is_some()),
+        ("idempotency_key", j.idempotency_key.is_some()),
+        ("action", j.action.is_some()),
+        ("timeout_ms", j.timeout_ms.is_some()),
+        ("classify", !j.classify.is_empty()),
+        ("when", j.when.is_some()),
+        ("approval", j.approval.is_some()),
+        ("on_reject", j.on_reject.is_some()),
+        ("reconcile", j.reconcile.is_some()),
+        ("max_response_bytes", j.max_response_bytes.is_some()),
+    ];
+    for (key, set) in http_keys {
+        if set {
+            p.add(
+                format!("{place}.{key}"),
+                "a remote job (`remote = true`) runs its code in a remote worker: only `retry`, `job_timeout_ms`, `lease_ms`, `input_schema`/`input_schema_file` and `concurrency` apply",
+            );
+        }
+    }
+    let policy = policy(&format!("{place}.retry"), name, j.retry, p);
+    let schema = input_schema(&place, j.input_schema, j.input_schema_file, base, p);
+    const MAX_LEASE_MS: u64 = 366 * 86_400_000;
+    let job_timeout_ms = j.job_timeout_ms.unwrap_or(60_000);
+    let lease_ms = j
+        .lease_ms
+        .unwrap_or((job_timeout_ms.min(MAX_LEASE_MS) * 2).max(5 * 60 * 1_000));
+    if job_timeout_ms == 0 {
+        p.add(format!("{place}.job_timeout_ms"), "must be positive");
+    }
+    for (field, v) in [("job_timeout_ms", job_timeout_ms), ("lease_ms", lease_ms)] {
+        if v > MAX_LEASE_MS {
+            p.add(
+                format!("{place}.{field}"),
+                format!("must be at most {MAX_LEASE_MS} ms (366 days)"),
+            );
+        }
+    }
+    if lease_ms <= job_timeout_ms {
+        p.add(
+            format!("{place}.lease_ms"),
+            format!("must be longer than the job timeout ({job_timeout_ms} ms)"),
+        );
+    }
+    if j.concurrency == Some(0) {
+        p.add(format!("{place}.concurrency"), "must be at least 1");
+    }
+    (p.0.len() == before).then(|| RemoteSpec {
+        name: name.to_string(),
+        job_timeout: Duration::from_millis(job_timeout_ms),
+        lease: Duration::from_millis(lease_ms),
+        policy,
+        schema,
+        concurrency: j.concurrency,
+    })
+}
+
+/// A job's input schema, inline or from a file (relative to `base`).
+fn input_schema(
+    place: &str,
+    inline: Option<Value>,
+    file: Option<String>,
+    base: &Path,
+    p: &mut Problems,
+) -> Option<Arc<InputSchema>> {
+    let schema_value = match (inline, file) {
+        (Some(s), None) => Some(s),
+        (None, Some(f)) => {
+            let path = resolve_path(base, &f);
+            match std::fs::read_to_string(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|t| serde_json::from_str::<Value>(&t).map_err(|e| e.to_string()))
+            {
+                Ok(v) => Some(v),
+                Err(e) => {
+                    p.add(
+                        format!("{place}.input_schema_file"),
+                        format!("{}: {e}", path.display()),
+                    );
+                    None
+                }
+            }
+        }
+        (Some(_), Some(_)) => {
+            p.add(
+                place,
+                "give `input_schema` or `input_schema_file`, not both",
+            );
+            None
+        }
+        (None, None) => None,
+    };
+    schema_value.and_then(|s| match InputSchema::compile(s) {
+        Ok(s) => Some(Arc::new(s)),
+        Err(e) => {
+            p.add(format!("{place}.input_schema"), e);
+            None
+        }
     })
 }
 
@@ -657,40 +795,7 @@ fn job(
             Classifier::default()
         }
     };
-    let schema_value = match (j.input_schema, j.input_schema_file) {
-        (Some(s), None) => Some(s),
-        (None, Some(f)) => {
-            let path = resolve_path(base, &f);
-            match std::fs::read_to_string(&path)
-                .map_err(|e| e.to_string())
-                .and_then(|t| serde_json::from_str::<Value>(&t).map_err(|e| e.to_string()))
-            {
-                Ok(v) => Some(v),
-                Err(e) => {
-                    p.add(
-                        format!("{place}.input_schema_file"),
-                        format!("{}: {e}", path.display()),
-                    );
-                    None
-                }
-            }
-        }
-        (Some(_), Some(_)) => {
-            p.add(
-                &place,
-                "give `input_schema` or `input_schema_file`, not both",
-            );
-            None
-        }
-        (None, None) => None,
-    };
-    let schema = schema_value.and_then(|s| match InputSchema::compile(s) {
-        Ok(s) => Some(Arc::new(s)),
-        Err(e) => {
-            p.add(format!("{place}.input_schema"), e);
-            None
-        }
-    });
+    let schema = input_schema(&place, j.input_schema, j.input_schema_file, base, p);
     let reconcile_ms = reconcile
         .as_ref()
         .map(|r| r.request.timeout.as_millis() as u64)
@@ -761,6 +866,46 @@ mod tests {
         compile(text, "docket.toml", Path::new("."))
             .map(|_| Vec::new())
             .unwrap_or_else(|e| e.problems)
+    }
+
+    #[test]
+    fn a_remote_job_takes_the_policy_keys_only() {
+        let c = compile(
+            r#"
+            [jobs.send-welcome]
+            remote = true
+            job_timeout_ms = 30000
+            lease_ms = 60000
+            input_schema = { type = "object", required = ["email"] }
+            [jobs.send-welcome.retry]
+            max_attempts = 5
+            base_delay_ms = 1000
+            "#,
+            "docket.toml",
+            Path::new("."),
+        )
+        .unwrap();
+        assert!(c.jobs.is_empty());
+        let r = &c.remote["send-welcome"];
+        assert_eq!(r.job_timeout, Duration::from_millis(30_000));
+        assert_eq!(r.lease, Duration::from_millis(60_000));
+        assert_eq!(r.policy.max_attempts, 5);
+        assert_eq!(r.policy.base_delay_ms, 1000);
+        let schema = r.schema.as_ref().unwrap();
+        assert!(schema.check(&serde_json::json!({"email": "a@b"})).is_ok());
+        assert!(schema.check(&serde_json::json!({})).is_err());
+        // HTTP keys are refused by name; a lease must outlast the timeout.
+        let p = problems(
+            r#"
+            [jobs.r]
+            remote = true
+            url = "http://x"
+            job_timeout_ms = 5000
+            lease_ms = 5000
+            "#,
+        );
+        let places: Vec<&str> = p.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(places, ["jobs.r.url", "jobs.r.lease_ms"], "{p:?}");
     }
 
     #[test]

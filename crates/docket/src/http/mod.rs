@@ -165,6 +165,12 @@ impl HttpJobs {
         self.shared.compiled.jobs.keys().cloned().collect()
     }
 
+    /// The remote jobs (`remote = true`) of the file, sorted: served by
+    /// remote workers over the worker protocol.
+    pub fn remote_job_names(&self) -> Vec<String> {
+        self.shared.compiled.remote.keys().cloned().collect()
+    }
+
     /// The configured connection names, sorted.
     pub fn connection_names(&self) -> Vec<String> {
         self.shared.compiled.connections.keys().cloned().collect()
@@ -203,6 +209,19 @@ impl HttpJobs {
                 }
                 job
             })
+            .chain(self.shared.compiled.remote.values().map(|spec| {
+                let mut job = Job::remote(spec.name.clone())
+                    .retry(spec.policy.clone())
+                    .timeout(spec.job_timeout)
+                    .lease(spec.lease);
+                if let Some(n) = spec.concurrency {
+                    job = job.concurrency(n);
+                }
+                if let Some(schema) = spec.schema.clone() {
+                    job = job.validate(move |input| schema.check(input));
+                }
+                job
+            }))
             .collect()
     }
 
