@@ -49,7 +49,7 @@ export interface DocketErrorOptions {
    * provider's `Retry-After`). The server's policy may wait longer, never
    * shorter.
    */
-  retryAfter?: number | Date;
+  retryAfter?: number | Date | null;
   /** The underlying error. */
   cause?: unknown;
 }
@@ -80,7 +80,7 @@ export class DocketError extends Error {
     }
     this.errorClass = errorClass;
     const ra = options.retryAfter;
-    if (ra !== undefined) {
+    if (ra !== undefined && ra !== null) {
       const ms = ra instanceof Date ? ra.getTime() - Date.now() : ra;
       if (!Number.isFinite(ms)) throw new TypeError('retryAfter must be a finite number or a Date');
       this.retryAfterMs = Math.max(0, Math.round(ms));

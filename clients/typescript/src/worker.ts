@@ -178,14 +178,15 @@ class NeedsInput extends Error {
 interface ErrorJson {
   class: ErrorClass;
   message: string;
-  retry_after_ms?: number;
-  action?: string;
-  key?: string;
+  retry_after_ms?: number | null;
+  action?: string | null;
+  key?: string | null;
 }
 
 function errorFromJson(e: ErrorJson | undefined, fallback: string): DocketError {
+  const ra = e?.retry_after_ms;
   return new DocketError(e?.class ?? 'permanent', e?.message ?? fallback, {
-    retryAfter: e?.retry_after_ms,
+    retryAfter: typeof ra === 'number' ? ra : undefined,
   });
 }
 

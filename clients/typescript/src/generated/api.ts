@@ -468,6 +468,246 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/api/worker/v1/claim": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * Claims runs of remote jobs for the caller's tenant: a long poll that
+         *     answers as soon as runs are claimed, or empty after `wait_ms`.
+         */
+        post: operations["claim"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/api/worker/v1/heartbeat": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /** Extends the caller's leases (each by its job's lease length). */
+        post: operations["heartbeat"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/api/worker/v1/runs/{id}/actions/begin": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * Begins a ledger-guarded action: replay, committed elsewhere, run,
+         *     reconcile, or the attempt ended by the server (deferred, cancelled).
+         */
+        post: operations["action_begin"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/api/worker/v1/runs/{id}/actions/commit": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * Commits an action the service answered: the ledger row becomes
+         *     `committed` (final) and the step is stored.
+         */
+        post: operations["action_commit"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/api/worker/v1/runs/{id}/actions/fail": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /** Records that sending an action failed (`timeout`: outcome unknown). */
+        post: operations["action_fail"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/api/worker/v1/runs/{id}/actions/reconciled": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * What the worker's reconcile function found about an action whose last
+         *     outcome was unknown.
+         */
+        post: operations["action_reconciled"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/api/worker/v1/runs/{id}/end": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * Ends an attempt: completed, failed (the job's policy decides the
+         *     retry), postponed, or waiting for input. Fenced by the lease: a stale
+         *     one is refused (409 `stale_lease`) and recorded.
+         */
+        post: operations["end"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/api/worker/v1/runs/{id}/log": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /** Appends a `log` event to the run, fenced by the lease. */
+        post: operations["log"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/api/worker/v1/runs/{id}/progress": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /** Appends a `progress` event to the run, fenced by the lease. */
+        post: operations["progress"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/api/worker/v1/runs/{id}/steps/complete": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /** Stores a completed step (once per name and run), fenced by the lease. */
+        post: operations["step_complete"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/api/worker/v1/runs/{id}/steps/fail": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /** Records a step's failure (its class), fenced by the lease. */
+        post: operations["step_fail"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/api/worker/v1/runs/{id}/steps/get": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /** A stored step of the run (or a wait's decision, `input:NAME`). */
+        post: operations["step_get"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/api/workers": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * The remote workers seen in the caller's tenant, most recent first, with
+         *     their jobs, last claim or heartbeat, and runs running now.
+         */
+        get: operations["workers"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/healthz": {
         parameters: {
             query?: never;
@@ -506,6 +746,78 @@ export interface paths {
 export type webhooks = Record<string, never>;
 export interface components {
     schemas: {
+        /** @description `POST /api/worker/v1/runs/{id}/actions/begin`. */
+        ActionBeginRequest: {
+            /** @description Its idempotency key, from business intent. */
+            key: string;
+            /** @description The attempt's lease. */
+            lease_id: string;
+            /** @description The action's (step) name. */
+            name: string;
+        };
+        /** @description `POST /api/worker/v1/runs/{id}/actions/commit`. */
+        ActionCommitRequest: {
+            /** @description Its idempotency key. */
+            key: string;
+            /** @description The attempt's lease. */
+            lease_id: string;
+            /** @description The action's name. */
+            name: string;
+            /** @description What the service answered (any JSON). */
+            result?: Record<string, unknown>;
+        };
+        /** @description `POST /api/worker/v1/runs/{id}/actions/fail`. */
+        ActionFailRequest: {
+            /** @description How sending it failed (`timeout`: the outcome is unknown). */
+            error: components["schemas"]["FailureBody"];
+            /** @description Its idempotency key. */
+            key: string;
+            /** @description The attempt's lease. */
+            lease_id: string;
+            /** @description The action's name. */
+            name: string;
+        };
+        /** @description `POST /api/worker/v1/runs/{id}/actions/reconciled`. */
+        ActionReconciledRequest: {
+            error?: null | components["schemas"]["FailureBody"];
+            /** @description `committed`, `not_done`, `still_unknown`, `error` or `no_reconcile`. */
+            found: string;
+            /** @description Its idempotency key. */
+            key: string;
+            /** @description The attempt's lease. */
+            lease_id: string;
+            /** @description The action's name. */
+            name: string;
+            /** @description `committed`: the effect's result. */
+            result?: Record<string, unknown>;
+        };
+        /**
+         * @description An action call's answer (docs/WORKER_PROTOCOL.md, "Ledger-guarded
+         *     actions").
+         */
+        ActionResponse: {
+            /**
+             * @description `deferred`, `cancelled`: the server ended the attempt; stop the
+             *     handler and do not call `end`.
+             */
+            attempt_ended?: boolean | null;
+            /** @description The operator's comment (`skipped`). */
+            comment?: string | null;
+            /**
+             * @description `replay`, `skipped`, `committed`, `run`, `reconcile`, `done`,
+             *     `failed`, `deferred` or `cancelled`.
+             */
+            decision: string;
+            error?: null | components["schemas"]["FailureBody"];
+            /** @description Why, in words. */
+            message?: string | null;
+            /** @description The result (`replay`, `committed`, `done`). */
+            result?: Record<string, unknown>;
+            /** @description The run's status after the server ended the attempt. */
+            status?: string | null;
+            /** @description `deferred`: when the run is due again. */
+            until?: string | null;
+        };
         /** @description One attempt, with the gap since the previous one and its retry decision. */
         AttemptView: {
             /** @description The step or action that failed. */
@@ -606,6 +918,74 @@ export interface components {
              */
             window_ms: number;
         };
+        /** @description A run handed to a worker. */
+        ClaimedRunView: {
+            /**
+             * Format: int32
+             * @description This attempt's number (1-based).
+             */
+            attempt: number;
+            /** @description A cancel was requested (stop at the next step boundary). */
+            cancel_requested: boolean;
+            /** @description The correlation id (the trigger's, or the run id). */
+            correlation_id: string;
+            /** @description When the handler's time runs out. */
+            deadline: string;
+            /**
+             * Format: int64
+             * @description How often to heartbeat.
+             */
+            heartbeat_ms: number;
+            /** @description The trigger's idempotency key. */
+            idempotency_key?: string | null;
+            /** @description Its input. */
+            input: Record<string, unknown>;
+            /** @description Its job. */
+            job: string;
+            /** @description When the lease runs out unless heartbeated. */
+            lease_expires_at: string;
+            /** @description The lease fencing this attempt: send it with every call. */
+            lease_id: string;
+            /**
+             * Format: int64
+             * @description The job's lease length; each heartbeat extends the lease by it.
+             */
+            lease_ms: number;
+            /** @description The run. */
+            run_id: string;
+            /** @description Its tenant. */
+            tenant: string;
+            /**
+             * Format: int64
+             * @description The job's handler timeout.
+             */
+            timeout_ms: number;
+            /** @description Its variables (merged by operator retries). */
+            variables: Record<string, unknown>;
+        };
+        /** @description `POST /api/worker/v1/claim`. */
+        ClaimRequest: {
+            /** @description The remote jobs it runs (1–100). */
+            jobs: string[];
+            /** @description How many runs it wants (1–100; default 1). */
+            max?: number | null;
+            /**
+             * Format: int64
+             * @description How long to wait for a run when none is due (0–60000 ms, default
+             *     20000).
+             */
+            wait_ms?: number | null;
+            /**
+             * @description The worker's name (1–100 of letters, digits, `-_.@`), stored on
+             *     every attempt it runs.
+             */
+            worker: string;
+        };
+        /** @description The claimed runs (possibly none, after the long poll). */
+        ClaimResponse: {
+            /** @description The runs. */
+            runs: components["schemas"]["ClaimedRunView"][];
+        };
         /** @description The command envelope. */
         CommandRequest: {
             /**
@@ -703,6 +1083,32 @@ export interface components {
             /** @description Handed to the handler's wait: any JSON (default null). */
             data?: unknown;
         };
+        /** @description An empty answer. */
+        Empty: Record<string, unknown>;
+        /** @description `POST /api/worker/v1/runs/{id}/end`. */
+        EndRequest: {
+            error?: null | components["schemas"]["FailureBody"];
+            /** @description The attempt's lease. */
+            lease_id: string;
+            /** @description `needs_input`: the wait's name. */
+            name?: string | null;
+            /** @description `completed`, `failed`, `postponed` or `needs_input`. */
+            outcome: string;
+            /** @description `completed`: the output (any JSON). */
+            output?: Record<string, unknown>;
+            /** @description `needs_input`: what it asks for (any JSON). */
+            request?: Record<string, unknown>;
+            /** @description `postponed`: not before this instant. */
+            until?: string | null;
+        };
+        /** @description What ending an attempt did. */
+        EndResponse: {
+            retry?: null | components["schemas"]["RetryView"];
+            /** @description The run's status now. */
+            status: string;
+            /** @description Why the run failed for good, if it did. */
+            terminal_reason?: string | null;
+        };
         /** @description The body of every error answer of the REST API. */
         ErrorBody: {
             /** @description The error. */
@@ -713,7 +1119,7 @@ export interface components {
             /**
              * @description A stable, machine-readable code: `invalid_json`, `invalid_field`,
              *     `invalid_parameter`, `unknown_job`, `unauthorized`, `forbidden`,
-             *     `not_found`, `wrong_state`, `conflict`, `content_too_large`,
+             *     `not_found`, `wrong_state`, `conflict`, `stale_lease`, `content_too_large`,
              *     `uri_too_long`, `headers_too_large`, `unavailable`, `internal`,
              *     `no_route`, `method_not_allowed`.
              */
@@ -756,6 +1162,28 @@ export interface components {
             lease_id?: string | null;
             /** @description The run. */
             run_id: string;
+        };
+        /** @description A failure reported by a worker. */
+        FailureBody: {
+            /** @description The step or action that failed. */
+            action?: string | null;
+            /**
+             * @description Docket's error class: `timeout`, `network`, `rate_limited`,
+             *     `unavailable`, `lease_expired`, `invalid_input`, `content_too_large`,
+             *     `connection_unresolved`, `unauthorized`, `not_found`, `permanent`,
+             *     `duplicate`.
+             */
+            class: string;
+            /** @description Its idempotency key. */
+            key?: string | null;
+            /** @description A message for the operator (stored bounded to 4 KiB). */
+            message: string;
+            /**
+             * Format: int64
+             * @description A provider's reset time (Retry-After), in ms from now; honoured when
+             *     later than the policy's delay.
+             */
+            retry_after_ms?: number | null;
         };
         /** @description One attempt as the forensic view sees it. */
         ForensicAttempt: {
@@ -837,6 +1265,18 @@ export interface components {
             /** @description The server's version. */
             version: string;
         };
+        /** @description `POST /api/worker/v1/heartbeat`. */
+        HeartbeatRequest: {
+            /** @description The leases it holds (at most 1000). */
+            leases: components["schemas"]["LeaseItem"][];
+            /** @description The worker's name. */
+            worker: string;
+        };
+        /** @description The leases, in the order asked. */
+        HeartbeatResponse: {
+            /** @description One per lease asked. */
+            leases: components["schemas"]["LeaseStateView"][];
+        };
         /** @description The forensic verdicts across a job's runs. */
         JobForensics: {
             /** @description Verdicts by kind (`delayed_retry`, `retry_without_backoff`, …). */
@@ -873,6 +1313,37 @@ export interface components {
             /** @description Runs of this tenant by status (only statuses with runs). */
             runs: Record<string, unknown>;
         };
+        /** @description A lease: a run and the lease id of its attempt. */
+        LeaseItem: {
+            /** @description The lease. */
+            lease_id: string;
+            /** @description The run. */
+            run_id: string;
+        };
+        /** @description One lease after a heartbeat. */
+        LeaseStateView: {
+            /** @description A cancel was requested. */
+            cancel_requested: boolean;
+            /** @description Still held (extended). `false`: lost; stop the handler. */
+            held: boolean;
+            /** @description The new expiry, when held. */
+            lease_expires_at?: string | null;
+            /** @description The lease. */
+            lease_id: string;
+            /** @description The run. */
+            run_id: string;
+        };
+        /** @description `POST /api/worker/v1/runs/{id}/log`. */
+        LogRequest: {
+            /** @description Structured data (never secrets). */
+            data?: Record<string, unknown>;
+            /** @description The attempt's lease. */
+            lease_id: string;
+            /** @description `debug`, `info`, `warn` or `error`. */
+            level: string;
+            /** @description The line. */
+            message: string;
+        };
         /** @description An operator postponement: `until` or `delay_ms`, one of them. */
         PostponeRequest: {
             /** @description Stored on the audit event. */
@@ -882,6 +1353,23 @@ export interface components {
             /** @description Not before this instant, which must be in the future: RFC 3339 (e.g. 2026-01-31T12:00:00Z, any offset), from 1970-01-01T00:00:00.000Z to 9999-12-31T23:59:59.999Z. */
             until?: string;
         } & (unknown | unknown);
+        /** @description `POST /api/worker/v1/runs/{id}/progress`. */
+        ProgressRequest: {
+            /**
+             * Format: int64
+             * @description Done so far.
+             */
+            current: number;
+            /** @description The attempt's lease. */
+            lease_id: string;
+            /** @description What is going on. */
+            message?: string | null;
+            /**
+             * Format: int64
+             * @description Out of.
+             */
+            total: number;
+        };
         /** @description An operator retry. */
         RetryRequest: {
             /** @description Stored on the audit event. */
@@ -889,19 +1377,19 @@ export interface components {
             /** @description Merged (top-level keys) into the run's variables before the retry. */
             updated_variables?: Record<string, unknown> | null;
         };
-        /** @description A stored retry decision. */
+        /** @description A retry the policy scheduled. */
         RetryView: {
+            /** @description When the run is due again. */
+            at: string;
             /**
              * Format: int64
-             * @description The delay chosen.
+             * @description The delay the policy chose.
              */
-            delay_ms?: number | null;
-            /** @description When the run became eligible again. */
-            eligible_at?: string | null;
+            delay_ms: number;
             /** @description The policy's name. */
-            policy?: string | null;
-            /** @description `backoff`, `retry_after`, `circuit_open`. */
-            reason?: string | null;
+            policy: string;
+            /** @description Why (`backoff`, `rate_limited`, `action_in_flight`, …). */
+            reason: string;
         };
         /** @description A run with its whole history. */
         RunDetail: {
@@ -1000,6 +1488,47 @@ export interface components {
             /** @description The worker holding the lease. */
             worker?: string | null;
         };
+        /** @description `POST /api/worker/v1/runs/{id}/steps/complete`. */
+        StepCompleteRequest: {
+            /** @description The attempt's lease. */
+            lease_id: string;
+            /** @description The step's name. */
+            name: string;
+            /** @description Its result (any JSON). */
+            result?: Record<string, unknown>;
+        };
+        /** @description A step stored. */
+        StepCompleteResponse: {
+            /** @description A cancel was requested: start no new step. */
+            cancel_requested: boolean;
+        };
+        /** @description `POST /api/worker/v1/runs/{id}/steps/fail`. */
+        StepFailRequest: {
+            /** @description The failure. */
+            error: components["schemas"]["FailureBody"];
+            /** @description The attempt's lease. */
+            lease_id: string;
+            /** @description The step's name. */
+            name: string;
+        };
+        /** @description A stored step. */
+        StepGetResponse: {
+            /** @description The operator's comment on a skipped step. */
+            comment?: string | null;
+            /** @description Whether the step is stored (completed or skipped). */
+            found: boolean;
+            /** @description The completed step's result. */
+            result: Record<string, unknown>;
+            /** @description `completed` or `skipped`, when found. */
+            status?: string | null;
+        };
+        /** @description A call on a step. */
+        StepRequest: {
+            /** @description The attempt's lease. */
+            lease_id: string;
+            /** @description The step's name (`input:NAME` for a wait's decision, with `get`). */
+            name: string;
+        };
         /**
          * @description One entry of a run's timeline: an event, and for attempt starts the
          *     attempt's summary (gap since the previous attempt, outcome, decision).
@@ -1060,6 +1589,29 @@ export interface components {
             run: components["schemas"]["RunView"];
             /** @description True when the run is terminal; false when the timeout passed first. */
             terminal: boolean;
+        };
+        /** @description The registered remote workers. */
+        WorkerList: {
+            /** @description Most recently seen first. */
+            workers: components["schemas"]["WorkerView"][];
+        };
+        /** @description A registered remote worker. */
+        WorkerView: {
+            /** @description When it was first seen. */
+            first_seen_at: string;
+            /** @description The jobs of its last claim. */
+            jobs: string[];
+            /** @description Its last claim or heartbeat. */
+            last_seen_at: string;
+            /** @description Its name. */
+            name: string;
+            /**
+             * Format: int64
+             * @description Runs running under its name now.
+             */
+            running: number;
+            /** @description Its tenant. */
+            tenant: string;
         };
     };
     responses: never;
@@ -2624,6 +3176,1073 @@ export interface operations {
             };
             /** @description A field is wrong (named as `runs[i].field`) */
             422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    claim: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["ClaimRequest"];
+            };
+        };
+        responses: {
+            /** @description The claimed runs (possibly none) */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ClaimResponse"];
+                };
+            };
+            /** @description The body is not JSON (`invalid_json`) */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description No valid token (`unauthorized`) */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Not a worker token (`forbidden`, field `scope`) */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The body is over the limit (`content_too_large`) */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description A job is unknown or not remote, or a field is wrong (named) */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    heartbeat: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["HeartbeatRequest"];
+            };
+        };
+        responses: {
+            /** @description Each lease: held or lost, and cancel requests */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["HeartbeatResponse"];
+                };
+            };
+            /** @description The body is not JSON (`invalid_json`) */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description No valid token (`unauthorized`) */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Not a worker token (`forbidden`, field `scope`) */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The body is over the limit (`content_too_large`) */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The body is not an object, or a field is wrong (`invalid_field`, named) */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    action_begin: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description The run's id */
+                id: string;
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["ActionBeginRequest"];
+            };
+        };
+        responses: {
+            /** @description The decision */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ActionResponse"];
+                };
+            };
+            /** @description A path segment that is not UTF-8 text (`invalid_parameter`) */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description No valid token (`unauthorized`) */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Not a worker token (`forbidden`, field `scope`) */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description No such run in the caller's tenant */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description A stale lease (`stale_lease`, recorded) */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The body is over the limit (`content_too_large`) */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The body is not an object, or a field is wrong (`invalid_field`, named) */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    action_commit: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description The run's id */
+                id: string;
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["ActionCommitRequest"];
+            };
+        };
+        responses: {
+            /** @description `done`, `failed` or `deferred` */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ActionResponse"];
+                };
+            };
+            /** @description A path segment that is not UTF-8 text (`invalid_parameter`) */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description No valid token (`unauthorized`) */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Not a worker token (`forbidden`, field `scope`) */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description No such run in the caller's tenant */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description A stale lease (`stale_lease`, recorded) */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The body is over the limit (`content_too_large`) */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The body is not an object, or a field is wrong (`invalid_field`, named) */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    action_fail: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description The run's id */
+                id: string;
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["ActionFailRequest"];
+            };
+        };
+        responses: {
+            /** @description `failed` (the error to raise) or `deferred` */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ActionResponse"];
+                };
+            };
+            /** @description A path segment that is not UTF-8 text (`invalid_parameter`) */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description No valid token (`unauthorized`) */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Not a worker token (`forbidden`, field `scope`) */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description No such run in the caller's tenant */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description A stale lease (`stale_lease`, recorded) */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The body is over the limit (`content_too_large`) */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The body is not an object, or a field is wrong (`invalid_field`, named) */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    action_reconciled: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description The run's id */
+                id: string;
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["ActionReconciledRequest"];
+            };
+        };
+        responses: {
+            /** @description `done`, `run`, `failed` or `deferred` */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ActionResponse"];
+                };
+            };
+            /** @description A path segment that is not UTF-8 text (`invalid_parameter`) */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description No valid token (`unauthorized`) */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Not a worker token (`forbidden`, field `scope`) */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description No such run in the caller's tenant */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description A stale lease (`stale_lease`, recorded) */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The body is over the limit (`content_too_large`) */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The body is not an object, or a field is wrong (`invalid_field`, named) */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    end: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description The run's id */
+                id: string;
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["EndRequest"];
+            };
+        };
+        responses: {
+            /** @description The run's new status and the retry decision */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["EndResponse"];
+                };
+            };
+            /** @description A path segment that is not UTF-8 text (`invalid_parameter`) */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description No valid token (`unauthorized`) */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Not a worker token (`forbidden`, field `scope`) */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description No such run in the caller's tenant */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The lease no longer holds the run (`stale_lease`, recorded) */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The body is over the limit (`content_too_large`) */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The body is not an object, or a field is wrong (`invalid_field`, named) */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    log: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description The run's id */
+                id: string;
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["LogRequest"];
+            };
+        };
+        responses: {
+            /** @description Recorded */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Empty"];
+                };
+            };
+            /** @description A path segment that is not UTF-8 text (`invalid_parameter`) */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description No valid token (`unauthorized`) */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Not a worker token (`forbidden`, field `scope`) */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description No such run in the caller's tenant */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description A stale lease (`stale_lease`, recorded) */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The body is over the limit (`content_too_large`) */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The body is not an object, or a field is wrong (`invalid_field`, named) */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    progress: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description The run's id */
+                id: string;
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["ProgressRequest"];
+            };
+        };
+        responses: {
+            /** @description Recorded */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Empty"];
+                };
+            };
+            /** @description A path segment that is not UTF-8 text (`invalid_parameter`) */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description No valid token (`unauthorized`) */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Not a worker token (`forbidden`, field `scope`) */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description No such run in the caller's tenant */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description A stale lease (`stale_lease`, recorded) */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The body is over the limit (`content_too_large`) */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The body is not an object, or a field is wrong (`invalid_field`, named) */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    step_complete: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description The run's id */
+                id: string;
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["StepCompleteRequest"];
+            };
+        };
+        responses: {
+            /** @description Stored; whether a cancel was requested */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["StepCompleteResponse"];
+                };
+            };
+            /** @description A path segment that is not UTF-8 text (`invalid_parameter`) */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description No valid token (`unauthorized`) */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Not a worker token (`forbidden`, field `scope`) */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description No such run in the caller's tenant */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description A stale lease (`stale_lease`, recorded), or the step is already stored (`conflict`) */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The body is over the limit (`content_too_large`) */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The body is not an object, or a field is wrong (`invalid_field`, named) */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    step_fail: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description The run's id */
+                id: string;
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["StepFailRequest"];
+            };
+        };
+        responses: {
+            /** @description Recorded */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Empty"];
+                };
+            };
+            /** @description A path segment that is not UTF-8 text (`invalid_parameter`) */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description No valid token (`unauthorized`) */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Not a worker token (`forbidden`, field `scope`) */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description No such run in the caller's tenant */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description A stale lease (`stale_lease`, recorded), or the step is already stored (`conflict`) */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The body is over the limit (`content_too_large`) */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The body is not an object, or a field is wrong (`invalid_field`, named) */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    step_get: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description The run's id */
+                id: string;
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["StepRequest"];
+            };
+        };
+        responses: {
+            /** @description The step, if stored */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["StepGetResponse"];
+                };
+            };
+            /** @description A path segment that is not UTF-8 text (`invalid_parameter`) */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description No valid token (`unauthorized`) */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Not a worker token (`forbidden`, field `scope`) */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description No such run in the caller's tenant */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The lease no longer holds the run (`stale_lease`) */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The body is over the limit (`content_too_large`) */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The body is not an object, or a field is wrong (`invalid_field`, named) */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    workers: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The workers */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["WorkerList"];
+                };
+            };
+            /** @description No valid token (`unauthorized`) */
+            401: {
                 headers: {
                     [name: string]: unknown;
                 };
