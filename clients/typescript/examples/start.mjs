@@ -39,11 +39,16 @@ let stopping = false;
 async function stop() {
   if (stopping) return;
   stopping = true;
-  worker.kill('SIGTERM');
-  await new Promise((r) => (worker.exitCode !== null ? r() : worker.once('exit', r)));
+  if (worker.exitCode === null && worker.signalCode === null) {
+    worker.kill('SIGTERM');
+    await new Promise((r) => worker.once('exit', r));
+  }
   await page.close();
   await docket.stop();
   process.exit(0);
 }
+// Whichever part ends first ends the example.
+docket.child.once('exit', () => void stop());
+worker.once('exit', () => void stop());
 process.on('SIGINT', stop);
 process.on('SIGTERM', stop);

@@ -81,6 +81,11 @@ export interface JobContext {
    */
   readonly signal: AbortSignal;
   /**
+   * An operator cancelled the run: the next `step` or `action` stops the
+   * handler (the run ends `cancelled`). Long loops may check it.
+   */
+  readonly cancelRequested: boolean;
+  /**
    * A durable step: its result is stored once; later attempts of the run
    * get it back without running `fn` again. Names are unique within an
    * attempt. A skipped step (by an operator) answers `undefined`.
@@ -153,6 +158,14 @@ class AttemptEnded extends Error {
   constructor(message: string) {
     super(message);
     this.name = 'AttemptEnded';
+  }
+}
+
+/** Thrown at a step boundary after an operator's cancel. */
+class Cancelled extends Error {
+  constructor() {
+    super('the run was cancelled by an operator: stopped at a step boundary');
+    this.name = 'Cancelled';
   }
 }
 
@@ -266,6 +279,11 @@ class Protocol {
 /** One attempt being run. */
 class Attempt {
   readonly abort = new AbortController();
+  /**
+   * An operator cancelled the run (learnt from the claim, a heartbeat or a
+   * step's completion): the next step or action stops the handler.
+   */
+  cancelRequested = false;
   private readonly steps = new Set<string>();
   private readonly base: string;
 
@@ -274,6 +292,7 @@ class Attempt {
     private readonly proto: Protocol,
   ) {
     this.base = `/runs/${encodeURIComponent(run.run_id)}`;
+    this.cancelRequested = run.cancel_requested;
   }
 
   private async call<T>(what: string, body: Record<string, unknown>): Promise<T> {
@@ -298,6 +317,11 @@ class Attempt {
     }
   }
 
+  /** Stops the handler at a step boundary once a cancel is known. */
+  private boundary(): void {
+    if (this.cancelRequested) throw new Cancelled();
+  }
+
   private uniqueStep(name: string): void {
     if (typeof name !== 'string' || name === '') throw new DocketError('permanent', 'a step name must be non-empty text');
     if (this.steps.has(name)) {
@@ -320,7 +344,12 @@ class Attempt {
       deadline: new Date(r.deadline),
       signal: this.abort.signal,
 
+      get cancelRequested() {
+        return a.cancelRequested;
+      },
+
       async step<T>(name: string, fn: () => T | Promise<T>): Promise<T> {
+        a.boundary();
         a.uniqueStep(name);
         const got = await a.call<{ found: boolean; status?: string; result?: T; attempt_ended?: boolean }>('steps/get', { name });
         a.ended(got);
@@ -340,10 +369,12 @@ class Attempt {
           result: value === undefined ? null : value,
         });
         a.ended(done);
+        if (done.cancel_requested) a.cancelRequested = true;
         return value;
       },
 
       async action<T>(name: string, key: string, fn: (key: string) => T | Promise<T>, options: ActionOptions<T> = {}): Promise<T> {
+        a.boundary();
         a.uniqueStep(name);
         type Answer = { decision: string; result?: T; error?: ErrorJson; message?: string; attempt_ended?: boolean };
         let ans = await a.call<Answer>('actions/begin', { name, key });
@@ -440,6 +471,10 @@ class Attempt {
       if (err instanceof AttemptEnded) return;
       if (err instanceof Postpone) {
         end = { outcome: 'postponed', until: err.until.toISOString() };
+      } else if (err instanceof Cancelled) {
+        // The server ends a run whose cancel was requested `cancelled`,
+        // whatever the outcome says; this one records why the handler stopped.
+        end = { outcome: 'failed', error: { class: 'permanent', message: err.message } };
       } else if (err instanceof NeedsInput) {
         end = { outcome: 'needs_input', name: err.inputName, request: err.request ?? null };
       } else {
@@ -505,6 +540,7 @@ export function createWorker(options: WorkerOptions): Worker {
       for (const l of ans.leases ?? []) {
         const a = attempts.get(l.lease_id);
         if (a && !l.held) a.abort.abort(new AttemptEnded(`lease ${l.lease_id} was lost`));
+        if (a && l.cancel_requested) a.cancelRequested = true;
       }
     } catch (e) {
       onError(e);

@@ -202,6 +202,105 @@ test('postpone suspends without spending an attempt; log and progress are events
   assert.ok(d.attempts.every((a) => a.error_class == null), 'no failure recorded');
 });
 
+test('an operator skips a failed step; the handler continues past it', async () => {
+  handler = async (ctx) => {
+    const fetched = await ctx.step('fetch-profile', () => {
+      throw new DocketError('permanent', 'profile service says no');
+    });
+    const after = await ctx.step('after', () => 'ran');
+    return { fetched: fetched ?? 'skipped', after };
+  };
+  const { run } = await client.trigger('ts-job', {});
+  const failed = await done(run.id);
+  assert.equal(failed.status, 'failed');
+  const d = await client.getRun(run.id);
+  assert.equal(d.steps.find((s) => s.name === 'fetch-profile').status, 'failed');
+  await client.skip(run.id, { comment: 'profile not needed' });
+  const r = await done(run.id);
+  assert.equal(r.status, 'completed');
+  assert.deepEqual(r.output, { fetched: 'skipped', after: 'ran' });
+});
+
+test('a cancel while running stops the handler at its next step boundary', async () => {
+  const inside = deferred();
+  const release = deferred();
+  let reachedThird = false;
+  let seen;
+  handler = async (ctx) => {
+    await ctx.step('one', () => 1);
+    inside.resolve();
+    await release.promise;
+    // The worker learns of the cancel from the server: here from this
+    // step's completion (or a heartbeat, whichever comes first).
+    await ctx.step('two', () => 2);
+    seen = ctx.cancelRequested;
+    await ctx.step('three', () => {
+      reachedThird = true;
+    });
+    return 'finished';
+  };
+  const { run } = await client.trigger('ts-job', {});
+  await inside.promise;
+  const c = await client.cancel(run.id, { comment: 'stop it' });
+  assert.equal(c.cancel_requested, true);
+  release.resolve();
+  const r = await done(run.id);
+  assert.equal(r.status, 'cancelled');
+  assert.equal(seen, true);
+  assert.equal(reachedThird, false);
+  const d = await client.getRun(run.id);
+  assert.deepEqual(d.steps.map((s) => s.name).sort(), ['one', 'two']);
+});
+
+test('two workers, one action key, a slow service: one effect', async () => {
+  let sends = 0;
+  const inService = deferred();
+  const release = deferred();
+  const slow = async (ctx, input) =>
+    ctx.action('charge', `order-${input.order}/charge`, async () => {
+      sends += 1;
+      inService.resolve();
+      await release.promise;
+      return { charge: 'ch-1' };
+    });
+  handler = slow;
+  const second = worker({ 'ts-job': (ctx, input) => handler(ctx, input) }, { name: 'second-worker' });
+  // Two runs carrying the same business key (a duplicate dispatch).
+  const a = (await client.trigger('ts-job', { order: 99 })).run;
+  await inService.promise;
+  const b = (await client.trigger('ts-job', { order: 99 })).run;
+  // b's attempt finds the key in flight: the server defers it.
+  const deferredEvent = await client.events({ runId: b.id, lastEventId: 0, kinds: ['action_in_flight'] })[Symbol.asyncIterator]().next();
+  assert.equal(deferredEvent.value.kind, 'action_in_flight');
+  release.resolve();
+  const ra = await done(a.id);
+  const rb = await done(b.id);
+  assert.deepEqual(ra.output, { charge: 'ch-1' });
+  assert.deepEqual(rb.output, { charge: 'ch-1' });
+  assert.equal(sends, 1, 'the service was called once');
+  const db = await client.getRun(b.id);
+  assert.ok(db.events.some((e) => e.kind === 'duplicate_suppressed'));
+  await second.stop();
+});
+
+test('the job timeout aborts the handler: the attempt fails `timeout` and is retried', async () => {
+  const w = worker(
+    {
+      'ts-other': async (ctx) => {
+        if (ctx.attempt === 1) await new Promise((_, reject) => ctx.signal.addEventListener('abort', () => reject(ctx.signal.reason)));
+        return { attempt: ctx.attempt, aborted: ctx.signal.aborted };
+      },
+    },
+    { name: 'deadline' },
+  );
+  const { run } = await client.trigger('ts-other', {});
+  const r = await done(run.id);
+  assert.deepEqual(r.output, { attempt: 2, aborted: false });
+  const d = await client.getRun(run.id);
+  assert.equal(d.attempts[0].error_class, 'timeout');
+  await w.stop();
+});
+
 test('concurrency bounds the handlers running at once', async () => {
   let now = 0;
   let peak = 0;
