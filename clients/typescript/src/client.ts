@@ -29,6 +29,9 @@ export type Health = S['Health'];
 /** The seed's command envelope's answer. */
 export type CommandResponse = S['CommandResponse'];
 
+/** A remote worker seen by the server (`GET /api/workers`). */
+export type WorkerInfo = S['WorkerView'];
+
 /** A run's status. */
 export type RunStatus =
   | 'pending'
@@ -379,6 +382,11 @@ export class DocketClient {
   /** The registered jobs with this tenant's run counts. */
   async jobs(): Promise<JobList['jobs']> {
     return (await this.request<JobList>('GET', '/api/jobs')).data.jobs;
+  }
+
+  /** The remote workers seen in this tenant, most recent first, with their last heartbeat and jobs. */
+  async workers(): Promise<WorkerInfo[]> {
+    return (await this.request<S['WorkerList']>('GET', '/api/workers')).data.workers;
   }
 
   /** A run's attempt timeline and forensic verdicts. */

@@ -7,27 +7,12 @@
 
 import { DocketApiError, DocketError, classify, type ErrorClass } from './errors.js';
 import type { ClientOptions } from './client.js';
+import type { components } from './generated/api.js';
 
 const PREFIX = '/api/worker/v1';
 
-/** A run as the claim hands it to the worker. */
-export interface ClaimedRun {
-  run_id: string;
-  job: string;
-  tenant: string;
-  input: unknown;
-  variables: Record<string, unknown>;
-  attempt: number;
-  lease_id: string;
-  lease_expires_at: string;
-  lease_ms: number;
-  heartbeat_ms: number;
-  idempotency_key: string | null;
-  correlation_id: string | null;
-  deadline: string;
-  timeout_ms: number;
-  cancel_requested: boolean;
-}
+/** A run as the claim hands it to the worker (from the OpenAPI document). */
+export type ClaimedRun = components['schemas']['ClaimedRunView'];
 
 /** What a reconcile function found out about an action whose outcome was unknown. */
 export type ReconcileResult =
@@ -338,7 +323,7 @@ class Attempt {
       job: r.job,
       tenant: r.tenant,
       attempt: r.attempt,
-      idempotencyKey: r.idempotency_key,
+      idempotencyKey: r.idempotency_key ?? null,
       correlationId: r.correlation_id ?? r.run_id,
       variables: r.variables ?? {},
       deadline: new Date(r.deadline),

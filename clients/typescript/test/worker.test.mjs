@@ -91,6 +91,10 @@ test('steps are stored once and replayed on the retry the policy scheduled', asy
   assert.equal(d.attempts[0].worker, 'main-worker');
   assert.ok(d.attempts[0].retry, 'the server scheduled the retry');
   assert.equal(d.steps.find((s) => s.name === 'load').status, 'completed');
+  const seen = (await client.workers()).find((w) => w.name === 'main-worker');
+  assert.deepEqual(seen.jobs, ['ts-job']);
+  assert.equal(seen.tenant, 'acme');
+  assert.ok(new Date(seen.last_seen_at).getTime() > Date.now() - 60_000);
 });
 
 test('an action runs once across attempts: replayed after a later failure', async () => {
