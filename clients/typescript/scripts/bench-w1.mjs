@@ -27,7 +27,7 @@ const config = join(tmp.dir, 'docket.toml');
 writeFileSync(config, '[jobs.w1]\nremote = true\n');
 const operator = createToken(db, 'bench', 'bench');
 const workerToken = createToken(db, 'bench', 'bench-worker', 'worker');
-const server = await startDocket({ db, args: ['--config', config], env: { DOCKET_LOG: 'warn' } });
+const server = await startDocket({ db, args: ['--config', config], env: { DOCKET_LOG: 'warn,docket_server=info,docket_server::http=warn' } });
 try {
   const client = new DocketClient({ url: server.url, token: operator });
   let t0 = performance.now();

@@ -56,9 +56,9 @@ export interface DocketErrorOptions {
 
 /**
  * A handler's failure with one of Docket's classes. Throw it from a job
- * handler (or from `ctx.step`/`ctx.action`); anything else thrown counts as
- * `permanent`... unless it is a network error of `fetch`, which counts as
- * `network` (see {@link classify}).
+ * handler (or from `ctx.step`/`ctx.action`); anything else thrown is
+ * classified by {@link classify}: `fetch`'s network failures are `network`,
+ * `AbortSignal.timeout` aborts `timeout`, the rest `permanent`.
  *
  * ```ts
  * throw new DocketError('rate_limited', 'CRM quota', { retryAfter: 30_000 })
