@@ -9,18 +9,44 @@ import assert from 'node:assert/strict';
 import { existsSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import { chromium } from 'playwright-core';
-import { server } from './helpers.mjs';
+import { writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { createWorker } from '@docket/client';
+import { server, createToken, tempDir, deferred } from './helpers.mjs';
 import { servePage } from '../scripts/serve-page.mjs';
 
 const WAIT = 20_000;
 const executablePath = process.env.DOCKET_CHROMIUM || '/usr/bin/chromium';
 
-let s, page, browser, site;
+// A remote job served by a TypeScript worker in this process, for
+// useRun's live progress and steps.
+let s, page, browser, site, worker, cfg;
+const gate = { release: deferred(), reported: deferred() };
 before(async () => {
   if (!existsSync(executablePath)) {
     throw new Error(`no Chromium at ${executablePath}: install Debian's chromium (.ci/run does) or set DOCKET_CHROMIUM`);
   }
-  s = await server();
+  cfg = tempDir();
+  const config = join(cfg.dir, 'docket.toml');
+  writeFileSync(config, '[jobs.ts-progress]\nremote = true\n');
+  s = await server({ args: ['--config', config] });
+  worker = createWorker({
+    url: s.url,
+    token: createToken(s.db, 'acme', 'page-worker', 'worker'),
+    handleSignals: false,
+    claimWaitMs: 2000,
+    jobs: {
+      'ts-progress': async (ctx) => {
+        await ctx.step('load', () => 'rows');
+        await ctx.progress(1, 3, 'first batch');
+        gate.reported.resolve();
+        await gate.release.promise;
+        await ctx.step('import', () => 3);
+        await ctx.progress(3, 3, 'done');
+        return 'imported';
+      },
+    },
+  });
   site = await servePage({ entry: fileURLToPath(new URL('./react/app.jsx', import.meta.url)), upstream: s.url });
   browser = await chromium.launch({ executablePath, args: ['--no-sandbox', '--disable-dev-shm-usage'] });
   page = await browser.newPage();
@@ -36,9 +62,11 @@ before(async () => {
   await page.waitForSelector('#runs[data-loading="false"]', { timeout: WAIT });
 });
 after(async () => {
+  await worker?.stop(1000);
   await browser?.close();
   await site?.close();
   await s?.close();
+  cfg?.remove();
 });
 
 const row = (id) => `li.run[data-id="${id}"]`;
@@ -98,6 +126,16 @@ test('Retrigger makes a new run that appears in the list; Cancel cancels a pendi
   await page.waitForSelector(`${row(later.id)}[data-status="pending"]`, { timeout: WAIT });
   await page.click(`${row(later.id)} button.cancel`);
   await page.waitForSelector(`${row(later.id)}[data-status="cancelled"][data-live-status="cancelled"]`, { timeout: WAIT });
+});
+
+test("useRun shows a TypeScript worker's progress and steps live", async () => {
+  const { run } = await s.client.trigger('ts-progress', {});
+  await gate.reported.promise;
+  await page.waitForSelector(`${row(run.id)} .progress:text("1/3: first batch")`, { timeout: WAIT });
+  assert.equal(await page.textContent(`${row(run.id)} .steps`), 'load');
+  gate.release.resolve();
+  await page.waitForSelector(`${row(run.id)}[data-status="completed"] .progress:text("3/3: done")`, { timeout: WAIT });
+  assert.equal(await page.textContent(`${row(run.id)} .steps`), 'load,import');
 });
 
 test('a run waiting for input is approved from the page', async () => {

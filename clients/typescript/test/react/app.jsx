@@ -44,7 +44,9 @@ function Row({ run }) {
     <li className="run" data-id={run.id} data-status={run.status} data-live-status={live.status ?? ''}>
       <span className="job">{run.job}</span> <span className="status">{run.status}</span>{' '}
       <span className="attempts">{live.detail ? live.detail.attempts.length : ''}</span>{' '}
-      <span className="error">{live.error ?? ''}</span>
+      <span className="error">{live.error ?? ''}</span>{' '}
+      <span className="progress">{live.progress ? `${live.progress.current}/${live.progress.total}: ${live.progress.message}` : ''}</span>{' '}
+      <span className="steps">{live.steps.map((s) => s.name).join(',')}</span>
       {run.status === 'failed' && (
         <button className="retry" onClick={() => actions.retry(run.id, { updatedVariables: { from: 'page' }, comment: 'retried from the page' })}>
           Retry
