@@ -305,6 +305,47 @@ test('the job timeout aborts the handler: the attempt fails `timeout` and is ret
   await w.stop();
 });
 
+test("a late end after the lease lapsed is refused and recorded; the policy retried the run", async () => {
+  // This worker's heartbeats fail and its first `end` is held back until
+  // the server has reaped the lease: the end arrives stale.
+  const heldEnd = deferred();
+  let held = false;
+  const errors = [];
+  const fetchLate = async (url, init) => {
+    if (url.endsWith('/heartbeat')) throw new TypeError('fetch failed');
+    if (url.endsWith('/end') && !held) {
+      held = true;
+      await heldEnd.promise;
+    }
+    return fetch(url, init);
+  };
+  const w = worker(
+    {
+      'ts-other': async (ctx) => {
+        if (ctx.attempt === 1) throw new DocketError('unavailable', 'first try');
+        return { attempt: ctx.attempt };
+      },
+    },
+    { name: 'late', fetch: fetchLate, onError: (e) => errors.push(e) },
+  );
+  const { run } = await client.trigger('ts-other', {});
+  const r = await done(run.id);
+  assert.deepEqual(r.output, { attempt: 2 });
+  const refused = client.events({ runId: run.id, lastEventId: 0, kinds: ['stale_write_refused'] });
+  heldEnd.resolve();
+  const ev = (await refused[Symbol.asyncIterator]().next()).value;
+  refused.close();
+  assert.equal(ev.kind, 'stale_write_refused');
+  const d = await client.getRun(run.id);
+  assert.equal(ev.lease_id, d.attempts[0].lease_id, 'the stale lease is named');
+  assert.equal(ev.data.attempted, 'failed');
+  assert.equal(ev.data.error_class, 'unavailable');
+  assert.equal(d.attempts[0].error_class, 'lease_expired');
+  assert.equal(d.run.status, 'completed', 'the stale end changed nothing');
+  assert.ok(!errors.some((e) => e instanceof DocketApiError), 'a stale end is expected, not an error');
+  await w.stop();
+});
+
 test('concurrency bounds the handlers running at once', async () => {
   let now = 0;
   let peak = 0;
