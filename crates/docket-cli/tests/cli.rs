@@ -607,3 +607,116 @@ fn sigterm_stops_the_server_when_its_log_is_a_closed_pipe() {
     };
     assert_eq!(code.unwrap(), Some(0));
 }
+
+/// POSTs JSON with curl; the status and the body.
+fn curl_post(url: &str, token: &str, body: &str) -> (u16, serde_json::Value) {
+    let out = Command::new("curl")
+        .args(["-s", "-w", "\n%{http_code}", "-X", "POST", url])
+        .args(["-H", &format!("Authorization: Bearer {token}")])
+        .args(["-H", "Content-Type: application/json", "-d", body])
+        .output()
+        .expect("curl runs");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap();
+    (
+        code.trim().parse().unwrap(),
+        serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+/// A remote job declared in docket.toml, a worker token from
+/// `docket token create --scope worker`, a remote worker (curl) claiming
+/// and completing the run, and `docket workers` listing it.
+#[test]
+fn a_remote_worker_with_a_worker_token_end_to_end() {
+    let db = tmp_db();
+    let token = |name: &str, scope: &[&str]| {
+        let mut args = vec![
+            "token", "create", "--tenant", "acme", "--name", name, "--db", &db,
+        ];
+        args.extend_from_slice(scope);
+        let (code, secret, err) = docket(&args, &[]);
+        assert_eq!(code, 0, "{err}");
+        (secret.trim().to_string(), err)
+    };
+    let (op, _) = token("ops", &[]);
+    let (wk, err) = token("ts-worker", &["--scope", "worker"]);
+    assert!(err.contains("created worker token"), "{err}");
+    let (code, _, err) = docket(
+        &[
+            "token", "create", "--tenant", "acme", "--name", "x", "--scope", "root", "--db", &db,
+        ],
+        &[],
+    );
+    assert_eq!(code, 2, "a bad scope is a usage error");
+    assert!(err.contains("unknown token scope `root`"), "{err}");
+    let (_, list, _) = docket(&["token", "list", "--db", &db], &[]);
+    assert!(list.contains("SCOPE"), "{list}");
+    assert!(
+        list.contains("worker") && list.contains("operator"),
+        "{list}"
+    );
+
+    let dir = std::path::Path::new(&db).parent().unwrap().to_path_buf();
+    let toml = dir.join("docket.toml");
+    std::fs::write(
+        &toml,
+        "[jobs.send-welcome]\nremote = true\njob_timeout_ms = 5000\nlease_ms = 20000\n\
+         input_schema = { type = \"object\", required = [\"email\"] }\n",
+    )
+    .unwrap();
+    let s = serve(&db, &["--config", toml.to_str().unwrap()]);
+    let env = [
+        ("DOCKET_URL", s.url.as_str()),
+        ("DOCKET_TOKEN", op.as_str()),
+    ];
+    let (code, out, err) = docket(
+        &["trigger", "send-welcome", r#"{"email":"a@example.com"}"#],
+        &env,
+    );
+    assert_eq!(code, 0, "{out} {err}");
+    let claim = format!("{}/api/worker/v1/claim", s.url);
+    let body = r#"{"worker":"ts-1","jobs":["send-welcome"],"max":1,"wait_ms":5000}"#;
+    // The operator token cannot claim.
+    let (st, _) = curl_post(&claim, &op, body);
+    assert_eq!(st, 403);
+    let (st, v) = curl_post(&claim, &wk, body);
+    assert_eq!(st, 200, "{v}");
+    let run = &v["runs"][0];
+    assert_eq!(run["input"]["email"], "a@example.com", "{v}");
+    assert_eq!(run["timeout_ms"], 5000);
+    let end = format!(
+        "{}/api/worker/v1/runs/{}/end",
+        s.url,
+        run["run_id"].as_str().unwrap()
+    );
+    let (st, v) = curl_post(
+        &end,
+        &wk,
+        &format!(
+            r#"{{"lease_id":"{}","outcome":"completed","output":{{"sent":true}}}}"#,
+            run["lease_id"].as_str().unwrap()
+        ),
+    );
+    assert_eq!(
+        (st, v["status"].clone()),
+        (200, serde_json::json!("completed"))
+    );
+    let (code, out, err) = docket(&["workers"], &env);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("ts-1") && out.contains("send-welcome"),
+        "{out}"
+    );
+    // A worker token is refused by the operator commands.
+    let (code, _, err) = docket(
+        &["workers"],
+        &[
+            ("DOCKET_URL", s.url.as_str()),
+            ("DOCKET_TOKEN", wk.as_str()),
+        ],
+    );
+    assert_ne!(code, 0);
+    assert!(err.contains("scope"), "{err}");
+    assert_eq!(terminate(s), 0);
+}

@@ -22,7 +22,7 @@ pub const MAX_DELAY_MS: u64 = 3_155_760_000_000;
 /// accepts other days and numeric offsets; the description says so.
 const TIME_PATTERN: &str = r"^(19[7-9][0-9]|[2-9][0-9]{3})-(0[1-9]|1[0-2])-(0[1-9]|1[0-9]|2[0-8])T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]{1,3})?Z$";
 
-fn time_schema(nullable: bool, what: &str) -> Value {
+pub(crate) fn time_schema(nullable: bool, what: &str) -> Value {
     json!({
         "type": if nullable { json!(["string", "null"]) } else { json!("string") },
         "pattern": TIME_PATTERN,
@@ -47,7 +47,7 @@ fn prop<'a>(doc: &'a mut Value, schema: &str, field: &str) -> Option<&'a mut Val
     doc.pointer_mut(&format!("/components/schemas/{schema}/properties/{field}"))
 }
 
-fn set(doc: &mut Value, schema: &str, field: &str, value: Value) {
+pub(crate) fn set(doc: &mut Value, schema: &str, field: &str, value: Value) {
     if let Some(p) = prop(doc, schema, field) {
         let description = p.get("description").cloned();
         *p = value;
@@ -57,7 +57,7 @@ fn set(doc: &mut Value, schema: &str, field: &str, value: Value) {
     }
 }
 
-fn merge(doc: &mut Value, schema: &str, field: &str, extra: Value) {
+pub(crate) fn merge(doc: &mut Value, schema: &str, field: &str, extra: Value) {
     if let (Some(Value::Object(p)), Value::Object(e)) = (prop(doc, schema, field), extra) {
         p.extend(e);
     }
@@ -70,6 +70,7 @@ pub fn complete(doc: &mut Value, jobs: &[String]) {
     operations(doc);
     requests(doc, jobs);
     responses(doc);
+    crate::worker_api::complete_openapi(doc);
 }
 
 fn operations(doc: &mut Value) {

@@ -198,7 +198,7 @@ pub struct EndRequest {
 
 /// A retry the policy scheduled.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
-pub struct RetryView {
+pub struct WorkerRetryView {
     /// When the run is due again.
     pub at: String,
     /// The delay the policy chose.
@@ -215,7 +215,7 @@ pub struct EndResponse {
     /// The run's status now.
     pub status: String,
     /// The retry scheduled, if any.
-    pub retry: Option<RetryView>,
+    pub retry: Option<WorkerRetryView>,
     /// Why the run failed for good, if it did.
     pub terminal_reason: Option<String>,
 }
@@ -431,6 +431,172 @@ pub struct WorkerList {
     pub workers: Vec<WorkerView>,
 }
 
+// ---- the OpenAPI document ----
+
+/// What the derive cannot say about the worker protocol's shapes: ranges,
+/// enums, "any JSON" values (so generated clients get exact types).
+pub(crate) fn complete_openapi(doc: &mut Value) {
+    use crate::openapi::{merge, set, time_schema};
+    use serde_json::json;
+    let any = |what: &str| json!({ "description": what });
+    let uuid = json!({ "type": "string", "format": "uuid" });
+    let name = json!({ "type": "string", "pattern": "^[A-Za-z0-9._@-]{1,100}$" });
+    set(doc, "ClaimRequest", "worker", name.clone());
+    set(doc, "HeartbeatRequest", "worker", name);
+    merge(
+        doc,
+        "ClaimRequest",
+        "jobs",
+        json!({ "minItems": 1, "maxItems": MAX_CLAIM_JOBS }),
+    );
+    set(
+        doc,
+        "ClaimRequest",
+        "max",
+        json!({ "type": ["integer", "null"], "minimum": 1, "maximum": MAX_CLAIM }),
+    );
+    set(
+        doc,
+        "ClaimRequest",
+        "wait_ms",
+        json!({ "type": ["integer", "null"], "minimum": 0, "maximum": MAX_CLAIM_WAIT_MS }),
+    );
+    merge(
+        doc,
+        "HeartbeatRequest",
+        "leases",
+        json!({ "maxItems": MAX_HEARTBEAT_LEASES }),
+    );
+    for schema in ["LeaseItem", "LeaseStateView"] {
+        set(doc, schema, "run_id", uuid.clone());
+        set(doc, schema, "lease_id", uuid.clone());
+    }
+    for schema in [
+        "EndRequest",
+        "StepRequest",
+        "StepCompleteRequest",
+        "StepFailRequest",
+        "ActionBeginRequest",
+        "ActionCommitRequest",
+        "ActionFailRequest",
+        "ActionReconciledRequest",
+        "ProgressRequest",
+        "LogRequest",
+    ] {
+        set(doc, schema, "lease_id", uuid.clone());
+    }
+    let label = json!({ "type": "string", "minLength": 1, "maxLength": MAX_NAME });
+    for schema in [
+        "StepRequest",
+        "StepCompleteRequest",
+        "StepFailRequest",
+        "ActionBeginRequest",
+        "ActionCommitRequest",
+        "ActionFailRequest",
+        "ActionReconciledRequest",
+    ] {
+        set(doc, schema, "name", label.clone());
+    }
+    for schema in [
+        "ActionBeginRequest",
+        "ActionCommitRequest",
+        "ActionFailRequest",
+        "ActionReconciledRequest",
+    ] {
+        set(doc, schema, "key", label.clone());
+    }
+    set(
+        doc,
+        "EndRequest",
+        "name",
+        json!({ "type": ["string", "null"], "minLength": 1, "maxLength": MAX_NAME }),
+    );
+    let text = json!({ "type": "string", "maxLength": MAX_MESSAGE });
+    set(doc, "FailureBody", "message", text.clone());
+    set(doc, "LogRequest", "message", text);
+    set(
+        doc,
+        "ProgressRequest",
+        "message",
+        json!({ "type": ["string", "null"], "maxLength": MAX_MESSAGE }),
+    );
+    for field in ["action", "key"] {
+        set(
+            doc,
+            "FailureBody",
+            field,
+            json!({ "type": ["string", "null"], "maxLength": MAX_NAME }),
+        );
+    }
+    let classes: Vec<&str> = ErrorClass::ALL.iter().map(|c| c.as_str()).collect();
+    set(
+        doc,
+        "FailureBody",
+        "class",
+        json!({ "type": "string", "enum": classes }),
+    );
+    set(
+        doc,
+        "FailureBody",
+        "retry_after_ms",
+        json!({ "type": ["integer", "null"], "minimum": 0 }),
+    );
+    set(
+        doc,
+        "EndRequest",
+        "outcome",
+        json!({ "type": "string", "enum": ["completed", "failed", "postponed", "needs_input"] }),
+    );
+    set(
+        doc,
+        "EndRequest",
+        "until",
+        time_schema(true, "`postponed`: not before this instant:"),
+    );
+    set(
+        doc,
+        "EndRequest",
+        "output",
+        any("`completed`: the output, any JSON."),
+    );
+    set(
+        doc,
+        "EndRequest",
+        "request",
+        any("`needs_input`: what it asks for, any JSON."),
+    );
+    set(
+        doc,
+        "ActionReconciledRequest",
+        "found",
+        json!({ "type": "string", "enum": ["committed", "not_done", "still_unknown", "error", "no_reconcile"] }),
+    );
+    set(
+        doc,
+        "LogRequest",
+        "level",
+        json!({ "type": "string", "enum": ["debug", "info", "warn", "error"] }),
+    );
+    set(
+        doc,
+        "ActionResponse",
+        "decision",
+        json!({ "type": "string", "enum": ["replay", "skipped", "committed", "run", "reconcile", "done", "failed", "deferred", "cancelled"] }),
+    );
+    for (schema, field) in [
+        ("ClaimedRunView", "input"),
+        ("ClaimedRunView", "variables"),
+        ("StepGetResponse", "result"),
+        ("StepCompleteRequest", "result"),
+        ("ActionCommitRequest", "result"),
+        ("ActionReconciledRequest", "result"),
+        ("ActionResponse", "result"),
+        ("LogRequest", "data"),
+    ] {
+        set(doc, schema, field, any("Any JSON."));
+    }
+}
+
 // ---- checks ----
 
 fn run_id(s: &str) -> ApiResult<RunId> {
@@ -531,7 +697,7 @@ fn failure_view(e: &JobError) -> FailureBody {
 fn end_view(e: EndAnswer) -> EndResponse {
     EndResponse {
         status: e.status.to_string(),
-        retry: e.retry.map(|r| RetryView {
+        retry: e.retry.map(|r| WorkerRetryView {
             at: r.eligible_at.to_rfc3339(),
             delay_ms: r.delay_ms,
             policy: r.policy,
@@ -763,47 +929,48 @@ pub async fn end(
     ApiJson(req): ApiJson<EndRequest>,
 ) -> ApiResult<Json<EndResponse>> {
     let lease = lease(&id, &req.lease_id)?;
-    let end =
-        match req.outcome.as_str() {
-            "completed" => RemoteEnd::Completed(req.output.unwrap_or(Value::Null)),
-            "failed" => {
-                let Some(e) = req.error else {
-                    return Err(ApiError::invalid_field(
-                        "error",
-                        "`error` is required with outcome `failed`",
-                    ));
-                };
-                RemoteEnd::Failed(failure("error", e)?)
+    let end = match req.outcome.as_str() {
+        "completed" => RemoteEnd::Completed(req.output.unwrap_or(Value::Null)),
+        "failed" => {
+            let Some(e) = req.error else {
+                return Err(ApiError::invalid_field(
+                    "error",
+                    "`error` is required with outcome `failed`",
+                ));
+            };
+            RemoteEnd::Failed(failure("error", e)?)
+        }
+        "postponed" => {
+            let Some(until) = req.until else {
+                return Err(ApiError::invalid_field(
+                    "until",
+                    "`until` is required with outcome `postponed`",
+                ));
+            };
+            RemoteEnd::Postponed(time("until", &until)?)
+        }
+        "needs_input" => {
+            let Some(n) = req.name else {
+                return Err(ApiError::invalid_field(
+                    "name",
+                    "`name` is required with outcome `needs_input`",
+                ));
+            };
+            name("name", &n)?;
+            RemoteEnd::NeedsInput {
+                name: n,
+                request: req.request.unwrap_or(Value::Null),
             }
-            "postponed" => {
-                let Some(until) = req.until else {
-                    return Err(ApiError::invalid_field(
-                        "until",
-                        "`until` is required with outcome `postponed`",
-                    ));
-                };
-                RemoteEnd::Postponed(time("until", &until)?)
-            }
-            "needs_input" => {
-                let Some(n) = req.name else {
-                    return Err(ApiError::invalid_field(
-                        "name",
-                        "`name` is required with outcome `needs_input`",
-                    ));
-                };
-                name("name", &n)?;
-                RemoteEnd::NeedsInput {
-                    name: n,
-                    request: req.request.unwrap_or(Value::Null),
-                }
-            }
-            other => return Err(ApiError::invalid_field(
+        }
+        other => {
+            return Err(ApiError::invalid_field(
                 "outcome",
                 format!(
                     "`outcome`: `{other}` is not one of completed, failed, postponed, needs_input"
                 ),
-            )),
-        };
+            ))
+        }
+    };
     let ended = state.docket.remote_end(tenant(&caller), lease, end).await?;
     state.hub.nudge();
     Ok(Json(end_view(ended)))

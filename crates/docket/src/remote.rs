@@ -228,22 +228,36 @@ impl Docket {
     /// job's check is ended at once (`invalid_input`, through the policy, as
     /// in-process) and not handed out.
     pub async fn remote_claim(&self, req: &RemoteClaim) -> Result<Vec<ClaimedRun>> {
-        let mut by_lease: BTreeMap<Duration, Vec<String>> = BTreeMap::new();
+        self.remote_seen(req).await?;
+        self.remote_claim_once(req).await
+    }
+
+    /// Records the claiming worker in the roster (once per claim call, not
+    /// per look of a long poll).
+    async fn remote_seen(&self, req: &RemoteClaim) -> Result<()> {
         for name in &req.jobs {
-            let j = self.remote_job(name)?;
-            by_lease.entry(j.lease).or_default().push(name.clone());
+            self.remote_job(name)?;
         }
-        let now = self.clock().now();
         if let Some(tenant) = &req.tenant {
             self.store()
                 .touch_worker(WorkerSeen {
                     tenant: tenant.clone(),
                     name: req.worker.clone(),
                     jobs: Some(req.jobs.clone()),
-                    now,
+                    now: self.clock().now(),
                 })
                 .await?;
         }
+        Ok(())
+    }
+
+    async fn remote_claim_once(&self, req: &RemoteClaim) -> Result<Vec<ClaimedRun>> {
+        let mut by_lease: BTreeMap<Duration, Vec<String>> = BTreeMap::new();
+        for name in &req.jobs {
+            let j = self.remote_job(name)?;
+            by_lease.entry(j.lease).or_default().push(name.clone());
+        }
+        let now = self.clock().now();
         let max = req.max.clamp(1, MAX_CLAIM);
         let claims: Vec<ClaimRequest> = by_lease
             .into_iter()
@@ -313,10 +327,11 @@ impl Docket {
     ) -> Result<Vec<ClaimedRun>> {
         let deadline = tokio::time::Instant::now() + wait.min(MAX_CLAIM_WAIT);
         let mut wake = self.remote_wake().await;
+        self.remote_seen(req).await?;
         tokio::pin!(stop);
         loop {
             wake.borrow_and_update();
-            let runs = self.remote_claim(req).await?;
+            let runs = self.remote_claim_once(req).await?;
             if !runs.is_empty() || tokio::time::Instant::now() >= deadline {
                 return Ok(runs);
             }

@@ -576,6 +576,20 @@ async fn openapi_has_every_route() {
         ("post", "/api/connections/{name}/disable"),
         ("post", "/api/connections/{name}/expire"),
         ("get", "/api/breakers"),
+        // The worker protocol (docs/WORKER_PROTOCOL.md).
+        ("post", "/api/worker/v1/claim"),
+        ("post", "/api/worker/v1/heartbeat"),
+        ("post", "/api/worker/v1/runs/{id}/end"),
+        ("post", "/api/worker/v1/runs/{id}/steps/get"),
+        ("post", "/api/worker/v1/runs/{id}/steps/complete"),
+        ("post", "/api/worker/v1/runs/{id}/steps/fail"),
+        ("post", "/api/worker/v1/runs/{id}/actions/begin"),
+        ("post", "/api/worker/v1/runs/{id}/actions/commit"),
+        ("post", "/api/worker/v1/runs/{id}/actions/fail"),
+        ("post", "/api/worker/v1/runs/{id}/actions/reconciled"),
+        ("post", "/api/worker/v1/runs/{id}/progress"),
+        ("post", "/api/worker/v1/runs/{id}/log"),
+        ("get", "/api/workers"),
     ];
     for (m, p) in expected {
         assert!(

@@ -79,21 +79,76 @@ async fn schemathesis_finds_no_5xx_and_no_schema_violation() {
             .map(|p| format!(
                 "\n[[operations]]\ninclude-path = \"{p}\"\nchecks.positive_data_acceptance.enabled = false\n"
             ))
-            .collect::<String>(),
+            .collect::<String>()
+        ),
     )
     .unwrap();
-    let child = tokio::process::Command::new(&bin)
-        .current_dir(&dir)
+    let (ok, text) = run(
+        &bin,
+        &dir,
+        &config,
+        &s,
+        &s.a,
+        &[
+            // Streams and long polls answer only when something happens or
+            // their timeout passes: not request/response operations to fuzz.
+            "--exclude-path",
+            "/api/events",
+            "--exclude-path",
+            "/api/runs/{id}/wait",
+        ],
+    )
+    .await;
+    let operator = (ok, text);
+    // The worker protocol with a worker token (the run above had an
+    // operator token: every worker call answered 403). The claim is a long
+    // poll: left out.
+    let t = docket_server::auth::issue_scoped_token(
+        "acme",
+        "fuzz-worker",
+        docket_store::TokenScope::Worker,
+        s.docket.clock().now(),
+    )
+    .unwrap();
+    s.docket.store().create_token(t.record).await.unwrap();
+    let (ok, text) = run(
+        &bin,
+        &dir,
+        &config,
+        &s,
+        &t.secret,
+        &[
+            "--include-path-regex",
+            "^/api/worker/v1/",
+            "--exclude-path",
+            "/api/worker/v1/claim",
+        ],
+    )
+    .await;
+    let _ = std::fs::remove_dir_all(&dir);
+    s.stop().await;
+    assert!(operator.0, "schemathesis failed:\n{}", operator.1);
+    assert!(ok, "schemathesis (worker token) failed:\n{text}");
+}
+
+/// One schemathesis run against `s` with `token`: success and its output.
+async fn run(
+    bin: &str,
+    dir: &std::path::Path,
+    config: &std::path::Path,
+    s: &TestServer,
+    token: &str,
+    filters: &[&str],
+) -> (bool, String) {
+    let child = tokio::process::Command::new(bin)
+        .current_dir(dir)
         .arg("--config-file")
-        .arg(&config)
+        .arg(config)
         .arg("run")
         .arg(s.url("/api/openapi.json"))
         .args(["--url", &s.base])
-        .args(["-H", &format!("Authorization: Bearer {}", s.a)])
-        // Streams and long polls answer only when something happens or
-        // their timeout passes: not request/response operations to fuzz.
-        .args(["--exclude-path", "/api/events"])
-        .args(["--exclude-path", "/api/runs/{id}/wait"])
+        .args(["-H", &format!("Authorization: Bearer {token}")])
+        .args(filters)
         // One worker: CPython 3.11 can fail compiling in two threads at
         // once ("AST constructor recursion depth mismatch"), which
         // schemathesis reports as a runtime error.
@@ -116,7 +171,5 @@ async fn schemathesis_finds_no_5xx_and_no_schema_violation() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    let _ = std::fs::remove_dir_all(&dir);
-    s.stop().await;
-    assert!(out.status.success(), "schemathesis failed:\n{text}");
+    (out.status.success(), text)
 }

@@ -7,7 +7,7 @@
 //! The "remote workers" here are plain HTTP calls made by the test, so each
 //! test decides exactly when a worker claims, reports or disappears.
 
-use crate::common::TestServer;
+use crate::common::{Opts, TestServer};
 use docket::{Job, RetryPolicy};
 use docket_server::auth;
 use docket_store::TokenScope;
@@ -61,10 +61,37 @@ async fn worker_token(s: &TestServer, tenant: &str, name: &str) -> String {
 }
 
 async fn setup() -> (TestServer, String) {
-    let s = TestServer::start().await;
+    setup_on(None).await
+}
+
+/// A server on `db` (default: in-memory SQLite) with the remote jobs and
+/// an `acme` worker token.
+async fn setup_on(db: Option<String>) -> (TestServer, String) {
+    let s = TestServer::start_with(Opts {
+        db,
+        ..Opts::default()
+    })
+    .await;
     remote_jobs(&s);
     let w = worker_token(&s, "acme", "acme-worker").await;
     (s, w)
+}
+
+/// A fresh PostgreSQL schema's URL (`t_<uuidv7>`, swept by the store's
+/// PostgreSQL tests after an hour), or `None` after saying why the test is
+/// skipped.
+fn postgres() -> Option<String> {
+    match std::env::var("DOCKET_TEST_POSTGRES_URL") {
+        Ok(u) if !u.trim().is_empty() => Some(format!(
+            "{u}{}schema=t_{}",
+            if u.contains('?') { '&' } else { '?' },
+            uuid::Uuid::now_v7().simple()
+        )),
+        _ => {
+            eprintln!("skipping: set DOCKET_TEST_POSTGRES_URL=postgres://postgres@127.0.0.1:5432/test to run the PostgreSQL variant");
+            None
+        }
+    }
 }
 
 /// A POST with `token`.
@@ -128,7 +155,19 @@ fn kinds(evs: &[Value]) -> Vec<String> {
 /// the worker with its jobs and last heartbeat.
 #[tokio::test]
 async fn a_remote_worker_runs_a_job_through_every_call() {
-    let (s, w) = setup().await;
+    every_call(None).await;
+}
+
+/// The same on PostgreSQL.
+#[tokio::test]
+async fn a_remote_worker_runs_a_job_through_every_call_postgres() {
+    if let Some(db) = postgres() {
+        every_call(Some(db)).await;
+    }
+}
+
+async fn every_call(db: Option<String>) {
+    let (s, w) = setup_on(db).await;
     let (st, v) = s
         .post(
             "/api/runs",
@@ -418,7 +457,19 @@ async fn a_stale_lease_is_refused_and_recorded() {
 /// recorded.
 #[tokio::test]
 async fn a_vanished_worker_costs_one_lease_expiry_through_the_policy() {
-    let (s, w) = setup().await;
+    vanished_worker(None).await;
+}
+
+/// The same on PostgreSQL.
+#[tokio::test]
+async fn a_vanished_worker_costs_one_lease_expiry_postgres() {
+    if let Some(db) = postgres() {
+        vanished_worker(Some(db)).await;
+    }
+}
+
+async fn vanished_worker(db: Option<String>) {
+    let (s, w) = setup_on(db).await;
     let id = s.trigger("remote-short", json!({})).await;
     let first = claim_one(&s, &w, "doomed", "remote-short").await;
     assert_eq!(first["lease_ms"], 300);
@@ -499,8 +550,19 @@ async fn heartbeats_keep_a_lease_and_report_its_loss() {
 /// again, finds the action committed: one effect.
 #[tokio::test]
 async fn two_remote_workers_racing_on_one_key_cause_one_effect() {
-    let s = TestServer::start().await;
-    remote_jobs(&s);
+    ledger_race(None).await;
+}
+
+/// The same on PostgreSQL (many connections: the ledger row's lock decides).
+#[tokio::test]
+async fn two_remote_workers_racing_on_one_key_cause_one_effect_postgres() {
+    if let Some(db) = postgres() {
+        ledger_race(Some(db)).await;
+    }
+}
+
+async fn ledger_race(db: Option<String>) {
+    let (s, _) = setup_on(db).await;
     let w1 = worker_token(&s, "acme", "w1").await;
     let w2 = worker_token(&s, "acme", "w2").await;
     let a = s.trigger("remote-steps", json!({ "n": 1 })).await;
@@ -957,4 +1019,91 @@ async fn bad_requests_name_the_field() {
     .await;
     assert_eq!(st, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
     s.stop().await;
+}
+
+/// No body a worker token sends to a worker route produces a 5xx, on a
+/// live lease or a made-up one.
+#[tokio::test]
+async fn no_worker_input_produces_a_server_error() {
+    let (s, w) = setup().await;
+    s.trigger("remote-steps", json!({})).await;
+    let run = claim_one(&s, &w, "ts-1", "remote-steps").await;
+    let live = run["run_id"].as_str().unwrap().to_string();
+    let deep = "[".repeat(5000);
+    let bodies = [
+        "null".to_string(),
+        "[]".into(),
+        "\"x\"".into(),
+        "1e999".into(),
+        "{}".into(),
+        deep,
+        json!({ "lease_id": lease(&run), "name": "", "key": "", "outcome": "completed", "level": "x",
+                "current": -1, "total": 1, "message": "m", "found": "x", "worker": "w", "jobs": ["remote-steps"],
+                "wait_ms": 0, "leases": [{ "run_id": "x", "lease_id": "y" }] })
+        .to_string(),
+        json!({ "lease_id": lease(&run), "name": "n", "key": "k", "result": deep_json(150), "output": deep_json(150),
+                "data": deep_json(150), "level": "info", "message": "m", "outcome": "completed" })
+        .to_string(),
+    ];
+    for id in [
+        live.as_str(),
+        "0190c3e0-0000-7000-8000-000000000000",
+        "nope",
+    ] {
+        for call in [
+            "end",
+            "steps/get",
+            "steps/complete",
+            "steps/fail",
+            "actions/begin",
+            "actions/commit",
+            "actions/fail",
+            "actions/reconciled",
+            "progress",
+            "log",
+        ] {
+            for body in &bodies {
+                let res = s
+                    .http
+                    .post(s.url(&format!("/api/worker/v1/runs/{id}/{call}")))
+                    .bearer_auth(&w)
+                    .body(body.clone())
+                    .send()
+                    .await
+                    .unwrap();
+                assert!(
+                    !res.status().is_server_error(),
+                    "{call} on {id} with {body:.40}: {}",
+                    res.status()
+                );
+            }
+        }
+    }
+    for call in ["claim", "heartbeat"] {
+        for body in &bodies {
+            let res = s
+                .http
+                .post(s.url(&format!("/api/worker/v1/{call}")))
+                .bearer_auth(&w)
+                .body(body.clone())
+                .send()
+                .await
+                .unwrap();
+            assert!(
+                !res.status().is_server_error(),
+                "{call} with {body:.40}: {}",
+                res.status()
+            );
+        }
+    }
+    s.stop().await;
+}
+
+/// JSON nested `depth` levels.
+fn deep_json(depth: usize) -> Value {
+    let mut v = json!(1);
+    for _ in 0..depth {
+        v = json!([v]);
+    }
+    v
 }
