@@ -325,7 +325,7 @@ class Attempt {
       attempt: r.attempt,
       idempotencyKey: r.idempotency_key ?? null,
       correlationId: r.correlation_id ?? r.run_id,
-      variables: r.variables ?? {},
+      variables: (r.variables ?? {}) as Record<string, unknown>,
       deadline: new Date(r.deadline),
       signal: this.abort.signal,
 

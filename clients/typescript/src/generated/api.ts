@@ -750,7 +750,10 @@ export interface components {
         ActionBeginRequest: {
             /** @description Its idempotency key, from business intent. */
             key: string;
-            /** @description The attempt's lease. */
+            /**
+             * Format: uuid
+             * @description The attempt's lease.
+             */
             lease_id: string;
             /** @description The action's (step) name. */
             name: string;
@@ -759,12 +762,15 @@ export interface components {
         ActionCommitRequest: {
             /** @description Its idempotency key. */
             key: string;
-            /** @description The attempt's lease. */
+            /**
+             * Format: uuid
+             * @description The attempt's lease.
+             */
             lease_id: string;
             /** @description The action's name. */
             name: string;
-            /** @description What the service answered (any JSON). */
-            result?: Record<string, unknown>;
+            /** @description Any JSON. */
+            result?: unknown;
         };
         /** @description `POST /api/worker/v1/runs/{id}/actions/fail`. */
         ActionFailRequest: {
@@ -772,7 +778,10 @@ export interface components {
             error: components["schemas"]["FailureBody"];
             /** @description Its idempotency key. */
             key: string;
-            /** @description The attempt's lease. */
+            /**
+             * Format: uuid
+             * @description The attempt's lease.
+             */
             lease_id: string;
             /** @description The action's name. */
             name: string;
@@ -780,16 +789,22 @@ export interface components {
         /** @description `POST /api/worker/v1/runs/{id}/actions/reconciled`. */
         ActionReconciledRequest: {
             error?: null | components["schemas"]["FailureBody"];
-            /** @description `committed`, `not_done`, `still_unknown`, `error` or `no_reconcile`. */
-            found: string;
+            /**
+             * @description `committed`, `not_done`, `still_unknown`, `error` or `no_reconcile`.
+             * @enum {string}
+             */
+            found: "committed" | "not_done" | "still_unknown" | "error" | "no_reconcile";
             /** @description Its idempotency key. */
             key: string;
-            /** @description The attempt's lease. */
+            /**
+             * Format: uuid
+             * @description The attempt's lease.
+             */
             lease_id: string;
             /** @description The action's name. */
             name: string;
-            /** @description `committed`: the effect's result. */
-            result?: Record<string, unknown>;
+            /** @description Any JSON. */
+            result?: unknown;
         };
         /**
          * @description An action call's answer (docs/WORKER_PROTOCOL.md, "Ledger-guarded
@@ -806,13 +821,14 @@ export interface components {
             /**
              * @description `replay`, `skipped`, `committed`, `run`, `reconcile`, `done`,
              *     `failed`, `deferred` or `cancelled`.
+             * @enum {string}
              */
-            decision: string;
+            decision: "replay" | "skipped" | "committed" | "run" | "reconcile" | "done" | "failed" | "deferred" | "cancelled";
             error?: null | components["schemas"]["FailureBody"];
             /** @description Why, in words. */
             message?: string | null;
-            /** @description The result (`replay`, `committed`, `done`). */
-            result?: Record<string, unknown>;
+            /** @description Any JSON. */
+            result?: unknown;
             /** @description The run's status after the server ended the attempt. */
             status?: string | null;
             /** @description `deferred`: when the run is due again. */
@@ -938,8 +954,8 @@ export interface components {
             heartbeat_ms: number;
             /** @description The trigger's idempotency key. */
             idempotency_key?: string | null;
-            /** @description Its input. */
-            input: Record<string, unknown>;
+            /** @description Any JSON. */
+            input: unknown;
             /** @description Its job. */
             job: string;
             /** @description When the lease runs out unless heartbeated. */
@@ -960,8 +976,8 @@ export interface components {
              * @description The job's handler timeout.
              */
             timeout_ms: number;
-            /** @description Its variables (merged by operator retries). */
-            variables: Record<string, unknown>;
+            /** @description Any JSON. */
+            variables: unknown;
         };
         /** @description `POST /api/worker/v1/claim`. */
         ClaimRequest: {
@@ -970,7 +986,6 @@ export interface components {
             /** @description How many runs it wants (1–100; default 1). */
             max?: number | null;
             /**
-             * Format: int64
              * @description How long to wait for a run when none is due (0–60000 ms, default
              *     20000).
              */
@@ -1088,22 +1103,28 @@ export interface components {
         /** @description `POST /api/worker/v1/runs/{id}/end`. */
         EndRequest: {
             error?: null | components["schemas"]["FailureBody"];
-            /** @description The attempt's lease. */
+            /**
+             * Format: uuid
+             * @description The attempt's lease.
+             */
             lease_id: string;
             /** @description `needs_input`: the wait's name. */
             name?: string | null;
-            /** @description `completed`, `failed`, `postponed` or `needs_input`. */
-            outcome: string;
-            /** @description `completed`: the output (any JSON). */
-            output?: Record<string, unknown>;
-            /** @description `needs_input`: what it asks for (any JSON). */
-            request?: Record<string, unknown>;
-            /** @description `postponed`: not before this instant. */
+            /**
+             * @description `completed`, `failed`, `postponed` or `needs_input`.
+             * @enum {string}
+             */
+            outcome: "completed" | "failed" | "postponed" | "needs_input";
+            /** @description `completed`: the output, any JSON. */
+            output?: unknown;
+            /** @description `needs_input`: what it asks for, any JSON. */
+            request?: unknown;
+            /** @description `postponed`: not before this instant: RFC 3339 (e.g. 2026-01-31T12:00:00Z, any offset), from 1970-01-01T00:00:00.000Z to 9999-12-31T23:59:59.999Z. */
             until?: string | null;
         };
         /** @description What ending an attempt did. */
         EndResponse: {
-            retry?: null | components["schemas"]["RetryView"];
+            retry?: null | components["schemas"]["WorkerRetryView"];
             /** @description The run's status now. */
             status: string;
             /** @description Why the run failed for good, if it did. */
@@ -1172,14 +1193,14 @@ export interface components {
              *     `unavailable`, `lease_expired`, `invalid_input`, `content_too_large`,
              *     `connection_unresolved`, `unauthorized`, `not_found`, `permanent`,
              *     `duplicate`.
+             * @enum {string}
              */
-            class: string;
+            class: "timeout" | "network" | "rate_limited" | "unavailable" | "lease_expired" | "invalid_input" | "content_too_large" | "connection_unresolved" | "unauthorized" | "not_found" | "permanent" | "duplicate";
             /** @description Its idempotency key. */
             key?: string | null;
             /** @description A message for the operator (stored bounded to 4 KiB). */
             message: string;
             /**
-             * Format: int64
              * @description A provider's reset time (Retry-After), in ms from now; honoured when
              *     later than the policy's delay.
              */
@@ -1315,9 +1336,15 @@ export interface components {
         };
         /** @description A lease: a run and the lease id of its attempt. */
         LeaseItem: {
-            /** @description The lease. */
+            /**
+             * Format: uuid
+             * @description The lease.
+             */
             lease_id: string;
-            /** @description The run. */
+            /**
+             * Format: uuid
+             * @description The run.
+             */
             run_id: string;
         };
         /** @description One lease after a heartbeat. */
@@ -1328,19 +1355,31 @@ export interface components {
             held: boolean;
             /** @description The new expiry, when held. */
             lease_expires_at?: string | null;
-            /** @description The lease. */
+            /**
+             * Format: uuid
+             * @description The lease.
+             */
             lease_id: string;
-            /** @description The run. */
+            /**
+             * Format: uuid
+             * @description The run.
+             */
             run_id: string;
         };
         /** @description `POST /api/worker/v1/runs/{id}/log`. */
         LogRequest: {
-            /** @description Structured data (never secrets). */
-            data?: Record<string, unknown>;
-            /** @description The attempt's lease. */
+            /** @description Any JSON. */
+            data?: unknown;
+            /**
+             * Format: uuid
+             * @description The attempt's lease.
+             */
             lease_id: string;
-            /** @description `debug`, `info`, `warn` or `error`. */
-            level: string;
+            /**
+             * @description `debug`, `info`, `warn` or `error`.
+             * @enum {string}
+             */
+            level: "debug" | "info" | "warn" | "error";
             /** @description The line. */
             message: string;
         };
@@ -1360,7 +1399,10 @@ export interface components {
              * @description Done so far.
              */
             current: number;
-            /** @description The attempt's lease. */
+            /**
+             * Format: uuid
+             * @description The attempt's lease.
+             */
             lease_id: string;
             /** @description What is going on. */
             message?: string | null;
@@ -1377,19 +1419,19 @@ export interface components {
             /** @description Merged (top-level keys) into the run's variables before the retry. */
             updated_variables?: Record<string, unknown> | null;
         };
-        /** @description A retry the policy scheduled. */
+        /** @description A stored retry decision. */
         RetryView: {
-            /** @description When the run is due again. */
-            at: string;
             /**
              * Format: int64
-             * @description The delay the policy chose.
+             * @description The delay chosen.
              */
-            delay_ms: number;
+            delay_ms?: number | null;
+            /** @description When the run became eligible again. */
+            eligible_at?: string | null;
             /** @description The policy's name. */
-            policy: string;
-            /** @description Why (`backoff`, `rate_limited`, `action_in_flight`, …). */
-            reason: string;
+            policy?: string | null;
+            /** @description `backoff`, `retry_after`, `circuit_open`. */
+            reason?: string | null;
         };
         /** @description A run with its whole history. */
         RunDetail: {
@@ -1490,12 +1532,15 @@ export interface components {
         };
         /** @description `POST /api/worker/v1/runs/{id}/steps/complete`. */
         StepCompleteRequest: {
-            /** @description The attempt's lease. */
+            /**
+             * Format: uuid
+             * @description The attempt's lease.
+             */
             lease_id: string;
             /** @description The step's name. */
             name: string;
-            /** @description Its result (any JSON). */
-            result?: Record<string, unknown>;
+            /** @description Any JSON. */
+            result?: unknown;
         };
         /** @description A step stored. */
         StepCompleteResponse: {
@@ -1506,7 +1551,10 @@ export interface components {
         StepFailRequest: {
             /** @description The failure. */
             error: components["schemas"]["FailureBody"];
-            /** @description The attempt's lease. */
+            /**
+             * Format: uuid
+             * @description The attempt's lease.
+             */
             lease_id: string;
             /** @description The step's name. */
             name: string;
@@ -1517,14 +1565,17 @@ export interface components {
             comment?: string | null;
             /** @description Whether the step is stored (completed or skipped). */
             found: boolean;
-            /** @description The completed step's result. */
-            result: Record<string, unknown>;
+            /** @description Any JSON. */
+            result: unknown;
             /** @description `completed` or `skipped`, when found. */
             status?: string | null;
         };
         /** @description A call on a step. */
         StepRequest: {
-            /** @description The attempt's lease. */
+            /**
+             * Format: uuid
+             * @description The attempt's lease.
+             */
             lease_id: string;
             /** @description The step's name (`input:NAME` for a wait's decision, with `get`). */
             name: string;
@@ -1594,6 +1645,20 @@ export interface components {
         WorkerList: {
             /** @description Most recently seen first. */
             workers: components["schemas"]["WorkerView"][];
+        };
+        /** @description A retry the policy scheduled. */
+        WorkerRetryView: {
+            /** @description When the run is due again. */
+            at: string;
+            /**
+             * Format: int64
+             * @description The delay the policy chose.
+             */
+            delay_ms: number;
+            /** @description The policy's name. */
+            policy: string;
+            /** @description Why (`backoff`, `rate_limited`, `action_in_flight`, …). */
+            reason: string;
         };
         /** @description A registered remote worker. */
         WorkerView: {
