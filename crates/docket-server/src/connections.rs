@@ -242,6 +242,9 @@ fn known(state: &AppState, name: &str) -> ApiResult<HttpJobs> {
 /// this process's circuit breakers.
 #[utoipa::path(
     get, path = "/api/connections", tag = "connections",
+    // Unique across the document (runs::list is `list`): generators such
+    // as openapi-typescript refuse duplicates.
+    operation_id = "list_connections",
     responses((status = 200, description = "The connections", body = ConnectionList)),
     security(("bearer" = []))
 )]
@@ -264,6 +267,7 @@ pub async fn list(
 /// One connection with its audit trail.
 #[utoipa::path(
     get, path = "/api/connections/{name}", tag = "connections",
+    operation_id = "show_connection",
     params(("name" = String, Path, description = "The connection's name")),
     responses(
         (status = 200, description = "The connection", body = ConnectionDetail),

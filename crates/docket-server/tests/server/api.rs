@@ -597,6 +597,17 @@ async fn openapi_has_every_route() {
             "{m} {p} missing from the OpenAPI document"
         );
     }
+    // Operation ids are unique (OpenAPI requires it; client generators
+    // such as the TypeScript package's openapi-typescript refuse duplicates).
+    let mut ids = std::collections::BTreeMap::new();
+    for (p, ops) in paths {
+        for (m, op) in ops.as_object().unwrap() {
+            let id = op["operationId"].as_str().unwrap_or_default().to_string();
+            if let Some(other) = ids.insert(id.clone(), format!("{m} {p}")) {
+                panic!("operationId `{id}` of {m} {p} is also {other}'s");
+            }
+        }
+    }
     let mut n = 0;
     for (p, ops) in paths {
         for m in ops.as_object().unwrap().keys() {
