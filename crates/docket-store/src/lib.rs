@@ -18,6 +18,7 @@ pub mod json;
 pub mod lead;
 pub mod model;
 pub mod plan;
+pub mod schedules;
 #[cfg(feature = "postgres")]
 pub mod postgres;
 pub mod sqlite;
@@ -30,6 +31,10 @@ pub use connections::{
 pub use json::{MAX_JSON_DEPTH, UNDECODABLE_KEY};
 pub use lead::FencingToken;
 pub use model::*;
+pub use schedules::{
+    PutOutcome, Schedule, ScheduleDef, ScheduleHistory, SchedulePut, ScheduleStore, ScheduleTick,
+    SlotKind, SlotOutcome, TickOutcome,
+};
 pub use stats::{BucketCount, ClassCount, RunScan, ScanPage, StatsStore, WindowQuery, WindowStats};
 pub use tokens::{NewToken, TokenRecord, TokenStore};
 
@@ -41,7 +46,7 @@ use std::sync::Arc;
 /// (`sqlite/migrations/`, `postgres/migrations/`; ARCHITECTURE.md,
 /// "Migrations"). A database with a higher version was written by a newer
 /// Docket and is refused, never modified.
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 
 /// What can go wrong in a store.
 #[derive(Debug, thiserror::Error)]
@@ -208,7 +213,8 @@ pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 /// Implemented by [`sqlite::SqliteStore`] and (with the `postgres` feature)
 /// `postgres::PgStore`. Both pass the same conformance suite.
 #[async_trait]
-pub trait Store: TokenStore + ConnectionStore + StatsStore + Send + Sync + 'static {
+pub trait Store:
+    TokenStore + ConnectionStore + StatsStore + ScheduleStore + Send + Sync + 'static {
     /// `"sqlite"` or `"postgres"`.
     fn backend(&self) -> &'static str;
 

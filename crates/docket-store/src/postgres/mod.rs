@@ -46,6 +46,7 @@
 //!   [`StoreError::Database`] (such an attempt end fails alone, in its slot).
 
 mod connections;
+mod schedules;
 mod durable;
 mod hot;
 mod ops;
@@ -541,6 +542,7 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0001_initial.sql"),
     include_str!("migrations/0002_steps_ledger_tokens_connections.sql"),
     include_str!("migrations/0003_leaders.sql"),
+    include_str!("migrations/0004_schedules.sql"),
 ];
 
 /// Creates or upgrades the schema by applying [`MIGRATIONS`]. Refuses (and
