@@ -35,6 +35,7 @@ mod forensics;
 pub mod http;
 mod job;
 mod ops;
+pub mod schedule;
 mod worker;
 
 pub use ctx::{intent_key, Ctx, InputDecision, Reconciled, Stepped};
@@ -51,6 +52,12 @@ pub use error::{Error, JobError, Result};
 pub use forensics::{ForensicReport, JobReport, TimelineEntry, MAX_JOB_REPORT_RUNS};
 pub use job::Job;
 pub use ops::Actor;
+pub use schedule::{
+    FireTime, ScheduleCounters, ScheduleSpec, ScheduleView, Scheduler, SchedulerConfig,
+    SchedulerHandle, TickReport,
+};
+pub use docket_core::schedule::{CatchUp, Overlap};
+pub use docket_store::{PutOutcome, Schedule, ScheduleHistory};
 pub use worker::{Worker, WorkerConfig, WorkerHandle};
 
 use docket_store::{DynStore, NewRun};
@@ -84,6 +91,8 @@ pub(crate) struct Inner {
     /// Store failures met by this process's workers, by kind (see
     /// [`Docket::store_errors`]).
     pub(crate) store_errors: Mutex<std::collections::BTreeMap<docket_store::DbErrorKind, u64>>,
+    /// What this process's scheduler fired and skipped (`/metrics`).
+    pub(crate) schedule_counters: Mutex<ScheduleCounters>,
 }
 
 /// Options of one trigger.
@@ -140,6 +149,7 @@ impl Docket {
                 changes,
                 max_input_bytes: AtomicUsize::new(DEFAULT_MAX_INPUT_BYTES),
                 store_errors: Mutex::new(Default::default()),
+                schedule_counters: Mutex::new(Default::default()),
             }),
         }
     }
