@@ -9,5 +9,6 @@ mod events;
 mod hardening;
 mod limits;
 mod node;
+mod schedules;
 mod schemathesis;
 mod tenants;
