@@ -8,6 +8,7 @@ mod bench_scale;
 mod client;
 mod demo;
 mod inspect;
+mod schedules;
 mod serve;
 mod tokens;
 
@@ -46,6 +47,10 @@ enum Command {
     Connections(inspect::ConnectionsCmd),
     /// The circuit breakers of the server's connections.
     Breakers(inspect::BreakersArgs),
+    /// List, show, pause, resume, trigger, backfill and delete schedules
+    /// through the API.
+    #[command(subcommand)]
+    Schedules(schedules::SchedulesCmd),
     /// Create, list and revoke API tokens (directly on the database).
     #[command(subcommand)]
     Token(tokens::TokenCmd),
@@ -90,6 +95,7 @@ fn main() -> ExitCode {
             Command::Forensics(args) => inspect::forensics(args).await.map_err(Failed::from),
             Command::Connections(cmd) => inspect::connections(cmd).await.map_err(Failed::from),
             Command::Breakers(args) => inspect::breakers(args).await.map_err(Failed::from),
+            Command::Schedules(cmd) => schedules::run(cmd).await.map_err(Failed::from),
         }
     });
     // Output that could not be written (other than to a reader that went

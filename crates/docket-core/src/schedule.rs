@@ -813,6 +813,21 @@ mod tests {
         );
     }
 
+    proptest::proptest! {
+        /// Whatever an operator types, parsing and listing slots answer
+        /// (an error or slots), never panic: the API must not 5xx on it.
+        #[test]
+        fn any_cron_text_parses_or_is_refused_without_panicking(
+            fields in proptest::collection::vec("[0-9*/,#LW?A-Z@-]{1,6}", 1..8),
+            t in 0i64..4_000_000_000_000,
+        ) {
+            let expr = fields.join(" ");
+            if let Ok(r) = Rule::new(Some(&expr), None, "Europe/Berlin", None, None) {
+                let _ = r.next_n(Timestamp(t), 3);
+            }
+        }
+    }
+
     #[test]
     fn slot_keys_and_names() {
         assert_eq!(

@@ -182,8 +182,18 @@ fn requests(doc: &mut Value, jobs: &[String]) {
         "name",
         json!({"type": "string", "pattern": "^[A-Za-z0-9._-]{1,128}$", "description": "Letters, digits, '-', '_', '.' (1-128)."}),
     );
-    set(doc, "ScheduleRequest", "start", time_schema(true, "No slot before:"));
-    set(doc, "ScheduleRequest", "end", time_schema(true, "No slot after:"));
+    set(
+        doc,
+        "ScheduleRequest",
+        "start",
+        time_schema(true, "No slot before:"),
+    );
+    set(
+        doc,
+        "ScheduleRequest",
+        "end",
+        time_schema(true, "No slot after:"),
+    );
     set(
         doc,
         "ScheduleRequest",
@@ -202,10 +212,30 @@ fn requests(doc: &mut Value, jobs: &[String]) {
         "jitter_ms",
         json!({"type": ["integer", "null"], "minimum": 0, "maximum": 86_400_000u64, "description": "Deterministic jitter window (default 0, at most a day)."}),
     );
-    set(doc, "ScheduleRequest", "comment", text("Stored in the schedule's history."));
-    set(doc, "BackfillRequest", "from", time_schema(false, "From (inclusive):"));
-    set(doc, "BackfillRequest", "to", time_schema(false, "To (inclusive):"));
-    set(doc, "BackfillRequest", "comment", text("Stored in the schedule's history."));
+    set(
+        doc,
+        "ScheduleRequest",
+        "comment",
+        text("Stored in the schedule's history."),
+    );
+    set(
+        doc,
+        "BackfillRequest",
+        "from",
+        time_schema(false, "From (inclusive):"),
+    );
+    set(
+        doc,
+        "BackfillRequest",
+        "to",
+        time_schema(false, "To (inclusive):"),
+    );
+    set(
+        doc,
+        "BackfillRequest",
+        "comment",
+        text("Stored in the schedule's history."),
+    );
     set(
         doc,
         "TriggerRequest",

@@ -241,7 +241,8 @@ pub struct Deleted {
 }
 
 fn time(field: &str, s: &str) -> ApiResult<Timestamp> {
-    Timestamp::parse_checked(s).map_err(|e| ApiError::invalid_field(field, time_problem(field, s, e)))
+    Timestamp::parse_checked(s)
+        .map_err(|e| ApiError::invalid_field(field, time_problem(field, s, e)))
 }
 
 fn actor(caller: &Caller, comment: Option<String>) -> Actor {

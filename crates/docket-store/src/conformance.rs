@@ -2680,57 +2680,109 @@ pub async fn schedules_are_stored_changed_and_audited(store: DynStore) {
         .await
         .unwrap();
     assert_eq!(o, PutOutcome::Updated);
-    assert_eq!((s.def.clone(), s.cursor_at, s.created_at), (changed, T0, T0));
+    assert_eq!(
+        (s.def.clone(), s.cursor_at, s.created_at),
+        (changed, T0, T0)
+    );
     assert_eq!(s.updated_at, T0.plus_millis(10));
     let acme = store.list_schedules(Some("acme".into())).await.unwrap();
     assert_eq!(acme.len(), 1);
     assert_eq!(store.list_schedules(None).await.unwrap().len(), 2);
     // Pause, pause again (nothing), resume an hour later: cursor jumps.
     let p = store
-        .set_schedule_paused("acme".into(), "nightly".into(), true, "bob".into(), Some("maintenance".into()), T0.plus_millis(20))
+        .set_schedule_paused(
+            "acme".into(),
+            "nightly".into(),
+            true,
+            "bob".into(),
+            Some("maintenance".into()),
+            T0.plus_millis(20),
+        )
         .await
         .unwrap()
         .unwrap();
     assert!(p.def.paused);
     store
-        .set_schedule_paused("acme".into(), "nightly".into(), true, "bob".into(), None, T0.plus_millis(30))
+        .set_schedule_paused(
+            "acme".into(),
+            "nightly".into(),
+            true,
+            "bob".into(),
+            None,
+            T0.plus_millis(30),
+        )
         .await
         .unwrap();
     let later = T0.plus_millis(3_600_000);
     let r = store
-        .set_schedule_paused("acme".into(), "nightly".into(), false, "bob".into(), None, later)
+        .set_schedule_paused(
+            "acme".into(),
+            "nightly".into(),
+            false,
+            "bob".into(),
+            None,
+            later,
+        )
         .await
         .unwrap()
         .unwrap();
     assert!(!r.def.paused);
     assert_eq!(r.cursor_at, later);
     assert!(store
-        .set_schedule_paused("acme".into(), "nope".into(), true, "bob".into(), None, later)
+        .set_schedule_paused(
+            "acme".into(),
+            "nope".into(),
+            true,
+            "bob".into(),
+            None,
+            later
+        )
         .await
         .unwrap()
         .is_none());
     assert!(store
-        .delete_schedule("acme".into(), "nightly".into(), "carol".into(), Some("gone".into()), later)
+        .delete_schedule(
+            "acme".into(),
+            "nightly".into(),
+            "carol".into(),
+            Some("gone".into()),
+            later
+        )
         .await
         .unwrap());
     assert!(!store
         .delete_schedule("acme".into(), "nightly".into(), "carol".into(), None, later)
         .await
         .unwrap());
-    assert!(store.get_schedule("acme".into(), "nightly".into()).await.unwrap().is_none());
-    assert!(store.get_schedule("globex".into(), "nightly".into()).await.unwrap().is_some());
+    assert!(store
+        .get_schedule("acme".into(), "nightly".into())
+        .await
+        .unwrap()
+        .is_none());
+    assert!(store
+        .get_schedule("globex".into(), "nightly".into())
+        .await
+        .unwrap()
+        .is_some());
     let h = store
         .schedule_history("acme".into(), "nightly".into(), 100)
         .await
         .unwrap();
     let kinds: Vec<&str> = h.iter().rev().map(|h| h.kind.as_str()).collect();
-    assert_eq!(kinds, ["created", "updated", "paused", "resumed", "deleted"]);
+    assert_eq!(
+        kinds,
+        ["created", "updated", "paused", "resumed", "deleted"]
+    );
     assert_eq!(h[0].actor.as_deref(), Some("carol"));
     assert_eq!(h[0].comment.as_deref(), Some("gone"));
     assert_eq!(h[2].comment.as_deref(), Some("maintenance"));
     assert_eq!(h[3].data["cron"], json!("0 * * * *"));
     assert_eq!(
-        store.schedule_history("globex".into(), "nightly".into(), 100).await.unwrap().len(),
+        store
+            .schedule_history("globex".into(), "nightly".into(), 100)
+            .await
+            .unwrap()
+            .len(),
         1
     );
 }
@@ -2765,7 +2817,12 @@ pub async fn schedule_ticks_fire_each_slot_once_under_the_fence(store: DynStore)
     };
     let now = slot1.plus_millis(40);
     let out = store
-        .schedule_tick(tick(token, T0, vec![fire("acme", "s", slot1, SlotKind::Fired)], now.min(T0.plus_millis(9_999))))
+        .schedule_tick(tick(
+            token,
+            T0,
+            vec![fire("acme", "s", slot1, SlotKind::Fired)],
+            now.min(T0.plus_millis(9_999)),
+        ))
         .await
         .unwrap();
     assert!(out.applied);
@@ -2773,12 +2830,27 @@ pub async fn schedule_ticks_fire_each_slot_once_under_the_fence(store: DynStore)
     assert!(!out.runs[0].existing);
     let run = &out.runs[0].run;
     assert_eq!(run.tenant, "acme");
-    assert_eq!(run.idempotency_key.as_deref(), Some("schedule:s:2026-01-01T00:05:00.000Z"));
-    let s = store.get_schedule("acme".into(), "s".into()).await.unwrap().unwrap();
-    assert_eq!((s.cursor_at, s.last_slot, s.last_run_id), (slot1, Some(slot1), Some(run.id)));
+    assert_eq!(
+        run.idempotency_key.as_deref(),
+        Some("schedule:s:2026-01-01T00:05:00.000Z")
+    );
+    let s = store
+        .get_schedule("acme".into(), "s".into())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (s.cursor_at, s.last_slot, s.last_run_id),
+        (slot1, Some(slot1), Some(run.id))
+    );
     // The same tick again (a retry whose answer was lost): the cursor moved.
     let again = store
-        .schedule_tick(tick(token, T0, vec![fire("acme", "s", slot1, SlotKind::Fired)], T0.plus_millis(9_000)))
+        .schedule_tick(tick(
+            token,
+            T0,
+            vec![fire("acme", "s", slot1, SlotKind::Fired)],
+            T0.plus_millis(9_000),
+        ))
         .await
         .unwrap();
     assert!(!again.applied);
@@ -2790,14 +2862,29 @@ pub async fn schedule_ticks_fire_each_slot_once_under_the_fence(store: DynStore)
         .unwrap()
         .unwrap();
     let stale = store
-        .schedule_tick(tick(token, slot1, vec![fire("acme", "s", slot2, SlotKind::Fired)], later))
+        .schedule_tick(tick(
+            token,
+            slot1,
+            vec![fire("acme", "s", slot2, SlotKind::Fired)],
+            later,
+        ))
         .await
         .unwrap();
     assert!(!stale.applied, "a stale leader wrote");
     // Two ticks from the same cursor at once: one applies.
     let (a, b) = tokio::join!(
-        store.schedule_tick(tick(t2, slot1, vec![fire("acme", "s", slot2, SlotKind::Fired)], later)),
-        store.schedule_tick(tick(t2, slot1, vec![fire("acme", "s", slot2, SlotKind::Fired)], later))
+        store.schedule_tick(tick(
+            t2,
+            slot1,
+            vec![fire("acme", "s", slot2, SlotKind::Fired)],
+            later
+        )),
+        store.schedule_tick(tick(
+            t2,
+            slot1,
+            vec![fire("acme", "s", slot2, SlotKind::Fired)],
+            later
+        ))
     );
     let (a, b) = (a.unwrap(), b.unwrap());
     assert!(a.applied != b.applied, "{a:?} {b:?}");
@@ -2807,20 +2894,36 @@ pub async fn schedule_ticks_fire_each_slot_once_under_the_fence(store: DynStore)
         .schedule_tick(tick(
             t2,
             slot2,
-            vec![SlotOutcome { slot: slot3, kind: SlotKind::Skipped, run: None, reason: Some("previous_run_unfinished".into()) }],
+            vec![SlotOutcome {
+                slot: slot3,
+                kind: SlotKind::Skipped,
+                run: None,
+                reason: Some("previous_run_unfinished".into()),
+            }],
             T0.plus_millis(25_000),
         ))
         .await
         .unwrap();
     assert!(skip.applied && skip.runs.is_empty());
     let runs = store
-        .list_runs(RunFilter { tenant: Some("acme".into()), limit: 100, ..Default::default() })
+        .list_runs(RunFilter {
+            tenant: Some("acme".into()),
+            limit: 100,
+            ..Default::default()
+        })
         .await
         .unwrap();
     assert_eq!(runs.len(), 2, "one run per slot");
-    let h = store.schedule_history("acme".into(), "s".into(), 100).await.unwrap();
-    let slots: Vec<(&str, Option<Timestamp>, Option<&str>)> =
-        h.iter().rev().skip(1).map(|h| (h.kind.as_str(), h.slot_at, h.reason.as_deref())).collect();
+    let h = store
+        .schedule_history("acme".into(), "s".into(), 100)
+        .await
+        .unwrap();
+    let slots: Vec<(&str, Option<Timestamp>, Option<&str>)> = h
+        .iter()
+        .rev()
+        .skip(1)
+        .map(|h| (h.kind.as_str(), h.slot_at, h.reason.as_deref()))
+        .collect();
     assert_eq!(
         slots,
         [
@@ -2830,12 +2933,29 @@ pub async fn schedule_ticks_fire_each_slot_once_under_the_fence(store: DynStore)
         ]
     );
     assert_eq!(h[2].run_id, Some(run.id));
-    let s = store.get_schedule("acme".into(), "s".into()).await.unwrap().unwrap();
+    let s = store
+        .get_schedule("acme".into(), "s".into())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!((s.cursor_at, s.last_slot), (slot3, Some(slot2)));
     // A deleted schedule's tick changes nothing.
-    store.delete_schedule("acme".into(), "s".into(), "op".into(), None, later).await.unwrap();
+    store
+        .delete_schedule("acme".into(), "s".into(), "op".into(), None, later)
+        .await
+        .unwrap();
     let gone = store
-        .schedule_tick(tick(t2, slot3, vec![fire("acme", "s", T0.plus_millis(1_200_000), SlotKind::Fired)], later))
+        .schedule_tick(tick(
+            t2,
+            slot3,
+            vec![fire(
+                "acme",
+                "s",
+                T0.plus_millis(1_200_000),
+                SlotKind::Fired,
+            )],
+            later,
+        ))
         .await
         .unwrap();
     assert!(!gone.applied);
@@ -2863,12 +2983,20 @@ pub async fn schedule_manual_fires_and_skips_are_history(store: DynStore) {
         now: T0.plus_millis(2_000_000),
     };
     let first = store
-        .schedule_tick(manual(vec![fire(DEFAULT_TENANT, "b", slots[0], SlotKind::Backfilled)]))
+        .schedule_tick(manual(vec![fire(
+            DEFAULT_TENANT,
+            "b",
+            slots[0],
+            SlotKind::Backfilled,
+        )]))
         .await
         .unwrap();
     let out = store
         .schedule_tick(manual(
-            slots.iter().map(|s| fire(DEFAULT_TENANT, "b", *s, SlotKind::Backfilled)).collect(),
+            slots
+                .iter()
+                .map(|s| fire(DEFAULT_TENANT, "b", *s, SlotKind::Backfilled))
+                .collect(),
         ))
         .await
         .unwrap();
@@ -2878,28 +3006,56 @@ pub async fn schedule_manual_fires_and_skips_are_history(store: DynStore) {
         [true, false, false]
     );
     assert_eq!(out.runs[0].run.id, first.runs[0].run.id);
-    let s = store.get_schedule(DEFAULT_TENANT.into(), "b".into()).await.unwrap().unwrap();
-    assert_eq!(s.cursor_at, T0, "an operator's fire does not move the cursor");
+    let s = store
+        .get_schedule(DEFAULT_TENANT.into(), "b".into())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        s.cursor_at, T0,
+        "an operator's fire does not move the cursor"
+    );
     assert_eq!(s.last_slot, Some(slots[2]));
-    let h = store.schedule_history(DEFAULT_TENANT.into(), "b".into(), 2).await.unwrap();
+    let h = store
+        .schedule_history(DEFAULT_TENANT.into(), "b".into(), 2)
+        .await
+        .unwrap();
     assert_eq!(h.len(), 2);
     assert_eq!(h[0].kind, "backfilled");
     assert_eq!(h[0].comment.as_deref(), Some("backfill the outage"));
     assert_eq!(h[0].data["late_ms"], json!(2_000_000 - 900_000));
     // Buffer a slot, then clear it.
-    let mut b = manual(vec![SlotOutcome { slot: slots[2], kind: SlotKind::Buffered, run: None, reason: None }]);
+    let mut b = manual(vec![SlotOutcome {
+        slot: slots[2],
+        kind: SlotKind::Buffered,
+        run: None,
+        reason: None,
+    }]);
     b.set_buffer = Some(Some(slots[2]));
     store.schedule_tick(b).await.unwrap();
-    let s = store.get_schedule(DEFAULT_TENANT.into(), "b".into()).await.unwrap().unwrap();
+    let s = store
+        .get_schedule(DEFAULT_TENANT.into(), "b".into())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(s.buffered_slot, Some(slots[2]));
     let mut c = manual(vec![]);
     c.set_buffer = Some(None);
     store.schedule_tick(c).await.unwrap();
-    let s = store.get_schedule(DEFAULT_TENANT.into(), "b".into()).await.unwrap().unwrap();
+    let s = store
+        .get_schedule(DEFAULT_TENANT.into(), "b".into())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(s.buffered_slot, None);
     // A fired kind without a run is refused, writing nothing.
     let bad = store
-        .schedule_tick(manual(vec![SlotOutcome { slot: slots[0], kind: SlotKind::Fired, run: None, reason: None }]))
+        .schedule_tick(manual(vec![SlotOutcome {
+            slot: slots[0],
+            kind: SlotKind::Fired,
+            run: None,
+            reason: None,
+        }]))
         .await;
     assert!(bad.is_err());
 }

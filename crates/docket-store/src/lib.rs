@@ -18,9 +18,9 @@ pub mod json;
 pub mod lead;
 pub mod model;
 pub mod plan;
-pub mod schedules;
 #[cfg(feature = "postgres")]
 pub mod postgres;
+pub mod schedules;
 pub mod sqlite;
 pub mod stats;
 pub mod tokens;
@@ -214,7 +214,8 @@ pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 /// `postgres::PgStore`. Both pass the same conformance suite.
 #[async_trait]
 pub trait Store:
-    TokenStore + ConnectionStore + StatsStore + ScheduleStore + Send + Sync + 'static {
+    TokenStore + ConnectionStore + StatsStore + ScheduleStore + Send + Sync + 'static
+{
     /// `"sqlite"` or `"postgres"`.
     fn backend(&self) -> &'static str;
 

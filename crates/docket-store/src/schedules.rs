@@ -299,7 +299,8 @@ pub(crate) fn def_json(def: &ScheduleDef) -> Value {
 }
 
 /// Columns of `schedules`, in [`Schedule`]'s order, shared by both backends.
-pub(crate) const COLS: &str = "tenant, name, job, input, cron, every_ms, timezone, start_at, end_at, \
+pub(crate) const COLS: &str =
+    "tenant, name, job, input, cron, every_ms, timezone, start_at, end_at, \
     jitter_ms, overlap, catch_up, catch_up_window_ms, paused, source, cursor_at, buffered_slot, \
     last_slot, last_run_id, last_fired_at, created_at, updated_at, updated_by, comment";
 

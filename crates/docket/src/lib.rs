@@ -40,6 +40,7 @@ mod worker;
 
 pub use ctx::{intent_key, Ctx, InputDecision, Reconciled, Stepped};
 pub use docket_core::forensics::{FailureRecord, PairVerdict, Severity, Verdict};
+pub use docket_core::schedule::{CatchUp, Overlap};
 pub use docket_core::{
     Clock, ErrorClass, Fingerprint, ManualClock, RetryPolicy, RunId, RunStatus, SystemClock,
     TerminalReason, TimeError, Timestamp, TIME_RANGE,
@@ -48,6 +49,7 @@ pub use docket_store::{
     AttemptRecord, EventFilter, EventRecord, LedgerEntry, LedgerState, Run, RunFilter, StatusCount,
     StepRecord, StepStatus, Triggered, DEFAULT_TENANT,
 };
+pub use docket_store::{PutOutcome, Schedule, ScheduleHistory};
 pub use error::{Error, JobError, Result};
 pub use forensics::{ForensicReport, JobReport, TimelineEntry, MAX_JOB_REPORT_RUNS};
 pub use job::Job;
@@ -56,8 +58,6 @@ pub use schedule::{
     FireTime, ScheduleCounters, ScheduleSpec, ScheduleView, Scheduler, SchedulerConfig,
     SchedulerHandle, TickReport,
 };
-pub use docket_core::schedule::{CatchUp, Overlap};
-pub use docket_store::{PutOutcome, Schedule, ScheduleHistory};
 pub use worker::{Worker, WorkerConfig, WorkerHandle};
 
 use docket_store::{DynStore, NewRun};

@@ -91,7 +91,11 @@ impl ScheduleSpec {
     }
 
     /// A schedule of `job` every `every` (a duration like `"30s"`).
-    pub fn every(name: impl Into<String>, job: impl Into<String>, every: impl Into<String>) -> Self {
+    pub fn every(
+        name: impl Into<String>,
+        job: impl Into<String>,
+        every: impl Into<String>,
+    ) -> Self {
         ScheduleSpec {
             every: Some(every.into()),
             ..Self::base(name.into(), job.into())
@@ -142,7 +146,14 @@ impl ScheduleSpec {
         };
         too_long("every", every_ms)?;
         let timezone = self.timezone.clone().unwrap_or_else(|| "UTC".into());
-        Rule::new(self.cron.as_deref(), every_ms, &timezone, self.start, self.end).map_err(bad)?;
+        Rule::new(
+            self.cron.as_deref(),
+            every_ms,
+            &timezone,
+            self.start,
+            self.end,
+        )
+        .map_err(bad)?;
         let window = self
             .catch_up_window
             .as_deref()
@@ -514,7 +525,11 @@ impl Docket {
 
     /// This process's scheduler counters.
     pub fn schedule_counters(&self) -> ScheduleCounters {
-        self.inner.schedule_counters.lock().expect("counters").clone()
+        self.inner
+            .schedule_counters
+            .lock()
+            .expect("counters")
+            .clone()
     }
 
     fn count_fired(&self, kind: SlotKind, slots: &[Timestamp], now: Timestamp, def: &ScheduleDef) {
@@ -555,7 +570,12 @@ impl Docket {
 
     /// One schedule's tick under `token` at `now`: what the module says.
     /// Answers how many store writes were applied (0 or 1).
-    async fn tick_schedule(&self, s: &Schedule, token: FencingToken, now: Timestamp) -> Result<bool> {
+    async fn tick_schedule(
+        &self,
+        s: &Schedule,
+        token: FencingToken,
+        now: Timestamp,
+    ) -> Result<bool> {
         let def = &s.def;
         let r = match rule_of(def) {
             Ok(r) => r,
@@ -571,7 +591,11 @@ impl Docket {
         // listed one by one (a per-second schedule after a week away): one
         // history row names the first of them.
         let mut from = s.cursor_at;
-        let window_start = Timestamp(now.0.saturating_sub(def.catch_up_window_ms).saturating_sub(1));
+        let window_start = Timestamp(
+            now.0
+                .saturating_sub(def.catch_up_window_ms)
+                .saturating_sub(1),
+        );
         if from < window_start {
             if let Some(first) = r.next_after(from).filter(|f| *f <= window_start) {
                 outcomes.push(SlotOutcome {
@@ -610,7 +634,14 @@ impl Docket {
             prev_unfinished = true;
         }
         let mut fired_in_tick = set_buffer.is_some();
-        for plan in rule::plan_due(&def.name, &due, jitter, def.catch_up, def.catch_up_window_ms, now) {
+        for plan in rule::plan_due(
+            &def.name,
+            &due,
+            jitter,
+            def.catch_up,
+            def.catch_up_window_ms,
+            now,
+        ) {
             let slot = plan.slot();
             let kind = match plan {
                 SlotPlan::Skip { reason, .. } => {
@@ -673,9 +704,15 @@ impl Docket {
             return Ok(false);
         }
         if let Some(id) = cancel {
-            let comment = format!("overlap cancel_other: schedule `{}` fires its next slot", def.name);
+            let comment = format!(
+                "overlap cancel_other: schedule `{}` fires its next slot",
+                def.name
+            );
             match self
-                .cancel(id, Actor::new(format!("schedule:{}", def.name), Some(comment)))
+                .cancel(
+                    id,
+                    Actor::new(format!("schedule:{}", def.name), Some(comment)),
+                )
                 .await
             {
                 Ok(_) | Err(Error::WrongState { .. }) | Err(Error::RunNotFound(_)) => {}
@@ -874,8 +911,11 @@ struct RawFile {
 /// are ignored). Every problem is reported, with its place
 /// (`schedules.nightly.cron`), all at once; the job names are checked when
 /// the schedules are applied ([`Docket::apply_config_schedules`]).
-pub fn schedules_from_toml(text: &str) -> std::result::Result<Vec<ScheduleSpec>, Vec<(String, String)>> {
-    let raw: RawFile = toml::from_str(text).map_err(|e| vec![("toml".to_string(), e.to_string())])?;
+pub fn schedules_from_toml(
+    text: &str,
+) -> std::result::Result<Vec<ScheduleSpec>, Vec<(String, String)>> {
+    let raw: RawFile =
+        toml::from_str(text).map_err(|e| vec![("toml".to_string(), e.to_string())])?;
     let mut out = Vec::new();
     let mut problems = Vec::new();
     for (name, v) in raw.schedules {
@@ -905,7 +945,10 @@ pub fn schedules_from_toml(text: &str) -> std::result::Result<Vec<ScheduleSpec>,
         let mut time = |field: &str, s: &Option<String>| match s {
             None => Ok(None),
             Some(s) => Timestamp::parse_rfc3339(s).map(Some).ok_or_else(|| {
-                bad(field, format!("`{s}` is not an RFC 3339 time such as 2026-01-31T12:00:00Z"))
+                bad(
+                    field,
+                    format!("`{s}` is not an RFC 3339 time such as 2026-01-31T12:00:00Z"),
+                )
             }),
         };
         let (Ok(start), Ok(end)) = (time("start", &r.start), time("end", &r.end)) else {
@@ -967,7 +1010,10 @@ impl Docket {
     /// stay, a buffered slot is dropped, no further slot fires. Schedules
     /// created through the API are left alone. All are checked (fields and
     /// job names) before anything is written.
-    pub async fn apply_config_schedules(&self, specs: Vec<ScheduleSpec>) -> Result<AppliedSchedules> {
+    pub async fn apply_config_schedules(
+        &self,
+        specs: Vec<ScheduleSpec>,
+    ) -> Result<AppliedSchedules> {
         for s in &specs {
             let def = s.to_def("config")?;
             if self.job(&def.job).is_none() {

@@ -115,7 +115,10 @@ async fn fires_each_slot_once_and_fails_over(d: Docket, clock: ManualClock) {
             key("every-minute", T0.plus_millis(2 * MIN))
         ]
     );
-    let view = d.schedule_view("default", "every-minute", 5, 10).await.unwrap();
+    let view = d
+        .schedule_view("default", "every-minute", 5, 10)
+        .await
+        .unwrap();
     assert_eq!(view.next.len(), 5);
     assert_eq!(view.next[0].slot, T0.plus_millis(3 * MIN));
     assert_eq!(view.schedule.last_slot, Some(T0.plus_millis(2 * MIN)));
@@ -168,20 +171,40 @@ async fn overlap_skip_and_allow() {
     }
     // No worker ran: every run is still pending.
     let all = runs(&d).await;
-    let by = |n: &str| all.iter().filter(|r| r.idempotency_key.as_deref().unwrap().contains(&format!(":{n}:"))).count();
+    let by = |n: &str| {
+        all.iter()
+            .filter(|r| {
+                r.idempotency_key
+                    .as_deref()
+                    .unwrap()
+                    .contains(&format!(":{n}:"))
+            })
+            .count()
+    };
     assert_eq!(by("allow"), 3);
     assert_eq!(by("skip"), 1);
-    let h = d.schedule_view("default", "skip", 0, 10).await.unwrap().history;
+    let h = d
+        .schedule_view("default", "skip", 0, 10)
+        .await
+        .unwrap()
+        .history;
     let skipped: Vec<_> = h.iter().filter(|h| h.kind == "skipped").collect();
     assert_eq!(skipped.len(), 2);
-    assert!(skipped.iter().all(|h| h.reason.as_deref() == Some("previous_run_unfinished")));
+    assert!(skipped
+        .iter()
+        .all(|h| h.reason.as_deref() == Some("previous_run_unfinished")));
     // Once the run ends, the next slot fires again.
     finish_all(&d).await;
     clock.set(T0.plus_millis(4 * MIN));
     s.tick().await.unwrap();
     let all = runs(&d).await;
-    assert!(all.iter().any(|r| r.idempotency_key == Some(key("skip", T0.plus_millis(4 * MIN)))));
-    assert_eq!(d.schedule_counters().skipped.get("previous_run_unfinished"), Some(&2));
+    assert!(all
+        .iter()
+        .any(|r| r.idempotency_key == Some(key("skip", T0.plus_millis(4 * MIN)))));
+    assert_eq!(
+        d.schedule_counters().skipped.get("previous_run_unfinished"),
+        Some(&2)
+    );
 }
 
 #[tokio::test]
@@ -198,12 +221,21 @@ async fn overlap_buffer_one_keeps_one_slot_waiting() {
     assert_eq!(keys(&runs(&d).await), [key("buf", T0.plus_millis(MIN))]);
     let v = d.schedule_view("default", "buf", 0, 10).await.unwrap();
     assert_eq!(v.schedule.buffered_slot, Some(T0.plus_millis(2 * MIN)));
-    let kinds: Vec<(String, Option<String>)> = v.history.iter().rev().filter(|h| h.slot_at.is_some()).map(|h| (h.kind.clone(), h.reason.clone())).collect();
+    let kinds: Vec<(String, Option<String>)> = v
+        .history
+        .iter()
+        .rev()
+        .filter(|h| h.slot_at.is_some())
+        .map(|h| (h.kind.clone(), h.reason.clone()))
+        .collect();
     assert_eq!(
         kinds,
         [
             ("fired".to_string(), None),
-            ("buffered".to_string(), Some("previous_run_unfinished".to_string())),
+            (
+                "buffered".to_string(),
+                Some("previous_run_unfinished".to_string())
+            ),
             ("skipped".to_string(), Some("buffer_full".to_string())),
         ]
     );
@@ -213,7 +245,10 @@ async fn overlap_buffer_one_keeps_one_slot_waiting() {
     s.tick().await.unwrap();
     assert_eq!(
         keys(&runs(&d).await),
-        [key("buf", T0.plus_millis(MIN)), key("buf", T0.plus_millis(2 * MIN))]
+        [
+            key("buf", T0.plus_millis(MIN)),
+            key("buf", T0.plus_millis(2 * MIN))
+        ]
     );
     let v = d.schedule_view("default", "buf", 0, 1).await.unwrap();
     assert_eq!(v.schedule.buffered_slot, None);
@@ -245,7 +280,11 @@ async fn overlap_cancel_other_cancels_then_fires() {
 /// the window, `none` none; each recorded with its slot and lateness.
 #[tokio::test]
 async fn catch_up_modes_after_a_downtime() {
-    for (mode, expect_fired) in [(CatchUp::Last, 1usize), (CatchUp::All, 6), (CatchUp::None, 0)] {
+    for (mode, expect_fired) in [
+        (CatchUp::Last, 1usize),
+        (CatchUp::All, 6),
+        (CatchUp::None, 0),
+    ] {
         let (d, clock) = engine();
         let mut spec = ScheduleSpec::cron("c", "job", "*/10 * * * *");
         spec.overlap = Overlap::Allow;
@@ -257,11 +296,18 @@ async fn catch_up_modes_after_a_downtime() {
         scheduler(&d, "a").tick().await.unwrap();
         let r = runs(&d).await;
         assert_eq!(r.len(), expect_fired, "{mode:?}");
-        let h = d.schedule_view("default", "c", 0, 100).await.unwrap().history;
+        let h = d
+            .schedule_view("default", "c", 0, 100)
+            .await
+            .unwrap()
+            .history;
         let caught: Vec<_> = h.iter().filter(|h| h.kind == "caught_up").collect();
         assert_eq!(caught.len(), expect_fired);
         if mode == CatchUp::Last {
-            assert_eq!(r[0].idempotency_key, Some(key("c", T0.plus_millis(120 * MIN))));
+            assert_eq!(
+                r[0].idempotency_key,
+                Some(key("c", T0.plus_millis(120 * MIN)))
+            );
             assert_eq!(caught[0].data["late_ms"], json!(5 * MIN));
             assert!(h.iter().any(|h| h.reason.as_deref() == Some("superseded")));
         }
@@ -273,7 +319,9 @@ async fn catch_up_modes_after_a_downtime() {
         assert_eq!(outside.len(), 1, "{mode:?}");
         assert_eq!(outside[0].slot_at, Some(T0.plus_millis(10 * MIN)));
         if mode == CatchUp::None {
-            assert!(h.iter().any(|h| h.reason.as_deref() == Some("catch_up_none")));
+            assert!(h
+                .iter()
+                .any(|h| h.reason.as_deref() == Some("catch_up_none")));
         }
         // And nothing more at the next tick.
         scheduler(&d, "a").tick().await.unwrap();
@@ -291,31 +339,55 @@ async fn backfill_and_trigger_now_go_through_the_slot_keys() {
     clock.set(T0.plus_millis(600 * MIN));
     let by = || Actor::new("alice", Some("outage".into()));
     let out = d
-        .backfill_schedule("default", "b", T0.plus_millis(60 * MIN), T0.plus_millis(180 * MIN), by())
+        .backfill_schedule(
+            "default",
+            "b",
+            T0.plus_millis(60 * MIN),
+            T0.plus_millis(180 * MIN),
+            by(),
+        )
         .await
         .unwrap();
     assert_eq!(out.len(), 3);
     assert!(out.iter().all(|t| !t.existing));
     // Backfilling an overlapping range makes no second run for a slot.
     let again = d
-        .backfill_schedule("default", "b", T0.plus_millis(120 * MIN), T0.plus_millis(240 * MIN), by())
+        .backfill_schedule(
+            "default",
+            "b",
+            T0.plus_millis(120 * MIN),
+            T0.plus_millis(240 * MIN),
+            by(),
+        )
         .await
         .unwrap();
-    assert_eq!(again.iter().map(|t| t.existing).collect::<Vec<_>>(), [true, true, false]);
+    assert_eq!(
+        again.iter().map(|t| t.existing).collect::<Vec<_>>(),
+        [true, true, false]
+    );
     assert_eq!(runs(&d).await.len(), 4);
     let t = d.trigger_schedule("default", "b", by()).await.unwrap();
-    assert_eq!(t.run.idempotency_key, Some(key("b", T0.plus_millis(600 * MIN))));
-    let h = d.schedule_view("default", "b", 0, 100).await.unwrap().history;
+    assert_eq!(
+        t.run.idempotency_key,
+        Some(key("b", T0.plus_millis(600 * MIN)))
+    );
+    let h = d
+        .schedule_view("default", "b", 0, 100)
+        .await
+        .unwrap()
+        .history;
     assert_eq!(h[0].kind, "triggered");
     assert_eq!(h[0].actor.as_deref(), Some("alice"));
     assert_eq!(h.iter().filter(|h| h.kind == "backfilled").count(), 6);
     // Too long a range, or reversed, is refused.
     assert!(matches!(
-        d.backfill_schedule("default", "b", T0, T0.plus_millis(100_000 * MIN), by()).await,
+        d.backfill_schedule("default", "b", T0, T0.plus_millis(100_000 * MIN), by())
+            .await,
         Err(Error::InvalidInput(_))
     ));
     assert!(matches!(
-        d.backfill_schedule("default", "b", T0.plus_millis(MIN), T0, by()).await,
+        d.backfill_schedule("default", "b", T0.plus_millis(MIN), T0, by())
+            .await,
         Err(Error::InvalidInput(_))
     ));
     assert!(matches!(
@@ -332,11 +404,15 @@ async fn pause_and_resume_do_not_catch_up_paused_slots() {
     spec.catch_up = CatchUp::All;
     d.schedule(spec).await.unwrap();
     let s = scheduler(&d, "a");
-    d.set_schedule_paused("default", "p", true, Actor::new("bob", None)).await.unwrap();
+    d.set_schedule_paused("default", "p", true, Actor::new("bob", None))
+        .await
+        .unwrap();
     clock.set(T0.plus_millis(5 * MIN + 1));
     s.tick().await.unwrap();
     assert!(runs(&d).await.is_empty());
-    d.set_schedule_paused("default", "p", false, Actor::new("bob", None)).await.unwrap();
+    d.set_schedule_paused("default", "p", false, Actor::new("bob", None))
+        .await
+        .unwrap();
     s.tick().await.unwrap();
     assert!(runs(&d).await.is_empty(), "paused slots were caught up");
     clock.set(T0.plus_millis(6 * MIN));
@@ -375,7 +451,10 @@ async fn dst_through_the_scheduler() {
         clock.set(start.plus_millis(i * 15 * MIN));
         s.tick().await.unwrap();
     }
-    let autumn: Vec<String> = keys(&runs(&d).await).into_iter().filter(|k| k.contains("-10-")).collect();
+    let autumn: Vec<String> = keys(&runs(&d).await)
+        .into_iter()
+        .filter(|k| k.contains("-10-"))
+        .collect();
     assert_eq!(
         autumn,
         [
@@ -406,13 +485,20 @@ async fn jitter_delays_the_fire_time_deterministically() {
     assert!(runs(&d).await.is_empty(), "fired before its jitter");
     clock.set(slot.plus_millis(j));
     s.tick().await.unwrap();
-    assert_eq!(keys(&runs(&d).await), [key("j", slot)], "the key names the slot, not the fire time");
+    assert_eq!(
+        keys(&runs(&d).await),
+        [key("j", slot)],
+        "the key names the slot, not the fire time"
+    );
 }
 
 #[tokio::test]
 async fn bad_definitions_are_refused_naming_the_field() {
     let (d, _clock) = engine();
-    let e = d.schedule(ScheduleSpec::cron("x", "job", "0 0 32 * *")).await.unwrap_err();
+    let e = d
+        .schedule(ScheduleSpec::cron("x", "job", "0 0 32 * *"))
+        .await
+        .unwrap_err();
     match e {
         Error::InvalidSchedule { field, message, .. } => {
             assert_eq!(field, "cron");
@@ -423,20 +509,26 @@ async fn bad_definitions_are_refused_naming_the_field() {
     }
     let mut tz = ScheduleSpec::cron("x", "job", "* * * * *");
     tz.timezone = Some("Europe/Atlantis".into());
-    assert!(matches!(d.schedule(tz).await, Err(Error::InvalidSchedule { field, .. }) if field == "timezone"));
+    assert!(
+        matches!(d.schedule(tz).await, Err(Error::InvalidSchedule { field, .. }) if field == "timezone")
+    );
     assert!(matches!(
         d.schedule(ScheduleSpec::every("x", "job", "soon")).await,
         Err(Error::InvalidSchedule { field, .. }) if field == "every"
     ));
     assert!(matches!(
-        d.schedule(ScheduleSpec::cron("x", "nope", "* * * * *")).await,
+        d.schedule(ScheduleSpec::cron("x", "nope", "* * * * *"))
+            .await,
         Err(Error::UnknownJob(_))
     ));
     assert!(matches!(
         d.schedule(ScheduleSpec::cron("a b", "job", "* * * * *")).await,
         Err(Error::InvalidSchedule { field, .. }) if field == "name"
     ));
-    assert!(d.list_schedule_views(None, 1).await.unwrap().is_empty(), "half-written");
+    assert!(
+        d.list_schedule_views(None, 1).await.unwrap().is_empty(),
+        "half-written"
+    );
 }
 
 /// The docket.toml round trip: add, change, remove by editing the file and
@@ -445,7 +537,9 @@ async fn bad_definitions_are_refused_naming_the_field() {
 #[tokio::test]
 async fn docket_toml_add_change_remove() {
     let (d, clock) = engine();
-    d.schedule(ScheduleSpec::cron("from-api", "job", "@daily")).await.unwrap();
+    d.schedule(ScheduleSpec::cron("from-api", "job", "@daily"))
+        .await
+        .unwrap();
     let v1 = r#"
         [schedules.a]
         job = "job"
@@ -458,14 +552,25 @@ async fn docket_toml_add_change_remove() {
         every = "30s"
         overlap = "allow"
     "#;
-    let applied = d.apply_config_schedules(schedules_from_toml(v1).unwrap()).await.unwrap();
+    let applied = d
+        .apply_config_schedules(schedules_from_toml(v1).unwrap())
+        .await
+        .unwrap();
     assert_eq!((applied.created.len(), applied.removed.len()), (2, 0));
     clock.set(T0.plus_millis(5 * MIN));
     scheduler(&d, "a").tick().await.unwrap();
     // Restart with the same file: nothing changes.
-    let again = d.apply_config_schedules(schedules_from_toml(v1).unwrap()).await.unwrap();
+    let again = d
+        .apply_config_schedules(schedules_from_toml(v1).unwrap())
+        .await
+        .unwrap();
     assert_eq!(again.unchanged, ["a", "b"]);
-    let cursor = d.schedule_view("default", "a", 0, 0).await.unwrap().schedule.cursor_at;
+    let cursor = d
+        .schedule_view("default", "a", 0, 0)
+        .await
+        .unwrap()
+        .schedule
+        .cursor_at;
     // Change a, remove b.
     let v2 = r#"
         [schedules.a]
@@ -475,7 +580,10 @@ async fn docket_toml_add_change_remove() {
         input = { n = 2 }
         catch_up = "none"
     "#;
-    let applied = d.apply_config_schedules(schedules_from_toml(v2).unwrap()).await.unwrap();
+    let applied = d
+        .apply_config_schedules(schedules_from_toml(v2).unwrap())
+        .await
+        .unwrap();
     assert_eq!(applied.updated, ["a"]);
     assert_eq!(applied.removed, ["b"]);
     let a = d.schedule_view("default", "a", 1, 10).await.unwrap();
@@ -484,10 +592,17 @@ async fn docket_toml_add_change_remove() {
     assert_eq!(a.schedule.cursor_at, cursor, "an update keeps the position");
     assert_eq!(a.history[0].kind, "updated");
     assert_eq!(a.history[0].actor.as_deref(), Some("docket.toml"));
-    assert!(matches!(d.schedule_view("default", "b", 0, 0).await, Err(Error::ScheduleNotFound(_))));
+    assert!(matches!(
+        d.schedule_view("default", "b", 0, 0).await,
+        Err(Error::ScheduleNotFound(_))
+    ));
     assert!(d.schedule_view("default", "from-api", 0, 0).await.is_ok());
     // b's runs stay.
-    assert!(runs(&d).await.iter().any(|r| r.idempotency_key.as_deref().unwrap().starts_with("schedule:b:")));
+    assert!(runs(&d).await.iter().any(|r| r
+        .idempotency_key
+        .as_deref()
+        .unwrap()
+        .starts_with("schedule:b:")));
     // Bad files: every problem with its place; nothing applied.
     let bad = r#"
         [schedules.x]
@@ -504,15 +619,25 @@ async fn docket_toml_add_change_remove() {
     "#;
     let problems = schedules_from_toml(bad).unwrap_err();
     let places: Vec<&str> = problems.iter().map(|(p, _)| p.as_str()).collect();
-    assert_eq!(places, ["schedules.x.cron", "schedules.y.overlap", "schedules.z"], "{problems:?}");
+    assert_eq!(
+        places,
+        ["schedules.x.cron", "schedules.y.overlap", "schedules.z"],
+        "{problems:?}"
+    );
     let unknown = r#"
         [schedules.q]
         job = "missing"
         cron = "* * * * *"
     "#;
-    let e = d.apply_config_schedules(schedules_from_toml(unknown).unwrap()).await.unwrap_err();
+    let e = d
+        .apply_config_schedules(schedules_from_toml(unknown).unwrap())
+        .await
+        .unwrap_err();
     assert!(e.to_string().contains("unknown job `missing`"), "{e}");
-    assert!(d.schedule_view("default", "a", 0, 0).await.is_ok(), "a refused file removed a schedule");
+    assert!(
+        d.schedule_view("default", "a", 0, 0).await.is_ok(),
+        "a refused file removed a schedule"
+    );
 }
 
 /// The same engine behaviours on PostgreSQL.
@@ -534,7 +659,11 @@ async fn fires_each_slot_once_and_fails_over_postgres() {
 /// and no slot fires twice.
 #[tokio::test]
 async fn sqlite_restart_across_slots_catches_up_without_duplicates() {
-    for (mode, expect) in [(CatchUp::Last, 3usize), (CatchUp::All, 10), (CatchUp::None, 3)] {
+    for (mode, expect) in [
+        (CatchUp::Last, 3usize),
+        (CatchUp::All, 10),
+        (CatchUp::None, 3),
+    ] {
         let dir = std::env::temp_dir().join(format!("docket-sched-{}", uuid::Uuid::new_v4()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("docket.db");
@@ -561,7 +690,10 @@ async fn sqlite_restart_across_slots_catches_up_without_duplicates() {
         // 60 s late), slot 10 is on time.
         let (d, _clock) = open(T0.plus_millis(10 * MIN + 30_000));
         let s = scheduler(&d, "second-process");
-        assert!(s.tick().await.unwrap().led, "the dead process's lead expired");
+        assert!(
+            s.tick().await.unwrap().led,
+            "the dead process's lead expired"
+        );
         s.tick().await.unwrap();
         let r = runs(&d).await;
         let mut ks = keys(&r);
@@ -570,7 +702,11 @@ async fn sqlite_restart_across_slots_catches_up_without_duplicates() {
         assert_eq!(r.len(), expect, "{mode:?}: {ks:?}");
         let want_last = key("r", T0.plus_millis(10 * MIN));
         assert_eq!(ks.last(), Some(&want_last));
-        let h = d.schedule_view("default", "r", 0, 100).await.unwrap().history;
+        let h = d
+            .schedule_view("default", "r", 0, 100)
+            .await
+            .unwrap()
+            .history;
         let missed_reason = match mode {
             CatchUp::Last => Some("superseded"),
             CatchUp::None => Some("catch_up_none"),
@@ -581,7 +717,10 @@ async fn sqlite_restart_across_slots_catches_up_without_duplicates() {
         match missed_reason {
             Some(reason) => {
                 assert_eq!(skipped, 7, "{mode:?}");
-                assert!(h.iter().filter(|h| h.kind == "skipped").all(|h| h.reason.as_deref() == Some(reason)));
+                assert!(h
+                    .iter()
+                    .filter(|h| h.kind == "skipped")
+                    .all(|h| h.reason.as_deref() == Some(reason)));
             }
             None => assert_eq!(caught, 7),
         }

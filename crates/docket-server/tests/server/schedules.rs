@@ -32,7 +32,10 @@ async fn schedules_over_the_api() {
     assert_eq!(next.len(), 5);
     // 02:30 in Berlin, with its offset; the UTC slot beside it.
     let local = next[0]["local"].as_str().unwrap();
-    assert!(local.contains("T02:30:00") && local.contains("[Europe/Berlin]"), "{local}");
+    assert!(
+        local.contains("T02:30:00") && local.contains("[Europe/Berlin]"),
+        "{local}"
+    );
     let slot = next[0]["slot"].as_str().unwrap();
     assert!(slot.ends_with(":30:00.000Z"), "{slot}");
     assert_eq!(v["history"][0]["kind"], "created");
@@ -44,30 +47,54 @@ async fn schedules_over_the_api() {
 
     // Bad input: the field and the problem, nothing written.
     let (code, v) = s
-        .post("/api/schedules", json!({"name": "x", "job": "noop", "cron": "0 0 32 * *"}))
+        .post(
+            "/api/schedules",
+            json!({"name": "x", "job": "noop", "cron": "0 0 32 * *"}),
+        )
         .await;
     assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
     assert_eq!(v["error"]["field"], "cron");
     let m = v["error"]["message"].as_str().unwrap();
     assert!(m.contains("day of month") && m.contains("column 5"), "{m}");
     let (code, v) = s
-        .post("/api/schedules", json!({"name": "x", "job": "noop", "every": "1m", "timezone": "Nowhere/Else"}))
+        .post(
+            "/api/schedules",
+            json!({"name": "x", "job": "noop", "every": "1m", "timezone": "Nowhere/Else"}),
+        )
         .await;
-    assert_eq!((code, v["error"]["field"].clone()), (StatusCode::UNPROCESSABLE_ENTITY, json!("timezone")));
+    assert_eq!(
+        (code, v["error"]["field"].clone()),
+        (StatusCode::UNPROCESSABLE_ENTITY, json!("timezone"))
+    );
     let (code, v) = s
-        .post("/api/schedules", json!({"name": "x", "job": "nope", "every": "1m"}))
+        .post(
+            "/api/schedules",
+            json!({"name": "x", "job": "nope", "every": "1m"}),
+        )
         .await;
-    assert_eq!((code, v["error"]["code"].clone()), (StatusCode::UNPROCESSABLE_ENTITY, json!("unknown_job")));
+    assert_eq!(
+        (code, v["error"]["code"].clone()),
+        (StatusCode::UNPROCESSABLE_ENTITY, json!("unknown_job"))
+    );
     let (code, v) = s
-        .post("/api/schedules", json!({"name": "x", "job": "noop", "every": "1m", "overlap": "never"}))
+        .post(
+            "/api/schedules",
+            json!({"name": "x", "job": "noop", "every": "1m", "overlap": "never"}),
+        )
         .await;
-    assert_eq!((code, v["error"]["field"].clone()), (StatusCode::UNPROCESSABLE_ENTITY, json!("overlap")));
+    assert_eq!(
+        (code, v["error"]["field"].clone()),
+        (StatusCode::UNPROCESSABLE_ENTITY, json!("overlap"))
+    );
     let (_, v) = s.get("/api/schedules").await;
     assert_eq!(v["schedules"].as_array().unwrap().len(), 1, "{v}");
 
     // Pause, resume, trigger now, backfill, each audited.
     let (code, v) = s
-        .post("/api/schedules/nightly/pause", json!({"comment": "maintenance"}))
+        .post(
+            "/api/schedules/nightly/pause",
+            json!({"comment": "maintenance"}),
+        )
         .await;
     assert_eq!(code, StatusCode::OK);
     assert_eq!(v["schedule"]["enabled"], false);
@@ -75,10 +102,16 @@ async fn schedules_over_the_api() {
     let (_, v) = s.post("/api/schedules/nightly/resume", json!({})).await;
     assert_eq!(v["schedule"]["enabled"], true);
     let (code, v) = s
-        .post("/api/schedules/nightly/trigger", json!({"comment": "by hand"}))
+        .post(
+            "/api/schedules/nightly/trigger",
+            json!({"comment": "by hand"}),
+        )
         .await;
     assert_eq!(code, StatusCode::CREATED, "{v}");
-    assert!(v["run"]["idempotency_key"].as_str().unwrap().starts_with("schedule:nightly:"));
+    assert!(v["run"]["idempotency_key"]
+        .as_str()
+        .unwrap()
+        .starts_with("schedule:nightly:"));
     let (code, v) = s
         .post(
             "/api/schedules/nightly/backfill",
@@ -102,7 +135,10 @@ async fn schedules_over_the_api() {
         ]
     );
     let (code, v) = s
-        .post("/api/schedules/nightly/backfill", json!({"from": "2026-03-31T00:00:00Z", "to": "2026-03-27T00:00:00Z"}))
+        .post(
+            "/api/schedules/nightly/backfill",
+            json!({"from": "2026-03-31T00:00:00Z", "to": "2026-03-27T00:00:00Z"}),
+        )
         .await;
     assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
     let (_, v) = s.get("/api/schedules/nightly").await;
@@ -114,7 +150,15 @@ async fn schedules_over_the_api() {
         .collect();
     assert_eq!(
         kinds,
-        ["backfilled", "backfilled", "backfilled", "triggered", "resumed", "paused", "created"]
+        [
+            "backfilled",
+            "backfilled",
+            "backfilled",
+            "triggered",
+            "resumed",
+            "paused",
+            "created"
+        ]
     );
     assert_eq!(v["history"][5]["comment"], "maintenance");
     assert_eq!(v["history"][0]["comment"], "outage");
@@ -122,7 +166,12 @@ async fn schedules_over_the_api() {
 
     // Another tenant sees none of it.
     let (code, _) = s
-        .call(Method::GET, "/api/schedules/nightly", Some(&s.b.clone()), None)
+        .call(
+            Method::GET,
+            "/api/schedules/nightly",
+            Some(&s.b.clone()),
+            None,
+        )
         .await;
     assert_eq!(code, StatusCode::NOT_FOUND);
     let (_, v) = s
@@ -133,12 +182,20 @@ async fn schedules_over_the_api() {
     // Metrics name the scheduler's series.
     let (_, text) = s.get("/metrics").await;
     let text = text.as_str().unwrap_or_default().to_string();
-    assert!(text.contains("docket_schedule_slots_fired_total{kind=\"backfilled\"} 3"), "{text}");
+    assert!(
+        text.contains("docket_schedule_slots_fired_total{kind=\"backfilled\"} 3"),
+        "{text}"
+    );
     assert!(text.contains("docket_schedule_late_seconds_max"));
 
     // Delete: 200, then 404.
     let (code, v) = s
-        .call(Method::DELETE, "/api/schedules/nightly", Some(&s.a.clone()), Some(json!({"comment": "gone"})))
+        .call(
+            Method::DELETE,
+            "/api/schedules/nightly",
+            Some(&s.a.clone()),
+            Some(json!({"comment": "gone"})),
+        )
         .await;
     assert_eq!((code, v), (StatusCode::OK, json!({"deleted": "nightly"})));
     let (code, v) = s.get("/api/schedules/nightly").await;

@@ -46,10 +46,10 @@
 //!   [`StoreError::Database`] (such an attempt end fails alone, in its slot).
 
 mod connections;
-mod schedules;
 mod durable;
 mod hot;
 mod ops;
+mod schedules;
 mod stats;
 mod tokens;
 

@@ -128,7 +128,11 @@ async fn history(
     Ok(())
 }
 
-async fn write_def(c: &mut PgConnection, p: &SchedulePut, insert: bool) -> Result<Option<Schedule>> {
+async fn write_def(
+    c: &mut PgConnection,
+    p: &SchedulePut,
+    insert: bool,
+) -> Result<Option<Schedule>> {
     let d = &p.def;
     let sql = if insert {
         format!(
@@ -312,7 +316,8 @@ impl ScheduleStore for PgStore {
             .execute(&mut *tx)
             .await
             .map_err(db)?;
-        let data = json!({ "definition": def_json(&s.def), "dropped_buffered_slot": s.buffered_slot });
+        let data =
+            json!({ "definition": def_json(&s.def), "dropped_buffered_slot": s.buffered_slot });
         history(
             &mut tx,
             &tenant,

@@ -21,8 +21,8 @@
 //! its writes.
 
 mod connections;
-mod schedules;
 mod ops;
+mod schedules;
 mod stats;
 mod tokens;
 
