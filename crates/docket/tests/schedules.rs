@@ -727,3 +727,17 @@ async fn sqlite_restart_across_slots_catches_up_without_duplicates() {
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
+
+/// The example docket.toml's schedule: valid, and a newcomer's demo job.
+#[test]
+fn the_example_docket_toml_has_a_valid_schedule() {
+    let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../docket.toml");
+    let specs = schedules_from_toml(&std::fs::read_to_string(path).unwrap()).unwrap();
+    assert_eq!(specs.len(), 1);
+    assert_eq!((specs[0].name.as_str(), specs[0].job.as_str()), ("heartbeat", "echo"));
+    let def = specs[0].to_def("config").unwrap();
+    let rule = docket::schedule::rule_of(&def).unwrap();
+    // Fires within a minute of any start.
+    let next = rule.next_after(T0.plus_millis(1)).unwrap();
+    assert!(next.millis_since(T0) <= 60_000, "{next}");
+}
