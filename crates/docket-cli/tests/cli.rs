@@ -608,6 +608,9 @@ fn sigterm_stops_the_server_when_its_log_is_a_closed_pipe() {
     assert_eq!(code.unwrap(), Some(0));
 }
 
+/// A client command runner: (exit code, stdout, stderr).
+type Runner<'a> = dyn Fn(&[&str]) -> (i32, String, String) + 'a;
+
 /// Schedules from docket.toml across restarts, and `docket schedules …`:
 /// a schedule in the file fires (a run per slot, keyed by the slot);
 /// pause, resume, trigger and backfill from the command line are audited;
@@ -641,7 +644,7 @@ input = { slot = "{{ slot }}" }
         all.extend(["--url", &url]);
         docket(&all, &[])
     };
-    let show = |run: &dyn Fn(&[&str]) -> (i32, String, String)| {
+    let show = |run: &Runner| {
         let (code, out, err) = run(&["schedules", "show", "tick", "--json"]);
         assert_eq!(code, 0, "{err}");
         serde_json::from_str::<serde_json::Value>(&out).unwrap()

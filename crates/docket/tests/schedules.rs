@@ -734,7 +734,10 @@ fn the_example_docket_toml_has_a_valid_schedule() {
     let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../docket.toml");
     let specs = schedules_from_toml(&std::fs::read_to_string(path).unwrap()).unwrap();
     assert_eq!(specs.len(), 1);
-    assert_eq!((specs[0].name.as_str(), specs[0].job.as_str()), ("heartbeat", "echo"));
+    assert_eq!(
+        (specs[0].name.as_str(), specs[0].job.as_str()),
+        ("heartbeat", "echo")
+    );
     let def = specs[0].to_def("config").unwrap();
     let rule = docket::schedule::rule_of(&def).unwrap();
     // Fires within a minute of any start.
