@@ -576,6 +576,14 @@ async fn openapi_has_every_route() {
         ("post", "/api/connections/{name}/disable"),
         ("post", "/api/connections/{name}/expire"),
         ("get", "/api/breakers"),
+        ("get", "/api/schedules"),
+        ("post", "/api/schedules"),
+        ("get", "/api/schedules/{name}"),
+        ("delete", "/api/schedules/{name}"),
+        ("post", "/api/schedules/{name}/pause"),
+        ("post", "/api/schedules/{name}/resume"),
+        ("post", "/api/schedules/{name}/trigger"),
+        ("post", "/api/schedules/{name}/backfill"),
     ];
     for (m, p) in expected {
         assert!(
