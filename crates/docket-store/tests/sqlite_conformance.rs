@@ -200,6 +200,8 @@ async fn a_version_2_database_gains_the_leaders_table() {
         let c = rusqlite::Connection::open(p).unwrap();
         c.execute_batch(
             "DROP TABLE leaders;
+             DROP TABLE schedules;
+             DROP TABLE schedule_history;
              UPDATE docket_meta SET value = '2' WHERE key = 'schema_version';",
         )
         .unwrap();
