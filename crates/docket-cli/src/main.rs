@@ -8,6 +8,7 @@ mod bench_scale;
 mod client;
 mod demo;
 mod inspect;
+mod schedules;
 mod serve;
 mod tokens;
 
@@ -49,6 +50,11 @@ enum Command {
     /// The remote workers seen by the server (worker protocol): jobs, last
     /// heartbeat, runs running.
     Workers(inspect::WorkersArgs),
+
+    /// List, show, pause, resume, trigger, backfill and delete schedules
+    /// through the API.
+    #[command(subcommand)]
+    Schedules(schedules::SchedulesCmd),
     /// Create, list and revoke API tokens (directly on the database).
     #[command(subcommand)]
     Token(tokens::TokenCmd),
@@ -94,6 +100,8 @@ fn main() -> ExitCode {
             Command::Connections(cmd) => inspect::connections(cmd).await.map_err(Failed::from),
             Command::Breakers(args) => inspect::breakers(args).await.map_err(Failed::from),
             Command::Workers(args) => inspect::workers(args).await.map_err(Failed::from),
+
+            Command::Schedules(cmd) => schedules::run(cmd).await.map_err(Failed::from),
         }
     });
     // Output that could not be written (other than to a reader that went

@@ -92,6 +92,10 @@ pub struct FileConfig {
     connections: Option<toml::Value>,
     #[allow(dead_code)]
     jobs: Option<toml::Value>,
+    /// Schedules (`docket::schedule::schedules_from_toml`): accepted here,
+    /// read from the same file.
+    #[allow(dead_code)]
+    schedules: Option<toml::Value>,
 }
 
 /// The effective configuration.
@@ -280,6 +284,20 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
         Some(path) => Some(docket::http::HttpJobs::load(path).map_err(|e| e.to_string())?),
         None => None,
     };
+    let schedules = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read config file {}: {e}", path.display()))?;
+            docket::schedule::schedules_from_toml(&text).map_err(|problems| {
+                let list: Vec<String> = problems
+                    .iter()
+                    .map(|(place, problem)| format!("{place}: {problem}"))
+                    .collect();
+                format!("{}: {}", path.display(), list.join("; "))
+            })?
+        }
+        None => Vec::new(),
+    };
     let docket = Docket::open(&s.db_url)
         .await
         .map_err(|e| format!("cannot open {}: {e}", redact(&s.db_url)))?;
@@ -297,6 +315,26 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
             tracing::warn!(%connection, problem = %why, "a connection's credential cannot be read: its runs will fail connection_unresolved until it can");
         }
         http_jobs = Some(http);
+    }
+    // Schedules declared in the configuration file ([schedules.*]): added,
+    // changed, or removed when gone from the file (before any scheduler
+    // of this process ticks).
+    if args.config.is_some() {
+        let applied = docket
+            .apply_config_schedules(schedules)
+            .await
+            .map_err(|e| {
+                format!(
+                    "schedules of {}: {e}",
+                    args.config
+                        .as_ref()
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_default()
+                )
+            })?;
+        if applied != Default::default() {
+            tracing::info!(created = ?applied.created, updated = ?applied.updated, unchanged = ?applied.unchanged, removed = ?applied.removed, "schedules applied from the configuration file");
+        }
     }
     let jobs = docket.job_names();
     if jobs.is_empty() {
@@ -330,6 +368,11 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
             })
             .start()
     });
+    // Every process that runs jobs also offers to run the schedules: one
+    // leads at a time (expiring leadership), so a dead or stopped leader is
+    // replaced within the lead's 5 s.
+    let scheduler =
+        (s.role != Role::Api).then(|| docket.scheduler(docket::SchedulerConfig::default()).start());
     let api = async {
         if s.role == Role::Worker {
             return Ok(());
@@ -375,6 +418,11 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
             stopped(stop_rx.clone()).await;
             let released = w.shutdown(s.grace).await;
             tracing::info!(released, "worker stopped");
+        }
+        if let Some(sch) = scheduler {
+            stopped(stop_rx.clone()).await;
+            // Resigns the lead: another process takes the schedules at once.
+            sch.shutdown().await;
         }
     };
     let (res, ()) = tokio::join!(api, work);

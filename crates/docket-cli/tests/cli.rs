@@ -718,5 +718,212 @@ fn a_remote_worker_with_a_worker_token_end_to_end() {
     );
     assert_ne!(code, 0);
     assert!(err.contains("scope"), "{err}");
+}
+
+/// A client command runner: (exit code, stdout, stderr).
+type Runner<'a> = dyn Fn(&[&str]) -> (i32, String, String) + 'a;
+
+/// Schedules from docket.toml across restarts, and `docket schedules …`:
+/// a schedule in the file fires (a run per slot, keyed by the slot);
+/// pause, resume, trigger and backfill from the command line are audited;
+/// editing the file and restarting changes, adds and removes schedules; a
+/// bad schedule refuses the start, naming its place.
+#[test]
+fn schedules_from_docket_toml_across_restarts() {
+    let db = tmp_db();
+    let dir = std::path::Path::new(&db).parent().unwrap().to_path_buf();
+    let toml = dir.join("docket.toml");
+    let write = |text: &str| std::fs::write(&toml, text).unwrap();
+    let start = || {
+        serve(
+            &db,
+            &["--config", toml.to_str().unwrap(), "--insecure-dev-no-auth"],
+        )
+    };
+    write(
+        r#"
+[schedules.tick]
+job = "echo"
+every = "1s"
+overlap = "allow"
+input = { slot = "{{ slot }}" }
+"#,
+    );
+    let s = start();
+    let url = s.url.clone();
+    let run = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend(["--url", &url]);
+        docket(&all, &[])
+    };
+    let show = |run: &Runner| {
+        let (code, out, err) = run(&["schedules", "show", "tick", "--json"]);
+        assert_eq!(code, 0, "{err}");
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()
+    };
+    // Bounded wait for the first slots to fire.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let fired = loop {
+        let v = show(&run);
+        let fired: Vec<serde_json::Value> = v["history"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|h| h["kind"] == "fired")
+            .cloned()
+            .collect();
+        if fired.len() >= 2 {
+            break fired;
+        }
+        assert!(std::time::Instant::now() < deadline, "no slot fired: {v}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let run_id = fired[0]["run_id"].as_str().unwrap().to_string();
+    let (code, out, err) = run(&["runs", "show", &run_id, "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let r: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let slot = fired[0]["slot"].as_str().unwrap();
+    assert_eq!(
+        r["run"]["idempotency_key"],
+        format!("schedule:tick:{slot}"),
+        "{r}"
+    );
+    assert_eq!(r["run"]["input"]["slot"], slot);
+
+    let (code, out, _) = run(&["schedules", "list"]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("tick") && out.contains("every 1000 ms") && out.contains("enabled"),
+        "{out}"
+    );
+    let (code, out, _) = run(&["schedules", "pause", "tick", "--comment", "quiet please"]);
+    assert_eq!((code, out.trim()), (0, "schedule tick is now paused"));
+    let (code, out, _) = run(&["schedules", "resume", "tick"]);
+    assert_eq!((code, out.trim()), (0, "schedule tick is now enabled"));
+    let (code, out, _) = run(&["schedules", "trigger", "tick", "--comment", "by hand"]);
+    assert_eq!(code, 0);
+    assert!(out.starts_with("schedule tick fired: run "), "{out}");
+    let (code, out, err) = run(&[
+        "schedules",
+        "backfill",
+        "tick",
+        "--from",
+        "2026-01-01T00:00:00Z",
+        "--to",
+        "2026-01-01T00:00:02Z",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        out.trim(),
+        "schedule tick: 3 slots, 3 new runs, 0 already had a run"
+    );
+    let v = show(&run);
+    let paused = v["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["kind"] == "paused")
+        .unwrap()
+        .clone();
+    assert_eq!(paused["comment"], "quiet please");
+    assert_eq!(
+        paused["actor"], "anonymous",
+        "the insecure mode's actor: {paused}"
+    );
+    let (code, out, _) = run(&["schedules", "show", "nope"]);
+    assert_ne!(code, 0, "{out}");
+    assert_eq!(terminate(s), 0);
+
+    // Change tick, add daily; restart.
+    write(
+        r#"
+[schedules.tick]
+job = "echo"
+every = "2s"
+overlap = "skip"
+
+[schedules.daily]
+job = "noop"
+cron = "0 6 * * *"
+timezone = "America/New_York"
+"#,
+    );
+    let s = start();
+    let url = s.url.clone();
+    let run = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend(["--url", &url]);
+        docket(&all, &[])
+    };
+    let v = show(&run);
+    assert_eq!(v["schedule"]["every_ms"], 2000, "{v}");
+    assert_eq!(v["schedule"]["overlap"], "skip");
+    let updated = v["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["kind"] == "updated")
+        .unwrap()
+        .clone();
+    assert_eq!(updated["actor"], "docket.toml");
+    let (code, out, _) = run(&["schedules", "show", "daily"]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("T06:00:00-05:00[America/New_York]")
+            || out.contains("T06:00:00-04:00[America/New_York]"),
+        "{out}"
+    );
+    assert_eq!(terminate(s), 0);
+
+    // Remove tick; a bad schedule first refuses the start.
+    write(
+        r#"
+[schedules.daily]
+job = "noop"
+cron = "0 6 * * * * *"
+"#,
+    );
+    let (code, _, err) = docket(
+        &[
+            "serve",
+            "--db",
+            &db,
+            "--addr",
+            "127.0.0.1:0",
+            "--demo-jobs",
+            "--config",
+            toml.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_ne!(code, 0);
+    assert!(err.contains("schedules.daily.cron"), "{err}");
+    write(
+        r#"
+[schedules.daily]
+job = "noop"
+cron = "0 6 * * *"
+timezone = "America/New_York"
+"#,
+    );
+    let s = start();
+    let url = s.url.clone();
+    let (code, out, _) = docket(&["schedules", "list", "--json", "--url", &url], &[]);
+    assert_eq!(code, 0);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let names: Vec<&str> = v["schedules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["daily"], "tick was removed with the file's entry");
+    // tick's runs stay.
+    let (code, out, _) = docket(
+        &["runs", "list", "--job", "echo", "--json", "--url", &url],
+        &[],
+    );
+    assert_eq!(code, 0);
+    assert!(out.contains("schedule:tick:"), "{out}");
     assert_eq!(terminate(s), 0);
 }

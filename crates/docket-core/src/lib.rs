@@ -2,7 +2,8 @@
 //!
 //! Everything here is deterministic and free of I/O: run states and the
 //! transition table ([`state`]), the events of a run's timeline ([`event`]), error classes and terminal reasons
-//! ([`error`]), the one retry-decision function ([`policy`]), failure
+//! ([`error`]), the one retry-decision function ([`policy`]), schedule slots and their
+//! decisions ([`schedule`]), failure
 //! fingerprints ([`fingerprint`]), the forensic classifier ([`forensics`]) and
 //! the injected [`Clock`]. The store and the engine build on these types; this
 //! crate knows nothing about databases or async runtimes.
@@ -14,6 +15,7 @@ pub mod fingerprint;
 pub mod forensics;
 pub mod ids;
 pub mod policy;
+pub mod schedule;
 pub mod state;
 pub mod time;
 

@@ -163,6 +163,19 @@ impl From<docket::Error> for ApiError {
                 "invalid_job",
                 format!("invalid job `{job}`: {problem}"),
             ),
+            E::InvalidSchedule {
+                schedule,
+                field,
+                message,
+            } => ApiError::invalid_field(
+                field.clone(),
+                format!("invalid schedule `{schedule}`: `{field}`: {message}"),
+            ),
+            E::ScheduleNotFound(name) => ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("schedule `{name}` not found"),
+            ),
             E::Store(s) => s.into(),
             E::InvalidInput(m) => {
                 ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_input", m)

@@ -33,6 +33,8 @@ pub mod openapi;
 pub mod runs;
 pub mod worker_api;
 
+pub mod schedules;
+
 pub use auth::{AuthMode, Caller};
 pub use events::HubConfig;
 
@@ -145,6 +147,7 @@ pub enum ServeError {
         (name = "events", description = "Server-sent events"),
         (name = "jobs", description = "Registered jobs"),
         (name = "connections", description = "Connections and circuit breakers of the HTTP jobs in docket.toml"),
+        (name = "schedules", description = "Schedules: cron or interval in a time zone, one run per slot"),
         (name = "ops", description = "Health, metrics and this document"),
         (name = "worker", description = "The worker protocol v1 (docs/WORKER_PROTOCOL.md): remote workers claim, heartbeat and report with worker tokens; GET /api/workers lists them for operators"),
     )
@@ -414,6 +417,12 @@ fn routes() -> (axum::Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(connections::disable))
         .routes(routes!(connections::expire))
         .routes(routes!(connections::breakers))
+        .routes(routes!(schedules::list, schedules::put))
+        .routes(routes!(schedules::show, schedules::delete))
+        .routes(routes!(schedules::pause))
+        .routes(routes!(schedules::resume))
+        .routes(routes!(schedules::trigger))
+        .routes(routes!(schedules::backfill))
         .routes(routes!(events::events))
         .routes(routes!(cmd::core_cmd))
         .routes(routes!(cmd::bpm_cmd))

@@ -270,6 +270,68 @@ pub fn render_store_errors(out: &mut String, counts: &[(docket_store::DbErrorKin
     }
 }
 
+/// The scheduler's series of this process (the leader's count; other
+/// processes show 0): `docket_schedule_slots_fired_total{kind}`,
+/// `docket_schedule_slots_skipped_total{reason}`, and how late fired slots
+/// were behind their fire time, `docket_schedule_late_seconds` (a summary:
+/// `_sum`, `_count`) with `docket_schedule_late_seconds_max` and `_last`.
+pub fn render_schedules(out: &mut String, c: &docket::ScheduleCounters) {
+    out.push_str("# HELP docket_schedule_slots_fired_total Schedule slots that made a run, by kind (fired, caught_up, backfilled, triggered, unbuffered).\n# TYPE docket_schedule_slots_fired_total counter\n");
+    for kind in [
+        "fired",
+        "caught_up",
+        "backfilled",
+        "triggered",
+        "unbuffered",
+    ] {
+        let n = c.fired.get(kind).copied().unwrap_or(0);
+        let _ = writeln!(
+            out,
+            "docket_schedule_slots_fired_total{{kind=\"{kind}\"}} {n}"
+        );
+    }
+    out.push_str("# HELP docket_schedule_slots_skipped_total Schedule slots not fired, by reason.\n# TYPE docket_schedule_slots_skipped_total counter\n");
+    let mut reasons: Vec<&str> = vec![
+        "previous_run_unfinished",
+        "buffer_full",
+        "catch_up_none",
+        "superseded",
+        "outside_catch_up_window",
+    ];
+    for r in c.skipped.keys() {
+        if !reasons.contains(&r.as_str()) {
+            reasons.push(r);
+        }
+    }
+    for r in reasons {
+        let n = c.skipped.get(r).copied().unwrap_or(0);
+        let _ = writeln!(
+            out,
+            "docket_schedule_slots_skipped_total{{reason=\"{}\"}} {n}",
+            escape(r)
+        );
+    }
+    out.push_str("# HELP docket_schedule_late_seconds How late fired slots were behind their fire time (slot + jitter).\n# TYPE docket_schedule_late_seconds summary\n");
+    let _ = writeln!(
+        out,
+        "docket_schedule_late_seconds_sum {}",
+        c.late_seconds_sum
+    );
+    let _ = writeln!(out, "docket_schedule_late_seconds_count {}", c.late_count);
+    out.push_str("# HELP docket_schedule_late_seconds_max The latest a slot fired, in seconds behind its fire time.\n# TYPE docket_schedule_late_seconds_max gauge\n");
+    let _ = writeln!(
+        out,
+        "docket_schedule_late_seconds_max {}",
+        c.max_late_seconds
+    );
+    out.push_str("# HELP docket_schedule_late_seconds_last How late the last fired slot was.\n# TYPE docket_schedule_late_seconds_last gauge\n");
+    let _ = writeln!(
+        out,
+        "docket_schedule_late_seconds_last {}",
+        c.last_late_seconds
+    );
+}
+
 /// Reads one counter of a breaker.
 type BreakerCounter = fn(&docket::http::BreakerState) -> u64;
 

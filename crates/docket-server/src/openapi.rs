@@ -169,7 +169,74 @@ fn requests(doc: &mut Value, jobs: &[String]) {
     if !jobs.is_empty() {
         job["enum"] = json!(jobs);
     }
-    set(doc, "TriggerRequest", "job", job);
+    set(doc, "TriggerRequest", "job", job.clone());
+    set(doc, "ScheduleRequest", "job", job);
+    set(
+        doc,
+        "ScheduleRequest",
+        "input",
+        json!({"description": "The input template: any JSON (default {}); strings may say {{ slot }}, {{ slot_local }}, {{ slot_ms }}, {{ schedule }}."}),
+    );
+    set(
+        doc,
+        "ScheduleRequest",
+        "name",
+        json!({"type": "string", "pattern": "^[A-Za-z0-9._-]{1,128}$", "description": "Letters, digits, '-', '_', '.' (1-128)."}),
+    );
+    set(
+        doc,
+        "ScheduleRequest",
+        "start",
+        time_schema(true, "No slot before:"),
+    );
+    set(
+        doc,
+        "ScheduleRequest",
+        "end",
+        time_schema(true, "No slot after:"),
+    );
+    set(
+        doc,
+        "ScheduleRequest",
+        "overlap",
+        json!({"type": ["string", "null"], "enum": ["allow", "skip", "buffer_one", "cancel_other", null]}),
+    );
+    set(
+        doc,
+        "ScheduleRequest",
+        "catch_up",
+        json!({"type": ["string", "null"], "enum": ["last", "all", "none", null]}),
+    );
+    set(
+        doc,
+        "ScheduleRequest",
+        "jitter_ms",
+        json!({"type": ["integer", "null"], "minimum": 0, "maximum": 86_400_000u64, "description": "Deterministic jitter window (default 0, at most a day)."}),
+    );
+    set(
+        doc,
+        "ScheduleRequest",
+        "comment",
+        text("Stored in the schedule's history."),
+    );
+    set(
+        doc,
+        "BackfillRequest",
+        "from",
+        time_schema(false, "From (inclusive):"),
+    );
+    set(
+        doc,
+        "BackfillRequest",
+        "to",
+        time_schema(false, "To (inclusive):"),
+    );
+    set(
+        doc,
+        "BackfillRequest",
+        "comment",
+        text("Stored in the schedule's history."),
+    );
     set(
         doc,
         "TriggerRequest",
@@ -318,6 +385,18 @@ fn responses(doc: &mut Value) {
         "RunView",
         "output",
         json!({"description": "The handler's output once completed: any JSON, or null."}),
+    );
+    set(
+        doc,
+        "ScheduleDto",
+        "input",
+        json!({"description": "The input template: any JSON."}),
+    );
+    set(
+        doc,
+        "HistoryView",
+        "data",
+        json!({"description": "More about the row: any JSON object."}),
     );
     set(
         doc,

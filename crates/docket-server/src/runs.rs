@@ -82,7 +82,7 @@ impl AppState {
         RunView::new(r, self.now())
     }
 
-    fn trigger_response(&self, t: &docket::Triggered) -> TriggerResponse {
+    pub(crate) fn trigger_response(&self, t: &docket::Triggered) -> TriggerResponse {
         TriggerResponse {
             run: self.view(&t.run),
             existing: t.existing,
@@ -961,6 +961,7 @@ pub async fn metrics(State(state): State<AppState>, caller: Caller) -> ApiResult
         .collect();
     let mut body = state.metrics.render(&caller.tenant, &runs);
     crate::metrics::render_store_errors(&mut body, &state.docket.store_errors());
+    crate::metrics::render_schedules(&mut body, &state.docket.schedule_counters());
     if let Some(http) = &state.config.http {
         // One read of the stored states (never-changed ones are enabled);
         // no credential is read for a scrape.

@@ -795,6 +795,70 @@ async fn scenario(c: &Client, env: &Env) -> R {
     click(c, "#w-1d").await?;
     el(c, "#ov-chart svg.window-chart[data-buckets='24']").await?;
 
+    // Schedules: the list with next fire times, pause from the page, one
+    // schedule's next runs and its history (slots with their runs).
+    let (st, body) = env
+        .call(
+            &env.token,
+            reqwest::Method::POST,
+            "/api/schedules",
+            Some(
+                json!({"name": "nightly-charge", "job": "charge-card", "cron": "30 2 * * *",
+                        "timezone": "Europe/Berlin", "input": {"at": "{{ slot }}"}}),
+            ),
+        )
+        .await;
+    check!(st == 201, "create a schedule: {st} {body}");
+    let (st, body) = env
+        .call(
+            &env.token,
+            reqwest::Method::POST,
+            "/api/schedules/nightly-charge/backfill",
+            Some(json!({"from": "2026-03-28T00:00:00Z", "to": "2026-03-30T12:00:00Z"})),
+        )
+        .await;
+    check!(st == 200, "backfill: {st} {body}");
+    goto(c, &format!("{}/schedules", env.base)).await?;
+    el(c, "#main[data-ready='schedules']").await?;
+    el(
+        c,
+        "#sc-list tr[data-schedule='nightly-charge'] [data-state='enabled']",
+    )
+    .await?;
+    let row = text(c, "#sc-list tr[data-schedule='nightly-charge']").await?;
+    check!(
+        row.contains("30 2 * * *") && row.contains("Europe/Berlin") && row.contains("T02:30:00"),
+        "schedule row: {row}"
+    );
+    click(
+        c,
+        "#sc-list tr[data-schedule='nightly-charge'] button[data-action='pause']",
+    )
+    .await?;
+    el(
+        c,
+        "#sc-list tr[data-schedule='nightly-charge'] [data-state='paused']",
+    )
+    .await?;
+    click(c, "#sc-list tr[data-schedule='nightly-charge'] a").await?;
+    el(
+        c,
+        "#sc-detail[data-schedule='nightly-charge']:not([hidden])",
+    )
+    .await?;
+    el(c, "#sc-history tr[data-kind='paused']").await?;
+    let history = text(c, "#sc-history").await?;
+    check!(
+        history.contains("backfilled") && history.contains("alice"),
+        "schedule history: {history}"
+    );
+    check!(
+        js(c, "return document.querySelectorAll(\"#sc-history tr[data-kind='backfilled'] a[href^='/runs/']\").length").await?
+            == json!(2),
+        "backfilled slots link their runs (29 March has no 02:30 in Berlin)"
+    );
+    shot(c, "dashboard-schedules.png", 1360, 900).await?;
+
     // Signing out forgets the token.
     click(c, "#signout").await?;
     el(c, "body[data-page='signin'] #signin-error:not([hidden])").await?;

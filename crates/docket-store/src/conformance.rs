@@ -2158,6 +2158,9 @@ macro_rules! conformance_tests {
             connections_default_enabled_and_set,
             connections_audit_every_change,
             json_at_any_depth_reads_back_or_is_refused,
+            schedules_are_stored_changed_and_audited,
+            schedule_ticks_fire_each_slot_once_under_the_fence,
+            schedule_manual_fires_and_skips_are_history,
         );
     };
     (@each @required $factory:expr; $($name:ident),* $(,)?) => {
@@ -2709,4 +2712,459 @@ pub async fn claim_by_tenant_takes_only_that_tenant(store: DynStore) {
         .await
         .unwrap();
     assert_eq!(rest.iter().map(|r| r.id).collect::<Vec<_>>(), [ids[1]]);
+}
+
+fn sched_def(tenant: &str, name: &str) -> ScheduleDef {
+    ScheduleDef {
+        tenant: tenant.into(),
+        name: name.into(),
+        job: "job".into(),
+        input: json!({"slot": "{{ slot }}"}),
+        cron: Some("*/5 * * * *".into()),
+        every_ms: None,
+        timezone: "Europe/Berlin".into(),
+        start_at: None,
+        end_at: None,
+        jitter_ms: 0,
+        overlap: docket_core::schedule::Overlap::Skip,
+        catch_up: docket_core::schedule::CatchUp::Last,
+        catch_up_window_ms: 3_600_000,
+        paused: false,
+        source: "api".into(),
+    }
+}
+
+fn sched_put(def: ScheduleDef, now: Timestamp) -> SchedulePut {
+    SchedulePut {
+        def,
+        actor: "alice".into(),
+        comment: Some("why".into()),
+        now,
+    }
+}
+
+fn slot_run(tenant: &str, name: &str, slot: Timestamp) -> NewRun {
+    let mut r = NewRun::new("job", json!({ "slot": slot }));
+    r.tenant = tenant.into();
+    r.idempotency_key = Some(docket_core::schedule::slot_key(name, slot));
+    r.actor = Some(format!("schedule:{name}"));
+    r
+}
+
+fn fire(tenant: &str, name: &str, slot: Timestamp, kind: SlotKind) -> SlotOutcome {
+    SlotOutcome {
+        slot,
+        kind,
+        run: Some(slot_run(tenant, name, slot)),
+        reason: None,
+    }
+}
+
+/// Schedules are created, changed (cursor kept), listed per tenant, paused
+/// and resumed (the cursor jumps to now: no catch-up of paused slots) and
+/// deleted; every change is a history row with who and why, an identical
+/// definition writes nothing, and the history outlives the schedule.
+pub async fn schedules_are_stored_changed_and_audited(store: DynStore) {
+    let (s, o) = store
+        .put_schedule(sched_put(sched_def("acme", "nightly"), T0))
+        .await
+        .unwrap();
+    assert_eq!(o, PutOutcome::Created);
+    assert_eq!(s.cursor_at, T0, "no slot before its creation fires");
+    assert_eq!(s.def, sched_def("acme", "nightly"));
+    let (_, o) = store
+        .put_schedule(sched_put(sched_def("acme", "nightly"), T0.plus_millis(5)))
+        .await
+        .unwrap();
+    assert_eq!(o, PutOutcome::Unchanged);
+    store
+        .put_schedule(sched_put(sched_def("globex", "nightly"), T0))
+        .await
+        .unwrap();
+    let mut changed = sched_def("acme", "nightly");
+    changed.cron = Some("0 * * * *".into());
+    changed.overlap = docket_core::schedule::Overlap::BufferOne;
+    let (s, o) = store
+        .put_schedule(sched_put(changed.clone(), T0.plus_millis(10)))
+        .await
+        .unwrap();
+    assert_eq!(o, PutOutcome::Updated);
+    assert_eq!(
+        (s.def.clone(), s.cursor_at, s.created_at),
+        (changed, T0, T0)
+    );
+    assert_eq!(s.updated_at, T0.plus_millis(10));
+    let acme = store.list_schedules(Some("acme".into())).await.unwrap();
+    assert_eq!(acme.len(), 1);
+    assert_eq!(store.list_schedules(None).await.unwrap().len(), 2);
+    // Pause, pause again (nothing), resume an hour later: cursor jumps.
+    let p = store
+        .set_schedule_paused(
+            "acme".into(),
+            "nightly".into(),
+            true,
+            "bob".into(),
+            Some("maintenance".into()),
+            T0.plus_millis(20),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(p.def.paused);
+    store
+        .set_schedule_paused(
+            "acme".into(),
+            "nightly".into(),
+            true,
+            "bob".into(),
+            None,
+            T0.plus_millis(30),
+        )
+        .await
+        .unwrap();
+    let later = T0.plus_millis(3_600_000);
+    let r = store
+        .set_schedule_paused(
+            "acme".into(),
+            "nightly".into(),
+            false,
+            "bob".into(),
+            None,
+            later,
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!r.def.paused);
+    assert_eq!(r.cursor_at, later);
+    assert!(store
+        .set_schedule_paused(
+            "acme".into(),
+            "nope".into(),
+            true,
+            "bob".into(),
+            None,
+            later
+        )
+        .await
+        .unwrap()
+        .is_none());
+    assert!(store
+        .delete_schedule(
+            "acme".into(),
+            "nightly".into(),
+            "carol".into(),
+            Some("gone".into()),
+            later
+        )
+        .await
+        .unwrap());
+    assert!(!store
+        .delete_schedule("acme".into(), "nightly".into(), "carol".into(), None, later)
+        .await
+        .unwrap());
+    assert!(store
+        .get_schedule("acme".into(), "nightly".into())
+        .await
+        .unwrap()
+        .is_none());
+    assert!(store
+        .get_schedule("globex".into(), "nightly".into())
+        .await
+        .unwrap()
+        .is_some());
+    let h = store
+        .schedule_history("acme".into(), "nightly".into(), 100)
+        .await
+        .unwrap();
+    let kinds: Vec<&str> = h.iter().rev().map(|h| h.kind.as_str()).collect();
+    assert_eq!(
+        kinds,
+        ["created", "updated", "paused", "resumed", "deleted"]
+    );
+    assert_eq!(h[0].actor.as_deref(), Some("carol"));
+    assert_eq!(h[0].comment.as_deref(), Some("gone"));
+    assert_eq!(h[2].comment.as_deref(), Some("maintenance"));
+    assert_eq!(h[3].data["cron"], json!("0 * * * *"));
+    assert_eq!(
+        store
+            .schedule_history("globex".into(), "nightly".into(), 100)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+}
+
+/// A tick fires its slots' runs, writes their history and moves the cursor
+/// in one transaction, only under a live fencing token and only from the
+/// cursor it read: a stale leader, a repeated tick and a racing tick change
+/// nothing, so each slot makes exactly one run.
+pub async fn schedule_ticks_fire_each_slot_once_under_the_fence(store: DynStore) {
+    store
+        .put_schedule(sched_put(sched_def("acme", "s"), T0))
+        .await
+        .unwrap();
+    let token = store
+        .try_lead("schedules".into(), "p1".into(), T0, 10_000)
+        .await
+        .unwrap()
+        .unwrap();
+    let slot1 = T0.plus_millis(300_000);
+    let slot2 = T0.plus_millis(600_000);
+    let tick = |fence, expect: Timestamp, slots: Vec<SlotOutcome>, now: Timestamp| ScheduleTick {
+        tenant: "acme".into(),
+        name: "s".into(),
+        fence: Some(("schedules".to_string(), fence)),
+        expect_cursor: Some(expect),
+        new_cursor: slots.last().map(|s: &SlotOutcome| s.slot),
+        set_buffer: None,
+        slots,
+        actor: "scheduler".into(),
+        comment: None,
+        now,
+    };
+    let now = slot1.plus_millis(40);
+    let out = store
+        .schedule_tick(tick(
+            token,
+            T0,
+            vec![fire("acme", "s", slot1, SlotKind::Fired)],
+            now.min(T0.plus_millis(9_999)),
+        ))
+        .await
+        .unwrap();
+    assert!(out.applied);
+    assert_eq!(out.runs.len(), 1);
+    assert!(!out.runs[0].existing);
+    let run = &out.runs[0].run;
+    assert_eq!(run.tenant, "acme");
+    assert_eq!(
+        run.idempotency_key.as_deref(),
+        Some("schedule:s:2026-01-01T00:05:00.000Z")
+    );
+    let s = store
+        .get_schedule("acme".into(), "s".into())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (s.cursor_at, s.last_slot, s.last_run_id),
+        (slot1, Some(slot1), Some(run.id))
+    );
+    // The same tick again (a retry whose answer was lost): the cursor moved.
+    let again = store
+        .schedule_tick(tick(
+            token,
+            T0,
+            vec![fire("acme", "s", slot1, SlotKind::Fired)],
+            T0.plus_millis(9_000),
+        ))
+        .await
+        .unwrap();
+    assert!(!again.applied);
+    // The lead expires; p2 takes over. p1's token no longer writes.
+    let later = T0.plus_millis(20_000);
+    let t2 = store
+        .try_lead("schedules".into(), "p2".into(), later, 10_000)
+        .await
+        .unwrap()
+        .unwrap();
+    let stale = store
+        .schedule_tick(tick(
+            token,
+            slot1,
+            vec![fire("acme", "s", slot2, SlotKind::Fired)],
+            later,
+        ))
+        .await
+        .unwrap();
+    assert!(!stale.applied, "a stale leader wrote");
+    // Two ticks from the same cursor at once: one applies.
+    let (a, b) = tokio::join!(
+        store.schedule_tick(tick(
+            t2,
+            slot1,
+            vec![fire("acme", "s", slot2, SlotKind::Fired)],
+            later
+        )),
+        store.schedule_tick(tick(
+            t2,
+            slot1,
+            vec![fire("acme", "s", slot2, SlotKind::Fired)],
+            later
+        ))
+    );
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert!(a.applied != b.applied, "{a:?} {b:?}");
+    // A skipped slot is history with its reason, no run.
+    let slot3 = T0.plus_millis(900_000);
+    let skip = store
+        .schedule_tick(tick(
+            t2,
+            slot2,
+            vec![SlotOutcome {
+                slot: slot3,
+                kind: SlotKind::Skipped,
+                run: None,
+                reason: Some("previous_run_unfinished".into()),
+            }],
+            T0.plus_millis(25_000),
+        ))
+        .await
+        .unwrap();
+    assert!(skip.applied && skip.runs.is_empty());
+    let runs = store
+        .list_runs(RunFilter {
+            tenant: Some("acme".into()),
+            limit: 100,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(runs.len(), 2, "one run per slot");
+    let h = store
+        .schedule_history("acme".into(), "s".into(), 100)
+        .await
+        .unwrap();
+    let slots: Vec<(&str, Option<Timestamp>, Option<&str>)> = h
+        .iter()
+        .rev()
+        .skip(1)
+        .map(|h| (h.kind.as_str(), h.slot_at, h.reason.as_deref()))
+        .collect();
+    assert_eq!(
+        slots,
+        [
+            ("fired", Some(slot1), None),
+            ("fired", Some(slot2), None),
+            ("skipped", Some(slot3), Some("previous_run_unfinished"))
+        ]
+    );
+    assert_eq!(h[2].run_id, Some(run.id));
+    let s = store
+        .get_schedule("acme".into(), "s".into())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((s.cursor_at, s.last_slot), (slot3, Some(slot2)));
+    // A deleted schedule's tick changes nothing.
+    store
+        .delete_schedule("acme".into(), "s".into(), "op".into(), None, later)
+        .await
+        .unwrap();
+    let gone = store
+        .schedule_tick(tick(
+            t2,
+            slot3,
+            vec![fire(
+                "acme",
+                "s",
+                T0.plus_millis(1_200_000),
+                SlotKind::Fired,
+            )],
+            later,
+        ))
+        .await
+        .unwrap();
+    assert!(!gone.applied);
+}
+
+/// Operator fires (trigger now, backfill) leave the cursor alone, reuse the
+/// slot's run when it exists (same key), and a buffered slot is kept and
+/// cleared by ticks.
+pub async fn schedule_manual_fires_and_skips_are_history(store: DynStore) {
+    store
+        .put_schedule(sched_put(sched_def(DEFAULT_TENANT, "b"), T0))
+        .await
+        .unwrap();
+    let slots: Vec<Timestamp> = (1..=3).map(|i| T0.plus_millis(i * 300_000)).collect();
+    let manual = |outcomes: Vec<SlotOutcome>| ScheduleTick {
+        tenant: DEFAULT_TENANT.into(),
+        name: "b".into(),
+        fence: None,
+        expect_cursor: None,
+        new_cursor: Some(T0.plus_millis(1)),
+        set_buffer: None,
+        slots: outcomes,
+        actor: "alice".into(),
+        comment: Some("backfill the outage".into()),
+        now: T0.plus_millis(2_000_000),
+    };
+    let first = store
+        .schedule_tick(manual(vec![fire(
+            DEFAULT_TENANT,
+            "b",
+            slots[0],
+            SlotKind::Backfilled,
+        )]))
+        .await
+        .unwrap();
+    let out = store
+        .schedule_tick(manual(
+            slots
+                .iter()
+                .map(|s| fire(DEFAULT_TENANT, "b", *s, SlotKind::Backfilled))
+                .collect(),
+        ))
+        .await
+        .unwrap();
+    assert!(out.applied);
+    assert_eq!(
+        out.runs.iter().map(|t| t.existing).collect::<Vec<_>>(),
+        [true, false, false]
+    );
+    assert_eq!(out.runs[0].run.id, first.runs[0].run.id);
+    let s = store
+        .get_schedule(DEFAULT_TENANT.into(), "b".into())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        s.cursor_at, T0,
+        "an operator's fire does not move the cursor"
+    );
+    assert_eq!(s.last_slot, Some(slots[2]));
+    let h = store
+        .schedule_history(DEFAULT_TENANT.into(), "b".into(), 2)
+        .await
+        .unwrap();
+    assert_eq!(h.len(), 2);
+    assert_eq!(h[0].kind, "backfilled");
+    assert_eq!(h[0].comment.as_deref(), Some("backfill the outage"));
+    assert_eq!(h[0].data["late_ms"], json!(2_000_000 - 900_000));
+    // Buffer a slot, then clear it.
+    let mut b = manual(vec![SlotOutcome {
+        slot: slots[2],
+        kind: SlotKind::Buffered,
+        run: None,
+        reason: None,
+    }]);
+    b.set_buffer = Some(Some(slots[2]));
+    store.schedule_tick(b).await.unwrap();
+    let s = store
+        .get_schedule(DEFAULT_TENANT.into(), "b".into())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(s.buffered_slot, Some(slots[2]));
+    let mut c = manual(vec![]);
+    c.set_buffer = Some(None);
+    store.schedule_tick(c).await.unwrap();
+    let s = store
+        .get_schedule(DEFAULT_TENANT.into(), "b".into())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(s.buffered_slot, None);
+    // A fired kind without a run is refused, writing nothing.
+    let bad = store
+        .schedule_tick(manual(vec![SlotOutcome {
+            slot: slots[0],
+            kind: SlotKind::Fired,
+            run: None,
+            reason: None,
+        }]))
+        .await;
+    assert!(bad.is_err());
 }

@@ -20,6 +20,7 @@ pub mod model;
 pub mod plan;
 #[cfg(feature = "postgres")]
 pub mod postgres;
+pub mod schedules;
 pub mod sqlite;
 pub mod stats;
 pub mod tokens;
@@ -31,6 +32,10 @@ pub use connections::{
 pub use json::{MAX_JSON_DEPTH, UNDECODABLE_KEY};
 pub use lead::FencingToken;
 pub use model::*;
+pub use schedules::{
+    PutOutcome, Schedule, ScheduleDef, ScheduleHistory, SchedulePut, ScheduleStore, ScheduleTick,
+    SlotKind, SlotOutcome, TickOutcome,
+};
 pub use stats::{BucketCount, ClassCount, RunScan, ScanPage, StatsStore, WindowQuery, WindowStats};
 pub use tokens::{NewToken, TokenRecord, TokenScope, TokenStore};
 pub use workers::{WorkerRecord, WorkerSeen, WorkerStore};
@@ -43,7 +48,7 @@ use std::sync::Arc;
 /// (`sqlite/migrations/`, `postgres/migrations/`; ARCHITECTURE.md,
 /// "Migrations"). A database with a higher version was written by a newer
 /// Docket and is refused, never modified.
-pub const SCHEMA_VERSION: i64 = 4;
+pub const SCHEMA_VERSION: i64 = 5;
 
 /// What can go wrong in a store.
 #[derive(Debug, thiserror::Error)]
@@ -211,7 +216,7 @@ pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 /// `postgres::PgStore`. Both pass the same conformance suite.
 #[async_trait]
 pub trait Store:
-    TokenStore + WorkerStore + ConnectionStore + StatsStore + Send + Sync + 'static
+    TokenStore + WorkerStore + ConnectionStore + StatsStore + ScheduleStore + Send + Sync + 'static
 {
     /// `"sqlite"` or `"postgres"`.
     fn backend(&self) -> &'static str;

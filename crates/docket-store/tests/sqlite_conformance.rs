@@ -204,6 +204,9 @@ async fn a_version_2_database_gains_the_leaders_table() {
             "DROP TABLE leaders;
              DROP TABLE workers;
              ALTER TABLE tokens DROP COLUMN scope;
+
+             DROP TABLE schedules;
+             DROP TABLE schedule_history;
              UPDATE docket_meta SET value = '2' WHERE key = 'schema_version';",
         )
         .unwrap();

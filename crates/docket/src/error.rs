@@ -191,6 +191,20 @@ pub enum Error {
     /// Waiting for a run ran out of time; the run as last seen.
     #[error("run {} is still {} after waiting", .0.id, .0.status)]
     WaitTimedOut(Box<docket_store::Run>),
+    /// A schedule definition is invalid: the field and the problem (with
+    /// the position in a cron expression).
+    #[error("invalid schedule `{schedule}`: `{field}`: {message}")]
+    InvalidSchedule {
+        /// The schedule.
+        schedule: String,
+        /// The field (`cron`, `every`, `timezone`, …).
+        field: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// No schedule of that name (in that tenant).
+    #[error("schedule `{0}` not found")]
+    ScheduleNotFound(String),
     /// An operation the run's state does not allow.
     #[error("run {run_id} is {current}: {message}")]
     WrongState {

@@ -36,11 +36,15 @@ pub mod http;
 mod job;
 mod ops;
 pub mod remote;
+
+pub mod schedule;
 mod worker;
 
 pub use ctx::{intent_key, Ctx, InputDecision, Reconciled, Stepped};
 pub use docket_core::forensics::{FailureRecord, PairVerdict, Severity, Verdict};
 pub use docket_core::policy::RetryReason;
+
+pub use docket_core::schedule::{CatchUp, Overlap};
 pub use docket_core::{
     AttemptOutcome, Clock, ErrorClass, EventKind, Fingerprint, ManualClock, RetryPolicy, RunId,
     RunStatus, SystemClock, TerminalReason, TimeError, Timestamp, TIME_RANGE,
@@ -49,10 +53,15 @@ pub use docket_store::{
     AttemptRecord, EventFilter, EventRecord, LedgerEntry, LedgerState, Run, RunFilter, StatusCount,
     StepRecord, StepStatus, Triggered, DEFAULT_TENANT,
 };
+pub use docket_store::{PutOutcome, Schedule, ScheduleHistory};
 pub use error::{Error, JobError, Result};
 pub use forensics::{ForensicReport, JobReport, TimelineEntry, MAX_JOB_REPORT_RUNS};
 pub use job::Job;
 pub use ops::Actor;
+pub use schedule::{
+    FireTime, ScheduleCounters, ScheduleSpec, ScheduleView, Scheduler, SchedulerConfig,
+    SchedulerHandle, TickReport,
+};
 pub use worker::{Worker, WorkerConfig, WorkerHandle};
 
 use docket_store::{DynStore, NewRun};
@@ -89,6 +98,9 @@ pub(crate) struct Inner {
     /// Wakes the worker protocol's long polls (`remote.rs`), started by
     /// the first one.
     pub(crate) remote_wake: tokio::sync::OnceCell<remote::RemoteWake>,
+
+    /// What this process's scheduler fired and skipped (`/metrics`).
+    pub(crate) schedule_counters: Mutex<ScheduleCounters>,
 }
 
 /// Options of one trigger.
@@ -146,6 +158,8 @@ impl Docket {
                 max_input_bytes: AtomicUsize::new(DEFAULT_MAX_INPUT_BYTES),
                 store_errors: Mutex::new(Default::default()),
                 remote_wake: tokio::sync::OnceCell::new(),
+
+                schedule_counters: Mutex::new(Default::default()),
             }),
         }
     }

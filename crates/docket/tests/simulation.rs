@@ -700,6 +700,65 @@ impl ConnectionStore for SimStore {
 }
 
 #[async_trait]
+impl docket_store::ScheduleStore for SimStore {
+    async fn put_schedule(
+        &self,
+        put: docket_store::SchedulePut,
+    ) -> SResult<(docket_store::Schedule, docket_store::PutOutcome)> {
+        self.inner.put_schedule(put).await
+    }
+    async fn get_schedule(
+        &self,
+        tenant: String,
+        name: String,
+    ) -> SResult<Option<docket_store::Schedule>> {
+        self.inner.get_schedule(tenant, name).await
+    }
+    async fn list_schedules(&self, tenant: Option<String>) -> SResult<Vec<docket_store::Schedule>> {
+        self.inner.list_schedules(tenant).await
+    }
+    async fn set_schedule_paused(
+        &self,
+        tenant: String,
+        name: String,
+        paused: bool,
+        actor: String,
+        comment: Option<String>,
+        now: docket_core::Timestamp,
+    ) -> SResult<Option<docket_store::Schedule>> {
+        self.inner
+            .set_schedule_paused(tenant, name, paused, actor, comment, now)
+            .await
+    }
+    async fn delete_schedule(
+        &self,
+        tenant: String,
+        name: String,
+        actor: String,
+        comment: Option<String>,
+        now: docket_core::Timestamp,
+    ) -> SResult<bool> {
+        self.inner
+            .delete_schedule(tenant, name, actor, comment, now)
+            .await
+    }
+    async fn schedule_tick(
+        &self,
+        tick: docket_store::ScheduleTick,
+    ) -> SResult<docket_store::TickOutcome> {
+        self.inner.schedule_tick(tick).await
+    }
+    async fn schedule_history(
+        &self,
+        tenant: String,
+        name: String,
+        limit: usize,
+    ) -> SResult<Vec<docket_store::ScheduleHistory>> {
+        self.inner.schedule_history(tenant, name, limit).await
+    }
+}
+
+#[async_trait]
 impl StatsStore for SimStore {
     async fn attention_count(&self, tenant: String) -> SResult<i64> {
         self.inner.attention_count(tenant).await

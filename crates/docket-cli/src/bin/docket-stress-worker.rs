@@ -8,7 +8,9 @@
 //! whose `i` is a multiple of `--fail-every`, and otherwise completes with
 //! `{"i": N, "by": WORKER}`. Every execution is appended to `--exec-log`
 //! (one line: run id, attempt, lease id, worker) before the handler does
-//! anything else, so a test can prove that no lease ran twice.
+//! anything else, so a test can prove that no lease ran twice. With
+//! `--scheduler-tick-ms` it also runs a scheduler (`tests/multiprocess.rs`,
+//! schedules).
 //!
 //! ```text
 //! docket-stress-worker --db postgres://…?schema=s&application_name=a --name w1
@@ -50,6 +52,13 @@ struct Args {
     /// Grace period at shutdown, in milliseconds.
     #[arg(long, default_value_t = 5_000)]
     grace_ms: u64,
+    /// Also run a scheduler that ticks this often (0: none), as holder
+    /// `--name`.
+    #[arg(long, default_value_t = 0)]
+    scheduler_tick_ms: u64,
+    /// The scheduler's lead length (a hung leader is replaced after it).
+    #[arg(long, default_value_t = 2_000)]
+    scheduler_lead_ms: u64,
 }
 
 #[derive(Deserialize)]
@@ -155,10 +164,22 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             ..Default::default()
         })
         .start();
+    let scheduler = (args.scheduler_tick_ms > 0).then(|| {
+        docket
+            .scheduler(docket::SchedulerConfig {
+                holder: args.name.clone(),
+                tick: Duration::from_millis(args.scheduler_tick_ms),
+                lead_ttl: Duration::from_millis(args.scheduler_lead_ms),
+            })
+            .start()
+    });
     println!("ready {}", args.name);
     let released = handle
         .shutdown_on_signal(Duration::from_millis(args.grace_ms))
         .await;
+    if let Some(s) = scheduler {
+        s.shutdown().await;
+    }
     println!("stopped {} released={released}", args.name);
     Ok(())
 }

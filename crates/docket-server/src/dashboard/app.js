@@ -839,6 +839,95 @@
     load();
   }
 
+  // ---------- schedules ----------
+
+  function initSchedules() {
+    $('nav-schedules').classList.add('active');
+    let selected = new URLSearchParams(location.search).get('name');
+
+    function rule(sc) {
+      return sc.cron !== null && sc.cron !== undefined ? sc.cron : 'every ' + human(sc.every_ms);
+    }
+
+    async function act(name, verb) {
+      try {
+        // Audited with the token's name (a comment can be given through
+        // the API or `docket schedules pause NAME --comment …`).
+        await api('/api/schedules/' + encodeURIComponent(name) + '/' + verb, { method: 'POST', body: {} });
+        toast('Schedule ' + name + (verb === 'pause' ? ' paused.' : ' resumed.'));
+      } catch (ex) {
+        toast(ex.message, true);
+      }
+      await load();
+    }
+
+    async function loadDetail() {
+      const box = $('sc-detail');
+      if (!selected) { box.hidden = true; return; }
+      let d;
+      try {
+        d = await api('/api/schedules/' + encodeURIComponent(selected));
+      } catch (ex) {
+        toast(ex.message, true);
+        box.hidden = true;
+        return;
+      }
+      const sc = d.schedule;
+      box.hidden = false;
+      box.dataset.schedule = sc.name;
+      $('sc-name').textContent = sc.name;
+      $('sc-policy').textContent = rule(sc) + ' in ' + sc.timezone + ' · overlap ' + sc.overlap +
+        ' · catch-up ' + sc.catch_up + ' (window ' + human(sc.catch_up_window_ms) + ')' +
+        ' · jitter ' + human(sc.jitter_ms) + ' · from ' + sc.source;
+      $('sc-next').querySelector('tbody').replaceChildren(...(sc.next.length ? sc.next.map((f) => el('tr', {},
+        el('td', { text: f.local }), el('td', { text: utc(f.slot) }), el('td', { text: utc(f.fires_at) })))
+        : [el('tr', {}, el('td', { colspan: '3', class: 'muted', text: sc.enabled ? 'No further slots.' : 'Paused.' }))]));
+      $('sc-history').querySelector('tbody').replaceChildren(...(d.history.length ? d.history.map((h) => el('tr', { 'data-kind': h.kind },
+        el('td', { text: utc(h.at) }),
+        el('td', {}, el('span', { class: 'status s-' + (h.kind === 'skipped' ? 'failed' : h.kind === 'buffered' ? 'postponed' : h.slot ? 'completed' : 'pending'), text: h.kind })),
+        el('td', { text: h.slot ? utc(h.slot) : '' }),
+        el('td', {}, h.run_id ? el('a', { href: '/runs/' + h.run_id, text: '…' + h.run_id.slice(-12) }) : ''),
+        el('td', { text: h.reason || '' }),
+        el('td', { text: h.actor || '' }),
+        el('td', { text: h.comment || '' })))
+        : [el('tr', {}, el('td', { colspan: '7', class: 'muted', text: 'Nothing yet.' }))]));
+    }
+
+    async function load() {
+      let list;
+      try {
+        list = await api('/api/schedules');
+      } catch (ex) {
+        toast(ex.message, true);
+        return;
+      }
+      const body = $('sc-list').querySelector('tbody');
+      body.replaceChildren(...(list.schedules.length ? list.schedules.map((sc) => el('tr', { 'data-schedule': sc.name },
+        el('td', {}, el('a', { href: '/schedules?name=' + encodeURIComponent(sc.name), text: sc.name,
+          onclick: (e) => { e.preventDefault(); selected = sc.name; history.replaceState(null, '', '/schedules?name=' + encodeURIComponent(sc.name)); loadDetail(); } })),
+        el('td', { text: sc.job }),
+        el('td', {}, el('code', { text: rule(sc) })),
+        el('td', { text: sc.timezone }),
+        el('td', {}, el('span', { class: 'status ' + (sc.enabled ? 's-completed' : 's-postponed'), 'data-state': sc.enabled ? 'enabled' : 'paused', text: sc.enabled ? 'enabled' : 'paused' })),
+        el('td', { text: sc.next.length ? sc.next[0].local : '—' }),
+        el('td', { text: sc.next.length ? utc(sc.next[0].slot) : '—' }),
+        el('td', { text: sc.last_slot ? utc(sc.last_slot) : '—' }),
+        el('td', {}, sc.last_run_id ? el('a', { href: '/runs/' + sc.last_run_id }, statusBadge(sc.last_run_status || 'pending')) : '—'),
+        el('td', {}, el('button', { type: 'button', class: 'small', 'data-action': sc.enabled ? 'pause' : 'resume',
+          text: sc.enabled ? 'Pause' : 'Resume', onclick: () => act(sc.name, sc.enabled ? 'pause' : 'resume') }))))
+        : [el('tr', {}, el('td', { colspan: '10', class: 'muted', text: 'No schedules. Declare [schedules.NAME] in docket.toml or POST /api/schedules.' }))]));
+      await loadDetail();
+      markReady('schedules');
+    }
+
+    let timer = null;
+    liveEvents('', () => {
+      if (timer) return;
+      timer = setTimeout(() => { timer = null; load(); }, 2000);
+    });
+    load();
+  }
+
   // ---------- start ----------
 
   async function start() {
@@ -872,6 +961,7 @@
     if (page === 'runs') initRuns(who);
     else if (page === 'run') initRun();
     else if (page === 'overview') initOverview();
+    else if (page === 'schedules') initSchedules();
   }
 
   start();

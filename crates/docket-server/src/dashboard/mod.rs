@@ -13,6 +13,10 @@
 //!   actions that apply;
 //! - `/overview` — runs by status per job, failures and retries by error
 //!   class over the last hour or day, disabled connections;
+//! - `/schedules` — schedules: rule, zone, state, next fire times (in the
+//!   zone and UTC), the last slot's run; one schedule's next runs and its
+//!   recent slots (with their runs and skip reasons) and changes; pause and
+//!   resume buttons;
 //! - `/signin` — the operator pastes a token, kept in `sessionStorage`.
 //!
 //! Under `--insecure-dev-no-auth` the pages carry `data-auth="none"`: the
@@ -37,6 +41,7 @@ const LAYOUT: &str = include_str!("layout.html");
 const RUNS: &str = include_str!("runs.html");
 const RUN: &str = include_str!("run.html");
 const OVERVIEW: &str = include_str!("overview.html");
+const SCHEDULES: &str = include_str!("schedules.html");
 const SIGNIN: &str = include_str!("signin.html");
 const APP_JS: &str = include_str!("app.js");
 const STYLE_CSS: &str = include_str!("style.css");
@@ -64,6 +69,12 @@ pub fn router() -> Router<AppState> {
             "/overview",
             get(|State(s): State<AppState>| async move {
                 page(&s, "Overview", "overview", OVERVIEW)
+            }),
+        )
+        .route(
+            "/schedules",
+            get(|State(s): State<AppState>| async move {
+                page(&s, "Schedules", "schedules", SCHEDULES)
             }),
         )
         .route(

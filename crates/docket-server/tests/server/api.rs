@@ -590,6 +590,14 @@ async fn openapi_has_every_route() {
         ("post", "/api/worker/v1/runs/{id}/progress"),
         ("post", "/api/worker/v1/runs/{id}/log"),
         ("get", "/api/workers"),
+        ("get", "/api/schedules"),
+        ("post", "/api/schedules"),
+        ("get", "/api/schedules/{name}"),
+        ("delete", "/api/schedules/{name}"),
+        ("post", "/api/schedules/{name}/pause"),
+        ("post", "/api/schedules/{name}/resume"),
+        ("post", "/api/schedules/{name}/trigger"),
+        ("post", "/api/schedules/{name}/backfill"),
     ];
     for (m, p) in expected {
         assert!(

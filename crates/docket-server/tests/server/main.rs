@@ -9,6 +9,7 @@ mod events;
 mod hardening;
 mod limits;
 mod node;
+mod schedules;
 mod schemathesis;
 mod tenants;
 mod worker_protocol;

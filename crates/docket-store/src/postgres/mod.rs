@@ -49,6 +49,7 @@ mod connections;
 mod durable;
 mod hot;
 mod ops;
+mod schedules;
 mod stats;
 mod tokens;
 mod workers;
@@ -542,7 +543,7 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0001_initial.sql"),
     include_str!("migrations/0002_steps_ledger_tokens_connections.sql"),
     include_str!("migrations/0003_leaders.sql"),
-    // Numbered 0006 on its branch (worker protocol); renumbered on merge.
+    include_str!("migrations/0004_schedules.sql"),
     include_str!("migrations/0006_worker_scope.sql"),
 ];
 
