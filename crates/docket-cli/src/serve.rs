@@ -71,6 +71,12 @@ pub struct ServeArgs {
     /// Largest run input in bytes [default: 1048576].
     #[arg(long, env = "DOCKET_MAX_INPUT_BYTES")]
     pub max_input_bytes: Option<usize>,
+    /// Export traces over OTLP/HTTP to this URL (e.g.
+    /// `http://localhost:4318/v1/traces`). Without it, traces follow the
+    /// standard `OTEL_*` variables and are off unless an OTLP endpoint or
+    /// `OTEL_TRACES_EXPORTER=otlp` is set (docs/OBSERVABILITY.md).
+    #[arg(long, env = "DOCKET_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
 }
 
 /// The configuration file's keys (all optional).
@@ -86,6 +92,7 @@ pub struct FileConfig {
     shutdown_grace_secs: Option<u64>,
     max_body_bytes: Option<usize>,
     max_input_bytes: Option<usize>,
+    otlp_endpoint: Option<String>,
     /// HTTP jobs and their connections (`docket::http`): accepted here,
     /// read by `HttpJobs::load` from the same file.
     #[allow(dead_code)]
@@ -115,6 +122,8 @@ pub struct Settings {
     pub max_body_bytes: usize,
     /// Run input limit.
     pub max_input_bytes: usize,
+    /// Where traces go (OTLP/HTTP), when set here rather than by `OTEL_*`.
+    pub otlp_endpoint: Option<String>,
 }
 
 /// A database argument as a store URL: plain paths are SQLite files.
@@ -180,6 +189,7 @@ impl Settings {
                 .max_input_bytes
                 .or(file.max_input_bytes)
                 .unwrap_or(defaults.max_input_bytes),
+            otlp_endpoint: args.otlp_endpoint.clone().or(file.otlp_endpoint),
         })
     }
 }
@@ -286,6 +296,19 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
     if s.demo_jobs {
         register_demo_jobs(&docket).map_err(|e| e.to_string())?;
     }
+    // Traces: off unless configured (here, or by the OTEL_* variables).
+    let telemetry = match &s.otlp_endpoint {
+        Some(endpoint) => Some(docket::Telemetry::otlp(docket::TelemetryConfig {
+            endpoint: Some(endpoint.clone()),
+            ..Default::default()
+        })),
+        None => docket::Telemetry::from_env().transpose(),
+    };
+    if let Some(t) = telemetry {
+        let t = t.map_err(|e| e.to_string())?;
+        let _ = docket.set_telemetry(t);
+        tracing::info!("traces on: exported over OTLP/HTTP");
+    }
     // HTTP jobs declared in the configuration file ([connections.*], [jobs.*]).
     let mut http_jobs = None;
     if let Some(http) = http {
@@ -378,6 +401,10 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
         }
     };
     let (res, ()) = tokio::join!(api, work);
+    if let Some(t) = docket.telemetry().cloned() {
+        // The last spans (blocking: the exporter's own thread answers).
+        let _ = tokio::task::spawn_blocking(move || t.shutdown()).await;
+    }
     res
 }
 

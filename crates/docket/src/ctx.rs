@@ -4,7 +4,9 @@
 
 use crate::error::Control;
 use crate::{Docket, JobError};
+use crate::telemetry::TraceContext;
 use docket_core::{ErrorClass, LeaseId, RunId, Timestamp};
+use opentelemetry::KeyValue;
 use docket_store::{
     LeaseRef, LedgerBegin, LedgerEntry, LedgerState, LedgerWrite, StepRecord, StepStatus,
     StoreError,
@@ -35,6 +37,8 @@ pub struct Ctx {
     /// Events the store could not take when the handler recorded them;
     /// written before the attempt's end (see [`Ctx::record_event`]).
     pub(crate) kept: Arc<std::sync::Mutex<Vec<KeptEvent>>>,
+    /// The attempt's trace (docs/OBSERVABILITY.md).
+    pub(crate) trace: crate::telemetry::AttemptTrace,
 }
 
 /// An event kept for the attempt's end: the store failed when the handler
@@ -174,6 +178,17 @@ impl Ctx {
     pub fn correlation_id(&self) -> &str {
         &self.correlation_id
     }
+    /// The W3C trace context to send on this attempt's outgoing calls
+    /// (`traceparent`, `tracestate`): the attempt span's when traces are on,
+    /// else the one the run was triggered in, if any. HTTP jobs send it.
+    pub fn trace_context(&self) -> Option<TraceContext> {
+        self.trace.headers()
+    }
+    /// The attempt's OpenTelemetry context (its span), for a client that
+    /// propagates or parents spans itself; empty when traces are off.
+    pub fn otel_context(&self) -> opentelemetry::Context {
+        self.trace.otel()
+    }
     /// When the handler's timeout runs out (injected clock).
     pub fn deadline(&self) -> Timestamp {
         self.deadline
@@ -288,6 +303,23 @@ impl Ctx {
         Fut: Future<Output = Result<T, JobError>>,
     {
         let name = name.into();
+        let span = self.trace.child(|| {
+            (
+                format!("docket step {name}"),
+                vec![KeyValue::new("docket.step", name.clone())],
+            )
+        });
+        let out = self.step_inner(name, f).await;
+        crate::telemetry::end_stepped(span, &out);
+        out
+    }
+
+    async fn step_inner<T, F, Fut>(&self, name: String, f: F) -> Result<Stepped<T>, JobError>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<T, JobError>>,
+    {
         self.claim_name(&name).await?;
         if let Some(done) = self.replay::<T>(&name).await? {
             return Ok(done);
@@ -439,6 +471,38 @@ impl Ctx {
         R: FnOnce(String) -> RFut,
         RFut: Future<Output = Result<Reconciled, JobError>>,
     {
+        let span = self.trace.child(|| {
+            (
+                format!("docket action {name}"),
+                vec![
+                    KeyValue::new("docket.action", name.clone()),
+                    KeyValue::new("docket.idempotency_key", key.clone()),
+                ],
+            )
+        });
+        let out = self
+            .guarded_action(name, key, reconcile, timeout, f, span.as_ref())
+            .await;
+        crate::telemetry::end_stepped(span, &out);
+        out
+    }
+
+    async fn guarded_action<T, F, Fut, R, RFut>(
+        &self,
+        name: String,
+        key: String,
+        reconcile: Option<R>,
+        timeout: Option<Duration>,
+        f: F,
+        span: Option<&opentelemetry::Context>,
+    ) -> Result<Stepped<T>, JobError>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnOnce(String) -> Fut,
+        Fut: Future<Output = Result<T, JobError>>,
+        R: FnOnce(String) -> RFut,
+        RFut: Future<Output = Result<Reconciled, JobError>>,
+    {
         self.claim_name(&name).await?;
         if key.is_empty() {
             return Err(JobError::permanent(format!(
@@ -464,6 +528,19 @@ impl Ctx {
             .ledger_begin(self.lease(), key.clone(), name.clone(), self.now())
             .await
             .map_err(store_err)?;
+        crate::telemetry::note(
+            span,
+            "docket.ledger.begin",
+            match &begin {
+                LedgerBegin::Committed(_) => "committed",
+                LedgerBegin::InFlight { .. } => "in_flight",
+                LedgerBegin::Acquired {
+                    reconcile_first: true,
+                    ..
+                } => "acquired_to_reconcile",
+                LedgerBegin::Acquired { .. } => "acquired",
+            },
+        );
         let reconcile_first = match begin {
             LedgerBegin::Committed(entry) => {
                 let result = entry.result.clone().unwrap_or(Value::Null);
@@ -499,7 +576,18 @@ impl Ctx {
                 ));
                 return Err(self.still_unknown(name, &key, e).await);
             };
-            match reconcile(key.clone()).await {
+            let found = reconcile(key.clone()).await;
+            crate::telemetry::note(
+                span,
+                "docket.reconcile",
+                match &found {
+                    Ok(Reconciled::Committed(_)) => "committed",
+                    Ok(Reconciled::NotDone) => "not_done",
+                    Ok(Reconciled::StillUnknown) => "still_unknown",
+                    Err(_) => "failed",
+                },
+            );
+            match found {
                 Ok(Reconciled::Committed(v)) => {
                     self.ledger_end(
                         &name,

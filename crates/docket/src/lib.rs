@@ -35,6 +35,7 @@ mod forensics;
 pub mod http;
 mod job;
 mod ops;
+pub mod telemetry;
 mod worker;
 
 pub use ctx::{intent_key, Ctx, InputDecision, Reconciled, Stepped};
@@ -51,6 +52,7 @@ pub use error::{Error, JobError, Result};
 pub use forensics::{ForensicReport, JobReport, TimelineEntry, MAX_JOB_REPORT_RUNS};
 pub use job::Job;
 pub use ops::Actor;
+pub use telemetry::{Telemetry, TelemetryConfig, TraceContext};
 pub use worker::{Worker, WorkerConfig, WorkerHandle};
 
 use docket_store::{DynStore, NewRun};
@@ -84,6 +86,8 @@ pub(crate) struct Inner {
     /// Store failures met by this process's workers, by kind (see
     /// [`Docket::store_errors`]).
     pub(crate) store_errors: Mutex<std::collections::BTreeMap<docket_store::DbErrorKind, u64>>,
+    /// Traces, when on: set once, read once per trigger and attempt.
+    pub(crate) telemetry: std::sync::OnceLock<Arc<Telemetry>>,
 }
 
 /// Options of one trigger.
@@ -102,6 +106,11 @@ pub struct TriggerOptions {
     pub tenant: Option<String>,
     /// Who triggered it (stored on the `run_triggered` event).
     pub actor: Option<String>,
+    /// The W3C trace context it was triggered in (e.g. the request's
+    /// `traceparent`; [`TraceContext`]). Stored with the run: every attempt
+    /// joins that trace. An invalid `traceparent` is ignored, as the W3C
+    /// recommendation says.
+    pub trace: Option<TraceContext>,
 }
 
 /// A run with its whole history.
@@ -140,6 +149,7 @@ impl Docket {
                 changes,
                 max_input_bytes: AtomicUsize::new(DEFAULT_MAX_INPUT_BYTES),
                 store_errors: Mutex::new(Default::default()),
+                telemetry: std::sync::OnceLock::new(),
             }),
         }
     }
@@ -147,6 +157,20 @@ impl Docket {
     /// Changes the input size limit (default [`DEFAULT_MAX_INPUT_BYTES`]).
     pub fn set_max_input_bytes(&self, limit: usize) {
         self.inner.max_input_bytes.store(limit, Ordering::Relaxed);
+    }
+
+    /// Turns traces on ([`telemetry`]). Once per engine: a second call
+    /// gives its `Telemetry` back.
+    pub fn set_telemetry(&self, telemetry: Telemetry) -> std::result::Result<(), Telemetry> {
+        self.inner
+            .telemetry
+            .set(Arc::new(telemetry))
+            .map_err(|t| Arc::into_inner(t).expect("not shared yet"))
+    }
+
+    /// The trace exporter, when traces are on.
+    pub fn telemetry(&self) -> Option<&Arc<Telemetry>> {
+        self.inner.telemetry.get()
     }
 
     /// The store.
@@ -248,6 +272,12 @@ impl Docket {
             n.priority = o.priority;
             n.correlation_id = o.correlation_id;
             n.actor = o.actor;
+            n.trace = o.trace.and_then(telemetry::valid);
+            if let Some(t) = self.inner.telemetry.get() {
+                // The trigger's own span, in the caller's trace: the run
+                // stores its context, so attempts are its children.
+                n.trace = Some(t.trigger(&n.job, n.id, n.trace.as_ref()));
+            }
             if let Some(t) = o.tenant {
                 n.tenant = t;
             }

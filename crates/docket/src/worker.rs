@@ -2,6 +2,7 @@
 //! concurrency and a timeout, keeps leases alive with heartbeats, reaps
 //! expired leases through the retry policy, and shuts down gracefully.
 
+use crate::telemetry::AttemptTrace;
 use crate::ctx::KeptEvent;
 use crate::error::Control;
 use crate::{Ctx, Docket, Job, JobError};
@@ -879,6 +880,14 @@ impl Docket {
             return (end, Vec::new());
         };
         let started = self.clock().now();
+        // Traces off: one load, and the stored context passed on as is.
+        let trace = match self.telemetry() {
+            Some(t) => AttemptTrace::Span(t.clone(), t.attempt(&run, lease_id)),
+            None => run
+                .trace
+                .clone()
+                .map_or(AttemptTrace::None, AttemptTrace::Stored),
+        };
         let ctx = Ctx {
             run_id: run.id,
             job: run.job.clone(),
@@ -896,6 +905,7 @@ impl Docket {
             docket: self.clone(),
             state: Default::default(),
             kept: Default::default(),
+            trace: trace.clone(),
         };
         let kept = ctx.kept.clone();
         if run.cancel_requested {
@@ -986,6 +996,9 @@ impl Docket {
                 }
             },
         };
+        if let AttemptTrace::Span(_, cx) = &trace {
+            crate::telemetry::end_attempt(cx, &outcome);
+        }
         let end = AttemptEnd {
             run_id: run.id,
             lease_id,

@@ -541,6 +541,7 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0001_initial.sql"),
     include_str!("migrations/0002_steps_ledger_tokens_connections.sql"),
     include_str!("migrations/0003_leaders.sql"),
+    include_str!("migrations/0005_trace_context.sql"),
 ];
 
 /// Creates or upgrades the schema by applying [`MIGRATIONS`]. Refuses (and
