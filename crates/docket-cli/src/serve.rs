@@ -77,6 +77,10 @@ pub struct ServeArgs {
     /// `OTEL_TRACES_EXPORTER=otlp` is set (docs/OBSERVABILITY.md).
     #[arg(long, env = "DOCKET_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
+    /// Where the dashboard links a run's trace: a URL with `{trace_id}`,
+    /// e.g. `http://localhost:16686/trace/{trace_id}` (Jaeger).
+    #[arg(long, env = "DOCKET_TRACE_URL")]
+    pub trace_url: Option<String>,
 }
 
 /// The configuration file's keys (all optional).
@@ -93,6 +97,7 @@ pub struct FileConfig {
     max_body_bytes: Option<usize>,
     max_input_bytes: Option<usize>,
     otlp_endpoint: Option<String>,
+    trace_url: Option<String>,
     /// HTTP jobs and their connections (`docket::http`): accepted here,
     /// read by `HttpJobs::load` from the same file.
     #[allow(dead_code)]
@@ -124,6 +129,8 @@ pub struct Settings {
     pub max_input_bytes: usize,
     /// Where traces go (OTLP/HTTP), when set here rather than by `OTEL_*`.
     pub otlp_endpoint: Option<String>,
+    /// The dashboard's trace link template.
+    pub trace_url: Option<String>,
 }
 
 /// A database argument as a store URL: plain paths are SQLite files.
@@ -164,6 +171,17 @@ impl Settings {
         if concurrency == 0 {
             return Err("concurrency must be at least 1".into());
         }
+        let trace_url = args.trace_url.clone().or(file.trace_url);
+        if let Some(u) = &trace_url {
+            // The dashboard makes it a link: only a web address, and one
+            // that names the trace.
+            if !(u.starts_with("http://") || u.starts_with("https://")) || !u.contains("{trace_id}")
+            {
+                return Err(format!(
+                    "trace_url `{u}` must be an http:// or https:// URL containing {{trace_id}}, e.g. http://localhost:16686/trace/{{trace_id}}"
+                ));
+            }
+        }
         Ok(Settings {
             db_url: db_url(
                 args.db
@@ -190,6 +208,7 @@ impl Settings {
                 .or(file.max_input_bytes)
                 .unwrap_or(defaults.max_input_bytes),
             otlp_endpoint: args.otlp_endpoint.clone().or(file.otlp_endpoint),
+            trace_url,
         })
     }
 }
@@ -369,6 +388,7 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
                 max_input_bytes: s.max_input_bytes,
                 http: http_jobs.clone(),
                 runs_jobs: s.role != Role::Api,
+                trace_url: s.trace_url.clone(),
                 ..ServerConfig::default()
             },
         )
