@@ -3,14 +3,14 @@
 //! postponement, progress and logs.
 
 use crate::error::Control;
-use crate::{Docket, JobError};
 use crate::telemetry::TraceContext;
+use crate::{Docket, JobError};
 use docket_core::{ErrorClass, LeaseId, RunId, Timestamp};
-use opentelemetry::KeyValue;
 use docket_store::{
     LeaseRef, LedgerBegin, LedgerEntry, LedgerState, LedgerWrite, StepRecord, StepStatus,
     StoreError,
 };
+use opentelemetry::KeyValue;
 use serde::{de::DeserializeOwned, Serialize};
 use serde_json::{json, Value};
 use std::collections::{HashMap, HashSet};

@@ -46,9 +46,14 @@ impl Docket {
     async fn operate(&self, id: RunId, by: Actor, command: OperatorCommand) -> Result<Run> {
         // Traces on: the action becomes a span in the run's trace, with who
         // and why (built after the answer, which names the trace).
-        let traced = self
-            .telemetry()
-            .map(|t| (t.clone(), std::time::SystemTime::now(), command.name(), by.clone()));
+        let traced = self.telemetry().map(|t| {
+            (
+                t.clone(),
+                std::time::SystemTime::now(),
+                command.name(),
+                by.clone(),
+            )
+        });
         let run = self
             .store()
             .operator(OperatorRequest {

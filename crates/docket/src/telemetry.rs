@@ -198,7 +198,12 @@ impl Telemetry {
 
     /// The span of a trigger, a child of the caller's context when there is
     /// a valid one; its context is what the run stores.
-    pub(crate) fn trigger(&self, job: &str, run: RunId, given: Option<&TraceContext>) -> TraceContext {
+    pub(crate) fn trigger(
+        &self,
+        job: &str,
+        run: RunId,
+        given: Option<&TraceContext>,
+    ) -> TraceContext {
         let parent = given.and_then(extract).unwrap_or_default();
         let mut span = self
             .tracer
@@ -251,7 +256,13 @@ impl Telemetry {
     }
 
     /// A client span for one outgoing request, a child of `parent`.
-    pub(crate) fn request(&self, parent: &Context, purpose: &str, method: &str, url: &str) -> Context {
+    pub(crate) fn request(
+        &self,
+        parent: &Context,
+        purpose: &str,
+        method: &str,
+        url: &str,
+    ) -> Context {
         let span = self
             .tracer
             .span_builder(format!("{method} {purpose}"))

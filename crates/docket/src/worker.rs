@@ -2,9 +2,9 @@
 //! concurrency and a timeout, keeps leases alive with heartbeats, reaps
 //! expired leases through the retry policy, and shuts down gracefully.
 
-use crate::telemetry::AttemptTrace;
 use crate::ctx::KeptEvent;
 use crate::error::Control;
+use crate::telemetry::AttemptTrace;
 use crate::{Ctx, Docket, Job, JobError};
 use docket_core::{Decision, FailureInput, Fingerprint, LeaseId, RunId};
 use docket_store::{

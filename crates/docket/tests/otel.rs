@@ -125,7 +125,12 @@ impl Endpoint {
     async fn start(script: &[u16]) -> (Endpoint, String) {
         let e = Endpoint::default();
         e.script.lock().unwrap().extend(script);
-        let addr = serve(Router::new().route("/hook", post(hook)).with_state(e.clone())).await;
+        let addr = serve(
+            Router::new()
+                .route("/hook", post(hook))
+                .with_state(e.clone()),
+        )
+        .await;
         (e, format!("http://{addr}/hook"))
     }
 
@@ -222,7 +227,11 @@ async fn one_trace_from_the_trigger_through_retried_attempts_to_each_request() {
         .find(|s| s.name == "docket trigger call")
         .expect("trigger span");
     assert_eq!(hex(&trigger.trace_id), TRACE_ID);
-    assert_eq!(hex(&trigger.parent_span_id), CALLER_SPAN, "child of the caller");
+    assert_eq!(
+        hex(&trigger.parent_span_id),
+        CALLER_SPAN,
+        "child of the caller"
+    );
     let mut attempts: Vec<&Span> = spans
         .iter()
         .filter(|s| s.name == "docket attempt call")
@@ -231,8 +240,15 @@ async fn one_trace_from_the_trigger_through_retried_attempts_to_each_request() {
     assert_eq!(attempts.len(), 3, "one span per attempt");
     for (i, a) in attempts.iter().enumerate() {
         let n = i as u32 + 1;
-        assert_eq!(hex(&a.trace_id), TRACE_ID, "attempt {n} in the caller's trace");
-        assert_eq!(a.parent_span_id, trigger.span_id, "attempt {n} under the trigger");
+        assert_eq!(
+            hex(&a.trace_id),
+            TRACE_ID,
+            "attempt {n} in the caller's trace"
+        );
+        assert_eq!(
+            a.parent_span_id, trigger.span_id,
+            "attempt {n} under the trigger"
+        );
         assert_eq!(attr(a, "docket.attempt").as_deref(), Some(&*n.to_string()));
         assert_eq!(attr(a, "docket.run_id"), Some(run.id.to_string()));
         assert_eq!(
@@ -249,7 +265,10 @@ async fn one_trace_from_the_trigger_through_retried_attempts_to_each_request() {
             // The backoff is the gap between the spans: the retry decision
             // of the previous attempt says when.
             let prev = attempts[i - 1];
-            assert_eq!(attr(prev, "docket.outcome").as_deref(), Some("retry_scheduled"));
+            assert_eq!(
+                attr(prev, "docket.outcome").as_deref(),
+                Some("retry_scheduled")
+            );
             assert_eq!(attr(prev, "error.type").as_deref(), Some("unavailable"));
             assert_eq!(attr(prev, "docket.retry.delay_ms").as_deref(), Some("1000"));
             assert!(attr(prev, "docket.retry.policy").is_some());
@@ -353,7 +372,10 @@ async fn with_traces_off_the_stored_context_is_passed_on_and_an_invalid_one_igno
         .unwrap()
         .run;
     assert_eq!(run.trace.as_ref(), Some(&given));
-    assert_eq!(d.get_run(run.id).await.unwrap().trace.as_ref(), Some(&given));
+    assert_eq!(
+        d.get_run(run.id).await.unwrap().trace.as_ref(),
+        Some(&given)
+    );
     run_to_end(&d, &clock, run.id).await;
     let bad = d
         .trigger_with(
@@ -374,9 +396,6 @@ async fn with_traces_off_the_stored_context_is_passed_on_and_an_invalid_one_igno
     run_to_end(&d, &clock, bad.id).await;
     assert_eq!(
         endpoint.seen(),
-        vec![
-            (Some(given.traceparent), given.tracestate),
-            (None, None)
-        ]
+        vec![(Some(given.traceparent), given.tracestate), (None, None)]
     );
 }

@@ -820,9 +820,13 @@ async fn a_traceparent_header_puts_the_run_in_the_callers_trace() {
             .json(&body)
             .send()
     };
-    let res = post("/api/runs", parent.clone(), json!({ "job": "noop", "input": 1 }))
-        .await
-        .unwrap();
+    let res = post(
+        "/api/runs",
+        parent.clone(),
+        json!({ "job": "noop", "input": 1 }),
+    )
+    .await
+    .unwrap();
     assert_eq!(res.status(), StatusCode::CREATED);
     let v: Value = res.json().await.unwrap();
     assert_eq!(v["run"]["trace_id"], trace_id);
@@ -857,7 +861,9 @@ async fn a_traceparent_header_puts_the_run_in_the_callers_trace() {
     let v: Value = res.json().await.unwrap();
     assert_eq!(v["run"]["trace_id"], Value::Null);
 
-    let (_, plain) = s.post("/api/runs", json!({ "job": "noop", "input": 1 })).await;
+    let (_, plain) = s
+        .post("/api/runs", json!({ "job": "noop", "input": 1 }))
+        .await;
     assert_eq!(plain["run"]["trace_id"], Value::Null);
     let metrics = s
         .http
