@@ -461,6 +461,15 @@ pub fn valid(given: TraceContext) -> Option<TraceContext> {
     extract(&given).map(|cx| inject(&cx.span().span_context().clone()))
 }
 
+/// The W3C headers of an OpenTelemetry context's span, to trigger a run in
+/// it (`TriggerOptions::trace`), e.g. `trace_context_of(&Context::current())`
+/// in an application that traces with OpenTelemetry. `None` when the
+/// context has no valid span.
+pub fn trace_context_of(cx: &Context) -> Option<TraceContext> {
+    let sc = cx.span().span_context().clone();
+    sc.is_valid().then(|| inject(&sc))
+}
+
 fn extract(t: &TraceContext) -> Option<Context> {
     let mut carrier = HashMap::with_capacity(2);
     carrier.insert("traceparent".to_string(), t.traceparent.clone());
@@ -543,6 +552,18 @@ mod tests {
         assert_ne!(attempt_span_id(a, 1), attempt_span_id(a, 2));
         assert_ne!(attempt_span_id(a, 1), attempt_span_id(b, 1));
         assert_ne!(attempt_span_id(a, 1), SpanId::INVALID);
+    }
+
+    #[test]
+    fn an_otel_context_becomes_the_headers_of_its_span() {
+        assert_eq!(trace_context_of(&Context::new()), None);
+        let given = valid(TraceContext {
+            traceparent: "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into(),
+            tracestate: Some("v=1".into()),
+        })
+        .unwrap();
+        let cx = extract(&given).unwrap();
+        assert_eq!(trace_context_of(&cx), Some(given));
     }
 
     #[test]
