@@ -103,12 +103,15 @@ async fn flush(t: &Arc<Telemetry>) -> Result<(), String> {
 
 // ---------------------------------------------------------------- endpoint
 
+/// The `traceparent` and `tracestate` headers of one request.
+type Seen = (Option<String>, Option<String>);
+
 /// The service an HTTP job calls: answers from a script (then 200), and
 /// keeps the trace headers of every request.
 #[derive(Clone, Default)]
 struct Endpoint {
     script: Arc<Mutex<VecDeque<u16>>>,
-    seen: Arc<Mutex<Vec<(Option<String>, Option<String>)>>>,
+    seen: Arc<Mutex<Vec<Seen>>>,
 }
 
 async fn hook(State(e): State<Endpoint>, headers: HeaderMap) -> StatusCode {
@@ -134,7 +137,7 @@ impl Endpoint {
         (e, format!("http://{addr}/hook"))
     }
 
-    fn seen(&self) -> Vec<(Option<String>, Option<String>)> {
+    fn seen(&self) -> Vec<Seen> {
         self.seen.lock().unwrap().clone()
     }
 }
