@@ -464,6 +464,31 @@ mod tests {
     use super::*;
 
     #[test]
+    fn trace_settings_and_a_trace_url_that_is_not_a_web_link_refused() {
+        let d = Settings::resolve(&ServeArgs::default()).unwrap();
+        assert_eq!((d.otlp_endpoint, d.trace_url), (None, None));
+        let ok = ServeArgs {
+            otlp_endpoint: Some("http://localhost:4318/v1/traces".into()),
+            trace_url: Some("http://localhost:16686/trace/{trace_id}".into()),
+            ..ServeArgs::default()
+        };
+        let s = Settings::resolve(&ok).unwrap();
+        assert_eq!(s.otlp_endpoint.as_deref(), ok.otlp_endpoint.as_deref());
+        assert_eq!(s.trace_url.as_deref(), ok.trace_url.as_deref());
+        for bad in ["javascript:alert(1)//{trace_id}", "http://jaeger/trace/"] {
+            let err = Settings::resolve(&ServeArgs {
+                trace_url: Some(bad.into()),
+                ..ServeArgs::default()
+            })
+            .unwrap_err();
+            assert!(
+                err.contains("trace_url") && err.contains("{trace_id}"),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
     fn settings_layer_flags_over_file_over_defaults() {
         let d = Settings::resolve(&ServeArgs::default()).unwrap();
         assert_eq!(d.db_url, "sqlite://docket.db");
