@@ -225,13 +225,24 @@ async fn all_completed(d: &Docket, runs: usize) -> Result<(), BoxError> {
     Ok(())
 }
 
+/// The engine of one workload. Traces follow the `OTEL_*` variables as in
+/// `serve` (off unless an OTLP endpoint is set), so their cost can be
+/// measured with the same binary (docs/BENCHMARKS.md).
+async fn open(db: &Db) -> Result<Docket, BoxError> {
+    let d = Docket::open(&db.url).await?;
+    if let Some(t) = docket::Telemetry::from_env()? {
+        let _ = d.set_telemetry(t);
+    }
+    Ok(d)
+}
+
 async fn w1(
     db: &Db,
     runs: usize,
     concurrency: usize,
     prefetch: Option<usize>,
 ) -> Result<Report, BoxError> {
-    let d = Docket::open(&db.url).await?;
+    let d = open(db).await?;
     let count = Arc::new(AtomicUsize::new(0));
     let done = Arc::new(Notify::new());
     let (c, n) = (count.clone(), done.clone());
@@ -293,7 +304,7 @@ async fn w1(
 }
 
 async fn w2(db: &Db, runs: usize) -> Result<Report, BoxError> {
-    let d = Docket::open(&db.url).await?;
+    let d = open(db).await?;
     let starts: Arc<Mutex<HashMap<docket::RunId, Instant>>> = Arc::default();
     let count = Arc::new(AtomicUsize::new(0));
     let done = Arc::new(Notify::new());
@@ -360,7 +371,7 @@ async fn w2(db: &Db, runs: usize) -> Result<Report, BoxError> {
 }
 
 async fn w3(db: &Db, runs: usize, concurrency: usize) -> Result<Report, BoxError> {
-    let d = Docket::open(&db.url).await?;
+    let d = open(db).await?;
     let count = Arc::new(AtomicUsize::new(0));
     let done = Arc::new(Notify::new());
     let (c, n) = (count.clone(), done.clone());

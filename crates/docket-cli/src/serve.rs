@@ -71,6 +71,16 @@ pub struct ServeArgs {
     /// Largest run input in bytes [default: 1048576].
     #[arg(long, env = "DOCKET_MAX_INPUT_BYTES")]
     pub max_input_bytes: Option<usize>,
+    /// Export traces over OTLP/HTTP to this URL (e.g.
+    /// `http://localhost:4318/v1/traces`). Without it, traces follow the
+    /// standard `OTEL_*` variables and are off unless an OTLP endpoint or
+    /// `OTEL_TRACES_EXPORTER=otlp` is set (docs/OBSERVABILITY.md).
+    #[arg(long, env = "DOCKET_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+    /// Where the dashboard links a run's trace: a URL with `{trace_id}`,
+    /// e.g. `http://localhost:16686/trace/{trace_id}` (Jaeger).
+    #[arg(long, env = "DOCKET_TRACE_URL")]
+    pub trace_url: Option<String>,
 }
 
 /// The configuration file's keys (all optional).
@@ -86,6 +96,8 @@ pub struct FileConfig {
     shutdown_grace_secs: Option<u64>,
     max_body_bytes: Option<usize>,
     max_input_bytes: Option<usize>,
+    otlp_endpoint: Option<String>,
+    trace_url: Option<String>,
     /// HTTP jobs and their connections (`docket::http`): accepted here,
     /// read by `HttpJobs::load` from the same file.
     #[allow(dead_code)]
@@ -119,6 +131,10 @@ pub struct Settings {
     pub max_body_bytes: usize,
     /// Run input limit.
     pub max_input_bytes: usize,
+    /// Where traces go (OTLP/HTTP), when set here rather than by `OTEL_*`.
+    pub otlp_endpoint: Option<String>,
+    /// The dashboard's trace link template.
+    pub trace_url: Option<String>,
 }
 
 /// A database argument as a store URL: plain paths are SQLite files.
@@ -159,6 +175,17 @@ impl Settings {
         if concurrency == 0 {
             return Err("concurrency must be at least 1".into());
         }
+        let trace_url = args.trace_url.clone().or(file.trace_url);
+        if let Some(u) = &trace_url {
+            // The dashboard makes it a link: only a web address, and one
+            // that names the trace.
+            if !(u.starts_with("http://") || u.starts_with("https://")) || !u.contains("{trace_id}")
+            {
+                return Err(format!(
+                    "trace_url `{u}` must be an http:// or https:// URL containing {{trace_id}}, e.g. http://localhost:16686/trace/{{trace_id}}"
+                ));
+            }
+        }
         Ok(Settings {
             db_url: db_url(
                 args.db
@@ -184,6 +211,8 @@ impl Settings {
                 .max_input_bytes
                 .or(file.max_input_bytes)
                 .unwrap_or(defaults.max_input_bytes),
+            otlp_endpoint: args.otlp_endpoint.clone().or(file.otlp_endpoint),
+            trace_url,
         })
     }
 }
@@ -304,6 +333,19 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
     if s.demo_jobs {
         register_demo_jobs(&docket).map_err(|e| e.to_string())?;
     }
+    // Traces: off unless configured (here, or by the OTEL_* variables).
+    let telemetry = match &s.otlp_endpoint {
+        Some(endpoint) => Some(docket::Telemetry::otlp(docket::TelemetryConfig {
+            endpoint: Some(endpoint.clone()),
+            ..Default::default()
+        })),
+        None => docket::Telemetry::from_env().transpose(),
+    };
+    if let Some(t) = telemetry {
+        let t = t.map_err(|e| e.to_string())?;
+        let _ = docket.set_telemetry(t);
+        tracing::info!("traces on: exported over OTLP/HTTP");
+    }
     // HTTP jobs declared in the configuration file ([connections.*], [jobs.*]).
     let mut http_jobs = None;
     if let Some(http) = http {
@@ -389,6 +431,7 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
                 max_input_bytes: s.max_input_bytes,
                 http: http_jobs.clone(),
                 runs_jobs: s.role != Role::Api,
+                trace_url: s.trace_url.clone(),
                 ..ServerConfig::default()
             },
         )
@@ -426,6 +469,10 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
         }
     };
     let (res, ()) = tokio::join!(api, work);
+    if let Some(t) = docket.telemetry().cloned() {
+        // The last spans (blocking: the exporter's own thread answers).
+        let _ = tokio::task::spawn_blocking(move || t.shutdown()).await;
+    }
     res
 }
 
@@ -463,6 +510,31 @@ pub(crate) fn redact(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn trace_settings_and_a_trace_url_that_is_not_a_web_link_refused() {
+        let d = Settings::resolve(&ServeArgs::default()).unwrap();
+        assert_eq!((d.otlp_endpoint, d.trace_url), (None, None));
+        let ok = ServeArgs {
+            otlp_endpoint: Some("http://localhost:4318/v1/traces".into()),
+            trace_url: Some("http://localhost:16686/trace/{trace_id}".into()),
+            ..ServeArgs::default()
+        };
+        let s = Settings::resolve(&ok).unwrap();
+        assert_eq!(s.otlp_endpoint.as_deref(), ok.otlp_endpoint.as_deref());
+        assert_eq!(s.trace_url.as_deref(), ok.trace_url.as_deref());
+        for bad in ["javascript:alert(1)//{trace_id}", "http://jaeger/trace/"] {
+            let err = Settings::resolve(&ServeArgs {
+                trace_url: Some(bad.into()),
+                ..ServeArgs::default()
+            })
+            .unwrap_err();
+            assert!(
+                err.contains("trace_url") && err.contains("{trace_id}"),
+                "{err}"
+            );
+        }
+    }
 
     #[test]
     fn settings_layer_flags_over_file_over_defaults() {

@@ -73,6 +73,9 @@ pub struct RunView {
     /// What the handler asks for, while `needs_input`.
     #[schema(value_type = Option<Object>)]
     pub input_request: Option<Value>,
+    /// The W3C trace id of the trace the run belongs to (32 hex digits),
+    /// when it was triggered with a `traceparent` or with traces on.
+    pub trace_id: Option<String>,
 }
 
 impl RunView {
@@ -105,6 +108,12 @@ impl RunView {
             cancel_requested: r.cancel_requested,
             retriggered_from: r.retriggered_from.map(|i| i.to_string()),
             input_request: r.input_request.clone(),
+            // version-traceid-parentid-flags; checked by the engine.
+            trace_id: r
+                .trace
+                .as_ref()
+                .and_then(|t| t.traceparent.split('-').nth(1))
+                .map(String::from),
         }
     }
 }

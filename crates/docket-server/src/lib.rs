@@ -74,6 +74,10 @@ pub struct ServerConfig {
     /// here are live). `false` for `docket serve --role api`: the breakers
     /// are then not reported, since they would only ever read "closed".
     pub runs_jobs: bool,
+    /// Where the dashboard links a run's trace: a URL with `{trace_id}`,
+    /// e.g. `http://localhost:16686/trace/{trace_id}` (Jaeger) or a Tempo
+    /// explore URL. `None`: the trace id is shown without a link.
+    pub trace_url: Option<String>,
 }
 
 impl Default for ServerConfig {
@@ -85,6 +89,7 @@ impl Default for ServerConfig {
             hub: HubConfig::default(),
             http: None,
             runs_jobs: true,
+            trace_url: None,
         }
     }
 }

@@ -332,6 +332,18 @@ pub fn render_schedules(out: &mut String, c: &docket::ScheduleCounters) {
     );
 }
 
+/// `docket_trace_spans_exported_total` and
+/// `docket_trace_spans_dropped_total`: spans this process's exporter
+/// delivered, and spans lost because the collector was down or refused them
+/// (runs are never held up for traces; docs/OBSERVABILITY.md). Listed only
+/// when traces are on.
+pub fn render_traces(out: &mut String, exported: u64, dropped: u64) {
+    out.push_str("# HELP docket_trace_spans_exported_total Spans this process exported to the OTLP collector.\n# TYPE docket_trace_spans_exported_total counter\n");
+    out.push_str(&format!("docket_trace_spans_exported_total {exported}\n"));
+    out.push_str("# HELP docket_trace_spans_dropped_total Spans this process lost because their export failed.\n# TYPE docket_trace_spans_dropped_total counter\n");
+    out.push_str(&format!("docket_trace_spans_dropped_total {dropped}\n"));
+}
+
 /// Reads one counter of a breaker.
 type BreakerCounter = fn(&docket::http::BreakerState) -> u64;
 

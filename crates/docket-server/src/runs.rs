@@ -6,7 +6,7 @@ use crate::error::{ApiError, ApiResult, ErrorBody};
 use crate::extract::{ApiJson, ApiPath, OptionalJson, QueryPairs};
 use crate::AppState;
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use docket::{Actor, EventRecord, Run, RunFilter, RunId, RunStatus, Timestamp, TriggerOptions};
@@ -149,9 +149,27 @@ impl AppState {
                 correlation_id: r.correlation_id,
                 tenant: Some(caller.tenant.clone()),
                 actor: Some(caller.name.clone()),
+                trace: None,
             },
         ))
     }
+}
+
+/// The W3C trace context a request carries (`traceparent`, `tracestate`).
+/// Not checked here: the engine ignores an invalid one, as the W3C
+/// recommendation says, instead of refusing the request.
+pub(crate) fn trace_headers(h: &HeaderMap) -> Option<docket::TraceContext> {
+    let traceparent = h.get("traceparent")?.to_str().ok()?.trim().to_string();
+    // Several `tracestate` headers are one list (W3C, "Combined header").
+    let states: Vec<&str> = h
+        .get_all("tracestate")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    Some(docket::TraceContext {
+        traceparent,
+        tracestate: (!states.is_empty()).then(|| states.join(",")),
+    })
 }
 
 /// Triggers a run.
@@ -161,6 +179,10 @@ impl AppState {
 #[utoipa::path(
     post, path = "/api/runs", tag = "runs",
     request_body = TriggerRequest,
+    params(
+        ("traceparent" = Option<String>, Header, description = "W3C trace context: the run and every attempt join this trace (an invalid value is ignored, as the W3C recommendation says)"),
+        ("tracestate" = Option<String>, Header, description = "W3C trace state, kept with `traceparent`"),
+    ),
     responses(
         (status = 201, description = "Created", body = TriggerResponse),
         (status = 200, description = "The run that already had this idempotency key", body = TriggerResponse),
@@ -173,9 +195,11 @@ impl AppState {
 pub async fn trigger(
     State(state): State<AppState>,
     caller: Caller,
+    headers: HeaderMap,
     ApiJson(req): ApiJson<TriggerRequest>,
 ) -> ApiResult<Response> {
-    let (job, input, opts) = state.prepare(&caller, "", req)?;
+    let (job, input, mut opts) = state.prepare(&caller, "", req)?;
+    opts.trace = trace_headers(&headers);
     let t = state.docket.trigger_with(&job, input, opts).await?;
     state.hub.nudge();
     let code = if t.existing {
@@ -193,6 +217,10 @@ pub async fn trigger(
 #[utoipa::path(
     post, path = "/api/runs/batch", tag = "runs",
     request_body = BatchRequest,
+    params(
+        ("traceparent" = Option<String>, Header, description = "W3C trace context for every run of the batch (an invalid value is ignored)"),
+        ("tracestate" = Option<String>, Header, description = "W3C trace state, kept with `traceparent`"),
+    ),
     responses(
         (status = 201, description = "Created (in request order)", body = BatchResponse),
         (status = 200, description = "Every run already existed", body = BatchResponse),
@@ -205,8 +233,10 @@ pub async fn trigger(
 pub async fn trigger_batch(
     State(state): State<AppState>,
     caller: Caller,
+    headers: HeaderMap,
     ApiJson(req): ApiJson<BatchRequest>,
 ) -> ApiResult<Response> {
+    let trace = trace_headers(&headers);
     if req.runs.is_empty() || req.runs.len() > MAX_BATCH {
         return Err(ApiError::invalid_field(
             "runs",
@@ -218,7 +248,9 @@ pub async fn trigger_batch(
     }
     let mut batch = Vec::with_capacity(req.runs.len());
     for (i, r) in req.runs.into_iter().enumerate() {
-        batch.push(state.prepare(&caller, &format!("runs[{i}]."), r)?);
+        let mut one = state.prepare(&caller, &format!("runs[{i}]."), r)?;
+        one.2.trace = trace.clone();
+        batch.push(one);
     }
     let out = state.docket.trigger_batch(batch).await?;
     state.hub.nudge();
@@ -962,6 +994,10 @@ pub async fn metrics(State(state): State<AppState>, caller: Caller) -> ApiResult
     let mut body = state.metrics.render(&caller.tenant, &runs);
     crate::metrics::render_store_errors(&mut body, &state.docket.store_errors());
     crate::metrics::render_schedules(&mut body, &state.docket.schedule_counters());
+
+    if let Some(t) = state.docket.telemetry() {
+        crate::metrics::render_traces(&mut body, t.spans_exported(), t.spans_dropped());
+    }
     if let Some(http) = &state.config.http {
         // One read of the stored states (never-changed ones are enabled);
         // no credential is read for a scrape.

@@ -72,6 +72,43 @@ pub async fn trigger_stores_run_and_event(store: DynStore) {
     assert!(store.get_run(RunId::new()).await.unwrap().is_none());
 }
 
+/// The trace context a run was triggered in reads back as given, through
+/// every read (trigger answer, get, list, claim), in one batch with a run
+/// without one (the PostgreSQL trigger is one set-based statement).
+pub async fn trace_context_round_trips(store: DynStore) {
+    let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let mut with_state = NewRun::new("job", json!(1));
+    with_state.trace = Some(TraceContext {
+        traceparent: traceparent.into(),
+        tracestate: Some("vendor=abc,other=1".into()),
+    });
+    let mut parent_only = NewRun::new("job", json!(2));
+    parent_only.trace = Some(TraceContext {
+        traceparent: traceparent.into(),
+        tracestate: None,
+    });
+    let without = NewRun::new("job", json!(3));
+    let batch = vec![with_state.clone(), parent_only.clone(), without.clone()];
+    let t = store.trigger(batch.clone(), T0).await.unwrap();
+    for (given, got) in batch.iter().zip(&t) {
+        assert_eq!(got.run.trace, given.trace, "trigger answer");
+        let read = store.get_run(given.id).await.unwrap().unwrap();
+        assert_eq!(read.trace, given.trace, "get_run");
+    }
+    let listed = store.list_runs(RunFilter::default()).await.unwrap();
+    assert_eq!(listed.len(), 3);
+    for r in &listed {
+        let given = batch.iter().find(|n| n.id == r.id).unwrap();
+        assert_eq!(r.trace, given.trace, "list_runs");
+    }
+    let claimed = store.claim(claim_req(T0, 10)).await.unwrap();
+    assert_eq!(claimed.len(), 3);
+    for r in &claimed {
+        let given = batch.iter().find(|n| n.id == r.id).unwrap();
+        assert_eq!(r.trace, given.trace, "claim");
+    }
+}
+
 /// A second trigger with the same (tenant, job, key) returns the first run.
 pub async fn idempotency_key_returns_existing_run(store: DynStore) {
     let mut a = NewRun::new("job", json!(1));
@@ -2123,6 +2160,7 @@ macro_rules! conformance_tests {
     (@names @$kind:ident $factory:expr) => {
         $crate::conformance_tests!(@each @$kind $factory;
             trigger_stores_run_and_event,
+            trace_context_round_trips,
             idempotency_key_returns_existing_run,
             claim_order_and_eligibility,
             claim_limit_and_fifo,

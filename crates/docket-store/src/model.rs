@@ -30,6 +30,19 @@ pub struct NewRun {
     pub retriggered_from: Option<RunId>,
     /// Who triggered it (a token name, `api`, `library`).
     pub actor: Option<String>,
+    /// The W3C trace context it was triggered in, kept for every attempt.
+    pub trace: Option<TraceContext>,
+}
+
+/// A W3C trace context (<https://www.w3.org/TR/trace-context/>) as its two
+/// headers. The store keeps it as given; the engine validates it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TraceContext {
+    /// The `traceparent` header: version, trace id, parent span id, flags.
+    pub traceparent: String,
+    /// The `tracestate` header (vendor entries), when there was one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracestate: Option<String>,
 }
 
 impl NewRun {
@@ -46,6 +59,7 @@ impl NewRun {
             correlation_id: None,
             retriggered_from: None,
             actor: None,
+            trace: None,
         }
     }
 }
@@ -114,6 +128,9 @@ pub struct Run {
     pub retriggered_from: Option<RunId>,
     /// What the handler asked for, while `needs_input`.
     pub input_request: Option<Value>,
+    /// The W3C trace context it was triggered in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace: Option<TraceContext>,
 }
 
 impl Run {

@@ -199,14 +199,16 @@ async fn a_version_2_database_gains_the_leaders_table() {
     {
         let c = rusqlite::Connection::open(p).unwrap();
         c.execute_batch(
-            // Undo every step after 2 (0003 leaders; the worker protocol's
-            // token scope and roster) so the database is a true version 2.
+            // Undo every step after 2 (leaders, schedules, trace context,
+            // the worker protocol's token scope and roster, retention) so
+            // the database is a true version 2.
             "DROP TABLE leaders;
-             DROP TABLE workers;
-             ALTER TABLE tokens DROP COLUMN scope;
-
              DROP TABLE schedules;
              DROP TABLE schedule_history;
+             ALTER TABLE runs DROP COLUMN traceparent;
+             ALTER TABLE runs DROP COLUMN tracestate;
+             DROP TABLE workers;
+             ALTER TABLE tokens DROP COLUMN scope;
              UPDATE docket_meta SET value = '2' WHERE key = 'schema_version';",
         )
         .unwrap();

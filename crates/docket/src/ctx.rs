@@ -3,6 +3,7 @@
 //! postponement, progress and logs.
 
 use crate::error::Control;
+use crate::telemetry::TraceContext;
 use crate::{Docket, JobError};
 use docket_core::EventKind;
 use docket_core::{ErrorClass, LeaseId, RunId, Timestamp};
@@ -10,6 +11,7 @@ use docket_store::{
     LeaseRef, LedgerBegin, LedgerEntry, LedgerState, LedgerWrite, StepRecord, StepStatus,
     StoreError,
 };
+use opentelemetry::KeyValue;
 use serde::{de::DeserializeOwned, Serialize};
 use serde_json::{json, Value};
 use std::collections::{HashMap, HashSet};
@@ -36,6 +38,8 @@ pub struct Ctx {
     /// Events the store could not take when the handler recorded them;
     /// written before the attempt's end (see [`Ctx::record_event`]).
     pub(crate) kept: Arc<std::sync::Mutex<Vec<KeptEvent>>>,
+    /// The attempt's trace (docs/OBSERVABILITY.md).
+    pub(crate) trace: crate::telemetry::AttemptTrace,
 }
 
 /// An event kept for the attempt's end: the store failed when the handler
@@ -190,6 +194,17 @@ impl Ctx {
     pub fn correlation_id(&self) -> &str {
         &self.correlation_id
     }
+    /// The W3C trace context to send on this attempt's outgoing calls
+    /// (`traceparent`, `tracestate`): the attempt span's when traces are on,
+    /// else the one the run was triggered in, if any. HTTP jobs send it.
+    pub fn trace_context(&self) -> Option<TraceContext> {
+        self.trace.headers()
+    }
+    /// The attempt's OpenTelemetry context (its span), for a client that
+    /// propagates or parents spans itself; empty when traces are off.
+    pub fn otel_context(&self) -> opentelemetry::Context {
+        self.trace.otel()
+    }
     /// When the handler's timeout runs out (injected clock).
     pub fn deadline(&self) -> Timestamp {
         self.deadline
@@ -304,6 +319,23 @@ impl Ctx {
         Fut: Future<Output = Result<T, JobError>>,
     {
         let name = name.into();
+        let span = self.trace.child(|| {
+            (
+                format!("docket step {name}"),
+                vec![KeyValue::new("docket.step", name.clone())],
+            )
+        });
+        let out = self.step_inner(name, f).await;
+        crate::telemetry::end_stepped(span, &out);
+        out
+    }
+
+    async fn step_inner<T, F, Fut>(&self, name: String, f: F) -> Result<Stepped<T>, JobError>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<T, JobError>>,
+    {
         self.claim_name(&name).await?;
         if let Some(done) = self.replay::<T>(&name).await? {
             return Ok(done);
@@ -455,6 +487,38 @@ impl Ctx {
         R: FnOnce(String) -> RFut,
         RFut: Future<Output = Result<Reconciled, JobError>>,
     {
+        let span = self.trace.child(|| {
+            (
+                format!("docket action {name}"),
+                vec![
+                    KeyValue::new("docket.action", name.clone()),
+                    KeyValue::new("docket.idempotency_key", key.clone()),
+                ],
+            )
+        });
+        let out = self
+            .guarded_action(name, key, reconcile, timeout, f, span.as_ref())
+            .await;
+        crate::telemetry::end_stepped(span, &out);
+        out
+    }
+
+    async fn guarded_action<T, F, Fut, R, RFut>(
+        &self,
+        name: String,
+        key: String,
+        reconcile: Option<R>,
+        timeout: Option<Duration>,
+        f: F,
+        span: Option<&opentelemetry::Context>,
+    ) -> Result<Stepped<T>, JobError>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnOnce(String) -> Fut,
+        Fut: Future<Output = Result<T, JobError>>,
+        R: FnOnce(String) -> RFut,
+        RFut: Future<Output = Result<Reconciled, JobError>>,
+    {
         self.claim_name(&name).await?;
         let decode = |v: Value, how: &str| -> Result<T, JobError> {
             serde_json::from_value(v).map_err(|e| {
@@ -463,7 +527,18 @@ impl Ctx {
                 ))
             })
         };
-        match self.action_begin(&name, &key).await? {
+        let start = self.action_begin(&name, &key).await?;
+        crate::telemetry::note(
+            span,
+            "docket.ledger.begin",
+            match &start {
+                ActionStart::Replayed(_) => "replayed",
+                ActionStart::Committed(_) => "committed",
+                ActionStart::Send => "acquired",
+                ActionStart::Reconcile => "acquired_to_reconcile",
+            },
+        );
+        match start {
             ActionStart::Replayed(Stepped::Done(v)) => {
                 return Ok(Stepped::Done(decode(v, "the stored")?))
             }
@@ -477,6 +552,17 @@ impl Ctx {
                     Some(reconcile) => Some(reconcile(key.clone()).await),
                     None => None,
                 };
+                crate::telemetry::note(
+                    span,
+                    "docket.reconcile",
+                    match &found {
+                        Some(Ok(Reconciled::Committed(_))) => "committed",
+                        Some(Ok(Reconciled::NotDone)) => "not_done",
+                        Some(Ok(Reconciled::StillUnknown)) => "still_unknown",
+                        Some(Err(_)) => "failed",
+                        None => "no_reconcile_function",
+                    },
+                );
                 if let Some(v) = self.action_reconciled(&name, &key, found).await? {
                     return Ok(Stepped::Done(decode(v, "the reconciled")?));
                 }

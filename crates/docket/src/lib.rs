@@ -38,6 +38,8 @@ mod ops;
 pub mod remote;
 
 pub mod schedule;
+
+pub mod telemetry;
 mod worker;
 
 pub use ctx::{intent_key, Ctx, InputDecision, Reconciled, Stepped};
@@ -62,6 +64,8 @@ pub use schedule::{
     FireTime, ScheduleCounters, ScheduleSpec, ScheduleView, Scheduler, SchedulerConfig,
     SchedulerHandle, TickReport,
 };
+
+pub use telemetry::{Telemetry, TelemetryConfig, TraceContext};
 pub use worker::{Worker, WorkerConfig, WorkerHandle};
 
 use docket_store::{DynStore, NewRun};
@@ -101,6 +105,9 @@ pub(crate) struct Inner {
 
     /// What this process's scheduler fired and skipped (`/metrics`).
     pub(crate) schedule_counters: Mutex<ScheduleCounters>,
+
+    /// Traces, when on: set once, read once per trigger and attempt.
+    pub(crate) telemetry: std::sync::OnceLock<Arc<Telemetry>>,
 }
 
 /// Options of one trigger.
@@ -119,6 +126,11 @@ pub struct TriggerOptions {
     pub tenant: Option<String>,
     /// Who triggered it (stored on the `run_triggered` event).
     pub actor: Option<String>,
+    /// The W3C trace context it was triggered in (e.g. the request's
+    /// `traceparent`; [`TraceContext`]). Stored with the run: every attempt
+    /// joins that trace. An invalid `traceparent` is ignored, as the W3C
+    /// recommendation says.
+    pub trace: Option<TraceContext>,
 }
 
 /// A run with its whole history.
@@ -160,6 +172,8 @@ impl Docket {
                 remote_wake: tokio::sync::OnceCell::new(),
 
                 schedule_counters: Mutex::new(Default::default()),
+
+                telemetry: std::sync::OnceLock::new(),
             }),
         }
     }
@@ -167,6 +181,20 @@ impl Docket {
     /// Changes the input size limit (default [`DEFAULT_MAX_INPUT_BYTES`]).
     pub fn set_max_input_bytes(&self, limit: usize) {
         self.inner.max_input_bytes.store(limit, Ordering::Relaxed);
+    }
+
+    /// Turns traces on ([`telemetry`]). Once per engine: a second call
+    /// gives its `Telemetry` back.
+    pub fn set_telemetry(&self, telemetry: Telemetry) -> std::result::Result<(), Telemetry> {
+        self.inner
+            .telemetry
+            .set(Arc::new(telemetry))
+            .map_err(|t| Arc::into_inner(t).expect("not shared yet"))
+    }
+
+    /// The trace exporter, when traces are on.
+    pub fn telemetry(&self) -> Option<&Arc<Telemetry>> {
+        self.inner.telemetry.get()
     }
 
     /// The store.
@@ -274,6 +302,12 @@ impl Docket {
             n.priority = o.priority;
             n.correlation_id = o.correlation_id;
             n.actor = o.actor;
+            n.trace = o.trace.and_then(telemetry::valid);
+            if let Some(t) = self.inner.telemetry.get() {
+                // The trigger's own span, in the caller's trace: the run
+                // stores its context, so attempts are its children.
+                n.trace = Some(t.trigger(&n.job, n.id, n.trace.as_ref()));
+            }
             if let Some(t) = o.tenant {
                 n.tenant = t;
             }

@@ -44,6 +44,16 @@ fn map_store(e: StoreError) -> Error {
 
 impl Docket {
     async fn operate(&self, id: RunId, by: Actor, command: OperatorCommand) -> Result<Run> {
+        // Traces on: the action becomes a span in the run's trace, with who
+        // and why (built after the answer, which names the trace).
+        let traced = self.telemetry().map(|t| {
+            (
+                t.clone(),
+                std::time::SystemTime::now(),
+                command.name(),
+                by.clone(),
+            )
+        });
         let run = self
             .store()
             .operator(OperatorRequest {
@@ -55,6 +65,9 @@ impl Docket {
             })
             .await
             .map_err(map_store)?;
+        if let Some((t, started, command, by)) = traced {
+            t.operator(&run, command, &by.name, by.comment.as_deref(), started);
+        }
         let _ = self.inner.changes.send(id);
         if run.status == RunStatus::Pending {
             self.wake_workers();

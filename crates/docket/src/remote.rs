@@ -519,6 +519,12 @@ impl Docket {
             docket: self.clone(),
             state: Default::default(),
             kept: Default::default(),
+            // Remote attempts get no server-side span (yet): the run's
+            // stored context is what their calls carry.
+            trace: run.trace.clone().map_or(
+                crate::telemetry::AttemptTrace::None,
+                crate::telemetry::AttemptTrace::Stored,
+            ),
         }
     }
 

@@ -67,6 +67,8 @@ pub struct WhoAmI {
     pub now: String,
     /// The jobs registered on this server, by name.
     pub jobs: Vec<String>,
+    /// Where a run's trace is linked (`{trace_id}` replaced), if set.
+    pub trace_url: Option<String>,
 }
 
 async fn whoami(State(state): State<AppState>, caller: Caller) -> Json<WhoAmI> {
@@ -76,6 +78,7 @@ async fn whoami(State(state): State<AppState>, caller: Caller) -> Json<WhoAmI> {
         backend: state.store().backend().to_string(),
         now: now(&state).to_rfc3339(),
         jobs: state.docket.job_names(),
+        trace_url: state.config.trace_url.clone(),
     })
 }
 

@@ -582,7 +582,7 @@
     return 'k-plain';
   }
 
-  function initRun() {
+  function initRun(who) {
     const id = decodeURIComponent(location.pathname.split('/')[2] || '');
     let current = null;
     const dialog = $('action-dialog');
@@ -613,6 +613,9 @@
         ...fact('Cancel requested', r.cancel_requested ? 'yes: stops at the next step boundary' : null),
         ...fact('Idempotency key', r.idempotency_key),
         ...fact('Correlation id', r.correlation_id),
+        ...fact('Trace', r.trace_id && who && who.trace_url
+          ? el('a', { href: who.trace_url.split('{trace_id}').join(encodeURIComponent(r.trace_id)), text: r.trace_id, target: '_blank', rel: 'noopener noreferrer' })
+          : r.trace_id),
         ...fact('Retriggered from', r.retriggered_from ? el('a', { href: '/runs/' + r.retriggered_from, text: r.retriggered_from }) : null),
       );
       const acts = $('r-actions');
@@ -959,7 +962,7 @@
     }
     if (page !== 'runs') refreshAttention().catch(() => {});
     if (page === 'runs') initRuns(who);
-    else if (page === 'run') initRun();
+    else if (page === 'run') initRun(who);
     else if (page === 'overview') initOverview();
     else if (page === 'schedules') initSchedules();
   }

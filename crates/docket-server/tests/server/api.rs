@@ -830,3 +830,129 @@ async fn an_empty_idempotency_key_is_refused() {
     assert!(e.to_string().contains("idempotency key"), "{e}");
     s.stop().await;
 }
+
+/// `traceparent`/`tracestate` on a trigger (single and batch) put the run in
+/// the caller's trace: the run view shows the trace id, the engine keeps
+/// the context; an invalid header is ignored, not an error. With traces
+/// off (no exporter here) `/metrics` has no trace series.
+#[tokio::test]
+async fn a_traceparent_header_puts_the_run_in_the_callers_trace() {
+    let s = TestServer::start_with(Opts {
+        worker: false,
+        ..Opts::default()
+    })
+    .await;
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let parent = format!("00-{trace_id}-00f067aa0ba902b7-01");
+    let post = |path: &'static str, tp: String, body: Value| {
+        s.http
+            .post(s.url(path))
+            .bearer_auth(&s.a)
+            .header("traceparent", tp)
+            .header("tracestate", "vendor=abc")
+            .json(&body)
+            .send()
+    };
+    let res = post(
+        "/api/runs",
+        parent.clone(),
+        json!({ "job": "noop", "input": 1 }),
+    )
+    .await
+    .unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED);
+    let v: Value = res.json().await.unwrap();
+    assert_eq!(v["run"]["trace_id"], trace_id);
+    let id: docket::RunId = v["run"]["id"].as_str().unwrap().parse().unwrap();
+    let stored = s.docket.get_run(id).await.unwrap().trace.unwrap();
+    assert_eq!(stored.traceparent, parent);
+    assert_eq!(stored.tracestate.as_deref(), Some("vendor=abc"));
+    let (_, shown) = s.get(&format!("/api/runs/{id}")).await;
+    assert_eq!(shown["run"]["trace_id"], trace_id, "{shown}");
+
+    let res = post(
+        "/api/runs/batch",
+        parent.clone(),
+        json!({ "runs": [ {"job": "noop", "input": 1}, {"job": "noop", "input": 2} ] }),
+    )
+    .await
+    .unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED);
+    let v: Value = res.json().await.unwrap();
+    for r in v["runs"].as_array().unwrap() {
+        assert_eq!(r["run"]["trace_id"], trace_id, "{r}");
+    }
+
+    let res = post(
+        "/api/runs",
+        "00-xyz-00f067aa0ba902b7-01".into(),
+        json!({ "job": "noop", "input": 1 }),
+    )
+    .await
+    .unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED, "ignored, not refused");
+    let v: Value = res.json().await.unwrap();
+    assert_eq!(v["run"]["trace_id"], Value::Null);
+
+    let (_, plain) = s
+        .post("/api/runs", json!({ "job": "noop", "input": 1 }))
+        .await;
+    assert_eq!(plain["run"]["trace_id"], Value::Null);
+    let metrics = s
+        .http
+        .get(s.url("/metrics"))
+        .bearer_auth(&s.a)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(!metrics.contains("docket_trace_spans"), "{metrics}");
+    s.stop().await;
+}
+
+/// With traces on, `/metrics` counts the spans exported and lost: here the
+/// collector is down, so every span is lost and the run still completes.
+#[tokio::test]
+async fn metrics_count_the_spans_lost_to_a_collector_that_is_down() {
+    let s = TestServer::start().await;
+    let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let down = format!("http://{}/v1/traces", closed.local_addr().unwrap());
+    drop(closed);
+    s.docket
+        .set_telemetry(
+            docket::Telemetry::otlp(docket::TelemetryConfig {
+                endpoint: Some(down),
+                ..Default::default()
+            })
+            .unwrap(),
+        )
+        .unwrap();
+    let id = s.trigger("noop", json!(1)).await;
+    s.until(&id, &["completed"]).await;
+    let t = s.docket.telemetry().unwrap().clone();
+    let flushed = tokio::task::spawn_blocking(move || t.force_flush())
+        .await
+        .unwrap();
+    assert!(flushed.is_err(), "the collector is down");
+    let metrics = s
+        .http
+        .get(s.url("/metrics"))
+        .bearer_auth(&s.a)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let dropped: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("docket_trace_spans_dropped_total "))
+        .expect("the dropped-spans series")
+        .parse()
+        .unwrap();
+    assert!(dropped >= 2, "the trigger and the attempt: {dropped}");
+    assert!(metrics.contains("docket_trace_spans_exported_total 0"));
+    s.stop().await;
+}

@@ -544,6 +544,7 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0002_steps_ledger_tokens_connections.sql"),
     include_str!("migrations/0003_leaders.sql"),
     include_str!("migrations/0004_schedules.sql"),
+    include_str!("migrations/0005_trace_context.sql"),
     include_str!("migrations/0006_worker_scope.sql"),
 ];
 

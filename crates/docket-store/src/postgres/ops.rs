@@ -7,7 +7,7 @@
 
 use crate::{
     AttemptRecord, EventFilter, EventRecord, LeaseRef, LeaseState, NewRun, Result, Run, RunFilter,
-    StatusCount, StoreError, Triggered,
+    StatusCount, StoreError, TraceContext, Triggered,
 };
 use docket_core::{LeaseId, RunId, Timestamp};
 use sqlx::postgres::{PgConnection, PgExecutor, PgRow, Postgres};
@@ -22,7 +22,7 @@ use super::db;
 pub(super) const RUN_COLS: &str = "id, tenant, job, status, priority, input, variables, output, attempt, \
     attempts_forgiven, run_after, lease_id, lease_expires_at, worker, idempotency_key, correlation_id, \
     created_at, updated_at, finished_at, terminal_reason, last_error_class, last_error_message, \
-    cancel_requested, retriggered_from, input_request";
+    cancel_requested, retriggered_from, input_request, traceparent, tracestate";
 
 fn sql_limit(n: usize) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
@@ -104,6 +104,14 @@ pub(super) fn run_from_row(r: &PgRow) -> Result<Run> {
         cancel_requested: get(r, "cancel_requested")?,
         retriggered_from: get::<Option<Uuid>>(r, "retriggered_from")?.map(RunId),
         input_request: json_opt(r, "input_request")?,
+        trace: get::<Option<String>>(r, "traceparent")?
+            .map(|traceparent| -> Result<_> {
+                Ok(TraceContext {
+                    traceparent,
+                    tracestate: get(r, "tracestate")?,
+                })
+            })
+            .transpose()?,
     })
 }
 
@@ -151,6 +159,8 @@ pub(super) async fn trigger(
     // (the plan says which); only the values differ per run.
     let first = crate::plan::trigger::trigger(&runs[0], now);
     let (status, kind) = (first.status.as_str(), first.event.kind.as_str().to_string());
+    let mut parents = Vec::with_capacity(n);
+    let mut states = Vec::with_capacity(n);
     for r in &runs {
         let p = crate::plan::trigger::trigger(r, now);
         debug_assert!(p.status.as_str() == status && p.event.kind.as_str() == kind);
@@ -165,26 +175,31 @@ pub(super) async fn trigger(
         from.push(r.retriggered_from.map(|f| f.0));
         actors.push(r.actor.as_deref());
         datas.push(p.event.data);
+        parents.push(r.trace.as_ref().map(|t| t.traceparent.as_str()));
+        states.push(r.trace.as_ref().and_then(|t| t.tracestate.as_deref()));
     }
     let rows = sqlx::query(&format!(
         "WITH input AS (
             SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::int4[], $5::jsonb[],
-                                 $6::int8[], $7::text[], $8::text[], $9::uuid[], $10::text[], $11::jsonb[])
+                                 $6::int8[], $7::text[], $8::text[], $9::uuid[], $10::text[], $11::jsonb[],
+                                 $15::text[], $16::text[])
                 WITH ORDINALITY AS t(id, tenant, job, priority, input, run_after, idempotency_key,
-                                     correlation_id, retriggered_from, actor, data, ord)
+                                     correlation_id, retriggered_from, actor, data, traceparent,
+                                     tracestate, ord)
          ),
          ins AS (
             INSERT INTO runs (id, tenant, job, status, priority, input, variables, run_after,
-                              idempotency_key, correlation_id, created_at, updated_at, retriggered_from)
-            SELECT id, tenant, job, $15, priority, input, '{{}}', run_after, idempotency_key,
-                   correlation_id, $12, $12, retriggered_from
+                              idempotency_key, correlation_id, created_at, updated_at, retriggered_from,
+                              traceparent, tracestate)
+            SELECT id, tenant, job, $17, priority, input, '{{}}', run_after, idempotency_key,
+                   correlation_id, $12, $12, retriggered_from, traceparent, tracestate
             FROM input ORDER BY ord
             ON CONFLICT (tenant, job, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
             RETURNING {RUN_COLS}
          ),
          ev AS (
             INSERT INTO events (run_id, tenant, job, kind, at, actor, data)
-            SELECT ins.id, ins.tenant, ins.job, $16, $12, i.actor, i.data
+            SELECT ins.id, ins.tenant, ins.job, $18, $12, i.actor, i.data
             FROM ins JOIN (SELECT DISTINCT ON (id) id, actor, data, ord FROM input ORDER BY id, ord) i
                 ON i.id = ins.id
             ORDER BY i.ord
@@ -209,6 +224,8 @@ pub(super) async fn trigger(
     .bind(now.0)
     .bind(super::WAKEUP_CHANNEL)
     .bind(notify_now)
+    .bind(&parents)
+    .bind(&states)
     .bind(status)
     .bind(&kind)
     .fetch_all(&mut *c)

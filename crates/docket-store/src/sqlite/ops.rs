@@ -5,7 +5,7 @@
 
 use crate::{
     AttemptRecord, EventFilter, EventRecord, LeaseRef, LeaseState, NewRun, Result, Run, RunFilter,
-    StatusCount, Triggered,
+    StatusCount, TraceContext, Triggered,
 };
 use docket_core::{EventKind, LeaseId, RunId, RunStatus, Timestamp};
 use rusqlite::types::Value as SqlValue;
@@ -18,7 +18,7 @@ use crate::plan;
 pub(super) const RUN_COLS: &str = "id, tenant, job, status, priority, input, variables, output, attempt, \
     attempts_forgiven, run_after, lease_id, lease_expires_at, worker, idempotency_key, correlation_id, \
     created_at, updated_at, finished_at, terminal_reason, last_error_class, last_error_message, \
-    cancel_requested, retriggered_from, input_request";
+    cancel_requested, retriggered_from, input_request, traceparent, tracestate";
 
 pub(super) fn corrupt(what: &str, v: impl std::fmt::Display) -> rusqlite::Error {
     rusqlite::Error::FromSqlConversionFailure(
@@ -82,6 +82,15 @@ pub(super) fn run_from_row(r: &Row<'_>) -> rusqlite::Result<Run> {
         cancel_requested: r.get::<_, i64>(22)? != 0,
         retriggered_from: parse_opt("run id", r.get(23)?)?,
         input_request: json_opt(r.get(24)?)?,
+        trace: r
+            .get::<_, Option<String>>(25)?
+            .map(|traceparent| -> rusqlite::Result<_> {
+                Ok(TraceContext {
+                    traceparent,
+                    tracestate: r.get(26)?,
+                })
+            })
+            .transpose()?,
     })
 }
 
@@ -155,8 +164,9 @@ pub(super) fn trigger(c: &Connection, runs: Vec<NewRun>, now: Timestamp) -> Resu
         let mut st = c
             .prepare_cached(&format!(
                 "INSERT INTO runs (id, tenant, job, status, priority, input, variables, run_after,
-                    idempotency_key, correlation_id, created_at, updated_at, retriggered_from)
-                 VALUES (?1, ?2, ?3, ?11, ?4, ?5, '{{}}', ?6, ?7, ?8, ?9, ?9, ?10)
+                    idempotency_key, correlation_id, created_at, updated_at, retriggered_from,
+                    traceparent, tracestate)
+                 VALUES (?1, ?2, ?3, ?11, ?4, ?5, '{{}}', ?6, ?7, ?8, ?9, ?9, ?10, ?12, ?13)
                  RETURNING {RUN_COLS}"
             ))
             .map_err(db_err)?;
@@ -174,6 +184,8 @@ pub(super) fn trigger(c: &Connection, runs: Vec<NewRun>, now: Timestamp) -> Resu
                     now.0,
                     r.retriggered_from.map(|i| i.to_string()),
                     p.status.as_str(),
+                    r.trace.as_ref().map(|t| t.traceparent.as_str()),
+                    r.trace.as_ref().and_then(|t| t.tracestate.as_deref()),
                 ],
                 run_from_row,
             )

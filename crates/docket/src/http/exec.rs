@@ -13,6 +13,7 @@ use super::classify::{retry_after, transport_class, Verdict};
 use super::condition::{Condition, ConditionError};
 use super::config::{Body, Compiled, JobSpec, OnReject, ReconcileSpec, RequestSpec, Target};
 use super::connections::{ConnectionDef, Credential};
+use crate::telemetry::TraceContext;
 use crate::{Ctx, InputDecision, JobError, Reconciled, Stepped};
 use docket_core::EventKind;
 use docket_core::{ErrorClass, TerminalReason, Timestamp};
@@ -473,10 +474,22 @@ struct Sender {
 }
 
 impl Sender {
-    async fn exchange(&self, req: &Prepared) -> Result<Answer, reqwest::Error> {
+    async fn exchange(
+        &self,
+        req: &Prepared,
+        trace: Option<TraceContext>,
+    ) -> Result<Answer, reqwest::Error> {
         let mut rb = self.client.request(req.method.clone(), &req.url);
         for (k, v) in &req.headers {
             rb = rb.header(k.clone(), v.clone());
+        }
+        // W3C trace context: the request span's (traces on) or the one the
+        // run was triggered in. After the job's own headers, so it wins.
+        if let Some(t) = trace {
+            rb = rb.header("traceparent", t.traceparent);
+            if let Some(state) = t.tracestate {
+                rb = rb.header("tracestate", state);
+            }
         }
         if let Some((k, v)) = &self.credential {
             rb = rb.header(k.clone(), v.clone());
@@ -521,11 +534,16 @@ impl Sender {
         key: &str,
         classify: impl Fn(u16) -> Verdict,
     ) -> (Result<(Answer, Verdict), (ErrorClass, String)>, Value) {
-        let started = Instant::now();
-        let out = tokio::time::timeout(req.timeout, self.exchange(req)).await;
-        let duration_ms = started.elapsed().as_millis() as u64;
         let secret = self.secret.as_deref();
         let url = redact(&req.url, secret);
+        let span = self.ctx.trace.request(purpose, req.method.as_str(), &url);
+        let trace = match &span {
+            Some(cx) => Some(crate::telemetry::headers_of(cx)),
+            None => self.ctx.trace_context(),
+        };
+        let started = Instant::now();
+        let out = tokio::time::timeout(req.timeout, self.exchange(req, trace)).await;
+        let duration_ms = started.elapsed().as_millis() as u64;
         let mut ev = json!({
             "purpose": purpose,
             "action": self.action,
@@ -579,6 +597,14 @@ impl Sender {
                     ev["retry_after"] = json!(ra);
                 }
             }
+        }
+        if let Some(cx) = span {
+            let (status, failed) = match &res {
+                Err((c, _)) => (None, Some(c.as_str())),
+                Ok((a, Verdict::Failure(c))) => (Some(a.status), Some(c.as_str())),
+                Ok((a, Verdict::Ok)) => (Some(a.status), None),
+            };
+            crate::telemetry::end_request(cx, status, failed);
         }
         {
             let mut t = self.tracker.lock().unwrap_or_else(|p| p.into_inner());

@@ -4,6 +4,7 @@
 
 use crate::ctx::KeptEvent;
 use crate::error::Control;
+use crate::telemetry::AttemptTrace;
 use crate::{Ctx, Docket, Job, JobError};
 use docket_core::{Decision, FailureInput, Fingerprint, LeaseId, RunId};
 use docket_store::{
@@ -820,6 +821,14 @@ impl Docket {
             return (end, Vec::new());
         };
         let started = self.clock().now();
+        // Traces off: one load, and the stored context passed on as is.
+        let trace = match self.telemetry() {
+            Some(t) => AttemptTrace::Span(t.clone(), t.attempt(&run, lease_id)),
+            None => run
+                .trace
+                .clone()
+                .map_or(AttemptTrace::None, AttemptTrace::Stored),
+        };
         let ctx = Ctx {
             run_id: run.id,
             job: run.job.clone(),
@@ -837,6 +846,7 @@ impl Docket {
             docket: self.clone(),
             state: Default::default(),
             kept: Default::default(),
+            trace: trace.clone(),
         };
         let kept = ctx.kept.clone();
         if run.cancel_requested {
@@ -867,6 +877,9 @@ impl Docket {
         let now = self.clock().now();
         let cancel = cancelled.load(Ordering::SeqCst) && self.cancel_confirmed(&run).await;
         let outcome = attempt_outcome(&job, &run, lease_id, result, cancel, now);
+        if let AttemptTrace::Span(_, cx) = &trace {
+            crate::telemetry::end_attempt(cx, &outcome);
+        }
         let end = AttemptEnd {
             run_id: run.id,
             lease_id,
