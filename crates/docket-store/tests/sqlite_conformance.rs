@@ -200,6 +200,9 @@ async fn a_version_2_database_gains_the_leaders_table() {
         let c = rusqlite::Connection::open(p).unwrap();
         c.execute_batch(
             "DROP TABLE leaders;
+             DROP TABLE job_pauses;
+             DROP INDEX runs_finished;
+             DROP INDEX ledger_updated;
              UPDATE docket_meta SET value = '2' WHERE key = 'schema_version';",
         )
         .unwrap();

@@ -178,6 +178,7 @@ const CLAIM_CTES: &str = "
 picked AS (
     SELECT id, priority, run_after FROM runs
     WHERE status IN ('pending', 'postponed') AND run_after <= $1 AND job = ANY($2)
+      AND NOT EXISTS (SELECT 1 FROM job_pauses p WHERE p.tenant = runs.tenant AND p.job IN (runs.job, '*'))
     ORDER BY priority DESC, run_after, id
     LIMIT $3
     FOR UPDATE SKIP LOCKED

@@ -49,6 +49,7 @@ mod connections;
 mod durable;
 mod hot;
 mod ops;
+mod retention;
 mod stats;
 mod tokens;
 
@@ -541,6 +542,7 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0001_initial.sql"),
     include_str!("migrations/0002_steps_ledger_tokens_connections.sql"),
     include_str!("migrations/0003_leaders.sql"),
+    include_str!("migrations/0007_retention.sql"),
 ];
 
 /// Creates or upgrades the schema by applying [`MIGRATIONS`]. Refuses (and
@@ -883,6 +885,25 @@ impl Store for PgStore {
     async fn operator(&self, req: crate::OperatorRequest) -> Result<Run> {
         crate::json::check_operator(&req)?;
         durable::operator(&self.pool, &req).await
+    }
+
+    async fn prune(
+        &self,
+        req: crate::retention::PruneRequest,
+    ) -> Result<crate::retention::PruneReport> {
+        retention::prune(&self.pool, &req).await
+    }
+
+    async fn set_pause(&self, change: crate::retention::PauseChange) -> Result<bool> {
+        retention::set_pause(&self.pool, &change).await
+    }
+
+    async fn pauses(&self, tenant: Option<String>) -> Result<Vec<crate::retention::Pause>> {
+        retention::pauses(&self.pool, tenant.as_deref()).await
+    }
+
+    async fn delete_run(&self, req: crate::retention::DeleteRequest) -> Result<Run> {
+        retention::delete_run(&self.pool, &req).await
     }
 }
 

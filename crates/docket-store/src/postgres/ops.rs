@@ -360,9 +360,10 @@ pub(super) async fn next_due<'e>(
     if jobs.is_empty() {
         return Ok(None);
     }
-    let v: Option<i64> = sqlx::query_scalar(
-        "SELECT MIN(run_after) FROM runs WHERE status IN ('pending', 'postponed') AND job = ANY($1)",
-    )
+    let v: Option<i64> = sqlx::query_scalar(&format!(
+        "SELECT MIN(run_after) FROM runs WHERE status IN ('pending', 'postponed') AND job = ANY($1) AND {}",
+        crate::retention::NOT_PAUSED
+    ))
     .bind(jobs)
     .fetch_one(ex)
     .await

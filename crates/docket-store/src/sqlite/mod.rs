@@ -22,6 +22,7 @@
 
 mod connections;
 mod ops;
+mod retention;
 mod stats;
 mod tokens;
 
@@ -401,6 +402,7 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0001_initial.sql"),
     include_str!("migrations/0002_steps_ledger_tokens_connections.sql"),
     include_str!("migrations/0003_leaders.sql"),
+    include_str!("migrations/0007_retention.sql"),
 ];
 
 /// Brings the database to [`SCHEMA_VERSION`](crate::SCHEMA_VERSION) by applying [`MIGRATIONS`].
@@ -694,6 +696,26 @@ impl Store for SqliteStore {
     async fn operator(&self, req: OperatorRequest) -> Result<Run> {
         crate::json::check_operator(&req)?;
         self.call(move |c| ops::operator(c, &req)).await
+    }
+
+    async fn prune(
+        &self,
+        req: crate::retention::PruneRequest,
+    ) -> Result<crate::retention::PruneReport> {
+        self.call(move |c| retention::prune(c, &req)).await
+    }
+
+    async fn set_pause(&self, change: crate::retention::PauseChange) -> Result<bool> {
+        self.call(move |c| retention::set_pause(c, &change)).await
+    }
+
+    async fn pauses(&self, tenant: Option<String>) -> Result<Vec<crate::retention::Pause>> {
+        self.read(move |c| retention::pauses(c, tenant.as_deref()))
+            .await
+    }
+
+    async fn delete_run(&self, req: crate::retention::DeleteRequest) -> Result<Run> {
+        self.call(move |c| retention::delete_run(c, &req)).await
     }
 
     /// For a file database: a wake-up (`""`, every job) within about

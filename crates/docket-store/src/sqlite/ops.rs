@@ -213,8 +213,10 @@ pub(super) fn claim(c: &Connection, req: &ClaimRequest) -> Result<Vec<Run>> {
     let sql = format!(
         "SELECT id FROM runs INDEXED BY runs_claim
          WHERE status IN ('pending', 'postponed') AND run_after <= ?1 AND job IN ({})
+           AND {}
          ORDER BY priority DESC, run_after, id LIMIT ?2",
-        placeholders(3, req.jobs.len())
+        placeholders(3, req.jobs.len()),
+        crate::retention::NOT_PAUSED
     );
     let mut args: Vec<SqlValue> = vec![req.now.0.into(), (req.limit as i64).into()];
     args.extend(req.jobs.iter().map(|j| SqlValue::from(j.clone())));
@@ -631,8 +633,9 @@ pub(super) fn next_due(c: &Connection, jobs: &[String]) -> Result<Option<Timesta
         return Ok(None);
     }
     let sql = format!(
-        "SELECT MIN(run_after) FROM runs WHERE status IN ('pending', 'postponed') AND job IN ({})",
-        placeholders(1, jobs.len())
+        "SELECT MIN(run_after) FROM runs WHERE status IN ('pending', 'postponed') AND job IN ({}) AND {}",
+        placeholders(1, jobs.len()),
+        crate::retention::NOT_PAUSED
     );
     let mut st = c.prepare_cached(&sql).map_err(db_err)?;
     let v: Option<i64> = st
