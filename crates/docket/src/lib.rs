@@ -35,6 +35,7 @@ mod forensics;
 pub mod http;
 mod job;
 mod ops;
+pub mod retention;
 mod worker;
 
 pub use ctx::{intent_key, Ctx, InputDecision, Reconciled, Stepped};
