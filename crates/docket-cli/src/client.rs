@@ -160,6 +160,17 @@ pub enum RunsCmd {
         #[command(flatten)]
         conn: Conn,
     },
+    /// Delete a final run (completed, failed, cancelled) with its history;
+    /// audited. `docket runs show --json` keeps a copy first.
+    Delete {
+        /// The run's id.
+        id: String,
+        /// Why.
+        #[arg(long)]
+        comment: Option<String>,
+        #[command(flatten)]
+        conn: Conn,
+    },
     /// Approve a run waiting for input.
     Approve {
         /// The run's id.
@@ -695,6 +706,9 @@ pub async fn runs(cmd: RunsCmd) -> Res<()> {
         RunsCmd::Skip { id, comment, conn } => {
             op(conn, &id, "skip", json!({ "comment": comment })).await
         }
+        RunsCmd::Delete { id, comment, conn } => {
+            op(conn, &id, "delete", json!({ "comment": comment })).await
+        }
         RunsCmd::Retrigger { id, comment, conn } => {
             op(conn, &id, "retrigger", json!({ "comment": comment })).await
         }
@@ -798,6 +812,11 @@ async fn op(conn: Conn, id: &str, what: &str, mut body: Value) -> Res<()> {
         .await?;
     if conn.json {
         print_json(&v);
+    } else if what == "delete" {
+        outln!(
+            "deleted run {id} ({}, audited as run_deleted)",
+            status_of(&v)
+        );
     } else if what == "retrigger" {
         outln!(
             "retriggered {id} as run {} ({})",

@@ -8,6 +8,7 @@ mod bench_scale;
 mod client;
 mod demo;
 mod inspect;
+mod jobs;
 mod serve;
 mod tokens;
 
@@ -46,6 +47,8 @@ enum Command {
     Connections(inspect::ConnectionsCmd),
     /// The circuit breakers of the server's connections.
     Breakers(inspect::BreakersArgs),
+    /// The jobs with their run counts and pause state; `pause` / `resume`.
+    Jobs(jobs::JobsArgs),
     /// Create, list and revoke API tokens (directly on the database).
     #[command(subcommand)]
     Token(tokens::TokenCmd),
@@ -90,6 +93,7 @@ fn main() -> ExitCode {
             Command::Forensics(args) => inspect::forensics(args).await.map_err(Failed::from),
             Command::Connections(cmd) => inspect::connections(cmd).await.map_err(Failed::from),
             Command::Breakers(args) => inspect::breakers(args).await.map_err(Failed::from),
+            Command::Jobs(args) => jobs::run(args).await.map_err(Failed::from),
         }
     });
     // Output that could not be written (other than to a reader that went

@@ -92,6 +92,9 @@ pub struct FileConfig {
     connections: Option<toml::Value>,
     #[allow(dead_code)]
     jobs: Option<toml::Value>,
+    /// `[retention]` (docs/OPERATIONS.md): read by `HttpJobs::load` too.
+    #[allow(dead_code)]
+    retention: Option<toml::Value>,
 }
 
 /// The effective configuration.
@@ -330,6 +333,22 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
             })
             .start()
     });
+    // Pruning (`[retention]`): every worker process runs a pruner; the one
+    // holding the `prune` lead prunes, the others stand by.
+    let retention = http_jobs
+        .as_ref()
+        .map(|h| h.retention())
+        .unwrap_or_default();
+    let pruner = if s.role != Role::Api && retention.is_enabled() {
+        tracing::info!(?retention, "pruner started");
+        Some(
+            docket
+                .start_pruner(docket::retention::PrunerConfig::new(retention))
+                .map_err(|e| e.to_string())?,
+        )
+    } else {
+        None
+    };
     let api = async {
         if s.role == Role::Worker {
             return Ok(());
@@ -378,6 +397,9 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
         }
     };
     let (res, ()) = tokio::join!(api, work);
+    if let Some(p) = pruner {
+        p.shutdown().await;
+    }
     res
 }
 

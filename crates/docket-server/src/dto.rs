@@ -347,6 +347,9 @@ pub struct JobView {
     /// Runs of this tenant by status (only statuses with runs).
     #[schema(value_type = Object)]
     pub runs: Value,
+    /// Paused for this tenant (by itself or by `*`): its runs are not
+    /// claimed (`POST /api/jobs/{job}/resume`).
+    pub paused: bool,
 }
 
 /// The registered jobs.

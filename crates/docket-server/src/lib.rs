@@ -30,6 +30,7 @@ pub mod events;
 pub mod extract;
 pub mod metrics;
 pub mod openapi;
+pub mod retention;
 pub mod runs;
 
 pub use auth::{AuthMode, Caller};
@@ -404,6 +405,9 @@ fn routes() -> (axum::Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(runs::reject))
         .routes(routes!(runs::wait))
         .routes(routes!(runs::jobs))
+        .routes(routes!(retention::pause))
+        .routes(routes!(retention::resume))
+        .routes(routes!(retention::delete))
         .routes(routes!(dashboard::api::forensics))
         .routes(routes!(connections::job_forensics))
         .routes(routes!(connections::list))

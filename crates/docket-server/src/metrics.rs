@@ -69,6 +69,10 @@ struct Inner {
     retries: BTreeMap<Key, u64>,
     completed: BTreeMap<Key, u64>,
     failed: BTreeMap<Key, u64>,
+    /// Runs pruned, from `runs_pruned` events (one per batch and job).
+    pruned: BTreeMap<Key, u64>,
+    /// Ledger rows pruned, per tenant (job `""`), from `ledger_pruned`.
+    ledger_pruned: BTreeMap<Key, u64>,
     pickup: BTreeMap<Key, Histogram>,
     duration: BTreeMap<Key, Histogram>,
     due: HashMap<RunId, Timestamp>,
@@ -154,6 +158,20 @@ impl Metrics {
             }
             "run_completed" => bump(&mut m.completed, key.clone()),
             "run_failed" => bump(&mut m.failed, key.clone()),
+            k if k == docket::retention::RUNS_PRUNED || k == docket::retention::LEDGER_PRUNED => {
+                let field = if k == docket::retention::RUNS_PRUNED {
+                    "runs"
+                } else {
+                    "rows"
+                };
+                let n = e.data.get(field).and_then(|v| v.as_u64()).unwrap_or(0);
+                let map = if k == docket::retention::RUNS_PRUNED {
+                    &mut m.pruned
+                } else {
+                    &mut m.ledger_pruned
+                };
+                *map.entry(key.clone()).or_default() += n;
+            }
             _ => {}
         }
         const ENDS: [&str; 9] = [
@@ -232,6 +250,23 @@ impl Metrics {
             &m.failed,
             tenant,
         );
+        counter(
+            &mut out,
+            "docket_runs_pruned_total",
+            "Final runs deleted by the pruner (retention), with all their rows.",
+            &m.pruned,
+            tenant,
+        );
+        let ledger: u64 = m
+            .ledger_pruned
+            .iter()
+            .filter(|((tn, _), _)| tn == tenant)
+            .map(|(_, n)| n)
+            .sum();
+        let _ = write!(
+            out,
+            "# HELP docket_ledger_pruned_total Ledger rows deleted by the pruner (past the ledger window, their run gone).\n# TYPE docket_ledger_pruned_total counter\ndocket_ledger_pruned_total{{tenant=\"{t}\"}} {ledger}\n"
+        );
         histogram(
             &mut out,
             "docket_pickup_latency_seconds",
@@ -249,6 +284,30 @@ impl Metrics {
             tenant,
         );
         out
+    }
+}
+
+/// `docket_job_paused{tenant,job}`: 1 for each job of `jobs` paused for
+/// the tenant (by itself or by `*`), 0 for the others — read from the
+/// store at scrape time, so alerts see a pause made by any process.
+pub fn render_paused(
+    out: &mut String,
+    tenant: &str,
+    jobs: &[String],
+    pauses: &[docket::retention::Pause],
+) {
+    out.push_str("# HELP docket_job_paused Whether the job is paused for the tenant (its runs are not claimed).\n# TYPE docket_job_paused gauge\n");
+    let t = escape(tenant);
+    for job in jobs {
+        let paused = pauses
+            .iter()
+            .any(|p| p.tenant == tenant && (&p.job == job || p.job == docket::retention::ALL_JOBS));
+        let _ = writeln!(
+            out,
+            "docket_job_paused{{tenant=\"{t}\",job=\"{}\"}} {}",
+            escape(job),
+            u8::from(paused)
+        );
     }
 }
 

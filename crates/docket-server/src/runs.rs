@@ -905,6 +905,12 @@ pub async fn jobs(State(state): State<AppState>, caller: Caller) -> ApiResult<Js
         .store()
         .count_runs(Some(caller.tenant.clone()))
         .await?;
+    let pauses = state.docket.pauses(Some(&caller.tenant)).await?;
+    let paused = |job: &str| {
+        pauses
+            .iter()
+            .any(|p| p.job == job || p.job == docket::retention::ALL_JOBS)
+    };
     let jobs = state
         .docket
         .job_names()
@@ -915,6 +921,7 @@ pub async fn jobs(State(state): State<AppState>, caller: Caller) -> ApiResult<Js
                 runs.insert(c.status.to_string(), json!(c.count));
             }
             JobView {
+                paused: paused(&name),
                 name,
                 runs: Value::Object(runs),
             }
@@ -961,6 +968,13 @@ pub async fn metrics(State(state): State<AppState>, caller: Caller) -> ApiResult
         .collect();
     let mut body = state.metrics.render(&caller.tenant, &runs);
     crate::metrics::render_store_errors(&mut body, &state.docket.store_errors());
+    let pauses = state.docket.pauses(Some(&caller.tenant)).await?;
+    crate::metrics::render_paused(
+        &mut body,
+        &caller.tenant,
+        &state.docket.job_names(),
+        &pauses,
+    );
     if let Some(http) = &state.config.http {
         // One read of the stored states (never-changed ones are enabled);
         // no credential is read for a scrape.

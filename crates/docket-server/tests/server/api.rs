@@ -576,6 +576,9 @@ async fn openapi_has_every_route() {
         ("post", "/api/connections/{name}/disable"),
         ("post", "/api/connections/{name}/expire"),
         ("get", "/api/breakers"),
+        ("post", "/api/jobs/{job}/pause"),
+        ("post", "/api/jobs/{job}/resume"),
+        ("post", "/api/runs/{id}/delete"),
     ];
     for (m, p) in expected {
         assert!(

@@ -9,5 +9,6 @@ mod events;
 mod hardening;
 mod limits;
 mod node;
+mod retention;
 mod schemathesis;
 mod tenants;
