@@ -29,6 +29,7 @@
 #[doc = include_str!("../../../README.md")]
 pub struct ReadmeDoctests;
 
+pub mod bulk;
 mod ctx;
 mod error;
 mod forensics;
