@@ -21,6 +21,7 @@
 //! reaches only its tenant: another tenant's run answers 404.
 
 pub mod auth;
+pub mod bulk;
 pub mod cmd;
 pub mod connections;
 pub mod dashboard;
@@ -405,6 +406,7 @@ fn routes() -> (axum::Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(runs::reject))
         .routes(routes!(runs::wait))
         .routes(routes!(runs::jobs))
+        .routes(routes!(bulk::bulk))
         .routes(routes!(retention::pause))
         .routes(routes!(retention::resume))
         .routes(routes!(retention::delete))

@@ -109,19 +109,22 @@ async fn gone(store: &DynStore, id: RunId) -> bool {
     let attempts = store.attempts(id).await.unwrap();
     let events = events_of(store, id).await;
     let steps = store.steps(id).await.unwrap();
-    if run.is_none() {
-        assert!(attempts.is_empty(), "attempts of pruned run {id} left");
-        assert!(
-            events.iter().all(|e| e.kind == RUN_DELETED),
-            "events of pruned run {id} left: {events:?}"
-        );
-        assert!(steps.is_empty(), "steps of pruned run {id} left");
-        true
-    } else {
-        // A kept run keeps its history (a pending run has no attempt yet).
-        assert!(!events.is_empty());
-        assert!(run.unwrap().attempt == 0 || !attempts.is_empty());
-        false
+    match run {
+        None => {
+            assert!(attempts.is_empty(), "attempts of pruned run {id} left");
+            assert!(
+                events.iter().all(|e| e.kind == RUN_DELETED),
+                "events of pruned run {id} left: {events:?}"
+            );
+            assert!(steps.is_empty(), "steps of pruned run {id} left");
+            true
+        }
+        Some(run) => {
+            // A kept run keeps its history (a pending run has no attempt yet).
+            assert!(!events.is_empty());
+            assert!(run.attempt == 0 || !attempts.is_empty());
+            false
+        }
     }
 }
 

@@ -234,9 +234,10 @@ impl Docket {
                         .retrigger(id, by)
                         .await
                         .map(|t| (t.run.status, Some(t.run.id))),
-                    BulkAction::Postpone { until } => {
-                        self.postpone(id, *until, by).await.map(|r| (r.status, None))
-                    }
+                    BulkAction::Postpone { until } => self
+                        .postpone(id, *until, by)
+                        .await
+                        .map(|r| (r.status, None)),
                     BulkAction::Delete => self.delete_run(id, by).await.map(|r| (r.status, None)),
                 }
             }

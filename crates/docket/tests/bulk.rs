@@ -3,8 +3,8 @@
 
 use docket::bulk::{BulkAction, BulkRequest, BulkTarget};
 use docket::{
-    Actor, Docket, EventFilter, Job, JobError, ManualClock, RunFilter, RunId, RunStatus,
-    Timestamp, TriggerOptions, WorkerConfig,
+    Actor, Docket, EventFilter, Job, JobError, ManualClock, RunFilter, RunId, RunStatus, Timestamp,
+    TriggerOptions, WorkerConfig,
 };
 use docket_store::sqlite::SqliteStore;
 use serde_json::{json, Value};
@@ -66,12 +66,22 @@ async fn bulk_retry_by_filter_in_pages_with_a_dry_run_first() {
     }
     let done = d.trigger("ok", json!(1)).await.unwrap().run.id;
     run_all(&d).await;
-    let mut r = req(BulkAction::Retry { updated_variables: Some(json!({"v": 2})) }, failed_of("fail"), 3);
+    let mut r = req(
+        BulkAction::Retry {
+            updated_variables: Some(json!({"v": 2})),
+        },
+        failed_of("fail"),
+        3,
+    );
     r.dry_run = true;
     let dry = d.bulk(r.clone()).await.unwrap();
     assert_eq!(dry.matched, Some(7));
     assert!(dry.results.is_empty());
-    assert_eq!(d.get_run(failed[0]).await.unwrap().status, RunStatus::Failed, "a dry run changes nothing");
+    assert_eq!(
+        d.get_run(failed[0]).await.unwrap().status,
+        RunStatus::Failed,
+        "a dry run changes nothing"
+    );
     r.dry_run = false;
     let mut seen = Vec::new();
     let mut pages = 0;
@@ -154,13 +164,25 @@ async fn bulk_by_ids_reports_each_refusal() {
         .collect();
     assert_eq!(
         got,
-        vec![(true, None), (true, None), (false, Some("not_found")), (false, Some("not_found")), (true, None)]
+        vec![
+            (true, None),
+            (true, None),
+            (false, Some("not_found")),
+            (false, Some("not_found")),
+            (true, None)
+        ]
     );
     let fresh = page.results[0].new_run_id.expect("the retriggered run");
     assert_eq!(d.get_run(foreign).await.unwrap().status, RunStatus::Failed);
     // Retry: the completed run is refused, naming its state.
     let page = d
-        .bulk(req(BulkAction::Retry { updated_variables: None }, BulkTarget::Ids(vec![a, done]), 10))
+        .bulk(req(
+            BulkAction::Retry {
+                updated_variables: None,
+            },
+            BulkTarget::Ids(vec![a, done]),
+            10,
+        ))
         .await
         .unwrap();
     assert!(page.results[0].ok);
@@ -174,17 +196,35 @@ async fn bulk_by_ids_reports_each_refusal() {
     r.cursor = p1.next_cursor;
     let p2 = d.bulk(r).await.unwrap();
     assert_eq!(p2.results[0].run_id, b);
-    assert_eq!(p2.results[0].error.as_deref(), Some("wrong_state"), "b is failed: not cancellable");
+    assert_eq!(
+        p2.results[0].error.as_deref(),
+        Some("wrong_state"),
+        "b is failed: not cancellable"
+    );
     assert!(p2.next_cursor.is_none());
     // Delete: only final runs.
     let page = d
-        .bulk(req(BulkAction::Delete, BulkTarget::Ids(vec![done, fresh]), 10))
+        .bulk(req(
+            BulkAction::Delete,
+            BulkTarget::Ids(vec![done, fresh]),
+            10,
+        ))
         .await
         .unwrap();
     assert!(page.results[0].ok);
-    assert_eq!(page.results[1].error.as_deref(), Some("wrong_state"), "{page:?}");
+    assert_eq!(
+        page.results[1].error.as_deref(),
+        Some("wrong_state"),
+        "{page:?}"
+    );
     assert!(d.store().get_run(done).await.unwrap().is_none());
     // Bad input.
-    assert!(d.bulk(req(BulkAction::Cancel, BulkTarget::Ids(vec![]), 10)).await.is_err());
-    assert!(d.bulk(req(BulkAction::Cancel, BulkTarget::Ids(vec![a]), 0)).await.is_err());
+    assert!(d
+        .bulk(req(BulkAction::Cancel, BulkTarget::Ids(vec![]), 10))
+        .await
+        .is_err());
+    assert!(d
+        .bulk(req(BulkAction::Cancel, BulkTarget::Ids(vec![a]), 0))
+        .await
+        .is_err());
 }

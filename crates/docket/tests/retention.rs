@@ -152,7 +152,10 @@ async fn a_paused_job_waits_until_resumed() {
     assert_eq!(d.pauses(Some("default")).await.unwrap().len(), 1);
     assert!(d.resume_job("default", "noop", by()).await.unwrap());
     assert_eq!(w.tick().await.unwrap(), 1);
-    assert_eq!(d.get_run(paused).await.unwrap().status, RunStatus::Completed);
+    assert_eq!(
+        d.get_run(paused).await.unwrap().status,
+        RunStatus::Completed
+    );
     assert!(matches!(
         d.pause_job("default", " ", by()).await,
         Err(docket::Error::InvalidInput(_))

@@ -579,6 +579,7 @@ async fn openapi_has_every_route() {
         ("post", "/api/jobs/{job}/pause"),
         ("post", "/api/jobs/{job}/resume"),
         ("post", "/api/runs/{id}/delete"),
+        ("post", "/api/runs/bulk"),
     ];
     for (m, p) in expected {
         assert!(
