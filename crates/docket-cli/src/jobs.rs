@@ -62,6 +62,7 @@ async fn list(conn: Conn) -> Res<()> {
         .unwrap_or_default()
         .iter()
         .map(|j| {
+            let q = &j["queue"];
             vec![
                 s(&j["name"]),
                 if j["paused"] == true {
@@ -70,15 +71,28 @@ async fn list(conn: Conn) -> Res<()> {
                     "running"
                 }
                 .to_string(),
-                n(j, "pending"),
-                n(j, "running"),
+                s(&q["due"]),
+                format!("{:.1}s", q["lag_seconds"].as_f64().unwrap_or(0.0)),
+                s(&q["running"]),
+                s(&q["scheduled"]),
+                format!("{:.1}", q["throughput_per_minute"].as_f64().unwrap_or(0.0)),
                 n(j, "failed"),
                 n(j, "completed"),
             ]
         })
         .collect();
     table(
-        &["job", "state", "pending", "running", "failed", "completed"],
+        &[
+            "job",
+            "state",
+            "due",
+            "lag",
+            "running",
+            "scheduled",
+            "per min (5m)",
+            "failed",
+            "completed",
+        ],
         &rows,
     );
     Ok(())

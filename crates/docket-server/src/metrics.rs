@@ -287,6 +287,71 @@ impl Metrics {
     }
 }
 
+/// The "recent" window of queue health (throughput, `*_5m`).
+pub const HEALTH_WINDOW: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// Reads one gauge of a job's queue health.
+type HealthGauge = fn(&docket::retention::JobHealth, docket::Timestamp) -> f64;
+
+/// Queue health per job, read from the store at scrape time (so it is
+/// right whichever process runs the work), every registered job listed
+/// (0 when idle) so alerts can compare against thresholds:
+/// `docket_queue_due{tenant,job}`, `docket_queue_lag_seconds{tenant,job}`
+/// (age of the oldest due run), `docket_queue_running{tenant,job}`,
+/// `docket_queue_scheduled{tenant,job}`,
+/// `docket_queue_finished_5m{tenant,job,status}`.
+pub fn render_queue(
+    out: &mut String,
+    tenant: &str,
+    jobs: &[String],
+    health: &[docket::retention::JobHealth],
+    now: docket::Timestamp,
+) {
+    let t = escape(tenant);
+    let of = |job: &str| health.iter().find(|h| h.tenant == tenant && h.job == job);
+    let gauges: [(&str, &str, HealthGauge); 4] = [
+        (
+            "docket_queue_due",
+            "Runs due now (pending or postponed, run_after passed), paused or not.",
+            |h, _| h.due as f64,
+        ),
+        (
+            "docket_queue_lag_seconds",
+            "Age of the oldest due run: how far the queue is behind (0 when none is due).",
+            |h, now| h.lag_ms(now) as f64 / 1000.0,
+        ),
+        ("docket_queue_running", "Runs running now.", |h, _| {
+            h.running as f64
+        }),
+        (
+            "docket_queue_scheduled",
+            "Runs waiting for a later time (retries, postponements, deferrals).",
+            |h, _| h.scheduled as f64,
+        ),
+    ];
+    for (name, help, get) in gauges {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+        for job in jobs {
+            let v = of(job).map_or(0.0, |h| get(h, now));
+            let _ = writeln!(out, "{name}{{tenant=\"{t}\",job=\"{}\"}} {v}", escape(job));
+        }
+    }
+    out.push_str("# HELP docket_queue_finished_5m Runs completed or failed in the last 5 minutes (from the store).\n# TYPE docket_queue_finished_5m gauge\n");
+    for job in jobs {
+        let h = of(job);
+        for (status, n) in [
+            ("completed", h.map_or(0, |h| h.completed_recently)),
+            ("failed", h.map_or(0, |h| h.failed_recently)),
+        ] {
+            let _ = writeln!(
+                out,
+                "docket_queue_finished_5m{{tenant=\"{t}\",job=\"{}\",status=\"{status}\"}} {n}",
+                escape(job)
+            );
+        }
+    }
+}
+
 /// `docket_job_paused{tenant,job}`: 1 for each job of `jobs` paused for
 /// the tenant (by itself or by `*`), 0 for the others — read from the
 /// store at scrape time, so alerts see a pause made by any process.

@@ -426,6 +426,11 @@ pub trait Store: TokenStore + ConnectionStore + StatsStore + Send + Sync + 'stat
     /// ledger rows stay (the ledger has its own retention).
     async fn delete_run(&self, req: retention::DeleteRequest) -> Result<Run>;
 
+    /// Queue health per (tenant, job): due runs and the oldest due
+    /// `run_after` (the lag), running, scheduled for later, and runs
+    /// completed / failed since `since`. Jobs with none of these are absent.
+    async fn queue_health(&self, q: retention::HealthQuery) -> Result<Vec<retention::JobHealth>>;
+
     /// Asks to lead the periodic `task` as `holder` (unique per process)
     /// until `now + ttl_ms` (see [`lead`](crate::lead)). Answers the fencing token when
     /// `holder` leads it now: the task was free, its lead had expired at or

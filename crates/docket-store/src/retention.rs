@@ -394,6 +394,107 @@ pub struct DeleteRequest {
     pub now: Timestamp,
 }
 
+/// Queue health of one (tenant, job): what is waiting, for how long, what
+/// runs, what finished recently. Read at call time from the runs table.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobHealth {
+    /// The tenant.
+    pub tenant: String,
+    /// The job.
+    pub job: String,
+    /// Pending or postponed runs whose `run_after` has come (claimable now,
+    /// unless the job is paused).
+    pub due: u64,
+    /// The earliest `run_after` among them: the lag is `now` minus this.
+    pub oldest_due_at: Option<Timestamp>,
+    /// Runs running now.
+    pub running: u64,
+    /// Runs waiting for later (`run_after` in the future: retries
+    /// scheduled, postponements, deferrals by limits or open circuits).
+    pub scheduled: u64,
+    /// Runs completed at or after the query's `since`.
+    pub completed_recently: u64,
+    /// Runs failed (terminally) at or after `since`.
+    pub failed_recently: u64,
+}
+
+impl JobHealth {
+    /// Milliseconds the oldest due run has waited at `now` (0 when none).
+    pub fn lag_ms(&self, now: Timestamp) -> i64 {
+        self.oldest_due_at.map_or(0, |t| now.millis_since(t).max(0))
+    }
+}
+
+/// Which queue health to read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthQuery {
+    /// One tenant, or all.
+    pub tenant: Option<String>,
+    /// What "due" is measured against.
+    pub now: Timestamp,
+    /// "Recently" starts here (e.g. `now` − 5 minutes).
+    pub since: Timestamp,
+}
+
+/// Merges the three per-(tenant, job) reads of a health query.
+pub(crate) fn merge_health(
+    waiting: Vec<(String, String, i64, Option<i64>, i64, i64)>,
+    finished: Vec<(String, String, String, i64)>,
+) -> Vec<JobHealth> {
+    fn at<'a>(
+        out: &'a mut BTreeMap<(String, String), JobHealth>,
+        t: &str,
+        j: &str,
+    ) -> &'a mut JobHealth {
+        out.entry((t.to_string(), j.to_string()))
+            .or_insert_with(|| JobHealth {
+                tenant: t.to_string(),
+                job: j.to_string(),
+                ..Default::default()
+            })
+    }
+    let mut out: BTreeMap<(String, String), JobHealth> = BTreeMap::new();
+    let n = |v: i64| u64::try_from(v).unwrap_or(0);
+    for (t, j, due, oldest, running, scheduled) in waiting {
+        let h = at(&mut out, &t, &j);
+        h.due = n(due);
+        h.oldest_due_at = oldest.map(Timestamp);
+        h.running = n(running);
+        h.scheduled = n(scheduled);
+    }
+    for (t, j, status, count) in finished {
+        let h = at(&mut out, &t, &j);
+        match status.as_str() {
+            "completed" => h.completed_recently += n(count),
+            "failed" => h.failed_recently += n(count),
+            _ => {}
+        }
+    }
+    out.into_values().collect()
+}
+
+/// The waiting/running part of a health query: one pass over the
+/// claimable and running runs (partial indexes `runs_claim`, `runs_lease`
+/// cover them), `$1` = now, `$2` = tenant or NULL. Same text on both
+/// backends (SQLite numbers `?N` from `$N`).
+pub(crate) const HEALTH_WAITING_SQL: &str = "
+SELECT tenant, job,
+       SUM(CASE WHEN status <> 'running' AND run_after <= $1 THEN 1 ELSE 0 END),
+       MIN(CASE WHEN status <> 'running' AND run_after <= $1 THEN run_after END),
+       SUM(CASE WHEN status = 'running' THEN 1 ELSE 0 END),
+       SUM(CASE WHEN status <> 'running' AND run_after > $1 THEN 1 ELSE 0 END)
+FROM runs
+WHERE status IN ('pending', 'postponed', 'running') AND ($2 IS NULL OR tenant = $2)
+GROUP BY tenant, job";
+
+/// The recent part: runs finished at or after `$1` (index
+/// `runs_finished`), `$2` = tenant or NULL.
+pub(crate) const HEALTH_FINISHED_SQL: &str = "
+SELECT tenant, job, status, COUNT(*)
+FROM runs
+WHERE status IN ('completed', 'failed') AND finished_at >= $1 AND ($2 IS NULL OR tenant = $2)
+GROUP BY tenant, job, status";
+
 /// The `NOT EXISTS` the claim and `next_due` add so a paused job's runs are
 /// never claimed (same text on both backends; `runs` is the outer table).
 pub(crate) const NOT_PAUSED: &str = "NOT EXISTS (SELECT 1 FROM job_pauses p WHERE p.tenant = runs.tenant AND p.job IN (runs.job, '*'))";

@@ -642,6 +642,58 @@ pub async fn delete_run_only_final_and_audited(store: DynStore) {
     ));
 }
 
+/// Queue health per (tenant, job): due runs and the oldest one (lag),
+/// running, scheduled for later, finished recently; per tenant or all.
+pub async fn queue_health_counts_due_lag_running_and_recent(store: DynStore) {
+    final_run(&store, "a", RunStatus::Completed, T0.plus_millis(20)).await;
+    final_run(&store, "a", RunStatus::Failed, T0.plus_millis(20)).await;
+    claimed_at(&store, "a", T0).await;
+    let at = |ms: i64| {
+        let mut r = NewRun::new("a", json!({}));
+        r.run_after = Some(T0.plus_millis(ms));
+        r
+    };
+    let mut other = NewRun::new("b", json!({}));
+    other.tenant = "t2".into();
+    store
+        .trigger(vec![at(0), at(10), at(HOUR), other], T0)
+        .await
+        .unwrap();
+    let now = T0.plus_millis(100);
+    let all = store
+        .queue_health(HealthQuery {
+            tenant: None,
+            now,
+            since: T0,
+        })
+        .await
+        .unwrap();
+    assert_eq!(all.len(), 2, "{all:?}");
+    let a = &all[0];
+    assert_eq!((a.tenant.as_str(), a.job.as_str()), ("default", "a"));
+    assert_eq!(
+        (a.due, a.oldest_due_at, a.running, a.scheduled),
+        (2, Some(T0), 1, 1)
+    );
+    assert_eq!(a.lag_ms(now), 100);
+    assert_eq!((a.completed_recently, a.failed_recently), (1, 1));
+    assert_eq!((all[1].tenant.as_str(), all[1].due), ("t2", 1));
+    let mine = store
+        .queue_health(HealthQuery {
+            tenant: Some(DEFAULT_TENANT.into()),
+            now,
+            since: T0.plus_millis(21),
+        })
+        .await
+        .unwrap();
+    assert_eq!(mine.len(), 1);
+    assert_eq!(
+        (mine[0].completed_recently, mine[0].failed_recently),
+        (0, 0)
+    );
+    assert_eq!(mine[0].due, 2);
+}
+
 /// One `#[tokio::test]` per retention conformance case, like
 /// [`conformance_tests!`](crate::conformance_tests).
 #[macro_export]
@@ -654,6 +706,7 @@ macro_rules! retention_conformance_tests {
             prune_is_fenced_by_the_lead,
             paused_jobs_are_not_claimed,
             delete_run_only_final_and_audited,
+            queue_health_counts_due_lag_running_and_recent,
         );
     };
     ($factory:expr) => {
@@ -664,6 +717,7 @@ macro_rules! retention_conformance_tests {
             prune_is_fenced_by_the_lead,
             paused_jobs_are_not_claimed,
             delete_run_only_final_and_audited,
+            queue_health_counts_due_lag_running_and_recent,
         );
     };
     (@each @required $factory:expr; $($name:ident),* $(,)?) => {

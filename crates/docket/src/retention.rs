@@ -14,7 +14,7 @@ use std::time::Duration;
 use tokio::sync::Notify;
 
 pub use docket_store::retention::{
-    parse_duration, Pause, PruneReport, PrunedJob, Retention, RetentionConfig, ALL_JOBS,
+    parse_duration, JobHealth, Pause, PruneReport, PrunedJob, Retention, RetentionConfig, ALL_JOBS,
     DEFAULT_LEDGER_MS, JOB_PAUSED, JOB_RESUMED, LEDGER_PRUNED, NO_RUN, RUNS_PRUNED, RUN_DELETED,
 };
 
@@ -238,6 +238,25 @@ impl Docket {
             })
             .await
             .map_err(map_store)
+    }
+
+    /// Queue health per (tenant, job) of `tenant` (or all): due runs and
+    /// the oldest (lag), running, scheduled for later, and runs completed
+    /// or failed in the last `window`.
+    pub async fn queue_health(
+        &self,
+        tenant: Option<&str>,
+        window: Duration,
+    ) -> Result<Vec<JobHealth>> {
+        let now = self.clock().now();
+        Ok(self
+            .store()
+            .queue_health(docket_store::retention::HealthQuery {
+                tenant: tenant.map(str::to_string),
+                now,
+                since: now.plus_millis(-(window.as_millis() as i64)),
+            })
+            .await?)
     }
 
     /// The pauses in force (of a tenant, or all).

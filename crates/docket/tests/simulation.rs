@@ -660,6 +660,15 @@ impl Store for SimStore {
         })
         .await
     }
+    async fn queue_health(
+        &self,
+        q: docket_store::retention::HealthQuery,
+    ) -> SResult<Vec<docket_store::retention::JobHealth>> {
+        self.call("queue_health", false, None, move |s| async move {
+            s.queue_health(q).await
+        })
+        .await
+    }
     async fn delete_run(&self, req: docket_store::retention::DeleteRequest) -> SResult<Run> {
         self.call("delete_run", false, None, move |s| async move {
             s.delete_run(req).await

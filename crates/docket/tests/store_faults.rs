@@ -251,6 +251,12 @@ mod faulty {
         ) -> Result<Vec<docket_store::retention::Pause>> {
             self.inner.pauses(tenant).await
         }
+        async fn queue_health(
+            &self,
+            q: docket_store::retention::HealthQuery,
+        ) -> Result<Vec<docket_store::retention::JobHealth>> {
+            self.inner.queue_health(q).await
+        }
         async fn delete_run(&self, req: docket_store::retention::DeleteRequest) -> Result<Run> {
             self.inner.delete_run(req).await
         }

@@ -63,6 +63,10 @@ async fn a_paused_job_queues_until_resumed_for_its_tenant_only() {
         .unwrap()
         .clone();
     assert_eq!(noop["paused"], true);
+    // Queue health: the paused job's run is due and waits.
+    assert_eq!(noop["queue"]["due"], 1, "{noop}");
+    assert_eq!(noop["queue"]["running"], 0);
+    assert!(noop["queue"]["lag_seconds"].as_f64().unwrap() >= 0.0);
     let (_, jobs) = s
         .call(Method::GET, "/api/jobs", Some(&s.b.clone()), None)
         .await;
@@ -89,6 +93,9 @@ async fn a_paused_job_queues_until_resumed_for_its_tenant_only() {
         res.contains("docket_job_paused{tenant=\"acme\",job=\"flaky\"} 0"),
         "{res}"
     );
+    assert!(res.contains("docket_queue_due{tenant=\"acme\",job=\"noop\"} 1"), "{res}");
+    assert!(res.contains("docket_queue_due{tenant=\"acme\",job=\"flaky\"} 0"), "{res}");
+    assert!(res.contains("docket_queue_lag_seconds{tenant=\"acme\",job=\"noop\"}"), "{res}");
     // Resume: the queued run runs.
     let (st, v) = s.post("/api/jobs/noop/resume", json!({})).await;
     assert_eq!(st, StatusCode::OK);
@@ -97,6 +104,16 @@ async fn a_paused_job_queues_until_resumed_for_its_tenant_only() {
         (json!(false), json!(true))
     );
     s.until(&queued, &["completed"]).await;
+    let (_, jobs) = s.get("/api/jobs").await;
+    let noop = jobs["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|j| j["name"] == "noop")
+        .unwrap()
+        .clone();
+    assert_eq!(noop["queue"]["due"], 0, "{noop}");
+    assert_eq!(noop["queue"]["completed_5m"], 1, "{noop}");
     // `*`: every job of the tenant.
     let (_, v) = s.post("/api/jobs/*/pause", json!({})).await;
     assert_eq!(v["job"], "*");

@@ -902,6 +902,13 @@ impl Store for PgStore {
         retention::pauses(&self.pool, tenant.as_deref()).await
     }
 
+    async fn queue_health(
+        &self,
+        q: crate::retention::HealthQuery,
+    ) -> Result<Vec<crate::retention::JobHealth>> {
+        retention::queue_health(&self.pool, &q).await
+    }
+
     async fn delete_run(&self, req: crate::retention::DeleteRequest) -> Result<Run> {
         retention::delete_run(&self.pool, &req).await
     }

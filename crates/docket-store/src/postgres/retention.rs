@@ -344,3 +344,31 @@ pub(super) async fn delete_run(pool: &PgPool, req: &DeleteRequest) -> Result<Run
     tx.commit().await.map_err(db)?;
     Ok(run)
 }
+
+pub(super) async fn queue_health(
+    pool: &PgPool,
+    q: &crate::retention::HealthQuery,
+) -> Result<Vec<crate::retention::JobHealth>> {
+    let typed = |t: &str| t.replace("$2 IS NULL", "$2::text IS NULL");
+    let rows = sqlx::query(&typed(crate::retention::HEALTH_WAITING_SQL))
+        .bind(q.now.0)
+        .bind(&q.tenant)
+        .fetch_all(pool)
+        .await
+        .map_err(db)?;
+    let waiting = rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5)))
+        .collect();
+    let rows = sqlx::query(&typed(crate::retention::HEALTH_FINISHED_SQL))
+        .bind(q.since.0)
+        .bind(&q.tenant)
+        .fetch_all(pool)
+        .await
+        .map_err(db)?;
+    let finished = rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect();
+    Ok(crate::retention::merge_health(waiting, finished))
+}

@@ -714,6 +714,13 @@ impl Store for SqliteStore {
             .await
     }
 
+    async fn queue_health(
+        &self,
+        q: crate::retention::HealthQuery,
+    ) -> Result<Vec<crate::retention::JobHealth>> {
+        self.read(move |c| retention::queue_health(c, &q)).await
+    }
+
     async fn delete_run(&self, req: crate::retention::DeleteRequest) -> Result<Run> {
         self.call(move |c| retention::delete_run(c, &req)).await
     }

@@ -350,3 +350,38 @@ pub(super) fn delete_run(c: &Connection, req: &DeleteRequest) -> Result<Run> {
     delete_one(c, &run.id.to_string(), audit)?;
     Ok(run)
 }
+
+pub(super) fn queue_health(
+    c: &Connection,
+    q: &crate::retention::HealthQuery,
+) -> Result<Vec<crate::retention::JobHealth>> {
+    let sql = |t: &str| t.replace('$', "?");
+    let mut st = c
+        .prepare_cached(&sql(crate::retention::HEALTH_WAITING_SQL))
+        .map_err(db_err)?;
+    let waiting = st
+        .query_map(params![q.now.0, q.tenant], |r| {
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+            ))
+        })
+        .map_err(db_err)?
+        .collect::<rusqlite::Result<Vec<_>>>()
+        .map_err(db_err)?;
+    let mut st = c
+        .prepare_cached(&sql(crate::retention::HEALTH_FINISHED_SQL))
+        .map_err(db_err)?;
+    let finished = st
+        .query_map(params![q.since.0, q.tenant], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+        })
+        .map_err(db_err)?
+        .collect::<rusqlite::Result<Vec<_>>>()
+        .map_err(db_err)?;
+    Ok(crate::retention::merge_health(waiting, finished))
+}
