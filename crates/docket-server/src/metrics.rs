@@ -19,6 +19,15 @@
 //!   connection's status for the tenant (`enabled`, `disabled`,
 //!   `expired`), read from the store at scrape time.
 //!
+//! - retention and queue operations (docs/OPERATIONS.md):
+//!   `docket_runs_pruned_total{tenant,job}` and
+//!   `docket_ledger_pruned_total{tenant}` from the pruning events;
+//!   `docket_job_paused{tenant,job}` and the queue health gauges
+//!   `docket_queue_due`, `docket_queue_lag_seconds`, `docket_queue_running`,
+//!   `docket_queue_scheduled` (`{tenant,job}`) and
+//!   `docket_queue_finished_5m{tenant,job,status}`, read from the store at
+//!   scrape time.
+//!
 //! A token sees only its own tenant's series.
 
 use docket::{EventRecord, RunId, Timestamp};
