@@ -429,6 +429,39 @@ pub async fn ledger_outlives_pruned_runs(store: DynStore) {
         .is_none());
 }
 
+/// Old ledger rows whose run is still kept never stall ledger pruning:
+/// with a batch of 1 and three such rows first in age order, the batch
+/// still prunes the next row whose run is gone.
+pub async fn ledger_pruning_skips_rows_of_kept_runs(store: DynStore) {
+    for i in 0..3 {
+        let (_, lease) = claimed_at(&store, "mail", T0).await;
+        store
+            .ledger_begin(lease, format!("kept-{i}"), "send".into(), T0)
+            .await
+            .unwrap();
+    }
+    commit_effect(&store, "gone", T0.plus_millis(1)).await;
+    let mut cfg = config();
+    cfg.ledger_ms = Some(2 * HOUR);
+    let r = store
+        .prune(cfg.plan(T0.plus_millis(3 * HOUR), 1))
+        .await
+        .unwrap();
+    assert_eq!((r.runs(), r.ledger_rows()), (1, 1));
+    assert!(store
+        .ledger_get(DEFAULT_TENANT.into(), "gone".into())
+        .await
+        .unwrap()
+        .is_none());
+    for i in 0..3 {
+        assert!(store
+            .ledger_get(DEFAULT_TENANT.into(), format!("kept-{i}"))
+            .await
+            .unwrap()
+            .is_some());
+    }
+}
+
 /// A trigger's idempotency key is remembered by its run: once the run is
 /// pruned, the same key makes a NEW run (documented in OPERATIONS.md).
 pub async fn idempotency_key_after_prune_makes_a_new_run(store: DynStore) {
@@ -702,6 +735,7 @@ macro_rules! retention_conformance_tests {
         $crate::retention_conformance_tests!(@each @optional $factory;
             prune_removes_exactly_the_eligible_runs,
             ledger_outlives_pruned_runs,
+            ledger_pruning_skips_rows_of_kept_runs,
             idempotency_key_after_prune_makes_a_new_run,
             prune_is_fenced_by_the_lead,
             paused_jobs_are_not_claimed,
@@ -713,6 +747,7 @@ macro_rules! retention_conformance_tests {
         $crate::retention_conformance_tests!(@each @required $factory;
             prune_removes_exactly_the_eligible_runs,
             ledger_outlives_pruned_runs,
+            ledger_pruning_skips_rows_of_kept_runs,
             idempotency_key_after_prune_makes_a_new_run,
             prune_is_fenced_by_the_lead,
             paused_jobs_are_not_claimed,

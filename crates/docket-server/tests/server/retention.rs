@@ -93,9 +93,18 @@ async fn a_paused_job_queues_until_resumed_for_its_tenant_only() {
         res.contains("docket_job_paused{tenant=\"acme\",job=\"flaky\"} 0"),
         "{res}"
     );
-    assert!(res.contains("docket_queue_due{tenant=\"acme\",job=\"noop\"} 1"), "{res}");
-    assert!(res.contains("docket_queue_due{tenant=\"acme\",job=\"flaky\"} 0"), "{res}");
-    assert!(res.contains("docket_queue_lag_seconds{tenant=\"acme\",job=\"noop\"}"), "{res}");
+    assert!(
+        res.contains("docket_queue_due{tenant=\"acme\",job=\"noop\"} 1"),
+        "{res}"
+    );
+    assert!(
+        res.contains("docket_queue_due{tenant=\"acme\",job=\"flaky\"} 0"),
+        "{res}"
+    );
+    assert!(
+        res.contains("docket_queue_lag_seconds{tenant=\"acme\",job=\"noop\"}"),
+        "{res}"
+    );
     // Resume: the queued run runs.
     let (st, v) = s.post("/api/jobs/noop/resume", json!({})).await;
     assert_eq!(st, StatusCode::OK);

@@ -143,44 +143,7 @@ pub(super) fn prune(c: &Connection, req: &PruneRequest) -> Result<PruneReport> {
             doomed.push(row.map_err(db_err)?);
         }
     }
-    // The ledger rows: old enough, and the run that wrote them is gone
-    // (or goes in this batch).
-    let mut ledger: Vec<(String, String)> = Vec::new();
-    if let Some(before) = req.ledger_before {
-        let gone: std::collections::HashSet<&str> = doomed.iter().map(|d| d.0.as_str()).collect();
-        let mut st = c
-            .prepare_cached(
-                "SELECT tenant, idempotency_key, run_id FROM ledger INDEXED BY ledger_updated
-                 WHERE updated_at <= ?1 ORDER BY updated_at LIMIT ?2",
-            )
-            .map_err(db_err)?;
-        // Read a few more than the limit: rows whose run still exists are
-        // skipped, not pruned.
-        let rows = st
-            .query_map(params![before.0, (req.limit * 2) as i64], |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, String>(2)?,
-                ))
-            })
-            .map_err(db_err)?;
-        let mut exists = c
-            .prepare_cached("SELECT EXISTS (SELECT 1 FROM runs WHERE id = ?1)")
-            .map_err(db_err)?;
-        for row in rows {
-            let (tenant, key, run) = row.map_err(db_err)?;
-            if ledger.len() >= req.limit {
-                break;
-            }
-            let alive: bool = !gone.contains(run.as_str())
-                && exists.query_row([&run], |r| r.get(0)).map_err(db_err)?;
-            if !alive {
-                ledger.push((tenant, key));
-            }
-        }
-    }
-    if doomed.is_empty() && ledger.is_empty() {
+    if doomed.is_empty() && req.ledger_before.is_none() {
         return Ok(PruneReport::default());
     }
     // The events first (see the module's note), their counts filled in last.
@@ -193,10 +156,6 @@ pub(super) fn prune(c: &Connection, req: &PruneRequest) -> Result<PruneReport> {
                 job: job.clone(),
                 ..Default::default()
             });
-    }
-    let mut per_tenant: BTreeMap<String, u64> = BTreeMap::new();
-    for (tenant, _) in &ledger {
-        *per_tenant.entry(tenant.clone()).or_default() += 1;
     }
     let mut event_ids: BTreeMap<(String, String), i64> = BTreeMap::new();
     for (tenant, job) in per_job.keys().cloned().collect::<Vec<_>>() {
@@ -233,6 +192,33 @@ pub(super) fn prune(c: &Connection, req: &PruneRequest) -> Result<PruneReport> {
             "UPDATE events SET data = ?2 WHERE id = ?1",
             &[id, &p.event_data().to_string()],
         )?;
+    }
+    // The ledger rows: old enough, and the run that wrote them is gone
+    // (the runs deleted above are gone already in this transaction). Rows
+    // whose run is kept are skipped by the query itself, so they never
+    // stall the batches behind them.
+    let mut ledger: Vec<(String, String)> = Vec::new();
+    if let Some(before) = req.ledger_before {
+        let mut st = c
+            .prepare_cached(
+                "SELECT tenant, idempotency_key FROM ledger INDEXED BY ledger_updated
+                 WHERE updated_at <= ?1
+                   AND NOT EXISTS (SELECT 1 FROM runs WHERE runs.id = ledger.run_id)
+                 ORDER BY updated_at LIMIT ?2",
+            )
+            .map_err(db_err)?;
+        let rows = st
+            .query_map(params![before.0, req.limit as i64], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+            })
+            .map_err(db_err)?;
+        for row in rows {
+            ledger.push(row.map_err(db_err)?);
+        }
+    }
+    let mut per_tenant: BTreeMap<String, u64> = BTreeMap::new();
+    for (tenant, _) in &ledger {
+        *per_tenant.entry(tenant.clone()).or_default() += 1;
     }
     for (tenant, key) in &ledger {
         exec(
