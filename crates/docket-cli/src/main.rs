@@ -5,6 +5,7 @@
 mod out;
 mod bench;
 mod bench_scale;
+mod bench_steady;
 mod client;
 mod demo;
 mod inspect;
