@@ -27,7 +27,10 @@ use tokio::sync::Notify;
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
     /// Which workload: W1, W2, W3 or all; or claim-scale (claim cost with
-    /// 10,000 vs `--runs` pending runs, default 1,000,000).
+    /// 10,000 vs `--runs` pending runs, default 1,000,000); or steady (W1
+    /// repeated for `--runs`, default 1,000,000, with retention
+    /// `--retention-ms`: throughput and size of the first vs the last
+    /// 100,000).
     #[arg(default_value = "all")]
     workload: String,
     /// Database URL (default: a fresh SQLite file in a temporary directory).
@@ -47,6 +50,9 @@ pub struct BenchArgs {
     /// One JSON object per workload per line.
     #[arg(long)]
     json: bool,
+    /// `steady`: completed runs are pruned this long after they finished.
+    #[arg(long, default_value_t = 3_000)]
+    retention_ms: i64,
 }
 
 /// One workload's figures.
@@ -70,6 +76,16 @@ struct Report {
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 pub async fn run(args: BenchArgs) -> Result<(), BoxError> {
+    if args.workload.eq_ignore_ascii_case("steady") {
+        return crate::bench_steady::run(
+            args.db.as_deref(),
+            args.runs,
+            args.concurrency,
+            args.retention_ms,
+            args.json,
+        )
+        .await;
+    }
     if args.workload.eq_ignore_ascii_case("claim-scale") {
         return crate::bench_scale::run(args.db.as_deref(), args.runs, args.json).await;
     }

@@ -160,6 +160,73 @@ pub enum RunsCmd {
         #[command(flatten)]
         conn: Conn,
     },
+    /// Delete a final run (completed, failed, cancelled) with its history;
+    /// audited. `docket runs show --json` keeps a copy first.
+    Delete {
+        /// The run's id.
+        id: String,
+        /// Why.
+        #[arg(long)]
+        comment: Option<String>,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Act on many runs at once: by `--ids` or by filter (`--status`,
+    /// `--job`, `--since`). Without `--yes` it only prints how many runs
+    /// match (a dry run); with `--yes` it acts, page by page, printing each
+    /// run's result. Each run is audited as if done alone.
+    Bulk {
+        /// retry, cancel, retrigger, postpone or delete.
+        action: String,
+        /// These runs (comma-separated ids) instead of a filter.
+        #[arg(long, value_delimiter = ',', conflicts_with_all = ["status", "job", "since"])]
+        ids: Vec<String>,
+        /// Statuses (comma-separated), required with a filter.
+        #[arg(long)]
+        status: Option<String>,
+        /// Only this job.
+        #[arg(long)]
+        job: Option<String>,
+        /// Only runs created in the last `1h`, `30m`, `7d`…
+        #[arg(long)]
+        since: Option<String>,
+        /// retry: a JSON object merged into each run's variables.
+        #[arg(long)]
+        vars: Option<String>,
+        /// postpone: by this much (`10m`, `2h`).
+        #[arg(long)]
+        delay: Option<String>,
+        /// Why (stored on each run's audit event).
+        #[arg(long)]
+        comment: Option<String>,
+        /// Runs per request (1 to 500).
+        #[arg(long, default_value_t = 100)]
+        page: usize,
+        /// Act (without it: only count).
+        #[arg(long)]
+        yes: bool,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Write runs with their full history (attempts, steps, ledger,
+    /// events, timeline) as JSON Lines, one run per line, newest first:
+    /// for archiving before deleting or pruning.
+    Export {
+        /// Only this job.
+        #[arg(long)]
+        job: Option<String>,
+        /// Statuses (comma-separated).
+        #[arg(long)]
+        status: Option<String>,
+        /// Only runs created in the last `1h`, `30m`, `7d`…
+        #[arg(long)]
+        since: Option<String>,
+        /// Write here instead of stdout.
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
+        #[command(flatten)]
+        conn: Conn,
+    },
     /// Approve a run waiting for input.
     Approve {
         /// The run's id.
@@ -695,6 +762,62 @@ pub async fn runs(cmd: RunsCmd) -> Res<()> {
         RunsCmd::Skip { id, comment, conn } => {
             op(conn, &id, "skip", json!({ "comment": comment })).await
         }
+        RunsCmd::Bulk {
+            action,
+            ids,
+            status,
+            job,
+            since,
+            vars,
+            delay,
+            comment,
+            page,
+            yes,
+            conn,
+        } => {
+            let mut body = json!({ "action": action, "limit": page });
+            if !ids.is_empty() {
+                body["ids"] = json!(ids);
+            } else {
+                let Some(status) = status else {
+                    return Err("give --ids, or a filter with --status (and --job, --since)"
+                        .to_string()
+                        .into());
+                };
+                let mut filter = json!({
+                    "status": status.split(',').map(str::trim).collect::<Vec<_>>()
+                });
+                if let Some(j) = job {
+                    filter["job"] = json!(j);
+                }
+                if let Some(since) = since {
+                    filter["created_after"] = json!(since_time(&since)?);
+                }
+                body["filter"] = filter;
+            }
+            if let Some(c) = comment {
+                body["comment"] = json!(c);
+            }
+            if let Some(v) = vars {
+                body["updated_variables"] = parse_json_arg("--vars", &v)?;
+            }
+            if let Some(d) = delay {
+                let dur = parse_delay(&d)
+                    .ok_or_else(|| format!("--delay `{d}`: use 30s, 10m, 2h or 500ms"))?;
+                body["delay_ms"] = json!(u64::try_from(dur.as_millis()).unwrap_or(u64::MAX));
+            }
+            bulk(conn, body, yes).await
+        }
+        RunsCmd::Export {
+            job,
+            status,
+            since,
+            out,
+            conn,
+        } => export(conn, job, status, since, out).await,
+        RunsCmd::Delete { id, comment, conn } => {
+            op(conn, &id, "delete", json!({ "comment": comment })).await
+        }
         RunsCmd::Retrigger { id, comment, conn } => {
             op(conn, &id, "retrigger", json!({ "comment": comment })).await
         }
@@ -732,6 +855,146 @@ pub async fn runs(cmd: RunsCmd) -> Res<()> {
             conn,
         } => decide(conn, &id, "reject", data, comment).await,
     }
+}
+
+/// `--since 1h`: now minus that, as RFC 3339.
+fn since_time(since: &str) -> Res<String> {
+    let d = parse_delay(since).ok_or_else(|| format!("--since `{since}`: use 30m, 2h, 7d"))?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0);
+    Ok(docket::Timestamp(now.saturating_sub(d.as_millis() as i64).max(0)).to_rfc3339())
+}
+
+/// `docket runs bulk`: a dry run (the count) unless `yes`, then page by
+/// page until the server's cursor runs out.
+async fn bulk(conn: Conn, mut body: Value, yes: bool) -> Res<()> {
+    let c = Client::new(conn.clone())?;
+    let action = body["action"].as_str().unwrap_or("").to_string();
+    if !yes {
+        body["dry_run"] = json!(true);
+        let (_, v) = c
+            .call(reqwest::Method::POST, "/api/runs/bulk", Some(body))
+            .await?;
+        if conn.json {
+            print_json(&v);
+        } else {
+            outln!(
+                "{} runs match: run again with --yes to {action} them (each is audited)",
+                s(&v["matched"])
+            );
+        }
+        return Ok(());
+    }
+    let (mut ok, mut refused) = (0u64, 0u64);
+    loop {
+        let (_, v) = c
+            .call(reqwest::Method::POST, "/api/runs/bulk", Some(body.clone()))
+            .await?;
+        ok += v["succeeded"].as_u64().unwrap_or(0);
+        refused += v["failed"].as_u64().unwrap_or(0);
+        if conn.json {
+            outln!("{}", v);
+        } else {
+            for r in v["results"].as_array().cloned().unwrap_or_default() {
+                if r["ok"] == true {
+                    let new = r["new_run_id"]
+                        .as_str()
+                        .map(|n| format!(" (new run {n})"))
+                        .unwrap_or_default();
+                    outln!("{} {action}: {}{new}", s(&r["run_id"]), s(&r["status"]));
+                } else {
+                    outln!(
+                        "{} refused ({}): {}",
+                        s(&r["run_id"]),
+                        s(&r["error"]),
+                        s(&r["message"])
+                    );
+                }
+            }
+        }
+        match v["next_cursor"].as_str() {
+            Some(next) => body["cursor"] = json!(next),
+            None => break,
+        }
+    }
+    if !conn.json {
+        outln!("{action}: {ok} done, {refused} refused");
+    }
+    Ok(())
+}
+
+/// `docket runs export`: JSON Lines of runs with their full history.
+async fn export(
+    conn: Conn,
+    job: Option<String>,
+    status: Option<String>,
+    since: Option<String>,
+    out: Option<std::path::PathBuf>,
+) -> Res<()> {
+    use std::io::Write as _;
+    let c = Client::new(conn)?;
+    let mut q: Vec<(&str, String)> = vec![("limit", "500".into())];
+    if let Some(v) = status {
+        q.push(("status", v));
+    }
+    if let Some(v) = job {
+        q.push(("job", v));
+    }
+    if let Some(v) = since {
+        q.push(("created_after", since_time(&v)?));
+    }
+    let mut sink: Box<dyn std::io::Write> = match &out {
+        Some(p) => Box::new(std::io::BufWriter::new(
+            std::fs::File::create(p).map_err(|e| format!("cannot write {}: {e}", p.display()))?,
+        )),
+        None => Box::new(std::io::BufWriter::new(std::io::stdout())),
+    };
+    let mut n = 0u64;
+    loop {
+        let (_, page) = c
+            .call(
+                reqwest::Method::GET,
+                &format!("/api/runs?{}", serde_urlencoded_pairs(&q)),
+                None,
+            )
+            .await?;
+        for r in page["runs"].as_array().cloned().unwrap_or_default() {
+            let id = s(&r["id"]);
+            // A run deleted or pruned since the page was read is skipped.
+            match c
+                .call(reqwest::Method::GET, &format!("/api/runs/{id}"), None)
+                .await
+            {
+                Ok((_, full)) => {
+                    writeln!(sink, "{full}").map_err(|e| format!("writing the export: {e}"))?;
+                    n += 1;
+                }
+                Err(f) if f.message.starts_with("HTTP 404") => continue,
+                Err(f) => return Err(f),
+            }
+        }
+        match page["next_cursor"].as_str() {
+            Some(next) => {
+                q.retain(|(k, _)| *k != "cursor");
+                q.push(("cursor", next.to_string()));
+            }
+            None => break,
+        }
+    }
+    sink.flush()
+        .map_err(|e| format!("writing the export: {e}"))?;
+    if let Some(p) = out {
+        eprintln_safe(&format!("exported {n} runs to {}", p.display()));
+    }
+    Ok(())
+}
+
+/// A line on stderr that never panics (stderr may be closed).
+fn eprintln_safe(line: &str) {
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stderr(), "{line}");
 }
 
 /// `approve` or `reject`, with optional `--data` JSON for the handler.
@@ -798,6 +1061,11 @@ async fn op(conn: Conn, id: &str, what: &str, mut body: Value) -> Res<()> {
         .await?;
     if conn.json {
         print_json(&v);
+    } else if what == "delete" {
+        outln!(
+            "deleted run {id} ({}, audited as run_deleted)",
+            status_of(&v)
+        );
     } else if what == "retrigger" {
         outln!(
             "retriggered {id} as run {} ({})",

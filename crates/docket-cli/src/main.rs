@@ -5,10 +5,13 @@
 mod out;
 mod bench;
 mod bench_scale;
+mod bench_steady;
 mod client;
 mod demo;
 mod inspect;
 mod schedules;
+
+mod jobs;
 mod serve;
 mod tokens;
 
@@ -55,6 +58,9 @@ enum Command {
     /// through the API.
     #[command(subcommand)]
     Schedules(schedules::SchedulesCmd),
+
+    /// The jobs with their run counts and pause state; `pause` / `resume`.
+    Jobs(jobs::JobsArgs),
     /// Create, list and revoke API tokens (directly on the database).
     #[command(subcommand)]
     Token(tokens::TokenCmd),
@@ -102,6 +108,8 @@ fn main() -> ExitCode {
             Command::Workers(args) => inspect::workers(args).await.map_err(Failed::from),
 
             Command::Schedules(cmd) => schedules::run(cmd).await.map_err(Failed::from),
+
+            Command::Jobs(args) => jobs::run(args).await.map_err(Failed::from),
         }
     });
     // Output that could not be written (other than to a reader that went

@@ -108,6 +108,10 @@ pub struct FileConfig {
     /// read from the same file.
     #[allow(dead_code)]
     schedules: Option<toml::Value>,
+
+    /// `[retention]` (docs/OPERATIONS.md): read by `HttpJobs::load` too.
+    #[allow(dead_code)]
+    retention: Option<toml::Value>,
 }
 
 /// The effective configuration.
@@ -415,6 +419,23 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
     // replaced within the lead's 5 s.
     let scheduler =
         (s.role != Role::Api).then(|| docket.scheduler(docket::SchedulerConfig::default()).start());
+
+    // Pruning (`[retention]`): every worker process runs a pruner; the one
+    // holding the `prune` lead prunes, the others stand by.
+    let retention = http_jobs
+        .as_ref()
+        .map(|h| h.retention())
+        .unwrap_or_default();
+    let pruner = if s.role != Role::Api && retention.is_enabled() {
+        tracing::info!(?retention, "pruner started");
+        Some(
+            docket
+                .start_pruner(docket::retention::PrunerConfig::new(retention))
+                .map_err(|e| e.to_string())?,
+        )
+    } else {
+        None
+    };
     let api = async {
         if s.role == Role::Worker {
             return Ok(());
@@ -469,6 +490,9 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
         }
     };
     let (res, ()) = tokio::join!(api, work);
+    if let Some(p) = pruner {
+        p.shutdown().await;
+    }
     if let Some(t) = docket.telemetry().cloned() {
         // The last spans (blocking: the exporter's own thread answers).
         let _ = tokio::task::spawn_blocking(move || t.shutdown()).await;

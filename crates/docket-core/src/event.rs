@@ -114,6 +114,17 @@ kinds! {
     CircuitHalfOpen = "circuit_half_open",
     /// A connection's circuit breaker closed again.
     CircuitClosed = "circuit_closed",
+    /// The pruner deleted final runs of a job (counts, not one per run;
+    /// recorded on no run).
+    RunsPruned = "runs_pruned",
+    /// The pruner deleted ledger rows past the ledger window.
+    LedgerPruned = "ledger_pruned",
+    /// An operator paused a job (or every job of a tenant).
+    JobPaused = "job_paused",
+    /// An operator resumed a paused job.
+    JobResumed = "job_resumed",
+    /// An operator deleted a final run.
+    RunDeleted = "run_deleted",
 }
 
 impl EventKind {
@@ -187,6 +198,18 @@ impl PartialEq<str> for EventKind {
 impl PartialEq<&str> for EventKind {
     fn eq(&self, other: &&str) -> bool {
         self.as_str() == *other
+    }
+}
+
+impl PartialEq<EventKind> for &str {
+    fn eq(&self, other: &EventKind) -> bool {
+        *self == other.as_str()
+    }
+}
+
+impl PartialEq<EventKind> for str {
+    fn eq(&self, other: &EventKind) -> bool {
+        self == other.as_str()
     }
 }
 

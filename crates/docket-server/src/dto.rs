@@ -356,6 +356,30 @@ pub struct JobView {
     /// Runs of this tenant by status (only statuses with runs).
     #[schema(value_type = Object)]
     pub runs: Value,
+    /// Paused for this tenant (by itself or by `*`): its runs are not
+    /// claimed (`POST /api/jobs/{job}/resume`).
+    pub paused: bool,
+    /// Its queue now (read from the store).
+    pub queue: QueueView,
+}
+
+/// A job's queue health for the tenant.
+#[derive(Debug, Default, Serialize, Deserialize, ToSchema)]
+pub struct QueueView {
+    /// Runs due now (pending or postponed, `run_after` passed).
+    pub due: u64,
+    /// Seconds the oldest due run has waited (0 when none is due).
+    pub lag_seconds: f64,
+    /// Runs running now.
+    pub running: u64,
+    /// Runs waiting for a later time (retries, postponements, deferrals).
+    pub scheduled: u64,
+    /// Runs completed in the last 5 minutes.
+    pub completed_5m: u64,
+    /// Runs failed in the last 5 minutes.
+    pub failed_5m: u64,
+    /// (completed + failed) in the last 5 minutes, per minute.
+    pub throughput_per_minute: f64,
 }
 
 /// The registered jobs.

@@ -21,6 +21,7 @@
 //! reaches only its tenant: another tenant's run answers 404.
 
 pub mod auth;
+pub mod bulk;
 pub mod cmd;
 pub mod connections;
 pub mod dashboard;
@@ -30,6 +31,7 @@ pub mod events;
 pub mod extract;
 pub mod metrics;
 pub mod openapi;
+pub mod retention;
 pub mod runs;
 pub mod worker_api;
 
@@ -414,6 +416,10 @@ fn routes() -> (axum::Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(runs::reject))
         .routes(routes!(runs::wait))
         .routes(routes!(runs::jobs))
+        .routes(routes!(bulk::bulk))
+        .routes(routes!(retention::pause))
+        .routes(routes!(retention::resume))
+        .routes(routes!(retention::delete))
         .routes(routes!(dashboard::api::forensics))
         .routes(routes!(connections::job_forensics))
         .routes(routes!(connections::list))

@@ -19,6 +19,15 @@
 //!   connection's status for the tenant (`enabled`, `disabled`,
 //!   `expired`), read from the store at scrape time.
 //!
+//! - retention and queue operations (docs/OPERATIONS.md):
+//!   `docket_runs_pruned_total{tenant,job}` and
+//!   `docket_ledger_pruned_total{tenant}` from the pruning events;
+//!   `docket_job_paused{tenant,job}` and the queue health gauges
+//!   `docket_queue_due`, `docket_queue_lag_seconds`, `docket_queue_running`,
+//!   `docket_queue_scheduled` (`{tenant,job}`) and
+//!   `docket_queue_finished_5m{tenant,job,status}`, read from the store at
+//!   scrape time.
+//!
 //! A token sees only its own tenant's series.
 
 use docket::{EventRecord, RunId, Timestamp};
@@ -69,6 +78,10 @@ struct Inner {
     retries: BTreeMap<Key, u64>,
     completed: BTreeMap<Key, u64>,
     failed: BTreeMap<Key, u64>,
+    /// Runs pruned, from `runs_pruned` events (one per batch and job).
+    pruned: BTreeMap<Key, u64>,
+    /// Ledger rows pruned, per tenant (job `""`), from `ledger_pruned`.
+    ledger_pruned: BTreeMap<Key, u64>,
     pickup: BTreeMap<Key, Histogram>,
     duration: BTreeMap<Key, Histogram>,
     due: HashMap<RunId, Timestamp>,
@@ -154,6 +167,20 @@ impl Metrics {
             }
             "run_completed" => bump(&mut m.completed, key.clone()),
             "run_failed" => bump(&mut m.failed, key.clone()),
+            k if k == docket::retention::RUNS_PRUNED || k == docket::retention::LEDGER_PRUNED => {
+                let field = if k == docket::retention::RUNS_PRUNED {
+                    "runs"
+                } else {
+                    "rows"
+                };
+                let n = e.data.get(field).and_then(|v| v.as_u64()).unwrap_or(0);
+                let map = if k == docket::retention::RUNS_PRUNED {
+                    &mut m.pruned
+                } else {
+                    &mut m.ledger_pruned
+                };
+                *map.entry(key.clone()).or_default() += n;
+            }
             _ => {}
         }
         const ENDS: [&str; 9] = [
@@ -232,6 +259,23 @@ impl Metrics {
             &m.failed,
             tenant,
         );
+        counter(
+            &mut out,
+            "docket_runs_pruned_total",
+            "Final runs deleted by the pruner (retention), with all their rows.",
+            &m.pruned,
+            tenant,
+        );
+        let ledger: u64 = m
+            .ledger_pruned
+            .iter()
+            .filter(|((tn, _), _)| tn == tenant)
+            .map(|(_, n)| n)
+            .sum();
+        let _ = write!(
+            out,
+            "# HELP docket_ledger_pruned_total Ledger rows deleted by the pruner (past the ledger window, their run gone).\n# TYPE docket_ledger_pruned_total counter\ndocket_ledger_pruned_total{{tenant=\"{t}\"}} {ledger}\n"
+        );
         histogram(
             &mut out,
             "docket_pickup_latency_seconds",
@@ -249,6 +293,95 @@ impl Metrics {
             tenant,
         );
         out
+    }
+}
+
+/// The "recent" window of queue health (throughput, `*_5m`).
+pub const HEALTH_WINDOW: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// Reads one gauge of a job's queue health.
+type HealthGauge = fn(&docket::retention::JobHealth, docket::Timestamp) -> f64;
+
+/// Queue health per job, read from the store at scrape time (so it is
+/// right whichever process runs the work), every registered job listed
+/// (0 when idle) so alerts can compare against thresholds:
+/// `docket_queue_due{tenant,job}`, `docket_queue_lag_seconds{tenant,job}`
+/// (age of the oldest due run), `docket_queue_running{tenant,job}`,
+/// `docket_queue_scheduled{tenant,job}`,
+/// `docket_queue_finished_5m{tenant,job,status}`.
+pub fn render_queue(
+    out: &mut String,
+    tenant: &str,
+    jobs: &[String],
+    health: &[docket::retention::JobHealth],
+    now: docket::Timestamp,
+) {
+    let t = escape(tenant);
+    let of = |job: &str| health.iter().find(|h| h.tenant == tenant && h.job == job);
+    let gauges: [(&str, &str, HealthGauge); 4] = [
+        (
+            "docket_queue_due",
+            "Runs due now (pending or postponed, run_after passed), paused or not.",
+            |h, _| h.due as f64,
+        ),
+        (
+            "docket_queue_lag_seconds",
+            "Age of the oldest due run: how far the queue is behind (0 when none is due).",
+            |h, now| h.lag_ms(now) as f64 / 1000.0,
+        ),
+        ("docket_queue_running", "Runs running now.", |h, _| {
+            h.running as f64
+        }),
+        (
+            "docket_queue_scheduled",
+            "Runs waiting for a later time (retries, postponements, deferrals).",
+            |h, _| h.scheduled as f64,
+        ),
+    ];
+    for (name, help, get) in gauges {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+        for job in jobs {
+            let v = of(job).map_or(0.0, |h| get(h, now));
+            let _ = writeln!(out, "{name}{{tenant=\"{t}\",job=\"{}\"}} {v}", escape(job));
+        }
+    }
+    out.push_str("# HELP docket_queue_finished_5m Runs completed or failed in the last 5 minutes (from the store).\n# TYPE docket_queue_finished_5m gauge\n");
+    for job in jobs {
+        let h = of(job);
+        for (status, n) in [
+            ("completed", h.map_or(0, |h| h.completed_recently)),
+            ("failed", h.map_or(0, |h| h.failed_recently)),
+        ] {
+            let _ = writeln!(
+                out,
+                "docket_queue_finished_5m{{tenant=\"{t}\",job=\"{}\",status=\"{status}\"}} {n}",
+                escape(job)
+            );
+        }
+    }
+}
+
+/// `docket_job_paused{tenant,job}`: 1 for each job of `jobs` paused for
+/// the tenant (by itself or by `*`), 0 for the others — read from the
+/// store at scrape time, so alerts see a pause made by any process.
+pub fn render_paused(
+    out: &mut String,
+    tenant: &str,
+    jobs: &[String],
+    pauses: &[docket::retention::Pause],
+) {
+    out.push_str("# HELP docket_job_paused Whether the job is paused for the tenant (its runs are not claimed).\n# TYPE docket_job_paused gauge\n");
+    let t = escape(tenant);
+    for job in jobs {
+        let paused = pauses
+            .iter()
+            .any(|p| p.tenant == tenant && (&p.job == job || p.job == docket::retention::ALL_JOBS));
+        let _ = writeln!(
+            out,
+            "docket_job_paused{{tenant=\"{t}\",job=\"{}\"}} {}",
+            escape(job),
+            u8::from(paused)
+        );
     }
 }
 

@@ -278,6 +278,103 @@ fn requests(doc: &mut Value, jobs: &[String]) {
     }
     set(
         doc,
+        "BulkBody",
+        "comment",
+        text("Stored on each run's audit event."),
+    );
+    set(
+        doc,
+        "BulkBody",
+        "action",
+        json!({"type": "string", "enum": ["retry", "cancel", "retrigger", "postpone", "delete"]}),
+    );
+    set(
+        doc,
+        "BulkBody",
+        "ids",
+        json!({"type": "array", "minItems": 1, "maxItems": 10000,
+               "items": {"type": "string", "format": "uuid"}, "description": "These runs."}),
+    );
+    set(
+        doc,
+        "BulkBody",
+        "filter",
+        json!({"$ref": "#/components/schemas/BulkFilter", "description": "Or every run of the tenant matching this filter."}),
+    );
+    if let Some(Value::Object(p)) = doc.pointer_mut("/components/schemas/BulkBody") {
+        // `ids` or `filter`, exactly one; postpone needs `until` or
+        // `delay_ms`, exactly one.
+        p.insert(
+            "oneOf".into(),
+            json!([{"required": ["ids"]}, {"required": ["filter"]}]),
+        );
+        p.insert(
+            "if".into(),
+            json!({"properties": {"action": {"const": "postpone"}}, "required": ["action"]}),
+        );
+        p.insert(
+            "then".into(),
+            json!({"oneOf": [
+                {"required": ["until"], "properties": {"until": {"type": "string"}, "delay_ms": {"type": "null"}}},
+                {"required": ["delay_ms"], "properties": {"delay_ms": {"type": "integer"}, "until": {"type": "null"}}}
+            ]}),
+        );
+    }
+    if let Some(Value::Object(p)) = doc.pointer_mut("/components/schemas/BulkFilter") {
+        p.insert("required".into(), json!(["status"]));
+    }
+    set(
+        doc,
+        "BulkBody",
+        "limit",
+        json!({"type": ["integer", "null"], "minimum": 1, "maximum": 500, "description": "Runs handled in this call (default 100)."}),
+    );
+    set(
+        doc,
+        "BulkBody",
+        "cursor",
+        json!({"type": ["string", "null"], "format": "uuid", "description": "`next_cursor` of the previous call."}),
+    );
+    set(
+        doc,
+        "BulkBody",
+        "delay_ms",
+        json!({"type": ["integer", "null"], "minimum": 0, "maximum": MAX_DELAY_MS,
+               "description": "postpone: not before now plus this many milliseconds."}),
+    );
+    set(
+        doc,
+        "BulkBody",
+        "until",
+        time_schema(true, "postpone: not before this instant (in the future):"),
+    );
+    set(
+        doc,
+        "BulkBody",
+        "updated_variables",
+        json!({"type": ["object", "null"], "description": "retry: merged into each run's variables."}),
+    );
+    set(
+        doc,
+        "BulkFilter",
+        "status",
+        json!({"type": "array", "minItems": 1, "items": {"type": "string", "enum": ["pending", "running", "needs_input", "postponed", "completed", "failed", "cancelled"]},
+               "description": "Any of these statuses (required)."}),
+    );
+    set(
+        doc,
+        "BulkFilter",
+        "created_after",
+        time_schema(true, "Created at or after:"),
+    );
+    set(
+        doc,
+        "BulkFilter",
+        "created_before",
+        time_schema(true, "Created before:"),
+    );
+    set(
+        doc,
         "DecisionRequest",
         "data",
         json!({"description": "Handed to the handler's wait: any JSON (default null)."}),

@@ -937,6 +937,32 @@ pub async fn jobs(State(state): State<AppState>, caller: Caller) -> ApiResult<Js
         .store()
         .count_runs(Some(caller.tenant.clone()))
         .await?;
+    let health = state
+        .docket
+        .queue_health(Some(&caller.tenant), crate::metrics::HEALTH_WINDOW)
+        .await?;
+    let now = state.now();
+    let queue = |job: &str| {
+        health
+            .iter()
+            .find(|h| h.job == job)
+            .map_or_else(QueueView::default, |h| QueueView {
+                due: h.due,
+                lag_seconds: h.lag_ms(now) as f64 / 1000.0,
+                running: h.running,
+                scheduled: h.scheduled,
+                completed_5m: h.completed_recently,
+                failed_5m: h.failed_recently,
+                throughput_per_minute: (h.completed_recently + h.failed_recently) as f64
+                    / (crate::metrics::HEALTH_WINDOW.as_secs_f64() / 60.0),
+            })
+    };
+    let pauses = state.docket.pauses(Some(&caller.tenant)).await?;
+    let paused = |job: &str| {
+        pauses
+            .iter()
+            .any(|p| p.job == job || p.job == docket::retention::ALL_JOBS)
+    };
     let jobs = state
         .docket
         .job_names()
@@ -947,6 +973,8 @@ pub async fn jobs(State(state): State<AppState>, caller: Caller) -> ApiResult<Js
                 runs.insert(c.status.to_string(), json!(c.count));
             }
             JobView {
+                paused: paused(&name),
+                queue: queue(&name),
                 name,
                 runs: Value::Object(runs),
             }
@@ -998,6 +1026,25 @@ pub async fn metrics(State(state): State<AppState>, caller: Caller) -> ApiResult
     if let Some(t) = state.docket.telemetry() {
         crate::metrics::render_traces(&mut body, t.spans_exported(), t.spans_dropped());
     }
+
+    let pauses = state.docket.pauses(Some(&caller.tenant)).await?;
+    crate::metrics::render_paused(
+        &mut body,
+        &caller.tenant,
+        &state.docket.job_names(),
+        &pauses,
+    );
+    let health = state
+        .docket
+        .queue_health(Some(&caller.tenant), crate::metrics::HEALTH_WINDOW)
+        .await?;
+    crate::metrics::render_queue(
+        &mut body,
+        &caller.tenant,
+        &state.docket.job_names(),
+        &health,
+        state.now(),
+    );
     if let Some(http) = &state.config.http {
         // One read of the stored states (never-changed ones are enabled);
         // no credential is read for a scrape.

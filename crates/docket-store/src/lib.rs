@@ -20,6 +20,9 @@ pub mod model;
 pub mod plan;
 #[cfg(feature = "postgres")]
 pub mod postgres;
+pub mod retention;
+#[cfg(feature = "conformance")]
+pub mod retention_conformance;
 pub mod schedules;
 pub mod sqlite;
 pub mod stats;
@@ -48,7 +51,7 @@ use std::sync::Arc;
 /// (`sqlite/migrations/`, `postgres/migrations/`; ARCHITECTURE.md,
 /// "Migrations"). A database with a higher version was written by a newer
 /// Docket and is refused, never modified.
-pub const SCHEMA_VERSION: i64 = 6;
+pub const SCHEMA_VERSION: i64 = 7;
 
 /// What can go wrong in a store.
 #[derive(Debug, thiserror::Error)]
@@ -401,6 +404,41 @@ pub trait Store:
     /// (actor and comment). A command the run's state does not allow is a
     /// [`StoreError::WrongState`] naming the state.
     async fn operator(&self, req: OperatorRequest) -> Result<Run>;
+
+    /// Prunes one bounded batch in ONE transaction (the plan comes from
+    /// [`RetentionConfig::plan`](retention::RetentionConfig::plan)): at most
+    /// `limit` final runs matching a class, each with all its attempts,
+    /// events and steps, and at most `limit` ledger rows last written at or
+    /// before `ledger_before` whose writing run is gone. A non-final run is
+    /// never touched (the status is checked again by the delete). Writes one
+    /// [`RUNS_PRUNED`](retention::RUNS_PRUNED) event per (tenant, job) and
+    /// one [`LEDGER_PRUNED`](retention::LEDGER_PRUNED) per tenant, with the
+    /// counts. With `lead`, the task's row must still carry the token and be
+    /// unexpired at `now`, or nothing is deleted (`fenced_out`).
+    async fn prune(&self, req: retention::PruneRequest) -> Result<retention::PruneReport>;
+
+    /// Pauses or resumes a job (or every job, `*`) of a tenant, with a
+    /// [`JOB_PAUSED`](retention::JOB_PAUSED) /
+    /// [`JOB_RESUMED`](retention::JOB_RESUMED) audit event, in one
+    /// transaction. Answers whether anything changed (pausing a paused job
+    /// changes nothing and writes no event). A paused job's runs are not
+    /// claimed and not reported by `next_due`; triggers still queue.
+    async fn set_pause(&self, change: retention::PauseChange) -> Result<bool>;
+
+    /// The pauses in force, of a tenant or all, by tenant and job.
+    async fn pauses(&self, tenant: Option<String>) -> Result<Vec<retention::Pause>>;
+
+    /// Deletes a final run with its attempts, events and steps, in one
+    /// transaction with a [`RUN_DELETED`](retention::RUN_DELETED) audit
+    /// event (which keeps the run's id, actor, comment and last state).
+    /// A run that is not final is a [`StoreError::WrongState`]; its
+    /// ledger rows stay (the ledger has its own retention).
+    async fn delete_run(&self, req: retention::DeleteRequest) -> Result<Run>;
+
+    /// Queue health per (tenant, job): due runs and the oldest due
+    /// `run_after` (the lag), running, scheduled for later, and runs
+    /// completed / failed since `since`. Jobs with none of these are absent.
+    async fn queue_health(&self, q: retention::HealthQuery) -> Result<Vec<retention::JobHealth>>;
 
     /// Asks to lead the periodic `task` as `holder` (unique per process)
     /// until `now + ttl_ms` (see [`lead`](crate::lead)). Answers the fencing token when

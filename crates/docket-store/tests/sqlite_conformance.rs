@@ -209,6 +209,10 @@ async fn a_version_2_database_gains_the_leaders_table() {
              ALTER TABLE runs DROP COLUMN tracestate;
              DROP TABLE workers;
              ALTER TABLE tokens DROP COLUMN scope;
+
+             DROP TABLE job_pauses;
+             DROP INDEX runs_finished;
+             DROP INDEX ledger_updated;
              UPDATE docket_meta SET value = '2' WHERE key = 'schema_version';",
         )
         .unwrap();

@@ -29,6 +29,7 @@
 #[doc = include_str!("../../../README.md")]
 pub struct ReadmeDoctests;
 
+pub mod bulk;
 mod ctx;
 mod error;
 mod forensics;
@@ -40,6 +41,8 @@ pub mod remote;
 pub mod schedule;
 
 pub mod telemetry;
+
+pub mod retention;
 mod worker;
 
 pub use ctx::{intent_key, Ctx, InputDecision, Reconciled, Stepped};

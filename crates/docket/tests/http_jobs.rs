@@ -1508,6 +1508,18 @@ fn the_example_docket_toml_loads() {
     assert!(http.job_names().contains(&"send-email".to_string()));
     assert!(http.job_names().contains(&"refund".to_string()));
     assert_eq!(http.connection_names(), ["crm", "payments"]);
+    // It sets retention: 7 days for completed runs, 30 for send-email's.
+    let keep = http.retention();
+    let day = 86_400_000;
+    assert_eq!(
+        keep.window("refund", docket::RunStatus::Completed),
+        Some(7 * day)
+    );
+    assert_eq!(
+        keep.window("send-email", docket::RunStatus::Completed),
+        Some(30 * day)
+    );
+    assert_eq!(keep.ledger_window(), 90 * day);
 }
 
 /// `{"a": [{"a": [… 0 …]}]}` nested `depth` levels.

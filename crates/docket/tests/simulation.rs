@@ -636,6 +636,45 @@ impl Store for SimStore {
         })
         .await
     }
+    async fn prune(
+        &self,
+        req: docket_store::retention::PruneRequest,
+    ) -> SResult<docket_store::retention::PruneReport> {
+        self.call(
+            "prune",
+            false,
+            None,
+            move |s| async move { s.prune(req).await },
+        )
+        .await
+    }
+    async fn set_pause(&self, change: docket_store::retention::PauseChange) -> SResult<bool> {
+        self.call("set_pause", false, None, move |s| async move {
+            s.set_pause(change).await
+        })
+        .await
+    }
+    async fn pauses(&self, tenant: Option<String>) -> SResult<Vec<docket_store::retention::Pause>> {
+        self.call("pauses", false, None, move |s| async move {
+            s.pauses(tenant).await
+        })
+        .await
+    }
+    async fn queue_health(
+        &self,
+        q: docket_store::retention::HealthQuery,
+    ) -> SResult<Vec<docket_store::retention::JobHealth>> {
+        self.call("queue_health", false, None, move |s| async move {
+            s.queue_health(q).await
+        })
+        .await
+    }
+    async fn delete_run(&self, req: docket_store::retention::DeleteRequest) -> SResult<Run> {
+        self.call("delete_run", false, None, move |s| async move {
+            s.delete_run(req).await
+        })
+        .await
+    }
 }
 
 // The simulation never uses tokens, connections or statistics; they pass

@@ -236,6 +236,30 @@ mod faulty {
         async fn operator(&self, req: OperatorRequest) -> Result<Run> {
             self.inner.operator(req).await
         }
+        async fn prune(
+            &self,
+            req: docket_store::retention::PruneRequest,
+        ) -> Result<docket_store::retention::PruneReport> {
+            self.inner.prune(req).await
+        }
+        async fn set_pause(&self, change: docket_store::retention::PauseChange) -> Result<bool> {
+            self.inner.set_pause(change).await
+        }
+        async fn pauses(
+            &self,
+            tenant: Option<String>,
+        ) -> Result<Vec<docket_store::retention::Pause>> {
+            self.inner.pauses(tenant).await
+        }
+        async fn queue_health(
+            &self,
+            q: docket_store::retention::HealthQuery,
+        ) -> Result<Vec<docket_store::retention::JobHealth>> {
+            self.inner.queue_health(q).await
+        }
+        async fn delete_run(&self, req: docket_store::retention::DeleteRequest) -> Result<Run> {
+            self.inner.delete_run(req).await
+        }
         async fn try_lead(
             &self,
             task: String,

@@ -598,6 +598,10 @@ async fn openapi_has_every_route() {
         ("post", "/api/schedules/{name}/resume"),
         ("post", "/api/schedules/{name}/trigger"),
         ("post", "/api/schedules/{name}/backfill"),
+        ("post", "/api/jobs/{job}/pause"),
+        ("post", "/api/jobs/{job}/resume"),
+        ("post", "/api/runs/{id}/delete"),
+        ("post", "/api/runs/bulk"),
     ];
     for (m, p) in expected {
         assert!(

@@ -10,6 +10,8 @@ mod hardening;
 mod limits;
 mod node;
 mod schedules;
+
+mod retention;
 mod schemathesis;
 mod tenants;
 mod worker_protocol;

@@ -63,6 +63,7 @@ async fn schemathesis_finds_no_5xx_and_no_schema_violation() {
     // `end` after `start`) and a backfill (`to` after `from`, at most 1,000
     // slots): their other checks (no 5xx, documented statuses, response
     // schemas) still hold.
+    // Bulk with action postpone takes the same `until`.
     let config = dir.join("schemathesis.toml");
     std::fs::write(
         &config,
@@ -78,6 +79,8 @@ async fn schemathesis_finds_no_5xx_and_no_schema_violation() {
          [[operations]]\ninclude-path = \"/api/schedules\"\ninclude-method = \"POST\"\n\
          checks.positive_data_acceptance.enabled = false\n\n\
          [[operations]]\ninclude-path = \"/api/schedules/{{name}}/backfill\"\n\
+         checks.positive_data_acceptance.enabled = false\n\n\
+         [[operations]]\ninclude-path = \"/api/runs/bulk\"\n\
          checks.positive_data_acceptance.enabled = false\n{}",
         // The worker protocol answers an operator token (the one given
         // here) 403 `forbidden` (documented), and a worker token a random

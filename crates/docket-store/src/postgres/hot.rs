@@ -183,6 +183,7 @@ picked AS (
     SELECT id, priority, run_after FROM runs
     WHERE status IN ({}) AND run_after <= $1 AND job = ANY($2)
         AND ($10::text IS NULL OR tenant = $10)
+      AND NOT EXISTS (SELECT 1 FROM job_pauses p WHERE p.tenant = runs.tenant AND p.job IN (runs.job, '*'))
     ORDER BY priority DESC, run_after, id
     LIMIT $3
     FOR UPDATE SKIP LOCKED

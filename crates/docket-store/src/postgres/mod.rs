@@ -50,6 +50,8 @@ mod durable;
 mod hot;
 mod ops;
 mod schedules;
+
+mod retention;
 mod stats;
 mod tokens;
 mod workers;
@@ -546,6 +548,7 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0004_schedules.sql"),
     include_str!("migrations/0005_trace_context.sql"),
     include_str!("migrations/0006_worker_scope.sql"),
+    include_str!("migrations/0007_retention.sql"),
 ];
 
 /// Creates or upgrades the schema by applying [`MIGRATIONS`]. Refuses (and
@@ -888,6 +891,32 @@ impl Store for PgStore {
     async fn operator(&self, req: crate::OperatorRequest) -> Result<Run> {
         crate::json::check_operator(&req)?;
         durable::operator(&self.pool, &req).await
+    }
+
+    async fn prune(
+        &self,
+        req: crate::retention::PruneRequest,
+    ) -> Result<crate::retention::PruneReport> {
+        retention::prune(&self.pool, &req).await
+    }
+
+    async fn set_pause(&self, change: crate::retention::PauseChange) -> Result<bool> {
+        retention::set_pause(&self.pool, &change).await
+    }
+
+    async fn pauses(&self, tenant: Option<String>) -> Result<Vec<crate::retention::Pause>> {
+        retention::pauses(&self.pool, tenant.as_deref()).await
+    }
+
+    async fn queue_health(
+        &self,
+        q: crate::retention::HealthQuery,
+    ) -> Result<Vec<crate::retention::JobHealth>> {
+        retention::queue_health(&self.pool, &q).await
+    }
+
+    async fn delete_run(&self, req: crate::retention::DeleteRequest) -> Result<Run> {
+        retention::delete_run(&self.pool, &req).await
     }
 }
 

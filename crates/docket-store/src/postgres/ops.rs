@@ -381,8 +381,9 @@ pub(super) async fn next_due<'e>(
         return Ok(None);
     }
     let v: Option<i64> = sqlx::query_scalar(&format!(
-        "SELECT MIN(run_after) FROM runs WHERE status IN ({}) AND job = ANY($1)",
-        crate::plan::claim::CLAIMABLE_SQL
+        "SELECT MIN(run_after) FROM runs WHERE status IN ({}) AND job = ANY($1) AND {}",
+        crate::plan::claim::CLAIMABLE_SQL,
+        crate::retention::NOT_PAUSED
     ))
     .bind(jobs)
     .fetch_one(ex)

@@ -21,9 +21,11 @@ pub(super) fn claim(c: &Connection, req: &ClaimRequest) -> Result<Vec<Run>> {
         "SELECT id FROM runs INDEXED BY runs_claim
          WHERE status IN ({}) AND run_after <= ?1
            AND (?3 IS NULL OR tenant = ?3) AND job IN ({})
+           AND {}
          ORDER BY priority DESC, run_after, id LIMIT ?2",
         plan::claim::CLAIMABLE_SQL,
-        placeholders(4, req.jobs.len())
+        placeholders(4, req.jobs.len()),
+        crate::retention::NOT_PAUSED
     );
     let mut args: Vec<SqlValue> = vec![
         req.now.0.into(),

@@ -25,6 +25,8 @@ mod durable;
 mod hot;
 mod ops;
 mod schedules;
+
+mod retention;
 mod stats;
 mod tokens;
 mod workers;
@@ -408,6 +410,7 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0004_schedules.sql"),
     include_str!("migrations/0005_trace_context.sql"),
     include_str!("migrations/0006_worker_scope.sql"),
+    include_str!("migrations/0007_retention.sql"),
 ];
 
 /// Brings the database to [`SCHEMA_VERSION`](crate::SCHEMA_VERSION) by applying [`MIGRATIONS`].
@@ -702,6 +705,33 @@ impl Store for SqliteStore {
     async fn operator(&self, req: OperatorRequest) -> Result<Run> {
         crate::json::check_operator(&req)?;
         self.call(move |c| durable::operator(c, &req)).await
+    }
+
+    async fn prune(
+        &self,
+        req: crate::retention::PruneRequest,
+    ) -> Result<crate::retention::PruneReport> {
+        self.call(move |c| retention::prune(c, &req)).await
+    }
+
+    async fn set_pause(&self, change: crate::retention::PauseChange) -> Result<bool> {
+        self.call(move |c| retention::set_pause(c, &change)).await
+    }
+
+    async fn pauses(&self, tenant: Option<String>) -> Result<Vec<crate::retention::Pause>> {
+        self.read(move |c| retention::pauses(c, tenant.as_deref()))
+            .await
+    }
+
+    async fn queue_health(
+        &self,
+        q: crate::retention::HealthQuery,
+    ) -> Result<Vec<crate::retention::JobHealth>> {
+        self.read(move |c| retention::queue_health(c, &q)).await
+    }
+
+    async fn delete_run(&self, req: crate::retention::DeleteRequest) -> Result<Run> {
+        self.call(move |c| retention::delete_run(c, &req)).await
     }
 
     /// For a file database: a wake-up (`""`, every job) within about

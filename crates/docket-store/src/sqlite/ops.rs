@@ -301,9 +301,10 @@ pub(super) fn next_due(c: &Connection, jobs: &[String]) -> Result<Option<Timesta
         return Ok(None);
     }
     let sql = format!(
-        "SELECT MIN(run_after) FROM runs WHERE status IN ({}) AND job IN ({})",
+        "SELECT MIN(run_after) FROM runs WHERE status IN ({}) AND job IN ({}) AND {}",
         plan::claim::CLAIMABLE_SQL,
-        placeholders(1, jobs.len())
+        placeholders(1, jobs.len()),
+        crate::retention::NOT_PAUSED
     );
     let mut st = c.prepare_cached(&sql).map_err(db_err)?;
     let v: Option<i64> = st

@@ -66,6 +66,51 @@ struct FileConfig {
     connections: BTreeMap<String, toml::Value>,
     #[serde(default)]
     jobs: BTreeMap<String, toml::Value>,
+    /// `[retention]`: how long final runs and the ledger are kept.
+    retention: Option<toml::Value>,
+}
+
+/// A `retention` table: durations such as `"7d"` (see
+/// [`parse_duration`](crate::retention::parse_duration)).
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawRetention {
+    completed: Option<String>,
+    failed: Option<String>,
+    cancelled: Option<String>,
+    ledger: Option<String>,
+}
+
+/// Parses one retention table at `place`; `ledger` only where allowed.
+fn retention(
+    place: &str,
+    r: RawRetention,
+    ledger_allowed: bool,
+    p: &mut Problems,
+) -> (crate::retention::Retention, Option<i64>) {
+    let mut one = |key: &str, v: &Option<String>| -> Option<i64> {
+        let v = v.as_ref()?;
+        match crate::retention::parse_duration(v) {
+            Ok(ms) => Some(ms),
+            Err(e) => {
+                p.add(format!("{place}.{key}"), e);
+                None
+            }
+        }
+    };
+    let out = crate::retention::Retention {
+        completed_ms: one("completed", &r.completed),
+        failed_ms: one("failed", &r.failed),
+        cancelled_ms: one("cancelled", &r.cancelled),
+    };
+    let ledger = one("ledger", &r.ledger);
+    if ledger.is_some() && !ledger_allowed {
+        p.add(
+            format!("{place}.ledger"),
+            "the ledger has one window for every job: set it in the top-level [retention] table",
+        );
+    }
+    (out, ledger)
 }
 
 /// One section's entry, or its shape problem recorded at its place.
@@ -125,6 +170,7 @@ struct RawJob {
     /// Served by remote workers over the worker protocol: only the policy
     /// keys apply (docs/WORKER_PROTOCOL.md, "Declaring remote jobs").
     remote: Option<bool>,
+    retention: Option<RawRetention>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -223,6 +269,7 @@ pub(crate) struct Compiled {
     pub(crate) connections: BTreeMap<String, ConnectionDef>,
     pub(crate) jobs: BTreeMap<String, JobSpec>,
     pub(crate) remote: BTreeMap<String, RemoteSpec>,
+    pub(crate) retention: crate::retention::RetentionConfig,
 }
 
 const RETRY_KEYS: &[&str] = &[
@@ -270,12 +317,24 @@ pub(crate) fn compile(
             connections.insert(name, def);
         }
     }
+    let mut keep = crate::retention::RetentionConfig::default();
+    if let Some(v) = raw.retention {
+        if let Some(r) = entry::<RawRetention>("retention".into(), v, &mut p) {
+            let (default, ledger) = retention("retention", r, true, &mut p);
+            keep.default = default;
+            keep.ledger_ms = ledger;
+        }
+    }
     let mut jobs = BTreeMap::new();
     let mut remote = BTreeMap::new();
     for (name, v) in raw.jobs {
-        let Some(j) = entry::<RawJob>(format!("jobs.{name}"), v, &mut p) else {
+        let Some(mut j) = entry::<RawJob>(format!("jobs.{name}"), v, &mut p) else {
             continue;
         };
+        if let Some(r) = j.retention.take() {
+            let (own, _) = retention(&format!("jobs.{name}.retention"), r, false, &mut p);
+            keep.jobs.insert(name.clone(), own);
+        }
         if j.remote == Some(true) {
             if let Some(spec) = remote_job(&name, j, base_dir, &mut p) {
                 remote.insert(name, spec);
@@ -286,6 +345,11 @@ pub(crate) fn compile(
             jobs.insert(name, spec);
         }
     }
+    if p.0.is_empty() {
+        if let Err(e) = keep.validate() {
+            p.add("retention", e);
+        }
+    }
     if !p.0.is_empty() {
         return Err(fail(p.0));
     }
@@ -294,6 +358,7 @@ pub(crate) fn compile(
         connections,
         jobs,
         remote,
+        retention: keep,
     })
 }
 
@@ -1039,6 +1104,78 @@ mod tests {
             "{ps:?}"
         );
         assert!(!ps.iter().any(|(p, _)| p == "jobs.y.connection"), "{ps:?}");
+    }
+
+    #[test]
+    fn retention_tables_are_parsed_strictly() {
+        let c = compile(
+            r#"
+            [retention]
+            completed = "7d"
+            failed = "30d"
+            cancelled = "30d"
+            ledger = "90d"
+            [jobs.a]
+            url = "http://x/a"
+            retention = { completed = "1h" }
+            [jobs.b]
+            url = "http://x/b"
+            "#,
+            "docket.toml",
+            Path::new("."),
+        )
+        .unwrap();
+        let day = 86_400_000;
+        assert_eq!(c.retention.default.completed_ms, Some(7 * day));
+        assert_eq!(c.retention.default.failed_ms, Some(30 * day));
+        assert_eq!(c.retention.ledger_ms, Some(90 * day));
+        assert_eq!(
+            c.retention.window("a", docket_core::RunStatus::Completed),
+            Some(3_600_000)
+        );
+        assert_eq!(
+            c.retention.window("a", docket_core::RunStatus::Failed),
+            Some(30 * day)
+        );
+        assert_eq!(
+            c.retention.window("b", docket_core::RunStatus::Completed),
+            Some(7 * day)
+        );
+        let ps = problems(
+            r#"
+            [retention]
+            completed = "0d"
+            failed = "-1d"
+            cancelled = "30"
+            [jobs.a]
+            url = "http://x/a"
+            retention = { completed = "1.5h", ledger = "1d" }
+            "#,
+        );
+        let places: Vec<&str> = ps.iter().map(|(p, _)| p.as_str()).collect();
+        assert_eq!(
+            places,
+            vec![
+                "retention.completed",
+                "retention.failed",
+                "retention.cancelled",
+                "jobs.a.retention.completed",
+                "jobs.a.retention.ledger",
+            ],
+            "{ps:?}"
+        );
+        assert!(
+            ps[0].1.contains("zero") && ps[1].1.contains("negative"),
+            "{ps:?}"
+        );
+        let ps = problems("[retention]\ncompleted = \"7d\"\nkeep = \"1d\"\n");
+        assert!(ps[0].0 == "retention" && ps[0].1.contains("keep"), "{ps:?}");
+        // The ledger must outlive every run window.
+        let ps = problems("[retention]\nfailed = \"30d\"\nledger = \"7d\"\n");
+        assert!(
+            ps[0].0 == "retention" && ps[0].1.contains("shorter"),
+            "{ps:?}"
+        );
     }
 
     #[test]

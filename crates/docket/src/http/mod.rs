@@ -160,6 +160,12 @@ impl HttpJobs {
         })
     }
 
+    /// The `[retention]` table and the jobs' `retention` tables (empty:
+    /// nothing is pruned). Already validated.
+    pub fn retention(&self) -> crate::retention::RetentionConfig {
+        self.shared.compiled.retention.clone()
+    }
+
     /// The configured job names, sorted.
     pub fn job_names(&self) -> Vec<String> {
         self.shared.compiled.jobs.keys().cloned().collect()
