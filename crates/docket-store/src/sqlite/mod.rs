@@ -140,9 +140,20 @@ fn db_err(e: rusqlite::Error) -> StoreError {
 impl SqliteStore {
     /// Opens (creating if needed) the database file at `path` and migrates it.
     pub fn open(path: &str) -> Result<Self> {
+        Self::open_with_wal_limit(path, WAL_TRUNCATE_BYTES)
+    }
+
+    /// [`SqliteStore::open`] with the WAL truncated once it outgrows
+    /// `wal_limit_bytes` instead of [`WAL_TRUNCATE_BYTES`] (tests use a
+    /// small limit).
+    pub fn open_with_wal_limit(path: &str, wal_limit_bytes: i64) -> Result<Self> {
         let conn = Connection::open(path).map_err(db_err)?;
         let mut store = Self::start(conn, true)?;
-        start_checkpointer(path, std::sync::Arc::downgrade(&store.alive))?;
+        start_checkpointer(
+            path,
+            std::sync::Arc::downgrade(&store.alive),
+            wal_limit_bytes,
+        )?;
         store.path = Some(path.to_string());
         Ok(store)
     }
@@ -293,11 +304,31 @@ fn start_readers(path: &str) -> Result<mpsc::Sender<ReadJob>> {
     Ok(tx)
 }
 
+/// The WAL size past which the checkpoint thread truncates it (64 MiB).
+pub const WAL_TRUNCATE_BYTES: i64 = 64 << 20;
+
+/// Which checkpoint to run after a PASSIVE one left `wal_frames` frames of
+/// `page_size` bytes in the WAL: a PASSIVE checkpoint never blocks the
+/// writer, but under continuous writes it never catches up with the end of
+/// the WAL, so SQLite never restarts it and the file grows without bound
+/// (10.7 GB after a million runs). Past [`WAL_TRUNCATE_BYTES`] a TRUNCATE
+/// checkpoint finishes the copy, holding new writers for as long as that
+/// takes (the PASSIVE ones have copied nearly everything already), and
+/// empties the file.
+fn needs_truncate(wal_frames: i64, page_size: i64, limit: i64) -> bool {
+    wal_frames.saturating_mul(page_size) >= limit
+}
+
 /// Copies the WAL back into the database file every 200 ms with a PASSIVE
-/// checkpoint, which never blocks the writer. Stops when the store is dropped.
-fn start_checkpointer(path: &str, alive: std::sync::Weak<()>) -> Result<()> {
+/// checkpoint, which never blocks the writer, and truncates it once it
+/// outgrows `limit` bytes (see [`needs_truncate`]). Stops when the store is
+/// dropped.
+fn start_checkpointer(path: &str, alive: std::sync::Weak<()>, limit: i64) -> Result<()> {
     let conn = Connection::open(path).map_err(db_err)?;
     conn.busy_timeout(std::time::Duration::from_millis(100))
+        .map_err(db_err)?;
+    let page_size: i64 = conn
+        .query_row("PRAGMA page_size", [], |r| r.get(0))
         .map_err(db_err)?;
     std::thread::Builder::new()
         .name("docket-sqlite-checkpoint".into())
@@ -306,8 +337,20 @@ fn start_checkpointer(path: &str, alive: std::sync::Weak<()>) -> Result<()> {
             if alive.upgrade().is_none() {
                 return;
             }
-            if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-                tracing::debug!(error = %e, "checkpoint skipped");
+            let frames =
+                conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(1));
+            match frames {
+                Ok(n) if needs_truncate(n, page_size, limit) => {
+                    // Busy (a writer or reader held on past the timeout):
+                    // tried again next round.
+                    if let Err(e) =
+                        conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+                    {
+                        tracing::debug!(error = %e, "WAL truncation skipped");
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => tracing::debug!(error = %e, "checkpoint skipped"),
             }
         })
         .map_err(|e| StoreError::Database(format!("cannot start checkpoint thread: {e}")))?;
@@ -900,5 +943,21 @@ mod watch_tests {
         }
         assert_eq!(seen, [2, 4, 8, 8, 8, 8]);
         assert_eq!(next_watch_wait(WATCH_MAX, true), WATCH_MIN);
+    }
+}
+
+#[cfg(test)]
+mod wal_tests {
+    use super::*;
+
+    #[test]
+    fn the_wal_is_truncated_once_it_outgrows_the_limit() {
+        assert!(!needs_truncate(0, 4096, WAL_TRUNCATE_BYTES));
+        assert!(!needs_truncate(16_383, 4096, WAL_TRUNCATE_BYTES));
+        assert!(needs_truncate(16_384, 4096, WAL_TRUNCATE_BYTES));
+        assert!(
+            needs_truncate(i64::MAX, 4096, WAL_TRUNCATE_BYTES),
+            "no overflow"
+        );
     }
 }
