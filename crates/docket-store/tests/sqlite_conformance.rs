@@ -345,7 +345,7 @@ async fn the_wal_is_truncated_once_it_outgrows_its_limit() {
         .await
         .unwrap()
         .iter()
-        .map(|c| c.count as i64)
+        .map(|c| c.count)
         .sum();
     assert_eq!(n, 400);
 }
