@@ -118,6 +118,7 @@ fn time(field: &str, s: &Option<String>) -> ApiResult<Option<Timestamp>> {
 /// reported in its result, not as a failure of the call.
 #[utoipa::path(
     post, path = "/api/runs/bulk", tag = "operator",
+    operation_id = "bulk_runs",
     request_body = BulkBody,
     responses(
         (status = 200, description = "One page of per-run results, or the dry run's count", body = BulkResponse),

@@ -72,6 +72,7 @@ async fn set(
 /// process claims them until it is resumed. Audited (`job_paused`).
 #[utoipa::path(
     post, path = "/api/jobs/{job}/pause", tag = "jobs",
+    operation_id = "pause_job",
     params(("job" = String, Path, description = "A registered job, or `*` for every job of the tenant")),
     request_body(content = Option<CommentRequest>, description = "Optional"),
     responses(
@@ -93,6 +94,7 @@ pub async fn pause(
 /// claimed at once. Audited (`job_resumed`).
 #[utoipa::path(
     post, path = "/api/jobs/{job}/resume", tag = "jobs",
+    operation_id = "resume_job",
     params(("job" = String, Path, description = "A registered job, or `*`")),
     request_body(content = Option<CommentRequest>, description = "Optional"),
     responses(
@@ -116,6 +118,7 @@ pub async fn resume(
 /// (`docket runs export`) to keep its history.
 #[utoipa::path(
     post, path = "/api/runs/{id}/delete", tag = "operator",
+    operation_id = "delete_run",
     params(("id" = String, Path, description = "The run's id")),
     request_body(content = Option<CommentRequest>, description = "Optional"),
     responses(

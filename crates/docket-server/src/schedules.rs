@@ -307,6 +307,7 @@ async fn detail(state: &AppState, caller: &Caller, name: &str) -> ApiResult<Sche
 /// The caller's schedules with their next fire times.
 #[utoipa::path(
     get, path = "/api/schedules", tag = "schedules",
+    operation_id = "list_schedules",
     responses((status = 200, description = "The schedules", body = ScheduleList)),
     security(("bearer" = []))
 )]
@@ -326,6 +327,7 @@ pub async fn list(State(state): State<AppState>, caller: Caller) -> ApiResult<Js
 /// 201 when created, 200 when updated or unchanged.
 #[utoipa::path(
     post, path = "/api/schedules", tag = "schedules",
+    operation_id = "put_schedule",
     request_body = ScheduleRequest,
     responses(
         (status = 201, description = "Created", body = ScheduleDetail),
@@ -361,6 +363,7 @@ pub async fn put(
 /// skipped with the reason; changes with who and why), newest first.
 #[utoipa::path(
     get, path = "/api/schedules/{name}", tag = "schedules",
+    operation_id = "show_schedule",
     params(("name" = String, Path, description = "The schedule's name")),
     responses(
         (status = 200, description = "The schedule", body = ScheduleDetail),
@@ -380,6 +383,7 @@ pub async fn show(
 /// dropped; its history stays in the store.
 #[utoipa::path(
     delete, path = "/api/schedules/{name}", tag = "schedules",
+    operation_id = "delete_schedule",
     params(("name" = String, Path, description = "The schedule's name")),
     request_body(content = Option<CommentRequest>, description = "Optional; stored in the history"),
     responses(
@@ -420,6 +424,7 @@ async fn set_paused(
 /// Pauses a schedule: no slot fires until it is resumed.
 #[utoipa::path(
     post, path = "/api/schedules/{name}/pause", tag = "schedules",
+    operation_id = "pause_schedule",
     params(("name" = String, Path, description = "The schedule's name")),
     request_body(content = Option<CommentRequest>, description = "Optional; stored in the history"),
     responses(
@@ -441,6 +446,7 @@ pub async fn pause(
 /// not caught up (backfill them if wanted).
 #[utoipa::path(
     post, path = "/api/schedules/{name}/resume", tag = "schedules",
+    operation_id = "resume_schedule",
     params(("name" = String, Path, description = "The schedule's name")),
     request_body(content = Option<CommentRequest>, description = "Optional; stored in the history"),
     responses(
@@ -462,6 +468,7 @@ pub async fn resume(
 /// `triggered` slot.
 #[utoipa::path(
     post, path = "/api/schedules/{name}/trigger", tag = "schedules",
+    operation_id = "trigger_schedule",
     params(("name" = String, Path, description = "The schedule's name")),
     request_body(content = Option<CommentRequest>, description = "Optional; stored in the history"),
     responses(
@@ -490,6 +497,7 @@ pub async fn trigger(
 /// exists returns it (`existing`).
 #[utoipa::path(
     post, path = "/api/schedules/{name}/backfill", tag = "schedules",
+    operation_id = "backfill_schedule",
     params(("name" = String, Path, description = "The schedule's name")),
     request_body = BackfillRequest,
     responses(

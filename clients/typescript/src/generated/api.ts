@@ -212,6 +212,47 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/api/jobs/{job}/pause": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * Pauses a job for the caller's tenant (`*`: every job of the tenant): its
+         *     runs stay queued — triggers still create them — but no worker of any
+         *     process claims them until it is resumed. Audited (`job_paused`).
+         */
+        post: operations["pause_job"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/api/jobs/{job}/resume": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * Resumes a paused job (or `*`) of the caller's tenant; its due runs are
+         *     claimed at once. Audited (`job_resumed`).
+         */
+        post: operations["resume_job"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/api/openapi.json": {
         parameters: {
             query?: never;
@@ -305,6 +346,28 @@ export interface paths {
          *     running run stops at its next step boundary (`cancel_requested`).
          */
         post: operations["cancel"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/api/runs/{id}/delete": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * Deletes a final run (completed, failed, cancelled) with its attempts,
+         *     events and steps. Audited: a `run_deleted` event keeps its id, who
+         *     deleted it, the comment and its last state. Export it first
+         *     (`docket runs export`) to keep its history.
+         */
+        post: operations["delete_run"];
         delete?: never;
         options?: never;
         head?: never;
@@ -462,6 +525,155 @@ export interface paths {
          *     existed (idempotency keys).
          */
         post: operations["trigger_batch"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/api/runs/bulk": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * Acts on many runs: by `ids` or by `filter` (its `status` is required),
+         *     at most `limit` runs per call; continue with `cursor` = `next_cursor`
+         *     until it is null. `dry_run` counts the matching runs first. Each run's
+         *     action is its own transaction with its own audit event (actor, comment)
+         *     exactly as if done alone; a run in the wrong state (or not found) is
+         *     reported in its result, not as a failure of the call.
+         */
+        post: operations["bulk_runs"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/api/schedules": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** The caller's schedules with their next fire times. */
+        get: operations["list_schedules"];
+        put?: never;
+        /**
+         * Creates a schedule, or replaces the definition of the one with that
+         *     name (its position is kept: no slot fires twice).
+         * @description 201 when created, 200 when updated or unchanged.
+         */
+        post: operations["put_schedule"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/api/schedules/{name}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * A schedule: its next 5 fire times (in its zone and in UTC), the last
+         *     slot's run and status, and its history (slots fired, caught up,
+         *     skipped with the reason; changes with who and why), newest first.
+         */
+        get: operations["show_schedule"];
+        put?: never;
+        post?: never;
+        /**
+         * Deletes a schedule. Its runs stay as they are; a buffered slot is
+         *     dropped; its history stays in the store.
+         */
+        delete: operations["delete_schedule"];
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/api/schedules/{name}/backfill": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * Fires every slot of the schedule between `from` and `to` (inclusive, at
+         *     most 1,000), through the same path as the scheduler: a slot whose run
+         *     exists returns it (`existing`).
+         */
+        post: operations["backfill_schedule"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/api/schedules/{name}/pause": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /** Pauses a schedule: no slot fires until it is resumed. */
+        post: operations["pause_schedule"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/api/schedules/{name}/resume": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * Resumes a schedule from now: slots that fell while it was paused are
+         *     not caught up (backfill them if wanted).
+         */
+        post: operations["resume_schedule"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/api/schedules/{name}/trigger": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * Fires the schedule now: a run keyed `schedule:NAME:<now>`, recorded as a
+         *     `triggered` slot.
+         */
+        post: operations["trigger_schedule"];
         delete?: never;
         options?: never;
         head?: never;
@@ -874,6 +1086,20 @@ export interface components {
             /** @description The worker that ran it. */
             worker: string;
         };
+        /** @description A range of slots to fire. */
+        BackfillRequest: {
+            /** @description Stored in the schedule's history. */
+            comment?: string | null;
+            /** @description From (inclusive): RFC 3339 (e.g. 2026-01-31T12:00:00Z, any offset), from 1970-01-01T00:00:00.000Z to 9999-12-31T23:59:59.999Z. */
+            from: string;
+            /** @description To (inclusive): RFC 3339 (e.g. 2026-01-31T12:00:00Z, any offset), from 1970-01-01T00:00:00.000Z to 9999-12-31T23:59:59.999Z. */
+            to: string;
+        };
+        /** @description The runs a backfill fired (or found), in slot order. */
+        BackfillResponse: {
+            /** @description One per slot. */
+            runs: components["schemas"]["TriggerResponse"][];
+        };
         /** @description Runs to trigger together (all or none). */
         BatchRequest: {
             /** @description 1 to 1,000 runs. */
@@ -933,6 +1159,78 @@ export interface components {
              * @description The window, in milliseconds.
              */
             window_ms: number;
+        };
+        /** @description A bulk action: `ids` or `filter`, one of them. */
+        BulkBody: {
+            /**
+             * @description `retry`, `cancel`, `retrigger`, `postpone` or `delete`.
+             * @enum {string}
+             */
+            action: "retry" | "cancel" | "retrigger" | "postpone" | "delete";
+            /** @description Stored on each run's audit event. */
+            comment?: string | null;
+            /**
+             * Format: uuid
+             * @description `next_cursor` of the previous call.
+             */
+            cursor?: string | null;
+            /** @description postpone: not before now plus this many milliseconds. */
+            delay_ms?: number | null;
+            /** @description Only count the matching runs; change nothing. */
+            dry_run?: boolean;
+            /** @description Or every run of the tenant matching this filter. */
+            filter?: components["schemas"]["BulkFilter"];
+            /** @description These runs. */
+            ids?: string[];
+            /** @description Runs handled in this call (default 100). */
+            limit?: number | null;
+            /** @description postpone: not before this instant (in the future): RFC 3339 (e.g. 2026-01-31T12:00:00Z, any offset), from 1970-01-01T00:00:00.000Z to 9999-12-31T23:59:59.999Z. */
+            until?: string | null;
+            /** @description retry: merged into each run's variables. */
+            updated_variables?: Record<string, unknown> | null;
+        } & (unknown | unknown);
+        /** @description Which runs, by filter (all of the tenant's runs that match). */
+        BulkFilter: {
+            /** @description Created at or after: RFC 3339 (e.g. 2026-01-31T12:00:00Z, any offset), from 1970-01-01T00:00:00.000Z to 9999-12-31T23:59:59.999Z. */
+            created_after?: string | null;
+            /** @description Created before: RFC 3339 (e.g. 2026-01-31T12:00:00Z, any offset), from 1970-01-01T00:00:00.000Z to 9999-12-31T23:59:59.999Z. */
+            created_before?: string | null;
+            /** @description Only this job. */
+            job?: string | null;
+            /** @description Any of these statuses (required). */
+            status: ("pending" | "running" | "needs_input" | "postponed" | "completed" | "failed" | "cancelled")[];
+        };
+        /** @description What happened to one run. */
+        BulkItemView: {
+            /** @description Why not: `wrong_state`, `not_found`, `invalid_input`, `store_error`. */
+            error?: string | null;
+            /** @description The refusal's sentence. */
+            message?: string | null;
+            /** @description `retrigger`: the new run. */
+            new_run_id?: string | null;
+            /** @description Whether the action was applied. */
+            ok: boolean;
+            /** @description The run. */
+            run_id: string;
+            /** @description Its status after the action (delete: before it; a refusal: now). */
+            status?: string | null;
+        };
+        /** @description One call's answer. */
+        BulkResponse: {
+            /** @description The action. */
+            action: string;
+            /** @description Whether nothing was changed. */
+            dry_run: boolean;
+            /** @description Refused in this call. */
+            failed: number;
+            /** @description Dry run: how many runs match (up to 1,000,000). */
+            matched?: number | null;
+            /** @description Pass it as `cursor` to continue; null when done. */
+            next_cursor?: string | null;
+            /** @description Per run, in the order handled. */
+            results: components["schemas"]["BulkItemView"][];
+            /** @description Applied in this call. */
+            succeeded: number;
         };
         /** @description A run handed to a worker. */
         ClaimedRunView: {
@@ -1098,6 +1396,11 @@ export interface components {
             /** @description Handed to the handler's wait: any JSON (default null). */
             data?: unknown;
         };
+        /** @description The answer to a delete. */
+        Deleted: {
+            /** @description The schedule's name. */
+            deleted: string;
+        };
         /** @description An empty answer. */
         Empty: Record<string, unknown>;
         /** @description `POST /api/worker/v1/runs/{id}/end`. */
@@ -1206,6 +1509,15 @@ export interface components {
              */
             retry_after_ms?: number | null;
         };
+        /** @description A coming slot. */
+        FireTimeView: {
+            /** @description When it fires: the slot plus its deterministic jitter (UTC). */
+            fires_at: string;
+            /** @description The slot in the schedule's zone, with its offset and zone name. */
+            local: string;
+            /** @description The slot, RFC 3339 UTC (the run's key names it). */
+            slot: string;
+        };
         /** @description One attempt as the forensic view sees it. */
         ForensicAttempt: {
             /** @description The step or action that failed (`None`: outside any step). */
@@ -1298,6 +1610,32 @@ export interface components {
             /** @description One per lease asked. */
             leases: components["schemas"]["LeaseStateView"][];
         };
+        /** @description One row of a schedule's history: a handled slot or a change. */
+        HistoryView: {
+            /** @description Who. */
+            actor?: string | null;
+            /** @description When it was handled (a fired slot: when it fired). */
+            at: string;
+            /** @description Their comment. */
+            comment?: string | null;
+            /** @description More about the row: any JSON object. */
+            data: unknown;
+            /**
+             * @description `fired`, `caught_up`, `backfilled`, `triggered`, `unbuffered`,
+             *     `skipped`, `buffered`; or `created`, `updated`, `paused`, `resumed`,
+             *     `deleted`.
+             */
+            kind: string;
+            /**
+             * @description Why (skipped slots: `previous_run_unfinished`, `buffer_full`,
+             *     `catch_up_none`, `superseded`, `outside_catch_up_window`).
+             */
+            reason?: string | null;
+            /** @description The slot's run. */
+            run_id?: string | null;
+            /** @description The slot (slot rows). */
+            slot?: string | null;
+        };
         /** @description The forensic verdicts across a job's runs. */
         JobForensics: {
             /** @description Verdicts by kind (`delayed_retry`, `retry_without_backoff`, …). */
@@ -1331,6 +1669,13 @@ export interface components {
         JobView: {
             /** @description Its name. */
             name: string;
+            /**
+             * @description Paused for this tenant (by itself or by `*`): its runs are not
+             *     claimed (`POST /api/jobs/{job}/resume`).
+             */
+            paused: boolean;
+            /** @description Its queue now (read from the store). */
+            queue: components["schemas"]["QueueView"];
             /** @description Runs of this tenant by status (only statuses with runs). */
             runs: Record<string, unknown>;
         };
@@ -1383,6 +1728,17 @@ export interface components {
             /** @description The line. */
             message: string;
         };
+        /** @description A job's pause state after a pause or resume. */
+        PauseView: {
+            /** @description Whether this call changed it (false: it already was). */
+            changed: boolean;
+            /** @description The job, or `*` for every job of the tenant. */
+            job: string;
+            /** @description Whether it is paused now. */
+            paused: boolean;
+            /** @description The caller's tenant. */
+            tenant: string;
+        };
         /** @description An operator postponement: `until` or `delay_ms`, one of them. */
         PostponeRequest: {
             /** @description Stored on the audit event. */
@@ -1411,6 +1767,44 @@ export interface components {
              * @description Out of.
              */
             total: number;
+        };
+        /** @description A job's queue health for the tenant. */
+        QueueView: {
+            /**
+             * Format: int64
+             * @description Runs completed in the last 5 minutes.
+             */
+            completed_5m: number;
+            /**
+             * Format: int64
+             * @description Runs due now (pending or postponed, `run_after` passed).
+             */
+            due: number;
+            /**
+             * Format: int64
+             * @description Runs failed in the last 5 minutes.
+             */
+            failed_5m: number;
+            /**
+             * Format: double
+             * @description Seconds the oldest due run has waited (0 when none is due).
+             */
+            lag_seconds: number;
+            /**
+             * Format: int64
+             * @description Runs running now.
+             */
+            running: number;
+            /**
+             * Format: int64
+             * @description Runs waiting for a later time (retries, postponements, deferrals).
+             */
+            scheduled: number;
+            /**
+             * Format: double
+             * @description (completed + failed) in the last 5 minutes, per minute.
+             */
+            throughput_per_minute: number;
         };
         /** @description An operator retry. */
         RetryRequest: {
@@ -1523,12 +1917,129 @@ export interface components {
             tenant: string;
             /** @description Why it failed, when failed. */
             terminal_reason?: string | null;
+            /**
+             * @description The W3C trace id of the trace the run belongs to (32 hex digits),
+             *     when it was triggered with a `traceparent` or with traces on.
+             */
+            trace_id?: string | null;
             /** @description When it last changed. */
             updated_at: string;
             /** @description Variables (merged by operator retries). */
             variables: Record<string, unknown>;
             /** @description The worker holding the lease. */
             worker?: string | null;
+        };
+        /** @description A schedule with its history. */
+        ScheduleDetail: {
+            /** @description Newest first: handled slots (with their runs and reasons) and changes. */
+            history: components["schemas"]["HistoryView"][];
+            /** @description The schedule. */
+            schedule: components["schemas"]["ScheduleDto"];
+        };
+        /** @description A schedule. */
+        ScheduleDto: {
+            /** @description A slot waiting for the previous run (`buffer_one`). */
+            buffered_slot?: string | null;
+            /** @description `last`, `all`, `none`. */
+            catch_up: string;
+            /**
+             * Format: int64
+             * @description Missed slots older than this are skipped.
+             */
+            catch_up_window_ms: number;
+            /** @description Their comment. */
+            comment?: string | null;
+            /** @description The cron expression, or null with `every_ms`. */
+            cron?: string | null;
+            /** @description Every slot at or before this instant has been handled. */
+            cursor: string;
+            /** @description False while paused. */
+            enabled: boolean;
+            /** @description No slot after (RFC 3339). */
+            end?: string | null;
+            /**
+             * Format: int64
+             * @description The interval in milliseconds, or null with `cron`.
+             */
+            every_ms?: number | null;
+            /** @description The input template: any JSON. */
+            input: unknown;
+            /**
+             * Format: int64
+             * @description The jitter window.
+             */
+            jitter_ms: number;
+            /** @description The job each slot runs. */
+            job: string;
+            /** @description When it fired. */
+            last_fired_at?: string | null;
+            /** @description Its run. */
+            last_run_id?: string | null;
+            /** @description Its run's status. */
+            last_run_status?: string | null;
+            /** @description The newest slot that made a run. */
+            last_slot?: string | null;
+            /** @description Unique in the tenant. */
+            name: string;
+            /** @description The next fire times. */
+            next: components["schemas"]["FireTimeView"][];
+            /** @description `allow`, `skip`, `buffer_one`, `cancel_other`. */
+            overlap: string;
+            /** @description `config` (docket.toml) or `api`. */
+            source: string;
+            /** @description No slot before (RFC 3339). */
+            start?: string | null;
+            /** @description The IANA time zone. */
+            timezone: string;
+            /** @description When. */
+            updated_at: string;
+            /** @description Who changed it last. */
+            updated_by: string;
+        };
+        /** @description The tenant's schedules. */
+        ScheduleList: {
+            /** @description By name. */
+            schedules: components["schemas"]["ScheduleDto"][];
+        };
+        /** @description A schedule to create or replace. */
+        ScheduleRequest: {
+            /**
+             * @description `last` (default), `all`, `none`.
+             * @enum {string|null}
+             */
+            catch_up?: "last" | "all" | "none" | null;
+            /** @description A duration (default `"24h"`). */
+            catch_up_window?: string | null;
+            /** @description Stored in the schedule's history. */
+            comment?: string | null;
+            /**
+             * @description A cron expression (5 fields, 6 with seconds, or `@hourly` …); or
+             *     `every`.
+             */
+            cron?: string | null;
+            /** @description Default true. */
+            enabled?: boolean | null;
+            /** @description No slot after: RFC 3339 (e.g. 2026-01-31T12:00:00Z, any offset), from 1970-01-01T00:00:00.000Z to 9999-12-31T23:59:59.999Z. */
+            end?: string | null;
+            /** @description An interval such as `"30s"`, `"5m"`; or `cron`. */
+            every?: string | null;
+            /** @description The input template: any JSON (default {}); strings may say {{ slot }}, {{ slot_local }}, {{ slot_ms }}, {{ schedule }}. */
+            input?: unknown;
+            /** @description Deterministic jitter window (default 0, at most a day). */
+            jitter_ms?: number | null;
+            /** @description A registered job (GET /api/jobs). */
+            job: string;
+            /** @description Letters, digits, '-', '_', '.' (1-128). */
+            name: string;
+            /**
+             * @description `allow`, `skip` (default), `buffer_one`, `cancel_other`.
+             * @enum {string|null}
+             */
+            overlap?: "allow" | "skip" | "buffer_one" | "cancel_other" | null;
+            /** @description No slot before: RFC 3339 (e.g. 2026-01-31T12:00:00Z, any offset), from 1970-01-01T00:00:00.000Z to 9999-12-31T23:59:59.999Z. */
+            start?: string | null;
+            /** @description IANA time zone (default `UTC`). */
+            timezone?: string | null;
         };
         /** @description `POST /api/worker/v1/runs/{id}/steps/complete`. */
         StepCompleteRequest: {
@@ -2311,6 +2822,152 @@ export interface operations {
             };
         };
     };
+    pause_job: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description A registered job, or `*` for every job of the tenant */
+                job: string;
+            };
+            cookie?: never;
+        };
+        /** @description Optional */
+        requestBody?: {
+            content: {
+                "application/json": components["schemas"]["CommentRequest"];
+            };
+        };
+        responses: {
+            /** @description Paused (changed = false: it already was) */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["PauseView"];
+                };
+            };
+            /** @description A path segment that is not UTF-8 text (`invalid_parameter`) */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description No valid token (`unauthorized`) */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description No such job on this server */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The body is over the limit (`content_too_large`) */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The body is not an object, or a field is wrong (`invalid_field`, named) */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    resume_job: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description A registered job, or `*` */
+                job: string;
+            };
+            cookie?: never;
+        };
+        /** @description Optional */
+        requestBody?: {
+            content: {
+                "application/json": components["schemas"]["CommentRequest"];
+            };
+        };
+        responses: {
+            /** @description Running (changed = false: it was not paused) */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["PauseView"];
+                };
+            };
+            /** @description A path segment that is not UTF-8 text (`invalid_parameter`) */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description No valid token (`unauthorized`) */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description No such job on this server */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The body is over the limit (`content_too_large`) */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The body is not an object, or a field is wrong (`invalid_field`, named) */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
     openapi_json: {
         parameters: {
             query?: never;
@@ -2387,7 +3044,12 @@ export interface operations {
     trigger: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description W3C trace context: the run and every attempt join this trace (an invalid value is ignored, as the W3C recommendation says) */
+                traceparent?: string | null;
+                /** @description W3C trace state, kept with `traceparent` */
+                tracestate?: string | null;
+            };
             path?: never;
             cookie?: never;
         };
@@ -2639,6 +3301,88 @@ export interface operations {
                 };
             };
             /** @description The run's state does not allow it (named) */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The body is over the limit (`content_too_large`) */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The body is not an object, or a field is wrong (`invalid_field`, named) */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    delete_run: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description The run's id */
+                id: string;
+            };
+            cookie?: never;
+        };
+        /** @description Optional */
+        requestBody?: {
+            content: {
+                "application/json": components["schemas"]["CommentRequest"];
+            };
+        };
+        responses: {
+            /** @description The run as it was before it was deleted */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["RunView"];
+                };
+            };
+            /** @description A path segment that is not UTF-8 text (`invalid_parameter`) */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description No valid token (`unauthorized`) */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description No such run in the caller's tenant */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The run is not final (its state is named) */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -3184,7 +3928,12 @@ export interface operations {
     trigger_batch: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description W3C trace context for every run of the batch (an invalid value is ignored) */
+                traceparent?: string | null;
+                /** @description W3C trace state, kept with `traceparent` */
+                tracestate?: string | null;
+            };
             path?: never;
             cookie?: never;
         };
@@ -3240,6 +3989,578 @@ export interface operations {
                 };
             };
             /** @description A field is wrong (named as `runs[i].field`) */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    bulk_runs: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["BulkBody"];
+            };
+        };
+        responses: {
+            /** @description One page of per-run results, or the dry run's count */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["BulkResponse"];
+                };
+            };
+            /** @description The body is not JSON (`invalid_json`) */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description No valid token (`unauthorized`) */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The body is over the limit (`content_too_large`) */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description A field is wrong (named) */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    list_schedules: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The schedules */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ScheduleList"];
+                };
+            };
+            /** @description No valid token (`unauthorized`) */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    put_schedule: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["ScheduleRequest"];
+            };
+        };
+        responses: {
+            /** @description Updated (or unchanged) */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ScheduleDetail"];
+                };
+            };
+            /** @description Created */
+            201: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ScheduleDetail"];
+                };
+            };
+            /** @description Not JSON */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description No valid token (`unauthorized`) */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The body is over the limit (`content_too_large`) */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description A field is wrong (named; a cron error gives the field and column), or the job is unknown */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    show_schedule: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description The schedule's name */
+                name: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The schedule */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ScheduleDetail"];
+                };
+            };
+            /** @description A path segment that is not UTF-8 text (`invalid_parameter`) */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description No valid token (`unauthorized`) */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description No such schedule in the caller's tenant */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    delete_schedule: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description The schedule's name */
+                name: string;
+            };
+            cookie?: never;
+        };
+        /** @description Optional; stored in the history */
+        requestBody?: {
+            content: {
+                "application/json": components["schemas"]["CommentRequest"];
+            };
+        };
+        responses: {
+            /** @description Deleted */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Deleted"];
+                };
+            };
+            /** @description A path segment that is not UTF-8 text (`invalid_parameter`) */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description No valid token (`unauthorized`) */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description No such schedule */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The body is over the limit (`content_too_large`) */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The body is not an object, or a field is wrong (`invalid_field`, named) */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    backfill_schedule: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description The schedule's name */
+                name: string;
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["BackfillRequest"];
+            };
+        };
+        responses: {
+            /** @description The runs, in slot order */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["BackfillResponse"];
+                };
+            };
+            /** @description A path segment that is not UTF-8 text (`invalid_parameter`) */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description No valid token (`unauthorized`) */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description No such schedule */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The body is over the limit (`content_too_large`) */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description A time is wrong, `to` is before `from`, or the range has more than 1,000 slots */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    pause_schedule: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description The schedule's name */
+                name: string;
+            };
+            cookie?: never;
+        };
+        /** @description Optional; stored in the history */
+        requestBody?: {
+            content: {
+                "application/json": components["schemas"]["CommentRequest"];
+            };
+        };
+        responses: {
+            /** @description The schedule after the change */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ScheduleDetail"];
+                };
+            };
+            /** @description A path segment that is not UTF-8 text (`invalid_parameter`) */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description No valid token (`unauthorized`) */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description No such schedule */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The body is over the limit (`content_too_large`) */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The body is not an object, or a field is wrong (`invalid_field`, named) */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    resume_schedule: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description The schedule's name */
+                name: string;
+            };
+            cookie?: never;
+        };
+        /** @description Optional; stored in the history */
+        requestBody?: {
+            content: {
+                "application/json": components["schemas"]["CommentRequest"];
+            };
+        };
+        responses: {
+            /** @description The schedule after the change */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ScheduleDetail"];
+                };
+            };
+            /** @description A path segment that is not UTF-8 text (`invalid_parameter`) */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description No valid token (`unauthorized`) */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description No such schedule */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The body is over the limit (`content_too_large`) */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The body is not an object, or a field is wrong (`invalid_field`, named) */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    trigger_schedule: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description The schedule's name */
+                name: string;
+            };
+            cookie?: never;
+        };
+        /** @description Optional; stored in the history */
+        requestBody?: {
+            content: {
+                "application/json": components["schemas"]["CommentRequest"];
+            };
+        };
+        responses: {
+            /** @description The run */
+            201: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["TriggerResponse"];
+                };
+            };
+            /** @description A path segment that is not UTF-8 text (`invalid_parameter`) */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description No valid token (`unauthorized`) */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description No such schedule */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The body is over the limit (`content_too_large`) */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The body is not an object, or a field is wrong (`invalid_field`, named) */
             422: {
                 headers: {
                     [name: string]: unknown;
