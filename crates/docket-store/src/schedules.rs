@@ -288,11 +288,6 @@ pub trait ScheduleStore: Send + Sync {
     ) -> Result<Vec<ScheduleHistory>>;
 }
 
-/// Whether a history row's kind makes a run.
-pub(crate) fn fires(kind: SlotKind) -> bool {
-    !matches!(kind, SlotKind::Skipped | SlotKind::Buffered)
-}
-
 /// The definition as the history's `data` of a created/updated row.
 pub(crate) fn def_json(def: &ScheduleDef) -> Value {
     serde_json::to_value(def).unwrap_or(Value::Null)

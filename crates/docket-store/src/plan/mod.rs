@@ -9,11 +9,13 @@
 //! - [`end`]: an attempt's end (each outcome) and a refused stale end;
 //! - [`operator`]: each operator command;
 //! - [`step`]: a durable step's completion or failure;
+//! - [`schedule`]: what a schedule's tick records;
 //! - this module: the idempotency ledger's begin and compare-and-set.
 
 pub mod claim;
 pub mod end;
 pub mod operator;
+pub mod schedule;
 pub mod step;
 pub mod trigger;
 

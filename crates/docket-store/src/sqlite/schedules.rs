@@ -3,10 +3,11 @@
 //! together or not at all.
 
 use super::{db_err, ops, SqliteStore};
-use crate::schedules::{def_json, fires, COLS, HISTORY_COLS};
+use crate::plan;
+use crate::schedules::{def_json, COLS, HISTORY_COLS};
 use crate::{
     PutOutcome, Result, Schedule, ScheduleDef, ScheduleHistory, SchedulePut, ScheduleStore,
-    ScheduleTick, StoreError, TickOutcome,
+    ScheduleTick, TickOutcome,
 };
 use async_trait::async_trait;
 use docket_core::Timestamp;
@@ -292,36 +293,22 @@ fn tick(c: &Connection, t: ScheduleTick) -> Result<TickOutcome> {
     let Some(s) = get(c, &t.tenant, &t.name)? else {
         return Ok(refused);
     };
-    if let Some(expect) = t.expect_cursor {
-        if s.cursor_at != expect {
-            return Ok(refused);
-        }
+    if !plan::schedule::applies(&s, &t) {
+        return Ok(refused);
     }
     let mut runs = Vec::new();
-    let (mut last_slot, mut last_run) = (s.last_slot, s.last_run_id);
+    let cursor = plan::schedule::new_cursor(&t);
+    let mut last = plan::schedule::LastFired::of(&s);
     for o in t.slots {
-        let (run_id, data) = match (fires(o.kind), o.run) {
+        let (run_id, data) = match (plan::schedule::fires(o.kind), o.run) {
             (true, Some(run)) => {
                 let tr = ops::trigger(c, vec![run], t.now)?.remove(0);
-                let data = json!({
-                    "existing": tr.existing,
-                    "late_ms": t.now.millis_since(o.slot),
-                });
-                if last_slot.is_none_or(|l| o.slot >= l) {
-                    last_slot = Some(o.slot);
-                    last_run = Some(tr.run.id);
-                }
+                let data = last.fired(o.slot, t.now, &tr);
                 let id = tr.run.id.to_string();
                 runs.push(tr);
                 (Some(id), data)
             }
-            (true, None) => {
-                return Err(StoreError::Conflict(format!(
-                    "slot {} is `{}` but has no run",
-                    o.slot,
-                    o.kind.as_str()
-                )))
-            }
+            (true, None) => return Err(plan::schedule::missing_run(o.slot, o.kind)),
             (false, _) => (None, json!({})),
         };
         history(
@@ -338,8 +325,7 @@ fn tick(c: &Connection, t: ScheduleTick) -> Result<TickOutcome> {
             &data,
         )?;
     }
-    let cursor = t.new_cursor.filter(|_| t.expect_cursor.is_some());
-    let fired_now = last_run != s.last_run_id;
+    let fired_now = last.moved_from(&s);
     c.execute(
         "UPDATE schedules SET cursor_at = COALESCE(?3, cursor_at),
             buffered_slot = CASE WHEN ?4 THEN ?5 ELSE buffered_slot END,
@@ -352,8 +338,8 @@ fn tick(c: &Connection, t: ScheduleTick) -> Result<TickOutcome> {
             cursor.map(|c| c.0),
             t.set_buffer.is_some(),
             t.set_buffer.flatten().map(|b| b.0),
-            last_slot.map(|l| l.0),
-            last_run.map(|r| r.to_string()),
+            last.slot.map(|l| l.0),
+            last.run.map(|r| r.to_string()),
             fired_now,
             t.now.0,
         ],
