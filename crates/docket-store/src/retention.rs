@@ -599,3 +599,30 @@ mod tests {
         );
     }
 }
+
+/// What deleting `run` records, or why it may not be deleted: only a final
+/// run goes (a running or waiting one must be cancelled first), and the
+/// audit event keeps what the run was (decided once for both backends).
+pub fn delete_plan(run: &crate::Run) -> crate::Result<serde_json::Value> {
+    if !run.status.is_terminal() {
+        return Err(crate::StoreError::WrongState {
+            run_id: run.id,
+            current: run.status,
+            message: "only a completed, failed or cancelled run can be deleted; cancel it first"
+                .into(),
+        });
+    }
+    Ok(serde_json::json!({
+        "status": run.status,
+        "terminal_reason": run.terminal_reason,
+        "created_at": run.created_at,
+        "finished_at": run.finished_at,
+        "attempts": run.attempt,
+        "idempotency_key": run.idempotency_key,
+    }))
+}
+
+/// The `ledger_pruned` event's data for `rows` ledger rows of one tenant.
+pub fn ledger_pruned_data(rows: u64) -> serde_json::Value {
+    serde_json::json!({ "rows": rows })
+}

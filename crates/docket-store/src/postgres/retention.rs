@@ -207,7 +207,7 @@ pub(super) async fn prune(pool: &PgPool, req: &PruneRequest) -> Result<PruneRepo
             req.now,
             None,
             None,
-            &json!({ "rows": n }),
+            &crate::retention::ledger_pruned_data(*n),
         )
         .await?;
     }
@@ -313,14 +313,7 @@ pub(super) async fn delete_run(pool: &PgPool, req: &DeleteRequest) -> Result<Run
     .map_err(db)?
     .ok_or(StoreError::NotFound(req.run_id))?;
     let run = run_from_row(&row)?;
-    if !run.status.is_terminal() {
-        return Err(StoreError::WrongState {
-            run_id: run.id,
-            current: run.status,
-            message: "only a completed, failed or cancelled run can be deleted; cancel it first"
-                .into(),
-        });
-    }
+    let audit_data = crate::retention::delete_plan(&run)?;
     delete_runs(&mut tx, &[run.id.0]).await?;
     event(
         &mut tx,
@@ -331,14 +324,7 @@ pub(super) async fn delete_run(pool: &PgPool, req: &DeleteRequest) -> Result<Run
         req.now,
         Some(&req.actor),
         req.comment.as_deref(),
-        &json!({
-            "status": run.status,
-            "terminal_reason": run.terminal_reason,
-            "created_at": run.created_at,
-            "finished_at": run.finished_at,
-            "attempts": run.attempt,
-            "idempotency_key": run.idempotency_key,
-        }),
+        &audit_data,
     )
     .await?;
     tx.commit().await.map_err(db)?;

@@ -237,7 +237,7 @@ pub(super) fn prune(c: &Connection, req: &PruneRequest) -> Result<PruneReport> {
             req.now,
             None,
             None,
-            &json!({ "rows": n }),
+            &crate::retention::ledger_pruned_data(*n),
         )?;
     }
     Ok(PruneReport {
@@ -307,14 +307,7 @@ pub(super) fn pauses(c: &Connection, tenant: Option<&str>) -> Result<Vec<Pause>>
 
 pub(super) fn delete_run(c: &Connection, req: &DeleteRequest) -> Result<Run> {
     let run = get_run(c, req.run_id)?.ok_or(StoreError::NotFound(req.run_id))?;
-    if !run.status.is_terminal() {
-        return Err(StoreError::WrongState {
-            run_id: run.id,
-            current: run.status,
-            message: "only a completed, failed or cancelled run can be deleted; cancel it first"
-                .into(),
-        });
-    }
+    let audit_data = crate::retention::delete_plan(&run)?;
     let audit = insert_event(
         c,
         run.id,
@@ -324,14 +317,7 @@ pub(super) fn delete_run(c: &Connection, req: &DeleteRequest) -> Result<Run> {
         req.now,
         Some(&req.actor),
         req.comment.as_deref(),
-        &json!({
-            "status": run.status,
-            "terminal_reason": run.terminal_reason,
-            "created_at": run.created_at,
-            "finished_at": run.finished_at,
-            "attempts": run.attempt,
-            "idempotency_key": run.idempotency_key,
-        }),
+        &audit_data,
     )?;
     delete_one(c, &run.id.to_string(), audit)?;
     Ok(run)
