@@ -499,6 +499,33 @@ GROUP BY tenant, job, status";
 /// never claimed (same text on both backends; `runs` is the outer table).
 pub(crate) const NOT_PAUSED: &str = "NOT EXISTS (SELECT 1 FROM job_pauses p WHERE p.tenant = runs.tenant AND p.job IN (runs.job, '*'))";
 
+/// What deleting `run` records, or why it may not be deleted: only a final
+/// run goes (a running or waiting one must be cancelled first), and the
+/// audit event keeps what the run was (decided once for both backends).
+pub fn delete_plan(run: &crate::Run) -> crate::Result<serde_json::Value> {
+    if !run.status.is_terminal() {
+        return Err(crate::StoreError::WrongState {
+            run_id: run.id,
+            current: run.status,
+            message: "only a completed, failed or cancelled run can be deleted; cancel it first"
+                .into(),
+        });
+    }
+    Ok(serde_json::json!({
+        "status": run.status,
+        "terminal_reason": run.terminal_reason,
+        "created_at": run.created_at,
+        "finished_at": run.finished_at,
+        "attempts": run.attempt,
+        "idempotency_key": run.idempotency_key,
+    }))
+}
+
+/// The `ledger_pruned` event's data for `rows` ledger rows of one tenant.
+pub fn ledger_pruned_data(rows: u64) -> serde_json::Value {
+    serde_json::json!({ "rows": rows })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -598,31 +625,4 @@ mod tests {
             None
         );
     }
-}
-
-/// What deleting `run` records, or why it may not be deleted: only a final
-/// run goes (a running or waiting one must be cancelled first), and the
-/// audit event keeps what the run was (decided once for both backends).
-pub fn delete_plan(run: &crate::Run) -> crate::Result<serde_json::Value> {
-    if !run.status.is_terminal() {
-        return Err(crate::StoreError::WrongState {
-            run_id: run.id,
-            current: run.status,
-            message: "only a completed, failed or cancelled run can be deleted; cancel it first"
-                .into(),
-        });
-    }
-    Ok(serde_json::json!({
-        "status": run.status,
-        "terminal_reason": run.terminal_reason,
-        "created_at": run.created_at,
-        "finished_at": run.finished_at,
-        "attempts": run.attempt,
-        "idempotency_key": run.idempotency_key,
-    }))
-}
-
-/// The `ledger_pruned` event's data for `rows` ledger rows of one tenant.
-pub fn ledger_pruned_data(rows: u64) -> serde_json::Value {
-    serde_json::json!({ "rows": rows })
 }
