@@ -430,7 +430,18 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
         tracing::info!(?retention, "pruner started");
         Some(
             docket
-                .start_pruner(docket::retention::PrunerConfig::new(retention))
+                .start_pruner({
+                    let mut cfg = docket::retention::PrunerConfig::new(retention);
+                    if let Some(settings) = http_jobs.as_ref().map(|h| h.pruner_settings()) {
+                        if let Some(ms) = settings.interval_ms {
+                            cfg.interval = Duration::from_millis(ms as u64);
+                        }
+                        if let Some(n) = settings.batch {
+                            cfg.batch = n;
+                        }
+                    }
+                    cfg
+                })
                 .map_err(|e| e.to_string())?,
         )
     } else {

@@ -79,6 +79,60 @@ struct RawRetention {
     failed: Option<String>,
     cancelled: Option<String>,
     ledger: Option<String>,
+    /// The pruner's pause between rounds (top-level table only).
+    interval: Option<String>,
+    /// Runs per pruning batch, i.e. per transaction (top-level only).
+    batch: Option<i64>,
+}
+
+/// How the pruner runs, from the top-level `[retention]` table (`None`:
+/// the pruner's default).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PrunerSettings {
+    /// `interval`: the pause between two pruning rounds.
+    pub interval_ms: Option<i64>,
+    /// `batch`: runs (and ledger rows) per batch, 1 to 10,000.
+    pub batch: Option<usize>,
+}
+
+/// The largest pruning batch: one transaction should stay short, since a
+/// claim on SQLite waits behind it.
+const MAX_PRUNE_BATCH: i64 = 10_000;
+
+/// Parses the pruner's settings of the top-level table; refused in a job's.
+fn pruner_settings(place: &str, r: &RawRetention, top: bool, p: &mut Problems) -> PrunerSettings {
+    let mut out = PrunerSettings::default();
+    if !top {
+        for (key, set) in [
+            ("interval", r.interval.is_some()),
+            ("batch", r.batch.is_some()),
+        ] {
+            if set {
+                p.add(
+                    format!("{place}.{key}"),
+                    "the pruner's settings are global: set them in the top-level [retention] table",
+                );
+            }
+        }
+        return out;
+    }
+    if let Some(v) = &r.interval {
+        match crate::retention::parse_duration(v) {
+            Ok(ms) => out.interval_ms = Some(ms),
+            Err(e) => p.add(format!("{place}.interval"), e),
+        }
+    }
+    if let Some(n) = r.batch {
+        if (1..=MAX_PRUNE_BATCH).contains(&n) {
+            out.batch = Some(n as usize);
+        } else {
+            p.add(
+                format!("{place}.batch"),
+                format!("must be 1 to {MAX_PRUNE_BATCH} runs per batch, not {n}"),
+            );
+        }
+    }
+    out
 }
 
 /// Parses one retention table at `place`; `ledger` only where allowed.
@@ -88,6 +142,7 @@ fn retention(
     ledger_allowed: bool,
     p: &mut Problems,
 ) -> (crate::retention::Retention, Option<i64>) {
+    // `interval` and `batch` are the pruner's (see `pruner_settings`).
     let mut one = |key: &str, v: &Option<String>| -> Option<i64> {
         let v = v.as_ref()?;
         match crate::retention::parse_duration(v) {
@@ -270,6 +325,7 @@ pub(crate) struct Compiled {
     pub(crate) jobs: BTreeMap<String, JobSpec>,
     pub(crate) remote: BTreeMap<String, RemoteSpec>,
     pub(crate) retention: crate::retention::RetentionConfig,
+    pub(crate) pruner: PrunerSettings,
 }
 
 const RETRY_KEYS: &[&str] = &[
@@ -318,8 +374,10 @@ pub(crate) fn compile(
         }
     }
     let mut keep = crate::retention::RetentionConfig::default();
+    let mut pruner = PrunerSettings::default();
     if let Some(v) = raw.retention {
         if let Some(r) = entry::<RawRetention>("retention".into(), v, &mut p) {
+            pruner = pruner_settings("retention", &r, true, &mut p);
             let (default, ledger) = retention("retention", r, true, &mut p);
             keep.default = default;
             keep.ledger_ms = ledger;
@@ -332,7 +390,9 @@ pub(crate) fn compile(
             continue;
         };
         if let Some(r) = j.retention.take() {
-            let (own, _) = retention(&format!("jobs.{name}.retention"), r, false, &mut p);
+            let place = format!("jobs.{name}.retention");
+            pruner_settings(&place, &r, false, &mut p);
+            let (own, _) = retention(&place, r, false, &mut p);
             keep.jobs.insert(name.clone(), own);
         }
         if j.remote == Some(true) {
@@ -359,6 +419,7 @@ pub(crate) fn compile(
         jobs,
         remote,
         retention: keep,
+        pruner,
     })
 }
 
@@ -1104,6 +1165,36 @@ mod tests {
             "{ps:?}"
         );
         assert!(!ps.iter().any(|(p, _)| p == "jobs.y.connection"), "{ps:?}");
+    }
+
+    #[test]
+    fn the_pruners_interval_and_batch_are_global_and_bounded() {
+        let c = compile(
+            "[retention]\ncompleted = \"1h\"\ninterval = \"10s\"\nbatch = 200\n[jobs.a]\nurl = \"http://x/a\"\n",
+            "docket.toml",
+            Path::new("."),
+        )
+        .unwrap();
+        assert_eq!(
+            c.pruner,
+            PrunerSettings {
+                interval_ms: Some(10_000),
+                batch: Some(200)
+            }
+        );
+        let ps = problems(
+            "[retention]\ninterval = \"0s\"\nbatch = 0\n[jobs.a]\nurl = \"http://x/a\"\nretention = { batch = 5 }\n",
+        );
+        let at = |place: &str| ps.iter().find(|(p, _)| p == place).map(|(_, m)| m.clone());
+        assert!(at("retention.interval").is_some(), "{ps:?}");
+        assert!(
+            at("retention.batch").unwrap().contains("1 to 10000"),
+            "{ps:?}"
+        );
+        assert!(
+            at("jobs.a.retention.batch").unwrap().contains("global"),
+            "{ps:?}"
+        );
     }
 
     #[test]

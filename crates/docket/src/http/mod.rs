@@ -62,7 +62,8 @@ mod template;
 pub use breaker::{BreakerConfig, BreakerPhase, BreakerState};
 pub use classify::{default_verdict, http_date, Verdict};
 pub use config::{
-    HttpConfigError, OnReject, DEFAULT_KEY_TEMPLATE, DEFAULT_MAX_RESPONSE_BYTES, DEFAULT_TIMEOUT_MS,
+    HttpConfigError, OnReject, PrunerSettings, DEFAULT_KEY_TEMPLATE, DEFAULT_MAX_RESPONSE_BYTES,
+    DEFAULT_TIMEOUT_MS,
 };
 pub use connections::ConnectionInfo;
 pub use docket_store::{ConnectionAudit, ConnectionState, ConnectionStatus};
@@ -164,6 +165,12 @@ impl HttpJobs {
     /// nothing is pruned). Already validated.
     pub fn retention(&self) -> crate::retention::RetentionConfig {
         self.shared.compiled.retention.clone()
+    }
+
+    /// The pruner's `interval` and `batch` from the top-level `[retention]`
+    /// table (`None`: the pruner's defaults).
+    pub fn pruner_settings(&self) -> PrunerSettings {
+        self.shared.compiled.pruner
     }
 
     /// The configured job names, sorted.
