@@ -893,6 +893,55 @@ impl Ctx {
         ))
     }
 
+    /// Sleeps durably for `duration`: see [`Ctx::sleep_until`].
+    pub async fn sleep(&self, name: impl Into<String>, duration: Duration) -> Result<(), JobError> {
+        let ms = i64::try_from(duration.as_millis()).unwrap_or(i64::MAX);
+        let until = self.now().plus_millis(ms);
+        self.sleep_until(name, until).await
+    }
+
+    /// Sleeps durably until `until`: `ctx.sleep_until("cool-off", t).await?`.
+    ///
+    /// The first time, the wake time is stored as the step `sleep:NAME` and
+    /// the run is postponed to it: it holds no worker slot and no lease while
+    /// it sleeps, spends no attempt budget, survives restarts and deploys,
+    /// and can be cancelled at once. When it runs again (from the top,
+    /// replaying completed steps), the same name finds the stored wake time,
+    /// so a replay never sleeps twice or longer; past it, this returns `Ok`.
+    /// Woken early (an operator's retry, a postponement moved), it sleeps
+    /// again until the stored time. Names are unique within a run, like
+    /// steps'.
+    pub async fn sleep_until(
+        &self,
+        name: impl Into<String>,
+        until: Timestamp,
+    ) -> Result<(), JobError> {
+        let name = format!("sleep:{}", name.into());
+        self.claim_name(&name).await?;
+        let until = match self.stored(&name).await? {
+            Some(rec) => rec
+                .result
+                .as_ref()
+                .and_then(|r| r.get("until"))
+                .and_then(|u| serde_json::from_value::<Timestamp>(u.clone()).ok())
+                .unwrap_or(until),
+            None => {
+                let until = until.clamp(Timestamp::MIN, Timestamp::MAX);
+                self.save(&name, json!({ "until": until, "from": self.now() }))
+                    .await?;
+                until
+            }
+        };
+        if self.now() >= until {
+            return Ok(());
+        }
+        self.check_cancel()?;
+        Err(JobError::control(
+            Control::Postpone { until },
+            &format!("sleeping (`{name}`) until {}", until.to_rfc3339()),
+        ))
+    }
+
     /// Postpones the run until `until`: return the error
     /// (`return Err(ctx.postpone(t))`). Not a failure; spends no attempt
     /// budget. Completed steps replay when it runs again. A time outside

@@ -772,3 +772,77 @@ async fn handler_can_skip_a_step_and_fail_with_a_named_reason() {
     assert_eq!(r.terminal_reason, Some(TerminalReason::Rejected));
     assert_eq!(r.attempt, 1);
 }
+
+/// A durable sleep suspends the run between two steps: no lease, no worker
+/// slot, no budget spent (a job with one attempt still completes), the step
+/// before it runs once, and the run resumes at the stored wake time — not
+/// earlier when claimed early, and not longer when the clock has moved on.
+#[tokio::test]
+async fn a_durable_sleep_suspends_and_resumes_without_spending_budget() {
+    let (d, clock) = engine();
+    let calls = Calls::default();
+    let c = calls.clone();
+    d.register(
+        Job::new("nap", move |ctx: Ctx, _: Value| {
+            let c = c.clone();
+            async move {
+                ctx.step("before", || async {
+                    c.hit("before");
+                    Ok::<_, JobError>(1)
+                })
+                .await?;
+                ctx.sleep("cool-off", Duration::from_secs(3600)).await?;
+                c.hit("after");
+                Ok::<_, JobError>(json!("woke"))
+            }
+        })
+        .retry(policy(1)),
+    )
+    .unwrap();
+    let w = d.worker(WorkerConfig::default());
+    let id = d.trigger("nap", json!({})).await.unwrap().run.id;
+    w.tick().await.unwrap();
+    let run = d.get_run(id).await.unwrap();
+    assert_eq!(run.status, RunStatus::Postponed);
+    assert_eq!(run.run_after, T0.plus_millis(3_600_000));
+    assert_eq!(run.lease_id, None, "a sleeping run holds no lease");
+    assert_eq!((calls.get("before"), calls.get("after")), (1, 0));
+    // Claimed early (an operator moved it): it sleeps again until the stored time.
+    d.postpone(id, T0.plus_millis(60_000), Actor::new("ops", None))
+        .await
+        .unwrap();
+    clock.advance_millis(60_000);
+    w.tick().await.unwrap();
+    let run = d.get_run(id).await.unwrap();
+    assert_eq!(run.status, RunStatus::Postponed);
+    assert_eq!(
+        run.run_after,
+        T0.plus_millis(3_600_000),
+        "not a new hour from now"
+    );
+    // At the wake time it resumes; the step before the sleep is replayed.
+    clock.advance_millis(3_540_000);
+    w.tick().await.unwrap();
+    let run = d.get_run(id).await.unwrap();
+    assert_eq!(run.status, RunStatus::Completed, "{run:?}");
+    assert_eq!(run.output, Some(json!("woke")));
+    assert_eq!((calls.get("before"), calls.get("after")), (1, 1));
+    assert_eq!(run.attempt, 3);
+    assert_eq!(run.attempts_forgiven, 2, "sleeping spent no budget");
+}
+
+/// A sleeping run is cancelled at once: it holds no lease to wait for.
+#[tokio::test]
+async fn a_sleeping_run_is_cancelled_at_once() {
+    let (d, _clock) = engine();
+    d.register(Job::new("nap", |ctx: Ctx, _: Value| async move {
+        ctx.sleep("long", Duration::from_secs(30 * 86_400)).await?;
+        Ok::<_, JobError>(json!(null))
+    }))
+    .unwrap();
+    let id = d.trigger("nap", json!({})).await.unwrap().run.id;
+    d.worker(WorkerConfig::default()).tick().await.unwrap();
+    assert_eq!(d.get_run(id).await.unwrap().status, RunStatus::Postponed);
+    let run = d.cancel(id, Actor::new("ops", None)).await.unwrap();
+    assert_eq!(run.status, RunStatus::Cancelled);
+}
