@@ -20,7 +20,7 @@ use crate::error::ApiError;
 use crate::extract::ApiJson;
 use crate::AppState;
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use docket::{Actor, Run, RunId, RunStatus, StepStatus, Timestamp};
@@ -271,6 +271,10 @@ async fn find(state: &AppState, caller: &Caller, guid: &str) -> Result<Run, Resp
 #[utoipa::path(
     post, path = "/api/core/cmd", tag = "commands",
     request_body = CommandRequest,
+    params(
+        ("traceparent" = Option<String>, Header, description = "W3C trace context: the operator action (retry, skip, cancel) becomes a span in this trace, linked to the run's (an invalid value is ignored)"),
+        ("tracestate" = Option<String>, Header, description = "W3C trace state, kept with `traceparent`"),
+    ),
     responses(
         (status = 200, description = "The command ran (see isSuccessful)", body = CommandResponse),
         (status = 400, description = "Not JSON, or an unknown command", body = CommandResponse),
@@ -284,15 +288,20 @@ async fn find(state: &AppState, caller: &Caller, guid: &str) -> Result<Run, Resp
 pub async fn core_cmd(
     state: State<AppState>,
     caller: Result<Caller, ApiError>,
+    headers: HeaderMap,
     body: Result<ApiJson<CommandRequest>, ApiError>,
 ) -> Response {
-    command(state, caller, body).await
+    command(state, caller, &headers, body).await
 }
 
 /// The seed's command API at the path its client code calls.
 #[utoipa::path(
     post, path = "/api/bpm/cmd", tag = "commands",
     request_body = CommandRequest,
+    params(
+        ("traceparent" = Option<String>, Header, description = "W3C trace context: the operator action (retry, skip, cancel) becomes a span in this trace, linked to the run's (an invalid value is ignored)"),
+        ("tracestate" = Option<String>, Header, description = "W3C trace state, kept with `traceparent`"),
+    ),
     responses(
         (status = 200, description = "The command ran (see isSuccessful)", body = CommandResponse),
         (status = 400, description = "Not JSON, or an unknown command", body = CommandResponse),
@@ -306,14 +315,16 @@ pub async fn core_cmd(
 pub async fn bpm_cmd(
     state: State<AppState>,
     caller: Result<Caller, ApiError>,
+    headers: HeaderMap,
     body: Result<ApiJson<CommandRequest>, ApiError>,
 ) -> Response {
-    command(state, caller, body).await
+    command(state, caller, &headers, body).await
 }
 
 async fn command(
     State(state): State<AppState>,
     caller: Result<Caller, ApiError>,
+    headers: &HeaderMap,
     body: Result<ApiJson<CommandRequest>, ApiError>,
 ) -> Response {
     let caller = match caller {
@@ -324,10 +335,12 @@ async fn command(
         Ok(ApiJson(r)) => r,
         Err(e) => return e.into_envelope(),
     };
+    // The caller's trace context: operator actions become spans in it.
+    let trace = crate::runs::trace_headers(headers);
     let res = match req.cmd.as_str() {
-        "RetryFailedTaskCommand" => retry(&state, &caller, req.data).await,
-        "SkipFailedTaskCommand" => skip(&state, &caller, req.data).await,
-        "CancelProcessInstanceCommand" => cancel(&state, &caller, req.data).await,
+        "RetryFailedTaskCommand" => retry(&state, &caller, trace, req.data).await,
+        "SkipFailedTaskCommand" => skip(&state, &caller, trace, req.data).await,
+        "CancelProcessInstanceCommand" => cancel(&state, &caller, trace, req.data).await,
         "GetProcessStateCommand" => get_state(&state, &caller, req.data).await,
         other => Err(ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -348,7 +361,12 @@ fn env_err(e: ApiError) -> Response {
     e.into_envelope()
 }
 
-async fn retry(state: &AppState, caller: &Caller, data: Value) -> CmdResult {
+async fn retry(
+    state: &AppState,
+    caller: &Caller,
+    trace: Option<docket::TraceContext>,
+    data: Value,
+) -> CmdResult {
     let d: RetryData = parse_data(data).map_err(env_err)?;
     if let Some(v) = &d.updated_variables {
         if !v.is_object() {
@@ -379,7 +397,7 @@ async fn retry(state: &AppState, caller: &Caller, data: Value) -> CmdResult {
         .retry(
             run.id,
             d.updated_variables,
-            Actor::new(caller.name.clone(), d.comment.clone()),
+            Actor::new(caller.name.clone(), d.comment.clone()).with_trace(trace),
         )
         .await
     {
@@ -546,7 +564,12 @@ async fn wait_outcome(
     }
 }
 
-async fn skip(state: &AppState, caller: &Caller, data: Value) -> CmdResult {
+async fn skip(
+    state: &AppState,
+    caller: &Caller,
+    trace: Option<docket::TraceContext>,
+    data: Value,
+) -> CmdResult {
     let d: InstanceData = parse_data(data).map_err(env_err)?;
     let run = find(state, caller, &d.instance_guid).await?;
     if run.status != RunStatus::Failed {
@@ -556,7 +579,10 @@ async fn skip(state: &AppState, caller: &Caller, data: Value) -> CmdResult {
     let task = t.failed.clone().unwrap_or_else(|| run.job.clone());
     let after = match state
         .docket
-        .skip(run.id, Actor::new(caller.name.clone(), d.comment.clone()))
+        .skip(
+            run.id,
+            Actor::new(caller.name.clone(), d.comment.clone()).with_trace(trace),
+        )
         .await
     {
         Ok(r) => r,
@@ -583,12 +609,20 @@ async fn skip(state: &AppState, caller: &Caller, data: Value) -> CmdResult {
     ))
 }
 
-async fn cancel(state: &AppState, caller: &Caller, data: Value) -> CmdResult {
+async fn cancel(
+    state: &AppState,
+    caller: &Caller,
+    trace: Option<docket::TraceContext>,
+    data: Value,
+) -> CmdResult {
     let d: InstanceData = parse_data(data).map_err(env_err)?;
     let run = find(state, caller, &d.instance_guid).await?;
     let after = match state
         .docket
-        .cancel(run.id, Actor::new(caller.name.clone(), d.comment.clone()))
+        .cancel(
+            run.id,
+            Actor::new(caller.name.clone(), d.comment.clone()).with_trace(trace),
+        )
         .await
     {
         Ok(r) => r,

@@ -95,6 +95,15 @@ pub struct ClaimedRunView {
     pub timeout_ms: u64,
     /// A cancel was requested (stop at the next step boundary).
     pub cancel_requested: bool,
+    /// The W3C trace context the run was triggered in (the trigger span's,
+    /// when the server exports traces): the worker's own spans for this
+    /// attempt and the `traceparent` of its outgoing calls continue this
+    /// trace. Absent when the run has none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
+    /// The W3C trace state that goes with `traceparent`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracestate: Option<String>,
 }
 
 /// The claimed runs (possibly none, after the long poll).
@@ -770,6 +779,8 @@ fn claimed_view(c: ClaimedRun) -> ClaimedRunView {
         deadline: c.deadline.to_rfc3339(),
         timeout_ms: c.timeout.as_millis() as u64,
         cancel_requested: r.cancel_requested,
+        traceparent: r.trace.as_ref().map(|t| t.traceparent.clone()),
+        tracestate: r.trace.and_then(|t| t.tracestate),
     }
 }
 

@@ -14,6 +14,10 @@ pub struct Actor {
     pub name: String,
     /// Stored in the audit trail.
     pub comment: Option<String>,
+    /// The W3C trace context the command was given in (the caller's
+    /// `traceparent`): with traces on, the operator span is a child of it
+    /// (linked to the run's trace) instead of a span of the run's trace.
+    pub trace: Option<crate::TraceContext>,
 }
 
 impl Actor {
@@ -22,7 +26,15 @@ impl Actor {
         Actor {
             name: name.into(),
             comment,
+            trace: None,
         }
+    }
+
+    /// The same actor, acting in the caller's trace `trace` (ignored when
+    /// its `traceparent` is invalid, as the W3C recommendation says).
+    pub fn with_trace(mut self, trace: Option<crate::TraceContext>) -> Actor {
+        self.trace = trace.and_then(crate::telemetry::valid);
+        self
     }
 }
 
@@ -66,7 +78,14 @@ impl Docket {
             .await
             .map_err(map_store)?;
         if let Some((t, started, command, by)) = traced {
-            t.operator(&run, command, &by.name, by.comment.as_deref(), started);
+            t.operator(
+                &run,
+                command,
+                &by.name,
+                by.comment.as_deref(),
+                by.trace.as_ref(),
+                started,
+            );
         }
         let _ = self.inner.changes.send(id);
         if run.status == RunStatus::Pending {
@@ -170,6 +189,12 @@ impl Docket {
         n.correlation_id = original.correlation_id.clone();
         n.retriggered_from = Some(original.id);
         n.actor = Some(by.name);
+        // The new run joins the trace the command was given in (the
+        // original's trace is the original's).
+        n.trace = by.trace;
+        if let Some(t) = self.telemetry() {
+            n.trace = Some(t.trigger(&n.job, n.id, n.trace.as_ref()));
+        }
         let mut out = self.store().trigger(vec![n], self.clock().now()).await?;
         self.wake_workers();
         Ok(out.remove(0))

@@ -255,6 +255,21 @@ impl Telemetry {
         Context::new().with_span(span)
     }
 
+    /// The span of an attempt the reaper ended (its lease expired before
+    /// the worker reported back): the attempt's own span id, parent and
+    /// link, so the chain of attempts has no hole when the worker died
+    /// (its span was never exported), with the reap's outcome and retry
+    /// decision. Its times are the reap's: when the attempt really started
+    /// is not known here.
+    pub(crate) fn reaped(&self, run: &Run, lease_id: LeaseId, outcome: &Outcome) {
+        let cx = self.attempt(run, lease_id);
+        cx.span().set_attributes([
+            KeyValue::new("docket.reaped", true),
+            KeyValue::new("docket.worker", run.worker.clone().unwrap_or_default()),
+        ]);
+        end_attempt(&cx, outcome);
+    }
+
     /// A client span for one outgoing request, a child of `parent`.
     pub(crate) fn request(
         &self,
@@ -277,16 +292,32 @@ impl Telemetry {
     }
 
     /// The span of an operator action on `run` (retry, skip, approve, …),
-    /// in the run's trace, with who and the comment.
+    /// with who and the comment: a child of the caller's context when the
+    /// command came with one (linked to the run's trace, so both traces
+    /// lead to each other), else a span of the run's trace.
     pub(crate) fn operator(
         &self,
         run: &Run,
         command: &str,
         actor: &str,
         comment: Option<&str>,
+        caller: Option<&TraceContext>,
         started: std::time::SystemTime,
     ) {
-        let parent = run.trace.as_ref().and_then(extract);
+        let stored = run.trace.as_ref().and_then(extract);
+        let caller = caller.and_then(extract);
+        let link = match (&caller, &stored) {
+            (Some(_), Some(s)) => Some(s.span().span_context().clone()),
+            (Some(_), None) => Some(SpanContext::new(
+                TraceId::from_bytes(run.id.0.into_bytes()),
+                attempt_span_id(run.id, run.attempt.max(1)),
+                opentelemetry::trace::TraceFlags::SAMPLED,
+                false,
+                TraceState::default(),
+            )),
+            _ => None,
+        };
+        let parent = caller.or(stored);
         let mut b = self
             .tracer
             .span_builder(format!("docket operator {command}"))
@@ -303,6 +334,9 @@ impl Telemetry {
             b.attributes
                 .get_or_insert_with(Vec::new)
                 .push(KeyValue::new("docket.operator.comment", c.to_string()));
+        }
+        if let Some(l) = link {
+            b = b.with_links(vec![Link::with_context(l)]);
         }
         if parent.is_none() {
             b.trace_id = Some(TraceId::from_bytes(run.id.0.into_bytes()));

@@ -12,8 +12,8 @@ use axum::Router;
 use docket::http::HttpJobs;
 use docket::telemetry::attempt_span_id;
 use docket::{
-    Docket, ManualClock, RunStatus, Telemetry, TelemetryConfig, Timestamp, TraceContext,
-    TriggerOptions, WorkerConfig,
+    Actor, Ctx, Docket, Job, JobError, ManualClock, Reconciled, RetryPolicy, RunStatus, Telemetry,
+    TelemetryConfig, Timestamp, TraceContext, TriggerOptions, WorkerConfig,
 };
 use docket_store::sqlite::SqliteStore;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
@@ -21,8 +21,9 @@ use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
 use opentelemetry_proto::tonic::trace::v1::Span;
 use prost::Message;
 use serde_json::json;
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 const T0: Timestamp = Timestamp(1_767_225_600_000);
@@ -401,4 +402,264 @@ async fn with_traces_off_the_stored_context_is_passed_on_and_an_invalid_one_igno
         endpoint.seen(),
         vec![(Some(given.traceparent), given.tracestate), (None, None)]
     );
+}
+
+/// A Rust job `flow`: step `prepare`, the ledger-guarded action `charge`
+/// (its first call times out after the effect landed, so the next attempt
+/// reconciles it: committed), then step `finish`, which fails permanently
+/// while `broken` is set.
+fn flow_job(charges: Arc<AtomicU32>, broken: Arc<AtomicBool>) -> Job {
+    Job::new("flow", move |ctx: Ctx, _input: serde_json::Value| {
+        let (charges, broken) = (charges.clone(), broken.clone());
+        async move {
+            ctx.step("prepare", || async { Ok::<_, JobError>(1) })
+                .await?;
+            ctx.action_with_reconcile(
+                "charge",
+                "charge-key-1",
+                None,
+                |_key| async { Ok(Reconciled::Committed(json!({ "charge": "ch_1" }))) },
+                move |_key| async move {
+                    charges.fetch_add(1, Ordering::SeqCst);
+                    Err::<serde_json::Value, _>(JobError::timeout("no answer from the provider"))
+                },
+            )
+            .await?;
+            ctx.step("finish", || async move {
+                if broken.load(Ordering::SeqCst) {
+                    Err(JobError::permanent("the card is blocked"))
+                } else {
+                    Ok(2)
+                }
+            })
+            .await?;
+            Ok::<_, JobError>(json!({}))
+        }
+    })
+    .retry(RetryPolicy {
+        name: "fast".into(),
+        base_delay_ms: 1000,
+        multiplier: 1.0,
+        max_delay_ms: 1000,
+        max_attempts: 5,
+        jitter_ms: 0,
+        overrides: BTreeMap::new(),
+    })
+}
+
+/// Step spans, the reconcile of a ledger-guarded action, and an operator
+/// retry given in the caller's trace: a span there with who and the
+/// comment, linked to the run's trace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn steps_reconciled_actions_and_operator_actions_are_spans() {
+    let (collector, endpoint_url) = Collector::start().await;
+    let (d, clock) = engine("http://127.0.0.1:9/unused");
+    let charges = Arc::new(AtomicU32::new(0));
+    let broken = Arc::new(AtomicBool::new(true));
+    d.register(flow_job(charges.clone(), broken.clone()))
+        .unwrap();
+    d.set_telemetry(
+        Telemetry::otlp(TelemetryConfig {
+            endpoint: Some(endpoint_url),
+            ..Default::default()
+        })
+        .unwrap(),
+    )
+    .unwrap();
+    let telemetry = d.telemetry().unwrap().clone();
+    let run = d.trigger("flow", json!({})).await.unwrap().run;
+    let failed = run_to_end(&d, &clock, run.id).await;
+    assert_eq!(failed.status, RunStatus::Failed);
+    assert_eq!(failed.attempt, 2, "attempt 1 timed out, attempt 2 failed");
+    assert_eq!(
+        charges.load(Ordering::SeqCst),
+        1,
+        "reconciled, not repeated"
+    );
+    broken.store(false, Ordering::SeqCst);
+    d.retry(
+        run.id,
+        None,
+        Actor::new("ops-alice", Some("card unblocked".into())).with_trace(Some(caller_context())),
+    )
+    .await
+    .unwrap();
+    let done = run_to_end(&d, &clock, run.id).await;
+    assert_eq!(done.status, RunStatus::Completed);
+    flush(&telemetry).await.unwrap();
+    let spans = collector.spans();
+    let names: Vec<&String> = spans.iter().map(|s| &s.name).collect();
+    let attempt = |n: u32| {
+        spans
+            .iter()
+            .find(|s| s.span_id == attempt_span_id(run.id, n).to_bytes().to_vec())
+            .unwrap_or_else(|| panic!("attempt {n}: {names:?}"))
+    };
+    let run_trace = attempt(1).trace_id.clone();
+    let under = |name: &str, n: u32| -> &Span {
+        spans
+            .iter()
+            .find(|s| s.name == name && s.parent_span_id == attempt(n).span_id)
+            .unwrap_or_else(|| panic!("no {name} under attempt {n}: {names:?}"))
+    };
+
+    // Steps: a span per step per attempt, with how it went.
+    let prepare = under("docket step prepare", 1);
+    assert_eq!(attr(prepare, "docket.step").as_deref(), Some("prepare"));
+    assert_eq!(attr(prepare, "docket.result").as_deref(), Some("done"));
+    assert_eq!(prepare.trace_id, run_trace);
+    let finish = under("docket step finish", 2);
+    assert_eq!(attr(finish, "error.type").as_deref(), Some("permanent"));
+    assert_eq!(
+        finish.status.as_ref().map(|s| s.code),
+        Some(2),
+        "STATUS_CODE_ERROR"
+    );
+    let finish = under("docket step finish", 3);
+    assert_eq!(attr(finish, "docket.result").as_deref(), Some("done"));
+
+    // The action: sent in attempt 1 (outcome unknown), reconciled in 2.
+    let sent = under("docket action charge", 1);
+    assert_eq!(
+        attr(sent, "docket.idempotency_key").as_deref(),
+        Some("charge-key-1")
+    );
+    assert_eq!(
+        attr(sent, "docket.ledger.begin").as_deref(),
+        Some("acquired")
+    );
+    assert_eq!(attr(sent, "error.type").as_deref(), Some("timeout"));
+    let reconciled = under("docket action charge", 2);
+    assert_eq!(
+        attr(reconciled, "docket.ledger.begin").as_deref(),
+        Some("acquired_to_reconcile")
+    );
+    assert_eq!(
+        attr(reconciled, "docket.reconcile").as_deref(),
+        Some("committed")
+    );
+    assert_eq!(attr(reconciled, "docket.result").as_deref(), Some("done"));
+    let replayed = under("docket action charge", 3);
+    assert_eq!(
+        attr(replayed, "docket.ledger.begin").as_deref(),
+        Some("replayed")
+    );
+
+    // The operator's retry: in the caller's trace, who and why, linked to
+    // the run's trace.
+    let op = spans
+        .iter()
+        .find(|s| s.name == "docket operator retry")
+        .unwrap_or_else(|| panic!("no operator span: {names:?}"));
+    assert_eq!(hex(&op.trace_id), TRACE_ID);
+    assert_eq!(hex(&op.parent_span_id), CALLER_SPAN);
+    assert_eq!(
+        attr(op, "docket.operator.actor").as_deref(),
+        Some("ops-alice")
+    );
+    assert_eq!(
+        attr(op, "docket.operator.comment").as_deref(),
+        Some("card unblocked")
+    );
+    assert_eq!(attr(op, "docket.run_id"), Some(run.id.to_string()));
+    assert_eq!(op.links.len(), 1, "linked to the run's trace");
+    assert_eq!(op.links[0].trace_id, run_trace);
+    // The retried attempt stays in the run's trace.
+    assert_eq!(attempt(3).trace_id, run_trace);
+    assert_eq!(telemetry.spans_dropped(), 0);
+}
+
+/// An attempt whose worker died: the reaper ends it (lease expired) and
+/// writes its span — the attempt's own span id, so the next attempt's link
+/// leads somewhere — with the retry decision.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attempt_ended_by_the_reaper_is_a_span_with_the_retry_decision() {
+    let (collector, endpoint_url) = Collector::start().await;
+    let (endpoint, url) = Endpoint::start(&[]).await;
+    let (d, clock) = engine(&url);
+    d.set_telemetry(
+        Telemetry::otlp(TelemetryConfig {
+            endpoint: Some(endpoint_url),
+            ..Default::default()
+        })
+        .unwrap(),
+    )
+    .unwrap();
+    let telemetry = d.telemetry().unwrap().clone();
+    let run = d
+        .trigger_with(
+            "call",
+            json!({}),
+            TriggerOptions {
+                trace: Some(caller_context()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap()
+        .run;
+    // A worker claims attempt 1 and dies (it never reports back).
+    let claimed = d
+        .store()
+        .claim(docket_store::ClaimRequest {
+            jobs: vec!["call".into()],
+            limit: 1,
+            now: d.clock().now(),
+            lease_ms: 5_000,
+            worker: "doomed".into(),
+            tenant: None,
+        })
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 1);
+    let lease = claimed[0].lease_id.unwrap();
+    clock.advance_millis(6_000);
+    assert_eq!(d.reap_expired().await.unwrap(), 1);
+    // Reaping again (another node, the same expired lease) adds no span.
+    assert_eq!(d.reap_expired().await.unwrap(), 0);
+    clock.advance_millis(1_000);
+    let done = run_to_end(&d, &clock, run.id).await;
+    assert_eq!(done.status, RunStatus::Completed);
+    assert_eq!(done.attempt, 2);
+    assert_eq!(endpoint.seen().len(), 1);
+    flush(&telemetry).await.unwrap();
+
+    let spans = collector.spans();
+    let first = attempt_span_id(run.id, 1).to_bytes().to_vec();
+    let reaped: Vec<&Span> = spans.iter().filter(|s| s.span_id == first).collect();
+    assert_eq!(reaped.len(), 1, "one span for the reaped attempt");
+    let reaped = reaped[0];
+    assert_eq!(reaped.name, "docket attempt call");
+    assert_eq!(hex(&reaped.trace_id), TRACE_ID);
+    assert_eq!(
+        attr(reaped, "docket.reaped").as_deref(),
+        Some("BoolValue(true)")
+    );
+    assert_eq!(attr(reaped, "docket.worker").as_deref(), Some("doomed"));
+    assert_eq!(attr(reaped, "docket.lease_id"), Some(lease.to_string()));
+    assert_eq!(attr(reaped, "docket.attempt").as_deref(), Some("1"));
+    assert_eq!(
+        attr(reaped, "docket.outcome").as_deref(),
+        Some("retry_scheduled")
+    );
+    assert_eq!(attr(reaped, "error.type").as_deref(), Some("lease_expired"));
+    assert_eq!(
+        attr(reaped, "docket.retry.delay_ms").as_deref(),
+        Some("1000")
+    );
+    assert!(attr(reaped, "docket.retry.policy").is_some());
+    assert!(attr(reaped, "docket.retry.eligible_at").is_some());
+    let trigger = spans
+        .iter()
+        .find(|s| s.name == "docket trigger call")
+        .expect("trigger span");
+    assert_eq!(reaped.parent_span_id, trigger.span_id);
+    // The next attempt links to it, as to any attempt before it.
+    let second = spans
+        .iter()
+        .find(|s| s.span_id == attempt_span_id(run.id, 2).to_bytes().to_vec())
+        .expect("attempt 2");
+    assert_eq!(second.links.len(), 1);
+    assert_eq!(second.links[0].span_id, first);
+    assert_eq!(attr(second, "docket.outcome").as_deref(), Some("completed"));
 }

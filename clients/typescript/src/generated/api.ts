@@ -1274,6 +1274,15 @@ export interface components {
              * @description The job's handler timeout.
              */
             timeout_ms: number;
+            /**
+             * @description The W3C trace context the run was triggered in (the trigger span's,
+             *     when the server exports traces): the worker's own spans for this
+             *     attempt and the `traceparent` of its outgoing calls continue this
+             *     trace. Absent when the run has none.
+             */
+            traceparent?: string | null;
+            /** @description The W3C trace state that goes with `traceparent`. */
+            tracestate?: string | null;
             /** @description Any JSON. */
             variables: unknown;
         };
@@ -2201,7 +2210,12 @@ export interface operations {
     bpm_cmd: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description W3C trace context: the operator action (retry, skip, cancel) becomes a span in this trace, linked to the run's (an invalid value is ignored) */
+                traceparent?: string | null;
+                /** @description W3C trace state, kept with `traceparent` */
+                tracestate?: string | null;
+            };
             path?: never;
             cookie?: never;
         };
@@ -2606,7 +2620,12 @@ export interface operations {
     core_cmd: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description W3C trace context: the operator action (retry, skip, cancel) becomes a span in this trace, linked to the run's (an invalid value is ignored) */
+                traceparent?: string | null;
+                /** @description W3C trace state, kept with `traceparent` */
+                tracestate?: string | null;
+            };
             path?: never;
             cookie?: never;
         };

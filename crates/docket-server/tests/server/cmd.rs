@@ -351,3 +351,111 @@ async fn skip_cancel_not_found_and_bad_envelopes() {
     assert_eq!(v["statusCode"], "99");
     s.stop().await;
 }
+
+/// Keeps every span it is given (no collector needed).
+#[derive(Clone, Debug, Default)]
+struct Keep(std::sync::Arc<std::sync::Mutex<Vec<opentelemetry_sdk::trace::SpanData>>>);
+
+impl opentelemetry_sdk::trace::SpanExporter for Keep {
+    fn export(
+        &self,
+        batch: Vec<opentelemetry_sdk::trace::SpanData>,
+    ) -> impl std::future::Future<Output = opentelemetry_sdk::error::OTelSdkResult> + Send {
+        self.0.lock().unwrap().extend(batch);
+        std::future::ready(Ok(()))
+    }
+}
+
+/// A command given with a `traceparent` is a span in the caller's trace
+/// (who and the comment as attributes), linked to the run's trace; an
+/// invalid one is ignored (the span is then in the run's trace).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_with_a_traceparent_is_a_span_in_the_callers_trace() {
+    use opentelemetry::trace::TraceId;
+    let s = TestServer::start_with(Opts {
+        worker: false,
+        ..Opts::default()
+    })
+    .await;
+    let kept = Keep::default();
+    s.docket
+        .set_telemetry(docket::Telemetry::with_exporter(kept.clone(), None))
+        .unwrap();
+    let caller_trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let mut run_traces = Vec::new();
+    for (path, traceparent) in [
+        (
+            "/api/core/cmd",
+            format!("00-{caller_trace}-00f067aa0ba902b7-01"),
+        ),
+        ("/api/bpm/cmd", "00-not-valid-01".to_string()),
+    ] {
+        let id = s.trigger("noop", json!(1)).await;
+        let run: docket::RunId = id.parse().unwrap();
+        run_traces.push(s.docket.get_run(run).await.unwrap().trace.unwrap());
+        let res = s
+            .http
+            .post(s.url(path))
+            .bearer_auth(&s.a)
+            .header("traceparent", traceparent)
+            .header("tracestate", "vendor=abc")
+            .json(&json!({
+                "cmd": "CancelProcessInstanceCommand",
+                "data": {"instanceGuid": id, "comment": "duplicate order"},
+            }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::OK, "{path}");
+    }
+    let t = s.docket.telemetry().unwrap().clone();
+    tokio::task::spawn_blocking(move || t.force_flush())
+        .await
+        .unwrap()
+        .unwrap();
+    let spans = kept.0.lock().unwrap().clone();
+    let ops: Vec<_> = spans
+        .iter()
+        .filter(|s| s.name == "docket operator cancel")
+        .collect();
+    assert_eq!(
+        ops.len(),
+        2,
+        "{:?}",
+        spans.iter().map(|s| &s.name).collect::<Vec<_>>()
+    );
+    let attr = |s: &opentelemetry_sdk::trace::SpanData, k: &str| {
+        s.attributes
+            .iter()
+            .find(|a| a.key.as_str() == k)
+            .map(|a| a.value.to_string())
+    };
+    let trace_of = |tp: &str| TraceId::from_hex(tp.split('-').nth(1).unwrap()).unwrap();
+    // With the caller's context: its child, linked to the run's trace.
+    let given = ops
+        .iter()
+        .find(|o| o.span_context.trace_id() == trace_of(&format!("00-{caller_trace}-")))
+        .expect("the command's span is in the caller's trace");
+    assert_eq!(given.parent_span_id.to_string(), "00f067aa0ba902b7");
+    assert_eq!(
+        attr(given, "docket.operator.actor").as_deref(),
+        Some("alice")
+    );
+    assert_eq!(
+        attr(given, "docket.operator.comment").as_deref(),
+        Some("duplicate order")
+    );
+    assert_eq!(given.links.len(), 1);
+    assert_eq!(
+        given.links[0].span_context.trace_id(),
+        trace_of(&run_traces[0].traceparent)
+    );
+    // An invalid one: ignored, the span is in the run's trace, unlinked.
+    let other = ops.iter().find(|o| !std::ptr::eq(**o, *given)).unwrap();
+    assert_eq!(
+        other.span_context.trace_id(),
+        trace_of(&run_traces[1].traceparent)
+    );
+    assert!(other.links.is_empty());
+    s.stop().await;
+}

@@ -1107,3 +1107,47 @@ fn deep_json(depth: usize) -> Value {
     }
     v
 }
+
+/// The claim answer carries the run's trace context, so a remote worker
+/// continues the trace the run was triggered in; a run without one has
+/// neither field.
+async fn claim_carries_the_trace_context(db: Option<String>) {
+    let (s, w) = setup_on(db).await;
+    let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let res = s
+        .http
+        .post(s.url("/api/runs"))
+        .bearer_auth(&s.a)
+        .header("traceparent", traceparent)
+        .header("tracestate", "vendor=abc")
+        .json(&json!({ "job": "remote-steps", "input": {} }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED);
+    let traced: Value = res.json().await.unwrap();
+    let run = claim_one(&s, &w, "w1", "remote-steps").await;
+    assert_eq!(run["run_id"], traced["run"]["id"]);
+    assert_eq!(run["traceparent"], traceparent, "{run}");
+    assert_eq!(run["tracestate"], "vendor=abc", "{run}");
+
+    s.post("/api/runs", json!({ "job": "remote-steps", "input": {} }))
+        .await;
+    let plain = claim_one(&s, &w, "w1", "remote-steps").await;
+    assert_ne!(plain["run_id"], run["run_id"]);
+    assert!(plain.get("traceparent").is_none(), "{plain}");
+    assert!(plain.get("tracestate").is_none(), "{plain}");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn claim_carries_the_trace_context_sqlite() {
+    claim_carries_the_trace_context(None).await;
+}
+
+#[tokio::test]
+async fn claim_carries_the_trace_context_postgres() {
+    if let Some(db) = postgres() {
+        claim_carries_the_trace_context(Some(db)).await;
+    }
+}

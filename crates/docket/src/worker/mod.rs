@@ -941,12 +941,23 @@ impl Docket {
                 outcome: decide(&job, run, lease_id, err, now),
             });
         }
+        // Traces on: the reaped attempts' spans, written once the reap is
+        // known to be this call's (a reap lost to another node adds none).
+        let traced = self.telemetry().map(|t| {
+            (
+                t.clone(),
+                ends.iter().map(|e| e.outcome.clone()).collect::<Vec<_>>(),
+            )
+        });
         let results = self.store().reap(ends).await?;
         let mut n = 0;
-        for (r, run) in results.iter().zip(&expired) {
+        for (i, (r, run)) in results.iter().zip(&expired).enumerate() {
             match r {
                 Ok(Some(_)) => {
                     n += 1;
+                    if let (Some((t, outcomes)), Some(lease)) = (&traced, run.lease_id) {
+                        t.reaped(run, lease, &outcomes[i]);
+                    }
                     let _ = self.inner.changes.send(run.id);
                 }
                 // Reaped elsewhere, ended or extended meanwhile: nothing to do.
