@@ -17,8 +17,8 @@ use crate::worker::{attempt_outcome, concurrency_room, input_check};
 use crate::{Ctx, Docket, Error, Job, JobError, Reconciled, Result, Stepped};
 use docket_core::{ErrorClass, RunId, RunStatus, TerminalReason, Timestamp};
 use docket_store::{
-    AttemptEnd, ClaimRequest, LeaseRef, Outcome, RetryRecord, Run, RunFilter, StepStatus, StoreError,
-    WorkerSeen,
+    AttemptEnd, ClaimRequest, LeaseRef, Outcome, RetryRecord, Run, RunFilter, StepStatus,
+    StoreError, WorkerSeen,
 };
 use serde_json::Value;
 use std::collections::BTreeMap;

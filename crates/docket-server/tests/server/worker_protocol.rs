@@ -1113,7 +1113,18 @@ fn deep_json(depth: usize) -> Value {
 /// nothing (even two at once), and an ended run frees its place.
 #[tokio::test]
 async fn a_remote_jobs_concurrency_caps_claims_across_workers() {
-    let (s, w) = setup().await;
+    concurrency_caps(None).await;
+}
+
+#[tokio::test]
+async fn a_remote_jobs_concurrency_caps_claims_across_workers_postgres() {
+    if let Some(db) = postgres() {
+        concurrency_caps(Some(db)).await;
+    }
+}
+
+async fn concurrency_caps(db: Option<String>) {
+    let (s, w) = setup_on(db).await;
     s.docket
         .register(Job::remote("remote-limited").retry(fast()).concurrency(2))
         .unwrap();
