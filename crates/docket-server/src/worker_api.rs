@@ -244,13 +244,25 @@ pub struct StepRequest {
 pub struct StepGetResponse {
     /// Whether the step is stored (completed or skipped).
     pub found: bool,
-    /// `completed` or `skipped`, when found.
+    /// `completed` or `skipped`, when found; the run's status (`cancelled`)
+    /// when the server ended the attempt.
     pub status: Option<String>,
     /// The completed step's result.
     #[schema(value_type = Object)]
     pub result: Option<Value>,
     /// The operator's comment on a skipped step.
     pub comment: Option<String>,
+    /// `cancelled`: the step is not stored and an operator asked to cancel
+    /// the run, so no new step starts — the server ended the attempt, as
+    /// `actions/begin` does. Stop the handler and do not call `end`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub decision: Option<String>,
+    /// True when the server ended the attempt (with `decision`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attempt_ended: Option<bool>,
+    /// Why the server ended the attempt, in words.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
 }
 
 /// `POST /api/worker/v1/runs/{id}/steps/complete`.
@@ -993,7 +1005,7 @@ pub async fn end(
     params(("id" = String, Path, description = "The run's id")),
     request_body = StepRequest,
     responses(
-        (status = 200, description = "The step, if stored", body = StepGetResponse),
+        (status = 200, description = "The step, if stored; or the attempt ended by the server (a cancel was requested and the step is not stored)", body = StepGetResponse),
         (status = 403, description = "Not a worker token (`forbidden`, field `scope`)", body = ErrorBody),
         (status = 404, description = "No such run in the caller's tenant", body = ErrorBody),
         (status = 409, description = "The lease no longer holds the run (`stale_lease`)", body = ErrorBody),
@@ -1018,19 +1030,43 @@ pub async fn step_get(
             status: Some("completed".into()),
             result: Some(v),
             comment: None,
+            decision: None,
+            attempt_ended: None,
+            message: None,
         },
         StepFound::Skipped(comment) => StepGetResponse {
             found: true,
             status: Some("skipped".into()),
             result: None,
             comment,
+            decision: None,
+            attempt_ended: None,
+            message: None,
         },
         StepFound::Missing => StepGetResponse {
             found: false,
             status: None,
             result: None,
             comment: None,
+            decision: None,
+            attempt_ended: None,
+            message: None,
         },
+        StepFound::Ended(answer) => {
+            // The attempt ended on the server: wake SSE subscribers, as the
+            // action calls' endings do.
+            state.hub.nudge();
+            let a = action_view(answer);
+            StepGetResponse {
+                found: false,
+                status: a.status,
+                result: None,
+                comment: None,
+                decision: Some(a.decision),
+                attempt_ended: a.attempt_ended,
+                message: a.message,
+            }
+        }
     }))
 }
 

@@ -152,7 +152,9 @@ impl Job {
 
     /// Limits how many runs of this job one worker runs (and holds) at once;
     /// the worker claims no more of them than that. The limit is per worker
-    /// process, not across the cluster.
+    /// process, not across the cluster — except for a remote job, whose
+    /// limit caps the job's running runs in the store across all remote
+    /// workers (checked at each worker-protocol claim).
     pub fn concurrency(mut self, limit: usize) -> Self {
         self.concurrency = Some(limit.max(1));
         self

@@ -105,6 +105,9 @@ pub(crate) struct Inner {
     /// Wakes the worker protocol's long polls (`remote.rs`), started by
     /// the first one.
     pub(crate) remote_wake: tokio::sync::OnceCell<remote::RemoteWake>,
+    /// Serialises this process's remote claims of jobs with a concurrency
+    /// limit, so two claims at once cannot both take the last free room.
+    pub(crate) remote_claim_lock: tokio::sync::Mutex<()>,
 
     /// What this process's scheduler fired and skipped (`/metrics`).
     pub(crate) schedule_counters: Mutex<ScheduleCounters>,
@@ -173,6 +176,7 @@ impl Docket {
                 max_input_bytes: AtomicUsize::new(DEFAULT_MAX_INPUT_BYTES),
                 store_errors: Mutex::new(Default::default()),
                 remote_wake: tokio::sync::OnceCell::new(),
+                remote_claim_lock: tokio::sync::Mutex::new(()),
 
                 schedule_counters: Mutex::new(Default::default()),
 

@@ -13,12 +13,12 @@
 
 use crate::ctx::ActionStart;
 use crate::error::Control;
-use crate::worker::{attempt_outcome, input_check};
+use crate::worker::{attempt_outcome, concurrency_room, input_check};
 use crate::{Ctx, Docket, Error, Job, JobError, Reconciled, Result, Stepped};
 use docket_core::{ErrorClass, RunId, RunStatus, TerminalReason, Timestamp};
 use docket_store::{
-    AttemptEnd, ClaimRequest, LeaseRef, Outcome, RetryRecord, Run, StepStatus, StoreError,
-    WorkerSeen,
+    AttemptEnd, ClaimRequest, LeaseRef, Outcome, RetryRecord, Run, RunFilter, StepStatus,
+    StoreError, WorkerSeen,
 };
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -136,6 +136,10 @@ pub enum StepFound {
     Skipped(Option<String>),
     /// Not stored (or failed earlier: it runs again).
     Missing,
+    /// Not stored, and an operator asked to cancel the run: no new step
+    /// starts, so the server ended the attempt (the run is `cancelled`) —
+    /// the same answer `actions/begin` gives.
+    Ended(ActionAnswer),
 }
 
 /// The answer to an action call.
@@ -252,24 +256,67 @@ impl Docket {
     }
 
     async fn remote_claim_once(&self, req: &RemoteClaim) -> Result<Vec<ClaimedRun>> {
+        let max = req.max.clamp(1, MAX_CLAIM);
+        // As in the in-process worker (`claim_requests`): jobs without a
+        // limit share one request per lease length; a job with a
+        // concurrency limit gets its own, capped by its free room. Remote
+        // workers are many processes, so the room counts the job's running
+        // runs in the store (every tenant's), not one worker's.
         let mut by_lease: BTreeMap<Duration, Vec<String>> = BTreeMap::new();
+        let mut limited: Vec<(Duration, String, usize)> = Vec::new();
+        let mut jobs = Vec::new();
         for name in &req.jobs {
-            let j = self.remote_job(name)?;
-            by_lease.entry(j.lease).or_default().push(name.clone());
+            jobs.push((name.clone(), self.remote_job(name)?));
+        }
+        // Held across the count and the claim, so two claims in this
+        // process cannot both take the last free room.
+        let _serial = if jobs.iter().any(|(_, j)| j.concurrency.is_some()) {
+            Some(self.inner.remote_claim_lock.lock().await)
+        } else {
+            None
+        };
+        for (name, j) in jobs {
+            let held = match j.concurrency {
+                Some(limit) => self
+                    .store()
+                    .list_runs(RunFilter {
+                        statuses: vec![RunStatus::Running],
+                        job: Some(name.clone()),
+                        limit,
+                        ..RunFilter::default()
+                    })
+                    .await?
+                    .len(),
+                None => 0,
+            };
+            match concurrency_room(j.concurrency, held) {
+                None => by_lease.entry(j.lease).or_default().push(name),
+                Some(0) => {}
+                Some(room) => limited.push((j.lease, name, room.min(max))),
+            }
         }
         let now = self.clock().now();
-        let max = req.max.clamp(1, MAX_CLAIM);
-        let claims: Vec<ClaimRequest> = by_lease
+        let request = |lease: Duration, jobs: Vec<String>, limit: usize| ClaimRequest {
+            jobs,
+            limit,
+            now,
+            lease_ms: i64::try_from(lease.as_millis()).unwrap_or(i64::MAX),
+            worker: req.worker.clone(),
+            tenant: req.tenant.clone(),
+        };
+        let mut claims: Vec<ClaimRequest> = by_lease
             .into_iter()
-            .map(|(lease, jobs)| ClaimRequest {
-                jobs,
-                limit: max,
-                now,
-                lease_ms: i64::try_from(lease.as_millis()).unwrap_or(i64::MAX),
-                worker: req.worker.clone(),
-                tenant: req.tenant.clone(),
-            })
+            .map(|(lease, jobs)| request(lease, jobs, max))
             .collect();
+        claims.extend(
+            limited
+                .into_iter()
+                .map(|(lease, job, room)| request(lease, vec![job], room)),
+        );
+        if claims.is_empty() {
+            // Every asked job is at its limit.
+            return Ok(Vec::new());
+        }
         let (_, runs) = self.store().finish_and_claim(Vec::new(), claims).await?;
         let mut out = Vec::with_capacity(runs.len());
         let mut invalid = Vec::new();
@@ -631,7 +678,7 @@ impl Docket {
         lease: LeaseRef,
         name: &str,
     ) -> Result<StepFound> {
-        let (run, _) = self.remote_run(tenant, lease).await?;
+        let (run, job) = self.remote_run(tenant, lease).await?;
         self.remote_fence(&run, lease, None).await?;
         let steps = self.store().steps(run.id).await?;
         Ok(match steps.into_iter().find(|s| s.name == name) {
@@ -639,6 +686,17 @@ impl Docket {
                 StepFound::Completed(s.result.unwrap_or(Value::Null))
             }
             Some(s) if s.status == StepStatus::Skipped => StepFound::Skipped(s.comment),
+            // As in-process (`Ctx::step`): a stored step replays even after
+            // a cancel, but no new one starts. Without this a worker whose
+            // steps are all new would learn of the cancel only from its
+            // next heartbeat or `steps/complete`, after running the step.
+            _ if run.cancel_requested => {
+                let e = JobError::control(
+                    Control::Cancelled,
+                    "cancel requested: stopping at this step boundary",
+                );
+                StepFound::Ended(self.remote_suspend(&run, &job, lease, e).await?)
+            }
             _ => StepFound::Missing,
         })
     }

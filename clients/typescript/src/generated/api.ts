@@ -2081,13 +2081,26 @@ export interface components {
         };
         /** @description A stored step. */
         StepGetResponse: {
+            /** @description True when the server ended the attempt (with `decision`). */
+            attempt_ended?: boolean | null;
             /** @description The operator's comment on a skipped step. */
             comment?: string | null;
+            /**
+             * @description `cancelled`: the step is not stored and an operator asked to cancel
+             *     the run, so no new step starts — the server ended the attempt, as
+             *     `actions/begin` does. Stop the handler and do not call `end`.
+             */
+            decision?: string | null;
             /** @description Whether the step is stored (completed or skipped). */
             found: boolean;
+            /** @description Why the server ended the attempt, in words. */
+            message?: string | null;
             /** @description Any JSON. */
             result: unknown;
-            /** @description `completed` or `skipped`, when found. */
+            /**
+             * @description `completed` or `skipped`, when found; the run's status (`cancelled`)
+             *     when the server ended the attempt.
+             */
             status?: string | null;
         };
         /** @description A call on a step. */
@@ -5554,7 +5567,7 @@ export interface operations {
             };
         };
         responses: {
-            /** @description The step, if stored */
+            /** @description The step, if stored; or the attempt ended by the server (a cancel was requested and the step is not stored) */
             200: {
                 headers: {
                     [name: string]: unknown;

@@ -88,6 +88,11 @@ fn postgres() -> Option<String> {
             uuid::Uuid::now_v7().simple()
         )),
         _ => {
+            // CI fails, never skips, without PostgreSQL.
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "CI is set but DOCKET_TEST_POSTGRES_URL is not: the PostgreSQL variants must run"
+            );
             eprintln!("skipping: set DOCKET_TEST_POSTGRES_URL=postgres://postgres@127.0.0.1:5432/test to run the PostgreSQL variant");
             None
         }
@@ -1150,4 +1155,110 @@ async fn claim_carries_the_trace_context_postgres() {
     if let Some(db) = postgres() {
         claim_carries_the_trace_context(Some(db)).await;
     }
+}
+
+/// A remote job's `concurrency` caps its running runs across every remote
+/// worker: claims take only the free room, a claim at the limit gets
+/// nothing (even two at once), and an ended run frees its place.
+#[tokio::test]
+async fn a_remote_jobs_concurrency_caps_claims_across_workers() {
+    concurrency_caps(None).await;
+}
+
+#[tokio::test]
+async fn a_remote_jobs_concurrency_caps_claims_across_workers_postgres() {
+    if let Some(db) = postgres() {
+        concurrency_caps(Some(db)).await;
+    }
+}
+
+async fn concurrency_caps(db: Option<String>) {
+    let (s, w) = setup_on(db).await;
+    s.docket
+        .register(Job::remote("remote-limited").retry(fast()).concurrency(2))
+        .unwrap();
+    for i in 0..4 {
+        s.trigger("remote-limited", json!({ "i": i })).await;
+    }
+    let first = claim(&s, &w, "ts-1", &["remote-limited"], 0).await;
+    assert_eq!(first.len(), 2, "the limit is 2: {first:?}");
+    // Another worker (same tenant) at the limit: nothing, even when two
+    // claim at once.
+    let (a, b) = tokio::join!(
+        claim(&s, &w, "ts-2", &["remote-limited"], 0),
+        claim(&s, &w, "ts-3", &["remote-limited"], 0)
+    );
+    assert_eq!(a.len() + b.len(), 0, "{a:?} {b:?}");
+    // One ends: exactly one place is free, and two racing claims share it.
+    let (st, e) = end(&s, &w, &first[0], json!({ "outcome": "completed" })).await;
+    assert_eq!(st, StatusCode::OK, "{e}");
+    let (a, b) = tokio::join!(
+        claim(&s, &w, "ts-2", &["remote-limited"], 0),
+        claim(&s, &w, "ts-3", &["remote-limited"], 0)
+    );
+    assert_eq!(a.len() + b.len(), 1, "{a:?} {b:?}");
+    // A job without a limit in the same claim is not held back.
+    s.trigger("remote-steps", json!({})).await;
+    let mixed = claim(&s, &w, "ts-2", &["remote-limited", "remote-steps"], 0).await;
+    assert_eq!(mixed.len(), 1, "{mixed:?}");
+    assert_eq!(mixed[0]["job"], "remote-steps");
+    s.stop().await;
+}
+
+/// `steps/get` of a step not stored after an operator's cancel ends the
+/// attempt on the server (`cancelled`, like `actions/begin`), so a worker
+/// learns of the cancel before running the step; a stored step still
+/// replays first.
+#[tokio::test]
+async fn steps_get_after_a_cancel_ends_the_attempt() {
+    let (s, w) = setup().await;
+    let id = s.trigger("remote-steps", json!({})).await;
+    let run = claim_one(&s, &w, "ts-1", "remote-steps").await;
+    let (st, v) = post(
+        &s,
+        &w,
+        &path(&run, "steps/complete"),
+        json!({ "lease_id": lease(&run), "name": "a", "result": 1 }),
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    let (st, _) = s.post(&format!("/api/runs/{id}/cancel"), json!({})).await;
+    assert_eq!(st, StatusCode::OK);
+    // A stored step replays, as in-process.
+    let (st, g) = post(
+        &s,
+        &w,
+        &path(&run, "steps/get"),
+        json!({ "lease_id": lease(&run), "name": "a" }),
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK, "{g}");
+    assert_eq!(g["found"], true, "{g}");
+    assert_eq!(g["result"], 1);
+    assert!(g.get("attempt_ended").is_none(), "{g}");
+    // A new one does not start: the server ends the attempt.
+    let (st, g) = post(
+        &s,
+        &w,
+        &path(&run, "steps/get"),
+        json!({ "lease_id": lease(&run), "name": "b" }),
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK, "{g}");
+    assert_eq!(g["found"], false, "{g}");
+    assert_eq!(g["decision"], "cancelled", "{g}");
+    assert_eq!(g["attempt_ended"], true);
+    assert_eq!(g["status"], "cancelled");
+    let r = s.until(&id, &["cancelled"]).await;
+    assert_eq!(r["status"], "cancelled");
+    // The lease is gone: a later call is refused.
+    let (st, v) = post(
+        &s,
+        &w,
+        &path(&run, "steps/get"),
+        json!({ "lease_id": lease(&run), "name": "b" }),
+    )
+    .await;
+    assert_eq!(st, StatusCode::CONFLICT, "{v}");
+    s.stop().await;
 }

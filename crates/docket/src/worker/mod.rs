@@ -590,6 +590,14 @@ async fn reap_loop(shared: Arc<Shared>, mut stop: watch::Receiver<Phase>) {
     }
 }
 
+/// How many more runs of a job with this concurrency limit may be claimed
+/// while `held` of them run (`None`: no limit). The in-process worker counts
+/// its own runs; the worker protocol counts the job's running runs in the
+/// store (remote workers are many processes).
+pub(crate) fn concurrency_room(limit: Option<usize>, held: usize) -> Option<usize> {
+    limit.map(|max| max.saturating_sub(held))
+}
+
 /// Expired leases read (and reaped, at most) per reap statement.
 const REAP_BATCH: usize = 256;
 
@@ -643,9 +651,7 @@ impl Shared {
             // stay pending, untouched, instead of each being claimed and
             // deferred again in every open period of an outage.
             let gate = j.gate.as_ref().and_then(|g| g(now));
-            let room = j
-                .concurrency
-                .map(|max| max.saturating_sub(held.get(&name).copied().unwrap_or(0)));
+            let room = concurrency_room(j.concurrency, held.get(&name).copied().unwrap_or(0));
             match (room, gate) {
                 (None, None) => by_lease.entry(j.lease).or_default().push(name),
                 (a, b) => {
