@@ -987,6 +987,40 @@ async fn operations(c: &Client, env: &Env) -> R {
         )
         .await;
     check!(st == 404, "the deleted run is still there: {st} {v}");
+
+    // "All matching the filter": every completed nightly-report run,
+    // counted by the dry run, then deleted page by page.
+    let list = "/api/runs?job=nightly-report&status=completed&limit=100";
+    let before = env.get_as(&env.token, list).await["runs"]
+        .as_array()
+        .map_or(0, Vec::len);
+    check!(before >= 1, "no completed nightly-report runs to act on");
+    goto(
+        c,
+        &format!("{}/?job=nightly-report&status=completed", env.base),
+    )
+    .await?;
+    el(c, "#main[data-ready='runs']").await?;
+    click(c, "#bulk-all").await?;
+    el(c, "#bulk-bar[data-selected='all']").await?;
+    click(c, "#bulk-bar [data-bulk='delete']").await?;
+    el(
+        c,
+        &format!("#op-dialog[open][data-op='bulk-delete'][data-count='{before}']"),
+    )
+    .await?;
+    click(c, "#op-confirm").await?;
+    el(
+        c,
+        &format!("#op-dialog[data-state='done'][data-ok='{before}'][data-refused='0']"),
+    )
+    .await?;
+    let after = env.get_as(&env.token, list).await;
+    check!(
+        after["runs"].as_array().is_some_and(Vec::is_empty),
+        "completed runs left after deleting all matching: {after}"
+    );
+    click(c, "#op-cancel").await?;
     Ok(())
 }
 
