@@ -880,7 +880,11 @@ async fn operations(c: &Client, env: &Env) -> R {
     // job carries a "paused" badge in the list.
     goto(c, &format!("{}/overview", env.base)).await?;
     el(c, "#main[data-ready='overview']").await?;
-    el(c, "#ov-queues tr[data-job='nightly-report'] [data-state='active']").await?;
+    el(
+        c,
+        "#ov-queues tr[data-job='nightly-report'] [data-state='active']",
+    )
+    .await?;
     click(
         c,
         "#ov-queues tr[data-job='nightly-report'] button[data-action='pause']",
@@ -889,7 +893,11 @@ async fn operations(c: &Client, env: &Env) -> R {
     el(c, "#op-dialog[open][data-op='pause']").await?;
     type_into(c, "#op-comment", "incident 42: report database down").await?;
     click(c, "#op-confirm").await?;
-    el(c, "#ov-queues tr[data-job='nightly-report'] [data-state='paused']").await?;
+    el(
+        c,
+        "#ov-queues tr[data-job='nightly-report'] [data-state='paused']",
+    )
+    .await?;
     let jobs = env.get_as(&env.token, "/api/jobs").await;
     let job = |jobs: &Value| {
         jobs["jobs"]
@@ -900,7 +908,11 @@ async fn operations(c: &Client, env: &Env) -> R {
     check!(job(&jobs)["paused"] == json!(true), "not paused: {jobs}");
     let held = env.trigger("nightly-report", json!({"rows": 3})).await;
     goto(c, &format!("{}/?job=nightly-report", env.base)).await?;
-    el(c, &format!("#runs-body tr[data-run-id='{held}'] .paused-badge")).await?;
+    el(
+        c,
+        &format!("#runs-body tr[data-run-id='{held}'] .paused-badge"),
+    )
+    .await?;
     goto(c, &format!("{}/runs/{held}", env.base)).await?;
     el(c, "#r-job .paused-badge").await?;
     // The queue shows it due while paused.
@@ -919,7 +931,11 @@ async fn operations(c: &Client, env: &Env) -> R {
     .await?;
     el(c, "#op-dialog[open][data-op='resume']").await?;
     click(c, "#op-confirm").await?;
-    el(c, "#ov-queues tr[data-job='nightly-report'] [data-state='active']").await?;
+    el(
+        c,
+        "#ov-queues tr[data-job='nightly-report'] [data-state='active']",
+    )
+    .await?;
     env.until(&held, &["completed"]).await;
 
     // Bulk retry of two selected failed runs: the dialog shows the dry
@@ -935,14 +951,14 @@ async fn operations(c: &Client, env: &Env) -> R {
     for id in &failed {
         env.until(id, &["failed"]).await;
     }
-    goto(
-        c,
-        &format!("{}/?job=charge-card&status=failed", env.base),
-    )
-    .await?;
+    goto(c, &format!("{}/?job=charge-card&status=failed", env.base)).await?;
     el(c, "#main[data-ready='runs']").await?;
     for id in &failed[..2] {
-        click(c, &format!("#runs-body tr[data-run-id='{id}'] input[data-pick]")).await?;
+        click(
+            c,
+            &format!("#runs-body tr[data-run-id='{id}'] input[data-pick]"),
+        )
+        .await?;
     }
     el(c, "#bulk-bar[data-selected='2']").await?;
     click(c, "#bulk-bar [data-bulk='retry']").await?;
@@ -951,18 +967,31 @@ async fn operations(c: &Client, env: &Env) -> R {
     check!(prompt.contains("retry 2 runs"), "confirm button: {prompt}");
     type_into(c, "#op-comment", "gateway fixed, bulk retry").await?;
     click(c, "#op-confirm").await?;
-    el(c, "#op-dialog[data-state='done'][data-ok='2'][data-refused='0']").await?;
+    el(
+        c,
+        "#op-dialog[data-state='done'][data-ok='2'][data-refused='0']",
+    )
+    .await?;
     for id in &failed[..2] {
-        el(c, &format!("#op-results li[data-run-id='{id}'][data-ok='true']")).await?;
+        el(
+            c,
+            &format!("#op-results li[data-run-id='{id}'][data-ok='true']"),
+        )
+        .await?;
         let d = env.get_as(&env.token, &format!("/api/runs/{id}")).await;
         let audited = d["timeline"].as_array().is_some_and(|t| {
             t.iter().any(|e| {
                 e["comment"] == json!("gateway fixed, bulk retry") && e["actor"] == json!("alice")
             })
         });
-        check!(audited, "run {id} has no audit event of the bulk retry: {d}");
+        check!(
+            audited,
+            "run {id} has no audit event of the bulk retry: {d}"
+        );
     }
-    let third = env.get_as(&env.token, &format!("/api/runs/{}", failed[2])).await;
+    let third = env
+        .get_as(&env.token, &format!("/api/runs/{}", failed[2]))
+        .await;
     check!(
         third["run"]["status"] == json!("failed") && third["run"]["attempt"] == json!(3),
         "the unselected run was touched: {third}"
