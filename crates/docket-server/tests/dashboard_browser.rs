@@ -996,7 +996,7 @@ async fn operations(c: &Client, env: &Env) -> R {
         third["run"]["status"] == json!("failed") && third["run"]["attempt"] == json!(3),
         "the unselected run was touched: {third}"
     );
-    shot(c, "dashboard-bulk.png", 1360, 900).await?;
+    save_shot(c, "dashboard-bulk.png", 1360, 900, false).await?;
     click(c, "#op-cancel").await?;
 
     // Delete the third (final) run from its page, with a confirmation.
