@@ -1187,7 +1187,7 @@
       body.replaceChildren(...(list.schedules.length ? list.schedules.map((sc) => el('tr', { 'data-schedule': sc.name },
         el('td', {}, el('a', { href: '/schedules?name=' + encodeURIComponent(sc.name), text: sc.name,
           onclick: (e) => { e.preventDefault(); selected = sc.name; history.replaceState(null, '', '/schedules?name=' + encodeURIComponent(sc.name)); loadDetail(); } })),
-        el('td', { text: sc.job }),
+        el('td', {}, sc.job, pausedBadge(sc.job)),
         el('td', {}, el('code', { text: rule(sc) })),
         el('td', { text: sc.timezone }),
         el('td', {}, el('span', { class: 'status ' + (sc.enabled ? 's-completed' : 's-postponed'), 'data-state': sc.enabled ? 'enabled' : 'paused', text: sc.enabled ? 'enabled' : 'paused' })),
