@@ -30,7 +30,9 @@ pub struct BenchArgs {
     /// 10,000 vs `--runs` pending runs, default 1,000,000); or steady (W1
     /// repeated for `--runs`, default 1,000,000, with retention
     /// `--retention-ms`: throughput and size of the first vs the last
-    /// 100,000).
+    /// 100,000); or bulk-retry (`--runs`, default 10,000, failed runs
+    /// retried through `POST /api/runs/bulk` while `GET /api/runs` is
+    /// timed).
     #[arg(default_value = "all")]
     workload: String,
     /// Database URL (default: a fresh SQLite file in a temporary directory).
@@ -86,6 +88,9 @@ pub async fn run(args: BenchArgs) -> Result<(), BoxError> {
         )
         .await;
     }
+    if args.workload.eq_ignore_ascii_case("bulk-retry") {
+        return crate::bench_bulk::run(args.db.as_deref(), args.runs, args.json).await;
+    }
     if args.workload.eq_ignore_ascii_case("claim-scale") {
         return crate::bench_scale::run(args.db.as_deref(), args.runs, args.json).await;
     }
@@ -139,14 +144,20 @@ pub async fn run(args: BenchArgs) -> Result<(), BoxError> {
     Ok(())
 }
 
-struct Db {
-    url: String,
-    backend: String,
+/// A fresh database for one workload: a SQLite file in a temporary
+/// directory, or a fresh PostgreSQL schema.
+pub(crate) struct Db {
+    /// Its URL.
+    pub(crate) url: String,
+    /// `sqlite` or `postgres`.
+    pub(crate) backend: String,
     tmp: Option<std::path::PathBuf>,
 }
 
 impl Db {
-    async fn fresh(url: Option<&str>) -> Result<Db, BoxError> {
+    /// A fresh database: `url`'s (a fresh schema for PostgreSQL) or a
+    /// temporary SQLite file.
+    pub(crate) async fn fresh(url: Option<&str>) -> Result<Db, BoxError> {
         match url {
             None => {
                 let dir = std::env::temp_dir()
@@ -175,7 +186,8 @@ impl Db {
         }
     }
 
-    async fn cleanup(&self) {
+    /// Removes the temporary file or drops the schema.
+    pub(crate) async fn cleanup(&self) {
         if let Some(dir) = &self.tmp {
             let _ = std::fs::remove_dir_all(dir);
         }
@@ -480,7 +492,8 @@ async fn w3(db: &Db, runs: usize, concurrency: usize) -> Result<Report, BoxError
     })
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
+/// The `p`th percentile (nearest rank) of sorted figures.
+pub(crate) fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
     }

@@ -4,6 +4,7 @@
 #[macro_use]
 mod out;
 mod bench;
+mod bench_bulk;
 mod bench_scale;
 mod bench_steady;
 mod client;

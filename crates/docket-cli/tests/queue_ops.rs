@@ -307,3 +307,19 @@ fn serve_checks_retention_and_starts_the_pruner() {
     );
     assert_eq!(terminate(s), 0);
 }
+
+/// `docket bench bulk-retry` (issue 15's bulk measurement) on a small
+/// scale: it exits 0 only when every failed run was retried through
+/// `POST /api/runs/bulk`, none is left failed and each has its own audit
+/// event; its JSON says so.
+#[test]
+fn bench_bulk_retry_retries_and_audits_every_run() {
+    let (code, out, err) = docket(&["bench", "bulk-retry", "--runs", "300", "--json"], &[]);
+    assert_eq!(code, 0, "stdout: {out}\nstderr: {err}");
+    let r: serde_json::Value = serde_json::from_str(out.trim()).expect(&out);
+    assert_eq!(r["dry_run_matched"], 300, "{r}");
+    assert_eq!(r["succeeded"], 300, "{r}");
+    assert_eq!(r["left_failed"], 0, "{r}");
+    assert_eq!(r["audited_runs"], 300, "{r}");
+    assert!(r["list_requests"].as_u64() > Some(0), "{r}");
+}

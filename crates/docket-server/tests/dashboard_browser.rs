@@ -859,6 +859,8 @@ async fn scenario(c: &Client, env: &Env) -> R {
     );
     shot(c, "dashboard-schedules.png", 1360, 900).await?;
 
+    operations(c, env).await?;
+
     // Signing out forgets the token.
     click(c, "#signout").await?;
     el(c, "body[data-page='signin'] #signin-error:not([hidden])").await?;
@@ -866,6 +868,188 @@ async fn scenario(c: &Client, env: &Env) -> R {
         js(c, "return sessionStorage.getItem('docket.token')").await? == Value::Null,
         "the token survived sign-out"
     );
+    Ok(())
+}
+
+/// Queue operations (issue 15): pause and resume a job from the overview
+/// (with a comment, shown as a badge wherever the job is), a bulk retry of
+/// selected runs with its dry-run count and confirmation, and the deletion
+/// of a final run from its page.
+async fn operations(c: &Client, env: &Env) -> R {
+    // Pause nightly-report: its new run is queued, not claimed, and the
+    // job carries a "paused" badge in the list.
+    goto(c, &format!("{}/overview", env.base)).await?;
+    el(c, "#main[data-ready='overview']").await?;
+    el(
+        c,
+        "#ov-queues tr[data-job='nightly-report'] [data-state='active']",
+    )
+    .await?;
+    click(
+        c,
+        "#ov-queues tr[data-job='nightly-report'] button[data-action='pause']",
+    )
+    .await?;
+    el(c, "#op-dialog[open][data-op='pause']").await?;
+    type_into(c, "#op-comment", "incident 42: report database down").await?;
+    click(c, "#op-confirm").await?;
+    el(
+        c,
+        "#ov-queues tr[data-job='nightly-report'] [data-state='paused']",
+    )
+    .await?;
+    let jobs = env.get_as(&env.token, "/api/jobs").await;
+    let job = |jobs: &Value| {
+        jobs["jobs"]
+            .as_array()
+            .and_then(|a| a.iter().find(|j| j["name"] == "nightly-report").cloned())
+            .unwrap_or(Value::Null)
+    };
+    check!(job(&jobs)["paused"] == json!(true), "not paused: {jobs}");
+    let held = env.trigger("nightly-report", json!({"rows": 3})).await;
+    goto(c, &format!("{}/?job=nightly-report", env.base)).await?;
+    el(
+        c,
+        &format!("#runs-body tr[data-run-id='{held}'] .paused-badge"),
+    )
+    .await?;
+    goto(c, &format!("{}/runs/{held}", env.base)).await?;
+    el(c, "#r-job .paused-badge").await?;
+    // The queue shows it due while paused.
+    let jobs = env.get_as(&env.token, "/api/jobs").await;
+    check!(
+        job(&jobs)["queue"]["due"].as_u64() >= Some(1),
+        "the held run is not due: {jobs}"
+    );
+    // Resume: the held run is claimed and completes.
+    goto(c, &format!("{}/overview", env.base)).await?;
+    el(c, "#main[data-ready='overview']").await?;
+    click(
+        c,
+        "#ov-queues tr[data-job='nightly-report'] button[data-action='resume']",
+    )
+    .await?;
+    el(c, "#op-dialog[open][data-op='resume']").await?;
+    click(c, "#op-confirm").await?;
+    el(
+        c,
+        "#ov-queues tr[data-job='nightly-report'] [data-state='active']",
+    )
+    .await?;
+    env.until(&held, &["completed"]).await;
+
+    // Bulk retry of two selected failed runs: the dialog shows the dry
+    // run's count, then the per-run results; each run is audited with the
+    // comment. A third failed run is left alone.
+    let mut failed = Vec::new();
+    for n in 0..3 {
+        failed.push(
+            env.trigger("charge-card", json!({"order": format!("BULK-{n}")}))
+                .await,
+        );
+    }
+    for id in &failed {
+        env.until(id, &["failed"]).await;
+    }
+    goto(c, &format!("{}/?job=charge-card&status=failed", env.base)).await?;
+    el(c, "#main[data-ready='runs']").await?;
+    for id in &failed[..2] {
+        click(
+            c,
+            &format!("#runs-body tr[data-run-id='{id}'] input[data-pick]"),
+        )
+        .await?;
+    }
+    el(c, "#bulk-bar[data-selected='2']").await?;
+    click(c, "#bulk-bar [data-bulk='retry']").await?;
+    el(c, "#op-dialog[open][data-op='bulk-retry'][data-count='2']").await?;
+    let prompt = text(c, "#op-confirm").await?;
+    check!(prompt.contains("retry 2 runs"), "confirm button: {prompt}");
+    type_into(c, "#op-comment", "gateway fixed, bulk retry").await?;
+    click(c, "#op-confirm").await?;
+    el(
+        c,
+        "#op-dialog[data-state='done'][data-ok='2'][data-refused='0']",
+    )
+    .await?;
+    for id in &failed[..2] {
+        el(
+            c,
+            &format!("#op-results li[data-run-id='{id}'][data-ok='true']"),
+        )
+        .await?;
+        let d = env.get_as(&env.token, &format!("/api/runs/{id}")).await;
+        let audited = d["timeline"].as_array().is_some_and(|t| {
+            t.iter().any(|e| {
+                e["comment"] == json!("gateway fixed, bulk retry") && e["actor"] == json!("alice")
+            })
+        });
+        check!(
+            audited,
+            "run {id} has no audit event of the bulk retry: {d}"
+        );
+    }
+    let third = env
+        .get_as(&env.token, &format!("/api/runs/{}", failed[2]))
+        .await;
+    check!(
+        third["run"]["status"] == json!("failed") && third["run"]["attempt"] == json!(3),
+        "the unselected run was touched: {third}"
+    );
+    save_shot(c, "dashboard-bulk.png", 1360, 900, false).await?;
+    click(c, "#op-cancel").await?;
+
+    // Delete the third (final) run from its page, with a confirmation.
+    goto(c, &format!("{}/runs/{}", env.base, failed[2])).await?;
+    el(c, "#main[data-ready='run']").await?;
+    click(c, "#act-delete").await?;
+    el(c, "#action-dialog[open][data-action='delete']").await?;
+    type_into(c, "#ad-comment", "test data").await?;
+    click(c, "#ad-confirm").await?;
+    el(c, "body[data-page='runs'] #main[data-ready='runs']").await?;
+    let (st, v) = env
+        .call(
+            &env.token,
+            reqwest::Method::GET,
+            &format!("/api/runs/{}", failed[2]),
+            None,
+        )
+        .await;
+    check!(st == 404, "the deleted run is still there: {st} {v}");
+
+    // "All matching the filter": every completed nightly-report run,
+    // counted by the dry run, then deleted page by page.
+    let list = "/api/runs?job=nightly-report&status=completed&limit=100";
+    let before = env.get_as(&env.token, list).await["runs"]
+        .as_array()
+        .map_or(0, Vec::len);
+    check!(before >= 1, "no completed nightly-report runs to act on");
+    goto(
+        c,
+        &format!("{}/?job=nightly-report&status=completed", env.base),
+    )
+    .await?;
+    el(c, "#main[data-ready='runs']").await?;
+    click(c, "#bulk-all").await?;
+    el(c, "#bulk-bar[data-selected='all']").await?;
+    click(c, "#bulk-bar [data-bulk='delete']").await?;
+    el(
+        c,
+        &format!("#op-dialog[open][data-op='bulk-delete'][data-count='{before}']"),
+    )
+    .await?;
+    click(c, "#op-confirm").await?;
+    el(
+        c,
+        &format!("#op-dialog[data-state='done'][data-ok='{before}'][data-refused='0']"),
+    )
+    .await?;
+    let after = env.get_as(&env.token, list).await;
+    check!(
+        after["runs"].as_array().is_some_and(Vec::is_empty),
+        "completed runs left after deleting all matching: {after}"
+    );
+    click(c, "#op-cancel").await?;
     Ok(())
 }
 

@@ -227,6 +227,104 @@
     }
   }
 
+  // Jobs of the tenant (`GET /api/jobs`): paused or not, their queue.
+  let jobState = new Map();
+
+  async function loadJobs() {
+    const j = await api('/api/jobs');
+    jobState = new Map(j.jobs.map((x) => [x.name, x]));
+    return j.jobs;
+  }
+
+  function pausedBadge(job) {
+    const j = jobState.get(job);
+    return j && j.paused
+      ? el('span', { class: 'paused-badge', 'data-paused': job, title: 'This job is paused: its runs are queued but not claimed', text: 'paused' })
+      : null;
+  }
+
+  // The operator dialog of the layout (pause/resume, bulk actions): a
+  // title, a text, fields, a comment, then `run(comment)`, which may keep
+  // the dialog open to show results.
+  let opCurrent = null;
+
+  function openOp(o) {
+    const d = $('op-dialog');
+    opCurrent = o;
+    $('op-title').textContent = o.title;
+    $('op-text').textContent = o.text;
+    $('op-fields').replaceChildren(...(o.fields ? o.fields() : []));
+    $('op-comment').value = '';
+    $('op-error').hidden = true;
+    $('op-progress').hidden = true;
+    $('op-results').hidden = true;
+    $('op-results').replaceChildren();
+    $('op-cancel').textContent = 'Back';
+    const confirm = $('op-confirm');
+    confirm.textContent = o.confirm;
+    confirm.disabled = !!o.wait;
+    confirm.hidden = false;
+    confirm.className = o.danger ? 'danger' : 'primary';
+    d.dataset.op = o.name;
+    delete d.dataset.state;
+    delete d.dataset.count;
+    d.showModal();
+  }
+
+  function initOpDialog() {
+    const d = $('op-dialog');
+    if (!d) return;
+    $('op-cancel').addEventListener('click', () => {
+      d.close();
+      if (opCurrent && opCurrent.closed) opCurrent.closed();
+    });
+    $('op-form').addEventListener('submit', async (e) => {
+      e.preventDefault();
+      const o = opCurrent;
+      if (!o) return;
+      const err = $('op-error');
+      err.hidden = true;
+      const confirm = $('op-confirm');
+      confirm.disabled = true;
+      try {
+        await o.run($('op-comment').value.trim());
+      } catch (ex) {
+        err.textContent = 'Refused: ' + ex.message;
+        err.hidden = false;
+        confirm.disabled = false;
+      }
+    });
+  }
+
+  function opFinished(summary) {
+    const d = $('op-dialog');
+    d.dataset.state = 'done';
+    $('op-confirm').hidden = true;
+    $('op-cancel').textContent = 'Close';
+    const p = $('op-progress');
+    p.textContent = summary;
+    p.hidden = false;
+  }
+
+  function pauseJob(name, paused, after) {
+    const verb = paused ? 'resume' : 'pause';
+    openOp({
+      name: verb,
+      title: (paused ? 'Resume job ' : 'Pause job ') + name,
+      text: paused
+        ? 'Its due runs are claimed again by every process.'
+        : 'Its runs stay queued (triggers still create them) but no process claims them until it is resumed. Running runs finish.',
+      confirm: 'Confirm: ' + verb,
+      danger: !paused,
+      run: async (comment) => {
+        await api('/api/jobs/' + encodeURIComponent(name) + '/' + verb, { method: 'POST', body: comment ? { comment } : {} });
+        $('op-dialog').close();
+        toast('Job ' + name + (paused ? ' resumed.' : ' paused.'));
+        if (after) await after();
+      },
+    });
+  }
+
   async function refreshAttention() {
     const p = await api('/api/dashboard/runs?limit=1');
     setAttentionCount(p.attention_count);
@@ -271,6 +369,8 @@
     let cursors = []; // cursors of the pages before the current one
     let cursor = null;
     let visible = new Set();
+    // Selected runs (kept across pages until cleared or the filter changes).
+    const picked = new Set();
 
     const status = $('f-status');
     const job = $('f-job');
@@ -319,9 +419,17 @@
 
     function row(r) {
       const open = () => { location.href = '/runs/' + r.id; };
-      return el('tr', { 'data-run-id': r.id, 'data-status': r.status, class: 'clickable', onclick: (e) => { if (e.target.tagName !== 'A') open(); } },
+      const pick = el('input', { type: 'checkbox', 'data-pick': r.id, 'aria-label': 'Select run ' + r.id, checked: picked.has(r.id) || bulkAll() });
+      pick.disabled = bulkAll();
+      pick.addEventListener('change', () => {
+        if (pick.checked) picked.add(r.id);
+        else picked.delete(r.id);
+        updateBar();
+      });
+      return el('tr', { 'data-run-id': r.id, 'data-status': r.status, class: 'clickable', onclick: (e) => { if (e.target.tagName !== 'A' && !e.target.closest('td.pick')) open(); } },
+        el('td', { class: 'pick' }, pick),
         el('td', {}, statusBadge(r.status, r.retry_scheduled)),
-        el('td', { class: 'job', text: r.job }),
+        el('td', { class: 'job' }, r.job, pausedBadge(r.job)),
         el('td', {}, el('a', { href: '/runs/' + r.id, class: 'run-link', title: r.id, text: r.id.slice(0, 8) + '…' + r.id.slice(-4) }),
           r.idempotency_key ? el('div', { class: 'muted small', text: 'key ' + r.idempotency_key }) : null),
         el('td', { class: 'num', text: String(r.attempt) }),
@@ -375,6 +483,7 @@
         }
       }
       visible = new Set(p.runs.map((r) => r.id));
+      updateBar();
       $('runs-empty').hidden = p.runs.length > 0 || p.partial;
       $('page-first').hidden = cursors.length === 0 && !cursor;
       const next = $('page-next');
@@ -391,9 +500,153 @@
 
     $('page-first').onclick = () => { cursors = []; cursor = null; load(); };
 
+    // ----- bulk actions: selected rows, or every run matching the filter
+    // (`POST /api/runs/bulk`: a dry run counts first, then page by page
+    // with the cursor, each run audited as if acted on alone).
+
+    // The bulk filter knows job and status, not text search or "needs
+    // attention"; and it needs a status (the states to act on).
+    function filterProblem() {
+      if (!f.status) return 'choose a status to act on all matching runs';
+      if (f.q || f.attention) return 'the search and "Needs attention" cannot be used for all matching runs';
+      return null;
+    }
+
+    const allBox = $('bulk-all');
+    function bulkAll() { return allBox.checked && !filterProblem(); }
+
+    function updateBar() {
+      const problem = filterProblem();
+      if (problem) allBox.checked = false;
+      allBox.disabled = !!problem;
+      $('bulk-all-note').textContent = problem || '';
+      const all = bulkAll();
+      $('bulk-count').textContent = all
+        ? 'All ' + f.status + ' runs' + (f.job ? ' of ' + f.job : '') + ' selected'
+        : picked.size ? picked.size + ' selected' : 'No runs selected';
+      $('bulk-bar').hidden = false;
+      $('bulk-bar').dataset.selected = all ? 'all' : String(picked.size);
+      for (const b of document.querySelectorAll('[data-bulk]')) b.disabled = !all && picked.size === 0;
+      const boxes = [...document.querySelectorAll('#runs-body input[data-pick]')];
+      for (const b of boxes) {
+        b.disabled = all;
+        b.checked = all || picked.has(b.dataset.pick);
+      }
+      const page = $('pick-page');
+      page.disabled = all;
+      page.checked = all || (boxes.length > 0 && boxes.every((b) => b.checked));
+    }
+
+    allBox.addEventListener('change', updateBar);
+    $('pick-page').addEventListener('change', () => {
+      const on = $('pick-page').checked;
+      for (const id of visible) {
+        if (on) picked.add(id);
+        else picked.delete(id);
+      }
+      updateBar();
+    });
+    $('bulk-clear').addEventListener('click', () => { picked.clear(); allBox.checked = false; updateBar(); });
+
+    const BULK = {
+      retry: { verb: 'retry', text: 'Each run goes back to pending with a fresh attempt budget (failed runs only).' },
+      cancel: { verb: 'cancel', text: 'Pending, postponed and waiting runs stop at once; running runs at their next step boundary.', danger: true },
+      retrigger: { verb: 'retrigger', text: 'Each run gets a new run with the same input; the runs themselves stay as they are.' },
+      postpone: { verb: 'postpone', text: 'Not claimable before the time you choose (your local time).' },
+      delete: { verb: 'delete', text: 'Final runs are deleted with their attempts, events and steps; a run_deleted audit event keeps each id. Export them first (docket runs export) to keep their history. This cannot be undone.', danger: true },
+    };
+
+    function bulkTarget() {
+      if (bulkAll()) {
+        const filter = { status: [f.status] };
+        if (f.job) filter.job = f.job;
+        return { filter };
+      }
+      return { ids: [...picked] };
+    }
+
+    async function openBulk(action) {
+      const a = BULK[action];
+      const target = bulkTarget();
+      const d = $('op-dialog');
+      let until = null;
+      openOp({
+        name: 'bulk-' + action,
+        title: 'Bulk ' + a.verb,
+        text: 'Counting the runs…',
+        confirm: 'Confirm',
+        danger: a.danger,
+        wait: true,
+        fields: action === 'postpone' ? () => {
+          const t = new Date(Date.now() + 3600000);
+          const pad = (n) => String(n).padStart(2, '0');
+          const v = t.getFullYear() + '-' + pad(t.getMonth() + 1) + '-' + pad(t.getDate()) + 'T' + pad(t.getHours()) + ':' + pad(t.getMinutes());
+          return [el('label', { for: 'op-until', text: 'Until' }), el('input', { id: 'op-until', type: 'datetime-local', value: v, required: true })];
+        } : null,
+        run: async (comment) => {
+          const body = Object.assign({ action }, target);
+          if (comment) body.comment = comment;
+          if (action === 'postpone') {
+            const v = $('op-until').value;
+            until = new Date(v);
+            if (!v || isNaN(until)) throw new Error('Choose a date and time.');
+            body.until = until.toISOString();
+          }
+          const list = $('op-results');
+          list.hidden = false;
+          const progress = $('op-progress');
+          progress.hidden = false;
+          let ok = 0;
+          let refused = 0;
+          let cursor = null;
+          // One bounded page per call; the cursor continues where the
+          // last page stopped, so a long action never holds one transaction.
+          do {
+            const res = await api('/api/runs/bulk', { method: 'POST', body: Object.assign({}, body, { limit: 100, cursor }) });
+            ok += res.succeeded;
+            refused += res.failed;
+            for (const r of res.results) {
+              list.append(el('li', { 'data-run-id': r.run_id, 'data-ok': String(r.ok), class: r.ok ? 'done' : 'refused' },
+                el('a', { href: '/runs/' + r.run_id, text: r.run_id.slice(0, 8) + '…' + r.run_id.slice(-4) }), ' ',
+                r.ok ? (r.status || 'done') + (r.new_run_id ? ' → new run ' + r.new_run_id.slice(0, 8) + '…' : '')
+                  : 'refused: ' + (r.message || r.error)));
+            }
+            progress.textContent = (ok + refused) + ' handled: ' + ok + ' done, ' + refused + ' refused…';
+            cursor = res.next_cursor;
+          } while (cursor);
+          opFinished((ok + refused) + ' handled: ' + ok + ' done, ' + refused + ' refused.');
+          d.dataset.ok = String(ok);
+          d.dataset.refused = String(refused);
+          picked.clear();
+          allBox.checked = false;
+          load();
+        },
+      });
+      try {
+        const dry = await api('/api/runs/bulk', { method: 'POST', body: Object.assign({ action, dry_run: true }, target) });
+        const n = dry.matched || 0;
+        d.dataset.count = String(n);
+        $('op-text').textContent = n
+          ? n + ' run' + (n === 1 ? '' : 's') + ' match. ' + a.text + ' Runs in a state the action does not apply to are reported, not changed.'
+          : 'No runs match: nothing to do.';
+        const confirm = $('op-confirm');
+        confirm.textContent = 'Confirm: ' + a.verb + ' ' + n + ' run' + (n === 1 ? '' : 's');
+        confirm.disabled = n === 0;
+      } catch (ex) {
+        $('op-error').textContent = ex.message;
+        $('op-error').hidden = false;
+      }
+    }
+
+    for (const b of document.querySelectorAll('[data-bulk]')) {
+      b.addEventListener('click', () => openBulk(b.dataset.bulk));
+    }
+
     function changed() {
       cursors = [];
       cursor = null;
+      picked.clear();
+      allBox.checked = false;
       syncUrl();
       load();
     }
@@ -511,12 +764,17 @@
       body: () => ({ data: JSON.parse($('ad-data').value.trim() || 'null') }),
       done: 'Rejected',
     },
+    delete: {
+      label: 'Delete', path: 'delete', title: 'Delete this run', danger: true,
+      text: 'The run is deleted with its attempts, events, steps and request evidence; a run_deleted audit event keeps its id, your name, the comment and its last state. Export it first (docket runs export) to keep its history. This cannot be undone.',
+      done: 'Deleted',
+    },
   };
 
   const BY_STATUS = {
-    failed: ['retry', 'skip', 'retrigger'],
-    completed: ['retrigger'],
-    cancelled: ['retrigger'],
+    failed: ['retry', 'skip', 'retrigger', 'delete'],
+    completed: ['retrigger', 'delete'],
+    cancelled: ['retrigger', 'delete'],
     needs_input: ['approve', 'reject', 'postpone', 'cancel'],
     pending: ['postpone', 'cancel'],
     postponed: ['postpone', 'cancel'],
@@ -595,7 +853,7 @@
 
     function renderHead(r) {
       $('r-status').replaceChildren(statusBadge(r.status, r.retry_scheduled));
-      $('r-job').textContent = r.job;
+      $('r-job').replaceChildren(r.job, pausedBadge(r.job) || '');
       $('r-id').textContent = r.id;
       document.title = r.job + ' ' + r.id.slice(0, 8) + ' · Docket';
       const next = (r.status === 'pending' || r.status === 'postponed')
@@ -734,6 +992,10 @@
         const res = await api('/api/runs/' + encodeURIComponent(id) + '/' + a.path, { method: 'POST', body });
         dialog.close();
         toast(a.done);
+        if (name === 'delete') {
+          location.href = '/';
+          return;
+        }
         if (name === 'retrigger' && res && res.run) {
           location.href = '/runs/' + res.run.id;
           return;
@@ -783,9 +1045,26 @@
         el('td', { class: 'num', text: String(c.failures) }),
         el('td', { class: 'num', text: String(c.retries) }),
         el('td', { class: 'num', text: String(c.terminal) }))) : [el('tr', {}, el('td', { colspan: '4', class: 'muted', text: 'No failed attempts in this window.' }))]));
+      let queues = [];
+      try {
+        queues = await loadJobs();
+      } catch (ex) {
+        toast(ex.message, true);
+      }
+      $('ov-queues').querySelector('tbody').replaceChildren(...(queues.length ? queues.map((j) => el('tr', { 'data-job': j.name },
+        el('td', {}, el('a', { href: '/?job=' + encodeURIComponent(j.name), text: j.name })),
+        el('td', {}, el('span', { class: 'status ' + (j.paused ? 's-postponed' : 's-completed'), 'data-state': j.paused ? 'paused' : 'active', text: j.paused ? 'paused' : 'active' })),
+        el('td', { class: 'num' + (j.queue.due ? ' hot' : ''), 'data-q': 'due', text: String(j.queue.due) }),
+        el('td', { class: 'num', 'data-q': 'lag', title: j.queue.lag_seconds + ' s', text: j.queue.due ? human(j.queue.lag_seconds * 1000) : '—' }),
+        el('td', { class: 'num', 'data-q': 'running', text: String(j.queue.running) }),
+        el('td', { class: 'num', 'data-q': 'scheduled', text: String(j.queue.scheduled) }),
+        el('td', { class: 'num', text: j.queue.throughput_per_minute.toFixed(1) }),
+        el('td', {}, el('button', { type: 'button', class: 'small', 'data-action': j.paused ? 'resume' : 'pause',
+          text: j.paused ? 'Resume' : 'Pause', onclick: () => pauseJob(j.name, j.paused, load) }))))
+        : [el('tr', {}, el('td', { colspan: '8', class: 'muted', text: 'No jobs registered.' }))]));
       const jobs = $('ov-jobs').querySelector('tbody');
       jobs.replaceChildren(...(s.jobs.length ? s.jobs.map((j) => el('tr', { 'data-job': j.job },
-        el('td', {}, el('a', { href: '/?job=' + encodeURIComponent(j.job), text: j.job })),
+        el('td', {}, el('a', { href: '/?job=' + encodeURIComponent(j.job), text: j.job }), pausedBadge(j.job)),
         ...STATUSES.map((st) => {
           const n = j.counts[st] || 0;
           return el('td', { class: 'num' + (n && (st === 'failed' || st === 'needs_input') ? ' hot' : '') },
@@ -908,7 +1187,7 @@
       body.replaceChildren(...(list.schedules.length ? list.schedules.map((sc) => el('tr', { 'data-schedule': sc.name },
         el('td', {}, el('a', { href: '/schedules?name=' + encodeURIComponent(sc.name), text: sc.name,
           onclick: (e) => { e.preventDefault(); selected = sc.name; history.replaceState(null, '', '/schedules?name=' + encodeURIComponent(sc.name)); loadDetail(); } })),
-        el('td', { text: sc.job }),
+        el('td', {}, sc.job, pausedBadge(sc.job)),
         el('td', {}, el('code', { text: rule(sc) })),
         el('td', { text: sc.timezone }),
         el('td', {}, el('span', { class: 'status ' + (sc.enabled ? 's-completed' : 's-postponed'), 'data-state': sc.enabled ? 'enabled' : 'paused', text: sc.enabled ? 'enabled' : 'paused' })),
@@ -960,6 +1239,9 @@
     } catch (_) {
       return;
     }
+    initOpDialog();
+    // Which jobs are paused, for the badges (the overview reloads it).
+    await loadJobs().catch(() => {});
     if (page !== 'runs') refreshAttention().catch(() => {});
     if (page === 'runs') initRuns(who);
     else if (page === 'run') initRun(who);

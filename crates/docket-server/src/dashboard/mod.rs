@@ -6,13 +6,18 @@
 //! Pages (no token needed: they hold no data):
 //! - `/` — runs list: filters by status, job and text, the "Needs
 //!   attention" quick filter with its count, cursor pages, live updates
-//!   over `/api/events`;
+//!   over `/api/events`; row selection or "all matching the filter" and a
+//!   bulk action bar (`POST /api/runs/bulk`: the dry run's count first,
+//!   then page by page with the cursor, per-run results); a "paused" badge
+//!   on a paused job's runs;
 //! - `/runs/{id}` — one run: input, variables, output, the timeline of
 //!   every attempt, step, ledger entry, retry decision, operator action and
 //!   event, the forensic verdicts, the retry picture and the operator
-//!   actions that apply;
-//! - `/overview` — runs by status per job, failures and retries by error
-//!   class over the last hour or day, disabled connections;
+//!   actions that apply (delete for a final run);
+//! - `/overview` — each job's queue (due, lag, running, scheduled,
+//!   throughput; `GET /api/jobs`) and state with pause/resume buttons;
+//!   runs by status per job, failures and retries by error class over the
+//!   last hour or day, disabled connections;
 //! - `/schedules` — schedules: rule, zone, state, next fire times (in the
 //!   zone and UTC), the last slot's run; one schedule's next runs and its
 //!   recent slots (with their runs and skip reasons) and changes; pause and
