@@ -217,6 +217,8 @@ impl Env {
                     poll_interval: Duration::from_millis(20),
                     ..HubConfig::default()
                 },
+                // The run page links a run's trace here (`--trace-url`).
+                trace_url: Some("https://traces.example/trace/{trace_id}".into()),
                 ..ServerConfig::default()
             },
         )
@@ -998,6 +1000,33 @@ async fn operations(c: &Client, env: &Env) -> R {
     );
     save_shot(c, "dashboard-bulk.png", 1360, 900, false).await?;
     click(c, "#op-cancel").await?;
+
+    // A run triggered inside a trace (a `traceparent` on the trigger)
+    // links to that trace from its page, through the configured URL.
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let traced: Value = env
+        .http
+        .post(format!("{}/api/runs", env.base))
+        .bearer_auth(&env.token)
+        .header("traceparent", format!("00-{trace_id}-00f067aa0ba902b7-01"))
+        .json(&json!({"job": "charge-card", "input": {"order": "TRACED"}}))
+        .send()
+        .await
+        .map_err(|e| e.to_string())?
+        .json()
+        .await
+        .map_err(|e| e.to_string())?;
+    let traced = traced["run"]["id"]
+        .as_str()
+        .ok_or(format!("no run in {traced}"))?
+        .to_string();
+    goto(c, &format!("{}/runs/{}", env.base, traced)).await?;
+    el(c, "#main[data-ready='run']").await?;
+    el(
+        c,
+        &format!("a[href='https://traces.example/trace/{trace_id}']"),
+    )
+    .await?;
 
     // Delete the third (final) run from its page, with a confirmation.
     goto(c, &format!("{}/runs/{}", env.base, failed[2])).await?;
