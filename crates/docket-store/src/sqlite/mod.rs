@@ -72,6 +72,8 @@ pub struct SqliteStore {
     /// Other connections' commits, seen by the writer thread (file
     /// databases only): see [`SqliteStore::wakeups`].
     watch: Option<std::sync::Arc<Watch>>,
+    /// The WAL size past which a checkpoint truncates it.
+    wal_limit: i64,
 }
 
 /// How often an idle writer thread looks for other connections' commits
@@ -155,7 +157,19 @@ impl SqliteStore {
             wal_limit_bytes,
         )?;
         store.path = Some(path.to_string());
+        store.wal_limit = wal_limit_bytes;
         Ok(store)
+    }
+
+    /// Runs one round of the checkpoint thread now, on a connection of its
+    /// own (tests call it instead of waiting for the thread). Nothing for
+    /// an in-memory store.
+    pub fn checkpoint(&self) -> Result<()> {
+        let Some(path) = &self.path else {
+            return Ok(());
+        };
+        let conn = checkpoint_connection(path)?;
+        checkpoint_round(&conn, page_size(&conn)?, self.wal_limit)
     }
 
     /// A private in-memory database, gone when the store is dropped.
@@ -196,6 +210,7 @@ impl SqliteStore {
         Ok(SqliteStore {
             tx,
             path: None,
+            wal_limit: WAL_TRUNCATE_BYTES,
             readers: std::sync::OnceLock::new(),
             alive: std::sync::Arc::new(()),
             watch,
@@ -324,12 +339,8 @@ fn needs_truncate(wal_frames: i64, page_size: i64, limit: i64) -> bool {
 /// outgrows `limit` bytes (see [`needs_truncate`]). Stops when the store is
 /// dropped.
 fn start_checkpointer(path: &str, alive: std::sync::Weak<()>, limit: i64) -> Result<()> {
-    let conn = Connection::open(path).map_err(db_err)?;
-    conn.busy_timeout(std::time::Duration::from_millis(100))
-        .map_err(db_err)?;
-    let page_size: i64 = conn
-        .query_row("PRAGMA page_size", [], |r| r.get(0))
-        .map_err(db_err)?;
+    let conn = checkpoint_connection(path)?;
+    let page_size = page_size(&conn)?;
     std::thread::Builder::new()
         .name("docket-sqlite-checkpoint".into())
         .spawn(move || loop {
@@ -337,23 +348,37 @@ fn start_checkpointer(path: &str, alive: std::sync::Weak<()>, limit: i64) -> Res
             if alive.upgrade().is_none() {
                 return;
             }
-            let frames =
-                conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(1));
-            match frames {
-                Ok(n) if needs_truncate(n, page_size, limit) => {
-                    // Busy (a writer or reader held on past the timeout):
-                    // tried again next round.
-                    if let Err(e) =
-                        conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
-                    {
-                        tracing::debug!(error = %e, "WAL truncation skipped");
-                    }
-                }
-                Ok(_) => {}
-                Err(e) => tracing::debug!(error = %e, "checkpoint skipped"),
+            if let Err(e) = checkpoint_round(&conn, page_size, limit) {
+                tracing::debug!(error = %e, "checkpoint skipped");
             }
         })
         .map_err(|e| StoreError::Database(format!("cannot start checkpoint thread: {e}")))?;
+    Ok(())
+}
+
+fn checkpoint_connection(path: &str) -> Result<Connection> {
+    let conn = Connection::open(path).map_err(db_err)?;
+    conn.busy_timeout(std::time::Duration::from_millis(100))
+        .map_err(db_err)?;
+    Ok(conn)
+}
+
+fn page_size(conn: &Connection) -> Result<i64> {
+    conn.query_row("PRAGMA page_size", [], |r| r.get(0))
+        .map_err(db_err)
+}
+
+/// One checkpoint round (what the thread does every 200 ms): PASSIVE, then
+/// TRUNCATE when the WAL has outgrown `limit` bytes. A busy database (a
+/// writer or reader past the timeout) is an error; the next round retries.
+fn checkpoint_round(conn: &Connection, page_size: i64, limit: i64) -> Result<()> {
+    let frames: i64 = conn
+        .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get(1))
+        .map_err(db_err)?;
+    if needs_truncate(frames, page_size, limit) {
+        conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+            .map_err(db_err)?;
+    }
     Ok(())
 }
 
