@@ -761,23 +761,41 @@ input = { slot = "{{ slot }}" }
         assert_eq!(code, 0, "{err}");
         serde_json::from_str::<serde_json::Value>(&out).unwrap()
     };
-    // Bounded wait for the first slots to fire.
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let fired = loop {
-        let v = show(&run);
-        let fired: Vec<serde_json::Value> = v["history"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|h| h["kind"] == "fired")
-            .cloned()
-            .collect();
-        if fired.len() >= 2 {
-            break fired;
+    // Wait, on the server's event stream (bounded by curl's 30 s), for the
+    // first two slots' runs to be triggered.
+    {
+        use std::io::BufRead;
+        let mut sse = Command::new("curl")
+            .args(["-sN", "--max-time", "30"])
+            .arg(format!(
+                "{url}/api/events?kind=run_triggered&last_event_id=0"
+            ))
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("curl runs");
+        let lines = std::io::BufReader::new(sse.stdout.take().unwrap()).lines();
+        let mut triggered = 0;
+        for line in lines.map_while(Result::ok) {
+            if line.starts_with("data:") && line.contains("\"job\":\"echo\"") {
+                triggered += 1;
+                if triggered == 2 {
+                    break;
+                }
+            }
         }
-        assert!(std::time::Instant::now() < deadline, "no slot fired: {v}");
-        std::thread::sleep(Duration::from_millis(100));
-    };
+        let _ = sse.kill();
+        let _ = sse.wait();
+        assert_eq!(triggered, 2, "two slots did not fire within 30 s");
+    }
+    let v = show(&run);
+    let fired: Vec<serde_json::Value> = v["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|h| h["kind"] == "fired")
+        .cloned()
+        .collect();
+    assert!(fired.len() >= 2, "{v}");
     let run_id = fired[0]["run_id"].as_str().unwrap().to_string();
     let (code, out, err) = run(&["runs", "show", &run_id, "--json"]);
     assert_eq!(code, 0, "{err}");
