@@ -414,6 +414,10 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
             })
             .start()
     });
+    // An api-only process hands out leases to remote workers (the worker
+    // protocol) but runs no worker, whose reaper would return a vanished
+    // remote worker's runs: it runs a reaper of its own.
+    let reaper = (s.role == Role::Api).then(|| docket.start_reaper(Duration::from_secs(1)));
     // Every process that runs jobs also offers to run the schedules: one
     // leads at a time (expiring leadership), so a dead or stopped leader is
     // replaced within the lead's 5 s.
@@ -503,6 +507,9 @@ pub async fn run(args: ServeArgs) -> Result<(), String> {
     let (res, ()) = tokio::join!(api, work);
     if let Some(p) = pruner {
         p.shutdown().await;
+    }
+    if let Some(r) = reaper {
+        r.stop().await;
     }
     if let Some(t) = docket.telemetry().cloned() {
         // The last spans (blocking: the exporter's own thread answers).

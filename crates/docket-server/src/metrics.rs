@@ -473,7 +473,7 @@ pub fn render_schedules(out: &mut String, c: &docket::ScheduleCounters) {
 pub fn render_traces(out: &mut String, exported: u64, dropped: u64) {
     out.push_str("# HELP docket_trace_spans_exported_total Spans this process exported to the OTLP collector.\n# TYPE docket_trace_spans_exported_total counter\n");
     out.push_str(&format!("docket_trace_spans_exported_total {exported}\n"));
-    out.push_str("# HELP docket_trace_spans_dropped_total Spans this process lost because their export failed.\n# TYPE docket_trace_spans_dropped_total counter\n");
+    out.push_str("# HELP docket_trace_spans_dropped_total Spans this process lost: their export failed, or its export queue was full.\n# TYPE docket_trace_spans_dropped_total counter\n");
     out.push_str(&format!("docket_trace_spans_dropped_total {dropped}\n"));
 }
 

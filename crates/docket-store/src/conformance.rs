@@ -2181,6 +2181,7 @@ macro_rules! conformance_tests {
             tokens_revoke,
             tokens_keep_their_scope,
             workers_roster_upserts_and_counts_running,
+            workers_not_seen_since_the_cutoff_are_forgotten,
             claim_by_tenant_takes_only_that_tenant,
             last_event_id_tracks_events,
             steps_are_stored_fenced_and_unique,
@@ -2721,6 +2722,52 @@ pub async fn workers_roster_upserts_and_counts_running(store: DynStore) {
         all.iter().map(|w| w.tenant.as_str()).collect::<Vec<_>>(),
         ["acme", "globex"],
         "most recently seen first"
+    );
+}
+
+/// Forgetting workers removes exactly those last seen before the cutoff
+/// that hold no running run; the cutoff itself is kept.
+pub async fn workers_not_seen_since_the_cutoff_are_forgotten(store: DynStore) {
+    let seen = |tenant: &str, name: &str, at: i64| WorkerSeen {
+        tenant: tenant.into(),
+        name: name.into(),
+        jobs: Some(vec!["job".into()]),
+        now: T0.plus_millis(at),
+    };
+    // w1 (acme) runs a run and is long silent; w2 is silent and idle; w3 was
+    // seen exactly at the cutoff; globex's old one is idle too.
+    for (tenant, name, at) in [
+        ("acme", "w1", 0),
+        ("acme", "w2", 10),
+        ("acme", "w3", 1_000),
+        ("globex", "old", 20),
+    ] {
+        store.touch_worker(seen(tenant, name, at)).await.unwrap();
+    }
+    let mut r = NewRun::new("job", json!({}));
+    r.tenant = "acme".into();
+    one(&store, r).await;
+    store.claim(claim_req(T0, 1)).await.unwrap();
+    let n = store.forget_workers(T0.plus_millis(1_000)).await.unwrap();
+    assert_eq!(n, 2, "w2 and globex/old");
+    let left: Vec<(String, String)> = store
+        .list_workers(None)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|w| (w.tenant, w.name))
+        .collect();
+    assert_eq!(
+        left,
+        [
+            ("acme".to_string(), "w3".to_string()),
+            ("acme".to_string(), "w1".to_string())
+        ],
+        "the one at the cutoff, and the one still running a run"
+    );
+    assert_eq!(
+        store.forget_workers(T0.plus_millis(1_000)).await.unwrap(),
+        0
     );
 }
 

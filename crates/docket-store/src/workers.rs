@@ -49,7 +49,16 @@ pub trait WorkerStore: Send + Sync {
 
     /// The workers of one tenant (or all), most recently seen first.
     async fn list_workers(&self, tenant: Option<String>) -> Result<Vec<WorkerRecord>>;
+
+    /// Forgets the workers last seen before `seen_before` that hold no
+    /// running run; answers how many. The roster is a listing, not
+    /// evidence (attempts keep their worker's name), so it is pruned.
+    async fn forget_workers(&self, seen_before: Timestamp) -> Result<u64>;
 }
+
+/// How long the pruner keeps a worker in the roster after its last sign of
+/// life: long enough to see who stopped over a weekend.
+pub const ROSTER_WINDOW_MS: i64 = 7 * 24 * 60 * 60 * 1000;
 
 /// The stored form of a job list (a JSON array, sorted, no duplicates).
 pub(crate) fn jobs_text(jobs: &[String]) -> String {

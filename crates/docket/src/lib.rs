@@ -69,7 +69,7 @@ pub use schedule::{
 };
 
 pub use telemetry::{Telemetry, TelemetryConfig, TraceContext};
-pub use worker::{Worker, WorkerConfig, WorkerHandle};
+pub use worker::{ReaperHandle, Worker, WorkerConfig, WorkerHandle};
 
 use docket_store::{DynStore, NewRun};
 use serde_json::Value;

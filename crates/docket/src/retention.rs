@@ -71,6 +71,10 @@ pub struct PruneRound {
     pub runs: u64,
     /// Ledger rows removed.
     pub ledger: u64,
+    /// Remote workers forgotten from the roster (not seen for
+    /// [`ROSTER_WINDOW_MS`](docket_store::workers::ROSTER_WINDOW_MS) and
+    /// running nothing).
+    pub workers: u64,
     /// The lead was lost during the round (a batch was fenced out).
     pub lost_lead: bool,
 }
@@ -157,6 +161,14 @@ impl Docket {
             // Let claims and ends in between (SQLite: one writer).
             tokio::task::yield_now().await;
         }
+        if round.led && !round.lost_lead {
+            // The roster is tiny next to the runs: one statement a round.
+            let seen_before = self
+                .clock()
+                .now()
+                .plus_millis(-docket_store::workers::ROSTER_WINDOW_MS);
+            round.workers = self.store().forget_workers(seen_before).await?;
+        }
         Ok(round)
     }
 
@@ -172,10 +184,11 @@ impl Docket {
         let task = tokio::spawn(async move {
             loop {
                 match docket.prune_once(&cfg).await {
-                    Ok(r) if r.runs + r.ledger > 0 => {
+                    Ok(r) if r.runs + r.ledger + r.workers > 0 => {
                         tracing::info!(
                             runs = r.runs,
                             ledger = r.ledger,
+                            workers = r.workers,
                             batches = r.batches,
                             "pruned"
                         )

@@ -5,9 +5,9 @@
 //! engine then checks one `OnceLock` per attempt and builds nothing. On, it
 //! exports with the OpenTelemetry SDK's batch processor (its own thread, a
 //! bounded queue) over OTLP/HTTP (protobuf), so a collector that is slow or
-//! down never blocks or fails a run; spans it could not export are counted
-//! ([`Telemetry::spans_dropped`], `docket_trace_spans_dropped_total` in
-//! `/metrics`).
+//! down never blocks or fails a run; spans it could not export, and spans
+//! that found the queue full, are counted ([`Telemetry::spans_dropped`],
+//! `docket_trace_spans_dropped_total` in `/metrics`).
 //!
 //! Retries are new spans in the same trace: every attempt's parent is the
 //! trace context the run was triggered in (stored with the run, so an
@@ -33,7 +33,10 @@ use opentelemetry::trace::{
 use opentelemetry::{Context, KeyValue};
 use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
-use opentelemetry_sdk::trace::{SdkTracer, SdkTracerProvider, SpanData, SpanExporter};
+use opentelemetry_sdk::trace::{
+    BatchConfigBuilder, BatchSpanProcessor, SdkTracer, SdkTracerProvider, SpanData, SpanExporter,
+    SpanProcessor,
+};
 use opentelemetry_sdk::Resource;
 
 pub use docket_store::TraceContext;
@@ -60,11 +63,20 @@ pub struct TelemetryConfig {
 #[error("traces: {0}")]
 pub struct TelemetryError(String);
 
-/// Spans exported and lost, shared by the exporter and the metrics.
+/// Spans exported and lost, shared by the exporter, the queue gate and
+/// the metrics.
 #[derive(Debug, Default)]
 struct Counts {
+    /// Spans the collector accepted.
     exported: AtomicU64,
+    /// Spans whose export failed.
     dropped: AtomicU64,
+    /// Spans the gate turned away because the queue was full.
+    queue_full: AtomicU64,
+    /// Spans the gate let into the SDK's queue.
+    queued: AtomicU64,
+    /// Spans the SDK handed to the exporter (they left its queue).
+    handed: AtomicU64,
 }
 
 /// The trace exporter of one process: an OpenTelemetry tracer provider with
@@ -149,15 +161,44 @@ impl Telemetry {
         exporter: impl SpanExporter + 'static,
         service_name: Option<String>,
     ) -> Telemetry {
+        Self::with_exporter_queue(exporter, service_name, None)
+    }
+
+    /// [`Telemetry::with_exporter`] with a queue of `queue_size` spans
+    /// (`None`: `OTEL_BSP_MAX_QUEUE_SIZE`, else the SDK's 2,048).
+    pub fn with_exporter_queue(
+        exporter: impl SpanExporter + 'static,
+        service_name: Option<String>,
+        queue_size: Option<usize>,
+    ) -> Telemetry {
+        let cap = queue_size.unwrap_or_else(env_queue_size).max(1);
+        Self::assemble(exporter, service_name, BatchConfigBuilder::default(), cap)
+    }
+
+    /// The provider: the gate, the SDK's batch processor (`batch`, its
+    /// queue set to `cap`) and the counting exporter.
+    fn assemble(
+        exporter: impl SpanExporter + 'static,
+        service_name: Option<String>,
+        batch: BatchConfigBuilder,
+        cap: usize,
+    ) -> Telemetry {
         let counts = Arc::new(Counts::default());
         let mut resource = Resource::builder();
         if std::env::var_os("OTEL_SERVICE_NAME").is_none() {
             resource = resource.with_service_name(service_name.unwrap_or_else(|| "docket".into()));
         }
+        let batch = BatchSpanProcessor::builder(Counting {
+            inner: exporter,
+            counts: counts.clone(),
+        })
+        .with_batch_config(batch.with_max_queue_size(cap).build())
+        .build();
         let provider = SdkTracerProvider::builder()
             .with_resource(resource.build())
-            .with_batch_exporter(Counting {
-                inner: exporter,
+            .with_span_processor(Gate {
+                inner: batch,
+                cap: cap as u64,
                 counts: counts.clone(),
             })
             .build();
@@ -191,9 +232,16 @@ impl Telemetry {
         self.counts.exported.load(Ordering::Relaxed)
     }
 
-    /// Spans lost because their export failed (collector down or refusing).
+    /// Spans lost: their export failed (collector down or refusing), or
+    /// the queue was full when they ended (a collector slower than the span
+    /// rate for longer than the queue lasts).
     pub fn spans_dropped(&self) -> u64 {
-        self.counts.dropped.load(Ordering::Relaxed)
+        self.counts.dropped.load(Ordering::Relaxed) + self.spans_dropped_queue_full()
+    }
+
+    /// The part of [`Telemetry::spans_dropped`] that found the queue full.
+    pub fn spans_dropped_queue_full(&self) -> u64 {
+        self.counts.queue_full.load(Ordering::Relaxed)
     }
 
     /// The span of a trigger, a child of the caller's context when there is
@@ -536,6 +584,67 @@ pub fn attempt_span_id(run: RunId, attempt: u32) -> SpanId {
     SpanId::from_bytes(h.max(1).to_be_bytes())
 }
 
+/// `OTEL_BSP_MAX_QUEUE_SIZE` read as the SDK reads it (default 2,048), so
+/// the gate and the SDK agree on the queue's size.
+fn env_queue_size() -> usize {
+    std::env::var("OTEL_BSP_MAX_QUEUE_SIZE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2_048)
+}
+
+/// In front of the SDK's batch processor: counts the spans its queue would
+/// drop, which the SDK counts privately. It lets a span in only while fewer
+/// than `cap` spans are between it and the exporter (let in, not yet handed
+/// to the exporter). That number is never below what the SDK's queue holds
+/// (the SDK takes spans off its queue before handing them over), so the
+/// SDK's queue never overflows: every lost span is turned away here, and
+/// counted. The price: while a batch is being gathered, the gate may turn a
+/// span away that the queue would still have taken (at most one batch's
+/// worth, and only when the queue is nearly full anyway).
+#[derive(Debug)]
+struct Gate<P> {
+    inner: P,
+    cap: u64,
+    counts: Arc<Counts>,
+}
+
+impl<P: SpanProcessor> SpanProcessor for Gate<P> {
+    fn on_start(&self, span: &mut opentelemetry_sdk::trace::Span, cx: &Context) {
+        self.inner.on_start(span, cx)
+    }
+
+    fn on_end(&self, span: SpanData) {
+        // `handed` only grows, so reading it first can only overstate the
+        // queue: the gate errs towards turning away, never overflowing.
+        let handed = self.counts.handed.load(Ordering::Acquire);
+        let admitted =
+            self.counts
+                .queued
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |queued| {
+                    (queued.saturating_sub(handed) < self.cap).then_some(queued + 1)
+                });
+        match admitted {
+            Ok(_) => self.inner.on_end(span),
+            Err(_) => {
+                self.counts.queue_full.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        self.inner.force_flush()
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn set_resource(&mut self, resource: &Resource) {
+        self.inner.set_resource(resource)
+    }
+}
+
 /// The SDK's exporter, counting what it exported and what it lost.
 #[derive(Debug)]
 struct Counting<E> {
@@ -550,6 +659,8 @@ impl<E: SpanExporter> SpanExporter for Counting<E> {
     ) -> impl std::future::Future<Output = OTelSdkResult> + Send {
         let n = batch.len() as u64;
         let counts = self.counts.clone();
+        // These spans have left the SDK's queue: room for as many more.
+        counts.handed.fetch_add(n, Ordering::Release);
         let fut = self.inner.export(batch);
         async move {
             let r = fut.await;
@@ -577,6 +688,62 @@ impl<E: SpanExporter> SpanExporter for Counting<E> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An exporter that reports each call and then waits to be released.
+    #[derive(Debug)]
+    struct Held {
+        called: std::sync::mpsc::SyncSender<usize>,
+        release: std::sync::Mutex<std::sync::mpsc::Receiver<()>>,
+    }
+
+    impl SpanExporter for Held {
+        fn export(
+            &self,
+            batch: Vec<SpanData>,
+        ) -> impl std::future::Future<Output = OTelSdkResult> + Send {
+            let _ = self.called.send(batch.len());
+            // Bounded: a broken test fails instead of hanging.
+            let _ = self
+                .release
+                .lock()
+                .expect("release")
+                .recv_timeout(Duration::from_secs(10));
+            async { Ok(()) }
+        }
+    }
+
+    #[test]
+    fn spans_that_find_the_queue_full_are_counted_and_no_others_are_lost() {
+        let (called_tx, called) = std::sync::mpsc::sync_channel(16);
+        let (release, release_rx) = std::sync::mpsc::channel();
+        let held = Held {
+            called: called_tx,
+            release: std::sync::Mutex::new(release_rx),
+        };
+        // A queue of 4, exported one span at a time.
+        let t = Telemetry::assemble(
+            held,
+            None,
+            BatchConfigBuilder::default().with_max_export_batch_size(1),
+            4,
+        );
+        let end = |name: &str| t.tracer.start(name.to_string()).end();
+        end("first");
+        // The exporter has the first span and is stuck: the queue is empty.
+        assert_eq!(called.recv_timeout(Duration::from_secs(10)), Ok(1));
+        for i in 0..10 {
+            end(&format!("span {i}"));
+        }
+        // Four fit in the queue; six found it full.
+        assert_eq!(t.spans_dropped_queue_full(), 6);
+        assert_eq!(t.spans_dropped(), 6);
+        // Released, the exporter gets the first and the four queued: the
+        // SDK itself dropped none.
+        drop(release);
+        t.force_flush().expect("flush");
+        assert_eq!(t.spans_exported(), 5);
+        assert_eq!(t.spans_dropped(), 6);
+    }
 
     #[test]
     fn attempt_span_ids_differ_by_run_and_attempt_and_are_stable() {

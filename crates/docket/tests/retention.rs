@@ -93,6 +93,38 @@ async fn only_the_leader_prunes_and_a_hung_leader_is_replaced() {
     assert!(!r.led);
 }
 
+/// The leading pruner forgets remote workers not seen for the roster's
+/// window (7 days); a standing-by one forgets nothing.
+#[tokio::test]
+async fn the_leading_pruner_forgets_workers_silent_for_a_week() {
+    let clock = ManualClock::new(T0);
+    let store: DynStore = Arc::new(docket_store::sqlite::SqliteStore::open_in_memory().unwrap());
+    let a = Docket::with_store(store.clone(), Arc::new(clock.clone()));
+    let b = Docket::with_store(store.clone(), Arc::new(clock.clone()));
+    let seen = |name: &str, at: Timestamp| docket_store::WorkerSeen {
+        tenant: "acme".into(),
+        name: name.into(),
+        jobs: Some(vec!["noop".into()]),
+        now: at,
+    };
+    store.touch_worker(seen("gone", T0)).await.unwrap();
+    let week = docket_store::workers::ROSTER_WINDOW_MS;
+    store
+        .touch_worker(seen("alive", T0.plus_millis(week)))
+        .await
+        .unwrap();
+    clock.set(T0.plus_millis(week + 1));
+    assert_eq!(a.prune_once(&pruner("a")).await.unwrap().workers, 1);
+    let r = b.prune_once(&pruner("b")).await.unwrap();
+    assert!(!r.led);
+    assert_eq!(r.workers, 0);
+    let left = store.list_workers(None).await.unwrap();
+    assert_eq!(
+        left.iter().map(|w| w.name.as_str()).collect::<Vec<_>>(),
+        ["alive"]
+    );
+}
+
 /// The background pruner runs a round at once and, at shutdown, gives up
 /// its lead so another process can take over without waiting for it to
 /// expire. An invalid configuration is refused before it starts.

@@ -709,6 +709,9 @@ impl docket_store::WorkerStore for SimStore {
     ) -> SResult<Vec<docket_store::WorkerRecord>> {
         self.inner.list_workers(tenant).await
     }
+    async fn forget_workers(&self, seen_before: docket::Timestamp) -> SResult<u64> {
+        self.inner.forget_workers(seen_before).await
+    }
 }
 
 #[async_trait]

@@ -331,6 +331,9 @@ mod faulty {
         ) -> Result<Vec<docket_store::WorkerRecord>> {
             self.inner.list_workers(tenant).await
         }
+        async fn forget_workers(&self, seen_before: docket_core::Timestamp) -> Result<u64> {
+            self.inner.forget_workers(seen_before).await
+        }
     }
 
     #[async_trait]

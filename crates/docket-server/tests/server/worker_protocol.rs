@@ -473,13 +473,35 @@ async fn a_vanished_worker_costs_one_lease_expiry_postgres() {
     }
 }
 
+/// A server that runs no worker of its own (`docket serve --role api`)
+/// reaps the leases it hands out: its reaper turns a vanished remote
+/// worker's expired lease into a retry, as a worker process would.
+#[tokio::test]
+async fn an_api_only_server_reaps_a_vanished_remote_worker() {
+    let s = TestServer::start_with(Opts {
+        worker: false,
+        ..Opts::default()
+    })
+    .await;
+    remote_jobs(&s);
+    let w = worker_token(&s, "acme", "acme-worker").await;
+    let reaper = s.docket.start_reaper(Duration::from_millis(50));
+    vanished_worker_on(s, w).await;
+    reaper.stop().await;
+}
+
 async fn vanished_worker(db: Option<String>) {
     let (s, w) = setup_on(db).await;
+    vanished_worker_on(s, w).await;
+}
+
+async fn vanished_worker_on(s: TestServer, w: String) {
     let id = s.trigger("remote-short", json!({})).await;
     let first = claim_one(&s, &w, "doomed", "remote-short").await;
     assert_eq!(first["lease_ms"], 300);
-    // The worker is gone. The server's reaper (the in-process worker) turns
-    // the expired lease into a retry; the next claim waits for it.
+    // The worker is gone. The server's reaper (the in-process worker's, or
+    // the api role's own) turns the expired lease into a retry; the next
+    // claim waits for it.
     let second = claim_one(&s, &w, "survivor", "remote-short").await;
     assert_eq!(second["run_id"], json!(id));
     assert_eq!(second["attempt"], 2);

@@ -53,4 +53,17 @@ impl WorkerStore for PgStore {
             })
             .collect()
     }
+
+    async fn forget_workers(&self, seen_before: Timestamp) -> Result<u64> {
+        let done = sqlx::query(
+            "DELETE FROM workers WHERE last_seen_at < $1
+             AND NOT EXISTS (SELECT 1 FROM runs r WHERE r.status = 'running'
+                AND r.tenant = workers.tenant AND r.worker = workers.name)",
+        )
+        .bind(seen_before.0)
+        .execute(&self.pool)
+        .await
+        .map_err(db)?;
+        Ok(done.rows_affected())
+    }
 }

@@ -54,4 +54,20 @@ impl WorkerStore for SqliteStore {
         })
         .await
     }
+
+    async fn forget_workers(&self, seen_before: Timestamp) -> Result<u64> {
+        self.call(move |c| {
+            let n = c
+                .prepare_cached(
+                    "DELETE FROM workers WHERE last_seen_at < ?1
+                     AND NOT EXISTS (SELECT 1 FROM runs r WHERE r.status = 'running'
+                        AND r.tenant = workers.tenant AND r.worker = workers.name)",
+                )
+                .map_err(db_err)?
+                .execute(params![seen_before.0])
+                .map_err(db_err)?;
+            Ok(n as u64)
+        })
+        .await
+    }
 }

@@ -575,17 +575,74 @@ async fn reap_loop(shared: Arc<Shared>, mut stop: watch::Receiver<Phase>) {
             _ = tokio::time::sleep(jittered(shared.config.reap_interval)) => {}
             _ = stop.changed() => return,
         }
-        // Batch after batch while they come back full and this worker
-        // reaped some (another reaper that won them goes on instead).
-        loop {
-            match shared.docket.reap_batch(REAP_BATCH).await {
-                Ok((read, reaped)) if read == REAP_BATCH && reaped > 0 => {}
-                Ok(_) => break,
-                Err(e) => {
-                    tracing::warn!(error = %e, "lease reaper failed");
-                    break;
-                }
+        reap_round(&shared.docket).await;
+    }
+}
+
+/// Reaps batch after batch while they come back full and this process
+/// reaped some (another reaper that won them goes on instead).
+async fn reap_round(docket: &Docket) {
+    loop {
+        match docket.reap_batch(REAP_BATCH).await {
+            Ok((read, reaped)) if read == REAP_BATCH && reaped > 0 => {}
+            Ok(_) => break,
+            Err(e) => {
+                tracing::warn!(error = %e, "lease reaper failed");
+                break;
             }
+        }
+    }
+}
+
+/// A lease reaper without a worker ([`Docket::start_reaper`]); stops when
+/// [`ReaperHandle::stop`] is called or the handle is dropped.
+#[derive(Debug)]
+pub struct ReaperHandle {
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<()>,
+}
+
+impl ReaperHandle {
+    /// Stops the reaper and waits for its round in progress to end.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        let _ = (&mut self.task).await;
+    }
+}
+
+impl Drop for ReaperHandle {
+    fn drop(&mut self) {
+        if self.stop.is_some() {
+            self.task.abort();
+        }
+    }
+}
+
+impl Docket {
+    /// Reaps expired leases every `interval` (jittered ±25 %), through the
+    /// retry policy, like every worker does — for a process that runs no
+    /// worker but hands out leases: `docket serve --role api` serving
+    /// remote workers over the worker protocol. Without it, a remote
+    /// worker that vanished would wait for some worker process to reap its
+    /// runs. Reapers racing for one run reap it once (`Store::reap` is
+    /// fenced on the expired lease).
+    pub fn start_reaper(&self, interval: Duration) -> ReaperHandle {
+        let docket = self.clone();
+        let (tx, mut rx) = oneshot::channel();
+        let task = tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(jittered(interval)) => {}
+                    _ = &mut rx => return,
+                }
+                reap_round(&docket).await;
+            }
+        });
+        ReaperHandle {
+            stop: Some(tx),
+            task,
         }
     }
 }
