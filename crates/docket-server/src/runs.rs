@@ -1,6 +1,5 @@
 //! The REST API over runs and jobs.
 
-use docket_store::ChildStore;
 use crate::auth::Caller;
 use crate::dto::*;
 use crate::error::{ApiError, ApiResult, ErrorBody};

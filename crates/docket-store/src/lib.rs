@@ -11,10 +11,10 @@
 //! recorded as a `stale_write_refused` event, and reported as
 //! [`StoreError::StaleLease`]. It never changes the run.
 
-#[cfg(feature = "conformance")]
 pub mod children;
 #[cfg(feature = "conformance")]
 pub mod children_conformance;
+#[cfg(feature = "conformance")]
 pub mod conformance;
 pub mod connections;
 pub mod json;

@@ -5,10 +5,10 @@
 
 use crate::ctx::store_err;
 use crate::error::Control;
-use crate::{Ctx, Docket, JobError};
+use crate::{Ctx, JobError};
 use docket_core::{ErrorClass, RunId, RunStatus, TerminalReason};
 use docket_store::plan::child::step_child;
-use docket_store::{ChildSpawn, ChildStore, NewRun, Run};
+use docket_store::{ChildSpawn, NewRun, Run};
 use serde_json::Value;
 use std::collections::HashMap;
 
