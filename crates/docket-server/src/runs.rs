@@ -530,8 +530,6 @@ fn times_as_rfc3339(mut v: Value) -> Value {
     v
 }
 
-/// A run with its attempts, steps, ledger entries and events, and the
-/// timeline built from them.
 /// `GET /api/runs?parent=ID`: a run's children, oldest first.
 async fn children_page(
     state: &AppState,
@@ -539,11 +537,19 @@ async fn children_page(
     q: &QueryPairs,
     parent: &str,
 ) -> ApiResult<RunPage> {
-    for other in ["status", "job", "needs_attention", "created_after", "created_before"] {
+    for other in [
+        "status",
+        "job",
+        "needs_attention",
+        "created_after",
+        "created_before",
+    ] {
         if q.get(other).is_some() {
             return Err(ApiError::bad_param(
                 other,
-                format!("`{other}` cannot be combined with `parent` (only `cursor` and `limit` can)"),
+                format!(
+                    "`{other}` cannot be combined with `parent` (only `cursor` and `limit` can)"
+                ),
             ));
         }
     }
@@ -578,11 +584,15 @@ async fn children_page(
     let more = runs.len() > limit;
     runs.truncate(limit);
     Ok(RunPage {
-        next_cursor: more.then(|| runs.last().map(|r| r.id.to_string())).flatten(),
+        next_cursor: more
+            .then(|| runs.last().map(|r| r.id.to_string()))
+            .flatten(),
         runs: runs.iter().map(|r| state.view(r)).collect(),
     })
 }
 
+/// A run with its attempts, steps, ledger entries and events, and the
+/// timeline built from them (and its children count and current wait).
 #[utoipa::path(
     get, path = "/api/runs/{id}", tag = "runs",
     params(("id" = String, Path, description = "The run's id")),
@@ -599,12 +609,10 @@ pub async fn show(
 ) -> ApiResult<Json<RunDetail>> {
     let id = parse_id(&id)?;
     load_run(&state, &caller, id).await?;
+    // The family first: a join it shows is only reported if the history,
+    // read after it, still has the run postponed (not woken meanwhile).
+    let family = state.docket.store().family(id).await?;
     let h = state.docket.history(id).await?;
-    let family = state
-        .docket
-        .store()
-        .family(id)
-        .await?;
     let attempts = AttemptView::list(&h.attempts);
     let timeline = h
         .events
@@ -645,11 +653,14 @@ pub async fn show(
         events: h.events.iter().map(EventView::from).collect(),
         timeline,
         children: family.as_ref().map_or(0, |f| f.children),
-        wait: family.and_then(|f| f.waiting).map(|w| crate::dto::WaitView {
-            kind: "children".into(),
-            waiting: w.waiting,
-            of: w.of,
-        }),
+        wait: family
+            .and_then(|f| f.waiting)
+            .filter(|_| h.run.status == RunStatus::Postponed)
+            .map(|w| crate::dto::WaitView {
+                kind: "children".into(),
+                waiting: w.waiting,
+                of: w.of,
+            }),
     }))
 }
 

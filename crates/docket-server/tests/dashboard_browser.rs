@@ -187,16 +187,25 @@ fn register_jobs(d: &Docket) {
         Ok::<_, JobError>(json!({ "thumb": input["i"] }))
     }))
     .unwrap();
-    d.register(Job::new("make-thumbnails", |ctx, _input: Value| async move {
-        let kids = (0..3)
-            .map(|i| (format!("thumb-{i}"), "thumbnail".to_string(), json!({ "i": i })))
-            .collect();
-        let hs = ctx
-            .spawn_many(kids, docket::SpawnOptions::default())
-            .await?;
-        let done = ctx.join(&hs).await?;
-        Ok(json!({ "completed": done.iter().filter(|r| r.is_completed()).count() }))
-    }))
+    d.register(Job::new(
+        "make-thumbnails",
+        |ctx, _input: Value| async move {
+            let kids = (0..3)
+                .map(|i| {
+                    (
+                        format!("thumb-{i}"),
+                        "thumbnail".to_string(),
+                        json!({ "i": i }),
+                    )
+                })
+                .collect();
+            let hs = ctx
+                .spawn_many(kids, docket::SpawnOptions::default())
+                .await?;
+            let done = ctx.join(&hs).await?;
+            Ok(json!({ "completed": done.iter().filter(|r| r.is_completed()).count() }))
+        },
+    ))
     .unwrap();
     d.register(Job::new(
         "nightly-report",
@@ -895,7 +904,11 @@ async fn scenario(c: &Client, env: &Env) -> R {
 async fn children(c: &Client, env: &Env) -> R {
     let parent = env.trigger("make-thumbnails", json!({})).await;
     let done = env.until(&parent, &["completed"]).await;
-    check!(done["children"] == json!(3), "children count: {}", done["children"]);
+    check!(
+        done["children"] == json!(3),
+        "children count: {}",
+        done["children"]
+    );
     goto(c, &format!("{}/runs/{parent}", env.base)).await?;
     el(c, "#main[data-ready='run']").await?;
     el(c, "#r-children-card:not([hidden])").await?;
@@ -909,7 +922,10 @@ async fn children(c: &Client, env: &Env) -> R {
     check!(
         rows.iter()
             .all(|r| r.as_str().unwrap_or("").contains("thumbnail")
-                && r.as_str().unwrap_or("").to_lowercase().contains("completed")),
+                && r.as_str()
+                    .unwrap_or("")
+                    .to_lowercase()
+                    .contains("completed")),
         "children rows: {rows:?}"
     );
     check!(

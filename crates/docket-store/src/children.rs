@@ -58,9 +58,7 @@ impl std::str::FromStr for ChildPolicy {
         match s {
             "cancel" => Ok(ChildPolicy::Cancel),
             "abandon" => Ok(ChildPolicy::Abandon),
-            other => Err(format!(
-                "unknown child policy `{other}` (cancel, abandon)"
-            )),
+            other => Err(format!("unknown child policy `{other}` (cancel, abandon)")),
         }
     }
 }
@@ -144,12 +142,8 @@ pub trait ChildStore: Send + Sync {
 
     /// A run's children in spawn order (oldest first), after `after` (a
     /// cursor), at most `limit` (0 means 100).
-    async fn children(
-        &self,
-        parent: RunId,
-        after: Option<RunId>,
-        limit: usize,
-    ) -> Result<Vec<Run>>;
+    async fn children(&self, parent: RunId, after: Option<RunId>, limit: usize)
+        -> Result<Vec<Run>>;
 
     /// A run's parent, number of children and current join (`None` for an
     /// unknown run).

@@ -121,7 +121,10 @@ pub async fn children_spawn_exactly_once(store: DynStore) {
     let first = store
         .spawn_children(
             lease,
-            vec![child(&p, "a", ChildPolicy::Cancel), child(&p, "b", ChildPolicy::Abandon)],
+            vec![
+                child(&p, "a", ChildPolicy::Cancel),
+                child(&p, "b", ChildPolicy::Abandon),
+            ],
             T0,
         )
         .await
@@ -130,7 +133,10 @@ pub async fn children_spawn_exactly_once(store: DynStore) {
     let again = store
         .spawn_children(
             lease,
-            vec![child(&p, "a", ChildPolicy::Cancel), child(&p, "c", ChildPolicy::Cancel)],
+            vec![
+                child(&p, "a", ChildPolicy::Cancel),
+                child(&p, "c", ChildPolicy::Cancel),
+            ],
             T0,
         )
         .await
@@ -149,7 +155,10 @@ pub async fn children_spawn_exactly_once(store: DynStore) {
     assert_eq!(a.tenant, "acme");
     assert_eq!(a.correlation_id.as_deref(), Some("corr-9"));
     assert_eq!(a.status, RunStatus::Pending);
-    assert_eq!(kinds(&store, a.id).await, ["run_triggered", "child_spawned"]);
+    assert_eq!(
+        kinds(&store, a.id).await,
+        ["run_triggered", "child_spawned"]
+    );
     let steps = store.steps(p.id).await.unwrap();
     let a_step = steps.iter().find(|s| s.name == "spawn:a").unwrap();
     assert_eq!(
@@ -168,10 +177,20 @@ pub async fn children_spawn_exactly_once(store: DynStore) {
         .filter(|e| e.kind == "child_spawned")
         .map(|e| e.data["child"].clone())
         .collect();
-    assert_eq!(spawned, [json!(first[0].run_id), json!(first[1].run_id), json!(again[1].run_id)]);
+    assert_eq!(
+        spawned,
+        [
+            json!(first[0].run_id),
+            json!(first[1].run_id),
+            json!(again[1].run_id)
+        ]
+    );
     let fam = store.family(p.id).await.unwrap().unwrap();
     assert_eq!((fam.parent_id, fam.children, fam.waiting), (None, 3, None));
-    assert_eq!(store.family(a.id).await.unwrap().unwrap().parent_id, Some(p.id));
+    assert_eq!(
+        store.family(a.id).await.unwrap().unwrap().parent_id,
+        Some(p.id)
+    );
     // Paging in spawn order.
     let page = store.children(p.id, Some(kids[0].id), 1).await.unwrap();
     assert_eq!(page.len(), 1);
@@ -196,7 +215,14 @@ pub async fn children_join_waits_for_the_last_child(store: DynStore) {
     let leases = claim_children(&store, T0).await;
     assert_eq!(leases.len(), 3);
     // One child is done before the join.
-    end(&store, leases[0].0, leases[0].1, T0.plus_millis(1), done(json!(1))).await;
+    end(
+        &store,
+        leases[0].0,
+        leases[0].1,
+        T0.plus_millis(1),
+        done(json!(1)),
+    )
+    .await;
     let st = store
         .join_children(lease, kids.clone(), T0.plus_millis(2))
         .await
@@ -220,12 +246,29 @@ pub async fn children_join_waits_for_the_last_child(store: DynStore) {
     );
     assert_eq!(store.count_joining(None).await.unwrap(), 1);
     assert_eq!(store.count_joining(Some("other".into())).await.unwrap(), 0);
-    assert!(kinds(&store, p.id).await.contains(&"waiting_for_children".to_string()));
+    assert!(kinds(&store, p.id)
+        .await
+        .contains(&"waiting_for_children".to_string()));
     let far = T0.plus_millis(86_400_000);
-    assert!(store.claim(claim_of("parent", far, 1)).await.unwrap().is_empty());
+    assert!(store
+        .claim(claim_of("parent", far, 1))
+        .await
+        .unwrap()
+        .is_empty());
 
-    end(&store, leases[1].0, leases[1].1, T0.plus_millis(10), done(json!(2))).await;
-    assert!(store.claim(claim_of("parent", far, 1)).await.unwrap().is_empty());
+    end(
+        &store,
+        leases[1].0,
+        leases[1].1,
+        T0.plus_millis(10),
+        done(json!(2)),
+    )
+    .await;
+    assert!(store
+        .claim(claim_of("parent", far, 1))
+        .await
+        .unwrap()
+        .is_empty());
     assert_eq!(
         store.family(p.id).await.unwrap().unwrap().waiting,
         Some(JoinState { waiting: 1, of: 3 })
@@ -277,7 +320,14 @@ pub async fn children_fan_in_in_any_order(store: DynStore) {
     let kids = spawn(&store, &p, lease, &["a"]).await;
     let leases = claim_children(&store, T0).await;
     store.join_children(lease, kids, T0).await.unwrap();
-    end(&store, leases[0].0, leases[0].1, T0.plus_millis(5), done(json!(1))).await;
+    end(
+        &store,
+        leases[0].0,
+        leases[0].1,
+        T0.plus_millis(5),
+        done(json!(1)),
+    )
+    .await;
     end(
         &store,
         p.id,
@@ -287,7 +337,10 @@ pub async fn children_fan_in_in_any_order(store: DynStore) {
     )
     .await;
     let r = run(&store, p.id).await;
-    assert_eq!((r.status, r.run_after), (RunStatus::Postponed, T0.plus_millis(5)));
+    assert_eq!(
+        (r.status, r.run_after),
+        (RunStatus::Postponed, T0.plus_millis(5))
+    );
     assert_eq!(
         store
             .claim(claim_of("parent", T0.plus_millis(6), 1))
@@ -321,7 +374,10 @@ pub async fn children_fan_in_in_any_order(store: DynStore) {
         .unwrap();
     assert!(res.iter().all(|r| r.is_ok()));
     let r = run(&store, p.id).await;
-    assert_eq!((r.status, r.run_after), (RunStatus::Postponed, T0.plus_millis(7)));
+    assert_eq!(
+        (r.status, r.run_after),
+        (RunStatus::Postponed, T0.plus_millis(7))
+    );
 }
 
 /// Cancelling a parent cancels its unfinished children with policy
@@ -357,7 +413,11 @@ pub async fn children_cancel_cascades_by_policy(store: DynStore) {
     };
     let running_run = run(&store, running).await;
     let grand = store
-        .spawn_children(run_lease, vec![child(&running_run, "g", ChildPolicy::Cancel)], T0)
+        .spawn_children(
+            run_lease,
+            vec![child(&running_run, "g", ChildPolicy::Cancel)],
+            T0,
+        )
         .await
         .unwrap()[0]
         .run_id;
@@ -401,7 +461,10 @@ pub async fn children_cancel_cascades_by_policy(store: DynStore) {
     assert_eq!(ev[ev.len() - 2].kind, "run_cancelled");
     let rr = run(&store, running).await;
     assert_eq!(rr.status, RunStatus::Running);
-    assert!(rr.cancel_requested, "a running child stops at its next step");
+    assert!(
+        rr.cancel_requested,
+        "a running child stops at its next step"
+    );
     assert_eq!(run(&store, grand).await.status, RunStatus::Cancelled);
     assert_eq!(run(&store, kept).await.status, RunStatus::Pending);
     assert!(!run(&store, kept).await.cancel_requested);

@@ -32,10 +32,10 @@ pub mod stats;
 pub mod tokens;
 pub mod workers;
 
+pub use children::{ChildPolicy, ChildSpawn, ChildStore, Family, JoinState, Spawned};
 pub use connections::{
     ConnectionAudit, ConnectionChange, ConnectionState, ConnectionStatus, ConnectionStore,
 };
-pub use children::{ChildPolicy, ChildSpawn, ChildStore, Family, JoinState, Spawned};
 pub use json::{MAX_JSON_DEPTH, UNDECODABLE_KEY};
 pub use lead::FencingToken;
 pub use model::*;
@@ -224,7 +224,15 @@ pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 /// `postgres::PgStore`. Both pass the same conformance suite.
 #[async_trait]
 pub trait Store:
-    TokenStore + WorkerStore + ConnectionStore + StatsStore + ScheduleStore + ChildStore + Send + Sync + 'static
+    TokenStore
+    + WorkerStore
+    + ConnectionStore
+    + StatsStore
+    + ScheduleStore
+    + ChildStore
+    + Send
+    + Sync
+    + 'static
 {
     /// `"sqlite"` or `"postgres"`.
     fn backend(&self) -> &'static str;

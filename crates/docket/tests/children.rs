@@ -122,7 +122,9 @@ async fn spawn_is_exactly_once_across_a_replay(d: Docket, clock: ManualClock) {
                     hs.push(ctx.spawn(format!("c{i}"), "echo", json!(i), low).await?);
                 }
                 if a.fetch_add(1, Ordering::SeqCst) == 0 {
-                    return Err(JobError::unavailable("the worker died right after spawning"));
+                    return Err(JobError::unavailable(
+                        "the worker died right after spawning",
+                    ));
                 }
                 let out = ctx.join(&hs).await?;
                 let outs: Vec<Value> = out
@@ -177,7 +179,11 @@ async fn spawn_is_exactly_once_across_a_replay(d: Docket, clock: ManualClock) {
     // Attempts: fail, join, finish; only the failure spent budget.
     assert_eq!((parent.attempt, parent.attempts_forgiven), (3, 1));
     let h = d.history(id).await.unwrap();
-    let spawned = h.events.iter().filter(|e| e.kind == "child_spawned").count();
+    let spawned = h
+        .events
+        .iter()
+        .filter(|e| e.kind == "child_spawned")
+        .count();
     assert_eq!(spawned, 3);
     assert!(h
         .steps
@@ -239,7 +245,10 @@ async fn fan_out_of_1000_survives_a_killed_worker(d: Docket, clock: ManualClock)
     drain(&w).await;
     let run = d.get_run(id).await.unwrap();
     assert_eq!(run.status, RunStatus::Completed, "{run:?}");
-    assert_eq!(run.output, Some(json!({"children": 1000, "completed": 1000})));
+    assert_eq!(
+        run.output,
+        Some(json!({"children": 1000, "completed": 1000}))
+    );
     let mut kids = Vec::new();
     let mut after = None;
     loop {

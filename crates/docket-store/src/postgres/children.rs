@@ -101,17 +101,21 @@ async fn spawn(
         .iter()
         .map(|ch| plan::child::step_name(&ch.step))
         .collect();
-    let rows = sqlx::query("SELECT name, status, result FROM steps WHERE run_id = $1 AND name = ANY($2)")
-        .bind(parent.id.0)
-        .bind(&names)
-        .fetch_all(&mut *c)
-        .await
-        .map_err(db)?;
+    let rows =
+        sqlx::query("SELECT name, status, result FROM steps WHERE run_id = $1 AND name = ANY($2)")
+            .bind(parent.id.0)
+            .bind(&names)
+            .fetch_all(&mut *c)
+            .await
+            .map_err(db)?;
     let mut existing: HashMap<String, (String, Option<Value>)> = HashMap::new();
     for r in &rows {
         existing.insert(
             r.try_get("name").map_err(db)?,
-            (r.try_get("status").map_err(db)?, r.try_get("result").map_err(db)?),
+            (
+                r.try_get("status").map_err(db)?,
+                r.try_get("result").map_err(db)?,
+            ),
         );
     }
     let mut out = Vec::with_capacity(children.len());

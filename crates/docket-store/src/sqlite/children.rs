@@ -44,7 +44,9 @@ fn spawn(
                 continue;
             }
         }
-        if let Err(e) = plan::step::may_write(existing.as_ref().map(|e| e.0.as_str()), parent.id, &step) {
+        if let Err(e) =
+            plan::step::may_write(existing.as_ref().map(|e| e.0.as_str()), parent.id, &step)
+        {
             return Ok(Err(e));
         }
         let job = ch.run.job.clone();
@@ -60,7 +62,17 @@ fn spawn(
             .map_err(db_err)?;
         let ev = plan::child::spawned_on_child(&step, parent.id, ch.policy);
         insert_event(
-            c, child.id, &child.tenant, &child.job, &ev.kind, now, None, None, None, None, &ev.data,
+            c,
+            child.id,
+            &child.tenant,
+            &child.job,
+            &ev.kind,
+            now,
+            None,
+            None,
+            None,
+            None,
+            &ev.data,
         )?;
         let result = plan::child::step_result(child.id, &job, ch.policy);
         c.prepare_cached(
@@ -188,9 +200,10 @@ pub(super) fn cascade_cancel(c: &Connection, parent: RunId, req: &OperatorReques
             let id: RunId = id
                 .parse()
                 .map_err(|_| StoreError::Database(format!("bad run id {id}")))?;
-            let Some(child) = get_run(c, id)? else { continue };
-            let p_plan =
-                plan::operator::operator(&child, &OperatorCommand::Cancel, None, req.now)?;
+            let Some(child) = get_run(c, id)? else {
+                continue;
+            };
+            let p_plan = plan::operator::operator(&child, &OperatorCommand::Cancel, None, req.now)?;
             let sub = OperatorRequest {
                 run_id: child.id,
                 command: OperatorCommand::Cancel,

@@ -235,8 +235,10 @@ pub(super) struct Fence {
 
 pub(super) fn fence_row(c: &Connection, id: RunId) -> Result<Option<Fence>> {
     let mut st = c
-        .prepare_cached("SELECT tenant, job, status, attempt, lease_id, lease_expires_at,
-            CASE WHEN parent_waits = 1 THEN parent_id END FROM runs WHERE id = ?1")
+        .prepare_cached(
+            "SELECT tenant, job, status, attempt, lease_id, lease_expires_at,
+            CASE WHEN parent_waits = 1 THEN parent_id END FROM runs WHERE id = ?1",
+        )
         .map_err(db_err)?;
     st.query_row([id.to_string()], |r| {
         Ok(Fence {
