@@ -9,6 +9,7 @@ mod bench_scale;
 mod bench_steady;
 mod client;
 mod demo;
+mod demo_children;
 mod inspect;
 mod schedules;
 

@@ -232,6 +232,8 @@ impl Settings {
 /// - `approval`: waits for an operator's approve/reject, returns it.
 /// - `sleep`: input `{"ms": N}` (default 5000): a step that sleeps, then
 ///   one more step; cancel it while it runs.
+/// - `fan-out`: input `{"children": N}`: spawns N `echo` children, joins
+///   them, outputs `{"children": N, "completed": M}` (`demo_children.rs`).
 pub fn register_demo_jobs(d: &Docket) -> Result<(), docket::Error> {
     d.register(Job::new("noop", |_ctx, input: Value| async move {
         Ok::<_, JobError>(input)
@@ -283,6 +285,7 @@ pub fn register_demo_jobs(d: &Docket) -> Result<(), docket::Error> {
             .await?;
         Ok(json!({ "slept_ms": ms }))
     }))?;
+    crate::demo_children::register(d)?;
     Ok(())
 }
 

@@ -125,6 +125,14 @@ kinds! {
     JobResumed = "job_resumed",
     /// An operator deleted a final run.
     RunDeleted = "run_deleted",
+    /// The run spawned a child run (`ctx.spawn`; data: the step, the child's id,
+    /// job and cancel policy).
+    ChildSpawned = "child_spawned",
+    /// The run suspended until the children it joins are final (data: how
+    /// many it still waits for, of how many).
+    WaitingForChildren = "waiting_for_children",
+    /// A parent's cancel cancelled this child (its policy was `cancel`).
+    CancelledWithParent = "cancelled_with_parent",
 }
 
 impl EventKind {

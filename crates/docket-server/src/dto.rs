@@ -76,6 +76,8 @@ pub struct RunView {
     /// The W3C trace id of the trace the run belongs to (32 hex digits),
     /// when it was triggered with a `traceparent` or with traces on.
     pub trace_id: Option<String>,
+    /// The run that spawned this one (`ctx.spawn`), if it is a child run.
+    pub parent: Option<String>,
 }
 
 impl RunView {
@@ -114,6 +116,7 @@ impl RunView {
                 .as_ref()
                 .and_then(|t| t.traceparent.split('-').nth(1))
                 .map(String::from),
+            parent: r.parent_id.map(|p| p.to_string()),
         }
     }
 }
@@ -337,6 +340,23 @@ pub struct RunDetail {
     pub events: Vec<EventView>,
     /// Events and attempts as one readable timeline.
     pub timeline: Vec<TimelineEntry>,
+    /// How many child runs it spawned (list them with
+    /// `GET /api/runs?parent=ID`).
+    pub children: i64,
+    /// Why it waits now, when it is suspended in a wait Docket tracks
+    /// (e.g. `{"kind": "children", "waiting": 12, "of": 1000}`).
+    pub wait: Option<WaitView>,
+}
+
+/// A run's current wait.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct WaitView {
+    /// `children`: a join waiting for child runs to end.
+    pub kind: String,
+    /// Children not final yet.
+    pub waiting: u32,
+    /// Children the join waits for in all.
+    pub of: u32,
 }
 
 /// The answer of a long poll.

@@ -385,6 +385,17 @@ pub fn render_paused(
     }
 }
 
+/// `docket_runs_waiting_for_children{tenant}`: parents suspended in a join
+/// now (`ctx.join`), read from the store at scrape time.
+pub fn render_joining(out: &mut String, tenant: &str, n: i64) {
+    out.push_str("# HELP docket_runs_waiting_for_children Runs suspended until their child runs end.\n# TYPE docket_runs_waiting_for_children gauge\n");
+    let _ = writeln!(
+        out,
+        "docket_runs_waiting_for_children{{tenant=\"{}\"}} {n}",
+        escape(tenant)
+    );
+}
+
 /// `docket_store_errors_total{kind}`: store failures this process's
 /// workers met since it started, by kind (`connection`, `busy` are waited
 /// out; `constraint`, `corrupt`, `bug` are not and are logged as errors).

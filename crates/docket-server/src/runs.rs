@@ -274,6 +274,7 @@ pub async fn trigger_batch(
         ("created_before" = Option<String>, Query, description = "Created before (RFC 3339)"),
         ("cursor" = Option<String>, Query, description = "`next_cursor` of the previous page"),
         ("limit" = Option<usize>, Query, description = "1 to 500 (default 50)"),
+        ("parent" = Option<String>, Query, description = "Only the child runs of this run, in spawn order (oldest first); combines with `cursor` and `limit` only"),
     ),
     responses(
         (status = 200, description = "A page", body = RunPage),
@@ -294,7 +295,11 @@ pub async fn list(
         "created_before",
         "cursor",
         "limit",
+        "parent",
     ])?;
+    if let Some(parent) = q.get("parent") {
+        return children_page(&state, &caller, &q, parent).await.map(Json);
+    }
     let mut statuses = Vec::new();
     for s in q.all("status") {
         let st: RunStatus = s.parse().map_err(|m| ApiError::bad_param("status", m))?;
@@ -391,6 +396,20 @@ fn summary(e: &EventRecord) -> String {
                 .unwrap_or_default()
         ),
         "attempt_started" => format!("{att} started on {}", s("worker")),
+        "child_spawned" if d.get("child").is_some() => format!(
+            "spawned child {} ({}, step {}, on cancel: {})",
+            s("child"),
+            s("job"),
+            s("step"),
+            s("policy")
+        ),
+        "child_spawned" => format!("spawned by parent {} (step {})", s("parent"), s("step")),
+        "waiting_for_children" => format!(
+            "waiting for {} of {} children",
+            n("waiting").unwrap_or(0),
+            n("of").unwrap_or(0)
+        ),
+        "cancelled_with_parent" => format!("cancelled with its parent {}", s("parent")),
         "attempt_failed" => format!("{att} failed: {}: {}", s("error_class"), s("message")),
         "attempt_deferred" => format!("{att} deferred, nothing sent: {}", s("message")),
         "http_response" => {
@@ -511,8 +530,69 @@ fn times_as_rfc3339(mut v: Value) -> Value {
     v
 }
 
+/// `GET /api/runs?parent=ID`: a run's children, oldest first.
+async fn children_page(
+    state: &AppState,
+    caller: &Caller,
+    q: &QueryPairs,
+    parent: &str,
+) -> ApiResult<RunPage> {
+    for other in [
+        "status",
+        "job",
+        "needs_attention",
+        "created_after",
+        "created_before",
+    ] {
+        if q.get(other).is_some() {
+            return Err(ApiError::bad_param(
+                other,
+                format!(
+                    "`{other}` cannot be combined with `parent` (only `cursor` and `limit` can)"
+                ),
+            ));
+        }
+    }
+    let parent: RunId = parent
+        .parse()
+        .map_err(|_| ApiError::bad_param("parent", format!("`{parent}` is not a run id")))?;
+    load_run(state, caller, parent).await?;
+    let limit = match q.get("limit") {
+        None => 50,
+        Some(s) => match s.parse::<usize>() {
+            Ok(n) if (1..=500).contains(&n) => n,
+            _ => {
+                return Err(ApiError::bad_param(
+                    "limit",
+                    format!("limit must be 1 to 500, not `{s}`"),
+                ))
+            }
+        },
+    };
+    let after = q
+        .get("cursor")
+        .map(|s| {
+            s.parse::<RunId>()
+                .map_err(|_| ApiError::bad_param("cursor", format!("`{s}` is not a cursor")))
+        })
+        .transpose()?;
+    let mut runs = state
+        .docket
+        .store()
+        .children(parent, after, limit + 1)
+        .await?;
+    let more = runs.len() > limit;
+    runs.truncate(limit);
+    Ok(RunPage {
+        next_cursor: more
+            .then(|| runs.last().map(|r| r.id.to_string()))
+            .flatten(),
+        runs: runs.iter().map(|r| state.view(r)).collect(),
+    })
+}
+
 /// A run with its attempts, steps, ledger entries and events, and the
-/// timeline built from them.
+/// timeline built from them (and its children count and current wait).
 #[utoipa::path(
     get, path = "/api/runs/{id}", tag = "runs",
     params(("id" = String, Path, description = "The run's id")),
@@ -529,6 +609,9 @@ pub async fn show(
 ) -> ApiResult<Json<RunDetail>> {
     let id = parse_id(&id)?;
     load_run(&state, &caller, id).await?;
+    // The family first: a join it shows is only reported if the history,
+    // read after it, still has the run postponed (not woken meanwhile).
+    let family = state.docket.store().family(id).await?;
     let h = state.docket.history(id).await?;
     let attempts = AttemptView::list(&h.attempts);
     let timeline = h
@@ -569,6 +652,15 @@ pub async fn show(
             .collect(),
         events: h.events.iter().map(EventView::from).collect(),
         timeline,
+        children: family.as_ref().map_or(0, |f| f.children),
+        wait: family
+            .and_then(|f| f.waiting)
+            .filter(|_| h.run.status == RunStatus::Postponed)
+            .map(|w| crate::dto::WaitView {
+                kind: "children".into(),
+                waiting: w.waiting,
+                of: w.of,
+            }),
     }))
 }
 
@@ -1020,6 +1112,12 @@ pub async fn metrics(State(state): State<AppState>, caller: Caller) -> ApiResult
         .map(|c| (c.job, c.status.to_string(), c.count))
         .collect();
     let mut body = state.metrics.render(&caller.tenant, &runs);
+    let joining = state
+        .docket
+        .store()
+        .count_joining(Some(caller.tenant.clone()))
+        .await?;
+    crate::metrics::render_joining(&mut body, &caller.tenant, joining);
     crate::metrics::render_store_errors(&mut body, &state.docket.store_errors());
     crate::metrics::render_schedules(&mut body, &state.docket.schedule_counters());
 

@@ -182,6 +182,31 @@ fn register_jobs(d: &Docket) {
         Ok(json!("loaded"))
     }))
     .unwrap();
+    // Child runs (issue 16): a parent that spawns three children and joins them.
+    d.register(Job::new("thumbnail", |_ctx, input: Value| async move {
+        Ok::<_, JobError>(json!({ "thumb": input["i"] }))
+    }))
+    .unwrap();
+    d.register(Job::new(
+        "make-thumbnails",
+        |ctx, _input: Value| async move {
+            let kids = (0..3)
+                .map(|i| {
+                    (
+                        format!("thumb-{i}"),
+                        "thumbnail".to_string(),
+                        json!({ "i": i }),
+                    )
+                })
+                .collect();
+            let hs = ctx
+                .spawn_many(kids, docket::SpawnOptions::default())
+                .await?;
+            let done = ctx.join(&hs).await?;
+            Ok(json!({ "completed": done.iter().filter(|r| r.is_completed()).count() }))
+        },
+    ))
+    .unwrap();
     d.register(Job::new(
         "nightly-report",
         |_ctx, input: Value| async move { Ok::<_, JobError>(json!({"rows": input["rows"]})) },
@@ -862,6 +887,7 @@ async fn scenario(c: &Client, env: &Env) -> R {
     shot(c, "dashboard-schedules.png", 1360, 900).await?;
 
     operations(c, env).await?;
+    children(c, env).await?;
 
     // Signing out forgets the token.
     click(c, "#signout").await?;
@@ -869,6 +895,54 @@ async fn scenario(c: &Client, env: &Env) -> R {
     check!(
         js(c, "return sessionStorage.getItem('docket.token')").await? == Value::Null,
         "the token survived sign-out"
+    );
+    Ok(())
+}
+
+/// Child runs (issue 16): the parent's page lists its children with their
+/// statuses, each linking to its page, which links back to the parent.
+async fn children(c: &Client, env: &Env) -> R {
+    let parent = env.trigger("make-thumbnails", json!({})).await;
+    let done = env.until(&parent, &["completed"]).await;
+    check!(
+        done["children"] == json!(3),
+        "children count: {}",
+        done["children"]
+    );
+    goto(c, &format!("{}/runs/{parent}", env.base)).await?;
+    el(c, "#main[data-ready='run']").await?;
+    el(c, "#r-children-card:not([hidden])").await?;
+    let rows = js(
+        c,
+        "return [...document.querySelectorAll('#r-children tbody tr')].map(t => t.innerText)",
+    )
+    .await?;
+    let rows = rows.as_array().cloned().unwrap_or_default();
+    check!(rows.len() == 3, "children rows: {rows:?}");
+    check!(
+        rows.iter()
+            .all(|r| r.as_str().unwrap_or("").contains("thumbnail")
+                && r.as_str()
+                    .unwrap_or("")
+                    .to_lowercase()
+                    .contains("completed")),
+        "children rows: {rows:?}"
+    );
+    check!(
+        text(c, "#r-children-count").await? == "(3)",
+        "the count shows 3"
+    );
+    click(c, "#r-children tbody tr a").await?;
+    el(c, "#main[data-ready='run'] #r-parent").await?;
+    check!(
+        text(c, "#r-parent").await? == parent,
+        "the child links to its parent"
+    );
+    click(c, "#r-parent").await?;
+    el(c, "#main[data-ready='run'] #r-children-card:not([hidden])").await?;
+    check!(
+        text(c, "#r-id").await? == parent,
+        "the parent link leads back to the parent"
     );
     Ok(())
 }

@@ -11,6 +11,9 @@
 //! recorded as a `stale_write_refused` event, and reported as
 //! [`StoreError::StaleLease`]. It never changes the run.
 
+pub mod children;
+#[cfg(feature = "conformance")]
+pub mod children_conformance;
 #[cfg(feature = "conformance")]
 pub mod conformance;
 pub mod connections;
@@ -29,6 +32,7 @@ pub mod stats;
 pub mod tokens;
 pub mod workers;
 
+pub use children::{ChildPolicy, ChildSpawn, ChildStore, Family, JoinState, Spawned};
 pub use connections::{
     ConnectionAudit, ConnectionChange, ConnectionState, ConnectionStatus, ConnectionStore,
 };
@@ -51,7 +55,8 @@ use std::sync::Arc;
 /// (`sqlite/migrations/`, `postgres/migrations/`; ARCHITECTURE.md,
 /// "Migrations"). A database with a higher version was written by a newer
 /// Docket and is refused, never modified.
-pub const SCHEMA_VERSION: i64 = 7;
+// 8 on this branch (children: step 0011); 11 once steps 0008-0010 are merged.
+pub const SCHEMA_VERSION: i64 = 8;
 
 /// What can go wrong in a store.
 #[derive(Debug, thiserror::Error)]
@@ -219,7 +224,15 @@ pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 /// `postgres::PgStore`. Both pass the same conformance suite.
 #[async_trait]
 pub trait Store:
-    TokenStore + WorkerStore + ConnectionStore + StatsStore + ScheduleStore + Send + Sync + 'static
+    TokenStore
+    + WorkerStore
+    + ConnectionStore
+    + StatsStore
+    + ScheduleStore
+    + ChildStore
+    + Send
+    + Sync
+    + 'static
 {
     /// `"sqlite"` or `"postgres"`.
     fn backend(&self) -> &'static str;

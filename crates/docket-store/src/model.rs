@@ -131,6 +131,9 @@ pub struct Run {
     /// The W3C trace context it was triggered in.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trace: Option<TraceContext>,
+    /// The run that spawned this one (`ctx.spawn`), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent_id: Option<RunId>,
 }
 
 impl Run {
@@ -250,6 +253,17 @@ pub enum Outcome {
     /// The worker shut down and hands the run back, due at once; no attempt
     /// budget is spent.
     Released,
+    /// The handler joins child runs that are not all final (`ctx.join`):
+    /// the run is postponed with no time of its own — its `run_after` is
+    /// what [`Store::join_children`](crate::Store::join_children) and the
+    /// children's ends wrote (far future while any is open, the last
+    /// child's end time after). No attempt budget is spent.
+    AwaitingChildren {
+        /// Children not final when the join was stored.
+        waiting: u32,
+        /// Children the join waits for in all.
+        of: u32,
+    },
 }
 
 impl Outcome {
@@ -263,6 +277,7 @@ impl Outcome {
             Outcome::NeedsInput { .. } => "needs_input",
             Outcome::Cancelled => "cancelled",
             Outcome::Released => "released",
+            Outcome::AwaitingChildren { .. } => "postponed",
         }
     }
 }

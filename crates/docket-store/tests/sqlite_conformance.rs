@@ -200,7 +200,8 @@ async fn a_version_2_database_gains_the_leaders_table() {
         let c = rusqlite::Connection::open(p).unwrap();
         c.execute_batch(
             // Undo every step after 2 (leaders, schedules, trace context,
-            // the worker protocol's token scope and roster, retention) so
+            // the worker protocol's token scope and roster, retention,
+            // child runs) so
             // the database is a true version 2.
             "DROP TABLE leaders;
              DROP TABLE schedules;
@@ -213,6 +214,14 @@ async fn a_version_2_database_gains_the_leaders_table() {
              DROP TABLE job_pauses;
              DROP INDEX runs_finished;
              DROP INDEX ledger_updated;
+
+             DROP INDEX runs_parent;
+             DROP INDEX runs_joining;
+             ALTER TABLE runs DROP COLUMN parent_id;
+             ALTER TABLE runs DROP COLUMN child_policy;
+             ALTER TABLE runs DROP COLUMN parent_waits;
+             ALTER TABLE runs DROP COLUMN join_waiting;
+             ALTER TABLE runs DROP COLUMN join_of;
              UPDATE docket_meta SET value = '2' WHERE key = 'schema_version';",
         )
         .unwrap();

@@ -151,7 +151,7 @@ where
         .join("/")
 }
 
-fn store_err(e: StoreError) -> JobError {
+pub(crate) fn store_err(e: StoreError) -> JobError {
     match e {
         // The attempt lost its lease: nothing it does will be recorded.
         StoreError::StaleLease { .. } => JobError::new(ErrorClass::LeaseExpired, e.to_string()),
@@ -219,18 +219,18 @@ impl Ctx {
         self.cancelled.load(Ordering::SeqCst)
     }
 
-    fn lease(&self) -> LeaseRef {
+    pub(crate) fn lease(&self) -> LeaseRef {
         LeaseRef {
             run_id: self.run_id,
             lease_id: self.lease_id,
         }
     }
 
-    fn now(&self) -> Timestamp {
+    pub(crate) fn now(&self) -> Timestamp {
         self.docket.clock().now()
     }
 
-    async fn stored(&self, name: &str) -> Result<Option<StepRecord>, JobError> {
+    pub(crate) async fn stored(&self, name: &str) -> Result<Option<StepRecord>, JobError> {
         let mut st = self.state.lock().await;
         if st.loaded.is_none() {
             let steps = self
@@ -259,7 +259,7 @@ impl Ctx {
         Ok(())
     }
 
-    fn check_cancel(&self) -> Result<(), JobError> {
+    pub(crate) fn check_cancel(&self) -> Result<(), JobError> {
         if self.is_cancelled() {
             return Err(JobError::control(
                 Control::Cancelled,
@@ -282,7 +282,7 @@ impl Ctx {
         Ok(())
     }
 
-    async fn record_failure(&self, name: &str, e: &JobError) {
+    pub(crate) async fn record_failure(&self, name: &str, e: &JobError) {
         if e.is_suspension() {
             return;
         }

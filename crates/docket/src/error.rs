@@ -45,6 +45,12 @@ pub(crate) enum Control {
     ActionInFlight {
         until: Timestamp,
     },
+    /// The handler joins children that are not all final: the run is
+    /// postponed until the last of them ends (`Ctx::join`).
+    AwaitChildren {
+        waiting: u32,
+        of: u32,
+    },
     /// Fail the run at once with this terminal reason, no retry.
     Terminal {
         reason: docket_core::TerminalReason,

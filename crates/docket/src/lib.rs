@@ -30,6 +30,7 @@
 pub struct ReadmeDoctests;
 
 pub mod bulk;
+mod children;
 mod ctx;
 mod error;
 mod forensics;
@@ -45,6 +46,7 @@ pub mod telemetry;
 pub mod retention;
 mod worker;
 
+pub use children::{ChildHandle, ChildPolicy, ChildResult, SpawnOptions, SPAWN_BATCH};
 pub use ctx::{intent_key, Ctx, InputDecision, Reconciled, Stepped};
 pub use docket_core::forensics::{FailureRecord, PairVerdict, Severity, Verdict};
 pub use docket_core::policy::RetryReason;

@@ -875,6 +875,7 @@
           ? el('a', { href: who.trace_url.split('{trace_id}').join(encodeURIComponent(r.trace_id)), text: r.trace_id, target: '_blank', rel: 'noopener noreferrer' })
           : r.trace_id),
         ...fact('Retriggered from', r.retriggered_from ? el('a', { href: '/runs/' + r.retriggered_from, text: r.retriggered_from }) : null),
+        ...fact('Parent', r.parent ? el('a', { id: 'r-parent', href: '/runs/' + r.parent, text: r.parent }) : null),
       );
       const acts = $('r-actions');
       acts.replaceChildren(...(BY_STATUS[r.status] || []).map((name) => {
@@ -890,6 +891,29 @@
       $('r-output').textContent = json(r.output);
       $('r-request-card').hidden = !r.input_request;
       $('r-request').textContent = json(r.input_request);
+    }
+
+    // A run's children (first page, spawn order) and its current wait.
+    async function renderChildren(d) {
+      const card = $('r-children-card');
+      if (d.wait && d.wait.kind === 'children') {
+        $('r-facts').append(...fact('Waiting for', d.wait.waiting + ' of ' + d.wait.of + ' children'));
+      }
+      if (!d.children) {
+        card.hidden = true;
+        return;
+      }
+      const page = await api('/api/runs?parent=' + encodeURIComponent(d.run.id) + '&limit=100');
+      $('r-children-count').textContent = '(' + d.children + ')';
+      card.querySelector('tbody').replaceChildren(...page.runs.map((c) => el('tr', { 'data-child': c.id },
+        el('td', {}, el('a', { href: '/runs/' + c.id, text: c.id })),
+        el('td', { text: c.job }),
+        el('td', {}, statusBadge(c.status, c.retry_scheduled)),
+        el('td', { class: 'nowrap', text: utc(c.updated_at) }))));
+      const more = $('r-children-more');
+      more.hidden = d.children <= page.runs.length;
+      more.textContent = 'Showing the first ' + page.runs.length + ' of ' + d.children + ' (GET /api/runs?parent=' + d.run.id + ' pages through all).';
+      card.hidden = false;
     }
 
     function renderForensics(f) {
@@ -941,6 +965,7 @@
         renderHead(d.run);
         renderForensics(f);
         renderTimeline(d);
+        await renderChildren(d);
         markReady('run');
       } catch (ex) {
         if (ex.status === 404) {

@@ -49,6 +49,21 @@ impl Default for Opts {
 }
 
 pub fn register_jobs(d: &Docket) {
+    // Child runs: `{"children": N, "job": J}` spawns N runs of J (default
+    // `noop`), joins them and outputs how many completed.
+    d.register(Job::new("fan", |ctx, input: Value| async move {
+        let n = input["children"].as_u64().unwrap_or(2);
+        let job = input["job"].as_str().unwrap_or("noop").to_string();
+        let kids = (0..n)
+            .map(|i| (format!("kid-{i}"), job.clone(), json!({ "i": i })))
+            .collect();
+        let hs = ctx
+            .spawn_many(kids, docket::SpawnOptions::default())
+            .await?;
+        let done = ctx.join(&hs).await?;
+        Ok::<_, JobError>(json!({ "completed": done.iter().filter(|r| r.is_completed()).count() }))
+    }))
+    .unwrap();
     d.register(Job::new("noop", |_ctx, input: Value| async move {
         Ok::<_, JobError>(input)
     }))

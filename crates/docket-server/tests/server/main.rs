@@ -1,6 +1,7 @@
 //! Tests against a real server on a loopback port.
 
 mod api;
+mod children;
 mod cmd;
 mod common;
 mod connections;

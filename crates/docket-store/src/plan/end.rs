@@ -142,6 +142,7 @@ pub fn transition(outcome: &Outcome) -> Transition {
         Outcome::NeedsInput { .. } => Transition::RequestInput,
         Outcome::Cancelled => Transition::Cancel,
         Outcome::Released => Transition::Release,
+        Outcome::AwaitingChildren { .. } => Transition::Postpone,
     }
 }
 
@@ -287,6 +288,16 @@ pub fn end(end: &AttemptEnd) -> EndPlan {
             events.push(EventWrite::new(
                 EventKind::RunCancelled,
                 json!({ "at_step_boundary": true }),
+            ));
+        }
+        Outcome::AwaitingChildren { waiting, of } => {
+            // run_after stays as stored: the join wrote "never" and the
+            // last child's end writes "now", whichever order they commit in.
+            run.forgive = 1;
+            attempt.outcome = AttemptOutcome::Postponed;
+            events.push(EventWrite::new(
+                EventKind::WaitingForChildren,
+                json!({ "waiting": waiting, "of": of }),
             ));
         }
         Outcome::Released => {

@@ -12,6 +12,7 @@
 //! - [`schedule`]: what a schedule's tick records;
 //! - this module: the idempotency ledger's begin and compare-and-set.
 
+pub mod child;
 pub mod claim;
 pub mod end;
 pub mod operator;

@@ -15,15 +15,15 @@ use serde_json::Value;
 use sqlx::postgres::{PgConnection, PgPool, PgRow};
 use sqlx::Row;
 
-struct Fence {
-    id: RunId,
-    tenant: String,
-    job: String,
-    attempt: i32,
+pub(super) struct Fence {
+    pub(super) id: RunId,
+    pub(super) tenant: String,
+    pub(super) job: String,
+    pub(super) attempt: i32,
 }
 
 #[allow(clippy::too_many_arguments)]
-async fn event(
+pub(super) async fn event(
     c: &mut PgConnection,
     run_id: RunId,
     tenant: &str,
@@ -58,7 +58,7 @@ async fn event(
 
 /// Locks the run and checks the lease holds it; when it does not, records
 /// `stale_write_refused` and answers the error for the caller.
-async fn fence(
+pub(super) async fn fence(
     c: &mut PgConnection,
     lease: LeaseRef,
     attempted: &str,
@@ -293,7 +293,7 @@ pub(super) async fn ledger_for_run(pool: &PgPool, run_id: RunId) -> Result<Vec<L
 
 /// An event on a fenced run, under the attempt's lease (the ledger's and
 /// the handler's own events).
-async fn attempt_event(
+pub(super) async fn attempt_event(
     c: &mut PgConnection,
     run: &Fence,
     lease: LeaseRef,
@@ -535,6 +535,12 @@ pub(super) async fn operator(pool: &PgPool, req: &OperatorRequest) -> Result<Run
     };
     let p = plan::operator::operator(&run, &req.command, failed_step.as_deref(), req.now)?;
     persist_operator(&mut tx, &run, req, &p).await?;
+    if p.run.finish {
+        super::children::fan_in_of(&mut tx, run.id, req.now).await?;
+    }
+    if matches!(req.command, crate::OperatorCommand::Cancel) {
+        super::children::cascade_cancel(&mut tx, run.id, req).await?;
+    }
     let out = get_run(&mut *tx, run.id)
         .await?
         .ok_or(StoreError::NotFound(run.id))?;
@@ -544,7 +550,7 @@ pub(super) async fn operator(pool: &PgPool, req: &OperatorRequest) -> Result<Run
 
 /// Persists a command's plan: the run, the step write, the events (each
 /// with the operator and the comment), as SQLite does.
-async fn persist_operator(
+pub(super) async fn persist_operator(
     c: &mut PgConnection,
     run: &Run,
     req: &OperatorRequest,

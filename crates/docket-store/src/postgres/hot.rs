@@ -62,7 +62,8 @@ const FINISH_PARAMS: usize = 29;
 /// apart and recorded as `stale_write_refused`.
 const FINISH_CUR: &str = "
 cur AS (
-    SELECT r.id, r.tenant, r.job, r.status, r.lease_id, r.attempt, r.lease_expires_at
+    SELECT r.id, r.tenant, r.job, r.status, r.lease_id, r.attempt, r.lease_expires_at,
+           r.parent_id, r.parent_waits
     FROM runs r WHERE r.id = ANY($1)
     ORDER BY r.id
     FOR UPDATE
@@ -77,7 +78,8 @@ cur AS (
 /// (no `stale_write_refused`: a reaper is not the attempt's writer).
 const REAP_CUR: &str = "
 cur AS (
-    SELECT r.id, r.tenant, r.job, r.status, r.lease_id, r.attempt, r.lease_expires_at
+    SELECT r.id, r.tenant, r.job, r.status, r.lease_id, r.attempt, r.lease_expires_at,
+           r.parent_id, r.parent_waits
     FROM runs r JOIN e ON e.run_id = r.id
     WHERE r.status = 'running' AND r.lease_id = e.lease_id AND r.lease_expires_at <= e.now
     ORDER BY r.id
@@ -88,7 +90,11 @@ cur AS (
 /// a given `cur`. `fin_ev` lists the events to append, numbered `k` in
 /// append order.
 fn finish_ctes(cur: &str) -> String {
-    format!("{FINISH_E},{cur},{FINISH_REST}")
+    let rest = FINISH_REST.replace(
+        "FAN_IN_SET",
+        &crate::plan::child::fan_in_set("p.", "fan.n", "fan.now"),
+    );
+    format!("{FINISH_E},{cur},{rest}")
 }
 
 /// The ends, one row each (`idx`: 1-based position).
@@ -114,11 +120,26 @@ j AS (
            COALESCE(cur.status = 'running' AND cur.lease_id = e.lease_id, false) AS holds
     FROM e JOIN cur ON cur.id = e.run_id
 ),
+fan AS (
+    -- Child runs whose parent's join waits for them, ending final now
+    -- (usually none): per parent, how many, and when (crate::children).
+    SELECT cur.parent_id AS id, count(*)::int4 AS n, max(j.now) AS now
+    FROM j JOIN cur ON cur.id = j.run_id
+    WHERE j.holds AND j.finished AND cur.parent_waits AND cur.parent_id IS NOT NULL
+    GROUP BY cur.parent_id
+),
 upd AS (
     UPDATE runs r SET
         status = j.to_status,
         output = COALESCE(j.output, r.output),
-        run_after = COALESCE(j.run_after, r.run_after),
+        -- A parent ending in this statement too gets its fan-in here (a row
+        -- is updated once per statement): plan::child::fan_in_set applied
+        -- to the status the end leaves it in.
+        run_after = CASE WHEN f.n IS NOT NULL AND r.join_waiting > 0 AND r.join_waiting <= f.n
+                              AND j.to_status = 'postponed'
+                         THEN j.now ELSE COALESCE(j.run_after, r.run_after) END,
+        join_waiting = CASE WHEN f.n IS NULL THEN r.join_waiting
+                            WHEN r.join_waiting > f.n THEN r.join_waiting - f.n ELSE 0 END,
         lease_id = NULL, lease_expires_at = NULL, worker = NULL,
         updated_at = j.now,
         finished_at = CASE WHEN j.finished THEN j.now ELSE r.finished_at END,
@@ -128,7 +149,11 @@ upd AS (
         cancel_requested = r.cancel_requested AND NOT j.clear_cancel,
         attempts_forgiven = r.attempts_forgiven + j.forgive,
         input_request = COALESCE(j.input_request, r.input_request)
-    FROM j WHERE j.holds AND r.id = j.run_id
+    FROM j LEFT JOIN fan f ON f.id = j.run_id WHERE j.holds AND r.id = j.run_id
+),
+fan_in AS (
+    UPDATE runs p SET FAN_IN_SET
+    FROM fan WHERE p.id = fan.id AND NOT EXISTS (SELECT 1 FROM j WHERE j.run_id = fan.id AND j.holds)
 ),
 att AS (
     UPDATE attempts a SET
@@ -812,6 +837,7 @@ fn frees_by(end: &AttemptEnd, now: i64) -> bool {
         Outcome::Retry { retry, .. } => retry.eligible_at.0 <= now,
         Outcome::Postponed { until } => until.0 <= now,
         Outcome::Completed { .. }
+        | Outcome::AwaitingChildren { .. }
         | Outcome::Failed { .. }
         | Outcome::NeedsInput { .. }
         | Outcome::Cancelled => false,

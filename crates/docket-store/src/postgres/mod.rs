@@ -45,6 +45,7 @@
 //!   columns cannot store NUL bytes: such a trigger fails with
 //!   [`StoreError::Database`] (such an attempt end fails alone, in its slot).
 
+mod children;
 mod connections;
 mod durable;
 mod hot;
@@ -549,6 +550,7 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0005_trace_context.sql"),
     include_str!("migrations/0006_worker_scope.sql"),
     include_str!("migrations/0007_retention.sql"),
+    include_str!("migrations/0011_children.sql"),
 ];
 
 /// Creates or upgrades the schema by applying [`MIGRATIONS`]. Refuses (and

@@ -22,7 +22,7 @@ use super::db;
 pub(super) const RUN_COLS: &str = "id, tenant, job, status, priority, input, variables, output, attempt, \
     attempts_forgiven, run_after, lease_id, lease_expires_at, worker, idempotency_key, correlation_id, \
     created_at, updated_at, finished_at, terminal_reason, last_error_class, last_error_message, \
-    cancel_requested, retriggered_from, input_request, traceparent, tracestate";
+    cancel_requested, retriggered_from, input_request, traceparent, tracestate, parent_id";
 
 fn sql_limit(n: usize) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
@@ -112,6 +112,7 @@ pub(super) fn run_from_row(r: &PgRow) -> Result<Run> {
                 })
             })
             .transpose()?,
+        parent_id: get::<Option<Uuid>>(r, "parent_id")?.map(RunId),
     })
 }
 

@@ -378,6 +378,12 @@ pub(super) fn operator(c: &Connection, req: &OperatorRequest) -> Result<Run> {
     };
     let p = plan::operator::operator(&run, &req.command, failed_step.as_deref(), req.now)?;
     persist_operator(c, &run, req, &p)?;
+    if p.run.finish {
+        super::children::fan_in_of(c, run.id, req.now)?;
+    }
+    if matches!(req.command, crate::OperatorCommand::Cancel) {
+        super::children::cascade_cancel(c, run.id, req)?;
+    }
     get_run(c, run.id)?.ok_or(StoreError::NotFound(run.id))
 }
 

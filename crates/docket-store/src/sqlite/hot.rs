@@ -243,5 +243,8 @@ pub(super) fn persist_end(
             &data,
         )?;
     }
+    if let (true, Some(parent)) = (r.finished, run.awaited_by) {
+        super::children::fan_in(c, parent, end.now)?;
+    }
     Ok(())
 }

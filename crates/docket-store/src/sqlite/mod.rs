@@ -20,6 +20,7 @@
 //! `ledger_get`, `expired_leases`) stay on the writer thread, ordered with
 //! its writes.
 
+mod children;
 mod connections;
 mod durable;
 mod hot;
@@ -479,6 +480,7 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0005_trace_context.sql"),
     include_str!("migrations/0006_worker_scope.sql"),
     include_str!("migrations/0007_retention.sql"),
+    include_str!("migrations/0011_children.sql"),
 ];
 
 /// Brings the database to [`SCHEMA_VERSION`](crate::SCHEMA_VERSION) by applying [`MIGRATIONS`].

@@ -18,7 +18,7 @@ use crate::plan;
 pub(super) const RUN_COLS: &str = "id, tenant, job, status, priority, input, variables, output, attempt, \
     attempts_forgiven, run_after, lease_id, lease_expires_at, worker, idempotency_key, correlation_id, \
     created_at, updated_at, finished_at, terminal_reason, last_error_class, last_error_message, \
-    cancel_requested, retriggered_from, input_request, traceparent, tracestate";
+    cancel_requested, retriggered_from, input_request, traceparent, tracestate, parent_id";
 
 pub(super) fn corrupt(what: &str, v: impl std::fmt::Display) -> rusqlite::Error {
     rusqlite::Error::FromSqlConversionFailure(
@@ -91,6 +91,7 @@ pub(super) fn run_from_row(r: &Row<'_>) -> rusqlite::Result<Run> {
                 })
             })
             .transpose()?,
+        parent_id: parse_opt("parent id", r.get(27)?)?,
     })
 }
 
@@ -227,11 +228,17 @@ pub(super) struct Fence {
     pub(super) attempt: u32,
     pub(super) lease_id: Option<LeaseId>,
     pub(super) lease_expires_at: Option<Timestamp>,
+    /// The parent whose join waits for this run (`parent_waits`), if any:
+    /// its end to a final state is the parent's fan-in.
+    pub(super) awaited_by: Option<RunId>,
 }
 
 pub(super) fn fence_row(c: &Connection, id: RunId) -> Result<Option<Fence>> {
     let mut st = c
-        .prepare_cached("SELECT tenant, job, status, attempt, lease_id, lease_expires_at FROM runs WHERE id = ?1")
+        .prepare_cached(
+            "SELECT tenant, job, status, attempt, lease_id, lease_expires_at,
+            CASE WHEN parent_waits = 1 THEN parent_id END FROM runs WHERE id = ?1",
+        )
         .map_err(db_err)?;
     st.query_row([id.to_string()], |r| {
         Ok(Fence {
@@ -242,6 +249,7 @@ pub(super) fn fence_row(c: &Connection, id: RunId) -> Result<Option<Fence>> {
             attempt: r.get(3)?,
             lease_id: parse_opt("lease id", r.get(4)?)?,
             lease_expires_at: r.get::<_, Option<i64>>(5)?.map(Timestamp),
+            awaited_by: parse_opt("parent id", r.get(6)?)?,
         })
     })
     .optional()

@@ -1060,6 +1060,9 @@ pub(crate) fn attempt_outcome(
             None => decide(job, run, lease_id, e, now),
             Some(Control::NeedsInput { name, request }) => Outcome::NeedsInput { name, request },
             Some(Control::Postpone { until }) => Outcome::Postponed { until },
+            Some(Control::AwaitChildren { waiting, of }) => {
+                Outcome::AwaitingChildren { waiting, of }
+            }
             Some(Control::Cancelled) => Outcome::Cancelled,
             Some(Control::CircuitOpen { until, breaker }) => Outcome::Retry {
                 error: error_info(
