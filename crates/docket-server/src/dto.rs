@@ -76,6 +76,25 @@ pub struct RunView {
     /// The W3C trace id of the trace the run belongs to (32 hex digits),
     /// when it was triggered with a `traceparent` or with traces on.
     pub trace_id: Option<String>,
+    /// Why a postponed run waits, when it is suspended in a durable wait
+    /// (`GET /api/runs/{id}` only; `null` in lists and otherwise).
+    pub wait: Option<WaitView>,
+}
+
+/// What a suspended run waits for.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct WaitView {
+    /// `signal` (a signal of `name`, reachable by `key` too when set) or
+    /// `sleep` (a durable sleep named `name`).
+    pub kind: String,
+    /// The signal's name, or the sleep's.
+    pub name: String,
+    /// The correlation key of a keyed signal wait.
+    pub key: Option<String>,
+    /// Its deadline (RFC 3339): the wait's timeout, or the wake time.
+    pub until: String,
+    /// In words: `waiting for signal "paid" until …`, `sleeping until …`.
+    pub summary: String,
 }
 
 impl RunView {
@@ -114,6 +133,7 @@ impl RunView {
                 .as_ref()
                 .and_then(|t| t.traceparent.split('-').nth(1))
                 .map(String::from),
+            wait: None,
         }
     }
 }

@@ -391,6 +391,41 @@ fn summary(e: &EventRecord) -> String {
                 .unwrap_or_default()
         ),
         "attempt_started" => format!("{att} started on {}", s("worker")),
+        "signal_received" => format!(
+            "signal \"{}\"{} received from {}{}",
+            s("name"),
+            d.get("key")
+                .and_then(Value::as_str)
+                .map(|k| format!(" (key \"{k}\")"))
+                .unwrap_or_default(),
+            s("sent_by"),
+            match s("woke").as_str() {
+                "now" => ": the waiting run is due now",
+                "" => ": kept until the run waits for it",
+                _ => ": the run is due once its attempt suspends",
+            }
+        ),
+        "signal_waiting" => format!(
+            "{att} waits for signal \"{}\"{} until {}",
+            s("name"),
+            d.get("key")
+                .and_then(Value::as_str)
+                .map(|k| format!(" with key \"{k}\""))
+                .unwrap_or_default(),
+            t("until")
+        ),
+        "signal_delivered" => format!(
+            "signal \"{}\" from {} delivered to `{}`",
+            s("name"),
+            s("sent_by"),
+            s("wait")
+        ),
+        "signal_timed_out" => format!(
+            "wait `{}` for signal \"{}\" timed out at {}",
+            s("wait"),
+            s("name"),
+            t("until")
+        ),
         "attempt_failed" => format!("{att} failed: {}: {}", s("error_class"), s("message")),
         "attempt_deferred" => format!("{att} deferred, nothing sent: {}", s("message")),
         "http_response" => {
@@ -554,8 +589,10 @@ pub async fn show(
             }
         })
         .collect();
+    let mut run = state.view(&h.run);
+    run.wait = crate::signals::wait_of(&state, &h.run, &h.steps).await?;
     Ok(Json(RunDetail {
-        run: state.view(&h.run),
+        run,
         attempts,
         steps: h
             .steps
@@ -1021,6 +1058,12 @@ pub async fn metrics(State(state): State<AppState>, caller: Caller) -> ApiResult
         .collect();
     let mut body = state.metrics.render(&caller.tenant, &runs);
     crate::metrics::render_store_errors(&mut body, &state.docket.store_errors());
+    let waiting = state
+        .docket
+        .store()
+        .waiting_for_signals(Some(caller.tenant.clone()))
+        .await?;
+    crate::signals::render_waiting(&mut body, &caller.tenant, &waiting);
     crate::metrics::render_schedules(&mut body, &state.docket.schedule_counters());
 
     if let Some(t) = state.docket.telemetry() {

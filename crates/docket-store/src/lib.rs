@@ -24,6 +24,9 @@ pub mod retention;
 #[cfg(feature = "conformance")]
 pub mod retention_conformance;
 pub mod schedules;
+#[cfg(feature = "conformance")]
+pub mod signal_conformance;
+pub mod signals;
 pub mod sqlite;
 pub mod stats;
 pub mod tokens;
@@ -39,6 +42,10 @@ pub use schedules::{
     PutOutcome, Schedule, ScheduleDef, ScheduleHistory, SchedulePut, ScheduleStore, ScheduleTick,
     SlotKind, SlotOutcome, TickOutcome,
 };
+pub use signals::{
+    SendKeyed, SendSignal, Sent, SignalRecord, SignalStore, SignalWaitRecord, WaitOutcome,
+    WaitSignal,
+};
 pub use stats::{BucketCount, ClassCount, RunScan, ScanPage, StatsStore, WindowQuery, WindowStats};
 pub use tokens::{NewToken, TokenRecord, TokenScope, TokenStore};
 pub use workers::{WorkerRecord, WorkerSeen, WorkerStore};
@@ -51,7 +58,7 @@ use std::sync::Arc;
 /// (`sqlite/migrations/`, `postgres/migrations/`; ARCHITECTURE.md,
 /// "Migrations"). A database with a higher version was written by a newer
 /// Docket and is refused, never modified.
-pub const SCHEMA_VERSION: i64 = 7;
+pub const SCHEMA_VERSION: i64 = 8;
 
 /// What can go wrong in a store.
 #[derive(Debug, thiserror::Error)]
@@ -219,7 +226,15 @@ pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 /// `postgres::PgStore`. Both pass the same conformance suite.
 #[async_trait]
 pub trait Store:
-    TokenStore + WorkerStore + ConnectionStore + StatsStore + ScheduleStore + Send + Sync + 'static
+    TokenStore
+    + WorkerStore
+    + ConnectionStore
+    + StatsStore
+    + ScheduleStore
+    + SignalStore
+    + Send
+    + Sync
+    + 'static
 {
     /// `"sqlite"` or `"postgres"`.
     fn backend(&self) -> &'static str;

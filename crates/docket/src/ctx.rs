@@ -151,7 +151,7 @@ where
         .join("/")
 }
 
-fn store_err(e: StoreError) -> JobError {
+pub(crate) fn store_err(e: StoreError) -> JobError {
     match e {
         // The attempt lost its lease: nothing it does will be recorded.
         StoreError::StaleLease { .. } => JobError::new(ErrorClass::LeaseExpired, e.to_string()),
@@ -219,18 +219,18 @@ impl Ctx {
         self.cancelled.load(Ordering::SeqCst)
     }
 
-    fn lease(&self) -> LeaseRef {
+    pub(crate) fn lease(&self) -> LeaseRef {
         LeaseRef {
             run_id: self.run_id,
             lease_id: self.lease_id,
         }
     }
 
-    fn now(&self) -> Timestamp {
+    pub(crate) fn now(&self) -> Timestamp {
         self.docket.clock().now()
     }
 
-    async fn stored(&self, name: &str) -> Result<Option<StepRecord>, JobError> {
+    pub(crate) async fn stored(&self, name: &str) -> Result<Option<StepRecord>, JobError> {
         let mut st = self.state.lock().await;
         if st.loaded.is_none() {
             let steps = self
@@ -259,7 +259,23 @@ impl Ctx {
         Ok(())
     }
 
-    fn check_cancel(&self) -> Result<(), JobError> {
+    /// Claims the first unused name `{prefix}{n}` (n = 1, 2, …) in this
+    /// attempt: the n-th numbered wait of a kind (signal waits), the same
+    /// n on every replay as long as the handler makes its waits in the
+    /// same order.
+    pub(crate) async fn claim_numbered(&self, prefix: &str) -> String {
+        let mut st = self.state.lock().await;
+        let mut n = 1u32;
+        loop {
+            let name = format!("{prefix}{n}");
+            if st.used.insert(name.clone()) {
+                return name;
+            }
+            n += 1;
+        }
+    }
+
+    pub(crate) fn check_cancel(&self) -> Result<(), JobError> {
         if self.is_cancelled() {
             return Err(JobError::control(
                 Control::Cancelled,

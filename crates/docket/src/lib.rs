@@ -39,6 +39,7 @@ mod ops;
 pub mod remote;
 
 pub mod schedule;
+pub mod signals;
 
 pub mod telemetry;
 
@@ -68,6 +69,7 @@ pub use schedule::{
     SchedulerHandle, TickReport,
 };
 
+pub use signals::{Signal, SignalOptions, Signalled};
 pub use telemetry::{Telemetry, TelemetryConfig, TraceContext};
 pub use worker::{Worker, WorkerConfig, WorkerHandle};
 

@@ -15,15 +15,15 @@ use serde_json::Value;
 use sqlx::postgres::{PgConnection, PgPool, PgRow};
 use sqlx::Row;
 
-struct Fence {
-    id: RunId,
-    tenant: String,
-    job: String,
-    attempt: i32,
+pub(super) struct Fence {
+    pub(super) id: RunId,
+    pub(super) tenant: String,
+    pub(super) job: String,
+    pub(super) attempt: i32,
 }
 
 #[allow(clippy::too_many_arguments)]
-async fn event(
+pub(super) async fn event(
     c: &mut PgConnection,
     run_id: RunId,
     tenant: &str,
@@ -58,7 +58,7 @@ async fn event(
 
 /// Locks the run and checks the lease holds it; when it does not, records
 /// `stale_write_refused` and answers the error for the caller.
-async fn fence(
+pub(super) async fn fence(
     c: &mut PgConnection,
     lease: LeaseRef,
     attempted: &str,
@@ -293,7 +293,7 @@ pub(super) async fn ledger_for_run(pool: &PgPool, run_id: RunId) -> Result<Vec<L
 
 /// An event on a fenced run, under the attempt's lease (the ledger's and
 /// the handler's own events).
-async fn attempt_event(
+pub(super) async fn attempt_event(
     c: &mut PgConnection,
     run: &Fence,
     lease: LeaseRef,

@@ -118,7 +118,12 @@ upd AS (
     UPDATE runs r SET
         status = j.to_status,
         output = COALESCE(j.output, r.output),
-        run_after = COALESCE(j.run_after, r.run_after),
+        -- plan::signal::postponement_wakes: a signal reached the wait this
+        -- attempt recorded while it ran, so its postponement ends due now.
+        run_after = CASE WHEN j.to_status = 'postponed' AND r.wake_requested
+                         THEN LEAST(COALESCE(j.run_after, r.run_after), j.now)
+                         ELSE COALESCE(j.run_after, r.run_after) END,
+        wake_requested = false,
         lease_id = NULL, lease_expires_at = NULL, worker = NULL,
         updated_at = j.now,
         finished_at = CASE WHEN j.finished THEN j.now ELSE r.finished_at END,

@@ -50,6 +50,7 @@ mod durable;
 mod hot;
 mod ops;
 mod schedules;
+mod signals;
 
 mod retention;
 mod stats;
@@ -549,6 +550,7 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0005_trace_context.sql"),
     include_str!("migrations/0006_worker_scope.sql"),
     include_str!("migrations/0007_retention.sql"),
+    include_str!("migrations/0010_signals.sql"),
 ];
 
 /// Creates or upgrades the schema by applying [`MIGRATIONS`]. Refuses (and

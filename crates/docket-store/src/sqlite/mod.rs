@@ -25,6 +25,7 @@ mod durable;
 mod hot;
 mod ops;
 mod schedules;
+mod signals;
 
 mod retention;
 mod stats;
@@ -479,6 +480,7 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0005_trace_context.sql"),
     include_str!("migrations/0006_worker_scope.sql"),
     include_str!("migrations/0007_retention.sql"),
+    include_str!("migrations/0010_signals.sql"),
 ];
 
 /// Brings the database to [`SCHEMA_VERSION`](crate::SCHEMA_VERSION) by applying [`MIGRATIONS`].
