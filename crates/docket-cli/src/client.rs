@@ -915,10 +915,7 @@ async fn signal(
         } else {
             "signalled (kept until it waits for it)"
         };
-        outln!(
-            "run {id} {what}: \"{name}\" id {}",
-            s(&v["signal"]["id"])
-        );
+        outln!("run {id} {what}: \"{name}\" id {}", s(&v["signal"]["id"]));
     }
     Ok(())
 }

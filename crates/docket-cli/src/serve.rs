@@ -294,8 +294,12 @@ pub fn register_demo_jobs(d: &Docket) -> Result<(), docket::Error> {
                 "`name`: give the signal's name, e.g. {\"name\": \"paid\"}",
             ));
         };
-        let timeout =
-            Duration::from_millis(input.get("timeout_ms").and_then(Value::as_u64).unwrap_or(86_400_000));
+        let timeout = Duration::from_millis(
+            input
+                .get("timeout_ms")
+                .and_then(Value::as_u64)
+                .unwrap_or(86_400_000),
+        );
         let got = match input.get("key").and_then(Value::as_str) {
             Some(key) => ctx.wait_for_signal_keyed(name, key, timeout).await?,
             None => ctx.wait_for_signal(name, timeout).await?,

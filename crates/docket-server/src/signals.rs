@@ -331,7 +331,8 @@ pub(crate) async fn wait_of(
     }
     let sleep = steps.iter().find_map(|s| {
         let name = s.name.strip_prefix("sleep:")?;
-        let until: Timestamp = serde_json::from_value(s.result.as_ref()?.get("until")?.clone()).ok()?;
+        let until: Timestamp =
+            serde_json::from_value(s.result.as_ref()?.get("until")?.clone()).ok()?;
         (until == run.run_after).then(|| (name.to_string(), until))
     });
     Ok(sleep.map(|(name, until)| crate::dto::WaitView {

@@ -279,11 +279,10 @@ pub async fn a_wait_times_out_and_later_signals_are_kept(store: DynStore) {
         .unwrap();
     assert_eq!(out, WaitOutcome::TimedOut { until });
     let steps = store.steps(id).await.unwrap();
-    assert_eq!(
-        steps[0].result,
-        Some(json!({"timeout": {"until": until}}))
-    );
-    assert!(kinds(&store, id).await.contains(&"signal_timed_out".to_string()));
+    assert_eq!(steps[0].result, Some(json!({"timeout": {"until": until}})));
+    assert!(kinds(&store, id)
+        .await
+        .contains(&"signal_timed_out".to_string()));
     // The next wait for the name gets it.
     let out = store
         .signal_wait(lease, wait(2, "paid", None, late.plus_millis(HOUR), late))
@@ -348,7 +347,10 @@ pub async fn two_signals_of_one_name_reach_two_waits_in_order(store: DynStore) {
     let mut got = Vec::new();
     for n in 1..=3 {
         let out = store
-            .signal_wait(lease, wait(n, "item", None, T0.plus_millis(HOUR), T0.plus_millis(5)))
+            .signal_wait(
+                lease,
+                wait(n, "item", None, T0.plus_millis(HOUR), T0.plus_millis(5)),
+            )
             .await
             .unwrap();
         got.push(match out {
@@ -392,7 +394,13 @@ pub async fn signals_to_final_unknown_or_foreign_runs_are_refused(store: DynStor
         .await
         .unwrap_err();
     assert!(
-        matches!(&e, StoreError::WrongState { current: RunStatus::Completed, .. }),
+        matches!(
+            &e,
+            StoreError::WrongState {
+                current: RunStatus::Completed,
+                ..
+            }
+        ),
         "{e:?}"
     );
     assert!(store.signals(id).await.unwrap().is_empty());
@@ -417,7 +425,9 @@ pub async fn a_stale_wait_consumes_nothing(store: DynStore) {
         .await
         .unwrap_err();
     assert!(matches!(e, StoreError::StaleLease { .. }), "{e:?}");
-    assert!(kinds(&store, id).await.contains(&"stale_write_refused".to_string()));
+    assert!(kinds(&store, id)
+        .await
+        .contains(&"stale_write_refused".to_string()));
     assert!(store.steps(id).await.unwrap().is_empty());
     assert_eq!(store.signals(id).await.unwrap()[0].delivered_to, None);
     let out = store
@@ -508,7 +518,10 @@ pub async fn keyed_signals_reach_every_waiting_run_of_the_tenant(store: DynStore
             .signal_wait(lease, wait(1, "settled", Some("order-42"), until, t1))
             .await
             .unwrap();
-        assert!(matches!(&out, WaitOutcome::Delivered(s) if s.id == "evt-1"), "{out:?}");
+        assert!(
+            matches!(&out, WaitOutcome::Delivered(s) if s.id == "evt-1"),
+            "{out:?}"
+        );
     }
 }
 

@@ -68,7 +68,9 @@ pub fn check_key(field: &str, key: &str) -> std::result::Result<(), String> {
 /// Checks a payload's size: its JSON text is at most [`MAX_SIGNAL_BYTES`].
 /// Answers the size when it is too large.
 pub fn check_payload(data: &Value) -> std::result::Result<(), usize> {
-    let n = serde_json::to_vec(data).map(|v| v.len()).unwrap_or(usize::MAX);
+    let n = serde_json::to_vec(data)
+        .map(|v| v.len())
+        .unwrap_or(usize::MAX);
     if n > MAX_SIGNAL_BYTES {
         return Err(n);
     }

@@ -231,7 +231,11 @@ impl Ctx {
     /// arrival order, one each. Make waits in the same order on every
     /// replay, as with steps. No new wait starts once a cancel was
     /// requested.
-    pub async fn wait_for_signal(&self, name: &str, timeout: Duration) -> Result<Signalled, JobError> {
+    pub async fn wait_for_signal(
+        &self,
+        name: &str,
+        timeout: Duration,
+    ) -> Result<Signalled, JobError> {
         self.wait_signal(name, None, timeout).await
     }
 
@@ -286,7 +290,8 @@ impl Ctx {
                 Control::Postpone { until },
                 &format!(
                     "waiting for signal \"{name}\"{} (`{wait}`) until {}",
-                    key.map(|k| format!(" with key \"{k}\"")).unwrap_or_default(),
+                    key.map(|k| format!(" with key \"{k}\""))
+                        .unwrap_or_default(),
                     until.to_rfc3339()
                 ),
             )),
@@ -299,11 +304,15 @@ fn replayed(wait: &str, v: Value) -> Result<Signalled, JobError> {
     if let Some(s) = v.get("signal") {
         return serde_json::from_value::<Signal>(s.clone())
             .map(Signalled::Received)
-            .map_err(|e| JobError::permanent(format!("wait `{wait}`: stored signal unreadable: {e}")));
+            .map_err(|e| {
+                JobError::permanent(format!("wait `{wait}`: stored signal unreadable: {e}"))
+            });
     }
     let until = v
         .pointer("/timeout/until")
         .and_then(|u| serde_json::from_value::<Timestamp>(u.clone()).ok())
-        .ok_or_else(|| JobError::permanent(format!("wait `{wait}`: stored result unreadable: {v}")))?;
+        .ok_or_else(|| {
+            JobError::permanent(format!("wait `{wait}`: stored result unreadable: {v}"))
+        })?;
     Ok(Signalled::TimedOut { until })
 }

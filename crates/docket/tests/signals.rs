@@ -153,7 +153,11 @@ async fn a_signal_wakes_a_waiting_run_which_holds_no_lease_and_spends_no_budget(
     let run = d.get_run(id).await.unwrap();
     assert_eq!(run.status, RunStatus::Postponed);
     assert_eq!(run.lease_id, None, "a waiting run holds no lease");
-    assert_eq!(run.run_after, T0.plus_millis(3_600_000), "due at the timeout");
+    assert_eq!(
+        run.run_after,
+        T0.plus_millis(3_600_000),
+        "due at the timeout"
+    );
     let waits = d.signal_waits(id).await.unwrap();
     assert_eq!(
         (waits[0].wait.as_str(), waits[0].name.as_str()),
@@ -182,7 +186,11 @@ async fn a_signal_wakes_a_waiting_run_which_holds_no_lease_and_spends_no_budget(
         run.output,
         Some(json!({"data": "settled", "sent_by": "ops-alice"}))
     );
-    assert_eq!((run.attempt, run.attempts_forgiven), (2, 1), "no budget spent");
+    assert_eq!(
+        (run.attempt, run.attempts_forgiven),
+        (2, 1),
+        "no budget spent"
+    );
     assert_eq!(calls.load(Ordering::SeqCst), 2);
     let signals = d.signals(id).await.unwrap();
     assert_eq!(signals[0].delivered_to.as_deref(), Some("signal:paid:1"));
@@ -287,7 +295,11 @@ async fn a_keyed_signal_wakes_every_run_waiting_for_its_key(d: Docket, _c: Manua
         )
         .await
         .unwrap();
-    let mut woke: Vec<RunId> = sent.iter().filter(|s| s.woke).map(|s| s.signal.run_id).collect();
+    let mut woke: Vec<RunId> = sent
+        .iter()
+        .filter(|s| s.woke)
+        .map(|s| s.signal.run_id)
+        .collect();
     woke.sort();
     assert_eq!(woke, ids[..3].to_vec());
     assert_eq!(w.tick().await.unwrap(), 3);
@@ -296,10 +308,19 @@ async fn a_keyed_signal_wakes_every_run_waiting_for_its_key(d: Docket, _c: Manua
         assert_eq!(run.status, RunStatus::Completed);
         assert_eq!(run.output.unwrap()["data"], json!({"order": 42}));
     }
-    assert_eq!(d.get_run(ids[3]).await.unwrap().status, RunStatus::Postponed);
+    assert_eq!(
+        d.get_run(ids[3]).await.unwrap().status,
+        RunStatus::Postponed
+    );
     // Another tenant's keyed send reaches none of them.
     let other = d
-        .signal_by_key("globex", "settled", "order-43", json!(1), SignalOptions::default())
+        .signal_by_key(
+            "globex",
+            "settled",
+            "order-43",
+            json!(1),
+            SignalOptions::default(),
+        )
         .await
         .unwrap();
     assert!(other.is_empty());

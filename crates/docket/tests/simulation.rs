@@ -815,7 +815,10 @@ impl docket_store::SignalStore for SimStore {
     ) -> SResult<docket_store::WaitOutcome> {
         self.inner.signal_wait(lease, w).await
     }
-    async fn signals(&self, run_id: docket_core::RunId) -> SResult<Vec<docket_store::SignalRecord>> {
+    async fn signals(
+        &self,
+        run_id: docket_core::RunId,
+    ) -> SResult<Vec<docket_store::SignalRecord>> {
         self.inner.signals(run_id).await
     }
     async fn signal_waits(

@@ -448,7 +448,10 @@ mod faulty {
             self.take(&self.fail_waits_after)?;
             Ok(out)
         }
-        async fn signals(&self, run_id: docket_core::RunId) -> Result<Vec<docket_store::SignalRecord>> {
+        async fn signals(
+            &self,
+            run_id: docket_core::RunId,
+        ) -> Result<Vec<docket_store::SignalRecord>> {
             self.inner.signals(run_id).await
         }
         async fn signal_waits(
@@ -596,7 +599,11 @@ async fn a_signal_wait_that_fails_around_its_commit_delivers_exactly_once() {
             .unwrap();
         let w = d.worker(docket::WorkerConfig::default());
         w.tick().await.unwrap();
-        assert_eq!(store.failed.load(Ordering::SeqCst), 1, "the fault was injected");
+        assert_eq!(
+            store.failed.load(Ordering::SeqCst),
+            1,
+            "the fault was injected"
+        );
         let run = d.get_run(id).await.unwrap();
         assert_eq!(run.status, RunStatus::Pending, "a retry: {run:?}");
         clock.advance_millis(60_000);

@@ -248,7 +248,11 @@ mod tests {
         }
         // The stored deadline wins over the request's.
         assert!(matches!(
-            wait(&req(T.plus_millis(50), T.plus_millis(6)), Some(T.plus_millis(5)), None),
+            wait(
+                &req(T.plus_millis(50), T.plus_millis(6)),
+                Some(T.plus_millis(5)),
+                None
+            ),
             WaitPlan::TimeOut { .. }
         ));
         assert_eq!(

@@ -6,7 +6,7 @@ use super::db;
 use super::durable::{attempt_event, event, fence};
 use super::ops::{json, run_from_row, RUN_COLS};
 use super::{PgStore, WAKEUP_CHANNEL};
-use crate::plan::signal::{self as plan, Wake, WaitPlan};
+use crate::plan::signal::{self as plan, WaitPlan, Wake};
 use crate::signals::*;
 use crate::{LeaseRef, Result, Run, StoreError};
 use async_trait::async_trait;
@@ -51,14 +51,16 @@ async fn by_id(c: &mut PgConnection, run: RunId, id: &str) -> Result<Option<Sign
 }
 
 async fn locked_run(c: &mut PgConnection, id: RunId) -> Result<Option<Run>> {
-    sqlx::query(&format!("SELECT {RUN_COLS} FROM runs WHERE id = $1 FOR UPDATE"))
-        .bind(id.0)
-        .fetch_optional(&mut *c)
-        .await
-        .map_err(db)?
-        .as_ref()
-        .map(run_from_row)
-        .transpose()
+    sqlx::query(&format!(
+        "SELECT {RUN_COLS} FROM runs WHERE id = $1 FOR UPDATE"
+    ))
+    .bind(id.0)
+    .fetch_optional(&mut *c)
+    .await
+    .map_err(db)?
+    .as_ref()
+    .map(run_from_row)
+    .transpose()
 }
 
 /// Stores one signal for `run` (locked in this transaction) and applies its
@@ -155,7 +157,11 @@ async fn send_to(
     })
 }
 
-async fn wait(c: &mut PgConnection, lease: LeaseRef, w: &WaitSignal) -> Result<Result<WaitOutcome>> {
+async fn wait(
+    c: &mut PgConnection,
+    lease: LeaseRef,
+    w: &WaitSignal,
+) -> Result<Result<WaitOutcome>> {
     let run = match fence(c, lease, "signal_wait", w.now).await? {
         Ok(r) => r,
         Err(e) => return Ok(Err(e)),

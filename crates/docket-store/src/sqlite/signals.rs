@@ -6,7 +6,7 @@ use super::db_err;
 use super::durable::{attempt_event, fence};
 use super::ops::{get_run, insert_event, json_col, parse};
 use super::SqliteStore;
-use crate::plan::signal::{self as plan, Wake, WaitPlan};
+use crate::plan::signal::{self as plan, WaitPlan, Wake};
 use crate::signals::*;
 use crate::{LeaseRef, Result, Run, StoreError};
 use async_trait::async_trait;
@@ -44,6 +44,7 @@ fn by_id(c: &Connection, run: RunId, id: &str) -> Result<Option<SignalRecord>> {
 
 /// Stores one signal for `run` (already read in this transaction) and
 /// applies its wake, as `plan::signal` decides.
+#[allow(clippy::too_many_arguments)]
 fn send_to(
     c: &Connection,
     run: &Run,
@@ -63,7 +64,9 @@ fn send_to(
     }
     plan::may_send(run.id, run.status)?;
     let waiting: bool = c
-        .prepare_cached("SELECT EXISTS (SELECT 1 FROM signal_waits WHERE run_id = ?1 AND name = ?2)")
+        .prepare_cached(
+            "SELECT EXISTS (SELECT 1 FROM signal_waits WHERE run_id = ?1 AND name = ?2)",
+        )
         .map_err(db_err)?
         .query_row(params![run.id.to_string(), name], |r| r.get(0))
         .map_err(db_err)?;
@@ -217,7 +220,9 @@ fn wait(c: &Connection, lease: LeaseRef, w: &WaitSignal) -> Result<Result<WaitOu
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
                 )
                 .map_err(db_err)?
-                .execute(params![id, w.wait, run.tenant, w.name, w.key, until.0, w.now.0])
+                .execute(params![
+                    id, w.wait, run.tenant, w.name, w.key, until.0, w.now.0
+                ])
                 .map_err(db_err)?;
                 attempt_event(c, &run, lease, &ev.kind, w.now, &ev.data)?;
             }
