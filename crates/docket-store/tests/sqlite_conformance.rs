@@ -213,6 +213,10 @@ async fn a_version_2_database_gains_the_leaders_table() {
              DROP TABLE job_pauses;
              DROP INDEX runs_finished;
              DROP INDEX ledger_updated;
+
+             DROP TABLE signals;
+             DROP TABLE signal_waits;
+             ALTER TABLE runs DROP COLUMN wake_requested;
              UPDATE docket_meta SET value = '2' WHERE key = 'schema_version';",
         )
         .unwrap();
