@@ -162,8 +162,25 @@ async fn a_keyed_signal_wakes_the_callers_runs_waiting_for_its_key() {
     .await;
     assert_eq!(st, StatusCode::CREATED);
     let globex = v["run"]["id"].as_str().unwrap().to_string();
-    for id in acme.iter().chain([&globex]) {
+    for id in &acme {
         s.until(id, &["postponed"]).await;
+    }
+    // globex's run, through bob's token (bounded; each wait is a long poll
+    // that answers when the run changes).
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let (_, r) = as_bob(&s, Method::GET, &format!("/api/runs/{globex}"), None).await;
+        if r["run"]["status"] == "postponed" {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{r}");
+        as_bob(
+            &s,
+            Method::GET,
+            &format!("/api/runs/{globex}/wait?timeout=200ms"),
+            None,
+        )
+        .await;
     }
     let (_, metrics) = as_bob(&s, Method::GET, "/metrics", None).await;
     let metrics = metrics.as_str().unwrap_or_default().to_string();
