@@ -240,6 +240,23 @@ pub enum RunsCmd {
         #[command(flatten)]
         conn: Conn,
     },
+    /// Send a signal to a run (docs/DURABLE.md, "Signals"): kept until a
+    /// wait of the run for NAME consumes it; a run waiting for it is due
+    /// at once.
+    Signal {
+        /// The run's id.
+        id: String,
+        /// The signal's name.
+        name: String,
+        /// The payload (JSON; default null).
+        #[arg(long)]
+        data: Option<String>,
+        /// An id for idempotency: the same id twice is one signal.
+        #[arg(long)]
+        signal_id: Option<String>,
+        #[command(flatten)]
+        conn: Conn,
+    },
     /// Reject a run waiting for input.
     Reject {
         /// The run's id.
@@ -854,7 +871,53 @@ pub async fn runs(cmd: RunsCmd) -> Res<()> {
             comment,
             conn,
         } => decide(conn, &id, "reject", data, comment).await,
+        RunsCmd::Signal {
+            id,
+            name,
+            data,
+            signal_id,
+            conn,
+        } => signal(conn, &id, &name, data, signal_id).await,
     }
+}
+
+/// `docket runs signal RUN NAME --data JSON [--signal-id ID]`.
+async fn signal(
+    conn: Conn,
+    id: &str,
+    name: &str,
+    data: Option<String>,
+    signal_id: Option<String>,
+) -> Res<()> {
+    let data = data
+        .map(|d| parse_json_arg("--data", &d))
+        .transpose()?
+        .unwrap_or(Value::Null);
+    let mut body = json!({ "data": data });
+    if let Some(sid) = signal_id {
+        body["signal_id"] = json!(sid);
+    }
+    let c = Client::new(conn.clone())?;
+    let (_, v) = c
+        .call(
+            reqwest::Method::POST,
+            &format!("/api/runs/{}/signals/{}", encode(id), encode(name)),
+            Some(body),
+        )
+        .await?;
+    if conn.json {
+        print_json(&v);
+    } else {
+        let what = if v["duplicate"] == true {
+            "already had signal"
+        } else if v["woke"] == true {
+            "signalled (it was waiting: due now)"
+        } else {
+            "signalled (kept until it waits for it)"
+        };
+        outln!("run {id} {what}: \"{name}\" id {}", s(&v["signal"]["id"]));
+    }
+    Ok(())
 }
 
 /// `--since 1h`: now minus that, as RFC 3339.

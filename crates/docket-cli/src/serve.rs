@@ -234,6 +234,11 @@ impl Settings {
 ///   one more step; cancel it while it runs.
 /// - `fan-out`: input `{"children": N}`: spawns N `echo` children, joins
 ///   them, outputs `{"children": N, "completed": M}` (`demo_children.rs`).
+/// - `wait-signal`: input `{"name": S}` (optional `"key"`, `"timeout_ms"`,
+///   default one day): waits durably for the signal S
+///   (`docket runs signal RUN S --data …`, or `POST /api/signals` with the
+///   key) and completes with its payload as the output; fails when the
+///   timeout passes first.
 pub fn register_demo_jobs(d: &Docket) -> Result<(), docket::Error> {
     d.register(Job::new("noop", |_ctx, input: Value| async move {
         Ok::<_, JobError>(input)
@@ -286,6 +291,30 @@ pub fn register_demo_jobs(d: &Docket) -> Result<(), docket::Error> {
         Ok(json!({ "slept_ms": ms }))
     }))?;
     crate::demo_children::register(d)?;
+    d.register(Job::new("wait-signal", |ctx, input: Value| async move {
+        let Some(name) = input.get("name").and_then(Value::as_str) else {
+            return Err(JobError::invalid_input(
+                "`name`: give the signal's name, e.g. {\"name\": \"paid\"}",
+            ));
+        };
+        let timeout = Duration::from_millis(
+            input
+                .get("timeout_ms")
+                .and_then(Value::as_u64)
+                .unwrap_or(86_400_000),
+        );
+        let got = match input.get("key").and_then(Value::as_str) {
+            Some(key) => ctx.wait_for_signal_keyed(name, key, timeout).await?,
+            None => ctx.wait_for_signal(name, timeout).await?,
+        };
+        match got {
+            docket::Signalled::Received(sig) => Ok::<_, JobError>(sig.data),
+            docket::Signalled::TimedOut { until } => Err(JobError::permanent(format!(
+                "no signal \"{name}\" arrived by {}",
+                until.to_rfc3339()
+            ))),
+        }
+    }))?;
     Ok(())
 }
 

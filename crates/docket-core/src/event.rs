@@ -133,6 +133,15 @@ kinds! {
     WaitingForChildren = "waiting_for_children",
     /// A parent's cancel cancelled this child (its policy was `cancel`).
     CancelledWithParent = "cancelled_with_parent",
+    /// A signal was sent to the run (who sent it, its name, key and a
+    /// bounded excerpt of its payload); kept until a wait consumes it.
+    SignalReceived = "signal_received",
+    /// The run began waiting for a signal (its name, key and deadline).
+    SignalWaiting = "signal_waiting",
+    /// A wait consumed a signal: stored as the wait's result.
+    SignalDelivered = "signal_delivered",
+    /// A wait for a signal reached its deadline with none delivered.
+    SignalTimedOut = "signal_timed_out",
 }
 
 impl EventKind {

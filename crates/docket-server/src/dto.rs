@@ -78,6 +78,32 @@ pub struct RunView {
     pub trace_id: Option<String>,
     /// The run that spawned this one (`ctx.spawn`), if it is a child run.
     pub parent: Option<String>,
+    /// Why a postponed run waits, when it is suspended in a durable wait
+    /// (`GET /api/runs/{id}` only; `null` in lists and otherwise).
+    pub wait: Option<WaitView>,
+}
+
+/// What a suspended run waits for.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct WaitView {
+    /// `signal` (a signal of `name`, reachable by `key` too when set),
+    /// `sleep` (a durable sleep named `name`) or `children` (a join waiting
+    /// for `waiting` of `of` child runs to end).
+    pub kind: String,
+    /// The signal's name, or the sleep's (`null` for children).
+    pub name: Option<String>,
+    /// The correlation key of a keyed signal wait.
+    pub key: Option<String>,
+    /// Its deadline (RFC 3339): the wait's timeout, or the wake time
+    /// (`null` for children: a join has none).
+    pub until: Option<String>,
+    /// Children not final yet (`children` only).
+    pub waiting: Option<u32>,
+    /// Children the join waits for in all (`children` only).
+    pub of: Option<u32>,
+    /// In words: `waiting for signal "paid" until …`, `sleeping until …`,
+    /// `waiting for 12 of 1000 children`.
+    pub summary: String,
 }
 
 impl RunView {
@@ -117,6 +143,7 @@ impl RunView {
                 .and_then(|t| t.traceparent.split('-').nth(1))
                 .map(String::from),
             parent: r.parent_id.map(|p| p.to_string()),
+            wait: None,
         }
     }
 }
@@ -343,20 +370,6 @@ pub struct RunDetail {
     /// How many child runs it spawned (list them with
     /// `GET /api/runs?parent=ID`).
     pub children: i64,
-    /// Why it waits now, when it is suspended in a wait Docket tracks
-    /// (e.g. `{"kind": "children", "waiting": 12, "of": 1000}`).
-    pub wait: Option<WaitView>,
-}
-
-/// A run's current wait.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-pub struct WaitView {
-    /// `children`: a join waiting for child runs to end.
-    pub kind: String,
-    /// Children not final yet.
-    pub waiting: u32,
-    /// Children the join waits for in all.
-    pub of: u32,
 }
 
 /// The answer of a long poll.

@@ -33,6 +33,7 @@ pub mod metrics;
 pub mod openapi;
 pub mod retention;
 pub mod runs;
+pub mod signals;
 pub mod worker_api;
 
 pub mod schedules;
@@ -416,6 +417,9 @@ fn routes() -> (axum::Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(runs::reject))
         .routes(routes!(runs::wait))
         .routes(routes!(runs::jobs))
+        .routes(routes!(signals::send))
+        .routes(routes!(signals::list))
+        .routes(routes!(signals::send_keyed))
         .routes(routes!(bulk::bulk))
         .routes(routes!(retention::pause))
         .routes(routes!(retention::resume))

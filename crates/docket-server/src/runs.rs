@@ -410,6 +410,41 @@ fn summary(e: &EventRecord) -> String {
             n("of").unwrap_or(0)
         ),
         "cancelled_with_parent" => format!("cancelled with its parent {}", s("parent")),
+        "signal_received" => format!(
+            "signal \"{}\"{} received from {}{}",
+            s("name"),
+            d.get("key")
+                .and_then(Value::as_str)
+                .map(|k| format!(" (key \"{k}\")"))
+                .unwrap_or_default(),
+            s("sent_by"),
+            match s("woke").as_str() {
+                "now" => ": the waiting run is due now",
+                "" => ": kept until the run waits for it",
+                _ => ": the run is due once its attempt suspends",
+            }
+        ),
+        "signal_waiting" => format!(
+            "{att} waits for signal \"{}\"{} until {}",
+            s("name"),
+            d.get("key")
+                .and_then(Value::as_str)
+                .map(|k| format!(" with key \"{k}\""))
+                .unwrap_or_default(),
+            t("until")
+        ),
+        "signal_delivered" => format!(
+            "signal \"{}\" from {} delivered to `{}`",
+            s("name"),
+            s("sent_by"),
+            s("wait")
+        ),
+        "signal_timed_out" => format!(
+            "wait `{}` for signal \"{}\" timed out at {}",
+            s("wait"),
+            s("name"),
+            t("until")
+        ),
         "attempt_failed" => format!("{att} failed: {}: {}", s("error_class"), s("message")),
         "attempt_deferred" => format!("{att} deferred, nothing sent: {}", s("message")),
         "http_response" => {
@@ -637,8 +672,25 @@ pub async fn show(
             }
         })
         .collect();
+    let mut run = state.view(&h.run);
+    let joining = family
+        .as_ref()
+        .and_then(|f| f.waiting)
+        .filter(|_| h.run.status == RunStatus::Postponed);
+    run.wait = match joining {
+        Some(w) => Some(crate::dto::WaitView {
+            kind: "children".into(),
+            name: None,
+            key: None,
+            until: None,
+            waiting: Some(w.waiting),
+            of: Some(w.of),
+            summary: format!("waiting for {} of {} children", w.waiting, w.of),
+        }),
+        None => crate::signals::wait_of(&state, &h.run, &h.steps).await?,
+    };
     Ok(Json(RunDetail {
-        run: state.view(&h.run),
+        run,
         attempts,
         steps: h
             .steps
@@ -653,14 +705,6 @@ pub async fn show(
         events: h.events.iter().map(EventView::from).collect(),
         timeline,
         children: family.as_ref().map_or(0, |f| f.children),
-        wait: family
-            .and_then(|f| f.waiting)
-            .filter(|_| h.run.status == RunStatus::Postponed)
-            .map(|w| crate::dto::WaitView {
-                kind: "children".into(),
-                waiting: w.waiting,
-                of: w.of,
-            }),
     }))
 }
 
@@ -1119,6 +1163,12 @@ pub async fn metrics(State(state): State<AppState>, caller: Caller) -> ApiResult
         .await?;
     crate::metrics::render_joining(&mut body, &caller.tenant, joining);
     crate::metrics::render_store_errors(&mut body, &state.docket.store_errors());
+    let waiting = state
+        .docket
+        .store()
+        .waiting_for_signals(Some(caller.tenant.clone()))
+        .await?;
+    crate::signals::render_waiting(&mut body, &caller.tenant, &waiting);
     crate::metrics::render_schedules(&mut body, &state.docket.schedule_counters());
 
     if let Some(t) = state.docket.telemetry() {

@@ -27,6 +27,9 @@ pub mod retention;
 #[cfg(feature = "conformance")]
 pub mod retention_conformance;
 pub mod schedules;
+#[cfg(feature = "conformance")]
+pub mod signal_conformance;
+pub mod signals;
 pub mod sqlite;
 pub mod stats;
 pub mod tokens;
@@ -43,6 +46,10 @@ pub use schedules::{
     PutOutcome, Schedule, ScheduleDef, ScheduleHistory, SchedulePut, ScheduleStore, ScheduleTick,
     SlotKind, SlotOutcome, TickOutcome,
 };
+pub use signals::{
+    SendKeyed, SendSignal, Sent, SignalRecord, SignalStore, SignalWaitRecord, WaitOutcome,
+    WaitSignal,
+};
 pub use stats::{BucketCount, ClassCount, RunScan, ScanPage, StatsStore, WindowQuery, WindowStats};
 pub use tokens::{NewToken, TokenRecord, TokenScope, TokenStore};
 pub use workers::{WorkerRecord, WorkerSeen, WorkerStore};
@@ -55,8 +62,7 @@ use std::sync::Arc;
 /// (`sqlite/migrations/`, `postgres/migrations/`; ARCHITECTURE.md,
 /// "Migrations"). A database with a higher version was written by a newer
 /// Docket and is refused, never modified.
-// 8 on this branch (children: step 0011); 11 once steps 0008-0010 are merged.
-pub const SCHEMA_VERSION: i64 = 8;
+pub const SCHEMA_VERSION: i64 = 9;
 
 /// What can go wrong in a store.
 #[derive(Debug, thiserror::Error)]
@@ -230,6 +236,7 @@ pub trait Store:
     + StatsStore
     + ScheduleStore
     + ChildStore
+    + SignalStore
     + Send
     + Sync
     + 'static

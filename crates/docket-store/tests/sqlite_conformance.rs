@@ -222,6 +222,9 @@ async fn a_version_2_database_gains_the_leaders_table() {
              ALTER TABLE runs DROP COLUMN parent_waits;
              ALTER TABLE runs DROP COLUMN join_waiting;
              ALTER TABLE runs DROP COLUMN join_of;
+             DROP TABLE signals;
+             DROP TABLE signal_waits;
+             ALTER TABLE runs DROP COLUMN wake_requested;
              UPDATE docket_meta SET value = '2' WHERE key = 'schema_version';",
         )
         .unwrap();

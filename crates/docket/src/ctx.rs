@@ -259,6 +259,22 @@ impl Ctx {
         Ok(())
     }
 
+    /// Claims the first unused name `{prefix}{n}` (n = 1, 2, …) in this
+    /// attempt: the n-th numbered wait of a kind (signal waits), the same
+    /// n on every replay as long as the handler makes its waits in the
+    /// same order.
+    pub(crate) async fn claim_numbered(&self, prefix: &str) -> String {
+        let mut st = self.state.lock().await;
+        let mut n = 1u32;
+        loop {
+            let name = format!("{prefix}{n}");
+            if st.used.insert(name.clone()) {
+                return name;
+            }
+            n += 1;
+        }
+    }
+
     pub(crate) fn check_cancel(&self) -> Result<(), JobError> {
         if self.is_cancelled() {
             return Err(JobError::control(

@@ -40,6 +40,7 @@ mod ops;
 pub mod remote;
 
 pub mod schedule;
+pub mod signals;
 
 pub mod telemetry;
 
@@ -70,6 +71,7 @@ pub use schedule::{
     SchedulerHandle, TickReport,
 };
 
+pub use signals::{Signal, SignalOptions, Signalled};
 pub use telemetry::{Telemetry, TelemetryConfig, TraceContext};
 pub use worker::{ReaperHandle, Worker, WorkerConfig, WorkerHandle};
 

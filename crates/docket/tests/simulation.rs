@@ -801,6 +801,75 @@ impl docket_store::ScheduleStore for SimStore {
 }
 
 #[async_trait]
+impl docket_store::ChildStore for SimStore {
+    async fn spawn_children(
+        &self,
+        lease: docket_store::LeaseRef,
+        children: Vec<docket_store::ChildSpawn>,
+        now: docket_core::Timestamp,
+    ) -> SResult<Vec<docket_store::Spawned>> {
+        self.inner.spawn_children(lease, children, now).await
+    }
+    async fn join_children(
+        &self,
+        lease: docket_store::LeaseRef,
+        children: Vec<docket_core::RunId>,
+        now: docket_core::Timestamp,
+    ) -> SResult<docket_store::JoinState> {
+        self.inner.join_children(lease, children, now).await
+    }
+    async fn children(
+        &self,
+        parent: docket_core::RunId,
+        after: Option<docket_core::RunId>,
+        limit: usize,
+    ) -> SResult<Vec<docket_store::Run>> {
+        self.inner.children(parent, after, limit).await
+    }
+    async fn family(&self, run: docket_core::RunId) -> SResult<Option<docket_store::Family>> {
+        self.inner.family(run).await
+    }
+    async fn count_joining(&self, tenant: Option<String>) -> SResult<i64> {
+        self.inner.count_joining(tenant).await
+    }
+}
+
+#[async_trait]
+impl docket_store::SignalStore for SimStore {
+    async fn send_signal(&self, s: docket_store::SendSignal) -> SResult<docket_store::Sent> {
+        self.inner.send_signal(s).await
+    }
+    async fn send_keyed_signal(
+        &self,
+        s: docket_store::SendKeyed,
+    ) -> SResult<Vec<docket_store::Sent>> {
+        self.inner.send_keyed_signal(s).await
+    }
+    async fn signal_wait(
+        &self,
+        lease: docket_store::LeaseRef,
+        w: docket_store::WaitSignal,
+    ) -> SResult<docket_store::WaitOutcome> {
+        self.inner.signal_wait(lease, w).await
+    }
+    async fn signals(
+        &self,
+        run_id: docket_core::RunId,
+    ) -> SResult<Vec<docket_store::SignalRecord>> {
+        self.inner.signals(run_id).await
+    }
+    async fn signal_waits(
+        &self,
+        run_id: docket_core::RunId,
+    ) -> SResult<Vec<docket_store::SignalWaitRecord>> {
+        self.inner.signal_waits(run_id).await
+    }
+    async fn waiting_for_signals(&self, tenant: Option<String>) -> SResult<Vec<(String, i64)>> {
+        self.inner.waiting_for_signals(tenant).await
+    }
+}
+
+#[async_trait]
 impl StatsStore for SimStore {
     async fn attention_count(&self, tenant: String) -> SResult<i64> {
         self.inner.attention_count(tenant).await

@@ -103,6 +103,11 @@ mod faulty {
         pub fail_ends: AtomicUsize,
         /// Calls failed so far.
         pub failed: AtomicUsize,
+        /// `signal_wait` calls to fail before they reach the store.
+        pub fail_waits_before: AtomicUsize,
+        /// `signal_wait` calls to fail after the store committed them (the
+        /// answer is lost, as when a connection drops at commit).
+        pub fail_waits_after: AtomicUsize,
     }
 
     impl Faulty {
@@ -426,6 +431,78 @@ mod faulty {
     }
 
     #[async_trait]
+    impl docket_store::ChildStore for Faulty {
+        async fn spawn_children(
+            &self,
+            lease: docket_store::LeaseRef,
+            children: Vec<docket_store::ChildSpawn>,
+            now: docket_core::Timestamp,
+        ) -> Result<Vec<docket_store::Spawned>> {
+            self.inner.spawn_children(lease, children, now).await
+        }
+        async fn join_children(
+            &self,
+            lease: docket_store::LeaseRef,
+            children: Vec<docket_core::RunId>,
+            now: docket_core::Timestamp,
+        ) -> Result<docket_store::JoinState> {
+            self.inner.join_children(lease, children, now).await
+        }
+        async fn children(
+            &self,
+            parent: docket_core::RunId,
+            after: Option<docket_core::RunId>,
+            limit: usize,
+        ) -> Result<Vec<docket_store::Run>> {
+            self.inner.children(parent, after, limit).await
+        }
+        async fn family(&self, run: docket_core::RunId) -> Result<Option<docket_store::Family>> {
+            self.inner.family(run).await
+        }
+        async fn count_joining(&self, tenant: Option<String>) -> Result<i64> {
+            self.inner.count_joining(tenant).await
+        }
+    }
+
+    #[async_trait]
+    impl docket_store::SignalStore for Faulty {
+        async fn send_signal(&self, s: docket_store::SendSignal) -> Result<docket_store::Sent> {
+            self.inner.send_signal(s).await
+        }
+        async fn send_keyed_signal(
+            &self,
+            s: docket_store::SendKeyed,
+        ) -> Result<Vec<docket_store::Sent>> {
+            self.inner.send_keyed_signal(s).await
+        }
+        async fn signal_wait(
+            &self,
+            lease: docket_store::LeaseRef,
+            w: docket_store::WaitSignal,
+        ) -> Result<docket_store::WaitOutcome> {
+            self.take(&self.fail_waits_before)?;
+            let out = self.inner.signal_wait(lease, w).await?;
+            self.take(&self.fail_waits_after)?;
+            Ok(out)
+        }
+        async fn signals(
+            &self,
+            run_id: docket_core::RunId,
+        ) -> Result<Vec<docket_store::SignalRecord>> {
+            self.inner.signals(run_id).await
+        }
+        async fn signal_waits(
+            &self,
+            run_id: docket_core::RunId,
+        ) -> Result<Vec<docket_store::SignalWaitRecord>> {
+            self.inner.signal_waits(run_id).await
+        }
+        async fn waiting_for_signals(&self, tenant: Option<String>) -> Result<Vec<(String, i64)>> {
+            self.inner.waiting_for_signals(tenant).await
+        }
+    }
+
+    #[async_trait]
     impl StatsStore for Faulty {
         async fn attention_count(&self, tenant: String) -> Result<i64> {
             self.inner.attention_count(tenant).await
@@ -444,6 +521,8 @@ mod faulty {
             fail_events: (fail_events.0, AtomicUsize::new(fail_events.1)),
             fail_ends: AtomicUsize::new(fail_ends),
             failed: AtomicUsize::new(0),
+            fail_waits_before: AtomicUsize::new(0),
+            fail_waits_after: AtomicUsize::new(0),
         })
     }
 }
@@ -510,4 +589,77 @@ async fn request_evidence_survives_a_store_failure_before_the_end() {
     assert_eq!(ev.attempt, Some(1));
     assert_eq!(ev.at, t0, "the time of the request, not of the end");
     assert_eq!(events[3].at, t0.plus_millis(5));
+}
+
+/// A wait for a signal whose store call fails — before it reached the
+/// store, or after the store committed it and the answer was lost (the
+/// consume and the wait's step are one transaction, so there is no state
+/// in between) — delivers the signal exactly once: the attempt fails
+/// retryably, the next one consumes it (first case) or replays the stored
+/// wait (second case); one `signal_delivered`, one delivered row, the
+/// handler sees the payload once.
+#[tokio::test]
+async fn a_signal_wait_that_fails_around_its_commit_delivers_exactly_once() {
+    for after in [false, true] {
+        let store = faulty::over_sqlite(("none", 0), 0);
+        if after {
+            store.fail_waits_after.store(1, Ordering::SeqCst);
+        } else {
+            store.fail_waits_before.store(1, Ordering::SeqCst);
+        }
+        let t0 = docket::Timestamp(1_767_225_600_000);
+        let clock = docket::ManualClock::new(t0);
+        let d = Docket::with_store(store.clone(), Arc::new(clock.clone()));
+        let seen = Arc::new(AtomicUsize::new(0));
+        let s = seen.clone();
+        d.register(
+            Job::new("wait", move |ctx, _: Value| {
+                let s = s.clone();
+                async move {
+                    let got = ctx
+                        .wait_for_signal("paid", Duration::from_secs(3600))
+                        .await?;
+                    s.fetch_add(1, Ordering::SeqCst);
+                    Ok::<_, JobError>(got.into_signal().map(|g| g.data).unwrap_or_default())
+                }
+            })
+            .retry(docket::RetryPolicy {
+                base_delay_ms: 100,
+                jitter_ms: 0,
+                ..Default::default()
+            }),
+        )
+        .unwrap();
+        let id = d.trigger("wait", json!({})).await.unwrap().run.id;
+        d.signal(id, "paid", json!("once"), Default::default())
+            .await
+            .unwrap();
+        let w = d.worker(docket::WorkerConfig::default());
+        w.tick().await.unwrap();
+        assert_eq!(
+            store.failed.load(Ordering::SeqCst),
+            1,
+            "the fault was injected"
+        );
+        let run = d.get_run(id).await.unwrap();
+        assert_eq!(run.status, RunStatus::Pending, "a retry: {run:?}");
+        clock.advance_millis(60_000);
+        w.tick().await.unwrap();
+        let run = d.get_run(id).await.unwrap();
+        assert_eq!(run.status, RunStatus::Completed, "after={after}: {run:?}");
+        assert_eq!(run.output, Some(json!("once")));
+        assert_eq!(seen.load(Ordering::SeqCst), 1, "the handler saw it once");
+        let signals = d.signals(id).await.unwrap();
+        assert_eq!(signals.len(), 1);
+        assert_eq!(signals[0].delivered_to.as_deref(), Some("signal:paid:1"));
+        let delivered = d
+            .history(id)
+            .await
+            .unwrap()
+            .events
+            .iter()
+            .filter(|e| e.kind == "signal_delivered")
+            .count();
+        assert_eq!(delivered, 1, "after={after}");
+    }
 }

@@ -896,8 +896,9 @@
     // A run's children (first page, spawn order) and its current wait.
     async function renderChildren(d) {
       const card = $('r-children-card');
-      if (d.wait && d.wait.kind === 'children') {
-        $('r-facts').append(...fact('Waiting for', d.wait.waiting + ' of ' + d.wait.of + ' children'));
+      // Any durable wait (children, a signal, a sleep) says why, in words.
+      if (d.run.wait) {
+        $('r-facts').append(...fact('Waiting', d.run.wait.summary));
       }
       if (!d.children) {
         card.hidden = true;

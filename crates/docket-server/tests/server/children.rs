@@ -25,7 +25,7 @@ async fn a_parent_shows_its_children_and_its_wait() {
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
     let detail = loop {
         let (_, v) = s.get(&format!("/api/runs/{waiting}")).await;
-        if v["wait"].is_object() {
+        if v["run"]["wait"].is_object() {
             break v;
         }
         assert!(tokio::time::Instant::now() < deadline, "never waited: {v}");
@@ -35,8 +35,11 @@ async fn a_parent_shows_its_children_and_its_wait() {
     assert_eq!(detail["run"]["status"], "postponed");
     assert_eq!(detail["children"], 2);
     assert_eq!(
-        detail["wait"],
-        json!({ "kind": "children", "waiting": 2, "of": 2 })
+        detail["run"]["wait"],
+        json!({
+            "kind": "children", "waiting": 2, "of": 2, "name": null, "key": null,
+            "until": null, "summary": "waiting for 2 of 2 children"
+        })
     );
     let m = s
         .http
@@ -60,7 +63,7 @@ async fn a_parent_shows_its_children_and_its_wait() {
     let (_, v) = s.get(&format!("/api/runs/{done}")).await;
     assert_eq!(v["run"]["output"], json!({ "completed": 3 }));
     assert_eq!(v["children"], 3);
-    assert!(v["wait"].is_null());
+    assert!(v["run"]["wait"].is_null());
     assert!(v["run"]["parent"].is_null());
     let spawned: Vec<&Value> = v["timeline"]
         .as_array()

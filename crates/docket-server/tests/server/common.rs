@@ -135,6 +135,26 @@ pub fn register_jobs(d: &Docket) {
         }),
     )
     .unwrap();
+    // Waits (an hour at most) for the signal `name` (keyed by `key` when
+    // given) and outputs its payload and sender.
+    d.register(Job::new("waiter", |ctx, input: Value| async move {
+        let name = input["name"].as_str().unwrap_or("paid").to_string();
+        let got = match input["key"].as_str() {
+            Some(k) => {
+                ctx.wait_for_signal_keyed(&name, k, Duration::from_secs(3600))
+                    .await?
+            }
+            None => {
+                ctx.wait_for_signal(&name, Duration::from_secs(3600))
+                    .await?
+            }
+        };
+        let sig = got
+            .into_signal()
+            .ok_or_else(|| JobError::permanent("timed out"))?;
+        Ok::<_, JobError>(json!({ "data": sig.data, "sent_by": sig.sent_by }))
+    }))
+    .unwrap();
     // Runs for `ms` milliseconds, stopping early on cancel.
     d.register(Job::new("sleepy", |ctx, input: Value| async move {
         let ms = input["ms"].as_u64().unwrap_or(10_000);

@@ -14,5 +14,6 @@ mod schedules;
 
 mod retention;
 mod schemathesis;
+mod signals;
 mod tenants;
 mod worker_protocol;

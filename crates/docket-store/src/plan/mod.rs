@@ -17,6 +17,7 @@ pub mod claim;
 pub mod end;
 pub mod operator;
 pub mod schedule;
+pub mod signal;
 pub mod step;
 pub mod trigger;
 

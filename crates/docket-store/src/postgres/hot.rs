@@ -134,12 +134,18 @@ upd AS (
         output = COALESCE(j.output, r.output),
         -- A parent ending in this statement too gets its fan-in here (a row
         -- is updated once per statement): plan::child::fan_in_set applied
-        -- to the status the end leaves it in.
-        run_after = CASE WHEN f.n IS NOT NULL AND r.join_waiting > 0 AND r.join_waiting <= f.n
-                              AND j.to_status = 'postponed'
-                         THEN j.now ELSE COALESCE(j.run_after, r.run_after) END,
+        -- to the status the end leaves it in. And plan::signal::
+        -- postponement_wakes: a signal reached the wait this attempt
+        -- recorded while it ran. Either way its postponement ends due now.
+        run_after = CASE WHEN j.to_status = 'postponed'
+                              AND (r.wake_requested
+                                   OR (f.n IS NOT NULL AND r.join_waiting > 0
+                                       AND r.join_waiting <= f.n))
+                         THEN LEAST(COALESCE(j.run_after, r.run_after), j.now)
+                         ELSE COALESCE(j.run_after, r.run_after) END,
         join_waiting = CASE WHEN f.n IS NULL THEN r.join_waiting
                             WHEN r.join_waiting > f.n THEN r.join_waiting - f.n ELSE 0 END,
+        wake_requested = false,
         lease_id = NULL, lease_expires_at = NULL, worker = NULL,
         updated_at = j.now,
         finished_at = CASE WHEN j.finished THEN j.now ELSE r.finished_at END,

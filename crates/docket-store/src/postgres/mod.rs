@@ -51,6 +51,7 @@ mod durable;
 mod hot;
 mod ops;
 mod schedules;
+mod signals;
 
 mod retention;
 mod stats;
@@ -550,6 +551,7 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0005_trace_context.sql"),
     include_str!("migrations/0006_worker_scope.sql"),
     include_str!("migrations/0007_retention.sql"),
+    include_str!("migrations/0010_signals.sql"),
     include_str!("migrations/0011_children.sql"),
 ];
 

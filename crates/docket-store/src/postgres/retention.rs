@@ -70,6 +70,14 @@ async fn delete_runs(
             }
         }
     }
+    // A final run's signals and (stale) waits go with it; not counted.
+    for table in ["signals", "signal_waits"] {
+        sqlx::query(&format!("DELETE FROM {table} WHERE run_id = ANY($1)"))
+            .bind(ids)
+            .execute(&mut *c)
+            .await
+            .map_err(db)?;
+    }
     let gone: Vec<uuid::Uuid> = sqlx::query_scalar(
         "DELETE FROM runs WHERE id = ANY($1) AND status IN ('completed', 'failed', 'cancelled')
          RETURNING id",

@@ -172,7 +172,10 @@ pub(super) fn persist_end(
     let id = run.id.to_string();
     let json_text = |v: &Option<Value>| v.as_ref().map(Value::to_string);
     c.prepare_cached(
-        "UPDATE runs SET status = ?2, output = COALESCE(?3, output), run_after = COALESCE(?4, run_after),
+        "UPDATE runs SET status = ?2, output = COALESCE(?3, output),
+            run_after = CASE WHEN ?13 AND wake_requested THEN MIN(COALESCE(?4, run_after), ?5)
+                             ELSE COALESCE(?4, run_after) END,
+            wake_requested = 0,
             lease_id = NULL, lease_expires_at = NULL, worker = NULL, updated_at = ?5,
             finished_at = CASE WHEN ?6 THEN ?5 ELSE finished_at END,
             terminal_reason = COALESCE(?7, terminal_reason),
@@ -197,6 +200,8 @@ pub(super) fn persist_end(
         r.clear_cancel,
         r.forgive,
         json_text(&r.input_request),
+        // A signal reached the wait this attempt recorded while it ran.
+        plan::signal::postponement_wakes(r.status),
     ])
     .map_err(db_err)?;
     c.prepare_cached(

@@ -78,6 +78,9 @@ fn delete_one(c: &Connection, id: &str, keep_from: i64) -> Result<(u64, u64, u64
         &[&id, &keep_from],
     )?;
     let steps = exec(c, "DELETE FROM steps WHERE run_id = ?1", &[&id])?;
+    // A final run's signals and (stale) waits go with it; not counted.
+    exec(c, "DELETE FROM signals WHERE run_id = ?1", &[&id])?;
+    exec(c, "DELETE FROM signal_waits WHERE run_id = ?1", &[&id])?;
     let run = exec(
         c,
         "DELETE FROM runs WHERE id = ?1 AND status IN ('completed', 'failed', 'cancelled')",
