@@ -78,6 +78,9 @@ pub struct SqliteStore {
     wal_limit: i64,
 }
 
+/// Prepared statements kept by the writer connection (see `start`).
+const WRITER_STATEMENT_CACHE: usize = 128;
+
 /// How often an idle writer thread looks for other connections' commits
 /// once a worker listens: every [`WATCH_MIN`] right after activity (a
 /// commit seen, a request served), doubling while nothing happens up to
@@ -183,6 +186,11 @@ impl SqliteStore {
     fn start(conn: Connection, file: bool) -> Result<Self> {
         conn.busy_timeout(std::time::Duration::from_secs(10))
             .map_err(db_err)?;
+        // Every write of the process runs on this one connection (hot path,
+        // triggers, operator commands, schedules, leads): rusqlite's default
+        // cache of 16 prepared statements would evict and re-parse under a
+        // mixed load. A cached statement costs a few KB.
+        conn.set_prepared_statement_cache_capacity(WRITER_STATEMENT_CACHE);
         if file {
             conn.pragma_update(None, "journal_mode", "WAL")
                 .map_err(db_err)?;

@@ -3,6 +3,8 @@
 //! clock and the channels):
 //!
 //! - [`claim_size`]: whether a round claims, and how many runs;
+//! - [`Prefetch`]: how far ahead it claims, grown while a deep backlog
+//!   keeps handler slots waiting for the store;
 //! - [`DueTracker`]: when the earliest due run is read again, and how long
 //!   an idle driver sleeps before it claims on its own;
 //! - [`HeldEnds`]: attempt ends waiting for a round, kept across a failed
@@ -46,6 +48,53 @@ pub(super) fn claim_size(
     let worth =
         running && want_claim && free > 0 && (in_hand < concurrency || free * 2 >= capacity);
     worth.then_some(free)
+}
+
+/// How many times the configured prefetch the adaptive prefetch may grow
+/// to (see [`Prefetch`]).
+pub(super) const PREFETCH_GROWTH: usize = 8;
+
+/// How far ahead of its handler slots the driver claims: the configured
+/// `WorkerConfig::prefetch`, grown while the backlog is deep and the store
+/// is the bottleneck.
+///
+/// Why: each round is one commit (a WAL flush on PostgreSQL), and with
+/// fast handlers the slots empty before the round that refills them
+/// returns, so they wait for the store. Larger claims then mean fewer
+/// commits per run. The prefetch doubles after a claim that came back
+/// full (the backlog held at least that many) while a slot was idle (the
+/// prefetched runs did not cover the round trip), up to
+/// [`PREFETCH_GROWTH`] × the configured value; a claim that comes back
+/// short (the backlog is drained) drops it back at once. So a short queue
+/// keeps the configured prefetch (low latency, runs left for other
+/// workers), and slow handlers never grow it (their slots do not wait for
+/// the store). A prefetch of 0 stays 0.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Prefetch {
+    base: usize,
+    now: usize,
+}
+
+impl Prefetch {
+    /// The configured prefetch.
+    pub(super) fn new(base: usize) -> Prefetch {
+        Prefetch { base, now: base }
+    }
+
+    /// Runs in hand at most: handler slots plus the current prefetch.
+    pub(super) fn capacity(&self, concurrency: usize) -> usize {
+        concurrency + self.now
+    }
+
+    /// A claim of `asked` runs returned `got`, made while `in_hand` runs
+    /// were held by `concurrency` slots.
+    pub(super) fn claimed(&mut self, asked: usize, got: usize, in_hand: usize, concurrency: usize) {
+        if got < asked {
+            self.now = self.base;
+        } else if asked > 0 && in_hand < concurrency {
+            self.now = (self.now * 2).min(self.base * PREFETCH_GROWTH);
+        }
+    }
 }
 
 /// What the driver does with a round's attempt ends after the store failed
@@ -281,6 +330,31 @@ mod tests {
         assert_eq!(claim_size(true, true, 8, 4, 8), None); // full
         assert_eq!(claim_size(false, true, 0, 4, 8), None); // draining
         assert_eq!(claim_size(true, false, 0, 4, 8), None); // nothing new
+    }
+
+    #[test]
+    fn the_prefetch_grows_only_while_full_claims_leave_slots_idle() {
+        let mut p = Prefetch::new(8);
+        assert_eq!(p.capacity(8), 16);
+        // Full claim, slots idle (fast handlers, deep backlog): doubles.
+        p.claimed(16, 16, 0, 8);
+        assert_eq!(p.capacity(8), 24);
+        for _ in 0..10 {
+            let cap = p.capacity(8);
+            p.claimed(cap, cap, 2, 8);
+        }
+        assert_eq!(p.capacity(8), 8 + 8 * PREFETCH_GROWTH, "bounded");
+        // A short claim (the queue is drained): back to the configured one.
+        p.claimed(72, 5, 0, 8);
+        assert_eq!(p.capacity(8), 16);
+        // Full, but every slot busy (slow handlers): the prefetch covers
+        // the round trip, no growth.
+        p.claimed(8, 8, 8, 8);
+        assert_eq!(p.capacity(8), 16);
+        // Prefetching disabled stays disabled.
+        let mut off = Prefetch::new(0);
+        off.claimed(8, 8, 0, 8);
+        assert_eq!(off.capacity(8), 8);
     }
 
     #[test]

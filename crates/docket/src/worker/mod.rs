@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio::task::JoinHandle;
 
 mod driver;
-use driver::{claim_size, DueTracker, HeldEnds};
+use driver::{claim_size, DueTracker, HeldEnds, Prefetch};
 
 /// Longest error message stored on an attempt.
 const MAX_MESSAGE: usize = 4096;
@@ -304,7 +304,7 @@ async fn main_loop(
         }
     };
     let concurrency = shared.config.concurrency;
-    let capacity = concurrency + shared.config.prefetch;
+    let mut prefetch = Prefetch::new(shared.config.prefetch);
     let mut want_claim = true;
     let mut held: HeldEnds<EndMsg> = HeldEnds::default();
     let mut due = DueTracker::new();
@@ -317,6 +317,7 @@ async fn main_loop(
         }
         let phase = *stop.borrow();
         let in_hand = shared.inflight.lock().expect("inflight").len();
+        let capacity = prefetch.capacity(concurrency);
         let free = claim_size(
             phase == Phase::Running,
             want_claim,
@@ -337,6 +338,7 @@ async fn main_loop(
                     held.stored();
                     if let Some(free) = free {
                         want_claim = runs.len() == free;
+                        prefetch.claimed(free, runs.len(), in_hand, concurrency);
                         for r in runs {
                             shared.clone().spawn_run(r, true);
                         }
