@@ -6,6 +6,7 @@
 //!
 //! - [`trigger`]: what a new run starts with;
 //! - [`claim`]: which runs a claim takes and what it writes to each;
+//! - [`concurrency`]: which keyed runs a claim takes, and which it finds held;
 //! - [`end`]: an attempt's end (each outcome) and a refused stale end;
 //! - [`operator`]: each operator command;
 //! - [`step`]: a durable step's completion or failure;
@@ -13,6 +14,7 @@
 //! - this module: the idempotency ledger's begin and compare-and-set.
 
 pub mod claim;
+pub mod concurrency;
 pub mod end;
 pub mod operator;
 pub mod schedule;
