@@ -229,7 +229,10 @@ pub async fn concurrency_key_slot_frees_on_every_exit(store: DynStore) {
         order.push(c[0].id);
         // A released run is due again at once (`run_after` = now), so it
         // queues behind the runs due before it.
-        let r = store.finish(vec![end_with(&c[0], now, exit)]).await.unwrap();
+        let r = store
+            .finish(vec![end_with(&c[0], now, exit)])
+            .await
+            .unwrap();
         assert!(r[0].is_ok(), "{r:?}");
         now = now.plus_millis(1);
     }
