@@ -130,6 +130,50 @@ pub async fn workers(a: WorkersArgs) -> Res<()> {
     Ok(())
 }
 
+/// `docket limits`.
+#[derive(clap::Args, Debug)]
+pub struct LimitsArgs {
+    #[command(flatten)]
+    pub conn: Conn,
+}
+
+/// Flow control in the token's tenant (`GET /api/limits`): per concurrency
+/// key, running runs, the limit, due and waiting runs, held or not.
+pub async fn limits(a: LimitsArgs) -> Res<()> {
+    let c = Client::new(a.conn.clone())?;
+    let (_, v) = c.call(Method::GET, "/api/limits", None).await?;
+    if a.conn.json {
+        print_json(&v);
+        return Ok(());
+    }
+    let list = v["concurrency"].as_array().cloned().unwrap_or_default();
+    if list.is_empty() {
+        outln!("no concurrency key has runs running or waiting in this tenant");
+        return Ok(());
+    }
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|k| {
+            vec![
+                s(&k["key"]),
+                format!("{}/{}", s(&k["running"]), s(&k["limit"])),
+                s(&k["due"]),
+                s(&k["waiting"]),
+                if k["held"].as_bool() == Some(true) {
+                    "held".into()
+                } else {
+                    String::new()
+                },
+            ]
+        })
+        .collect();
+    table(&["concurrency key", "running", "due", "waiting", ""], &rows);
+    if v["truncated"].as_bool() == Some(true) {
+        outln!("(more keys than listed)");
+    }
+    Ok(())
+}
+
 /// `--since`: an RFC 3339 instant, or a duration meaning that long ago.
 fn since_param(since: Option<&str>, now: Timestamp) -> Res<String> {
     let Some(text) = since else {

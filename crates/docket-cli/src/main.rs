@@ -55,6 +55,9 @@ enum Command {
     /// The remote workers seen by the server (worker protocol): jobs, last
     /// heartbeat, runs running.
     Workers(inspect::WorkersArgs),
+    /// Flow control now: per concurrency key, running runs against the
+    /// limit, due and waiting runs (docs/FLOW_CONTROL.md).
+    Limits(inspect::LimitsArgs),
 
     /// List, show, pause, resume, trigger, backfill and delete schedules
     /// through the API.
@@ -108,6 +111,7 @@ fn main() -> ExitCode {
             Command::Connections(cmd) => inspect::connections(cmd).await.map_err(Failed::from),
             Command::Breakers(args) => inspect::breakers(args).await.map_err(Failed::from),
             Command::Workers(args) => inspect::workers(args).await.map_err(Failed::from),
+            Command::Limits(args) => inspect::limits(args).await.map_err(Failed::from),
 
             Command::Schedules(cmd) => schedules::run(cmd).await.map_err(Failed::from),
 

@@ -47,6 +47,10 @@ macro_rules! kinds {
 kinds! {
     /// A run was created (trigger, batch, retrigger, schedule).
     RunTriggered = "run_triggered",
+    /// A due run was found held back by its concurrency key (one per
+    /// episode: recorded when first found held, again only after it was
+    /// claimed).
+    RunHeld = "run_held",
     /// A worker claimed the run: a new attempt under a new lease.
     AttemptStarted = "attempt_started",
     /// The handler returned: the run is completed.

@@ -9,6 +9,7 @@
 //! crate knows nothing about databases or async runtimes.
 
 pub mod clock;
+pub mod concurrency;
 pub mod error;
 pub mod event;
 pub mod fingerprint;

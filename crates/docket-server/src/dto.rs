@@ -76,6 +76,10 @@ pub struct RunView {
     /// The W3C trace id of the trace the run belongs to (32 hex digits),
     /// when it was triggered with a `traceparent` or with traces on.
     pub trace_id: Option<String>,
+    /// Its concurrency key (docs/FLOW_CONTROL.md), if its job has a limit.
+    pub concurrency_key: Option<String>,
+    /// How many runs with its key may run at once.
+    pub concurrency_limit: Option<u32>,
     /// The run that spawned this one (`ctx.spawn`), if it is a child run.
     pub parent: Option<String>,
     /// Why a postponed run waits, when it is suspended in a durable wait
@@ -142,6 +146,8 @@ impl RunView {
                 .as_ref()
                 .and_then(|t| t.traceparent.split('-').nth(1))
                 .map(String::from),
+            concurrency_key: r.concurrency.as_ref().map(|k| k.key.clone()),
+            concurrency_limit: r.concurrency.as_ref().map(|k| k.limit),
             parent: r.parent_id.map(|p| p.to_string()),
             wait: None,
         }

@@ -29,6 +29,7 @@ pub mod dto;
 pub mod error;
 pub mod events;
 pub mod extract;
+pub mod limits;
 pub mod metrics;
 pub mod openapi;
 pub mod retention;
@@ -457,6 +458,7 @@ fn routes() -> (axum::Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(worker_api::progress))
         .routes(routes!(worker_api::log))
         .routes(routes!(worker_api::workers))
+        .routes(routes!(limits::limits))
         .split_for_parts()
 }
 

@@ -396,6 +396,45 @@ pub fn render_joining(out: &mut String, tenant: &str, n: i64) {
     );
 }
 
+/// Concurrency keys (docs/FLOW_CONTROL.md), read from the store at scrape
+/// time so every process's runs count: `docket_concurrency_running`,
+/// `docket_concurrency_limit` and `docket_concurrency_held` (due runs held
+/// back because the key is full: alert on it staying above 0) per key.
+/// Only keys with runs running or waiting appear (at most
+/// `limits::MAX_KEYS`), so finished keys do not pile up as series.
+pub fn render_concurrency(out: &mut String, tenant: &str, keys: &[docket_store::KeyUsage]) {
+    let t = escape(tenant);
+    for (name, help) in [
+        (
+            "docket_concurrency_running",
+            "Runs running per concurrency key (every process).",
+        ),
+        (
+            "docket_concurrency_limit",
+            "The limit of a concurrency key.",
+        ),
+        (
+            "docket_concurrency_held",
+            "Due runs held back by a full concurrency key (0 while the key has room).",
+        ),
+    ] {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+        for k in keys {
+            let v = match name {
+                "docket_concurrency_running" => k.running,
+                "docket_concurrency_limit" => u64::from(k.limit),
+                _ if k.running >= u64::from(k.limit) => k.due,
+                _ => 0,
+            };
+            let _ = writeln!(
+                out,
+                "{name}{{tenant=\"{t}\",key=\"{}\"}} {v}",
+                escape(&k.key)
+            );
+        }
+    }
+}
+
 /// `docket_store_errors_total{kind}`: store failures this process's
 /// workers met since it started, by kind (`connection`, `busy` are waited
 /// out; `constraint`, `corrupt`, `bug` are not and are logged as errors).

@@ -1175,6 +1175,16 @@ pub async fn metrics(State(state): State<AppState>, caller: Caller) -> ApiResult
         crate::metrics::render_traces(&mut body, t.spans_exported(), t.spans_dropped());
     }
 
+    let keys = state
+        .docket
+        .store()
+        .concurrency_usage(
+            Some(caller.tenant.clone()),
+            state.now(),
+            crate::limits::MAX_KEYS,
+        )
+        .await?;
+    crate::metrics::render_concurrency(&mut body, &caller.tenant, &keys);
     let pauses = state.docket.pauses(Some(&caller.tenant)).await?;
     crate::metrics::render_paused(
         &mut body,

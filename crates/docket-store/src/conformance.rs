@@ -109,6 +109,204 @@ pub async fn trace_context_round_trips(store: DynStore) {
     }
 }
 
+fn keyed(job: &str, key: &str, limit: u32, at: i64) -> NewRun {
+    let mut n = NewRun::new(job, json!({ "at": at }));
+    n.run_after = Some(T0.plus_millis(at));
+    n.concurrency = Some(ConcurrencyKey {
+        key: key.into(),
+        limit,
+    });
+    n
+}
+
+fn end_with(run: &Run, now: Timestamp, outcome: Outcome) -> AttemptEnd {
+    AttemptEnd {
+        run_id: run.id,
+        lease_id: run.lease_id.expect("a claimed run"),
+        now,
+        outcome,
+    }
+}
+
+fn ids(runs: &[Run]) -> Vec<RunId> {
+    runs.iter().map(|r| r.id).collect()
+}
+
+/// A concurrency key's limit holds: at most `limit` runs of a key run at
+/// once, the rest stay pending (no attempt spent, one `run_held` event per
+/// episode), other keys and unkeyed runs are not held up, and a freed slot
+/// goes to the key's next run in claim order.
+pub async fn concurrency_key_limits_running_runs_in_claim_order(store: DynStore) {
+    let a: Vec<NewRun> = (0..5).map(|i| keyed("job", "acme/42", 2, i)).collect();
+    let b = keyed("job", "acme/43", 2, 10);
+    let free = NewRun::new("job", json!("free"));
+    let mut all = a.clone();
+    all.push(b.clone());
+    all.push(free.clone());
+    let t = store.trigger(all, T0).await.unwrap();
+    assert_eq!(
+        t[0].run.concurrency,
+        Some(ConcurrencyKey {
+            key: "acme/42".into(),
+            limit: 2
+        })
+    );
+    assert_eq!(t[6].run.concurrency, None);
+    let now = T0.plus_millis(100);
+    let first = store.claim(claim_req(now, 10)).await.unwrap();
+    let got = ids(&first);
+    // Keyed runs first (two of acme/42 in claim order, acme/43's one), then
+    // the unkeyed run.
+    assert_eq!(got, vec![a[0].id, a[1].id, b.id, free.id]);
+    for held in &a[2..] {
+        let r = store.get_run(held.id).await.unwrap().unwrap();
+        assert_eq!(r.status, RunStatus::Pending);
+        assert_eq!(r.attempt, 0, "a held run spends no attempt");
+        assert_eq!(kinds(&store, held.id).await, ["run_triggered", "run_held"]);
+    }
+    let ev = store
+        .events(EventFilter {
+            run_id: Some(a[2].id),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        ev[1].data["message"],
+        json!("held by concurrency key acme/42: 2 of 2 running")
+    );
+    // Claiming again finds the key full: nothing, and no second event.
+    assert!(store.claim(claim_req(now, 10)).await.unwrap().is_empty());
+    assert_eq!(kinds(&store, a[2].id).await, ["run_triggered", "run_held"]);
+    // next_due does not report held runs (an idle worker would spin).
+    assert_eq!(store.next_due(vec!["job".into()]).await.unwrap(), None);
+    // A completion frees a slot: the key's next run in claim order.
+    let done = store
+        .finish(vec![end_with(
+            &first[0],
+            now,
+            Outcome::Completed { output: json!(1) },
+        )])
+        .await
+        .unwrap();
+    assert_eq!(done[0].as_ref().unwrap(), &RunStatus::Completed);
+    assert_eq!(
+        store.next_due(vec!["job".into()]).await.unwrap(),
+        Some(T0.plus_millis(2))
+    );
+    let next = store.claim(claim_req(now, 10)).await.unwrap();
+    assert_eq!(ids(&next), vec![a[2].id]);
+    // Its episode ended with the claim: held again later, it gets a new event.
+    assert_eq!(
+        kinds(&store, a[2].id).await,
+        ["run_triggered", "run_held", "attempt_started"]
+    );
+}
+
+/// Every way a keyed run leaves `running` frees its slot: a postponement,
+/// a release, a cancel, a terminal failure, and an expired lease reaped.
+pub async fn concurrency_key_slot_frees_on_every_exit(store: DynStore) {
+    let runs: Vec<NewRun> = (0..7).map(|i| keyed("job", "k", 1, i)).collect();
+    store.trigger(runs.clone(), T0).await.unwrap();
+    let mut now = T0.plus_millis(100);
+    let exits: Vec<Outcome> = vec![
+        Outcome::Postponed {
+            until: T0.plus_millis(1_000_000),
+        },
+        Outcome::Released,
+        Outcome::Cancelled,
+        Outcome::Failed {
+            error: Some(err_info(ErrorClass::Permanent)),
+            reason: TerminalReason::PermanentError,
+            detail: "no".into(),
+        },
+    ];
+    let mut order = Vec::new();
+    for exit in exits {
+        let c = store.claim(claim_req(now, 10)).await.unwrap();
+        assert_eq!(c.len(), 1, "limit 1");
+        assert!(store.claim(claim_req(now, 10)).await.unwrap().is_empty());
+        order.push(c[0].id);
+        // A released run is due again at once (`run_after` = now), so it
+        // queues behind the runs due before it.
+        let r = store
+            .finish(vec![end_with(&c[0], now, exit)])
+            .await
+            .unwrap();
+        assert!(r[0].is_ok(), "{r:?}");
+        now = now.plus_millis(1);
+    }
+    // The lease expires and a reaper ends it: the slot frees.
+    let c = store.claim(claim_req(now, 10)).await.unwrap();
+    assert_eq!(c.len(), 1);
+    order.push(c[0].id);
+    let later = now.plus_millis(30_000);
+    assert!(store.claim(claim_req(later, 10)).await.unwrap().is_empty());
+    let expired = store.expired_leases(later, 10).await.unwrap();
+    assert_eq!(ids(&expired), vec![c[0].id]);
+    store
+        .reap(expired.iter().map(|r| reap_end(r, later)).collect())
+        .await
+        .unwrap();
+    let c = store.claim(claim_req(later, 10)).await.unwrap();
+    assert_eq!(c.len(), 1);
+    order.push(c[0].id);
+    let want: Vec<RunId> = runs.iter().take(6).map(|r| r.id).collect();
+    assert_eq!(order, want, "claimed one at a time, in claim order");
+}
+
+/// Many claims at once never take more than a key's limit, on a backend
+/// with many connections (PostgreSQL: each claim locks the key before it
+/// counts); every run is eventually claimed.
+pub async fn concurrency_key_holds_under_racing_claims(store: DynStore) {
+    let runs: Vec<NewRun> = (0..40)
+        .map(|i| keyed("job", if i % 2 == 0 { "even" } else { "odd" }, 2, i))
+        .collect();
+    store.trigger(runs, T0).await.unwrap();
+    let now = T0.plus_millis(100);
+    let mut done = 0;
+    while done < 40 {
+        let claims = (0..6).map(|_| {
+            let s = store.clone();
+            tokio::spawn(async move { s.claim(claim_req(now, 3)).await.unwrap() })
+        });
+        let mut got: Vec<Run> = Vec::new();
+        for c in claims {
+            got.extend(c.await.unwrap());
+        }
+        let running = store
+            .list_runs(RunFilter {
+                statuses: vec![RunStatus::Running],
+                limit: 100,
+                ..RunFilter::default()
+            })
+            .await
+            .unwrap();
+        for key in ["even", "odd"] {
+            let n = running
+                .iter()
+                .filter(|r| r.concurrency.as_ref().is_some_and(|k| k.key == key))
+                .count();
+            assert!(n <= 2, "{n} runs of {key} running at once");
+        }
+        assert!(!got.is_empty(), "a free key's runs are claimable");
+        let ends: Vec<AttemptEnd> = got
+            .iter()
+            .map(|r| {
+                end_with(
+                    r,
+                    now,
+                    Outcome::Completed {
+                        output: json!(null),
+                    },
+                )
+            })
+            .collect();
+        done += ends.len();
+        store.finish(ends).await.unwrap();
+    }
+}
+
 /// A second trigger with the same (tenant, job, key) returns the first run.
 pub async fn idempotency_key_returns_existing_run(store: DynStore) {
     let mut a = NewRun::new("job", json!(1));
@@ -2164,6 +2362,9 @@ macro_rules! conformance_tests {
             idempotency_key_returns_existing_run,
             claim_order_and_eligibility,
             claim_limit_and_fifo,
+            concurrency_key_limits_running_runs_in_claim_order,
+            concurrency_key_slot_frees_on_every_exit,
+            concurrency_key_holds_under_racing_claims,
             completion_is_fenced_by_lease,
             retry_records_the_decision,
             terminal_failure_records_reason,

@@ -62,7 +62,7 @@ use std::sync::Arc;
 /// (`sqlite/migrations/`, `postgres/migrations/`; ARCHITECTURE.md,
 /// "Migrations"). A database with a higher version was written by a newer
 /// Docket and is refused, never modified.
-pub const SCHEMA_VERSION: i64 = 9;
+pub const SCHEMA_VERSION: i64 = 10;
 
 /// What can go wrong in a store.
 #[derive(Debug, thiserror::Error)]
@@ -327,6 +327,18 @@ pub trait Store:
     /// The earliest `run_after` among claimable runs of these jobs, if any:
     /// lets an idle worker sleep exactly until the next run is due.
     async fn next_due(&self, jobs: Vec<String>) -> Result<Option<Timestamp>>;
+
+    /// Every concurrency key with runs running or waiting (in `tenant`'s
+    /// runs, or every tenant's), by key: running, limit, due and pending
+    /// counts (`GET /api/limits`, `docket limits`, `/metrics`). Reads the
+    /// keyed runs that are claimable or running (bounded by those, not by
+    /// the table); at most `limit` keys.
+    async fn concurrency_usage(
+        &self,
+        tenant: Option<String>,
+        now: Timestamp,
+        limit: usize,
+    ) -> Result<Vec<KeyUsage>>;
 
     /// One run.
     async fn get_run(&self, id: RunId) -> Result<Option<Run>>;

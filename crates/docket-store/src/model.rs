@@ -32,6 +32,35 @@ pub struct NewRun {
     pub actor: Option<String>,
     /// The W3C trace context it was triggered in, kept for every attempt.
     pub trace: Option<TraceContext>,
+    /// Its concurrency key and limit (rendered by the engine from the job's
+    /// template at trigger time); `None`: not limited.
+    pub concurrency: Option<ConcurrencyKey>,
+}
+
+/// One concurrency key's use now (`Store::concurrency_usage`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyUsage {
+    /// The key.
+    pub key: String,
+    /// The largest limit among its runs (they normally all carry the same).
+    pub limit: u32,
+    /// Its runs running now.
+    pub running: u64,
+    /// Its runs due now but not running: held back when `running >= limit`.
+    pub due: u64,
+    /// Its runs waiting (pending or postponed, due or not).
+    pub waiting: u64,
+}
+
+/// A run's concurrency key and the limit it carries: at most `limit` runs
+/// with the same `key` are running at once, across every process on the
+/// database (docs/FLOW_CONTROL.md).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConcurrencyKey {
+    /// The rendered key (e.g. `acme/42`).
+    pub key: String,
+    /// At least 1.
+    pub limit: u32,
 }
 
 /// A W3C trace context (<https://www.w3.org/TR/trace-context/>) as its two
@@ -60,6 +89,7 @@ impl NewRun {
             retriggered_from: None,
             actor: None,
             trace: None,
+            concurrency: None,
         }
     }
 }
@@ -134,6 +164,9 @@ pub struct Run {
     /// The run that spawned this one (`ctx.spawn`), if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent_id: Option<RunId>,
+    /// Its concurrency key and limit, if its job has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency: Option<ConcurrencyKey>,
 }
 
 impl Run {

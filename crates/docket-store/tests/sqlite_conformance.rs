@@ -201,9 +201,17 @@ async fn a_version_2_database_gains_the_leaders_table() {
         c.execute_batch(
             // Undo every step after 2 (leaders, schedules, trace context,
             // the worker protocol's token scope and roster, retention,
-            // child runs) so
+            // concurrency keys, signals, child runs) so
             // the database is a true version 2.
-            "DROP TABLE leaders;
+            "DROP INDEX runs_keyed_claim;
+             DROP INDEX runs_keyed_running;
+             DROP INDEX runs_claim;
+             CREATE INDEX runs_claim ON runs (priority DESC, run_after, id)
+                 WHERE status IN ('pending', 'postponed');
+             ALTER TABLE runs DROP COLUMN concurrency_key;
+             ALTER TABLE runs DROP COLUMN concurrency_limit;
+             ALTER TABLE runs DROP COLUMN held_at;
+             DROP TABLE leaders;
              DROP TABLE schedules;
              DROP TABLE schedule_history;
              ALTER TABLE runs DROP COLUMN traceparent;

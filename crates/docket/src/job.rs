@@ -1,6 +1,7 @@
 //! Job definitions: a handler plus its policy, timeout and lease.
 
 use crate::{Ctx, JobError};
+use docket_core::concurrency::KeyTemplate;
 use docket_core::RetryPolicy;
 use futures::future::BoxFuture;
 use serde::{de::DeserializeOwned, Serialize};
@@ -44,7 +45,12 @@ pub struct Job {
     pub(crate) timeout: Duration,
     pub(crate) lease: Duration,
     pub(crate) validator: Option<Validator>,
+    /// The concurrency limit (`concurrency_limit`), enforced by the store
+    /// across every process per concurrency key.
     pub(crate) concurrency: Option<usize>,
+    /// The key template as given, parsed at registration (`None`: the
+    /// job-wide key, the job's name).
+    pub(crate) concurrency_key: Option<String>,
     pub(crate) gate: Option<ClaimGate>,
     /// Served by remote workers over the worker protocol
     /// (docs/WORKER_PROTOCOL.md): the in-process worker never claims it.
@@ -93,6 +99,7 @@ impl Job {
             lease: Duration::from_secs(5 * 60),
             validator: None,
             concurrency: None,
+            concurrency_key: None,
             gate: None,
             remote: false,
         }
@@ -150,14 +157,82 @@ impl Job {
         self
     }
 
-    /// Limits how many runs of this job one worker runs (and holds) at once;
-    /// the worker claims no more of them than that. The limit is per worker
-    /// process, not across the cluster — except for a remote job, whose
-    /// limit caps the job's running runs in the store across all remote
-    /// workers (checked at each worker-protocol claim).
-    pub fn concurrency(mut self, limit: usize) -> Self {
-        self.concurrency = Some(limit.max(1));
+    /// The job-wide concurrency limit: the same as
+    /// [`Job::concurrency_limit`]. At most `limit` runs of this job (with
+    /// [`Job::concurrency_key`]: per key) run at once across EVERY process
+    /// on the database, in-process and remote workers alike; the store
+    /// enforces it at each claim (docs/FLOW_CONTROL.md). (Before concurrency
+    /// keys this limit was per worker process.) A limit of 0 is refused at
+    /// registration.
+    pub fn concurrency(self, limit: usize) -> Self {
+        self.concurrency_limit(limit)
+    }
+
+    /// At most `limit` runs with the same concurrency key are running at
+    /// once, across every process on the database. Without
+    /// [`Job::concurrency_key`] the key is the job's name (a job-wide limit).
+    /// A run held back by its key is not a failure and spends no attempt: it
+    /// stays pending and is claimed as soon as a slot frees. A limit of 0 is
+    /// refused at registration.
+    ///
+    /// ```
+    /// use docket::Job;
+    /// let job = Job::remote("sync-customer")
+    ///     .concurrency_key("{{ tenant }}/{{ input.customer_id }}")
+    ///     .concurrency_limit(2);
+    /// assert_eq!(job.concurrency_key_template(), Some("{{ tenant }}/{{ input.customer_id }}"));
+    /// ```
+    pub fn concurrency_limit(mut self, limit: usize) -> Self {
+        self.concurrency = Some(limit);
         self
+    }
+
+    /// The concurrency key template, over `tenant`, `job` and
+    /// `input.<field>` (e.g. `"{{ tenant }}/{{ input.customer_id }}"`).
+    /// Rendered once, when a run is triggered, and stored on the run; a
+    /// trigger whose input lacks a field the key needs is refused
+    /// (`invalid_input`, naming the field). Needs
+    /// [`Job::concurrency_limit`]; an unknown variable is refused at
+    /// registration.
+    pub fn concurrency_key(mut self, template: impl Into<String>) -> Self {
+        self.concurrency_key = Some(template.into());
+        self
+    }
+
+    /// The concurrency key template, if one was set.
+    pub fn concurrency_key_template(&self) -> Option<&str> {
+        self.concurrency_key.as_deref()
+    }
+
+    /// The concurrency key and limit of a run of this job in `tenant` with
+    /// `input` (`Ok(None)`: the job has no limit), or the input field the
+    /// key needs and the input lacks.
+    pub(crate) fn concurrency_of(
+        &self,
+        tenant: &str,
+        input: &serde_json::Value,
+    ) -> Result<Option<docket_store::ConcurrencyKey>, String> {
+        let Some(limit) = self.concurrency else {
+            return Ok(None);
+        };
+        let template = match &self.concurrency_key {
+            Some(t) => KeyTemplate::parse(t).map_err(|e| e.0)?,
+            None => KeyTemplate::job_wide(),
+        };
+        let key = template
+            .render(tenant, &self.name, input)
+            .map_err(|e| e.to_string())?;
+        if key.len() > docket_core::concurrency::MAX_KEY_LEN {
+            return Err(format!(
+                "the concurrency key is {} bytes, over the {} allowed",
+                key.len(),
+                docket_core::concurrency::MAX_KEY_LEN
+            ));
+        }
+        Ok(Some(docket_store::ConcurrencyKey {
+            key,
+            limit: u32::try_from(limit).unwrap_or(u32::MAX),
+        }))
     }
 
     /// Adds an input check run before the handler; an `Err(message)` ends the
@@ -194,6 +269,18 @@ impl Job {
                 self.lease,
                 MAX_LEASE.as_secs() / 86_400
             ));
+        }
+        if self.concurrency == Some(0) {
+            return Err("concurrency_limit must be at least 1".into());
+        }
+        if let Some(t) = &self.concurrency_key {
+            if self.concurrency.is_none() {
+                return Err(
+                    "concurrency_key needs concurrency_limit (how many runs per key may run at once)"
+                        .into(),
+                );
+            }
+            KeyTemplate::parse(t).map_err(|e| format!("concurrency_key: {}", e.0))?;
         }
         if self.timeout >= self.lease {
             return Err(format!(

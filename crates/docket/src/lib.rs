@@ -109,9 +109,6 @@ pub(crate) struct Inner {
     /// Wakes the worker protocol's long polls (`remote.rs`), started by
     /// the first one.
     pub(crate) remote_wake: tokio::sync::OnceCell<remote::RemoteWake>,
-    /// Serialises this process's remote claims of jobs with a concurrency
-    /// limit, so two claims at once cannot both take the last free room.
-    pub(crate) remote_claim_lock: tokio::sync::Mutex<()>,
 
     /// What this process's scheduler fired and skipped (`/metrics`).
     pub(crate) schedule_counters: Mutex<ScheduleCounters>,
@@ -180,7 +177,6 @@ impl Docket {
                 max_input_bytes: AtomicUsize::new(DEFAULT_MAX_INPUT_BYTES),
                 store_errors: Mutex::new(Default::default()),
                 remote_wake: tokio::sync::OnceCell::new(),
-                remote_claim_lock: tokio::sync::Mutex::new(()),
 
                 schedule_counters: Mutex::new(Default::default()),
 
@@ -322,6 +318,7 @@ impl Docket {
             if let Some(t) = o.tenant {
                 n.tenant = t;
             }
+            n.concurrency = self.concurrency_of(&n.job, &n.tenant, &n.input)?;
             new.push(n);
         }
         let out = self
@@ -349,6 +346,33 @@ impl Docket {
             });
         }
         Ok(())
+    }
+
+    /// The concurrency key and limit a new run of `job` gets (rendered once,
+    /// here, and stored on the run); a trigger whose input lacks a field
+    /// the key needs is refused as `invalid_input` naming the field.
+    pub(crate) fn concurrency_of(
+        &self,
+        job: &str,
+        tenant: &str,
+        input: &Value,
+    ) -> Result<Option<docket_store::ConcurrencyKey>> {
+        let Some(j) = self.job(job) else {
+            return Ok(None);
+        };
+        j.concurrency_of(tenant, input)
+            .map_err(|e| Error::InvalidInput(format!("`{job}` trigger: {e}")))
+    }
+
+    /// Whether any registered job has a concurrency limit (then an
+    /// attempt's end may free a slot other workers wait for).
+    pub(crate) fn has_concurrency_limits(&self) -> bool {
+        self.inner
+            .jobs
+            .read()
+            .expect("jobs lock")
+            .values()
+            .any(|j| j.concurrency.is_some())
     }
 
     pub(crate) fn wake_workers(&self) {

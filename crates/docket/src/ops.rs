@@ -188,6 +188,7 @@ impl Docket {
         n.priority = original.priority;
         n.correlation_id = original.correlation_id.clone();
         n.retriggered_from = Some(original.id);
+        n.concurrency = self.concurrency_of(&n.job, &n.tenant, &n.input)?;
         n.actor = Some(by.name);
         // The new run joins the trace the command was given in (the
         // original's trace is the original's).

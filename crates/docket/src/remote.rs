@@ -13,12 +13,12 @@
 
 use crate::ctx::ActionStart;
 use crate::error::Control;
-use crate::worker::{attempt_outcome, concurrency_room, input_check};
+use crate::worker::{attempt_outcome, input_check};
 use crate::{Ctx, Docket, Error, Job, JobError, Reconciled, Result, Stepped};
 use docket_core::{ErrorClass, RunId, RunStatus, TerminalReason, Timestamp};
 use docket_store::{
-    AttemptEnd, ClaimRequest, LeaseRef, Outcome, RetryRecord, Run, RunFilter, StepStatus,
-    StoreError, WorkerSeen,
+    AttemptEnd, ClaimRequest, LeaseRef, Outcome, RetryRecord, Run, StepStatus, StoreError,
+    WorkerSeen,
 };
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -257,43 +257,13 @@ impl Docket {
 
     async fn remote_claim_once(&self, req: &RemoteClaim) -> Result<Vec<ClaimedRun>> {
         let max = req.max.clamp(1, MAX_CLAIM);
-        // As in the in-process worker (`claim_requests`): jobs without a
-        // limit share one request per lease length; a job with a
-        // concurrency limit gets its own, capped by its free room. Remote
-        // workers are many processes, so the room counts the job's running
-        // runs in the store (every tenant's), not one worker's.
+        // One request per lease length. Concurrency limits are enforced by
+        // the store per key, across every process, at each claim
+        // (`plan::concurrency`), so nothing is counted or serialised here.
         let mut by_lease: BTreeMap<Duration, Vec<String>> = BTreeMap::new();
-        let mut limited: Vec<(Duration, String, usize)> = Vec::new();
-        let mut jobs = Vec::new();
         for name in &req.jobs {
-            jobs.push((name.clone(), self.remote_job(name)?));
-        }
-        // Held across the count and the claim, so two claims in this
-        // process cannot both take the last free room.
-        let _serial = if jobs.iter().any(|(_, j)| j.concurrency.is_some()) {
-            Some(self.inner.remote_claim_lock.lock().await)
-        } else {
-            None
-        };
-        for (name, j) in jobs {
-            let held = match j.concurrency {
-                Some(limit) => self
-                    .store()
-                    .list_runs(RunFilter {
-                        statuses: vec![RunStatus::Running],
-                        job: Some(name.clone()),
-                        limit,
-                        ..RunFilter::default()
-                    })
-                    .await?
-                    .len(),
-                None => 0,
-            };
-            match concurrency_room(j.concurrency, held) {
-                None => by_lease.entry(j.lease).or_default().push(name),
-                Some(0) => {}
-                Some(room) => limited.push((j.lease, name, room.min(max))),
-            }
+            let j = self.remote_job(name)?;
+            by_lease.entry(j.lease).or_default().push(name.clone());
         }
         let now = self.clock().now();
         let request = |lease: Duration, jobs: Vec<String>, limit: usize| ClaimRequest {
@@ -304,17 +274,11 @@ impl Docket {
             worker: req.worker.clone(),
             tenant: req.tenant.clone(),
         };
-        let mut claims: Vec<ClaimRequest> = by_lease
+        let claims: Vec<ClaimRequest> = by_lease
             .into_iter()
             .map(|(lease, jobs)| request(lease, jobs, max))
             .collect();
-        claims.extend(
-            limited
-                .into_iter()
-                .map(|(lease, job, room)| request(lease, vec![job], room)),
-        );
         if claims.is_empty() {
-            // Every asked job is at its limit.
             return Ok(Vec::new());
         }
         let (_, runs) = self.store().finish_and_claim(Vec::new(), claims).await?;
@@ -601,8 +565,10 @@ impl Docket {
             .pop()
             .ok_or_else(|| StoreError::Database("no answer for the attempt's end".into()))??;
         let _ = self.inner.changes.send(run.id);
-        if matches!(status, RunStatus::Pending | RunStatus::Postponed) {
-            // A retry may be due at once: wake workers and long polls.
+        if matches!(status, RunStatus::Pending | RunStatus::Postponed) || run.concurrency.is_some()
+        {
+            // A retry may be due at once, or the end freed a concurrency
+            // key's slot: wake workers and long polls.
             self.wake_workers();
         }
         Ok(EndAnswer {

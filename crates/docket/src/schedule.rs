@@ -268,8 +268,10 @@ fn render(v: &Value, name: &str, slot: Timestamp, local: &str) -> Value {
     }
 }
 
-/// The run of a slot: rendered input, the slot's key, the schedule as actor.
-fn slot_run(def: &ScheduleDef, r: &Rule, slot: Timestamp) -> NewRun {
+/// The run of a slot: rendered input, the slot's key, the schedule as actor,
+/// and its job's concurrency key. A slot whose input lacks a field the key
+/// needs gets the job-wide key (the job's name), so it is still limited.
+fn slot_run(d: &Docket, def: &ScheduleDef, r: &Rule, slot: Timestamp) -> NewRun {
     let mut run = NewRun::new(
         def.job.clone(),
         render(&def.input, &def.name, slot, &r.in_zone(slot)),
@@ -277,6 +279,15 @@ fn slot_run(def: &ScheduleDef, r: &Rule, slot: Timestamp) -> NewRun {
     run.tenant = def.tenant.clone();
     run.idempotency_key = Some(rule::slot_key(&def.name, slot));
     run.actor = Some(format!("schedule:{}", def.name));
+    run.concurrency = match d.concurrency_of(&run.job, &run.tenant, &run.input) {
+        Ok(k) => k,
+        Err(_) => d.job(&run.job).and_then(|j| {
+            j.concurrency.map(|limit| docket_store::ConcurrencyKey {
+                key: run.job.clone(),
+                limit: u32::try_from(limit).unwrap_or(u32::MAX),
+            })
+        }),
+    };
     run
 }
 
@@ -506,7 +517,7 @@ impl Docket {
                     .map(|&slot| SlotOutcome {
                         slot,
                         kind,
-                        run: Some(slot_run(&s.def, &r, slot)),
+                        run: Some(slot_run(self, &s.def, &r, slot)),
                         reason: None,
                     })
                     .collect(),
@@ -626,7 +637,7 @@ impl Docket {
             outcomes.push(SlotOutcome {
                 slot: b,
                 kind: SlotKind::Unbuffered,
-                run: Some(slot_run(def, &r, b)),
+                run: Some(slot_run(self, def, &r, b)),
                 reason: None,
             });
             buffered = None;
@@ -693,7 +704,7 @@ impl Docket {
             outcomes.push(SlotOutcome {
                 slot,
                 kind,
-                run: Some(slot_run(def, &r, slot)),
+                run: Some(slot_run(self, def, &r, slot)),
                 reason: None,
             });
             prev_unfinished = true;

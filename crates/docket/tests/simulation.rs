@@ -489,6 +489,17 @@ impl Store for SimStore {
         })
         .await
     }
+    async fn concurrency_usage(
+        &self,
+        tenant: Option<String>,
+        now: Timestamp,
+        limit: usize,
+    ) -> SResult<Vec<docket_store::KeyUsage>> {
+        self.call("concurrency_usage", false, None, move |s| async move {
+            s.concurrency_usage(tenant, now, limit).await
+        })
+        .await
+    }
     async fn next_due(&self, jobs: Vec<String>) -> SResult<Option<Timestamp>> {
         self.call("next_due", false, None, move |s| async move {
             s.next_due(jobs).await

@@ -167,6 +167,14 @@ mod faulty {
         ) -> Result<Vec<Run>> {
             self.inner.expired_leases(now, limit).await
         }
+        async fn concurrency_usage(
+            &self,
+            tenant: Option<String>,
+            now: docket_core::Timestamp,
+            limit: usize,
+        ) -> Result<Vec<docket_store::KeyUsage>> {
+            self.inner.concurrency_usage(tenant, now, limit).await
+        }
         async fn next_due(&self, jobs: Vec<String>) -> Result<Option<docket_core::Timestamp>> {
             self.inner.next_due(jobs).await
         }

@@ -590,6 +590,7 @@ async fn openapi_has_every_route() {
         ("post", "/api/worker/v1/runs/{id}/progress"),
         ("post", "/api/worker/v1/runs/{id}/log"),
         ("get", "/api/workers"),
+        ("get", "/api/limits"),
         ("get", "/api/schedules"),
         ("post", "/api/schedules"),
         ("get", "/api/schedules/{name}"),

@@ -22,6 +22,10 @@ pub struct TriggerPlan {
 pub fn trigger(r: &NewRun, now: Timestamp) -> TriggerPlan {
     let run_after = r.run_after.unwrap_or(now);
     let mut data = json!({ "priority": r.priority, "run_after": run_after });
+    if let Some(k) = &r.concurrency {
+        data["concurrency_key"] = json!(k.key);
+        data["concurrency_limit"] = json!(k.limit);
+    }
     if let Some(from) = r.retriggered_from {
         data["retriggered_from"] = json!(from);
     }

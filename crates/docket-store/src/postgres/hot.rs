@@ -156,10 +156,18 @@ upd AS (
         attempts_forgiven = r.attempts_forgiven + j.forgive,
         input_request = COALESCE(j.input_request, r.input_request)
     FROM j LEFT JOIN fan f ON f.id = j.run_id WHERE j.holds AND r.id = j.run_id
+    RETURNING r.job, r.concurrency_key
 ),
 fan_in AS (
     UPDATE runs p SET FAN_IN_SET
     FROM fan WHERE p.id = fan.id AND NOT EXISTS (SELECT 1 FROM j WHERE j.run_id = fan.id AND j.holds)
+),
+-- An end of a keyed run frees a slot of its key: wake every process's
+-- workers (delivered at commit), as a trigger does. Nothing for unkeyed runs.
+freed AS (
+    SELECT pg_notify('docket_wakeup', x.job) FROM (
+        SELECT DISTINCT job FROM upd WHERE concurrency_key IS NOT NULL
+    ) x
 ),
 att AS (
     UPDATE attempts a SET
@@ -208,24 +216,53 @@ fin_ev AS (
 /// `claim_ev`), parameters `$1..$10` (renumbered when combined).
 /// `claimed.n` is the claim order.
 static CLAIM_CTES: LazyLock<String> = LazyLock::new(|| {
-    format!(
+    claim_ctes(&format!(
         "
 picked AS (
     SELECT id, priority, run_after FROM runs
-    WHERE status IN ({}) AND run_after <= $1 AND job = ANY($2)
+    WHERE status IN ({}) AND run_after <= $1 AND job = ANY($2) AND concurrency_key IS NULL
         AND ($10::text IS NULL OR tenant = $10)
       AND NOT EXISTS (SELECT 1 FROM job_pauses p WHERE p.tenant = runs.tenant AND p.job IN (runs.job, '*'))
     ORDER BY priority DESC, run_after, id
     LIMIT $3
     FOR UPDATE SKIP LOCKED
-),
+)",
+        crate::plan::claim::CLAIMABLE_SQL
+    ))
+});
+
+/// The keyed claim's `picked`: the runs `plan::concurrency::pick` chose
+/// (`$11`), still claimable once locked (an operator may have moved one
+/// since it was read).
+static KEYED_CLAIM_SQL: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "WITH {}, {}
+SELECT {RUN_COLS} FROM claimed ORDER BY n",
+        claim_ctes(&format!(
+            "
+picked AS (
+    SELECT id, priority, run_after FROM runs
+    WHERE id = ANY($11) AND status IN ({})
+    ORDER BY id
+    FOR UPDATE
+)",
+            crate::plan::claim::CLAIMABLE_SQL
+        )),
+        events_insert(&["claim_ev"])
+    )
+});
+
+/// The claim CTEs after a given `picked`.
+fn claim_ctes(picked: &str) -> String {
+    format!(
+        "{picked},
 numbered AS (
     SELECT id, row_number() OVER (ORDER BY priority DESC, run_after, id) AS n FROM picked
 ),
 claimed AS (
     UPDATE runs r SET status = $8, attempt = r.attempt + 1,
         lease_id = COALESCE(($4::uuid[])[p.n::int], gen_random_uuid()),
-        lease_expires_at = $5, worker = $6, updated_at = $1
+        lease_expires_at = $5, worker = $6, updated_at = $1, held_at = NULL
     FROM numbered p WHERE r.id = p.id
     RETURNING r.*, p.n
 ),
@@ -237,10 +274,9 @@ claim_ev AS (
     SELECT id AS run_id, tenant, job, $9::text AS kind, $1::int8 AS at, attempt,
            lease_id, $7::jsonb AS data, n AS k
     FROM claimed
-)",
-        crate::plan::claim::CLAIMABLE_SQL
+)"
     )
-});
+}
 
 /// Appends the events of `parts` (CTE names, in order) in one `INSERT`.
 fn events_insert(parts: &[&str]) -> String {
@@ -287,7 +323,8 @@ fn renumber(sql: &str, by: usize) -> String {
 static FINISH_SQL: LazyLock<String> = LazyLock::new(|| {
     format!(
         "WITH {}, {}
-SELECT e.idx AS k, j.cur_status, j.holds FROM e LEFT JOIN j ON j.idx = e.idx",
+SELECT e.idx AS k, j.cur_status, j.holds FROM e LEFT JOIN j ON j.idx = e.idx
+WHERE (SELECT count(*) FROM freed) >= 0",
         finish_ctes(FINISH_CUR),
         events_insert(&["fin_ev"])
     )
@@ -298,7 +335,8 @@ SELECT e.idx AS k, j.cur_status, j.holds FROM e LEFT JOIN j ON j.idx = e.idx",
 static REAP_SQL: LazyLock<String> = LazyLock::new(|| {
     format!(
         "WITH {}, {}
-SELECT e.idx AS k, j.holds FROM e LEFT JOIN j ON j.idx = e.idx",
+SELECT e.idx AS k, j.holds FROM e LEFT JOIN j ON j.idx = e.idx
+WHERE (SELECT count(*) FROM freed) >= 0",
         finish_ctes(REAP_CUR),
         events_insert(&["fin_ev"])
     )
@@ -326,6 +364,7 @@ static BOTH_SQL: LazyLock<String> = LazyLock::new(|| {
     format!(
         "WITH {}, {}, {}
 SELECT 0 AS part, e.idx AS k, j.cur_status, j.holds, {} FROM e LEFT JOIN j ON j.idx = e.idx
+WHERE (SELECT count(*) FROM freed) >= 0
 UNION ALL
 SELECT 1, n, NULL, NULL, {RUN_COLS} FROM claimed
 ORDER BY part, k",
@@ -566,8 +605,170 @@ async fn finish_only(
     Ok(finish_answers(ends, out))
 }
 
-/// One claim, alone.
+/// One claim: keyed runs first (bounded by their keys), then unkeyed runs
+/// with the rest of the limit.
 pub(super) async fn claim(c: &mut PgConnection, req: &ClaimRequest) -> Result<Vec<Run>> {
+    if req.jobs.is_empty() || req.limit == 0 {
+        return Ok(Vec::new());
+    }
+    let keys = claimable_keys(&mut *c).await?;
+    let mut runs = keyed_claim(&mut *c, req, keys).await?;
+    let mut rest = req.clone();
+    rest.limit = req.limit.saturating_sub(runs.len());
+    if rest.limit > 0 {
+        runs.extend(claim_plain(&mut *c, &rest).await?);
+    }
+    Ok(runs)
+}
+
+/// The keys that have claimable runs: a skip scan of `runs_keyed_claim`,
+/// one index probe per key however many runs each holds back. On a
+/// database without keyed runs this is one probe of an empty index.
+async fn claimable_keys(c: &mut PgConnection) -> Result<Vec<String>> {
+    static SQL: LazyLock<String> = LazyLock::new(|| {
+        format!(
+            "WITH RECURSIVE k(key) AS (
+                SELECT (SELECT min(concurrency_key) FROM runs
+                        WHERE status IN ({c}) AND concurrency_key IS NOT NULL)
+                UNION ALL
+                SELECT (SELECT min(concurrency_key) FROM runs
+                        WHERE status IN ({c}) AND concurrency_key IS NOT NULL AND concurrency_key > k.key)
+                FROM k WHERE k.key IS NOT NULL
+             )
+             SELECT key FROM k WHERE key IS NOT NULL",
+            c = crate::plan::claim::CLAIMABLE_SQL
+        )
+    });
+    sqlx::query_scalar(&SQL)
+        .fetch_all(&mut *c)
+        .await
+        .map_err(db)
+}
+
+/// Claims keyed runs of `keys` for `req`, in one transaction: each key is
+/// locked first (a transaction-level advisory lock; a key another claimer
+/// holds is skipped, like `SKIP LOCKED`), then its running runs are counted
+/// and its first due runs read in a new snapshot, so two claimers can never
+/// both take a key's last slot. `plan::concurrency::pick` decides; newly
+/// held runs are marked with their `run_held` event.
+async fn keyed_claim(
+    c: &mut PgConnection,
+    req: &ClaimRequest,
+    keys: Vec<String>,
+) -> Result<Vec<Run>> {
+    use sqlx::Connection as _;
+    if keys.is_empty() {
+        return Ok(Vec::new());
+    }
+    static STATES: LazyLock<String> = LazyLock::new(|| {
+        format!(
+            "SELECT k.key,
+                    (SELECT count(*) FROM runs x
+                     WHERE x.status = 'running' AND x.concurrency_key = k.key) AS running,
+                    c.id, c.priority, c.run_after, c.concurrency_limit, c.held
+             FROM unnest($1::text[]) AS k(key)
+             LEFT JOIN LATERAL (
+                SELECT id, priority, run_after, concurrency_limit, held_at IS NOT NULL AS held
+                FROM runs
+                WHERE concurrency_key = k.key AND status IN ({}) AND run_after <= $2
+                  AND job = ANY($3) AND ($5::text IS NULL OR tenant = $5) AND {}
+                ORDER BY priority DESC, run_after, id
+                LIMIT $4
+             ) c ON true
+             ORDER BY k.key, c.priority DESC, c.run_after, c.id",
+            crate::plan::claim::CLAIMABLE_SQL,
+            crate::retention::NOT_PAUSED
+        )
+    });
+    let mut tx = c.begin().await.map_err(db)?;
+    let locked: Vec<String> = sqlx::query_scalar(
+        "SELECT k FROM unnest($1::text[]) AS k
+         WHERE pg_try_advisory_xact_lock(hashtextextended('docket.concurrency_key/' || current_schema() || '/' || k, 0))",
+    )
+    .bind(&keys)
+    .fetch_all(&mut *tx)
+    .await
+    .map_err(db)?;
+    if locked.is_empty() {
+        tx.commit().await.map_err(db)?;
+        return Ok(Vec::new());
+    }
+    let rows = sqlx::query(&STATES)
+        .bind(&locked)
+        .bind(req.now.0)
+        .bind(&req.jobs)
+        .bind(i64::try_from(req.limit).unwrap_or(i64::MAX))
+        .bind(&req.tenant)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(db)?;
+    let mut states: Vec<crate::plan::concurrency::KeyState> = Vec::new();
+    for row in &rows {
+        let key: String = row.try_get("key").map_err(db)?;
+        let running: i64 = row.try_get("running").map_err(db)?;
+        if states.last().is_none_or(|s| s.key != key) {
+            states.push(crate::plan::concurrency::KeyState {
+                key,
+                running: u32::try_from(running).unwrap_or(u32::MAX),
+                candidates: Vec::new(),
+            });
+        }
+        let Some(id) = row.try_get::<Option<Uuid>, _>("id").map_err(db)? else {
+            continue;
+        };
+        let limit: Option<i64> = row.try_get("concurrency_limit").map_err(db)?;
+        if let Some(s) = states.last_mut() {
+            s.candidates.push(crate::plan::concurrency::Candidate {
+                id: RunId(id),
+                priority: row.try_get("priority").map_err(db)?,
+                run_after: docket_core::Timestamp(row.try_get("run_after").map_err(db)?),
+                limit: limit.and_then(|l| u32::try_from(l).ok()).unwrap_or(1),
+                held: row.try_get("held").map_err(db)?,
+            });
+        }
+    }
+    let p = crate::plan::concurrency::pick(&states, req.limit);
+    if !p.held.is_empty() {
+        let ids: Vec<Uuid> = p.held.iter().map(|h| h.0 .0).collect();
+        let kinds: Vec<&str> = p.held.iter().map(|h| h.1.kind.as_str()).collect();
+        let data: Vec<Value> = p.held.iter().map(|h| h.1.data.clone()).collect();
+        sqlx::query(
+            "WITH h AS (
+                UPDATE runs r SET held_at = $4 FROM unnest($1::uuid[]) AS i(id)
+                WHERE r.id = i.id RETURNING r.id, r.tenant, r.job
+             )
+             INSERT INTO events (run_id, tenant, job, kind, at, data)
+             SELECT h.id, h.tenant, h.job, d.kind, $4, d.data
+             FROM h JOIN unnest($1::uuid[], $2::text[], $3::jsonb[]) WITH ORDINALITY AS d(id, kind, data, o)
+                ON d.id = h.id
+             ORDER BY d.o",
+        )
+        .bind(&ids)
+        .bind(&kinds)
+        .bind(&data)
+        .bind(req.now.0)
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+    }
+    let mut runs = Vec::new();
+    if !p.claim.is_empty() {
+        let ids: Vec<Uuid> = p.claim.iter().map(|id| id.0).collect();
+        let a = ClaimArgs::of(req);
+        let rows = a
+            .bind(sqlx::query(&KEYED_CLAIM_SQL))
+            .bind(&ids)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(db)?;
+        runs = rows.iter().map(run_from_row).collect::<Result<_>>()?;
+    }
+    tx.commit().await.map_err(db)?;
+    Ok(runs)
+}
+
+/// One claim of unkeyed runs, alone.
+async fn claim_plain(c: &mut PgConnection, req: &ClaimRequest) -> Result<Vec<Run>> {
     if req.jobs.is_empty() || req.limit == 0 {
         return Ok(Vec::new());
     }
@@ -628,7 +829,7 @@ async fn round(
     let req = req.filter(|r| !r.jobs.is_empty() && r.limit > 0);
     match (ends.is_empty(), req) {
         (true, None) => (Ok(Vec::new()), None),
-        (true, Some(req)) => (Ok(Vec::new()), Some(claim(&mut *c, req).await)),
+        (true, Some(req)) => (Ok(Vec::new()), Some(claim_plain(&mut *c, req).await)),
         (false, None) => match finish_only(&mut *c, ends).await {
             Ok(r) => (Ok(r), None),
             Err(sqlx::Error::Database(_)) => (finish_each(&mut *c, ends).await, None),
@@ -638,7 +839,7 @@ async fn round(
             Ok((r, runs)) => (Ok(r), Some(Ok(runs))),
             Err(sqlx::Error::Database(_)) => {
                 let f = finish_each(&mut *c, ends).await;
-                (f, Some(claim(&mut *c, req).await))
+                (f, Some(claim_plain(&mut *c, req).await))
             }
             Err(e) => {
                 let msg = e.to_string();
@@ -808,6 +1009,32 @@ pub(super) async fn finish_and_claim(
     claims: Vec<ClaimRequest>,
 ) -> Result<(Vec<Result<RunStatus>>, Vec<Run>)> {
     let budget = claims.iter().map(|c| c.limit).max().unwrap_or(0);
+    // Keyed runs waiting: store the ends first (they may free a key's
+    // slot), then claim keyed runs, then unkeyed ones, as SQLite does.
+    // Otherwise (one index probe says so) the ends and the claim share one
+    // statement as before.
+    let keys = if budget > 0 {
+        claimable_keys(&mut *c).await?
+    } else {
+        Vec::new()
+    };
+    if !keys.is_empty() {
+        let (finished, _) = apply(&mut *c, &ends, None).await?;
+        let mut runs = Vec::new();
+        for mut req in claims {
+            req.limit = req.limit.min(budget.saturating_sub(runs.len()));
+            if req.limit == 0 || req.jobs.is_empty() {
+                continue;
+            }
+            let got = keyed_claim(&mut *c, &req, keys.clone()).await?;
+            req.limit -= got.len();
+            runs.extend(got);
+            if req.limit > 0 {
+                runs.extend(claim_plain(&mut *c, &req).await?);
+            }
+        }
+        return Ok((finished, runs));
+    }
     let mut claims = claims.into_iter();
     let first = claims.next().map(|mut req| {
         req.limit = req.limit.min(budget);
@@ -822,7 +1049,7 @@ pub(super) async fn finish_and_claim(
     } else {
         let (finished, _) = apply(&mut *c, &ends, None).await?;
         let runs = match &first {
-            Some(req) => claim(&mut *c, req).await?,
+            Some(req) => claim_plain(&mut *c, req).await?,
             None => Vec::new(),
         };
         (finished, runs)
@@ -830,7 +1057,7 @@ pub(super) async fn finish_and_claim(
     for mut req in claims {
         req.limit = req.limit.min(budget.saturating_sub(runs.len()));
         if req.limit > 0 {
-            runs.extend(claim(&mut *c, &req).await?);
+            runs.extend(claim_plain(&mut *c, &req).await?);
         }
     }
     Ok((finished, runs))

@@ -551,6 +551,7 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0005_trace_context.sql"),
     include_str!("migrations/0006_worker_scope.sql"),
     include_str!("migrations/0007_retention.sql"),
+    include_str!("migrations/0008_flow.sql"),
     include_str!("migrations/0010_signals.sql"),
     include_str!("migrations/0011_children.sql"),
 ];
@@ -804,6 +805,15 @@ impl Store for PgStore {
 
     async fn next_due(&self, jobs: Vec<String>) -> Result<Option<Timestamp>> {
         ops::next_due(&self.pool, &jobs).await
+    }
+
+    async fn concurrency_usage(
+        &self,
+        tenant: Option<String>,
+        now: Timestamp,
+        limit: usize,
+    ) -> Result<Vec<crate::KeyUsage>> {
+        ops::concurrency_usage(&self.pool, tenant.as_deref(), now, limit).await
     }
 
     async fn get_run(&self, id: RunId) -> Result<Option<Run>> {

@@ -22,7 +22,8 @@ use super::db;
 pub(super) const RUN_COLS: &str = "id, tenant, job, status, priority, input, variables, output, attempt, \
     attempts_forgiven, run_after, lease_id, lease_expires_at, worker, idempotency_key, correlation_id, \
     created_at, updated_at, finished_at, terminal_reason, last_error_class, last_error_message, \
-    cancel_requested, retriggered_from, input_request, traceparent, tracestate, parent_id";
+    cancel_requested, retriggered_from, input_request, traceparent, tracestate, parent_id, \
+    concurrency_key, concurrency_limit";
 
 fn sql_limit(n: usize) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
@@ -113,6 +114,15 @@ pub(super) fn run_from_row(r: &PgRow) -> Result<Run> {
             })
             .transpose()?,
         parent_id: get::<Option<Uuid>>(r, "parent_id")?.map(RunId),
+        concurrency: get::<Option<String>>(r, "concurrency_key")?
+            .map(|key| -> Result<_> {
+                Ok(crate::ConcurrencyKey {
+                    key,
+                    limit: u32::try_from(get::<Option<i64>>(r, "concurrency_limit")?.unwrap_or(1))
+                        .unwrap_or(1),
+                })
+            })
+            .transpose()?,
     })
 }
 
@@ -162,6 +172,8 @@ pub(super) async fn trigger(
     let (status, kind) = (first.status.as_str(), first.event.kind.as_str().to_string());
     let mut parents = Vec::with_capacity(n);
     let mut states = Vec::with_capacity(n);
+    let mut ckeys: Vec<Option<&str>> = Vec::with_capacity(n);
+    let mut climits: Vec<Option<i64>> = Vec::with_capacity(n);
     for r in &runs {
         let p = crate::plan::trigger::trigger(r, now);
         debug_assert!(p.status.as_str() == status && p.event.kind.as_str() == kind);
@@ -178,22 +190,25 @@ pub(super) async fn trigger(
         datas.push(p.event.data);
         parents.push(r.trace.as_ref().map(|t| t.traceparent.as_str()));
         states.push(r.trace.as_ref().and_then(|t| t.tracestate.as_deref()));
+        ckeys.push(r.concurrency.as_ref().map(|k| k.key.as_str()));
+        climits.push(r.concurrency.as_ref().map(|k| i64::from(k.limit)));
     }
     let rows = sqlx::query(&format!(
         "WITH input AS (
             SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::int4[], $5::jsonb[],
                                  $6::int8[], $7::text[], $8::text[], $9::uuid[], $10::text[], $11::jsonb[],
-                                 $15::text[], $16::text[])
+                                 $15::text[], $16::text[], $19::text[], $20::int8[])
                 WITH ORDINALITY AS t(id, tenant, job, priority, input, run_after, idempotency_key,
                                      correlation_id, retriggered_from, actor, data, traceparent,
-                                     tracestate, ord)
+                                     tracestate, concurrency_key, concurrency_limit, ord)
          ),
          ins AS (
             INSERT INTO runs (id, tenant, job, status, priority, input, variables, run_after,
                               idempotency_key, correlation_id, created_at, updated_at, retriggered_from,
-                              traceparent, tracestate)
+                              traceparent, tracestate, concurrency_key, concurrency_limit)
             SELECT id, tenant, job, $17, priority, input, '{{}}', run_after, idempotency_key,
-                   correlation_id, $12, $12, retriggered_from, traceparent, tracestate
+                   correlation_id, $12, $12, retriggered_from, traceparent, tracestate,
+                   concurrency_key, concurrency_limit
             FROM input ORDER BY ord
             ON CONFLICT (tenant, job, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
             RETURNING {RUN_COLS}
@@ -229,6 +244,8 @@ pub(super) async fn trigger(
     .bind(&states)
     .bind(status)
     .bind(&kind)
+    .bind(&ckeys)
+    .bind(&climits)
     .fetch_all(&mut *c)
     .await
     .map_err(db)?;
@@ -374,6 +391,36 @@ pub(super) async fn expired_leases<'e>(
     runs_from_rows(rows)
 }
 
+pub(super) async fn concurrency_usage<'e>(
+    ex: impl PgExecutor<'e>,
+    tenant: Option<&str>,
+    now: Timestamp,
+    limit: usize,
+) -> Result<Vec<crate::KeyUsage>> {
+    let sql = crate::plan::concurrency::usage_sql("$1", "$2::text", "$3");
+    let rows = sqlx::query(&sql)
+        .bind(now.0)
+        .bind(tenant)
+        .bind(sql_limit(limit))
+        .fetch_all(ex)
+        .await
+        .map_err(db)?;
+    rows.iter()
+        .map(|r| {
+            let n = |col: &str| -> Result<u64> {
+                Ok(u64::try_from(get::<Option<i64>>(r, col)?.unwrap_or(0)).unwrap_or(0))
+            };
+            Ok(crate::KeyUsage {
+                key: get(r, "concurrency_key")?,
+                limit: u32::try_from(get::<Option<i64>>(r, "lim")?.unwrap_or(1)).unwrap_or(1),
+                running: n("running")?,
+                due: n("due")?,
+                waiting: n("waiting")?,
+            })
+        })
+        .collect()
+}
+
 pub(super) async fn next_due<'e>(
     ex: impl PgExecutor<'e>,
     jobs: &[String],
@@ -382,9 +429,10 @@ pub(super) async fn next_due<'e>(
         return Ok(None);
     }
     let v: Option<i64> = sqlx::query_scalar(&format!(
-        "SELECT MIN(run_after) FROM runs WHERE status IN ({}) AND job = ANY($1) AND {}",
+        "SELECT MIN(run_after) FROM runs WHERE status IN ({}) AND job = ANY($1) AND {} AND {}",
         crate::plan::claim::CLAIMABLE_SQL,
-        crate::retention::NOT_PAUSED
+        crate::retention::NOT_PAUSED,
+        crate::plan::concurrency::HAS_ROOM_SQL
     ))
     .bind(jobs)
     .fetch_one(ex)

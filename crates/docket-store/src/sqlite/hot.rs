@@ -13,13 +13,118 @@ use super::db_err;
 use super::ops::*;
 use crate::plan;
 
+/// Claims keyed runs first (bounded by their keys' limits, see
+/// `plan::concurrency`), then unkeyed runs with the rest of the limit.
 pub(super) fn claim(c: &Connection, req: &ClaimRequest) -> Result<Vec<Run>> {
     if req.jobs.is_empty() || req.limit == 0 {
         return Ok(Vec::new());
     }
+    let keyed = keyed_ids(c, req)?;
+    let mut rest = req.clone();
+    rest.limit = req.limit - keyed.len();
+    let mut out = take(c, req, keyed)?;
+    if rest.limit > 0 {
+        let ids = unkeyed_ids(c, &rest)?;
+        out.extend(take(c, req, ids)?);
+    }
+    Ok(out)
+}
+
+/// The keys that have claimable runs, by a skip scan of `runs_keyed_claim`
+/// (one index probe per key, however many runs a key holds back).
+pub(super) fn claimable_keys(c: &Connection) -> Result<Vec<String>> {
+    let sql = format!(
+        "WITH RECURSIVE k(key) AS (
+            SELECT (SELECT MIN(concurrency_key) FROM runs INDEXED BY runs_keyed_claim
+                    WHERE status IN ({c}) AND concurrency_key IS NOT NULL)
+            UNION ALL
+            SELECT (SELECT MIN(concurrency_key) FROM runs INDEXED BY runs_keyed_claim
+                    WHERE status IN ({c}) AND concurrency_key IS NOT NULL
+                      AND concurrency_key > k.key)
+            FROM k WHERE k.key IS NOT NULL
+         )
+         SELECT key FROM k WHERE key IS NOT NULL",
+        c = plan::claim::CLAIMABLE_SQL
+    );
+    let mut st = c.prepare_cached(&sql).map_err(db_err)?;
+    let rows = st.query_map([], |r| r.get(0)).map_err(db_err)?;
+    rows.collect::<rusqlite::Result<_>>().map_err(db_err)
+}
+
+/// Decides (by `plan::concurrency::pick`) which keyed runs `req` claims,
+/// and marks the newly held ones with their `run_held` event.
+fn keyed_ids(c: &Connection, req: &ClaimRequest) -> Result<Vec<String>> {
+    let keys = claimable_keys(c)?;
+    if keys.is_empty() {
+        return Ok(Vec::new());
+    }
+    let cand_sql = format!(
+        "SELECT id, priority, run_after, concurrency_limit, held_at IS NOT NULL
+         FROM runs INDEXED BY runs_keyed_claim
+         WHERE concurrency_key = ?1 AND status IN ({}) AND run_after <= ?2
+           AND (?4 IS NULL OR tenant = ?4) AND job IN ({}) AND {}
+         ORDER BY priority DESC, run_after, id LIMIT ?3",
+        plan::claim::CLAIMABLE_SQL,
+        placeholders(5, req.jobs.len()),
+        crate::retention::NOT_PAUSED
+    );
+    let mut states = Vec::with_capacity(keys.len());
+    for key in keys {
+        let running: u32 = c
+            .prepare_cached(
+                "SELECT COUNT(*) FROM runs INDEXED BY runs_keyed_running
+                 WHERE status = 'running' AND concurrency_key = ?1",
+            )
+            .map_err(db_err)?
+            .query_row([&key], |r| r.get(0))
+            .map_err(db_err)?;
+        let mut args: Vec<SqlValue> = vec![
+            key.clone().into(),
+            req.now.0.into(),
+            (req.limit as i64).into(),
+            req.tenant.clone().map_or(SqlValue::Null, SqlValue::from),
+        ];
+        args.extend(req.jobs.iter().map(|j| SqlValue::from(j.clone())));
+        let mut st = c.prepare_cached(&cand_sql).map_err(db_err)?;
+        let rows = st
+            .query_map(params_from_iter(args), |r| {
+                Ok(plan::concurrency::Candidate {
+                    id: parse("run id", r.get(0)?)?,
+                    priority: r.get(1)?,
+                    run_after: docket_core::Timestamp(r.get(2)?),
+                    limit: r.get::<_, Option<u32>>(3)?.unwrap_or(1),
+                    held: r.get(4)?,
+                })
+            })
+            .map_err(db_err)?;
+        let candidates = rows.collect::<rusqlite::Result<Vec<_>>>().map_err(db_err)?;
+        states.push(plan::concurrency::KeyState {
+            key,
+            running,
+            candidates,
+        });
+    }
+    let p = plan::concurrency::pick(&states, req.limit);
+    for (id, ev) in &p.held {
+        let run = c
+            .prepare_cached("UPDATE runs SET held_at = ?2 WHERE id = ?1 RETURNING tenant, job")
+            .map_err(db_err)?
+            .query_row(params![id.to_string(), req.now.0], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+            })
+            .map_err(db_err)?;
+        insert_event(
+            c, *id, &run.0, &run.1, &ev.kind, req.now, None, None, None, None, &ev.data,
+        )?;
+    }
+    Ok(p.claim.iter().map(|id| id.to_string()).collect())
+}
+
+/// The unkeyed runs `req` claims, in claim order.
+fn unkeyed_ids(c: &Connection, req: &ClaimRequest) -> Result<Vec<String>> {
     let sql = format!(
         "SELECT id FROM runs INDEXED BY runs_claim
-         WHERE status IN ({}) AND run_after <= ?1
+         WHERE status IN ({}) AND run_after <= ?1 AND concurrency_key IS NULL
            AND (?3 IS NULL OR tenant = ?3) AND job IN ({})
            AND {}
          ORDER BY priority DESC, run_after, id LIMIT ?2",
@@ -33,13 +138,16 @@ pub(super) fn claim(c: &Connection, req: &ClaimRequest) -> Result<Vec<Run>> {
         req.tenant.clone().map_or(SqlValue::Null, SqlValue::from),
     ];
     args.extend(req.jobs.iter().map(|j| SqlValue::from(j.clone())));
-    let ids: Vec<String> = {
-        let mut st = c.prepare_cached(&sql).map_err(db_err)?;
-        let rows = st
-            .query_map(params_from_iter(args), |r| r.get::<_, String>(0))
-            .map_err(db_err)?;
-        rows.collect::<rusqlite::Result<_>>().map_err(db_err)?
-    };
+    let mut st = c.prepare_cached(&sql).map_err(db_err)?;
+    let rows = st
+        .query_map(params_from_iter(args), |r| r.get::<_, String>(0))
+        .map_err(db_err)?;
+    rows.collect::<rusqlite::Result<_>>().map_err(db_err)
+}
+
+/// Claims the runs `ids` (picked by one of the two claims above): a new
+/// lease, the attempt row and its `attempt_started` event each.
+fn take(c: &Connection, req: &ClaimRequest, ids: Vec<String>) -> Result<Vec<Run>> {
     let p = plan::claim::claim(req);
     let mut out = Vec::with_capacity(ids.len());
     for id in ids {
@@ -47,7 +155,7 @@ pub(super) fn claim(c: &Connection, req: &ClaimRequest) -> Result<Vec<Run>> {
         let mut st = c
             .prepare_cached(&format!(
                 "UPDATE runs SET status = ?6, attempt = attempt + 1, lease_id = ?2,
-                    lease_expires_at = ?3, worker = ?4, updated_at = ?5
+                    lease_expires_at = ?3, worker = ?4, updated_at = ?5, held_at = NULL
                  WHERE id = ?1 RETURNING {RUN_COLS}"
             ))
             .map_err(db_err)?;

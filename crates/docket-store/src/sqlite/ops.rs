@@ -18,7 +18,8 @@ use crate::plan;
 pub(super) const RUN_COLS: &str = "id, tenant, job, status, priority, input, variables, output, attempt, \
     attempts_forgiven, run_after, lease_id, lease_expires_at, worker, idempotency_key, correlation_id, \
     created_at, updated_at, finished_at, terminal_reason, last_error_class, last_error_message, \
-    cancel_requested, retriggered_from, input_request, traceparent, tracestate, parent_id";
+    cancel_requested, retriggered_from, input_request, traceparent, tracestate, parent_id, \
+    concurrency_key, concurrency_limit";
 
 pub(super) fn corrupt(what: &str, v: impl std::fmt::Display) -> rusqlite::Error {
     rusqlite::Error::FromSqlConversionFailure(
@@ -92,6 +93,15 @@ pub(super) fn run_from_row(r: &Row<'_>) -> rusqlite::Result<Run> {
             })
             .transpose()?,
         parent_id: parse_opt("parent id", r.get(27)?)?,
+        concurrency: r
+            .get::<_, Option<String>>(28)?
+            .map(|key| -> rusqlite::Result<_> {
+                Ok(crate::ConcurrencyKey {
+                    key,
+                    limit: r.get::<_, Option<u32>>(29)?.unwrap_or(1),
+                })
+            })
+            .transpose()?,
     })
 }
 
@@ -166,8 +176,8 @@ pub(super) fn trigger(c: &Connection, runs: Vec<NewRun>, now: Timestamp) -> Resu
             .prepare_cached(&format!(
                 "INSERT INTO runs (id, tenant, job, status, priority, input, variables, run_after,
                     idempotency_key, correlation_id, created_at, updated_at, retriggered_from,
-                    traceparent, tracestate)
-                 VALUES (?1, ?2, ?3, ?11, ?4, ?5, '{{}}', ?6, ?7, ?8, ?9, ?9, ?10, ?12, ?13)
+                    traceparent, tracestate, concurrency_key, concurrency_limit)
+                 VALUES (?1, ?2, ?3, ?11, ?4, ?5, '{{}}', ?6, ?7, ?8, ?9, ?9, ?10, ?12, ?13, ?14, ?15)
                  RETURNING {RUN_COLS}"
             ))
             .map_err(db_err)?;
@@ -187,6 +197,8 @@ pub(super) fn trigger(c: &Connection, runs: Vec<NewRun>, now: Timestamp) -> Resu
                     p.status.as_str(),
                     r.trace.as_ref().map(|t| t.traceparent.as_str()),
                     r.trace.as_ref().and_then(|t| t.tracestate.as_deref()),
+                    r.concurrency.as_ref().map(|k| k.key.as_str()),
+                    r.concurrency.as_ref().map(|k| k.limit),
                 ],
                 run_from_row,
             )
@@ -309,16 +321,39 @@ pub(super) fn next_due(c: &Connection, jobs: &[String]) -> Result<Option<Timesta
         return Ok(None);
     }
     let sql = format!(
-        "SELECT MIN(run_after) FROM runs WHERE status IN ({}) AND job IN ({}) AND {}",
+        "SELECT MIN(run_after) FROM runs WHERE status IN ({}) AND job IN ({}) AND {} AND {}",
         plan::claim::CLAIMABLE_SQL,
         placeholders(1, jobs.len()),
-        crate::retention::NOT_PAUSED
+        crate::retention::NOT_PAUSED,
+        plan::concurrency::HAS_ROOM_SQL
     );
     let mut st = c.prepare_cached(&sql).map_err(db_err)?;
     let v: Option<i64> = st
         .query_row(params_from_iter(jobs.iter()), |r| r.get(0))
         .map_err(db_err)?;
     Ok(v.map(Timestamp))
+}
+
+pub(super) fn concurrency_usage(
+    c: &Connection,
+    tenant: Option<&str>,
+    now: Timestamp,
+    limit: usize,
+) -> Result<Vec<crate::KeyUsage>> {
+    let sql = plan::concurrency::usage_sql("?1", "?2", "?3");
+    let mut st = c.prepare_cached(&sql).map_err(db_err)?;
+    let rows = st
+        .query_map(params![now.0, tenant, limit as i64], |r| {
+            Ok(crate::KeyUsage {
+                key: r.get(0)?,
+                limit: r.get::<_, Option<u32>>(1)?.unwrap_or(1),
+                running: r.get(2)?,
+                due: r.get(3)?,
+                waiting: r.get(4)?,
+            })
+        })
+        .map_err(db_err)?;
+    rows.collect::<rusqlite::Result<_>>().map_err(db_err)
 }
 
 pub(super) fn list_runs(c: &Connection, f: &RunFilter) -> Result<Vec<Run>> {

@@ -222,6 +222,12 @@ struct RawJob {
     reconcile: Option<RawReconcile>,
     max_response_bytes: Option<usize>,
     concurrency: Option<usize>,
+    /// At most this many runs per concurrency key run at once, across every
+    /// process (docs/FLOW_CONTROL.md). `concurrency` is its older name.
+    concurrency_limit: Option<usize>,
+    /// The concurrency key template (`{{ tenant }}/{{ input.customer_id }}`);
+    /// without it the key is the job's name.
+    concurrency_key: Option<String>,
     /// Served by remote workers over the worker protocol: only the policy
     /// keys apply (docs/WORKER_PROTOCOL.md, "Declaring remote jobs").
     remote: Option<bool>,
@@ -304,6 +310,7 @@ pub(crate) struct JobSpec {
     pub(crate) reconcile: Option<ReconcileSpec>,
     pub(crate) max_response_bytes: usize,
     pub(crate) concurrency: Option<usize>,
+    pub(crate) concurrency_key: Option<String>,
 }
 
 /// A remote job (`remote = true`): its policy, without code.
@@ -315,6 +322,7 @@ pub(crate) struct RemoteSpec {
     pub(crate) policy: RetryPolicy,
     pub(crate) schema: Option<Arc<InputSchema>>,
     pub(crate) concurrency: Option<usize>,
+    pub(crate) concurrency_key: Option<String>,
 }
 
 /// A whole configuration, compiled.
@@ -429,6 +437,7 @@ pub(crate) fn compile(
 fn remote_job(name: &str, j: RawJob, base: &Path, p: &mut Problems) -> Option<RemoteSpec> {
     let place = format!("jobs.{name}");
     let before = p.0.len();
+    let (concurrency, concurrency_key) = flow(&place, &j, p);
     if name.is_empty() || name.len() > 200 {
         p.add(&place, "a job name must be 1 to 200 characters");
     }
@@ -453,7 +462,7 @@ fn remote_job(name: &str, j: RawJob, base: &Path, p: &mut Problems) -> Option<Re
         if set {
             p.add(
                 format!("{place}.{key}"),
-                "a remote job (`remote = true`) runs its code in a remote worker: only `retry`, `job_timeout_ms`, `lease_ms`, `input_schema`/`input_schema_file` and `concurrency` apply",
+                "a remote job (`remote = true`) runs its code in a remote worker: only `retry`, `job_timeout_ms`, `lease_ms`, `input_schema`/`input_schema_file`, `concurrency_limit` (or `concurrency`) and `concurrency_key` apply",
             );
         }
     }
@@ -481,17 +490,51 @@ fn remote_job(name: &str, j: RawJob, base: &Path, p: &mut Problems) -> Option<Re
             format!("must be longer than the job timeout ({job_timeout_ms} ms)"),
         );
     }
-    if j.concurrency == Some(0) {
-        p.add(format!("{place}.concurrency"), "must be at least 1");
-    }
     (p.0.len() == before).then(|| RemoteSpec {
         name: name.to_string(),
         job_timeout: Duration::from_millis(job_timeout_ms),
         lease: Duration::from_millis(lease_ms),
         policy,
         schema,
-        concurrency: j.concurrency,
+        concurrency,
+        concurrency_key,
     })
+}
+
+/// A job's concurrency limit and key template, checked: a limit of 0, a key
+/// without a limit, an unknown template variable, or `concurrency` and
+/// `concurrency_limit` disagreeing are refused naming the field.
+fn flow(place: &str, j: &RawJob, p: &mut Problems) -> (Option<usize>, Option<String>) {
+    let limit = match (j.concurrency, j.concurrency_limit) {
+        (Some(a), Some(b)) if a != b => {
+            p.add(
+                format!("{place}.concurrency_limit"),
+                "differs from `concurrency` (its older name): give one",
+            );
+            None
+        }
+        (a, b) => b.or(a),
+    };
+    let field = if j.concurrency_limit.is_some() {
+        "concurrency_limit"
+    } else {
+        "concurrency"
+    };
+    if limit == Some(0) {
+        p.add(format!("{place}.{field}"), "must be at least 1");
+    }
+    if let Some(t) = &j.concurrency_key {
+        if limit.is_none() {
+            p.add(
+                format!("{place}.concurrency_key"),
+                "needs `concurrency_limit` (how many runs per key may run at once)",
+            );
+        }
+        if let Err(e) = docket_core::concurrency::KeyTemplate::parse(t) {
+            p.add(format!("{place}.concurrency_key"), e.0);
+        }
+    }
+    (limit, j.concurrency_key.clone())
 }
 
 /// A job's input schema, inline or from a file (relative to `base`).
@@ -802,6 +845,7 @@ fn job(
 ) -> Option<JobSpec> {
     let place = format!("jobs.{name}");
     let before = p.0.len();
+    let (concurrency, concurrency_key) = flow(&place, &j, p);
     if name.is_empty() || name.len() > 200 {
         p.add(&place, "a job name must be 1 to 200 characters");
     }
@@ -961,9 +1005,6 @@ fn job(
     if max_response_bytes == 0 {
         p.add(format!("{place}.max_response_bytes"), "must be positive");
     }
-    if j.concurrency == Some(0) {
-        p.add(format!("{place}.concurrency"), "must be at least 1");
-    }
     (p.0.len() == before).then(|| JobSpec {
         name: name.to_string(),
         action,
@@ -980,7 +1021,8 @@ fn job(
         on_reject,
         reconcile,
         max_response_bytes,
-        concurrency: j.concurrency,
+        concurrency,
+        concurrency_key,
     })
 }
 

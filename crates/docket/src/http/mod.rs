@@ -206,7 +206,10 @@ impl HttpJobs {
                 .timeout(spec.job_timeout)
                 .lease(spec.lease);
                 if let Some(n) = spec.concurrency {
-                    job = job.concurrency(n);
+                    job = job.concurrency_limit(n);
+                }
+                if let Some(t) = &spec.concurrency_key {
+                    job = job.concurrency_key(t.clone());
                 }
                 if let Some(schema) = spec.schema.clone() {
                     job = job.validate(move |input| schema.check(input));
@@ -228,7 +231,10 @@ impl HttpJobs {
                     .timeout(spec.job_timeout)
                     .lease(spec.lease);
                 if let Some(n) = spec.concurrency {
-                    job = job.concurrency(n);
+                    job = job.concurrency_limit(n);
+                }
+                if let Some(t) = &spec.concurrency_key {
+                    job = job.concurrency_key(t.clone());
                 }
                 if let Some(schema) = spec.schema.clone() {
                     job = job.validate(move |input| schema.check(input));

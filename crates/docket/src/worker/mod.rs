@@ -64,7 +64,6 @@ impl Default for WorkerConfig {
 }
 
 struct InFlight {
-    job: String,
     lease: LeaseRef,
     lease_len: Duration,
     cancelled: Arc<AtomicBool>,
@@ -415,9 +414,16 @@ async fn round(
     };
     match stored {
         Ok((results, runs)) => {
+            let ended = !batch.is_empty();
             for (res, (end, _, reply)) in results.into_iter().zip(batch) {
                 let _ = shared.docket.inner.changes.send(end.run_id);
                 let _ = reply.send(res.map(|_| ()));
+            }
+            if ended && shared.docket.has_concurrency_limits() {
+                // An end may have freed a concurrency key's slot: wake this
+                // process's other workers and long polls (other processes
+                // hear the store's own wake-up, see `plan::concurrency`).
+                shared.docket.wake_workers();
             }
             Ok(runs)
         }
@@ -649,14 +655,6 @@ impl Docket {
     }
 }
 
-/// How many more runs of a job with this concurrency limit may be claimed
-/// while `held` of them run (`None`: no limit). The in-process worker counts
-/// its own runs; the worker protocol counts the job's running runs in the
-/// store (remote workers are many processes).
-pub(crate) fn concurrency_room(limit: Option<usize>, held: usize) -> Option<usize> {
-    limit.map(|max| max.saturating_sub(held))
-}
-
 /// Expired leases read (and reaped, at most) per reap statement.
 const REAP_BATCH: usize = 256;
 
@@ -685,17 +683,12 @@ impl Shared {
     /// jobs, each for up to `limit` runs (the store shares one budget of
     /// `limit` between them).
     fn claim_requests(&self, limit: usize) -> Vec<ClaimRequest> {
-        // Jobs without a limit share one request per lease length; a job
-        // with a concurrency limit gets its own, capped by its free room.
+        // Jobs share one request per lease length; a job behind an open
+        // circuit breaker gets its own, capped by the breaker. Concurrency
+        // limits are not counted here: the store enforces them per key
+        // across every process at each claim (`plan::concurrency`).
         let mut by_lease: BTreeMap<Duration, Vec<String>> = BTreeMap::new();
         let mut limited: Vec<(Duration, String, usize)> = Vec::new();
-        let held: HashMap<String, usize> = {
-            let mut m = HashMap::new();
-            for f in self.inflight.lock().expect("inflight").values() {
-                *m.entry(f.job.clone()).or_insert(0) += 1;
-            }
-            m
-        };
         let now = self.docket.clock().now();
         for name in self.docket.job_names() {
             let Some(j) = self.docket.job(&name) else {
@@ -709,12 +702,9 @@ impl Shared {
             // one through (a probe, or the one recorded deferral): the rest
             // stay pending, untouched, instead of each being claimed and
             // deferred again in every open period of an outage.
-            let gate = j.gate.as_ref().and_then(|g| g(now));
-            let room = concurrency_room(j.concurrency, held.get(&name).copied().unwrap_or(0));
-            match (room, gate) {
-                (None, None) => by_lease.entry(j.lease).or_default().push(name),
-                (a, b) => {
-                    let room = a.unwrap_or(usize::MAX).min(b.unwrap_or(usize::MAX));
+            match j.gate.as_ref().and_then(|g| g(now)) {
+                None => by_lease.entry(j.lease).or_default().push(name),
+                Some(room) => {
                     if room > 0 {
                         limited.push((j.lease, name, room.min(limit)));
                     }
@@ -767,7 +757,6 @@ impl Shared {
         self.inflight.lock().expect("inflight").insert(
             run.id,
             InFlight {
-                job: run.job.clone(),
                 lease,
                 lease_len,
                 cancelled: cancelled.clone(),
