@@ -16,6 +16,7 @@ pub mod conformance;
 pub mod connections;
 pub mod json;
 pub mod lead;
+pub mod limits;
 pub mod model;
 pub mod plan;
 #[cfg(feature = "postgres")]
@@ -34,6 +35,7 @@ pub use connections::{
 };
 pub use json::{MAX_JSON_DEPTH, UNDECODABLE_KEY};
 pub use lead::FencingToken;
+pub use limits::{BreakerRow, BreakerUpdate, LimitStore, RateBucketRow, RateTake, RateTakeRequest};
 pub use model::*;
 pub use schedules::{
     PutOutcome, Schedule, ScheduleDef, ScheduleHistory, SchedulePut, ScheduleStore, ScheduleTick,
@@ -51,7 +53,7 @@ use std::sync::Arc;
 /// (`sqlite/migrations/`, `postgres/migrations/`; ARCHITECTURE.md,
 /// "Migrations"). A database with a higher version was written by a newer
 /// Docket and is refused, never modified.
-pub const SCHEMA_VERSION: i64 = 7;
+pub const SCHEMA_VERSION: i64 = 8;
 
 /// What can go wrong in a store.
 #[derive(Debug, thiserror::Error)]
@@ -219,7 +221,15 @@ pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 /// `postgres::PgStore`. Both pass the same conformance suite.
 #[async_trait]
 pub trait Store:
-    TokenStore + WorkerStore + ConnectionStore + StatsStore + ScheduleStore + Send + Sync + 'static
+    TokenStore
+    + WorkerStore
+    + ConnectionStore
+    + StatsStore
+    + ScheduleStore
+    + LimitStore
+    + Send
+    + Sync
+    + 'static
 {
     /// `"sqlite"` or `"postgres"`.
     fn backend(&self) -> &'static str;

@@ -51,6 +51,7 @@ mod hot;
 mod ops;
 mod schedules;
 
+mod limits;
 mod retention;
 mod stats;
 mod tokens;
@@ -549,6 +550,8 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0005_trace_context.sql"),
     include_str!("migrations/0006_worker_scope.sql"),
     include_str!("migrations/0007_retention.sql"),
+    // 0008 belongs to the flow-control branch; merged, it comes before this.
+    include_str!("migrations/0009_rate.sql"),
 ];
 
 /// Creates or upgrades the schema by applying [`MIGRATIONS`]. Refuses (and
