@@ -45,6 +45,13 @@ pub(crate) enum Control {
     ActionInFlight {
         until: Timestamp,
     },
+    /// A rate limit's bucket had no token: reschedule at `until` (the token
+    /// reserved for this run) with reason `rate_limited`, consuming no
+    /// attempt.
+    RateLimited {
+        until: Timestamp,
+        key: String,
+    },
     /// Fail the run at once with this terminal reason, no retry.
     Terminal {
         reason: docket_core::TerminalReason,
