@@ -799,7 +799,10 @@ impl docket_store::ScheduleStore for SimStore {
 
 #[async_trait]
 impl docket_store::LimitStore for SimStore {
-    async fn rate_take(&self, req: docket_store::RateTakeRequest) -> SResult<docket_store::RateTake> {
+    async fn rate_take(
+        &self,
+        req: docket_store::RateTakeRequest,
+    ) -> SResult<docket_store::RateTake> {
         self.inner.rate_take(req).await
     }
     async fn rate_buckets(&self, prefix: String) -> SResult<Vec<docket_store::RateBucketRow>> {

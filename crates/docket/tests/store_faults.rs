@@ -322,7 +322,10 @@ mod faulty {
 
     #[async_trait]
     impl docket_store::LimitStore for Faulty {
-        async fn rate_take(&self, req: docket_store::RateTakeRequest) -> Result<docket_store::RateTake> {
+        async fn rate_take(
+            &self,
+            req: docket_store::RateTakeRequest,
+        ) -> Result<docket_store::RateTake> {
             self.inner.rate_take(req).await
         }
         async fn rate_buckets(&self, prefix: String) -> Result<Vec<docket_store::RateBucketRow>> {
