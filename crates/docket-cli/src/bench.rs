@@ -55,6 +55,12 @@ pub struct BenchArgs {
     /// `steady`: completed runs are pruned this long after they finished.
     #[arg(long, default_value_t = 3_000)]
     retention_ms: i64,
+    /// W1: give the job a rate limit of this many runs a second (burst: the
+    /// same number, at most 1,000,000), shared through the database
+    /// (docs/RATE_LIMITS.md). A limit above W1's throughput measures the
+    /// cost of taking a token per run.
+    #[arg(long)]
+    rate_limit: Option<f64>,
 }
 
 /// One workload's figures.
@@ -117,6 +123,7 @@ pub async fn run(args: BenchArgs) -> Result<(), BoxError> {
                     args.runs.unwrap_or(10_000),
                     args.concurrency,
                     args.prefetch,
+                    args.rate_limit,
                 )
                 .await?
             }
@@ -269,6 +276,7 @@ async fn w1(
     runs: usize,
     concurrency: usize,
     prefetch: Option<usize>,
+    rate_limit: Option<f64>,
 ) -> Result<Report, BoxError> {
     let d = open(db).await?;
     let count = Arc::new(AtomicUsize::new(0));
@@ -276,7 +284,7 @@ async fn w1(
     let (c, n) = (count.clone(), done.clone());
     let pb = progress(runs, "W1");
     let pb2 = pb.clone();
-    d.register(Job::new("noop", move |_ctx, _: Value| {
+    let job = Job::new("noop", move |_ctx, _: Value| {
         let (c, n, pb) = (c.clone(), n.clone(), pb2.clone());
         async move {
             let k = c.fetch_add(1, Ordering::SeqCst) + 1;
@@ -286,7 +294,12 @@ async fn w1(
             }
             Ok::<_, JobError>(Value::Null)
         }
-    }))?;
+    });
+    let job = match rate_limit {
+        Some(r) => job.rate_limit(r, r.clamp(1.0, 1_000_000.0) as u32),
+        None => job,
+    };
+    d.register(job)?;
     let start = Instant::now();
     for chunk_start in (0..runs).step_by(1_000) {
         let batch = (chunk_start..(chunk_start + 1_000).min(runs))

@@ -16,6 +16,7 @@ pub mod fingerprint;
 pub mod forensics;
 pub mod ids;
 pub mod policy;
+pub mod rate;
 pub mod schedule;
 pub mod state;
 pub mod time;
@@ -26,6 +27,7 @@ pub use event::EventKind;
 pub use fingerprint::Fingerprint;
 pub use ids::{LeaseId, RunId};
 pub use policy::{Decision, FailureInput, RetryPolicy};
+pub use rate::RateLimit;
 pub use state::{AttemptOutcome, IllegalTransition, RunStatus, Transition};
 pub use time::{TimeError, Timestamp, TIME_RANGE};
 

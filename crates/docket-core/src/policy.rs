@@ -260,6 +260,9 @@ pub enum RetryReason {
     /// its request may be in flight, so this run waits for its outcome
     /// instead of sending (no attempt consumed).
     ActionInFlight,
+    /// A rate limit's bucket had no token: the run waits for the token it
+    /// reserved (no attempt consumed).
+    RateLimited,
 }
 
 impl RetryReason {
@@ -270,21 +273,26 @@ impl RetryReason {
             RetryReason::RetryAfter => "retry_after",
             RetryReason::CircuitOpen => "circuit_open",
             RetryReason::ActionInFlight => "action_in_flight",
+            RetryReason::RateLimited => "rate_limited",
         }
     }
 
     /// Whether this reason marks a deferral: nothing was sent, so the
     /// attempt is `deferred` (not a failure) and spends no budget.
     pub const fn is_deferral(self) -> bool {
-        matches!(self, RetryReason::CircuitOpen | RetryReason::ActionInFlight)
+        matches!(
+            self,
+            RetryReason::CircuitOpen | RetryReason::ActionInFlight | RetryReason::RateLimited
+        )
     }
 
     /// Every reason.
-    pub const ALL: [RetryReason; 4] = [
+    pub const ALL: [RetryReason; 5] = [
         RetryReason::Backoff,
         RetryReason::RetryAfter,
         RetryReason::CircuitOpen,
         RetryReason::ActionInFlight,
+        RetryReason::RateLimited,
     ];
 }
 

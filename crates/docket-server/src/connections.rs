@@ -379,6 +379,83 @@ pub async fn expire(
     set_status(state, caller, name, req, ConnectionStatus::Expired).await
 }
 
+/// A connection's rate limit as configured.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct RateLimitView {
+    /// Tokens gained per second.
+    pub per_second: f64,
+    /// The bucket's capacity.
+    pub burst: u32,
+    /// The key template, when each key has its own bucket.
+    pub key: Option<String>,
+}
+
+/// One bucket of a connection's rate limit, now.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct BucketView {
+    /// The bucket's key (`connection:NAME` or `connection:NAME/KEY`).
+    pub key: String,
+    /// Whole tokens left now.
+    pub tokens_left: u64,
+    /// When the next token is due (RFC 3339; now when one is left).
+    pub next_token_at: String,
+    /// Runs deferred to a token reserved for them, not yet used.
+    pub reserved: u64,
+}
+
+/// A connection's limits, shared by every process on the database.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ConnectionLimitsView {
+    /// The connection.
+    pub connection: String,
+    /// Its rate limit (`null`: none).
+    pub rate_limit: Option<RateLimitView>,
+    /// Its buckets as stored, by key (empty before the first request).
+    pub buckets: Vec<BucketView>,
+    /// Its circuit breaker, as stored (every process sees this state).
+    pub breaker: BreakerView,
+}
+
+/// A connection's rate limit (tokens left and the next token's time per
+/// bucket) and circuit breaker, as every process on the database sees them.
+#[utoipa::path(
+    get, path = "/api/connections/{name}/limits", tag = "connections",
+    operation_id = "connection_limits",
+    params(("name" = String, Path, description = "The connection's name")),
+    responses(
+        (status = 200, description = "The connection's limits", body = ConnectionLimitsView),
+        (status = 404, description = "No such connection", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn limits(
+    State(state): State<AppState>,
+    _caller: Caller,
+    ApiPath(name): ApiPath,
+) -> ApiResult<Json<ConnectionLimitsView>> {
+    let h = known(&state, &name)?;
+    let l = h.limits(&name).await?;
+    Ok(Json(ConnectionLimitsView {
+        connection: l.connection,
+        rate_limit: l.rate_limit.map(|r| RateLimitView {
+            per_second: r.per_second,
+            burst: r.burst,
+            key: r.key,
+        }),
+        buckets: l
+            .buckets
+            .into_iter()
+            .map(|b| BucketView {
+                key: b.key,
+                tokens_left: b.tokens_left,
+                next_token_at: b.next_token_at.to_rfc3339(),
+                reserved: b.reserved,
+            })
+            .collect(),
+        breaker: BreakerView::from(&l.breaker),
+    }))
+}
+
 /// This process's circuit breakers, one per connection.
 #[utoipa::path(
     get, path = "/api/breakers", tag = "connections",
@@ -392,9 +469,13 @@ pub async fn breakers(State(state): State<AppState>, _caller: Caller) -> Json<Br
             note: http_jobs(&state).map(|_| NO_LOCAL_BREAKERS.to_string()),
         });
     }
-    let breakers = http_jobs(&state)
-        .map(|h| h.breakers().iter().map(BreakerView::from).collect())
-        .unwrap_or_default();
+    let breakers = match http_jobs(&state) {
+        Some(h) => {
+            h.refresh_breakers().await;
+            h.breakers().iter().map(BreakerView::from).collect()
+        }
+        None => Vec::new(),
+    };
     Json(BreakerList {
         breakers,
         note: None,

@@ -250,7 +250,7 @@ pub struct RetryView {
     pub delay_ms: Option<i64>,
     /// When the run became eligible again.
     pub eligible_at: Option<String>,
-    /// `backoff`, `retry_after`, `circuit_open`.
+    /// `backoff`, `retry_after`, `circuit_open`, `action_in_flight`, `rate_limited`.
     pub reason: Option<String>,
 }
 

@@ -433,6 +433,7 @@ fn routes() -> (axum::Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(connections::disable))
         .routes(routes!(connections::expire))
         .routes(routes!(connections::breakers))
+        .routes(routes!(connections::limits))
         .routes(routes!(schedules::list, schedules::put))
         .routes(routes!(schedules::show, schedules::delete))
         .routes(routes!(schedules::pause))

@@ -15,6 +15,10 @@
 //!   0 for the others; `docket_circuit_breaker_opened_total{connection}`
 //!   and `docket_circuit_breaker_deferred_total{connection}` since this
 //!   process started. Breakers are this process's (its worker's).
+//! - `docket_breaker_open{connection}` and
+//!   `docket_rate_limit_tokens{bucket}`: a connection's shared breaker and
+//!   rate limit bucket, read from the store at scrape time
+//!   (docs/RATE_LIMITS.md).
 //! - `docket_connection_status{tenant,connection,status}`: 1 for each
 //!   connection's status for the tenant (`enabled`, `disabled`,
 //!   `expired`), read from the store at scrape time.
@@ -587,6 +591,34 @@ pub fn render_connections(
                 escape(name),
                 s.as_str(),
                 u8::from(*status == s)
+            );
+        }
+    }
+}
+
+/// `docket_breaker_open{connection}` (1 while a connection's shared
+/// breaker is open or half-open) and `docket_rate_limit_tokens{bucket}`
+/// (whole tokens left now in a connection's bucket; keyed buckets are not
+/// listed), both read from the store at scrape time.
+pub fn render_limits(out: &mut String, limits: &[docket::http::ConnectionLimits]) {
+    out.push_str("# HELP docket_breaker_open 1 while a connection's circuit breaker (shared by every process) is open or half-open.\n# TYPE docket_breaker_open gauge\n");
+    for l in limits {
+        let _ = writeln!(
+            out,
+            "docket_breaker_open{{connection=\"{}\"}} {}",
+            escape(&l.connection),
+            u8::from(l.breaker.state != docket::http::BreakerPhase::Closed)
+        );
+    }
+    out.push_str("# HELP docket_rate_limit_tokens Whole tokens left now in a connection's rate limit bucket (shared by every process).\n# TYPE docket_rate_limit_tokens gauge\n");
+    for l in limits {
+        let own = format!("connection:{}", l.connection);
+        for b in l.buckets.iter().filter(|b| b.key == own) {
+            let _ = writeln!(
+                out,
+                "docket_rate_limit_tokens{{bucket=\"{}\"}} {}",
+                escape(&b.key),
+                b.tokens_left
             );
         }
     }

@@ -1224,11 +1224,25 @@ pub async fn metrics(State(state): State<AppState>, caller: Caller) -> ApiResult
         // No breaker series from a process without a worker: they would
         // only ever read "closed".
         let breakers = if state.config.runs_jobs {
+            http.refresh_breakers().await;
             http.breakers()
         } else {
             Vec::new()
         };
         crate::metrics::render_connections(&mut body, &caller.tenant, &breakers, &statuses);
+        // Shared limits, as stored: every connection's breaker and the
+        // tokens of each connection's bucket (keyed buckets are left out:
+        // their keys may name other tenants' data).
+        let mut limits = Vec::new();
+        for name in http.connection_names() {
+            match http.limits(&name).await {
+                Ok(l) => limits.push(l),
+                // Not installed on this server's Docket: nothing to show.
+                Err(docket::Error::InvalidInput(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        crate::metrics::render_limits(&mut body, &limits);
     }
     Ok((
         [(

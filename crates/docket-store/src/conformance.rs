@@ -557,6 +557,123 @@ pub async fn retry_records_the_decision(store: DynStore) {
     assert_ne!(again[0].lease_id, run.lease_id);
 }
 
+fn rate_req(holder: &str, limit: docket_core::RateLimit, at: i64) -> RateTakeRequest {
+    RateTakeRequest {
+        key: "connection:crm".into(),
+        holder: holder.into(),
+        limit,
+        now: T0.plus_millis(at),
+    }
+}
+
+/// A bucket grants its burst, then reserves one token per taker at its due
+/// time; a holder coming back early is told the same time, on time goes
+/// ahead on its reservation (the bucket untouched), and a second take
+/// afterwards reserves anew.
+pub async fn rate_buckets_take_reserve_and_use_reservations(store: DynStore) {
+    let l = docket_core::RateLimit::new(10.0, 2).unwrap();
+    let take = |h: &str, at: i64| store.rate_take(rate_req(h, l, at));
+    let deferred = |at: i64| RateTake::Deferred {
+        until: T0.plus_millis(at),
+    };
+    assert_eq!(take("h1", 0).await.unwrap(), RateTake::Granted);
+    assert_eq!(take("h2", 0).await.unwrap(), RateTake::Granted);
+    assert_eq!(take("h3", 0).await.unwrap(), deferred(100));
+    assert_eq!(take("h3", 50).await.unwrap(), deferred(100));
+    assert_eq!(take("h4", 0).await.unwrap(), deferred(200));
+    assert_eq!(take("h3", 100).await.unwrap(), RateTake::Granted);
+    // h3's reservation is used: at 100 ms the bucket is 1 token in debt
+    // (h4's), so h3's next take reserves the token due at 300 ms.
+    assert_eq!(take("h3", 100).await.unwrap(), deferred(300));
+    let rows = store.rate_buckets("connection:".into()).await.unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(
+        (rows[0].key.as_str(), rows[0].reserved, rows[0].limit),
+        ("connection:crm", 2, l)
+    );
+    assert_eq!(
+        (rows[0].tokens, rows[0].refilled_at),
+        (-2 * docket_core::rate::TOKEN, T0.plus_millis(100))
+    );
+    assert!(store.rate_buckets("job:".into()).await.unwrap().is_empty());
+}
+
+/// Takers racing for one bucket (on PostgreSQL, on several connections)
+/// never share a token: exactly `burst` are granted and every other taker
+/// gets its own due time.
+pub async fn rate_takes_race_without_losing_tokens(store: DynStore) {
+    let l = docket_core::RateLimit::new(1.0, 10).unwrap();
+    let takes: Vec<_> = (0..30)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move { store.rate_take(rate_req(&format!("h{i}"), l, 0)).await })
+        })
+        .collect();
+    let mut granted = 0;
+    let mut dues = Vec::new();
+    for t in takes {
+        match t.await.unwrap().unwrap() {
+            RateTake::Granted => granted += 1,
+            RateTake::Deferred { until } => dues.push(until.millis_since(T0)),
+        }
+    }
+    dues.sort();
+    assert_eq!(granted, 10);
+    assert_eq!(dues, (1..=20).map(|s| s * 1_000).collect::<Vec<_>>());
+}
+
+/// A breaker's state changes are read-modify-writes under a lock: racing
+/// updates (on PostgreSQL, on several connections) each see the previous
+/// one's state; an update that answers `None` writes nothing.
+pub async fn breaker_updates_apply_one_after_another(store: DynStore) {
+    assert_eq!(store.breaker_get("crm".into()).await.unwrap(), None);
+    let unchanged = store
+        .breaker_update(
+            "crm".into(),
+            T0,
+            Box::new(|old| {
+                assert_eq!(old, None);
+                None
+            }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(unchanged, None);
+    assert_eq!(store.breaker_get("crm".into()).await.unwrap(), None);
+    let tasks: Vec<_> = (0..20)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                store
+                    .breaker_update(
+                        "crm".into(),
+                        T0.plus_millis(i),
+                        Box::new(|old| {
+                            let n = old.map_or(0, |v| v["n"].as_i64().unwrap());
+                            Some(json!({ "n": n + 1 }))
+                        }),
+                    )
+                    .await
+                    .unwrap()
+            })
+        })
+        .collect();
+    let mut seen = Vec::new();
+    for t in tasks {
+        seen.push(t.await.unwrap().unwrap()["n"].as_i64().unwrap());
+    }
+    seen.sort();
+    assert_eq!(seen, (1..=20).collect::<Vec<_>>());
+    let row = store.breaker_get("crm".into()).await.unwrap().unwrap();
+    assert_eq!(row.state, json!({ "n": 20 }));
+    let kept = store
+        .breaker_update("crm".into(), T0.plus_millis(99), Box::new(|_| None))
+        .await
+        .unwrap();
+    assert_eq!(kept, Some(json!({ "n": 20 })));
+    assert!(store.breaker_get("other".into()).await.unwrap().is_none());
+}
+
 /// A circuit breaker's deferral is a retry decision that sent nothing: the
 /// attempt ends `deferred` (not `failed`), with an `attempt_deferred` event
 /// instead of `attempt_failed`, and spends no attempt budget.
@@ -2376,6 +2493,9 @@ macro_rules! conformance_tests {
             release_postpone_and_input_forgive_attempts,
             batched_finish_isolates_each_end,
             circuit_deferral_is_not_a_failure,
+            rate_buckets_take_reserve_and_use_reservations,
+            rate_takes_race_without_losing_tokens,
+            breaker_updates_apply_one_after_another,
             list_filters_and_pagination,
             events_cursor_and_filters,
             tokens_create_find_list,

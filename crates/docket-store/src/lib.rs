@@ -19,6 +19,7 @@ pub mod conformance;
 pub mod connections;
 pub mod json;
 pub mod lead;
+pub mod limits;
 pub mod model;
 pub mod plan;
 #[cfg(feature = "postgres")]
@@ -41,6 +42,7 @@ pub use connections::{
 };
 pub use json::{MAX_JSON_DEPTH, UNDECODABLE_KEY};
 pub use lead::FencingToken;
+pub use limits::{BreakerRow, BreakerUpdate, LimitStore, RateBucketRow, RateTake, RateTakeRequest};
 pub use model::*;
 pub use schedules::{
     PutOutcome, Schedule, ScheduleDef, ScheduleHistory, SchedulePut, ScheduleStore, ScheduleTick,
@@ -62,7 +64,7 @@ use std::sync::Arc;
 /// (`sqlite/migrations/`, `postgres/migrations/`; ARCHITECTURE.md,
 /// "Migrations"). A database with a higher version was written by a newer
 /// Docket and is refused, never modified.
-pub const SCHEMA_VERSION: i64 = 10;
+pub const SCHEMA_VERSION: i64 = 11;
 
 /// What can go wrong in a store.
 #[derive(Debug, thiserror::Error)]
@@ -237,6 +239,7 @@ pub trait Store:
     + ScheduleStore
     + ChildStore
     + SignalStore
+    + LimitStore
     + Send
     + Sync
     + 'static

@@ -51,6 +51,13 @@ pub(crate) enum Control {
         waiting: u32,
         of: u32,
     },
+    /// A rate limit's bucket had no token: reschedule at `until` (the token
+    /// reserved for this run) with reason `rate_limited`, consuming no
+    /// attempt.
+    RateLimited {
+        until: Timestamp,
+        key: String,
+    },
     /// Fail the run at once with this terminal reason, no retry.
     Terminal {
         reason: docket_core::TerminalReason,

@@ -55,6 +55,12 @@ pub struct Job {
     /// Served by remote workers over the worker protocol
     /// (docs/WORKER_PROTOCOL.md): the in-process worker never claims it.
     pub(crate) remote: bool,
+    /// `Job::rate_limit`'s numbers, checked at registration.
+    pub(crate) rate_limit: Option<(f64, u32)>,
+    /// `Job::rate_limit_key`'s template, read at registration.
+    pub(crate) rate_key: Option<String>,
+    /// The checked rate limit (set by `Docket::register`).
+    pub(crate) rate: Option<crate::rate::RateSpec>,
 }
 
 impl std::fmt::Debug for Job {
@@ -102,6 +108,9 @@ impl Job {
             concurrency_key: None,
             gate: None,
             remote: false,
+            rate_limit: None,
+            rate_key: None,
+            rate: None,
         }
     }
 
@@ -235,6 +244,54 @@ impl Job {
         }))
     }
 
+    /// Limits how often the job's runs start, across every process on the
+    /// database: a token bucket of `burst` tokens gaining `per_second` a
+    /// second (docs/RATE_LIMITS.md). A run that finds no token is deferred
+    /// to the time of the token it reserves (reason `rate_limited`, no
+    /// attempt spent). Checked at registration: `per_second` must be
+    /// positive and `burst` at least 1.
+    ///
+    /// ```
+    /// let job = docket::Job::new("sync", |_ctx, _input: serde_json::Value| async move {
+    ///     Ok(serde_json::json!({}))
+    /// })
+    /// .rate_limit(20.0, 5)
+    /// .rate_limit_key("{{ tenant }}/{{ input.customer_id }}");
+    /// # let _ = job;
+    /// ```
+    pub fn rate_limit(mut self, per_second: f64, burst: u32) -> Self {
+        self.rate_limit = Some((per_second, burst));
+        self
+    }
+
+    /// One bucket per key instead of one for the job: a template over
+    /// `{{ tenant }}`, `{{ job }}` and `{{ input.FIELD }}` (dotted paths).
+    /// Any other variable is refused at registration; a run whose input
+    /// lacks the field fails `invalid_input` naming it.
+    pub fn rate_limit_key(mut self, template: impl Into<String>) -> Self {
+        self.rate_key = Some(template.into());
+        self
+    }
+
+    /// The checked rate limit, or what is wrong with it (naming the field).
+    pub(crate) fn rate_spec(&self) -> Result<Option<crate::rate::RateSpec>, String> {
+        let key = match &self.rate_key {
+            Some(t) => Some(
+                crate::rate::KeyTemplate::parse(t).map_err(|e| format!("rate_limit_key: {e}"))?,
+            ),
+            None => None,
+        };
+        match self.rate_limit {
+            None if key.is_some() => Err("rate_limit_key: set without a rate_limit".to_string()),
+            None => Ok(None),
+            Some((per_second, burst)) => {
+                let limit = docket_core::RateLimit::new(per_second, burst)
+                    .map_err(|e| format!("rate_limit.{e}"))?;
+                Ok(Some(crate::rate::RateSpec { limit, key }))
+            }
+        }
+    }
+
     /// Adds an input check run before the handler; an `Err(message)` ends the
     /// run `failed` with `invalid_input` and that message, spending no retries.
     pub fn validate(
@@ -288,6 +345,7 @@ impl Job {
                 self.timeout, self.lease
             ));
         }
+        self.rate_spec()?;
         self.policy.validate().map_err(|e| e.to_string())
     }
 }

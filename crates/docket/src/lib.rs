@@ -37,6 +37,7 @@ mod forensics;
 pub mod http;
 mod job;
 mod ops;
+mod rate;
 pub mod remote;
 
 pub mod schedule;
@@ -216,8 +217,12 @@ impl Docket {
 
     /// Registers a job. Refused (with the rule named) when its timeout is not
     /// shorter than its lease or its policy is inconsistent.
-    pub fn register(&self, job: Job) -> Result<()> {
+    pub fn register(&self, mut job: Job) -> Result<()> {
         job.check().map_err(|problem| Error::InvalidJob {
+            job: job.name.clone(),
+            problem,
+        })?;
+        job.rate = job.rate_spec().map_err(|problem| Error::InvalidJob {
             job: job.name.clone(),
             problem,
         })?;

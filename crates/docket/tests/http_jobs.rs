@@ -1594,3 +1594,253 @@ async fn a_deeply_nested_response_is_refused_with_its_depth_or_kept() {
         .unwrap()
         .contains("docket_undecodable")));
 }
+
+// ------------------------------------------------- shared limits (issue 14)
+
+/// A second "process": another Docket with its own `HttpJobs` (its own
+/// breakers) on the same store and clock.
+fn second(env: &Env, store: docket_store::DynStore, config_text: &str) -> (Docket, HttpJobs) {
+    let http = HttpJobs::from_toml(config_text, &env.dir).unwrap();
+    let docket = Docket::with_store(store, Arc::new(env.clock.clone()));
+    http.install(&docket).unwrap();
+    (docket, http)
+}
+
+async fn tick_on(d: &Docket) -> usize {
+    d.worker(WorkerConfig {
+        concurrency: 1,
+        prefetch: 0,
+        ..Default::default()
+    })
+    .tick()
+    .await
+    .unwrap()
+}
+
+const SHARED_JOBS: &str = r#"
+        [jobs.sync]
+        connection = "crm"
+        path = "/sync"
+        retry = { base_delay_ms = 600000, max_delay_ms = 600000, jitter_ms = 0, max_attempts = 5 }
+        "#;
+
+/// Two Docket instances ("processes", each with its own breakers) on one
+/// store: failures in A open the breaker, B stops sending at once (its
+/// next run is deferred without a request), and at the reset time A and B
+/// both try and exactly one probe goes out and closes it for both.
+async fn a_breaker_opened_in_one_process_stops_the_other(
+    store_a: docket_store::DynStore,
+    store_b: docket_store::DynStore,
+) {
+    let server = TestServer::start().await;
+    let dir = temp_dir();
+    let text = config(
+        &server,
+        "{ failures = 2, window_ms = 60000, open_ms = 30000 }",
+        SHARED_JOBS,
+    );
+    let http = HttpJobs::from_toml(&text, &dir).unwrap();
+    let clock = ManualClock::new(T0);
+    let docket = Docket::with_store(store_a, Arc::new(clock.clone()));
+    http.install(&docket).unwrap();
+    let env = Env {
+        docket,
+        clock,
+        http,
+        server,
+        dir,
+    };
+    let (b, http_b) = second(&env, store_b, &text);
+
+    env.server.push(status(503));
+    env.server.push(status(503));
+    env.trigger("sync", json!({"n": 1})).await;
+    env.tick().await;
+    env.trigger("sync", json!({"n": 2})).await;
+    env.tick().await;
+    assert_eq!(env.http.breakers()[0].state, BreakerPhase::Open);
+    // B has not seen it yet (its copy), but its next run asks the store.
+    assert_eq!(http_b.breakers()[0].state, BreakerPhase::Closed);
+    let r3 = b.trigger("sync", json!({"n": 3})).await.unwrap().run.id;
+    assert_eq!(tick_on(&b).await, 1);
+    assert_eq!(env.server.seen().len(), 2, "B sent nothing");
+    let reset = T0.plus_millis(30_000);
+    let r = env.run(r3).await;
+    assert_eq!((r.status, r.run_after), (RunStatus::Pending, reset));
+    assert_eq!(
+        env.history(r3).await.attempts[0].retry_reason,
+        Some(docket::RetryReason::CircuitOpen)
+    );
+    assert_eq!(http_b.breakers()[0].state, BreakerPhase::Open);
+    // B's claim gate now holds its runs back: no more claims until reset.
+    b.trigger("sync", json!({"n": 4})).await.unwrap();
+    assert_eq!(tick_on(&b).await, 0);
+
+    // At the reset time both processes claim a run; one probe goes out.
+    env.clock.set(reset);
+    env.trigger("sync", json!({"n": 5})).await;
+    let (na, nb) = tokio::join!(env.tick(), tick_on(&b));
+    assert_eq!(na + nb, 2);
+    assert_eq!(env.server.seen().len(), 3, "exactly one probe");
+    let mut half_open = 0;
+    let mut closed = 0;
+    let mut probe_deferred = 0;
+    for id in env.docket.list_runs(Default::default()).await.unwrap() {
+        half_open += env.events(id.id, "circuit_half_open").await.len();
+        closed += env.events(id.id, "circuit_closed").await.len();
+        probe_deferred += env
+            .history(id.id)
+            .await
+            .attempts
+            .iter()
+            .filter(|a| {
+                a.retry_reason == Some(docket::RetryReason::CircuitOpen)
+                    && a.eligible_at > Some(reset)
+            })
+            .count();
+    }
+    assert_eq!((half_open, closed, probe_deferred), (1, 1, 1));
+    env.http.refresh_breakers().await;
+    http_b.refresh_breakers().await;
+    assert_eq!(env.http.breakers()[0].state, BreakerPhase::Closed);
+    assert_eq!(http_b.breakers()[0].state, BreakerPhase::Closed);
+    let limits = http_b.limits("crm").await.unwrap();
+    assert_eq!(limits.breaker.state, BreakerPhase::Closed);
+    assert_eq!(limits.breaker.times_opened, 1);
+}
+
+#[tokio::test]
+async fn a_breaker_opened_in_one_process_stops_the_other_sqlite() {
+    let dir = temp_dir();
+    let path = dir.join("shared.db").to_str().unwrap().to_string();
+    let a: docket_store::DynStore = Arc::new(SqliteStore::open(&path).unwrap());
+    let b: docket_store::DynStore = Arc::new(SqliteStore::open(&path).unwrap());
+    a_breaker_opened_in_one_process_stops_the_other(a, b).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_breaker_opened_in_one_process_stops_the_other_postgres() {
+    let Some(base) = pg_url() else { return };
+    let schema = format!("t_{}", uuid::Uuid::now_v7().simple());
+    let a: docket_store::DynStore = Arc::new(
+        docket_store::postgres::PgStore::connect_with(&base, &schema)
+            .await
+            .unwrap(),
+    );
+    let b: docket_store::DynStore = Arc::new(
+        docket_store::postgres::PgStore::connect_with(&base, &schema)
+            .await
+            .unwrap(),
+    );
+    a_breaker_opened_in_one_process_stops_the_other(a, b).await;
+}
+
+fn pg_url() -> Option<String> {
+    match std::env::var("DOCKET_TEST_POSTGRES_URL") {
+        Ok(u) if !u.trim().is_empty() => Some(u),
+        _ if std::env::var("CI").is_ok_and(|v| v == "true") => {
+            panic!("CI=true: DOCKET_TEST_POSTGRES_URL must be set")
+        }
+        _ => {
+            println!("skipping: set DOCKET_TEST_POSTGRES_URL=postgres://postgres@127.0.0.1:5432/test to run PostgreSQL tests");
+            None
+        }
+    }
+}
+
+/// A connection's rate limit is taken before each request: with 10 a
+/// second and a burst of 2, of 4 runs due at once two send, the other two
+/// are deferred (no request) to their reserved tokens, 100 ms apart, and
+/// send then; `limits` shows the bucket.
+#[tokio::test]
+async fn a_connection_rate_limit_defers_before_sending() {
+    let server = TestServer::start().await;
+    let dir = temp_dir();
+    let text = format!(
+        "[connections.crm]\nbase_url = \"{}/api\"\nrate_limit = {{ per_second = 10, burst = 2 }}\n\n[jobs.sync]\nconnection = \"crm\"\npath = \"/sync\"\n",
+        server.base()
+    );
+    let http = HttpJobs::from_toml(&text, &dir).unwrap();
+    let clock = ManualClock::new(T0);
+    let docket = Docket::with_store(
+        Arc::new(SqliteStore::open_in_memory().unwrap()),
+        Arc::new(clock.clone()),
+    );
+    http.install(&docket).unwrap();
+    let env = Env {
+        docket,
+        clock,
+        http,
+        server,
+        dir,
+    };
+    let mut ids = Vec::new();
+    for n in 0..4 {
+        ids.push(env.trigger("sync", json!({ "n": n })).await);
+    }
+    for _ in 0..4 {
+        env.tick().await;
+    }
+    assert_eq!(env.server.seen().len(), 2);
+    let l = env.http.limits("crm").await.unwrap();
+    assert_eq!(l.buckets.len(), 1);
+    assert_eq!(
+        (
+            l.buckets[0].tokens_left,
+            l.buckets[0].reserved,
+            l.buckets[0].next_token_at
+        ),
+        (0, 2, T0.plus_millis(300))
+    );
+    let mut dues = Vec::new();
+    for id in &ids[2..] {
+        let r = env.run(*id).await;
+        let a = &env.history(*id).await.attempts[0];
+        assert_eq!(a.retry_reason, Some(docket::RetryReason::RateLimited));
+        assert!(a
+            .error_message
+            .as_deref()
+            .unwrap()
+            .starts_with("rate limit crm: next token at "));
+        dues.push(r.run_after.millis_since(T0));
+    }
+    assert_eq!(dues, [100, 200]);
+    let r = env.next_attempt(ids[2]).await;
+    assert_eq!(r.status, RunStatus::Completed);
+    let r = env.next_attempt(ids[3]).await;
+    assert_eq!(r.status, RunStatus::Completed);
+    assert_eq!(env.server.seen().len(), 4);
+}
+
+/// Bad limits in docket.toml are load errors naming the field.
+#[test]
+fn bad_rate_limits_in_docket_toml_name_the_field() {
+    let dir = temp_dir();
+    for (limit, field) in [
+        (
+            "rate_limit = { per_second = 0, burst = 5 }",
+            "connections.crm.rate_limit.per_second",
+        ),
+        (
+            "rate_limit = { per_second = -1, burst = 5 }",
+            "connections.crm.rate_limit.per_second",
+        ),
+        (
+            "rate_limit = { per_second = 5, burst = 0 }",
+            "connections.crm.rate_limit.burst",
+        ),
+        (
+            "rate_limit = { per_second = 5, burst = 1 }\nrate_limit_key = \"{{ nope }}\"",
+            "connections.crm.rate_limit_key",
+        ),
+    ] {
+        let text = format!(
+            "[connections.crm]\nbase_url = \"http://127.0.0.1:1\"\n{limit}\n\n[jobs.sync]\nconnection = \"crm\"\npath = \"/sync\"\n"
+        );
+        let e = HttpJobs::from_toml(&text, &dir).unwrap_err();
+        assert!(
+            e.problems.iter().any(|(place, _)| place == field),
+            "{field}: {e}"
+        );
+    }
+}

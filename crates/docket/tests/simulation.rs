@@ -881,6 +881,30 @@ impl docket_store::SignalStore for SimStore {
 }
 
 #[async_trait]
+impl docket_store::LimitStore for SimStore {
+    async fn rate_take(
+        &self,
+        req: docket_store::RateTakeRequest,
+    ) -> SResult<docket_store::RateTake> {
+        self.inner.rate_take(req).await
+    }
+    async fn rate_buckets(&self, prefix: String) -> SResult<Vec<docket_store::RateBucketRow>> {
+        self.inner.rate_buckets(prefix).await
+    }
+    async fn breaker_get(&self, name: String) -> SResult<Option<docket_store::BreakerRow>> {
+        self.inner.breaker_get(name).await
+    }
+    async fn breaker_update(
+        &self,
+        name: String,
+        now: docket::Timestamp,
+        update: docket_store::BreakerUpdate,
+    ) -> SResult<Option<serde_json::Value>> {
+        self.inner.breaker_update(name, now, update).await
+    }
+}
+
+#[async_trait]
 impl StatsStore for SimStore {
     async fn attention_count(&self, tenant: String) -> SResult<i64> {
         self.inner.attention_count(tenant).await

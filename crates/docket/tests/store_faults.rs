@@ -334,6 +334,30 @@ mod faulty {
     }
 
     #[async_trait]
+    impl docket_store::LimitStore for Faulty {
+        async fn rate_take(
+            &self,
+            req: docket_store::RateTakeRequest,
+        ) -> Result<docket_store::RateTake> {
+            self.inner.rate_take(req).await
+        }
+        async fn rate_buckets(&self, prefix: String) -> Result<Vec<docket_store::RateBucketRow>> {
+            self.inner.rate_buckets(prefix).await
+        }
+        async fn breaker_get(&self, name: String) -> Result<Option<docket_store::BreakerRow>> {
+            self.inner.breaker_get(name).await
+        }
+        async fn breaker_update(
+            &self,
+            name: String,
+            now: docket::Timestamp,
+            update: docket_store::BreakerUpdate,
+        ) -> Result<Option<serde_json::Value>> {
+            self.inner.breaker_update(name, now, update).await
+        }
+    }
+
+    #[async_trait]
     impl docket_store::WorkerStore for Faulty {
         async fn touch_worker(&self, seen: docket_store::WorkerSeen) -> Result<()> {
             self.inner.touch_worker(seen).await

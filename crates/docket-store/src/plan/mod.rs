@@ -11,6 +11,7 @@
 //! - [`operator`]: each operator command;
 //! - [`step`]: a durable step's completion or failure;
 //! - [`schedule`]: what a schedule's tick records;
+//! - [`rate`]: what taking a rate limit's token writes;
 //! - this module: the idempotency ledger's begin and compare-and-set.
 
 pub mod child;
@@ -18,6 +19,7 @@ pub mod claim;
 pub mod concurrency;
 pub mod end;
 pub mod operator;
+pub mod rate;
 pub mod schedule;
 pub mod signal;
 pub mod step;

@@ -28,6 +28,7 @@ mod ops;
 mod schedules;
 mod signals;
 
+mod limits;
 mod retention;
 mod stats;
 mod tokens;
@@ -490,6 +491,7 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0006_worker_scope.sql"),
     include_str!("migrations/0007_retention.sql"),
     include_str!("migrations/0008_flow.sql"),
+    include_str!("migrations/0009_rate.sql"),
     include_str!("migrations/0010_signals.sql"),
     include_str!("migrations/0011_children.sql"),
 ];

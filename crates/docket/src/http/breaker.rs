@@ -19,18 +19,27 @@
 //!
 //! Time is the engine's injected clock, never the wall clock.
 //!
-//! The state is kept in memory, per process: with several Docket processes
-//! each has its own breaker per connection, so up to `failures` transient
-//! failures per process reach a failing service before all of them stop
-//! sending, and each process sends its own probe. Every change of state is
-//! recorded as an event on the run that caused it (`circuit_opened`,
-//! `circuit_half_open`, `circuit_closed`), so the history is durable and
-//! shared even though the state is not.
+//! The state is shared by every process on the database: it is stored per
+//! connection (`LimitStore::breaker_update`) and every change is made by
+//! the pure methods of `Shared` under the row's lock, in one transaction.
+//! So failures from all processes count towards opening, a breaker opened
+//! by one process stops the others' sends at their next admission, and
+//! only one probe goes out when half-open, across all processes; the
+//! probe's deadline is its lease, so a prober that crashed is replaced at
+//! that instant. A closed breaker costs one plain read per request and a
+//! success no store call at all; a deferral while open writes nothing.
+//! Each process keeps a copy of the state from its last store call, which
+//! its claim gate ([`Breaker::claim_limit`]) reads without a store call.
+//! When the store cannot be reached the breaker decides on that copy alone.
+//! Every change of state is recorded as an event on the run that caused it
+//! (`circuit_opened`, `circuit_half_open`, `circuit_closed`) and logged.
 
 use docket_core::Timestamp;
+use docket_store::{BreakerUpdate, DynStore};
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use std::collections::VecDeque;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 /// A connection's breaker settings (`[connections.X.breaker]`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -130,17 +139,194 @@ pub(crate) enum Admission {
     Defer { until: Timestamp },
 }
 
-#[derive(Debug)]
-struct Inner {
-    phase: BreakerPhase,
+/// A breaker's state, the same in every process: stored in the database
+/// (`LimitStore::breaker_update`, one JSON value per connection) and
+/// changed only by the pure methods below, under the row's lock.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+struct Shared {
+    phase: Phase,
+    /// Transient failures within the window, oldest first (closed).
     failures: VecDeque<Timestamp>,
     opened_at: Option<Timestamp>,
     reset_at: Option<Timestamp>,
+    /// Until when the current half-open probe holds the one slot: the
+    /// probe's lease. A prober that crashed is replaced at this instant.
     probe_deadline: Option<Timestamp>,
     changed_at: Option<Timestamp>,
     times_opened: u64,
+}
+
+/// [`BreakerPhase`] with a default, for the stored form.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum Phase {
+    #[default]
+    Closed,
+    Open,
+    HalfOpen,
+}
+
+impl From<Phase> for BreakerPhase {
+    fn from(p: Phase) -> Self {
+        match p {
+            Phase::Closed => BreakerPhase::Closed,
+            Phase::Open => BreakerPhase::Open,
+            Phase::HalfOpen => BreakerPhase::HalfOpen,
+        }
+    }
+}
+
+impl Shared {
+    /// May a request go out at `now`? (See [`Breaker::admit`].)
+    fn admit(&mut self, now: Timestamp, probe_ms: u64) -> Admission {
+        match self.phase {
+            Phase::Closed => Admission::Send {
+                probe: false,
+                transition: None,
+            },
+            Phase::Open => {
+                let reset = self.reset_at.unwrap_or(now);
+                if now < reset {
+                    return Admission::Defer { until: reset };
+                }
+                self.phase = Phase::HalfOpen;
+                self.probe_deadline = Some(now.plus_millis(probe_ms as i64));
+                self.changed_at = Some(now);
+                Admission::Send {
+                    probe: true,
+                    transition: Some(Transition::HalfOpen),
+                }
+            }
+            Phase::HalfOpen => match self.probe_deadline {
+                Some(d) if now < d => Admission::Defer { until: d },
+                _ => {
+                    // The last probe never reported: this run probes.
+                    self.probe_deadline = Some(now.plus_millis(probe_ms as i64));
+                    Admission::Send {
+                        probe: true,
+                        transition: None,
+                    }
+                }
+            },
+        }
+    }
+
+    /// Records an admitted request's outcome. (See [`Breaker::record`].)
+    fn record(
+        &mut self,
+        config: &BreakerConfig,
+        now: Timestamp,
+        probe: bool,
+        transient: bool,
+    ) -> Option<Transition> {
+        match (self.phase, transient) {
+            (Phase::HalfOpen, true) if probe => Some(self.open(config, now, 1, true)),
+            (Phase::HalfOpen, false) if probe => {
+                self.phase = Phase::Closed;
+                self.failures.clear();
+                self.probe_deadline = None;
+                self.reset_at = None;
+                self.changed_at = Some(now);
+                Some(Transition::Closed)
+            }
+            (Phase::Closed, true) => {
+                let window_start = now.plus_millis(-(config.window_ms as i64));
+                self.failures.push_back(now);
+                while self.failures.front().is_some_and(|t| *t <= window_start) {
+                    self.failures.pop_front();
+                }
+                // Failures reported late by another process (an older `now`)
+                // can leave the deque unsorted: count, do not rely on order.
+                self.failures.retain(|t| *t > window_start);
+                let n = self.failures.len();
+                (n >= config.failures as usize).then(|| self.open(config, now, n, false))
+            }
+            // Requests admitted before the breaker opened, finishing now;
+            // successes while closed: nothing changes.
+            _ => None,
+        }
+    }
+
+    fn release_probe(&mut self) {
+        if self.phase == Phase::HalfOpen {
+            self.probe_deadline = None;
+        }
+    }
+
+    fn open(
+        &mut self,
+        config: &BreakerConfig,
+        now: Timestamp,
+        failures: usize,
+        reopened: bool,
+    ) -> Transition {
+        let until = now.plus_millis(config.open_ms as i64);
+        self.phase = Phase::Open;
+        self.failures.clear();
+        self.opened_at = Some(now);
+        self.reset_at = Some(until);
+        self.probe_deadline = None;
+        self.changed_at = Some(now);
+        self.times_opened += 1;
+        Transition::Opened {
+            until,
+            failures,
+            reopened,
+        }
+    }
+
+    /// The stored form (`null` never reads back as a state: see `decode`).
+    fn encode(&self) -> Value {
+        serde_json::to_value(self).unwrap_or(Value::Null)
+    }
+
+    /// A stored state; a missing or undecodable one is a closed breaker.
+    fn decode(v: Option<Value>) -> Shared {
+        v.and_then(|v| serde_json::from_value(v).ok())
+            .unwrap_or_default()
+    }
+}
+
+/// One change a breaker may make: the same for the stored state and for
+/// this process's copy.
+#[derive(Clone, Copy, Debug)]
+enum Op {
+    Admit { probe_ms: u64 },
+    Record { probe: bool, transient: bool },
+    ReleaseProbe,
+}
+
+/// What an [`Op`] answered.
+#[derive(Clone, Debug)]
+enum Answer {
+    Admission(Admission),
+    Transition(Option<Transition>),
+}
+
+impl Shared {
+    fn run(&mut self, config: &BreakerConfig, now: Timestamp, op: Op) -> Answer {
+        match op {
+            Op::Admit { probe_ms } => Answer::Admission(self.admit(now, probe_ms)),
+            Op::Record { probe, transient } => {
+                Answer::Transition(self.record(config, now, probe, transient))
+            }
+            Op::ReleaseProbe => {
+                self.release_probe();
+                Answer::Transition(None)
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Inner {
+    /// This process's copy of the stored state, as of its last store call
+    /// (or its own decisions while the store could not be reached).
+    shared: Shared,
+    /// Runs deferred by this process since it started.
     deferred: u64,
-    /// Runs deferred since the breaker last opened.
+    /// Runs this process deferred since the breaker last opened.
     deferred_while_open: u64,
 }
 
@@ -158,13 +344,7 @@ impl Breaker {
             name: name.to_string(),
             config,
             inner: Mutex::new(Inner {
-                phase: BreakerPhase::Closed,
-                failures: VecDeque::new(),
-                opened_at: None,
-                reset_at: None,
-                probe_deadline: None,
-                changed_at: None,
-                times_opened: 0,
+                shared: Shared::default(),
                 deferred: 0,
                 deferred_while_open: 0,
             }),
@@ -177,9 +357,70 @@ impl Breaker {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// May a request go out at `now`? `probe_ms` is how long a probe may
-    /// take (its request timeout, reconcile included) before it is
-    /// considered lost.
+    /// Takes `new` (read or written in the store) as this process's copy
+    /// and counts a deferral.
+    fn adopt(&self, s: &mut Inner, new: Shared, answer: &Answer) {
+        if new.opened_at != s.shared.opened_at {
+            s.deferred_while_open = 0;
+        }
+        s.shared = new;
+        if let Answer::Admission(Admission::Defer { .. }) = answer {
+            s.deferred += 1;
+            if s.shared.phase == Phase::Open {
+                s.deferred_while_open += 1;
+            }
+        }
+    }
+
+    /// Applies `op` to this process's copy only.
+    fn local(&self, now: Timestamp, op: Op) -> Answer {
+        let mut s = self.lock();
+        let mut st = s.shared.clone();
+        let a = st.run(&self.config, now, op);
+        self.adopt(&mut s, st, &a);
+        a
+    }
+
+    /// Applies `op` to the stored state under its row's lock (one
+    /// transaction; nothing is written when nothing changes) and adopts the
+    /// result. When the store cannot be reached, to this process's copy:
+    /// the breaker then works per process until the store answers again.
+    async fn apply(&self, store: &DynStore, now: Timestamp, op: Op) -> Answer {
+        let out = Arc::new(Mutex::new(None));
+        let slot = out.clone();
+        let config = self.config.clone();
+        let update: BreakerUpdate = Box::new(move |old| {
+            let mut st = Shared::decode(old);
+            let before = st.clone();
+            let a = st.run(&config, now, op);
+            let changed = st != before;
+            let stored = changed.then(|| st.encode());
+            *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some((a, st));
+            stored
+        });
+        let res = store.breaker_update(self.name.clone(), now, update).await;
+        let done = out.lock().unwrap_or_else(|p| p.into_inner()).take();
+        match (res, done) {
+            (Ok(_), Some((a, st))) => {
+                let mut s = self.lock();
+                self.adopt(&mut s, st, &a);
+                a
+            }
+            (res, _) => {
+                if let Err(e) = res {
+                    tracing::warn!(connection = %self.name, error = %e,
+                        "circuit breaker: the store did not answer; this process decides alone");
+                }
+                self.local(now, op)
+            }
+        }
+    }
+
+    /// May a request go out at `now`, in this process's copy? (Unit tests
+    /// of the state machine; the worker uses [`Breaker::admit_shared`].)
+    /// `probe_ms` is how long a probe may take (its request timeout,
+    /// reconcile included) before it is considered lost.
+    #[cfg(test)]
     pub(crate) fn admit(&self, now: Timestamp, probe_ms: u64) -> Admission {
         if self.config.failures == 0 {
             return Admission::Send {
@@ -187,70 +428,76 @@ impl Breaker {
                 transition: None,
             };
         }
-        let mut s = self.lock();
-        match s.phase {
-            BreakerPhase::Closed => Admission::Send {
-                probe: false,
-                transition: None,
-            },
-            BreakerPhase::Open => {
-                let reset = s.reset_at.unwrap_or(now);
-                if now < reset {
-                    s.deferred += 1;
-                    s.deferred_while_open += 1;
-                    return Admission::Defer { until: reset };
-                }
-                s.phase = BreakerPhase::HalfOpen;
-                s.probe_deadline = Some(now.plus_millis(probe_ms as i64));
-                s.changed_at = Some(now);
-                Admission::Send {
-                    probe: true,
-                    transition: Some(Transition::HalfOpen),
-                }
+        match self.local(now, Op::Admit { probe_ms }) {
+            Answer::Admission(a) => a,
+            Answer::Transition(_) => unreachable!("admit answers an admission"),
+        }
+    }
+
+    /// May a request go out at `now`, by the state every process shares?
+    /// A closed breaker is a plain read (no lock, no write); an open or
+    /// half-open one is decided under the row's lock, so one probe goes out
+    /// across all processes. A deferral while open writes nothing.
+    pub(crate) async fn admit_shared(
+        &self,
+        store: &DynStore,
+        now: Timestamp,
+        probe_ms: u64,
+    ) -> Admission {
+        let send = Admission::Send {
+            probe: false,
+            transition: None,
+        };
+        if self.config.failures == 0 {
+            return send;
+        }
+        if let Ok(row) = store.breaker_get(self.name.clone()).await {
+            let st = Shared::decode(row.map(|r| r.state));
+            if st.phase == Phase::Closed {
+                let mut s = self.lock();
+                let a = Answer::Admission(send.clone());
+                self.adopt(&mut s, st, &a);
+                return send;
             }
-            BreakerPhase::HalfOpen => match s.probe_deadline {
-                Some(d) if now < d => {
-                    s.deferred += 1;
-                    Admission::Defer { until: d }
-                }
-                _ => {
-                    // The last probe never reported: this run probes.
-                    s.probe_deadline = Some(now.plus_millis(probe_ms as i64));
-                    Admission::Send {
-                        probe: true,
-                        transition: None,
-                    }
-                }
-            },
+        }
+        match self.apply(store, now, Op::Admit { probe_ms }).await {
+            Answer::Admission(a) => a,
+            Answer::Transition(_) => unreachable!("admit answers an admission"),
         }
     }
 
     /// How many runs that need the connection this process should claim at
-    /// `now` (`None`: no limit). While the breaker is open: one until it has
-    /// deferred a run since it opened (that deferral is the recorded
-    /// decision), then none until the reset time; from the reset time one
-    /// (the probe); none while a half-open probe is out. Otherwise every
-    /// claimed run would only be deferred again: during an outage each due
-    /// run cost a claim, an attempt row and three events per open period
-    /// (8,290 deferral rows for 200 runs in a 148 s outage). Runs not claimed
-    /// stay pending, untouched.
+    /// `now` (`None`: no limit), by its copy of the shared state. While the
+    /// breaker is open: one until this process has deferred a run since it
+    /// opened (that deferral is the recorded decision), then none until the
+    /// reset time; from the reset time one (the probe); none while a
+    /// half-open probe is out. Otherwise every claimed run would only be
+    /// deferred again: during an outage each due run cost a claim, an
+    /// attempt row and three events per open period (8,290 deferral rows
+    /// for 200 runs in a 148 s outage). Runs not claimed stay pending,
+    /// untouched. A process learns that another opened the breaker at its
+    /// next admission (each of its runs already claimed is deferred once).
     pub(crate) fn claim_limit(&self, now: Timestamp) -> Option<usize> {
         if self.config.failures == 0 {
             return None;
         }
         let s = self.lock();
-        match s.phase {
-            BreakerPhase::Closed => None,
-            BreakerPhase::Open => {
-                let reset = s.reset_at.is_none_or(|reset| now >= reset);
+        match s.shared.phase {
+            Phase::Closed => None,
+            Phase::Open => {
+                let reset = s.shared.reset_at.is_none_or(|reset| now >= reset);
                 Some(usize::from(reset || s.deferred_while_open == 0))
             }
-            BreakerPhase::HalfOpen => Some(usize::from(s.probe_deadline.is_none_or(|d| now >= d))),
+            Phase::HalfOpen => Some(usize::from(
+                s.shared.probe_deadline.is_none_or(|d| now >= d),
+            )),
         }
     }
 
-    /// Records the outcome of an admitted request: `transient` when it
-    /// failed with a transient class.
+    /// Records the outcome of an admitted request in this process's copy:
+    /// `transient` when it failed with a transient class. (Unit tests; the
+    /// worker uses [`Breaker::record_shared`].)
+    #[cfg(test)]
     pub(crate) fn record(
         &self,
         now: Timestamp,
@@ -260,55 +507,51 @@ impl Breaker {
         if self.config.failures == 0 {
             return None;
         }
-        let mut s = self.lock();
-        match (s.phase, transient) {
-            (BreakerPhase::HalfOpen, true) if probe => Some(self.open(&mut s, now, 1, true)),
-            (BreakerPhase::HalfOpen, false) if probe => {
-                s.phase = BreakerPhase::Closed;
-                s.failures.clear();
-                s.probe_deadline = None;
-                s.reset_at = None;
-                s.changed_at = Some(now);
-                Some(Transition::Closed)
-            }
-            (BreakerPhase::Closed, true) => {
-                let window_start = now.plus_millis(-(self.config.window_ms as i64));
-                s.failures.push_back(now);
-                while s.failures.front().is_some_and(|t| *t <= window_start) {
-                    s.failures.pop_front();
-                }
-                let n = s.failures.len();
-                (n >= self.config.failures as usize).then(|| self.open(&mut s, now, n, false))
-            }
-            // Requests admitted before the breaker opened, finishing now;
-            // successes while closed: nothing changes.
-            _ => None,
+        match self.local(now, Op::Record { probe, transient }) {
+            Answer::Transition(t) => t,
+            Answer::Admission(_) => unreachable!("record answers a transition"),
+        }
+    }
+
+    /// Records the outcome of an admitted request in the shared state. A
+    /// success that is not a probe changes nothing and touches no store.
+    pub(crate) async fn record_shared(
+        &self,
+        store: &DynStore,
+        now: Timestamp,
+        probe: bool,
+        transient: bool,
+    ) -> Option<Transition> {
+        if self.config.failures == 0 || !(probe || transient) {
+            return None;
+        }
+        match self
+            .apply(store, now, Op::Record { probe, transient })
+            .await
+        {
+            Answer::Transition(t) => t,
+            Answer::Admission(_) => unreachable!("record answers a transition"),
         }
     }
 
     /// A probe that made no request after all (e.g. its action was already
-    /// committed): free the slot for the next run.
+    /// committed): free the slot for the next run. (Unit tests.)
+    #[cfg(test)]
     pub(crate) fn release_probe(&self) {
-        let mut s = self.lock();
-        if s.phase == BreakerPhase::HalfOpen {
-            s.probe_deadline = None;
-        }
+        self.local(Timestamp(0), Op::ReleaseProbe);
     }
 
-    fn open(&self, s: &mut Inner, now: Timestamp, failures: usize, reopened: bool) -> Transition {
-        let until = now.plus_millis(self.config.open_ms as i64);
-        s.phase = BreakerPhase::Open;
-        s.failures.clear();
-        s.opened_at = Some(now);
-        s.reset_at = Some(until);
-        s.probe_deadline = None;
-        s.changed_at = Some(now);
-        s.times_opened += 1;
-        s.deferred_while_open = 0;
-        Transition::Opened {
-            until,
-            failures,
-            reopened,
+    /// [`Breaker::release_probe`] in the shared state.
+    pub(crate) async fn release_probe_shared(&self, store: &DynStore, now: Timestamp) {
+        self.apply(store, now, Op::ReleaseProbe).await;
+    }
+
+    /// Reads the shared state into this process's copy (for the API).
+    pub(crate) async fn refresh(&self, store: &DynStore) {
+        if let Ok(Some(row)) = store.breaker_get(self.name.clone()).await {
+            let st = Shared::decode(Some(row.state));
+            let mut s = self.lock();
+            self.adopt(&mut s, st, &Answer::Transition(None));
         }
     }
 
@@ -319,14 +562,19 @@ impl Breaker {
         let window_start = now.plus_millis(-(self.config.window_ms as i64));
         BreakerState {
             connection: self.name.clone(),
-            state: s.phase,
-            failures_in_window: s.failures.iter().filter(|t| **t > window_start).count(),
+            state: s.shared.phase.into(),
+            failures_in_window: s
+                .shared
+                .failures
+                .iter()
+                .filter(|t| **t > window_start)
+                .count(),
             config: self.config.clone(),
-            opened_at: s.opened_at,
-            reset_at: s.reset_at,
-            probe_deadline: s.probe_deadline,
-            changed_at: s.changed_at,
-            times_opened: s.times_opened,
+            opened_at: s.shared.opened_at,
+            reset_at: s.shared.reset_at,
+            probe_deadline: s.shared.probe_deadline,
+            changed_at: s.shared.changed_at,
+            times_opened: s.shared.times_opened,
             deferred: s.deferred,
         }
     }

@@ -194,6 +194,66 @@ struct RawConnection {
     secret: Option<String>,
     #[serde(default)]
     breaker: BreakerConfig,
+    rate_limit: Option<RawRate>,
+    rate_limit_key: Option<String>,
+}
+
+/// `rate_limit = { per_second = 20, burst = 5 }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRate {
+    per_second: f64,
+    burst: i64,
+}
+
+/// A checked rate limit with its key template, or the problems named by
+/// field (`connections.crm.rate_limit.per_second`).
+fn rate(
+    place: &str,
+    raw: Option<RawRate>,
+    key: Option<String>,
+    p: &mut Problems,
+) -> Option<crate::rate::RateSpec> {
+    let key = match key {
+        Some(t) => match crate::rate::KeyTemplate::parse(&t) {
+            Ok(k) => Some(k),
+            Err(e) => {
+                p.add(format!("{place}.rate_limit_key"), e);
+                None
+            }
+        },
+        None => None,
+    };
+    let Some(r) = raw else {
+        if key.is_some() {
+            p.add(
+                format!("{place}.rate_limit_key"),
+                "needs a `rate_limit = { per_second = …, burst = … }`",
+            );
+        }
+        return None;
+    };
+    let burst = match u32::try_from(r.burst) {
+        Ok(b) => b,
+        Err(_) => {
+            p.add(
+                format!("{place}.rate_limit.burst"),
+                format!(
+                    "must be from 1 to {}, got {}",
+                    docket_core::rate::MAX_BURST,
+                    r.burst
+                ),
+            );
+            return None;
+        }
+    };
+    match docket_core::RateLimit::new(r.per_second, burst) {
+        Ok(limit) => Some(crate::rate::RateSpec { limit, key }),
+        Err(e) => {
+            p.add(format!("{place}.rate_limit.{}", e.field), e.problem);
+            None
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -228,6 +288,8 @@ struct RawJob {
     /// The concurrency key template (`{{ tenant }}/{{ input.customer_id }}`);
     /// without it the key is the job's name.
     concurrency_key: Option<String>,
+    rate_limit: Option<RawRate>,
+    rate_limit_key: Option<String>,
     /// Served by remote workers over the worker protocol: only the policy
     /// keys apply (docs/WORKER_PROTOCOL.md, "Declaring remote jobs").
     remote: Option<bool>,
@@ -311,6 +373,8 @@ pub(crate) struct JobSpec {
     pub(crate) max_response_bytes: usize,
     pub(crate) concurrency: Option<usize>,
     pub(crate) concurrency_key: Option<String>,
+    /// The job's own rate limit (`rate_limit`, `rate_limit_key`).
+    pub(crate) rate: Option<crate::rate::RateSpec>,
 }
 
 /// A remote job (`remote = true`): its policy, without code.
@@ -457,6 +521,8 @@ fn remote_job(name: &str, j: RawJob, base: &Path, p: &mut Problems) -> Option<Re
         ("on_reject", j.on_reject.is_some()),
         ("reconcile", j.reconcile.is_some()),
         ("max_response_bytes", j.max_response_bytes.is_some()),
+        ("rate_limit", j.rate_limit.is_some()),
+        ("rate_limit_key", j.rate_limit_key.is_some()),
     ];
     for (key, set) in http_keys {
         if set {
@@ -670,11 +736,13 @@ fn connection(
             "`window_ms` and `open_ms` must be positive (or set `failures = 0` to disable the breaker)",
         );
     }
+    let rate = rate(&place, c.rate_limit, c.rate_limit_key, p);
     (p.0.len() == before).then(|| ConnectionDef {
         name: name.to_string(),
         base_url: c.base_url,
         auth,
         breaker: c.breaker,
+        rate,
     })
 }
 
@@ -1005,6 +1073,7 @@ fn job(
     if max_response_bytes == 0 {
         p.add(format!("{place}.max_response_bytes"), "must be positive");
     }
+    let rate = rate(&place, j.rate_limit, j.rate_limit_key, p);
     (p.0.len() == before).then(|| JobSpec {
         name: name.to_string(),
         action,
@@ -1023,6 +1092,7 @@ fn job(
         max_response_bytes,
         concurrency,
         concurrency_key,
+        rate,
     })
 }
 

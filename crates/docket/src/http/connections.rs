@@ -104,6 +104,8 @@ pub(crate) struct ConnectionDef {
     pub(crate) base_url: String,
     pub(crate) auth: Auth,
     pub(crate) breaker: BreakerConfig,
+    /// The connection's rate limit, taken before each request is sent.
+    pub(crate) rate: Option<crate::rate::RateSpec>,
 }
 
 impl ConnectionDef {
@@ -227,6 +229,7 @@ mod tests {
             base_url: "http://127.0.0.1:1/api/".into(),
             auth,
             breaker: BreakerConfig::default(),
+            rate: None,
         }
     }
 

@@ -313,6 +313,28 @@ pub(crate) async fn run(
         Some(c) => resolve(&ctx, c).await.map_err(with_action)?,
         None => None,
     };
+    // The connection's rate limit, before the breaker is asked (so a probe
+    // is never held back by a token) and before anything is sent: no token
+    // → deferred to the one this run reserved, no request.
+    if let Some((c, r)) = conn.and_then(|c| c.rate.as_ref().map(|r| (c, r))) {
+        let bucket = r
+            .bucket(
+                &crate::rate::connection_bucket(&c.name),
+                ctx.tenant(),
+                &spec.name,
+                &data["input"],
+            )
+            .map_err(|e| with_action(JobError::invalid_input(format!("rate_limit_key: {e}"))))?;
+        crate::rate::take(
+            ctx.docket.store(),
+            &bucket,
+            r.limit,
+            ctx.run_id(),
+            ctx.docket.clock().now(),
+        )
+        .await
+        .map_err(with_action)?;
+    }
     let breaker = conn.and_then(|c| shared.breakers.get(&c.name).cloned());
     let mut probe = false;
     if let (Some(b), Some(c)) = (&breaker, conn) {
@@ -322,7 +344,10 @@ pub(crate) async fn run(
                 .map(|r| r.timeout.as_millis() as u64)
                 .unwrap_or(0)
             + 1_000;
-        match b.admit(ctx.docket.clock().now(), probe_ms) {
+        match b
+            .admit_shared(ctx.docket.store(), ctx.docket.clock().now(), probe_ms)
+            .await
+        {
             Admission::Defer { until } => {
                 return Err(with_action(JobError::circuit_open(
                     c.name.clone(),
@@ -384,11 +409,13 @@ pub(crate) async fn run(
             let t = tracker.lock().unwrap_or_else(|p| p.into_inner());
             (t.requests, t.last_transient)
         };
+        let store = ctx.docket.store();
+        let now = ctx.docket.clock().now();
         if requests == 0 {
             if probe {
-                b.release_probe();
+                b.release_probe_shared(store, now).await;
             }
-        } else if let Some(t) = b.record(ctx.docket.clock().now(), probe, transient) {
+        } else if let Some(t) = b.record_shared(store, now, probe, transient).await {
             let cause = result.as_ref().err().map(|e| e.class);
             breaker_event(&ctx, &c.name, &t, cause).await;
         }
@@ -405,6 +432,8 @@ pub(crate) async fn run(
 }
 
 async fn breaker_event(ctx: &Ctx, connection: &str, t: &Transition, cause: Option<ErrorClass>) {
+    // A log line for operators; the event below is the evidence.
+    tracing::info!(connection, run = %ctx.run_id(), transition = ?t, "circuit breaker changed state");
     let (kind, data) = match t {
         Transition::Opened {
             until,

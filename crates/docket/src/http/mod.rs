@@ -66,6 +66,43 @@ pub use config::{
     DEFAULT_TIMEOUT_MS,
 };
 pub use connections::ConnectionInfo;
+
+/// A connection's shared limits ([`HttpJobs::limits`]).
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct ConnectionLimits {
+    /// The connection.
+    pub connection: String,
+    /// Its rate limit, if it has one.
+    pub rate_limit: Option<RateLimitInfo>,
+    /// Its rate limit's buckets as stored (one, or one per key), by key.
+    pub buckets: Vec<BucketInfo>,
+    /// Its circuit breaker, as stored.
+    pub breaker: BreakerState,
+}
+
+/// A rate limit as configured.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct RateLimitInfo {
+    /// Tokens a second.
+    pub per_second: f64,
+    /// The bucket's capacity.
+    pub burst: u32,
+    /// The key template, when each key has its own bucket.
+    pub key: Option<String>,
+}
+
+/// One bucket now.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct BucketInfo {
+    /// Its key (`connection:crm` or `connection:crm/<key>`).
+    pub key: String,
+    /// Whole tokens left now.
+    pub tokens_left: u64,
+    /// When the next token is due (now when one is left).
+    pub next_token_at: docket_core::Timestamp,
+    /// Runs holding a reserved token, not yet used.
+    pub reserved: u64,
+}
 pub use docket_store::{ConnectionAudit, ConnectionState, ConnectionStatus};
 pub use exec::EXCERPT_BYTES;
 
@@ -211,6 +248,12 @@ impl HttpJobs {
                 if let Some(t) = &spec.concurrency_key {
                     job = job.concurrency_key(t.clone());
                 }
+                if let Some(r) = &spec.rate {
+                    job = job.rate_limit(r.limit.per_second, r.limit.burst);
+                    if let Some(k) = &r.key {
+                        job = job.rate_limit_key(k.source());
+                    }
+                }
                 if let Some(schema) = spec.schema.clone() {
                     job = job.validate(move |input| schema.check(input));
                 }
@@ -279,8 +322,67 @@ impl HttpJobs {
             .collect()
     }
 
-    /// Every connection's circuit breaker, by connection name. The state is
-    /// this process's (see the `breaker` docs for several processes).
+    /// Reads every breaker's shared state from the store into this
+    /// process's copy, so that [`HttpJobs::breakers`] shows what every
+    /// process sees (a no-op before [`HttpJobs::install`]).
+    pub async fn refresh_breakers(&self) {
+        if let Some(d) = self.docket.get() {
+            for b in self.shared.breakers.values() {
+                b.refresh(d.store()).await;
+            }
+        }
+    }
+
+    /// A connection's shared limits: its rate limit with each of its
+    /// buckets (tokens left now, when the next token is due, runs holding a
+    /// reserved token) and its circuit breaker, all as stored.
+    pub async fn limits(&self, name: &str) -> Result<ConnectionLimits> {
+        let def = self.connection_def(name)?;
+        let docket = self.installed()?;
+        let now = docket.clock().now();
+        let b = &self.shared.breakers[name];
+        b.refresh(docket.store()).await;
+        let prefix = crate::rate::connection_bucket(name);
+        let buckets = match &def.rate {
+            None => Vec::new(),
+            Some(spec) => docket
+                .store()
+                .rate_buckets(prefix.clone())
+                .await?
+                .into_iter()
+                // `connection:crm` and `connection:crm/…`, not `connection:crm2`.
+                .filter(|r| r.key == prefix || r.key.starts_with(&format!("{prefix}/")))
+                .map(|r| {
+                    let bucket = docket_core::rate::Bucket {
+                        tokens: r.tokens,
+                        refilled_at: r.refilled_at,
+                    };
+                    let (tokens_left, next) =
+                        docket_core::rate::status(Some(bucket), &spec.limit, now);
+                    BucketInfo {
+                        key: r.key,
+                        tokens_left,
+                        next_token_at: next,
+                        reserved: r.reserved,
+                    }
+                })
+                .collect(),
+        };
+        Ok(ConnectionLimits {
+            connection: name.to_string(),
+            rate_limit: def.rate.as_ref().map(|r| RateLimitInfo {
+                per_second: r.limit.per_second,
+                burst: r.limit.burst,
+                key: r.key.as_ref().map(|k| k.source().to_string()),
+            }),
+            buckets,
+            breaker: b.state(now),
+        })
+    }
+
+    /// Every connection's circuit breaker, by connection name, as this
+    /// process last saw the shared state ([`HttpJobs::refresh_breakers`]
+    /// reads it again).
     pub fn breakers(&self) -> Vec<BreakerState> {
         let now = self.now();
         self.shared
@@ -316,7 +418,9 @@ impl HttpJobs {
             .filter(|j| j.connection.as_deref() == Some(name))
             .map(|j| j.name.clone())
             .collect();
-        let breaker = self.shared.breakers[name].state(self.now());
+        let b = &self.shared.breakers[name];
+        b.refresh(docket.store()).await;
+        let breaker = b.state(self.now());
         Ok(def.info(tenant, state, breaker, jobs))
     }
 

@@ -855,6 +855,29 @@ pub(crate) fn bounded(mut s: String) -> String {
 }
 
 impl Docket {
+    /// Takes the token of the job's rate limit for `run` (no limit: `Ok`).
+    async fn job_rate(&self, job: &Job, run: &Run) -> std::result::Result<(), JobError> {
+        let Some(spec) = &job.rate else {
+            return Ok(());
+        };
+        let bucket = spec
+            .bucket(
+                &crate::rate::job_bucket(&job.name),
+                &run.tenant,
+                &job.name,
+                &run.input,
+            )
+            .map_err(|e| JobError::invalid_input(format!("rate_limit_key: {e}")))?;
+        crate::rate::take(
+            self.store(),
+            &bucket,
+            spec.limit,
+            run.id,
+            self.clock().now(),
+        )
+        .await
+    }
+
     /// Runs one claimed run's handler and turns its result into an attempt
     /// end (not yet stored).
     /// Also returns the events the handler recorded while the store was
@@ -906,9 +929,15 @@ impl Docket {
         if run.cancel_requested {
             cancelled.store(true, Ordering::SeqCst);
         }
-        let result = match input_check(&job, &run) {
+        let checked = match input_check(&job, &run) {
             Some(Err(msg)) => Err(JobError::invalid_input(msg)),
-            _ => {
+            // The job's rate limit, after the claim and before the handler:
+            // no token → deferred to the one it reserved, the handler unrun.
+            _ => self.job_rate(&job, &run).await,
+        };
+        let result = match checked {
+            Err(e) => Err(e),
+            Ok(()) => {
                 let fut = std::panic::AssertUnwindSafe((job.handler)(ctx, run.input.clone()))
                     .catch_unwind();
                 match tokio::time::timeout(job.timeout, fut).await {
@@ -1085,6 +1114,22 @@ pub(crate) fn attempt_outcome(
                     delay_ms: until.millis_since(now).max(0),
                     eligible_at: until.max(now),
                     reason: docket_core::policy::RetryReason::ActionInFlight,
+                },
+            },
+            Some(Control::RateLimited { until, key }) => Outcome::Retry {
+                error: error_info(
+                    run,
+                    lease_id,
+                    docket_core::ErrorClass::RateLimited,
+                    e.message,
+                    e.action,
+                    None,
+                ),
+                retry: RetryRecord {
+                    policy: format!("rate_limit:{key}"),
+                    delay_ms: until.millis_since(now).max(0),
+                    eligible_at: until.max(now),
+                    reason: docket_core::policy::RetryReason::RateLimited,
                 },
             },
             Some(Control::Terminal { reason }) => {

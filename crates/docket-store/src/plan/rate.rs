@@ -1,0 +1,148 @@
+//! What taking a rate limit's token writes ([`LimitStore::rate_take`](crate::LimitStore::rate_take)).
+//!
+//! The bucket's arithmetic is `docket_core::rate`. This adds reservations:
+//! a taker that finds no token reserves the next one (the bucket goes into
+//! debt) and a row `(key, holder, due_at)` remembers it, so that when the
+//! holder (a run) comes back at its due time it goes ahead on the token it
+//! already paid for instead of taking, and perhaps reserving, another. So a
+//! run is deferred at most once per limit, however long the queue.
+//!
+//! A reservation is honoured until `due_at + grace` (one bucket's worth of
+//! time, `burst / per_second`). A holder that comes back later than that
+//! (its workers were down) takes a fresh token: otherwise every run that
+//! reserved during an outage would send at once when it ends.
+
+use docket_core::rate::{self, Bucket, RateLimit, Take};
+use docket_core::Timestamp;
+
+/// Reservations older than this (past their due time) are deleted by the
+/// next reservation of the same key: their holders were cancelled or
+/// deleted and will not come back for them.
+pub const RESERVATION_GC_MS: i64 = 3_600_000;
+
+/// The answer of a take.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RateTake {
+    /// Go ahead now.
+    Granted,
+    /// A token is reserved for this holder at `until`: come back then.
+    Deferred {
+        /// When the reserved token is due.
+        until: Timestamp,
+    },
+}
+
+/// What a take writes, computed from the rows read under the bucket's lock.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RatePlan {
+    /// The bucket to store (`None`: unchanged).
+    pub bucket: Option<Bucket>,
+    /// Delete the holder's reservation.
+    pub delete_reservation: bool,
+    /// Insert a reservation for the holder, due at this instant.
+    pub reserve: Option<Timestamp>,
+    /// Delete the key's reservations due before this instant.
+    pub gc_before: Option<Timestamp>,
+    /// The answer.
+    pub answer: RateTake,
+}
+
+/// How long after its due time a reservation is still honoured.
+pub fn grace_ms(limit: &RateLimit) -> i64 {
+    let per_ms = limit.per_ms().max(1);
+    (limit.capacity() + per_ms - 1) / per_ms
+}
+
+/// The take of one token by `holder` at `now`, given the stored bucket (if
+/// any) and the holder's reservation (if any), both read under the bucket's
+/// lock.
+pub fn take(
+    bucket: Option<Bucket>,
+    reservation: Option<Timestamp>,
+    limit: &RateLimit,
+    now: Timestamp,
+) -> RatePlan {
+    match reservation {
+        Some(due) if due > now => {
+            return RatePlan {
+                bucket: None,
+                delete_reservation: false,
+                reserve: None,
+                gc_before: None,
+                answer: RateTake::Deferred { until: due },
+            }
+        }
+        Some(due) if now.millis_since(due) <= grace_ms(limit) => {
+            return RatePlan {
+                bucket: None,
+                delete_reservation: true,
+                reserve: None,
+                gc_before: None,
+                answer: RateTake::Granted,
+            }
+        }
+        _ => {}
+    }
+    let stale = reservation.is_some();
+    let (b, t) = rate::take(bucket, limit, now);
+    match t {
+        Take::Granted => RatePlan {
+            bucket: Some(b),
+            delete_reservation: stale,
+            reserve: None,
+            gc_before: None,
+            answer: RateTake::Granted,
+        },
+        Take::Reserved(due) => RatePlan {
+            bucket: Some(b),
+            delete_reservation: stale,
+            reserve: Some(due),
+            gc_before: Some(now.plus_millis(-RESERVATION_GC_MS)),
+            answer: RateTake::Deferred { until: due },
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T0: Timestamp = Timestamp(1_000_000);
+
+    #[test]
+    fn a_reservation_is_used_once_at_its_time() {
+        let l = RateLimit::new(10.0, 1).unwrap();
+        let first = take(None, None, &l, T0);
+        assert_eq!(first.answer, RateTake::Granted);
+        let second = take(first.bucket, None, &l, T0);
+        let due = T0.plus_millis(100);
+        assert_eq!(second.answer, RateTake::Deferred { until: due });
+        assert_eq!(second.reserve, Some(due));
+        // Too early: still deferred, nothing written.
+        let early = take(second.bucket, Some(due), &l, T0.plus_millis(50));
+        assert_eq!(
+            (early.answer, early.bucket, early.delete_reservation),
+            (RateTake::Deferred { until: due }, None, false)
+        );
+        // At its time: granted on the reserved token, the bucket untouched.
+        let on_time = take(second.bucket, Some(due), &l, due.plus_millis(30));
+        assert_eq!(
+            (on_time.answer, on_time.bucket, on_time.delete_reservation),
+            (RateTake::Granted, None, true)
+        );
+    }
+
+    #[test]
+    fn a_reservation_past_its_grace_takes_afresh() {
+        let l = RateLimit::new(10.0, 2).unwrap();
+        assert_eq!(grace_ms(&l), 200);
+        let b = Bucket {
+            tokens: -docket_core::rate::TOKEN,
+            refilled_at: T0,
+        };
+        let late = take(Some(b), Some(T0.plus_millis(100)), &l, T0.plus_millis(301));
+        // 301 ms refilled 3.01 tokens on a debt of 1: granted, reservation gone.
+        assert_eq!(late.answer, RateTake::Granted);
+        assert!(late.delete_reservation && late.bucket.is_some());
+    }
+}

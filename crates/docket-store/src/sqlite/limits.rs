@@ -1,0 +1,162 @@
+//! [`LimitStore`] on SQLite: each take is one request on the writer thread,
+//! so takes are serialised by the write lock.
+
+use super::{db_err, SqliteStore};
+use crate::limits::{
+    BreakerRow, BreakerUpdate, LimitStore, RateBucketRow, RateTake, RateTakeRequest,
+};
+use crate::plan::rate as plan;
+use crate::Result;
+use async_trait::async_trait;
+use docket_core::rate::{Bucket, RateLimit};
+use docket_core::Timestamp;
+use rusqlite::{params, OptionalExtension};
+
+#[async_trait]
+impl LimitStore for SqliteStore {
+    async fn rate_take(&self, req: RateTakeRequest) -> Result<RateTake> {
+        self.call(move |c| {
+            let bucket = c
+                .prepare_cached("SELECT tokens, refilled_at FROM rate_buckets WHERE key = ?1")
+                .map_err(db_err)?
+                .query_row(params![req.key], |r| {
+                    Ok(Bucket {
+                        tokens: r.get(0)?,
+                        refilled_at: Timestamp(r.get(1)?),
+                    })
+                })
+                .optional()
+                .map_err(db_err)?;
+            let reservation = c
+                .prepare_cached(
+                    "SELECT due_at FROM rate_reservations WHERE key = ?1 AND holder = ?2",
+                )
+                .map_err(db_err)?
+                .query_row(params![req.key, req.holder], |r| r.get::<_, i64>(0))
+                .optional()
+                .map_err(db_err)?
+                .map(Timestamp);
+            let p = plan::take(bucket, reservation, &req.limit, req.now);
+            if let Some(b) = p.bucket {
+                c.prepare_cached(
+                    "INSERT INTO rate_buckets (key, tokens, refilled_at, per_second, burst)
+                     VALUES (?1, ?2, ?3, ?4, ?5)
+                     ON CONFLICT (key) DO UPDATE SET tokens = ?2, refilled_at = ?3,
+                        per_second = ?4, burst = ?5",
+                )
+                .map_err(db_err)?
+                .execute(params![
+                    req.key,
+                    b.tokens,
+                    b.refilled_at.0,
+                    req.limit.per_second,
+                    req.limit.burst
+                ])
+                .map_err(db_err)?;
+            }
+            if p.delete_reservation {
+                c.prepare_cached("DELETE FROM rate_reservations WHERE key = ?1 AND holder = ?2")
+                    .map_err(db_err)?
+                    .execute(params![req.key, req.holder])
+                    .map_err(db_err)?;
+            }
+            if let Some(before) = p.gc_before {
+                c.prepare_cached("DELETE FROM rate_reservations WHERE key = ?1 AND due_at < ?2")
+                    .map_err(db_err)?
+                    .execute(params![req.key, before.0])
+                    .map_err(db_err)?;
+            }
+            if let Some(due) = p.reserve {
+                c.prepare_cached(
+                    "INSERT INTO rate_reservations (key, holder, due_at) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (key, holder) DO UPDATE SET due_at = ?3",
+                )
+                .map_err(db_err)?
+                .execute(params![req.key, req.holder, due.0])
+                .map_err(db_err)?;
+            }
+            Ok(p.answer)
+        })
+        .await
+    }
+
+    async fn rate_buckets(&self, prefix: String) -> Result<Vec<RateBucketRow>> {
+        self.read(move |c| {
+            let mut st = c
+                .prepare(
+                    "SELECT b.key, b.tokens, b.refilled_at, b.per_second, b.burst,
+                        (SELECT COUNT(*) FROM rate_reservations r WHERE r.key = b.key)
+                     FROM rate_buckets b WHERE substr(b.key, 1, length(?1)) = ?1
+                     ORDER BY b.key",
+                )
+                .map_err(db_err)?;
+            let rows = st
+                .query_map(params![prefix], |r| {
+                    Ok(RateBucketRow {
+                        key: r.get(0)?,
+                        tokens: r.get(1)?,
+                        refilled_at: Timestamp(r.get(2)?),
+                        limit: RateLimit {
+                            per_second: r.get(3)?,
+                            burst: r.get(4)?,
+                        },
+                        reserved: r.get::<_, i64>(5)? as u64,
+                    })
+                })
+                .map_err(db_err)?
+                .collect::<rusqlite::Result<Vec<_>>>()
+                .map_err(db_err)?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    async fn breaker_get(&self, name: String) -> Result<Option<BreakerRow>> {
+        self.read(move |c| {
+            c.prepare_cached("SELECT state, changed_at FROM breakers WHERE name = ?1")
+                .map_err(db_err)?
+                .query_row(params![name], |r| {
+                    Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
+                })
+                .optional()
+                .map_err(db_err)
+                .map(|row| {
+                    row.map(|(state, at)| BreakerRow {
+                        name: name.clone(),
+                        state: crate::json::decode_text(&state),
+                        changed_at: Timestamp(at),
+                    })
+                })
+        })
+        .await
+    }
+
+    async fn breaker_update(
+        &self,
+        name: String,
+        now: Timestamp,
+        update: BreakerUpdate,
+    ) -> Result<Option<serde_json::Value>> {
+        self.call(move |c| {
+            let old = c
+                .prepare_cached("SELECT state FROM breakers WHERE name = ?1")
+                .map_err(db_err)?
+                .query_row(params![name], |r| r.get::<_, String>(0))
+                .optional()
+                .map_err(db_err)?
+                .map(|s| crate::json::decode_text(&s));
+            let Some(new) = update(old.clone()) else {
+                return Ok(old);
+            };
+            c.prepare_cached(
+                "INSERT INTO breakers (name, state, changed_at) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (name) DO UPDATE SET state = ?2, changed_at = ?3",
+            )
+            .map_err(db_err)?
+            .execute(params![name, new.to_string(), now.0])
+            .map_err(db_err)?;
+            Ok(Some(new))
+        })
+        .await
+    }
+}
