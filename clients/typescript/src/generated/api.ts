@@ -133,6 +133,26 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/api/connections/{name}/limits": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * A connection's rate limit (tokens left and the next token's time per
+         *     bucket) and circuit breaker, as every process on the database sees them.
+         */
+        get: operations["connection_limits"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/api/core/cmd": {
         parameters: {
             query?: never;
@@ -253,6 +273,26 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/api/limits": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * Concurrency keys of the caller's tenant with runs running or waiting:
+         *     per key, running, limit, due and waiting runs.
+         */
+        get: operations["limits"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/api/openapi.json": {
         parameters: {
             query?: never;
@@ -301,7 +341,7 @@ export interface paths {
         };
         /**
          * A run with its attempts, steps, ledger entries and events, and the
-         *     timeline built from them.
+         *     timeline built from them (and its children count and current wait).
          */
         get: operations["show"];
         put?: never;
@@ -466,6 +506,43 @@ export interface paths {
          *     attempt budget; `comment` goes into the audit trail.
          */
         post: operations["retry"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/api/runs/{id}/signals": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** A run's signals in arrival order, pending and delivered. */
+        get: operations["list_run_signals"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/api/runs/{id}/signals/{name}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * Sends a signal to a run: kept until a wait of the run for this name
+         *     consumes it; a run suspended in such a wait is due at once.
+         */
+        post: operations["signal_run"];
         delete?: never;
         options?: never;
         head?: never;
@@ -674,6 +751,29 @@ export interface paths {
          *     `triggered` slot.
          */
         post: operations["trigger_schedule"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/api/signals": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * Sends a signal by correlation key to every run of the caller's tenant
+         *     that waits for this name with exactly this key now, in one transaction,
+         *     and answers the runs it reached. Nobody waiting: nothing is kept (the
+         *     answer's `runs` is empty; send it again later with the same
+         *     `signal_id`).
+         */
+        post: operations["signal_by_key"];
         delete?: never;
         options?: never;
         head?: never;
@@ -1160,6 +1260,23 @@ export interface components {
              */
             window_ms: number;
         };
+        /** @description One bucket of a connection's rate limit, now. */
+        BucketView: {
+            /** @description The bucket's key (`connection:NAME` or `connection:NAME/KEY`). */
+            key: string;
+            /** @description When the next token is due (RFC 3339; now when one is left). */
+            next_token_at: string;
+            /**
+             * Format: int64
+             * @description Runs deferred to a token reserved for them, not yet used.
+             */
+            reserved: number;
+            /**
+             * Format: int64
+             * @description Whole tokens left now.
+             */
+            tokens_left: number;
+        };
         /** @description A bulk action: `ids` or `filter`, one of them. */
         BulkBody: {
             /**
@@ -1363,6 +1480,16 @@ export interface components {
             audit: components["schemas"]["ConnectionAuditView"][];
             /** @description The connection. */
             connection: components["schemas"]["ConnectionView"];
+        };
+        /** @description A connection's limits, shared by every process on the database. */
+        ConnectionLimitsView: {
+            /** @description Its circuit breaker, as stored (every process sees this state). */
+            breaker: components["schemas"]["BreakerView"];
+            /** @description Its buckets as stored, by key (empty before the first request). */
+            buckets: components["schemas"]["BucketView"][];
+            /** @description The connection. */
+            connection: string;
+            rate_limit?: null | components["schemas"]["RateLimitView"];
         };
         /** @description The configured connections. */
         ConnectionList: {
@@ -1688,6 +1815,65 @@ export interface components {
             /** @description Runs of this tenant by status (only statuses with runs). */
             runs: Record<string, unknown>;
         };
+        /** @description A signal for every run waiting for its name and key. */
+        KeyedSignalRequest: {
+            /** @description The payload (any JSON, at most 64 KiB; default `null`). */
+            data?: Record<string, unknown>;
+            /**
+             * @description The correlation key (1 to 256 bytes, no control characters),
+             *     matched exactly.
+             */
+            key: string;
+            /** @description The signal's name (1 to 128 of `A-Z a-z 0-9 _ . -`). */
+            name: string;
+            /**
+             * @description An id for idempotency (as for a run's signal): a repeat reaches no
+             *     run twice and answers the runs the first send reached.
+             */
+            signal_id?: string | null;
+        };
+        /** @description The answer to a keyed signal. */
+        KeyedSignalSent: {
+            /**
+             * @description Every run the signal reached (by this call or an earlier one with
+             *     the same id), by id.
+             */
+            runs: string[];
+            /**
+             * @description The signal's id (the request's, or the one Docket made: send it
+             *     again with this id to retry safely).
+             */
+            signal_id: string;
+            /** @description The runs this call woke. */
+            woke: string[];
+        };
+        /** @description One concurrency key's use now. */
+        KeyView: {
+            /**
+             * Format: int64
+             * @description Its runs due now and not running: held while `running >= limit`.
+             */
+            due: number;
+            /** @description Whether due runs are held back now (`due > 0 && running >= limit`). */
+            held: boolean;
+            /** @description The key (rendered at trigger time from the job's template). */
+            key: string;
+            /**
+             * Format: int32
+             * @description How many of its runs may run at once.
+             */
+            limit: number;
+            /**
+             * Format: int64
+             * @description Its runs running now (every process).
+             */
+            running: number;
+            /**
+             * Format: int64
+             * @description Its runs waiting: pending or postponed, due or not.
+             */
+            waiting: number;
+        };
         /** @description A lease: a run and the lease id of its attempt. */
         LeaseItem: {
             /**
@@ -1719,6 +1905,16 @@ export interface components {
              * @description The run.
              */
             run_id: string;
+        };
+        /** @description Flow control in the caller's tenant. */
+        Limits: {
+            /**
+             * @description Every concurrency key with runs running or waiting, by key (at most
+             *     1,000; `truncated` says when there were more).
+             */
+            concurrency: components["schemas"]["KeyView"][];
+            /** @description More keys exist than listed. */
+            truncated: boolean;
         };
         /** @description `POST /api/worker/v1/runs/{id}/log`. */
         LogRequest: {
@@ -1815,6 +2011,21 @@ export interface components {
              */
             throughput_per_minute: number;
         };
+        /** @description A connection's rate limit as configured. */
+        RateLimitView: {
+            /**
+             * Format: int32
+             * @description The bucket's capacity.
+             */
+            burst: number;
+            /** @description The key template, when each key has its own bucket. */
+            key?: string | null;
+            /**
+             * Format: double
+             * @description Tokens gained per second.
+             */
+            per_second: number;
+        };
         /** @description An operator retry. */
         RetryRequest: {
             /** @description Stored on the audit event. */
@@ -1833,13 +2044,19 @@ export interface components {
             eligible_at?: string | null;
             /** @description The policy's name. */
             policy?: string | null;
-            /** @description `backoff`, `retry_after`, `circuit_open`. */
+            /** @description `backoff`, `retry_after`, `circuit_open`, `action_in_flight`, `rate_limited`. */
             reason?: string | null;
         };
         /** @description A run with its whole history. */
         RunDetail: {
             /** @description Its attempts, by number, with gaps and retry decisions. */
             attempts: components["schemas"]["AttemptView"][];
+            /**
+             * Format: int64
+             * @description How many child runs it spawned (list them with
+             *     `GET /api/runs?parent=ID`).
+             */
+            children: number;
             /** @description Its events, in order. */
             events: components["schemas"]["EventView"][];
             /**
@@ -1880,6 +2097,13 @@ export interface components {
             attempts_forgiven: number;
             /** @description A cancel was requested while it was running. */
             cancel_requested: boolean;
+            /** @description Its concurrency key (docs/FLOW_CONTROL.md), if its job has a limit. */
+            concurrency_key?: string | null;
+            /**
+             * Format: int32
+             * @description How many runs with its key may run at once.
+             */
+            concurrency_limit?: number | null;
             /** @description The correlation id. */
             correlation_id?: string | null;
             /** @description When it was triggered. */
@@ -1906,6 +2130,8 @@ export interface components {
             lease_id?: string | null;
             /** @description The handler's output once completed: any JSON, or null. */
             output?: unknown;
+            /** @description The run that spawned this one (`ctx.spawn`), if it is a child run. */
+            parent?: string | null;
             /**
              * Format: int32
              * @description Higher runs first.
@@ -1935,6 +2161,7 @@ export interface components {
             updated_at: string;
             /** @description Variables (merged by operator retries). */
             variables: Record<string, unknown>;
+            wait?: null | components["schemas"]["WaitView"];
             /** @description The worker holding the lease. */
             worker?: string | null;
         };
@@ -2049,6 +2276,55 @@ export interface components {
             start?: string | null;
             /** @description IANA time zone (default `UTC`). */
             timezone?: string | null;
+        };
+        /** @description A run's signals. */
+        SignalList: {
+            /** @description In arrival order. */
+            signals: components["schemas"]["SignalView"][];
+        };
+        /** @description A signal for one run (the body is optional: no body sends `null`). */
+        SignalRequest: {
+            /** @description The payload (any JSON, at most 64 KiB as JSON text; default `null`). */
+            data?: Record<string, unknown>;
+            /**
+             * @description An id for idempotency: the same id for the same run twice is one
+             *     signal (the repeat answers 200 with the original). 1 to 128 of
+             *     `A-Z a-z 0-9 _ . -`. Docket makes one when absent.
+             */
+            signal_id?: string | null;
+        };
+        /** @description The answer to a signal for one run. */
+        SignalSent: {
+            /**
+             * @description The `signal_id` was already used for this run: nothing was written
+             *     (HTTP 200 instead of 201).
+             */
+            duplicate: boolean;
+            /** @description The signal as stored (the original for a repeated `signal_id`). */
+            signal: components["schemas"]["SignalView"];
+            /** @description The run was waiting for this name and is due now. */
+            woke: boolean;
+        };
+        /** @description A signal one run received. */
+        SignalView: {
+            /** @description Its payload. */
+            data: Record<string, unknown>;
+            /** @description When it was consumed (RFC 3339). */
+            delivered_at?: string | null;
+            /** @description The wait that consumed it (`signal:NAME:N`); `null` while pending. */
+            delivered_to?: string | null;
+            /** @description Its id. */
+            id: string;
+            /** @description The correlation key it was sent by, if it was. */
+            key?: string | null;
+            /** @description Its name. */
+            name: string;
+            /** @description When it was received (RFC 3339). */
+            received_at: string;
+            /** @description The run. */
+            run_id: string;
+            /** @description Who sent it (the token's name; `rust` from the library). */
+            sent_by: string;
         };
         /** @description `POST /api/worker/v1/runs/{id}/steps/complete`. */
         StepCompleteRequest: {
@@ -2173,6 +2449,39 @@ export interface components {
             run: components["schemas"]["RunView"];
             /** @description True when the run is terminal; false when the timeout passed first. */
             terminal: boolean;
+        };
+        /** @description What a suspended run waits for. */
+        WaitView: {
+            /** @description The correlation key of a keyed signal wait. */
+            key?: string | null;
+            /**
+             * @description `signal` (a signal of `name`, reachable by `key` too when set),
+             *     `sleep` (a durable sleep named `name`) or `children` (a join waiting
+             *     for `waiting` of `of` child runs to end).
+             */
+            kind: string;
+            /** @description The signal's name, or the sleep's (`null` for children). */
+            name?: string | null;
+            /**
+             * Format: int32
+             * @description Children the join waits for in all (`children` only).
+             */
+            of?: number | null;
+            /**
+             * @description In words: `waiting for signal "paid" until …`, `sleeping until …`,
+             *     `waiting for 12 of 1000 children`.
+             */
+            summary: string;
+            /**
+             * @description Its deadline (RFC 3339): the wait's timeout, or the wake time
+             *     (`null` for children: a join has none).
+             */
+            until?: string | null;
+            /**
+             * Format: int32
+             * @description Children not final yet (`children` only).
+             */
+            waiting?: number | null;
         };
         /** @description The registered remote workers. */
         WorkerList: {
@@ -2630,6 +2939,56 @@ export interface operations {
             };
         };
     };
+    connection_limits: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description The connection's name */
+                name: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The connection's limits */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ConnectionLimitsView"];
+                };
+            };
+            /** @description A path segment that is not UTF-8 text (`invalid_parameter`) */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description No valid token (`unauthorized`) */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description No such connection */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
     core_cmd: {
         parameters: {
             query?: never;
@@ -3000,6 +3359,35 @@ export interface operations {
             };
         };
     };
+    limits: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Flow control now */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Limits"];
+                };
+            };
+            /** @description No valid token */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
     openapi_json: {
         parameters: {
             query?: never;
@@ -3035,6 +3423,8 @@ export interface operations {
                 limit?: number;
                 /** @description Only failed and needs_input runs */
                 needs_attention?: boolean;
+                /** @description Only the child runs of this run, in spawn order (oldest first); combines with `cursor` and `limit` only */
+                parent?: string;
                 /** @description Any of these statuses (comma-separated or repeated) */
                 status?: string;
             };
@@ -3820,6 +4210,149 @@ export interface operations {
             };
         };
     };
+    list_run_signals: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description The run's id */
+                id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The run's signals */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["SignalList"];
+                };
+            };
+            /** @description A path segment that is not UTF-8 text (`invalid_parameter`) */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description No valid token (`unauthorized`) */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description No such run in the caller's tenant */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    signal_run: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description The run's id */
+                id: string;
+                /** @description The signal's name: 1 to 128 of `A-Z a-z 0-9 _ . -` */
+                name: string;
+            };
+            cookie?: never;
+        };
+        /** @description Optional */
+        requestBody?: {
+            content: {
+                "application/json": components["schemas"]["SignalRequest"];
+            };
+        };
+        responses: {
+            /** @description The `signal_id` was already used for this run: the original */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["SignalSent"];
+                };
+            };
+            /** @description Stored (and the run woken if it waited for it) */
+            201: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["SignalSent"];
+                };
+            };
+            /** @description A bad signal name (the field is named) */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description No valid token (`unauthorized`) */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description No such run in the caller's tenant */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The run is final (its state is named) */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The payload is over 64 KiB */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description A bad `signal_id` (named) */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
     skip: {
         parameters: {
             query?: never;
@@ -4593,6 +5126,66 @@ export interface operations {
                 };
             };
             /** @description The body is not an object, or a field is wrong (`invalid_field`, named) */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    signal_by_key: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["KeyedSignalRequest"];
+            };
+        };
+        responses: {
+            /** @description The runs reached (possibly none) */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["KeyedSignalSent"];
+                };
+            };
+            /** @description The body is not JSON */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description No valid token (`unauthorized`) */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The payload is over 64 KiB */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description A bad `name`, `key` or `signal_id` (named) */
             422: {
                 headers: {
                     [name: string]: unknown;
