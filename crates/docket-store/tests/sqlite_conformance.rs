@@ -201,7 +201,8 @@ async fn a_version_2_database_gains_the_leaders_table() {
         c.execute_batch(
             // Undo every step after 2 (leaders, schedules, trace context,
             // the worker protocol's token scope and roster, retention,
-            // concurrency keys, signals, child runs) so
+            // concurrency keys, rate limits and breakers, signals, child
+            // runs) so
             // the database is a true version 2.
             "DROP INDEX runs_keyed_claim;
              DROP INDEX runs_keyed_running;
@@ -230,6 +231,9 @@ async fn a_version_2_database_gains_the_leaders_table() {
              ALTER TABLE runs DROP COLUMN parent_waits;
              ALTER TABLE runs DROP COLUMN join_waiting;
              ALTER TABLE runs DROP COLUMN join_of;
+             DROP TABLE rate_buckets;
+             DROP TABLE rate_reservations;
+             DROP TABLE breakers;
              DROP TABLE signals;
              DROP TABLE signal_waits;
              ALTER TABLE runs DROP COLUMN wake_requested;
