@@ -123,7 +123,7 @@ pub async fn a_signal_sent_before_the_wait_is_kept_for_it(store: DynStore) {
         steps[0].result.as_ref().unwrap()["signal"]["data"],
         json!({"amount": 42})
     );
-    assert_eq!(store.signals(id).await.unwrap(), vec![sig]);
+    assert_eq!(store.signals(id).await.unwrap(), vec![*sig]);
     assert!(store.signal_waits(id).await.unwrap().is_empty());
     let k = kinds(&store, id).await;
     assert_eq!(

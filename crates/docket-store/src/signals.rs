@@ -179,7 +179,7 @@ pub struct WaitSignal {
 #[derive(Clone, Debug, PartialEq)]
 pub enum WaitOutcome {
     /// A signal was consumed and stored as the wait's result.
-    Delivered(SignalRecord),
+    Delivered(Box<SignalRecord>),
     /// The deadline passed with none: stored as the wait's result.
     TimedOut {
         /// The deadline.

@@ -284,7 +284,7 @@ impl Ctx {
             .await
             .map_err(store_err)?;
         match out {
-            WaitOutcome::Delivered(r) => Ok(Signalled::Received(r.into())),
+            WaitOutcome::Delivered(r) => Ok(Signalled::Received((*r).into())),
             WaitOutcome::TimedOut { until } => Ok(Signalled::TimedOut { until }),
             WaitOutcome::Waiting { until } => Err(JobError::control(
                 Control::Postpone { until },

@@ -379,8 +379,10 @@ async fn signals_to_final_or_unknown_runs_are_refused(d: Docket, _c: ManualClock
         d.signal(id, "paid", big, SignalOptions::default()).await,
         Err(docket::Error::ContentTooLarge { .. })
     ));
-    let mut opts = SignalOptions::default();
-    opts.tenant = Some("globex".into());
+    let opts = SignalOptions {
+        tenant: Some("globex".into()),
+        ..Default::default()
+    };
     assert!(matches!(
         d.signal(id, "paid", json!(1), opts).await,
         Err(docket::Error::RunNotFound(_))

@@ -231,7 +231,7 @@ async fn wait(
                 .map_err(db)?;
             sig.delivered_to = Some(w.wait.clone());
             sig.delivered_at = Some(w.now);
-            (step, event, WaitOutcome::Delivered(sig))
+            (step, event, WaitOutcome::Delivered(Box::new(sig)))
         }
         WaitPlan::TimeOut { step, event } => (step, event, WaitOutcome::TimedOut { until }),
     };

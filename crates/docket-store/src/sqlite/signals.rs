@@ -238,7 +238,7 @@ fn wait(c: &Connection, lease: LeaseRef, w: &WaitSignal) -> Result<Result<WaitOu
             .map_err(db_err)?;
             sig.delivered_to = Some(w.wait.clone());
             sig.delivered_at = Some(w.now);
-            (step, event, WaitOutcome::Delivered(sig))
+            (step, event, WaitOutcome::Delivered(Box::new(sig)))
         }
         WaitPlan::TimeOut { step, event } => (step, event, WaitOutcome::TimedOut { until }),
     };
