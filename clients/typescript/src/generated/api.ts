@@ -301,7 +301,7 @@ export interface paths {
         };
         /**
          * A run with its attempts, steps, ledger entries and events, and the
-         *     timeline built from them.
+         *     timeline built from them (and its children count and current wait).
          */
         get: operations["show"];
         put?: never;
@@ -1840,6 +1840,12 @@ export interface components {
         RunDetail: {
             /** @description Its attempts, by number, with gaps and retry decisions. */
             attempts: components["schemas"]["AttemptView"][];
+            /**
+             * Format: int64
+             * @description How many child runs it spawned (list them with
+             *     `GET /api/runs?parent=ID`).
+             */
+            children: number;
             /** @description Its events, in order. */
             events: components["schemas"]["EventView"][];
             /**
@@ -1858,6 +1864,7 @@ export interface components {
             steps: Record<string, unknown>[];
             /** @description Events and attempts as one readable timeline. */
             timeline: components["schemas"]["TimelineEntry"][];
+            wait?: null | components["schemas"]["WaitView"];
         };
         /** @description A page of runs. */
         RunPage: {
@@ -1906,6 +1913,8 @@ export interface components {
             lease_id?: string | null;
             /** @description The handler's output once completed: any JSON, or null. */
             output?: unknown;
+            /** @description The run that spawned this one (`ctx.spawn`), if it is a child run. */
+            parent?: string | null;
             /**
              * Format: int32
              * @description Higher runs first.
@@ -2173,6 +2182,21 @@ export interface components {
             run: components["schemas"]["RunView"];
             /** @description True when the run is terminal; false when the timeout passed first. */
             terminal: boolean;
+        };
+        /** @description A run's current wait. */
+        WaitView: {
+            /** @description `children`: a join waiting for child runs to end. */
+            kind: string;
+            /**
+             * Format: int32
+             * @description Children the join waits for in all.
+             */
+            of: number;
+            /**
+             * Format: int32
+             * @description Children not final yet.
+             */
+            waiting: number;
         };
         /** @description The registered remote workers. */
         WorkerList: {
@@ -3035,6 +3059,8 @@ export interface operations {
                 limit?: number;
                 /** @description Only failed and needs_input runs */
                 needs_attention?: boolean;
+                /** @description Only the child runs of this run, in spawn order (oldest first); combines with `cursor` and `limit` only */
+                parent?: string;
                 /** @description Any of these statuses (comma-separated or repeated) */
                 status?: string;
             };
