@@ -142,6 +142,7 @@ fn serve(db: &str, config: &str) -> Served {
     loop {
         let Ok(line) = rx.recv_timeout(Duration::from_secs(30)) else {
             let _ = child.kill();
+            let _ = child.wait();
             panic!("the server did not log its address within 30 s: {early:?}");
         };
         early.push(line.clone());
@@ -251,17 +252,18 @@ concurrency_limit = 2
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let s = seen.lock().unwrap();
-    assert_eq!(s.total, runs, "one request per run");
-    for c in customers {
-        assert_eq!(
-            s.max.get(c).copied(),
-            Some(2),
-            "most requests of {c} at once (limit 2 across 3 processes): {:?}",
-            s.max
-        );
+    {
+        let s = seen.lock().unwrap();
+        assert_eq!(s.total, runs, "one request per run");
+        for c in customers {
+            assert_eq!(
+                s.max.get(c).copied(),
+                Some(2),
+                "most requests of {c} at once (limit 2 across 3 processes): {:?}",
+                s.max
+            );
+        }
     }
-    drop(s);
     // Held runs spent no attempt: every run completed at its first.
     let attempts: i64 = sqlx::query_scalar("SELECT max(attempt)::int8 FROM runs")
         .fetch_one(store.pool())
