@@ -603,6 +603,10 @@ async fn openapi_has_every_route() {
         ("post", "/api/jobs/{job}/resume"),
         ("post", "/api/runs/{id}/delete"),
         ("post", "/api/runs/bulk"),
+        ("post", "/api/runs/{id}/signals/{name}"),
+        ("get", "/api/runs/{id}/signals"),
+        ("post", "/api/signals"),
+        ("get", "/api/connections/{name}/limits"),
     ];
     for (m, p) in expected {
         assert!(

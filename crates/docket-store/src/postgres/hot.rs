@@ -680,15 +680,31 @@ async fn keyed_claim(
             crate::retention::NOT_PAUSED
         )
     });
+    // Only the keys with a claimable run this claimer may take are locked
+    // (the fenced subquery filters first): a claimer of other jobs or
+    // another tenant must not hold a key's lock, or it would make the
+    // claimers that can use the key skip it.
+    static LOCK: LazyLock<String> = LazyLock::new(|| {
+        format!(
+            "SELECT k FROM (
+                SELECT k FROM unnest($1::text[]) AS k
+                WHERE EXISTS (SELECT 1 FROM runs
+                              WHERE concurrency_key = k AND status IN ({})
+                                AND job = ANY($2) AND ($3::text IS NULL OR tenant = $3))
+                OFFSET 0
+             ) mine
+             WHERE pg_try_advisory_xact_lock(hashtextextended('docket.concurrency_key/' || current_schema() || '/' || k, 0))",
+            crate::plan::claim::CLAIMABLE_SQL
+        )
+    });
     let mut tx = c.begin().await.map_err(db)?;
-    let locked: Vec<String> = sqlx::query_scalar(
-        "SELECT k FROM unnest($1::text[]) AS k
-         WHERE pg_try_advisory_xact_lock(hashtextextended('docket.concurrency_key/' || current_schema() || '/' || k, 0))",
-    )
-    .bind(&keys)
-    .fetch_all(&mut *tx)
-    .await
-    .map_err(db)?;
+    let locked: Vec<String> = sqlx::query_scalar(&LOCK)
+        .bind(&keys)
+        .bind(&req.jobs)
+        .bind(&req.tenant)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(db)?;
     if locked.is_empty() {
         tx.commit().await.map_err(db)?;
         return Ok(Vec::new());
