@@ -297,9 +297,6 @@ pub async fn list(
         "limit",
         "parent",
     ])?;
-    if let Some(parent) = q.get("parent") {
-        return children_page(&state, &caller, &q, parent).await.map(Json);
-    }
     let mut statuses = Vec::new();
     for s in q.all("status") {
         let st: RunStatus = s.parse().map_err(|m| ApiError::bad_param("status", m))?;
@@ -334,6 +331,18 @@ pub async fn list(
     let time = |p: &str| -> ApiResult<Option<Timestamp>> {
         q.get(p).map(|s| param_time(p, s)).transpose()
     };
+    // An empty `parent` is no parent filter (like an empty form field).
+    if let Some(parent) = q.get("parent").filter(|p| !p.is_empty()) {
+        let keep = ChildFilter {
+            statuses,
+            job: q.get("job").map(str::to_string),
+            after: time("created_after")?,
+            before: time("created_before")?,
+        };
+        return children_page(&state, &caller, &q, parent, keep)
+            .await
+            .map(Json);
+    }
     let limit = match q.get("limit") {
         None => 50,
         Some(s) => match s.parse::<usize>() {
@@ -565,29 +574,33 @@ fn times_as_rfc3339(mut v: Value) -> Value {
     v
 }
 
-/// `GET /api/runs?parent=ID`: a run's children, oldest first.
+/// The other filters of a children page, applied to each page read.
+struct ChildFilter {
+    statuses: Vec<RunStatus>,
+    job: Option<String>,
+    after: Option<Timestamp>,
+    before: Option<Timestamp>,
+}
+
+impl ChildFilter {
+    fn keeps(&self, r: &Run) -> bool {
+        (self.statuses.is_empty() || self.statuses.contains(&r.status))
+            && self.job.as_ref().is_none_or(|j| &r.job == j)
+            && self.after.is_none_or(|t| r.created_at >= t)
+            && self.before.is_none_or(|t| r.created_at < t)
+    }
+}
+
+/// `GET /api/runs?parent=ID`: a run's children, oldest first. The other
+/// filters apply to each page of children read, so a page may hold fewer
+/// runs than `limit` (even none) while `next_cursor` says more follow.
 async fn children_page(
     state: &AppState,
     caller: &Caller,
     q: &QueryPairs,
     parent: &str,
+    keep: ChildFilter,
 ) -> ApiResult<RunPage> {
-    for other in [
-        "status",
-        "job",
-        "needs_attention",
-        "created_after",
-        "created_before",
-    ] {
-        if q.get(other).is_some() {
-            return Err(ApiError::bad_param(
-                other,
-                format!(
-                    "`{other}` cannot be combined with `parent` (only `cursor` and `limit` can)"
-                ),
-            ));
-        }
-    }
     let parent: RunId = parent
         .parse()
         .map_err(|_| ApiError::bad_param("parent", format!("`{parent}` is not a run id")))?;
@@ -622,7 +635,11 @@ async fn children_page(
         next_cursor: more
             .then(|| runs.last().map(|r| r.id.to_string()))
             .flatten(),
-        runs: runs.iter().map(|r| state.view(r)).collect(),
+        runs: runs
+            .iter()
+            .filter(|r| keep.keeps(r))
+            .map(|r| state.view(r))
+            .collect(),
     })
 }
 

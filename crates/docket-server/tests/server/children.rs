@@ -91,10 +91,21 @@ async fn a_parent_shows_its_children_and_its_wait() {
     assert_eq!(k["run"]["input"], json!({ "i": 0 }));
     assert_eq!(k["children"], 0);
 
+    // The other filters apply to the children.
+    let (_, all) = s
+        .get(&format!(
+            "/api/runs?parent={done}&status=completed&limit=10"
+        ))
+        .await;
+    assert_eq!(ids(&all).len(), 3, "{all}");
+    let (_, none) = s
+        .get(&format!("/api/runs?parent={done}&status=failed&job=echo"))
+        .await;
+    assert_eq!(ids(&none).len(), 0, "{none}");
     // Bad input is named; another tenant sees nothing.
     for (q, field) in [
         ("parent=nope".to_string(), "parent"),
-        (format!("parent={done}&status=completed"), "status"),
+        (format!("parent={done}&status=bogus"), "status"),
     ] {
         let (st, v) = s.get(&format!("/api/runs?{q}")).await;
         assert_eq!(st, StatusCode::BAD_REQUEST, "{q}: {v}");

@@ -52,7 +52,7 @@ pub fn register_jobs(d: &Docket) {
     // Child runs: `{"children": N, "job": J}` spawns N runs of J (default
     // `noop`), joins them and outputs how many completed.
     d.register(Job::new("fan", |ctx, input: Value| async move {
-        let n = input["children"].as_u64().unwrap_or(2);
+        let n = input["children"].as_u64().unwrap_or(2).min(20);
         let job = input["job"].as_str().unwrap_or("noop").to_string();
         let kids = (0..n)
             .map(|i| (format!("kid-{i}"), job.clone(), json!({ "i": i })))
