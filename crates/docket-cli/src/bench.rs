@@ -32,7 +32,8 @@ pub struct BenchArgs {
     /// `--retention-ms`: throughput and size of the first vs the last
     /// 100,000); or bulk-retry (`--runs`, default 10,000, failed runs
     /// retried through `POST /api/runs/bulk` while `GET /api/runs` is
-    /// timed).
+    /// timed); or fairness (tenant B's pickup latency without and with a
+    /// backlog of `--runs`, default 100,000, runs of tenant A).
     #[arg(default_value = "all")]
     workload: String,
     /// Database URL (default: a fresh SQLite file in a temporary directory).
@@ -61,6 +62,12 @@ pub struct BenchArgs {
     /// cost of taking a token per run.
     #[arg(long)]
     rate_limit: Option<f64>,
+    /// W1: give the job a job-wide concurrency limit of this many runs
+    /// across every process (a concurrency key without a template,
+    /// docs/FLOW_CONTROL.md): with the worker's concurrency or more it
+    /// never binds and measures the cost of keyed claims.
+    #[arg(long)]
+    job_limit: Option<usize>,
 }
 
 /// One workload's figures.
@@ -97,6 +104,9 @@ pub async fn run(args: BenchArgs) -> Result<(), BoxError> {
     if args.workload.eq_ignore_ascii_case("bulk-retry") {
         return crate::bench_bulk::run(args.db.as_deref(), args.runs, args.json).await;
     }
+    if args.workload.eq_ignore_ascii_case("fairness") {
+        return crate::bench_fair::run(args.db.as_deref(), args.runs, args.json).await;
+    }
     if args.workload.eq_ignore_ascii_case("claim-scale") {
         return crate::bench_scale::run(args.db.as_deref(), args.runs, args.json).await;
     }
@@ -106,7 +116,7 @@ pub async fn run(args: BenchArgs) -> Result<(), BoxError> {
         "W2" => vec!["W2"],
         "W3" => vec!["W3"],
         other => {
-            return Err(format!("unknown workload `{other}`: expected W1, W2, W3 or all").into())
+            return Err(format!("unknown workload `{other}`: expected W1, W2, W3, all, claim-scale, steady, bulk-retry or fairness").into())
         }
     };
     if args.concurrency == 0 {
@@ -124,6 +134,7 @@ pub async fn run(args: BenchArgs) -> Result<(), BoxError> {
                     args.concurrency,
                     args.prefetch,
                     args.rate_limit,
+                    args.job_limit,
                 )
                 .await?
             }
@@ -277,6 +288,7 @@ async fn w1(
     concurrency: usize,
     prefetch: Option<usize>,
     rate_limit: Option<f64>,
+    job_limit: Option<usize>,
 ) -> Result<Report, BoxError> {
     let d = open(db).await?;
     let count = Arc::new(AtomicUsize::new(0));
@@ -297,6 +309,10 @@ async fn w1(
     });
     let job = match rate_limit {
         Some(r) => job.rate_limit(r, r.clamp(1.0, 1_000_000.0) as u32),
+        None => job,
+    };
+    let job = match job_limit {
+        Some(n) => job.concurrency(n),
         None => job,
     };
     d.register(job)?;

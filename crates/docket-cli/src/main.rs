@@ -5,6 +5,7 @@
 mod out;
 mod bench;
 mod bench_bulk;
+mod bench_fair;
 mod bench_scale;
 mod bench_steady;
 mod client;

@@ -2504,6 +2504,8 @@ macro_rules! conformance_tests {
             workers_roster_upserts_and_counts_running,
             workers_not_seen_since_the_cutoff_are_forgotten,
             claim_by_tenant_takes_only_that_tenant,
+            claims_share_slots_among_tenants,
+            finish_and_claim_shares_slots_among_tenants,
             last_event_id_tracks_events,
             steps_are_stored_fenced_and_unique,
             ledger_rows_are_written_fenced,
@@ -3118,6 +3120,122 @@ pub async fn claim_by_tenant_takes_only_that_tenant(store: DynStore) {
         .await
         .unwrap();
     assert_eq!(rest.iter().map(|r| r.id).collect::<Vec<_>>(), [ids[1]]);
+}
+
+/// `n` due runs of `tenant`, each due one millisecond after the previous,
+/// starting at `from`.
+async fn backlog(store: &DynStore, tenant: &str, n: usize, from: Timestamp) -> Vec<RunId> {
+    let runs: Vec<NewRun> = (0..n)
+        .map(|i| {
+            let mut r = NewRun::new("job", json!({ "tenant": tenant, "i": i }));
+            r.tenant = tenant.into();
+            r.run_after = Some(from.plus_millis(i as i64));
+            r
+        })
+        .collect();
+    let ids = runs.iter().map(|r| r.id).collect();
+    store.trigger(runs, T0).await.unwrap();
+    ids
+}
+
+fn tenants_of(runs: &[Run]) -> Vec<String> {
+    runs.iter().map(|r| r.tenant.clone()).collect()
+}
+
+/// Tenant fairness (`plan::fair`): one tenant's backlog, due earlier, does
+/// not hold back another tenant's run. Claims of one slot visit the
+/// tenants in turn; a larger claim deals its slots round-robin and gives
+/// the slots a tenant cannot use to the tenants that filled theirs; within
+/// a tenant the claim order is unchanged.
+pub async fn claims_share_slots_among_tenants(store: DynStore) {
+    let a = backlog(&store, "a", 40, T0).await;
+    let b = backlog(&store, "b", 1, T0.plus_millis(100)).await;
+    let c = backlog(&store, "c", 2, T0.plus_millis(200)).await;
+    let now = T0.plus_millis(1_000);
+    // One slot per claim: a, b, c, then a again (the rotation wraps).
+    let mut served = Vec::new();
+    for _ in 0..4 {
+        let got = store.claim(claim_req(now, 1)).await.unwrap();
+        assert_eq!(got.len(), 1);
+        served.push(got[0].clone());
+    }
+    assert_eq!(tenants_of(&served), ["a", "b", "c", "a"]);
+    // Within a tenant, claim order: a's oldest first, then its next.
+    assert_eq!(
+        served.iter().map(|r| r.id).collect::<Vec<_>>(),
+        [a[0], b[0], c[0], a[1]]
+    );
+    // Eight slots, b has nothing left, c one run: c takes its one, a the
+    // other seven (refilled), none left idle while a has due runs.
+    let got = store.claim(claim_req(now, 8)).await.unwrap();
+    assert_eq!(got.len(), 8);
+    let mut ts = tenants_of(&got);
+    ts.sort();
+    assert_eq!(ts, ["a", "a", "a", "a", "a", "a", "a", "c"]);
+    assert!(got.iter().any(|r| r.id == c[1]));
+    let a_ids: Vec<RunId> = got
+        .iter()
+        .filter(|r| r.tenant == "a")
+        .map(|r| r.id)
+        .collect();
+    assert_eq!(a_ids, a[2..9], "a's runs in claim order");
+    // A claim scoped to one tenant takes only that tenant's runs.
+    let mut req = claim_req(now, 3);
+    req.tenant = Some("a".into());
+    assert_eq!(
+        tenants_of(&store.claim(req).await.unwrap()),
+        ["a", "a", "a"]
+    );
+    // A run of another tenant triggered now is served by the next claim,
+    // ahead of a's 28 older runs.
+    let d = backlog(&store, "d", 1, now).await;
+    let mut first_d = None;
+    for i in 0..2 {
+        let got = store.claim(claim_req(now, 1)).await.unwrap();
+        if got[0].tenant == "d" {
+            first_d = Some(i);
+            assert_eq!(got[0].id, d[0]);
+        }
+    }
+    assert!(first_d.is_some(), "d is served within two one-slot claims");
+    // A tenant whose only run is due later passes its slot on: no claim
+    // comes back empty while a's runs are due.
+    backlog(&store, "e", 1, now.plus_millis(60_000)).await;
+    for _ in 0..4 {
+        let got = store.claim(claim_req(now, 1)).await.unwrap();
+        assert_eq!(tenants_of(&got), ["a"]);
+    }
+}
+
+/// The combined end-and-claim shares its claim among tenants too: ending
+/// an attempt of the tenant with the backlog and refilling the slot in the
+/// same call serves the other tenant's waiting run.
+pub async fn finish_and_claim_shares_slots_among_tenants(store: DynStore) {
+    backlog(&store, "a", 10, T0).await;
+    let now = T0.plus_millis(1_000);
+    let first = store.claim(claim_req(now, 1)).await.unwrap();
+    assert_eq!(tenants_of(&first), ["a"]);
+    backlog(&store, "b", 1, now).await;
+    let end = AttemptEnd {
+        run_id: first[0].id,
+        lease_id: first[0].lease_id.unwrap(),
+        outcome: Outcome::Completed {
+            output: json!(null),
+        },
+        now,
+    };
+    let (ended, got) = store
+        .finish_and_claim(vec![end], vec![claim_req(now, 1)])
+        .await
+        .unwrap();
+    assert_eq!(ended.len(), 1);
+    assert_eq!(ended[0].as_ref().unwrap(), &RunStatus::Completed);
+    assert_eq!(tenants_of(&got), ["b"], "b's run, not a's next");
+    let (_, got) = store
+        .finish_and_claim(Vec::new(), vec![claim_req(now, 4)])
+        .await
+        .unwrap();
+    assert_eq!(tenants_of(&got), ["a", "a", "a", "a"]);
 }
 
 fn sched_def(tenant: &str, name: &str) -> ScheduleDef {

@@ -7,6 +7,7 @@
 //! - [`trigger`]: what a new run starts with;
 //! - [`claim`]: which runs a claim takes and what it writes to each;
 //! - [`concurrency`]: which keyed runs a claim takes, and which it finds held;
+//! - [`fair`]: how a claim shares its slots among tenants;
 //! - [`end`]: an attempt's end (each outcome) and a refused stale end;
 //! - [`operator`]: each operator command;
 //! - [`step`]: a durable step's completion or failure;
@@ -18,6 +19,7 @@ pub mod child;
 pub mod claim;
 pub mod concurrency;
 pub mod end;
+pub mod fair;
 pub mod operator;
 pub mod rate;
 pub mod schedule;

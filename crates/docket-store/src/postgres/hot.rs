@@ -47,6 +47,7 @@ use uuid::Uuid;
 
 use super::db;
 use super::ops::{run_from_row, RUN_COLS};
+use crate::plan::fair::Cursor;
 
 /// Lease ids generated in Rust per claim (UUIDv7, like SQLite's); a claim of
 /// more runs than this takes `gen_random_uuid()` for the rest.
@@ -220,8 +221,8 @@ static CLAIM_CTES: LazyLock<String> = LazyLock::new(|| {
         "
 picked AS (
     SELECT id, priority, run_after FROM runs
-    WHERE status IN ({}) AND run_after <= $1 AND job = ANY($2) AND concurrency_key IS NULL
-        AND ($10::text IS NULL OR tenant = $10)
+    WHERE tenant = $10 AND status IN ({}) AND run_after <= $1 AND job = ANY($2)
+        AND concurrency_key IS NULL
       AND NOT EXISTS (SELECT 1 FROM job_pauses p WHERE p.tenant = runs.tenant AND p.job IN (runs.job, '*'))
     ORDER BY priority DESC, run_after, id
     LIMIT $3
@@ -606,26 +607,74 @@ async fn finish_only(
 }
 
 /// One claim: keyed runs first (bounded by their keys), then unkeyed runs
-/// with the rest of the limit.
-pub(super) async fn claim(c: &mut PgConnection, req: &ClaimRequest) -> Result<Vec<Run>> {
+/// with the rest of the limit, shared among tenants (`plan::fair`).
+pub(super) async fn claim(
+    c: &mut PgConnection,
+    req: &ClaimRequest,
+    cursor: &Cursor,
+) -> Result<Vec<Run>> {
     if req.jobs.is_empty() || req.limit == 0 {
         return Ok(Vec::new());
     }
-    let keys = claimable_keys(&mut *c).await?;
-    let mut runs = keyed_claim(&mut *c, req, keys).await?;
-    let mut rest = req.clone();
-    rest.limit = req.limit.saturating_sub(runs.len());
-    if rest.limit > 0 {
-        runs.extend(claim_plain(&mut *c, &rest).await?);
+    let found = claimable(&mut *c, req, cursor).await?;
+    claim_found(&mut *c, req, &found.keys, &found.tenants, cursor).await
+}
+
+/// The unkeyed part of a claim: `limit` slots dealt among `tenants` by
+/// `plan::fair::Dealer`, one claim statement per ask; moves the cursor (a
+/// claim scoped to one tenant leaves it).
+async fn fair_claim(
+    c: &mut PgConnection,
+    req: &ClaimRequest,
+    limit: usize,
+    tenants: &[String],
+    cursor: &Cursor,
+) -> Result<Vec<Run>> {
+    let mut dealer = crate::plan::fair::Dealer::new(tenants, limit);
+    let mut runs = Vec::with_capacity(limit);
+    while let Some((tenant, n)) = dealer.next() {
+        let part = claim_plain(&mut *c, &for_tenant(req, &tenant, n)).await?;
+        dealer.got(part.len());
+        runs.extend(part);
+    }
+    if req.tenant.is_none() {
+        cursor.advance(&dealer);
     }
     Ok(runs)
 }
 
-/// The keys that have claimable runs: a skip scan of `runs_keyed_claim`,
-/// one index probe per key however many runs each holds back. On a
-/// database without keyed runs this is one probe of an empty index.
-async fn claimable_keys(c: &mut PgConnection) -> Result<Vec<String>> {
+/// `req` narrowed to one tenant and `limit` runs.
+fn for_tenant(req: &ClaimRequest, tenant: &str, limit: usize) -> ClaimRequest {
+    ClaimRequest {
+        tenant: Some(tenant.to_string()),
+        limit,
+        ..req.clone()
+    }
+}
+
+/// What a claim may find: the keys with claimable runs, and the tenants
+/// with claimable unkeyed runs it visits.
+#[derive(Default)]
+struct Claimable {
+    keys: Vec<String>,
+    tenants: Vec<String>,
+}
+
+/// One round trip: the keys with claimable runs (a skip scan of
+/// `runs_keyed_claim`, one index probe per key however many runs each
+/// holds back) and the tenants with claimable unkeyed runs after the
+/// cursor, then from the start (skip scans of `runs_claim`, at most
+/// `plan::fair::MAX_TENANTS_PER_CLAIM` probes each). A claim scoped to one tenant
+/// visits only that one.
+async fn claimable(c: &mut PgConnection, req: &ClaimRequest, cursor: &Cursor) -> Result<Claimable> {
     static SQL: LazyLock<String> = LazyLock::new(|| {
+        let tenant_min = |bound: &str| {
+            format!(
+                "SELECT min(tenant) FROM runs
+                 WHERE status IN ({}) AND concurrency_key IS NULL{bound}",
+                crate::plan::claim::CLAIMABLE_SQL
+            )
+        };
         format!(
             "WITH RECURSIVE k(key) AS (
                 SELECT (SELECT min(concurrency_key) FROM runs
@@ -634,15 +683,55 @@ async fn claimable_keys(c: &mut PgConnection) -> Result<Vec<String>> {
                 SELECT (SELECT min(concurrency_key) FROM runs
                         WHERE status IN ({c}) AND concurrency_key IS NOT NULL AND concurrency_key > k.key)
                 FROM k WHERE k.key IS NOT NULL
+             ),
+             a(tenant, n) AS (
+                SELECT ({a0}), 1 WHERE $1::text IS NOT NULL AND $3
+                UNION ALL
+                SELECT ({next_a}), n + 1 FROM a WHERE a.tenant IS NOT NULL AND n < $2
+             ),
+             w(tenant, n) AS (
+                SELECT ({w0}), 1
+                WHERE $3 AND (SELECT count(tenant) FROM a) < $2
+                UNION ALL
+                SELECT ({next_w}), n + 1 FROM w
+                WHERE w.tenant IS NOT NULL AND n < $2 - (SELECT count(tenant) FROM a)
              )
-             SELECT key FROM k WHERE key IS NOT NULL",
-            c = crate::plan::claim::CLAIMABLE_SQL
+             SELECT 0 AS part, key AS v, 0 AS n FROM k WHERE key IS NOT NULL
+             UNION ALL SELECT 1, tenant, n FROM a WHERE tenant IS NOT NULL
+             UNION ALL SELECT 2, tenant, n FROM w WHERE tenant IS NOT NULL
+             ORDER BY part, n",
+            c = crate::plan::claim::CLAIMABLE_SQL,
+            a0 = tenant_min(" AND tenant > $1"),
+            next_a = tenant_min(" AND tenant > a.tenant"),
+            w0 = tenant_min(""),
+            next_w = tenant_min(" AND tenant > w.tenant"),
         )
     });
-    sqlx::query_scalar(&SQL)
+    let count = crate::plan::fair::MAX_TENANTS_PER_CLAIM;
+    let scan = req.tenant.is_none();
+    let rows = sqlx::query(&SQL)
+        .bind(cursor.get())
+        .bind(i64::try_from(count).unwrap_or(i64::MAX))
+        .bind(scan)
         .fetch_all(&mut *c)
         .await
-        .map_err(db)
+        .map_err(db)?;
+    let mut found = Claimable::default();
+    let (mut after, mut wrapped) = (Vec::new(), Vec::new());
+    for row in &rows {
+        let part: i32 = row.try_get("part").map_err(db)?;
+        let v: String = row.try_get("v").map_err(db)?;
+        match part {
+            0 => found.keys.push(v),
+            1 => after.push(v),
+            _ => wrapped.push(v),
+        }
+    }
+    found.tenants = match &req.tenant {
+        Some(t) => vec![t.clone()],
+        None => crate::plan::fair::visit(after, wrapped),
+    };
+    Ok(found)
 }
 
 /// Claims keyed runs of `keys` for `req`, in one transaction: each key is
@@ -1023,60 +1112,74 @@ pub(super) async fn finish_and_claim(
     c: &mut PgConnection,
     ends: Vec<AttemptEnd>,
     claims: Vec<ClaimRequest>,
+    cursor: &Cursor,
 ) -> Result<(Vec<Result<RunStatus>>, Vec<Run>)> {
     let budget = claims.iter().map(|c| c.limit).max().unwrap_or(0);
-    // Keyed runs waiting: store the ends first (they may free a key's
-    // slot), then claim keyed runs, then unkeyed ones, as SQLite does.
-    // Otherwise (one index probe says so) the ends and the claim share one
-    // statement as before.
-    let keys = if budget > 0 {
-        claimable_keys(&mut *c).await?
-    } else {
-        Vec::new()
+    let found = match claims.first() {
+        Some(req) if budget > 0 => claimable(&mut *c, req, cursor).await?,
+        _ => Claimable::default(),
     };
-    if !keys.is_empty() {
-        let (finished, _) = apply(&mut *c, &ends, None).await?;
-        let mut runs = Vec::new();
-        for mut req in claims {
-            req.limit = req.limit.min(budget.saturating_sub(runs.len()));
-            if req.limit == 0 || req.jobs.is_empty() {
-                continue;
-            }
-            let got = keyed_claim(&mut *c, &req, keys.clone()).await?;
-            req.limit -= got.len();
-            runs.extend(got);
-            if req.limit > 0 {
-                runs.extend(claim_plain(&mut *c, &req).await?);
-            }
-        }
-        return Ok((finished, runs));
-    }
+    let tenants_of = |req: &ClaimRequest| match &req.tenant {
+        Some(t) => vec![t.clone()],
+        None => found.tenants.clone(),
+    };
     let mut claims = claims.into_iter();
     let first = claims.next().map(|mut req| {
         req.limit = req.limit.min(budget);
         req
     });
-    let together = first
-        .as_ref()
-        .is_some_and(|req| !ends.iter().any(|e| frees_by(e, req.now.0)));
-    let (finished, mut runs) = if together {
-        let (finished, claimed) = apply(&mut *c, &ends, first.as_ref()).await?;
-        (finished, claimed.transpose()?.unwrap_or_default())
+    // The ends and the first claim share one statement when that is exact:
+    // no keyed runs wait (the ends may free a key's slot: store them first,
+    // then claim keyed runs, as SQLite does), one tenant is visited (the
+    // claim is then one range of `runs_claim`), and no end makes a run
+    // claimable by the claim's `now`.
+    let together = found.keys.is_empty()
+        && first.as_ref().is_some_and(|req| {
+            tenants_of(req).len() == 1 && !ends.iter().any(|e| frees_by(e, req.now.0))
+        });
+    let mut runs = Vec::new();
+    let finished = if together {
+        let req = first.as_ref().expect("together has a first claim");
+        let tenant = &tenants_of(req)[0];
+        let (finished, claimed) =
+            apply(&mut *c, &ends, Some(&for_tenant(req, tenant, req.limit))).await?;
+        runs = claimed.transpose()?.unwrap_or_default();
+        if req.tenant.is_none() {
+            cursor.served(tenant);
+        }
+        finished
     } else {
         let (finished, _) = apply(&mut *c, &ends, None).await?;
-        let runs = match &first {
-            Some(req) => claim_plain(&mut *c, req).await?,
-            None => Vec::new(),
-        };
-        (finished, runs)
+        if let Some(req) = &first {
+            runs = claim_found(&mut *c, req, &found.keys, &tenants_of(req), cursor).await?;
+        }
+        finished
     };
     for mut req in claims {
         req.limit = req.limit.min(budget.saturating_sub(runs.len()));
-        if req.limit > 0 {
-            runs.extend(claim_plain(&mut *c, &req).await?);
+        if req.limit > 0 && !req.jobs.is_empty() {
+            let tenants = tenants_of(&req);
+            runs.extend(claim_found(&mut *c, &req, &found.keys, &tenants, cursor).await?);
         }
     }
     Ok((finished, runs))
+}
+
+/// A claim with what [`claimable`] found: keyed runs, then unkeyed ones.
+async fn claim_found(
+    c: &mut PgConnection,
+    req: &ClaimRequest,
+    keys: &[String],
+    tenants: &[String],
+    cursor: &Cursor,
+) -> Result<Vec<Run>> {
+    if req.limit == 0 || req.jobs.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut runs = keyed_claim(&mut *c, req, keys.to_vec()).await?;
+    let rest = req.limit.saturating_sub(runs.len());
+    runs.extend(fair_claim(&mut *c, req, rest, tenants, cursor).await?);
+    Ok(runs)
 }
 
 /// Whether this end, if its lease holds, leaves its run claimable at `now`.

@@ -103,6 +103,8 @@ pub struct PgStore {
     hot: Arc<[tokio::sync::Mutex<HotSlot>; HOT_CONNECTIONS]>,
     /// Sending-side debounce of wake-ups.
     notifier: Arc<Notifier>,
+    /// Where the next claim starts visiting tenants (`plan::fair`).
+    fair: Arc<crate::plan::fair::Cursor>,
 }
 
 /// At most one wake-up per job per this window from one store: a trigger
@@ -450,6 +452,7 @@ impl PgStore {
             opts,
             hot: Arc::default(),
             notifier: Arc::default(),
+            fair: Arc::default(),
         })
     }
 
@@ -556,6 +559,7 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0009_rate.sql"),
     include_str!("migrations/0010_signals.sql"),
     include_str!("migrations/0011_children.sql"),
+    include_str!("migrations/0012_fair.sql"),
 ];
 
 /// Creates or upgrades the schema by applying [`MIGRATIONS`]. Refuses (and
@@ -751,7 +755,7 @@ impl Store for PgStore {
             return Ok(Vec::new());
         }
         let mut c = self.hot_conn().await?;
-        let res = hot::claim(c.conn(), &req).await;
+        let res = hot::claim(c.conn(), &req, &self.fair).await;
         c.done(&res);
         res
     }
@@ -777,7 +781,7 @@ impl Store for PgStore {
     ) -> Result<(Vec<Result<RunStatus>>, Vec<Run>)> {
         let (ends, refused) = crate::json::Refused::screen(ends);
         let mut c = self.hot_conn().await?;
-        let res = hot::finish_and_claim(c.conn(), ends, claims).await;
+        let res = hot::finish_and_claim(c.conn(), ends, claims, &self.fair).await;
         c.done(&res);
         let (finished, runs) = res?;
         Ok((refused.merge(finished), runs))

@@ -12,22 +12,82 @@ use serde_json::Value;
 use super::db_err;
 use super::ops::*;
 use crate::plan;
+use crate::plan::fair::Cursor;
 
 /// Claims keyed runs first (bounded by their keys' limits, see
-/// `plan::concurrency`), then unkeyed runs with the rest of the limit.
-pub(super) fn claim(c: &Connection, req: &ClaimRequest) -> Result<Vec<Run>> {
+/// `plan::concurrency`), then unkeyed runs with the rest of the limit,
+/// shared among tenants (`plan::fair`).
+pub(super) fn claim(c: &Connection, req: &ClaimRequest, cursor: &Cursor) -> Result<Vec<Run>> {
     if req.jobs.is_empty() || req.limit == 0 {
         return Ok(Vec::new());
     }
     let keyed = keyed_ids(c, req)?;
-    let mut rest = req.clone();
-    rest.limit = req.limit - keyed.len();
     let mut out = take(c, req, keyed)?;
-    if rest.limit > 0 {
-        let ids = unkeyed_ids(c, &rest)?;
-        out.extend(take(c, req, ids)?);
+    let rest = req.limit - out.len();
+    if rest > 0 {
+        let tenants = match &req.tenant {
+            Some(t) => vec![t.clone()],
+            None => tenants_to_visit(c, cursor.get())?,
+        };
+        let mut dealer = plan::fair::Dealer::new(&tenants, rest);
+        while let Some((tenant, n)) = dealer.next() {
+            let ids = unkeyed_ids(c, req, &tenant, n)?;
+            dealer.got(ids.len());
+            out.extend(take(c, req, ids)?);
+        }
+        if req.tenant.is_none() {
+            cursor.advance(&dealer);
+        }
     }
     Ok(out)
+}
+
+/// The tenants with claimable unkeyed runs a claim visits (see
+/// `plan::fair::visit`): a skip scan of `runs_claim` after the cursor,
+/// then from the start; one index probe per tenant, at most
+/// `plan::fair::MAX_TENANTS_PER_CLAIM` each.
+fn tenants_to_visit(c: &Connection, cursor: Option<String>) -> Result<Vec<String>> {
+    let count = plan::fair::MAX_TENANTS_PER_CLAIM;
+    let scan = |after: bool| -> Result<Vec<String>> {
+        let from = |bound: &str| {
+            format!(
+                "SELECT MIN(tenant) FROM runs INDEXED BY runs_claim
+                 WHERE status IN ({}) AND concurrency_key IS NULL{bound}",
+                plan::claim::CLAIMABLE_SQL
+            )
+        };
+        let sql = format!(
+            "WITH RECURSIVE t(tenant, n) AS (
+                SELECT ({}), 1
+                UNION ALL
+                SELECT ({}), n + 1 FROM t WHERE t.tenant IS NOT NULL AND n < ?2
+             )
+             SELECT tenant FROM t WHERE tenant IS NOT NULL",
+            from(if after {
+                " AND tenant > ?1"
+            } else {
+                " AND ?1 IS NULL"
+            }),
+            from(" AND tenant > t.tenant"),
+        );
+        let mut st = c.prepare_cached(&sql).map_err(db_err)?;
+        let bound = if after { cursor.clone() } else { None };
+        let rows = st
+            .query_map(params![bound, count as i64], |r| r.get(0))
+            .map_err(db_err)?;
+        rows.collect::<rusqlite::Result<_>>().map_err(db_err)
+    };
+    let after = if cursor.is_some() {
+        scan(true)?
+    } else {
+        Vec::new()
+    };
+    let wrapped = if after.len() < count {
+        scan(false)?
+    } else {
+        Vec::new()
+    };
+    Ok(plan::fair::visit(after, wrapped))
 }
 
 /// The keys that have claimable runs, by a skip scan of `runs_keyed_claim`
@@ -120,12 +180,18 @@ fn keyed_ids(c: &Connection, req: &ClaimRequest) -> Result<Vec<String>> {
     Ok(p.claim.iter().map(|id| id.to_string()).collect())
 }
 
-/// The unkeyed runs `req` claims, in claim order.
-fn unkeyed_ids(c: &Connection, req: &ClaimRequest) -> Result<Vec<String>> {
+/// Up to `limit` of `tenant`'s unkeyed runs that `req` may claim, in claim
+/// order (an index range of `runs_claim`).
+fn unkeyed_ids(
+    c: &Connection,
+    req: &ClaimRequest,
+    tenant: &str,
+    limit: usize,
+) -> Result<Vec<String>> {
     let sql = format!(
         "SELECT id FROM runs INDEXED BY runs_claim
-         WHERE status IN ({}) AND run_after <= ?1 AND concurrency_key IS NULL
-           AND (?3 IS NULL OR tenant = ?3) AND job IN ({})
+         WHERE tenant = ?3 AND status IN ({}) AND run_after <= ?1 AND concurrency_key IS NULL
+           AND job IN ({})
            AND {}
          ORDER BY priority DESC, run_after, id LIMIT ?2",
         plan::claim::CLAIMABLE_SQL,
@@ -134,8 +200,8 @@ fn unkeyed_ids(c: &Connection, req: &ClaimRequest) -> Result<Vec<String>> {
     );
     let mut args: Vec<SqlValue> = vec![
         req.now.0.into(),
-        (req.limit as i64).into(),
-        req.tenant.clone().map_or(SqlValue::Null, SqlValue::from),
+        (limit as i64).into(),
+        tenant.to_string().into(),
     ];
     args.extend(req.jobs.iter().map(|j| SqlValue::from(j.clone())));
     let mut st = c.prepare_cached(&sql).map_err(db_err)?;

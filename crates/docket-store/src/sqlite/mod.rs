@@ -77,6 +77,8 @@ pub struct SqliteStore {
     watch: Option<std::sync::Arc<Watch>>,
     /// The WAL size past which a checkpoint truncates it.
     wal_limit: i64,
+    /// Where the next claim starts visiting tenants (`plan::fair`).
+    fair: std::sync::Arc<crate::plan::fair::Cursor>,
 }
 
 /// Prepared statements kept by the writer connection (see `start`).
@@ -222,6 +224,7 @@ impl SqliteStore {
             tx,
             path: None,
             wal_limit: WAL_TRUNCATE_BYTES,
+            fair: Default::default(),
             readers: std::sync::OnceLock::new(),
             alive: std::sync::Arc::new(()),
             watch,
@@ -494,6 +497,7 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0009_rate.sql"),
     include_str!("migrations/0010_signals.sql"),
     include_str!("migrations/0011_children.sql"),
+    include_str!("migrations/0012_fair.sql"),
 ];
 
 /// Brings the database to [`SCHEMA_VERSION`](crate::SCHEMA_VERSION) by applying [`MIGRATIONS`].
@@ -606,7 +610,8 @@ impl Store for SqliteStore {
     }
 
     async fn claim(&self, req: ClaimRequest) -> Result<Vec<Run>> {
-        self.call(move |c| hot::claim(c, &req)).await
+        let cursor = self.fair.clone();
+        self.call(move |c| hot::claim(c, &req, &cursor)).await
     }
 
     async fn finish(&self, ends: Vec<AttemptEnd>) -> Result<Vec<Result<RunStatus>>> {
@@ -621,6 +626,7 @@ impl Store for SqliteStore {
         claims: Vec<ClaimRequest>,
     ) -> Result<(Vec<Result<RunStatus>>, Vec<Run>)> {
         let (ends, refused) = crate::json::Refused::screen(ends);
+        let cursor = self.fair.clone();
         let (finished, runs) = self
             .call(move |c| {
                 let finished = hot::finish_all(c, ends)?;
@@ -629,7 +635,7 @@ impl Store for SqliteStore {
                 for mut req in claims {
                     req.limit = req.limit.min(budget - runs.len());
                     if req.limit > 0 {
-                        runs.extend(savepoint(c, |c| hot::claim(c, &req))?);
+                        runs.extend(savepoint(c, |c| hot::claim(c, &req, &cursor))?);
                     }
                 }
                 Ok((finished, runs))
