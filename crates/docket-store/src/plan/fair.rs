@@ -99,7 +99,7 @@ impl Dealer {
     }
 
     /// What to claim next: a tenant and at most how many of its runs.
-    pub fn next(&mut self) -> Option<(String, usize)> {
+    pub fn ask(&mut self) -> Option<(String, usize)> {
         debug_assert!(self.asked.is_none(), "each ask is answered before the next");
         if self.left == 0 {
             return None;
@@ -175,7 +175,7 @@ mod tests {
         let mut got = vec![0; tenants.len()];
         let mut d = Dealer::new(&names, limit);
         let mut asks = Vec::new();
-        while let Some((t, n)) = d.next() {
+        while let Some((t, n)) = d.ask() {
             let i = names.iter().position(|x| *x == t).unwrap();
             let k = n.min(due[i]);
             due[i] -= k;
@@ -298,7 +298,7 @@ mod tests {
                 let wrapped: Vec<String> =
                     tenants.iter().take(MAX_TENANTS_PER_CLAIM).cloned().collect();
                 let mut d = Dealer::new(&visit(after, wrapped), 1);
-                while let Some((t, k)) = d.next() {
+                while let Some((t, k)) = d.ask() {
                     seen.insert(t);
                     d.got(k);
                 }

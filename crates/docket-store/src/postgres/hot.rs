@@ -632,7 +632,7 @@ async fn fair_claim(
 ) -> Result<Vec<Run>> {
     let mut dealer = crate::plan::fair::Dealer::new(tenants, limit);
     let mut runs = Vec::with_capacity(limit);
-    while let Some((tenant, n)) = dealer.next() {
+    while let Some((tenant, n)) = dealer.ask() {
         let part = claim_plain(&mut *c, &for_tenant(req, &tenant, n)).await?;
         dealer.got(part.len());
         runs.extend(part);

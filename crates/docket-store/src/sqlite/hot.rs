@@ -30,7 +30,7 @@ pub(super) fn claim(c: &Connection, req: &ClaimRequest, cursor: &Cursor) -> Resu
             None => tenants_to_visit(c, cursor.get())?,
         };
         let mut dealer = plan::fair::Dealer::new(&tenants, rest);
-        while let Some((tenant, n)) = dealer.next() {
+        while let Some((tenant, n)) = dealer.ask() {
             let ids = unkeyed_ids(c, req, &tenant, n)?;
             dealer.got(ids.len());
             out.extend(take(c, req, ids)?);
