@@ -878,6 +878,9 @@ impl docket_store::SignalStore for SimStore {
     async fn waiting_for_signals(&self, tenant: Option<String>) -> SResult<Vec<(String, i64)>> {
         self.inner.waiting_for_signals(tenant).await
     }
+    async fn count_sleeping(&self, tenant: Option<String>) -> SResult<i64> {
+        self.inner.count_sleeping(tenant).await
+    }
 }
 
 #[async_trait]

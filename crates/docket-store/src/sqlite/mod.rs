@@ -494,6 +494,8 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0009_rate.sql"),
     include_str!("migrations/0010_signals.sql"),
     include_str!("migrations/0011_children.sql"),
+    // 0012 to 0014 are other branches' steps: renumber at merge.
+    include_str!("migrations/0015_sleeping.sql"),
 ];
 
 /// Brings the database to [`SCHEMA_VERSION`](crate::SCHEMA_VERSION) by applying [`MIGRATIONS`].
