@@ -389,6 +389,17 @@ pub fn render_paused(
     }
 }
 
+/// `docket_runs_sleeping{tenant}`: runs suspended in a durable sleep
+/// (`ctx.sleep`), read from the store at scrape time (one query).
+pub fn render_sleeping(out: &mut String, tenant: &str, n: i64) {
+    out.push_str("# HELP docket_runs_sleeping Runs suspended in a durable sleep (read from the store).\n# TYPE docket_runs_sleeping gauge\n");
+    let _ = writeln!(
+        out,
+        "docket_runs_sleeping{{tenant=\"{}\"}} {n}",
+        escape(tenant)
+    );
+}
+
 /// `docket_runs_waiting_for_children{tenant}`: parents suspended in a join
 /// now (`ctx.join`), read from the store at scrape time.
 pub fn render_joining(out: &mut String, tenant: &str, n: i64) {

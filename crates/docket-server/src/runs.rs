@@ -1186,6 +1186,12 @@ pub async fn metrics(State(state): State<AppState>, caller: Caller) -> ApiResult
         .waiting_for_signals(Some(caller.tenant.clone()))
         .await?;
     crate::signals::render_waiting(&mut body, &caller.tenant, &waiting);
+    let sleeping = state
+        .docket
+        .store()
+        .count_sleeping(Some(caller.tenant.clone()))
+        .await?;
+    crate::metrics::render_sleeping(&mut body, &caller.tenant, sleeping);
     crate::metrics::render_schedules(&mut body, &state.docket.schedule_counters());
 
     if let Some(t) = state.docket.telemetry() {

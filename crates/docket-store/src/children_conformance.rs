@@ -532,10 +532,139 @@ pub async fn children_reaped_child_fans_in(store: DynStore) {
     assert_eq!(run(&store, p.id).await.run_after, late);
 }
 
+/// How many times [`children_cancel_races_child_ends`] races its three
+/// writers.
+pub const RACE_ROUNDS: usize = 40;
+
+/// A parent cancelled (cascading to its children) while its children end
+/// and another operator cancels one of them, from two stores (two
+/// connection pools, or two SQLite writers on one file), released together
+/// by a barrier, many times. A child's end and an operator's cancel of a
+/// child lock the child, then its parent (the fan-in); the parent's cancel
+/// must not lock the parent, then the children, or the two deadlock on
+/// PostgreSQL. Every call answers (a refused cancel of an already
+/// cancelled child is `WrongState`, never a database error), and the
+/// family ends consistent: the parent cancelled with no open join, the
+/// ended children completed, the pending one cancelled once.
+pub async fn children_cancel_races_child_ends(a: DynStore, b: DynStore) {
+    use std::sync::Arc;
+    for round in 0..RACE_ROUNDS {
+        let (p, lease) = parent(&a).await;
+        let kids = spawn(&a, &p, lease, &["r1", "r2", "pending"]).await;
+        // The first two run; the third is handed back and stays pending.
+        let leases = claim_children(&a, T0).await;
+        let pending = kids[2];
+        let mut running = Vec::new();
+        for (id, l) in leases {
+            if id == pending {
+                end(&a, id, l, T0, Outcome::Released).await;
+            } else {
+                running.push((id, l));
+            }
+        }
+        assert_eq!(running.len(), 2);
+        a.join_children(lease, kids.clone(), T0).await.unwrap();
+        end(
+            &a,
+            p.id,
+            lease.lease_id,
+            T0,
+            Outcome::AwaitingChildren { waiting: 3, of: 3 },
+        )
+        .await;
+        let now = T0.plus_millis(10);
+        let cancel = |run_id: RunId| OperatorRequest {
+            run_id,
+            actor: "ops".into(),
+            comment: None,
+            now,
+            command: OperatorCommand::Cancel,
+        };
+        let barrier = Arc::new(tokio::sync::Barrier::new(3));
+        let ends: Vec<AttemptEnd> = running
+            .iter()
+            .map(|(id, l)| AttemptEnd {
+                run_id: *id,
+                lease_id: *l,
+                now,
+                outcome: done(json!(round)),
+            })
+            .collect();
+        let t_end = {
+            let (store, barrier) = (a.clone(), barrier.clone());
+            tokio::spawn(async move {
+                barrier.wait().await;
+                store.finish(ends).await
+            })
+        };
+        let t_parent = {
+            let (store, barrier, req) = (b.clone(), barrier.clone(), cancel(p.id));
+            tokio::spawn(async move {
+                barrier.wait().await;
+                store.operator(req).await
+            })
+        };
+        let t_child = {
+            let (store, barrier, req) = (a.clone(), barrier.clone(), cancel(pending));
+            tokio::spawn(async move {
+                barrier.wait().await;
+                store.operator(req).await
+            })
+        };
+        for r in t_end.await.unwrap().expect("the ends are stored") {
+            assert_eq!(r.expect("each end holds its lease"), RunStatus::Completed);
+        }
+        let pr = t_parent
+            .await
+            .unwrap()
+            .expect("the parent's cancel answers");
+        assert_eq!(pr.status, RunStatus::Cancelled);
+        match t_child.await.unwrap() {
+            Ok(r) => assert_eq!(r.status, RunStatus::Cancelled),
+            Err(StoreError::WrongState { .. }) => {}
+            Err(e) => panic!("round {round}: the child's cancel failed: {e:?}"),
+        }
+        let p_now = run(&a, p.id).await;
+        assert_eq!(p_now.status, RunStatus::Cancelled, "round {round}");
+        let parent_cancels = kinds(&a, p.id)
+            .await
+            .into_iter()
+            .filter(|k| k == "run_cancelled")
+            .count();
+        assert_eq!(parent_cancels, 1, "round {round}");
+        for (id, _) in &running {
+            let r = run(&a, *id).await;
+            assert_eq!(r.status, RunStatus::Completed, "round {round}");
+        }
+        assert_eq!(run(&a, pending).await.status, RunStatus::Cancelled);
+        let cancelled = kinds(&a, pending)
+            .await
+            .into_iter()
+            .filter(|k| k == "run_cancelled")
+            .count();
+        assert_eq!(
+            cancelled, 1,
+            "round {round}: the pending child is cancelled once"
+        );
+    }
+}
+
 /// Runs every test of the children suite against a backend (see
 /// [`conformance_tests!`](crate::conformance_tests) for the two forms).
+/// A third form, `race: PAIR`, runs [`children_cancel_races_child_ends`]
+/// on a pair of stores over one database (`PAIR` evaluates to
+/// `Option<(DynStore, DynStore)>`; `None` skips).
 #[macro_export]
 macro_rules! children_conformance_tests {
+    (race: $pair:expr) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn children_cancel_races_child_ends() {
+            let pair: ::std::option::Option<($crate::DynStore, $crate::DynStore)> = $pair;
+            if let ::std::option::Option::Some((a, b)) = pair {
+                $crate::children_conformance::children_cancel_races_child_ends(a, b).await;
+            }
+        }
+    };
     (optional: $factory:expr) => {
         $crate::children_conformance_tests!(@each @optional $factory);
     };

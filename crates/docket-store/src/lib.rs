@@ -64,7 +64,7 @@ use std::sync::Arc;
 /// (`sqlite/migrations/`, `postgres/migrations/`; ARCHITECTURE.md,
 /// "Migrations"). A database with a higher version was written by a newer
 /// Docket and is refused, never modified.
-pub const SCHEMA_VERSION: i64 = 12;
+pub const SCHEMA_VERSION: i64 = 13;
 
 /// What can go wrong in a store.
 #[derive(Debug, thiserror::Error)]

@@ -551,6 +551,54 @@ pub async fn runs_waiting_for_signals_are_counted_by_name(store: DynStore) {
     );
 }
 
+/// Runs suspended in a durable sleep are counted (by tenant): a postponed
+/// run whose `sleep:` step wakes it at its `run_after`. A run postponed by
+/// its handler, one whose sleep is over (it resumed and postponed itself
+/// to another time), a sleeping run of another tenant, and a run that is
+/// no longer postponed are not.
+pub async fn runs_sleeping_are_counted(store: DynStore) {
+    let wake = T0.plus_millis(3 * 24 * HOUR);
+    // (tenant, sleep step's wake time, postponed until)
+    let cases = [
+        ("acme", Some(wake), wake),
+        ("acme", Some(wake.plus_millis(1)), wake.plus_millis(1)),
+        ("acme", None, wake),
+        ("acme", Some(T0), wake),
+        ("globex", Some(wake), wake),
+    ];
+    let mut ids = Vec::new();
+    for (tenant, sleep, until) in cases {
+        let id = trigger(&store, tenant).await;
+        let lease = claim(&store, id, T0).await;
+        if let Some(t) = sleep {
+            store
+                .save_step(
+                    lease,
+                    "sleep:nap".into(),
+                    json!({ "until": t, "from": T0 }),
+                    T0,
+                )
+                .await
+                .unwrap();
+        }
+        suspend(&store, lease, T0, until).await;
+        ids.push(id);
+    }
+    assert_eq!(store.count_sleeping(Some("acme".into())).await.unwrap(), 2);
+    assert_eq!(
+        store.count_sleeping(Some("globex".into())).await.unwrap(),
+        1
+    );
+    assert_eq!(
+        store.count_sleeping(Some("initech".into())).await.unwrap(),
+        0
+    );
+    assert_eq!(store.count_sleeping(None).await.unwrap(), 3);
+    // Woken (claimed), the first no longer sleeps.
+    claim(&store, ids[0], wake).await;
+    assert_eq!(store.count_sleeping(Some("acme".into())).await.unwrap(), 1);
+}
+
 /// Instantiates every signal conformance case for a store factory, like
 /// [`conformance_tests!`](crate::conformance_tests).
 #[macro_export]
@@ -573,6 +621,7 @@ macro_rules! signal_conformance_tests {
             a_stale_wait_consumes_nothing,
             keyed_signals_reach_every_waiting_run_of_the_tenant,
             runs_waiting_for_signals_are_counted_by_name,
+            runs_sleeping_are_counted,
         );
     };
     (@each @required $factory:expr; $($name:ident),* $(,)?) => {

@@ -245,4 +245,10 @@ pub trait SignalStore: Send + Sync {
     /// Runs suspended (postponed) in a wait for a signal, by signal name,
     /// optionally of one tenant.
     async fn waiting_for_signals(&self, tenant: Option<String>) -> Result<Vec<(String, i64)>>;
+
+    /// Runs suspended (postponed) in a durable sleep, optionally of one
+    /// tenant: postponed runs with a `sleep:NAME` step whose wake time is
+    /// the run's `run_after` (the rule of the run's "sleeping until" view).
+    /// One query over the postponed runs' index (`runs_postponed`).
+    async fn count_sleeping(&self, tenant: Option<String>) -> Result<i64>;
 }

@@ -7,6 +7,12 @@ mod memory {
     docket_store::children_conformance_tests!(std::sync::Arc::new(
         docket_store::sqlite::SqliteStore::open_in_memory().unwrap()
     ));
+    // One writer thread: the racing calls are serialised by it.
+    docket_store::children_conformance_tests!(race: {
+        let store: docket_store::DynStore =
+            std::sync::Arc::new(docket_store::sqlite::SqliteStore::open_in_memory().unwrap());
+        Some((store.clone(), store))
+    });
 }
 
 mod file {
@@ -19,11 +25,34 @@ mod file {
         )
     }
     docket_store::children_conformance_tests!(fresh());
+    // Two stores on one file: two writer threads, serialised by SQLite's
+    // database lock (`BEGIN IMMEDIATE`), which has no lock order to get wrong.
+    docket_store::children_conformance_tests!(race: {
+        let dir = std::env::temp_dir().join(format!("docket-children-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("docket.db");
+        let open = || -> docket_store::DynStore {
+            std::sync::Arc::new(
+                docket_store::sqlite::SqliteStore::open(path.to_str().unwrap()).unwrap(),
+            )
+        };
+        let a = open();
+        Some((a, open()))
+    });
 }
 
 #[cfg(feature = "postgres")]
 mod postgres {
     async fn fresh() -> Option<docket_store::DynStore> {
+        let (url, schema) = fresh_schema().await?;
+        let store = docket_store::postgres::PgStore::connect_with(&url, &schema)
+            .await
+            .expect("connect to the test database");
+        Some(std::sync::Arc::new(store))
+    }
+
+    /// The test database's URL and a fresh schema name, or `None` to skip.
+    async fn fresh_schema() -> Option<(String, String)> {
         let url = match std::env::var("DOCKET_TEST_POSTGRES_URL") {
             Ok(u) if !u.trim().is_empty() => u,
             _ => {
@@ -36,10 +65,20 @@ mod postgres {
             }
         };
         let schema = format!("t_{}", uuid::Uuid::now_v7().simple());
-        let store = docket_store::postgres::PgStore::connect_with(&url, &schema)
-            .await
-            .expect("connect to the test database");
-        Some(std::sync::Arc::new(store))
+        Some((url, schema))
     }
     docket_store::children_conformance_tests!(optional: fresh().await);
+    // Two stores (two pools) on one schema.
+    docket_store::children_conformance_tests!(race: {
+        match fresh_schema().await {
+            Some((url, schema)) => {
+                let a = docket_store::postgres::PgStore::connect_with(&url, &schema).await.unwrap();
+                let b = docket_store::postgres::PgStore::connect_with(&url, &schema).await.unwrap();
+                let (a, b): (docket_store::DynStore, docket_store::DynStore) =
+                    (std::sync::Arc::new(a), std::sync::Arc::new(b));
+                Some((a, b))
+            }
+            None => None,
+        }
+    });
 }

@@ -13,6 +13,11 @@
 //! completion on the runtime's only thread (the fault wrapper blocks on it),
 //! so no call races another and a seed replays exactly.
 //!
+//! Runs also suspend: a durable sleep, and one or two waits for the signal
+//! `go` that the simulated operator sends at seed-chosen times (the
+//! suspensions are drawn from a stream of their own, docs/TESTING.md,
+//! invariant 7).
+//!
 //! After each run the invariants are checked from the store's evidence
 //! (runs, attempts, events, steps, ledger) and the service's record of what
 //! it did. A failing seed prints one line to replay it.
@@ -188,6 +193,9 @@ struct World {
     orphaned: BTreeMap<LeaseId, &'static str>,
     /// Runs the handler postponed already (once per run).
     postponed: BTreeSet<RunId>,
+    /// Signals the simulated operator sent and the store accepted: (run,
+    /// signal id).
+    signals_sent: BTreeSet<(RunId, String)>,
     /// The service: every execution of an effect, by key, with the lease of
     /// the attempt that sent it.
     effects: BTreeMap<String, Vec<LeaseId>>,
@@ -847,36 +855,63 @@ impl docket_store::ChildStore for SimStore {
 
 #[async_trait]
 impl docket_store::SignalStore for SimStore {
+    // Every call goes through the fault wrapper (one indivisible step of
+    // the simulation, on the store's own runtime); writes may fail before
+    // or after their commit, a wait is fenced by its lease.
     async fn send_signal(&self, s: docket_store::SendSignal) -> SResult<docket_store::Sent> {
-        self.inner.send_signal(s).await
+        self.call("send_signal", true, None, move |st| async move {
+            st.send_signal(s).await
+        })
+        .await
     }
     async fn send_keyed_signal(
         &self,
         s: docket_store::SendKeyed,
     ) -> SResult<Vec<docket_store::Sent>> {
-        self.inner.send_keyed_signal(s).await
+        self.call("send_keyed_signal", true, None, move |st| async move {
+            st.send_keyed_signal(s).await
+        })
+        .await
     }
     async fn signal_wait(
         &self,
         lease: docket_store::LeaseRef,
         w: docket_store::WaitSignal,
     ) -> SResult<docket_store::WaitOutcome> {
-        self.inner.signal_wait(lease, w).await
+        self.call("signal_wait", true, Some(lease), move |st| async move {
+            st.signal_wait(lease, w).await
+        })
+        .await
     }
     async fn signals(
         &self,
         run_id: docket_core::RunId,
     ) -> SResult<Vec<docket_store::SignalRecord>> {
-        self.inner.signals(run_id).await
+        self.call("signals", false, None, move |st| async move {
+            st.signals(run_id).await
+        })
+        .await
     }
     async fn signal_waits(
         &self,
         run_id: docket_core::RunId,
     ) -> SResult<Vec<docket_store::SignalWaitRecord>> {
-        self.inner.signal_waits(run_id).await
+        self.call("signal_waits", false, None, move |st| async move {
+            st.signal_waits(run_id).await
+        })
+        .await
     }
     async fn waiting_for_signals(&self, tenant: Option<String>) -> SResult<Vec<(String, i64)>> {
-        self.inner.waiting_for_signals(tenant).await
+        self.call("waiting_for_signals", false, None, move |st| async move {
+            st.waiting_for_signals(tenant).await
+        })
+        .await
+    }
+    async fn count_sleeping(&self, tenant: Option<String>) -> SResult<i64> {
+        self.call("count_sleeping", false, None, move |st| async move {
+            st.count_sleeping(tenant).await
+        })
+        .await
     }
 }
 
@@ -1060,6 +1095,23 @@ async fn handler(ctx: Ctx, input: Value, world: Shared) -> Result<Value, JobErro
         .await?
         .into_option()
         .unwrap_or(0);
+    // A durable sleep (sometimes longer than a lease): the run suspends,
+    // holding no lease, and resumes by replaying `prepare`.
+    if let Some(ms) = input["sleep_ms"].as_u64() {
+        ctx.sleep("nap", Duration::from_millis(ms)).await?;
+    }
+    // Numbered waits for the signal `go` (`signal:go:1`, `signal:go:2`):
+    // each gets the next signal in send order, or times out.
+    let mut got = Vec::new();
+    for _ in 0..input["signals"].as_u64().unwrap_or(0) {
+        let timeout = Duration::from_millis(input["signal_timeout_ms"].as_u64().unwrap_or(30_000));
+        got.push(
+            match ctx.wait_for_signal("go", timeout).await?.into_signal() {
+                Some(sig) => sig.data["k"].clone(),
+                None => json!("timeout"),
+            },
+        );
+    }
     if input["approval"].as_bool() == Some(true) {
         match ctx.wait_for_input("approval", json!({ "i": i })).await? {
             InputDecision::Approved(_) => {}
@@ -1107,10 +1159,10 @@ async fn handler(ctx: Ctx, input: Value, world: Shared) -> Result<Value, JobErro
         92..=95 => {
             // Slower than the handler's timeout: the engine ends it `timeout`.
             tokio::time::sleep(TIMEOUT + Duration::from_secs(1)).await;
-            Ok(json!({ "i": i, "sent": sent }))
+            Ok(json!({ "i": i, "sent": sent, "got": got }))
         }
         96..=98 => crash(&world, lease, "killed after the last step").await,
-        _ => Ok(json!({ "i": i, "sent": sent })),
+        _ => Ok(json!({ "i": i, "sent": sent, "got": got })),
     }
 }
 
@@ -1159,6 +1211,9 @@ struct SimResult {
     injected: Injected,
     verdicts: BTreeMap<String, usize>,
     statuses: BTreeMap<String, usize>,
+    /// Suspensions seen in the evidence: `signal_delivered`,
+    /// `signal_timed_out` and `run_postponed` events whose run slept.
+    suspensions: BTreeMap<&'static str, usize>,
 }
 
 fn actor() -> Actor {
@@ -1184,6 +1239,7 @@ async fn simulate(
         lease_worker: BTreeMap::new(),
         orphaned: BTreeMap::new(),
         postponed: BTreeSet::new(),
+        signals_sent: BTreeSet::new(),
         effects: BTreeMap::new(),
         injected: Injected::default(),
         violations: Vec::new(),
@@ -1219,8 +1275,18 @@ async fn simulate(
         .collect();
     // Trigger keys name each run; action keys are per run, or per pair of
     // runs when they share keys.
+    // Suspensions are drawn from a stream of their own, so the rest of a
+    // seed's choices stay where they were.
+    let mut srng = Rng::new(seed ^ 0x51EE_9000_5167_A150);
     let inputs: Vec<Value> = (0..n_runs)
         .map(|i| {
+            let sleep_ms = srng.percent(30).then(|| srng.range(1_000, 90_000));
+            let signals = if srng.percent(35) {
+                srng.range(1, 2)
+            } else {
+                0
+            };
+            let signal_timeout_ms = srng.range(5_000, 60_000);
             let key = if scenario.shared_keys {
                 format!("effect-{}", i / 2)
             } else {
@@ -1231,11 +1297,16 @@ async fn simulate(
                 "key": key,
                 "approval": rng.percent(15),
                 "postpone": rng.percent(15),
+                "sleep_ms": sleep_ms,
+                "signals": signals,
+                "signal_timeout_ms": signal_timeout_ms,
             })
         })
         .collect();
     let mut ids: Vec<RunId> = Vec::new();
     let mut trigger_errors = 0u32;
+    let mut signal_no = 0u64;
+    let mut last_signal: BTreeMap<RunId, String> = BTreeMap::new();
 
     // Chaos: the seed picks each step.
     let steps = rng.range(60, 160);
@@ -1374,6 +1445,49 @@ async fn simulate(
             }
             _ => {}
         }
+        // The operator signals a run (before its wait, during it, after
+        // it, or never), sometimes twice under one signal id; and every
+        // suspended run holds no lease.
+        if !ids.is_empty() && srng.percent(12) {
+            let id = ids[srng.below(ids.len() as u64) as usize];
+            let k = signal_no;
+            let sid = match last_signal.get(&id) {
+                Some(prev) if srng.percent(25) => prev.clone(),
+                _ => {
+                    signal_no += 1;
+                    format!("sig-{k}")
+                }
+            };
+            let opts = docket::SignalOptions {
+                signal_id: Some(sid.clone()),
+                ..Default::default()
+            };
+            if let Ok(sent) = d.signal(id, "go", json!({ "k": k }), opts).await {
+                if sent.signal.id != sid {
+                    lock(&world)
+                        .violations
+                        .push(format!("signal `{sid}` answered as `{}`", sent.signal.id));
+                }
+                lock(&world).signals_sent.insert((id, sid.clone()));
+                last_signal.insert(id, sid);
+            }
+            for r in d
+                .list_runs(RunFilter {
+                    statuses: vec![RunStatus::Postponed],
+                    limit: 1000,
+                    ..Default::default()
+                })
+                .await
+                .unwrap_or_default()
+            {
+                if r.lease_id.is_some() || r.lease_expires_at.is_some() || r.worker.is_some() {
+                    lock(&world).violations.push(format!(
+                        "run {} is suspended (`postponed`) but holds a lease ({:?}, {:?}, {:?})",
+                        r.id, r.lease_id, r.lease_expires_at, r.worker
+                    ));
+                }
+            }
+        }
         // Let spawned work move (1 ms of simulated time).
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
@@ -1453,19 +1567,21 @@ async fn check(
     ids: &[RunId],
     scenario: Scenario,
 ) -> SimResult {
-    let (mut v, orphaned, effects, injected) = {
+    let (mut v, orphaned, effects, injected, signals_sent) = {
         let w = lock(world);
         (
             w.violations.clone(),
             w.orphaned.clone(),
             w.effects.clone(),
             w.injected.clone(),
+            w.signals_sent.clone(),
         )
     };
     let policy = policy();
     let mut statuses = BTreeMap::new();
     let mut verdicts = BTreeMap::new();
     let mut attempts_total = 0;
+    let mut suspensions: BTreeMap<&'static str, usize> = BTreeMap::new();
     let mut lease_run: BTreeMap<LeaseId, usize> = BTreeMap::new();
     // The digest starts with every event in id order, so ids are numbered
     // in the order the history names them.
@@ -1493,6 +1609,12 @@ async fn check(
             lease_run.insert(a.lease_id, n);
         }
         let kinds = |k: &str| h.events.iter().filter(|e| e.kind == k).count();
+        for k in ["signal_delivered", "signal_timed_out"] {
+            *suspensions.entry(k).or_insert(0) += kinds(k);
+        }
+        if h.steps.iter().any(|s| s.name == "sleep:nap") {
+            *suspensions.entry("slept").or_insert(0) += 1;
+        }
 
         // No run lost or stuck.
         if !run.status.is_terminal() {
@@ -1553,12 +1675,110 @@ async fn check(
             // Input decisions are stored as `input:NAME` steps with an
             // `input_received` event instead.
             .filter(|s| s.status == docket::StepStatus::Completed && !s.name.starts_with("input:"))
+            .filter(|s| !s.name.starts_with("signal:"))
             .count();
+        // A signal wait's step is stored with `signal_delivered` or
+        // `signal_timed_out` instead, once.
+        let waits_done = h
+            .steps
+            .iter()
+            .filter(|s| s.status == docket::StepStatus::Completed && s.name.starts_with("signal:"))
+            .count();
+        if kinds("signal_delivered") + kinds("signal_timed_out") != waits_done {
+            v.push(format!(
+                "{tag}: {} signal_delivered and {} signal_timed_out events for {waits_done} finished waits",
+                kinds("signal_delivered"),
+                kinds("signal_timed_out")
+            ));
+        }
         if kinds("step_completed") != completed_steps {
             v.push(format!(
                 "{tag}: {} step_completed events for {completed_steps} completed steps (a step completed twice?)",
                 kinds("step_completed")
             ));
+        }
+
+        // Signals: every accepted send is stored once (a repeated id is
+        // one signal); each is delivered to at most one wait and each wait
+        // gets at most one; the waits of `go` get them in send order; a
+        // completed run's output is what its waits received.
+        let sigs = d.signals(*id).await.expect("signals");
+        let mut seen_ids = BTreeSet::new();
+        let mut by_wait: BTreeMap<u64, &docket_store::SignalRecord> = BTreeMap::new();
+        for s in &sigs {
+            if !seen_ids.insert(s.id.clone()) {
+                v.push(format!("{tag}: signal id `{}` stored twice", s.id));
+            }
+            let Some(w) = &s.delivered_to else { continue };
+            let Some(n) = w
+                .strip_prefix("signal:go:")
+                .and_then(|n| n.parse::<u64>().ok())
+            else {
+                v.push(format!("{tag}: signal `{}` delivered to `{w}`", s.id));
+                continue;
+            };
+            if let Some(other) = by_wait.insert(n, s) {
+                v.push(format!(
+                    "{tag}: wait `{w}` got two signals (`{}`, `{}`)",
+                    other.id, s.id
+                ));
+            }
+        }
+        for pair in by_wait.values().collect::<Vec<_>>().windows(2) {
+            if pair[0].seq > pair[1].seq {
+                v.push(format!(
+                    "{tag}: signal `{}` (sent later) reached an earlier wait than `{}`",
+                    pair[0].id, pair[1].id
+                ));
+            }
+        }
+        for (run, sid) in signals_sent.iter().filter(|(r, _)| r == id) {
+            if !sigs.iter().any(|s| &s.id == sid) {
+                v.push(format!(
+                    "{tag}: signal `{sid}` was accepted but is not stored ({run})"
+                ));
+            }
+        }
+        if let (RunStatus::Completed, Some(got)) = (
+            run.status,
+            run.output
+                .as_ref()
+                .and_then(|o| o.get("got"))
+                .and_then(Value::as_array),
+        ) {
+            for (k, g) in got.iter().enumerate() {
+                let want = by_wait
+                    .get(&(k as u64 + 1))
+                    .map(|s| s.data["k"].clone())
+                    .unwrap_or_else(|| json!("timeout"));
+                if *g != want {
+                    v.push(format!(
+                        "{tag}: wait {} returned {g} but the store delivered {want}",
+                        k + 1
+                    ));
+                }
+            }
+        }
+        // A sleep or a wait is stored once and replayed, never re-run.
+        for name in ["sleep:nap", "signal:go:1", "signal:go:2"] {
+            let saved = h
+                .events
+                .iter()
+                .filter(|e| {
+                    let field = if e.kind == "step_completed" {
+                        "step"
+                    } else {
+                        "wait"
+                    };
+                    matches!(
+                        e.kind.as_str(),
+                        "step_completed" | "signal_delivered" | "signal_timed_out"
+                    ) && e.data.get(field).and_then(Value::as_str) == Some(name)
+                })
+                .count();
+            if saved > 1 {
+                v.push(format!("{tag}: `{name}` was stored {saved} times"));
+            }
         }
 
         // Every retry waited at least the policy's delay.
@@ -1758,6 +1978,7 @@ async fn check(
         injected,
         verdicts,
         statuses,
+        suspensions,
     }
 }
 
@@ -1969,6 +2190,13 @@ fn a_seed_replays_identically() {
             "seed {seed} injected too little: {:?}",
             a.injected
         );
+        for k in ["signal_delivered", "signal_timed_out", "slept"] {
+            assert!(
+                a.suspensions.get(k).is_some_and(|n| *n > 0),
+                "seed {seed} has no `{k}`: {:?}",
+                a.suspensions
+            );
+        }
     }
     assert_eq!(a.digest, b.digest, "seed {seed} did not replay identically");
     assert_eq!(a.violations, b.violations);
@@ -1978,8 +2206,9 @@ fn a_seed_replays_identically() {
 }
 
 /// A seed that kills workers, loses answers after commits, delays calls
-/// past a lease (late ends refused as stale) and retries.
-const REPLAY_SEED: u64 = 206;
+/// past a lease (late ends refused as stale) and retries, and whose runs
+/// sleep, receive signals and time out waiting for them.
+const REPLAY_SEED: u64 = 329;
 
 /// The checker can fail: with a service whose reconcile always says "not
 /// done", an effect whose answer was lost is sent again, and the

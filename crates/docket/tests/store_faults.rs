@@ -532,6 +532,9 @@ mod faulty {
         async fn waiting_for_signals(&self, tenant: Option<String>) -> Result<Vec<(String, i64)>> {
             self.inner.waiting_for_signals(tenant).await
         }
+        async fn count_sleeping(&self, tenant: Option<String>) -> Result<i64> {
+            self.inner.count_sleeping(tenant).await
+        }
     }
 
     #[async_trait]

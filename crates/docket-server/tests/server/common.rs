@@ -155,6 +155,13 @@ pub fn register_jobs(d: &Docket) {
         Ok::<_, JobError>(json!({ "data": sig.data, "sent_by": sig.sent_by }))
     }))
     .unwrap();
+    // Sleeps durably for `ms` milliseconds, then outputs "rested".
+    d.register(Job::new("napper", |ctx, input: Value| async move {
+        let ms = input["ms"].as_u64().unwrap_or(60_000);
+        ctx.sleep("nap", Duration::from_millis(ms)).await?;
+        Ok::<_, JobError>(json!("rested"))
+    }))
+    .unwrap();
     // Runs for `ms` milliseconds, stopping early on cancel.
     d.register(Job::new("sleepy", |ctx, input: Value| async move {
         let ms = input["ms"].as_u64().unwrap_or(10_000);

@@ -1,6 +1,7 @@
 //! Signals over HTTP: a run waits, a signal wakes it, its payload is the
 //! output; idempotent ids; the 400/404/409/413/422 answers; keyed fan-out
-//! within the caller's tenant; the run's `wait` and the metric.
+//! within the caller's tenant; the run's `wait` and the metrics (waiting
+//! for a signal, sleeping).
 
 use crate::common::*;
 use reqwest::{Method, StatusCode};
@@ -226,4 +227,31 @@ async fn a_keyed_signal_wakes_the_callers_runs_waiting_for_its_key() {
         "another tenant's run is not reached"
     );
     s.stop().await;
+}
+
+/// `docket_runs_sleeping{tenant}` counts the caller's tenant's runs in a
+/// durable sleep, and a run suspended in a signal wait is not one of them.
+#[tokio::test]
+async fn metrics_count_sleeping_runs_by_tenant() {
+    let s = TestServer::start().await;
+    let three_days = 3 * 24 * 3_600_000u64;
+    let napper = s.trigger("napper", json!({"ms": three_days})).await;
+    let waiter = s.trigger("waiter", json!({"name": "paid"})).await;
+    let run = s.until(&napper, &["postponed"]).await;
+    assert_eq!(run["wait"]["kind"], "sleep", "{run}");
+    s.until(&waiter, &["postponed"]).await;
+    let (_, m) = s.get("/metrics").await;
+    let m = m.as_str().unwrap_or_default().to_string();
+    assert!(m.contains("# TYPE docket_runs_sleeping gauge"), "{m}");
+    assert!(m.contains("docket_runs_sleeping{tenant=\"acme\"} 1"), "{m}");
+    assert!(
+        m.contains("docket_runs_waiting_signal{tenant=\"acme\",name=\"paid\"} 1"),
+        "{m}"
+    );
+    let (_, m) = as_bob(&s, Method::GET, "/metrics", None).await;
+    let m = m.as_str().unwrap_or_default().to_string();
+    assert!(
+        m.contains("docket_runs_sleeping{tenant=\"globex\"} 0"),
+        "{m}"
+    );
 }

@@ -2,9 +2,13 @@
 //! cancel cascade (the same concerns as `sqlite/children.rs`; the fan-in of
 //! an attempt's end is a CTE of the hot statement, `postgres/hot.rs`).
 //!
-//! Lock order: a join locks the children it marks (in id order) before its
-//! parent, as a child's end does (its row, then its parent's), so a join
-//! and the ends of its children cannot deadlock.
+//! Lock order: children before their parent. A join locks the children it
+//! marks (in id order) before its parent, as a child's end does (its row,
+//! then its parent's), so a join and the ends of its children cannot
+//! deadlock. A cancel locks the descendants it cascades to (in id order,
+//! [`lock_cascade`]) before the cancelled run, so a cascade and a child's
+//! end, reap or cancel cannot deadlock either
+//! (`children_conformance::children_cancel_races_child_ends`).
 
 use super::durable::{event, fence, persist_operator};
 use super::ops::{get_run, run_from_row, RUN_COLS};
@@ -30,6 +34,31 @@ pub(super) async fn fan_in_of(c: &mut PgConnection, child: RunId, now: Timestamp
     .bind(child.0)
     .bind(now.0)
     .execute(&mut *c)
+    .await
+    .map_err(db)?;
+    Ok(())
+}
+
+/// Locks the unfinished descendants of `parent` that a cancel would
+/// cascade to (policy `cancel`, every generation), in id order, before the
+/// cancel locks `parent` itself: the order of every other path that locks
+/// a child and its parent (an end's fan-in, a join). A child spawned after
+/// this read (its parent was running) is locked later by
+/// [`cascade_cancel`] as before; a deadlock that could cause is retried by
+/// the operator command.
+pub(super) async fn lock_cascade(c: &mut PgConnection, parent: RunId) -> Result<()> {
+    sqlx::query(&format!(
+        "WITH RECURSIVE d(id) AS (
+             SELECT id FROM runs WHERE parent_id = $1 AND child_policy = 'cancel'
+               AND status NOT IN ({FINAL_SQL})
+             UNION
+             SELECT r.id FROM runs r JOIN d ON r.parent_id = d.id
+             WHERE r.child_policy = 'cancel' AND r.status NOT IN ({FINAL_SQL})
+         )
+         SELECT id FROM runs WHERE id IN (SELECT id FROM d) ORDER BY id FOR UPDATE"
+    ))
+    .bind(parent.0)
+    .fetch_all(&mut *c)
     .await
     .map_err(db)?;
     Ok(())

@@ -511,8 +511,52 @@ pub(super) async fn append_event(
     Ok(())
 }
 
+/// How many times an operator command is tried when PostgreSQL aborts its
+/// transaction for a deadlock or a serialization failure (nothing of it
+/// was written); the last failure is answered.
+const OPERATOR_TRIES: usize = 5;
+
+/// One operator command, one transaction. A transaction PostgreSQL aborted
+/// to break a deadlock is tried again (see [`lock_order_conflict`]): the
+/// cascade takes its locks in the order of the other paths, so that is a
+/// safety net, not the rule.
 pub(super) async fn operator(pool: &PgPool, req: &OperatorRequest) -> Result<Run> {
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        match operator_once(pool, req).await {
+            Err(e) if tries < OPERATOR_TRIES && lock_order_conflict(&e) => {
+                tracing::debug!(run = %req.run_id, error = %e, "operator command tried again");
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Whether PostgreSQL rolled a transaction back to break a deadlock
+/// (`40P01`) or a serialization conflict (`40001`): nothing was written,
+/// and the same transaction may succeed when tried again.
+pub(super) fn lock_order_conflict(e: &StoreError) -> bool {
+    let StoreError::Db { source, .. } = e else {
+        return false;
+    };
+    match source.downcast_ref::<sqlx::Error>() {
+        Some(sqlx::Error::Database(d)) => {
+            matches!(d.code().as_deref(), Some("40P01") | Some("40001"))
+        }
+        _ => false,
+    }
+}
+
+async fn operator_once(pool: &PgPool, req: &OperatorRequest) -> Result<Run> {
     let mut tx = pool.begin().await.map_err(db)?;
+    if matches!(req.command, crate::OperatorCommand::Cancel) {
+        // Lock order: a child's end, reap or cancel locks the child, then
+        // its parent (the fan-in); a join locks the children, then the
+        // parent. So a cancel locks the descendants it may cascade to (in
+        // id order, as a batch of ends does) BEFORE the run itself.
+        super::children::lock_cascade(&mut tx, req.run_id).await?;
+    }
     let row = sqlx::query(&format!(
         "SELECT {RUN_COLS} FROM runs WHERE id = $1 FOR UPDATE"
     ))

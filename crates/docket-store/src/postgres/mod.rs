@@ -560,6 +560,7 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0010_signals.sql"),
     include_str!("migrations/0011_children.sql"),
     include_str!("migrations/0012_fair.sql"),
+    include_str!("migrations/0013_sleeping.sql"),
 ];
 
 /// Creates or upgrades the schema by applying [`MIGRATIONS`]. Refuses (and

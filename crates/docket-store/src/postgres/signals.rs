@@ -383,4 +383,36 @@ impl SignalStore for PgStore {
             .map(|r| Ok((r.try_get(0).map_err(db)?, r.try_get(1).map_err(db)?)))
             .collect()
     }
+
+    async fn count_sleeping(&self, tenant: Option<String>) -> Result<i64> {
+        let q = sqlx::query_scalar(sleeping_sql(tenant.is_some()));
+        let q = match tenant {
+            Some(t) => q.bind(t),
+            None => q,
+        };
+        q.fetch_one(&self.pool).await.map_err(db)
+    }
 }
+
+/// `count_sleeping`: the postponed runs (index `runs_postponed`, searched by
+/// tenant when one is given: [`sleeping_sql`]), each with its `sleep:` steps
+/// by primary key prefix.
+fn sleeping_sql(tenant: bool) -> &'static str {
+    if tenant {
+        SLEEPING_SQL_TENANT
+    } else {
+        SLEEPING_SQL_ALL
+    }
+}
+
+const SLEEPING_SQL_TENANT: &str = "SELECT count(*) FROM runs r
+     WHERE r.status = 'postponed' AND r.tenant = $1
+       AND EXISTS (SELECT 1 FROM steps s
+                   WHERE s.run_id = r.id AND s.name >= 'sleep:' AND s.name < 'sleep;'
+                     AND (s.result->>'until')::int8 = r.run_after)";
+
+const SLEEPING_SQL_ALL: &str = "SELECT count(*) FROM runs r
+     WHERE r.status = 'postponed'
+       AND EXISTS (SELECT 1 FROM steps s
+                   WHERE s.run_id = r.id AND s.name >= 'sleep:' AND s.name < 'sleep;'
+                     AND (s.result->>'until')::int8 = r.run_after)";

@@ -332,4 +332,41 @@ impl SignalStore for SqliteStore {
         })
         .await
     }
+
+    async fn count_sleeping(&self, tenant: Option<String>) -> Result<i64> {
+        self.read(move |c| {
+            let mut st = c
+                .prepare_cached(sleeping_sql(tenant.is_some()))
+                .map_err(db_err)?;
+            match tenant {
+                Some(t) => st.query_row([t], |r| r.get(0)),
+                None => st.query_row([], |r| r.get(0)),
+            }
+            .map_err(db_err)
+        })
+        .await
+    }
 }
+
+/// `count_sleeping`: the postponed runs (index `runs_postponed`, searched by
+/// tenant when one is given: [`sleeping_sql`]), each with its `sleep:` steps
+/// by primary key prefix.
+fn sleeping_sql(tenant: bool) -> &'static str {
+    if tenant {
+        SLEEPING_SQL_TENANT
+    } else {
+        SLEEPING_SQL_ALL
+    }
+}
+
+const SLEEPING_SQL_TENANT: &str = "SELECT count(*) FROM runs r
+     WHERE r.status = 'postponed' AND r.tenant = ?1
+       AND EXISTS (SELECT 1 FROM steps s
+                   WHERE s.run_id = r.id AND s.name >= 'sleep:' AND s.name < 'sleep;'
+                     AND json_extract(s.result, '$.until') = r.run_after)";
+
+const SLEEPING_SQL_ALL: &str = "SELECT count(*) FROM runs r
+     WHERE r.status = 'postponed'
+       AND EXISTS (SELECT 1 FROM steps s
+                   WHERE s.run_id = r.id AND s.name >= 'sleep:' AND s.name < 'sleep;'
+                     AND json_extract(s.result, '$.until') = r.run_after)";
