@@ -59,6 +59,8 @@ struct ServerState {
     script: Mutex<VecDeque<Reply>>,
     charges: Mutex<HashMap<String, Value>>,
     stop: Notify,
+    /// Notified (one permit) at each request's arrival.
+    arrived: Notify,
 }
 
 struct TestServer {
@@ -102,6 +104,25 @@ impl TestServer {
 
     fn seen(&self) -> Vec<Seen> {
         self.state.seen.lock().unwrap().clone()
+    }
+
+    /// Waits (at most 10 s) until the server has seen `n` requests.
+    async fn wait_for_requests(&self, n: usize) {
+        while self.seen().len() < n {
+            tokio::time::timeout(Duration::from_secs(10), self.state.arrived.notified())
+                .await
+                .unwrap_or_else(|_| panic!("the server saw {:?}, not {n} requests", self.seen()));
+        }
+    }
+
+    /// Requests (method and path, reconcile lookups included) carrying the
+    /// Idempotency-Key `key`.
+    fn with_key(&self, key: &str) -> Vec<String> {
+        self.seen()
+            .into_iter()
+            .filter(|s| s.headers.get("idempotency-key").map(String::as_str) == Some(key))
+            .map(|s| format!("{} {}", s.method, s.target))
+            .collect()
     }
 
     /// Requests other than reconcile lookups (`GET /charges?…`).
@@ -199,6 +220,7 @@ async fn serve(mut sock: TcpStream, st: Arc<ServerState>) {
         return;
     };
     st.seen.lock().unwrap().push(req.clone());
+    st.arrived.notify_one();
     let key = req
         .headers
         .get("idempotency-key")
@@ -1842,5 +1864,276 @@ fn bad_rate_limits_in_docket_toml_name_the_field() {
             e.problems.iter().any(|(place, _)| place == field),
             "{field}: {e}"
         );
+    }
+}
+
+// ---------------------------------------------------------------- workflows
+
+/// The invoice workflow of docs/HTTP_JOBS.md: create an invoice, wait up to
+/// 3 days for the "paid" signal, then send a receipt (or, on a timeout with
+/// `on_timeout = "continue"`, a reminder).
+fn invoice_job(on_timeout: &str) -> String {
+    format!(
+        r#"
+        [jobs.invoice]
+        connection = "crm"
+        {retry}
+        [[jobs.invoice.steps]]
+        name = "create_invoice"
+        path = "/invoices"
+        idempotency_key = "{{{{ input.order }}}}/invoice/v1"
+        body = {{ order = "{{{{ input.order }}}}" }}
+        [[jobs.invoice.steps]]
+        name = "paid"
+        wait_for_signal = "paid"
+        timeout = "3d"
+        on_timeout = "{on_timeout}"
+        [[jobs.invoice.steps]]
+        name = "receipt"
+        when = "steps.paid.received == true"
+        path = "/receipts"
+        idempotency_key = "{{{{ input.order }}}}/receipt/v1"
+        body = {{ invoice = "{{{{ steps.create_invoice.body.id }}}}", amount = "{{{{ steps.paid.data.amount }}}}", by = "{{{{ steps.paid.sent_by }}}}" }}
+        [[jobs.invoice.steps]]
+        name = "remind"
+        when = "steps.paid.timed_out == true"
+        path = "/reminders"
+        idempotency_key = "{{{{ input.order }}}}/remind/v1"
+        body = {{ invoice = "{{{{ steps.create_invoice.body.id }}}}", unpaid_since = "{{{{ steps.paid.until }}}}" }}
+        "#,
+        retry = no_backoff()
+    )
+}
+
+/// An environment on `store` (SQLite or PostgreSQL).
+async fn setup_on(store: docket_store::DynStore, jobs: &str) -> Env {
+    let server = TestServer::start().await;
+    let dir = temp_dir();
+    let http = HttpJobs::from_toml(&config(&server, "{ failures = 0 }", jobs), &dir).unwrap();
+    let clock = ManualClock::new(T0);
+    let docket = Docket::with_store(store, Arc::new(clock.clone()));
+    http.install(&docket).unwrap();
+    Env {
+        docket,
+        clock,
+        http,
+        server,
+        dir,
+    }
+}
+
+async fn sqlite_store() -> docket_store::DynStore {
+    Arc::new(SqliteStore::open_in_memory().unwrap())
+}
+
+async fn pg_store() -> Option<docket_store::DynStore> {
+    let base = pg_url()?;
+    let schema = format!("t_{}", uuid::Uuid::now_v7().simple());
+    Some(Arc::new(
+        docket_store::postgres::PgStore::connect_with(&base, &schema)
+            .await
+            .unwrap(),
+    ))
+}
+
+/// `name_sqlite` and `name_postgres` tests running `body(store)`.
+macro_rules! on_both_backends {
+    ($body:ident, $sqlite:ident, $postgres:ident) => {
+        #[tokio::test]
+        async fn $sqlite() {
+            $body(sqlite_store().await).await;
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $postgres() {
+            let Some(store) = pg_store().await else {
+                return;
+            };
+            $body(store).await;
+        }
+    };
+}
+
+fn invoice_created(server: &TestServer) {
+    server.push(Reply::Status(
+        201,
+        vec![],
+        r#"{"id": "inv_42", "total": 42}"#.into(),
+    ));
+}
+
+/// Invoice → wait for "paid" (the run holds nothing while it waits, and
+/// says what it waits for) → the signal → the receipt, which reads the
+/// invoice's id and the signal's payload. Each request is an action with
+/// its own key, ledger row and evidence.
+async fn invoice_paid_receipt(store: docket_store::DynStore) {
+    let env = setup_on(store, &invoice_job("fail")).await;
+    invoice_created(&env.server);
+    let id = env.trigger("invoice", json!({"order": "o-1"})).await;
+    assert_eq!(env.tick().await, 1);
+    let r = env.run(id).await;
+    assert_eq!(r.status, RunStatus::Postponed, "{r:?}");
+    assert_eq!(r.run_after, T0.plus_millis(3 * 86_400_000));
+    assert_eq!((r.lease_id, r.attempts_forgiven), (None, 1), "{r:?}");
+    let waits = env.docket.signal_waits(id).await.unwrap();
+    assert_eq!(
+        (waits[0].name.as_str(), waits[0].until),
+        ("paid", T0.plus_millis(3 * 86_400_000))
+    );
+    assert_eq!(
+        env.server.with_key("o-1/invoice/v1"),
+        ["POST /api/invoices"]
+    );
+
+    env.clock.advance(Duration::from_secs(3600));
+    env.docket
+        .signal(
+            id,
+            "paid",
+            json!({"amount": 42}),
+            docket::SignalOptions {
+                sent_by: Some("stripe-webhook".into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(env.run(id).await.run_after, env.clock.now(), "due at once");
+    assert_eq!(env.tick().await, 1);
+    let r = env.run(id).await;
+    assert_eq!(r.status, RunStatus::Completed, "{r:?}");
+    // Nothing was sent twice; the receipt read both earlier results.
+    assert_eq!(env.server.with_key("o-1/invoice/v1").len(), 1);
+    assert_eq!(
+        env.server.with_key("o-1/receipt/v1"),
+        ["POST /api/receipts"]
+    );
+    assert!(env.server.with_key("o-1/remind/v1").is_empty());
+    let receipt = env.server.seen().pop().unwrap();
+    assert_eq!(
+        serde_json::from_str::<Value>(&receipt.body).unwrap(),
+        json!({"invoice": "inv_42", "amount": 42, "by": "stripe-webhook"})
+    );
+    // The output is the last step's result: the skipped reminder.
+    let out = r.output.unwrap();
+    assert_eq!(out["skipped"], json!(true), "{out}");
+    // Evidence: one http_response per request, under the step's name.
+    let actions: Vec<Value> = env
+        .events(id, "http_response")
+        .await
+        .into_iter()
+        .map(|e| json!([e["action"], e["idempotency_key"], e["status"]]))
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            json!(["create_invoice", "o-1/invoice/v1", 201]),
+            json!(["receipt", "o-1/receipt/v1", 200])
+        ]
+    );
+    assert_eq!(env.events(id, "action_committed").await.len(), 2);
+    assert_eq!(env.events(id, "signal_delivered").await.len(), 1);
+    assert_eq!(env.events(id, "step_skipped").await.len(), 1);
+}
+on_both_backends!(
+    invoice_paid_receipt,
+    a_workflow_creates_an_invoice_waits_for_paid_and_sends_a_receipt_sqlite,
+    a_workflow_creates_an_invoice_waits_for_paid_and_sends_a_receipt_postgres
+);
+
+/// A signal sent before the run reaches its wait is kept and delivered
+/// when it does: the run goes through in one attempt.
+async fn signal_before_the_wait(store: docket_store::DynStore) {
+    let env = setup_on(store, &invoice_job("fail")).await;
+    invoice_created(&env.server);
+    let id = env.trigger("invoice", json!({"order": "o-2"})).await;
+    env.docket
+        .signal(id, "paid", json!({"amount": 7}), Default::default())
+        .await
+        .unwrap();
+    assert_eq!(env.tick().await, 1);
+    let r = env.run(id).await;
+    assert_eq!((r.status, r.attempt), (RunStatus::Completed, 1), "{r:?}");
+    let receipt = env.server.seen().pop().unwrap();
+    assert_eq!(receipt.target, "/api/receipts");
+    assert_eq!(
+        serde_json::from_str::<Value>(&receipt.body).unwrap()["amount"],
+        json!(7)
+    );
+}
+on_both_backends!(
+    signal_before_the_wait,
+    a_signal_sent_before_the_wait_is_delivered_when_it_is_reached_sqlite,
+    a_signal_sent_before_the_wait_is_delivered_when_it_is_reached_postgres
+);
+
+/// No "paid" within 3 days (the manual clock moves): `on_timeout = "fail"`
+/// fails the run naming the step, and sends nothing more.
+async fn timeout_fails(store: docket_store::DynStore) {
+    let env = setup_on(store, &invoice_job("fail")).await;
+    invoice_created(&env.server);
+    let id = env.trigger("invoice", json!({"order": "o-3"})).await;
+    env.tick().await;
+    env.clock.advance(Duration::from_secs(3 * 86_400 - 1));
+    assert_eq!(env.tick().await, 0, "not due before its deadline");
+    let r = env.next_attempt_after_wait(id).await;
+    assert_eq!(r.status, RunStatus::Failed, "{r:?}");
+    assert_eq!(r.terminal_reason, Some(TerminalReason::PermanentError));
+    let msg = r.last_error_message.unwrap();
+    assert!(
+        msg.contains("step `paid` of job `invoice`") && msg.contains("within 3d"),
+        "{msg}"
+    );
+    assert_eq!(env.server.seen().len(), 1, "only the invoice was sent");
+    assert_eq!(env.events(id, "signal_timed_out").await.len(), 1);
+    // A signal after the deadline cannot revive a failed run.
+    let late = env
+        .docket
+        .signal(id, "paid", json!({}), Default::default())
+        .await;
+    assert!(late.is_err());
+}
+on_both_backends!(
+    timeout_fails,
+    a_wait_that_times_out_with_on_timeout_fail_fails_naming_the_step_sqlite,
+    a_wait_that_times_out_with_on_timeout_fail_fails_naming_the_step_postgres
+);
+
+/// `on_timeout = "continue"`: the next steps see the timeout
+/// (`steps.paid.timed_out`, `steps.paid.until`): the receipt is skipped,
+/// the reminder goes out.
+async fn timeout_continues(store: docket_store::DynStore) {
+    let env = setup_on(store, &invoice_job("continue")).await;
+    invoice_created(&env.server);
+    let id = env.trigger("invoice", json!({"order": "o-4"})).await;
+    env.tick().await;
+    let r = env.next_attempt_after_wait(id).await;
+    assert_eq!(r.status, RunStatus::Completed, "{r:?}");
+    assert!(env.server.with_key("o-4/receipt/v1").is_empty());
+    assert_eq!(
+        env.server.with_key("o-4/remind/v1"),
+        ["POST /api/reminders"]
+    );
+    let remind = env.server.seen().pop().unwrap();
+    let until = T0.plus_millis(3 * 86_400_000);
+    assert_eq!(
+        serde_json::from_str::<Value>(&remind.body).unwrap(),
+        json!({"invoice": "inv_42", "unpaid_since": until.to_rfc3339()})
+    );
+    assert_eq!(r.output.unwrap()["status"], json!(200));
+}
+on_both_backends!(
+    timeout_continues,
+    a_wait_that_times_out_with_on_timeout_continue_lets_the_next_step_see_it_sqlite,
+    a_wait_that_times_out_with_on_timeout_continue_lets_the_next_step_see_it_postgres
+);
+
+impl Env {
+    /// Moves the clock to a postponed run's `run_after` and runs it once.
+    async fn next_attempt_after_wait(&self, id: RunId) -> Run {
+        let r = self.run(id).await;
+        assert_eq!(r.status, RunStatus::Postponed, "{r:?}");
+        self.clock.set(r.run_after);
+        assert_eq!(self.tick().await, 1);
+        self.run(id).await
     }
 }

@@ -353,13 +353,13 @@ async fn workflow(
                                 "key": sig.key,
                                 "data": sig.data,
                                 "sent_by": sig.sent_by,
-                                "received_at": sig.received_at,
+                                "received_at": sig.received_at.to_rfc3339(),
                             }),
                             Signalled::TimedOut { until } => match w.on_timeout {
                                 OnTimeout::Continue => json!({
                                     "received": false,
                                     "timed_out": true,
-                                    "until": until,
+                                    "until": until.to_rfc3339(),
                                 }),
                                 OnTimeout::Fail => {
                                     let e = JobError::permanent(format!(
@@ -423,7 +423,7 @@ async fn sleep_step(
         }
     };
     ctx.sleep_until(name, until).await?;
-    Ok(json!({ "until": until }))
+    Ok(json!({ "until": until.to_rfc3339() }))
 }
 
 /// One request (a single-request job's, or a workflow step's) with its
