@@ -2137,3 +2137,200 @@ impl Env {
         self.run(id).await
     }
 }
+
+const ORDER_JOB: &str = r#"
+        [jobs.order]
+        connection = "crm"
+        retry = { base_delay_ms = 1000, multiplier = 1.0, max_delay_ms = 1000, jitter_ms = 0, max_attempts = 5 }
+        [[jobs.order.steps]]
+        name = "create_invoice"
+        path = "/invoices"
+        idempotency_key = "{{ input.order }}/invoice/v1"
+        [[jobs.order.steps]]
+        name = "charge"
+        path = "/charges"
+        idempotency_key = "{{ input.order }}/charge/v1"
+        body = { invoice = "{{ steps.create_invoice.body.id }}" }
+        [jobs.order.steps.reconcile]
+        path = "/charges?key={{ idempotency_key | urlencode }}"
+        "#;
+
+type StoreMaker = Arc<
+    dyn Fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = docket_store::DynStore>>>
+        + Send
+        + Sync,
+>;
+
+/// A worker process killed between steps (its runtime, store connections
+/// and HTTP client dropped while the second request is out): after its
+/// lease expires another process takes the run over; the first step comes
+/// from storage and is not sent again, the second is reconciled (not
+/// found) and sent again with the same key, once.
+async fn killed_between_steps(make: StoreMaker) {
+    let env = setup_on(make().await, ORDER_JOB).await;
+    invoice_created(&env.server);
+    env.server.push(Reply::Hang);
+    let id = env.trigger("order", json!({"order": "o-5"})).await;
+
+    // Process A: a thread with a runtime of its own, its own store
+    // connection and HTTP client; killed by dropping its runtime.
+    let text = config(&env.server, "{ failures = 0 }", ORDER_JOB);
+    let (dir, clock, m) = (env.dir.clone(), env.clock.clone(), make.clone());
+    let (kill, killed) = tokio::sync::oneshot::channel::<()>();
+    let a = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let http = HttpJobs::from_toml(&text, &dir).unwrap();
+            let d = Docket::with_store(m().await, Arc::new(clock));
+            http.install(&d).unwrap();
+            tokio::select! {
+                _ = tick_on(&d) => panic!("the attempt ended before it was killed"),
+                _ = killed => {}
+            }
+        });
+        // Every task of the process (the attempt's handler too) dies here.
+        rt.shutdown_background();
+    });
+    // The invoice is answered and committed; the charge is out: kill A.
+    env.server.wait_for_requests(2).await;
+    kill.send(()).unwrap();
+    tokio::task::spawn_blocking(move || a.join().unwrap())
+        .await
+        .unwrap();
+    let r = env.run(id).await;
+    assert_eq!(r.status, RunStatus::Running, "{r:?}");
+    let steps = env.history(id).await.steps;
+    assert!(
+        steps.iter().any(|s| s.name == "create_invoice"),
+        "{steps:?}"
+    );
+
+    // Process B (this test's Docket) once A's lease has expired.
+    env.clock.set(r.lease_expires_at.unwrap().plus_millis(1));
+    env.tick().await;
+    let r = env.next_attempt(id).await;
+    assert_eq!(r.status, RunStatus::Completed, "{r:?}");
+    let attempts = env.history(id).await.attempts;
+    assert_eq!(attempts[0].error_class, Some(ErrorClass::LeaseExpired));
+    assert_eq!(
+        env.server.with_key("o-5/invoice/v1"),
+        ["POST /api/invoices"]
+    );
+    assert_eq!(
+        env.server.with_key("o-5/charge/v1"),
+        [
+            "POST /api/charges",
+            "GET /api/charges?key=o-5/charge/v1",
+            "POST /api/charges"
+        ]
+    );
+    let charge = env.server.seen().pop().unwrap();
+    assert_eq!(
+        serde_json::from_str::<Value>(&charge.body).unwrap(),
+        json!({"invoice": "inv_42"}),
+        "the replayed invoice's id"
+    );
+}
+
+async fn pg_connect(base: String, schema: String) -> docket_store::DynStore {
+    Arc::new(
+        docket_store::postgres::PgStore::connect_with(&base, &schema)
+            .await
+            .unwrap(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_between_steps_does_not_send_the_first_step_again_sqlite() {
+    let dir = temp_dir();
+    let path = dir.join("shared.db").to_str().unwrap().to_string();
+    killed_between_steps(Arc::new(move || {
+        let path = path.clone();
+        Box::pin(
+            async move { Arc::new(SqliteStore::open(&path).unwrap()) as docket_store::DynStore },
+        )
+    }))
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_between_steps_does_not_send_the_first_step_again_postgres() {
+    let Some(base) = pg_url() else { return };
+    let schema = format!("t_{}", uuid::Uuid::now_v7().simple());
+    killed_between_steps(Arc::new(move || {
+        let (base, schema) = (base.clone(), schema.clone());
+        Box::pin(pg_connect(base, schema))
+    }))
+    .await;
+}
+
+/// Runs sleeping in a `sleep` step hold no worker slot: with concurrency 1,
+/// five sleeping workflows do not keep a new run from completing; at the
+/// wake time they go on from their next step.
+async fn sleepers_hold_no_slot(store: docket_store::DynStore) {
+    let env = setup_on(
+        store,
+        r#"
+        [jobs.nap]
+        connection = "crm"
+        [[jobs.nap.steps]]
+        name = "nap"
+        sleep = "1h"
+        [[jobs.nap.steps]]
+        name = "after"
+        path = "/after"
+        idempotency_key = "{{ input.n }}/after"
+        [jobs.ping]
+        connection = "crm"
+        path = "/ping"
+        "#,
+    )
+    .await;
+    let mut naps = Vec::new();
+    for n in 0..5 {
+        naps.push(env.trigger("nap", json!({"n": n})).await);
+    }
+    let handle = env
+        .docket
+        .worker(WorkerConfig {
+            concurrency: 1,
+            ..Default::default()
+        })
+        .start();
+    let bound = Duration::from_secs(20);
+    for id in &naps {
+        let r = env
+            .docket
+            .wait_until(*id, bound, |r| r.status == RunStatus::Postponed)
+            .await
+            .unwrap();
+        assert_eq!((r.run_after, r.lease_id), (T0.plus_millis(3_600_000), None));
+    }
+    let ping = env.trigger("ping", json!({})).await;
+    let r = env.docket.wait(ping, bound).await.unwrap();
+    assert_eq!(r.status, RunStatus::Completed);
+    assert!(env.server.seen().iter().all(|s| s.target == "/api/ping"));
+    handle.shutdown(Duration::from_secs(5)).await;
+    // At the wake time each goes on from its next step.
+    env.clock.advance(Duration::from_secs(3600));
+    for _ in 0..5 {
+        assert_eq!(env.tick().await, 1);
+    }
+    for id in &naps {
+        let r = env.run(*id).await;
+        assert_eq!(
+            (r.status, r.attempt - r.attempts_forgiven),
+            (RunStatus::Completed, 1)
+        );
+    }
+    assert_eq!(env.server.seen().len(), 6);
+}
+on_both_backends!(
+    sleepers_hold_no_slot,
+    a_sleep_step_holds_no_worker_slot_sqlite,
+    a_sleep_step_holds_no_worker_slot_postgres
+);
