@@ -1529,6 +1529,7 @@ fn the_example_docket_toml_loads() {
     let http = HttpJobs::load(&path).unwrap_or_else(|e| panic!("{e}"));
     assert!(http.job_names().contains(&"send-email".to_string()));
     assert!(http.job_names().contains(&"refund".to_string()));
+    assert!(http.job_names().contains(&"invoice-flow".to_string()));
     assert_eq!(http.connection_names(), ["crm", "payments"]);
     // It sets retention: 7 days for completed runs, 30 for send-email's.
     let keep = http.retention();
