@@ -2335,3 +2335,56 @@ on_both_backends!(
     a_sleep_step_holds_no_worker_slot_sqlite,
     a_sleep_step_holds_no_worker_slot_postgres
 );
+
+/// A wait with a `key` template is reached by `signal_by_key` (what
+/// `POST /api/signals` calls) with the rendered key; a per-step approval
+/// holds that step's request until an operator approves.
+#[tokio::test]
+async fn a_keyed_wait_and_a_step_approval() {
+    let env = setup(
+        r#"
+        [jobs.settle]
+        connection = "crm"
+        [[jobs.settle.steps]]
+        name = "settled"
+        wait_for_signal = "payment-settled"
+        key = "order-{{ input.order }}"
+        timeout = "1d"
+        [[jobs.settle.steps]]
+        name = "refund"
+        path = "/refunds"
+        idempotency_key = "{{ input.order }}/refund/v1"
+        approval = "steps.settled.data.amount > 100"
+        body = { amount = "{{ steps.settled.data.amount }}" }
+        "#,
+    )
+    .await;
+    let id = env.trigger("settle", json!({"order": 42})).await;
+    env.tick().await;
+    let waits = env.docket.signal_waits(id).await.unwrap();
+    assert_eq!(waits[0].key.as_deref(), Some("order-42"));
+    let sent = env
+        .docket
+        .signal_by_key(
+            "default",
+            "payment-settled",
+            "order-42",
+            json!({"amount": 500}),
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(sent.len(), 1);
+    env.tick().await;
+    let r = env.run(id).await;
+    assert_eq!(r.status, RunStatus::NeedsInput, "{r:?}");
+    assert!(env.server.seen().is_empty(), "nothing sent before approval");
+    env.docket
+        .approve(id, json!({}), actor("ok"))
+        .await
+        .unwrap();
+    env.tick().await;
+    let r = env.run(id).await;
+    assert_eq!(r.status, RunStatus::Completed, "{r:?}");
+    assert_eq!(env.server.with_key("42/refund/v1"), ["POST /api/refunds"]);
+}
