@@ -2388,3 +2388,36 @@ async fn a_keyed_wait_and_a_step_approval() {
     assert_eq!(r.status, RunStatus::Completed, "{r:?}");
     assert_eq!(env.server.with_key("42/refund/v1"), ["POST /api/refunds"]);
 }
+
+/// A completed request step is replayed from storage without asking for
+/// its connection again: disabling it after the step was sent does not
+/// fail the run when it wakes from its sleep.
+#[tokio::test]
+async fn a_replayed_step_needs_no_connection() {
+    let env = setup(
+        r#"
+        [jobs.later]
+        [[jobs.later.steps]]
+        name = "first"
+        connection = "crm"
+        path = "/first"
+        [[jobs.later.steps]]
+        name = "nap"
+        sleep = "1h"
+        [[jobs.later.steps]]
+        name = "second"
+        url = "{base}/api/second"
+        "#,
+    )
+    .await;
+    let id = env.trigger("later", json!({})).await;
+    env.tick().await;
+    env.http
+        .disable_connection("default", "crm", &actor("maintenance"))
+        .await
+        .unwrap();
+    let r = env.next_attempt_after_wait(id).await;
+    assert_eq!(r.status, RunStatus::Completed, "{r:?}");
+    let targets: Vec<String> = env.server.seen().into_iter().map(|s| s.target).collect();
+    assert_eq!(targets, ["/api/first", "/api/second"]);
+}

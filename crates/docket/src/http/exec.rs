@@ -298,10 +298,15 @@ async fn workflow(
             Some(rec) if rec.status == docket_store::StepStatus::Skipped => json!({
                 "sent": false, "skipped_by_operator": true, "comment": rec.comment,
             }),
-            Some(rec)
-                if rec.status == docket_store::StepStatus::Completed
-                    && !matches!(s.kind, StepKind::Request(_)) =>
-            {
+            // Completed (or skipped by its `when`) in an earlier attempt:
+            // its stored result, with no connection check, rate limit
+            // token or breaker admission, since nothing is sent.
+            Some(rec) if rec.status == docket_store::StepStatus::Completed => {
+                if let StepKind::Request(r) = &s.kind {
+                    if let Ok(key) = render_key(shared, r, &data) {
+                        keys.push((key, name));
+                    }
+                }
                 rec.result.unwrap_or(Value::Null)
             }
             _ => match &s.when {
