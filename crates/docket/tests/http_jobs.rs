@@ -59,6 +59,8 @@ struct ServerState {
     script: Mutex<VecDeque<Reply>>,
     charges: Mutex<HashMap<String, Value>>,
     stop: Notify,
+    /// Notified (one permit) at each request's arrival.
+    arrived: Notify,
 }
 
 struct TestServer {
@@ -102,6 +104,25 @@ impl TestServer {
 
     fn seen(&self) -> Vec<Seen> {
         self.state.seen.lock().unwrap().clone()
+    }
+
+    /// Waits (at most 10 s) until the server has seen `n` requests.
+    async fn wait_for_requests(&self, n: usize) {
+        while self.seen().len() < n {
+            tokio::time::timeout(Duration::from_secs(10), self.state.arrived.notified())
+                .await
+                .unwrap_or_else(|_| panic!("the server saw {:?}, not {n} requests", self.seen()));
+        }
+    }
+
+    /// Requests (method and path, reconcile lookups included) carrying the
+    /// Idempotency-Key `key`.
+    fn with_key(&self, key: &str) -> Vec<String> {
+        self.seen()
+            .into_iter()
+            .filter(|s| s.headers.get("idempotency-key").map(String::as_str) == Some(key))
+            .map(|s| format!("{} {}", s.method, s.target))
+            .collect()
     }
 
     /// Requests other than reconcile lookups (`GET /charges?…`).
@@ -199,6 +220,7 @@ async fn serve(mut sock: TcpStream, st: Arc<ServerState>) {
         return;
     };
     st.seen.lock().unwrap().push(req.clone());
+    st.arrived.notify_one();
     let key = req
         .headers
         .get("idempotency-key")
@@ -1507,6 +1529,7 @@ fn the_example_docket_toml_loads() {
     let http = HttpJobs::load(&path).unwrap_or_else(|e| panic!("{e}"));
     assert!(http.job_names().contains(&"send-email".to_string()));
     assert!(http.job_names().contains(&"refund".to_string()));
+    assert!(http.job_names().contains(&"invoice-flow".to_string()));
     assert_eq!(http.connection_names(), ["crm", "payments"]);
     // It sets retention: 7 days for completed runs, 30 for send-email's.
     let keep = http.retention();
@@ -1843,4 +1866,558 @@ fn bad_rate_limits_in_docket_toml_name_the_field() {
             "{field}: {e}"
         );
     }
+}
+
+// ---------------------------------------------------------------- workflows
+
+/// The invoice workflow of docs/HTTP_JOBS.md: create an invoice, wait up to
+/// 3 days for the "paid" signal, then send a receipt (or, on a timeout with
+/// `on_timeout = "continue"`, a reminder).
+fn invoice_job(on_timeout: &str) -> String {
+    format!(
+        r#"
+        [jobs.invoice]
+        connection = "crm"
+        {retry}
+        [[jobs.invoice.steps]]
+        name = "create_invoice"
+        path = "/invoices"
+        idempotency_key = "{{{{ input.order }}}}/invoice/v1"
+        body = {{ order = "{{{{ input.order }}}}" }}
+        [[jobs.invoice.steps]]
+        name = "paid"
+        wait_for_signal = "paid"
+        timeout = "3d"
+        on_timeout = "{on_timeout}"
+        [[jobs.invoice.steps]]
+        name = "receipt"
+        when = "steps.paid.received == true"
+        path = "/receipts"
+        idempotency_key = "{{{{ input.order }}}}/receipt/v1"
+        body = {{ invoice = "{{{{ steps.create_invoice.body.id }}}}", amount = "{{{{ steps.paid.data.amount }}}}", by = "{{{{ steps.paid.sent_by }}}}" }}
+        [[jobs.invoice.steps]]
+        name = "remind"
+        when = "steps.paid.timed_out == true"
+        path = "/reminders"
+        idempotency_key = "{{{{ input.order }}}}/remind/v1"
+        body = {{ invoice = "{{{{ steps.create_invoice.body.id }}}}", unpaid_since = "{{{{ steps.paid.until }}}}" }}
+        "#,
+        retry = no_backoff()
+    )
+}
+
+/// An environment on `store` (SQLite or PostgreSQL).
+async fn setup_on(store: docket_store::DynStore, jobs: &str) -> Env {
+    let server = TestServer::start().await;
+    let dir = temp_dir();
+    let http = HttpJobs::from_toml(&config(&server, "{ failures = 0 }", jobs), &dir).unwrap();
+    let clock = ManualClock::new(T0);
+    let docket = Docket::with_store(store, Arc::new(clock.clone()));
+    http.install(&docket).unwrap();
+    Env {
+        docket,
+        clock,
+        http,
+        server,
+        dir,
+    }
+}
+
+async fn sqlite_store() -> docket_store::DynStore {
+    Arc::new(SqliteStore::open_in_memory().unwrap())
+}
+
+async fn pg_store() -> Option<docket_store::DynStore> {
+    let base = pg_url()?;
+    let schema = format!("t_{}", uuid::Uuid::now_v7().simple());
+    Some(Arc::new(
+        docket_store::postgres::PgStore::connect_with(&base, &schema)
+            .await
+            .unwrap(),
+    ))
+}
+
+/// `name_sqlite` and `name_postgres` tests running `body(store)`.
+macro_rules! on_both_backends {
+    ($body:ident, $sqlite:ident, $postgres:ident) => {
+        #[tokio::test]
+        async fn $sqlite() {
+            $body(sqlite_store().await).await;
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $postgres() {
+            let Some(store) = pg_store().await else {
+                return;
+            };
+            $body(store).await;
+        }
+    };
+}
+
+fn invoice_created(server: &TestServer) {
+    server.push(Reply::Status(
+        201,
+        vec![],
+        r#"{"id": "inv_42", "total": 42}"#.into(),
+    ));
+}
+
+/// Invoice → wait for "paid" (the run holds nothing while it waits, and
+/// says what it waits for) → the signal → the receipt, which reads the
+/// invoice's id and the signal's payload. Each request is an action with
+/// its own key, ledger row and evidence.
+async fn invoice_paid_receipt(store: docket_store::DynStore) {
+    let env = setup_on(store, &invoice_job("fail")).await;
+    invoice_created(&env.server);
+    let id = env.trigger("invoice", json!({"order": "o-1"})).await;
+    assert_eq!(env.tick().await, 1);
+    let r = env.run(id).await;
+    assert_eq!(r.status, RunStatus::Postponed, "{r:?}");
+    assert_eq!(r.run_after, T0.plus_millis(3 * 86_400_000));
+    assert_eq!((r.lease_id, r.attempts_forgiven), (None, 1), "{r:?}");
+    let waits = env.docket.signal_waits(id).await.unwrap();
+    assert_eq!(
+        (waits[0].name.as_str(), waits[0].until),
+        ("paid", T0.plus_millis(3 * 86_400_000))
+    );
+    assert_eq!(
+        env.server.with_key("o-1/invoice/v1"),
+        ["POST /api/invoices"]
+    );
+
+    env.clock.advance(Duration::from_secs(3600));
+    env.docket
+        .signal(
+            id,
+            "paid",
+            json!({"amount": 42}),
+            docket::SignalOptions {
+                sent_by: Some("stripe-webhook".into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(env.run(id).await.run_after, env.clock.now(), "due at once");
+    assert_eq!(env.tick().await, 1);
+    let r = env.run(id).await;
+    assert_eq!(r.status, RunStatus::Completed, "{r:?}");
+    // Nothing was sent twice; the receipt read both earlier results.
+    assert_eq!(env.server.with_key("o-1/invoice/v1").len(), 1);
+    assert_eq!(
+        env.server.with_key("o-1/receipt/v1"),
+        ["POST /api/receipts"]
+    );
+    assert!(env.server.with_key("o-1/remind/v1").is_empty());
+    let receipt = env.server.seen().pop().unwrap();
+    assert_eq!(
+        serde_json::from_str::<Value>(&receipt.body).unwrap(),
+        json!({"invoice": "inv_42", "amount": 42, "by": "stripe-webhook"})
+    );
+    // The output is the last step's result: the skipped reminder.
+    let out = r.output.unwrap();
+    assert_eq!(out["skipped"], json!(true), "{out}");
+    // Evidence: one http_response per request, under the step's name.
+    let actions: Vec<Value> = env
+        .events(id, "http_response")
+        .await
+        .into_iter()
+        .map(|e| json!([e["action"], e["idempotency_key"], e["status"]]))
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            json!(["create_invoice", "o-1/invoice/v1", 201]),
+            json!(["receipt", "o-1/receipt/v1", 200])
+        ]
+    );
+    assert_eq!(env.events(id, "action_committed").await.len(), 2);
+    assert_eq!(env.events(id, "signal_delivered").await.len(), 1);
+    assert_eq!(env.events(id, "step_skipped").await.len(), 1);
+}
+on_both_backends!(
+    invoice_paid_receipt,
+    a_workflow_creates_an_invoice_waits_for_paid_and_sends_a_receipt_sqlite,
+    a_workflow_creates_an_invoice_waits_for_paid_and_sends_a_receipt_postgres
+);
+
+/// A signal sent before the run reaches its wait is kept and delivered
+/// when it does: the run goes through in one attempt.
+async fn signal_before_the_wait(store: docket_store::DynStore) {
+    let env = setup_on(store, &invoice_job("fail")).await;
+    invoice_created(&env.server);
+    let id = env.trigger("invoice", json!({"order": "o-2"})).await;
+    env.docket
+        .signal(id, "paid", json!({"amount": 7}), Default::default())
+        .await
+        .unwrap();
+    assert_eq!(env.tick().await, 1);
+    let r = env.run(id).await;
+    assert_eq!((r.status, r.attempt), (RunStatus::Completed, 1), "{r:?}");
+    let receipt = env.server.seen().pop().unwrap();
+    assert_eq!(receipt.target, "/api/receipts");
+    assert_eq!(
+        serde_json::from_str::<Value>(&receipt.body).unwrap()["amount"],
+        json!(7)
+    );
+}
+on_both_backends!(
+    signal_before_the_wait,
+    a_signal_sent_before_the_wait_is_delivered_when_it_is_reached_sqlite,
+    a_signal_sent_before_the_wait_is_delivered_when_it_is_reached_postgres
+);
+
+/// No "paid" within 3 days (the manual clock moves): `on_timeout = "fail"`
+/// fails the run naming the step, and sends nothing more.
+async fn timeout_fails(store: docket_store::DynStore) {
+    let env = setup_on(store, &invoice_job("fail")).await;
+    invoice_created(&env.server);
+    let id = env.trigger("invoice", json!({"order": "o-3"})).await;
+    env.tick().await;
+    env.clock.advance(Duration::from_secs(3 * 86_400 - 1));
+    assert_eq!(env.tick().await, 0, "not due before its deadline");
+    let r = env.next_attempt_after_wait(id).await;
+    assert_eq!(r.status, RunStatus::Failed, "{r:?}");
+    assert_eq!(r.terminal_reason, Some(TerminalReason::PermanentError));
+    let msg = r.last_error_message.unwrap();
+    assert!(
+        msg.contains("step `paid` of job `invoice`") && msg.contains("within 3d"),
+        "{msg}"
+    );
+    assert_eq!(env.server.seen().len(), 1, "only the invoice was sent");
+    assert_eq!(env.events(id, "signal_timed_out").await.len(), 1);
+    // A signal after the deadline cannot revive a failed run.
+    let late = env
+        .docket
+        .signal(id, "paid", json!({}), Default::default())
+        .await;
+    assert!(late.is_err());
+}
+on_both_backends!(
+    timeout_fails,
+    a_wait_that_times_out_with_on_timeout_fail_fails_naming_the_step_sqlite,
+    a_wait_that_times_out_with_on_timeout_fail_fails_naming_the_step_postgres
+);
+
+/// `on_timeout = "continue"`: the next steps see the timeout
+/// (`steps.paid.timed_out`, `steps.paid.until`): the receipt is skipped,
+/// the reminder goes out.
+async fn timeout_continues(store: docket_store::DynStore) {
+    let env = setup_on(store, &invoice_job("continue")).await;
+    invoice_created(&env.server);
+    let id = env.trigger("invoice", json!({"order": "o-4"})).await;
+    env.tick().await;
+    let r = env.next_attempt_after_wait(id).await;
+    assert_eq!(r.status, RunStatus::Completed, "{r:?}");
+    assert!(env.server.with_key("o-4/receipt/v1").is_empty());
+    assert_eq!(
+        env.server.with_key("o-4/remind/v1"),
+        ["POST /api/reminders"]
+    );
+    let remind = env.server.seen().pop().unwrap();
+    let until = T0.plus_millis(3 * 86_400_000);
+    assert_eq!(
+        serde_json::from_str::<Value>(&remind.body).unwrap(),
+        json!({"invoice": "inv_42", "unpaid_since": until.to_rfc3339()})
+    );
+    assert_eq!(r.output.unwrap()["status"], json!(200));
+}
+on_both_backends!(
+    timeout_continues,
+    a_wait_that_times_out_with_on_timeout_continue_lets_the_next_step_see_it_sqlite,
+    a_wait_that_times_out_with_on_timeout_continue_lets_the_next_step_see_it_postgres
+);
+
+impl Env {
+    /// Moves the clock to a postponed run's `run_after` and runs it once.
+    async fn next_attempt_after_wait(&self, id: RunId) -> Run {
+        let r = self.run(id).await;
+        assert_eq!(r.status, RunStatus::Postponed, "{r:?}");
+        self.clock.set(r.run_after);
+        assert_eq!(self.tick().await, 1);
+        self.run(id).await
+    }
+}
+
+const ORDER_JOB: &str = r#"
+        [jobs.order]
+        connection = "crm"
+        retry = { base_delay_ms = 1000, multiplier = 1.0, max_delay_ms = 1000, jitter_ms = 0, max_attempts = 5 }
+        [[jobs.order.steps]]
+        name = "create_invoice"
+        path = "/invoices"
+        idempotency_key = "{{ input.order }}/invoice/v1"
+        [[jobs.order.steps]]
+        name = "charge"
+        path = "/charges"
+        idempotency_key = "{{ input.order }}/charge/v1"
+        body = { invoice = "{{ steps.create_invoice.body.id }}" }
+        [jobs.order.steps.reconcile]
+        path = "/charges?key={{ idempotency_key | urlencode }}"
+        "#;
+
+type StoreMaker = Arc<
+    dyn Fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = docket_store::DynStore>>>
+        + Send
+        + Sync,
+>;
+
+/// A worker process killed between steps (its runtime, store connections
+/// and HTTP client dropped while the second request is out): after its
+/// lease expires another process takes the run over; the first step comes
+/// from storage and is not sent again, the second is reconciled (not
+/// found) and sent again with the same key, once.
+async fn killed_between_steps(make: StoreMaker) {
+    let env = setup_on(make().await, ORDER_JOB).await;
+    invoice_created(&env.server);
+    env.server.push(Reply::Hang);
+    let id = env.trigger("order", json!({"order": "o-5"})).await;
+
+    // Process A: a thread with a runtime of its own, its own store
+    // connection and HTTP client; killed by dropping its runtime.
+    let text = config(&env.server, "{ failures = 0 }", ORDER_JOB);
+    let (dir, clock, m) = (env.dir.clone(), env.clock.clone(), make.clone());
+    let (kill, killed) = tokio::sync::oneshot::channel::<()>();
+    let a = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let http = HttpJobs::from_toml(&text, &dir).unwrap();
+            let d = Docket::with_store(m().await, Arc::new(clock));
+            http.install(&d).unwrap();
+            tokio::select! {
+                _ = tick_on(&d) => panic!("the attempt ended before it was killed"),
+                _ = killed => {}
+            }
+        });
+        // Every task of the process (the attempt's handler too) dies here.
+        rt.shutdown_background();
+    });
+    // The invoice is answered and committed; the charge is out: kill A.
+    env.server.wait_for_requests(2).await;
+    kill.send(()).unwrap();
+    tokio::task::spawn_blocking(move || a.join().unwrap())
+        .await
+        .unwrap();
+    let r = env.run(id).await;
+    assert_eq!(r.status, RunStatus::Running, "{r:?}");
+    let steps = env.history(id).await.steps;
+    assert!(
+        steps.iter().any(|s| s.name == "create_invoice"),
+        "{steps:?}"
+    );
+
+    // Process B (this test's Docket) once A's lease has expired.
+    env.clock.set(r.lease_expires_at.unwrap().plus_millis(1));
+    env.tick().await;
+    let r = env.next_attempt(id).await;
+    assert_eq!(r.status, RunStatus::Completed, "{r:?}");
+    let attempts = env.history(id).await.attempts;
+    assert_eq!(attempts[0].error_class, Some(ErrorClass::LeaseExpired));
+    assert_eq!(
+        env.server.with_key("o-5/invoice/v1"),
+        ["POST /api/invoices"]
+    );
+    assert_eq!(
+        env.server.with_key("o-5/charge/v1"),
+        [
+            "POST /api/charges",
+            "GET /api/charges?key=o-5/charge/v1",
+            "POST /api/charges"
+        ]
+    );
+    let charge = env.server.seen().pop().unwrap();
+    assert_eq!(
+        serde_json::from_str::<Value>(&charge.body).unwrap(),
+        json!({"invoice": "inv_42"}),
+        "the replayed invoice's id"
+    );
+}
+
+async fn pg_connect(base: String, schema: String) -> docket_store::DynStore {
+    Arc::new(
+        docket_store::postgres::PgStore::connect_with(&base, &schema)
+            .await
+            .unwrap(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_between_steps_does_not_send_the_first_step_again_sqlite() {
+    let dir = temp_dir();
+    let path = dir.join("shared.db").to_str().unwrap().to_string();
+    killed_between_steps(Arc::new(move || {
+        let path = path.clone();
+        Box::pin(
+            async move { Arc::new(SqliteStore::open(&path).unwrap()) as docket_store::DynStore },
+        )
+    }))
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_between_steps_does_not_send_the_first_step_again_postgres() {
+    let Some(base) = pg_url() else { return };
+    let schema = format!("t_{}", uuid::Uuid::now_v7().simple());
+    killed_between_steps(Arc::new(move || {
+        let (base, schema) = (base.clone(), schema.clone());
+        Box::pin(pg_connect(base, schema))
+    }))
+    .await;
+}
+
+/// Runs sleeping in a `sleep` step hold no worker slot: with concurrency 1,
+/// five sleeping workflows do not keep a new run from completing; at the
+/// wake time they go on from their next step.
+async fn sleepers_hold_no_slot(store: docket_store::DynStore) {
+    let env = setup_on(
+        store,
+        r#"
+        [jobs.nap]
+        connection = "crm"
+        [[jobs.nap.steps]]
+        name = "nap"
+        sleep = "1h"
+        [[jobs.nap.steps]]
+        name = "after"
+        path = "/after"
+        idempotency_key = "{{ input.n }}/after"
+        [jobs.ping]
+        connection = "crm"
+        path = "/ping"
+        "#,
+    )
+    .await;
+    let mut naps = Vec::new();
+    for n in 0..5 {
+        naps.push(env.trigger("nap", json!({"n": n})).await);
+    }
+    let handle = env
+        .docket
+        .worker(WorkerConfig {
+            concurrency: 1,
+            ..Default::default()
+        })
+        .start();
+    let bound = Duration::from_secs(20);
+    for id in &naps {
+        let r = env
+            .docket
+            .wait_until(*id, bound, |r| r.status == RunStatus::Postponed)
+            .await
+            .unwrap();
+        assert_eq!((r.run_after, r.lease_id), (T0.plus_millis(3_600_000), None));
+    }
+    let ping = env.trigger("ping", json!({})).await;
+    let r = env.docket.wait(ping, bound).await.unwrap();
+    assert_eq!(r.status, RunStatus::Completed);
+    assert!(env.server.seen().iter().all(|s| s.target == "/api/ping"));
+    handle.shutdown(Duration::from_secs(5)).await;
+    // At the wake time each goes on from its next step.
+    env.clock.advance(Duration::from_secs(3600));
+    for _ in 0..5 {
+        assert_eq!(env.tick().await, 1);
+    }
+    for id in &naps {
+        let r = env.run(*id).await;
+        assert_eq!(
+            (r.status, r.attempt - r.attempts_forgiven),
+            (RunStatus::Completed, 1)
+        );
+    }
+    assert_eq!(env.server.seen().len(), 6);
+}
+on_both_backends!(
+    sleepers_hold_no_slot,
+    a_sleep_step_holds_no_worker_slot_sqlite,
+    a_sleep_step_holds_no_worker_slot_postgres
+);
+
+/// A wait with a `key` template is reached by `signal_by_key` (what
+/// `POST /api/signals` calls) with the rendered key; a per-step approval
+/// holds that step's request until an operator approves.
+#[tokio::test]
+async fn a_keyed_wait_and_a_step_approval() {
+    let env = setup(
+        r#"
+        [jobs.settle]
+        connection = "crm"
+        [[jobs.settle.steps]]
+        name = "settled"
+        wait_for_signal = "payment-settled"
+        key = "order-{{ input.order }}"
+        timeout = "1d"
+        [[jobs.settle.steps]]
+        name = "refund"
+        path = "/refunds"
+        idempotency_key = "{{ input.order }}/refund/v1"
+        approval = "steps.settled.data.amount > 100"
+        body = { amount = "{{ steps.settled.data.amount }}" }
+        "#,
+    )
+    .await;
+    let id = env.trigger("settle", json!({"order": 42})).await;
+    env.tick().await;
+    let waits = env.docket.signal_waits(id).await.unwrap();
+    assert_eq!(waits[0].key.as_deref(), Some("order-42"));
+    let sent = env
+        .docket
+        .signal_by_key(
+            "default",
+            "payment-settled",
+            "order-42",
+            json!({"amount": 500}),
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(sent.len(), 1);
+    env.tick().await;
+    let r = env.run(id).await;
+    assert_eq!(r.status, RunStatus::NeedsInput, "{r:?}");
+    assert!(env.server.seen().is_empty(), "nothing sent before approval");
+    env.docket
+        .approve(id, json!({}), actor("ok"))
+        .await
+        .unwrap();
+    env.tick().await;
+    let r = env.run(id).await;
+    assert_eq!(r.status, RunStatus::Completed, "{r:?}");
+    assert_eq!(env.server.with_key("42/refund/v1"), ["POST /api/refunds"]);
+}
+
+/// A completed request step is replayed from storage without asking for
+/// its connection again: disabling it after the step was sent does not
+/// fail the run when it wakes from its sleep.
+#[tokio::test]
+async fn a_replayed_step_needs_no_connection() {
+    let env = setup(
+        r#"
+        [jobs.later]
+        [[jobs.later.steps]]
+        name = "first"
+        connection = "crm"
+        path = "/first"
+        [[jobs.later.steps]]
+        name = "nap"
+        sleep = "1h"
+        [[jobs.later.steps]]
+        name = "second"
+        url = "{base}/api/second"
+        "#,
+    )
+    .await;
+    let id = env.trigger("later", json!({})).await;
+    env.tick().await;
+    env.http
+        .disable_connection("default", "crm", &actor("maintenance"))
+        .await
+        .unwrap();
+    let r = env.next_attempt_after_wait(id).await;
+    assert_eq!(r.status, RunStatus::Completed, "{r:?}");
+    let targets: Vec<String> = env.server.seen().into_iter().map(|s| s.target).collect();
+    assert_eq!(targets, ["/api/first", "/api/second"]);
 }

@@ -72,6 +72,11 @@ impl Condition {
         })
     }
 
+    /// The dotted names the condition reads (`input.amount`).
+    pub(crate) fn reads(&self) -> &[String] {
+        &self.reads
+    }
+
     /// Evaluates the condition against `data`, an object whose keys are the
     /// roots (`{"input": …, "variables": …}`).
     pub(crate) fn eval(&self, data: &Value) -> Result<bool, ConditionError> {

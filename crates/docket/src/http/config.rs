@@ -294,6 +294,57 @@ struct RawJob {
     /// keys apply (docs/WORKER_PROTOCOL.md, "Declaring remote jobs").
     remote: Option<bool>,
     retention: Option<RawRetention>,
+    /// A workflow: HTTP requests, sleeps and signal waits in order
+    /// (docs/HTTP_JOBS.md, "Workflows"), instead of one request.
+    steps: Option<Vec<toml::Value>>,
+}
+
+/// One entry of a job's `steps`: exactly one of a request (`path` or
+/// `url`), `sleep`, `sleep_until` or `wait_for_signal`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStep {
+    name: Option<String>,
+    connection: Option<String>,
+    method: Option<String>,
+    path: Option<String>,
+    url: Option<String>,
+    #[serde(default)]
+    headers: BTreeMap<String, String>,
+    body: Option<Value>,
+    idempotency_key: Option<String>,
+    timeout_ms: Option<u64>,
+    #[serde(default)]
+    classify: BTreeMap<String, String>,
+    approval: Option<String>,
+    on_reject: Option<String>,
+    reconcile: Option<RawReconcile>,
+    max_response_bytes: Option<usize>,
+    when: Option<String>,
+    sleep: Option<String>,
+    sleep_until: Option<String>,
+    wait_for_signal: Option<String>,
+    key: Option<String>,
+    timeout: Option<String>,
+    on_timeout: Option<String>,
+}
+
+/// The request keys of a job or of a request step.
+struct RawRequest {
+    connection: Option<String>,
+    method: Option<String>,
+    path: Option<String>,
+    url: Option<String>,
+    headers: BTreeMap<String, String>,
+    body: Option<Value>,
+    idempotency_key: Option<String>,
+    timeout_ms: Option<u64>,
+    classify: BTreeMap<String, String>,
+    when: Option<String>,
+    approval: Option<String>,
+    on_reject: Option<String>,
+    reconcile: Option<RawReconcile>,
+    max_response_bytes: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -353,28 +404,102 @@ pub(crate) struct ReconcileSpec {
     pub(crate) not_found_when: Condition,
 }
 
-/// One job, compiled.
+/// One HTTP request as a job or a workflow step runs it, compiled.
 #[derive(Debug)]
-pub(crate) struct JobSpec {
-    pub(crate) name: String,
+pub(crate) struct RequestStep {
+    /// The action's name in the ledger, attempts and fingerprints (the
+    /// job's `action` or name; a workflow step's name).
     pub(crate) action: String,
     pub(crate) connection: Option<String>,
     pub(crate) request: RequestSpec,
     pub(crate) key_template: String,
-    pub(crate) job_timeout: Duration,
-    pub(crate) lease: Duration,
-    pub(crate) policy: RetryPolicy,
     pub(crate) classify: Classifier,
-    pub(crate) schema: Option<Arc<InputSchema>>,
+    /// A single-request job's `when` (a workflow step's is on its
+    /// [`StepSpec`]).
     pub(crate) when: Option<Condition>,
     pub(crate) approval: Option<Condition>,
     pub(crate) on_reject: OnReject,
     pub(crate) reconcile: Option<ReconcileSpec>,
     pub(crate) max_response_bytes: usize,
+}
+
+/// What a signal wait that timed out means (`on_timeout`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnTimeout {
+    /// The run fails `permanent_error`, naming the step (the default).
+    Fail,
+    /// The workflow goes on; the step's result says `timed_out: true`.
+    Continue,
+}
+
+/// How long a sleep step sleeps.
+#[derive(Debug)]
+pub(crate) enum SleepFor {
+    /// `sleep = "1h"` (milliseconds).
+    Millis(i64),
+    /// `sleep_until`: a template (by name) rendering an RFC 3339 time.
+    Until(String),
+}
+
+/// A `wait_for_signal` step.
+#[derive(Debug)]
+pub(crate) struct SignalStep {
+    pub(crate) signal: String,
+    /// The correlation key template (by name), if any.
+    pub(crate) key: Option<String>,
+    pub(crate) timeout_ms: i64,
+    pub(crate) timeout_src: String,
+    pub(crate) on_timeout: OnTimeout,
+}
+
+/// What a workflow step does.
+#[derive(Debug)]
+pub(crate) enum StepKind {
+    Request(Box<RequestStep>),
+    Sleep(SleepFor),
+    Signal(SignalStep),
+}
+
+/// One step of a workflow job, compiled.
+#[derive(Debug)]
+pub(crate) struct StepSpec {
+    pub(crate) name: String,
+    pub(crate) when: Option<Condition>,
+    pub(crate) kind: StepKind,
+}
+
+/// What a job does: one request, or a workflow of steps.
+#[derive(Debug)]
+pub(crate) enum Work {
+    Single(Box<RequestStep>),
+    Steps(Vec<StepSpec>),
+}
+
+/// One job, compiled.
+#[derive(Debug)]
+pub(crate) struct JobSpec {
+    pub(crate) name: String,
+    pub(crate) work: Work,
+    pub(crate) job_timeout: Duration,
+    pub(crate) lease: Duration,
+    pub(crate) policy: RetryPolicy,
+    pub(crate) schema: Option<Arc<InputSchema>>,
     pub(crate) concurrency: Option<usize>,
     pub(crate) concurrency_key: Option<String>,
     /// The job's own rate limit (`rate_limit`, `rate_limit_key`).
     pub(crate) rate: Option<crate::rate::RateSpec>,
+}
+
+impl JobSpec {
+    /// Every connection the job's requests use.
+    pub(crate) fn uses_connection(&self, name: &str) -> bool {
+        match &self.work {
+            Work::Single(r) => r.connection.as_deref() == Some(name),
+            Work::Steps(steps) => steps.iter().any(|s| {
+                matches!(&s.kind, StepKind::Request(r) if r.connection.as_deref() == Some(name))
+            }),
+        }
+    }
 }
 
 /// A remote job (`remote = true`): its policy, without code.
@@ -523,6 +648,7 @@ fn remote_job(name: &str, j: RawJob, base: &Path, p: &mut Problems) -> Option<Re
         ("max_response_bytes", j.max_response_bytes.is_some()),
         ("rate_limit", j.rate_limit.is_some()),
         ("rate_limit_key", j.rate_limit_key.is_some()),
+        ("steps", j.steps.is_some()),
     ];
     for (key, set) in http_keys {
         if set {
@@ -903,21 +1029,23 @@ fn policy(place: &str, job: &str, raw: Option<Value>, p: &mut Problems) -> Retry
     }
 }
 
-fn job(
-    name: &str,
-    j: RawJob,
+/// The request part of a job or of a request step at `place`: target,
+/// headers, body, key template (`default_key` when none is given),
+/// conditions, reconcile, classification. `roots` are the names conditions
+/// may read.
+#[allow(clippy::too_many_arguments)]
+fn request_step(
+    place: &str,
+    action: String,
+    r: RawRequest,
+    default_key: String,
+    roots: &[&str],
     declared: &std::collections::BTreeSet<String>,
-    base: &Path,
     templates: &mut Templates,
     p: &mut Problems,
-) -> Option<JobSpec> {
-    let place = format!("jobs.{name}");
+) -> RequestStep {
     let before = p.0.len();
-    let (concurrency, concurrency_key) = flow(&place, &j, p);
-    if name.is_empty() || name.len() > 200 {
-        p.add(&place, "a job name must be 1 to 200 characters");
-    }
-    if let Some(c) = &j.connection {
+    if let Some(c) = &r.connection {
         if !declared.contains(c) {
             let known: Vec<&str> = declared.iter().map(String::as_str).collect();
             p.add(
@@ -933,43 +1061,33 @@ fn job(
             );
         }
     }
-    let action = j.action.clone().unwrap_or_else(|| name.to_string());
-    if action.is_empty() || action.starts_with("input:") {
-        p.add(
-            format!("{place}.action"),
-            "must be non-empty and not start with `input:`",
-        );
-    }
-    let timeout_ms = j.timeout_ms.unwrap_or(DEFAULT_TIMEOUT_MS);
+    let timeout_ms = r.timeout_ms.unwrap_or(DEFAULT_TIMEOUT_MS);
     let m = method(
         &format!("{place}.method"),
-        j.method.as_deref(),
+        r.method.as_deref(),
         Method::POST,
         p,
     );
     let request = request_spec(
-        &place,
+        place,
         m,
-        j.path,
-        j.url,
-        j.headers,
-        j.body,
+        r.path,
+        r.url,
+        r.headers,
+        r.body,
         timeout_ms,
-        j.connection.is_some(),
+        r.connection.is_some(),
         templates,
         p,
     );
     let key_template = format!("{place}.idempotency_key");
-    let key_src = j
-        .idempotency_key
-        .unwrap_or_else(|| DEFAULT_KEY_TEMPLATE.to_string());
+    let key_src = r.idempotency_key.unwrap_or(default_key);
     if let Err(e) = templates.add(&key_template, &key_src) {
         p.add(&key_template, e);
     }
-    let roots = &["input", "variables"];
-    let when = condition(format!("{place}.when"), j.when, roots, p);
-    let approval = condition(format!("{place}.approval"), j.approval, roots, p);
-    let on_reject = match j.on_reject.as_deref() {
+    let when = condition(format!("{place}.when"), r.when, roots, p);
+    let approval = condition(format!("{place}.approval"), r.approval, roots, p);
+    let on_reject = match r.on_reject.as_deref() {
         None | Some("fail") => OnReject::Fail,
         Some("complete") => OnReject::Complete,
         Some(other) => {
@@ -980,13 +1098,14 @@ fn job(
             OnReject::Fail
         }
     };
-    if approval.is_none() && j.on_reject.is_some() && p.0.len() == before {
+    if approval.is_none() && r.on_reject.is_some() && p.0.len() == before {
         p.add(
             format!("{place}.on_reject"),
             "only meaningful with `approval`",
         );
     }
-    let reconcile = j.reconcile.map(|r| {
+    let has_connection = r.connection.is_some();
+    let reconcile = r.reconcile.map(|r| {
         let rp = format!("{place}.reconcile");
         let m = method(&format!("{rp}.method"), r.method.as_deref(), Method::GET, p);
         let request = request_spec(
@@ -997,7 +1116,7 @@ fn job(
             r.headers,
             None,
             r.timeout_ms.unwrap_or(timeout_ms),
-            j.connection.is_some(),
+            has_connection,
             templates,
             p,
         );
@@ -1025,21 +1144,166 @@ fn job(
             not_found_when,
         }
     });
-    let policy = policy(&format!("{place}.retry"), name, j.retry, p);
-    let classify = match Classifier::parse(&j.classify) {
+    let classify = match Classifier::parse(&r.classify) {
         Ok(c) => c,
         Err(e) => {
             p.add(format!("{place}.classify"), e);
             Classifier::default()
         }
     };
-    let schema = input_schema(&place, j.input_schema, j.input_schema_file, base, p);
-    let reconcile_ms = reconcile
-        .as_ref()
-        .map(|r| r.request.timeout.as_millis() as u64)
-        .unwrap_or(0);
-    let needed = timeout_ms + reconcile_ms;
-    let job_timeout_ms = j.job_timeout_ms.unwrap_or(needed + 5_000);
+    let max_response_bytes = r.max_response_bytes.unwrap_or(DEFAULT_MAX_RESPONSE_BYTES);
+    if max_response_bytes == 0 {
+        p.add(format!("{place}.max_response_bytes"), "must be positive");
+    }
+    RequestStep {
+        action,
+        connection: r.connection,
+        request,
+        key_template,
+        classify,
+        when,
+        approval,
+        on_reject,
+        reconcile,
+        max_response_bytes,
+    }
+}
+
+impl RequestStep {
+    /// The most one send of this request may take: its timeout plus its
+    /// reconcile lookup's.
+    fn needed_ms(&self) -> u64 {
+        self.request.timeout.as_millis() as u64
+            + self
+                .reconcile
+                .as_ref()
+                .map(|r| r.request.timeout.as_millis() as u64)
+                .unwrap_or(0)
+    }
+}
+
+fn job(
+    name: &str,
+    j: RawJob,
+    declared: &std::collections::BTreeSet<String>,
+    base: &Path,
+    templates: &mut Templates,
+    p: &mut Problems,
+) -> Option<JobSpec> {
+    let place = format!("jobs.{name}");
+    let before = p.0.len();
+    let (concurrency, concurrency_key) = flow(&place, &j, p);
+    if name.is_empty() || name.len() > 200 {
+        p.add(&place, "a job name must be 1 to 200 characters");
+    }
+    let policy = policy(&format!("{place}.retry"), name, j.retry.clone(), p);
+    let schema = input_schema(
+        &place,
+        j.input_schema.clone(),
+        j.input_schema_file.clone(),
+        base,
+        p,
+    );
+    let rate = rate(&place, j.rate_limit, j.rate_limit_key.clone(), p);
+    let connection = j.connection.clone();
+    let job_timeout_given = j.job_timeout_ms;
+    let lease_given = j.lease_ms;
+    let (work, needed) = match j.steps {
+        Some(raw_steps) => {
+            let request_keys = [
+                ("method", j.method.is_some()),
+                ("path", j.path.is_some()),
+                ("url", j.url.is_some()),
+                ("headers", !j.headers.is_empty()),
+                ("body", j.body.is_some()),
+                ("idempotency_key", j.idempotency_key.is_some()),
+                ("action", j.action.is_some()),
+                ("timeout_ms", j.timeout_ms.is_some()),
+                ("classify", !j.classify.is_empty()),
+                ("when", j.when.is_some()),
+                ("approval", j.approval.is_some()),
+                ("on_reject", j.on_reject.is_some()),
+                ("reconcile", j.reconcile.is_some()),
+                ("max_response_bytes", j.max_response_bytes.is_some()),
+            ];
+            for (key, set) in request_keys {
+                if set {
+                    p.add(
+                        format!("{place}.{key}"),
+                        "a job with `steps` sends its requests in its steps: put this key in the step it belongs to",
+                    );
+                }
+            }
+            if rate.is_some() {
+                p.add(
+                    format!("{place}.rate_limit"),
+                    "a job with `steps` takes no job-wide rate limit (it would be taken at every wake-up, not per request): give the connection a `rate_limit`, taken before each request",
+                );
+            }
+            if let Some(c) = &connection {
+                if !declared.contains(c) {
+                    p.add(
+                        format!("{place}.connection"),
+                        format!("no connection `{c}` is declared"),
+                    );
+                }
+            }
+            let steps = workflow_steps(
+                name,
+                &place,
+                raw_steps,
+                connection.as_deref(),
+                declared,
+                templates,
+                p,
+            );
+            let needed: u64 = steps
+                .iter()
+                .map(|s| match &s.kind {
+                    StepKind::Request(r) => r.needed_ms(),
+                    _ => 0,
+                })
+                .sum();
+            (Work::Steps(steps), needed)
+        }
+        None => {
+            let action = j.action.clone().unwrap_or_else(|| name.to_string());
+            if action.is_empty() || action.starts_with("input:") {
+                p.add(
+                    format!("{place}.action"),
+                    "must be non-empty and not start with `input:`",
+                );
+            }
+            let r = request_step(
+                &place,
+                action,
+                RawRequest {
+                    connection: j.connection,
+                    method: j.method,
+                    path: j.path,
+                    url: j.url,
+                    headers: j.headers,
+                    body: j.body,
+                    idempotency_key: j.idempotency_key,
+                    timeout_ms: j.timeout_ms,
+                    classify: j.classify,
+                    when: j.when,
+                    approval: j.approval,
+                    on_reject: j.on_reject,
+                    reconcile: j.reconcile,
+                    max_response_bytes: j.max_response_bytes,
+                },
+                DEFAULT_KEY_TEMPLATE.to_string(),
+                &["input", "variables"],
+                declared,
+                templates,
+                p,
+            );
+            let needed = r.needed_ms();
+            (Work::Single(Box::new(r)), needed)
+        }
+    };
+    let job_timeout_ms = job_timeout_given.unwrap_or(needed + 5_000);
     if job_timeout_ms <= needed {
         p.add(
             format!("{place}.job_timeout_ms"),
@@ -1051,7 +1315,7 @@ fn job(
     const MAX_LEASE_MS: u64 = 366 * 86_400_000;
     for (field, v) in [
         ("job_timeout_ms", Some(job_timeout_ms)),
-        ("lease_ms", j.lease_ms),
+        ("lease_ms", lease_given),
     ] {
         if v.is_some_and(|v| v > MAX_LEASE_MS) {
             p.add(
@@ -1060,40 +1324,347 @@ fn job(
             );
         }
     }
-    let lease_ms = j
-        .lease_ms
-        .unwrap_or((job_timeout_ms.min(MAX_LEASE_MS) * 2).max(5 * 60 * 1_000));
+    let lease_ms =
+        lease_given.unwrap_or((job_timeout_ms.min(MAX_LEASE_MS) * 2).max(5 * 60 * 1_000));
     if lease_ms <= job_timeout_ms {
         p.add(
             format!("{place}.lease_ms"),
             format!("must be longer than the job timeout ({job_timeout_ms} ms)"),
         );
     }
-    let max_response_bytes = j.max_response_bytes.unwrap_or(DEFAULT_MAX_RESPONSE_BYTES);
-    if max_response_bytes == 0 {
-        p.add(format!("{place}.max_response_bytes"), "must be positive");
-    }
-    let rate = rate(&place, j.rate_limit, j.rate_limit_key, p);
     (p.0.len() == before).then(|| JobSpec {
         name: name.to_string(),
-        action,
-        connection: j.connection,
-        request,
-        key_template,
+        work,
         job_timeout: Duration::from_millis(job_timeout_ms),
         lease: Duration::from_millis(lease_ms),
         policy,
-        classify,
         schema,
-        when,
-        approval,
-        on_reject,
-        reconcile,
-        max_response_bytes,
         concurrency,
         concurrency_key,
         rate,
     })
+}
+
+/// The most steps a workflow job may declare.
+pub const MAX_STEPS: usize = 100;
+
+/// A step name: an identifier, so that templates can read
+/// `steps.NAME.body.id`.
+fn valid_step_name(n: &str) -> bool {
+    let mut chars = n.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && n.len() <= 64
+}
+
+/// A step's duration (`sleep`, `timeout`): a positive integer and one unit,
+/// `ms`, `s`, `m`, `h`, `d` or `w` (`"3d"`, `"90m"`).
+fn step_duration(text: &str) -> Result<i64, String> {
+    let digits = text.chars().take_while(|c| c.is_ascii_digit()).count();
+    let (num, unit) = text.split_at(digits);
+    let mult: i64 = match unit {
+        "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        "w" => 7 * 86_400_000,
+        _ => 0,
+    };
+    if num.is_empty() || mult == 0 {
+        return Err(format!(
+            "`{text}` is not a duration: write a positive integer and a unit (ms, s, m, h, d, w), e.g. \"3d\""
+        ));
+    }
+    match num.parse::<i64>().ok().and_then(|n| n.checked_mul(mult)) {
+        Some(0) => Err(format!("`{text}` is zero: a duration must be positive")),
+        Some(ms) if ms <= 100 * 366 * 86_400_000 => Ok(ms),
+        _ => Err(format!("`{text}` is too long: at most 100 years")),
+    }
+}
+
+/// The steps of a workflow job, checked: names (identifiers, unique), one
+/// kind each with only its keys, a key template per request step that no
+/// other step shares, and templates that read only earlier steps.
+#[allow(clippy::too_many_arguments)]
+fn workflow_steps(
+    job: &str,
+    place: &str,
+    raw: Vec<toml::Value>,
+    job_connection: Option<&str>,
+    declared: &std::collections::BTreeSet<String>,
+    templates: &mut Templates,
+    p: &mut Problems,
+) -> Vec<StepSpec> {
+    if raw.is_empty() {
+        p.add(format!("{place}.steps"), "needs at least one step");
+    }
+    if raw.len() > MAX_STEPS {
+        p.add(
+            format!("{place}.steps"),
+            format!("has {} steps; at most {MAX_STEPS}", raw.len()),
+        );
+    }
+    // The names first, so that every reference can be checked.
+    let mut parsed: Vec<(String, Option<RawStep>)> = Vec::new();
+    let mut names: Vec<String> = Vec::new();
+    for (i, v) in raw.into_iter().enumerate() {
+        let at = format!("{place}.steps[{i}]");
+        let Some(s) = entry::<RawStep>(at.clone(), v, p) else {
+            parsed.push((at, None));
+            names.push(String::new());
+            continue;
+        };
+        let name = s.name.clone().unwrap_or_default();
+        let sp = if s.name.is_none() {
+            p.add(
+                format!("{at}.name"),
+                "every step needs a `name` (later steps read its result as `steps.NAME`)",
+            );
+            at
+        } else if !valid_step_name(&name) {
+            p.add(
+                format!("{at}.name"),
+                format!("`{name}` is not a step name: use letters, digits and `_`, starting with a letter or `_` (at most 64), so templates can read `steps.{name}`"),
+            );
+            at
+        } else if let Some(first) = names.iter().position(|n| *n == name) {
+            p.add(
+                format!("{at}.name"),
+                format!("step `{name}` is declared twice (steps[{first}] and steps[{i}]): step names must be unique in a job"),
+            );
+            at
+        } else {
+            format!("{place}.steps.{name}")
+        };
+        names.push(name);
+        parsed.push((sp, Some(s)));
+    }
+    let roots = &["input", "variables", "steps"];
+    let mut out = Vec::new();
+    let mut keys: Vec<(String, String)> = Vec::new();
+    for (i, (sp, s)) in parsed.into_iter().enumerate() {
+        let Some(s) = s else { continue };
+        let before = p.0.len();
+        let name = names[i].clone();
+        let kinds: Vec<&str> = [
+            (
+                s.path.is_some() || s.url.is_some(),
+                "a request (`path`/`url`)",
+            ),
+            (s.sleep.is_some(), "a `sleep`"),
+            (s.sleep_until.is_some(), "a `sleep_until`"),
+            (s.wait_for_signal.is_some(), "a `wait_for_signal`"),
+        ]
+        .into_iter()
+        .filter_map(|(set, what)| set.then_some(what))
+        .collect();
+        if kinds.len() != 1 {
+            p.add(
+                &sp,
+                if kinds.is_empty() {
+                    "a step is one of: a request (`path` or `url`), `sleep`, `sleep_until` or `wait_for_signal`; this one is none".to_string()
+                } else {
+                    format!(
+                        "a step does one thing, but this one is {}: split it into steps",
+                        kinds.join(" and ")
+                    )
+                },
+            );
+            continue;
+        }
+        let is_request = s.path.is_some() || s.url.is_some();
+        let is_wait = s.wait_for_signal.is_some();
+        if !is_request {
+            for (key, set) in [
+                ("connection", s.connection.is_some()),
+                ("method", s.method.is_some()),
+                ("headers", !s.headers.is_empty()),
+                ("body", s.body.is_some()),
+                ("idempotency_key", s.idempotency_key.is_some()),
+                ("timeout_ms", s.timeout_ms.is_some()),
+                ("classify", !s.classify.is_empty()),
+                ("approval", s.approval.is_some()),
+                ("on_reject", s.on_reject.is_some()),
+                ("reconcile", s.reconcile.is_some()),
+                ("max_response_bytes", s.max_response_bytes.is_some()),
+            ] {
+                if set {
+                    p.add(
+                        format!("{sp}.{key}"),
+                        "belongs to a request step (one with `path` or `url`)",
+                    );
+                }
+            }
+        }
+        if !is_wait {
+            for (key, set) in [
+                ("key", s.key.is_some()),
+                ("timeout", s.timeout.is_some()),
+                ("on_timeout", s.on_timeout.is_some()),
+            ] {
+                if set {
+                    p.add(format!("{sp}.{key}"), "belongs to a `wait_for_signal` step");
+                }
+            }
+        }
+        let when = if is_request {
+            None
+        } else {
+            condition(format!("{sp}.when"), s.when.clone(), roots, p)
+        };
+        let kind = if is_request {
+            let key_src = s
+                .idempotency_key
+                .clone()
+                .unwrap_or_else(|| format!("{{{{ job }}}}/{{{{ run_id }}}}/{name}"));
+            if let Some((other, _)) = keys.iter().find(|(_, k)| k.trim() == key_src.trim()) {
+                p.add(
+                    format!("{sp}.idempotency_key"),
+                    format!("`{key_src}` is also step `{other}`'s key template: each step is its own action and needs its own key (e.g. end it with `/{name}`)"),
+                );
+            }
+            keys.push((name.clone(), key_src.clone()));
+            let mut r = request_step(
+                &sp,
+                name.clone(),
+                RawRequest {
+                    connection: s.connection.or_else(|| job_connection.map(String::from)),
+                    method: s.method,
+                    path: s.path,
+                    url: s.url,
+                    headers: s.headers,
+                    body: s.body,
+                    idempotency_key: Some(key_src),
+                    timeout_ms: s.timeout_ms,
+                    classify: s.classify,
+                    when: s.when,
+                    approval: s.approval,
+                    on_reject: s.on_reject,
+                    reconcile: s.reconcile,
+                    max_response_bytes: s.max_response_bytes,
+                },
+                String::new(),
+                roots,
+                declared,
+                templates,
+                p,
+            );
+            // The workflow evaluates every step's `when` itself.
+            let w = r.when.take();
+            (w, StepKind::Request(Box::new(r)))
+        } else if let Some(d) = &s.sleep {
+            match step_duration(d) {
+                Ok(ms) => (when, StepKind::Sleep(SleepFor::Millis(ms))),
+                Err(e) => {
+                    p.add(format!("{sp}.sleep"), e);
+                    continue;
+                }
+            }
+        } else if let Some(t) = &s.sleep_until {
+            let n = format!("{sp}.sleep_until");
+            if let Err(e) = templates.add(&n, t) {
+                p.add(&n, e);
+            }
+            (when, StepKind::Sleep(SleepFor::Until(n)))
+        } else {
+            let signal = s.wait_for_signal.clone().unwrap_or_default();
+            if let Err(e) = docket_store::signals::check_name("wait_for_signal", &signal) {
+                p.add(format!("{sp}.wait_for_signal"), e);
+            }
+            let key = s.key.as_ref().map(|k| {
+                let n = format!("{sp}.key");
+                if let Err(e) = templates.add(&n, k) {
+                    p.add(&n, e);
+                }
+                n
+            });
+            let timeout_src = s.timeout.clone().unwrap_or_default();
+            let timeout_ms = match &s.timeout {
+                None => {
+                    p.add(
+                        format!("{sp}.timeout"),
+                        "a `wait_for_signal` step needs a `timeout` (e.g. \"3d\"), and `on_timeout` says what then",
+                    );
+                    0
+                }
+                Some(t) => step_duration(t).unwrap_or_else(|e| {
+                    p.add(format!("{sp}.timeout"), e);
+                    0
+                }),
+            };
+            let on_timeout = match s.on_timeout.as_deref() {
+                None | Some("fail") => OnTimeout::Fail,
+                Some("continue") => OnTimeout::Continue,
+                Some(other) => {
+                    p.add(
+                        format!("{sp}.on_timeout"),
+                        format!("`{other}`: expected `fail` or `continue`"),
+                    );
+                    OnTimeout::Fail
+                }
+            };
+            (
+                when,
+                StepKind::Signal(SignalStep {
+                    signal,
+                    key,
+                    timeout_ms,
+                    timeout_src,
+                    on_timeout,
+                }),
+            )
+        };
+        // Templates and conditions may read only earlier steps.
+        let (when, kind) = kind;
+        let mut reads = templates.reads_under(&sp);
+        if let StepKind::Request(r) = &kind {
+            if let Some(Body::Json(b)) = &r.request.body {
+                reads.extend(templates.json_reads(b));
+            }
+            if let Some(c) = &r.approval {
+                reads.extend(
+                    c.reads()
+                        .iter()
+                        .map(|v| (format!("{sp}.approval"), v.clone())),
+                );
+            }
+        }
+        if let Some(c) = &when {
+            reads.extend(c.reads().iter().map(|v| (format!("{sp}.when"), v.clone())));
+        }
+        reads.sort();
+        reads.dedup();
+        for (at, var) in reads {
+            let mut parts = var.split('.');
+            if parts.next() != Some("steps") {
+                continue;
+            }
+            let Some(target) = parts.next() else { continue };
+            match names.iter().position(|n| n == target) {
+                Some(k) if k < i => {}
+                Some(k) if k == i => p.add(
+                    &at,
+                    format!("`{var}`: step `{name}` of job `{job}` reads its own result; a step reads only earlier steps' results"),
+                ),
+                Some(_) => p.add(
+                    &at,
+                    format!("`{var}`: step `{target}` comes after step `{name}` in job `{job}`; a step reads only earlier steps' results"),
+                ),
+                None => p.add(
+                    &at,
+                    format!(
+                        "`{var}`: job `{job}` has no step `{target}` (its steps: {})",
+                        names.iter().filter(|n| !n.is_empty()).cloned().collect::<Vec<_>>().join(", ")
+                    ),
+                ),
+            }
+        }
+        if p.0.len() == before {
+            out.push(StepSpec { name, when, kind });
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -1177,11 +1748,14 @@ mod tests {
         )
         .unwrap();
         let j = &c.jobs["send-email"];
-        assert_eq!(j.action, "send-email");
+        let Work::Single(r) = &j.work else {
+            panic!("one request")
+        };
+        assert_eq!(r.action, "send-email");
         assert_eq!(j.policy.name, "send-email");
         assert_eq!(j.policy.max_attempts, 4);
-        assert_eq!(j.request.method, Method::POST);
-        assert!(j.reconcile.is_some() && j.schema.is_some() && j.when.is_some());
+        assert_eq!(r.request.method, Method::POST);
+        assert!(r.reconcile.is_some() && j.schema.is_some() && r.when.is_some());
         assert_eq!(j.job_timeout, Duration::from_millis(25_000));
         assert_eq!(c.connections["crm"].breaker.failures, 3);
         assert_eq!(j.concurrency, Some(2));
@@ -1409,5 +1983,201 @@ mod tests {
         );
         assert!(at("jobs.a").is_some_and(|m| m.contains("retyr")), "{ps:?}");
         assert!(at("jobs.b.when").is_some(), "{ps:?}");
+    }
+
+    const INVOICE: &str = r#"
+        [connections.billing]
+        base_url = "https://billing.example.com"
+        [jobs.invoice]
+        connection = "billing"
+        input_schema = { type = "object", required = ["order"] }
+        retry = { max_attempts = 3 }
+        [[jobs.invoice.steps]]
+        name = "create_invoice"
+        path = "/invoices"
+        idempotency_key = "{{ input.order }}/invoice/v1"
+        body = { order = "{{ input.order }}" }
+        [[jobs.invoice.steps]]
+        name = "paid"
+        wait_for_signal = "paid"
+        key = "{{ steps.create_invoice.body.id }}"
+        timeout = "3d"
+        on_timeout = "continue"
+        [[jobs.invoice.steps]]
+        name = "cool_off"
+        sleep = "1h"
+        when = "steps.paid.received == true"
+        [[jobs.invoice.steps]]
+        name = "receipt"
+        path = "/receipts"
+        idempotency_key = "{{ input.order }}/receipt/v1"
+        body = { invoice = "{{ steps.create_invoice.body.id }}", amount = "{{ steps.paid.data.amount }}" }
+        "#;
+
+    #[test]
+    fn a_workflow_job_compiles_its_steps_in_order() {
+        let c = compile(INVOICE, "docket.toml", Path::new(".")).unwrap();
+        let j = &c.jobs["invoice"];
+        let Work::Steps(steps) = &j.work else {
+            panic!("steps")
+        };
+        let names: Vec<&str> = steps.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["create_invoice", "paid", "cool_off", "receipt"]);
+        let StepKind::Request(r) = &steps[0].kind else {
+            panic!("a request")
+        };
+        // The step's name is its action; the job's connection is its default.
+        assert_eq!(r.action, "create_invoice");
+        assert_eq!(r.connection.as_deref(), Some("billing"));
+        let StepKind::Signal(w) = &steps[1].kind else {
+            panic!("a wait")
+        };
+        assert_eq!(
+            (w.signal.as_str(), w.timeout_ms, w.on_timeout),
+            ("paid", 3 * 86_400_000, OnTimeout::Continue)
+        );
+        assert!(matches!(
+            steps[2].kind,
+            StepKind::Sleep(SleepFor::Millis(3_600_000))
+        ));
+        assert!(steps[2].when.is_some());
+        // Two requests of 10 s each, plus 5 s: sleeps and waits take no time
+        // of an attempt.
+        assert_eq!(j.job_timeout, Duration::from_millis(25_000));
+    }
+
+    fn workflow_problems(steps: &str) -> Vec<(String, String)> {
+        problems(&format!(
+            "[connections.billing]\nbase_url = \"https://b.example.com\"\n[jobs.wf]\nconnection = \"billing\"\n{steps}"
+        ))
+    }
+
+    #[test]
+    fn bad_workflow_steps_are_refused_naming_the_job_and_the_step() {
+        let at = |ps: &[(String, String)], place: &str| {
+            ps.iter()
+                .find(|(p, _)| p == place)
+                .map(|(_, m)| m.clone())
+                .unwrap_or_else(|| panic!("nothing at {place}: {ps:#?}"))
+        };
+        // An unknown step, a later step, the step itself.
+        let ps = workflow_problems(
+            r#"
+            [[jobs.wf.steps]]
+            name = "a"
+            path = "/a/{{ steps.nope.body.id }}"
+            idempotency_key = "{{ input.o }}/a"
+            [[jobs.wf.steps]]
+            name = "b"
+            path = "/b"
+            idempotency_key = "{{ input.o }}/b"
+            body = { x = "{{ steps.c.body.id }}", y = "n={{ steps.b.status }}" }
+            [[jobs.wf.steps]]
+            name = "c"
+            sleep = "1h"
+            when = "steps.zz.status == 200"
+            "#,
+        );
+        let m = at(&ps, "jobs.wf.steps.a.path");
+        assert!(
+            m.contains("`steps.nope.body.id`")
+                && m.contains("job `wf` has no step `nope`")
+                && m.contains("a, b, c"),
+            "{m}"
+        );
+        let m = at(&ps, "jobs.wf.steps.b.body.x");
+        assert!(m.contains("step `c` comes after step `b`"), "{m}");
+        let m = at(&ps, "jobs.wf.steps.b.body.y");
+        assert!(m.contains("reads its own result"), "{m}");
+        let m = at(&ps, "jobs.wf.steps.c.when");
+        assert!(m.contains("no step `zz`"), "{m}");
+
+        // Duplicate names, bad names, missing names.
+        let ps = workflow_problems(
+            r#"
+            [[jobs.wf.steps]]
+            name = "a"
+            sleep = "1h"
+            [[jobs.wf.steps]]
+            name = "a"
+            sleep = "2h"
+            [[jobs.wf.steps]]
+            name = "send-it"
+            sleep = "1h"
+            [[jobs.wf.steps]]
+            sleep = "1h"
+            "#,
+        );
+        assert!(at(&ps, "jobs.wf.steps[1].name").contains("step `a` is declared twice"));
+        assert!(at(&ps, "jobs.wf.steps[2].name").contains("`send-it` is not a step name"));
+        assert!(at(&ps, "jobs.wf.steps[3].name").contains("needs a `name`"));
+
+        // Sleeps of zero or garbage; a step that is two things or none;
+        // keys of another kind; a wait without a timeout.
+        let ps = workflow_problems(
+            r#"
+            [[jobs.wf.steps]]
+            name = "zero"
+            sleep = "0s"
+            [[jobs.wf.steps]]
+            name = "garbage"
+            sleep = "soon"
+            [[jobs.wf.steps]]
+            name = "both"
+            path = "/x"
+            sleep = "1h"
+            [[jobs.wf.steps]]
+            name = "none"
+            [[jobs.wf.steps]]
+            name = "nap"
+            sleep = "1h"
+            body = { a = 1 }
+            timeout = "1d"
+            [[jobs.wf.steps]]
+            name = "wait"
+            wait_for_signal = "paid"
+            on_timeout = "explode"
+            "#,
+        );
+        assert!(at(&ps, "jobs.wf.steps.zero.sleep").contains("zero"));
+        assert!(at(&ps, "jobs.wf.steps.garbage.sleep").contains("not a duration"));
+        assert!(at(&ps, "jobs.wf.steps.both").contains("a request (`path`/`url`) and a `sleep`"));
+        assert!(at(&ps, "jobs.wf.steps.none").contains("this one is none"));
+        assert!(at(&ps, "jobs.wf.steps.nap.body").contains("request step"));
+        assert!(at(&ps, "jobs.wf.steps.nap.timeout").contains("wait_for_signal"));
+        assert!(at(&ps, "jobs.wf.steps.wait.timeout").contains("needs a `timeout`"));
+        assert!(at(&ps, "jobs.wf.steps.wait.on_timeout").contains("`explode`"));
+
+        // One key template for two steps; the job's own request keys.
+        let ps = workflow_problems(
+            r#"
+            path = "/x"
+            rate_limit = { per_second = 1, burst = 1 }
+            [[jobs.wf.steps]]
+            name = "a"
+            path = "/a"
+            idempotency_key = "{{ input.o }}/v1"
+            [[jobs.wf.steps]]
+            name = "b"
+            path = "/b"
+            idempotency_key = "{{ input.o }}/v1"
+            [[jobs.wf.steps]]
+            name = "c"
+            path = "/c"
+            "#,
+        );
+        assert!(at(&ps, "jobs.wf.steps.b.idempotency_key").contains("also step `a`'s key template"));
+        assert!(at(&ps, "jobs.wf.path").contains("put this key in the step"));
+        assert!(at(&ps, "jobs.wf.rate_limit").contains("connection"));
+        assert!(
+            !ps.iter().any(|(p, _)| p.starts_with("jobs.wf.steps.c")),
+            "{ps:#?}"
+        );
+        // No steps at all; `steps` on a remote job.
+        let ps = workflow_problems("steps = []\n");
+        assert!(at(&ps, "jobs.wf.steps").contains("at least one step"));
+        let ps =
+            problems("[jobs.r]\nremote = true\n[[jobs.r.steps]]\nname = \"a\"\nsleep = \"1h\"\n");
+        assert!(at(&ps, "jobs.r.steps").contains("remote"));
     }
 }

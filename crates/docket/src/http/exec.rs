@@ -11,10 +11,13 @@
 use super::breaker::{Admission, Breaker, Transition};
 use super::classify::{retry_after, transport_class, Verdict};
 use super::condition::{Condition, ConditionError};
-use super::config::{Body, Compiled, JobSpec, OnReject, ReconcileSpec, RequestSpec, Target};
+use super::config::{
+    Body, Compiled, OnReject, OnTimeout, ReconcileSpec, RequestSpec, RequestStep, SleepFor,
+    StepKind, StepSpec, Target, Work,
+};
 use super::connections::{ConnectionDef, Credential};
 use crate::telemetry::TraceContext;
-use crate::{Ctx, InputDecision, JobError, Reconciled, Stepped};
+use crate::{Ctx, InputDecision, JobError, Reconciled, Signalled, Stepped};
 use docket_core::EventKind;
 use docket_core::{ErrorClass, TerminalReason, Timestamp};
 use docket_store::ConnectionStatus;
@@ -212,7 +215,7 @@ async fn resolve(ctx: &Ctx, conn: &ConnectionDef) -> Result<Option<Credential>, 
     })
 }
 
-/// Runs one attempt of an HTTP job.
+/// Runs one attempt of an HTTP job: its one request, or its workflow.
 pub(crate) async fn run(
     shared: Arc<Shared>,
     job: String,
@@ -224,10 +227,6 @@ pub(crate) async fn run(
         .jobs
         .get(&job)
         .ok_or_else(|| JobError::permanent(format!("HTTP job `{job}` is not configured")))?;
-    let conn = spec
-        .connection
-        .as_ref()
-        .and_then(|c| shared.compiled.connections.get(c));
     let mut data = json!({
         "input": input,
         "variables": ctx.variables(),
@@ -236,40 +235,232 @@ pub(crate) async fn run(
         "tenant": ctx.tenant(),
         "correlation_id": ctx.correlation_id(),
     });
-    let with_action = |e: JobError| e.in_action(spec.action.clone());
-    if let Some(w) = &spec.when {
-        if !decide(w, "when", &data).map_err(with_action)? {
-            let reason = format!(
-                "condition `when` ({}) is false: the request was not sent",
-                w.source
-            );
-            ctx.skip_step(spec.action.clone(), reason.clone()).await?;
-            return Ok(json!({ "sent": false, "skipped": true, "reason": reason }));
+    match &spec.work {
+        Work::Single(step) => {
+            if let Some(w) = &step.when {
+                if !decide(w, "when", &data).map_err(|e| e.in_action(step.action.clone()))? {
+                    return skip_when(&ctx, &step.action, w).await;
+                }
+            }
+            let key = render_key(&shared, step, &data)?;
+            request(&shared, &spec.name, step, &ctx, &mut data, key, "approval").await
         }
+        Work::Steps(steps) => workflow(&shared, &spec.name, steps, &ctx, data).await,
     }
+}
+
+/// A `when` that is false: the step is recorded skipped.
+async fn skip_when(ctx: &Ctx, step: &str, w: &Condition) -> Result<Value, JobError> {
+    let reason = format!(
+        "condition `when` ({}) is false: the request was not sent",
+        w.source
+    );
+    ctx.skip_step(step.to_string(), reason.clone()).await?;
+    Ok(json!({ "sent": false, "skipped": true, "reason": reason }))
+}
+
+/// A request's idempotency key, rendered (never empty).
+fn render_key(shared: &Shared, step: &RequestStep, data: &Value) -> Result<String, JobError> {
     let key = shared
         .compiled
         .templates
-        .render(&spec.key_template, &data)
-        .map_err(|e| with_action(invalid("template", e)))?;
+        .render(&step.key_template, data)
+        .map_err(|e| invalid("template", e).in_action(step.action.clone()))?;
     if key.trim().is_empty() {
-        return Err(with_action(JobError::invalid_input(
+        return Err(JobError::invalid_input(
             "the idempotency key template renders to an empty key",
-        )));
+        )
+        .in_action(step.action.clone()));
     }
-    data["idempotency_key"] = Value::String(key.clone());
-    let request = render_request(&shared, &spec.request, conn, &data, &key).map_err(with_action)?;
-    let reconcile_request = match &spec.reconcile {
-        Some(r) => {
-            Some(render_request(&shared, &r.request, conn, &data, &key).map_err(with_action)?)
+    Ok(key)
+}
+
+/// One attempt of a workflow job: its steps in order, each a durable step
+/// (a completed one is replayed from its stored result, never run again),
+/// each result readable by later steps' templates as `steps.NAME`. The
+/// output is the last step's result.
+async fn workflow(
+    shared: &Shared,
+    job: &str,
+    steps: &[StepSpec],
+    ctx: &Ctx,
+    mut data: Value,
+) -> Result<Value, JobError> {
+    data["steps"] = json!({});
+    // Rendered keys of this run's request steps: two steps must never
+    // share one, or the second would get the first's stored result.
+    let mut keys: Vec<(String, &str)> = Vec::new();
+    let mut last = Value::Null;
+    for s in steps {
+        let name = s.name.as_str();
+        let result = match ctx.stored(name).await? {
+            // Skipped by its `when` or an operator, in an earlier attempt.
+            Some(rec) if rec.status == docket_store::StepStatus::Skipped => json!({
+                "sent": false, "skipped_by_operator": true, "comment": rec.comment,
+            }),
+            // Completed (or skipped by its `when`) in an earlier attempt:
+            // its stored result, with no connection check, rate limit
+            // token or breaker admission, since nothing is sent.
+            Some(rec) if rec.status == docket_store::StepStatus::Completed => {
+                if let StepKind::Request(r) = &s.kind {
+                    if let Ok(key) = render_key(shared, r, &data) {
+                        keys.push((key, name));
+                    }
+                }
+                rec.result.unwrap_or(Value::Null)
+            }
+            _ => match &s.when {
+                Some(w)
+                    if !decide(w, "when", &data).map_err(|e| e.in_action(s.name.clone()))? =>
+                {
+                    let reason = format!(
+                        "condition `when` ({}) is false: the step was skipped",
+                        w.source
+                    );
+                    ctx.skip_step(name, reason.clone()).await?;
+                    json!({ "sent": false, "skipped": true, "reason": reason })
+                }
+                _ => match &s.kind {
+                    StepKind::Request(r) => {
+                        let key = render_key(shared, r, &data)?;
+                        if let Some((_, other)) = keys.iter().find(|(k, _)| *k == key) {
+                            return Err(JobError::invalid_input(format!(
+                                "steps `{other}` and `{name}` of job `{job}` render the same idempotency key `{key}`: each step is its own action and needs its own key"
+                            ))
+                            .in_action(s.name.clone()));
+                        }
+                        keys.push((key.clone(), name));
+                        let approval = format!("approval:{name}");
+                        request(shared, job, r, ctx, &mut data, key, &approval).await?
+                    }
+                    StepKind::Sleep(how) => sleep_step(shared, ctx, name, how, &data).await?,
+                    StepKind::Signal(w) => {
+                        let key = match &w.key {
+                            Some(t) => {
+                                Some(shared.compiled.templates.render(t, &data).map_err(|e| {
+                                    invalid("template", e).in_action(s.name.clone())
+                                })?)
+                            }
+                            None => None,
+                        };
+                        let timeout = Duration::from_millis(w.timeout_ms as u64);
+                        let got = match &key {
+                            Some(k) => ctx.wait_for_signal_keyed(&w.signal, k, timeout).await,
+                            None => ctx.wait_for_signal(&w.signal, timeout).await,
+                        }
+                        .map_err(|e| e.in_action(s.name.clone()))?;
+                        match got {
+                            Signalled::Received(sig) => json!({
+                                "received": true,
+                                "timed_out": false,
+                                "signal_id": sig.id,
+                                "name": sig.name,
+                                "key": sig.key,
+                                "data": sig.data,
+                                "sent_by": sig.sent_by,
+                                "received_at": sig.received_at.to_rfc3339(),
+                            }),
+                            Signalled::TimedOut { until } => match w.on_timeout {
+                                OnTimeout::Continue => json!({
+                                    "received": false,
+                                    "timed_out": true,
+                                    "until": until.to_rfc3339(),
+                                }),
+                                OnTimeout::Fail => {
+                                    let e = JobError::permanent(format!(
+                                        "step `{name}` of job `{job}`: no signal \"{}\"{} arrived within {} (by {}); on_timeout = \"fail\"",
+                                        w.signal,
+                                        key.map(|k| format!(" with key \"{k}\"")).unwrap_or_default(),
+                                        w.timeout_src,
+                                        until.to_rfc3339()
+                                    ));
+                                    ctx.record_failure(name, &e).await;
+                                    return Err(e.in_action(s.name.clone()));
+                                }
+                            },
+                        }
+                    }
+                },
+            },
+        };
+        data["steps"][name] = result.clone();
+        last = result;
+    }
+    Ok(last)
+}
+
+/// A `sleep` / `sleep_until` step: a durable sleep (`sleep:NAME`); its
+/// result is `{"until": …}`, the stored wake time.
+async fn sleep_step(
+    shared: &Shared,
+    ctx: &Ctx,
+    name: &str,
+    how: &SleepFor,
+    data: &Value,
+) -> Result<Value, JobError> {
+    let stored = ctx
+        .stored(&format!("sleep:{name}"))
+        .await?
+        .and_then(|r| r.result)
+        .and_then(|r| r.get("until").cloned())
+        .and_then(|u| serde_json::from_value::<Timestamp>(u).ok());
+    let until = match (stored, how) {
+        (Some(u), _) => u,
+        (None, SleepFor::Millis(ms)) => ctx.now().plus_millis(*ms),
+        (None, SleepFor::Until(t)) => {
+            let text = shared
+                .compiled
+                .templates
+                .render(t, data)
+                .map_err(|e| invalid("template", e).in_action(name.to_string()))?;
+            Timestamp::parse_checked(text.trim()).map_err(|e| {
+                let why = match e {
+                    docket_core::TimeError::NotRfc3339 => {
+                        "not an RFC 3339 time (e.g. 2026-05-01T09:00:00Z)".to_string()
+                    }
+                    docket_core::TimeError::OutOfRange => {
+                        format!("outside {}", docket_core::TIME_RANGE)
+                    }
+                };
+                JobError::invalid_input(format!("`{t}` renders `{}`, which is {why}", text.trim()))
+                    .in_action(name.to_string())
+            })?
         }
+    };
+    ctx.sleep_until(name, until).await?;
+    Ok(json!({ "until": until.to_rfc3339() }))
+}
+
+/// One request (a single-request job's, or a workflow step's) with its
+/// approval gate, connection checks, rate limit, breaker, ledger and
+/// evidence; `input_name` names its approval's wait.
+async fn request(
+    shared: &Shared,
+    job: &str,
+    spec: &RequestStep,
+    ctx: &Ctx,
+    data: &mut Value,
+    key: String,
+    input_name: &str,
+) -> Result<Value, JobError> {
+    let ctx = ctx.clone();
+    let conn = spec
+        .connection
+        .as_ref()
+        .and_then(|c| shared.compiled.connections.get(c));
+    let with_action = |e: JobError| e.in_action(spec.action.clone());
+    data["idempotency_key"] = Value::String(key.clone());
+    let data = &*data;
+    let request = render_request(shared, &spec.request, conn, data, &key).map_err(with_action)?;
+    let reconcile_request = match &spec.reconcile {
+        Some(r) => Some(render_request(shared, &r.request, conn, data, &key).map_err(with_action)?),
         None => None,
     };
     if let Some(a) = &spec.approval {
-        if decide(a, "approval", &data).map_err(with_action)? {
+        if decide(a, "approval", data).map_err(with_action)? {
             let ask = json!({
                 "kind": "approval",
-                "job": spec.name,
+                "job": job,
                 "action": spec.action,
                 "condition": a.source,
                 "connection": spec.connection,
@@ -281,7 +472,7 @@ pub(crate) async fn run(
                     OnReject::Complete => "complete the run without sending it",
                 }),
             });
-            match ctx.wait_for_input("approval", ask).await? {
+            match ctx.wait_for_input(input_name, ask).await? {
                 InputDecision::Approved(_) => {}
                 InputDecision::Rejected(decision) => match spec.on_reject {
                     OnReject::Fail => {
@@ -321,7 +512,7 @@ pub(crate) async fn run(
             .bucket(
                 &crate::rate::connection_bucket(&c.name),
                 ctx.tenant(),
-                &spec.name,
+                job,
                 &data["input"],
             )
             .map_err(|e| with_action(JobError::invalid_input(format!("rate_limit_key: {e}"))))?;
@@ -654,7 +845,12 @@ impl Sender {
         serde_json::from_str(&text).unwrap_or(Value::String(text))
     }
 
-    async fn send(&self, spec: &JobSpec, req: Prepared, key: String) -> Result<Value, JobError> {
+    async fn send(
+        &self,
+        spec: &RequestStep,
+        req: Prepared,
+        key: String,
+    ) -> Result<Value, JobError> {
         let (res, ev) = self
             .attempt("request", &req, &key, |s| spec.classify.classify(s))
             .await;

@@ -62,8 +62,8 @@ mod template;
 pub use breaker::{BreakerConfig, BreakerPhase, BreakerState};
 pub use classify::{default_verdict, http_date, Verdict};
 pub use config::{
-    HttpConfigError, OnReject, PrunerSettings, DEFAULT_KEY_TEMPLATE, DEFAULT_MAX_RESPONSE_BYTES,
-    DEFAULT_TIMEOUT_MS,
+    HttpConfigError, OnReject, OnTimeout, PrunerSettings, DEFAULT_KEY_TEMPLATE,
+    DEFAULT_MAX_RESPONSE_BYTES, DEFAULT_TIMEOUT_MS, MAX_STEPS,
 };
 pub use connections::ConnectionInfo;
 
@@ -259,10 +259,16 @@ impl HttpJobs {
                 }
                 // An open breaker keeps this process from claiming the
                 // job's runs (see `Breaker::claim_limit`).
-                let breaker = spec
-                    .connection
-                    .as_ref()
-                    .and_then(|c| self.shared.breakers.get(c).cloned());
+                // A workflow's runs are not held back: a run that wakes from
+                // a sleep or a signal may have no request to send soon, and
+                // each request still asks the breaker before it goes out.
+                let breaker = match &spec.work {
+                    config::Work::Single(r) => r
+                        .connection
+                        .as_ref()
+                        .and_then(|c| self.shared.breakers.get(c).cloned()),
+                    config::Work::Steps(_) => None,
+                };
                 if let Some(b) = breaker {
                     job = job.claim_gate(move |now| b.claim_limit(now));
                 }
@@ -415,7 +421,7 @@ impl HttpJobs {
             .compiled
             .jobs
             .values()
-            .filter(|j| j.connection.as_deref() == Some(name))
+            .filter(|j| j.uses_connection(name))
             .map(|j| j.name.clone())
             .collect();
         let b = &self.shared.breakers[name];

@@ -108,6 +108,42 @@ impl Templates {
         })
     }
 
+    /// The variables (dotted, `steps.create_invoice.body.id`) read by every
+    /// template named `prefix.…`, as (template name, variable) pairs.
+    pub(crate) fn reads_under(&self, prefix: &str) -> Vec<(String, String)> {
+        let dotted = format!("{prefix}.");
+        let mut out = Vec::new();
+        for (name, t) in self.env.templates() {
+            if name.starts_with(&dotted) {
+                for v in t.undeclared_variables(true) {
+                    out.push((name.to_string(), v));
+                }
+            }
+        }
+        out
+    }
+
+    /// The variables read by the whole-expression leaves of a JSON template
+    /// (its text leaves are templates: see [`Templates::reads_under`]).
+    pub(crate) fn json_reads(&self, t: &JsonTemplate) -> Vec<(String, String)> {
+        match t {
+            JsonTemplate::Literal(_) | JsonTemplate::Text(_) => Vec::new(),
+            JsonTemplate::Expr { place, expr } => match self.env.compile_expression(expr) {
+                Ok(e) => e
+                    .undeclared_variables(true)
+                    .into_iter()
+                    .map(|v| (place.clone(), v))
+                    .collect(),
+                Err(_) => Vec::new(),
+            },
+            JsonTemplate::Array(items) => items.iter().flat_map(|i| self.json_reads(i)).collect(),
+            JsonTemplate::Object(fields) => fields
+                .iter()
+                .flat_map(|(_, i)| self.json_reads(i))
+                .collect(),
+        }
+    }
+
     /// Fills a JSON template.
     pub(crate) fn render_json(&self, t: &JsonTemplate, data: &Value) -> Result<Value, String> {
         Ok(match t {
