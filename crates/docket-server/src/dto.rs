@@ -411,8 +411,15 @@ pub struct QueueView {
     pub lag_seconds: f64,
     /// Runs running now.
     pub running: u64,
+    /// Of `due`: runs held back by their concurrency key (no slot free for
+    /// the key; docs/FLOW_CONTROL.md).
+    pub held: u64,
     /// Runs waiting for a later time (retries, postponements, deferrals).
     pub scheduled: u64,
+    /// Of `scheduled`: runs deferred without sending by a limit — a rate
+    /// limit's token, an open circuit's reset, another run's action in
+    /// flight — no attempt spent.
+    pub deferred: u64,
     /// Runs completed in the last 5 minutes.
     pub completed_5m: u64,
     /// Runs failed in the last 5 minutes.

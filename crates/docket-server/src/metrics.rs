@@ -322,7 +322,7 @@ pub fn render_queue(
 ) {
     let t = escape(tenant);
     let of = |job: &str| health.iter().find(|h| h.tenant == tenant && h.job == job);
-    let gauges: [(&str, &str, HealthGauge); 4] = [
+    let gauges: [(&str, &str, HealthGauge); 6] = [
         (
             "docket_queue_due",
             "Runs due now (pending or postponed, run_after passed), paused or not.",
@@ -340,6 +340,16 @@ pub fn render_queue(
             "docket_queue_scheduled",
             "Runs waiting for a later time (retries, postponements, deferrals).",
             |h, _| h.scheduled as f64,
+        ),
+        (
+            "docket_queue_held",
+            "Of the due runs: those held back by their concurrency key (no slot free for the key).",
+            |h, _| h.held as f64,
+        ),
+        (
+            "docket_queue_deferred",
+            "Of the scheduled runs: those deferred without sending by a rate limit, an open circuit or an action in flight.",
+            |h, _| h.deferred as f64,
         ),
     ];
     for (name, help, get) in gauges {

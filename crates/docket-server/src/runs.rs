@@ -1103,7 +1103,9 @@ pub async fn jobs(State(state): State<AppState>, caller: Caller) -> ApiResult<Js
                 due: h.due,
                 lag_seconds: h.lag_ms(now) as f64 / 1000.0,
                 running: h.running,
+                held: h.held,
                 scheduled: h.scheduled,
+                deferred: h.deferred,
                 completed_5m: h.completed_recently,
                 failed_5m: h.failed_recently,
                 throughput_per_minute: (h.completed_recently + h.failed_recently) as f64

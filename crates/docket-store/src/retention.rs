@@ -412,6 +412,14 @@ pub struct JobHealth {
     /// Runs waiting for later (`run_after` in the future: retries
     /// scheduled, postponements, deferrals by limits or open circuits).
     pub scheduled: u64,
+    /// Of `due`: runs a claim found held back by their concurrency key (no
+    /// slot free for the key; they spend nothing while held).
+    pub held: u64,
+    /// Of `scheduled`: runs whose last attempt was deferred without
+    /// sending (a rate limit's token, an open circuit's reset, another
+    /// run's action in flight) and which wait for that time; no attempt
+    /// was spent.
+    pub deferred: u64,
     /// Runs completed at or after the query's `since`.
     pub completed_recently: u64,
     /// Runs failed (terminally) at or after `since`.
@@ -437,8 +445,12 @@ pub struct HealthQuery {
 }
 
 /// Merges the three per-(tenant, job) reads of a health query.
+/// One row of [`HEALTH_WAITING_SQL`]: tenant, job, due, oldest due, running,
+/// scheduled, held, deferred.
+pub(crate) type HealthWaiting = (String, String, i64, Option<i64>, i64, i64, i64, i64);
+
 pub(crate) fn merge_health(
-    waiting: Vec<(String, String, i64, Option<i64>, i64, i64)>,
+    waiting: Vec<HealthWaiting>,
     finished: Vec<(String, String, String, i64)>,
 ) -> Vec<JobHealth> {
     fn at<'a>(
@@ -455,12 +467,14 @@ pub(crate) fn merge_health(
     }
     let mut out: BTreeMap<(String, String), JobHealth> = BTreeMap::new();
     let n = |v: i64| u64::try_from(v).unwrap_or(0);
-    for (t, j, due, oldest, running, scheduled) in waiting {
+    for (t, j, due, oldest, running, scheduled, held, deferred) in waiting {
         let h = at(&mut out, &t, &j);
         h.due = n(due);
         h.oldest_due_at = oldest.map(Timestamp);
         h.running = n(running);
         h.scheduled = n(scheduled);
+        h.held = n(held);
+        h.deferred = n(deferred);
     }
     for (t, j, status, count) in finished {
         let h = at(&mut out, &t, &j);
@@ -475,14 +489,21 @@ pub(crate) fn merge_health(
 
 /// The waiting/running part of a health query: one pass over the
 /// claimable and running runs (partial indexes `runs_claim`, `runs_lease`
-/// cover them), `$1` = now, `$2` = tenant or NULL. Same text on both
+/// cover them; a scheduled run's last attempt is one primary-key probe), `$1` = now, `$2` = tenant or NULL. Same text on both
 /// backends (SQLite numbers `?N` from `$N`).
 pub(crate) const HEALTH_WAITING_SQL: &str = "
 SELECT tenant, job,
        SUM(CASE WHEN status <> 'running' AND run_after <= $1 THEN 1 ELSE 0 END),
        MIN(CASE WHEN status <> 'running' AND run_after <= $1 THEN run_after END),
        SUM(CASE WHEN status = 'running' THEN 1 ELSE 0 END),
-       SUM(CASE WHEN status <> 'running' AND run_after > $1 THEN 1 ELSE 0 END)
+       SUM(CASE WHEN status <> 'running' AND run_after > $1 THEN 1 ELSE 0 END),
+       SUM(CASE WHEN status <> 'running' AND run_after <= $1 AND held_at IS NOT NULL
+                THEN 1 ELSE 0 END),
+       SUM(CASE WHEN status <> 'running' AND run_after > $1
+                     AND EXISTS (SELECT 1 FROM attempts a
+                                 WHERE a.run_id = runs.id AND a.attempt = runs.attempt
+                                   AND a.outcome = 'deferred')
+                THEN 1 ELSE 0 END)
 FROM runs
 WHERE status IN ('pending', 'postponed', 'running') AND ($2 IS NULL OR tenant = $2)
 GROUP BY tenant, job";

@@ -728,6 +728,72 @@ pub async fn queue_health_counts_due_lag_running_and_recent(store: DynStore) {
     assert_eq!(mine[0].due, 2);
 }
 
+/// Queue health tells the runs held back by a concurrency key (due, in
+/// `due` and in `held`) and the runs deferred without sending (scheduled,
+/// in `scheduled` and in `deferred`) from the rest.
+pub async fn queue_health_counts_held_and_deferred(store: DynStore) {
+    let keyed = |i: i64| {
+        let mut r = NewRun::new("k", json!({ "i": i }));
+        r.concurrency = Some(ConcurrencyKey {
+            key: "acme/1".into(),
+            limit: 1,
+        });
+        r
+    };
+    store
+        .trigger(vec![keyed(0), keyed(1), keyed(2)], T0)
+        .await
+        .unwrap();
+    // The first claim takes one (the key's limit) and finds two held.
+    let got = store.claim(claim_of(&["k"], T0, 8)).await.unwrap();
+    assert_eq!(got.len(), 1);
+    // A run deferred by a rate limit's token, one retried by backoff.
+    let (_, lease) = claimed_at(&store, "d", T0).await;
+    let (_, failed) = claimed_at(&store, "d", T0).await;
+    let later = T0.plus_millis(HOUR);
+    let retry = |lease: LeaseRef, reason: docket_core::policy::RetryReason| AttemptEnd {
+        run_id: lease.run_id,
+        lease_id: lease.lease_id,
+        now: T0,
+        outcome: Outcome::Retry {
+            error: ErrorInfo {
+                class: ErrorClass::RateLimited,
+                message: "no token".into(),
+                fingerprint: "fp".into(),
+                failure_key: "fk".into(),
+                action: None,
+            },
+            retry: RetryRecord {
+                policy: "p".into(),
+                delay_ms: HOUR,
+                eligible_at: later,
+                reason,
+            },
+        },
+    };
+    let ends = store
+        .finish(vec![
+            retry(lease, docket_core::policy::RetryReason::RateLimited),
+            retry(failed, docket_core::policy::RetryReason::Backoff),
+        ])
+        .await
+        .unwrap();
+    assert!(ends.iter().all(|e| e.is_ok()), "{ends:?}");
+    let h = store
+        .queue_health(HealthQuery {
+            tenant: None,
+            now: T0.plus_millis(1),
+            since: T0,
+        })
+        .await
+        .unwrap();
+    let of = |job: &str| h.iter().find(|x| x.job == job).cloned().unwrap();
+    let k = of("k");
+    assert_eq!((k.due, k.held, k.running), (2, 2, 1));
+    let d = of("d");
+    assert_eq!((d.due, d.scheduled, d.deferred, d.held), (0, 2, 1, 0));
+}
+
 /// One `#[tokio::test]` per retention conformance case, like
 /// [`conformance_tests!`](crate::conformance_tests).
 #[macro_export]
@@ -742,6 +808,7 @@ macro_rules! retention_conformance_tests {
             paused_jobs_are_not_claimed,
             delete_run_only_final_and_audited,
             queue_health_counts_due_lag_running_and_recent,
+            queue_health_counts_held_and_deferred,
         );
     };
     ($factory:expr) => {
@@ -754,6 +821,7 @@ macro_rules! retention_conformance_tests {
             paused_jobs_are_not_claimed,
             delete_run_only_final_and_audited,
             queue_health_counts_due_lag_running_and_recent,
+            queue_health_counts_held_and_deferred,
         );
     };
     (@each @required $factory:expr; $($name:ident),* $(,)?) => {

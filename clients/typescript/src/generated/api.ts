@@ -1982,6 +1982,13 @@ export interface components {
             completed_5m: number;
             /**
              * Format: int64
+             * @description Of `scheduled`: runs deferred without sending by a limit — a rate
+             *     limit's token, an open circuit's reset, another run's action in
+             *     flight — no attempt spent.
+             */
+            deferred: number;
+            /**
+             * Format: int64
              * @description Runs due now (pending or postponed, `run_after` passed).
              */
             due: number;
@@ -1990,6 +1997,12 @@ export interface components {
              * @description Runs failed in the last 5 minutes.
              */
             failed_5m: number;
+            /**
+             * Format: int64
+             * @description Of `due`: runs held back by their concurrency key (no slot free for
+             *     the key; docs/FLOW_CONTROL.md).
+             */
+            held: number;
             /**
              * Format: double
              * @description Seconds the oldest due run has waited (0 when none is due).

@@ -1083,11 +1083,13 @@
         el('td', { class: 'num' + (j.queue.due ? ' hot' : ''), 'data-q': 'due', text: String(j.queue.due) }),
         el('td', { class: 'num', 'data-q': 'lag', title: j.queue.lag_seconds + ' s', text: j.queue.due ? human(j.queue.lag_seconds * 1000) : '—' }),
         el('td', { class: 'num', 'data-q': 'running', text: String(j.queue.running) }),
+        el('td', { class: 'num' + (j.queue.held ? ' hot' : ''), 'data-q': 'held', text: String(j.queue.held) }),
         el('td', { class: 'num', 'data-q': 'scheduled', text: String(j.queue.scheduled) }),
+        el('td', { class: 'num' + (j.queue.deferred ? ' hot' : ''), 'data-q': 'deferred', text: String(j.queue.deferred) }),
         el('td', { class: 'num', text: j.queue.throughput_per_minute.toFixed(1) }),
         el('td', {}, el('button', { type: 'button', class: 'small', 'data-action': j.paused ? 'resume' : 'pause',
           text: j.paused ? 'Resume' : 'Pause', onclick: () => pauseJob(j.name, j.paused, load) }))))
-        : [el('tr', {}, el('td', { colspan: '8', class: 'muted', text: 'No jobs registered.' }))]));
+        : [el('tr', {}, el('td', { colspan: '10', class: 'muted', text: 'No jobs registered.' }))]));
       const jobs = $('ov-jobs').querySelector('tbody');
       jobs.replaceChildren(...(s.jobs.length ? s.jobs.map((j) => el('tr', { 'data-job': j.job },
         el('td', {}, el('a', { href: '/?job=' + encodeURIComponent(j.job), text: j.job }), pausedBadge(j.job)),

@@ -67,6 +67,15 @@ async fn a_paused_job_queues_until_resumed_for_its_tenant_only() {
     assert_eq!(noop["queue"]["due"], 1, "{noop}");
     assert_eq!(noop["queue"]["running"], 0);
     assert!(noop["queue"]["lag_seconds"].as_f64().unwrap() >= 0.0);
+    // Paused is not held by a limit nor deferred (store conformance
+    // `queue_health_counts_held_and_deferred` counts those).
+    assert_eq!(
+        (
+            noop["queue"]["held"].clone(),
+            noop["queue"]["deferred"].clone()
+        ),
+        (json!(0), json!(0))
+    );
     let (_, jobs) = s
         .call(Method::GET, "/api/jobs", Some(&s.b.clone()), None)
         .await;
@@ -105,6 +114,12 @@ async fn a_paused_job_queues_until_resumed_for_its_tenant_only() {
         res.contains("docket_queue_lag_seconds{tenant=\"acme\",job=\"noop\"}"),
         "{res}"
     );
+    for gauge in ["docket_queue_held", "docket_queue_deferred"] {
+        assert!(
+            res.contains(&format!("{gauge}{{tenant=\"acme\",job=\"noop\"}} 0")),
+            "{res}"
+        );
+    }
     // Resume: the queued run runs.
     let (st, v) = s.post("/api/jobs/noop/resume", json!({})).await;
     assert_eq!(st, StatusCode::OK);

@@ -352,7 +352,18 @@ pub(super) async fn queue_health(
         .map_err(db)?;
     let waiting = rows
         .iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5)))
+        .map(|r| {
+            (
+                r.get(0),
+                r.get(1),
+                r.get(2),
+                r.get(3),
+                r.get(4),
+                r.get(5),
+                r.get(6),
+                r.get(7),
+            )
+        })
         .collect();
     let rows = sqlx::query(&typed(crate::retention::HEALTH_FINISHED_SQL))
         .bind(q.since.0)

@@ -343,6 +343,8 @@ pub(super) fn queue_health(
                 r.get(3)?,
                 r.get(4)?,
                 r.get(5)?,
+                r.get(6)?,
+                r.get(7)?,
             ))
         })
         .map_err(db_err)?
