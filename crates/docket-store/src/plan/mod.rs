@@ -17,6 +17,7 @@
 pub mod child;
 pub mod claim;
 pub mod concurrency;
+pub mod debounce;
 pub mod end;
 pub mod operator;
 pub mod rate;

@@ -556,6 +556,7 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0009_rate.sql"),
     include_str!("migrations/0010_signals.sql"),
     include_str!("migrations/0011_children.sql"),
+    include_str!("migrations/0013_debounce.sql"),
 ];
 
 /// Creates or upgrades the schema by applying [`MIGRATIONS`]. Refuses (and

@@ -494,6 +494,7 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0009_rate.sql"),
     include_str!("migrations/0010_signals.sql"),
     include_str!("migrations/0011_children.sql"),
+    include_str!("migrations/0013_debounce.sql"),
 ];
 
 /// Brings the database to [`SCHEMA_VERSION`](crate::SCHEMA_VERSION) by applying [`MIGRATIONS`].
