@@ -302,6 +302,22 @@ mod tests {
     }
 
     #[test]
+    fn a_postponed_run_that_never_started_still_takes_the_last_input() {
+        let old = json!({ "n": 1 });
+        let (r, d) = run(Keep::Last);
+        let w = window(&old, Keep::Last, RunStatus::Postponed, 0);
+        let Decision::Collapse(c) = decide(Some(&w), &r, &d, Timestamp(1_500)) else {
+            panic!("collapses")
+        };
+        assert_eq!(c.input, Some(json!({ "n": 2 })));
+        let w = window(&old, Keep::Last, RunStatus::Postponed, 1);
+        assert!(matches!(
+            decide(Some(&w), &r, &d, Timestamp(1_500)),
+            Decision::Open { .. }
+        ));
+    }
+
+    #[test]
     fn a_window_keeps_the_mode_it_was_opened_with() {
         let old = json!({ "n": 1 });
         let (r, d) = run(Keep::Last);
