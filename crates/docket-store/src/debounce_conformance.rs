@@ -380,6 +380,52 @@ pub async fn racing_triggers_make_one_run_per_window((one, two): Pair) {
     }
 }
 
+/// Two batches racing from two handles with the same keys in opposite
+/// orders (`[a, b]` and `[b, a]`), repeatedly, with and without open
+/// windows: neither fails (no deadlock between the two transactions), and
+/// each key keeps exactly one run per window.
+pub async fn opposite_batches_of_the_same_keys_do_not_deadlock((one, two): Pair) {
+    for round in 0..6 {
+        // Rounds alternate between opening windows and collapsing into them.
+        let now = T0.plus_millis((round / 2) * 10 * WINDOW);
+        let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(2));
+        let mut tasks = Vec::new();
+        for (i, store) in [one.clone(), two.clone()].into_iter().enumerate() {
+            let b = barrier.clone();
+            let mut keys = vec!["a", "b", "c"];
+            if i == 1 {
+                keys.reverse();
+            }
+            let runs: Vec<NewRun> = keys
+                .iter()
+                .map(|k| debounced("job", k, Keep::Last, json!({ "by": i })))
+                .collect();
+            tasks.push(tokio::spawn(async move {
+                b.wait().await;
+                store.trigger(runs, now).await
+            }));
+        }
+        for t in tasks {
+            let out = t.await.unwrap();
+            assert!(out.is_ok(), "round {round}: {out:?}");
+        }
+        for key in ["a", "b", "c"] {
+            let runs = one
+                .list_runs(RunFilter {
+                    limit: 1_000,
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+            let of_key = runs
+                .iter()
+                .filter(|r| r.debounce.as_ref().is_some_and(|d| d.key == key))
+                .count();
+            assert_eq!(of_key as i64, round / 2 + 1, "round {round}, key {key}");
+        }
+    }
+}
+
 /// Instantiates the debounce conformance tests for a backend: `$factory`
 /// yields a [`Pair`] of handles on one fresh database (with `optional:`,
 /// an `Option<Pair>`; `None` skips).
@@ -399,6 +445,7 @@ macro_rules! debounce_conformance_tests {
             an_idempotency_key_wins_over_the_debounce,
             a_batch_collapses_entries_of_one_key_in_order,
             racing_triggers_make_one_run_per_window,
+            opposite_batches_of_the_same_keys_do_not_deadlock,
         );
     };
     (@each @required $factory:expr; $($name:ident),* $(,)?) => {

@@ -175,6 +175,52 @@ pub(super) async fn trigger(
     // so a later entry of the batch sees (and may collapse into) an
     // earlier one.
     let mut tx = sqlx::Connection::begin(&mut *c).await.map_err(db)?;
+    // Every debounced key of the batch is locked first, in one order for
+    // every transaction (a transaction-level advisory lock per (tenant,
+    // job, key), sorted): two batches with the same keys in different
+    // orders queue instead of deadlocking on each other's window rows.
+    let mut keys: Vec<String> = runs
+        .iter()
+        .filter_map(|r| {
+            r.debounce
+                .as_ref()
+                .map(|d| format!("{}\u{1f}{}\u{1f}{}", r.tenant, r.job, d.key))
+        })
+        .collect();
+    keys.sort_unstable();
+    keys.dedup();
+    for k in &keys {
+        sqlx::query(
+            "SELECT pg_advisory_xact_lock(hashtextextended('docket.debounce/' || current_schema() || '/' || $1, 0))",
+        )
+        .bind(k)
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+    }
+    // Then the keys' current window runs, in id order (the order ends and
+    // operator commands lock runs in), so this transaction cannot deadlock
+    // with a batch of ends holding two of them.
+    let (mut ts, mut js, mut ks) = (Vec::new(), Vec::new(), Vec::new());
+    for r in &runs {
+        if let Some(d) = &r.debounce {
+            ts.push(r.tenant.as_str());
+            js.push(r.job.as_str());
+            ks.push(d.key.as_str());
+        }
+    }
+    sqlx::query(
+        "SELECT id FROM runs
+         WHERE (tenant, job, debounce_key) IN (SELECT * FROM unnest($1::text[], $2::text[], $3::text[]))
+           AND debounce_current IS NOT NULL
+         ORDER BY id FOR UPDATE",
+    )
+    .bind(&ts)
+    .bind(&js)
+    .bind(&ks)
+    .fetch_all(&mut *tx)
+    .await
+    .map_err(db)?;
     let mut out = Vec::with_capacity(runs.len());
     for r in runs {
         if r.debounce.is_some() {
