@@ -392,7 +392,7 @@ pub async fn opposite_batches_of_the_same_keys_do_not_deadlock((one, two): Pair)
         let mut tasks = Vec::new();
         for (i, store) in [one.clone(), two.clone()].into_iter().enumerate() {
             let b = barrier.clone();
-            let mut keys = vec!["a", "b", "c"];
+            let mut keys = ["a", "b", "c"];
             if i == 1 {
                 keys.reverse();
             }
