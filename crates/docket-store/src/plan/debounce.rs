@@ -152,7 +152,6 @@ fn collapse(w: &Window<'_>, r: &NewRun, d: &DebounceKey) -> Collapse {
         "input_replaced": replace,
         "discarded_input": digest(discarded),
         "window_until": w.until,
-        "trigger_run_id": r.id,
     });
     if let Some(k) = &r.idempotency_key {
         data["idempotency_key"] = json!(k);
