@@ -72,6 +72,13 @@ export interface TriggerOptions {
   priority?: number;
   /** Carried into every attempt and event. */
   correlationId?: string;
+  /**
+   * Collapse this trigger with others of the same key within a window
+   * (instead of the job's own debounce): `{ key?, window, keep }`, e.g.
+   * `{ key: '{{ input.customer_id }}', window: '30s', keep: 'last' }`. A
+   * collapsed trigger answers the existing run with `collapsed: true`.
+   */
+  debounce?: S['DebounceRequest'];
 }
 
 /** One run of a batch trigger. */
@@ -159,6 +166,7 @@ function triggerBody(job: string, input: unknown, o: TriggerOptions): Record<str
   if (o.runAfter !== undefined) body.run_after = time(o.runAfter);
   if (o.priority !== undefined) body.priority = o.priority;
   if (o.correlationId !== undefined) body.correlation_id = o.correlationId;
+  if (o.debounce !== undefined) body.debounce = o.debounce;
   return body;
 }
 
@@ -245,7 +253,9 @@ export class DocketClient {
 
   /**
    * Triggers a run of `job`. With an `idempotencyKey` used before for this
-   * job, answers the existing run and `existing: true` (nothing created).
+   * job, answers the existing run and `existing: true` (nothing created);
+   * a trigger collapsed by a debounce answers the run it was collapsed into
+   * with `existing` and `collapsed` true.
    */
   async trigger(job: string, input?: unknown, options: TriggerOptions = {}): Promise<TriggerResponse> {
     return (await this.request<TriggerResponse>('POST', '/api/runs', triggerBody(job, input, options))).data;

@@ -40,6 +40,20 @@ pub struct TriggerArgs {
     /// Correlation id carried into every attempt.
     #[arg(long)]
     pub correlation_id: Option<String>,
+    /// Debounce this trigger (instead of the job's own debounce): collapse
+    /// it with triggers of the same key within this window (`30s`, `5m`;
+    /// needs --debounce-keep). See docs/FLOW_CONTROL.md, "Debounce".
+    #[arg(long)]
+    pub debounce_window: Option<String>,
+    /// `first` (the first trigger's run is due at once, later ones in the
+    /// window return it) or `last` (the run is due when the window ends,
+    /// with the last input).
+    #[arg(long)]
+    pub debounce_keep: Option<String>,
+    /// The debounce key template (default `{{ job }}`), e.g.
+    /// `{{ input.customer_id }}`.
+    #[arg(long)]
+    pub debounce_key: Option<String>,
     /// Wait until the run is terminal or waits for input (at most
     /// --timeout; exit codes as `docket runs wait`).
     #[arg(long)]
@@ -475,6 +489,19 @@ pub async fn trigger(a: TriggerArgs) -> Res<()> {
     if let Some(cid) = &a.correlation_id {
         body["correlation_id"] = json!(cid);
     }
+    if a.debounce_window.is_some() || a.debounce_keep.is_some() || a.debounce_key.is_some() {
+        let mut d = serde_json::Map::new();
+        for (k, v) in [
+            ("window", &a.debounce_window),
+            ("keep", &a.debounce_keep),
+            ("key", &a.debounce_key),
+        ] {
+            if let Some(v) = v {
+                d.insert(k.into(), json!(v));
+            }
+        }
+        body["debounce"] = Value::Object(d);
+    }
     let (_, v) = c
         .call(reqwest::Method::POST, "/api/runs", Some(body))
         .await?;
@@ -482,7 +509,9 @@ pub async fn trigger(a: TriggerArgs) -> Res<()> {
         if a.conn.json {
             print_json(&v);
         } else {
-            let verb = if v["existing"] == true {
+            let verb = if v["collapsed"] == true {
+                "collapsed into"
+            } else if v["existing"] == true {
                 "existing"
             } else {
                 "created"
@@ -569,6 +598,16 @@ fn show(v: &Value) {
     }
     if let Some(f) = run["retriggered_from"].as_str() {
         outln!("retriggered from {f}");
+    }
+    if run["debounce"].is_object() {
+        let d = &run["debounce"];
+        outln!(
+            "debounce key {}  keep {}  window until {}  collapsed {}",
+            s(&d["key"]),
+            s(&d["keep"]),
+            s(&d["until"]),
+            d["collapsed"]
+        );
     }
     outln!("input {}", run["input"]);
     if run["variables"] != json!({}) {

@@ -235,6 +235,48 @@ fn tokens_serve_and_client_end_to_end() {
     let (_, b, _) = docket(&["trigger", "echo", r#"{"a":1}"#, "--key", "k1"], &env);
     assert!(a.starts_with("created run"), "{a}");
     assert!(b.starts_with("existing run"), "{b}");
+    // A debounced trigger through the CLI: the second is collapsed into the
+    // first's run (keep = last with a long window: nothing runs meanwhile),
+    // `runs show` shows the count; a bad window is the server's 422 naming
+    // the field.
+    let deb = |input: &str| {
+        docket(
+            &[
+                "trigger",
+                "echo",
+                input,
+                "--debounce-window",
+                "1h",
+                "--debounce-keep",
+                "last",
+                "--debounce-key",
+                "{{ input.c }}",
+            ],
+            &env,
+        )
+    };
+    let (_, a, _) = deb(r#"{"c":"cli","v":1}"#);
+    let (_, b, _) = deb(r#"{"c":"cli","v":2}"#);
+    assert!(a.starts_with("created run"), "{a}");
+    assert!(b.starts_with("collapsed into run"), "{b}");
+    let deb_id = a.split_whitespace().nth(2).unwrap().to_string();
+    assert!(b.contains(&deb_id), "{a} / {b}");
+    let (_, shown, _) = docket(&["runs", "show", &deb_id], &env);
+    assert!(shown.contains("collapsed 1"), "{shown}");
+    let (code, _, err) = docket(
+        &[
+            "trigger",
+            "echo",
+            "{}",
+            "--debounce-window",
+            "0s",
+            "--debounce-keep",
+            "first",
+        ],
+        &env,
+    );
+    assert_eq!(code, 1);
+    assert!(err.contains("debounce.window"), "{err}");
     // Approve and cancel and postpone.
     let (_, out, _) = docket(&["trigger", "approval", r#"{"amount":5}"#, "--json"], &env);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();

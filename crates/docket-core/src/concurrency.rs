@@ -51,9 +51,7 @@ impl KeyTemplate {
     /// an unclosed `{{` or an empty template is an error naming it.
     pub fn parse(source: &str) -> Result<KeyTemplate, TemplateError> {
         if source.trim().is_empty() {
-            return Err(TemplateError(
-                "the concurrency key template is empty".into(),
-            ));
+            return Err(TemplateError("the key template is empty".into()));
         }
         let mut parts = Vec::new();
         let mut rest = source;
@@ -76,14 +74,14 @@ impl KeyTemplate {
                         .collect();
                     if path.iter().any(|p| p.is_empty()) {
                         return Err(TemplateError(format!(
-                            "bad input path `{v}` in the concurrency key"
+                            "bad input path `{v}` in the key template"
                         )));
                     }
                     Part::Input(path)
                 }
                 v => {
                     return Err(TemplateError(format!(
-                        "unknown variable `{v}` in the concurrency key (use `tenant`, `job` or `input.<field>`)"
+                        "unknown variable `{v}` in the key template (use `tenant`, `job` or `input.<field>`)"
                     )))
                 }
             });

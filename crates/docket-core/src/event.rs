@@ -51,6 +51,10 @@ kinds! {
     /// episode: recorded when first found held, again only after it was
     /// claimed).
     RunHeld = "run_held",
+    /// A trigger was collapsed into this run by the job's debounce (its
+    /// mode, actor, the collapse count, and the size and SHA-256 of the
+    /// input it replaced or dropped; never the input itself).
+    TriggerCollapsed = "trigger_collapsed",
     /// A worker claimed the run: a new attempt under a new lease.
     AttemptStarted = "attempt_started",
     /// The handler returned: the run is completed.

@@ -10,6 +10,7 @@
 
 pub mod clock;
 pub mod concurrency;
+pub mod debounce;
 pub mod error;
 pub mod event;
 pub mod fingerprint;

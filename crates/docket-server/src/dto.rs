@@ -82,9 +82,31 @@ pub struct RunView {
     pub concurrency_limit: Option<u32>,
     /// The run that spawned this one (`ctx.spawn`), if it is a child run.
     pub parent: Option<String>,
+    /// Its debounce window (docs/FLOW_CONTROL.md, "Debounce"), if it was
+    /// triggered with one: the key, the mode, the window's end and how many
+    /// triggers were collapsed into it.
+    pub debounce: Option<DebounceView>,
     /// Why a postponed run waits, when it is suspended in a durable wait
     /// (`GET /api/runs/{id}` only; `null` in lists and otherwise).
     pub wait: Option<WaitView>,
+}
+
+/// A debounced run's window.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct DebounceView {
+    /// The rendered debounce key.
+    pub key: String,
+    /// `first` (the first trigger's input, due at once) or `last` (the
+    /// last trigger's input, due at the window's end).
+    pub keep: String,
+    /// The window's end (RFC 3339): a trigger at or after it opens a new
+    /// window.
+    pub until: String,
+    /// How many later triggers were collapsed into this run.
+    pub collapsed: u32,
+    /// Whether this is still its key's current window (false once a later
+    /// trigger opened a new one).
+    pub current: bool,
 }
 
 /// What a suspended run waits for.
@@ -149,6 +171,13 @@ impl RunView {
             concurrency_key: r.concurrency.as_ref().map(|k| k.key.clone()),
             concurrency_limit: r.concurrency.as_ref().map(|k| k.limit),
             parent: r.parent_id.map(|p| p.to_string()),
+            debounce: r.debounce.as_ref().map(|d| DebounceView {
+                key: d.key.clone(),
+                keep: d.keep.to_string(),
+                until: ts(d.until),
+                collapsed: d.collapsed,
+                current: d.current,
+            }),
             wait: None,
         }
     }
@@ -159,9 +188,13 @@ impl RunView {
 pub struct TriggerResponse {
     /// The run: new, or the one that already had the idempotency key.
     pub run: RunView,
-    /// True when the idempotency key was already used and nothing was
-    /// created (HTTP 200 instead of 201).
+    /// True when nothing was created (HTTP 200 instead of 201): the
+    /// idempotency key was already used, or the trigger was collapsed into
+    /// `run` by a debounce.
     pub existing: bool,
+    /// True when the trigger was collapsed into `run` by a debounce (a
+    /// `trigger_collapsed` event on it records the trigger).
+    pub collapsed: bool,
 }
 
 /// A run to trigger.
@@ -183,6 +216,27 @@ pub struct TriggerRequest {
     pub priority: i32,
     /// Carried into every attempt and event.
     pub correlation_id: Option<String>,
+    /// Collapse this trigger with others of the same key within a window
+    /// (replacing the job's own debounce for this trigger).
+    pub debounce: Option<DebounceRequest>,
+}
+
+/// A trigger's debounce (docs/FLOW_CONTROL.md, "Debounce").
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DebounceRequest {
+    /// The key template over `{{ tenant }}`, `{{ job }}` and
+    /// `{{ input.FIELD }}` (default `{{ job }}`: every trigger of the job
+    /// in the tenant).
+    pub key: Option<String>,
+    /// The window, a duration like `"30s"`, `"5m"`, `"500ms"` (1 ms to 366
+    /// days).
+    pub window: String,
+    /// `first`: the first trigger's run is due at once and later triggers
+    /// in the window return it, their input dropped. `last`: the run is
+    /// due when the window after the first trigger ends and each later
+    /// trigger in the window replaces its input while it has not started.
+    pub keep: String,
 }
 
 /// Runs to trigger together (all or none).

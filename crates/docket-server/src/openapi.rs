@@ -262,6 +262,26 @@ fn requests(doc: &mut Value, jobs: &[String]) {
         "correlation_id",
         text("Carried into every attempt and event."),
     );
+    set(
+        doc,
+        "DebounceRequest",
+        "keep",
+        json!({"type": "string", "enum": ["first", "last"],
+               "description": "`first`: the first trigger's run is due at once; later triggers in the window return it, their input dropped. `last`: the run is due when the window after the first trigger ends; each later trigger in the window replaces its input while it has not started."}),
+    );
+    set(
+        doc,
+        "DebounceRequest",
+        "key",
+        json!({"type": ["string", "null"], "maxLength": MAX_TEXT,
+               "description": "The key template over {{ tenant }}, {{ job }} and {{ input.FIELD }} (default {{ job }}: every trigger of the job in the tenant)."}),
+    );
+    set(
+        doc,
+        "DebounceView",
+        "keep",
+        json!({"type": "string", "enum": ["first", "last"], "description": "Which trigger's input the run keeps."}),
+    );
     merge(
         doc,
         "BatchRequest",

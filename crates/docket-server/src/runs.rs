@@ -86,6 +86,7 @@ impl AppState {
         TriggerResponse {
             run: self.view(&t.run),
             existing: t.existing,
+            collapsed: t.collapsed,
         }
     }
 
@@ -139,6 +140,10 @@ impl AppState {
             .as_deref()
             .map(|s| parse_time(&field("run_after"), s))
             .transpose()?;
+        let debounce = r
+            .debounce
+            .map(|d| debounce_rule(&field("debounce"), d))
+            .transpose()?;
         Ok((
             r.job,
             r.input,
@@ -150,9 +155,19 @@ impl AppState {
                 tenant: Some(caller.tenant.clone()),
                 actor: Some(caller.name.clone()),
                 trace: None,
+                debounce,
             },
         ))
     }
+}
+
+/// A trigger's debounce, checked: 422 naming the field
+/// (`debounce.window`, `debounce.keep`, `debounce.key`).
+fn debounce_rule(field: &str, d: crate::dto::DebounceRequest) -> ApiResult<docket::Debounce> {
+    check_text(&format!("{field}.key"), &d.key)?;
+    docket::Debounce::parse(d.key.as_deref(), &d.window, &d.keep).map_err(|(name, e)| {
+        ApiError::invalid_field(format!("{field}.{name}"), format!("`{field}.{name}`: {e}"))
+    })
 }
 
 /// The W3C trace context a request carries (`traceparent`, `tracestate`).
@@ -175,7 +190,8 @@ pub(crate) fn trace_headers(h: &HeaderMap) -> Option<docket::TraceContext> {
 /// Triggers a run.
 ///
 /// 201 with the new run; 200 with the existing run when the idempotency key
-/// was already used for this job in this tenant.
+/// was already used for this job in this tenant, or when the trigger was
+/// collapsed into an existing run by a debounce (`collapsed: true`).
 #[utoipa::path(
     post, path = "/api/runs", tag = "runs",
     request_body = TriggerRequest,
@@ -185,7 +201,7 @@ pub(crate) fn trace_headers(h: &HeaderMap) -> Option<docket::TraceContext> {
     ),
     responses(
         (status = 201, description = "Created", body = TriggerResponse),
-        (status = 200, description = "The run that already had this idempotency key", body = TriggerResponse),
+        (status = 200, description = "The run that already had this idempotency key, or the run this trigger was collapsed into by a debounce (`collapsed`)", body = TriggerResponse),
         (status = 400, description = "Not JSON", body = ErrorBody),
         (status = 413, description = "Body or input over the limit (`content_too_large`)", body = ErrorBody),
         (status = 422, description = "A field is wrong, or the job is unknown", body = ErrorBody),
@@ -213,7 +229,9 @@ pub async fn trigger(
 /// Triggers many runs in one transaction: all are created, or none.
 ///
 /// 201 when at least one run was created, 200 when every run already
-/// existed (idempotency keys).
+/// existed (idempotency keys) or was collapsed into an existing run
+/// (debounce). Entries are applied in order: two entries with one debounce
+/// key collapse into one run.
 #[utoipa::path(
     post, path = "/api/runs/batch", tag = "runs",
     request_body = BatchRequest,
@@ -223,7 +241,7 @@ pub async fn trigger(
     ),
     responses(
         (status = 201, description = "Created (in request order)", body = BatchResponse),
-        (status = 200, description = "Every run already existed", body = BatchResponse),
+        (status = 200, description = "Every run already existed or was collapsed into one (debounce)", body = BatchResponse),
         (status = 400, description = "Not JSON", body = ErrorBody),
         (status = 413, description = "Body or an input over the limit", body = ErrorBody),
         (status = 422, description = "A field is wrong (named as `runs[i].field`)", body = ErrorBody),
@@ -396,13 +414,34 @@ fn summary(e: &EventRecord) -> String {
         .attempt
         .map(|a| format!("attempt {a}"))
         .unwrap_or_default();
+    let by = e
+        .actor
+        .as_ref()
+        .map(|a| format!(" by {a}"))
+        .unwrap_or_default();
     match e.kind.as_str() {
-        "run_triggered" => format!(
-            "triggered{}",
-            e.actor
-                .as_ref()
-                .map(|a| format!(" by {a}"))
-                .unwrap_or_default()
+        "run_triggered" => match d.get("debounce") {
+            Some(db) => format!(
+                "triggered{by}: opens debounce window `{}` (keep {}) until {}",
+                db["key"].as_str().unwrap_or(""),
+                db["keep"].as_str().unwrap_or(""),
+                db["until"]
+                    .as_i64()
+                    .map(|v| Timestamp(v).to_rfc3339())
+                    .unwrap_or_default()
+            ),
+            None => format!("triggered{by}"),
+        },
+        "trigger_collapsed" => format!(
+            "a trigger{by} was collapsed into this run (debounce `{}`, keep {}: {}; {} collapsed so far)",
+            s("key"),
+            s("keep"),
+            if d.get("input_replaced") == Some(&Value::Bool(true)) {
+                "its input replaced the run's"
+            } else {
+                "its input was dropped"
+            },
+            n("collapsed").unwrap_or(0)
         ),
         "attempt_started" => format!("{att} started on {}", s("worker")),
         "child_spawned" if d.get("child").is_some() => format!(

@@ -1,5 +1,6 @@
 //! The rows a store reads and writes.
 
+pub use docket_core::debounce::Keep;
 use docket_core::{ErrorClass, LeaseId, RunId, RunStatus, TerminalReason, Timestamp};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -35,6 +36,38 @@ pub struct NewRun {
     /// Its concurrency key and limit (rendered by the engine from the job's
     /// template at trigger time); `None`: not limited.
     pub concurrency: Option<ConcurrencyKey>,
+    /// Its debounce key, mode and window (rendered by the engine from the
+    /// job's or the trigger's template); `None`: every trigger makes a run.
+    pub debounce: Option<DebounceKey>,
+}
+
+/// A trigger's debounce: triggers of one (tenant, job) with the same `key`
+/// within `window_ms` of the window's first trigger are collapsed into one
+/// run (docs/FLOW_CONTROL.md, "Debounce").
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DebounceKey {
+    /// The rendered key (e.g. `acme/42`).
+    pub key: String,
+    /// Which input the run keeps.
+    pub keep: Keep,
+    /// The window's length (at least 1 ms).
+    pub window_ms: i64,
+}
+
+/// A debounced run's window, as stored on the run.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunDebounce {
+    /// The rendered key.
+    pub key: String,
+    /// Which input it keeps.
+    pub keep: Keep,
+    /// The window's end: a trigger at or after it opens a new window.
+    pub until: Timestamp,
+    /// How many later triggers were collapsed into this run.
+    pub collapsed: u32,
+    /// Whether this is still the key's current window (the latest run of
+    /// the key; cleared when a later trigger opens a new window).
+    pub current: bool,
 }
 
 /// One concurrency key's use now (`Store::concurrency_usage`).
@@ -90,6 +123,7 @@ impl NewRun {
             actor: None,
             trace: None,
             concurrency: None,
+            debounce: None,
         }
     }
 }
@@ -99,8 +133,12 @@ impl NewRun {
 pub struct Triggered {
     /// The run (new, or the existing one with the same idempotency key).
     pub run: Run,
-    /// True when the idempotency key was already used and nothing was created.
+    /// True when nothing was created: the idempotency key was already used,
+    /// or the trigger was collapsed into an existing run by a debounce.
     pub existing: bool,
+    /// True when the trigger was collapsed into `run` by a debounce (and
+    /// recorded there as a `trigger_collapsed` event).
+    pub collapsed: bool,
 }
 
 /// A run as stored.
@@ -167,6 +205,10 @@ pub struct Run {
     /// Its concurrency key and limit, if its job has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub concurrency: Option<ConcurrencyKey>,
+    /// Its debounce window and how many triggers were collapsed into it,
+    /// if it was triggered with a debounce.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub debounce: Option<RunDebounce>,
 }
 
 impl Run {

@@ -1380,3 +1380,157 @@ async fn every_operator_command_matches_sqlite_row_for_row() {
         && e.4.as_deref() == Some("op6")
         && e.5.as_deref() == Some("because 6")));
 }
+
+/// What a debounce scenario answered and wrote: each trigger's answer
+/// (existing, collapsed, run id), every run, every event.
+type DebounceRows = (
+    Vec<(bool, bool, RunId)>,
+    Vec<docket_store::Run>,
+    Vec<(String, RunId, Option<String>, serde_json::Value, i64)>,
+);
+
+async fn debounce_scenario(store: &DynStore) -> DebounceRows {
+    use docket_store::{DebounceKey, Keep, OperatorCommand, OperatorRequest};
+    let mut n = 0u128;
+    let mut next = |key: &str, keep: Keep, input: serde_json::Value| {
+        n += 1;
+        let mut r = NewRun::new("job", input);
+        r.id = RunId(Uuid::from_u128(n));
+        r.actor = Some(format!("actor-{n}"));
+        r.debounce = Some(DebounceKey {
+            key: key.into(),
+            keep,
+            window_ms: 1_000,
+        });
+        r
+    };
+    let mut answers = Vec::new();
+    let mut ids = Vec::new();
+    let steps: Vec<(i64, Vec<NewRun>)> = vec![
+        (
+            0,
+            vec![
+                next("f", Keep::First, json!(1)),
+                next("l", Keep::Last, json!(1)),
+            ],
+        ),
+        (
+            10,
+            vec![
+                next("f", Keep::First, json!(2)),
+                next("l", Keep::Last, json!(2)),
+            ],
+        ),
+        (
+            999,
+            vec![
+                next("l", Keep::Last, json!(3)),
+                NewRun::new("job", json!("plain")),
+                next("l2", Keep::Last, json!(1)),
+                next("l2", Keep::Last, json!(2)),
+            ],
+        ),
+        (
+            1_000,
+            vec![
+                next("f", Keep::First, json!(4)),
+                next("l", Keep::Last, json!(4)),
+            ],
+        ),
+    ];
+    for (at, mut batch) in steps {
+        // The undebounced run's id is random: give it a fixed one.
+        for r in &mut batch {
+            if r.debounce.is_none() {
+                r.id = RunId(Uuid::from_u128(1_000));
+            }
+        }
+        let out = store.trigger(batch, T0.plus_millis(at)).await.unwrap();
+        for t in out {
+            ids.push(t.run.id);
+            answers.push((t.existing, t.collapsed, t.run.id));
+        }
+    }
+    // A cancel ends a window; a claim starts the `l` run of the second
+    // window, so a trigger inside its window opens a third.
+    let f2 = answers[answers.len() - 2].2;
+    store
+        .operator(OperatorRequest {
+            run_id: f2,
+            actor: "op".into(),
+            comment: None,
+            now: T0.plus_millis(1_001),
+            command: OperatorCommand::Cancel,
+        })
+        .await
+        .unwrap();
+    store
+        .claim(ClaimRequest {
+            tenant: None,
+            jobs: vec!["job".into()],
+            limit: 100,
+            now: T0.plus_millis(2_000),
+            lease_ms: 30_000,
+            worker: "w".into(),
+        })
+        .await
+        .unwrap();
+    let out = store
+        .trigger(
+            vec![
+                next("f", Keep::First, json!(5)),
+                next("l", Keep::Last, json!(5)),
+            ],
+            T0.plus_millis(1_500),
+        )
+        .await
+        .unwrap();
+    for t in out {
+        ids.push(t.run.id);
+        answers.push((t.existing, t.collapsed, t.run.id));
+    }
+    ids.sort();
+    ids.dedup();
+    let mut runs = Vec::new();
+    for id in &ids {
+        let mut r = store.get_run(*id).await.unwrap().unwrap();
+        r.lease_id = None;
+        runs.push(r);
+    }
+    let events = store
+        .events(docket_store::EventFilter {
+            limit: 10_000,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.kind.as_str() != "attempt_started")
+        .map(|e| (e.kind.to_string(), e.run_id, e.actor, e.data, e.at.0))
+        .collect();
+    (answers, runs, events)
+}
+
+/// Debounced triggers (both modes, a batch, a cancel, a started run) write
+/// the same runs and events, row for row, on both backends.
+#[tokio::test]
+async fn debounce_matches_sqlite_row_for_row() {
+    let Some(pg) = fresh().await else { return };
+    let lite: DynStore = Arc::new(docket_store::sqlite::SqliteStore::open_in_memory().unwrap());
+    let a = debounce_scenario(&lite).await;
+    let b = debounce_scenario(&pg).await;
+    assert_eq!(a.0, b.0, "answers");
+    assert_eq!(a.1, b.1, "runs");
+    assert_eq!(a.2, b.2, "events");
+    // The scenario did what it says.
+    let collapsed = a.0.iter().filter(|x| x.1).count();
+    assert_eq!(collapsed, 4, "{:?}", a.0);
+    let opened: Vec<&str> =
+        a.2.iter()
+            .filter_map(|e| e.3.get("debounce").and_then(|d| d["opened"].as_str()))
+            .collect();
+    assert!(
+        opened.contains(&"run_cancelled") && opened.contains(&"run_started"),
+        "{opened:?}"
+    );
+}

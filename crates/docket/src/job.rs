@@ -61,6 +61,9 @@ pub struct Job {
     pub(crate) rate_key: Option<String>,
     /// The checked rate limit (set by `Docket::register`).
     pub(crate) rate: Option<crate::rate::RateSpec>,
+    /// Collapses triggers with the same key within a window
+    /// (`Job::debounce`), checked at registration.
+    pub(crate) debounce: Option<crate::Debounce>,
 }
 
 impl std::fmt::Debug for Job {
@@ -106,6 +109,7 @@ impl Job {
             validator: None,
             concurrency: None,
             concurrency_key: None,
+            debounce: None,
             gate: None,
             remote: false,
             rate_limit: None,
@@ -244,6 +248,23 @@ impl Job {
         }))
     }
 
+    /// Collapses triggers of this job whose key renders the same within a
+    /// window into one run, keeping the first input (its run due at once)
+    /// or the last (its run due when the window ends): see
+    /// [`crate::Debounce`] and docs/FLOW_CONTROL.md, "Debounce". A window of
+    /// zero, over 366 days, or an unknown template variable is refused at
+    /// registration, naming the field (`debounce.window`, `debounce.key`).
+    /// A trigger may give its own ([`crate::TriggerOptions::debounce`]).
+    pub fn debounce(mut self, debounce: crate::Debounce) -> Self {
+        self.debounce = Some(debounce);
+        self
+    }
+
+    /// The job's debounce, if it has one.
+    pub fn debounce_rule(&self) -> Option<&crate::Debounce> {
+        self.debounce.as_ref()
+    }
+
     /// Limits how often the job's runs start, across every process on the
     /// database: a token bucket of `burst` tokens gaining `per_second` a
     /// second (docs/RATE_LIMITS.md). A run that finds no token is deferred
@@ -344,6 +365,9 @@ impl Job {
                 "the handler timeout ({:?}) must be shorter than the lease ({:?}), or a second worker could start the run while the first is still in it",
                 self.timeout, self.lease
             ));
+        }
+        if let Some(d) = &self.debounce {
+            d.check().map_err(|e| format!("debounce.{e}"))?;
         }
         self.rate_spec()?;
         self.policy.validate().map_err(|e| e.to_string())

@@ -32,6 +32,7 @@ pub struct ReadmeDoctests;
 pub mod bulk;
 mod children;
 mod ctx;
+mod debounce;
 mod error;
 mod forensics;
 pub mod http;
@@ -53,6 +54,8 @@ pub use ctx::{intent_key, Ctx, InputDecision, Reconciled, Stepped};
 pub use docket_core::forensics::{FailureRecord, PairVerdict, Severity, Verdict};
 pub use docket_core::policy::RetryReason;
 
+pub use debounce::Debounce;
+pub use docket_core::debounce::Keep;
 pub use docket_core::schedule::{CatchUp, Overlap};
 pub use docket_core::{
     AttemptOutcome, Clock, ErrorClass, EventKind, Fingerprint, ManualClock, RetryPolicy, RunId,
@@ -139,6 +142,11 @@ pub struct TriggerOptions {
     /// joins that trace. An invalid `traceparent` is ignored, as the W3C
     /// recommendation says.
     pub trace: Option<TraceContext>,
+    /// Collapse this trigger with others of the same key (replacing the
+    /// job's own [`Job::debounce`], if any, for this trigger): see
+    /// [`Debounce`] and docs/FLOW_CONTROL.md, "Debounce". The answer's
+    /// `collapsed` says whether it was collapsed into an existing run.
+    pub debounce: Option<Debounce>,
 }
 
 /// A run with its whole history.
@@ -324,6 +332,7 @@ impl Docket {
                 n.tenant = t;
             }
             n.concurrency = self.concurrency_of(&n.job, &n.tenant, &n.input)?;
+            n.debounce = self.debounce_of(&n.job, &n.tenant, &n.input, o.debounce.as_ref())?;
             new.push(n);
         }
         let out = self
@@ -366,6 +375,26 @@ impl Docket {
             return Ok(None);
         };
         j.concurrency_of(tenant, input)
+            .map_err(|e| Error::InvalidInput(format!("`{job}` trigger: {e}")))
+    }
+
+    /// The debounce a new run of `job` gets: the trigger's own, else the
+    /// job's (rendered once, here); a bad trigger debounce or an input
+    /// lacking a field the key needs is refused as `invalid_input` naming
+    /// the field.
+    pub(crate) fn debounce_of(
+        &self,
+        job: &str,
+        tenant: &str,
+        input: &Value,
+        given: Option<&Debounce>,
+    ) -> Result<Option<docket_store::DebounceKey>> {
+        let job_rule = self.job(job).and_then(|j| j.debounce.clone());
+        let Some(rule) = given.cloned().or(job_rule) else {
+            return Ok(None);
+        };
+        rule.render(tenant, job, input)
+            .map(Some)
             .map_err(|e| Error::InvalidInput(format!("`{job}` trigger: {e}")))
     }
 

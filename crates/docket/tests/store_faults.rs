@@ -108,6 +108,9 @@ mod faulty {
         /// `signal_wait` calls to fail after the store committed them (the
         /// answer is lost, as when a connection drops at commit).
         pub fail_waits_after: AtomicUsize,
+        /// `trigger` calls to fail after the store committed them (the
+        /// answer is lost).
+        pub fail_triggers_after: AtomicUsize,
     }
 
     impl Faulty {
@@ -132,7 +135,9 @@ mod faulty {
             runs: Vec<NewRun>,
             now: docket_core::Timestamp,
         ) -> Result<Vec<Triggered>> {
-            self.inner.trigger(runs, now).await
+            let out = self.inner.trigger(runs, now).await?;
+            self.take(&self.fail_triggers_after)?;
+            Ok(out)
         }
         async fn claim(&self, req: ClaimRequest) -> Result<Vec<Run>> {
             self.inner.claim(req).await
@@ -558,6 +563,7 @@ mod faulty {
             failed: AtomicUsize::new(0),
             fail_waits_before: AtomicUsize::new(0),
             fail_waits_after: AtomicUsize::new(0),
+            fail_triggers_after: AtomicUsize::new(0),
         })
     }
 }
@@ -697,4 +703,58 @@ async fn a_signal_wait_that_fails_around_its_commit_delivers_exactly_once() {
             .count();
         assert_eq!(delivered, 1, "after={after}");
     }
+}
+
+/// A debounced trigger whose store call committed but whose answer was lost
+/// (the caller sees an error and triggers again): the retry finds the
+/// window the lost call opened and is collapsed into its run, so the key
+/// still has exactly one run for the window; a lost collapse's retry is
+/// collapsed again (the count counts trigger requests) and the run's input
+/// is the retried one. The run then runs once, with the last input.
+#[tokio::test]
+async fn a_debounced_trigger_whose_answer_is_lost_still_makes_one_run() {
+    let store = faulty::over_sqlite(("none", 0), 0);
+    let t0 = docket::Timestamp(1_767_225_600_000);
+    let clock = docket::ManualClock::new(t0);
+    let d = Docket::with_store(store.clone(), Arc::new(clock.clone()));
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let s = seen.clone();
+    d.register(
+        Job::new("sync", move |_ctx, input: Value| {
+            let s = s.clone();
+            async move {
+                s.lock().unwrap().push(input);
+                Ok::<_, JobError>(json!({}))
+            }
+        })
+        .debounce(docket::Debounce::last(
+            "{{ input.c }}",
+            Duration::from_secs(10),
+        )),
+    )
+    .unwrap();
+    store.fail_triggers_after.store(1, Ordering::SeqCst);
+    assert!(d.trigger("sync", json!({ "c": 1, "v": 1 })).await.is_err());
+    assert_eq!(
+        store.failed.load(Ordering::SeqCst),
+        1,
+        "the fault was injected"
+    );
+    let retry = d.trigger("sync", json!({ "c": 1, "v": 1 })).await.unwrap();
+    assert!(retry.collapsed, "the lost call's window holds: {retry:?}");
+    let id = retry.run.id;
+    clock.advance_millis(1_000);
+    store.fail_triggers_after.store(1, Ordering::SeqCst);
+    assert!(d.trigger("sync", json!({ "c": 1, "v": 2 })).await.is_err());
+    let again = d.trigger("sync", json!({ "c": 1, "v": 2 })).await.unwrap();
+    assert!(again.collapsed);
+    assert_eq!(again.run.id, id);
+    let runs = d.store().list_runs(Default::default()).await.unwrap();
+    assert_eq!(runs.len(), 1, "one run for the window");
+    assert_eq!(runs[0].debounce.as_ref().unwrap().collapsed, 3);
+    clock.advance_millis(9_000);
+    let w = d.worker(WorkerConfig::default());
+    assert_eq!(w.tick().await.unwrap(), 1);
+    assert_eq!(seen.lock().unwrap().clone(), [json!({ "c": 1, "v": 2 })]);
+    assert_eq!(d.get_run(id).await.unwrap().status, RunStatus::Completed);
 }

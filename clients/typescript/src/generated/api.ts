@@ -323,7 +323,8 @@ export interface paths {
         /**
          * Triggers a run.
          * @description 201 with the new run; 200 with the existing run when the idempotency key
-         *     was already used for this job in this tenant.
+         *     was already used for this job in this tenant, or when the trigger was
+         *     collapsed into an existing run by a debounce (`collapsed: true`).
          */
         post: operations["trigger"];
         delete?: never;
@@ -599,7 +600,9 @@ export interface paths {
         /**
          * Triggers many runs in one transaction: all are created, or none.
          * @description 201 when at least one run was created, 200 when every run already
-         *     existed (idempotency keys).
+         *     existed (idempotency keys) or was collapsed into an existing run
+         *     (debounce). Entries are applied in order: two entries with one debounce
+         *     key collapse into one run.
          */
         post: operations["trigger_batch"];
         delete?: never;
@@ -1525,6 +1528,46 @@ export interface components {
             /** @description `enabled`, `disabled` or `expired` for the caller's tenant. */
             status: string;
         };
+        /** @description A trigger's debounce (docs/FLOW_CONTROL.md, "Debounce"). */
+        DebounceRequest: {
+            /**
+             * @description `first`: the first trigger's run is due at once; later triggers in the window return it, their input dropped. `last`: the run is due when the window after the first trigger ends; each later trigger in the window replaces its input while it has not started.
+             * @enum {string}
+             */
+            keep: "first" | "last";
+            /** @description The key template over {{ tenant }}, {{ job }} and {{ input.FIELD }} (default {{ job }}: every trigger of the job in the tenant). */
+            key?: string | null;
+            /**
+             * @description The window, a duration like `"30s"`, `"5m"`, `"500ms"` (1 ms to 366
+             *     days).
+             */
+            window: string;
+        };
+        /** @description A debounced run's window. */
+        DebounceView: {
+            /**
+             * Format: int32
+             * @description How many later triggers were collapsed into this run.
+             */
+            collapsed: number;
+            /**
+             * @description Whether this is still its key's current window (false once a later
+             *     trigger opened a new one).
+             */
+            current: boolean;
+            /**
+             * @description Which trigger's input the run keeps.
+             * @enum {string}
+             */
+            keep: "first" | "last";
+            /** @description The rendered debounce key. */
+            key: string;
+            /**
+             * @description The window's end (RFC 3339): a trigger at or after it opens a new
+             *     window.
+             */
+            until: string;
+        };
         /** @description An operator's decision on a run waiting for input. */
         DecisionRequest: {
             /** @description Stored on the audit event. */
@@ -2121,6 +2164,7 @@ export interface components {
             correlation_id?: string | null;
             /** @description When it was triggered. */
             created_at: string;
+            debounce?: null | components["schemas"]["DebounceView"];
             /** @description When it reached a terminal state. */
             finished_at?: string | null;
             /** @description Its id (a UUIDv7). */
@@ -2432,6 +2476,7 @@ export interface components {
         TriggerRequest: {
             /** @description Carried into every attempt and event. */
             correlation_id?: string | null;
+            debounce?: null | components["schemas"]["DebounceRequest"];
             /** @description A second trigger with this key for the same job returns the first run; not blank. */
             idempotency_key?: string | null;
             /** @description The input: any JSON (default null), at most --max-input-bytes (1 MiB). */
@@ -2449,8 +2494,14 @@ export interface components {
         /** @description The answer to a trigger. */
         TriggerResponse: {
             /**
-             * @description True when the idempotency key was already used and nothing was
-             *     created (HTTP 200 instead of 201).
+             * @description True when the trigger was collapsed into `run` by a debounce (a
+             *     `trigger_collapsed` event on it records the trigger).
+             */
+            collapsed: boolean;
+            /**
+             * @description True when nothing was created (HTTP 200 instead of 201): the
+             *     idempotency key was already used, or the trigger was collapsed into
+             *     `run` by a debounce.
              */
             existing: boolean;
             /** @description The run: new, or the one that already had the idempotency key. */
@@ -3494,7 +3545,7 @@ export interface operations {
             };
         };
         responses: {
-            /** @description The run that already had this idempotency key */
+            /** @description The run that already had this idempotency key, or the run this trigger was collapsed into by a debounce (`collapsed`) */
             200: {
                 headers: {
                     [name: string]: unknown;
@@ -4521,7 +4572,7 @@ export interface operations {
             };
         };
         responses: {
-            /** @description Every run already existed */
+            /** @description Every run already existed or was collapsed into one (debounce) */
             200: {
                 headers: {
                     [name: string]: unknown;

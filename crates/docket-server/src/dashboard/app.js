@@ -870,6 +870,8 @@
         ...fact('Worker', r.worker ? r.worker + ' (lease ' + (r.lease_id || '').slice(0, 8) + '…, until ' + utc(r.lease_expires_at) + ')' : null),
         ...fact('Cancel requested', r.cancel_requested ? 'yes: stops at the next step boundary' : null),
         ...fact('Idempotency key', r.idempotency_key),
+        ...fact('Debounce', r.debounce ? r.debounce.key + ' (keep ' + r.debounce.keep + ', window until ' + utc(r.debounce.until) + '): '
+          + r.debounce.collapsed + ' trigger' + (r.debounce.collapsed === 1 ? '' : 's') + ' collapsed into this run' : null),
         ...fact('Correlation id', r.correlation_id),
         ...fact('Trace', r.trace_id && who && who.trace_url
           ? el('a', { href: who.trace_url.split('{trace_id}').join(encodeURIComponent(r.trace_id)), text: r.trace_id, target: '_blank', rel: 'noopener noreferrer' })

@@ -5,6 +5,7 @@ mod children;
 mod cmd;
 mod common;
 mod connections;
+mod debounce;
 mod deep_json;
 mod events;
 mod hardening;

@@ -18,6 +18,7 @@
 pub mod child;
 pub mod claim;
 pub mod concurrency;
+pub mod debounce;
 pub mod end;
 pub mod fair;
 pub mod operator;

@@ -85,7 +85,11 @@ mod tests {
             "input_request": null, "cancel_requested": false
         }))
         .expect("a run");
-        Triggered { run, existing }
+        Triggered {
+            run,
+            existing,
+            collapsed: false,
+        }
     }
 
     #[test]

@@ -1,9 +1,10 @@
 //! What a trigger writes for a new run, computed once for both backends.
 //! (Deduplication by idempotency key is the backend's read: an existing
-//! run is returned and nothing is written.)
+//! run is returned and nothing is written. Whether a debounced trigger
+//! creates a run at all is [`super::debounce::decide`].)
 
 use super::end::{EventWrite, Fill};
-use crate::model::NewRun;
+use crate::model::{Keep, NewRun};
 use docket_core::{EventKind, RunStatus, Timestamp};
 use serde_json::json;
 
@@ -14,14 +15,30 @@ pub struct TriggerPlan {
     pub status: RunStatus,
     /// Claimable from (the requested time, or now).
     pub run_after: Timestamp,
+    /// A debounced run's window end (`now + window`); `None` without a
+    /// debounce.
+    pub debounce_until: Option<Timestamp>,
     /// The `run_triggered` event (with the actor who triggered, if any).
     pub event: EventWrite,
 }
 
 /// What triggering `r` at `now` writes.
 pub fn trigger(r: &NewRun, now: Timestamp) -> TriggerPlan {
-    let run_after = r.run_after.unwrap_or(now);
+    let mut run_after = r.run_after.unwrap_or(now);
+    let debounce_until = r
+        .debounce
+        .as_ref()
+        .map(|d| Timestamp(now.0.saturating_add(d.window_ms)));
+    if let (Some(d), Some(until)) = (&r.debounce, debounce_until) {
+        if d.keep == Keep::Last {
+            // Due when the window ends (fixed: later triggers do not move it).
+            run_after = run_after.max(until);
+        }
+    }
     let mut data = json!({ "priority": r.priority, "run_after": run_after });
+    if let (Some(d), Some(until)) = (&r.debounce, debounce_until) {
+        data["debounce"] = json!({ "key": d.key, "keep": d.keep.as_str(), "until": until });
+    }
     if let Some(k) = &r.concurrency {
         data["concurrency_key"] = json!(k.key);
         data["concurrency_limit"] = json!(k.limit);
@@ -32,6 +49,7 @@ pub fn trigger(r: &NewRun, now: Timestamp) -> TriggerPlan {
     TriggerPlan {
         status: RunStatus::Pending,
         run_after,
+        debounce_until,
         event: EventWrite {
             kind: EventKind::RunTriggered,
             data,

@@ -561,6 +561,7 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0011_children.sql"),
     include_str!("migrations/0012_fair.sql"),
     include_str!("migrations/0013_sleeping.sql"),
+    include_str!("migrations/0014_debounce.sql"),
 ];
 
 /// Creates or upgrades the schema by applying [`MIGRATIONS`]. Refuses (and

@@ -9,7 +9,7 @@ use crate::{
     AttemptRecord, EventFilter, EventRecord, LeaseRef, LeaseState, NewRun, Result, Run, RunFilter,
     StatusCount, StoreError, TraceContext, Triggered,
 };
-use docket_core::{LeaseId, RunId, Timestamp};
+use docket_core::{LeaseId, RunId, RunStatus, Timestamp};
 use sqlx::postgres::{PgConnection, PgExecutor, PgRow, Postgres};
 use sqlx::{QueryBuilder, Row};
 use std::collections::HashMap;
@@ -23,7 +23,8 @@ pub(super) const RUN_COLS: &str = "id, tenant, job, status, priority, input, var
     attempts_forgiven, run_after, lease_id, lease_expires_at, worker, idempotency_key, correlation_id, \
     created_at, updated_at, finished_at, terminal_reason, last_error_class, last_error_message, \
     cancel_requested, retriggered_from, input_request, traceparent, tracestate, parent_id, \
-    concurrency_key, concurrency_limit";
+    concurrency_key, concurrency_limit, debounce_key, debounce_keep, debounce_until, collapsed, \
+    debounce_current";
 
 fn sql_limit(n: usize) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
@@ -123,6 +124,21 @@ pub(super) fn run_from_row(r: &PgRow) -> Result<Run> {
                 })
             })
             .transpose()?,
+        debounce: get::<Option<String>>(r, "debounce_key")?
+            .map(|key| -> Result<_> {
+                let keep: Option<String> = get(r, "debounce_keep")?;
+                Ok(crate::RunDebounce {
+                    key,
+                    keep: keep
+                        .unwrap_or_default()
+                        .parse()
+                        .map_err(StoreError::Database)?,
+                    until: Timestamp(get::<Option<i64>>(r, "debounce_until")?.unwrap_or(0)),
+                    collapsed: u32::try_from(get::<i64>(r, "collapsed")?).unwrap_or(u32::MAX),
+                    current: get::<Option<bool>>(r, "debounce_current")?.is_some(),
+                })
+            })
+            .transpose()?,
     })
 }
 
@@ -146,6 +162,268 @@ pub(super) async fn get_run<'e>(ex: impl PgExecutor<'e>, id: RunId) -> Result<Op
 /// snapshot, so it sees a conflicting run committed concurrently (the insert
 /// waited for that transaction to end).
 pub(super) async fn trigger(
+    c: &mut PgConnection,
+    runs: Vec<NewRun>,
+    now: Timestamp,
+    notify_now: &[String],
+) -> Result<Vec<Triggered>> {
+    if runs.iter().all(|r| r.debounce.is_none()) {
+        // One set-based statement, in autocommit.
+        return trigger_set(c, runs, now, notify_now).await;
+    }
+    // A batch with debounced runs: one transaction, run by run in order,
+    // so a later entry of the batch sees (and may collapse into) an
+    // earlier one.
+    let mut tx = sqlx::Connection::begin(&mut *c).await.map_err(db)?;
+    // Every debounced key of the batch is locked first, in one order for
+    // every transaction (a transaction-level advisory lock per (tenant,
+    // job, key), sorted): two batches with the same keys in different
+    // orders queue instead of deadlocking on each other's window rows.
+    let mut keys: Vec<String> = runs
+        .iter()
+        .filter_map(|r| {
+            r.debounce
+                .as_ref()
+                .map(|d| format!("{}\u{1f}{}\u{1f}{}", r.tenant, r.job, d.key))
+        })
+        .collect();
+    keys.sort_unstable();
+    keys.dedup();
+    for k in &keys {
+        sqlx::query(
+            "SELECT pg_advisory_xact_lock(hashtextextended('docket.debounce/' || current_schema() || '/' || $1, 0))",
+        )
+        .bind(k)
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+    }
+    // Then the keys' current window runs, in id order (the order ends and
+    // operator commands lock runs in), so this transaction cannot deadlock
+    // with a batch of ends holding two of them.
+    let (mut ts, mut js, mut ks) = (Vec::new(), Vec::new(), Vec::new());
+    for r in &runs {
+        if let Some(d) = &r.debounce {
+            ts.push(r.tenant.as_str());
+            js.push(r.job.as_str());
+            ks.push(d.key.as_str());
+        }
+    }
+    sqlx::query(
+        "SELECT id FROM runs
+         WHERE (tenant, job, debounce_key) IN (SELECT * FROM unnest($1::text[], $2::text[], $3::text[]))
+           AND debounce_current IS NOT NULL
+         ORDER BY id FOR UPDATE",
+    )
+    .bind(&ts)
+    .bind(&js)
+    .bind(&ks)
+    .fetch_all(&mut *tx)
+    .await
+    .map_err(db)?;
+    let mut out = Vec::with_capacity(runs.len());
+    for r in runs {
+        if r.debounce.is_some() {
+            out.push(trigger_debounced(&mut tx, r, now, notify_now).await?);
+        } else {
+            out.extend(trigger_set(&mut tx, vec![r], now, notify_now).await?);
+        }
+    }
+    tx.commit().await.map_err(db)?;
+    Ok(out)
+}
+
+/// One debounced trigger, inside the caller's transaction: the key's
+/// current window's run is locked (`FOR UPDATE`), `plan::debounce::decide`
+/// says whether to collapse into it or open a new window, and the answer
+/// is persisted. Two triggers racing to open a window meet on the partial
+/// unique index `runs_debounce_current`: the loser's insert does nothing
+/// (after the winner commits), and it reads and collapses into the
+/// winner's run.
+async fn trigger_debounced(
+    c: &mut PgConnection,
+    r: NewRun,
+    now: Timestamp,
+    notify_now: &[String],
+) -> Result<Triggered> {
+    let Some(d) = r.debounce.clone() else {
+        return Err(StoreError::Database("not a debounced trigger".into()));
+    };
+    for _ in 0..4 {
+        if let Some(key) = &r.idempotency_key {
+            let found = sqlx::query(&format!(
+                "SELECT {RUN_COLS} FROM runs WHERE tenant = $1 AND job = $2 AND idempotency_key = $3"
+            ))
+            .bind(&r.tenant)
+            .bind(&r.job)
+            .bind(key)
+            .fetch_optional(&mut *c)
+            .await
+            .map_err(db)?;
+            if let Some(row) = found {
+                return Ok(Triggered {
+                    run: run_from_row(&row)?,
+                    existing: true,
+                    collapsed: false,
+                });
+            }
+        }
+        let row = sqlx::query(
+            "SELECT id, status, attempt, debounce_keep, debounce_until, collapsed, input
+             FROM runs WHERE tenant = $1 AND job = $2 AND debounce_key = $3
+                 AND debounce_current IS NOT NULL
+             FOR UPDATE",
+        )
+        .bind(&r.tenant)
+        .bind(&r.job)
+        .bind(&d.key)
+        .fetch_optional(&mut *c)
+        .await
+        .map_err(db)?;
+        let current = match &row {
+            None => None,
+            Some(w) => {
+                let status: String = get(w, "status")?;
+                let keep: Option<String> = get(w, "debounce_keep")?;
+                Some((
+                    RunId(get(w, "id")?),
+                    status.parse::<RunStatus>().map_err(StoreError::Database)?,
+                    u32::try_from(get::<i32>(w, "attempt")?).unwrap_or(0),
+                    keep.unwrap_or_default()
+                        .parse::<crate::Keep>()
+                        .map_err(StoreError::Database)?,
+                    Timestamp(get::<Option<i64>>(w, "debounce_until")?.unwrap_or(0)),
+                    u32::try_from(get::<i64>(w, "collapsed")?).unwrap_or(u32::MAX),
+                    get::<serde_json::Value>(w, "input")?,
+                ))
+            }
+        };
+        let window = current.as_ref().map(|w| crate::plan::debounce::Window {
+            run: w.0,
+            status: w.1,
+            attempt: w.2,
+            keep: w.3,
+            until: w.4,
+            collapsed: w.5,
+            input: &w.6,
+        });
+        let (p, close) = match crate::plan::debounce::decide(window.as_ref(), &r, &d, now) {
+            crate::plan::debounce::Decision::Collapse(k) => {
+                let row = sqlx::query(&format!(
+                    "UPDATE runs SET input = COALESCE($2, input), collapsed = $3, updated_at = $4
+                     WHERE id = $1 RETURNING {RUN_COLS}"
+                ))
+                .bind(k.run.0)
+                .bind(k.input.as_ref())
+                .bind(i64::from(k.collapsed))
+                .bind(now.0)
+                .fetch_one(&mut *c)
+                .await
+                .map_err(db)?;
+                let run = run_from_row(&row)?;
+                super::durable::event(
+                    c,
+                    run.id,
+                    &run.tenant,
+                    &run.job,
+                    &k.event.kind,
+                    now,
+                    None,
+                    None,
+                    r.actor.as_deref(),
+                    None,
+                    &k.event.data,
+                )
+                .await?;
+                return Ok(Triggered {
+                    run,
+                    existing: true,
+                    collapsed: true,
+                });
+            }
+            crate::plan::debounce::Decision::Open { close, plan } => (plan, close),
+        };
+        if let Some(old) = close {
+            sqlx::query("UPDATE runs SET debounce_current = NULL WHERE id = $1")
+                .bind(old.0)
+                .execute(&mut *c)
+                .await
+                .map_err(db)?;
+        }
+        // No conflict target: a racing trigger that took the window (or the
+        // idempotency key) first makes this insert do nothing, after it
+        // commits; the next round reads what it wrote.
+        let inserted = sqlx::query(&format!(
+            "INSERT INTO runs (id, tenant, job, status, priority, input, variables, run_after,
+                idempotency_key, correlation_id, created_at, updated_at, retriggered_from,
+                traceparent, tracestate, concurrency_key, concurrency_limit,
+                debounce_key, debounce_keep, debounce_until, debounce_current)
+             VALUES ($1, $2, $3, $4, $5, $6, '{{}}', $7, $8, $9, $10, $10, $11, $12, $13, $14, $15,
+                $16, $17, $18, TRUE)
+             ON CONFLICT DO NOTHING
+             RETURNING {RUN_COLS}"
+        ))
+        .bind(r.id.0)
+        .bind(&r.tenant)
+        .bind(&r.job)
+        .bind(p.status.as_str())
+        .bind(r.priority)
+        .bind(&r.input)
+        .bind(p.run_after.0)
+        .bind(r.idempotency_key.as_deref())
+        .bind(r.correlation_id.as_deref())
+        .bind(now.0)
+        .bind(r.retriggered_from.map(|f| f.0))
+        .bind(r.trace.as_ref().map(|t| t.traceparent.as_str()))
+        .bind(r.trace.as_ref().and_then(|t| t.tracestate.as_deref()))
+        .bind(r.concurrency.as_ref().map(|k| k.key.as_str()))
+        .bind(r.concurrency.as_ref().map(|k| i64::from(k.limit)))
+        .bind(&d.key)
+        .bind(d.keep.as_str())
+        .bind(p.debounce_until.map(|t| t.0))
+        .fetch_optional(&mut *c)
+        .await
+        .map_err(db)?;
+        let Some(row) = inserted else {
+            continue;
+        };
+        let run = run_from_row(&row)?;
+        super::durable::event(
+            c,
+            run.id,
+            &run.tenant,
+            &run.job,
+            &p.event.kind,
+            now,
+            None,
+            None,
+            r.actor.as_deref(),
+            None,
+            &p.event.data,
+        )
+        .await?;
+        if notify_now.contains(&run.job) {
+            sqlx::query("SELECT pg_notify($1, $2)")
+                .bind(super::WAKEUP_CHANNEL)
+                .bind(&run.job)
+                .execute(&mut *c)
+                .await
+                .map_err(db)?;
+        }
+        return Ok(Triggered {
+            run,
+            existing: false,
+            collapsed: false,
+        });
+    }
+    Err(StoreError::Database(format!(
+        "the debounce window of key `{}` kept changing during the trigger; retry",
+        d.key
+    )))
+}
+
+/// Triggers without a debounce: one set-based statement.
+async fn trigger_set(
     c: &mut PgConnection,
     runs: Vec<NewRun>,
     now: Timestamp,
@@ -300,6 +578,7 @@ pub(super) async fn trigger(
             Some(run) => Ok(Triggered {
                 run,
                 existing: false,
+                collapsed: false,
             }),
             None => {
                 let key = (
@@ -311,6 +590,7 @@ pub(super) async fn trigger(
                     Some(run) => Ok(Triggered {
                         run: run.clone(),
                         existing: true,
+                        collapsed: false,
                     }),
                     None => Err(StoreError::Database(format!(
                         "the run with idempotency key `{}` vanished during trigger; retry",

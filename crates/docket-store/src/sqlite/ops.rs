@@ -19,7 +19,8 @@ pub(super) const RUN_COLS: &str = "id, tenant, job, status, priority, input, var
     attempts_forgiven, run_after, lease_id, lease_expires_at, worker, idempotency_key, correlation_id, \
     created_at, updated_at, finished_at, terminal_reason, last_error_class, last_error_message, \
     cancel_requested, retriggered_from, input_request, traceparent, tracestate, parent_id, \
-    concurrency_key, concurrency_limit";
+    concurrency_key, concurrency_limit, debounce_key, debounce_keep, debounce_until, collapsed, \
+    debounce_current";
 
 pub(super) fn corrupt(what: &str, v: impl std::fmt::Display) -> rusqlite::Error {
     rusqlite::Error::FromSqlConversionFailure(
@@ -102,6 +103,21 @@ pub(super) fn run_from_row(r: &Row<'_>) -> rusqlite::Result<Run> {
                 })
             })
             .transpose()?,
+        debounce: r
+            .get::<_, Option<String>>(30)?
+            .map(|key| -> rusqlite::Result<_> {
+                Ok(crate::RunDebounce {
+                    key,
+                    keep: parse(
+                        "debounce mode",
+                        r.get::<_, Option<String>>(31)?.unwrap_or_default(),
+                    )?,
+                    until: Timestamp(r.get::<_, Option<i64>>(32)?.unwrap_or(0)),
+                    collapsed: r.get(33)?,
+                    current: r.get::<_, Option<i64>>(34)?.is_some(),
+                })
+            })
+            .transpose()?,
     })
 }
 
@@ -167,17 +183,101 @@ pub(super) fn trigger(c: &Connection, runs: Vec<NewRun>, now: Timestamp) -> Resu
                 out.push(Triggered {
                     run,
                     existing: true,
+                    collapsed: false,
                 });
                 continue;
             }
         }
-        let p = plan::trigger::trigger(&r, now);
+        let (p, close) = match &r.debounce {
+            None => (plan::trigger::trigger(&r, now), None),
+            Some(d) => {
+                let mut st = c
+                    .prepare_cached(
+                        "SELECT id, status, attempt, debounce_keep, debounce_until, collapsed, input
+                         FROM runs WHERE tenant = ?1 AND job = ?2 AND debounce_key = ?3
+                             AND debounce_current IS NOT NULL",
+                    )
+                    .map_err(db_err)?;
+                let row = st
+                    .query_row(params![r.tenant, r.job, d.key], |row| {
+                        Ok((
+                            parse::<RunId>("run id", row.get(0)?)?,
+                            parse::<RunStatus>("status", row.get(1)?)?,
+                            row.get::<_, u32>(2)?,
+                            parse::<crate::Keep>("debounce mode", row.get(3)?)?,
+                            Timestamp(row.get(4)?),
+                            row.get::<_, u32>(5)?,
+                            json_col(row.get(6)?)?,
+                        ))
+                    })
+                    .optional()
+                    .map_err(db_err)?;
+                let window = row.as_ref().map(|w| plan::debounce::Window {
+                    run: w.0,
+                    status: w.1,
+                    attempt: w.2,
+                    keep: w.3,
+                    until: w.4,
+                    collapsed: w.5,
+                    input: &w.6,
+                });
+                match plan::debounce::decide(window.as_ref(), &r, d, now) {
+                    plan::debounce::Decision::Open { close, plan } => (plan, close),
+                    plan::debounce::Decision::Collapse(k) => {
+                        let mut st = c
+                            .prepare_cached(&format!(
+                                "UPDATE runs SET input = COALESCE(?2, input), collapsed = ?3, updated_at = ?4
+                                 WHERE id = ?1 RETURNING {RUN_COLS}"
+                            ))
+                            .map_err(db_err)?;
+                        let run = st
+                            .query_row(
+                                params![
+                                    k.run.to_string(),
+                                    k.input.as_ref().map(|v| v.to_string()),
+                                    k.collapsed,
+                                    now.0
+                                ],
+                                run_from_row,
+                            )
+                            .map_err(db_err)?;
+                        insert_event(
+                            c,
+                            run.id,
+                            &run.tenant,
+                            &run.job,
+                            &k.event.kind,
+                            now,
+                            None,
+                            None,
+                            r.actor.as_deref(),
+                            None,
+                            &k.event.data,
+                        )?;
+                        out.push(Triggered {
+                            run,
+                            existing: true,
+                            collapsed: true,
+                        });
+                        continue;
+                    }
+                }
+            }
+        };
+        if let Some(old) = close {
+            c.prepare_cached("UPDATE runs SET debounce_current = NULL WHERE id = ?1")
+                .map_err(db_err)?
+                .execute([old.to_string()])
+                .map_err(db_err)?;
+        }
         let mut st = c
             .prepare_cached(&format!(
                 "INSERT INTO runs (id, tenant, job, status, priority, input, variables, run_after,
                     idempotency_key, correlation_id, created_at, updated_at, retriggered_from,
-                    traceparent, tracestate, concurrency_key, concurrency_limit)
-                 VALUES (?1, ?2, ?3, ?11, ?4, ?5, '{{}}', ?6, ?7, ?8, ?9, ?9, ?10, ?12, ?13, ?14, ?15)
+                    traceparent, tracestate, concurrency_key, concurrency_limit,
+                    debounce_key, debounce_keep, debounce_until, debounce_current)
+                 VALUES (?1, ?2, ?3, ?11, ?4, ?5, '{{}}', ?6, ?7, ?8, ?9, ?9, ?10, ?12, ?13, ?14, ?15,
+                    ?16, ?17, ?18, CASE WHEN ?16 IS NOT NULL THEN 1 END)
                  RETURNING {RUN_COLS}"
             ))
             .map_err(db_err)?;
@@ -199,6 +299,9 @@ pub(super) fn trigger(c: &Connection, runs: Vec<NewRun>, now: Timestamp) -> Resu
                     r.trace.as_ref().and_then(|t| t.tracestate.as_deref()),
                     r.concurrency.as_ref().map(|k| k.key.as_str()),
                     r.concurrency.as_ref().map(|k| k.limit),
+                    r.debounce.as_ref().map(|d| d.key.as_str()),
+                    r.debounce.as_ref().map(|d| d.keep.as_str()),
+                    p.debounce_until.map(|t| t.0),
                 ],
                 run_from_row,
             )
@@ -219,6 +322,7 @@ pub(super) fn trigger(c: &Connection, runs: Vec<NewRun>, now: Timestamp) -> Resu
         out.push(Triggered {
             run,
             existing: false,
+            collapsed: false,
         });
     }
     Ok(out)

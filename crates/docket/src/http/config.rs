@@ -206,6 +206,43 @@ struct RawRate {
     burst: i64,
 }
 
+/// `debounce = { key = "{{ input.customer_id }}", window = "30s", keep = "last" }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDebounce {
+    key: Option<String>,
+    window: Option<String>,
+    keep: Option<String>,
+}
+
+/// A job's checked debounce, or the problems named by field
+/// (`jobs.sync.debounce.window`).
+fn debounce(place: &str, raw: Option<RawDebounce>, p: &mut Problems) -> Option<crate::Debounce> {
+    let raw = raw?;
+    let field = format!("{place}.debounce");
+    let Some(window) = raw.window else {
+        p.add(
+            format!("{field}.window"),
+            "is required: how long after the first trigger later ones are collapsed (a duration like \"30s\")",
+        );
+        return None;
+    };
+    let Some(keep) = raw.keep else {
+        p.add(
+            format!("{field}.keep"),
+            "is required: \"first\" (the first trigger runs at once, later ones in the window are dropped) or \"last\" (the run waits for the window to end and takes the last input)",
+        );
+        return None;
+    };
+    match crate::Debounce::parse(raw.key.as_deref(), &window, &keep) {
+        Ok(d) => Some(d),
+        Err((name, e)) => {
+            p.add(format!("{field}.{name}"), e);
+            None
+        }
+    }
+}
+
 /// A checked rate limit with its key template, or the problems named by
 /// field (`connections.crm.rate_limit.per_second`).
 fn rate(
@@ -290,6 +327,9 @@ struct RawJob {
     concurrency_key: Option<String>,
     rate_limit: Option<RawRate>,
     rate_limit_key: Option<String>,
+    /// Collapses triggers with the same key within a window
+    /// (docs/FLOW_CONTROL.md, "Debounce").
+    debounce: Option<RawDebounce>,
     /// Served by remote workers over the worker protocol: only the policy
     /// keys apply (docs/WORKER_PROTOCOL.md, "Declaring remote jobs").
     remote: Option<bool>,
@@ -488,6 +528,8 @@ pub(crate) struct JobSpec {
     pub(crate) concurrency_key: Option<String>,
     /// The job's own rate limit (`rate_limit`, `rate_limit_key`).
     pub(crate) rate: Option<crate::rate::RateSpec>,
+    /// The job's debounce (`debounce`).
+    pub(crate) debounce: Option<crate::Debounce>,
 }
 
 impl JobSpec {
@@ -512,6 +554,8 @@ pub(crate) struct RemoteSpec {
     pub(crate) schema: Option<Arc<InputSchema>>,
     pub(crate) concurrency: Option<usize>,
     pub(crate) concurrency_key: Option<String>,
+    /// The job's debounce (`debounce`).
+    pub(crate) debounce: Option<crate::Debounce>,
 }
 
 /// A whole configuration, compiled.
@@ -623,10 +667,11 @@ pub(crate) fn compile(
 /// A remote job: the policy keys only (`retry`, `job_timeout_ms`,
 /// `lease_ms`, `input_schema` or `input_schema_file`, `concurrency`); an
 /// HTTP job's keys are refused by name, since nothing would use them.
-fn remote_job(name: &str, j: RawJob, base: &Path, p: &mut Problems) -> Option<RemoteSpec> {
+fn remote_job(name: &str, mut j: RawJob, base: &Path, p: &mut Problems) -> Option<RemoteSpec> {
     let place = format!("jobs.{name}");
     let before = p.0.len();
     let (concurrency, concurrency_key) = flow(&place, &j, p);
+    let debounce = debounce(&place, j.debounce.take(), p);
     if name.is_empty() || name.len() > 200 {
         p.add(&place, "a job name must be 1 to 200 characters");
     }
@@ -654,7 +699,7 @@ fn remote_job(name: &str, j: RawJob, base: &Path, p: &mut Problems) -> Option<Re
         if set {
             p.add(
                 format!("{place}.{key}"),
-                "a remote job (`remote = true`) runs its code in a remote worker: only `retry`, `job_timeout_ms`, `lease_ms`, `input_schema`/`input_schema_file`, `concurrency_limit` (or `concurrency`) and `concurrency_key` apply",
+                "a remote job (`remote = true`) runs its code in a remote worker: only `retry`, `job_timeout_ms`, `lease_ms`, `input_schema`/`input_schema_file`, `concurrency_limit` (or `concurrency`), `concurrency_key` and `debounce` apply",
             );
         }
     }
@@ -690,6 +735,7 @@ fn remote_job(name: &str, j: RawJob, base: &Path, p: &mut Problems) -> Option<Re
         schema,
         concurrency,
         concurrency_key,
+        debounce,
     })
 }
 
@@ -1332,6 +1378,7 @@ fn job(
             format!("must be longer than the job timeout ({job_timeout_ms} ms)"),
         );
     }
+    let debounce = debounce(&place, j.debounce, p);
     (p.0.len() == before).then(|| JobSpec {
         name: name.to_string(),
         work,
@@ -1342,6 +1389,7 @@ fn job(
         concurrency,
         concurrency_key,
         rate,
+        debounce,
     })
 }
 
@@ -1715,6 +1763,71 @@ mod tests {
         );
         let places: Vec<&str> = p.iter().map(|(k, _)| k.as_str()).collect();
         assert_eq!(places, ["jobs.r.url", "jobs.r.lease_ms"], "{p:?}");
+    }
+
+    #[test]
+    fn a_debounce_compiles_and_bad_ones_are_named() {
+        let c = compile(
+            r#"
+            [connections.crm]
+            base_url = "https://crm.example.com/api"
+            [jobs.sync]
+            connection = "crm"
+            path = "/sync"
+            debounce = { key = "{{ tenant }}/{{ input.customer_id }}", window = "30s", keep = "last" }
+            [jobs.r]
+            remote = true
+            debounce = { window = "500ms", keep = "first" }
+            "#,
+            "docket.toml",
+            Path::new("."),
+        )
+        .unwrap();
+        let d = c.jobs["sync"].debounce.as_ref().unwrap();
+        assert_eq!(d.key_template(), "{{ tenant }}/{{ input.customer_id }}");
+        assert_eq!(d.window(), Duration::from_secs(30));
+        assert_eq!(d.keep(), crate::Keep::Last);
+        let r = c.remote["r"].debounce.as_ref().unwrap();
+        assert_eq!(
+            (r.key_template(), r.keep()),
+            ("{{ job }}", crate::Keep::First)
+        );
+        let p = problems(
+            r#"
+            [jobs.a]
+            remote = true
+            debounce = { key = "x", window = "0s", keep = "last" }
+            [jobs.b]
+            remote = true
+            debounce = { key = "{{ customer }}", window = "5s", keep = "last" }
+            [jobs.c]
+            remote = true
+            debounce = { window = "5s" }
+            [jobs.d]
+            remote = true
+            debounce = { window = "-5s", keep = "first" }
+            [jobs.e]
+            remote = true
+            debounce = { window = "5s", keep = "newest" }
+            [jobs.f]
+            remote = true
+            debounce = { keep = "first" }
+            "#,
+        );
+        let has = |place: &str, what: &str| p.iter().any(|(pl, m)| pl == place && m.contains(what));
+        assert!(has("jobs.a.debounce.window", "positive"), "{p:?}");
+        assert!(
+            has("jobs.b.debounce.key", "unknown variable `customer`"),
+            "{p:?}"
+        );
+        assert!(has("jobs.c.debounce.keep", "is required"), "{p:?}");
+        assert!(has("jobs.d.debounce.window", "positive"), "{p:?}");
+        assert!(
+            has("jobs.e.debounce.keep", "`newest` is not a debounce mode"),
+            "{p:?}"
+        );
+        assert!(has("jobs.f.debounce.window", "is required"), "{p:?}");
+        assert_eq!(p.len(), 6, "{p:?}");
     }
 
     #[test]

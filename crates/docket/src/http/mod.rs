@@ -248,6 +248,9 @@ impl HttpJobs {
                 if let Some(t) = &spec.concurrency_key {
                     job = job.concurrency_key(t.clone());
                 }
+                if let Some(d) = &spec.debounce {
+                    job = job.debounce(d.clone());
+                }
                 if let Some(r) = &spec.rate {
                     job = job.rate_limit(r.limit.per_second, r.limit.burst);
                     if let Some(k) = &r.key {
@@ -284,6 +287,9 @@ impl HttpJobs {
                 }
                 if let Some(t) = &spec.concurrency_key {
                     job = job.concurrency_key(t.clone());
+                }
+                if let Some(d) = &spec.debounce {
+                    job = job.debounce(d.clone());
                 }
                 if let Some(schema) = spec.schema.clone() {
                     job = job.validate(move |input| schema.check(input));
