@@ -491,6 +491,18 @@ fn responses(doc: &mut Value) {
         json!({"description": "The command's result (shapes in docs/API.md), or null (e.g. not found)."}),
     );
     // Any JSON, `null` included.
+    for (schema, field) in [
+        ("SignalView", "data"),
+        ("SignalRequest", "data"),
+        ("KeyedSignalRequest", "data"),
+    ] {
+        set(
+            doc,
+            schema,
+            field,
+            json!({"description": "The signal's payload: any JSON (at most 64 KiB), or null."}),
+        );
+    }
     set(
         doc,
         "RunView",

@@ -1860,8 +1860,8 @@ export interface components {
         };
         /** @description A signal for every run waiting for its name and key. */
         KeyedSignalRequest: {
-            /** @description The payload (any JSON, at most 64 KiB; default `null`). */
-            data?: Record<string, unknown>;
+            /** @description The signal's payload: any JSON (at most 64 KiB), or null. */
+            data?: unknown;
             /**
              * @description The correlation key (1 to 256 bytes, no control characters),
              *     matched exactly.
@@ -2341,8 +2341,8 @@ export interface components {
         };
         /** @description A signal for one run (the body is optional: no body sends `null`). */
         SignalRequest: {
-            /** @description The payload (any JSON, at most 64 KiB as JSON text; default `null`). */
-            data?: Record<string, unknown>;
+            /** @description The signal's payload: any JSON (at most 64 KiB), or null. */
+            data?: unknown;
             /**
              * @description An id for idempotency: the same id for the same run twice is one
              *     signal (the repeat answers 200 with the original). 1 to 128 of
@@ -2364,8 +2364,8 @@ export interface components {
         };
         /** @description A signal one run received. */
         SignalView: {
-            /** @description Its payload. */
-            data: Record<string, unknown>;
+            /** @description The signal's payload: any JSON (at most 64 KiB), or null. */
+            data: unknown;
             /** @description When it was consumed (RFC 3339). */
             delivered_at?: string | null;
             /** @description The wait that consumed it (`signal:NAME:N`); `null` while pending. */
