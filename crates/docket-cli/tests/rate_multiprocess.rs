@@ -4,7 +4,8 @@
 //! Needs `DOCKET_TEST_POSTGRES_URL`; without it the test says so and passes,
 //! except under `CI=true`, where it fails. Real time by necessity: the
 //! processes share nothing but the database and the wall clock, so there is
-//! no clock to inject across them. The rate test takes about 12 s.
+//! no clock to inject across them. The rate test takes about 12 s, the
+//! breaker test about 6 s.
 
 use docket::{Clock, SystemClock};
 use docket_store::postgres::PgStore;
@@ -86,8 +87,15 @@ impl Drop for Served {
 /// Starts `docket serve` on the schema's URL with `config`, and waits (at
 /// most 30 s) until it listens.
 fn serve(db_url: &str, config: &std::path::Path) -> Served {
+    serve_with(db_url, config, &[])
+}
+
+/// [`serve`] with more arguments.
+fn serve_with(db_url: &str, config: &std::path::Path, args: &[&str]) -> Served {
     let mut child = Command::new(BIN)
-        .args(["serve", "--db", db_url, "--addr", "127.0.0.1:0", "--config"])
+        .args(["serve", "--db", db_url, "--addr", "127.0.0.1:0"])
+        .args(args)
+        .arg("--config")
         .arg(config)
         .env("DOCKET_LOG", "info")
         .env_remove("DOCKET_DB")
@@ -219,4 +227,229 @@ body = {{ i = "{{{{ input.i }}}}" }}
         .execute(store.pool())
         .await
         .unwrap();
+}
+
+/// One request as the failing-then-healthy service saw it.
+#[derive(Clone, Debug)]
+struct Hit {
+    /// Arrival, milliseconds since the epoch (the processes' clocks are
+    /// this machine's, so comparable with the stored events' times).
+    at: i64,
+    /// The `X-Proc` header: which process sent it.
+    proc: String,
+    /// What the service answered.
+    code: u16,
+}
+
+/// A service on a loopback port: the first `failures` requests get 503 at
+/// once, every later one 200 after `latency`. Each request is sent on the
+/// returned channel when it arrives.
+fn failing_then_healthy(failures: usize, latency: Duration) -> (String, mpsc::Receiver<Hit>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, seen) = mpsc::channel();
+    let count = std::sync::Arc::new(std::sync::Mutex::new(0usize));
+    std::thread::spawn(move || {
+        for mut sock in listener.incoming().map_while(Result::ok) {
+            let (tx, count) = (tx.clone(), count.clone());
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 16384];
+                let mut got = Vec::new();
+                let head = loop {
+                    let Ok(n) = sock.read(&mut buf) else { return };
+                    if n == 0 {
+                        return;
+                    }
+                    got.extend_from_slice(&buf[..n]);
+                    if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head = String::from_utf8_lossy(&got[..end]).to_lowercase();
+                        let len = head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .and_then(|v| v.trim().parse::<usize>().ok())
+                            .unwrap_or(0);
+                        if got.len() >= end + 4 + len {
+                            break head;
+                        }
+                    }
+                };
+                let at = SystemClock.now().0;
+                let proc = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("x-proc:"))
+                    .unwrap_or("?")
+                    .trim()
+                    .to_string();
+                let code = {
+                    let mut c = count.lock().unwrap();
+                    *c += 1;
+                    if *c <= failures {
+                        503
+                    } else {
+                        200
+                    }
+                };
+                let _ = tx.send(Hit { at, proc, code });
+                if code == 200 {
+                    // The service's own latency: the time a request (the
+                    // probe among them) is out.
+                    std::thread::sleep(latency);
+                }
+                let reply = format!(
+                    "HTTP/1.1 {code} X\r\ncontent-type: application/json\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{{}}"
+                );
+                let _ = sock.write_all(reply.as_bytes());
+            });
+        }
+    });
+    (format!("http://{addr}"), seen)
+}
+
+/// The breaker of a connection shared by three processes (each sends one
+/// request at a time): the service fails its first 3 requests, which open
+/// the breaker (3 failures, open 2 s); from then until the reset no process
+/// sends (only requests already on their way when it opened may arrive,
+/// one per other process at most); at the reset exactly one probe goes
+/// out (the service takes 300 ms to answer, while the other processes'
+/// runs are due too) and its success closes the breaker; then every
+/// process sends again and every run but the 3 that failed completes.
+/// Asserted from the service's record against the stored
+/// `circuit_opened` / `circuit_half_open` / `circuit_closed` events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_breaker_opened_in_one_process_stops_the_others_and_one_probe_closes_it() {
+    let Some(base) = url() else { return };
+    let schema = format!("t_{}", uuid::Uuid::now_v7().simple());
+    let store = PgStore::connect_with(&base, &schema).await.unwrap();
+    let sep = if base.contains('?') { '&' } else { '?' };
+    let db_url = format!("{base}{sep}schema={schema}");
+    let (service, seen) = failing_then_healthy(3, Duration::from_millis(300));
+    let dir = std::env::temp_dir().join(format!("docket-breaker-{schema}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let procs: Vec<Served> = (1..=3)
+        .map(|p| {
+            // The same connection and job everywhere; only the header that
+            // tells the service which process sent a request differs.
+            let config = dir.join(format!("docket-{p}.toml"));
+            std::fs::write(
+                &config,
+                format!(
+                    r#"
+[connections.svc]
+base_url = "{service}"
+breaker = {{ failures = 3, window_ms = 60000, open_ms = 2000 }}
+
+[jobs.hit]
+connection = "svc"
+path = "/hit"
+timeout_ms = 2000
+headers = {{ "X-Proc" = "p{p}" }}
+idempotency_key = "{{{{ input.i }}}}/hit/v1"
+body = {{ i = "{{{{ input.i }}}}" }}
+retry = {{ base_delay_ms = 600000, max_delay_ms = 600000, jitter_ms = 0, max_attempts = 5 }}
+"#
+                ),
+            )
+            .unwrap();
+            serve_with(&db_url, &config, &["--concurrency", "1"])
+        })
+        .collect();
+    let runs = 30;
+    let items: Vec<NewRun> = (0..runs)
+        .map(|i| NewRun::new("hit", json!({ "i": i })))
+        .collect();
+    store.trigger(items, SystemClock.now()).await.unwrap();
+    // Every run but the 3 that failed (their retries are 10 minutes away)
+    // sends once and gets 200: wait for those on the service's channel
+    // (bounded), and take whatever else has arrived by then.
+    let hits = tokio::task::spawn_blocking(move || {
+        let mut hits: Vec<Hit> = Vec::new();
+        while hits.iter().filter(|h| h.code == 200).count() < runs - 3 {
+            match seen.recv_timeout(Duration::from_secs(60)) {
+                Ok(h) => hits.push(h),
+                Err(_) => panic!("the service saw only {hits:?} within 60 s of the last"),
+            }
+        }
+        hits.extend(seen.try_iter());
+        hits
+    })
+    .await
+    .unwrap();
+    drop(procs);
+
+    let events: Vec<(String, i64, serde_json::Value)> = sqlx::query_as(
+        "SELECT kind, at, data FROM events WHERE kind LIKE 'circuit_%' ORDER BY at, id",
+    )
+    .fetch_all(store.pool())
+    .await
+    .unwrap();
+    let kinds: Vec<&str> = events.iter().map(|e| e.0.as_str()).collect();
+    assert_eq!(
+        kinds,
+        ["circuit_opened", "circuit_half_open", "circuit_closed"],
+        "one outage, one probe: {events:?}"
+    );
+    // The breaker's own times (the events are written right after each
+    // change, a few milliseconds later): it opened at `reset_at - open_ms`
+    // and closed at the stored row's `changed_at`, both taken before the
+    // change committed.
+    let reset_at = events[0].2["reset_at"].as_i64().unwrap();
+    let opened_at = reset_at - 2000;
+    let (state, closed_at): (String, i64) =
+        sqlx::query_as("SELECT state, changed_at FROM breakers WHERE name = 'svc'")
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
+    assert!(state.contains("\"closed\""), "{state}");
+    assert!(closed_at <= events[2].1 && closed_at > reset_at);
+    let codes: Vec<u16> = hits.iter().map(|h| h.code).collect();
+    assert_eq!(codes.iter().filter(|c| **c == 503).count(), 3, "{hits:?}");
+    assert_eq!(hits.len(), runs, "one request per run: {hits:?}");
+
+    // Open: nothing is sent; a request may still arrive only if its
+    // process had admitted it before the breaker opened (one in flight per
+    // process, and the opener's own was answered).
+    let while_open: Vec<&Hit> = hits
+        .iter()
+        .filter(|h| h.at > opened_at && h.at < reset_at)
+        .collect();
+    assert!(
+        while_open.len() <= 2,
+        "sent while open ({opened_at}..{reset_at}): {while_open:?}"
+    );
+    // Half-open: exactly one request, the probe, answered 200.
+    let probes: Vec<&Hit> = hits
+        .iter()
+        .filter(|h| h.at >= reset_at && h.at <= closed_at)
+        .collect();
+    assert_eq!(probes.len(), 1, "exactly one probe: {probes:?}");
+    assert_eq!(probes[0].code, 200);
+    // Closed again: every process sends.
+    for p in ["p1", "p2", "p3"] {
+        assert!(
+            hits.iter().any(|h| h.at > closed_at && h.proc == p),
+            "{p} sent nothing after the breaker closed: {hits:?}"
+        );
+    }
+    // The contest: runs the other processes deferred at the reset to the
+    // probe's deadline (they asked while the probe was out).
+    let contested: i64 = sqlx::query_scalar(
+        "SELECT count(*)::int8 FROM attempts WHERE retry_reason = 'circuit_open' AND eligible_at > $1",
+    )
+    .bind(reset_at)
+    .fetch_one(store.pool())
+    .await
+    .unwrap();
+    eprintln!(
+        "{} requests; {} arrived while open (in flight at the open); probe at +{} ms after the reset; \
+         closed at +{} ms; {contested} runs deferred while the probe was out",
+        hits.len(),
+        while_open.len(),
+        probes[0].at - reset_at,
+        closed_at - reset_at
+    );
+    sqlx::query(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
+        .execute(store.pool())
+        .await
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -444,6 +444,13 @@ fn summary(e: &EventRecord) -> String {
             n("collapsed").unwrap_or(0)
         ),
         "attempt_started" => format!("{att} started on {}", s("worker")),
+        // Why a due run waits (docs/FLOW_CONTROL.md, "What a held run does").
+        "run_held" => format!(
+            "held by concurrency key {}: {} of {} running",
+            s("concurrency_key"),
+            n("running").unwrap_or(0),
+            n("limit").unwrap_or(0)
+        ),
         "child_spawned" if d.get("child").is_some() => format!(
             "spawned child {} ({}, step {}, on cancel: {})",
             s("child"),
@@ -1321,6 +1328,30 @@ pub async fn metrics(State(state): State<AppState>, caller: Caller) -> ApiResult
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The timeline says why a held run waits, in the words of
+    /// docs/FLOW_CONTROL.md, from the stored `run_held` event's fields.
+    #[test]
+    fn a_held_run_reads_held_by_its_key() {
+        let w = docket_store::plan::concurrency::held_event("acme/42", 2, 2);
+        let e = EventRecord {
+            id: 1,
+            run_id: docket::RunId::new(),
+            tenant: "acme".into(),
+            job: "sync".into(),
+            kind: w.kind,
+            at: Timestamp(0),
+            attempt: None,
+            lease_id: None,
+            actor: None,
+            comment: None,
+            data: w.data,
+        };
+        assert_eq!(
+            summary(&e),
+            "held by concurrency key acme/42: 2 of 2 running"
+        );
+    }
 
     #[test]
     fn durations() {

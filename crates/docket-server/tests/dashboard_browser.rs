@@ -216,9 +216,22 @@ fn register_jobs(d: &Docket) {
 
 impl Env {
     async fn start(dir: &Path) -> (Env, tokio::sync::oneshot::Sender<()>) {
+        Env::start_with(dir, None, |_| {}).await
+    }
+
+    /// [`Env::start`] with `docket.toml` HTTP jobs and more jobs.
+    async fn start_with(
+        dir: &Path,
+        http_jobs: Option<docket::http::HttpJobs>,
+        more_jobs: impl FnOnce(&Docket),
+    ) -> (Env, tokio::sync::oneshot::Sender<()>) {
         let url = format!("sqlite://{}", dir.join("docket.db").display());
         let docket = Docket::open(&url).await.unwrap();
         register_jobs(&docket);
+        more_jobs(&docket);
+        if let Some(h) = &http_jobs {
+            h.install(&docket).unwrap();
+        }
         let now = docket.clock().now();
         let a = auth::issue_token("acme", "alice", now).unwrap();
         let b = auth::issue_token("globex", "bob", now).unwrap();
@@ -244,6 +257,7 @@ impl Env {
                 },
                 // The run page links a run's trace here (`--trace-url`).
                 trace_url: Some("https://traces.example/trace/{trace_id}".into()),
+                http: http_jobs,
                 ..ServerConfig::default()
             },
         )
@@ -1301,4 +1315,293 @@ async fn dashboard_without_auth_in_headless_chromium() {
     if let Err(e) = result {
         panic!("{e}");
     }
+}
+
+/// A local service that answers every request 200 (for the rate-limited
+/// connection).
+fn ok_service() -> String {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for mut sock in listener.incoming().map_while(Result::ok) {
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 16384];
+                let mut got = Vec::new();
+                while let Ok(n) = sock.read(&mut buf) {
+                    if n == 0 {
+                        return;
+                    }
+                    got.extend_from_slice(&buf[..n]);
+                    if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head = String::from_utf8_lossy(&got[..end]).to_lowercase();
+                        let len = head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .and_then(|v| v.trim().parse::<usize>().ok())
+                            .unwrap_or(0);
+                        if got.len() >= end + 4 + len {
+                            break;
+                        }
+                    }
+                }
+                let _ = sock.write_all(
+                    b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}",
+                );
+            });
+        }
+    });
+    format!("http://{addr}")
+}
+
+/// The overview's Limits card (issue 14): a concurrency key with 2 of 2
+/// running and a run held, a connection whose rate limit has no token left
+/// (one run deferred to its reserved token) and a connection whose breaker
+/// is open; and the held and deferred runs' timelines say why they wait.
+async fn limits_scenario(c: &Client, env: &Env, release: &tokio::sync::Semaphore) -> R {
+    // Two runs of customer 42 run (and wait for the test), the third is
+    // held by the key acme/42.
+    let mut keyed = Vec::new();
+    for n in 0..3 {
+        keyed.push(
+            env.trigger("sync-customer", json!({"customer_id": 42, "n": n}))
+                .await,
+        );
+    }
+    env.until(&keyed[0], &["running"]).await;
+    env.until(&keyed[1], &["running"]).await;
+    // The held run's event is written by the claim that found it held.
+    let held = &keyed[2];
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let d = env.get_as(&env.token, &format!("/api/runs/{held}")).await;
+        if d["timeline"]
+            .as_array()
+            .is_some_and(|t| t.iter().any(|e| e["kind"] == "run_held"))
+        {
+            break;
+        }
+        check!(
+            tokio::time::Instant::now() < deadline,
+            "no run_held event on {held}: {d}"
+        );
+        // A long poll on the run (it stays pending): bounded, no sleep.
+        env.get_as(&env.token, &format!("/api/runs/{held}/wait?timeout=200ms"))
+            .await;
+    }
+    // payments: one token (burst 1, one more in 100 s): the first refund
+    // sends, the second is deferred to its reserved token.
+    let sent = env.trigger("refund", json!({"order": 1})).await;
+    env.until(&sent, &["completed"]).await;
+    let deferred = env.trigger("refund", json!({"order": 2})).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let d = env
+            .get_as(&env.token, &format!("/api/runs/{deferred}"))
+            .await;
+        if d["run"]["attempt"].as_u64() >= Some(1) && d["run"]["status"] == "pending" {
+            break;
+        }
+        check!(
+            tokio::time::Instant::now() < deadline,
+            "the second refund was not deferred: {d}"
+        );
+        env.get_as(
+            &env.token,
+            &format!("/api/runs/{deferred}/wait?timeout=200ms"),
+        )
+        .await;
+    }
+    // crm: nothing listens; one failure opens its breaker.
+    let failed = env.trigger("crm-push", json!({"contact": 7})).await;
+    env.until(&failed, &["pending", "failed"]).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while env.get_as(&env.token, "/api/connections/crm/limits").await["breaker"]["state"] != "open"
+    {
+        check!(
+            tokio::time::Instant::now() < deadline,
+            "the crm breaker did not open"
+        );
+        env.get_as(
+            &env.token,
+            &format!("/api/runs/{failed}/wait?timeout=200ms"),
+        )
+        .await;
+    }
+
+    goto(c, &format!("{}/", env.base)).await?;
+    el(c, "body[data-page='signin']").await?;
+    type_into(c, "#token", &env.token).await?;
+    click(c, "#signin-submit").await?;
+    el(c, "body[data-page='runs'] #main[data-ready='runs']").await?;
+    goto(c, &format!("{}/overview", env.base)).await?;
+    el(c, "#main[data-ready='overview']").await?;
+    // The busiest key first: acme/42, 2 of 2 running, held.
+    let first = el(c, "#ov-limit-keys tbody tr:first-child[data-key='acme/42']").await?;
+    let row = first.text().await.map_err(|e| e.to_string())?;
+    check!(
+        row.contains("2 / 2") && row.contains("held"),
+        "key row: {row}"
+    );
+    el(c, "#ov-limit-keys tr[data-key='acme/7'][data-held='false']").await?;
+    let pay = text(c, "#ov-limit-conns tr[data-connection='payments']").await?;
+    check!(
+        pay.contains("0.01/s, burst 1") && pay.contains("(in "),
+        "payments row: {pay}"
+    );
+    check!(
+        text(
+            c,
+            "#ov-limit-conns tr[data-connection='payments'] [data-q='tokens']"
+        )
+        .await?
+            == "0"
+            && text(
+                c,
+                "#ov-limit-conns tr[data-connection='payments'] [data-q='reserved']"
+            )
+            .await?
+                == "1",
+        "payments tokens and reservations: {pay}"
+    );
+    el(
+        c,
+        "#ov-limit-conns tr[data-connection='payments'] [data-breaker='closed']",
+    )
+    .await?;
+    el(
+        c,
+        "#ov-limit-conns tr[data-connection='crm'] [data-breaker='open']",
+    )
+    .await?;
+    let crm = text(c, "#ov-limit-conns tr[data-connection='crm']").await?;
+    check!(
+        crm.contains("none") && crm.contains("open until"),
+        "crm row: {crm}"
+    );
+    save_shot(c, "dashboard-limits.png", 1360, 1600, false).await?;
+
+    // The held run's timeline says why it waits.
+    goto(c, &format!("{}/runs/{held}", env.base)).await?;
+    el(c, "#main[data-ready='run']").await?;
+    let timeline = text(c, "#r-timeline").await?;
+    check!(
+        timeline.contains("held by concurrency key acme/42: 2 of 2 running"),
+        "held run's timeline: {timeline}"
+    );
+    // The deferred run's too.
+    goto(c, &format!("{}/runs/{deferred}", env.base)).await?;
+    el(c, "#main[data-ready='run']").await?;
+    let timeline = text(c, "#r-timeline").await?;
+    check!(
+        timeline.contains("rate limit payments: next token at 20"),
+        "deferred run's timeline: {timeline}"
+    );
+    release.add_permits(100);
+    for id in &keyed {
+        env.until(id, &["completed"]).await;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_limits_in_headless_chromium() {
+    let Some(driver) = chromedriver() else {
+        if std::env::var("CI").as_deref() == Ok("true") {
+            panic!("chromedriver is not installed (apt-get install chromium chromium-driver)");
+        }
+        eprintln!(
+            "skipped: chromedriver is not installed (apt-get install chromium chromium-driver)"
+        );
+        return;
+    };
+    let dir = std::env::temp_dir().join(format!("docket-dash-limits-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(dir.join("profile")).unwrap();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let toml = format!(
+        r#"
+[connections.payments]
+base_url = "{ok}"
+rate_limit = {{ per_second = 0.01, burst = 1 }}
+
+[connections.crm]
+base_url = "http://{closed}"
+breaker = {{ failures = 1, window_ms = 60000, open_ms = 600000 }}
+
+[jobs.refund]
+connection = "payments"
+path = "/refunds"
+
+[jobs.crm-push]
+connection = "crm"
+path = "/contacts"
+timeout_ms = 2000
+retry = {{ base_delay_ms = 600000, max_delay_ms = 600000, jitter_ms = 0, max_attempts = 3 }}
+"#,
+        ok = ok_service()
+    );
+    let http = docket::http::HttpJobs::from_toml(&toml, &dir).unwrap();
+    let release = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+    let r = release.clone();
+    let (env, stop) = Env::start_with(&dir, Some(http), move |d| {
+        d.register(
+            Job::new("sync-customer", move |_ctx, _input: Value| {
+                let r = r.clone();
+                async move {
+                    // Bounded: the test releases it, or it ends after 60 s.
+                    let _ = tokio::time::timeout(Duration::from_secs(60), r.acquire()).await;
+                    Ok::<_, JobError>(json!("synced"))
+                }
+            })
+            .concurrency_key("{{ tenant }}/{{ input.customer_id }}")
+            .concurrency_limit(2),
+        )
+        .unwrap();
+    })
+    .await;
+    // A key with room: one run of customer 7, waiting in the future.
+    let later = in_an_hour(&env);
+    env.trigger_as(
+        &env.token.clone(),
+        "sync-customer",
+        json!({"customer_id": 7}),
+        Some(later),
+    )
+    .await;
+    let worker = env
+        .docket
+        .worker(WorkerConfig {
+            poll_interval: Duration::from_millis(20),
+            reap_interval: Duration::from_millis(50),
+            ..WorkerConfig::default()
+        })
+        .start();
+    let (mut driver_proc, webdriver) = start_chromedriver(&driver).await.unwrap();
+    let client = browser(&webdriver, &dir.join("profile")).await.unwrap();
+    let result = limits_scenario(&client, &env, &release).await;
+    if result.is_err() {
+        let _ = save_shot(&client, "dashboard-limits-failure.png", 1360, 1600, false).await;
+    }
+    release.add_permits(100);
+    let _ = client.close().await;
+    let _ = driver_proc.kill().await;
+    let _ = stop.send(());
+    worker.shutdown(Duration::from_secs(5)).await;
+    let _ = std::fs::remove_dir_all(&dir);
+    if let Err(e) = result {
+        panic!(
+            "{e} (a screenshot is in {})",
+            std::env::temp_dir()
+                .join("docket-dashboard-shots")
+                .display()
+        );
+    }
+}
+
+/// RFC 3339 of the server's clock in an hour.
+fn in_an_hour(env: &Env) -> String {
+    env.docket.clock().now().plus_millis(3_600_000).to_rfc3339()
 }

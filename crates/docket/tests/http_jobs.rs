@@ -47,6 +47,8 @@ enum Reply {
     /// Record a charge under the request's Idempotency-Key, then never
     /// answer: the effect landed, the caller times out.
     CommitThenHang,
+    /// Answer 200 once the test calls [`TestServer::release`].
+    Held,
 }
 
 fn status(code: u16) -> Reply {
@@ -61,6 +63,8 @@ struct ServerState {
     stop: Notify,
     /// Notified (one permit) at each request's arrival.
     arrived: Notify,
+    /// Lets a [`Reply::Held`] answer.
+    release: Notify,
 }
 
 struct TestServer {
@@ -113,6 +117,11 @@ impl TestServer {
                 .await
                 .unwrap_or_else(|_| panic!("the server saw {:?}, not {n} requests", self.seen()));
         }
+    }
+
+    /// Lets the held request ([`Reply::Held`]) answer.
+    fn release(&self) {
+        self.state.release.notify_one();
     }
 
     /// Requests (method and path, reconcile lookups included) carrying the
@@ -263,6 +272,13 @@ async fn serve(mut sock: TcpStream, st: Arc<ServerState>) {
         Some(Reply::Reset) => {
             let _ = sock.set_zero_linger();
             drop(sock);
+        }
+        Some(Reply::Held) => {
+            // Bounded: the test's own request timeout is far shorter.
+            tokio::select! {
+                _ = st.release.notified() => respond(&mut sock, 200, &[], r#"{"held": true}"#).await,
+                _ = tokio::time::sleep(Duration::from_secs(30)) => {}
+            }
         }
         Some(Reply::CommitThenHang) => {
             let body: Value = serde_json::from_str(&req.body).unwrap_or(Value::Null);
@@ -1700,10 +1716,30 @@ async fn a_breaker_opened_in_one_process_stops_the_other(
     assert_eq!(tick_on(&b).await, 0);
 
     // At the reset time both processes claim a run; one probe goes out.
+    // The service holds the probe's answer: the other process's run is
+    // deferred while the probe is out (without the hold, a probe that
+    // closed the breaker before the other process asked let that process
+    // send normally, which is right, but not what this test is about).
     env.clock.set(reset);
     env.trigger("sync", json!({"n": 5})).await;
-    let (na, nb) = tokio::join!(env.tick(), tick_on(&b));
-    assert_eq!(na + nb, 2);
+    env.server.push(Reply::Held);
+    let tick_a = env.tick();
+    let tick_b = tick_on(&b);
+    tokio::pin!(tick_a, tick_b);
+    let (first, a_first) = tokio::time::timeout(Duration::from_secs(5), async {
+        tokio::select! {
+            n = &mut tick_a => (n, true),
+            n = &mut tick_b => (n, false),
+        }
+    })
+    .await
+    .expect("the process that did not probe deferred its run while the probe was out");
+    assert_eq!(first, 1, "it claimed its run");
+    env.server.wait_for_requests(3).await;
+    assert_eq!(env.server.seen().len(), 3, "exactly one probe");
+    env.server.release();
+    let second = if a_first { tick_b.await } else { tick_a.await };
+    assert_eq!(second, 1);
     assert_eq!(env.server.seen().len(), 3, "exactly one probe");
     let mut half_open = 0;
     let mut closed = 0;

@@ -111,6 +111,10 @@ mod faulty {
         /// `trigger` calls to fail after the store committed them (the
         /// answer is lost).
         pub fail_triggers_after: AtomicUsize,
+        /// `breaker_get` calls to fail before they reach the store.
+        pub fail_breaker_reads: AtomicUsize,
+        /// `breaker_update` calls to fail before they reach the store.
+        pub fail_breaker_updates: AtomicUsize,
     }
 
     impl Faulty {
@@ -350,6 +354,7 @@ mod faulty {
             self.inner.rate_buckets(prefix).await
         }
         async fn breaker_get(&self, name: String) -> Result<Option<docket_store::BreakerRow>> {
+            self.take(&self.fail_breaker_reads)?;
             self.inner.breaker_get(name).await
         }
         async fn breaker_update(
@@ -358,6 +363,7 @@ mod faulty {
             now: docket::Timestamp,
             update: docket_store::BreakerUpdate,
         ) -> Result<Option<serde_json::Value>> {
+            self.take(&self.fail_breaker_updates)?;
             self.inner.breaker_update(name, now, update).await
         }
     }
@@ -564,6 +570,8 @@ mod faulty {
             fail_waits_before: AtomicUsize::new(0),
             fail_waits_after: AtomicUsize::new(0),
             fail_triggers_after: AtomicUsize::new(0),
+            fail_breaker_reads: AtomicUsize::new(0),
+            fail_breaker_updates: AtomicUsize::new(0),
         })
     }
 }
@@ -757,4 +765,238 @@ async fn a_debounced_trigger_whose_answer_is_lost_still_makes_one_run() {
     assert_eq!(w.tick().await.unwrap(), 1);
     assert_eq!(seen.lock().unwrap().clone(), [json!({ "c": 1, "v": 2 })]);
     assert_eq!(d.get_run(id).await.unwrap().status, RunStatus::Completed);
+}
+
+/// A local HTTP service for the breaker test: answers from a script (a
+/// status, or 200 once released), then 200; counts requests and signals
+/// each arrival.
+mod service {
+    use std::collections::VecDeque;
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+    use tokio::sync::Notify;
+
+    #[derive(Clone, Copy)]
+    pub enum Reply {
+        Status(u16),
+        /// 200 once [`Service::release`] is called.
+        Held,
+    }
+
+    #[derive(Default)]
+    pub struct State {
+        script: Mutex<VecDeque<Reply>>,
+        seen: Mutex<usize>,
+        arrived: Notify,
+        release: Notify,
+    }
+
+    pub struct Service {
+        pub base: String,
+        state: Arc<State>,
+        accept: tokio::task::JoinHandle<()>,
+    }
+
+    impl Drop for Service {
+        fn drop(&mut self) {
+            self.accept.abort();
+        }
+    }
+
+    impl Service {
+        pub async fn start(script: Vec<Reply>) -> Service {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let base = format!("http://{}", listener.local_addr().unwrap());
+            let state = Arc::new(State::default());
+            *state.script.lock().unwrap() = script.into();
+            let st = state.clone();
+            let accept = tokio::spawn(async move {
+                while let Ok((sock, _)) = listener.accept().await {
+                    tokio::spawn(serve(sock, st.clone()));
+                }
+            });
+            Service {
+                base,
+                state,
+                accept,
+            }
+        }
+
+        pub fn seen(&self) -> usize {
+            *self.state.seen.lock().unwrap()
+        }
+
+        /// Waits (at most 10 s) until `n` requests have arrived.
+        pub async fn wait_for(&self, n: usize) {
+            while self.seen() < n {
+                tokio::time::timeout(Duration::from_secs(10), self.state.arrived.notified())
+                    .await
+                    .unwrap_or_else(|_| panic!("{} requests arrived, not {n}", self.seen()));
+            }
+        }
+
+        pub fn release(&self) {
+            self.state.release.notify_one();
+        }
+    }
+
+    async fn serve(mut sock: TcpStream, st: Arc<State>) {
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            let Ok(n) = sock.read(&mut chunk).await else {
+                return;
+            };
+            if n == 0 {
+                return;
+            }
+            buf.extend_from_slice(&chunk[..n]);
+            let text = String::from_utf8_lossy(&buf).to_string();
+            if let Some(end) = text.find("\r\n\r\n") {
+                let len = text[..end]
+                    .lines()
+                    .filter_map(|l| l.split_once(':'))
+                    .find(|(k, _)| k.trim().eq_ignore_ascii_case("content-length"))
+                    .and_then(|(_, v)| v.trim().parse::<usize>().ok())
+                    .unwrap_or(0);
+                if buf.len() >= end + 4 + len {
+                    break;
+                }
+            }
+        }
+        *st.seen.lock().unwrap() += 1;
+        st.arrived.notify_one();
+        let reply = st.script.lock().unwrap().pop_front();
+        let code = match reply {
+            None => 200,
+            Some(Reply::Status(c)) => c,
+            Some(Reply::Held) => {
+                // Bounded: the request's own timeout is shorter.
+                tokio::select! {
+                    _ = st.release.notified() => 200,
+                    _ = tokio::time::sleep(Duration::from_secs(30)) => return,
+                }
+            }
+        };
+        let body = "{}";
+        let out = format!(
+            "HTTP/1.1 {code} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let _ = sock.write_all(out.as_bytes()).await;
+        let _ = sock.shutdown().await;
+    }
+}
+
+/// A shared circuit breaker whose store fails while it is half-open never
+/// lets a second probe out. Two "processes" (two Docket instances, each
+/// with its own breaker copies) on one store; B's breaker calls fail. A's
+/// failure opens the breaker and B learns it; at the reset A probes and the
+/// service holds the probe's answer. Meanwhile B claims two runs: for the
+/// first its breaker read and update both fail (its copy says "open, reset
+/// passed", which used to send a probe of its own), for the second its
+/// update fails after it read the stored half-open state. Both runs are
+/// deferred without a request. The probe's success closes the breaker and
+/// B's runs then send.
+#[tokio::test]
+async fn a_store_error_while_half_open_never_sends_a_second_probe() {
+    use docket::http::{BreakerPhase, HttpJobs};
+    use service::{Reply, Service};
+
+    let svc = Service::start(vec![Reply::Status(503), Reply::Held]).await;
+    let store = faulty::over_sqlite(("none", 0), 0);
+    let dir = std::env::temp_dir().join(format!("docket-faults-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let text = format!(
+        "[connections.crm]\nbase_url = \"{}\"\nbreaker = {{ failures = 1, window_ms = 60000, open_ms = 30000 }}\n\n\
+         [jobs.sync]\nconnection = \"crm\"\npath = \"/sync\"\n\
+         retry = {{ base_delay_ms = 600000, max_delay_ms = 600000, jitter_ms = 0, max_attempts = 5 }}\n",
+        svc.base
+    );
+    let t0 = docket::Timestamp(1_767_225_600_000);
+    let clock = docket::ManualClock::new(t0);
+    let a = Docket::with_store(store.inner.clone(), Arc::new(clock.clone()));
+    let http_a = HttpJobs::from_toml(&text, &dir).unwrap();
+    http_a.install(&a).unwrap();
+    let b = Docket::with_store(store.clone(), Arc::new(clock.clone()));
+    let http_b = HttpJobs::from_toml(&text, &dir).unwrap();
+    http_b.install(&b).unwrap();
+    let tick = |d: &Docket| {
+        let w = d.worker(WorkerConfig {
+            concurrency: 1,
+            prefetch: 0,
+            ..Default::default()
+        });
+        async move { w.tick().await.unwrap() }
+    };
+
+    // A's request fails: the breaker opens.
+    a.trigger("sync", json!({"n": 1})).await.unwrap();
+    assert_eq!(tick(&a).await, 1);
+    assert_eq!(http_a.breakers()[0].state, BreakerPhase::Open);
+    // B learns it at its next run (deferred to the reset, no request).
+    b.trigger("sync", json!({"n": 2})).await.unwrap();
+    assert_eq!(tick(&b).await, 1);
+    assert_eq!(svc.seen(), 1);
+    assert_eq!(http_b.breakers()[0].state, BreakerPhase::Open);
+
+    // At the reset A claims the deferred run and probes; the answer waits.
+    let reset = t0.plus_millis(30_000);
+    clock.set(reset);
+    let probe = tokio::spawn(tick(&a));
+    svc.wait_for(2).await;
+
+    // B's breaker read and update fail: its copy (open, reset passed)
+    // would probe; it defers instead.
+    store.fail_breaker_reads.store(1, Ordering::SeqCst);
+    store.fail_breaker_updates.store(1, Ordering::SeqCst);
+    let r3 = b.trigger("sync", json!({"n": 3})).await.unwrap().run.id;
+    assert_eq!(tick(&b).await, 1);
+    assert_eq!(store.failed.load(Ordering::SeqCst), 2, "both faults hit");
+    assert_eq!(svc.seen(), 2, "no second probe");
+    // B reads the stored half-open state, its update fails: it defers.
+    store.fail_breaker_updates.store(1, Ordering::SeqCst);
+    let r4 = b.trigger("sync", json!({"n": 4})).await.unwrap().run.id;
+    assert_eq!(tick(&b).await, 1);
+    assert_eq!(
+        store.failed.load(Ordering::SeqCst),
+        3,
+        "the third fault hit"
+    );
+    assert_eq!(svc.seen(), 2, "no second probe");
+    let mut due = reset;
+    for id in [r3, r4] {
+        let run = b.get_run(id).await.unwrap();
+        assert_eq!(run.status, RunStatus::Pending, "{run:?}");
+        assert!(run.run_after > reset, "deferred past the reset: {run:?}");
+        let h = b.history(id).await.unwrap();
+        assert_eq!(h.attempts.len(), 1);
+        assert_eq!(
+            h.attempts[0].retry_reason,
+            Some(docket::RetryReason::CircuitOpen)
+        );
+        due = due.max(run.run_after);
+    }
+
+    // The probe succeeds: closed for both; B's runs send.
+    svc.release();
+    assert_eq!(
+        tokio::time::timeout(Duration::from_secs(10), probe)
+            .await
+            .expect("the probe ends once answered")
+            .unwrap(),
+        1
+    );
+    assert_eq!(http_a.breakers()[0].state, BreakerPhase::Closed);
+    clock.set(due);
+    assert_eq!(tick(&b).await, 1);
+    assert_eq!(tick(&b).await, 1);
+    assert_eq!(svc.seen(), 4);
+    for id in [r3, r4] {
+        assert_eq!(b.get_run(id).await.unwrap().status, RunStatus::Completed);
+    }
+    assert_eq!(http_b.breakers()[0].state, BreakerPhase::Closed);
+    let _ = std::fs::remove_dir_all(&dir);
 }

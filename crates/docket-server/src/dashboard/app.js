@@ -1101,6 +1101,7 @@
             n ? el('a', { href: '/?job=' + encodeURIComponent(j.job) + '&status=' + st, text: String(n) }) : '0');
         }),
         el('td', { class: 'num', text: String(j.total) }))) : [el('tr', {}, el('td', { colspan: '9', class: 'muted', text: 'No jobs.' }))]));
+      await loadLimits();
       const br = $('ov-breakers');
       if (s.breakers === null || s.breakers === undefined) {
         br.replaceChildren(el('li', { class: 'muted', text: 'none reported — this server has no connections (docket serve --config docket.toml), or runs no worker (--role api)' }));
@@ -1131,6 +1132,61 @@
           ' · ' + w.running + ' running' })))
         : [el('li', { class: 'muted', text: 'none — remote workers appear here once they claim with a worker token' })]));
       markReady('overview');
+    }
+
+    // The Limits card: concurrency keys (GET /api/limits) and, per
+    // connection, its rate limit and breaker (GET /api/connections/{name}/limits).
+    async function loadLimits() {
+      const KEYS = 10;
+      let lim = { concurrency: [], truncated: false };
+      let conns = { connections: [] };
+      try {
+        [lim, conns] = await Promise.all([api('/api/limits'), api('/api/connections')]);
+      } catch (ex) {
+        toast(ex.message, true);
+      }
+      const busy = (k) => (k.limit ? k.running / k.limit : 0);
+      const keys = lim.concurrency.slice().sort((a, b) =>
+        (b.held - a.held) || (busy(b) - busy(a)) || (b.due - a.due) || a.key.localeCompare(b.key));
+      $('ov-limit-keys').querySelector('tbody').replaceChildren(...(keys.length ? keys.slice(0, KEYS).map((k) =>
+        el('tr', { 'data-key': k.key, 'data-held': String(k.held) },
+          el('td', {}, el('code', { text: k.key })),
+          el('td', { class: 'num' + (k.running >= k.limit ? ' hot' : ''), 'data-q': 'running', text: k.running + ' / ' + k.limit }),
+          el('td', { class: 'num', 'data-q': 'due', text: String(k.due) }),
+          el('td', { class: 'num', 'data-q': 'waiting', text: String(k.waiting) }),
+          el('td', {}, k.held
+            ? el('span', { class: 'status s-postponed', title: k.due + ' due runs wait for a slot', text: 'held' })
+            : el('span', { class: 'muted', text: k.running >= k.limit ? 'full' : 'room' }))))
+        : [el('tr', {}, el('td', { colspan: '5', class: 'muted', text: 'No concurrency key has runs running or waiting.' }))]));
+      const more = keys.length - Math.min(keys.length, KEYS);
+      $('ov-limit-keys-note').textContent = more || lim.truncated
+        ? (more + (lim.truncated ? '+' : '') + ' more keys: GET /api/limits or docket limits lists them all.') : '';
+      let rows = [];
+      try {
+        rows = await Promise.all(conns.connections.map((c) =>
+          api('/api/connections/' + encodeURIComponent(c.name) + '/limits')));
+      } catch (ex) {
+        toast(ex.message, true);
+      }
+      $('ov-limit-conns').querySelector('tbody').replaceChildren(...(rows.length ? rows.map((l) => {
+        const r = l.rate_limit;
+        const bs = l.buckets;
+        const left = bs.length ? Math.min(...bs.map((b) => b.tokens_left)) : null;
+        const empty = bs.filter((b) => b.tokens_left === 0).map((b) => ms(b.next_token_at));
+        const next = empty.length ? Math.min(...empty) : null;
+        const reserved = bs.reduce((n, b) => n + b.reserved, 0);
+        const state = l.breaker.state;
+        return el('tr', { 'data-connection': l.connection },
+          el('td', {}, el('strong', { text: l.connection })),
+          el('td', { 'data-q': 'rate', text: r ? r.per_second + '/s, burst ' + r.burst + (r.key ? ' per ' + r.key : '') : 'none' }),
+          el('td', { class: 'num' + (left === 0 ? ' hot' : ''), 'data-q': 'tokens',
+            title: bs.length > 1 ? 'the fewest of ' + bs.length + ' buckets' : null,
+            text: !r ? '—' : left === null ? String(r.burst) : String(left) }),
+          el('td', { 'data-q': 'next', text: !r ? '—' : next === null ? 'now' : utc(next) + ' (in ' + human(next - nowMs()) + ')' }),
+          el('td', { class: 'num', 'data-q': 'reserved', text: r ? String(reserved) : '—' }),
+          el('td', {}, el('span', { class: 'status ' + (state === 'closed' ? 's-completed' : 's-failed'), 'data-breaker': state,
+            text: state.replace('_', '-') + (state === 'open' && l.breaker.reset_at ? ' until ' + utc(l.breaker.reset_at) : '') })));
+      }) : [el('tr', {}, el('td', { colspan: '6', class: 'muted', text: 'No connections (docket serve --config docket.toml).' }))]));
     }
 
     for (const b of document.querySelectorAll('[data-window]')) {

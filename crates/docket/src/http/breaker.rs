@@ -30,7 +30,11 @@
 //! success no store call at all; a deferral while open writes nothing.
 //! Each process keeps a copy of the state from its last store call, which
 //! its claim gate ([`Breaker::claim_limit`]) reads without a store call.
-//! When the store cannot be reached the breaker decides on that copy alone.
+//! When the store cannot be reached the breaker decides on that copy alone,
+//! except that it never probes on its own: a copy that would send the
+//! half-open probe defers instead ([`Breaker::local_fallback`]), so a store
+//! error never lets a second probe out beside the one another process
+//! sends under the row's lock.
 //! Every change of state is recorded as an event on the run that caused it
 //! (`circuit_opened`, `circuit_half_open`, `circuit_closed`) and logged.
 
@@ -384,7 +388,9 @@ impl Breaker {
     /// Applies `op` to the stored state under its row's lock (one
     /// transaction; nothing is written when nothing changes) and adopts the
     /// result. When the store cannot be reached, to this process's copy:
-    /// the breaker then works per process until the store answers again.
+    /// the breaker then works per process until the store answers again,
+    /// except that it never sends a probe on its own (see
+    /// [`Breaker::local_fallback`]).
     async fn apply(&self, store: &DynStore, now: Timestamp, op: Op) -> Answer {
         let out = Arc::new(Mutex::new(None));
         let slot = out.clone();
@@ -411,9 +417,33 @@ impl Breaker {
                     tracing::warn!(connection = %self.name, error = %e,
                         "circuit breaker: the store did not answer; this process decides alone");
                 }
-                self.local(now, op)
+                self.local_fallback(now, op)
             }
         }
+    }
+
+    /// `op` on this process's copy, when the store did not answer. A
+    /// closed copy still sends and an open one defers until its reset, but
+    /// a copy that would send a probe (open past its reset, or half-open
+    /// with no live probe) defers for a probe's length instead, and stays
+    /// as it was: another process may be probing under the stored state
+    /// right now (or this process's own update may have committed before
+    /// its answer was lost), and the one-probe rule holds only if nobody
+    /// probes without the row's lock.
+    fn local_fallback(&self, now: Timestamp, op: Op) -> Answer {
+        if let Op::Admit { probe_ms } = op {
+            let mut s = self.lock();
+            let mut st = s.shared.clone();
+            if let Answer::Admission(Admission::Send { probe: true, .. }) =
+                st.run(&self.config, now, op)
+            {
+                s.deferred += 1;
+                return Answer::Admission(Admission::Defer {
+                    until: now.plus_millis(probe_ms as i64),
+                });
+            }
+        }
+        self.local(now, op)
     }
 
     /// May a request go out at `now`, in this process's copy? (Unit tests
@@ -453,10 +483,13 @@ impl Breaker {
         }
         if let Ok(row) = store.breaker_get(self.name.clone()).await {
             let st = Shared::decode(row.map(|r| r.state));
-            if st.phase == Phase::Closed {
-                let mut s = self.lock();
-                let a = Answer::Admission(send.clone());
-                self.adopt(&mut s, st, &a);
+            let closed = st.phase == Phase::Closed;
+            // The freshest state known: should the locked update below fail,
+            // this process decides on it, not on an older copy.
+            let mut s = self.lock();
+            let a = Answer::Admission(send.clone());
+            self.adopt(&mut s, st, &a);
+            if closed {
                 return send;
             }
         }
@@ -684,6 +717,58 @@ mod tests {
         );
         b.release_probe();
         assert!(send(&b, reset.plus_millis(1_001)));
+    }
+
+    #[test]
+    fn without_the_store_it_never_probes_but_a_closed_breaker_sends() {
+        let b = breaker();
+        let admit = |now| match b.local_fallback(now, Op::Admit { probe_ms: 1_000 }) {
+            Answer::Admission(a) => a,
+            Answer::Transition(_) => unreachable!(),
+        };
+        assert!(matches!(admit(T0), Admission::Send { probe: false, .. }));
+        for i in 0..3 {
+            b.record(T0.plus_millis(i), false, true);
+        }
+        let reset = T0.plus_millis(5_002);
+        assert_eq!(
+            admit(reset.plus_millis(-1)),
+            Admission::Defer { until: reset }
+        );
+        // At and after the reset the copy would probe: it defers for a
+        // probe's length instead and stays open, every time.
+        for later in [0, 1, 2_000] {
+            let now = reset.plus_millis(later);
+            assert_eq!(
+                admit(now),
+                Admission::Defer {
+                    until: now.plus_millis(1_000)
+                }
+            );
+            assert_eq!(b.state(now).state, BreakerPhase::Open);
+        }
+        // Half-open with a lost probe: the same.
+        assert!(send(&b, reset));
+        let after = reset.plus_millis(1_000);
+        assert_eq!(
+            admit(after),
+            Admission::Defer {
+                until: after.plus_millis(1_000)
+            }
+        );
+        assert_eq!(b.state(after).state, BreakerPhase::HalfOpen);
+        // Recording outcomes still works on the copy.
+        assert!(matches!(
+            b.local_fallback(
+                after,
+                Op::Record {
+                    probe: true,
+                    transient: false
+                }
+            ),
+            Answer::Transition(Some(Transition::Closed))
+        ));
+        assert!(matches!(admit(after), Admission::Send { probe: false, .. }));
     }
 
     #[test]
