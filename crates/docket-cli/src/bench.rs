@@ -68,29 +68,58 @@ pub struct BenchArgs {
     /// never binds and measures the cost of keyed claims.
     #[arg(long)]
     job_limit: Option<usize>,
+    /// W1, W2, W3: run them as the peer harness does, the worker in one
+    /// process and the producer in another (this binary started again),
+    /// instead of both in this process (docs/BENCHMARKS.md, "Separate
+    /// processes"). The peak RSS is then the worker process's.
+    #[arg(long)]
+    separate: bool,
 }
 
 /// One workload's figures.
 #[derive(Serialize, Debug, Default)]
-struct Report {
-    workload: String,
-    backend: String,
-    runs: usize,
-    concurrency: usize,
-    enqueue_per_s: Option<f64>,
-    processed_per_s: Option<f64>,
-    p50_ms: Option<f64>,
-    p95_ms: Option<f64>,
-    p99_ms: Option<f64>,
-    executions_expected: Option<usize>,
-    executions_actual: Option<usize>,
-    wall_s: f64,
-    peak_rss_mb: Option<f64>,
+pub(crate) struct Report {
+    pub(crate) workload: String,
+    pub(crate) backend: String,
+    /// `in-process` (producer and worker in this process) or `separate`
+    /// (each in a process of its own, as in the peer harness).
+    pub(crate) mode: String,
+    pub(crate) runs: usize,
+    pub(crate) concurrency: usize,
+    pub(crate) enqueue_per_s: Option<f64>,
+    pub(crate) processed_per_s: Option<f64>,
+    pub(crate) p50_ms: Option<f64>,
+    pub(crate) p95_ms: Option<f64>,
+    pub(crate) p99_ms: Option<f64>,
+    /// Separate W2: pickup as the harness measures it, from the instant
+    /// right before the trigger call (so including its commit).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) harness_p50_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) harness_p95_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) harness_p99_ms: Option<f64>,
+    pub(crate) executions_expected: Option<usize>,
+    pub(crate) executions_actual: Option<usize>,
+    /// Separate mode: executions of a run that had already executed (W3:
+    /// beyond its three).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) duplicates: Option<usize>,
+    pub(crate) wall_s: f64,
+    pub(crate) peak_rss_mb: Option<f64>,
 }
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 pub async fn run(args: BenchArgs) -> Result<(), BoxError> {
+    if args.separate
+        && !matches!(
+            args.workload.to_ascii_uppercase().as_str(),
+            "W1" | "W2" | "W3" | "ALL"
+        )
+    {
+        return Err(format!("--separate runs W1, W2, W3 or all, not `{}`", args.workload).into());
+    }
     if args.workload.eq_ignore_ascii_case("steady") {
         return crate::bench_steady::run(
             args.db.as_deref(),
@@ -122,26 +151,41 @@ pub async fn run(args: BenchArgs) -> Result<(), BoxError> {
     if args.concurrency == 0 {
         return Err("--concurrency must be at least 1".into());
     }
+    if args.separate
+        && (args.prefetch.is_some() || args.rate_limit.is_some() || args.job_limit.is_some())
+    {
+        return Err(
+            "--separate runs the harness's settings: no --prefetch, --rate-limit or --job-limit"
+                .into(),
+        );
+    }
     let mut reports = Vec::new();
     for w in which {
         let db = Db::fresh(args.db.as_deref()).await?;
         reset_peak_rss();
-        let report = match w {
-            "W1" => {
-                w1(
-                    &db,
-                    args.runs.unwrap_or(10_000),
-                    args.concurrency,
-                    args.prefetch,
-                    args.rate_limit,
-                    args.job_limit,
-                )
-                .await?
-            }
-            "W2" => w2(&db, args.runs.unwrap_or(500)).await?,
-            _ => w3(&db, args.runs.unwrap_or(1_000), args.concurrency).await?,
+        let report = if args.separate {
+            let r = crate::bench_separate::run(w, &db, args.runs, args.concurrency).await;
+            db.cleanup().await;
+            r?
+        } else {
+            let r = match w {
+                "W1" => {
+                    w1(
+                        &db,
+                        args.runs.unwrap_or(10_000),
+                        args.concurrency,
+                        args.prefetch,
+                        args.rate_limit,
+                        args.job_limit,
+                    )
+                    .await?
+                }
+                "W2" => w2(&db, args.runs.unwrap_or(500)).await?,
+                _ => w3(&db, args.runs.unwrap_or(1_000), args.concurrency).await?,
+            };
+            db.cleanup().await;
+            r
         };
-        db.cleanup().await;
         if args.json {
             outln!("{}", serde_json::to_string(&report)?);
         }
@@ -348,6 +392,7 @@ async fn w1(
     Ok(Report {
         workload: "W1".into(),
         backend: db.backend.clone(),
+        mode: "in-process".into(),
         runs,
         concurrency,
         enqueue_per_s: Some(runs as f64 / enqueue_s),
@@ -414,6 +459,7 @@ async fn w2(db: &Db, runs: usize) -> Result<Report, BoxError> {
     Ok(Report {
         workload: "W2".into(),
         backend: db.backend.clone(),
+        mode: "in-process".into(),
         runs,
         concurrency: 8,
         p50_ms: Some(percentile(&lat, 50.0)),
@@ -510,6 +556,7 @@ async fn w3(db: &Db, runs: usize, concurrency: usize) -> Result<Report, BoxError
     Ok(Report {
         workload: "W3".into(),
         backend: db.backend.clone(),
+        mode: "in-process".into(),
         runs,
         concurrency,
         processed_per_s: Some(runs as f64 / wall),
@@ -535,7 +582,7 @@ fn reset_peak_rss() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
 
-fn peak_rss_mb() -> Option<f64> {
+pub(crate) fn peak_rss_mb() -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
@@ -548,9 +595,10 @@ fn print_table(reports: &[Report]) {
             .unwrap_or_else(|| "-".into())
     };
     outln!(
-        "{:<4} {:<9} {:>6} {:>4} {:>11} {:>12} {:>7} {:>7} {:>7} {:>13} {:>7} {:>8}",
+        "{:<4} {:<9} {:<10} {:>6} {:>4} {:>11} {:>12} {:>7} {:>7} {:>7} {:>13} {:>7} {:>8}",
         "load",
         "backend",
+        "mode",
         "runs",
         "conc",
         "enqueue/s",
@@ -568,9 +616,10 @@ fn print_table(reports: &[Report]) {
             _ => "-".into(),
         };
         outln!(
-            "{:<4} {:<9} {:>6} {:>4} {:>11} {:>12} {:>7} {:>7} {:>7} {:>13} {:>7.2} {:>8}",
+            "{:<4} {:<9} {:<10} {:>6} {:>4} {:>11} {:>12} {:>7} {:>7} {:>7} {:>13} {:>7.2} {:>8}",
             r.workload,
             r.backend,
+            r.mode,
             r.runs,
             r.concurrency,
             f(r.enqueue_per_s, 0),

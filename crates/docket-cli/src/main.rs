@@ -7,6 +7,7 @@ mod bench;
 mod bench_bulk;
 mod bench_fair;
 mod bench_scale;
+mod bench_separate;
 mod bench_steady;
 mod client;
 mod demo;
@@ -34,6 +35,9 @@ struct Cli {
 enum Command {
     /// Measure throughput and latency (workloads W1 drain, W2 pickup, W3 retry).
     Bench(bench::BenchArgs),
+    /// One process of `docket bench --separate` (started by it).
+    #[command(hide = true)]
+    BenchChild(bench_separate::ChildArgs),
     /// Docket against a local service that misbehaves: timelines, ledger,
     /// forensic verdicts and checks, in a few seconds (--keep: stay up).
     Demo(demo::DemoArgs),
@@ -101,6 +105,9 @@ fn main() -> ExitCode {
     let result = rt.block_on(async {
         match cli.command {
             Command::Bench(args) => bench::run(args)
+                .await
+                .map_err(|e| Failed::new(e.to_string())),
+            Command::BenchChild(args) => bench_separate::child(args)
                 .await
                 .map_err(|e| Failed::new(e.to_string())),
             Command::Demo(args) => demo::run(args).await.map_err(Failed::new),

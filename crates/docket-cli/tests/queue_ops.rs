@@ -323,3 +323,76 @@ fn bench_bulk_retry_retries_and_audits_every_run() {
     assert_eq!(r["audited_runs"], 300, "{r}");
     assert!(r["list_requests"].as_u64() > Some(0), "{r}");
 }
+
+/// `docket bench W1 --separate --runs 200` and `W2 --separate --runs 20`
+/// on `db` (a fresh SQLite file when `None`): the worker and the producer
+/// run in processes of their own, and the JSON reports are complete and
+/// exact (every run executed once, latencies in order). Not the speed.
+fn bench_separate_reports_every_run(db: Option<&str>, backend: &str) {
+    let run = |workload: &str, runs: &str| {
+        let mut args = vec!["bench", workload, "--separate", "--runs", runs, "--json"];
+        if let Some(db) = db {
+            args.extend(["--db", db]);
+        }
+        let (code, out, err) = docket(&args, &[]);
+        assert_eq!(code, 0, "stdout: {out}\nstderr: {err}");
+        let r: serde_json::Value = serde_json::from_str(out.trim()).expect(&out);
+        assert_eq!(r["workload"], workload, "{r}");
+        assert_eq!(r["backend"], backend, "{r}");
+        assert_eq!(r["mode"], "separate", "{r}");
+        assert_eq!(r["runs"].as_u64(), runs.parse().ok(), "{r}");
+        assert_eq!(r["executions_expected"], r["runs"], "{r}");
+        assert_eq!(r["executions_actual"], r["runs"], "{r}");
+        assert_eq!(r["duplicates"], 0, "{r}");
+        assert!(r["peak_rss_mb"].as_f64() > Some(0.0), "{r}");
+        assert!(r["wall_s"].as_f64() > Some(0.0), "{r}");
+        r
+    };
+
+    let w1 = run("W1", "200");
+    assert!(w1["enqueue_per_s"].as_f64() > Some(0.0), "{w1}");
+    assert!(w1["processed_per_s"].as_f64() > Some(0.0), "{w1}");
+
+    let w2 = run("W2", "20");
+    let ms = |k: &str| w2[k].as_f64().unwrap_or_else(|| panic!("no {k}: {w2}"));
+    let (p50, p95, p99) = (ms("p50_ms"), ms("p95_ms"), ms("p99_ms"));
+    assert!(0.0 <= p50 && p50 <= p95 && p95 <= p99, "{w2}");
+    // From right before the trigger call (the harness's measure) is never
+    // shorter than from its return.
+    let (h50, h95, h99) = (
+        ms("harness_p50_ms"),
+        ms("harness_p95_ms"),
+        ms("harness_p99_ms"),
+    );
+    assert!(h50 >= p50 && h95 >= p95 && h99 >= p99, "{w2}");
+    assert!(h50 <= h95 && h95 <= h99, "{w2}");
+}
+
+#[test]
+fn bench_separate_reports_every_run_on_sqlite() {
+    bench_separate_reports_every_run(None, "sqlite");
+}
+
+#[test]
+fn bench_separate_reports_every_run_on_postgres() {
+    match std::env::var("DOCKET_TEST_POSTGRES_URL") {
+        Ok(url) if !url.trim().is_empty() => {
+            bench_separate_reports_every_run(Some(&url), "postgres")
+        }
+        _ => eprintln!("skipping: DOCKET_TEST_POSTGRES_URL is not set"),
+    }
+}
+
+/// A child that fails is reported with its own error, and the bench fails.
+#[test]
+fn bench_separate_reports_a_failing_child() {
+    let dir = std::env::temp_dir().join(format!("docket-missing-{}", uuid::Uuid::new_v4()));
+    let db = format!("sqlite://{}", dir.join("x.db").display());
+    let (code, out, err) = docket(&["bench", "W1", "--separate", "--db", &db], &[]);
+    assert_eq!(code, 1, "stdout: {out}\nstderr: {err}");
+    assert!(
+        err.contains("enqueue-w1 exited before its RESULT line"),
+        "{err}"
+    );
+    assert!(err.contains("unable to open database file"), "{err}");
+}
