@@ -821,13 +821,31 @@ impl docket_store::ScheduleStore for SimStore {
 
 #[async_trait]
 impl docket_store::ChildStore for SimStore {
+    // Every call goes through the fault wrapper like the others: a spawn
+    // and a join are fenced by the parent's lease and may fail before or
+    // after their commit (a replay must then find the same child), the
+    // handler's read of its children may fail, and any call may be slow.
     async fn spawn_children(
         &self,
         lease: docket_store::LeaseRef,
-        children: Vec<docket_store::ChildSpawn>,
+        mut children: Vec<docket_store::ChildSpawn>,
         now: docket_core::Timestamp,
     ) -> SResult<Vec<docket_store::Spawned>> {
-        self.inner.spawn_children(lease, children, now).await
+        // Child ids from the seed too, from the same counter as triggered
+        // runs (creation order; see `trigger`).
+        {
+            let mut w = lock(&self.world);
+            for c in &mut children {
+                w.next_run += 1;
+                c.run.id = RunId(uuid::Uuid::from_u128(
+                    ((w.seed as u128) << 64) | w.next_run as u128,
+                ));
+            }
+        }
+        self.call("spawn_children", true, Some(lease), move |st| async move {
+            st.spawn_children(lease, children, now).await
+        })
+        .await
     }
     async fn join_children(
         &self,
@@ -835,7 +853,10 @@ impl docket_store::ChildStore for SimStore {
         children: Vec<docket_core::RunId>,
         now: docket_core::Timestamp,
     ) -> SResult<docket_store::JoinState> {
-        self.inner.join_children(lease, children, now).await
+        self.call("join_children", true, Some(lease), move |st| async move {
+            st.join_children(lease, children, now).await
+        })
+        .await
     }
     async fn children(
         &self,
@@ -843,13 +864,22 @@ impl docket_store::ChildStore for SimStore {
         after: Option<docket_core::RunId>,
         limit: usize,
     ) -> SResult<Vec<docket_store::Run>> {
-        self.inner.children(parent, after, limit).await
+        self.call("children", true, None, move |st| async move {
+            st.children(parent, after, limit).await
+        })
+        .await
     }
     async fn family(&self, run: docket_core::RunId) -> SResult<Option<docket_store::Family>> {
-        self.inner.family(run).await
+        self.call("family", false, None, move |st| async move {
+            st.family(run).await
+        })
+        .await
     }
     async fn count_joining(&self, tenant: Option<String>) -> SResult<i64> {
-        self.inner.count_joining(tenant).await
+        self.call("count_joining", false, None, move |st| async move {
+            st.count_joining(tenant).await
+        })
+        .await
     }
 }
 
