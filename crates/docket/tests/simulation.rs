@@ -18,6 +18,11 @@
 //! suspensions are drawn from a stream of their own, docs/TESTING.md,
 //! invariant 7).
 //!
+//! And runs have children: seed-chosen parents spawn 1–4 children (policy
+//! `cancel` or `abandon`), join all or some of them and fail, continue or
+//! retry when one failed; the operator cancels parents while children run
+//! (a third stream; docs/TESTING.md, invariant 8).
+//!
 //! After each run the invariants are checked from the store's evidence
 //! (runs, attempts, events, steps, ledger) and the service's record of what
 //! it did. A failing seed prints one line to replay it.
