@@ -18,6 +18,11 @@
 //! suspensions are drawn from a stream of their own, docs/TESTING.md,
 //! invariant 7).
 //!
+//! And runs have children: seed-chosen parents spawn 1–4 children (policy
+//! `cancel` or `abandon`), join all or some of them and fail, continue or
+//! retry when one failed; the operator cancels parents while children run
+//! (a third stream; docs/TESTING.md, invariant 8).
+//!
 //! After each run the invariants are checked from the store's evidence
 //! (runs, attempts, events, steps, ledger) and the service's record of what
 //! it did. A failing seed prints one line to replay it.
@@ -37,8 +42,9 @@
 
 use async_trait::async_trait;
 use docket::{
-    Actor, Clock, Ctx, Docket, ErrorClass, InputDecision, Job, JobError, Reconciled, RetryPolicy,
-    RunFilter, RunId, RunStatus, Timestamp, Verdict, Worker, WorkerConfig,
+    Actor, ChildHandle, ChildPolicy, Clock, Ctx, Docket, ErrorClass, InputDecision, Job, JobError,
+    Reconciled, RetryPolicy, RunFilter, RunId, RunStatus, SpawnOptions, Timestamp, Verdict, Worker,
+    WorkerConfig,
 };
 use docket_core::LeaseId;
 use docket_store::{
@@ -141,6 +147,10 @@ struct Scenario {
     /// The service answers "not done" to every reconcile, even when the
     /// effect landed: a broken reconcile the checker must catch.
     lying_reconcile: bool,
+    /// The first spawn of each (parent, name) is stored under another
+    /// step name, so the parent's replay spawns that child again: a broken
+    /// spawn the checker must catch.
+    forgetful_spawn: bool,
 }
 
 /// Counts of what was injected, for the summary.
@@ -196,6 +206,14 @@ struct World {
     /// Signals the simulated operator sent and the store accepted: (run,
     /// signal id).
     signals_sent: BTreeSet<(RunId, String)>,
+    /// The child handlers' own stream (kills, slow work), so the parents'
+    /// choices stay where they were.
+    crng: Rng,
+    /// Permanent failures handed out per child (a `permanent` child fails
+    /// its first `fails` ends that reach the handler's end).
+    child_fails: BTreeMap<RunId, u64>,
+    /// (parent, name) spawned once already (`Scenario::forgetful_spawn`).
+    forgotten: BTreeSet<(RunId, String)>,
     /// The service: every execution of an effect, by key, with the lease of
     /// the attempt that sent it.
     effects: BTreeMap<String, Vec<LeaseId>>,
@@ -821,13 +839,35 @@ impl docket_store::ScheduleStore for SimStore {
 
 #[async_trait]
 impl docket_store::ChildStore for SimStore {
+    // Every call goes through the fault wrapper like the others: a spawn
+    // and a join are fenced by the parent's lease and may fail before or
+    // after their commit (a replay must then find the same child), the
+    // handler's read of its children may fail, and any call may be slow.
     async fn spawn_children(
         &self,
         lease: docket_store::LeaseRef,
-        children: Vec<docket_store::ChildSpawn>,
+        mut children: Vec<docket_store::ChildSpawn>,
         now: docket_core::Timestamp,
     ) -> SResult<Vec<docket_store::Spawned>> {
-        self.inner.spawn_children(lease, children, now).await
+        // Child ids from the seed too, from the same counter as triggered
+        // runs (creation order; see `trigger`).
+        {
+            let mut w = lock(&self.world);
+            for c in &mut children {
+                if w.scenario.forgetful_spawn && w.forgotten.insert((lease.run_id, c.step.clone()))
+                {
+                    c.step = format!("{}-forgotten", c.step);
+                }
+                w.next_run += 1;
+                c.run.id = RunId(uuid::Uuid::from_u128(
+                    ((w.seed as u128) << 64) | w.next_run as u128,
+                ));
+            }
+        }
+        self.call("spawn_children", true, Some(lease), move |st| async move {
+            st.spawn_children(lease, children, now).await
+        })
+        .await
     }
     async fn join_children(
         &self,
@@ -835,7 +875,10 @@ impl docket_store::ChildStore for SimStore {
         children: Vec<docket_core::RunId>,
         now: docket_core::Timestamp,
     ) -> SResult<docket_store::JoinState> {
-        self.inner.join_children(lease, children, now).await
+        self.call("join_children", true, Some(lease), move |st| async move {
+            st.join_children(lease, children, now).await
+        })
+        .await
     }
     async fn children(
         &self,
@@ -843,13 +886,22 @@ impl docket_store::ChildStore for SimStore {
         after: Option<docket_core::RunId>,
         limit: usize,
     ) -> SResult<Vec<docket_store::Run>> {
-        self.inner.children(parent, after, limit).await
+        self.call("children", true, None, move |st| async move {
+            st.children(parent, after, limit).await
+        })
+        .await
     }
     async fn family(&self, run: docket_core::RunId) -> SResult<Option<docket_store::Family>> {
-        self.inner.family(run).await
+        self.call("family", false, None, move |st| async move {
+            st.family(run).await
+        })
+        .await
     }
     async fn count_joining(&self, tenant: Option<String>) -> SResult<i64> {
-        self.inner.count_joining(tenant).await
+        self.call("count_joining", false, None, move |st| async move {
+            st.count_joining(tenant).await
+        })
+        .await
     }
 }
 
@@ -1112,6 +1164,13 @@ async fn handler(ctx: Ctx, input: Value, world: Shared) -> Result<Value, JobErro
             },
         );
     }
+    // Children: spawned once per (run, name), joined (all, or a subset),
+    // and a failed child is the parent's decision (docs/TESTING.md,
+    // invariant 8).
+    let kids = match input["children"].as_array() {
+        Some(spec) => family(&ctx, &input, spec).await?,
+        None => Value::Null,
+    };
     if input["approval"].as_bool() == Some(true) {
         match ctx.wait_for_input("approval", json!({ "i": i })).await? {
             InputDecision::Approved(_) => {}
@@ -1159,11 +1218,162 @@ async fn handler(ctx: Ctx, input: Value, world: Shared) -> Result<Value, JobErro
         92..=95 => {
             // Slower than the handler's timeout: the engine ends it `timeout`.
             tokio::time::sleep(TIMEOUT + Duration::from_secs(1)).await;
-            Ok(json!({ "i": i, "sent": sent, "got": got }))
+            Ok(json!({ "i": i, "sent": sent, "got": got, "kids": kids }))
         }
         96..=98 => crash(&world, lease, "killed after the last step").await,
-        _ => Ok(json!({ "i": i, "sent": sent, "got": got })),
+        _ => Ok(json!({ "i": i, "sent": sent, "got": got, "kids": kids })),
     }
+}
+
+/// The parent's part: spawns its children (one `spawn_many` per policy),
+/// joins them (`join_all`, or `join` of the subset marked `joined`), and
+/// acts on a failed child as its input says: `fail` (the parent fails,
+/// naming the child), `continue`, or `retry` (each failed child retried
+/// once, under the step `retry:NAME`, and joined again). Answers what the
+/// join returned, by child name: `{status, output}`.
+async fn family(ctx: &Ctx, input: &Value, spec: &[Value]) -> Result<Value, JobError> {
+    let mut handles: BTreeMap<String, ChildHandle> = BTreeMap::new();
+    for policy in [ChildPolicy::Cancel, ChildPolicy::Abandon] {
+        let items: Vec<(String, String, Value)> = spec
+            .iter()
+            .filter(|c| c["policy"].as_str() == Some(policy.as_str()))
+            .map(|c| {
+                let name = c["name"].as_str().unwrap_or("?").to_string();
+                (name, "child".to_string(), c.clone())
+            })
+            .collect();
+        if items.is_empty() {
+            continue;
+        }
+        for h in ctx
+            .spawn_many(
+                items,
+                SpawnOptions {
+                    policy,
+                    ..Default::default()
+                },
+            )
+            .await?
+        {
+            handles.insert(h.name.clone(), h);
+        }
+    }
+    let mut results = if input["join"].as_str() == Some("all") {
+        ctx.join_all().await?
+    } else {
+        let subset: Vec<ChildHandle> = spec
+            .iter()
+            .filter(|c| c["joined"].as_bool() == Some(true))
+            .filter_map(|c| handles.get(c["name"].as_str().unwrap_or("?")).cloned())
+            .collect();
+        ctx.join(&subset).await?
+    };
+    match input["on_fail"].as_str() {
+        Some("fail") => {
+            if let Some(r) = results.iter().find(|r| !r.is_completed()) {
+                r.clone().into_output()?;
+            }
+        }
+        Some("retry") => {
+            let failed: Vec<ChildHandle> = results
+                .iter()
+                .filter(|r| r.status == RunStatus::Failed)
+                .map(|r| r.handle.clone())
+                .collect();
+            // Once per child: the step is stored after the retry (a crash
+            // in between retries again, which is bounded by the faults).
+            for h in &failed {
+                ctx.step(format!("retry:{}", h.name), || async {
+                    ctx.retry_child(h).await.map(|_| true)
+                })
+                .await?;
+            }
+            if !failed.is_empty() {
+                for again in ctx.join(&failed).await? {
+                    if let Some(r) = results.iter_mut().find(|r| r.handle == again.handle) {
+                        *r = again;
+                    }
+                }
+            }
+        }
+        _ => {}
+    }
+    Ok(Value::Object(
+        results
+            .into_iter()
+            .map(|r| {
+                (
+                    r.handle.name.clone(),
+                    json!({ "status": r.status.as_str(), "output": r.output }),
+                )
+            })
+            .collect(),
+    ))
+}
+
+fn child_policy() -> RetryPolicy {
+    RetryPolicy {
+        name: "sim-child".into(),
+        max_attempts: 3,
+        ..policy()
+    }
+}
+
+/// A child: one step (sometimes slow), then what its input says:
+/// complete, fail transiently on its first `k` attempts (`k` = 3 spends
+/// its whole budget), or fail permanently its first `fails` times (a retry
+/// by its parent may then succeed). Its process may be killed, as any
+/// worker's.
+async fn child_handler(ctx: Ctx, input: Value, world: Shared) -> Result<Value, JobError> {
+    let name = input["name"].as_str().unwrap_or("?").to_string();
+    let lease = ctx.lease_id();
+    let roll = |n: u64| {
+        let mut w = lock(&world);
+        if w.calm {
+            u64::MAX
+        } else {
+            w.crng.below(n)
+        }
+    };
+    if roll(100) < 3 {
+        crash(&world, lease, "child killed before its step").await;
+    }
+    let slow_ms = if roll(100) < 15 {
+        lock(&world)
+            .crng
+            .range(1, TIMEOUT.as_millis() as u64 + 5_000)
+    } else {
+        0
+    };
+    let len = name.len();
+    let work: u64 = ctx
+        .step("work", || async move {
+            if slow_ms > 0 {
+                tokio::time::sleep(Duration::from_millis(slow_ms)).await;
+            }
+            Ok::<_, JobError>(len as u64)
+        })
+        .await?
+        .into_option()
+        .unwrap_or(0);
+    match input["mode"].as_str() {
+        Some("transient") if u64::from(ctx.attempt()) <= input["k"].as_u64().unwrap_or(0) => {
+            return Err(JobError::network("child: connection reset"));
+        }
+        Some("permanent") => {
+            let mut w = lock(&world);
+            let n = w.child_fails.entry(ctx.run_id()).or_insert(0);
+            if *n < input["fails"].as_u64().unwrap_or(0) {
+                *n += 1;
+                return Err(JobError::permanent("child: refused for good"));
+            }
+        }
+        _ => {}
+    }
+    if roll(100) < 2 {
+        crash(&world, lease, "child killed after its step").await;
+    }
+    Ok(json!({ "child": name, "work": work }))
 }
 
 // ---------------------------------------------------------------- the driver
@@ -1211,8 +1421,12 @@ struct SimResult {
     injected: Injected,
     verdicts: BTreeMap<String, usize>,
     statuses: BTreeMap<String, usize>,
-    /// Suspensions seen in the evidence: `signal_delivered`,
-    /// `signal_timed_out` and `run_postponed` events whose run slept.
+    /// Suspensions and children seen in the evidence: `signal_delivered`,
+    /// `signal_timed_out`, runs that slept, children spawned,
+    /// `waiting_for_children` ends, children retried by their parent or
+    /// cancelled with it, `abandon` children open at their parent's cancel,
+    /// `cancel` children spawned after it, and parents woken early by a
+    /// signal while they joined.
     suspensions: BTreeMap<&'static str, usize>,
 }
 
@@ -1240,6 +1454,9 @@ async fn simulate(
         orphaned: BTreeMap::new(),
         postponed: BTreeSet::new(),
         signals_sent: BTreeSet::new(),
+        crng: Rng::new(seed ^ 0xC41D_C41D_0000_0016),
+        child_fails: BTreeMap::new(),
+        forgotten: BTreeSet::new(),
         effects: BTreeMap::new(),
         injected: Injected::default(),
         violations: Vec::new(),
@@ -1266,6 +1483,17 @@ async fn simulate(
         .lease(LEASE),
     )
     .expect("job registers");
+    let w = world.clone();
+    d.register(
+        Job::new("child", move |ctx: Ctx, input: Value| {
+            let w = w.clone();
+            async move { child_handler(ctx, input, w).await }
+        })
+        .retry(child_policy())
+        .timeout(TIMEOUT)
+        .lease(LEASE),
+    )
+    .expect("child job registers");
 
     let n_workers = rng.range(2, 4) as usize;
     let n_runs = rng.range(6, 18) as usize;
@@ -1278,6 +1506,17 @@ async fn simulate(
     // Suspensions are drawn from a stream of their own, so the rest of a
     // seed's choices stay where they were.
     let mut srng = Rng::new(seed ^ 0x51EE_9000_5167_A150);
+    // Children, tenants and the operator's cancels of parents too.
+    let mut krng = Rng::new(seed ^ 0xC41D_0000_F00D_0016);
+    let tenants: Vec<String> = (0..n_runs.div_ceil(2))
+        .map(|_| {
+            if krng.percent(40) {
+                "acme".to_string()
+            } else {
+                docket::DEFAULT_TENANT.to_string()
+            }
+        })
+        .collect();
     let inputs: Vec<Value> = (0..n_runs)
         .map(|i| {
             let sleep_ms = srng.percent(30).then(|| srng.range(1_000, 90_000));
@@ -1287,6 +1526,36 @@ async fn simulate(
                 0
             };
             let signal_timeout_ms = srng.range(5_000, 60_000);
+            let children = krng.percent(25).then(|| {
+                let n = krng.range(1, 4);
+                let mut spec: Vec<Value> = (0..n)
+                    .map(|c| {
+                        let mut child = json!({
+                            "name": format!("c{c}"),
+                            "policy": if krng.percent(50) { "cancel" } else { "abandon" },
+                            "joined": krng.percent(60),
+                        });
+                        match krng.below(10) {
+                            0..=5 => child["mode"] = json!("ok"),
+                            6..=7 => {
+                                child["mode"] = json!("transient");
+                                child["k"] = json!(krng.range(1, 3));
+                            }
+                            _ => {
+                                child["mode"] = json!("permanent");
+                                child["fails"] = json!(krng.range(1, 2));
+                            }
+                        }
+                        child
+                    })
+                    .collect();
+                if !spec.iter().any(|c| c["joined"] == json!(true)) {
+                    spec[0]["joined"] = json!(true);
+                }
+                spec
+            });
+            let join = if krng.percent(50) { "all" } else { "some" };
+            let on_fail = ["fail", "continue", "retry"][krng.below(3) as usize];
             let key = if scenario.shared_keys {
                 format!("effect-{}", i / 2)
             } else {
@@ -1300,9 +1569,22 @@ async fn simulate(
                 "sleep_ms": sleep_ms,
                 "signals": signals,
                 "signal_timeout_ms": signal_timeout_ms,
+                "children": children,
+                "join": join,
+                "on_fail": on_fail,
             })
         })
         .collect();
+    // Each run's tenant (per pair of runs, so runs sharing action keys
+    // share the tenant), and a correlation id for each parent.
+    let trigger_opts = |i: usize| docket::TriggerOptions {
+        idempotency_key: Some(format!("run-{i}")),
+        tenant: Some(tenants[i / 2].clone()),
+        correlation_id: inputs[i]["children"]
+            .is_array()
+            .then(|| format!("order-{i}")),
+        ..Default::default()
+    };
     let mut ids: Vec<RunId> = Vec::new();
     let mut trigger_errors = 0u32;
     let mut signal_no = 0u64;
@@ -1323,16 +1605,7 @@ async fn simulate(
             0..=24 if ids.len() < n_runs => {
                 let k = (rng.range(1, 3) as usize).min(n_runs - ids.len());
                 let batch: Vec<_> = (ids.len()..ids.len() + k)
-                    .map(|i| {
-                        (
-                            "sim".to_string(),
-                            inputs[i].clone(),
-                            docket::TriggerOptions {
-                                idempotency_key: Some(format!("run-{i}")),
-                                ..Default::default()
-                            },
-                        )
-                    })
+                    .map(|i| ("sim".to_string(), inputs[i].clone(), trigger_opts(i)))
                     .collect();
                 // A lost answer is retried with the same keys: the runs
                 // created the first time come back, none twice.
@@ -1488,6 +1761,29 @@ async fn simulate(
                 }
             }
         }
+        // The operator cancels a parent while its children run (each
+        // child's policy says what happens to it); and every parent
+        // suspended in a join holds no lease, no open attempt, and waits
+        // for exactly its open joined children.
+        if !ids.is_empty() && krng.percent(5) {
+            let parents: Vec<RunId> = ids
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| inputs[*i]["children"].is_array())
+                .map(|(_, id)| *id)
+                .collect();
+            if !parents.is_empty() {
+                let p = parents[krng.below(parents.len() as u64) as usize];
+                let kids = d.store().children(p, None, 0).await.unwrap_or_default();
+                if kids.iter().any(|k| !k.status.is_terminal()) {
+                    let _ = d.cancel(p, actor()).await;
+                }
+            }
+        }
+        if krng.percent(10) {
+            let found = check_joining(&d).await;
+            lock(&world).violations.extend(found);
+        }
         // Let spawned work move (1 ms of simulated time).
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
@@ -1504,14 +1800,7 @@ async fn simulate(
     while ids.len() < n_runs {
         let i = ids.len();
         let t = d
-            .trigger_with(
-                "sim",
-                inputs[i].clone(),
-                docket::TriggerOptions {
-                    idempotency_key: Some(format!("run-{i}")),
-                    ..Default::default()
-                },
-            )
+            .trigger_with("sim", inputs[i].clone(), trigger_opts(i))
             .await
             .expect("calm trigger");
         ids.push(t.run.id);
@@ -1524,13 +1813,17 @@ async fn simulate(
     let mut rounds = 0;
     loop {
         rounds += 1;
-        let mut open = Vec::new();
-        for id in &ids {
-            let r = d.get_run(*id).await.expect("run exists");
-            if !r.status.is_terminal() {
-                open.push(r);
-            }
-        }
+        // Children too: every run the store holds.
+        let open: Vec<Run> = d
+            .list_runs(RunFilter {
+                limit: 10_000,
+                ..Default::default()
+            })
+            .await
+            .expect("runs")
+            .into_iter()
+            .filter(|r| !r.status.is_terminal())
+            .collect();
         if open.is_empty() || rounds > 400 {
             break;
         }
@@ -1558,6 +1851,443 @@ async fn simulate(
 }
 
 // ---------------------------------------------------------------- the checks
+
+/// The children a parent joins, by name: all it spawned (`join_all`), or
+/// the ones its input marks `joined`.
+fn joined_names(input: &Value) -> BTreeSet<String> {
+    let all = input["join"].as_str() == Some("all");
+    input["children"]
+        .as_array()
+        .map(|spec| {
+            spec.iter()
+                .filter(|c| all || c["joined"].as_bool() == Some(true))
+                .filter_map(|c| c["name"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// While the seed runs: every parent suspended in a join (`postponed`,
+/// its count above zero) holds no lease and no open attempt, and its count
+/// is exactly the number of its joined children that are not final. Only
+/// unfaulted reads, so the seed's faults stay where they were.
+async fn check_joining(d: &Docket) -> Vec<String> {
+    let mut v = Vec::new();
+    let list = |statuses: Vec<RunStatus>, job: Option<&str>| RunFilter {
+        statuses,
+        job: job.map(str::to_string),
+        limit: 10_000,
+        ..Default::default()
+    };
+    let Ok(waiting) = d
+        .list_runs(list(vec![RunStatus::Postponed], Some("sim")))
+        .await
+    else {
+        return v;
+    };
+    let Ok(kids) = d.list_runs(list(Vec::new(), Some("child"))).await else {
+        return v;
+    };
+    for r in waiting {
+        let Ok(Some(fam)) = d.store().family(r.id).await else {
+            continue;
+        };
+        let Some(join) = fam.waiting else { continue };
+        if r.lease_id.is_some() || r.lease_expires_at.is_some() || r.worker.is_some() {
+            v.push(format!(
+                "run {} waits for {} children but holds a lease ({:?}, {:?}, {:?})",
+                r.id, join.waiting, r.lease_id, r.lease_expires_at, r.worker
+            ));
+        }
+        let attempts = d.store().attempts(r.id).await.unwrap_or_default();
+        if let Some(a) = attempts.iter().find(|a| a.finished_at.is_none()) {
+            v.push(format!(
+                "run {} waits for {} children but its attempt {} is open",
+                r.id, join.waiting, a.attempt
+            ));
+        }
+        let joined = joined_names(&r.input);
+        let open = kids
+            .iter()
+            .filter(|k| k.parent_id == Some(r.id) && !k.status.is_terminal())
+            .filter(|k| joined.contains(k.input["name"].as_str().unwrap_or("?")))
+            .count();
+        if join.waiting as usize != open {
+            v.push(format!(
+                "run {} waits for {} of {} children, but {open} of its joined children are open",
+                r.id, join.waiting, join.of
+            ));
+        }
+    }
+    v
+}
+
+/// Final events of a run, and the event that makes a final run open
+/// again (an operator's retry: here, only a parent's `retry_child`).
+fn is_final_event(kind: &str) -> bool {
+    matches!(kind, "run_completed" | "run_failed" | "run_cancelled")
+}
+
+/// Whether the run was final just before event id `at`, by its events.
+fn final_before(events: &[EventRecord], at: i64) -> bool {
+    events
+        .iter()
+        .rfind(|e| e.id < at && (is_final_event(e.kind.as_str()) || e.kind == "operator_retry"))
+        .is_some_and(|e| is_final_event(e.kind.as_str()))
+}
+
+/// Invariant 8: children, from the evidence of each parent and child.
+fn check_family(
+    v: &mut Vec<String>,
+    tag: &str,
+    parent: &docket::History,
+    kids: &[&docket::History],
+    fam: Option<&docket_store::Family>,
+    listed: &[RunId],
+    stats: &mut BTreeMap<&'static str, usize>,
+) {
+    let p = &parent.run;
+    let spec = p.input["children"].as_array().cloned().unwrap_or_default();
+    // No (parent, name) has two children; the links agree both ways.
+    let steps: BTreeMap<String, Option<RunId>> = parent
+        .steps
+        .iter()
+        .filter(|s| s.status == docket::StepStatus::Completed)
+        .filter_map(|s| {
+            let name = s.name.strip_prefix("spawn:")?;
+            Some((
+                name.to_string(),
+                docket_store::plan::child::step_child(s.result.as_ref()),
+            ))
+        })
+        .collect();
+    let mut by_name: BTreeMap<String, Vec<RunId>> = BTreeMap::new();
+    for k in kids {
+        let name = k.run.input["name"].as_str().unwrap_or("?").to_string();
+        by_name.entry(name.clone()).or_default().push(k.run.id);
+        let links: Vec<&EventRecord> = k
+            .events
+            .iter()
+            .filter(|e| e.kind == "child_spawned")
+            .collect();
+        if links.len() != 1
+            || links[0].data["parent"] != json!(p.id)
+            || links[0].data["step"] != json!(format!("spawn:{name}"))
+        {
+            v.push(format!(
+                "{tag}: child {} (`{name}`) has child_spawned events {:?}",
+                k.run.id,
+                links.iter().map(|e| &e.data).collect::<Vec<_>>()
+            ));
+        }
+        if steps.get(&name) != Some(&Some(k.run.id)) {
+            v.push(format!(
+                "{tag}: child {} (`{name}`) is not the one its parent's step `spawn:{name}` holds ({:?})",
+                k.run.id,
+                steps.get(&name)
+            ));
+        }
+        // Children inherit the parent's tenant and correlation id.
+        let corr = p.correlation_id.clone().unwrap_or_else(|| p.id.to_string());
+        if k.run.tenant != p.tenant || k.run.correlation_id.as_deref() != Some(corr.as_str()) {
+            v.push(format!(
+                "{tag}: child `{name}` has tenant {} and correlation id {:?}, its parent {} and {corr}",
+                k.run.tenant, k.run.correlation_id, p.tenant
+            ));
+        }
+    }
+    for (name, ids) in &by_name {
+        if ids.len() > 1 {
+            v.push(format!(
+                "{tag}: `{name}` was spawned {} times: {ids:?}",
+                ids.len()
+            ));
+        }
+    }
+    for (name, child) in &steps {
+        if !by_name.contains_key(name) {
+            v.push(format!(
+                "{tag}: step `spawn:{name}` holds {child:?}, which is not a child of the run"
+            ));
+        }
+        let on_parent = parent
+            .events
+            .iter()
+            .filter(|e| {
+                e.kind == "child_spawned" && e.data["step"] == json!(format!("spawn:{name}"))
+            })
+            .count();
+        if on_parent != 1 {
+            v.push(format!(
+                "{tag}: {on_parent} child_spawned events for `spawn:{name}`"
+            ));
+        }
+    }
+    let mut ids: Vec<RunId> = kids.iter().map(|k| k.run.id).collect();
+    ids.sort();
+    if listed != ids.as_slice() {
+        v.push(format!(
+            "{tag}: `children` lists {listed:?}, the runs naming it as parent are {ids:?}"
+        ));
+    }
+    if fam.map(|f| f.children) != Some(kids.len() as i64)
+        || fam.is_some_and(|f| f.parent_id.is_some())
+    {
+        v.push(format!(
+            "{tag}: its family says {fam:?} for {} children",
+            kids.len()
+        ));
+    }
+    if spec.is_empty() {
+        if !kids.is_empty() {
+            v.push(format!(
+                "{tag}: spawned {} children it never asked for",
+                kids.len()
+            ));
+        }
+        return;
+    }
+    let child = |name: &str| {
+        kids.iter()
+            .find(|k| k.run.input["name"].as_str() == Some(name))
+    };
+    let joined = joined_names(&p.input);
+
+    // A completed parent's outputs match its children's final states.
+    if p.status == RunStatus::Completed {
+        let got = p
+            .output
+            .as_ref()
+            .and_then(|o| o.get("kids"))
+            .and_then(Value::as_object);
+        match got {
+            None => v.push(format!("{tag}: completed without the join's results")),
+            Some(got) => {
+                let names: BTreeSet<String> = got.keys().cloned().collect();
+                if names != joined {
+                    v.push(format!(
+                        "{tag}: its join returned {names:?}, it joined {joined:?}"
+                    ));
+                }
+                for (name, r) in got {
+                    let Some(k) = child(name) else { continue };
+                    let want = json!({
+                        "status": k.run.status.as_str(),
+                        "output": k.run.output,
+                    });
+                    if *r != want {
+                        v.push(format!(
+                            "{tag}: its join returned {r} for `{name}`, which ended {want}"
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    // A parent failed by its child names a child that did not complete.
+    if p.status == RunStatus::Failed {
+        if let Some(rest) = p
+            .last_error_message
+            .as_deref()
+            .and_then(|m| m.strip_prefix("child `"))
+        {
+            let name = rest.split('`').next().unwrap_or("");
+            match child(name) {
+                Some(k)
+                    if k.run.status != RunStatus::Completed
+                        && rest.contains(&format!("ended {}", k.run.status.as_str())) => {}
+                k => v.push(format!(
+                    "{tag}: failed with {:?}, but that child is {:?}",
+                    p.last_error_message,
+                    k.map(|k| k.run.status)
+                )),
+            }
+        }
+    }
+    // A join ends exactly when the joined children are final. Not before:
+    // in each attempt, the first evidence of code after the join (the
+    // action, the last step, a `retry:NAME` step, an input request, the
+    // completion) comes after every joined child's final event (a child
+    // the parent retried after its join returned was final before that
+    // retry). And its wake: the attempt after each `waiting_for_children`
+    // end starts only once every joined child is final, unless a signal
+    // that reached the attempt while it ran asked it to resume at once
+    // (`wake_requested`, docs/DURABLE.md "Signals"): that attempt then
+    // joins again.
+    let starts: Vec<&EventRecord> = parent
+        .events
+        .iter()
+        .filter(|e| e.kind == "attempt_started")
+        .collect();
+    for st in &starts {
+        let after_join = parent.events.iter().find(|e| {
+            e.attempt == st.attempt
+                && e.id > st.id
+                && (matches!(
+                    e.kind.as_str(),
+                    "action_started" | "input_requested" | "run_completed"
+                ) || e.kind == "step_completed"
+                    && e.data["step"]
+                        .as_str()
+                        .is_some_and(|s| s == "send" || s == "finish" || s.starts_with("retry:")))
+        });
+        let Some(mark) = after_join else { continue };
+        for name in &joined {
+            let Some(k) = child(name) else { continue };
+            let status: Vec<&EventRecord> = k
+                .events
+                .iter()
+                .filter(|e| {
+                    e.id < mark.id
+                        && (is_final_event(e.kind.as_str()) || e.kind == "operator_retry")
+                })
+                .collect();
+            let ok = match status.as_slice() {
+                [.., last] if is_final_event(last.kind.as_str()) => true,
+                // Retried by the parent in this attempt, after its join.
+                [.., before, last] => {
+                    last.id > st.id
+                        && last.actor.as_deref() == Some(format!("run:{}", p.id).as_str())
+                        && is_final_event(before.kind.as_str())
+                }
+                _ => false,
+            };
+            if !ok {
+                v.push(format!(
+                    "{tag}: attempt {:?} went past its join (event {} `{}`) while its joined child `{name}` was not final",
+                    mark.attempt, mark.id, mark.kind
+                ));
+            }
+        }
+    }
+    for w in parent
+        .events
+        .iter()
+        .filter(|e| e.kind == "waiting_for_children")
+    {
+        let Some(next) = starts
+            .iter()
+            .find(|e| e.attempt.is_some_and(|a| Some(a) > w.attempt))
+        else {
+            continue;
+        };
+        let began = starts
+            .iter()
+            .filter(|e| e.id < w.id)
+            .map(|e| e.id)
+            .max()
+            .unwrap_or(0);
+        let woken_by_signal = parent.events.iter().any(|e| {
+            e.kind == "signal_received"
+                && e.id > began
+                && e.id < w.id
+                && e.data["woke"] == json!("when_the_attempt_suspends")
+        });
+        if woken_by_signal
+            && joined
+                .iter()
+                .any(|n| child(n).is_some_and(|k| !final_before(&k.events, next.id)))
+        {
+            *stats.entry("early_wakes").or_insert(0) += 1;
+        }
+        for name in &joined {
+            if let Some(k) = child(name) {
+                if !final_before(&k.events, next.id) && !woken_by_signal {
+                    v.push(format!(
+                        "{tag}: attempt {:?} started (event {}) while its joined child `{name}` was not final",
+                        next.attempt, next.id
+                    ));
+                }
+            }
+        }
+    }
+    // Cancelling the parent: its unfinished `cancel` children end
+    // cancelled (a running one at its next step boundary: the attempt
+    // running then may still end it), its `abandon` children run to their
+    // own end.
+    let cancels: Vec<&EventRecord> = parent
+        .events
+        .iter()
+        .filter(|e| {
+            matches!(e.kind.as_str(), "cancel_requested" | "run_cancelled")
+                && e.actor.as_deref() == Some("sim-operator")
+        })
+        .collect();
+    for k in kids {
+        let name = k.run.input["name"].as_str().unwrap_or("?");
+        let policy = k.run.input["policy"].as_str().unwrap_or("?");
+        let cascaded: Vec<&EventRecord> = k
+            .events
+            .iter()
+            .filter(|e| e.kind == "cancelled_with_parent")
+            .collect();
+        if policy == "abandon" {
+            if cancels.iter().any(|c| {
+                k.events.first().is_some_and(|b| b.id < c.id) && !final_before(&k.events, c.id)
+            }) {
+                *stats.entry("abandoned_open").or_insert(0) += 1;
+            }
+            if !cascaded.is_empty() || k.run.status == RunStatus::Cancelled {
+                v.push(format!(
+                    "{tag}: abandoned child `{name}` was cancelled ({} cancelled_with_parent events)",
+                    cascaded.len()
+                ));
+            }
+            continue;
+        }
+        for e in &cascaded {
+            if !cancels.iter().any(|c| c.id < e.id && c.at == e.at)
+                || e.data["parent"] != json!(p.id)
+            {
+                v.push(format!(
+                    "{tag}: child `{name}` has cancelled_with_parent (event {}) without its parent's cancel",
+                    e.id
+                ));
+            }
+        }
+        let Some(first) = cancels.first() else {
+            continue;
+        };
+        let born = k.events.first().map_or(i64::MAX, |e| e.id);
+        if born > first.id {
+            // Spawned after the parent's cancel: it must not outlive it.
+            *stats.entry("spawned_after_cancel").or_insert(0) += 1;
+            if p.status == RunStatus::Cancelled && k.run.status != RunStatus::Cancelled {
+                v.push(format!(
+                    "{tag}: child `{name}` (policy cancel) was spawned after its parent's cancel (event {}) and ended {}",
+                    first.id, k.run.status
+                ));
+            }
+            continue;
+        }
+        for c in &cancels {
+            if final_before(&k.events, c.id) {
+                continue;
+            }
+            let Some(e) = cascaded.iter().find(|e| e.id > c.id && e.at == c.at) else {
+                v.push(format!(
+                    "{tag}: child `{name}` (policy cancel) was open at its parent's cancel (event {}) but not cancelled with it",
+                    c.id
+                ));
+                continue;
+            };
+            let last_start = k
+                .events
+                .iter()
+                .filter(|x| x.kind == "attempt_started")
+                .map(|x| x.id)
+                .max()
+                .unwrap_or(0);
+            let by_running_attempt = e.data["from"] == json!("running") && last_start < e.id;
+            if k.run.status != RunStatus::Cancelled && !by_running_attempt {
+                v.push(format!(
+                    "{tag}: child `{name}` (policy cancel) was cancelled with its parent (from {}) but ended {}",
+                    e.data["from"], k.run.status
+                ));
+            }
+        }
+    }
+}
 
 /// Checks every invariant from the evidence and returns the seed's result.
 async fn check(
@@ -1598,11 +2328,33 @@ async fn check(
         digest_text.push_str(&serde_json::to_string(e).expect("event serializes"));
         digest_text.push('\n');
     }
+    // Every run the store holds: the triggered ones, then each one's
+    // children (spawn order), which are checked like any run.
+    let stored = d
+        .list_runs(RunFilter {
+            limit: 10_000,
+            ..Default::default()
+        })
+        .await
+        .expect("list");
+    let mut all: Vec<(RunId, String)> = ids
+        .iter()
+        .enumerate()
+        .map(|(n, id)| (*id, format!("run {n} ({id})")))
+        .collect();
     for (n, id) in ids.iter().enumerate() {
+        let mut kids: Vec<&Run> = stored.iter().filter(|r| r.parent_id == Some(*id)).collect();
+        kids.sort_by_key(|r| r.id);
+        for k in kids {
+            let name = k.input["name"].as_str().unwrap_or("?");
+            all.push((k.id, format!("child `{name}` of run {n} ({})", k.id)));
+        }
+    }
+    let mut histories: BTreeMap<RunId, docket::History> = BTreeMap::new();
+    for (n, (id, tag)) in all.iter().enumerate() {
         let h = d.history(*id).await.expect("history");
         digest_text.push_str(&serde_json::to_string(&h).expect("history serializes"));
         let run = &h.run;
-        let tag = format!("run {n} ({id})");
         *statuses.entry(run.status.to_string()).or_insert(0) += 1;
         attempts_total += h.attempts.len();
         for a in &h.attempts {
@@ -1614,6 +2366,13 @@ async fn check(
         }
         if h.steps.iter().any(|s| s.name == "sleep:nap") {
             *suspensions.entry("slept").or_insert(0) += 1;
+        }
+        *suspensions.entry("waiting_for_children").or_insert(0) += kinds("waiting_for_children");
+        if run.parent_id.is_some() {
+            *suspensions.entry("children").or_insert(0) += 1;
+            *suspensions.entry("cancelled_with_parent").or_insert(0) +=
+                kinds("cancelled_with_parent");
+            *suspensions.entry("child_retried").or_insert(0) += kinds("operator_retry");
         }
 
         // No run lost or stuck.
@@ -1658,7 +2417,14 @@ async fn check(
                     run.output
                 ))
             }
-            RunStatus::Failed if last != Some("failed") || run.terminal_reason.is_none() => {
+            // A run whose last lease was reaped with its budget spent
+            // fails by the reaper's end (outcome `lease_expired`).
+            RunStatus::Failed
+                if !(last == Some("failed")
+                    || last == Some("lease_expired")
+                        && run.last_error_class == Some(ErrorClass::LeaseExpired))
+                    || run.terminal_reason.is_none() =>
+            {
                 v.push(format!(
                     "{tag} is failed but its last attempt's outcome is {last:?} (reason {:?})",
                     run.terminal_reason
@@ -1676,6 +2442,9 @@ async fn check(
             // `input_received` event instead.
             .filter(|s| s.status == docket::StepStatus::Completed && !s.name.starts_with("input:"))
             .filter(|s| !s.name.starts_with("signal:"))
+            // A spawn's step is stored with `child_spawned` instead
+            // (invariant 8 counts those).
+            .filter(|s| !s.name.starts_with("spawn:"))
             .count();
         // A signal wait's step is stored with `signal_delivered` or
         // `signal_timed_out` instead, once.
@@ -1808,7 +2577,9 @@ async fn check(
                     a.attempt
                 ));
             }
-            if a.retry_policy.as_deref() == Some("sim") && delay < policy.base_delay_ms as i64 {
+            if matches!(a.retry_policy.as_deref(), Some("sim" | "sim-child"))
+                && delay < policy.base_delay_ms as i64
+            {
                 v.push(format!(
                     "{tag}: attempt {} retried after {delay} ms, below the policy's base delay",
                     a.attempt
@@ -1866,6 +2637,54 @@ async fn check(
                 ));
             }
         }
+        histories.insert(*id, h);
+    }
+
+    // Children (invariant 8), from each parent's and child's evidence.
+    for (n, id) in ids.iter().enumerate() {
+        let Some(parent) = histories.get(id) else {
+            continue;
+        };
+        let kids: Vec<&docket::History> = histories
+            .values()
+            .filter(|h| h.run.parent_id == Some(*id))
+            .collect();
+        let fam = d.store().family(*id).await.expect("family");
+        let listed: Vec<RunId> = d
+            .store()
+            .children(*id, None, 1000)
+            .await
+            .expect("children")
+            .iter()
+            .map(|r| r.id)
+            .collect();
+        for k in &kids {
+            let up = d.store().family(k.run.id).await.expect("family");
+            if up.as_ref().and_then(|f| f.parent_id) != Some(*id) {
+                v.push(format!(
+                    "run {n}: its child {} says its parent is {up:?}",
+                    k.run.id
+                ));
+            }
+        }
+        check_family(
+            &mut v,
+            &format!("run {n} ({id})"),
+            parent,
+            &kids,
+            fam.as_ref(),
+            &listed,
+            &mut suspensions,
+        );
+    }
+    // Every child's parent is a triggered run.
+    for r in stored.iter().filter(|r| r.parent_id.is_some()) {
+        if !ids.iter().any(|id| Some(*id) == r.parent_id) {
+            v.push(format!(
+                "run {} names parent {:?}, which was never triggered",
+                r.id, r.parent_id
+            ));
+        }
     }
 
     // No committed effect twice for one key: count sends (distinct leases);
@@ -1894,19 +2713,26 @@ async fn check(
             ));
         }
     }
-    let keys: BTreeSet<String> = (0..ids.len())
-        .map(|i| {
-            if scenario.shared_keys {
+    // Each key with its runs' tenant (runs sharing keys share a tenant).
+    let keys: BTreeSet<(String, String)> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| {
+            let key = if scenario.shared_keys {
                 format!("effect-{}", i / 2)
             } else {
                 format!("effect-{i}")
-            }
+            };
+            let tenant = histories
+                .get(id)
+                .map_or(docket::DEFAULT_TENANT.to_string(), |h| h.run.tenant.clone());
+            (tenant, key)
         })
         .collect();
-    for key in &keys {
+    for (tenant, key) in &keys {
         let entry = d
             .store()
-            .ledger_get(docket::DEFAULT_TENANT.into(), key.clone())
+            .ledger_get(tenant.clone(), key.clone())
             .await
             .expect("ledger");
         let landed = effects.get(key).is_some_and(|e| !e.is_empty());
@@ -1948,17 +2774,10 @@ async fn check(
     }
 
     // No run lost, none created twice.
-    let stored = d
-        .list_runs(RunFilter {
-            limit: 10_000,
-            ..Default::default()
-        })
-        .await
-        .expect("list");
-    if stored.len() != ids.len() {
+    let top = stored.iter().filter(|r| r.parent_id.is_none()).count();
+    if top != ids.len() {
         v.push(format!(
-            "{} runs stored for {} triggered keys",
-            stored.len(),
+            "{top} runs stored for {} triggered keys",
             ids.len()
         ));
     }
@@ -1973,7 +2792,7 @@ async fn check(
         seed,
         violations: v,
         digest: fnv1a(digest_text.as_bytes()),
-        runs: stored.len(),
+        runs: top,
         attempts: attempts_total,
         injected,
         verdicts,
@@ -2025,7 +2844,7 @@ fn env_u64(name: &str) -> Option<u64> {
 fn scenario_from_env() -> Scenario {
     Scenario {
         shared_keys: std::env::var("DOCKET_SIM_SHARED_KEYS").is_ok_and(|v| v == "1"),
-        lying_reconcile: false,
+        ..Scenario::default()
     }
 }
 
@@ -2105,8 +2924,12 @@ fn run_seeds(
     let (mut runs, mut attempts) = (0, 0);
     let mut verdicts: BTreeMap<String, usize> = BTreeMap::new();
     let mut statuses: BTreeMap<String, usize> = BTreeMap::new();
+    let mut suspended: BTreeMap<&'static str, usize> = BTreeMap::new();
     for &seed in seeds {
         let r = one(seed);
+        for (k, n) in &r.suspensions {
+            *suspended.entry(k).or_insert(0) += n;
+        }
         runs += r.runs;
         attempts += r.attempts;
         injected.add(&r.injected);
@@ -2134,7 +2957,7 @@ fn run_seeds(
         }
     }
     say(&format!(
-        "simulation ({label}{}): {} seeds in {:.1?}; {runs} runs, {attempts} attempts; final states {statuses:?}; injected {injected:?}; verdicts {verdicts:?}; {} seeds failed",
+        "simulation ({label}{}): {} seeds in {:.1?}; {runs} runs, {attempts} attempts; final states {statuses:?}; injected {injected:?}; verdicts {verdicts:?}; suspensions and children {suspended:?}; {} seeds failed",
         if scenario.shared_keys { ", shared keys" } else { "" },
         seeds.len(),
         started.elapsed(),
@@ -2190,7 +3013,15 @@ fn a_seed_replays_identically() {
             "seed {seed} injected too little: {:?}",
             a.injected
         );
-        for k in ["signal_delivered", "signal_timed_out", "slept"] {
+        for k in [
+            "signal_delivered",
+            "signal_timed_out",
+            "slept",
+            "children",
+            "waiting_for_children",
+            "child_retried",
+            "cancelled_with_parent",
+        ] {
             assert!(
                 a.suspensions.get(k).is_some_and(|n| *n > 0),
                 "seed {seed} has no `{k}`: {:?}",
@@ -2206,9 +3037,11 @@ fn a_seed_replays_identically() {
 }
 
 /// A seed that kills workers, loses answers after commits, delays calls
-/// past a lease (late ends refused as stale) and retries, and whose runs
-/// sleep, receive signals and time out waiting for them.
-const REPLAY_SEED: u64 = 329;
+/// past a lease (late ends refused as stale) and retries, whose runs
+/// sleep, receive signals and time out waiting for them, and whose parents
+/// spawn and join children, retry a failed one, and are cancelled with
+/// their `cancel` children.
+const REPLAY_SEED: u64 = 372;
 
 /// The checker can fail: with a service whose reconcile always says "not
 /// done", an effect whose answer was lost is sent again, and the
@@ -2216,8 +3049,8 @@ const REPLAY_SEED: u64 = 329;
 #[test]
 fn the_checker_catches_a_lying_reconcile() {
     let scenario = Scenario {
-        shared_keys: false,
         lying_reconcile: true,
+        ..Scenario::default()
     };
     let caught = (0..40).find_map(|s| {
         let r = run_sqlite(s, scenario);
@@ -2230,6 +3063,27 @@ fn the_checker_catches_a_lying_reconcile() {
     say(&format!("lying reconcile caught at seed {seed}: {v}"));
 }
 
+/// The checker can fail for children too: when a spawn forgets its step
+/// (the first spawn of each name is stored under another one), the
+/// parent's replay spawns a second child of that name, and invariant 8
+/// reports it.
+#[test]
+fn the_checker_catches_a_second_child() {
+    let scenario = Scenario {
+        forgetful_spawn: true,
+        ..Scenario::default()
+    };
+    let caught = (0..40).find_map(|s| {
+        let r = run_sqlite(s, scenario);
+        r.violations
+            .iter()
+            .find(|v| v.contains("was spawned 2 times"))
+            .map(|v| (s, v.clone()))
+    });
+    let (seed, v) = caught.expect("40 seeds with a forgetful spawn and no second child found");
+    say(&format!("second child caught at seed {seed}: {v}"));
+}
+
 /// Two runs racing on one idempotency key must never both send, and a
 /// committed ledger row must stay committed. Before the ledger's
 /// compare-and-set, the second run reconciled and sent while the first was
@@ -2240,7 +3094,7 @@ fn the_checker_catches_a_lying_reconcile() {
 fn shared_keys_never_send_twice() {
     let scenario = Scenario {
         shared_keys: true,
-        lying_reconcile: false,
+        ..Scenario::default()
     };
     let seeds: Vec<u64> = SHARED_KEY_SEEDS.to_vec();
     let failed = run_seeds("sqlite", &seeds, scenario, false, |s| {

@@ -22,7 +22,13 @@ fn spawn(
         Ok(r) => r,
         Err(e) => return Ok(Err(e)),
     };
+    // First every check, then the writes in the order PostgreSQL writes
+    // them (its set-based statements): the new runs with their
+    // `run_triggered`, each child's link, then the parent's steps and its
+    // `child_spawned` events in spawn order. So a refused step spawns
+    // nothing, and both backends number a spawn's events alike.
     let mut out = Vec::with_capacity(children.len());
+    let mut fresh = Vec::new();
     for ch in children {
         let step = plan::child::step_name(&ch.step);
         let existing: Option<(String, Option<String>)> = c
@@ -49,9 +55,19 @@ fn spawn(
         {
             return Ok(Err(e));
         }
-        let job = ch.run.job.clone();
-        let t = trigger(c, vec![ch.run], now)?.remove(0);
-        let child = t.run;
+        out.push(Spawned {
+            step: ch.step.clone(),
+            run_id: ch.run.id,
+            existing: false,
+        });
+        fresh.push((step, ch));
+    }
+    if fresh.is_empty() {
+        return Ok(Ok(out));
+    }
+    let made = trigger(c, fresh.iter().map(|(_, ch)| ch.run.clone()).collect(), now)?;
+    for ((step, ch), t) in fresh.iter().zip(&made) {
+        let child = &t.run;
         c.prepare_cached("UPDATE runs SET parent_id = ?2, child_policy = ?3 WHERE id = ?1")
             .map_err(db_err)?
             .execute(params![
@@ -60,7 +76,7 @@ fn spawn(
                 ch.policy.as_str()
             ])
             .map_err(db_err)?;
-        let ev = plan::child::spawned_on_child(&step, parent.id, ch.policy);
+        let ev = plan::child::spawned_on_child(step, parent.id, ch.policy);
         insert_event(
             c,
             child.id,
@@ -74,7 +90,9 @@ fn spawn(
             None,
             &ev.data,
         )?;
-        let result = plan::child::step_result(child.id, &job, ch.policy);
+    }
+    for (step, ch) in &fresh {
+        let result = plan::child::step_result(ch.run.id, &ch.run.job, ch.policy);
         c.prepare_cached(
             "INSERT INTO steps (run_id, name, status, result, attempt, updated_at)
              VALUES (?1, ?2, 'completed', ?3, ?4, ?5)
@@ -84,13 +102,8 @@ fn spawn(
         .map_err(db_err)?
         .execute(params![parent.id.to_string(), step, result.to_string(), parent.attempt, now.0])
         .map_err(db_err)?;
-        let ev = plan::child::spawned_on_parent(&step, child.id, &job, ch.policy);
+        let ev = plan::child::spawned_on_parent(step, ch.run.id, &ch.run.job, ch.policy);
         attempt_event(c, &parent, lease, &ev.kind, now, &ev.data)?;
-        out.push(Spawned {
-            step: ch.step,
-            run_id: child.id,
-            existing: false,
-        });
     }
     Ok(Ok(out))
 }
