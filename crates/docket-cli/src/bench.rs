@@ -277,7 +277,7 @@ fn progress(len: usize, what: &str) -> ProgressBar {
 }
 
 /// Waits, with a bound, until `counter` reaches `target`.
-async fn wait_count(
+pub(crate) async fn wait_count(
     counter: &AtomicUsize,
     notify: &Notify,
     target: usize,

@@ -26,6 +26,8 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 const B_RUNS: usize = 200;
 /// B's trigger interval.
 const B_EVERY: Duration = Duration::from_millis(50);
+/// How long B's runs may take to start, all told.
+const BOUND: Duration = Duration::from_secs(120);
 
 #[derive(Serialize, Debug)]
 struct PhaseReport {
@@ -111,7 +113,7 @@ async fn phase(db: &crate::bench::Db, backlog: usize) -> Result<PhaseReport, Box
     };
     // Warm up: the first trigger pays for statement preparation.
     b(usize::MAX).await?;
-    wait_for(&count, &done, 1).await?;
+    crate::bench::wait_count(&count, &done, 1, BOUND).await?;
     let mut returned = Vec::with_capacity(B_RUNS);
     let mut tick = tokio::time::interval(B_EVERY);
     for i in 0..B_RUNS {
@@ -119,7 +121,7 @@ async fn phase(db: &crate::bench::Db, backlog: usize) -> Result<PhaseReport, Box
         let id = b(i).await?.run.id;
         returned.push((id, Instant::now()));
     }
-    wait_for(&count, &done, B_RUNS + 1).await?;
+    crate::bench::wait_count(&count, &done, B_RUNS + 1, BOUND).await?;
     let a_pending = if backlog > 0 {
         let counts = d.store().count_runs(Some("tenant-a".into())).await?;
         Some(
@@ -181,26 +183,4 @@ async fn enqueue_backlog(d: &Docket, n: usize) -> Result<(), BoxError> {
         left -= k;
     }
     Ok(())
-}
-
-/// Waits, with a bound, until `counter` reaches `target`.
-async fn wait_for(counter: &AtomicUsize, notify: &Notify, target: usize) -> Result<(), BoxError> {
-    let bound = Duration::from_secs(120);
-    tokio::time::timeout(bound, async {
-        loop {
-            let n = notify.notified();
-            if counter.load(Ordering::SeqCst) >= target {
-                return;
-            }
-            n.await;
-        }
-    })
-    .await
-    .map_err(|_| {
-        format!(
-            "only {} of {target} B runs started within {bound:?}",
-            counter.load(Ordering::SeqCst)
-        )
-        .into()
-    })
 }
