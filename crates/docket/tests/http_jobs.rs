@@ -274,10 +274,13 @@ async fn serve(mut sock: TcpStream, st: Arc<ServerState>) {
             drop(sock);
         }
         Some(Reply::Held) => {
-            // Bounded: the test's own request timeout is far shorter.
-            tokio::select! {
-                _ = st.release.notified() => respond(&mut sock, 200, &[], r#"{"held": true}"#).await,
-                _ = tokio::time::sleep(Duration::from_secs(30)) => {}
+            // Answered when the test releases it; a bounded wait (the
+            // test's own request timeout is far shorter).
+            if tokio::time::timeout(Duration::from_secs(30), st.release.notified())
+                .await
+                .is_ok()
+            {
+                respond(&mut sock, 200, &[], r#"{"held": true}"#).await;
             }
         }
         Some(Reply::CommitThenHang) => {
