@@ -107,6 +107,11 @@ pub(crate) struct Report {
     pub(crate) duplicates: Option<usize>,
     pub(crate) wall_s: f64,
     pub(crate) peak_rss_mb: Option<f64>,
+    /// PostgreSQL W1: the database's committed transactions during the
+    /// drain per processed run (`pg_stat_database.xact_commit`: counts
+    /// every session on the database, so run it on a database of its own).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) commits_per_run: Option<f64>,
 }
 
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -383,12 +388,17 @@ async fn w1(
     if let Some(p) = prefetch {
         config.prefetch = p;
     }
+    let commits_before = commits(db).await?;
     let handle = d.worker(config).start();
     wait_count(&count, &done, runs, Duration::from_secs(600)).await?;
     handle.shutdown(Duration::from_secs(10)).await;
     let drain_s = t.elapsed().as_secs_f64();
     pb.finish_and_clear();
     all_completed(&d, runs).await?;
+    let commits_per_run = match (commits_before, commits(db).await?) {
+        (Some(a), Some(b)) => Some((b - a) as f64 / runs as f64),
+        _ => None,
+    };
     Ok(Report {
         workload: "W1".into(),
         backend: db.backend.clone(),
@@ -401,8 +411,27 @@ async fn w1(
         executions_actual: Some(count.load(Ordering::SeqCst)),
         wall_s: start.elapsed().as_secs_f64(),
         peak_rss_mb: peak_rss_mb(),
+        commits_per_run,
         ..Default::default()
     })
+}
+
+/// PostgreSQL: the database's committed transactions so far, as the
+/// statistics report them. Sessions report theirs within about a second
+/// of going idle, so this waits that out first (a benchmark's figure, read
+/// outside the timed part). SQLite: `None`.
+async fn commits(db: &Db) -> Result<Option<i64>, BoxError> {
+    if db.backend != "postgres" {
+        return Ok(None);
+    }
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let pg = docket_store::postgres::PgStore::connect(&db.url).await?;
+    let n: i64 = sqlx::query_scalar(
+        "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()",
+    )
+    .fetch_one(pg.pool())
+    .await?;
+    Ok(Some(n))
 }
 
 async fn w2(db: &Db, runs: usize) -> Result<Report, BoxError> {

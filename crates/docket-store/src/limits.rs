@@ -69,6 +69,13 @@ pub trait LimitStore: Send + Sync {
     /// every process on the database share the bucket without races.
     async fn rate_take(&self, req: RateTakeRequest) -> Result<RateTake>;
 
+    /// [`rate_take`](LimitStore::rate_take) for each request, in ONE
+    /// transaction (one commit, however many runs a claim brought): the
+    /// answers, in the order of `reqs`, are those of taking one after
+    /// another in that order. Buckets are locked in key order, so batches
+    /// racing from several processes cannot deadlock.
+    async fn rate_take_many(&self, reqs: Vec<RateTakeRequest>) -> Result<Vec<RateTake>>;
+
     /// The stored buckets whose key starts with `prefix`, by key.
     async fn rate_buckets(&self, prefix: String) -> Result<Vec<RateBucketRow>>;
 

@@ -1534,3 +1534,81 @@ async fn debounce_matches_sqlite_row_for_row() {
         "{opened:?}"
     );
 }
+
+/// A round whose claim cannot be one statement with its ends (keyed runs
+/// wait, two tenants have due runs) still commits ONCE: the end, the keyed
+/// claim that takes the slot the end freed, and each tenant's claim are
+/// written by one transaction, so every row they wrote carries that
+/// transaction's id as `xmin`.
+#[tokio::test]
+async fn a_round_with_keys_and_several_tenants_commits_once() {
+    let Some(pg) = fresh_pg().await else { return };
+    let pool = pg.pool().clone();
+    let store: DynStore = Arc::new(pg);
+    let keyed = |at: i64| {
+        let mut n = NewRun::new("job", json!({ "at": at }));
+        n.run_after = Some(T0.plus_millis(at));
+        n.concurrency = Some(docket_store::ConcurrencyKey {
+            key: "k".into(),
+            limit: 1,
+        });
+        n
+    };
+    let (k1, k2) = (keyed(0), keyed(1));
+    let keyed_ids = [k1.id, k2.id];
+    store.trigger(vec![k1, k2], T0).await.unwrap();
+    let now = T0.plus_millis(10);
+    let first = store.claim(claim_at(now, 1)).await.unwrap();
+    assert_eq!(
+        first.iter().map(|r| r.id).collect::<Vec<_>>(),
+        [keyed_ids[0]]
+    );
+    let unkeyed: Vec<NewRun> = ["a", "b"]
+        .iter()
+        .map(|t| {
+            let mut n = NewRun::new("job", json!({ "tenant": t }));
+            n.tenant = (*t).into();
+            n
+        })
+        .collect();
+    let mut ids: Vec<Uuid> = unkeyed.iter().map(|r| r.id.0).collect();
+    store.trigger(unkeyed, T0).await.unwrap();
+    let now = now.plus_millis(5);
+    let end = docket_store::AttemptEnd {
+        run_id: first[0].id,
+        lease_id: first[0].lease_id.unwrap(),
+        now,
+        outcome: docket_store::Outcome::Completed { output: json!(1) },
+    };
+    let (ended, got) = store
+        .finish_and_claim(vec![end], vec![claim_at(now, 10)])
+        .await
+        .unwrap();
+    assert!(ended[0].is_ok(), "{ended:?}");
+    let mut got_ids: Vec<Uuid> = got.iter().map(|r| r.id.0).collect();
+    got_ids.sort();
+    ids.push(keyed_ids[1].0);
+    ids.sort();
+    assert_eq!(got_ids, ids, "the freed key slot and both tenants' runs");
+    ids.push(keyed_ids[0].0);
+    let writers: Vec<String> =
+        sqlx::query_scalar("SELECT DISTINCT xmin::text FROM runs WHERE id = ANY($1)")
+            .bind(&ids)
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        writers.len(),
+        1,
+        "one transaction wrote the round: {writers:?}"
+    );
+    let event_writers: Vec<String> = sqlx::query_scalar(
+        "SELECT DISTINCT xmin::text FROM events WHERE run_id = ANY($1) AND at = $2",
+    )
+    .bind(&ids)
+    .bind(now.0)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(event_writers, writers, "the round's events too");
+}

@@ -153,7 +153,17 @@ pub(crate) async fn take(
         limit,
         now,
     };
-    match store.rate_take(req).await {
+    answer(bucket, store.rate_take(req).await)
+}
+
+/// What a take's answer means for the run: go ahead, deferred to its
+/// reserved token (a [`Control::RateLimited`] error), or, when the store
+/// failed, a retryable `unavailable` failure (nothing was sent).
+pub(crate) fn answer(
+    bucket: &str,
+    taken: Result<RateTake, docket_store::StoreError>,
+) -> Result<(), JobError> {
+    match taken {
         Ok(RateTake::Granted) => Ok(()),
         Ok(RateTake::Deferred { until }) => Err(JobError::control(
             Control::RateLimited {

@@ -975,6 +975,12 @@ impl docket_store::LimitStore for SimStore {
     ) -> SResult<docket_store::RateTake> {
         self.inner.rate_take(req).await
     }
+    async fn rate_take_many(
+        &self,
+        reqs: Vec<docket_store::RateTakeRequest>,
+    ) -> SResult<Vec<docket_store::RateTake>> {
+        self.inner.rate_take_many(reqs).await
+    }
     async fn rate_buckets(&self, prefix: String) -> SResult<Vec<docket_store::RateBucketRow>> {
         self.inner.rate_buckets(prefix).await
     }

@@ -115,6 +115,12 @@ mod faulty {
         pub fail_breaker_reads: AtomicUsize,
         /// `breaker_update` calls to fail before they reach the store.
         pub fail_breaker_updates: AtomicUsize,
+        /// `rate_take_many` calls to fail before they reach the store.
+        pub fail_rate_batches: AtomicUsize,
+        /// The size of every `rate_take_many` call, in order.
+        pub rate_batches: std::sync::Mutex<Vec<usize>>,
+        /// `rate_take` calls (one token each).
+        pub rate_takes: AtomicUsize,
     }
 
     impl Faulty {
@@ -348,7 +354,19 @@ mod faulty {
             &self,
             req: docket_store::RateTakeRequest,
         ) -> Result<docket_store::RateTake> {
+            self.rate_takes.fetch_add(1, Ordering::SeqCst);
             self.inner.rate_take(req).await
+        }
+        async fn rate_take_many(
+            &self,
+            reqs: Vec<docket_store::RateTakeRequest>,
+        ) -> Result<Vec<docket_store::RateTake>> {
+            self.rate_batches
+                .lock()
+                .expect("rate batches")
+                .push(reqs.len());
+            self.take(&self.fail_rate_batches)?;
+            self.inner.rate_take_many(reqs).await
         }
         async fn rate_buckets(&self, prefix: String) -> Result<Vec<docket_store::RateBucketRow>> {
             self.inner.rate_buckets(prefix).await
@@ -572,6 +590,9 @@ mod faulty {
             fail_triggers_after: AtomicUsize::new(0),
             fail_breaker_reads: AtomicUsize::new(0),
             fail_breaker_updates: AtomicUsize::new(0),
+            fail_rate_batches: AtomicUsize::new(0),
+            rate_batches: Default::default(),
+            rate_takes: AtomicUsize::new(0),
         })
     }
 }
@@ -1000,4 +1021,78 @@ async fn a_store_error_while_half_open_never_sends_a_second_probe() {
     }
     assert_eq!(http_b.breakers()[0].state, BreakerPhase::Closed);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A job's rate-limit tokens are taken for all the runs of a claim in ONE
+/// store call (not one transaction per run). When that call fails, no
+/// handler runs: each run's attempt is a retryable `unavailable` failure
+/// (nothing was sent), and at its retry the next claim takes the tokens
+/// again, in one call, and the handlers run.
+#[tokio::test]
+async fn a_claims_rate_tokens_are_one_store_call_and_its_failure_runs_nothing() {
+    let store = faulty::over_sqlite(("none", 0), 0);
+    let t0 = docket::Timestamp(1_767_225_600_000);
+    let clock = docket::ManualClock::new(t0);
+    let d = Docket::with_store(store.clone(), Arc::new(clock.clone()));
+    let ran = Arc::new(AtomicUsize::new(0));
+    let r = ran.clone();
+    d.register(
+        Job::new("limited", move |_ctx, _: Value| {
+            let r = r.clone();
+            async move {
+                r.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, JobError>(json!({}))
+            }
+        })
+        .rate_limit(1_000.0, 1_000),
+    )
+    .unwrap();
+    let mut ids = Vec::new();
+    for i in 0..6 {
+        ids.push(
+            d.trigger("limited", json!({ "i": i }))
+                .await
+                .unwrap()
+                .run
+                .id,
+        );
+    }
+    let w = d.worker(WorkerConfig {
+        concurrency: 8,
+        ..Default::default()
+    });
+    store.fail_rate_batches.store(1, Ordering::SeqCst);
+    assert_eq!(w.tick().await.unwrap(), 6);
+    assert_eq!(ran.load(Ordering::SeqCst), 0, "no token, no handler");
+    let mut due = t0;
+    for id in &ids {
+        let run = d.get_run(*id).await.unwrap();
+        assert_eq!(run.status, RunStatus::Pending, "{run:?}");
+        let attempts = d.store().attempts(*id).await.unwrap();
+        assert_eq!(attempts.len(), 1);
+        assert_eq!(
+            attempts[0].error_class,
+            Some(docket::ErrorClass::Unavailable)
+        );
+        assert!(
+            attempts[0]
+                .error_message
+                .as_deref()
+                .is_some_and(|m| m.contains("rate limit limited: the bucket could not be read")),
+            "{attempts:?}"
+        );
+        due = due.max(run.run_after);
+    }
+    clock.set(due);
+    assert_eq!(w.tick().await.unwrap(), 6);
+    assert_eq!(ran.load(Ordering::SeqCst), 6);
+    for id in &ids {
+        assert_eq!(d.get_run(*id).await.unwrap().status, RunStatus::Completed);
+    }
+    assert_eq!(*store.rate_batches.lock().unwrap(), vec![6, 6]);
+    assert_eq!(
+        store.rate_takes.load(Ordering::SeqCst),
+        0,
+        "no take per run"
+    );
 }

@@ -616,8 +616,14 @@ pub(super) async fn claim(
     if req.jobs.is_empty() || req.limit == 0 {
         return Ok(Vec::new());
     }
+    use sqlx::Connection as _;
     let found = claimable(&mut *c, req, cursor).await?;
-    claim_found(&mut *c, req, &found.keys, &found.tenants, cursor).await
+    // Keyed and unkeyed parts, every tenant asked: one transaction, one
+    // commit (a flush), all or nothing.
+    let mut tx = c.begin().await.map_err(db)?;
+    let runs = claim_found(&mut tx, req, &found.keys, &found.tenants, cursor).await?;
+    tx.commit().await.map_err(db)?;
+    Ok(runs)
 }
 
 /// The unkeyed part of a claim: `limit` slots dealt among `tenants` by
@@ -658,6 +664,16 @@ fn for_tenant(req: &ClaimRequest, tenant: &str, limit: usize) -> ClaimRequest {
 struct Claimable {
     keys: Vec<String>,
     tenants: Vec<String>,
+}
+
+impl Claimable {
+    /// The tenants a claim asks: its own, or those found.
+    fn tenants_of(&self, req: &ClaimRequest) -> Vec<String> {
+        match &req.tenant {
+            Some(t) => vec![t.clone()],
+            None => self.tenants.clone(),
+        }
+    }
 }
 
 /// One round trip: the keys with claimable runs (a skip scan of
@@ -734,9 +750,10 @@ async fn claimable(c: &mut PgConnection, req: &ClaimRequest, cursor: &Cursor) ->
     Ok(found)
 }
 
-/// Claims keyed runs of `keys` for `req`, in one transaction: each key is
-/// locked first (a transaction-level advisory lock; a key another claimer
-/// holds is skipped, like `SKIP LOCKED`), then its running runs are counted
+/// Claims keyed runs of `keys` for `req`, inside the caller's transaction
+/// (the locks are the transaction's): each key is locked first (a
+/// transaction-level advisory lock; a key another claimer holds is
+/// skipped, like `SKIP LOCKED`), then its running runs are counted
 /// and its first due runs read in a new snapshot, so two claimers can never
 /// both take a key's last slot. `plan::concurrency::pick` decides; newly
 /// held runs are marked with their `run_held` event.
@@ -745,7 +762,6 @@ async fn keyed_claim(
     req: &ClaimRequest,
     keys: Vec<String>,
 ) -> Result<Vec<Run>> {
-    use sqlx::Connection as _;
     if keys.is_empty() {
         return Ok(Vec::new());
     }
@@ -786,16 +802,14 @@ async fn keyed_claim(
             crate::plan::claim::CLAIMABLE_SQL
         )
     });
-    let mut tx = c.begin().await.map_err(db)?;
     let locked: Vec<String> = sqlx::query_scalar(&LOCK)
         .bind(&keys)
         .bind(&req.jobs)
         .bind(&req.tenant)
-        .fetch_all(&mut *tx)
+        .fetch_all(&mut *c)
         .await
         .map_err(db)?;
     if locked.is_empty() {
-        tx.commit().await.map_err(db)?;
         return Ok(Vec::new());
     }
     let rows = sqlx::query(&STATES)
@@ -804,7 +818,7 @@ async fn keyed_claim(
         .bind(&req.jobs)
         .bind(i64::try_from(req.limit).unwrap_or(i64::MAX))
         .bind(&req.tenant)
-        .fetch_all(&mut *tx)
+        .fetch_all(&mut *c)
         .await
         .map_err(db)?;
     let mut states: Vec<crate::plan::concurrency::KeyState> = Vec::new();
@@ -852,7 +866,7 @@ async fn keyed_claim(
         .bind(&kinds)
         .bind(&data)
         .bind(req.now.0)
-        .execute(&mut *tx)
+        .execute(&mut *c)
         .await
         .map_err(db)?;
     }
@@ -863,12 +877,11 @@ async fn keyed_claim(
         let rows = a
             .bind(sqlx::query(&KEYED_CLAIM_SQL))
             .bind(&ids)
-            .fetch_all(&mut *tx)
+            .fetch_all(&mut *c)
             .await
             .map_err(db)?;
         runs = rows.iter().map(run_from_row).collect::<Result<_>>()?;
     }
-    tx.commit().await.map_err(db)?;
     Ok(runs)
 }
 
@@ -1103,11 +1116,20 @@ pub(super) async fn reap(
 /// (the largest `limit`): the semantics of [`Store::finish_and_claim`]
 /// (`crate::Store`), as if `finish` were followed by one `claim` per request.
 ///
-/// Usually ONE statement: the ends and the first claim share a round trip
-/// and a commit. That is exact only when none of the ends can make a run
-/// claimable at once (a release, or a retry or postponement due by the
-/// claim's `now`): the claim's snapshot would not see it, where a claim
-/// after the finish would. Then the finish goes first and the claim after.
+/// One commit (one WAL flush) either way:
+/// - usually ONE statement: the ends and the first claim share a round
+///   trip. That is exact only when no keyed runs wait, one tenant is
+///   visited and none of the ends can make a run claimable at once (a
+///   release, or a retry or postponement due by the claim's `now`): the
+///   statement's snapshot would not see it, where a claim after the finish
+///   would;
+/// - otherwise ONE transaction: the finish statement, then the keyed claim
+///   (its locks, a new snapshot that sees the ends) and the unkeyed claims
+///   of every tenant asked.
+///
+/// Only when a run ends twice among `ends`, or the server refuses the
+/// transaction (nothing of it was written), does the step-by-step path run:
+/// the ends round by round (each refused one alone), then the claims.
 pub(super) async fn finish_and_claim(
     c: &mut PgConnection,
     ends: Vec<AttemptEnd>,
@@ -1119,53 +1141,126 @@ pub(super) async fn finish_and_claim(
         Some(req) if budget > 0 => claimable(&mut *c, req, cursor).await?,
         _ => Claimable::default(),
     };
-    let tenants_of = |req: &ClaimRequest| match &req.tenant {
-        Some(t) => vec![t.clone()],
-        None => found.tenants.clone(),
-    };
-    let mut claims = claims.into_iter();
-    let first = claims.next().map(|mut req| {
-        req.limit = req.limit.min(budget);
-        req
-    });
-    // The ends and the first claim share one statement when that is exact:
-    // no keyed runs wait (the ends may free a key's slot: store them first,
-    // then claim keyed runs, as SQLite does), one tenant is visited (the
-    // claim is then one range of `runs_claim`), and no end makes a run
-    // claimable by the claim's `now`.
+    let claims: Vec<ClaimRequest> = claims.into_iter().filter(|r| !r.jobs.is_empty()).collect();
     let together = found.keys.is_empty()
-        && first.as_ref().is_some_and(|req| {
-            tenants_of(req).len() == 1 && !ends.iter().any(|e| frees_by(e, req.now.0))
+        && claims.first().is_some_and(|req| {
+            found.tenants_of(req).len() == 1 && !ends.iter().any(|e| frees_by(e, req.now.0))
         });
-    let mut runs = Vec::new();
-    let finished = if together {
-        let req = first.as_ref().expect("together has a first claim");
-        let tenant = &tenants_of(req)[0];
+    if together {
+        let first = &claims[0];
+        let tenant = &found.tenants_of(first)[0];
+        let limit = first.limit.min(budget);
         let (finished, claimed) =
-            apply(&mut *c, &ends, Some(&for_tenant(req, tenant, req.limit))).await?;
-        runs = claimed.transpose()?.unwrap_or_default();
-        if req.tenant.is_none() {
+            apply(&mut *c, &ends, Some(&for_tenant(first, tenant, limit))).await?;
+        let mut runs = claimed.transpose()?.unwrap_or_default();
+        if first.tenant.is_none() {
             cursor.served(tenant);
         }
-        finished
-    } else {
-        let (finished, _) = apply(&mut *c, &ends, None).await?;
-        if let Some(req) = &first {
-            runs = claim_found(&mut *c, req, &found.keys, &tenants_of(req), cursor).await?;
-        }
-        finished
-    };
-    for mut req in claims {
-        req.limit = req.limit.min(budget.saturating_sub(runs.len()));
-        if req.limit > 0 && !req.jobs.is_empty() {
-            let tenants = tenants_of(&req);
-            runs.extend(claim_found(&mut *c, &req, &found.keys, &tenants, cursor).await?);
+        let rest = budget.saturating_sub(runs.len());
+        runs.extend(claim_committed(&mut *c, &claims[1..], rest, &found, cursor).await?);
+        return Ok((finished, runs));
+    }
+    if rounds(&ends).len() <= 1 {
+        if let Some(done) =
+            in_one_transaction(&mut *c, &ends, &claims, budget, &found, cursor).await?
+        {
+            return Ok(done);
         }
     }
+    let (finished, _) = apply(&mut *c, &ends, None).await?;
+    let runs = claim_committed(&mut *c, &claims, budget, &found, cursor).await?;
     Ok((finished, runs))
 }
 
-/// A claim with what [`claimable`] found: keyed runs, then unkeyed ones.
+/// [`claim_each`] in a transaction of its own (the keyed claim's locks
+/// need one), committed.
+async fn claim_committed(
+    c: &mut PgConnection,
+    claims: &[ClaimRequest],
+    budget: usize,
+    found: &Claimable,
+    cursor: &Cursor,
+) -> Result<Vec<Run>> {
+    use sqlx::Connection as _;
+    if budget == 0 || claims.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut tx = c.begin().await.map_err(db)?;
+    let runs = claim_each(&mut tx, claims, budget, found, cursor).await?;
+    tx.commit().await.map_err(db)?;
+    Ok(runs)
+}
+
+/// `ends` (no run twice) and `claims` in one transaction. `Ok(None)`: the
+/// server refused a statement and nothing was written (the caller goes
+/// step by step); `Err`: the connection failed (before the commit nothing
+/// was written; at the commit the fate is unknown, as for any lost answer:
+/// a claimed run's lease then expires and is reaped).
+async fn in_one_transaction(
+    c: &mut PgConnection,
+    ends: &[AttemptEnd],
+    claims: &[ClaimRequest],
+    budget: usize,
+    found: &Claimable,
+    cursor: &Cursor,
+) -> Result<Option<(Vec<Result<RunStatus>>, Vec<Run>)>> {
+    use sqlx::Connection as _;
+    let mut tx = c.begin().await.map_err(db)?;
+    let refs: Vec<&AttemptEnd> = ends.iter().collect();
+    let finished = if refs.is_empty() {
+        Vec::new()
+    } else {
+        match finish_only(&mut tx, &refs).await {
+            Ok(r) => r,
+            Err(sqlx::Error::Database(_)) => {
+                tx.rollback().await.map_err(db)?;
+                return Ok(None);
+            }
+            Err(e) => return Err(db(e)),
+        }
+    };
+    let runs = match claim_each(&mut tx, claims, budget, found, cursor).await {
+        Ok(runs) => runs,
+        Err(StoreError::Db { kind, .. }) if kind != crate::DbErrorKind::Connection => {
+            // Refused by the server (a deadlock, 40P01, on a held run an
+            // operator has locked, say): nothing of this transaction
+            // stays, and the ends must not fail for the claim's sake.
+            tx.rollback().await.map_err(db)?;
+            return Ok(None);
+        }
+        Err(e) => return Err(e),
+    };
+    tx.commit().await.map_err(db)?;
+    Ok(Some((finished, runs)))
+}
+
+/// Claims for each request in turn from one budget, with what
+/// [`claimable`] found, inside the caller's transaction.
+async fn claim_each(
+    c: &mut PgConnection,
+    claims: &[ClaimRequest],
+    budget: usize,
+    found: &Claimable,
+    cursor: &Cursor,
+) -> Result<Vec<Run>> {
+    let mut runs = Vec::new();
+    for req in claims {
+        let limit = req.limit.min(budget.saturating_sub(runs.len()));
+        if limit == 0 {
+            continue;
+        }
+        let req = ClaimRequest {
+            limit,
+            ..req.clone()
+        };
+        let tenants = found.tenants_of(&req);
+        runs.extend(claim_found(&mut *c, &req, &found.keys, &tenants, cursor).await?);
+    }
+    Ok(runs)
+}
+
+/// A claim with what [`claimable`] found: keyed runs, then unkeyed ones,
+/// inside the caller's transaction (the keyed claim's locks are its).
 async fn claim_found(
     c: &mut PgConnection,
     req: &ClaimRequest,

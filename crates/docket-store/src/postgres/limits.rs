@@ -39,53 +39,77 @@ const WRITE_SQL: &str = "WITH b AS (
      SELECT $1, $2, $8 WHERE $8::bigint IS NOT NULL
      ON CONFLICT (key, holder) DO UPDATE SET due_at = EXCLUDED.due_at";
 
+/// One take inside the caller's transaction: the bucket's row is locked
+/// until it commits.
+async fn take(c: &mut sqlx::PgConnection, req: &RateTakeRequest) -> Result<RateTake> {
+    let row = sqlx::query(LOCK_SQL)
+        .bind(&req.key)
+        .bind(&req.holder)
+        .bind(req.limit.capacity())
+        .bind(req.now.0)
+        .bind(req.limit.per_second)
+        .bind(i64::from(req.limit.burst))
+        .fetch_one(&mut *c)
+        .await
+        .map_err(db)?;
+    let bucket = Bucket {
+        tokens: row.get(0),
+        refilled_at: Timestamp(row.get(1)),
+    };
+    let reservation: Option<i64> = row.get(2);
+    let p = plan::take(
+        Some(bucket),
+        reservation.map(Timestamp),
+        &req.limit,
+        req.now,
+    );
+    if p.bucket.is_some() || p.delete_reservation || p.reserve.is_some() {
+        // The stale reservation a holder replaces is its own: the
+        // conflict clause of the insert updates it, and `d` never
+        // deletes the row the insert writes (a data-modifying CTE sees
+        // the snapshot from before the statement).
+        let reserve_replaces_own = p.reserve.is_some() && p.delete_reservation;
+        sqlx::query(WRITE_SQL)
+            .bind(&req.key)
+            .bind(&req.holder)
+            .bind(p.bucket.map(|b| b.tokens))
+            .bind(p.bucket.map(|b| b.refilled_at.0))
+            .bind(req.limit.per_second)
+            .bind(i64::from(req.limit.burst))
+            .bind(p.delete_reservation && !reserve_replaces_own)
+            .bind(p.reserve.map(|t| t.0))
+            .bind(p.gc_before.map(|t| t.0))
+            .execute(&mut *c)
+            .await
+            .map_err(db)?;
+    }
+    Ok(p.answer)
+}
+
 #[async_trait]
 impl LimitStore for PgStore {
     async fn rate_take(&self, req: RateTakeRequest) -> Result<RateTake> {
         let mut tx = self.pool.begin().await.map_err(db)?;
-        let row = sqlx::query(LOCK_SQL)
-            .bind(&req.key)
-            .bind(&req.holder)
-            .bind(req.limit.capacity())
-            .bind(req.now.0)
-            .bind(req.limit.per_second)
-            .bind(i64::from(req.limit.burst))
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(db)?;
-        let bucket = Bucket {
-            tokens: row.get(0),
-            refilled_at: Timestamp(row.get(1)),
-        };
-        let reservation: Option<i64> = row.get(2);
-        let p = plan::take(
-            Some(bucket),
-            reservation.map(Timestamp),
-            &req.limit,
-            req.now,
-        );
-        if p.bucket.is_some() || p.delete_reservation || p.reserve.is_some() {
-            // The stale reservation a holder replaces is its own: the
-            // conflict clause of the insert updates it, and `d` never
-            // deletes the row the insert writes (a data-modifying CTE sees
-            // the snapshot from before the statement).
-            let reserve_replaces_own = p.reserve.is_some() && p.delete_reservation;
-            sqlx::query(WRITE_SQL)
-                .bind(&req.key)
-                .bind(&req.holder)
-                .bind(p.bucket.map(|b| b.tokens))
-                .bind(p.bucket.map(|b| b.refilled_at.0))
-                .bind(req.limit.per_second)
-                .bind(i64::from(req.limit.burst))
-                .bind(p.delete_reservation && !reserve_replaces_own)
-                .bind(p.reserve.map(|t| t.0))
-                .bind(p.gc_before.map(|t| t.0))
-                .execute(&mut *tx)
-                .await
-                .map_err(db)?;
+        let answer = take(&mut tx, &req).await?;
+        tx.commit().await.map_err(db)?;
+        Ok(answer)
+    }
+
+    async fn rate_take_many(&self, reqs: Vec<RateTakeRequest>) -> Result<Vec<RateTake>> {
+        if reqs.is_empty() {
+            return Ok(Vec::new());
+        }
+        // Key order (stable: one key's takes stay in their order), so two
+        // batches lock shared buckets in the same order.
+        let mut order: Vec<usize> = (0..reqs.len()).collect();
+        order.sort_by(|&a, &b| reqs[a].key.cmp(&reqs[b].key));
+        let mut out = vec![RateTake::Granted; reqs.len()];
+        let mut tx = self.pool.begin().await.map_err(db)?;
+        for i in order {
+            out[i] = take(&mut tx, &reqs[i]).await?;
         }
         tx.commit().await.map_err(db)?;
-        Ok(p.answer)
+        Ok(out)
     }
 
     async fn rate_buckets(&self, prefix: String) -> Result<Vec<RateBucketRow>> {

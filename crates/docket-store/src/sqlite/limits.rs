@@ -12,72 +12,82 @@ use docket_core::rate::{Bucket, RateLimit};
 use docket_core::Timestamp;
 use rusqlite::{params, OptionalExtension};
 
-#[async_trait]
-impl LimitStore for SqliteStore {
-    async fn rate_take(&self, req: RateTakeRequest) -> Result<RateTake> {
-        self.call(move |c| {
-            let bucket = c
-                .prepare_cached("SELECT tokens, refilled_at FROM rate_buckets WHERE key = ?1")
-                .map_err(db_err)?
-                .query_row(params![req.key], |r| {
-                    Ok(Bucket {
-                        tokens: r.get(0)?,
-                        refilled_at: Timestamp(r.get(1)?),
-                    })
-                })
-                .optional()
-                .map_err(db_err)?;
-            let reservation = c
-                .prepare_cached(
-                    "SELECT due_at FROM rate_reservations WHERE key = ?1 AND holder = ?2",
-                )
-                .map_err(db_err)?
-                .query_row(params![req.key, req.holder], |r| r.get::<_, i64>(0))
-                .optional()
-                .map_err(db_err)?
-                .map(Timestamp);
-            let p = plan::take(bucket, reservation, &req.limit, req.now);
-            if let Some(b) = p.bucket {
-                c.prepare_cached(
-                    "INSERT INTO rate_buckets (key, tokens, refilled_at, per_second, burst)
+/// One take under the writer's lock.
+fn take(c: &rusqlite::Connection, req: &RateTakeRequest) -> Result<RateTake> {
+    let bucket = c
+        .prepare_cached("SELECT tokens, refilled_at FROM rate_buckets WHERE key = ?1")
+        .map_err(db_err)?
+        .query_row(params![&req.key], |r| {
+            Ok(Bucket {
+                tokens: r.get(0)?,
+                refilled_at: Timestamp(r.get(1)?),
+            })
+        })
+        .optional()
+        .map_err(db_err)?;
+    let reservation = c
+        .prepare_cached("SELECT due_at FROM rate_reservations WHERE key = ?1 AND holder = ?2")
+        .map_err(db_err)?
+        .query_row(params![&req.key, &req.holder], |r| r.get::<_, i64>(0))
+        .optional()
+        .map_err(db_err)?
+        .map(Timestamp);
+    let p = plan::take(bucket, reservation, &req.limit, req.now);
+    if let Some(b) = p.bucket {
+        c.prepare_cached(
+            "INSERT INTO rate_buckets (key, tokens, refilled_at, per_second, burst)
                      VALUES (?1, ?2, ?3, ?4, ?5)
                      ON CONFLICT (key) DO UPDATE SET tokens = ?2, refilled_at = ?3,
                         per_second = ?4, burst = ?5",
-                )
-                .map_err(db_err)?
-                .execute(params![
-                    req.key,
-                    b.tokens,
-                    b.refilled_at.0,
-                    req.limit.per_second,
-                    req.limit.burst
-                ])
-                .map_err(db_err)?;
-            }
-            if p.delete_reservation {
-                c.prepare_cached("DELETE FROM rate_reservations WHERE key = ?1 AND holder = ?2")
-                    .map_err(db_err)?
-                    .execute(params![req.key, req.holder])
-                    .map_err(db_err)?;
-            }
-            if let Some(before) = p.gc_before {
-                c.prepare_cached("DELETE FROM rate_reservations WHERE key = ?1 AND due_at < ?2")
-                    .map_err(db_err)?
-                    .execute(params![req.key, before.0])
-                    .map_err(db_err)?;
-            }
-            if let Some(due) = p.reserve {
-                c.prepare_cached(
-                    "INSERT INTO rate_reservations (key, holder, due_at) VALUES (?1, ?2, ?3)
+        )
+        .map_err(db_err)?
+        .execute(params![
+            &req.key,
+            b.tokens,
+            b.refilled_at.0,
+            req.limit.per_second,
+            req.limit.burst
+        ])
+        .map_err(db_err)?;
+    }
+    if p.delete_reservation {
+        c.prepare_cached("DELETE FROM rate_reservations WHERE key = ?1 AND holder = ?2")
+            .map_err(db_err)?
+            .execute(params![&req.key, &req.holder])
+            .map_err(db_err)?;
+    }
+    if let Some(before) = p.gc_before {
+        c.prepare_cached("DELETE FROM rate_reservations WHERE key = ?1 AND due_at < ?2")
+            .map_err(db_err)?
+            .execute(params![&req.key, before.0])
+            .map_err(db_err)?;
+    }
+    if let Some(due) = p.reserve {
+        c.prepare_cached(
+            "INSERT INTO rate_reservations (key, holder, due_at) VALUES (?1, ?2, ?3)
                      ON CONFLICT (key, holder) DO UPDATE SET due_at = ?3",
-                )
-                .map_err(db_err)?
-                .execute(params![req.key, req.holder, due.0])
-                .map_err(db_err)?;
-            }
-            Ok(p.answer)
-        })
-        .await
+        )
+        .map_err(db_err)?
+        .execute(params![&req.key, &req.holder, due.0])
+        .map_err(db_err)?;
+    }
+    Ok(p.answer)
+}
+
+#[async_trait]
+impl LimitStore for SqliteStore {
+    async fn rate_take(&self, req: RateTakeRequest) -> Result<RateTake> {
+        self.call(move |c| take(c, &req)).await
+    }
+
+    async fn rate_take_many(&self, reqs: Vec<RateTakeRequest>) -> Result<Vec<RateTake>> {
+        if reqs.is_empty() {
+            return Ok(Vec::new());
+        }
+        // One writer request: the takes share its transaction (the write
+        // lock orders them; no lock order to keep).
+        self.call(move |c| reqs.iter().map(|req| take(c, req)).collect())
+            .await
     }
 
     async fn rate_buckets(&self, prefix: String) -> Result<Vec<RateBucketRow>> {

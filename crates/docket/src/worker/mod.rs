@@ -159,9 +159,13 @@ impl Worker {
         let runs = self.shared.claim(self.shared.config.concurrency).await?;
         // A tick runs what it claimed now, whatever the slot count.
         let n = runs.len();
+        let mut rates = self.shared.docket.take_job_rates(&runs).await;
         let tasks: Vec<_> = runs
             .into_iter()
-            .map(|r| self.shared.clone().spawn_run(r, false))
+            .map(|r| {
+                let rate = rates.remove(&r.id);
+                self.shared.clone().spawn_run(r, rate, false)
+            })
             .collect();
         for t in tasks {
             let _ = t.await;
@@ -338,8 +342,10 @@ async fn main_loop(
                     if let Some(free) = free {
                         want_claim = runs.len() == free;
                         prefetch.claimed(free, runs.len(), in_hand, concurrency);
+                        let mut rates = shared.docket.take_job_rates(&runs).await;
                         for r in runs {
-                            shared.clone().spawn_run(r, true);
+                            let rate = rates.remove(&r.id);
+                            shared.clone().spawn_run(r, rate, true);
                         }
                     }
                     // Freed slots: there may be runs due now (retries).
@@ -743,7 +749,13 @@ impl Shared {
     /// Runs a claimed run in its own task once a handler slot is free.
     /// `via_driver`: hand the end to the driver loop (running worker) rather
     /// than storing it from the task (tick mode).
-    fn spawn_run(self: Arc<Self>, run: Run, via_driver: bool) -> JoinHandle<()> {
+    /// `rate`: the run's job rate-limit answer, taken with its claim.
+    fn spawn_run(
+        self: Arc<Self>,
+        run: Run,
+        rate: Option<std::result::Result<(), JobError>>,
+        via_driver: bool,
+    ) -> JoinHandle<()> {
         let lease = LeaseRef {
             run_id: run.id,
             lease_id: run.lease_id.expect("claimed run has a lease"),
@@ -780,7 +792,7 @@ impl Shared {
                     Vec::new(),
                 )
             } else {
-                me.docket.execute(run, cancelled).await
+                me.docket.execute(run, cancelled, rate).await
             };
             let (end, kept) = end;
             drop(permit);
@@ -855,37 +867,85 @@ pub(crate) fn bounded(mut s: String) -> String {
 }
 
 impl Docket {
-    /// Takes the token of the job's rate limit for `run` (no limit: `Ok`).
-    async fn job_rate(&self, job: &Job, run: &Run) -> std::result::Result<(), JobError> {
-        let Some(spec) = &job.rate else {
-            return Ok(());
-        };
-        let bucket = spec
-            .bucket(
+    /// Takes the job rate-limit tokens of a claim's runs, all in ONE store
+    /// call (one transaction): the answer per limited run, to be used when
+    /// it starts (`execute`). A run whose input its job refuses takes no
+    /// token (it is refused unrun); a key that cannot be rendered is the
+    /// run's `invalid_input` failure. Taking at the claim rather than at
+    /// the start moves a token's use earlier by the time the run waits for
+    /// a handler slot (within one claim batch, docs/RATE_LIMITS.md).
+    pub(crate) async fn take_job_rates(
+        &self,
+        runs: &[Run],
+    ) -> HashMap<RunId, std::result::Result<(), JobError>> {
+        let mut out = HashMap::new();
+        let mut reqs = Vec::new();
+        let mut buckets = Vec::new();
+        let now = self.clock().now();
+        for run in runs {
+            let Some(job) = self.job(&run.job) else {
+                continue;
+            };
+            let Some(spec) = &job.rate else {
+                continue;
+            };
+            if matches!(input_check(&job, run), Some(Err(_))) {
+                continue;
+            }
+            match spec.bucket(
                 &crate::rate::job_bucket(&job.name),
                 &run.tenant,
                 &job.name,
                 &run.input,
-            )
-            .map_err(|e| JobError::invalid_input(format!("rate_limit_key: {e}")))?;
-        crate::rate::take(
-            self.store(),
-            &bucket,
-            spec.limit,
-            run.id,
-            self.clock().now(),
-        )
-        .await
+            ) {
+                Err(e) => {
+                    out.insert(
+                        run.id,
+                        Err(JobError::invalid_input(format!("rate_limit_key: {e}"))),
+                    );
+                }
+                Ok(bucket) => {
+                    reqs.push(docket_store::RateTakeRequest {
+                        key: bucket.clone(),
+                        holder: run.id.to_string(),
+                        limit: spec.limit,
+                        now,
+                    });
+                    buckets.push((run.id, bucket));
+                }
+            }
+        }
+        if reqs.is_empty() {
+            return out;
+        }
+        match self.store().rate_take_many(reqs).await {
+            Ok(answers) => {
+                for ((id, bucket), a) in buckets.into_iter().zip(answers) {
+                    out.insert(id, crate::rate::answer(&bucket, Ok(a)));
+                }
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                for (id, bucket) in buckets {
+                    let e = docket_store::StoreError::Database(msg.clone());
+                    out.insert(id, crate::rate::answer(&bucket, Err(e)));
+                }
+            }
+        }
+        out
     }
 
     /// Runs one claimed run's handler and turns its result into an attempt
     /// end (not yet stored).
     /// Also returns the events the handler recorded while the store was
     /// failing, to be written before the end.
+    /// `rate`: the run's answer from [`Docket::take_job_rates`] (`None`:
+    /// its job has no rate limit).
     pub(crate) async fn execute(
         &self,
         run: Run,
         cancelled: Arc<AtomicBool>,
+        rate: Option<std::result::Result<(), JobError>>,
     ) -> (AttemptEnd, Vec<KeptEvent>) {
         let lease_id = run.lease_id.expect("claimed run has a lease");
         let Some(job) = self.job(&run.job) else {
@@ -931,9 +991,10 @@ impl Docket {
         }
         let checked = match input_check(&job, &run) {
             Some(Err(msg)) => Err(JobError::invalid_input(msg)),
-            // The job's rate limit, after the claim and before the handler:
-            // no token → deferred to the one it reserved, the handler unrun.
-            _ => self.job_rate(&job, &run).await,
+            // The job's rate limit, taken with the claim, applies before
+            // the handler: no token → deferred to the one it reserved, the
+            // handler unrun.
+            _ => rate.unwrap_or(Ok(())),
         };
         let result = match checked {
             Err(e) => Err(e),
