@@ -616,14 +616,10 @@ pub(super) async fn claim(
     if req.jobs.is_empty() || req.limit == 0 {
         return Ok(Vec::new());
     }
-    use sqlx::Connection as _;
     let found = claimable(&mut *c, req, cursor).await?;
     // Keyed and unkeyed parts, every tenant asked: one transaction, one
     // commit (a flush), all or nothing.
-    let mut tx = c.begin().await.map_err(db)?;
-    let runs = claim_found(&mut tx, req, &found.keys, &found.tenants, cursor).await?;
-    tx.commit().await.map_err(db)?;
-    Ok(runs)
+    claim_committed(&mut *c, std::slice::from_ref(req), req.limit, &found, cursor).await
 }
 
 /// The unkeyed part of a claim: `limit` slots dealt among `tenants` by
