@@ -68,6 +68,13 @@ pub struct BenchArgs {
     /// never binds and measures the cost of keyed claims.
     #[arg(long)]
     job_limit: Option<usize>,
+    /// W1: each handler waits this many milliseconds (a stand-in for a call
+    /// to another service) instead of returning at once. With a real
+    /// handler time a concurrency limit equal to the worker's concurrency
+    /// no longer binds; with a no-op handler the store's round trip is
+    /// part of every run's time.
+    #[arg(long)]
+    handler_ms: Option<u64>,
     /// W1, W2, W3: run them as the peer harness does, the worker in one
     /// process and the producer in another (this binary started again),
     /// instead of both in this process (docs/BENCHMARKS.md, "Separate
@@ -157,10 +164,13 @@ pub async fn run(args: BenchArgs) -> Result<(), BoxError> {
         return Err("--concurrency must be at least 1".into());
     }
     if args.separate
-        && (args.prefetch.is_some() || args.rate_limit.is_some() || args.job_limit.is_some())
+        && (args.prefetch.is_some()
+            || args.rate_limit.is_some()
+            || args.job_limit.is_some()
+            || args.handler_ms.is_some())
     {
         return Err(
-            "--separate runs the harness's settings: no --prefetch, --rate-limit or --job-limit"
+            "--separate runs the harness's settings: no --prefetch, --rate-limit, --job-limit or --handler-ms"
                 .into(),
         );
     }
@@ -175,15 +185,13 @@ pub async fn run(args: BenchArgs) -> Result<(), BoxError> {
         } else {
             let r = match w {
                 "W1" => {
-                    w1(
-                        &db,
-                        args.runs.unwrap_or(10_000),
-                        args.concurrency,
-                        args.prefetch,
-                        args.rate_limit,
-                        args.job_limit,
-                    )
-                    .await?
+                    let opts = W1Opts {
+                        prefetch: args.prefetch,
+                        rate_limit: args.rate_limit,
+                        job_limit: args.job_limit,
+                        handler_ms: args.handler_ms,
+                    };
+                    w1(&db, args.runs.unwrap_or(10_000), args.concurrency, opts).await?
                 }
                 "W2" => w2(&db, args.runs.unwrap_or(500)).await?,
                 _ => w3(&db, args.runs.unwrap_or(1_000), args.concurrency).await?,
@@ -331,14 +339,23 @@ async fn open(db: &Db) -> Result<Docket, BoxError> {
     Ok(d)
 }
 
-async fn w1(
-    db: &Db,
-    runs: usize,
-    concurrency: usize,
+/// W1's variations (`docket bench W1 --prefetch … --rate-limit …
+/// --job-limit … --handler-ms …`).
+struct W1Opts {
     prefetch: Option<usize>,
     rate_limit: Option<f64>,
     job_limit: Option<usize>,
-) -> Result<Report, BoxError> {
+    handler_ms: Option<u64>,
+}
+
+async fn w1(db: &Db, runs: usize, concurrency: usize, opts: W1Opts) -> Result<Report, BoxError> {
+    let W1Opts {
+        prefetch,
+        rate_limit,
+        job_limit,
+        handler_ms,
+    } = opts;
+    let pause = handler_ms.map(Duration::from_millis);
     let d = open(db).await?;
     let count = Arc::new(AtomicUsize::new(0));
     let done = Arc::new(Notify::new());
@@ -348,6 +365,10 @@ async fn w1(
     let job = Job::new("noop", move |_ctx, _: Value| {
         let (c, n, pb) = (c.clone(), n.clone(), pb2.clone());
         async move {
+            if let Some(p) = pause {
+                // The handler's own work (a call elsewhere), not a wait.
+                tokio::time::sleep(p).await;
+            }
             let k = c.fetch_add(1, Ordering::SeqCst) + 1;
             pb.inc(1);
             if k >= runs {

@@ -202,9 +202,10 @@ async fn a_version_2_database_gains_the_leaders_table() {
             // Undo every step after 2 (leaders, schedules, trace context,
             // the worker protocol's token scope and roster, retention,
             // concurrency keys, rate limits and breakers, signals, child
-            // runs, the postponed runs' index, debounce) so
+            // runs, the postponed runs' index, debounce, the due index) so
             // the database is a true version 2.
-            "DROP INDEX runs_postponed;
+            "DROP INDEX runs_due;
+             DROP INDEX runs_postponed;
              DROP INDEX runs_keyed_claim;
              DROP INDEX runs_keyed_running;
              DROP INDEX runs_claim;

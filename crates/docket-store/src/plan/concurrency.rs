@@ -15,13 +15,54 @@ use serde_json::json;
 
 use super::end::{EventWrite, Fill};
 
-/// SQL (both backends) true for a claimable run that is not held back by
-/// its key: unkeyed, or its key has fewer running runs than its limit.
-/// `next_due` uses it, so that an idle worker does not wake for runs that
-/// it could not claim; it is woken when a slot frees instead.
-pub const HAS_ROOM_SQL: &str = "(runs.concurrency_key IS NULL OR \
-    (SELECT COUNT(*) FROM runs x WHERE x.status = 'running' AND x.concurrency_key = runs.concurrency_key) \
-    < COALESCE(runs.concurrency_limit, 1))";
+/// `Store::next_due` as SQL for both backends (an idle worker must not
+/// wake for runs it could not claim; it is woken when a slot frees
+/// instead), `{jobs}` being the
+/// backend's "job is one of the worker's jobs" test (`IN (?1, …)`,
+/// `= ANY($1)`): the earliest `run_after` of a claimable run that is not
+/// paused and not held back by its key. Index-driven, whatever the
+/// backlog:
+/// - unkeyed runs: the first entry of `runs_due` in due order that is one
+///   of the jobs and not paused (usually the very first);
+/// - keyed runs: the keys with claimable runs by a skip scan of
+///   `runs_keyed_claim` (one probe per key), each key's room as a claim
+///   sees it (running runs against the limit of its first run in claim
+///   order, as `pick` does), and the earliest run of the keys with room.
+///   A backlog held behind a full key costs one probe per key, not a read
+///   of every held run.
+pub fn next_due_sql(jobs: &str) -> String {
+    let c = super::claim::CLAIMABLE_SQL;
+    let not_paused = crate::retention::NOT_PAUSED;
+    format!(
+        "WITH RECURSIVE k(key) AS (
+            SELECT (SELECT MIN(concurrency_key) FROM runs
+                    WHERE status IN ({c}) AND concurrency_key IS NOT NULL)
+            UNION ALL
+            SELECT (SELECT MIN(concurrency_key) FROM runs
+                    WHERE status IN ({c}) AND concurrency_key IS NOT NULL
+                      AND concurrency_key > k.key)
+            FROM k WHERE k.key IS NOT NULL
+         ),
+         room(key) AS (
+            SELECT k.key FROM k WHERE k.key IS NOT NULL
+              AND (SELECT COUNT(*) FROM runs x
+                   WHERE x.status = 'running' AND x.concurrency_key = k.key)
+                < (SELECT COALESCE(f.concurrency_limit, 1) FROM runs f
+                   WHERE f.status IN ({c}) AND f.concurrency_key = k.key
+                   ORDER BY f.priority DESC, f.run_after, f.id LIMIT 1)
+         )
+         SELECT MIN(t) FROM (
+            SELECT (SELECT run_after FROM runs
+                    WHERE status IN ({c}) AND concurrency_key IS NULL
+                      AND job {jobs} AND {not_paused}
+                    ORDER BY run_after LIMIT 1) AS t
+            UNION ALL
+            SELECT MIN(run_after) AS t FROM runs
+            WHERE status IN ({c}) AND concurrency_key IN (SELECT key FROM room)
+              AND job {jobs} AND {not_paused}
+         ) due"
+    )
+}
 
 /// `Store::concurrency_usage` as SQL over `runs`, with the placeholders
 /// `{now}`, `{tenant}` (NULL: every tenant) and `{limit}` named for each

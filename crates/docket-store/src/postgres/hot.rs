@@ -619,7 +619,14 @@ pub(super) async fn claim(
     let found = claimable(&mut *c, req, cursor).await?;
     // Keyed and unkeyed parts, every tenant asked: one transaction, one
     // commit (a flush), all or nothing.
-    claim_committed(&mut *c, std::slice::from_ref(req), req.limit, &found, cursor).await
+    claim_committed(
+        &mut *c,
+        std::slice::from_ref(req),
+        req.limit,
+        &found,
+        cursor,
+    )
+    .await
 }
 
 /// The unkeyed part of a claim: `limit` slots dealt among `tenants` by

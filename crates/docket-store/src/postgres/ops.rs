@@ -708,16 +708,11 @@ pub(super) async fn next_due<'e>(
     if jobs.is_empty() {
         return Ok(None);
     }
-    let v: Option<i64> = sqlx::query_scalar(&format!(
-        "SELECT MIN(run_after) FROM runs WHERE status IN ({}) AND job = ANY($1) AND {} AND {}",
-        crate::plan::claim::CLAIMABLE_SQL,
-        crate::retention::NOT_PAUSED,
-        crate::plan::concurrency::HAS_ROOM_SQL
-    ))
-    .bind(jobs)
-    .fetch_one(ex)
-    .await
-    .map_err(db)?;
+    let v: Option<i64> = sqlx::query_scalar(&crate::plan::concurrency::next_due_sql("= ANY($1)"))
+        .bind(jobs)
+        .fetch_one(ex)
+        .await
+        .map_err(db)?;
     Ok(v.map(Timestamp))
 }
 

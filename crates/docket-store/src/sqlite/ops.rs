@@ -424,13 +424,7 @@ pub(super) fn next_due(c: &Connection, jobs: &[String]) -> Result<Option<Timesta
     if jobs.is_empty() {
         return Ok(None);
     }
-    let sql = format!(
-        "SELECT MIN(run_after) FROM runs WHERE status IN ({}) AND job IN ({}) AND {} AND {}",
-        plan::claim::CLAIMABLE_SQL,
-        placeholders(1, jobs.len()),
-        crate::retention::NOT_PAUSED,
-        plan::concurrency::HAS_ROOM_SQL
-    );
+    let sql = plan::concurrency::next_due_sql(&format!("IN ({})", placeholders(1, jobs.len())));
     let mut st = c.prepare_cached(&sql).map_err(db_err)?;
     let v: Option<i64> = st
         .query_row(params_from_iter(jobs.iter()), |r| r.get(0))
@@ -640,5 +634,30 @@ mod plan_tests {
         let feed = plan(&c, &EventFilter::default());
         assert!(!feed.contains("events_run"), "{feed}");
         assert!(feed.contains("INTEGER PRIMARY KEY"), "{feed}");
+    }
+
+    /// `next_due` never reads the whole table: unkeyed runs through
+    /// `runs_due` in due order, keys by a skip scan of `runs_keyed_claim`
+    /// (a full scan per idle turn used to cost as much as the backlog).
+    #[test]
+    fn next_due_is_read_by_index() {
+        let c = Connection::open_in_memory().unwrap();
+        super::super::migrate(&c).unwrap();
+        let sql = plan::concurrency::next_due_sql("IN (?1)");
+        let mut st = c.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+        let steps: Vec<String> = st
+            .query_map(["job"], |r| r.get::<_, String>(3))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        let all = steps.join("; ");
+        assert!(all.contains("USING INDEX runs_due"), "{all}");
+        assert!(all.contains("runs_keyed_claim"), "{all}");
+        for s in &steps {
+            assert!(
+                !(s.starts_with("SCAN runs") && !s.contains("INDEX")),
+                "a full scan of runs: {all}"
+            );
+        }
     }
 }
