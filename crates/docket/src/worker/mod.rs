@@ -321,9 +321,12 @@ async fn main_loop(
         let phase = *stop.borrow();
         let in_hand = shared.inflight.lock().expect("inflight").len();
         let capacity = prefetch.capacity(concurrency);
+        // Ends to store free slots (of the worker, and maybe of a key):
+        // their round claims too, instead of an ends-only commit followed
+        // by a claim-only one.
         let free = claim_size(
             phase == Phase::Running,
-            want_claim,
+            want_claim || !held.is_empty(),
             in_hand,
             concurrency,
             capacity,
@@ -348,8 +351,11 @@ async fn main_loop(
                             shared.clone().spawn_run(r, rate, true);
                         }
                     }
-                    // Freed slots: there may be runs due now (retries).
-                    want_claim |= had_ends;
+                    // Freed slots: there may be runs due now (retries) —
+                    // unless this round's claim already looked for them.
+                    if free.is_none() {
+                        want_claim |= had_ends;
+                    }
                 }
                 Err((e, batch)) => {
                     let transient = e.is_transient();
