@@ -1256,6 +1256,14 @@ pub async fn metrics(State(state): State<AppState>, caller: Caller) -> ApiResult
         )
         .await?;
     crate::metrics::render_concurrency(&mut body, &caller.tenant, &keys);
+    let open = state
+        .docket
+        .store()
+        .debounce_counts(Some(caller.tenant.clone()), state.now())
+        .await?;
+    state
+        .metrics
+        .render_debounce(&mut body, &caller.tenant, &state.docket.job_names(), &open);
     let pauses = state.docket.pauses(Some(&caller.tenant)).await?;
     crate::metrics::render_paused(
         &mut body,

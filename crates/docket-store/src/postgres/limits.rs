@@ -7,7 +7,7 @@
 
 use super::{db, PgStore};
 use crate::limits::{
-    BreakerRow, BreakerUpdate, LimitStore, RateBucketRow, RateTake, RateTakeRequest,
+    BreakerChange, BreakerChanged, BreakerRow, LimitStore, RateBucketRow, RateTake, RateTakeRequest,
 };
 use crate::plan::rate as plan;
 use crate::Result;
@@ -130,12 +130,12 @@ impl LimitStore for PgStore {
             .filter(|r| !r.state.is_null()))
     }
 
-    async fn breaker_update(
+    async fn breaker_change(
         &self,
         name: String,
         now: Timestamp,
-        update: BreakerUpdate,
-    ) -> Result<Option<serde_json::Value>> {
+        change: BreakerChange,
+    ) -> Result<BreakerChanged> {
         let mut tx = self.pool.begin().await.map_err(db)?;
         // FOR UPDATE: a second process's update waits for this one and
         // then sees its state.
@@ -165,18 +165,43 @@ impl LimitStore for PgStore {
                 .map(|s| Some(crate::json::decode_text(&s)).filter(|v| !v.is_null()))?
             }
         };
-        let Some(new) = update(old.clone()) else {
-            tx.commit().await.map_err(db)?;
-            return Ok(old);
+        let w = change(old.clone());
+        let state = match w.state {
+            None => old,
+            Some(new) => {
+                sqlx::query("UPDATE breakers SET state = $2, changed_at = $3 WHERE name = $1")
+                    .bind(&name)
+                    .bind(new.to_string())
+                    .bind(now.0)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db)?;
+                Some(new)
+            }
         };
-        sqlx::query("UPDATE breakers SET state = $2, changed_at = $3 WHERE name = $1")
-            .bind(&name)
-            .bind(new.to_string())
-            .bind(now.0)
-            .execute(&mut *tx)
-            .await
-            .map_err(db)?;
+        let released = if w.release {
+            super::connections::release_deferred(&mut tx, &name, now).await?
+        } else {
+            Vec::new()
+        };
         tx.commit().await.map_err(db)?;
-        Ok(Some(new))
+        Ok(BreakerChanged { state, released })
+    }
+
+    async fn debounce_windows(
+        &self,
+        tenant: Option<String>,
+        now: Timestamp,
+        limit: usize,
+    ) -> Result<Vec<crate::DebounceWindow>> {
+        super::ops::debounce_windows(&self.pool, tenant.as_deref(), now, limit).await
+    }
+
+    async fn debounce_counts(
+        &self,
+        tenant: Option<String>,
+        now: Timestamp,
+    ) -> Result<Vec<crate::DebounceCount>> {
+        super::ops::debounce_counts(&self.pool, tenant.as_deref(), now).await
     }
 }

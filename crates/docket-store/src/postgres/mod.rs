@@ -562,6 +562,7 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0012_fair.sql"),
     include_str!("migrations/0013_sleeping.sql"),
     include_str!("migrations/0014_debounce.sql"),
+    include_str!("migrations/0015_flow_reads.sql"),
 ];
 
 /// Creates or upgrades the schema by applying [`MIGRATIONS`]. Refuses (and

@@ -3,7 +3,7 @@
 
 use super::{db_err, SqliteStore};
 use crate::limits::{
-    BreakerRow, BreakerUpdate, LimitStore, RateBucketRow, RateTake, RateTakeRequest,
+    BreakerChange, BreakerChanged, BreakerRow, LimitStore, RateBucketRow, RateTake, RateTakeRequest,
 };
 use crate::plan::rate as plan;
 use crate::Result;
@@ -131,12 +131,12 @@ impl LimitStore for SqliteStore {
         .await
     }
 
-    async fn breaker_update(
+    async fn breaker_change(
         &self,
         name: String,
         now: Timestamp,
-        update: BreakerUpdate,
-    ) -> Result<Option<serde_json::Value>> {
+        change: BreakerChange,
+    ) -> Result<BreakerChanged> {
         self.call(move |c| {
             let old = c
                 .prepare_cached("SELECT state FROM breakers WHERE name = ?1")
@@ -145,18 +145,48 @@ impl LimitStore for SqliteStore {
                 .optional()
                 .map_err(db_err)?
                 .map(|s| crate::json::decode_text(&s));
-            let Some(new) = update(old.clone()) else {
-                return Ok(old);
+            let w = change(old.clone());
+            let state = match w.state {
+                None => old,
+                Some(new) => {
+                    c.prepare_cached(
+                        "INSERT INTO breakers (name, state, changed_at) VALUES (?1, ?2, ?3)
+                         ON CONFLICT (name) DO UPDATE SET state = ?2, changed_at = ?3",
+                    )
+                    .map_err(db_err)?
+                    .execute(params![name, new.to_string(), now.0])
+                    .map_err(db_err)?;
+                    Some(new)
+                }
             };
-            c.prepare_cached(
-                "INSERT INTO breakers (name, state, changed_at) VALUES (?1, ?2, ?3)
-                 ON CONFLICT (name) DO UPDATE SET state = ?2, changed_at = ?3",
-            )
-            .map_err(db_err)?
-            .execute(params![name, new.to_string(), now.0])
-            .map_err(db_err)?;
-            Ok(Some(new))
+            // The writer's lock holds through the release: no claim or
+            // end interleaves with it.
+            let released = if w.release {
+                super::connections::release_deferred(c, &name, now)?
+            } else {
+                Vec::new()
+            };
+            Ok(BreakerChanged { state, released })
         })
         .await
+    }
+
+    async fn debounce_windows(
+        &self,
+        tenant: Option<String>,
+        now: Timestamp,
+        limit: usize,
+    ) -> Result<Vec<crate::DebounceWindow>> {
+        self.read(move |c| super::ops::debounce_windows(c, tenant.as_deref(), now, limit))
+            .await
+    }
+
+    async fn debounce_counts(
+        &self,
+        tenant: Option<String>,
+        now: Timestamp,
+    ) -> Result<Vec<crate::DebounceCount>> {
+        self.read(move |c| super::ops::debounce_counts(c, tenant.as_deref(), now))
+            .await
     }
 }
