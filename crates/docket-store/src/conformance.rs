@@ -2454,6 +2454,47 @@ where
     assert!(events.iter().any(|e| e.run_id == after.id));
 }
 
+/// A token whose holder is late is not wasted: from half the reservation's
+/// grace after its due time to the grace, a taker that finds the bucket
+/// empty sends on it, and the late holder's reservation moves to the slot
+/// that taker would have reserved (it is told to come back then, and goes
+/// ahead on it). Earlier the holder keeps it; later it is gone, never sent.
+/// At 20/s with a burst of 1 the grace is 50 ms.
+pub async fn rate_a_late_holders_token_goes_to_the_next_taker(store: DynStore) {
+    let l = docket_core::RateLimit::new(20.0, 1).unwrap();
+    let take = |key: &str, holder: &str, at: i64| {
+        let store = store.clone();
+        let req = RateTakeRequest {
+            key: key.into(),
+            holder: holder.into(),
+            limit: l,
+            now: T0.plus_millis(at),
+        };
+        async move { store.rate_take(req).await.unwrap() }
+    };
+    let deferred = |ms: i64| RateTake::Deferred {
+        until: T0.plus_millis(ms),
+    };
+    for key in ["early", "window", "past"] {
+        assert_eq!(take(key, "first", 0).await, RateTake::Granted);
+        assert_eq!(take(key, "late", 0).await, deferred(50));
+    }
+    // 10 ms late: the holder may still come; the newcomer waits its turn.
+    assert_eq!(take("early", "new", 60).await, deferred(100));
+    assert_eq!(take("early", "late", 70).await, RateTake::Granted);
+    // 30 ms late (half the grace is 25): the newcomer sends on it; the
+    // late holder gets the newcomer's slot.
+    assert_eq!(take("window", "new", 80).await, RateTake::Granted);
+    assert_eq!(take("window", "late", 90).await, deferred(100));
+    assert_eq!(take("window", "late", 100).await, RateTake::Granted);
+    let b = store.rate_buckets("window".into()).await.unwrap().remove(0);
+    assert_eq!(b.reserved, 0, "every reservation was used once");
+    // 51 ms late (past the grace): never sent, by anyone.
+    assert_eq!(take("past", "second", 0).await, deferred(100));
+    assert_eq!(take("past", "new", 101).await, deferred(150));
+    assert_eq!(take("past", "second", 101).await, RateTake::Granted);
+}
+
 /// A breaker's close releases, in its own transaction, exactly the runs it
 /// deferred to a later time that still wait for it: each is due at the
 /// close's time, with a `deferral_released` event, and workers are woken
@@ -2711,6 +2752,7 @@ macro_rules! conformance_tests {
             schedule_ticks_fire_each_slot_once_under_the_fence,
             schedule_manual_fires_and_skips_are_history,
             breaker_close_releases_the_runs_it_deferred,
+            rate_a_late_holders_token_goes_to_the_next_taker,
         );
     };
     (@each @required $factory:expr; $($name:ident),* $(,)?) => {

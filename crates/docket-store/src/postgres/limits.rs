@@ -39,6 +39,38 @@ const WRITE_SQL: &str = "WITH b AS (
      SELECT $1, $2, $8 WHERE $8::bigint IS NOT NULL
      ON CONFLICT (key, holder) DO UPDATE SET due_at = EXCLUDED.due_at";
 
+/// Another holder's token a take that reserves may send on instead
+/// (`plan::rate::take_over`): the earliest due within the takeover window,
+/// read while the bucket's row is locked, which every take of the key
+/// holds (index `rate_reservations_due`). Only read when the take
+/// reserves, i.e. the bucket is empty.
+async fn late_reservation(
+    c: &mut sqlx::PgConnection,
+    req: &RateTakeRequest,
+    p: &plan::RatePlan,
+) -> Result<Option<plan::LateReservation>> {
+    if p.reserve.is_none() {
+        return Ok(None);
+    }
+    let (from, to) = plan::takeover_window(&req.limit, req.now);
+    let row: Option<(String, i64)> = sqlx::query_as(
+        "SELECT holder, due_at FROM rate_reservations
+         WHERE key = $1 AND due_at >= $2 AND due_at <= $3 AND holder <> $4
+         ORDER BY due_at LIMIT 1",
+    )
+    .bind(&req.key)
+    .bind(from.0)
+    .bind(to.0)
+    .bind(&req.holder)
+    .fetch_optional(c)
+    .await
+    .map_err(db)?;
+    Ok(row.map(|(holder, due)| plan::LateReservation {
+        holder,
+        due: Timestamp(due),
+    }))
+}
+
 #[async_trait]
 impl LimitStore for PgStore {
     async fn rate_take(&self, req: RateTakeRequest) -> Result<RateTake> {
@@ -64,6 +96,7 @@ impl LimitStore for PgStore {
             &req.limit,
             req.now,
         );
+        let (p, moved) = plan::take_over(p.clone(), late_reservation(&mut tx, &req, &p).await?);
         if p.bucket.is_some() || p.delete_reservation || p.reserve.is_some() {
             // The stale reservation a holder replaces is its own: the
             // conflict clause of the insert updates it, and `d` never
@@ -80,6 +113,15 @@ impl LimitStore for PgStore {
                 .bind(p.delete_reservation && !reserve_replaces_own)
                 .bind(p.reserve.map(|t| t.0))
                 .bind(p.gc_before.map(|t| t.0))
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?;
+        }
+        if let Some(m) = moved {
+            sqlx::query("UPDATE rate_reservations SET due_at = $3 WHERE key = $1 AND holder = $2")
+                .bind(&req.key)
+                .bind(&m.holder)
+                .bind(m.due.0)
                 .execute(&mut *tx)
                 .await
                 .map_err(db)?;

@@ -12,6 +12,35 @@ use docket_core::rate::{Bucket, RateLimit};
 use docket_core::Timestamp;
 use rusqlite::{params, OptionalExtension};
 
+/// Another holder's token a take that reserves may send on instead
+/// (`plan::rate::take_over`): the earliest due within the takeover window,
+/// read under the writer's lock (index `rate_reservations_due`). Only read
+/// when the take reserves, i.e. the bucket is empty.
+fn late_reservation(
+    c: &rusqlite::Connection,
+    req: &RateTakeRequest,
+    p: &plan::RatePlan,
+) -> Result<Option<plan::LateReservation>> {
+    if p.reserve.is_none() {
+        return Ok(None);
+    }
+    let (from, to) = plan::takeover_window(&req.limit, req.now);
+    c.prepare_cached(
+        "SELECT holder, due_at FROM rate_reservations
+         WHERE key = ?1 AND due_at >= ?2 AND due_at <= ?3 AND holder <> ?4
+         ORDER BY due_at LIMIT 1",
+    )
+    .map_err(db_err)?
+    .query_row(params![req.key, from.0, to.0, req.holder], |r| {
+        Ok(plan::LateReservation {
+            holder: r.get(0)?,
+            due: Timestamp(r.get(1)?),
+        })
+    })
+    .optional()
+    .map_err(db_err)
+}
+
 #[async_trait]
 impl LimitStore for SqliteStore {
     async fn rate_take(&self, req: RateTakeRequest) -> Result<RateTake> {
@@ -37,6 +66,7 @@ impl LimitStore for SqliteStore {
                 .map_err(db_err)?
                 .map(Timestamp);
             let p = plan::take(bucket, reservation, &req.limit, req.now);
+            let (p, moved) = plan::take_over(p.clone(), late_reservation(c, &req, &p)?);
             if let Some(b) = p.bucket {
                 c.prepare_cached(
                     "INSERT INTO rate_buckets (key, tokens, refilled_at, per_second, burst)
@@ -73,6 +103,14 @@ impl LimitStore for SqliteStore {
                 )
                 .map_err(db_err)?
                 .execute(params![req.key, req.holder, due.0])
+                .map_err(db_err)?;
+            }
+            if let Some(m) = moved {
+                c.prepare_cached(
+                    "UPDATE rate_reservations SET due_at = ?3 WHERE key = ?1 AND holder = ?2",
+                )
+                .map_err(db_err)?
+                .execute(params![req.key, m.holder, m.due.0])
                 .map_err(db_err)?;
             }
             Ok(p.answer)

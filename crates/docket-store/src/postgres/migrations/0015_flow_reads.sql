@@ -1,9 +1,9 @@
--- Docket migration 0015 (PostgreSQL): what operators read of flow control, and
--- the runs a closing circuit breaker releases (docs/FLOW_CONTROL.md,
--- "Debounce"; docs/RATE_LIMITS.md, "Circuit breakers, shared"). Released:
--- never edit this file; change the schema with a new step (ARCHITECTURE.md,
--- "Migrations"). Runs inside the step's transaction, together with the
--- schema_version bump.
+-- Docket migration 0015 (PostgreSQL): what operators read of flow control, the
+-- runs a closing circuit breaker releases, and the late reservations a rate
+-- limit's taker may send on (docs/FLOW_CONTROL.md, "Debounce";
+-- docs/RATE_LIMITS.md). Released: never edit this file; change the schema
+-- with a new step (ARCHITECTURE.md, "Migrations"). Runs inside the step's
+-- transaction, together with the schema_version bump.
 
 -- Open debounce windows (GET /api/limits, docket limits, /metrics): a
 -- tenant's current windows by end, so the read walks the windows that have
@@ -18,3 +18,8 @@ CREATE INDEX runs_debounce_open ON runs (tenant, debounce_until)
 -- that defer for an open breaker add an entry.
 CREATE INDEX attempts_circuit_open ON attempts (retry_policy, eligible_at)
     WHERE retry_reason = 'circuit_open';
+
+-- A bucket's reservations by due time: a take that finds the bucket empty
+-- looks for a reservation due a while ago and not yet used, to send on it
+-- instead of letting it go to waste (plan::rate::take_over).
+CREATE INDEX rate_reservations_due ON rate_reservations (key, due_at);
