@@ -390,7 +390,9 @@ fn failing_then_healthy(failures: usize, latency: Duration) -> (String, mpsc::Re
 /// one per other process at most); at the reset exactly one probe goes
 /// out (the service takes 300 ms to answer, while the other processes'
 /// runs are due too) and its success closes the breaker; then every
-/// process sends again and every run but the 3 that failed completes.
+/// process sends again within 1.5 s (not at the probe's deadline: the close
+/// releases the runs deferred to it) and every run but the 3 that failed
+/// completes.
 /// Asserted from the service's record against the stored
 /// `circuit_opened` / `circuit_half_open` / `circuit_closed` events.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -501,15 +503,28 @@ retry = {{ base_delay_ms = 600000, max_delay_ms = 600000, jitter_ms = 0, max_att
         .collect();
     assert_eq!(probes.len(), 1, "exactly one probe: {probes:?}");
     assert_eq!(probes[0].code, 200);
-    // Closed again: every process sends.
+    // Closed again: every process sends, soon. The others' runs deferred
+    // to the probe's deadline (its 2 s timeout plus 1 s: 3 s after it went
+    // out) were released by the close, and the processes, whose claim
+    // gates held the connection's runs while the probe was out, learnt of
+    // the close from its wake-up: they used to wait out that deadline.
+    let mut back = Vec::new();
     for p in ["p1", "p2", "p3"] {
-        assert!(
-            hits.iter().any(|h| h.at > closed_at && h.proc == p),
-            "{p} sent nothing after the breaker closed: {hits:?}"
-        );
+        let first = hits
+            .iter()
+            .filter(|h| h.at > closed_at && h.proc == p)
+            .map(|h| h.at)
+            .min()
+            .unwrap_or_else(|| panic!("{p} sent nothing after the breaker closed: {hits:?}"));
+        back.push(first - closed_at);
     }
+    assert!(
+        back.iter().all(|ms| *ms < 1_500),
+        "every process sends again within 1.5 s of the close, long before the probe's deadline: {back:?} ms"
+    );
     // The contest: runs the other processes deferred at the reset to the
-    // probe's deadline (they asked while the probe was out).
+    // probe's deadline (they asked while the probe was out), each released
+    // by the close.
     let contested: i64 = sqlx::query_scalar(
         "SELECT count(*)::int8 FROM attempts WHERE retry_reason = 'circuit_open' AND eligible_at > $1",
     )
@@ -517,9 +532,19 @@ retry = {{ base_delay_ms = 600000, max_delay_ms = 600000, jitter_ms = 0, max_att
     .fetch_one(store.pool())
     .await
     .unwrap();
+    let released: i64 =
+        sqlx::query_scalar("SELECT count(*)::int8 FROM events WHERE kind = 'deferral_released'")
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
+    assert_eq!(
+        released, contested,
+        "every run deferred to the probe was released"
+    );
     eprintln!(
         "{} requests; {} arrived while open (in flight at the open); probe at +{} ms after the reset; \
-         closed at +{} ms; {contested} runs deferred while the probe was out",
+         closed at +{} ms; {contested} runs deferred while the probe was out, {released} released; \
+         the processes sent again {back:?} ms after the close",
         hits.len(),
         while_open.len(),
         probes[0].at - reset_at,
