@@ -28,6 +28,31 @@ async fn one(store: &DynStore, run: NewRun) -> Run {
     store.trigger(vec![run], T0).await.unwrap().remove(0).run
 }
 
+/// An operator (`op`) cancels `run` at `now`.
+pub(crate) async fn cancel(store: &DynStore, run: RunId, now: Timestamp) {
+    store
+        .operator(OperatorRequest {
+            run_id: run,
+            actor: "op".into(),
+            comment: None,
+            now,
+            command: OperatorCommand::Cancel,
+        })
+        .await
+        .unwrap();
+}
+
+/// The events of `run`, in order.
+pub(crate) async fn events_of(store: &DynStore, run: RunId) -> Vec<EventRecord> {
+    store
+        .events(EventFilter {
+            run_id: Some(run),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+}
+
 fn err_info(class: ErrorClass) -> ErrorInfo {
     ErrorInfo {
         class,
@@ -39,13 +64,8 @@ fn err_info(class: ErrorClass) -> ErrorInfo {
 }
 
 async fn kinds(store: &DynStore, run: RunId) -> Vec<String> {
-    store
-        .events(EventFilter {
-            run_id: Some(run),
-            ..Default::default()
-        })
+    events_of(store, run)
         .await
-        .unwrap()
         .into_iter()
         .map(|e| e.kind.to_string())
         .collect()
@@ -2571,16 +2591,7 @@ pub async fn breaker_close_releases_the_runs_it_deferred(store: DynStore) {
         r.unwrap();
     }
     let id = |name: &str| runs[cases.iter().position(|c| c.0 == name).unwrap()].id;
-    store
-        .operator(OperatorRequest {
-            run_id: id("cancelled"),
-            actor: "op".into(),
-            comment: None,
-            now: T0.plus_millis(1),
-            command: OperatorCommand::Cancel,
-        })
-        .await
-        .unwrap();
+    cancel(&store, id("cancelled"), T0.plus_millis(1)).await;
     let mut wakeups = store.wakeups().await.unwrap();
     let before: Vec<Run> = {
         let mut v = Vec::new();
@@ -2618,13 +2629,7 @@ pub async fn breaker_close_releases_the_runs_it_deferred(store: DynStore) {
         let now = store.get_run(run.id).await.unwrap().unwrap();
         if run.id == id("released") {
             assert_eq!((now.status, now.run_after), (RunStatus::Pending, close));
-            let ev = store
-                .events(EventFilter {
-                    run_id: Some(run.id),
-                    ..Default::default()
-                })
-                .await
-                .unwrap();
+            let ev = events_of(&store, run.id).await;
             let last = ev.last().unwrap();
             assert_eq!(last.kind, "deferral_released");
             assert_eq!(last.at, close);

@@ -35,13 +35,8 @@ async fn at(store: &DynStore, run: NewRun, ms: i64) -> Triggered {
 }
 
 async fn collapses(store: &DynStore, run: RunId) -> Vec<EventRecord> {
-    store
-        .events(EventFilter {
-            run_id: Some(run),
-            ..Default::default()
-        })
+    crate::conformance::events_of(store, run)
         .await
-        .unwrap()
         .into_iter()
         .filter(|e| e.kind == EventKind::TriggerCollapsed)
         .collect()
@@ -228,16 +223,7 @@ pub async fn a_cancelled_run_ends_its_window((store, _): Pair) {
         let r = at(&store, debounced("job", &key, keep, json!(1)), 0)
             .await
             .run;
-        store
-            .operator(OperatorRequest {
-                run_id: r.id,
-                actor: "op".into(),
-                comment: None,
-                now: T0.plus_millis(1),
-                command: OperatorCommand::Cancel,
-            })
-            .await
-            .unwrap();
+        crate::conformance::cancel(&store, r.id, T0.plus_millis(1)).await;
         let next = at(&store, debounced("job", &key, keep, json!(2)), 2).await;
         assert!(!next.collapsed, "{keep}");
         assert_ne!(next.run.id, r.id);
@@ -462,15 +448,7 @@ pub async fn open_windows_are_listed_per_tenant((one, two): Pair) {
     let d = at(&one, debounced("job", "d", Keep::First, json!(1)), 0)
         .await
         .run;
-    one.operator(OperatorRequest {
-        run_id: d.id,
-        actor: "op".into(),
-        comment: None,
-        now: T0.plus_millis(1),
-        command: OperatorCommand::Cancel,
-    })
-    .await
-    .unwrap();
+    crate::conformance::cancel(&one, d.id, T0.plus_millis(1)).await;
     // Ended before the reads' time.
     at(
         &one,

@@ -1670,10 +1670,13 @@ const SHARED_JOBS: &str = r#"
 /// store: failures in A open the breaker, B stops sending at once (its
 /// next run is deferred without a request), and at the reset time A and B
 /// both try and exactly one probe goes out and closes it for both.
-async fn a_breaker_opened_in_one_process_stops_the_other(
+/// Two "processes" on one store: A (the `Env`) and B, each with its own
+/// breakers, sharing the clock; the breaker opens after 2 failures for
+/// 30 s.
+async fn two_processes(
     store_a: docket_store::DynStore,
     store_b: docket_store::DynStore,
-) {
+) -> (Env, Docket, HttpJobs) {
     let server = TestServer::start().await;
     let dir = temp_dir();
     let text = config(
@@ -1693,6 +1696,41 @@ async fn a_breaker_opened_in_one_process_stops_the_other(
         dir,
     };
     let (b, http_b) = second(&env, store_b, &text);
+    (env, b, http_b)
+}
+
+/// Two handles on one SQLite file, as two processes would open it.
+fn sqlite_pair() -> (docket_store::DynStore, docket_store::DynStore, PathBuf) {
+    let dir = temp_dir();
+    let path = dir.join("shared.db").to_str().unwrap().to_string();
+    let a: docket_store::DynStore = Arc::new(SqliteStore::open(&path).unwrap());
+    let b: docket_store::DynStore = Arc::new(SqliteStore::open(&path).unwrap());
+    (a, b, dir)
+}
+
+/// Two pools on one fresh PostgreSQL schema, as two processes would open
+/// it (`None`: no database, the test is skipped).
+async fn pg_pair() -> Option<(docket_store::DynStore, docket_store::DynStore)> {
+    let base = pg_url()?;
+    let schema = format!("t_{}", uuid::Uuid::now_v7().simple());
+    let a: docket_store::DynStore = Arc::new(
+        docket_store::postgres::PgStore::connect_with(&base, &schema)
+            .await
+            .unwrap(),
+    );
+    let b: docket_store::DynStore = Arc::new(
+        docket_store::postgres::PgStore::connect_with(&base, &schema)
+            .await
+            .unwrap(),
+    );
+    Some((a, b))
+}
+
+async fn a_breaker_opened_in_one_process_stops_the_other(
+    store_a: docket_store::DynStore,
+    store_b: docket_store::DynStore,
+) {
+    let (env, b, http_b) = two_processes(store_a, store_b).await;
 
     env.server.push(status(503));
     env.server.push(status(503));
@@ -1773,27 +1811,15 @@ async fn a_breaker_opened_in_one_process_stops_the_other(
 
 #[tokio::test]
 async fn a_breaker_opened_in_one_process_stops_the_other_sqlite() {
-    let dir = temp_dir();
-    let path = dir.join("shared.db").to_str().unwrap().to_string();
-    let a: docket_store::DynStore = Arc::new(SqliteStore::open(&path).unwrap());
-    let b: docket_store::DynStore = Arc::new(SqliteStore::open(&path).unwrap());
+    let (a, b, _dir) = sqlite_pair();
     a_breaker_opened_in_one_process_stops_the_other(a, b).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_breaker_opened_in_one_process_stops_the_other_postgres() {
-    let Some(base) = pg_url() else { return };
-    let schema = format!("t_{}", uuid::Uuid::now_v7().simple());
-    let a: docket_store::DynStore = Arc::new(
-        docket_store::postgres::PgStore::connect_with(&base, &schema)
-            .await
-            .unwrap(),
-    );
-    let b: docket_store::DynStore = Arc::new(
-        docket_store::postgres::PgStore::connect_with(&base, &schema)
-            .await
-            .unwrap(),
-    );
+    let Some((a, b)) = pg_pair().await else {
+        return;
+    };
     a_breaker_opened_in_one_process_stops_the_other(a, b).await;
 }
 
@@ -1809,25 +1835,7 @@ async fn a_run_deferred_to_the_probe_returns_when_the_probe_closes_the_breaker(
     store_a: docket_store::DynStore,
     store_b: docket_store::DynStore,
 ) {
-    let server = TestServer::start().await;
-    let dir = temp_dir();
-    let text = config(
-        &server,
-        "{ failures = 2, window_ms = 60000, open_ms = 30000 }",
-        SHARED_JOBS,
-    );
-    let http = HttpJobs::from_toml(&text, &dir).unwrap();
-    let clock = ManualClock::new(T0);
-    let docket = Docket::with_store(store_a, Arc::new(clock.clone()));
-    http.install(&docket).unwrap();
-    let env = Env {
-        docket,
-        clock,
-        http,
-        server,
-        dir,
-    };
-    let (b, http_b) = second(&env, store_b, &text);
+    let (env, b, http_b) = two_processes(store_a, store_b).await;
     env.server.push(status(503));
     env.server.push(status(503));
     for n in 0..2 {
@@ -1884,27 +1892,15 @@ async fn a_run_deferred_to_the_probe_returns_when_the_probe_closes_the_breaker(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_run_deferred_to_the_probe_returns_when_the_probe_closes_the_breaker_sqlite() {
-    let dir = temp_dir();
-    let path = dir.join("shared.db").to_str().unwrap().to_string();
-    let a: docket_store::DynStore = Arc::new(SqliteStore::open(&path).unwrap());
-    let b: docket_store::DynStore = Arc::new(SqliteStore::open(&path).unwrap());
+    let (a, b, _dir) = sqlite_pair();
     a_run_deferred_to_the_probe_returns_when_the_probe_closes_the_breaker(a, b).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_run_deferred_to_the_probe_returns_when_the_probe_closes_the_breaker_postgres() {
-    let Some(base) = pg_url() else { return };
-    let schema = format!("t_{}", uuid::Uuid::now_v7().simple());
-    let a: docket_store::DynStore = Arc::new(
-        docket_store::postgres::PgStore::connect_with(&base, &schema)
-            .await
-            .unwrap(),
-    );
-    let b: docket_store::DynStore = Arc::new(
-        docket_store::postgres::PgStore::connect_with(&base, &schema)
-            .await
-            .unwrap(),
-    );
+    let Some((a, b)) = pg_pair().await else {
+        return;
+    };
     a_run_deferred_to_the_probe_returns_when_the_probe_closes_the_breaker(a, b).await;
 }
 

@@ -63,14 +63,21 @@ pub fn grace_ms(limit: &RateLimit) -> i64 {
     (limit.capacity() + per_ms - 1) / per_ms
 }
 
-/// The due times of the reservations another taker may take over at
-/// `now`, inclusive: due at least half the grace ago (the holder had that
-/// long to come back; on time it is back within milliseconds) and at most
-/// the grace ago (older tokens are never sent: sending them would add to
-/// the burst a late holder may send, see docs/RATE_LIMITS.md).
-pub fn takeover_window(limit: &RateLimit, now: Timestamp) -> (Timestamp, Timestamp) {
+/// The due times of the reservations a take planned as `plan` may take
+/// over at `now`, inclusive, or `None` when it reserves nothing (it goes
+/// ahead, or waits for its own token): due at least half the grace ago
+/// (the holder had that long to come back; on time it is back within
+/// milliseconds) and at most the grace ago (older tokens are never sent:
+/// sending them would add to the burst a late holder may send, see
+/// docs/RATE_LIMITS.md).
+pub fn takeover_window(
+    plan: &RatePlan,
+    limit: &RateLimit,
+    now: Timestamp,
+) -> Option<(Timestamp, Timestamp)> {
     let grace = grace_ms(limit);
-    (now.plus_millis(-grace), now.plus_millis(-(grace / 2)))
+    plan.reserve
+        .map(|_| (now.plus_millis(-grace), now.plus_millis(-(grace / 2))))
 }
 
 /// Another holder's reservation that is due and not yet used, read by the
@@ -82,6 +89,19 @@ pub struct LateReservation {
     pub holder: String,
     /// Its due time.
     pub due: Timestamp,
+}
+
+/// The read of [`LateReservation`], with the placeholders `{key}`,
+/// `{from}` and `{to}` (the [`takeover_window`]) and `{holder}` (the taker,
+/// whose own reservation is not another's) in the backend's syntax: the
+/// earliest due in the window (index `rate_reservations_due`). Columns:
+/// holder, due time.
+pub fn late_sql(key: &str, from: &str, to: &str, holder: &str) -> String {
+    format!(
+        "SELECT holder, due_at FROM rate_reservations
+         WHERE key = {key} AND due_at >= {from} AND due_at <= {to} AND holder <> {holder}
+         ORDER BY due_at LIMIT 1"
+    )
 }
 
 /// A reservation a taker took over ([`take_over`]).
@@ -203,10 +223,6 @@ mod tests {
         let l = RateLimit::new(20.0, 5).unwrap();
         assert_eq!(grace_ms(&l), 250);
         let now = T0.plus_millis(1_000);
-        assert_eq!(
-            takeover_window(&l, now),
-            (T0.plus_millis(750), T0.plus_millis(875))
-        );
         // The bucket is 10 tokens in debt: a new taker reserves 550 ms on.
         let b = Bucket {
             tokens: -10 * docket_core::rate::TOKEN,
@@ -215,6 +231,10 @@ mod tests {
         let fresh = take(Some(b), None, &l, now);
         let slot = now.plus_millis(550);
         assert_eq!(fresh.answer, RateTake::Deferred { until: slot });
+        assert_eq!(
+            takeover_window(&fresh, &l, now),
+            Some((T0.plus_millis(750), T0.plus_millis(875)))
+        );
         let late = LateReservation {
             holder: "late".into(),
             due: T0.plus_millis(800),
@@ -237,6 +257,7 @@ mod tests {
         assert_eq!(take_over(fresh.clone(), None), (fresh, None));
         // A grant, or a holder told to come back, takes nothing over.
         let granted = take(None, None, &l, now);
+        assert_eq!(takeover_window(&granted, &l, now), None, "nothing to read");
         let late = LateReservation {
             holder: "late".into(),
             due: T0.plus_millis(800),

@@ -40,31 +40,25 @@ const WRITE_SQL: &str = "WITH b AS (
      ON CONFLICT (key, holder) DO UPDATE SET due_at = EXCLUDED.due_at";
 
 /// Another holder's token a take that reserves may send on instead
-/// (`plan::rate::take_over`): the earliest due within the takeover window,
-/// read while the bucket's row is locked, which every take of the key
-/// holds (index `rate_reservations_due`). Only read when the take
-/// reserves, i.e. the bucket is empty.
+/// (`plan::rate::take_over`), read while the bucket's row is locked, which
+/// every take of the key holds; only when the take reserves, i.e. the
+/// bucket is empty.
 async fn late_reservation(
     c: &mut sqlx::PgConnection,
     req: &RateTakeRequest,
     p: &plan::RatePlan,
 ) -> Result<Option<plan::LateReservation>> {
-    if p.reserve.is_none() {
+    let Some((from, to)) = plan::takeover_window(p, &req.limit, req.now) else {
         return Ok(None);
-    }
-    let (from, to) = plan::takeover_window(&req.limit, req.now);
-    let row: Option<(String, i64)> = sqlx::query_as(
-        "SELECT holder, due_at FROM rate_reservations
-         WHERE key = $1 AND due_at >= $2 AND due_at <= $3 AND holder <> $4
-         ORDER BY due_at LIMIT 1",
-    )
-    .bind(&req.key)
-    .bind(from.0)
-    .bind(to.0)
-    .bind(&req.holder)
-    .fetch_optional(c)
-    .await
-    .map_err(db)?;
+    };
+    let row: Option<(String, i64)> = sqlx::query_as(&plan::late_sql("$1", "$2", "$3", "$4"))
+        .bind(&req.key)
+        .bind(from.0)
+        .bind(to.0)
+        .bind(&req.holder)
+        .fetch_optional(c)
+        .await
+        .map_err(db)?;
     Ok(row.map(|(holder, due)| plan::LateReservation {
         holder,
         due: Timestamp(due),

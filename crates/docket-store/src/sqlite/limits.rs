@@ -13,32 +13,26 @@ use docket_core::Timestamp;
 use rusqlite::{params, OptionalExtension};
 
 /// Another holder's token a take that reserves may send on instead
-/// (`plan::rate::take_over`): the earliest due within the takeover window,
-/// read under the writer's lock (index `rate_reservations_due`). Only read
-/// when the take reserves, i.e. the bucket is empty.
+/// (`plan::rate::take_over`), read under the writer's lock; only when the
+/// take reserves, i.e. the bucket is empty.
 fn late_reservation(
     c: &rusqlite::Connection,
     req: &RateTakeRequest,
     p: &plan::RatePlan,
 ) -> Result<Option<plan::LateReservation>> {
-    if p.reserve.is_none() {
+    let Some((from, to)) = plan::takeover_window(p, &req.limit, req.now) else {
         return Ok(None);
-    }
-    let (from, to) = plan::takeover_window(&req.limit, req.now);
-    c.prepare_cached(
-        "SELECT holder, due_at FROM rate_reservations
-         WHERE key = ?1 AND due_at >= ?2 AND due_at <= ?3 AND holder <> ?4
-         ORDER BY due_at LIMIT 1",
-    )
-    .map_err(db_err)?
-    .query_row(params![req.key, from.0, to.0, req.holder], |r| {
-        Ok(plan::LateReservation {
-            holder: r.get(0)?,
-            due: Timestamp(r.get(1)?),
+    };
+    c.prepare_cached(&plan::late_sql("?1", "?2", "?3", "?4"))
+        .map_err(db_err)?
+        .query_row(params![req.key, from.0, to.0, req.holder], |r| {
+            Ok(plan::LateReservation {
+                holder: r.get(0)?,
+                due: Timestamp(r.get(1)?),
+            })
         })
-    })
-    .optional()
-    .map_err(db_err)
+        .optional()
+        .map_err(db_err)
 }
 
 #[async_trait]
