@@ -138,7 +138,8 @@ pub struct LimitsArgs {
 }
 
 /// Flow control in the token's tenant (`GET /api/limits`): per concurrency
-/// key, running runs, the limit, due and waiting runs, held or not.
+/// key, running runs, the limit, due and waiting runs, held or not; then
+/// the open debounce windows.
 pub async fn limits(a: LimitsArgs) -> Res<()> {
     let c = Client::new(a.conn.clone())?;
     let (_, v) = c.call(Method::GET, "/api/limits", None).await?;
@@ -146,10 +147,16 @@ pub async fn limits(a: LimitsArgs) -> Res<()> {
         print_json(&v);
         return Ok(());
     }
+    concurrency_keys(&v);
+    debounce_windows(&v);
+    Ok(())
+}
+
+fn concurrency_keys(v: &Value) {
     let list = v["concurrency"].as_array().cloned().unwrap_or_default();
     if list.is_empty() {
         outln!("no concurrency key has runs running or waiting in this tenant");
-        return Ok(());
+        return;
     }
     let rows: Vec<Vec<String>> = list
         .iter()
@@ -171,7 +178,45 @@ pub async fn limits(a: LimitsArgs) -> Res<()> {
     if v["truncated"].as_bool() == Some(true) {
         outln!("(more keys than listed)");
     }
-    Ok(())
+}
+
+/// The open debounce windows: per (job, key) the window, its run and how
+/// many triggers were collapsed into it.
+fn debounce_windows(v: &Value) {
+    let list = v["debounce"].as_array().cloned().unwrap_or_default();
+    if list.is_empty() {
+        outln!("no debounce window is open in this tenant");
+        return;
+    }
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|w| {
+            vec![
+                s(&w["job"]),
+                s(&w["key"]),
+                s(&w["keep"]),
+                s(&w["opened_at"]),
+                s(&w["until"]),
+                format!("{} ({})", s(&w["run"]), s(&w["run_status"])),
+                s(&w["collapsed"]),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "debounced job",
+            "key",
+            "keep",
+            "opened",
+            "until",
+            "run",
+            "collapsed",
+        ],
+        &rows,
+    );
+    if v["debounce_truncated"].as_bool() == Some(true) {
+        outln!("(more windows than listed)");
+    }
 }
 
 /// `--since`: an RFC 3339 instant, or a duration meaning that long ago.

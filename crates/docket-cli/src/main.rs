@@ -61,7 +61,8 @@ enum Command {
     /// heartbeat, runs running.
     Workers(inspect::WorkersArgs),
     /// Flow control now: per concurrency key, running runs against the
-    /// limit, due and waiting runs (docs/FLOW_CONTROL.md).
+    /// limit, due and waiting runs; the open debounce windows with their
+    /// run and collapsed count (docs/FLOW_CONTROL.md).
     Limits(inspect::LimitsArgs),
 
     /// List, show, pause, resume, trigger, backfill and delete schedules

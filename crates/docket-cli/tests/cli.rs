@@ -263,6 +263,18 @@ fn tokens_serve_and_client_end_to_end() {
     assert!(b.contains(&deb_id), "{a} / {b}");
     let (_, shown, _) = docket(&["runs", "show", &deb_id], &env);
     assert!(shown.contains("collapsed 1"), "{shown}");
+    // `docket limits` lists the open window: its job, key, mode, run and
+    // count.
+    let (code, limits, err) = docket(&["limits"], &env);
+    assert_eq!(code, 0, "{err}");
+    let row = limits
+        .lines()
+        .find(|l| l.contains(&deb_id))
+        .unwrap_or_else(|| panic!("the open window in:\n{limits}"));
+    let cells: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(&cells[..3], ["echo", "cli", "last"], "{limits}");
+    assert_eq!(cells.last(), Some(&"1"), "collapsed once: {limits}");
+    assert!(limits.contains("DEBOUNCED JOB"), "{limits}");
     let (code, _, err) = docket(
         &[
             "trigger",

@@ -126,8 +126,9 @@ fn serve_with(db_url: &str, config: &std::path::Path, args: &[&str]) -> Served {
 /// Three processes send a connection's requests, limited to 20 a second
 /// with a burst of 5: in every window of the 10 s measured, the requests
 /// the service saw stay within the documented bound (burst + rate · t,
-/// plus one more burst for reservations honoured late and one request for
-/// the window's edges), and the limit is used, not undershot.
+/// plus one more burst for tokens sent late and one request for the
+/// window's edges), and the limit is used, not undershot. Prints how late
+/// the deferred runs came back for their tokens (from the attempt rows).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_rate_limit_holds_across_three_processes() {
     let Some(base) = url() else { return };
@@ -204,14 +205,16 @@ body = {{ i = "{{{{ input.i }}}}" }}
             );
         }
     }
-    // 10 s at 20/s after a burst of 5: 205 tokens. Never more (the bound
-    // above, and the total here). Fewer is the known under-use of
-    // docs/RATE_LIMITS.md ("Accuracy"): a reservation picked up later than
-    // its grace is lost. Measured 165 on a loaded 2-core machine; half the
-    // tokens is the floor below which the limit would be broken, not merely
-    // under-used.
+    // 10 s at 20/s after a burst of 5: 205 tokens, plus at most one more
+    // burst for tokens sent late (the bound above; the total here). The
+    // runs due at once are worked through first (about 1.2 s here), so the
+    // runs holding the first reserved tokens come back late for them:
+    // those tokens used to be lost (173 to 180 requests, docs/RATE_LIMITS.md,
+    // "Accuracy"); now the runs asking meanwhile send on them (205 to 208
+    // measured on a 2-core machine at load 3 to 6). The floor leaves 20 for
+    // a machine more loaded than that, and fails the old behaviour.
     assert!(
-        times.len() >= 103 && times.len() <= 216,
+        times.len() >= 185 && times.len() <= 216,
         "{} requests in 10 s (205 tokens)",
         times.len()
     );
@@ -223,10 +226,85 @@ body = {{ i = "{{{{ input.i }}}}" }}
         worst.2
     );
     drop(_procs);
+    let late = reservation_lateness(&store).await;
+    eprintln!("{late}");
     sqlx::query(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
         .execute(store.pool())
         .await
         .unwrap();
+}
+
+/// How late the deferred runs came back for their reserved tokens, from
+/// the stored attempts: each `rate_limited` deferral's due time (its
+/// `eligible_at`, the reserved token's time) against the start of the
+/// run's next attempt.
+#[derive(Debug)]
+struct Lateness {
+    /// Deferrals whose run came back.
+    returned: usize,
+    /// Of those, how many came back after the reservation's grace.
+    past_grace: usize,
+    /// The due times of those, from and to, in ms after the first due
+    /// time of any reservation.
+    past_grace_due: (i64, i64),
+    /// Runs deferred more than once.
+    deferred_again: usize,
+    /// Median and largest lateness, in milliseconds.
+    median_ms: i64,
+    max_ms: i64,
+}
+
+impl std::fmt::Display for Lateness {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} deferred runs came back: {} after their reservation's grace (250 ms; their tokens were due {} to {} ms after the first), {} deferred again; lateness median {} ms, max {} ms",
+            self.returned,
+            self.past_grace,
+            self.past_grace_due.0,
+            self.past_grace_due.1,
+            self.deferred_again,
+            self.median_ms,
+            self.max_ms
+        )
+    }
+}
+
+async fn reservation_lateness(store: &PgStore) -> Lateness {
+    let rows: Vec<(i64, i64)> = sqlx::query_as(
+        "SELECT d.eligible_at, n.started_at FROM attempts d
+         JOIN attempts n ON n.run_id = d.run_id AND n.attempt = d.attempt + 1
+         WHERE d.retry_reason = 'rate_limited'",
+    )
+    .fetch_all(store.pool())
+    .await
+    .unwrap();
+    let deferred_again: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM (SELECT run_id FROM attempts WHERE retry_reason = 'rate_limited'
+         GROUP BY run_id HAVING COUNT(*) > 1) x",
+    )
+    .fetch_one(store.pool())
+    .await
+    .unwrap();
+    let first = rows.iter().map(|r| r.0).min().unwrap_or(0);
+    let past: Vec<i64> = rows
+        .iter()
+        .filter(|(due, started)| started - due > 250)
+        .map(|(due, _)| due - first)
+        .collect();
+    let mut late: Vec<i64> = rows.iter().map(|(due, started)| started - due).collect();
+    late.sort_unstable();
+    Lateness {
+        returned: late.len(),
+        past_grace: past.len(),
+        past_grace_due: (
+            past.iter().copied().min().unwrap_or(0),
+            past.iter().copied().max().unwrap_or(0),
+        ),
+        deferred_again: usize::try_from(deferred_again).unwrap_or(0),
+        median_ms: late.get(late.len() / 2).copied().unwrap_or(0),
+        max_ms: late.last().copied().unwrap_or(0),
+    }
 }
 
 /// One request as the failing-then-healthy service saw it.
@@ -312,7 +390,9 @@ fn failing_then_healthy(failures: usize, latency: Duration) -> (String, mpsc::Re
 /// one per other process at most); at the reset exactly one probe goes
 /// out (the service takes 300 ms to answer, while the other processes'
 /// runs are due too) and its success closes the breaker; then every
-/// process sends again and every run but the 3 that failed completes.
+/// process sends again within 1.5 s (not at the probe's deadline: the close
+/// releases the runs deferred to it) and every run but the 3 that failed
+/// completes.
 /// Asserted from the service's record against the stored
 /// `circuit_opened` / `circuit_half_open` / `circuit_closed` events.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -423,15 +503,28 @@ retry = {{ base_delay_ms = 600000, max_delay_ms = 600000, jitter_ms = 0, max_att
         .collect();
     assert_eq!(probes.len(), 1, "exactly one probe: {probes:?}");
     assert_eq!(probes[0].code, 200);
-    // Closed again: every process sends.
+    // Closed again: every process sends, soon. The others' runs deferred
+    // to the probe's deadline (its 2 s timeout plus 1 s: 3 s after it went
+    // out) were released by the close, and the processes, whose claim
+    // gates held the connection's runs while the probe was out, learnt of
+    // the close from its wake-up: they used to wait out that deadline.
+    let mut back = Vec::new();
     for p in ["p1", "p2", "p3"] {
-        assert!(
-            hits.iter().any(|h| h.at > closed_at && h.proc == p),
-            "{p} sent nothing after the breaker closed: {hits:?}"
-        );
+        let first = hits
+            .iter()
+            .filter(|h| h.at > closed_at && h.proc == p)
+            .map(|h| h.at)
+            .min()
+            .unwrap_or_else(|| panic!("{p} sent nothing after the breaker closed: {hits:?}"));
+        back.push(first - closed_at);
     }
+    assert!(
+        back.iter().all(|ms| *ms < 1_500),
+        "every process sends again within 1.5 s of the close, long before the probe's deadline: {back:?} ms"
+    );
     // The contest: runs the other processes deferred at the reset to the
-    // probe's deadline (they asked while the probe was out).
+    // probe's deadline (they asked while the probe was out), each released
+    // by the close.
     let contested: i64 = sqlx::query_scalar(
         "SELECT count(*)::int8 FROM attempts WHERE retry_reason = 'circuit_open' AND eligible_at > $1",
     )
@@ -439,9 +532,19 @@ retry = {{ base_delay_ms = 600000, max_delay_ms = 600000, jitter_ms = 0, max_att
     .fetch_one(store.pool())
     .await
     .unwrap();
+    let released: i64 =
+        sqlx::query_scalar("SELECT count(*)::int8 FROM events WHERE kind = 'deferral_released'")
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
+    assert_eq!(
+        released, contested,
+        "every run deferred to the probe was released"
+    );
     eprintln!(
         "{} requests; {} arrived while open (in flight at the open); probe at +{} ms after the reset; \
-         closed at +{} ms; {contested} runs deferred while the probe was out",
+         closed at +{} ms; {contested} runs deferred while the probe was out, {released} released; \
+         the processes sent again {back:?} ms after the close",
         hits.len(),
         while_open.len(),
         probes[0].at - reset_at,

@@ -122,6 +122,11 @@ kinds! {
     CircuitHalfOpen = "circuit_half_open",
     /// A connection's circuit breaker closed again.
     CircuitClosed = "circuit_closed",
+    /// The breaker that deferred this run (`circuit_open`) closed before
+    /// the time the run was deferred to: the run is due at once (data: the
+    /// connection and the time it was deferred to). Written by the close's
+    /// transaction.
+    DeferralReleased = "deferral_released",
     /// The pruner deleted final runs of a job (counts, not one per run;
     /// recorded on no run).
     RunsPruned = "runs_pruned",

@@ -23,6 +23,10 @@
 //!   connection's status for the tenant (`enabled`, `disabled`,
 //!   `expired`), read from the store at scrape time.
 //!
+//! - debounce (docs/FLOW_CONTROL.md): `docket_debounce_collapsed_total{tenant,job}`
+//!   from the event tail (as the counters above) and
+//!   `docket_debounce_windows_open{tenant,job}` read from the store at
+//!   scrape time ([`Metrics::render_debounce`]).
 //! - retention and queue operations (docs/OPERATIONS.md):
 //!   `docket_runs_pruned_total{tenant,job}` and
 //!   `docket_ledger_pruned_total{tenant}` from the pruning events;
@@ -86,6 +90,8 @@ struct Inner {
     pruned: BTreeMap<Key, u64>,
     /// Ledger rows pruned, per tenant (job `""`), from `ledger_pruned`.
     ledger_pruned: BTreeMap<Key, u64>,
+    /// Triggers collapsed by a debounce, from `trigger_collapsed`.
+    collapsed: BTreeMap<Key, u64>,
     pickup: BTreeMap<Key, Histogram>,
     duration: BTreeMap<Key, Histogram>,
     due: HashMap<RunId, Timestamp>,
@@ -169,6 +175,7 @@ impl Metrics {
                     (key.0.clone(), key.1.clone(), "lease_expired".into()),
                 );
             }
+            "trigger_collapsed" => bump(&mut m.collapsed, key.clone()),
             "run_completed" => bump(&mut m.completed, key.clone()),
             "run_failed" => bump(&mut m.failed, key.clone()),
             k if k == docket::retention::RUNS_PRUNED || k == docket::retention::LEDGER_PRUNED => {
@@ -297,6 +304,56 @@ impl Metrics {
             tenant,
         );
         out
+    }
+}
+
+impl Metrics {
+    /// Debounce (docs/FLOW_CONTROL.md, "Debounce"), every job in `jobs`
+    /// listed (0 when it has none) so alerts can use `rate()`:
+    /// `docket_debounce_collapsed_total{tenant,job}`, the triggers
+    /// collapsed into an existing run, counted from the event tail since
+    /// this server started (by every process on the store; an event the
+    /// pruner deletes later was counted when it was written), and
+    /// `docket_debounce_windows_open{tenant,job}`, the windows open now
+    /// (`open`, read from the store at scrape time).
+    pub fn render_debounce(
+        &self,
+        out: &mut String,
+        tenant: &str,
+        jobs: &[String],
+        open: &[docket_store::DebounceCount],
+    ) {
+        let mut collapsed: BTreeMap<&str, u64> = jobs.iter().map(|j| (j.as_str(), 0)).collect();
+        let m = self.inner.lock().expect("metrics lock");
+        for ((tn, job), n) in &m.collapsed {
+            if tn == tenant {
+                collapsed.insert(job, *n);
+            }
+        }
+        let mut windows: BTreeMap<&str, u64> = jobs.iter().map(|j| (j.as_str(), 0)).collect();
+        for c in open.iter().filter(|c| c.tenant == tenant) {
+            windows.insert(&c.job, c.open);
+        }
+        let t = escape(tenant);
+        for (name, kind, help, values) in [
+            (
+                "docket_debounce_collapsed_total",
+                "counter",
+                "Triggers collapsed into an existing run by a debounce (since this server started, every process).",
+                &collapsed,
+            ),
+            (
+                "docket_debounce_windows_open",
+                "gauge",
+                "Debounce windows open now: a trigger of their key would be collapsed.",
+                &windows,
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for (job, n) in values {
+                let _ = writeln!(out, "{name}{{tenant=\"{t}\",job=\"{}\"}} {n}", escape(job));
+            }
+        }
     }
 }
 

@@ -276,11 +276,21 @@ fn requests(doc: &mut Value, jobs: &[String]) {
         json!({"type": ["string", "null"], "maxLength": MAX_TEXT,
                "description": "The key template over {{ tenant }}, {{ job }} and {{ input.FIELD }} (default {{ job }}: every trigger of the job in the tenant)."}),
     );
+    for schema in ["DebounceView", "DebounceWindowView"] {
+        set(
+            doc,
+            schema,
+            "keep",
+            json!({"type": "string", "enum": ["first", "last"], "description": "Which trigger's input the run keeps."}),
+        );
+    }
     set(
         doc,
-        "DebounceView",
-        "keep",
-        json!({"type": "string", "enum": ["first", "last"], "description": "Which trigger's input the run keeps."}),
+        "DebounceWindowView",
+        "run_status",
+        json!({"type": "string",
+               "enum": ["pending", "running", "needs_input", "postponed", "completed", "failed"],
+               "description": "The window's run's status now (never `cancelled`: a cancel ends the window)."}),
     );
     merge(
         doc,

@@ -502,6 +502,11 @@ fn summary(e: &EventRecord) -> String {
         ),
         "attempt_failed" => format!("{att} failed: {}: {}", s("error_class"), s("message")),
         "attempt_deferred" => format!("{att} deferred, nothing sent: {}", s("message")),
+        "deferral_released" => format!(
+            "due now: circuit breaker of {} closed (it was deferred until {})",
+            s("connection"),
+            t("deferred_until")
+        ),
         "http_response" => {
             let what = if s("purpose") == "reconcile" {
                 "reconcile "
@@ -1256,6 +1261,14 @@ pub async fn metrics(State(state): State<AppState>, caller: Caller) -> ApiResult
         )
         .await?;
     crate::metrics::render_concurrency(&mut body, &caller.tenant, &keys);
+    let open = state
+        .docket
+        .store()
+        .debounce_counts(Some(caller.tenant.clone()), state.now())
+        .await?;
+    state
+        .metrics
+        .render_debounce(&mut body, &caller.tenant, &state.docket.job_names(), &open);
     let pauses = state.docket.pauses(Some(&caller.tenant)).await?;
     crate::metrics::render_paused(
         &mut body,
@@ -1333,8 +1346,17 @@ mod tests {
     /// docs/FLOW_CONTROL.md, from the stored `run_held` event's fields.
     #[test]
     fn a_held_run_reads_held_by_its_key() {
-        let w = docket_store::plan::concurrency::held_event("acme/42", 2, 2);
-        let e = EventRecord {
+        let e = stored(docket_store::plan::concurrency::held_event("acme/42", 2, 2));
+        assert_eq!(
+            summary(&e),
+            "held by concurrency key acme/42: 2 of 2 running"
+        );
+    }
+
+    /// An event as a store writes it (what the plan computed) and reads it
+    /// back.
+    fn stored(w: docket_store::plan::end::EventWrite) -> EventRecord {
+        EventRecord {
             id: 1,
             run_id: docket::RunId::new(),
             tenant: "acme".into(),
@@ -1346,10 +1368,20 @@ mod tests {
             actor: None,
             comment: None,
             data: w.data,
-        };
+        }
+    }
+
+    /// A run a closing breaker released says so, from the stored
+    /// `deferral_released` event's fields.
+    #[test]
+    fn a_released_run_reads_due_now() {
+        let e = stored(docket_store::plan::breaker::released_event(
+            "crm",
+            Timestamp(1_767_225_611_000),
+        ));
         assert_eq!(
             summary(&e),
-            "held by concurrency key acme/42: 2 of 2 running"
+            "due now: circuit breaker of crm closed (it was deferred until 2026-01-01T00:00:11.000Z)"
         );
     }
 

@@ -96,13 +96,8 @@ fn done(output: serde_json::Value) -> Outcome {
 }
 
 async fn kinds(store: &DynStore, run: RunId) -> Vec<String> {
-    store
-        .events(EventFilter {
-            run_id: Some(run),
-            ..Default::default()
-        })
+    crate::conformance::events_of(store, run)
         .await
-        .unwrap()
         .into_iter()
         .map(|e| e.kind.to_string())
         .collect()

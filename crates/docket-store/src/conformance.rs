@@ -28,6 +28,31 @@ async fn one(store: &DynStore, run: NewRun) -> Run {
     store.trigger(vec![run], T0).await.unwrap().remove(0).run
 }
 
+/// An operator (`op`) cancels `run` at `now`.
+pub(crate) async fn cancel(store: &DynStore, run: RunId, now: Timestamp) {
+    store
+        .operator(OperatorRequest {
+            run_id: run,
+            actor: "op".into(),
+            comment: None,
+            now,
+            command: OperatorCommand::Cancel,
+        })
+        .await
+        .unwrap();
+}
+
+/// The events of `run`, in order.
+pub(crate) async fn events_of(store: &DynStore, run: RunId) -> Vec<EventRecord> {
+    store
+        .events(EventFilter {
+            run_id: Some(run),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+}
+
 fn err_info(class: ErrorClass) -> ErrorInfo {
     ErrorInfo {
         class,
@@ -39,13 +64,8 @@ fn err_info(class: ErrorClass) -> ErrorInfo {
 }
 
 async fn kinds(store: &DynStore, run: RunId) -> Vec<String> {
-    store
-        .events(EventFilter {
-            run_id: Some(run),
-            ..Default::default()
-        })
+    events_of(store, run)
         .await
-        .unwrap()
         .into_iter()
         .map(|e| e.kind.to_string())
         .collect()
@@ -2529,6 +2549,219 @@ where
     assert!(events.iter().any(|e| e.run_id == after.id));
 }
 
+/// A token whose holder is late is not wasted: from half the reservation's
+/// grace after its due time to the grace, a taker that finds the bucket
+/// empty sends on it, and the late holder's reservation moves to the slot
+/// that taker would have reserved (it is told to come back then, and goes
+/// ahead on it). Earlier the holder keeps it; later it is gone, never sent.
+/// At 20/s with a burst of 1 the grace is 50 ms.
+pub async fn rate_a_late_holders_token_goes_to_the_next_taker(store: DynStore) {
+    let l = docket_core::RateLimit::new(20.0, 1).unwrap();
+    let take = |key: &str, holder: &str, at: i64| {
+        let store = store.clone();
+        let req = RateTakeRequest {
+            key: key.into(),
+            holder: holder.into(),
+            limit: l,
+            now: T0.plus_millis(at),
+        };
+        async move { store.rate_take(req).await.unwrap() }
+    };
+    let deferred = |ms: i64| RateTake::Deferred {
+        until: T0.plus_millis(ms),
+    };
+    for key in ["early", "window", "past"] {
+        assert_eq!(take(key, "first", 0).await, RateTake::Granted);
+        assert_eq!(take(key, "late", 0).await, deferred(50));
+    }
+    // 10 ms late: the holder may still come; the newcomer waits its turn.
+    assert_eq!(take("early", "new", 60).await, deferred(100));
+    assert_eq!(take("early", "late", 70).await, RateTake::Granted);
+    // 30 ms late (half the grace is 25): the newcomer sends on it; the
+    // late holder gets the newcomer's slot.
+    assert_eq!(take("window", "new", 80).await, RateTake::Granted);
+    assert_eq!(take("window", "late", 90).await, deferred(100));
+    assert_eq!(take("window", "late", 100).await, RateTake::Granted);
+    let b = store.rate_buckets("window".into()).await.unwrap().remove(0);
+    assert_eq!(b.reserved, 0, "every reservation was used once");
+    // 51 ms late (past the grace): never sent, by anyone.
+    assert_eq!(take("past", "second", 0).await, deferred(100));
+    assert_eq!(take("past", "new", 101).await, deferred(150));
+    assert_eq!(take("past", "second", 101).await, RateTake::Granted);
+}
+
+/// A breaker's close releases, in its own transaction, exactly the runs it
+/// deferred to a later time that still wait for it: each is due at the
+/// close's time, with a `deferral_released` event, and workers are woken
+/// (PostgreSQL: a `NOTIFY` for its job, received by a listener). Not
+/// another breaker's deferrals, not a rate limit's, not a run the breaker
+/// deferred to a time already past, not a cancelled one; a second close
+/// finds nothing (one write per run per outage), and a change that does
+/// not release moves nothing.
+pub async fn breaker_close_releases_the_runs_it_deferred(store: DynStore) {
+    let probe_deadline = T0.plus_millis(11_000);
+    let cases = [
+        (
+            "released",
+            "circuit_breaker:crm",
+            RetryReason::CircuitOpen,
+            probe_deadline,
+        ),
+        (
+            "due_already",
+            "circuit_breaker:crm",
+            RetryReason::CircuitOpen,
+            T0.plus_millis(500),
+        ),
+        (
+            "other_breaker",
+            "circuit_breaker:erp",
+            RetryReason::CircuitOpen,
+            probe_deadline,
+        ),
+        (
+            "rate_limited",
+            "rate_limit:connection:crm",
+            RetryReason::RateLimited,
+            probe_deadline,
+        ),
+        (
+            "cancelled",
+            "circuit_breaker:crm",
+            RetryReason::CircuitOpen,
+            probe_deadline,
+        ),
+    ];
+    let runs: Vec<NewRun> = cases
+        .iter()
+        .map(|(name, ..)| NewRun::new("job", json!({ "case": name })))
+        .collect();
+    store.trigger(runs.clone(), T0).await.unwrap();
+    let claimed = store.claim(claim_req(T0, 10)).await.unwrap();
+    assert_eq!(claimed.len(), cases.len());
+    let ends = claimed
+        .iter()
+        .map(|r| {
+            let (_, policy, reason, until) = cases
+                .iter()
+                .find(|c| r.input["case"] == c.0)
+                .expect("a case");
+            AttemptEnd {
+                run_id: r.id,
+                lease_id: r.lease_id.unwrap(),
+                now: T0,
+                outcome: Outcome::Retry {
+                    error: err_info(ErrorClass::Unavailable),
+                    retry: RetryRecord {
+                        policy: policy.to_string(),
+                        delay_ms: until.millis_since(T0),
+                        eligible_at: *until,
+                        reason: *reason,
+                    },
+                },
+            }
+        })
+        .collect();
+    for r in store.finish(ends).await.unwrap() {
+        r.unwrap();
+    }
+    let id = |name: &str| runs[cases.iter().position(|c| c.0 == name).unwrap()].id;
+    cancel(&store, id("cancelled"), T0.plus_millis(1)).await;
+    let mut wakeups = store.wakeups().await.unwrap();
+    let before: Vec<Run> = {
+        let mut v = Vec::new();
+        for r in &runs {
+            v.push(store.get_run(r.id).await.unwrap().unwrap());
+        }
+        v
+    };
+
+    let close = T0.plus_millis(1_000);
+    let closed = json!({ "phase": "closed" });
+    let state = closed.clone();
+    let changed = store
+        .breaker_change(
+            "crm".into(),
+            close,
+            Box::new(move |_| BreakerWrite {
+                state: Some(state),
+                release: true,
+            }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(changed.state, Some(closed.clone()));
+    assert_eq!(
+        changed.released,
+        [ReleasedRun {
+            id: id("released"),
+            tenant: DEFAULT_TENANT.into(),
+            job: "job".into(),
+            deferred_until: probe_deadline,
+        }]
+    );
+    for (run, was) in runs.iter().zip(&before) {
+        let now = store.get_run(run.id).await.unwrap().unwrap();
+        if run.id == id("released") {
+            assert_eq!((now.status, now.run_after), (RunStatus::Pending, close));
+            let ev = events_of(&store, run.id).await;
+            let last = ev.last().unwrap();
+            assert_eq!(last.kind, "deferral_released");
+            assert_eq!(last.at, close);
+            assert_eq!(
+                last.data,
+                json!({ "connection": "crm", "deferred_until": probe_deadline, "reason": "circuit_closed" })
+            );
+        } else {
+            assert_eq!(&now, was, "{} is untouched", run.input["case"]);
+        }
+    }
+    assert_eq!(
+        store
+            .breaker_get("crm".into())
+            .await
+            .unwrap()
+            .unwrap()
+            .state,
+        closed
+    );
+    if store.backend() == "postgres" {
+        let rx = wakeups.as_mut().expect("PostgreSQL has a wake-up channel");
+        let job = tokio::time::timeout(std::time::Duration::from_secs(10), rx.recv())
+            .await
+            .expect("the release wakes workers")
+            .unwrap();
+        assert_eq!(job, "job");
+    }
+    // The runs are claimable at the close's time.
+    let due: Vec<RunId> = store
+        .claim(claim_req(close, 10))
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.id)
+        .collect();
+    assert_eq!(due, [id("due_already"), id("released")]);
+    // Once: a second close, or a change that does not release, moves nothing.
+    for release in [true, false] {
+        let again = store
+            .breaker_change(
+                "crm".into(),
+                close.plus_millis(1),
+                Box::new(move |_| BreakerWrite {
+                    state: None,
+                    release,
+                }),
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            (again.state, again.released),
+            (Some(closed.clone()), vec![])
+        );
+    }
+}
+
 /// Generates one `#[tokio::test]` per conformance behaviour, each with a
 /// fresh store from the factory.
 ///
@@ -2599,6 +2832,8 @@ macro_rules! conformance_tests {
             schedules_are_stored_changed_and_audited,
             schedule_ticks_fire_each_slot_once_under_the_fence,
             schedule_manual_fires_and_skips_are_history,
+            breaker_close_releases_the_runs_it_deferred,
+            rate_a_late_holders_token_goes_to_the_next_taker,
         );
     };
     (@each @required $factory:expr; $($name:ident),* $(,)?) => {

@@ -35,13 +35,8 @@ async fn at(store: &DynStore, run: NewRun, ms: i64) -> Triggered {
 }
 
 async fn collapses(store: &DynStore, run: RunId) -> Vec<EventRecord> {
-    store
-        .events(EventFilter {
-            run_id: Some(run),
-            ..Default::default()
-        })
+    crate::conformance::events_of(store, run)
         .await
-        .unwrap()
         .into_iter()
         .filter(|e| e.kind == EventKind::TriggerCollapsed)
         .collect()
@@ -228,16 +223,7 @@ pub async fn a_cancelled_run_ends_its_window((store, _): Pair) {
         let r = at(&store, debounced("job", &key, keep, json!(1)), 0)
             .await
             .run;
-        store
-            .operator(OperatorRequest {
-                run_id: r.id,
-                actor: "op".into(),
-                comment: None,
-                now: T0.plus_millis(1),
-                command: OperatorCommand::Cancel,
-            })
-            .await
-            .unwrap();
+        crate::conformance::cancel(&store, r.id, T0.plus_millis(1)).await;
         let next = at(&store, debounced("job", &key, keep, json!(2)), 2).await;
         assert!(!next.collapsed, "{keep}");
         assert_ne!(next.run.id, r.id);
@@ -426,6 +412,143 @@ pub async fn opposite_batches_of_the_same_keys_do_not_deadlock((one, two): Pair)
     }
 }
 
+/// What operators read (`GET /api/limits`, `/metrics`): the open windows
+/// of one tenant or of all, and their count per (tenant, job). Open means
+/// a trigger now would be collapsed (`plan::debounce::is_open`): not a
+/// window that ended (its end is outside it), whose run was cancelled, or
+/// a `keep = last` window whose run started (here: claimed by a process
+/// whose clock is ahead); a `keep = first` window stays open while its run
+/// runs. Both handles read the same rows, and another tenant's windows
+/// never appear in a tenant's read.
+pub async fn open_windows_are_listed_per_tenant((one, two): Pair) {
+    let in_tenant = |mut n: NewRun, tenant: &str| {
+        n.tenant = tenant.into();
+        n
+    };
+    // keep = first, collapsed once, then running.
+    let a = at(&one, debounced("job", "a", Keep::First, json!(1)), 0)
+        .await
+        .run;
+    at(&two, debounced("job", "a", Keep::First, json!(2)), 10).await;
+    let claimed = one.claim(claim(T0.plus_millis(20))).await.unwrap();
+    assert_eq!(claimed.iter().map(|r| r.id).collect::<Vec<_>>(), [a.id]);
+    // keep = last, collapsed twice, pending until its end.
+    let b = at(&one, debounced("job", "b", Keep::Last, json!(1)), 100)
+        .await
+        .run;
+    at(&two, debounced("job", "b", Keep::Last, json!(2)), 110).await;
+    at(&one, debounced("job", "b", Keep::Last, json!(3)), 120).await;
+    // keep = last, started by a clock ahead of the reads'.
+    let c = at(&one, debounced("job", "c", Keep::Last, json!(1)), 0)
+        .await
+        .run;
+    let ahead = one.claim(claim(T0.plus_millis(WINDOW))).await.unwrap();
+    assert_eq!(ahead.iter().map(|r| r.id).collect::<Vec<_>>(), [c.id]);
+    // Cancelled.
+    let d = at(&one, debounced("job", "d", Keep::First, json!(1)), 0)
+        .await
+        .run;
+    crate::conformance::cancel(&one, d.id, T0.plus_millis(1)).await;
+    // Ended before the reads' time.
+    at(
+        &one,
+        debounced("job", "old", Keep::First, json!(0)),
+        -WINDOW - 1,
+    )
+    .await;
+    // Another job of the tenant, and another tenant with the same key.
+    let z = at(&two, debounced("job2", "z", Keep::First, json!(1)), 200)
+        .await
+        .run;
+    let other = at(
+        &two,
+        in_tenant(debounced("job", "a", Keep::Last, json!(1)), "other"),
+        0,
+    )
+    .await
+    .run;
+
+    let now = T0.plus_millis(500);
+    let window = |run: &Run, status: RunStatus, collapsed: u32| {
+        let d = run.debounce.clone().unwrap();
+        DebounceWindow {
+            tenant: run.tenant.clone(),
+            job: run.job.clone(),
+            key: d.key,
+            keep: d.keep,
+            opened_at: run.created_at,
+            until: d.until,
+            run: run.id,
+            status,
+            collapsed,
+        }
+    };
+    let acme = vec![
+        window(&a, RunStatus::Running, 1),
+        window(&b, RunStatus::Pending, 2),
+        window(&z, RunStatus::Pending, 0),
+    ];
+    assert_eq!(acme[1].opened_at, T0.plus_millis(100));
+    assert_eq!(acme[1].until, T0.plus_millis(100 + WINDOW));
+    for store in [&one, &two] {
+        let mine = store
+            .debounce_windows(Some(DEFAULT_TENANT.into()), now, 100)
+            .await
+            .unwrap();
+        assert_eq!(mine, acme);
+        let theirs = store
+            .debounce_windows(Some("other".into()), now, 100)
+            .await
+            .unwrap();
+        assert_eq!(theirs, [window(&other, RunStatus::Pending, 0)]);
+        let all = store.debounce_windows(None, now, 100).await.unwrap();
+        let mut expected = acme.clone();
+        expected.push(window(&other, RunStatus::Pending, 0));
+        assert_eq!(all, expected);
+        let first = store
+            .debounce_windows(Some(DEFAULT_TENANT.into()), now, 1)
+            .await
+            .unwrap();
+        assert_eq!(first, acme[..1]);
+        let count = |tenant: &str, job: &str, open: u64| DebounceCount {
+            tenant: tenant.into(),
+            job: job.into(),
+            open,
+        };
+        assert_eq!(
+            store
+                .debounce_counts(Some(DEFAULT_TENANT.into()), now)
+                .await
+                .unwrap(),
+            [
+                count(DEFAULT_TENANT, "job", 2),
+                count(DEFAULT_TENANT, "job2", 1)
+            ]
+        );
+        assert_eq!(
+            store.debounce_counts(None, now).await.unwrap(),
+            [
+                count(DEFAULT_TENANT, "job", 2),
+                count(DEFAULT_TENANT, "job2", 1),
+                count("other", "job", 1)
+            ]
+        );
+        // At b's end, b's window is over (the end is outside it).
+        let later = store
+            .debounce_windows(
+                Some(DEFAULT_TENANT.into()),
+                T0.plus_millis(100 + WINDOW),
+                100,
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            later.iter().map(|w| w.key.as_str()).collect::<Vec<_>>(),
+            ["z"]
+        );
+    }
+}
+
 /// Instantiates the debounce conformance tests for a backend: `$factory`
 /// yields a [`Pair`] of handles on one fresh database (with `optional:`,
 /// an `Option<Pair>`; `None` skips).
@@ -446,6 +569,7 @@ macro_rules! debounce_conformance_tests {
             a_batch_collapses_entries_of_one_key_in_order,
             racing_triggers_make_one_run_per_window,
             opposite_batches_of_the_same_keys_do_not_deadlock,
+            open_windows_are_listed_per_tenant,
         );
     };
     (@each @required $factory:expr; $($name:ident),* $(,)?) => {

@@ -44,7 +44,10 @@ pub use connections::{
 };
 pub use json::{MAX_JSON_DEPTH, UNDECODABLE_KEY};
 pub use lead::FencingToken;
-pub use limits::{BreakerRow, BreakerUpdate, LimitStore, RateBucketRow, RateTake, RateTakeRequest};
+pub use limits::{
+    BreakerChange, BreakerChanged, BreakerRow, BreakerUpdate, BreakerWrite, LimitStore,
+    RateBucketRow, RateTake, RateTakeRequest, ReleasedRun,
+};
 pub use model::*;
 pub use schedules::{
     PutOutcome, Schedule, ScheduleDef, ScheduleHistory, SchedulePut, ScheduleStore, ScheduleTick,
@@ -66,7 +69,7 @@ use std::sync::Arc;
 /// (`sqlite/migrations/`, `postgres/migrations/`; ARCHITECTURE.md,
 /// "Migrations"). A database with a higher version was written by a newer
 /// Docket and is refused, never modified.
-pub const SCHEMA_VERSION: i64 = 15;
+pub const SCHEMA_VERSION: i64 = 16;
 
 /// What can go wrong in a store.
 #[derive(Debug, thiserror::Error)]

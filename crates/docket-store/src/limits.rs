@@ -1,13 +1,16 @@
 //! Flow limits shared by every process on one database: rate limits as
-//! token buckets ([`LimitStore::rate_take`]) and circuit breakers' states
-//! ([`LimitStore::breaker_update`]). A supertrait of
+//! token buckets ([`LimitStore::rate_take`]), circuit breakers' states
+//! ([`LimitStore::breaker_change`], whose close also releases the runs the
+//! breaker deferred) and, for operators, the open debounce windows
+//! ([`LimitStore::debounce_windows`]). A supertrait of
 //! [`Store`](crate::Store); what a take writes is computed by
-//! [`plan::rate`](crate::plan::rate).
+//! [`plan::rate`](crate::plan::rate), what a release writes by
+//! [`plan::breaker`](crate::plan::breaker).
 
-use crate::Result;
+use crate::{DebounceCount, DebounceWindow, Result};
 use async_trait::async_trait;
 use docket_core::rate::RateLimit;
-use docket_core::Timestamp;
+use docket_core::{RunId, Timestamp};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -87,10 +90,95 @@ pub trait LimitStore: Send + Sync {
     /// state from the stored one, and the new state (if any) is written with
     /// `changed_at = now`. Answers the state after (`None`: never stored).
     /// Concurrent updates from every process apply one after another.
+    /// ([`breaker_change`](LimitStore::breaker_change) that never releases
+    /// deferred runs.)
     async fn breaker_update(
         &self,
         name: String,
         now: Timestamp,
         update: BreakerUpdate,
-    ) -> Result<Option<Value>>;
+    ) -> Result<Option<Value>> {
+        let change: BreakerChange = Box::new(move |old| BreakerWrite {
+            state: update(old),
+            release: false,
+        });
+        Ok(self.breaker_change(name, now, change).await?.state)
+    }
+
+    /// [`breaker_update`](LimitStore::breaker_update), and when `change`
+    /// answers `release` (the breaker closed), in the same transaction:
+    /// the runs deferred by this breaker to a time after `now` that still
+    /// wait for it are due at `now` instead. Those are the pending runs
+    /// whose latest attempt ended deferred with reason `circuit_open` under
+    /// the policy `circuit_breaker:NAME` ([`plan::breaker`](crate::plan::breaker))
+    /// and whose `run_after` is still the time it deferred them to; they
+    /// are found through the partial index `attempts_circuit_open`, at most
+    /// [`RELEASE_LIMIT`](crate::plan::breaker::RELEASE_LIMIT) of them, and
+    /// each gets a `deferral_released` event. Workers are woken: on
+    /// PostgreSQL by the `NOTIFY` a trigger sends, per job released; on
+    /// SQLite other processes see the commit. PostgreSQL skips a run
+    /// another transaction holds locked right now (it keeps its deferral).
+    async fn breaker_change(
+        &self,
+        name: String,
+        now: Timestamp,
+        change: BreakerChange,
+    ) -> Result<BreakerChanged>;
+
+    /// The open debounce windows (a trigger of their key now would be
+    /// collapsed: [`plan::debounce::is_open`](crate::plan::debounce::is_open))
+    /// of `tenant`, or of every tenant, by (tenant, job, key); at most
+    /// `limit`. Reads the windows that have not ended (index
+    /// `runs_debounce_open`), not every key that ever had one.
+    async fn debounce_windows(
+        &self,
+        tenant: Option<String>,
+        now: Timestamp,
+        limit: usize,
+    ) -> Result<Vec<DebounceWindow>>;
+
+    /// How many debounce windows are open now per (tenant, job), of
+    /// `tenant` or of every tenant, by (tenant, job).
+    async fn debounce_counts(
+        &self,
+        tenant: Option<String>,
+        now: Timestamp,
+    ) -> Result<Vec<DebounceCount>>;
+}
+
+/// What a [`BreakerChange`] answers, computed under the breaker row's lock.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BreakerWrite {
+    /// The state to store; `None`: leave the row as it is.
+    pub state: Option<Value>,
+    /// The breaker closed: release the runs it deferred (see
+    /// [`LimitStore::breaker_change`]).
+    pub release: bool,
+}
+
+/// A change of a breaker's stored state that may release the runs it
+/// deferred: computed under the row's lock from the stored state (`None`:
+/// never stored).
+pub type BreakerChange = Box<dyn FnOnce(Option<Value>) -> BreakerWrite + Send>;
+
+/// What [`LimitStore::breaker_change`] did.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BreakerChanged {
+    /// The state after (`None`: never stored).
+    pub state: Option<Value>,
+    /// The runs made due at once, by id.
+    pub released: Vec<ReleasedRun>,
+}
+
+/// A run a closing breaker made due at once.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReleasedRun {
+    /// The run.
+    pub id: RunId,
+    /// Its tenant.
+    pub tenant: String,
+    /// Its job.
+    pub job: String,
+    /// The time it had been deferred to.
+    pub deferred_until: Timestamp,
 }

@@ -70,6 +70,43 @@ pub struct RunDebounce {
     pub current: bool,
 }
 
+/// An open debounce window (`LimitStore::debounce_windows`): a trigger of
+/// its key now would be collapsed into its run.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DebounceWindow {
+    /// The tenant (windows are per tenant and job).
+    pub tenant: String,
+    /// The job.
+    pub job: String,
+    /// The rendered key.
+    pub key: String,
+    /// The mode the window was opened with.
+    pub keep: Keep,
+    /// When it opened: the first trigger's time (its run's creation).
+    pub opened_at: Timestamp,
+    /// Its end (exclusive): a trigger at or after it opens a new window.
+    pub until: Timestamp,
+    /// The window's run, which collapsed triggers answer with.
+    pub run: RunId,
+    /// That run's status now (`pending` until a `keep = last` window ends;
+    /// a `keep = first` window's run may be running or even final).
+    pub status: RunStatus,
+    /// Triggers collapsed into it so far.
+    pub collapsed: u32,
+}
+
+/// How many debounce windows of one (tenant, job) are open now
+/// (`LimitStore::debounce_counts`, the `/metrics` gauge).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DebounceCount {
+    /// The tenant.
+    pub tenant: String,
+    /// The job.
+    pub job: String,
+    /// Open windows.
+    pub open: u64,
+}
+
 /// One concurrency key's use now (`Store::concurrency_usage`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KeyUsage {

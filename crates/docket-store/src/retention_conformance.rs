@@ -84,15 +84,7 @@ async fn final_run(store: &DynStore, job: &str, status: RunStatus, at: Timestamp
     run.id
 }
 
-async fn events_of(store: &DynStore, run: RunId) -> Vec<EventRecord> {
-    store
-        .events(EventFilter {
-            run_id: Some(run),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-}
+use crate::conformance::events_of;
 
 async fn all_events(store: &DynStore) -> Vec<EventRecord> {
     store

@@ -1522,6 +1522,25 @@ async fn debounce_matches_sqlite_row_for_row() {
     assert_eq!(a.0, b.0, "answers");
     assert_eq!(a.1, b.1, "runs");
     assert_eq!(a.2, b.2, "events");
+    // What operators read of its windows (`GET /api/limits`, `/metrics`),
+    // at each time the scenario reached: the same rows on both.
+    let mut open = 0;
+    for ms in [0, 10, 999, 1_000, 1_001, 1_999, 2_000, 2_500, 3_000] {
+        let now = T0.plus_millis(ms);
+        let windows = lite.debounce_windows(None, now, 100).await.unwrap();
+        assert_eq!(
+            windows,
+            pg.debounce_windows(None, now, 100).await.unwrap(),
+            "windows at {ms}"
+        );
+        assert_eq!(
+            lite.debounce_counts(None, now).await.unwrap(),
+            pg.debounce_counts(None, now).await.unwrap(),
+            "counts at {ms}"
+        );
+        open += windows.len();
+    }
+    assert!(open > 0, "the scenario has open windows to compare");
     // The scenario did what it says.
     let collapsed = a.0.iter().filter(|x| x.1).count();
     assert_eq!(collapsed, 4, "{:?}", a.0);

@@ -202,7 +202,8 @@ async fn a_version_2_database_gains_the_leaders_table() {
             // Undo every step after 2 (leaders, schedules, trace context,
             // the worker protocol's token scope and roster, retention,
             // concurrency keys, rate limits and breakers, signals, child
-            // runs, the postponed runs' index, debounce, the due index) so
+            // runs, the postponed runs' index, debounce, the due index, the
+            // flow reads' indexes) so
             // the database is a true version 2.
             "DROP INDEX runs_due;
              DROP INDEX runs_postponed;
@@ -239,6 +240,8 @@ async fn a_version_2_database_gains_the_leaders_table() {
              DROP TABLE signals;
              DROP TABLE signal_waits;
              ALTER TABLE runs DROP COLUMN wake_requested;
+             DROP INDEX runs_debounce_open;
+             DROP INDEX attempts_circuit_open;
              DROP INDEX runs_debounce_current;
              ALTER TABLE runs DROP COLUMN debounce_key;
              ALTER TABLE runs DROP COLUMN debounce_keep;

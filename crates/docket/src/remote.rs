@@ -366,8 +366,10 @@ impl Docket {
 
     /// The long polls' wake-up channel, started on first use: one waker
     /// among the workers' (so every trigger of this process bumps it) plus
-    /// the store's wake-ups from other processes.
-    async fn remote_wake(&self) -> watch::Receiver<u64> {
+    /// the store's wake-ups from other processes. Also what a circuit
+    /// breaker's copy waits on while another process's probe is out
+    /// (`http::exec::watch_probe`).
+    pub(crate) async fn remote_wake(&self) -> watch::Receiver<u64> {
         let wake = self
             .inner
             .remote_wake

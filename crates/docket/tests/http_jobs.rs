@@ -1670,10 +1670,13 @@ const SHARED_JOBS: &str = r#"
 /// store: failures in A open the breaker, B stops sending at once (its
 /// next run is deferred without a request), and at the reset time A and B
 /// both try and exactly one probe goes out and closes it for both.
-async fn a_breaker_opened_in_one_process_stops_the_other(
+/// Two "processes" on one store: A (the `Env`) and B, each with its own
+/// breakers, sharing the clock; the breaker opens after 2 failures for
+/// 30 s.
+async fn two_processes(
     store_a: docket_store::DynStore,
     store_b: docket_store::DynStore,
-) {
+) -> (Env, Docket, HttpJobs) {
     let server = TestServer::start().await;
     let dir = temp_dir();
     let text = config(
@@ -1693,6 +1696,41 @@ async fn a_breaker_opened_in_one_process_stops_the_other(
         dir,
     };
     let (b, http_b) = second(&env, store_b, &text);
+    (env, b, http_b)
+}
+
+/// Two handles on one SQLite file, as two processes would open it.
+fn sqlite_pair() -> (docket_store::DynStore, docket_store::DynStore, PathBuf) {
+    let dir = temp_dir();
+    let path = dir.join("shared.db").to_str().unwrap().to_string();
+    let a: docket_store::DynStore = Arc::new(SqliteStore::open(&path).unwrap());
+    let b: docket_store::DynStore = Arc::new(SqliteStore::open(&path).unwrap());
+    (a, b, dir)
+}
+
+/// Two pools on one fresh PostgreSQL schema, as two processes would open
+/// it (`None`: no database, the test is skipped).
+async fn pg_pair() -> Option<(docket_store::DynStore, docket_store::DynStore)> {
+    let base = pg_url()?;
+    let schema = format!("t_{}", uuid::Uuid::now_v7().simple());
+    let a: docket_store::DynStore = Arc::new(
+        docket_store::postgres::PgStore::connect_with(&base, &schema)
+            .await
+            .unwrap(),
+    );
+    let b: docket_store::DynStore = Arc::new(
+        docket_store::postgres::PgStore::connect_with(&base, &schema)
+            .await
+            .unwrap(),
+    );
+    Some((a, b))
+}
+
+async fn a_breaker_opened_in_one_process_stops_the_other(
+    store_a: docket_store::DynStore,
+    store_b: docket_store::DynStore,
+) {
+    let (env, b, http_b) = two_processes(store_a, store_b).await;
 
     env.server.push(status(503));
     env.server.push(status(503));
@@ -1773,28 +1811,97 @@ async fn a_breaker_opened_in_one_process_stops_the_other(
 
 #[tokio::test]
 async fn a_breaker_opened_in_one_process_stops_the_other_sqlite() {
-    let dir = temp_dir();
-    let path = dir.join("shared.db").to_str().unwrap().to_string();
-    let a: docket_store::DynStore = Arc::new(SqliteStore::open(&path).unwrap());
-    let b: docket_store::DynStore = Arc::new(SqliteStore::open(&path).unwrap());
+    let (a, b, _dir) = sqlite_pair();
     a_breaker_opened_in_one_process_stops_the_other(a, b).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_breaker_opened_in_one_process_stops_the_other_postgres() {
-    let Some(base) = pg_url() else { return };
-    let schema = format!("t_{}", uuid::Uuid::now_v7().simple());
-    let a: docket_store::DynStore = Arc::new(
-        docket_store::postgres::PgStore::connect_with(&base, &schema)
-            .await
-            .unwrap(),
-    );
-    let b: docket_store::DynStore = Arc::new(
-        docket_store::postgres::PgStore::connect_with(&base, &schema)
-            .await
-            .unwrap(),
-    );
+    let Some((a, b)) = pg_pair().await else {
+        return;
+    };
     a_breaker_opened_in_one_process_stops_the_other(a, b).await;
+}
+
+/// A run another process deferred to a half-open probe's deadline comes
+/// back as soon as the probe closes the breaker, not at the deadline: the
+/// close's transaction makes it due at once (`deferral_released`), and the
+/// deferring process, whose claim gate held the connection's runs while
+/// the probe was out, learns of the close from the store's wake-up
+/// (PostgreSQL's NOTIFY, SQLite's `data_version`) and runs it. The clock
+/// stays at the reset time, 11 s short of the deadline, and the worker's
+/// poll is an hour: only the wake-up can bring it back.
+async fn a_run_deferred_to_the_probe_returns_when_the_probe_closes_the_breaker(
+    store_a: docket_store::DynStore,
+    store_b: docket_store::DynStore,
+) {
+    let (env, b, http_b) = two_processes(store_a, store_b).await;
+    env.server.push(status(503));
+    env.server.push(status(503));
+    for n in 0..2 {
+        env.trigger("sync", json!({ "n": n })).await;
+        assert_eq!(env.tick().await, 1);
+    }
+    assert_eq!(env.http.breakers()[0].state, BreakerPhase::Open);
+
+    // At the reset time A probes; the service holds the answer.
+    let reset = T0.plus_millis(30_000);
+    env.clock.set(reset);
+    env.server.push(Reply::Held);
+    let probe_run = env.trigger("sync", json!({ "n": "probe" })).await;
+    let a = env.docket.clone();
+    let probe = tokio::spawn(async move { tick_on(&a).await });
+    env.server.wait_for_requests(3).await;
+    // B's run is deferred to the probe's deadline: its 10 s request timeout
+    // plus 1 s.
+    let deadline = reset.plus_millis(11_000);
+    let q = b.trigger("sync", json!({ "n": "q" })).await.unwrap().run.id;
+    assert_eq!(tick_on(&b).await, 1);
+    let r = env.run(q).await;
+    assert_eq!((r.status, r.run_after), (RunStatus::Pending, deadline));
+    assert_eq!(http_b.breakers()[0].state, BreakerPhase::HalfOpen);
+    let worker_b = b
+        .worker(WorkerConfig {
+            concurrency: 1,
+            prefetch: 0,
+            poll_interval: Duration::from_secs(3600),
+            ..Default::default()
+        })
+        .start();
+
+    env.server.release();
+    assert_eq!(probe.await.unwrap(), 1);
+    assert_eq!(env.run(probe_run).await.status, RunStatus::Completed);
+    let done = b
+        .wait(q, Duration::from_secs(20))
+        .await
+        .expect("the deferred run ran once the probe closed the breaker");
+    assert_eq!(done.status, RunStatus::Completed);
+    assert_eq!(env.clock.now(), reset, "the clock never moved");
+    let h = env.history(q).await;
+    assert_eq!(h.attempts.len(), 2);
+    assert_eq!(h.attempts[1].started_at, reset, "claimed at once");
+    assert_eq!(
+        env.events(q, "deferral_released").await,
+        [json!({ "connection": "crm", "deferred_until": deadline, "reason": "circuit_closed" })]
+    );
+    assert_eq!(env.server.seen().len(), 4, "2 failures, the probe, q");
+    assert_eq!(http_b.breakers()[0].state, BreakerPhase::Closed);
+    worker_b.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_deferred_to_the_probe_returns_when_the_probe_closes_the_breaker_sqlite() {
+    let (a, b, _dir) = sqlite_pair();
+    a_run_deferred_to_the_probe_returns_when_the_probe_closes_the_breaker(a, b).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_deferred_to_the_probe_returns_when_the_probe_closes_the_breaker_postgres() {
+    let Some((a, b)) = pg_pair().await else {
+        return;
+    };
+    a_run_deferred_to_the_probe_returns_when_the_probe_closes_the_breaker(a, b).await;
 }
 
 fn pg_url() -> Option<String> {

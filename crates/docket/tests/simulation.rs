@@ -995,6 +995,29 @@ impl docket_store::LimitStore for SimStore {
     ) -> SResult<Option<serde_json::Value>> {
         self.inner.breaker_update(name, now, update).await
     }
+    async fn breaker_change(
+        &self,
+        name: String,
+        now: docket::Timestamp,
+        change: docket_store::BreakerChange,
+    ) -> SResult<docket_store::BreakerChanged> {
+        self.inner.breaker_change(name, now, change).await
+    }
+    async fn debounce_windows(
+        &self,
+        tenant: Option<String>,
+        now: docket::Timestamp,
+        limit: usize,
+    ) -> SResult<Vec<docket_store::DebounceWindow>> {
+        self.inner.debounce_windows(tenant, now, limit).await
+    }
+    async fn debounce_counts(
+        &self,
+        tenant: Option<String>,
+        now: docket::Timestamp,
+    ) -> SResult<Vec<docket_store::DebounceCount>> {
+        self.inner.debounce_counts(tenant, now).await
+    }
 }
 
 #[async_trait]

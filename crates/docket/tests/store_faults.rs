@@ -384,6 +384,30 @@ mod faulty {
             self.take(&self.fail_breaker_updates)?;
             self.inner.breaker_update(name, now, update).await
         }
+        async fn breaker_change(
+            &self,
+            name: String,
+            now: docket::Timestamp,
+            change: docket_store::BreakerChange,
+        ) -> Result<docket_store::BreakerChanged> {
+            self.take(&self.fail_breaker_updates)?;
+            self.inner.breaker_change(name, now, change).await
+        }
+        async fn debounce_windows(
+            &self,
+            tenant: Option<String>,
+            now: docket::Timestamp,
+            limit: usize,
+        ) -> Result<Vec<docket_store::DebounceWindow>> {
+            self.inner.debounce_windows(tenant, now, limit).await
+        }
+        async fn debounce_counts(
+            &self,
+            tenant: Option<String>,
+            now: docket::Timestamp,
+        ) -> Result<Vec<docket_store::DebounceCount>> {
+            self.inner.debounce_counts(tenant, now).await
+        }
     }
 
     #[async_trait]

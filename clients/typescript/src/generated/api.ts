@@ -281,8 +281,9 @@ export interface paths {
             cookie?: never;
         };
         /**
-         * Concurrency keys of the caller's tenant with runs running or waiting:
-         *     per key, running, limit, due and waiting runs.
+         * Concurrency keys of the caller's tenant with runs running or waiting
+         *     (per key, running, limit, due and waiting runs) and its open debounce
+         *     windows.
          */
         get: operations["limits"];
         put?: never;
@@ -1568,6 +1569,43 @@ export interface components {
              */
             until: string;
         };
+        /**
+         * @description One open debounce window: triggers of its key now are collapsed into
+         *     its run (docs/FLOW_CONTROL.md, "Debounce").
+         */
+        DebounceWindowView: {
+            /**
+             * Format: int32
+             * @description Triggers collapsed into it so far.
+             */
+            collapsed: number;
+            /** @description The job. */
+            job: string;
+            /**
+             * @description Which trigger's input the run keeps.
+             * @enum {string}
+             */
+            keep: "first" | "last";
+            /** @description The key (rendered at trigger time from the debounce's template). */
+            key: string;
+            /** @description When the window opened (its first trigger), RFC 3339. */
+            opened_at: string;
+            /**
+             * @description The window's run: the one collapsed triggers answer with. With
+             *     `keep = last` it is pending until the window ends.
+             */
+            run: string;
+            /**
+             * @description The window's run's status now (never `cancelled`: a cancel ends the window).
+             * @enum {string}
+             */
+            run_status: "pending" | "running" | "needs_input" | "postponed" | "completed" | "failed";
+            /**
+             * @description When it ends (exclusive: a trigger at this instant opens a new
+             *     window), RFC 3339.
+             */
+            until: string;
+        };
         /** @description An operator's decision on a run waiting for input. */
         DecisionRequest: {
             /** @description Stored on the audit event. */
@@ -1956,6 +1994,13 @@ export interface components {
              *     1,000; `truncated` says when there were more).
              */
             concurrency: components["schemas"]["KeyView"][];
+            /**
+             * @description The open debounce windows, by job then key (at most 1,000;
+             *     `debounce_truncated` says when there were more).
+             */
+            debounce: components["schemas"]["DebounceWindowView"][];
+            /** @description More open windows exist than listed. */
+            debounce_truncated: boolean;
             /** @description More keys exist than listed. */
             truncated: boolean;
         };

@@ -80,7 +80,7 @@ async fn setup_on(db: Option<String>) -> (TestServer, String) {
 /// A fresh PostgreSQL schema's URL (`t_<uuidv7>`, swept by the store's
 /// PostgreSQL tests after an hour), or `None` after saying why the test is
 /// skipped.
-fn postgres() -> Option<String> {
+pub fn postgres() -> Option<String> {
     match std::env::var("DOCKET_TEST_POSTGRES_URL") {
         Ok(u) if !u.trim().is_empty() => Some(format!(
             "{u}{}schema=t_{}",

@@ -136,6 +136,57 @@ pub fn decide(
     }
 }
 
+/// Whether a trigger of the window's key at `now` would be collapsed into
+/// its run (what [`decide`] answers with a collapse): the window is open.
+/// [`open_sql`] is the same rule for the backends' reads.
+pub fn is_open(w: &Window<'_>, now: Timestamp) -> bool {
+    now < w.until && w.status != RunStatus::Cancelled && (w.keep == Keep::First || not_started(w))
+}
+
+/// [`is_open`] as an SQL condition on `runs` at `{now}` (a placeholder in
+/// the backend's syntax). Its first terms are the partial index
+/// `runs_debounce_open (tenant, debounce_until) WHERE debounce_current IS
+/// NOT NULL`, so a read walks only the windows that have not ended.
+pub fn open_sql(now: &str) -> String {
+    format!(
+        "runs.debounce_current IS NOT NULL AND runs.debounce_until > {now} \
+         AND runs.status <> 'cancelled' \
+         AND (runs.debounce_keep = 'first' \
+              OR (runs.status IN ('pending', 'postponed') AND runs.attempt = 0))"
+    )
+}
+
+/// The tenant condition of the reads: one tenant (`Some(placeholder)`) or
+/// every tenant.
+fn tenant_sql(tenant: Option<&str>) -> String {
+    tenant.map_or_else(|| "1 = 1".to_string(), |t| format!("runs.tenant = {t}"))
+}
+
+/// `LimitStore::debounce_windows`: the open windows by (tenant, job, key),
+/// at most `{limit}`. Columns: tenant, job, key, keep, opened_at, until,
+/// run id, status, collapsed.
+pub fn windows_sql(now: &str, tenant: Option<&str>, limit: &str) -> String {
+    format!(
+        "SELECT runs.tenant, runs.job, runs.debounce_key, runs.debounce_keep, runs.created_at,
+                runs.debounce_until, runs.id, runs.status, runs.collapsed
+         FROM runs WHERE {} AND {}
+         ORDER BY runs.tenant, runs.job, runs.debounce_key LIMIT {limit}",
+        tenant_sql(tenant),
+        open_sql(now)
+    )
+}
+
+/// `LimitStore::debounce_counts`: open windows per (tenant, job). Columns:
+/// tenant, job, count.
+pub fn counts_sql(now: &str, tenant: Option<&str>) -> String {
+    format!(
+        "SELECT runs.tenant, runs.job, COUNT(*) FROM runs WHERE {} AND {}
+         GROUP BY runs.tenant, runs.job ORDER BY runs.tenant, runs.job",
+        tenant_sql(tenant),
+        open_sql(now)
+    )
+}
+
 /// A `keep = last` window's run whose input may still be replaced.
 fn not_started(w: &Window<'_>) -> bool {
     matches!(w.status, RunStatus::Pending | RunStatus::Postponed) && w.attempt == 0
@@ -216,6 +267,38 @@ mod tests {
         };
         assert_eq!(plan.run_after, Timestamp(1_000), "first is due at once");
         assert_eq!(plan.debounce_until, Some(Timestamp(2_000)));
+    }
+
+    /// `is_open` (and so the reads' SQL, which the conformance suite
+    /// checks against it) is exactly "a trigger now would collapse".
+    #[test]
+    fn a_window_is_open_exactly_when_a_trigger_would_collapse() {
+        let old = json!({ "n": 1 });
+        for keep in [Keep::First, Keep::Last] {
+            let (r, d) = run(keep);
+            for status in [
+                RunStatus::Pending,
+                RunStatus::Postponed,
+                RunStatus::Running,
+                RunStatus::Completed,
+                RunStatus::Failed,
+                RunStatus::Cancelled,
+            ] {
+                for attempt in [0, 1] {
+                    let w = window(&old, keep, status, attempt);
+                    for now in [1_000, 1_999, 2_000, 2_001] {
+                        let now = Timestamp(now);
+                        let collapses =
+                            matches!(decide(Some(&w), &r, &d, now), Decision::Collapse(_));
+                        assert_eq!(
+                            is_open(&w, now),
+                            collapses,
+                            "{keep} {status} attempt {attempt} at {now:?}"
+                        );
+                    }
+                }
+            }
+        }
     }
 
     #[test]

@@ -13,8 +13,10 @@
 //! - [`step`]: a durable step's completion or failure;
 //! - [`schedule`]: what a schedule's tick records;
 //! - [`rate`]: what taking a rate limit's token writes;
+//! - [`breaker`]: what a circuit breaker's close releases;
 //! - this module: the idempotency ledger's begin and compare-and-set.
 
+pub mod breaker;
 pub mod child;
 pub mod claim;
 pub mod concurrency;

@@ -141,3 +141,65 @@ impl ConnectionStore for PgStore {
         rows.iter().map(audit_from_row).collect()
     }
 }
+
+/// The runs the breaker `connection` deferred that its close makes due at
+/// `now` ([`plan::breaker`](crate::plan::breaker)), each with its
+/// `deferral_released` event, and the wake-up of every process's workers
+/// (`NOTIFY` per job, delivered at commit), inside the close's transaction
+/// (`LimitStore::breaker_change`). The runs are locked in the index's order
+/// with `SKIP LOCKED`: one another transaction holds right now (an
+/// operator's command) keeps its deferral instead of being waited for
+/// under the breaker's lock.
+pub(super) async fn release_deferred(
+    tx: &mut sqlx::PgConnection,
+    connection: &str,
+    now: Timestamp,
+) -> Result<Vec<crate::ReleasedRun>> {
+    use crate::plan::breaker as plan;
+    let rows = sqlx::query(&format!(
+        "{} FOR UPDATE OF runs SKIP LOCKED",
+        plan::deferred_sql("$1", "$2", "$3")
+    ))
+    .bind(plan::deferral_policy(connection))
+    .bind(now.0)
+    .bind(plan::RELEASE_LIMIT as i64)
+    .fetch_all(&mut *tx)
+    .await
+    .map_err(db)?;
+    let mut released = Vec::with_capacity(rows.len());
+    for r in &rows {
+        released.push(crate::ReleasedRun {
+            id: docket_core::RunId(r.try_get(0).map_err(db)?),
+            tenant: r.try_get(1).map_err(db)?,
+            job: r.try_get(2).map_err(db)?,
+            deferred_until: Timestamp(r.try_get(3).map_err(db)?),
+        });
+    }
+    if released.is_empty() {
+        return Ok(released);
+    }
+    let ids: Vec<uuid::Uuid> = released.iter().map(|r| r.id.0).collect();
+    sqlx::query("UPDATE runs SET run_after = $2, updated_at = $2 WHERE id = ANY($1)")
+        .bind(&ids)
+        .bind(now.0)
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+    for r in &released {
+        let e = plan::released_event(connection, r.deferred_until);
+        super::durable::event(
+            &mut *tx, r.id, &r.tenant, &r.job, &e.kind, now, None, None, None, None, &e.data,
+        )
+        .await?;
+    }
+    let mut jobs: Vec<&str> = released.iter().map(|r| r.job.as_str()).collect();
+    jobs.sort_unstable();
+    jobs.dedup();
+    sqlx::query("SELECT pg_notify($1, j) FROM unnest($2::text[]) AS j")
+        .bind(super::WAKEUP_CHANNEL)
+        .bind(&jobs)
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+    Ok(released)
+}

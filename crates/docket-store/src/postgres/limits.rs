@@ -7,7 +7,7 @@
 
 use super::{db, PgStore};
 use crate::limits::{
-    BreakerRow, BreakerUpdate, LimitStore, RateBucketRow, RateTake, RateTakeRequest,
+    BreakerChange, BreakerChanged, BreakerRow, LimitStore, RateBucketRow, RateTake, RateTakeRequest,
 };
 use crate::plan::rate as plan;
 use crate::Result;
@@ -39,6 +39,32 @@ const WRITE_SQL: &str = "WITH b AS (
      SELECT $1, $2, $8 WHERE $8::bigint IS NOT NULL
      ON CONFLICT (key, holder) DO UPDATE SET due_at = EXCLUDED.due_at";
 
+/// Another holder's token a take that reserves may send on instead
+/// (`plan::rate::take_over`), read while the bucket's row is locked, which
+/// every take of the key holds; only when the take reserves, i.e. the
+/// bucket is empty.
+async fn late_reservation(
+    c: &mut sqlx::PgConnection,
+    req: &RateTakeRequest,
+    p: &plan::RatePlan,
+) -> Result<Option<plan::LateReservation>> {
+    let Some((from, to)) = plan::takeover_window(p, &req.limit, req.now) else {
+        return Ok(None);
+    };
+    let row: Option<(String, i64)> = sqlx::query_as(&plan::late_sql("$1", "$2", "$3", "$4"))
+        .bind(&req.key)
+        .bind(from.0)
+        .bind(to.0)
+        .bind(&req.holder)
+        .fetch_optional(c)
+        .await
+        .map_err(db)?;
+    Ok(row.map(|(holder, due)| plan::LateReservation {
+        holder,
+        due: Timestamp(due),
+    }))
+}
+
 /// One take inside the caller's transaction: the bucket's row is locked
 /// until it commits.
 async fn take(c: &mut sqlx::PgConnection, req: &RateTakeRequest) -> Result<RateTake> {
@@ -63,6 +89,7 @@ async fn take(c: &mut sqlx::PgConnection, req: &RateTakeRequest) -> Result<RateT
         &req.limit,
         req.now,
     );
+    let (p, moved) = plan::take_over(p.clone(), late_reservation(&mut *c, req, &p).await?);
     if p.bucket.is_some() || p.delete_reservation || p.reserve.is_some() {
         // The stale reservation a holder replaces is its own: the
         // conflict clause of the insert updates it, and `d` never
@@ -79,6 +106,15 @@ async fn take(c: &mut sqlx::PgConnection, req: &RateTakeRequest) -> Result<RateT
             .bind(p.delete_reservation && !reserve_replaces_own)
             .bind(p.reserve.map(|t| t.0))
             .bind(p.gc_before.map(|t| t.0))
+            .execute(&mut *c)
+            .await
+            .map_err(db)?;
+    }
+    if let Some(m) = moved {
+        sqlx::query("UPDATE rate_reservations SET due_at = $3 WHERE key = $1 AND holder = $2")
+            .bind(&req.key)
+            .bind(&m.holder)
+            .bind(m.due.0)
             .execute(&mut *c)
             .await
             .map_err(db)?;
@@ -154,12 +190,12 @@ impl LimitStore for PgStore {
             .filter(|r| !r.state.is_null()))
     }
 
-    async fn breaker_update(
+    async fn breaker_change(
         &self,
         name: String,
         now: Timestamp,
-        update: BreakerUpdate,
-    ) -> Result<Option<serde_json::Value>> {
+        change: BreakerChange,
+    ) -> Result<BreakerChanged> {
         let mut tx = self.pool.begin().await.map_err(db)?;
         // FOR UPDATE: a second process's update waits for this one and
         // then sees its state.
@@ -189,18 +225,43 @@ impl LimitStore for PgStore {
                 .map(|s| Some(crate::json::decode_text(&s)).filter(|v| !v.is_null()))?
             }
         };
-        let Some(new) = update(old.clone()) else {
-            tx.commit().await.map_err(db)?;
-            return Ok(old);
+        let w = change(old.clone());
+        let state = match w.state {
+            None => old,
+            Some(new) => {
+                sqlx::query("UPDATE breakers SET state = $2, changed_at = $3 WHERE name = $1")
+                    .bind(&name)
+                    .bind(new.to_string())
+                    .bind(now.0)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db)?;
+                Some(new)
+            }
         };
-        sqlx::query("UPDATE breakers SET state = $2, changed_at = $3 WHERE name = $1")
-            .bind(&name)
-            .bind(new.to_string())
-            .bind(now.0)
-            .execute(&mut *tx)
-            .await
-            .map_err(db)?;
+        let released = if w.release {
+            super::connections::release_deferred(&mut tx, &name, now).await?
+        } else {
+            Vec::new()
+        };
         tx.commit().await.map_err(db)?;
-        Ok(Some(new))
+        Ok(BreakerChanged { state, released })
+    }
+
+    async fn debounce_windows(
+        &self,
+        tenant: Option<String>,
+        now: Timestamp,
+        limit: usize,
+    ) -> Result<Vec<crate::DebounceWindow>> {
+        super::ops::debounce_windows(&self.pool, tenant.as_deref(), now, limit).await
+    }
+
+    async fn debounce_counts(
+        &self,
+        tenant: Option<String>,
+        now: Timestamp,
+    ) -> Result<Vec<crate::DebounceCount>> {
+        super::ops::debounce_counts(&self.pool, tenant.as_deref(), now).await
     }
 }

@@ -563,6 +563,7 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0013_sleeping.sql"),
     include_str!("migrations/0014_debounce.sql"),
     include_str!("migrations/0015_due.sql"),
+    include_str!("migrations/0016_flow_reads.sql"),
 ];
 
 /// Creates or upgrades the schema by applying [`MIGRATIONS`]. Refuses (and

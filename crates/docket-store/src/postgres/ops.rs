@@ -701,6 +701,58 @@ pub(super) async fn concurrency_usage<'e>(
         .collect()
 }
 
+pub(super) async fn debounce_windows<'e>(
+    ex: impl PgExecutor<'e>,
+    tenant: Option<&str>,
+    now: Timestamp,
+    limit: usize,
+) -> Result<Vec<crate::DebounceWindow>> {
+    let sql = crate::plan::debounce::windows_sql("$1", tenant.map(|_| "$3"), "$2");
+    let mut q = sqlx::query(&sql).bind(now.0).bind(sql_limit(limit));
+    if let Some(t) = tenant {
+        q = q.bind(t);
+    }
+    let rows = q.fetch_all(ex).await.map_err(db)?;
+    rows.iter()
+        .map(|r| {
+            let text = |i: usize| -> Result<String> { r.try_get(i).map_err(db) };
+            Ok(crate::DebounceWindow {
+                tenant: text(0)?,
+                job: text(1)?,
+                key: text(2)?,
+                keep: text(3)?.parse().map_err(StoreError::Corrupt)?,
+                opened_at: Timestamp(r.try_get(4).map_err(db)?),
+                until: Timestamp(r.try_get(5).map_err(db)?),
+                run: RunId(r.try_get(6).map_err(db)?),
+                status: text(7)?.parse().map_err(StoreError::Corrupt)?,
+                collapsed: u32::try_from(r.try_get::<i64, _>(8).map_err(db)?).unwrap_or(u32::MAX),
+            })
+        })
+        .collect()
+}
+
+pub(super) async fn debounce_counts<'e>(
+    ex: impl PgExecutor<'e>,
+    tenant: Option<&str>,
+    now: Timestamp,
+) -> Result<Vec<crate::DebounceCount>> {
+    let sql = crate::plan::debounce::counts_sql("$1", tenant.map(|_| "$2"));
+    let mut q = sqlx::query(&sql).bind(now.0);
+    if let Some(t) = tenant {
+        q = q.bind(t);
+    }
+    let rows = q.fetch_all(ex).await.map_err(db)?;
+    rows.iter()
+        .map(|r| {
+            Ok(crate::DebounceCount {
+                tenant: r.try_get(0).map_err(db)?,
+                job: r.try_get(1).map_err(db)?,
+                open: u64::try_from(r.try_get::<i64, _>(2).map_err(db)?).unwrap_or(0),
+            })
+        })
+        .collect()
+}
+
 pub(super) async fn next_due<'e>(
     ex: impl PgExecutor<'e>,
     jobs: &[String],

@@ -143,3 +143,47 @@ impl ConnectionStore for SqliteStore {
         .await
     }
 }
+
+/// The runs the breaker `connection` deferred that its close makes due at
+/// `now` ([`plan::breaker`](crate::plan::breaker)), each with its
+/// `deferral_released` event; on the writer thread, inside the close's
+/// transaction (`LimitStore::breaker_change`).
+pub(super) fn release_deferred(
+    c: &Connection,
+    connection: &str,
+    now: Timestamp,
+) -> Result<Vec<crate::ReleasedRun>> {
+    use crate::plan::breaker as plan;
+    let picked: Vec<crate::ReleasedRun> = c
+        .prepare_cached(&plan::deferred_sql("?1", "?2", "?3"))
+        .map_err(db_err)?
+        .query_map(
+            params![
+                plan::deferral_policy(connection),
+                now.0,
+                plan::RELEASE_LIMIT as i64
+            ],
+            |r| {
+                Ok(crate::ReleasedRun {
+                    id: super::ops::parse("run id", r.get(0)?)?,
+                    tenant: r.get(1)?,
+                    job: r.get(2)?,
+                    deferred_until: Timestamp(r.get(3)?),
+                })
+            },
+        )
+        .map_err(db_err)?
+        .collect::<rusqlite::Result<_>>()
+        .map_err(db_err)?;
+    for r in &picked {
+        c.prepare_cached("UPDATE runs SET run_after = ?2, updated_at = ?2 WHERE id = ?1")
+            .map_err(db_err)?
+            .execute(params![r.id.to_string(), now.0])
+            .map_err(db_err)?;
+        let e = plan::released_event(connection, r.deferred_until);
+        super::ops::insert_event(
+            c, r.id, &r.tenant, &r.job, &e.kind, now, None, None, None, None, &e.data,
+        )?;
+    }
+    Ok(picked)
+}

@@ -3,7 +3,7 @@
 
 use super::{db_err, SqliteStore};
 use crate::limits::{
-    BreakerRow, BreakerUpdate, LimitStore, RateBucketRow, RateTake, RateTakeRequest,
+    BreakerChange, BreakerChanged, BreakerRow, LimitStore, RateBucketRow, RateTake, RateTakeRequest,
 };
 use crate::plan::rate as plan;
 use crate::Result;
@@ -11,6 +11,29 @@ use async_trait::async_trait;
 use docket_core::rate::{Bucket, RateLimit};
 use docket_core::Timestamp;
 use rusqlite::{params, OptionalExtension};
+
+/// Another holder's token a take that reserves may send on instead
+/// (`plan::rate::take_over`), read under the writer's lock; only when the
+/// take reserves, i.e. the bucket is empty.
+fn late_reservation(
+    c: &rusqlite::Connection,
+    req: &RateTakeRequest,
+    p: &plan::RatePlan,
+) -> Result<Option<plan::LateReservation>> {
+    let Some((from, to)) = plan::takeover_window(p, &req.limit, req.now) else {
+        return Ok(None);
+    };
+    c.prepare_cached(&plan::late_sql("?1", "?2", "?3", "?4"))
+        .map_err(db_err)?
+        .query_row(params![req.key, from.0, to.0, req.holder], |r| {
+            Ok(plan::LateReservation {
+                holder: r.get(0)?,
+                due: Timestamp(r.get(1)?),
+            })
+        })
+        .optional()
+        .map_err(db_err)
+}
 
 /// One take under the writer's lock.
 fn take(c: &rusqlite::Connection, req: &RateTakeRequest) -> Result<RateTake> {
@@ -33,6 +56,7 @@ fn take(c: &rusqlite::Connection, req: &RateTakeRequest) -> Result<RateTake> {
         .map_err(db_err)?
         .map(Timestamp);
     let p = plan::take(bucket, reservation, &req.limit, req.now);
+    let (p, moved) = plan::take_over(p.clone(), late_reservation(c, req, &p)?);
     if let Some(b) = p.bucket {
         c.prepare_cached(
             "INSERT INTO rate_buckets (key, tokens, refilled_at, per_second, burst)
@@ -70,6 +94,12 @@ fn take(c: &rusqlite::Connection, req: &RateTakeRequest) -> Result<RateTake> {
         .map_err(db_err)?
         .execute(params![&req.key, &req.holder, due.0])
         .map_err(db_err)?;
+    }
+    if let Some(m) = moved {
+        c.prepare_cached("UPDATE rate_reservations SET due_at = ?3 WHERE key = ?1 AND holder = ?2")
+            .map_err(db_err)?
+            .execute(params![&req.key, m.holder, m.due.0])
+            .map_err(db_err)?;
     }
     Ok(p.answer)
 }
@@ -141,12 +171,12 @@ impl LimitStore for SqliteStore {
         .await
     }
 
-    async fn breaker_update(
+    async fn breaker_change(
         &self,
         name: String,
         now: Timestamp,
-        update: BreakerUpdate,
-    ) -> Result<Option<serde_json::Value>> {
+        change: BreakerChange,
+    ) -> Result<BreakerChanged> {
         self.call(move |c| {
             let old = c
                 .prepare_cached("SELECT state FROM breakers WHERE name = ?1")
@@ -155,18 +185,48 @@ impl LimitStore for SqliteStore {
                 .optional()
                 .map_err(db_err)?
                 .map(|s| crate::json::decode_text(&s));
-            let Some(new) = update(old.clone()) else {
-                return Ok(old);
+            let w = change(old.clone());
+            let state = match w.state {
+                None => old,
+                Some(new) => {
+                    c.prepare_cached(
+                        "INSERT INTO breakers (name, state, changed_at) VALUES (?1, ?2, ?3)
+                         ON CONFLICT (name) DO UPDATE SET state = ?2, changed_at = ?3",
+                    )
+                    .map_err(db_err)?
+                    .execute(params![name, new.to_string(), now.0])
+                    .map_err(db_err)?;
+                    Some(new)
+                }
             };
-            c.prepare_cached(
-                "INSERT INTO breakers (name, state, changed_at) VALUES (?1, ?2, ?3)
-                 ON CONFLICT (name) DO UPDATE SET state = ?2, changed_at = ?3",
-            )
-            .map_err(db_err)?
-            .execute(params![name, new.to_string(), now.0])
-            .map_err(db_err)?;
-            Ok(Some(new))
+            // The writer's lock holds through the release: no claim or
+            // end interleaves with it.
+            let released = if w.release {
+                super::connections::release_deferred(c, &name, now)?
+            } else {
+                Vec::new()
+            };
+            Ok(BreakerChanged { state, released })
         })
         .await
+    }
+
+    async fn debounce_windows(
+        &self,
+        tenant: Option<String>,
+        now: Timestamp,
+        limit: usize,
+    ) -> Result<Vec<crate::DebounceWindow>> {
+        self.read(move |c| super::ops::debounce_windows(c, tenant.as_deref(), now, limit))
+            .await
+    }
+
+    async fn debounce_counts(
+        &self,
+        tenant: Option<String>,
+        now: Timestamp,
+    ) -> Result<Vec<crate::DebounceCount>> {
+        self.read(move |c| super::ops::debounce_counts(c, tenant.as_deref(), now))
+            .await
     }
 }

@@ -501,6 +501,7 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0013_sleeping.sql"),
     include_str!("migrations/0014_debounce.sql"),
     include_str!("migrations/0015_due.sql"),
+    include_str!("migrations/0016_flow_reads.sql"),
 ];
 
 /// Brings the database to [`SCHEMA_VERSION`](crate::SCHEMA_VERSION) by applying [`MIGRATIONS`].

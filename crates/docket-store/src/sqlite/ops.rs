@@ -454,6 +454,57 @@ pub(super) fn concurrency_usage(
     rows.collect::<rusqlite::Result<_>>().map_err(db_err)
 }
 
+pub(super) fn debounce_windows(
+    c: &Connection,
+    tenant: Option<&str>,
+    now: Timestamp,
+    limit: usize,
+) -> Result<Vec<crate::DebounceWindow>> {
+    let sql = plan::debounce::windows_sql("?1", tenant.map(|_| "?3"), "?2");
+    let mut st = c.prepare_cached(&sql).map_err(db_err)?;
+    let map = |r: &Row<'_>| {
+        Ok(crate::DebounceWindow {
+            tenant: r.get(0)?,
+            job: r.get(1)?,
+            key: r.get(2)?,
+            keep: parse("debounce keep", r.get(3)?)?,
+            opened_at: Timestamp(r.get(4)?),
+            until: Timestamp(r.get(5)?),
+            run: parse("run id", r.get(6)?)?,
+            status: parse("status", r.get(7)?)?,
+            collapsed: r.get(8)?,
+        })
+    };
+    let rows = match tenant {
+        Some(t) => st.query_map(params![now.0, limit as i64, t], map),
+        None => st.query_map(params![now.0, limit as i64], map),
+    }
+    .map_err(db_err)?;
+    rows.collect::<rusqlite::Result<_>>().map_err(db_err)
+}
+
+pub(super) fn debounce_counts(
+    c: &Connection,
+    tenant: Option<&str>,
+    now: Timestamp,
+) -> Result<Vec<crate::DebounceCount>> {
+    let sql = plan::debounce::counts_sql("?1", tenant.map(|_| "?2"));
+    let mut st = c.prepare_cached(&sql).map_err(db_err)?;
+    let map = |r: &Row<'_>| {
+        Ok(crate::DebounceCount {
+            tenant: r.get(0)?,
+            job: r.get(1)?,
+            open: r.get(2)?,
+        })
+    };
+    let rows = match tenant {
+        Some(t) => st.query_map(params![now.0, t], map),
+        None => st.query_map(params![now.0], map),
+    }
+    .map_err(db_err)?;
+    rows.collect::<rusqlite::Result<_>>().map_err(db_err)
+}
+
 pub(super) fn list_runs(c: &Connection, f: &RunFilter) -> Result<Vec<Run>> {
     let mut sql = format!("SELECT {RUN_COLS} FROM runs WHERE 1 = 1");
     let mut args: Vec<SqlValue> = Vec::new();

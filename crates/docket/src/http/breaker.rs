@@ -39,7 +39,7 @@
 //! (`circuit_opened`, `circuit_half_open`, `circuit_closed`) and logged.
 
 use docket_core::Timestamp;
-use docket_store::{BreakerUpdate, DynStore};
+use docket_store::{BreakerChange, BreakerWrite, DynStore};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::collections::VecDeque;
@@ -395,19 +395,29 @@ impl Breaker {
         let out = Arc::new(Mutex::new(None));
         let slot = out.clone();
         let config = self.config.clone();
-        let update: BreakerUpdate = Box::new(move |old| {
+        let change: BreakerChange = Box::new(move |old| {
             let mut st = Shared::decode(old);
             let before = st.clone();
             let a = st.run(&config, now, op);
             let changed = st != before;
-            let stored = changed.then(|| st.encode());
+            // A close releases, in its own transaction, the runs deferred
+            // to the probe's deadline: the service answered, so they need
+            // not wait it out.
+            let release = matches!(a, Answer::Transition(Some(Transition::Closed)));
+            let state = changed.then(|| st.encode());
             *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some((a, st));
-            stored
+            BreakerWrite { state, release }
         });
-        let res = store.breaker_update(self.name.clone(), now, update).await;
+        let res = store.breaker_change(self.name.clone(), now, change).await;
         let done = out.lock().unwrap_or_else(|p| p.into_inner()).take();
         match (res, done) {
-            (Ok(_), Some((a, st))) => {
+            (Ok(changed), Some((a, st))) => {
+                if !changed.released.is_empty() {
+                    // For operators; each run's `deferral_released` event
+                    // is the evidence.
+                    tracing::info!(connection = %self.name, runs = changed.released.len(),
+                        "circuit breaker closed: the runs it deferred to the probe's deadline are due now");
+                }
                 let mut s = self.lock();
                 self.adopt(&mut s, st, &a);
                 a
@@ -525,6 +535,15 @@ impl Breaker {
                 s.shared.probe_deadline.is_none_or(|d| now >= d),
             )),
         }
+    }
+
+    /// Whether this process's copy says a half-open probe is out until a
+    /// later time than `now`: its claim gate then holds the connection's
+    /// runs until that deadline, unless it learns of the close sooner
+    /// (`exec::watch_probe`).
+    pub(crate) fn waits_for_probe(&self, now: Timestamp) -> bool {
+        let s = self.lock();
+        s.shared.phase == Phase::HalfOpen && s.shared.probe_deadline.is_some_and(|d| now < d)
     }
 
     /// Records the outcome of an admitted request in this process's copy:

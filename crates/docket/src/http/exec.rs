@@ -24,6 +24,7 @@ use docket_store::ConnectionStatus;
 use reqwest::header::{HeaderName, HeaderValue};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -40,7 +41,14 @@ pub(crate) struct Shared {
     pub(crate) compiled: Compiled,
     pub(crate) breakers: BTreeMap<String, Arc<Breaker>>,
     pub(crate) client: reqwest::Client,
+    /// A [`watch_probe`] task is running.
+    pub(crate) probe_watch: Arc<AtomicBool>,
 }
+
+/// How often a [`watch_probe`] task reads the breakers it watches when no
+/// wake-up comes (a lost notification; a probe that never reports, whose
+/// deadline then passes).
+const PROBE_RECHECK: Duration = Duration::from_secs(1);
 
 /// A request ready to send (no credential in it: that is added at send
 /// time and never shown).
@@ -540,6 +548,9 @@ async fn request(
             .await
         {
             Admission::Defer { until } => {
+                if b.waits_for_probe(ctx.docket.clock().now()) {
+                    watch_probe(shared, &ctx.docket).await;
+                }
                 return Err(with_action(JobError::circuit_open(
                     c.name.clone(),
                     until,
@@ -609,6 +620,11 @@ async fn request(
         } else if let Some(t) = b.record_shared(store, now, probe, transient).await {
             let cause = result.as_ref().err().map(|e| e.class);
             breaker_event(&ctx, &c.name, &t, cause).await;
+            if t == Transition::Closed {
+                // The close made the runs deferred to the probe's deadline
+                // due now: this process's idle workers claim them at once.
+                ctx.docket.wake_workers();
+            }
         }
     }
 
@@ -619,6 +635,69 @@ async fn request(
             "skipped_by_operator": true,
             "comment": comment,
         })),
+    }
+}
+
+/// Keeps this process's copies of the breakers up to date while another
+/// process's half-open probe is out. Meanwhile the claim gate holds the
+/// connection's runs until the probe's deadline (`Breaker::claim_limit`),
+/// up to the probe's request timeout plus 1 s; when the probe closes the
+/// breaker sooner, this process must learn of it to claim again. One task
+/// per process, started by a deferral to a probe: at every wake-up this
+/// process gets (a `NOTIFY`, which the close's release sends; SQLite's
+/// `data_version` watch; a trigger here), and at least every
+/// [`PROBE_RECHECK`], it reads the stored state of each breaker whose copy
+/// waits for a probe (one read each), and wakes this process's workers
+/// once one no longer does. It ends when none waits any more. It
+/// subscribes before the deferral is stored, so the close's wake-up cannot
+/// come before it listens.
+async fn watch_probe(shared: &Shared, docket: &crate::Docket) {
+    if shared.probe_watch.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    let wake = docket.remote_wake().await;
+    tokio::spawn(probe_watch_loop(
+        shared.breakers.values().cloned().collect(),
+        shared.probe_watch.clone(),
+        docket.clone(),
+        wake,
+    ));
+}
+
+async fn probe_watch_loop(
+    breakers: Vec<Arc<Breaker>>,
+    running: Arc<AtomicBool>,
+    docket: crate::Docket,
+    mut wake: tokio::sync::watch::Receiver<u64>,
+) {
+    let waiting = || -> Vec<&Arc<Breaker>> {
+        let now = docket.clock().now();
+        breakers.iter().filter(|b| b.waits_for_probe(now)).collect()
+    };
+    loop {
+        let watched = waiting();
+        if watched.is_empty() {
+            running.store(false, Ordering::Release);
+            // A deferral that found the flag still set a moment ago did
+            // not start a task of its own: go on for it.
+            if waiting().is_empty() || running.swap(true, Ordering::AcqRel) {
+                return;
+            }
+            continue;
+        }
+        let mut changed = false;
+        for b in watched {
+            b.refresh(docket.store()).await;
+            changed |= !b.waits_for_probe(docket.clock().now());
+        }
+        if changed {
+            docket.wake_workers();
+        }
+        if let Ok(Err(_)) = tokio::time::timeout(PROBE_RECHECK, wake.changed()).await {
+            // The engine is gone.
+            running.store(false, Ordering::Release);
+            return;
+        }
     }
 }
 

@@ -193,6 +193,7 @@ impl HttpJobs {
                 compiled,
                 breakers,
                 client,
+                probe_watch: Default::default(),
             }),
             docket: Arc::new(OnceLock::new()),
         })
