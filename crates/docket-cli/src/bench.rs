@@ -400,6 +400,8 @@ async fn w1(db: &Db, runs: usize, concurrency: usize, opts: W1Opts) -> Result<Re
         d.trigger_batch(batch).await?;
     }
     let enqueue_s = start.elapsed().as_secs_f64();
+    // Read before the drain's clock starts (it waits for the statistics).
+    let commits_before = commits(db).await?;
     let t = Instant::now();
     let mut config = WorkerConfig {
         concurrency,
@@ -409,7 +411,6 @@ async fn w1(db: &Db, runs: usize, concurrency: usize, opts: W1Opts) -> Result<Re
     if let Some(p) = prefetch {
         config.prefetch = p;
     }
-    let commits_before = commits(db).await?;
     let handle = d.worker(config).start();
     wait_count(&count, &done, runs, Duration::from_secs(600)).await?;
     handle.shutdown(Duration::from_secs(10)).await;
