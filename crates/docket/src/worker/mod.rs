@@ -321,12 +321,9 @@ async fn main_loop(
         let phase = *stop.borrow();
         let in_hand = shared.inflight.lock().expect("inflight").len();
         let capacity = prefetch.capacity(concurrency);
-        // Ends to store free slots (of the worker, and maybe of a key):
-        // their round claims too, instead of an ends-only commit followed
-        // by a claim-only one.
         let free = claim_size(
             phase == Phase::Running,
-            want_claim || !held.is_empty(),
+            want_claim,
             in_hand,
             concurrency,
             capacity,
@@ -351,11 +348,8 @@ async fn main_loop(
                             shared.clone().spawn_run(r, rate, true);
                         }
                     }
-                    // Freed slots: there may be runs due now (retries) —
-                    // unless this round's claim already looked for them.
-                    if free.is_none() {
-                        want_claim |= had_ends;
-                    }
+                    // Freed slots: there may be runs due now (retries).
+                    want_claim |= had_ends;
                 }
                 Err((e, batch)) => {
                     let transient = e.is_transient();
@@ -397,7 +391,14 @@ async fn main_loop(
         };
         let running = phase == Phase::Running;
         tokio::select! {
-            m = ends_rx.recv() => if let Some(m) = m { held.push(m) },
+            m = ends_rx.recv() => if let Some(m) = m {
+                held.push(m);
+                // Runs claimed together usually end together: one turn of
+                // the scheduler lets the others that are done send their
+                // ends, so the round stores them all (one commit) instead
+                // of the first alone and the rest in the next.
+                tokio::task::yield_now().await;
+            },
             _ = shared.wake.notified(), if running => want_claim = true,
             _ = remote_wakeup(&mut remote), if running => want_claim = true,
             _ = tokio::time::sleep(idle_wait) => want_claim = true,
