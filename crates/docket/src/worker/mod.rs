@@ -391,14 +391,7 @@ async fn main_loop(
         };
         let running = phase == Phase::Running;
         tokio::select! {
-            m = ends_rx.recv() => if let Some(m) = m {
-                held.push(m);
-                // Runs claimed together usually end together: one turn of
-                // the scheduler lets the others that are done send their
-                // ends, so the round stores them all (one commit) instead
-                // of the first alone and the rest in the next.
-                tokio::task::yield_now().await;
-            },
+            m = ends_rx.recv() => if let Some(m) = m { held.push(m) },
             _ = shared.wake.notified(), if running => want_claim = true,
             _ = remote_wakeup(&mut remote), if running => want_claim = true,
             _ = tokio::time::sleep(idle_wait) => want_claim = true,
