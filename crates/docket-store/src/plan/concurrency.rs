@@ -15,6 +15,24 @@ use serde_json::json;
 
 use super::end::{EventWrite, Fill};
 
+/// A recursive CTE `k(key)` (for a `WITH RECURSIVE`): the keys that have
+/// claimable runs, by a skip scan of `runs_keyed_claim` (one index probe
+/// per key, however many runs a key holds back); its last row is NULL.
+pub fn claimable_keys_cte() -> String {
+    let c = super::claim::CLAIMABLE_SQL;
+    format!(
+        "k(key) AS (
+            SELECT (SELECT MIN(concurrency_key) FROM runs
+                    WHERE status IN ({c}) AND concurrency_key IS NOT NULL)
+            UNION ALL
+            SELECT (SELECT MIN(concurrency_key) FROM runs
+                    WHERE status IN ({c}) AND concurrency_key IS NOT NULL
+                      AND concurrency_key > k.key)
+            FROM k WHERE k.key IS NOT NULL
+         )"
+    )
+}
+
 /// `Store::next_due` as SQL for both backends (an idle worker must not
 /// wake for runs it could not claim; it is woken when a slot frees
 /// instead), `{jobs}` being the
@@ -33,16 +51,9 @@ use super::end::{EventWrite, Fill};
 pub fn next_due_sql(jobs: &str) -> String {
     let c = super::claim::CLAIMABLE_SQL;
     let not_paused = crate::retention::NOT_PAUSED;
+    let keys = claimable_keys_cte();
     format!(
-        "WITH RECURSIVE k(key) AS (
-            SELECT (SELECT MIN(concurrency_key) FROM runs
-                    WHERE status IN ({c}) AND concurrency_key IS NOT NULL)
-            UNION ALL
-            SELECT (SELECT MIN(concurrency_key) FROM runs
-                    WHERE status IN ({c}) AND concurrency_key IS NOT NULL
-                      AND concurrency_key > k.key)
-            FROM k WHERE k.key IS NOT NULL
-         ),
+        "WITH RECURSIVE {keys},
          room(key) AS (
             SELECT k.key FROM k WHERE k.key IS NOT NULL
               AND (SELECT COUNT(*) FROM runs x

@@ -695,14 +695,7 @@ async fn claimable(c: &mut PgConnection, req: &ClaimRequest, cursor: &Cursor) ->
             )
         };
         format!(
-            "WITH RECURSIVE k(key) AS (
-                SELECT (SELECT min(concurrency_key) FROM runs
-                        WHERE status IN ({c}) AND concurrency_key IS NOT NULL)
-                UNION ALL
-                SELECT (SELECT min(concurrency_key) FROM runs
-                        WHERE status IN ({c}) AND concurrency_key IS NOT NULL AND concurrency_key > k.key)
-                FROM k WHERE k.key IS NOT NULL
-             ),
+            "WITH RECURSIVE {keys},
              a(tenant, n) AS (
                 SELECT ({a0}), 1 WHERE $1::text IS NOT NULL AND $3
                 UNION ALL
@@ -719,7 +712,7 @@ async fn claimable(c: &mut PgConnection, req: &ClaimRequest, cursor: &Cursor) ->
              UNION ALL SELECT 1, tenant, n FROM a WHERE tenant IS NOT NULL
              UNION ALL SELECT 2, tenant, n FROM w WHERE tenant IS NOT NULL
              ORDER BY part, n",
-            c = crate::plan::claim::CLAIMABLE_SQL,
+            keys = crate::plan::concurrency::claimable_keys_cte(),
             a0 = tenant_min(" AND tenant > $1"),
             next_a = tenant_min(" AND tenant > a.tenant"),
             w0 = tenant_min(""),
