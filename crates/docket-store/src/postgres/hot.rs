@@ -687,10 +687,16 @@ impl Claimable {
 /// visits only that one.
 async fn claimable(c: &mut PgConnection, req: &ClaimRequest, cursor: &Cursor) -> Result<Claimable> {
     static SQL: LazyLock<String> = LazyLock::new(|| {
+        // `ORDER BY tenant LIMIT 1`, not `min(tenant)`: the planner read
+        // `min` off another partial index with the same predicate
+        // (`runs_due`, ordered by due time) and scanned all of it, every
+        // round (measured: one full scan per round, ~15 % of a small-round
+        // drain); the order asks for `runs_claim`'s first entry.
         let tenant_min = |bound: &str| {
             format!(
-                "SELECT min(tenant) FROM runs
-                 WHERE status IN ({}) AND concurrency_key IS NULL{bound}",
+                "SELECT tenant FROM runs
+                 WHERE status IN ({}) AND concurrency_key IS NULL{bound}
+                 ORDER BY tenant LIMIT 1",
                 crate::plan::claim::CLAIMABLE_SQL
             )
         };
