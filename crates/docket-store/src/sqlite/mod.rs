@@ -636,10 +636,13 @@ impl Store for SqliteStore {
                 let finished = hot::finish_all(c, ends)?;
                 let budget = claims.iter().map(|c| c.limit).max().unwrap_or(0);
                 let mut runs = Vec::new();
+                // No savepoint per claim: an error fails the whole request,
+                // and `call`'s own savepoint rolls all of it back (a second
+                // one journaled each changed page twice).
                 for mut req in claims {
                     req.limit = req.limit.min(budget - runs.len());
                     if req.limit > 0 {
-                        runs.extend(savepoint(c, |c| hot::claim(c, &req, &cursor))?);
+                        runs.extend(hot::claim(c, &req, &cursor)?);
                     }
                 }
                 Ok((finished, runs))

@@ -8,7 +8,9 @@
 //! - [`DueTracker`]: when the earliest due run is read again, and how long
 //!   an idle driver sleeps before it claims on its own;
 //! - [`HeldEnds`]: attempt ends waiting for a round, kept across a failed
-//!   round within a window, with the backoff between rounds.
+//!   round within a window, with the backoff between rounds;
+//! - [`hold_ends`]: whether ends wait a moment for a claim round to share
+//!   its commit instead of taking a round of their own.
 
 use docket_core::Timestamp;
 use std::time::Duration;
@@ -33,6 +35,34 @@ const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// At most this many ends are taken from the channel per round.
 pub(super) const MAX_ROUND_ENDS: usize = 512;
+/// How long attempt ends may wait for the claim round that the handlers
+/// still running are about to make worth it (see [`hold_ends`]). Short
+/// against a round trip with a commit (a few ms on PostgreSQL), long
+/// against the time a just-spawned no-op handler needs to end.
+pub(super) const END_HOLD: Duration = Duration::from_millis(2);
+
+/// Whether the ends held now wait (`Some(for how long at most)`) instead
+/// of being stored in a round of their own.
+///
+/// Why: right after a full claim the driver finds the one or two ends that
+/// arrived during that round, while the runs it just claimed are about to
+/// end too. Storing those one or two in a round of their own cost half of
+/// PostgreSQL's write commits in W1 (median one end per such round). They
+/// wait only while a claim is coming: the worker is running, the backlog
+/// was not drained by the last claim (`want_claim`), and no claim is worth
+/// making yet because the slots are busy (`claim_blocked`: handlers are
+/// running, so their ends will free slots). And only briefly: the first
+/// of them waits at most [`END_HOLD`] from its arrival (`since`). Ends
+/// kept across a failed round have no `since` and never wait.
+pub(super) fn hold_ends(
+    claim_coming: bool,
+    since: Option<Instant>,
+    now: Instant,
+) -> Option<Duration> {
+    let waited = now.saturating_duration_since(since?);
+    let left = END_HOLD.saturating_sub(waited);
+    (claim_coming && !left.is_zero()).then_some(left)
+}
 
 /// How many runs a round claims: `None` for no claim. With runs in hand,
 /// claim only once half the capacity (`concurrency + prefetch`) is free:
@@ -129,6 +159,9 @@ pub(super) fn on_failed_round(
 #[derive(Debug)]
 pub(super) struct HeldEnds<T> {
     pending: Vec<T>,
+    /// When the first of `pending` arrived, if it arrived fresh (not kept
+    /// from a failed round): see [`hold_ends`].
+    since: Option<Instant>,
     /// Set at the first failed round of a streak: past it, give up.
     hold_until: Option<Instant>,
     backoff: Duration,
@@ -138,6 +171,7 @@ impl<T> Default for HeldEnds<T> {
     fn default() -> Self {
         HeldEnds {
             pending: Vec::new(),
+            since: None,
             hold_until: None,
             backoff: BACKOFF_MIN,
         }
@@ -145,9 +179,18 @@ impl<T> Default for HeldEnds<T> {
 }
 
 impl<T> HeldEnds<T> {
-    /// Adds an end.
-    pub(super) fn push(&mut self, end: T) {
+    /// Adds an end that arrived at `at`.
+    pub(super) fn push(&mut self, end: T, at: Instant) {
+        if self.pending.is_empty() {
+            self.since = Some(at);
+        }
         self.pending.push(end);
+    }
+
+    /// When the first end held arrived (`None` if none, or if the ends
+    /// were kept from a failed round).
+    pub(super) fn since(&self) -> Option<Instant> {
+        self.since
     }
 
     /// Whether a round may take more from the channel.
@@ -167,6 +210,7 @@ impl<T> HeldEnds<T> {
 
     /// Takes every end for a round.
     pub(super) fn take(&mut self) -> Vec<T> {
+        self.since = None;
         std::mem::take(&mut self.pending)
     }
 
@@ -194,6 +238,7 @@ impl<T> HeldEnds<T> {
             FailedRound::StoreAgain => {
                 batch.append(&mut self.pending);
                 self.pending = batch;
+                self.since = None;
                 (None, wait)
             }
             FailedRound::GiveUp => {
@@ -361,9 +406,9 @@ mod tests {
     fn held_ends_are_stored_again_within_the_window_then_given_up() {
         let t0 = Instant::now();
         let mut h = HeldEnds::default();
-        h.push(1);
+        h.push(1, t0);
         let batch = h.take();
-        h.push(2); // arrived during the failed round
+        h.push(2, t0); // arrived during the failed round
         let (back, wait) = h.failed(batch, true, false, t0);
         assert_eq!((back, wait), (None, BACKOFF_MIN));
         assert_eq!(h.take(), vec![1, 2], "the failed batch goes first");
@@ -384,6 +429,44 @@ mod tests {
         h.stored();
         let (_, w) = h.failed(vec![4], true, false, t0 + END_RETRY_WINDOW * 3);
         assert_eq!(w, BACKOFF_MIN);
+    }
+
+    #[test]
+    fn fresh_ends_wait_briefly_for_a_coming_claim_and_kept_ones_never() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut h = HeldEnds::default();
+        assert_eq!(h.since(), None);
+        assert_eq!(hold_ends(true, h.since(), t0), None, "nothing held");
+        h.push(1, t0);
+        h.push(2, t0 + ms(1));
+        assert_eq!(h.since(), Some(t0), "the first end's arrival");
+        // A claim is coming: wait, from the first end's arrival, at most END_HOLD.
+        assert_eq!(hold_ends(true, h.since(), t0), Some(END_HOLD));
+        assert_eq!(
+            hold_ends(true, h.since(), t0 + ms(1)),
+            Some(END_HOLD - ms(1))
+        );
+        assert_eq!(
+            hold_ends(true, h.since(), t0 + END_HOLD),
+            None,
+            "waited enough"
+        );
+        // No claim coming (drained backlog, exiting, nothing running): store now.
+        assert_eq!(hold_ends(false, h.since(), t0), None);
+        // Ends kept from a failed round are late already: never held.
+        let batch = h.take();
+        assert_eq!(h.since(), None);
+        h.push(3, t0 + ms(1));
+        h.failed(batch, true, false, t0 + ms(1));
+        assert_eq!(h.since(), None);
+        assert_eq!(hold_ends(true, h.since(), t0 + ms(1)), None);
+        h.push(4, t0 + ms(2));
+        assert_eq!(h.since(), None, "joins the kept ones");
+        // After a round took them, the next fresh end starts a new wait.
+        h.take();
+        h.push(5, t0 + ms(3));
+        assert_eq!(hold_ends(true, h.since(), t0 + ms(3)), Some(END_HOLD));
     }
 
     #[test]

@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio::task::JoinHandle;
 
 mod driver;
-use driver::{claim_size, DueTracker, HeldEnds, Prefetch};
+use driver::{claim_size, hold_ends, DueTracker, HeldEnds, Prefetch};
 
 /// Longest error message stored on an attempt.
 const MAX_MESSAGE: usize = 4096;
@@ -314,7 +314,7 @@ async fn main_loop(
     loop {
         while held.has_room() {
             match ends_rx.try_recv() {
-                Ok(m) => held.push(m),
+                Ok(m) => held.push(m, tokio::time::Instant::now()),
                 Err(_) => break,
             }
         }
@@ -329,9 +329,13 @@ async fn main_loop(
             capacity,
         );
         let claims = free.map_or_else(Vec::new, |n| shared.claim_requests(n));
+        // Ends wait briefly for the claim the running handlers are about
+        // to make worth it, to share its commit (see `hold_ends`).
+        let claim_coming = phase == Phase::Running && want_claim && free.is_none() && in_hand > 0;
+        let hold = hold_ends(claim_coming, held.since(), tokio::time::Instant::now());
         // No claim when every job is held back (an open circuit breaker):
         // no round trip for nothing.
-        if !held.is_empty() || !claims.is_empty() {
+        if (!held.is_empty() && hold.is_none()) || !claims.is_empty() {
             let had_ends = !held.is_empty();
             if had_ends {
                 due.mark_stale();
@@ -389,9 +393,10 @@ async fn main_loop(
             let now = shared.docket.clock().now();
             due.idle_wait(now, tokio::time::Instant::now(), in_hand, poll)
         };
+        let idle_wait = hold.map_or(idle_wait, |h| idle_wait.min(h));
         let running = phase == Phase::Running;
         tokio::select! {
-            m = ends_rx.recv() => if let Some(m) = m { held.push(m) },
+            m = ends_rx.recv() => if let Some(m) = m { held.push(m, tokio::time::Instant::now()) },
             _ = shared.wake.notified(), if running => want_claim = true,
             _ = remote_wakeup(&mut remote), if running => want_claim = true,
             _ = tokio::time::sleep(idle_wait) => want_claim = true,
