@@ -10,6 +10,7 @@ use docket_core::{Decision, FailureInput, Fingerprint, LeaseId, RunId};
 use docket_store::{
     AttemptEnd, ClaimRequest, DynStore, ErrorInfo, LeaseRef, Outcome, RetryRecord, Run, StoreError,
 };
+use futures::stream::{FuturesUnordered, StreamExt};
 use futures::FutureExt;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -311,6 +312,14 @@ async fn main_loop(
     let mut want_claim = true;
     let mut held: HeldEnds<EndMsg> = HeldEnds::default();
     let mut due = DueTracker::new();
+    let mut flying: FuturesUnordered<futures::future::BoxFuture<'static, Landed>> =
+        FuturesUnordered::new();
+    // Runs asked for by the rounds in flight: in hand as far as the next
+    // claim's size is concerned.
+    let mut claiming = 0usize;
+    // After a failed round, no new one before this.
+    let mut paused_until: Option<tokio::time::Instant> = None;
+    let max_flying = rounds_in_flight();
     loop {
         while held.has_room() {
             match ends_rx.try_recv() {
@@ -319,10 +328,13 @@ async fn main_loop(
             }
         }
         let phase = *stop.borrow();
-        let in_hand = shared.inflight.lock().expect("inflight").len();
+        let at = tokio::time::Instant::now();
+        paused_until = paused_until.filter(|t| *t > at);
+        let can_send = flying.len() < max_flying && paused_until.is_none();
+        let in_hand = shared.inflight.lock().expect("inflight").len() + claiming;
         let capacity = prefetch.capacity(concurrency);
         let free = claim_size(
-            phase == Phase::Running,
+            phase == Phase::Running && can_send,
             want_claim,
             in_hand,
             concurrency,
@@ -332,48 +344,39 @@ async fn main_loop(
         // Ends wait briefly for the claim the running handlers are about
         // to make worth it, to share its commit (see `hold_ends`).
         let claim_coming = phase == Phase::Running && want_claim && free.is_none() && in_hand > 0;
-        let hold = hold_ends(claim_coming, held.since(), tokio::time::Instant::now());
+        let hold = hold_ends(claim_coming, held.since(), at);
         // No claim when every job is held back (an open circuit breaker):
         // no round trip for nothing.
-        if (!held.is_empty() && hold.is_none()) || !claims.is_empty() {
+        if can_send && ((!held.is_empty() && hold.is_none()) || !claims.is_empty()) {
             let had_ends = !held.is_empty();
             if had_ends {
                 due.mark_stale();
             }
-            match round(&shared, held.take(), claims).await {
-                Ok(runs) => {
-                    held.stored();
-                    if let Some(free) = free {
-                        want_claim = runs.len() == free;
-                        prefetch.claimed(free, runs.len(), in_hand, concurrency);
-                        let mut rates = shared.docket.take_job_rates(&runs).await;
-                        for r in runs {
-                            let rate = rates.remove(&r.id);
-                            shared.clone().spawn_run(r, rate, true);
-                        }
+            claiming += free.unwrap_or(0);
+            let (sh, batch) = (shared.clone(), held.take());
+            // A task of its own: it progresses while this loop awaits
+            // something else (and on SQLite, two rounds queued together
+            // share the writer's commit).
+            let task = tokio::spawn(async move { round(&sh, batch, claims).await });
+            flying.push(
+                async move {
+                    Landed {
+                        result: task.await.unwrap_or_else(|e| {
+                            // A panic: the ends' waiters were dropped with
+                            // the task; their runs return after lease expiry.
+                            tracing::error!(error = %e, "a store round's task failed");
+                            Ok(Vec::new())
+                        }),
+                        asked: free,
+                        in_hand,
+                        had_ends,
                     }
-                    // Freed slots: there may be runs due now (retries).
-                    want_claim |= had_ends;
                 }
-                Err((e, batch)) => {
-                    let transient = e.is_transient();
-                    let (given_up, wait) = held.failed(
-                        batch,
-                        transient,
-                        phase == Phase::Exit,
-                        tokio::time::Instant::now(),
-                    );
-                    report_failed_round(&e, given_up, wait, held.len());
-                    tokio::select! {
-                        _ = tokio::time::sleep(wait) => {}
-                        _ = stop.changed() => {}
-                    }
-                    want_claim = true;
-                }
-            }
+                .boxed(),
+            );
             continue;
         }
-        if phase == Phase::Exit {
+        if phase == Phase::Exit && flying.is_empty() && held.is_empty() {
             break;
         }
         let idle_wait = if phase != Phase::Running || in_hand >= capacity {
@@ -394,8 +397,39 @@ async fn main_loop(
             due.idle_wait(now, tokio::time::Instant::now(), in_hand, poll)
         };
         let idle_wait = hold.map_or(idle_wait, |h| idle_wait.min(h));
+        let idle_wait = paused_until.map_or(idle_wait, |t| idle_wait.min(t - at));
         let running = phase == Phase::Running;
         tokio::select! {
+            Some(landed) = flying.next(), if !flying.is_empty() => {
+                claiming -= landed.asked.unwrap_or(0);
+                match landed.result {
+                    Ok(runs) => {
+                        held.stored();
+                        if let Some(asked) = landed.asked {
+                            want_claim = runs.len() == asked;
+                            prefetch.claimed(asked, runs.len(), landed.in_hand, concurrency);
+                            let mut rates = shared.docket.take_job_rates(&runs).await;
+                            for r in runs {
+                                let rate = rates.remove(&r.id);
+                                shared.clone().spawn_run(r, rate, true);
+                            }
+                        }
+                        // Freed slots: there may be runs due now (retries).
+                        want_claim |= landed.had_ends;
+                    }
+                    Err((e, batch)) => {
+                        let (given_up, wait) = held.failed(
+                            batch,
+                            e.is_transient(),
+                            *stop.borrow() == Phase::Exit,
+                            tokio::time::Instant::now(),
+                        );
+                        report_failed_round(&e, given_up, wait, held.len());
+                        paused_until = Some(tokio::time::Instant::now() + wait);
+                        want_claim = true;
+                    }
+                }
+            }
             m = ends_rx.recv() => if let Some(m) = m { held.push(m, tokio::time::Instant::now()) },
             _ = shared.wake.notified(), if running => want_claim = true,
             _ = remote_wakeup(&mut remote), if running => want_claim = true,
@@ -405,6 +439,30 @@ async fn main_loop(
     }
     hb.abort();
     reaper.abort();
+}
+
+/// At most this many rounds are in flight at once (each on a connection of
+/// its own on PostgreSQL): while one waits for its commit to be flushed,
+/// the next executes.
+const ROUNDS_IN_FLIGHT: usize = 2;
+
+fn rounds_in_flight() -> usize {
+    std::env::var("DOCKET_ROUNDS_IN_FLIGHT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or(ROUNDS_IN_FLIGHT)
+}
+
+/// A round that came back, with what the driver asked of it.
+struct Landed {
+    result: Result<Vec<Run>, (StoreError, Vec<EndMsg>)>,
+    /// How many runs it was to claim (`None`: no claim).
+    asked: Option<usize>,
+    /// Runs in hand or being claimed when it was sent.
+    in_hand: usize,
+    /// Whether it stored attempt ends.
+    had_ends: bool,
 }
 
 /// One round trip: the kept evidence of `batch`'s attempts, then their ends
