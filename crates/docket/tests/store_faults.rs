@@ -121,6 +121,16 @@ mod faulty {
         pub rate_batches: std::sync::Mutex<Vec<usize>>,
         /// `rate_take` calls (one token each).
         pub rate_takes: AtomicUsize,
+        /// Hold the next `finish_and_claim` with ends until another one
+        /// is in flight beside it (at most 10 s), and say so on `held`.
+        pub hold_next_end_round: std::sync::atomic::AtomicBool,
+        /// Rung when a round is held.
+        pub held: tokio::sync::Notify,
+        /// Rung when a round starts while another is in flight.
+        pub overlap: tokio::sync::Notify,
+        /// `finish_and_claim` calls in flight now, and at most.
+        pub in_flight: AtomicUsize,
+        pub max_in_flight: AtomicUsize,
     }
 
     impl Faulty {
@@ -166,7 +176,22 @@ mod faulty {
             if !ends.is_empty() {
                 self.take(&self.fail_ends)?;
             }
-            self.inner.finish_and_claim(ends, claims).await
+            let flying = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+            self.max_in_flight.fetch_max(flying, Ordering::SeqCst);
+            if flying >= 2 {
+                self.overlap.notify_one();
+            }
+            if !ends.is_empty() && self.hold_next_end_round.swap(false, Ordering::SeqCst) {
+                self.held.notify_one();
+                let _ = tokio::time::timeout(
+                    std::time::Duration::from_secs(10),
+                    self.overlap.notified(),
+                )
+                .await;
+            }
+            let out = self.inner.finish_and_claim(ends, claims).await;
+            self.in_flight.fetch_sub(1, Ordering::SeqCst);
+            out
         }
         async fn heartbeat(
             &self,
@@ -617,6 +642,11 @@ mod faulty {
             fail_rate_batches: AtomicUsize::new(0),
             rate_batches: Default::default(),
             rate_takes: AtomicUsize::new(0),
+            hold_next_end_round: Default::default(),
+            held: Default::default(),
+            overlap: Default::default(),
+            in_flight: AtomicUsize::new(0),
+            max_in_flight: AtomicUsize::new(0),
         })
     }
 }
@@ -1119,4 +1149,73 @@ async fn a_claims_rate_tokens_are_one_store_call_and_its_failure_runs_nothing() 
         0,
         "no take per run"
     );
+}
+
+/// The driver keeps a second round in flight while one waits for the store
+/// (on PostgreSQL: for its commit's flush): a round storing ends is held in
+/// the store until another round starts beside it, which the handlers that
+/// end meanwhile bring. Before, rounds went one at a time and the held
+/// round would have waited out its 10 s bound alone. Every run still
+/// completes once, on its first attempt: two rounds never carry one run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_round_goes_out_while_one_waits_for_the_store() {
+    let store = faulty::over_sqlite(("none", 0), 0);
+    let d = Docket::with_store(store.clone(), Arc::new(docket::SystemClock));
+    let ran = Arc::new(AtomicUsize::new(0));
+    let release = Arc::new(tokio::sync::Semaphore::new(0));
+    let (r, gate) = (ran.clone(), release.clone());
+    d.register(Job::new("mixed", move |_ctx, input: Value| {
+        let (r, gate) = (r.clone(), gate.clone());
+        async move {
+            r.fetch_add(1, Ordering::SeqCst);
+            if input["slow"] == json!(true) {
+                // Ends only once the test lets it, while a round is held.
+                let _ = gate.acquire().await.unwrap();
+            }
+            Ok::<_, JobError>(json!({}))
+        }
+    }))
+    .unwrap();
+    let mut ids = Vec::new();
+    for i in 0..8 {
+        let slow = i < 2;
+        let opts = docket::TriggerOptions {
+            // The slow ones are claimed in the first round.
+            priority: if slow { 10 } else { 0 },
+            ..Default::default()
+        };
+        ids.push(
+            d.trigger_with("mixed", json!({ "slow": slow }), opts)
+                .await
+                .unwrap()
+                .run
+                .id,
+        );
+    }
+    store.hold_next_end_round.store(true, Ordering::SeqCst);
+    let handle = d
+        .worker(WorkerConfig {
+            concurrency: 4,
+            prefetch: 0,
+            ..WorkerConfig::default()
+        })
+        .start();
+    // The first fast ends' round is held in the store...
+    tokio::time::timeout(Duration::from_secs(10), store.held.notified())
+        .await
+        .expect("a round with ends reached the store");
+    // ...and the slow handlers end now: their ends go out beside it.
+    release.add_permits(2);
+    for id in &ids {
+        let run = d.wait(*id, Duration::from_secs(30)).await.unwrap();
+        assert_eq!(run.status, RunStatus::Completed, "{run:?}");
+        assert_eq!(run.attempt, 1, "{run:?}");
+    }
+    handle.shutdown(Duration::from_secs(5)).await;
+    assert_eq!(
+        store.max_in_flight.load(Ordering::SeqCst),
+        2,
+        "two rounds in flight at once"
+    );
+    assert_eq!(ran.load(Ordering::SeqCst), 8, "each handler ran once");
 }
