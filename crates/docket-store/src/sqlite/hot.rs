@@ -4,7 +4,7 @@
 //! caller's savepoint; the group commit batches them.
 
 use crate::{AttemptEnd, ClaimRequest, Result, Run, StoreError};
-use docket_core::{ErrorClass, EventKind, LeaseId, RunId, RunStatus, Timestamp};
+use docket_core::{ErrorClass, EventKind, LeaseId, RunStatus};
 use rusqlite::types::Value as SqlValue;
 use rusqlite::{params, params_from_iter, Connection};
 use serde_json::Value;
@@ -319,175 +319,8 @@ fn take_sql() -> String {
 /// `stale_write_refused` event is kept). A database error fails the whole
 /// call, and the caller's savepoint rolls every end of it back: ends need no
 /// savepoint of their own, since each checks its fence before it writes.
-///
-/// Set-based: the ends of distinct runs are fenced by one read and
-/// written by one statement per table (see [`persist_ends`]); a run that
-/// ends twice in one call has its second end in a second such round, which
-/// sees the first (so it is refused, exactly as one after another).
 pub(super) fn finish_all(c: &Connection, ends: Vec<AttemptEnd>) -> Result<Vec<Result<RunStatus>>> {
-    let mut out: Vec<Option<Result<RunStatus>>> = ends.iter().map(|_| None).collect();
-    for round in rounds(&ends) {
-        let fences = fence_rows(c, round.iter().map(|&i| ends[i].run_id))?;
-        let mut passed = Vec::with_capacity(round.len());
-        // In the order of the ends, refusals included (as on PostgreSQL).
-        let mut events = Vec::with_capacity(round.len());
-        for i in round {
-            let end = &ends[i];
-            out[i] = Some(match fences.get(&end.run_id) {
-                // Nothing is written for an end before its fence passes, so
-                // a missing run fails in its own slot (as on PostgreSQL).
-                None => Err(StoreError::NotFound(end.run_id)),
-                Some(run) if !holds(run, end) => {
-                    events.push(refusal(run, end));
-                    Err(StoreError::StaleLease {
-                        run_id: run.id,
-                        lease_id: end.lease_id,
-                        status: run.status,
-                    })
-                }
-                Some(run) => {
-                    let p = plan::end::end(end);
-                    events.extend(end_events(run, end, &p));
-                    let status = p.run.status;
-                    passed.push((run, end, p));
-                    Ok(status)
-                }
-            });
-        }
-        persist_ends(c, &passed, events)?;
-    }
-    Ok(out
-        .into_iter()
-        .map(|o| o.expect("every end is in one round"))
-        .collect())
-}
-
-/// Splits ends into rounds: the k-th end of each run goes into round k,
-/// in the order given.
-fn rounds(ends: &[AttemptEnd]) -> Vec<Vec<usize>> {
-    let mut seen: std::collections::HashMap<RunId, usize> =
-        std::collections::HashMap::with_capacity(ends.len());
-    let mut rounds: Vec<Vec<usize>> = Vec::new();
-    for (i, e) in ends.iter().enumerate() {
-        let k = seen.entry(e.run_id).or_insert(0);
-        if rounds.len() <= *k {
-            rounds.push(Vec::new());
-        }
-        rounds[*k].push(i);
-        *k += 1;
-    }
-    rounds
-}
-
-/// The fences of `ids` (distinct), read by one statement.
-fn fence_rows(
-    c: &Connection,
-    ids: impl Iterator<Item = RunId>,
-) -> Result<std::collections::HashMap<RunId, Fence>> {
-    let ids = Value::from(ids.map(|i| i.to_string()).collect::<Vec<_>>()).to_string();
-    let mut st = c
-        .prepare_cached(
-            "SELECT r.id, r.tenant, r.job, r.status, r.attempt, r.lease_id, r.lease_expires_at,
-                CASE WHEN r.parent_waits = 1 THEN r.parent_id END
-             FROM json_each(?1) AS i JOIN runs AS r ON r.id = i.value",
-        )
-        .map_err(db_err)?;
-    let rows = st
-        .query_map([ids], |r| {
-            let id: RunId = parse("run id", r.get(0)?)?;
-            Ok((
-                id,
-                Fence {
-                    id,
-                    tenant: r.get(1)?,
-                    job: r.get(2)?,
-                    status: parse("status", r.get(3)?)?,
-                    attempt: r.get(4)?,
-                    lease_id: parse_opt("lease id", r.get(5)?)?,
-                    lease_expires_at: r.get::<_, Option<i64>>(6)?.map(Timestamp),
-                    awaited_by: parse_opt("parent id", r.get(7)?)?,
-                },
-            ))
-        })
-        .map_err(db_err)?;
-    rows.collect::<rusqlite::Result<_>>().map_err(db_err)
-}
-
-/// Whether `end`'s lease still holds its run.
-fn holds(run: &Fence, end: &AttemptEnd) -> bool {
-    run.status == RunStatus::Running && run.lease_id == Some(end.lease_id)
-}
-
-/// The `stale_write_refused` event of `end`, whose lease no longer holds
-/// `run`, as a row for [`insert_events`].
-fn refusal(run: &Fence, end: &AttemptEnd) -> Value {
-    event_row(
-        run,
-        &EventKind::StaleWriteRefused,
-        end.now,
-        None,
-        end.lease_id,
-        &plan::end::refused(end, run.status, run.lease_id, run.attempt),
-    )
-}
-
-/// The events of an end's plan, as rows for [`insert_events`].
-fn end_events(run: &Fence, end: &AttemptEnd, p: &plan::end::EndPlan) -> Vec<Value> {
-    p.events
-        .iter()
-        .map(|e| {
-            let data = e
-                .fill
-                .apply(e.data.clone(), run.attempt, run.lease_expires_at);
-            event_row(
-                run,
-                &e.kind,
-                end.now,
-                Some(run.attempt),
-                end.lease_id,
-                &data,
-            )
-        })
-        .collect()
-}
-
-/// One event as a JSON row: run id, tenant, job, kind, at, attempt, lease
-/// id, data (as text).
-fn event_row(
-    run: &Fence,
-    kind: &EventKind,
-    at: Timestamp,
-    attempt: Option<u32>,
-    lease: LeaseId,
-    data: &Value,
-) -> Value {
-    serde_json::json!([
-        run.id.to_string(),
-        run.tenant,
-        run.job,
-        kind.as_str(),
-        at.0,
-        attempt,
-        lease.to_string(),
-        data.to_string(),
-    ])
-}
-
-/// Inserts event rows (see [`event_row`]) in their order, by one statement.
-fn insert_events(c: &Connection, rows: Vec<Value>) -> Result<()> {
-    if rows.is_empty() {
-        return Ok(());
-    }
-    c.prepare_cached(
-        "INSERT INTO events (run_id, tenant, job, kind, at, attempt, lease_id, actor, comment, data)
-         SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5,
-                value ->> 6, NULL, NULL, value ->> 7
-         FROM json_each(?1)",
-    )
-    .map_err(db_err)?
-    .execute([Value::from(rows).to_string()])
-    .map_err(db_err)?;
-    Ok(())
+    ends.into_iter().map(|e| finish_inner(c, e)).collect()
 }
 
 /// Reaps expired leases (see `Store::reap`): an end is applied only while
@@ -501,163 +334,141 @@ pub(super) fn reap_all(
 ) -> Result<Vec<Result<Option<RunStatus>>>> {
     ends.into_iter()
         .map(|end| {
-            let Some(run) = fence_row(c, end.run_id)? else {
-                return Ok(Ok(None));
-            };
-            let expired = holds(&run, &end) && run.lease_expires_at.is_some_and(|t| t <= end.now);
+            let expired = fence_row(c, end.run_id)?.is_some_and(|f| {
+                f.status == RunStatus::Running
+                    && f.lease_id == Some(end.lease_id)
+                    && f.lease_expires_at.is_some_and(|t| t <= end.now)
+            });
             if !expired {
                 return Ok(Ok(None));
             }
-            let p = plan::end::end(&end);
-            let status = p.run.status;
-            let events = end_events(&run, &end, &p);
-            persist_ends(c, &[(&run, &end, p)], events)?;
-            Ok(Ok(Some(status)))
+            Ok(finish_inner(c, end)?.map(Some))
         })
         .collect()
 }
 
-/// Run columns an end writes, `?N` of the per-end statement being element
-/// N-1 of each JSON array in [`persist_ends`]: the same "absent keeps the
-/// stored value" rule as PostgreSQL's set-based statement.
-const END_RUN_SET: &str = "status = ?2, output = COALESCE(?3, output),
-    run_after = CASE WHEN ?13 AND wake_requested THEN MIN(COALESCE(?4, run_after), ?5)
-                     ELSE COALESCE(?4, run_after) END,
-    wake_requested = 0,
-    lease_id = NULL, lease_expires_at = NULL, worker = NULL, updated_at = ?5,
-    finished_at = CASE WHEN ?6 THEN ?5 ELSE finished_at END,
-    terminal_reason = COALESCE(?7, terminal_reason),
-    last_error_class = COALESCE(?8, last_error_class),
-    last_error_message = COALESCE(?9, last_error_message),
-    cancel_requested = cancel_requested AND NOT ?10,
-    attempts_forgiven = attempts_forgiven + ?11,
-    input_request = COALESCE(?12, input_request)";
-
-/// Attempt columns an end writes (as [`END_RUN_SET`]; `?1`, `?2` are the
-/// run id and attempt number).
-const END_ATTEMPT_SET: &str = "finished_at = ?3, outcome = ?4,
-    error_class = COALESCE(?5, error_class), error_message = COALESCE(?6, error_message),
-    fingerprint = COALESCE(?7, fingerprint), failure_key = COALESCE(?8, failure_key),
-    action = COALESCE(?9, action), retry_policy = COALESCE(?10, retry_policy),
-    delay_ms = COALESCE(?11, delay_ms), eligible_at = COALESCE(?12, eligible_at),
-    retry_reason = COALESCE(?13, retry_reason)";
-
-/// `sql` with each `?N` read from element N-1 of the JSON array `e.value`.
-fn from_row(sql: &str) -> String {
-    let mut out = String::with_capacity(sql.len() * 2);
-    let mut chars = sql.chars().peekable();
-    while let Some(ch) = chars.next() {
-        if ch != '?' {
-            out.push(ch);
-            continue;
-        }
-        let mut n = String::new();
-        while let Some(d) = chars.peek().filter(|d| d.is_ascii_digit()) {
-            n.push(*d);
-            chars.next();
-        }
-        let n: usize = n.parse().expect("a numbered placeholder");
-        out.push_str(&format!("(e.value ->> {})", n - 1));
-    }
-    out
-}
-
-/// The statements of [`persist_ends`], built once.
-struct EndSql {
-    runs: String,
-    attempts: String,
-}
-
-static END_SQL: std::sync::LazyLock<EndSql> = std::sync::LazyLock::new(|| EndSql {
-    runs: format!(
-        "UPDATE runs SET {} FROM json_each(?1) AS e WHERE runs.id = e.value ->> 0",
-        from_row(END_RUN_SET)
-    ),
-    attempts: format!(
-        "UPDATE attempts SET {} FROM json_each(?1) AS e
-         WHERE attempts.run_id = e.value ->> 0 AND attempts.attempt = e.value ->> 1",
-        from_row(END_ATTEMPT_SET)
-    ),
-});
-
-/// Persists the plans of ends whose leases hold their runs (distinct
-/// runs) and the round's `events` (rows of [`event_row`], in order): one
-/// run update, one attempt update and one event insert for all of them
-/// (per-run statements were the other half of the writer thread's
-/// instructions in W1), then each finished child's fan-in.
-fn persist_ends(
-    c: &Connection,
-    ends: &[(&Fence, &AttemptEnd, plan::end::EndPlan)],
-    events: Vec<Value>,
-) -> Result<()> {
-    write_ends(c, ends)?;
-    insert_events(c, events)?;
-    for (run, end, p) in ends {
-        if let (true, Some(parent)) = (p.run.finished, run.awaited_by) {
-            super::children::fan_in(c, parent, end.now)?;
-        }
-    }
-    Ok(())
-}
-
-/// The run and attempt updates of [`persist_ends`].
-fn write_ends(c: &Connection, ends: &[(&Fence, &AttemptEnd, plan::end::EndPlan)]) -> Result<()> {
-    if ends.is_empty() {
-        return Ok(());
-    }
-    let json_text = |v: &Option<Value>| v.as_ref().map(Value::to_string);
-    let mut runs = Vec::with_capacity(ends.len());
-    let mut attempts = Vec::with_capacity(ends.len());
-    for (run, end, p) in ends {
-        let (r, a) = (&p.run, &p.attempt);
-        let id = run.id.to_string();
-        runs.push(serde_json::json!([
-            id,
-            r.status.as_str(),
-            json_text(&r.output),
-            r.run_after.map(|t| t.0),
-            end.now.0,
-            r.finished,
-            r.terminal_reason,
-            r.error_class.map(ErrorClass::as_str),
-            r.error_message,
-            r.clear_cancel,
-            r.forgive,
-            json_text(&r.input_request),
-            // A signal reached the wait this attempt recorded while it ran.
-            plan::signal::postponement_wakes(r.status),
-        ]));
-        attempts.push(serde_json::json!([
-            id,
-            run.attempt,
-            end.now.0,
-            a.outcome.as_str(),
-            a.error_class.map(ErrorClass::as_str),
-            a.error_message,
-            a.fingerprint,
-            a.failure_key,
-            a.action,
-            a.retry_policy,
-            a.delay_ms,
-            a.eligible_at.map(|t| t.0),
-            a.retry_reason.map(|r| r.as_str()),
-        ]));
-    }
-    let exec = |sql: &str, rows: Vec<Value>| -> Result<usize> {
-        c.prepare_cached(sql)
-            .map_err(db_err)?
-            .execute([Value::from(rows).to_string()])
-            .map_err(db_err)
+pub(super) fn finish_inner(c: &Connection, end: AttemptEnd) -> Result<Result<RunStatus>> {
+    // Nothing is written for an end before its fence passes, so a missing
+    // run fails in its own slot (as on PostgreSQL), not the whole batch.
+    let Some(run) = fence_row(c, end.run_id)? else {
+        return Ok(Err(StoreError::NotFound(end.run_id)));
     };
-    let n = exec(&END_SQL.runs, runs)?;
-    let m = exec(&END_SQL.attempts, attempts)?;
-    if n != ends.len() || m != ends.len() {
-        // Every run was fenced in this transaction: a bug; the caller's
-        // savepoint rolls the whole call back.
-        return Err(StoreError::Database(format!(
-            "an end wrote {n} runs and {m} attempts for {} ends",
-            ends.len()
-        )));
+    if run.status != RunStatus::Running || run.lease_id != Some(end.lease_id) {
+        insert_event(
+            c,
+            run.id,
+            &run.tenant,
+            &run.job,
+            &EventKind::StaleWriteRefused,
+            end.now,
+            None,
+            Some(end.lease_id),
+            None,
+            None,
+            &plan::end::refused(&end, run.status, run.lease_id, run.attempt),
+        )?;
+        return Ok(Err(StoreError::StaleLease {
+            run_id: run.id,
+            lease_id: end.lease_id,
+            status: run.status,
+        }));
+    }
+    let p = plan::end::end(&end);
+    persist_end(c, &run, &end, &p)?;
+    Ok(Ok(p.run.status))
+}
+
+/// Persists an end's plan for a run its lease holds: the same three writes,
+/// with the same "absent keeps the stored value" rule, as PostgreSQL's
+/// set-based statement.
+pub(super) fn persist_end(
+    c: &Connection,
+    run: &Fence,
+    end: &AttemptEnd,
+    p: &plan::end::EndPlan,
+) -> Result<()> {
+    let (r, a) = (&p.run, &p.attempt);
+    let id = run.id.to_string();
+    let json_text = |v: &Option<Value>| v.as_ref().map(Value::to_string);
+    c.prepare_cached(
+        "UPDATE runs SET status = ?2, output = COALESCE(?3, output),
+            run_after = CASE WHEN ?13 AND wake_requested THEN MIN(COALESCE(?4, run_after), ?5)
+                             ELSE COALESCE(?4, run_after) END,
+            wake_requested = 0,
+            lease_id = NULL, lease_expires_at = NULL, worker = NULL, updated_at = ?5,
+            finished_at = CASE WHEN ?6 THEN ?5 ELSE finished_at END,
+            terminal_reason = COALESCE(?7, terminal_reason),
+            last_error_class = COALESCE(?8, last_error_class),
+            last_error_message = COALESCE(?9, last_error_message),
+            cancel_requested = cancel_requested AND NOT ?10,
+            attempts_forgiven = attempts_forgiven + ?11,
+            input_request = COALESCE(?12, input_request)
+         WHERE id = ?1",
+    )
+    .map_err(db_err)?
+    .execute(params![
+        id,
+        r.status.as_str(),
+        json_text(&r.output),
+        r.run_after.map(|t| t.0),
+        end.now.0,
+        r.finished,
+        r.terminal_reason,
+        r.error_class.map(ErrorClass::as_str),
+        r.error_message,
+        r.clear_cancel,
+        r.forgive,
+        json_text(&r.input_request),
+        // A signal reached the wait this attempt recorded while it ran.
+        plan::signal::postponement_wakes(r.status),
+    ])
+    .map_err(db_err)?;
+    c.prepare_cached(
+        "UPDATE attempts SET finished_at = ?3, outcome = ?4,
+            error_class = COALESCE(?5, error_class), error_message = COALESCE(?6, error_message),
+            fingerprint = COALESCE(?7, fingerprint), failure_key = COALESCE(?8, failure_key),
+            action = COALESCE(?9, action), retry_policy = COALESCE(?10, retry_policy),
+            delay_ms = COALESCE(?11, delay_ms), eligible_at = COALESCE(?12, eligible_at),
+            retry_reason = COALESCE(?13, retry_reason)
+         WHERE run_id = ?1 AND attempt = ?2",
+    )
+    .map_err(db_err)?
+    .execute(params![
+        id,
+        run.attempt,
+        end.now.0,
+        a.outcome.as_str(),
+        a.error_class.map(ErrorClass::as_str),
+        a.error_message,
+        a.fingerprint,
+        a.failure_key,
+        a.action,
+        a.retry_policy,
+        a.delay_ms,
+        a.eligible_at.map(|t| t.0),
+        a.retry_reason.map(|r| r.as_str()),
+    ])
+    .map_err(db_err)?;
+    for e in &p.events {
+        let data = e
+            .fill
+            .apply(e.data.clone(), run.attempt, run.lease_expires_at);
+        insert_event(
+            c,
+            run.id,
+            &run.tenant,
+            &run.job,
+            &e.kind,
+            end.now,
+            Some(run.attempt),
+            Some(end.lease_id),
+            None,
+            None,
+            &data,
+        )?;
+    }
+    if let (true, Some(parent)) = (r.finished, run.awaited_by) {
+        super::children::fan_in(c, parent, end.now)?;
     }
     Ok(())
 }
@@ -691,64 +502,5 @@ mod plan_tests {
             "{all}"
         );
         assert!(!steps.iter().any(|s| s.starts_with("SCAN runs")), "{all}");
-    }
-
-    fn steps(c: &Connection, sql: &str) -> Vec<String> {
-        let mut st = c.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
-        let rows = st.query_map(["[]"], |r| r.get::<_, String>(3)).unwrap();
-        rows.collect::<rusqlite::Result<_>>().unwrap()
-    }
-
-    /// The set-based end statements probe each run and attempt by key.
-    #[test]
-    fn the_end_statements_find_each_row_by_its_key() {
-        let c = Connection::open_in_memory().unwrap();
-        super::super::migrate(&c).unwrap();
-        for (sql, table, index) in [
-            (&END_SQL.runs, "runs", "USING INDEX sqlite_autoindex_runs"),
-            (&END_SQL.attempts, "attempts", "USING PRIMARY KEY"),
-        ] {
-            let steps = steps(&c, sql);
-            let all = steps.join("; ");
-            assert!(
-                steps
-                    .iter()
-                    .any(|s| s.starts_with(&format!("SEARCH {table} {index}"))),
-                "{all}"
-            );
-            assert!(
-                !steps
-                    .iter()
-                    .any(|s| s.starts_with(&format!("SCAN {table}"))),
-                "{all}"
-            );
-        }
-        let fence = "SELECT r.id FROM json_each(?1) AS i JOIN runs AS r ON r.id = i.value";
-        let all = steps(&c, fence).join("; ");
-        assert!(
-            all.contains("SEARCH r USING") && all.contains("INDEX sqlite_autoindex_runs_1 (id=?)"),
-            "{all}"
-        );
-    }
-
-    #[test]
-    fn placeholders_become_elements_of_the_row() {
-        assert_eq!(
-            from_row("a = ?2, b = COALESCE(?13, b)"),
-            "a = (e.value ->> 1), b = COALESCE((e.value ->> 12), b)"
-        );
-    }
-
-    #[test]
-    fn a_runs_kth_end_goes_into_round_k_in_the_order_given() {
-        let (a, b) = (RunId::new(), RunId::new());
-        let end = |run_id| AttemptEnd {
-            run_id,
-            lease_id: LeaseId::new(),
-            now: Timestamp(0),
-            outcome: crate::Outcome::Cancelled,
-        };
-        let ends = vec![end(b), end(a), end(b), end(b), end(a)];
-        assert_eq!(rounds(&ends), vec![vec![0, 1], vec![2, 4], vec![3]]);
     }
 }
