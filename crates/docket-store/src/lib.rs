@@ -231,6 +231,31 @@ impl StoreError {
 /// The result type of store calls.
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
+/// How a worker's driver best sends its hot-path rounds
+/// ([`Store::finish_and_claim`]) to a store: a property of the backend's
+/// costs, not a decision about any run. Measured in docs/BENCHMARKS.md
+/// ("Session 8"): on PostgreSQL each round waits for its commit's WAL
+/// flush, so a second round in flight and ends that wait a moment for a
+/// claim's commit raise W1 throughput; on SQLite (WAL, `synchronous =
+/// NORMAL`: a commit is no flush) both only cost.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RoundHints {
+    /// Rounds worth having in flight at once (at least 1).
+    pub in_flight: usize,
+    /// Whether attempt ends are worth holding briefly for a claim round to
+    /// share its commit, rather than taking a round of their own.
+    pub hold_ends: bool,
+}
+
+impl Default for RoundHints {
+    fn default() -> Self {
+        RoundHints {
+            in_flight: 1,
+            hold_ends: false,
+        }
+    }
+}
+
 /// Durable storage of runs, attempts, events, steps and the ledger.
 ///
 /// Implemented by [`sqlite::SqliteStore`] and (with the `postgres` feature)
@@ -251,6 +276,12 @@ pub trait Store:
 {
     /// `"sqlite"` or `"postgres"`.
     fn backend(&self) -> &'static str;
+
+    /// How a worker's driver best sends its rounds to this store (see
+    /// [`RoundHints`]). The default: one round at a time, ends never held.
+    fn round_hints(&self) -> RoundHints {
+        RoundHints::default()
+    }
 
     /// Creates runs, all in one transaction. A run whose (tenant, job,
     /// idempotency key) already exists is not created; the existing run is

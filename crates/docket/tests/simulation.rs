@@ -464,6 +464,9 @@ impl Store for SimStore {
     fn backend(&self) -> &'static str {
         self.inner.backend()
     }
+    fn round_hints(&self) -> docket_store::RoundHints {
+        self.inner.round_hints()
+    }
     async fn trigger(&self, mut runs: Vec<NewRun>, now: Timestamp) -> SResult<Vec<Triggered>> {
         // Run ids from the seed, in creation order (as v7 ids sort): the
         // retry jitter hashes the run id, so random ids would make a seed's

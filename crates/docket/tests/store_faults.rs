@@ -131,6 +131,11 @@ mod faulty {
         /// `finish_and_claim` calls in flight now, and at most.
         pub in_flight: AtomicUsize,
         pub max_in_flight: AtomicUsize,
+        /// Of those, the ones that claim: now, and at most.
+        pub claims_in_flight: AtomicUsize,
+        pub max_claims_in_flight: AtomicUsize,
+        /// Rounds the driver may have in flight (0: as the inner store says).
+        pub rounds_in_flight: AtomicUsize,
     }
 
     impl Faulty {
@@ -149,6 +154,15 @@ mod faulty {
     impl Store for Faulty {
         fn backend(&self) -> &'static str {
             self.inner.backend()
+        }
+        fn round_hints(&self) -> RoundHints {
+            match self.rounds_in_flight.load(Ordering::SeqCst) {
+                0 => self.inner.round_hints(),
+                n => RoundHints {
+                    in_flight: n,
+                    hold_ends: false,
+                },
+            }
         }
         async fn trigger(
             &self,
@@ -178,6 +192,11 @@ mod faulty {
             }
             let flying = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
             self.max_in_flight.fetch_max(flying, Ordering::SeqCst);
+            let claiming = !claims.is_empty();
+            if claiming {
+                let n = self.claims_in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+                self.max_claims_in_flight.fetch_max(n, Ordering::SeqCst);
+            }
             if flying >= 2 {
                 self.overlap.notify_one();
             }
@@ -191,6 +210,9 @@ mod faulty {
             }
             let out = self.inner.finish_and_claim(ends, claims).await;
             self.in_flight.fetch_sub(1, Ordering::SeqCst);
+            if claiming {
+                self.claims_in_flight.fetch_sub(1, Ordering::SeqCst);
+            }
             out
         }
         async fn heartbeat(
@@ -647,6 +669,9 @@ mod faulty {
             overlap: Default::default(),
             in_flight: AtomicUsize::new(0),
             max_in_flight: AtomicUsize::new(0),
+            rounds_in_flight: AtomicUsize::new(0),
+            claims_in_flight: AtomicUsize::new(0),
+            max_claims_in_flight: AtomicUsize::new(0),
         })
     }
 }
@@ -1151,20 +1176,37 @@ async fn a_claims_rate_tokens_are_one_store_call_and_its_failure_runs_nothing() 
     );
 }
 
-/// The driver keeps a second round in flight while one waits for the store
-/// (on PostgreSQL: for its commit's flush): a round storing ends is held in
-/// the store until another round starts beside it, which the handlers that
-/// end meanwhile bring. Before, rounds went one at a time and the held
-/// round would have waited out its 10 s bound alone. Every run still
-/// completes once, on its first attempt: two rounds never carry one run.
+/// With a store that takes two rounds in flight (`RoundHints`, as
+/// PostgreSQL does: one per hot connection), the driver sends a second
+/// round while one waits for the store (on PostgreSQL: for its commit's
+/// flush): a round storing ends is held in the store until another round
+/// starts beside it, which the handlers that end meanwhile bring. One round
+/// at a time, the held round would wait out its 10 s bound alone and the
+/// test fails. Every run still completes once, on its first attempt: two
+/// rounds never carry one run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_round_goes_out_while_one_waits_for_the_store() {
+    let store = two_rounds_in_flight(false).await;
+    assert_eq!(store.max_claims_in_flight.load(Ordering::SeqCst), 2);
+}
+
+/// With a concurrency key, a second claim in flight would find the key
+/// locked by the first (on PostgreSQL) and come back short: the second
+/// round only stores ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_concurrency_keys_one_claim_at_a_time() {
+    let store = two_rounds_in_flight(true).await;
+    assert_eq!(store.max_claims_in_flight.load(Ordering::SeqCst), 1);
+}
+
+async fn two_rounds_in_flight(keyed: bool) -> Arc<faulty::Faulty> {
     let store = faulty::over_sqlite(("none", 0), 0);
+    store.rounds_in_flight.store(2, Ordering::SeqCst);
     let d = Docket::with_store(store.clone(), Arc::new(docket::SystemClock));
     let ran = Arc::new(AtomicUsize::new(0));
     let release = Arc::new(tokio::sync::Semaphore::new(0));
     let (r, gate) = (ran.clone(), release.clone());
-    d.register(Job::new("mixed", move |_ctx, input: Value| {
+    let job = Job::new("mixed", move |_ctx, input: Value| {
         let (r, gate) = (r.clone(), gate.clone());
         async move {
             r.fetch_add(1, Ordering::SeqCst);
@@ -1174,7 +1216,13 @@ async fn a_second_round_goes_out_while_one_waits_for_the_store() {
             }
             Ok::<_, JobError>(json!({}))
         }
-    }))
+    });
+    // A job-wide limit that never binds: keyed claims, nothing held.
+    d.register(if keyed {
+        job.concurrency_limit(100)
+    } else {
+        job
+    })
     .unwrap();
     let mut ids = Vec::new();
     for i in 0..8 {
@@ -1218,4 +1266,5 @@ async fn a_second_round_goes_out_while_one_waits_for_the_store() {
         "two rounds in flight at once"
     );
     assert_eq!(ran.load(Ordering::SeqCst), 8, "each handler ran once");
+    store
 }

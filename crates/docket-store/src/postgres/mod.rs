@@ -699,6 +699,15 @@ impl Store for PgStore {
         "postgres"
     }
 
+    fn round_hints(&self) -> crate::RoundHints {
+        crate::RoundHints {
+            // One per hot connection: the next round executes on one while
+            // the last one's commit is flushed on the other.
+            in_flight: HOT_CONNECTIONS,
+            hold_ends: true,
+        }
+    }
+
     async fn try_lead(
         &self,
         task: String,

@@ -213,106 +213,61 @@ fn unkeyed_ids(
 
 /// Claims the runs `ids` (picked by one of the two claims above): a new
 /// lease, the attempt row and its `attempt_started` event each.
-///
-/// Set-based: three statements per claim, not three per run (the
-/// per-run `UPDATE … RETURNING` was a third of the writer thread's
-/// instructions in W1). The ids and their Rust-drawn lease ids go in as
-/// one JSON array; `json_each` keeps its order, so attempts and events
-/// are written in claim order, as before.
 fn take(c: &Connection, req: &ClaimRequest, ids: Vec<String>) -> Result<Vec<Run>> {
-    if ids.is_empty() {
-        return Ok(Vec::new());
-    }
     let p = plan::claim::claim(req);
-    let leases: Vec<(String, String)> = ids
-        .into_iter()
-        .map(|id| (id, LeaseId::new().to_string()))
-        .collect();
-    let order: std::collections::HashMap<&str, usize> = leases
-        .iter()
-        .enumerate()
-        .map(|(i, (id, _))| (id.as_str(), i))
-        .collect();
-    let mut st = c.prepare_cached(&take_sql()).map_err(db_err)?;
-    let rows = st
-        .query_map(
-            params![
-                Value::from(
-                    leases
-                        .iter()
-                        .map(|(id, l)| serde_json::json!([id, l]))
-                        .collect::<Vec<_>>()
-                )
-                .to_string(),
-                p.lease_expires_at.0,
-                req.worker,
-                req.now.0,
-                p.status.as_str()
-            ],
-            run_from_row,
-        )
+    let mut out = Vec::with_capacity(ids.len());
+    for id in ids {
+        let lease = LeaseId::new();
+        let mut st = c
+            .prepare_cached(&format!(
+                "UPDATE runs SET status = ?6, attempt = attempt + 1, lease_id = ?2,
+                    lease_expires_at = ?3, worker = ?4, updated_at = ?5, held_at = NULL
+                 WHERE id = ?1 RETURNING {RUN_COLS}"
+            ))
+            .map_err(db_err)?;
+        let run = st
+            .query_row(
+                params![
+                    id,
+                    lease.to_string(),
+                    p.lease_expires_at.0,
+                    req.worker,
+                    req.now.0,
+                    p.status.as_str()
+                ],
+                run_from_row,
+            )
+            .map_err(db_err)?;
+        let mut st = c
+            .prepare_cached(
+                "INSERT INTO attempts (run_id, attempt, lease_id, worker, started_at, outcome)
+                 VALUES (?1, ?2, ?3, ?4, ?5, 'running')",
+            )
+            .map_err(db_err)?;
+        st.execute(params![
+            id,
+            run.attempt,
+            lease.to_string(),
+            req.worker,
+            req.now.0
+        ])
         .map_err(db_err)?;
-    let mut out = rows
-        .collect::<rusqlite::Result<Vec<Run>>>()
-        .map_err(db_err)?;
-    // RETURNING's row order is unspecified: back to claim order.
-    out.sort_by_cached_key(|r| order.get(r.id.to_string().as_str()).copied());
-    if out.len() != leases.len() {
-        // The ids were read in this transaction: a run missing now is a bug,
-        // and the caller's savepoint rolls the claim back.
-        return Err(StoreError::Database(format!(
-            "claimed {} of the {} runs picked",
-            out.len(),
-            leases.len()
-        )));
+        insert_event(
+            c,
+            run.id,
+            &run.tenant,
+            &run.job,
+            &p.event.kind,
+            req.now,
+            Some(run.attempt),
+            Some(lease),
+            None,
+            None,
+            &p.event.data,
+        )?;
+        out.push(run);
     }
-    let claimed = Value::from(
-        out.iter()
-            .map(|r| {
-                serde_json::json!([
-                    r.id.to_string(),
-                    r.tenant,
-                    r.job,
-                    r.attempt,
-                    r.lease_id.map(|l| l.to_string())
-                ])
-            })
-            .collect::<Vec<_>>(),
-    )
-    .to_string();
-    c.prepare_cached(
-        "INSERT INTO attempts (run_id, attempt, lease_id, worker, started_at, outcome)
-         SELECT value ->> 0, value ->> 3, value ->> 4, ?2, ?3, 'running' FROM json_each(?1)",
-    )
-    .map_err(db_err)?
-    .execute(params![claimed, req.worker, req.now.0])
-    .map_err(db_err)?;
-    c.prepare_cached(
-        "INSERT INTO events (run_id, tenant, job, kind, at, attempt, lease_id, actor, comment, data)
-         SELECT value ->> 0, value ->> 1, value ->> 2, ?2, ?3, value ->> 3, value ->> 4,
-                NULL, NULL, ?4
-         FROM json_each(?1)",
-    )
-    .map_err(db_err)?
-    .execute(params![
-        claimed,
-        p.event.kind.as_str(),
-        req.now.0,
-        p.event.data.to_string()
-    ])
-    .map_err(db_err)?;
     Ok(out)
-}
-
-/// The claim's run update: `?1` a JSON array of `[run id, lease id]`.
-fn take_sql() -> String {
-    format!(
-        "UPDATE runs SET status = ?5, attempt = attempt + 1, lease_id = c.value ->> 1,
-            lease_expires_at = ?2, worker = ?3, updated_at = ?4, held_at = NULL
-         FROM json_each(?1) AS c
-         WHERE runs.id = c.value ->> 0
-         RETURNING {RUN_COLS}"
-    )
 }
 
 /// Ends attempts. A stale lease is an `Err` in that end's slot (its
@@ -471,36 +426,4 @@ pub(super) fn persist_end(
         super::children::fan_in(c, parent, end.now)?;
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod plan_tests {
-    use super::*;
-
-    /// The set-based claim looks each run up by its primary key, one probe
-    /// per id of the JSON array, never by scanning `runs`.
-    #[test]
-    fn the_claims_update_finds_each_run_by_its_key() {
-        let c = Connection::open_in_memory().unwrap();
-        super::super::migrate(&c).unwrap();
-        let mut st = c
-            .prepare(&format!("EXPLAIN QUERY PLAN {}", take_sql()))
-            .unwrap();
-        let steps: Vec<String> = st
-            .query_map(params!["[]", 0, "w", 0, "running"], |r| {
-                r.get::<_, String>(3)
-            })
-            .unwrap()
-            .collect::<rusqlite::Result<_>>()
-            .unwrap();
-        let all = steps.join("; ");
-        assert!(all.contains("SCAN c VIRTUAL TABLE"), "{all}");
-        assert!(
-            steps
-                .iter()
-                .any(|s| s.starts_with("SEARCH runs USING INDEX sqlite_autoindex_runs")),
-            "{all}"
-        );
-        assert!(!steps.iter().any(|s| s.starts_with("SCAN runs")), "{all}");
-    }
 }

@@ -47,8 +47,9 @@ pub(super) const END_HOLD: Duration = Duration::from_millis(2);
 /// Why: right after a full claim the driver finds the one or two ends that
 /// arrived during that round, while the runs it just claimed are about to
 /// end too. Storing those one or two in a round of their own cost half of
-/// PostgreSQL's write commits in W1 (median one end per such round). They
-/// wait only while a claim is coming: the worker is running, the backlog
+/// PostgreSQL's write commits in W1 (median one end per such round); on a
+/// store whose commits are no flush (SQLite) the driver never holds them
+/// (`RoundHints::hold_ends`). They wait only while a claim is coming: the worker is running, the backlog
 /// was not drained by the last claim (`want_claim`), and no claim is worth
 /// making yet because the slots are busy (`claim_blocked`: handlers are
 /// running, so their ends will free slots). And only briefly: the first

@@ -319,7 +319,12 @@ async fn main_loop(
     let mut claiming = 0usize;
     // After a failed round, no new one before this.
     let mut paused_until: Option<tokio::time::Instant> = None;
-    let max_flying = rounds_in_flight();
+    let hints = shared.docket.store().round_hints();
+    let max_flying = hints.in_flight.max(1);
+    // A second claim in flight finds every key the first one holds locked
+    // (measured: 3.5x the commits per run with a job-wide key): with keys,
+    // one claim at a time.
+    let keyed = shared.docket.has_concurrency_limits();
     loop {
         while held.has_room() {
             match ends_rx.try_recv() {
@@ -331,10 +336,11 @@ async fn main_loop(
         let at = tokio::time::Instant::now();
         paused_until = paused_until.filter(|t| *t > at);
         let can_send = flying.len() < max_flying && paused_until.is_none();
+        let can_claim = can_send && !(keyed && claiming > 0);
         let in_hand = shared.inflight.lock().expect("inflight").len() + claiming;
         let capacity = prefetch.capacity(concurrency);
         let free = claim_size(
-            phase == Phase::Running && can_send,
+            phase == Phase::Running && can_claim,
             want_claim,
             in_hand,
             concurrency,
@@ -343,7 +349,11 @@ async fn main_loop(
         let claims = free.map_or_else(Vec::new, |n| shared.claim_requests(n));
         // Ends wait briefly for the claim the running handlers are about
         // to make worth it, to share its commit (see `hold_ends`).
-        let claim_coming = phase == Phase::Running && want_claim && free.is_none() && in_hand > 0;
+        let claim_coming = hints.hold_ends
+            && phase == Phase::Running
+            && want_claim
+            && free.is_none()
+            && in_hand > 0;
         let hold = hold_ends(claim_coming, held.since(), at);
         // No claim when every job is held back (an open circuit breaker):
         // no round trip for nothing.
@@ -439,19 +449,6 @@ async fn main_loop(
     }
     hb.abort();
     reaper.abort();
-}
-
-/// At most this many rounds are in flight at once (each on a connection of
-/// its own on PostgreSQL): while one waits for its commit to be flushed,
-/// the next executes.
-const ROUNDS_IN_FLIGHT: usize = 2;
-
-fn rounds_in_flight() -> usize {
-    std::env::var("DOCKET_ROUNDS_IN_FLIGHT")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .filter(|n| *n > 0)
-        .unwrap_or(ROUNDS_IN_FLIGHT)
 }
 
 /// A round that came back, with what the driver asked of it.
