@@ -8,7 +8,8 @@ use crate::telemetry::AttemptTrace;
 use crate::{Ctx, Docket, Job, JobError};
 use docket_core::{Decision, FailureInput, Fingerprint, LeaseId, RunId};
 use docket_store::{
-    AttemptEnd, ClaimRequest, DynStore, ErrorInfo, LeaseRef, Outcome, RetryRecord, Run, StoreError,
+    AttemptEnd, ClaimRequest, DynStore, ErrorInfo, LeaseRef, Outcome, RetryRecord, RoundHints, Run,
+    StoreError,
 };
 use futures::stream::{FuturesUnordered, StreamExt};
 use futures::FutureExt;
@@ -319,16 +320,17 @@ async fn main_loop(
     let mut claiming = 0usize;
     // After a failed round, no new one before this.
     let mut paused_until: Option<tokio::time::Instant> = None;
-    let hints = shared.docket.store().round_hints();
-    // With concurrency keys, one round at a time: a second claim in flight
-    // finds every key the first one holds locked and comes back short, and
-    // ends-only rounds beside a claim cost commits of their own (measured
-    // with a job-wide key: 3.5x, then 1.7x the commits per run).
-    let max_flying = if shared.docket.has_concurrency_limits() {
-        1
+    // With concurrency keys, one round at a time and no held ends: a second
+    // claim in flight finds every key the first one holds locked and comes
+    // back short, and ends-only rounds beside a claim cost commits of their
+    // own (measured with a job-wide key: 3.5x, then 1.7x the commits per
+    // run, and 0.75-0.80x the throughput).
+    let hints = if shared.docket.has_concurrency_limits() {
+        RoundHints::default()
     } else {
-        hints.in_flight.max(1)
+        shared.docket.store().round_hints()
     };
+    let max_flying = hints.in_flight.max(1);
     loop {
         while held.has_room() {
             match ends_rx.try_recv() {
@@ -367,19 +369,13 @@ async fn main_loop(
             }
             claiming += free.unwrap_or(0);
             let (sh, batch) = (shared.clone(), held.take());
-            // A task of its own: it progresses while this loop awaits
-            // something else (and on SQLite, two rounds queued together
-            // share the writer's commit).
-            let task = tokio::spawn(async move { round(&sh, batch, claims).await });
+            // Polled by this loop, not a task of its own: a task's wake-up
+            // is one more hop through the scheduler behind the handlers just
+            // spawned (measured: rounds 1.4x slower on SQLite).
             flying.push(
                 async move {
                     Landed {
-                        result: task.await.unwrap_or_else(|e| {
-                            // A panic: the ends' waiters were dropped with
-                            // the task; their runs return after lease expiry.
-                            tracing::error!(error = %e, "a store round's task failed");
-                            Ok(Vec::new())
-                        }),
+                        result: round(&sh, batch, claims).await,
                         asked: free,
                         in_hand,
                         had_ends,
@@ -397,7 +393,11 @@ async fn main_loop(
         } else {
             let poll = shared.config.poll_interval;
             let now = shared.docket.clock().now();
-            if due.should_read(now, tokio::time::Instant::now(), in_hand, poll) {
+            // Not while a round is in flight: it lands soon and this loop
+            // looks again; a read now would hold up the round, which this
+            // loop polls (measured: PostgreSQL keyed W1 0.59x with it).
+            if flying.is_empty() && due.should_read(now, tokio::time::Instant::now(), in_hand, poll)
+            {
                 let read = shared
                     .docket
                     .store()
@@ -443,7 +443,12 @@ async fn main_loop(
                     }
                 }
             }
-            m = ends_rx.recv() => if let Some(m) = m { held.push(m, tokio::time::Instant::now()) },
+            // With every round slot taken, ends wait in the channel: waking
+            // this loop for each one only to find no slot slowed the rounds
+            // in flight (measured: a one-end round 0.16 -> 0.6 ms on SQLite).
+            m = ends_rx.recv(), if flying.len() < max_flying => {
+                if let Some(m) = m { held.push(m, tokio::time::Instant::now()) }
+            }
             _ = shared.wake.notified(), if running => want_claim = true,
             _ = remote_wakeup(&mut remote), if running => want_claim = true,
             _ = tokio::time::sleep(idle_wait) => want_claim = true,
