@@ -398,6 +398,17 @@ impl Docket {
             .map_err(|e| Error::InvalidInput(format!("`{job}` trigger: {e}")))
     }
 
+    /// Whether any registered job has a rate limit of its own (its tokens
+    /// are taken by the driver right after each claim).
+    pub(crate) fn has_job_rate_limits(&self) -> bool {
+        self.inner
+            .jobs
+            .read()
+            .expect("jobs lock")
+            .values()
+            .any(|j| j.rate.is_some())
+    }
+
     /// Whether any registered job has a concurrency limit (then an
     /// attempt's end may free a slot other workers wait for).
     pub(crate) fn has_concurrency_limits(&self) -> bool {
