@@ -401,23 +401,23 @@ impl Docket {
     /// Whether any registered job has a rate limit of its own (its tokens
     /// are taken by the driver right after each claim).
     pub(crate) fn has_job_rate_limits(&self) -> bool {
-        self.inner
-            .jobs
-            .read()
-            .expect("jobs lock")
-            .values()
-            .any(|j| j.rate.is_some())
+        self.any_job(|j| j.rate.is_some())
     }
 
     /// Whether any registered job has a concurrency limit (then an
     /// attempt's end may free a slot other workers wait for).
     pub(crate) fn has_concurrency_limits(&self) -> bool {
+        self.any_job(|j| j.concurrency.is_some())
+    }
+
+    /// Whether any registered job matches `f`.
+    fn any_job(&self, f: impl Fn(&Job) -> bool) -> bool {
         self.inner
             .jobs
             .read()
             .expect("jobs lock")
             .values()
-            .any(|j| j.concurrency.is_some())
+            .any(|j| f(j))
     }
 
     pub(crate) fn wake_workers(&self) {

@@ -654,8 +654,20 @@ mod faulty {
     }
 
     pub fn over_sqlite(fail_events: (&'static str, usize), fail_ends: usize) -> Arc<Faulty> {
+        over(
+            Arc::new(docket_store::sqlite::SqliteStore::open_in_memory().unwrap()),
+            fail_events,
+            fail_ends,
+        )
+    }
+
+    pub fn over(
+        inner: DynStore,
+        fail_events: (&'static str, usize),
+        fail_ends: usize,
+    ) -> Arc<Faulty> {
         Arc::new(Faulty {
-            inner: Arc::new(docket_store::sqlite::SqliteStore::open_in_memory().unwrap()),
+            inner,
             fail_events: (fail_events.0, AtomicUsize::new(fail_events.1)),
             fail_ends: AtomicUsize::new(fail_ends),
             failed: AtomicUsize::new(0),
@@ -1190,9 +1202,100 @@ async fn a_claims_rate_tokens_are_one_store_call_and_its_failure_runs_nothing() 
 /// rounds never carry one run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_round_goes_out_while_one_waits_for_the_store() {
-    let store = two_rounds_in_flight(false).await;
+    let store = faulty::over_sqlite(("none", 0), 0);
+    store.rounds_in_flight.store(2, Ordering::SeqCst);
+    let store = two_rounds_in_flight(store, false).await;
     assert_eq!(store.max_in_flight.load(Ordering::SeqCst), 2);
     assert_eq!(store.max_claims_in_flight.load(Ordering::SeqCst), 2);
+}
+
+/// The same on PostgreSQL with its own hints (two rounds, held ends): the
+/// two rounds run on the store's two hot connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_round_goes_out_while_one_waits_for_postgres() {
+    let Some(inner) = fresh_pg("rounds").await else {
+        return;
+    };
+    let store = two_rounds_in_flight(faulty::over(inner, ("none", 0), 0), false).await;
+    assert_eq!(store.max_in_flight.load(Ordering::SeqCst), 2);
+    assert_eq!(store.max_claims_in_flight.load(Ordering::SeqCst), 2);
+}
+
+/// A deep backlog drained on PostgreSQL with two rounds in flight (claims
+/// racing on one store, `SKIP LOCKED` between its two hot connections):
+/// every run runs once, on its first attempt, with one attempt row and no
+/// refused write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_drained_with_two_rounds_in_flight_runs_each_run_once_postgres() {
+    let Some(store) = fresh_pg("drain").await else {
+        return;
+    };
+    assert_eq!(store.round_hints().in_flight, 2);
+    let d = Docket::with_store(store.clone(), Arc::new(docket::SystemClock));
+    let seen = Arc::new(std::sync::Mutex::new(std::collections::HashMap::new()));
+    let s = seen.clone();
+    d.register(Job::new("drain", move |ctx, _: Value| {
+        let s = s.clone();
+        async move {
+            *s.lock().unwrap().entry(ctx.run_id()).or_insert(0usize) += 1;
+            Ok::<_, JobError>(json!({}))
+        }
+    }))
+    .unwrap();
+    let runs = (0..400)
+        .map(|i| ("drain".to_string(), json!({ "i": i }), Default::default()))
+        .collect();
+    let ids: Vec<_> = d
+        .trigger_batch(runs)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|t| t.run.id)
+        .collect();
+    let handle = d.worker(WorkerConfig::default()).start();
+    for id in &ids {
+        let run = d.wait(*id, Duration::from_secs(60)).await.unwrap();
+        assert_eq!(
+            (run.status, run.attempt),
+            (RunStatus::Completed, 1),
+            "{run:?}"
+        );
+    }
+    handle.shutdown(Duration::from_secs(5)).await;
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), ids.len());
+    assert!(seen.values().all(|n| *n == 1), "a handler ran twice");
+    for id in ids.iter().step_by(37) {
+        assert_eq!(d.store().attempts(*id).await.unwrap().len(), 1);
+    }
+    let refused: Vec<_> = d
+        .store()
+        .events(docket::EventFilter {
+            limit: 10_000,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.kind == docket::EventKind::StaleWriteRefused)
+        .collect();
+    assert!(refused.is_empty(), "{refused:?}");
+}
+
+/// A fresh PostgreSQL store in a schema of its own (`None`, saying so,
+/// without `DOCKET_TEST_POSTGRES_URL` outside CI).
+async fn fresh_pg(tag: &str) -> Option<docket_store::DynStore> {
+    let Ok(base) = std::env::var("DOCKET_TEST_POSTGRES_URL") else {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "CI=true: DOCKET_TEST_POSTGRES_URL must be set"
+        );
+        println!("skipping: set DOCKET_TEST_POSTGRES_URL=postgres://postgres@127.0.0.1:5432/test to run PostgreSQL tests");
+        return None;
+    };
+    let sep = if base.contains('?') { '&' } else { '?' };
+    let url = format!("{base}{sep}schema={tag}_{}", uuid::Uuid::new_v4().simple());
+    Some(docket_store::open(&url).await.unwrap())
 }
 
 /// With a concurrency key, one round at a time even where the store takes
@@ -1202,13 +1305,22 @@ async fn a_second_round_goes_out_while_one_waits_for_the_store() {
 /// second one that must not come, then goes on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_concurrency_keys_one_round_at_a_time() {
-    let store = two_rounds_in_flight(true).await;
+    let store = faulty::over_sqlite(("none", 0), 0);
+    store.rounds_in_flight.store(2, Ordering::SeqCst);
+    let store = two_rounds_in_flight(store, true).await;
     assert_eq!(store.max_in_flight.load(Ordering::SeqCst), 1);
 }
 
-async fn two_rounds_in_flight(keyed: bool) -> Arc<faulty::Faulty> {
-    let store = faulty::over_sqlite(("none", 0), 0);
-    store.rounds_in_flight.store(2, Ordering::SeqCst);
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_concurrency_keys_one_round_at_a_time_postgres() {
+    let Some(inner) = fresh_pg("keyed_rounds").await else {
+        return;
+    };
+    let store = two_rounds_in_flight(faulty::over(inner, ("none", 0), 0), true).await;
+    assert_eq!(store.max_in_flight.load(Ordering::SeqCst), 1);
+}
+
+async fn two_rounds_in_flight(store: Arc<faulty::Faulty>, keyed: bool) -> Arc<faulty::Faulty> {
     if keyed {
         store.hold_bound_ms.store(300, Ordering::SeqCst);
     }

@@ -49,12 +49,13 @@ pub(super) const END_HOLD: Duration = Duration::from_millis(2);
 /// end too. Storing those one or two in a round of their own cost half of
 /// PostgreSQL's write commits in W1 (median one end per such round); on a
 /// store whose commits are no flush (SQLite) the driver never holds them
-/// (`RoundHints::hold_ends`). They wait only while a claim is coming: the worker is running, the backlog
-/// was not drained by the last claim (`want_claim`), and no claim is worth
-/// making yet because the slots are busy (`claim_blocked`: handlers are
-/// running, so their ends will free slots). And only briefly: the first
-/// of them waits at most [`END_HOLD`] from its arrival (`since`). Ends
-/// kept across a failed round have no `since` and never wait.
+/// (`RoundHints::hold_ends`). They wait only while a claim is coming
+/// (`claim_coming`, decided by the caller: the worker is running, the
+/// backlog was not drained by the last claim, and no claim is worth making
+/// yet because handlers are running, so their ends will free slots). And
+/// only briefly: the first of them waits at most [`END_HOLD`] from its
+/// arrival (`since`). Ends kept across a failed round have no `since` and
+/// never wait.
 pub(super) fn hold_ends(
     claim_coming: bool,
     since: Option<Instant>,
