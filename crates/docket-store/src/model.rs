@@ -407,6 +407,24 @@ pub struct AttemptEnd {
     pub outcome: Outcome,
 }
 
+impl AttemptEnd {
+    /// Whether this end, if its lease holds, leaves its run claimable by
+    /// `now` (a release, or a retry or postponement due by then): a claim
+    /// after it may take the run again.
+    pub fn frees_by(&self, now: Timestamp) -> bool {
+        match &self.outcome {
+            Outcome::Released => self.now <= now,
+            Outcome::Retry { retry, .. } => retry.eligible_at <= now,
+            Outcome::Postponed { until } => *until <= now,
+            Outcome::Completed { .. }
+            | Outcome::AwaitingChildren { .. }
+            | Outcome::Failed { .. }
+            | Outcome::NeedsInput { .. }
+            | Outcome::Cancelled => false,
+        }
+    }
+}
+
 /// One attempt as stored.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct AttemptRecord {

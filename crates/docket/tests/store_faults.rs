@@ -138,6 +138,9 @@ mod faulty {
         pub hold_bound_ms: std::sync::atomic::AtomicU64,
         /// Rounds the driver may have in flight (0: as the inner store says).
         pub rounds_in_flight: AtomicUsize,
+        /// Every `finish_and_claim` call that answered, in order: (ends,
+        /// runs asked for, runs claimed).
+        pub rounds: std::sync::Mutex<Vec<(usize, usize, usize)>>,
     }
 
     impl Faulty {
@@ -211,7 +214,12 @@ mod faulty {
                 )
                 .await;
             }
+            let (n, asked) = (ends.len(), claims.iter().map(|c| c.limit).max());
             let out = self.inner.finish_and_claim(ends, claims).await;
+            if let Ok((_, runs)) = &out {
+                let round = (n, asked.unwrap_or(0), runs.len());
+                self.rounds.lock().unwrap().push(round);
+            }
             self.in_flight.fetch_sub(1, Ordering::SeqCst);
             if claiming {
                 self.claims_in_flight.fetch_sub(1, Ordering::SeqCst);
@@ -688,6 +696,7 @@ mod faulty {
             hold_bound_ms: std::sync::atomic::AtomicU64::new(10_000),
             claims_in_flight: AtomicUsize::new(0),
             max_claims_in_flight: AtomicUsize::new(0),
+            rounds: Default::default(),
         })
     }
 }
@@ -1204,7 +1213,7 @@ async fn a_claims_rate_tokens_are_one_store_call_and_its_failure_runs_nothing() 
 async fn a_second_round_goes_out_while_one_waits_for_the_store() {
     let store = faulty::over_sqlite(("none", 0), 0);
     store.rounds_in_flight.store(2, Ordering::SeqCst);
-    let store = two_rounds_in_flight(store, false).await;
+    let store = two_rounds_in_flight(store, Limits::None).await;
     assert_eq!(store.max_in_flight.load(Ordering::SeqCst), 2);
     assert_eq!(store.max_claims_in_flight.load(Ordering::SeqCst), 2);
 }
@@ -1216,7 +1225,7 @@ async fn a_second_round_goes_out_while_one_waits_for_postgres() {
     let Some(inner) = fresh_pg("rounds").await else {
         return;
     };
-    let store = two_rounds_in_flight(faulty::over(inner, ("none", 0), 0), false).await;
+    let store = two_rounds_in_flight(faulty::over(inner, ("none", 0), 0), Limits::None).await;
     assert_eq!(store.max_in_flight.load(Ordering::SeqCst), 2);
     assert_eq!(store.max_claims_in_flight.load(Ordering::SeqCst), 2);
 }
@@ -1298,30 +1307,163 @@ async fn fresh_pg(tag: &str) -> Option<docket_store::DynStore> {
     Some(docket_store::open(&url).await.unwrap())
 }
 
-/// With a concurrency key, one round at a time even where the store takes
-/// two: a second claim in flight would find the key locked by the first
-/// (on PostgreSQL) and come back short, and an ends-only round beside the
-/// claim costs a commit of its own. The held round waits 300 ms for a
-/// second one that must not come, then goes on.
+/// With job rate limits, one round at a time even where the store takes
+/// two: the tokens of each claim are a call of the driver's loop, during
+/// which a second round in flight would not be polled. The held round
+/// waits 300 ms for a second one that must not come, then goes on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn with_concurrency_keys_one_round_at_a_time() {
+async fn with_job_rate_limits_one_round_at_a_time() {
     let store = faulty::over_sqlite(("none", 0), 0);
     store.rounds_in_flight.store(2, Ordering::SeqCst);
-    let store = two_rounds_in_flight(store, true).await;
+    let store = two_rounds_in_flight(store, Limits::Rate).await;
     assert_eq!(store.max_in_flight.load(Ordering::SeqCst), 1);
 }
 
+/// With a concurrency key, PostgreSQL's two rounds in flight all the same:
+/// the second round's keyed claim waits for the first one's commit in this
+/// process (`KeyedTurn`) instead of finding the key locked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn with_concurrency_keys_one_round_at_a_time_postgres() {
+async fn with_concurrency_keys_two_rounds_in_flight_postgres() {
     let Some(inner) = fresh_pg("keyed_rounds").await else {
         return;
     };
-    let store = two_rounds_in_flight(faulty::over(inner, ("none", 0), 0), true).await;
-    assert_eq!(store.max_in_flight.load(Ordering::SeqCst), 1);
+    let store = two_rounds_in_flight(faulty::over(inner, ("none", 0), 0), Limits::Key).await;
+    assert_eq!(store.max_in_flight.load(Ordering::SeqCst), 2);
 }
 
-async fn two_rounds_in_flight(store: Arc<faulty::Faulty>, keyed: bool) -> Arc<faulty::Faulty> {
-    if keyed {
+/// A binding job-wide key of 3 drained by 8 handler slots on PostgreSQL
+/// with two rounds in flight (the first round with ends is held until the
+/// second one starts beside it): never more than 3 handlers run at once,
+/// and every run runs once, on its first attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_binding_key_with_two_rounds_in_flight_is_never_exceeded_postgres() {
+    let Some(inner) = fresh_pg("keyed_drain").await else {
+        return;
+    };
+    let store = faulty::over(inner, ("none", 0), 0);
+    let d = Docket::with_store(store.clone(), Arc::new(docket::SystemClock));
+    let (now, max) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (n, m) = (now.clone(), max.clone());
+    let job = Job::new("three", move |_ctx, _input: Value| {
+        let (n, m) = (n.clone(), m.clone());
+        async move {
+            let running = n.fetch_add(1, Ordering::SeqCst) + 1;
+            m.fetch_max(running, Ordering::SeqCst);
+            tokio::task::yield_now().await;
+            n.fetch_sub(1, Ordering::SeqCst);
+            Ok::<_, JobError>(json!({}))
+        }
+    });
+    d.register(job.concurrency_limit(3)).unwrap();
+    let runs: Vec<_> = (0..300)
+        .map(|i| ("three".to_string(), json!({ "i": i }), Default::default()))
+        .collect();
+    let ids: Vec<_> = d
+        .trigger_batch(runs)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|t| t.run.id)
+        .collect();
+    store.hold_next_end_round.store(true, Ordering::SeqCst);
+    let handle = d
+        .worker(WorkerConfig {
+            concurrency: 8,
+            ..WorkerConfig::default()
+        })
+        .start();
+    for id in &ids {
+        let run = d.wait(*id, Duration::from_secs(60)).await.unwrap();
+        assert_eq!(run.status, RunStatus::Completed, "{run:?}");
+        assert_eq!(run.attempt, 1, "{run:?}");
+    }
+    handle.shutdown(Duration::from_secs(5)).await;
+    assert_eq!(store.max_in_flight.load(Ordering::SeqCst), 2);
+    let most = max.load(Ordering::SeqCst);
+    assert!((1..=3).contains(&most), "{most} handlers ran at once");
+}
+
+/// A binding concurrency key turns over in the round of the end that frees
+/// its slot: with a key of 1 and one handler slot, every round that stores
+/// an end also claims, and while runs wait it gets the next one. (The
+/// driver used to store such an end alone, its claim having come back
+/// short, then claim in a round of its own: two rounds per run.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_binding_key_turns_over_in_the_round_of_the_end() {
+    let store = faulty::over_sqlite(("none", 0), 0);
+    turns_over_with_its_end(store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_binding_key_turns_over_in_the_round_of_the_end_postgres() {
+    let Some(inner) = fresh_pg("key_turnover").await else {
+        return;
+    };
+    turns_over_with_its_end(faulty::over(inner, ("none", 0), 0)).await;
+}
+
+async fn turns_over_with_its_end(store: Arc<faulty::Faulty>) {
+    const RUNS: usize = 20;
+    let d = Docket::with_store(store.clone(), Arc::new(docket::SystemClock));
+    let job = Job::new("one_at_a_time", |_ctx, _input: Value| async move {
+        Ok::<_, JobError>(json!({}))
+    });
+    d.register(job.concurrency_limit(1)).unwrap();
+    let mut ids = Vec::new();
+    for i in 0..RUNS {
+        ids.push(
+            d.trigger("one_at_a_time", json!({ "i": i }))
+                .await
+                .unwrap()
+                .run
+                .id,
+        );
+    }
+    let handle = d
+        .worker(WorkerConfig {
+            concurrency: 1,
+            ..WorkerConfig::default()
+        })
+        .start();
+    for id in &ids {
+        let run = d.wait(*id, Duration::from_secs(30)).await.unwrap();
+        assert_eq!(run.status, RunStatus::Completed, "{run:?}");
+        assert_eq!(run.attempt, 1, "{run:?}");
+    }
+    handle.shutdown(Duration::from_secs(5)).await;
+    let rounds = store.rounds.lock().unwrap().clone();
+    let with_ends: Vec<_> = rounds.iter().filter(|r| r.0 > 0).collect();
+    assert_eq!(
+        with_ends.iter().map(|r| r.0).sum::<usize>(),
+        RUNS,
+        "every end stored once: {rounds:?}"
+    );
+    // One end per round (one slot); all but the last claim the next run.
+    // Claim-only rounds in between (the driver's due-time recheck) find the
+    // key full and change nothing here.
+    assert_eq!(with_ends.len(), RUNS, "{rounds:?}");
+    for (i, r) in with_ends.iter().enumerate() {
+        assert!(
+            r.1 > 0,
+            "round {i} stored an end without a claim: {rounds:?}"
+        );
+        let expect = usize::from(i + 1 < RUNS);
+        assert_eq!(r.2, expect, "round {i} claimed {} runs: {rounds:?}", r.2);
+    }
+}
+
+/// The flow control of `two_rounds_in_flight`'s job.
+#[derive(Clone, Copy, PartialEq)]
+enum Limits {
+    None,
+    /// A job-wide concurrency limit that never binds: keyed claims.
+    Key,
+    /// A job rate limit that never binds: a token per run.
+    Rate,
+}
+
+async fn two_rounds_in_flight(store: Arc<faulty::Faulty>, limits: Limits) -> Arc<faulty::Faulty> {
+    if limits == Limits::Rate {
         store.hold_bound_ms.store(300, Ordering::SeqCst);
     }
     let d = Docket::with_store(store.clone(), Arc::new(docket::SystemClock));
@@ -1339,11 +1481,10 @@ async fn two_rounds_in_flight(store: Arc<faulty::Faulty>, keyed: bool) -> Arc<fa
             Ok::<_, JobError>(json!({}))
         }
     });
-    // A job-wide limit that never binds: keyed claims, nothing held.
-    d.register(if keyed {
-        job.concurrency_limit(100)
-    } else {
-        job
+    d.register(match limits {
+        Limits::None => job,
+        Limits::Key => job.concurrency_limit(100),
+        Limits::Rate => job.rate_limit(1_000_000.0, 1_000_000),
     })
     .unwrap();
     let mut ids = Vec::new();

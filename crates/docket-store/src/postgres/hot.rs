@@ -36,7 +36,7 @@
 //! a single end writes them), then the claim's `attempt_started` events in
 //! claim order.
 
-use crate::{AttemptEnd, ClaimRequest, Outcome, Result, Run, StoreError};
+use crate::{AttemptEnd, ClaimRequest, Result, Run, StoreError};
 use docket_core::{ErrorClass, LeaseId, RunId, RunStatus};
 use serde_json::Value;
 use sqlx::postgres::{PgConnection, PgRow};
@@ -234,10 +234,12 @@ picked AS (
 
 /// The keyed claim's `picked`: the runs `plan::concurrency::pick` chose
 /// (`$11`), still claimable once locked (an operator may have moved one
-/// since it was read).
+/// since it was read). In the same statement (one round trip less), the
+/// runs it found newly held back (`$12`) are marked, each with its
+/// `run_held` event (`$13` kind, `$14` data), written before the claim's.
 static KEYED_CLAIM_SQL: LazyLock<String> = LazyLock::new(|| {
     format!(
-        "WITH {}, {}
+        "WITH {}, {}, {}
 SELECT {RUN_COLS} FROM claimed ORDER BY n",
         claim_ctes(&format!(
             "
@@ -249,7 +251,17 @@ picked AS (
 )",
             crate::plan::claim::CLAIMABLE_SQL
         )),
-        events_insert(&["claim_ev"])
+        "held AS (
+    UPDATE runs r SET held_at = $1 FROM unnest($12::uuid[]) AS i(id)
+    WHERE r.id = i.id RETURNING r.id, r.tenant, r.job
+),
+held_ev AS (
+    SELECT h.id AS run_id, h.tenant, h.job, d.kind, $1::int8 AS at, NULL::int4 AS attempt,
+           NULL::uuid AS lease_id, d.data, d.o AS k
+    FROM held h JOIN unnest($12::uuid[], $13::text[], $14::jsonb[]) WITH ORDINALITY
+        AS d(id, kind, data, o) ON d.id = h.id
+)",
+        events_insert(&["held_ev", "claim_ev"])
     )
 });
 
@@ -612,6 +624,7 @@ pub(super) async fn claim(
     c: &mut PgConnection,
     req: &ClaimRequest,
     cursor: &Cursor,
+    turn: &KeyedTurn,
 ) -> Result<Vec<Run>> {
     if req.jobs.is_empty() || req.limit == 0 {
         return Ok(Vec::new());
@@ -625,6 +638,7 @@ pub(super) async fn claim(
         req.limit,
         &found,
         cursor,
+        turn,
     )
     .await
 }
@@ -849,41 +863,24 @@ async fn keyed_claim(
         }
     }
     let p = crate::plan::concurrency::pick(&states, req.limit);
-    if !p.held.is_empty() {
-        let ids: Vec<Uuid> = p.held.iter().map(|h| h.0 .0).collect();
-        let kinds: Vec<&str> = p.held.iter().map(|h| h.1.kind.as_str()).collect();
-        let data: Vec<Value> = p.held.iter().map(|h| h.1.data.clone()).collect();
-        sqlx::query(
-            "WITH h AS (
-                UPDATE runs r SET held_at = $4 FROM unnest($1::uuid[]) AS i(id)
-                WHERE r.id = i.id RETURNING r.id, r.tenant, r.job
-             )
-             INSERT INTO events (run_id, tenant, job, kind, at, data)
-             SELECT h.id, h.tenant, h.job, d.kind, $4, d.data
-             FROM h JOIN unnest($1::uuid[], $2::text[], $3::jsonb[]) WITH ORDINALITY AS d(id, kind, data, o)
-                ON d.id = h.id
-             ORDER BY d.o",
-        )
+    if p.held.is_empty() && p.claim.is_empty() {
+        return Ok(Vec::new());
+    }
+    let held: Vec<Uuid> = p.held.iter().map(|h| h.0 .0).collect();
+    let kinds: Vec<&str> = p.held.iter().map(|h| h.1.kind.as_str()).collect();
+    let data: Vec<Value> = p.held.iter().map(|h| h.1.data.clone()).collect();
+    let ids: Vec<Uuid> = p.claim.iter().map(|id| id.0).collect();
+    let a = ClaimArgs::of(req);
+    let rows = a
+        .bind(sqlx::query(&KEYED_CLAIM_SQL))
         .bind(&ids)
+        .bind(&held)
         .bind(&kinds)
         .bind(&data)
-        .bind(req.now.0)
-        .execute(&mut *c)
+        .fetch_all(&mut *c)
         .await
         .map_err(db)?;
-    }
-    let mut runs = Vec::new();
-    if !p.claim.is_empty() {
-        let ids: Vec<Uuid> = p.claim.iter().map(|id| id.0).collect();
-        let a = ClaimArgs::of(req);
-        let rows = a
-            .bind(sqlx::query(&KEYED_CLAIM_SQL))
-            .bind(&ids)
-            .fetch_all(&mut *c)
-            .await
-            .map_err(db)?;
-        runs = rows.iter().map(run_from_row).collect::<Result<_>>()?;
-    }
+    let runs = rows.iter().map(run_from_row).collect::<Result<_>>()?;
     Ok(runs)
 }
 
@@ -1137,6 +1134,7 @@ pub(super) async fn finish_and_claim(
     ends: Vec<AttemptEnd>,
     claims: Vec<ClaimRequest>,
     cursor: &Cursor,
+    turn: &KeyedTurn,
 ) -> Result<(Vec<Result<RunStatus>>, Vec<Run>)> {
     let budget = claims.iter().map(|c| c.limit).max().unwrap_or(0);
     let found = match claims.first() {
@@ -1146,7 +1144,7 @@ pub(super) async fn finish_and_claim(
     let claims: Vec<ClaimRequest> = claims.into_iter().filter(|r| !r.jobs.is_empty()).collect();
     let together = found.keys.is_empty()
         && claims.first().is_some_and(|req| {
-            found.tenants_of(req).len() == 1 && !ends.iter().any(|e| frees_by(e, req.now.0))
+            found.tenants_of(req).len() == 1 && !ends.iter().any(|e| e.frees_by(req.now))
         });
     if together {
         let first = &claims[0];
@@ -1159,19 +1157,43 @@ pub(super) async fn finish_and_claim(
             cursor.served(tenant);
         }
         let rest = budget.saturating_sub(runs.len());
-        runs.extend(claim_committed(&mut *c, &claims[1..], rest, &found, cursor).await?);
+        runs.extend(claim_committed(&mut *c, &claims[1..], rest, &found, cursor, turn).await?);
         return Ok((finished, runs));
     }
     if rounds(&ends).len() <= 1 {
         if let Some(done) =
-            in_one_transaction(&mut *c, &ends, &claims, budget, &found, cursor).await?
+            in_one_transaction(&mut *c, &ends, &claims, budget, &found, cursor, turn).await?
         {
             return Ok(done);
         }
     }
     let (finished, _) = apply(&mut *c, &ends, None).await?;
-    let runs = claim_committed(&mut *c, &claims, budget, &found, cursor).await?;
+    let runs = claim_committed(&mut *c, &claims, budget, &found, cursor, turn).await?;
     Ok((finished, runs))
+}
+
+/// The turn of this process's keyed claims: taken before the key locks,
+/// kept until the transaction ends.
+///
+/// Why: the driver keeps two rounds in flight on PostgreSQL. Each key is
+/// locked with a *try* lock (a key another claimer holds is skipped, so
+/// processes claim disjoint keys at once); a second round of this process
+/// would find every key its first round holds locked and come back short.
+/// Waiting here instead, the second round writes its ends while the first
+/// commits, then takes the keys once they are free. Other processes keep
+/// the try lock's skip.
+#[derive(Default)]
+pub(super) struct KeyedTurn(tokio::sync::Mutex<()>);
+
+impl KeyedTurn {
+    /// The turn, if the claim has keys to lock.
+    async fn take(&self, found: &Claimable) -> Option<tokio::sync::MutexGuard<'_, ()>> {
+        if found.keys.is_empty() {
+            None
+        } else {
+            Some(self.0.lock().await)
+        }
+    }
 }
 
 /// [`claim_each`] in a transaction of its own (the keyed claim's locks
@@ -1182,11 +1204,13 @@ async fn claim_committed(
     budget: usize,
     found: &Claimable,
     cursor: &Cursor,
+    turn: &KeyedTurn,
 ) -> Result<Vec<Run>> {
     use sqlx::Connection as _;
     if budget == 0 || claims.is_empty() {
         return Ok(Vec::new());
     }
+    let _turn = turn.take(found).await;
     let mut tx = c.begin().await.map_err(db)?;
     let runs = claim_each(&mut tx, claims, budget, found, cursor).await?;
     tx.commit().await.map_err(db)?;
@@ -1205,6 +1229,7 @@ async fn in_one_transaction(
     budget: usize,
     found: &Claimable,
     cursor: &Cursor,
+    turn: &KeyedTurn,
 ) -> Result<Option<(Vec<Result<RunStatus>>, Vec<Run>)>> {
     use sqlx::Connection as _;
     let mut tx = c.begin().await.map_err(db)?;
@@ -1221,6 +1246,9 @@ async fn in_one_transaction(
             Err(e) => return Err(db(e)),
         }
     };
+    // The ends are written (their rows locked); the keyed part waits for
+    // this process's other round to commit, not the ends.
+    let _turn = turn.take(found).await;
     let runs = match claim_each(&mut tx, claims, budget, found, cursor).await {
         Ok(runs) => runs,
         Err(StoreError::Db { kind, .. }) if kind != crate::DbErrorKind::Connection => {
@@ -1279,24 +1307,10 @@ async fn claim_found(
     Ok(runs)
 }
 
-/// Whether this end, if its lease holds, leaves its run claimable at `now`.
-fn frees_by(end: &AttemptEnd, now: i64) -> bool {
-    match &end.outcome {
-        Outcome::Released => end.now.0 <= now,
-        Outcome::Retry { retry, .. } => retry.eligible_at.0 <= now,
-        Outcome::Postponed { until } => until.0 <= now,
-        Outcome::Completed { .. }
-        | Outcome::AwaitingChildren { .. }
-        | Outcome::Failed { .. }
-        | Outcome::NeedsInput { .. }
-        | Outcome::Cancelled => false,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{ErrorInfo, RetryRecord};
+    use crate::{ErrorInfo, Outcome, RetryRecord};
     use docket_core::Timestamp;
 
     fn end(run: RunId, now: i64, outcome: Outcome) -> AttemptEnd {
@@ -1334,6 +1348,10 @@ mod tests {
         // order for every statement); later ends of a run in later rounds.
         assert_eq!(rounds(&ends), vec![vec![1, 0], vec![2], vec![3]]);
         assert!(rounds(&[]).is_empty());
+    }
+
+    fn frees_by(end: &AttemptEnd, now: i64) -> bool {
+        end.frees_by(Timestamp(now))
     }
 
     #[test]

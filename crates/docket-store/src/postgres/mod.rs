@@ -105,6 +105,9 @@ pub struct PgStore {
     notifier: Arc<Notifier>,
     /// Where the next claim starts visiting tenants (`plan::fair`).
     fair: Arc<crate::plan::fair::Cursor>,
+    /// Taken by this process's keyed claims, from the key locks to the
+    /// commit (see `hot::KeyedTurn`).
+    keyed_turn: Arc<hot::KeyedTurn>,
 }
 
 /// At most one wake-up per job per this window from one store: a trigger
@@ -453,6 +456,7 @@ impl PgStore {
             hot: Arc::default(),
             notifier: Arc::default(),
             fair: Arc::default(),
+            keyed_turn: Arc::default(),
         })
     }
 
@@ -768,7 +772,7 @@ impl Store for PgStore {
             return Ok(Vec::new());
         }
         let mut c = self.hot_conn().await?;
-        let res = hot::claim(c.conn(), &req, &self.fair).await;
+        let res = hot::claim(c.conn(), &req, &self.fair, &self.keyed_turn).await;
         c.done(&res);
         res
     }
@@ -794,7 +798,7 @@ impl Store for PgStore {
     ) -> Result<(Vec<Result<RunStatus>>, Vec<Run>)> {
         let (ends, refused) = crate::json::Refused::screen(ends);
         let mut c = self.hot_conn().await?;
-        let res = hot::finish_and_claim(c.conn(), ends, claims, &self.fair).await;
+        let res = hot::finish_and_claim(c.conn(), ends, claims, &self.fair, &self.keyed_turn).await;
         c.done(&res);
         let (finished, runs) = res?;
         Ok((refused.merge(finished), runs))

@@ -10,9 +10,12 @@
 //! - [`HeldEnds`]: attempt ends waiting for a round, kept across a failed
 //!   round within a window, with the backoff between rounds;
 //! - [`hold_ends`]: whether ends wait a moment for a claim round to share
-//!   its commit instead of taking a round of their own.
+//!   its commit instead of taking a round of their own;
+//! - [`ends_reopen_claim`]: whether ends take a claim along after a claim
+//!   came back short, and [`keyed_claim_floor`]: how many with keys.
 
 use docket_core::Timestamp;
+use docket_store::AttemptEnd;
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -64,6 +67,48 @@ pub(super) fn hold_ends(
     let waited = now.saturating_duration_since(since?);
     let left = END_HOLD.saturating_sub(waited);
     (claim_coming && !left.is_zero()).then_some(left)
+}
+
+/// Whether the ends about to be stored reopen the claim that a short claim
+/// closed (`want_claim`), so that their round carries a claim.
+///
+/// Why: a claim that comes back short means nothing more was claimable
+/// then; ends can change that in two ways only: each frees its run's
+/// concurrency-key slot (`keyed`: the worker runs jobs with limits), and an
+/// end may make its own run due again (`AttemptEnd::frees_by`). The claim
+/// in the ends' round comes after them in one transaction and sees what
+/// they freed. Before, such ends went alone and the claim followed in a
+/// round of its own (measured with a job-wide key of 8: an ends-only round
+/// and a claim-only round per turnover, plus an empty claim).
+pub(super) fn ends_reopen_claim<'a>(
+    keyed: bool,
+    ends: impl IntoIterator<Item = &'a AttemptEnd>,
+    now: Timestamp,
+) -> bool {
+    let mut ends = ends.into_iter().peekable();
+    ends.peek().is_some() && (keyed || ends.any(|e| e.frees_by(now)))
+}
+
+/// With concurrency keys, the claim a round of `ends` makes when
+/// [`claim_size`] makes none: as many runs as it ends (each end frees a
+/// key slot and a handler slot), within the capacity left by the runs held
+/// (`held_runs`, not counting the claims in flight).
+///
+/// Why: a keyed claim usually comes back short (its key is full), so the
+/// runs asked for by the claims in flight overstate what they will bring;
+/// counted in full, they left the next round no claim at all, and its ends
+/// went alone (a commit of their own) while their slots stayed empty until
+/// a later round. The floor keeps what is held and asked within twice the
+/// capacity at worst, and within it whenever the claims in flight come back
+/// short by at least these ends.
+pub(super) fn keyed_claim_floor(
+    keyed: bool,
+    ends: usize,
+    held_runs: usize,
+    capacity: usize,
+) -> Option<usize> {
+    let n = ends.min(capacity.saturating_sub(held_runs));
+    (keyed && n > 0).then_some(n)
 }
 
 /// How many runs a round claims: `None` for no claim. With runs in hand,
@@ -210,6 +255,11 @@ impl<T> HeldEnds<T> {
         self.pending.len()
     }
 
+    /// The ends that wait, in arrival order.
+    pub(super) fn pending(&self) -> &[T] {
+        &self.pending
+    }
+
     /// Takes every end for a round.
     pub(super) fn take(&mut self) -> Vec<T> {
         self.since = None;
@@ -343,6 +393,55 @@ impl DueTracker {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use docket_core::{LeaseId, RunId};
+    use docket_store::Outcome;
+
+    fn end(now: i64, outcome: Outcome) -> AttemptEnd {
+        AttemptEnd {
+            run_id: RunId::new(),
+            lease_id: LeaseId::new(),
+            now: Timestamp(now),
+            outcome,
+        }
+    }
+
+    #[test]
+    fn a_keyed_round_claims_at_least_for_its_ends_within_the_capacity() {
+        // 3 ends, 4 runs held, capacity 16: claim 3.
+        assert_eq!(keyed_claim_floor(true, 3, 4, 16), Some(3));
+        // Only what the capacity leaves.
+        assert_eq!(keyed_claim_floor(true, 5, 14, 16), Some(2));
+        assert_eq!(keyed_claim_floor(true, 5, 16, 16), None);
+        // No ends, or no keys: no floor.
+        assert_eq!(keyed_claim_floor(true, 0, 0, 16), None);
+        assert_eq!(keyed_claim_floor(false, 3, 4, 16), None);
+    }
+
+    #[test]
+    fn ends_reopen_the_claim_when_they_free_a_key_slot_or_a_run() {
+        let now = Timestamp(10);
+        let done = end(
+            10,
+            Outcome::Completed {
+                output: serde_json::Value::Null,
+            },
+        );
+        let released = end(10, Outcome::Released);
+        let later = end(
+            10,
+            Outcome::Postponed {
+                until: Timestamp(11),
+            },
+        );
+        // No ends: nothing freed.
+        assert!(!ends_reopen_claim(true, [], now));
+        // Any end of a keyed worker frees its key's slot.
+        assert!(ends_reopen_claim(true, [&done], now));
+        // Unkeyed: only a run due again by now reopens the claim.
+        assert!(!ends_reopen_claim(false, [&done, &later], now));
+        assert!(ends_reopen_claim(false, [&done, &released], now));
+        assert!(!ends_reopen_claim(false, [&released], Timestamp(9)));
+    }
 
     const POLL: Duration = Duration::from_secs(1);
 

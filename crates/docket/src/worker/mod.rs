@@ -21,7 +21,9 @@ use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio::task::JoinHandle;
 
 mod driver;
-use driver::{claim_size, hold_ends, DueTracker, HeldEnds, Prefetch};
+use driver::{
+    claim_size, ends_reopen_claim, hold_ends, keyed_claim_floor, DueTracker, HeldEnds, Prefetch,
+};
 
 /// Longest error message stored on an attempt.
 const MAX_MESSAGE: usize = 4096;
@@ -320,19 +322,24 @@ async fn main_loop(
     let mut claiming = 0usize;
     // After a failed round, no new one before this.
     let mut paused_until: Option<tokio::time::Instant> = None;
-    // With concurrency keys, one round at a time and no held ends: a second
-    // claim in flight finds every key the first one holds locked and comes
-    // back short, and ends-only rounds beside a claim cost commits of their
-    // own (measured with a job-wide key: 3.5x, then 1.7x the commits per
-    // run, and 0.75-0.80x the throughput). With job rate limits too: the
-    // tokens of each claim are a store call of this loop, during which the
-    // other round in flight is not polled (measured 0.86x).
-    let hints = if shared.docket.has_concurrency_limits() || shared.docket.has_job_rate_limits() {
+    // With concurrency keys, no held ends (a keyed round's claim is sized
+    // by its ends, see `keyed_claim_floor`); the store's rounds in flight
+    // (PostgreSQL: two, its keyed claims take turns, `hot::KeyedTurn`).
+    // With job rate limits, one round at a time: the tokens of each claim
+    // are a store call of this loop, during which the other round in
+    // flight is not polled (measured 0.86x).
+    let hints = if shared.docket.has_job_rate_limits() {
         RoundHints::default()
+    } else if shared.docket.has_concurrency_limits() {
+        RoundHints {
+            hold_ends: false,
+            ..shared.docket.store().round_hints()
+        }
     } else {
         shared.docket.store().round_hints()
     };
     let max_flying = hints.in_flight.max(1);
+    let keyed = shared.docket.has_concurrency_limits();
     loop {
         while held.has_room() {
             match ends_rx.try_recv() {
@@ -344,14 +351,26 @@ async fn main_loop(
         let at = tokio::time::Instant::now();
         paused_until = paused_until.filter(|t| *t > at);
         let can_send = flying.len() < max_flying && paused_until.is_none();
-        let in_hand = shared.inflight.lock().expect("inflight").len() + claiming;
+        if !want_claim
+            && ends_reopen_claim(
+                keyed,
+                held.pending().iter().map(|m| &m.0),
+                shared.docket.clock().now(),
+            )
+        {
+            want_claim = true;
+        }
+        let held_runs = shared.inflight.lock().expect("inflight").len();
+        let in_hand = held_runs + claiming;
         let capacity = prefetch.capacity(concurrency);
-        let free = claim_size(
-            phase == Phase::Running && can_send,
-            want_claim,
-            in_hand,
-            concurrency,
-            capacity,
+        let claims_ok = phase == Phase::Running && can_send;
+        let free = claim_size(claims_ok, want_claim, in_hand, concurrency, capacity).or(
+            keyed_claim_floor(
+                keyed && claims_ok && want_claim,
+                held.len(),
+                held_runs,
+                capacity,
+            ),
         );
         let claims = free.map_or_else(Vec::new, |n| shared.claim_requests(n));
         // Ends wait briefly for the claim the running handlers are about
@@ -429,8 +448,10 @@ async fn main_loop(
                                 shared.clone().spawn_run(r, rate, true);
                             }
                         }
-                        // Freed slots: there may be runs due now (retries).
-                        want_claim |= landed.had_ends;
+                        // Ends stored without a claim: what they freed
+                        // (key slots, runs due again) is for the next
+                        // claim. A claim that went with them saw it.
+                        want_claim |= landed.had_ends && landed.asked.is_none();
                     }
                     Err((e, batch)) => {
                         let (given_up, wait) = held.failed(
@@ -499,7 +520,9 @@ async fn round(
                 // An end may have freed a concurrency key's slot: wake this
                 // process's other workers and long polls (other processes
                 // hear the store's own wake-up, see `plan::concurrency`).
-                shared.docket.wake_workers();
+                // Not this one: its claim went with the ends, or its next
+                // one will (`ends_reopen_claim`, `Landed`).
+                shared.docket.wake_workers_but(Some(&shared.wake));
             }
             Ok(runs)
         }
