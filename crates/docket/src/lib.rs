@@ -421,17 +421,8 @@ impl Docket {
     }
 
     pub(crate) fn wake_workers(&self) {
-        self.wake_workers_but(None);
-    }
-
-    /// Wakes this process's workers and long polls except `me` (a worker
-    /// that claims on its own after what it just stored: waking it too
-    /// only made it send a claim that came back empty).
-    pub(crate) fn wake_workers_but(&self, me: Option<&Arc<Notify>>) {
         for w in self.inner.wakers.lock().expect("wakers lock").iter() {
-            if me.is_none_or(|me| !Arc::ptr_eq(me, w)) {
-                w.notify_one();
-            }
+            w.notify_one();
         }
     }
 

@@ -92,7 +92,10 @@ pub(super) fn ends_reopen_claim<'a>(
 /// With concurrency keys, the claim a round of `ends` makes when
 /// [`claim_size`] makes none: as many runs as it ends (each end frees a
 /// key slot and a handler slot), within the capacity left by the runs held
-/// (`held_runs`, not counting the claims in flight).
+/// (`held_runs`, not counting the claims in flight), and only while those
+/// leave handler slots idle (fewer than `concurrency`): with runs in hand
+/// for every slot, [`claim_size`]'s fewer, larger claims stand (measured:
+/// a keyed claim per round of ends cost 0.93x on SQLite with a key of 64).
 ///
 /// Why: a keyed claim usually comes back short (its key is full), so the
 /// runs asked for by the claims in flight overstate what they will bring;
@@ -105,10 +108,11 @@ pub(super) fn keyed_claim_floor(
     keyed: bool,
     ends: usize,
     held_runs: usize,
+    concurrency: usize,
     capacity: usize,
 ) -> Option<usize> {
     let n = ends.min(capacity.saturating_sub(held_runs));
-    (keyed && n > 0).then_some(n)
+    (keyed && held_runs < concurrency && n > 0).then_some(n)
 }
 
 /// How many runs a round claims: `None` for no claim. With runs in hand,
@@ -407,14 +411,15 @@ mod tests {
 
     #[test]
     fn a_keyed_round_claims_at_least_for_its_ends_within_the_capacity() {
-        // 3 ends, 4 runs held, capacity 16: claim 3.
-        assert_eq!(keyed_claim_floor(true, 3, 4, 16), Some(3));
+        // 3 ends, 4 runs held, concurrency 8, capacity 16: claim 3.
+        assert_eq!(keyed_claim_floor(true, 3, 4, 8, 16), Some(3));
         // Only what the capacity leaves.
-        assert_eq!(keyed_claim_floor(true, 5, 14, 16), Some(2));
-        assert_eq!(keyed_claim_floor(true, 5, 16, 16), None);
+        assert_eq!(keyed_claim_floor(true, 5, 7, 8, 8), Some(1));
+        // Runs in hand for every handler slot: no floor.
+        assert_eq!(keyed_claim_floor(true, 5, 8, 8, 16), None);
         // No ends, or no keys: no floor.
-        assert_eq!(keyed_claim_floor(true, 0, 0, 16), None);
-        assert_eq!(keyed_claim_floor(false, 3, 4, 16), None);
+        assert_eq!(keyed_claim_floor(true, 0, 0, 8, 16), None);
+        assert_eq!(keyed_claim_floor(false, 3, 4, 8, 16), None);
     }
 
     #[test]

@@ -338,9 +338,19 @@ async fn main_loop(
     } else {
         shared.docket.store().round_hints()
     };
-    let max_flying = hints.in_flight.max(1);
     let keyed = shared.docket.has_concurrency_limits();
+    // The last claim came back short: with keys, a key that binds.
+    let mut short = false;
     loop {
+        // A binding key turns over one slot per end: a second round in
+        // flight only splits the ends into more, smaller rounds (measured
+        // on PostgreSQL with a key of 8: 2.3x the commits per run, same
+        // throughput); with keys that do not bind it pays (1.47x).
+        let max_flying = if keyed && short {
+            1
+        } else {
+            hints.in_flight.max(1)
+        };
         while held.has_room() {
             match ends_rx.try_recv() {
                 Ok(m) => held.push(m, tokio::time::Instant::now()),
@@ -366,9 +376,10 @@ async fn main_loop(
         let claims_ok = phase == Phase::Running && can_send;
         let free = claim_size(claims_ok, want_claim, in_hand, concurrency, capacity).or(
             keyed_claim_floor(
-                keyed && claims_ok && want_claim,
+                keyed && short && claims_ok && want_claim,
                 held.len(),
                 held_runs,
+                concurrency,
                 capacity,
             ),
         );
@@ -441,6 +452,7 @@ async fn main_loop(
                         held.stored();
                         if let Some(asked) = landed.asked {
                             want_claim = runs.len() == asked;
+                            short = runs.len() < asked;
                             prefetch.claimed(asked, runs.len(), landed.in_hand, concurrency);
                             let mut rates = shared.docket.take_job_rates(&runs).await;
                             for r in runs {
@@ -520,9 +532,11 @@ async fn round(
                 // An end may have freed a concurrency key's slot: wake this
                 // process's other workers and long polls (other processes
                 // hear the store's own wake-up, see `plan::concurrency`).
-                // Not this one: its claim went with the ends, or its next
-                // one will (`ends_reopen_claim`, `Landed`).
-                shared.docket.wake_workers_but(Some(&shared.wake));
+                // This one too: its claim right after keeps its prefetch
+                // topped up (measured: without it, SQLite with a key of 64
+                // 0.93x; PostgreSQL with a key of 8 0.96x and 1.2x the
+                // commits per run).
+                shared.docket.wake_workers();
             }
             Ok(runs)
         }
