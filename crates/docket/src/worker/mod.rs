@@ -345,7 +345,8 @@ async fn main_loop(
         // A binding key turns over one slot per end: a second round in
         // flight only splits the ends into more, smaller rounds (measured
         // on PostgreSQL with a key of 8: 2.3x the commits per run, same
-        // throughput); with keys that do not bind it pays (1.47x).
+        // throughput); with keys that do not bind it pays (a key of 64:
+        // 1.2-1.5x).
         let max_flying = if keyed && short {
             1
         } else {
@@ -534,7 +535,7 @@ async fn round(
                 // hear the store's own wake-up, see `plan::concurrency`).
                 // This one too: its claim right after keeps its prefetch
                 // topped up (measured: without it, SQLite with a key of 64
-                // 0.93x; PostgreSQL with a key of 8 0.96x and 1.2x the
+                // 0.93x; PostgreSQL with a key of 8 0.94x and 1.2x the
                 // commits per run).
                 shared.docket.wake_workers();
             }
