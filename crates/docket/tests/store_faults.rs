@@ -141,6 +141,15 @@ mod faulty {
         /// Every `finish_and_claim` call that answered, in order: (ends,
         /// runs asked for, runs claimed).
         pub rounds: std::sync::Mutex<Vec<(usize, usize, usize)>>,
+        /// `next_due` answers "nothing due" (the driver's due-time timer
+        /// never steps in).
+        pub hide_due: std::sync::atomic::AtomicBool,
+        /// Hold the next `finish_and_claim` with a claim AFTER the store
+        /// answered it (its claim done), until `release_claim` (at most
+        /// 10 s), and say so on `claim_held`.
+        pub hold_after_claim: std::sync::atomic::AtomicBool,
+        pub claim_held: tokio::sync::Notify,
+        pub release_claim: tokio::sync::Notify,
     }
 
     impl Faulty {
@@ -216,6 +225,14 @@ mod faulty {
             }
             let (n, asked) = (ends.len(), claims.iter().map(|c| c.limit).max());
             let out = self.inner.finish_and_claim(ends, claims).await;
+            if asked.is_some() && self.hold_after_claim.swap(false, Ordering::SeqCst) {
+                self.claim_held.notify_one();
+                let _ = tokio::time::timeout(
+                    std::time::Duration::from_secs(10),
+                    self.release_claim.notified(),
+                )
+                .await;
+            }
             if let Ok((_, runs)) = &out {
                 let round = (n, asked.unwrap_or(0), runs.len());
                 self.rounds.lock().unwrap().push(round);
@@ -249,6 +266,9 @@ mod faulty {
             self.inner.concurrency_usage(tenant, now, limit).await
         }
         async fn next_due(&self, jobs: Vec<String>) -> Result<Option<docket_core::Timestamp>> {
+            if self.hide_due.load(Ordering::SeqCst) {
+                return Ok(None);
+            }
             self.inner.next_due(jobs).await
         }
         async fn get_run(&self, id: docket_core::RunId) -> Result<Option<Run>> {
@@ -697,6 +717,10 @@ mod faulty {
             claims_in_flight: AtomicUsize::new(0),
             max_claims_in_flight: AtomicUsize::new(0),
             rounds: Default::default(),
+            hide_due: Default::default(),
+            hold_after_claim: Default::default(),
+            claim_held: Default::default(),
+            release_claim: Default::default(),
         })
     }
 }
@@ -1386,6 +1410,46 @@ async fn a_binding_key_shared_by_two_workers_is_never_exceeded_postgres() {
     b.shutdown(Duration::from_secs(5)).await;
     let most = max.load(Ordering::SeqCst);
     assert_eq!(most, 3, "{most} handlers ran at once");
+}
+
+/// A trigger whose wake-up arrives while a round is in flight, after that
+/// round's claim has read the store, is claimed when the round lands, even
+/// though the round's claim came back short: the wake-up is not lost to the
+/// claim's answer. The due-time timer is out of the way (`next_due` says
+/// nothing is due, the poll is an hour), so only the wake-up can claim it.
+/// Whether the driver takes the wake-up before or after the round lands is
+/// up to its `select!` (both are ready once the round is released), so the
+/// scenario runs 20 times: a lost wake-up loses about every other one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wake_up_during_a_round_is_not_lost_when_its_claim_comes_back_short() {
+    for _ in 0..20 {
+        let store = faulty::over_sqlite(("none", 0), 0);
+        store.hide_due.store(true, Ordering::SeqCst);
+        store.hold_after_claim.store(true, Ordering::SeqCst);
+        let d = Docket::with_store(store.clone(), Arc::new(docket::SystemClock));
+        d.register(Job::new("late", |_ctx, _input: Value| async move {
+            Ok::<_, JobError>(json!({}))
+        }))
+        .unwrap();
+        let handle = d
+            .worker(WorkerConfig {
+                concurrency: 1,
+                prefetch: 0,
+                poll_interval: Duration::from_secs(3600),
+                ..WorkerConfig::default()
+            })
+            .start();
+        // The worker's first claim found nothing and is held before it
+        // lands; the trigger's wake-up reaches the worker meanwhile.
+        tokio::time::timeout(Duration::from_secs(10), store.claim_held.notified())
+            .await
+            .expect("the first claim reached the store");
+        let run = d.trigger("late", json!({})).await.unwrap().run.id;
+        store.release_claim.notify_one();
+        let done = d.wait(run, Duration::from_secs(10)).await.unwrap();
+        assert_eq!(done.status, RunStatus::Completed, "{done:?}");
+        handle.shutdown(Duration::from_secs(5)).await;
+    }
 }
 
 /// A binding concurrency key turns over in the round of the end that frees

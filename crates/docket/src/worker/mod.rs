@@ -341,6 +341,11 @@ async fn main_loop(
     let keyed = shared.docket.has_concurrency_limits();
     // The last claim came back short: with keys, a key that binds.
     let mut short = false;
+    // Wake-ups taken while no round could be sent (every round slot taken):
+    // a round remembers the count it was sent with, so that one taken while
+    // it was in flight is not lost when its claim comes back short. (With a
+    // slot free, the wake-up's own claim goes out at once.)
+    let mut wakes = 0u64;
     loop {
         // A binding key turns over one slot per end: a second round in
         // flight only splits the ends into more, smaller rounds (measured
@@ -409,6 +414,7 @@ async fn main_loop(
                 async move {
                     Landed {
                         result: round(&sh, batch, claims).await,
+                        wakes,
                         asked: free,
                         in_hand,
                         had_ends,
@@ -452,7 +458,10 @@ async fn main_loop(
                     Ok(runs) => {
                         held.stored();
                         if let Some(asked) = landed.asked {
-                            want_claim = runs.len() == asked;
+                            // A wake-up taken while the round was in
+                            // flight may be for a run its claim did not
+                            // see yet: claim again.
+                            want_claim = runs.len() == asked || wakes != landed.wakes;
                             short = runs.len() < asked;
                             prefetch.claimed(asked, runs.len(), landed.in_hand, concurrency);
                             let mut rates = shared.docket.take_job_rates(&runs).await;
@@ -485,8 +494,14 @@ async fn main_loop(
             m = ends_rx.recv(), if flying.len() < max_flying => {
                 if let Some(m) = m { held.push(m, tokio::time::Instant::now()) }
             }
-            _ = shared.wake.notified(), if running => want_claim = true,
-            _ = remote_wakeup(&mut remote), if running => want_claim = true,
+            _ = shared.wake.notified(), if running => {
+                want_claim = true;
+                wakes += u64::from(!can_send);
+            }
+            _ = remote_wakeup(&mut remote), if running => {
+                want_claim = true;
+                wakes += u64::from(!can_send);
+            }
             _ = tokio::time::sleep(idle_wait) => want_claim = true,
             _ = stop.changed() => {}
         }
@@ -498,6 +513,8 @@ async fn main_loop(
 /// A round that came back, with what the driver asked of it.
 struct Landed {
     result: Result<Vec<Run>, (StoreError, Vec<EndMsg>)>,
+    /// The driver's wake-up count when it was sent.
+    wakes: u64,
     /// How many runs it was to claim (`None`: no claim).
     asked: Option<usize>,
     /// Runs in hand or being claimed when it was sent.
