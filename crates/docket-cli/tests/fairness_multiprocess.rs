@@ -17,7 +17,7 @@ use serde_json::json;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const URL_VAR: &str = "DOCKET_TEST_POSTGRES_URL";
 
@@ -80,6 +80,10 @@ struct Db {
     schema: String,
     worker_url: String,
     dir: PathBuf,
+    /// The test's own `LISTEN` channel: every statement that writes
+    /// `attempts` or updates `runs` in this schema notifies it (statement
+    /// triggers installed by `fresh`), so waits are on events, not a timer.
+    channel: String,
 }
 
 impl Db {
@@ -96,12 +100,36 @@ impl Db {
             .expect("connect to the test database");
         let dir = std::env::temp_dir().join(format!("docket-fair-{id}"));
         std::fs::create_dir_all(&dir).unwrap();
+        let channel = format!("fair_{}", &id[20..]);
+        // Statement-level (one notification per claim or end statement,
+        // not per row); created in the test's schema, dropped with it.
+        sqlx::raw_sql(&format!(
+            "CREATE FUNCTION fair_changed() RETURNS trigger LANGUAGE plpgsql AS $f$
+             BEGIN PERFORM pg_notify('{channel}', TG_TABLE_NAME); RETURN NULL; END $f$;
+             CREATE TRIGGER fair_attempts AFTER INSERT OR UPDATE ON attempts
+                 FOR EACH STATEMENT EXECUTE FUNCTION fair_changed();
+             CREATE TRIGGER fair_runs AFTER UPDATE ON runs
+                 FOR EACH STATEMENT EXECUTE FUNCTION fair_changed();"
+        ))
+        .execute(store.pool())
+        .await
+        .expect("install the test's change notifications");
         Db {
             store,
             schema,
             worker_url,
             dir,
+            channel,
         }
+    }
+
+    /// A listener on the test's channel (see `channel`).
+    async fn changes(&self) -> sqlx::postgres::PgListener {
+        let mut l = sqlx::postgres::PgListener::connect_with(self.store.pool())
+            .await
+            .expect("listen");
+        l.listen(&self.channel).await.expect("listen");
+        l
     }
 
     async fn scalar(&self, sql: &str) -> i64 {
@@ -172,8 +200,9 @@ impl Workers {
         }
     }
 
-    /// SIGTERM to all, then wait (bounded) for each to exit cleanly.
-    fn stop(&mut self) {
+    /// SIGTERM to all, then wait (bounded, on each process's exit) for
+    /// each to exit cleanly.
+    async fn stop(&mut self) {
         for (_, child) in &self.children {
             let ok = Command::new("kill")
                 .args(["-TERM", &child.id().to_string()])
@@ -181,14 +210,16 @@ impl Workers {
                 .unwrap();
             assert!(ok.success());
         }
-        let deadline = Instant::now() + Duration::from_secs(30);
-        for (name, child) in &mut self.children {
-            let status = loop {
-                if let Some(s) = child.try_wait().unwrap() {
-                    break s;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        for (name, mut child) in std::mem::take(&mut self.children) {
+            let pid = child.id().to_string();
+            let exited = tokio::task::spawn_blocking(move || child.wait());
+            let status = match tokio::time::timeout_at(deadline, exited).await {
+                Ok(joined) => joined.unwrap().unwrap(),
+                Err(_) => {
+                    let _ = Command::new("kill").args(["-KILL", &pid]).status();
+                    panic!("worker {name} ignored SIGTERM for 30 s");
                 }
-                assert!(Instant::now() < deadline, "worker {name} ignored SIGTERM");
-                std::thread::sleep(Duration::from_millis(50));
             };
             assert!(
                 status.success(),
@@ -196,7 +227,6 @@ impl Workers {
                 read(&self.dir.join(format!("{name}.stderr")))
             );
         }
-        self.children.clear();
     }
 
     /// How many times each run was executed, over every process's log.
@@ -228,23 +258,32 @@ fn read(p: &Path) -> String {
     std::fs::read_to_string(p).unwrap_or_default()
 }
 
-/// Polls `holds` every 5 ms until it is true or `bound` has passed, checking
-/// that the workers still run; whether it held.
-async fn poll_until<F, Fut>(bound: Duration, workers: &mut Workers, mut holds: F) -> bool
+/// Waits until `holds` is true or `bound` has passed, checking it again at
+/// every change notification (a burst of them is one check) and that the
+/// workers still run; whether it held.
+async fn wait_until<F, Fut>(
+    bound: Duration,
+    changes: &mut sqlx::postgres::PgListener,
+    workers: &mut Workers,
+    mut holds: F,
+) -> bool
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let deadline = Instant::now() + bound;
+    let deadline = tokio::time::Instant::now() + bound;
     loop {
         if holds().await {
             return true;
         }
         workers.assert_alive();
-        if Instant::now() >= deadline {
-            return false;
+        match tokio::time::timeout_at(deadline, changes.recv()).await {
+            Err(_) => return holds().await,
+            Ok(n) => {
+                n.expect("change notifications");
+                while changes.next_buffered().is_some() {}
+            }
         }
-        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
 
@@ -281,13 +320,19 @@ async fn three_processes_claim_a_small_tenant_past_a_large_backlog() {
         db.store.trigger(batch, now).await.unwrap();
     }
 
+    let mut changes = db.changes().await;
     let mut workers = Workers::start(&db, PROCESSES);
     // B starts once every process is claiming A's runs.
-    let all_claiming = poll_until(Duration::from_secs(60), &mut workers, || async {
-        db.scalar("SELECT count(DISTINCT worker) FROM attempts")
-            .await
-            == PROCESSES as i64
-    })
+    let all_claiming = wait_until(
+        Duration::from_secs(60),
+        &mut changes,
+        &mut workers,
+        || async {
+            db.scalar("SELECT count(DISTINCT worker) FROM attempts")
+                .await
+                == PROCESSES as i64
+        },
+    )
     .await;
     assert!(all_claiming, "not every process claimed within 60 s");
 
@@ -306,15 +351,20 @@ async fn three_processes_claim_a_small_tenant_past_a_large_backlog() {
             .unwrap();
         // Bounded: without fairness B's run would wait for A's whole
         // backlog (about half a minute here); the count below then fails.
-        let claimed = poll_until(Duration::from_secs(120), &mut workers, || async {
-            sqlx::query_scalar::<_, bool>(
-                "SELECT EXISTS (SELECT 1 FROM attempts WHERE run_id = $1)",
-            )
-            .bind(id.0)
-            .fetch_one(db.store.pool())
-            .await
-            .unwrap()
-        })
+        let claimed = wait_until(
+            Duration::from_secs(120),
+            &mut changes,
+            &mut workers,
+            || async {
+                sqlx::query_scalar::<_, bool>(
+                    "SELECT EXISTS (SELECT 1 FROM attempts WHERE run_id = $1)",
+                )
+                .bind(id.0)
+                .fetch_one(db.store.pool())
+                .await
+                .unwrap()
+            },
+        )
         .await;
         let a_pending = db
             .scalar("SELECT count(*) FROM runs WHERE tenant = 'tenant-a' AND status = 'pending'")
@@ -328,18 +378,23 @@ async fn three_processes_claim_a_small_tenant_past_a_large_backlog() {
 
     // Everything drains: A's rest and B's runs.
     let total = A_RUNS as i64 + B_RUNS as i64;
-    let drained = poll_until(Duration::from_secs(300), &mut workers, || async {
-        db.scalar("SELECT count(*) FROM runs WHERE status = 'completed'")
-            .await
-            == total
-    })
+    let drained = wait_until(
+        Duration::from_secs(300),
+        &mut changes,
+        &mut workers,
+        || async {
+            db.scalar("SELECT count(*) FROM runs WHERE status = 'completed'")
+                .await
+                == total
+        },
+    )
     .await;
     assert!(
         drained,
         "not every run completed within 300 s: {:?}",
         db.store.count_runs(None).await.unwrap()
     );
-    workers.stop();
+    workers.stop().await;
 
     // Each B run: its trigger time, its attempt's start, and the A
     // attempts started between them (both ends included).
